@@ -1,0 +1,16 @@
+"""gemma4-mlx: Gemma 4 on MLX.
+
+    import gemma4_mlx
+    model, tokenizer = gemma4_mlx.load("path/to/gemma-4-E2B-it")
+    print(gemma4_mlx.generate(model, tokenizer, "Why is the sky blue?", max_tokens=64))
+"""
+
+from ._blas import preload_openblas
+
+preload_openblas()  # must run before anything imports mlx.core
+
+from .loader import load, LoadError  # noqa: E402
+from .generate import generate, stream_generate  # noqa: E402
+
+__all__ = ["load", "LoadError", "generate", "stream_generate"]
+__version__ = "0.1.0"

@@ -1,0 +1,208 @@
+"""KV caches for Gemma 4: exact rollback, also after the sliding window wrapped.
+
+Both caches keep keys in *slot order* (no ring buffer), so dropping the newest n
+entries is always a length change.  The sliding cache retains W - 1 + R entries
+(R = `max_rollback`): enough for the next query's window even after R tokens
+were rolled back.  mlx-lm's `RotatingKVCache` cannot undo writes once it has
+wrapped (text-decoder spec §5.3), which is why these are our own.
+
+Batching: every row shares one slot axis.  Row b's prompt is left-padded by
+`left_pad[b]` slots; its token at slot s sits at position s - left_pad[b].
+Padded keys are masked (never zeroed: a zero key still counts in the softmax).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+STEP = 256  # buffer growth granularity (slots)
+
+
+class _Cache:
+    """Shared slot bookkeeping of both cache kinds."""
+
+    window: int | None = None
+
+    def __init__(self, left_pad=None):
+        self.keys = self.values = None
+        self.offset = 0  # slots written so far (the next token's slot)
+        self.left_pad = None if left_pad is None else mx.array(left_pad, dtype=mx.int32)
+        self._start = 0  # buffer index of the oldest retained slot
+        self._end = 0  # buffer index one past the newest slot
+
+    # -- geometry ------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """Retained entries."""
+        return self._end - self._start
+
+    def positions(self) -> mx.array | int:
+        """RoPE offset of the next token: an int, or per-row [B] when padded."""
+        if self.left_pad is None:
+            return self.offset
+        return self.offset - self.left_pad
+
+    def key_start(self, n_new: int) -> int:
+        """Slot of the first key `update_and_fetch` returns for n_new new tokens."""
+        return self.offset - self.size
+
+    def mask(self, n_new: int) -> mx.array:
+        """Boolean mask [B|1, 1, n_new, S] matching the keys update_and_fetch returns."""
+        return build_mask(self.offset, self.key_start(n_new), n_new, self.window, self.left_pad)
+
+    # -- storage -------------------------------------------------------------
+    def _write(self, k: mx.array, v: mx.array) -> None:
+        B, H, T, _ = k.shape
+        if self.keys is None or self._end + T > self.keys.shape[2]:
+            self._grow(k, v, T)
+        self.keys[..., self._end:self._end + T, :] = k
+        self.values[..., self._end:self._end + T, :] = v
+        self._end += T
+        self.offset += T
+
+    def _grow(self, k, v, T):
+        keep = self._retain_on_grow()
+        cap = ((keep + T + STEP - 1) // STEP) * STEP
+        B, H, _, dk = k.shape
+        new_k = mx.zeros((B, H, cap, dk), k.dtype)
+        new_v = mx.zeros((B, H, cap, v.shape[-1]), v.dtype)
+        if keep:
+            new_k[..., :keep, :] = self.keys[..., self._end - keep:self._end, :]
+            new_v[..., :keep, :] = self.values[..., self._end - keep:self._end, :]
+        self.keys, self.values = new_k, new_v
+        self._start, self._end = 0, keep
+
+    def _retain_on_grow(self) -> int:
+        return self.size
+
+    def trim(self, n: int) -> int:
+        """Drop the newest n entries (rejected draft tokens). Returns n."""
+        if n < 0 or n > self.size:
+            raise ValueError(f"cannot trim {n} entries from a cache holding {self.size}")
+        self._end -= n
+        self.offset -= n
+        return n
+
+    def filter(self, rows) -> None:
+        """Keep only these batch rows (finished sequences leave the batch)."""
+        rows = mx.array(rows, dtype=mx.int32)
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+        if self.left_pad is not None:
+            self.left_pad = self.left_pad[rows]
+
+    def snapshot(self) -> dict:
+        """A restorable state; cheap (MLX slices share the buffers lazily)."""
+        kv = None if self.keys is None else (self.keys[..., self._start:self._end, :],
+                                             self.values[..., self._start:self._end, :])
+        return {"kv": kv, "offset": self.offset, "left_pad": self.left_pad}
+
+    def restore(self, snap: dict) -> None:
+        kv = snap["kv"]
+        self.offset, self.left_pad = snap["offset"], snap["left_pad"]
+        if kv is None:
+            self.keys = self.values = None
+            self._start = self._end = 0
+        else:
+            # The slices are separate array objects: in-place writes to the live
+            # buffers after this never reach the snapshot.  A full buffer regrows
+            # (with a copy) on the next write.
+            self.keys, self.values = kv
+            self._start, self._end = 0, kv[0].shape[2]
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return None, None
+        return self.keys[..., self._start:self._end, :], self.values[..., self._start:self._end, :]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class KVCache(_Cache):
+    """Full-attention cache: keeps every slot."""
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        self._write(k, v)
+        return self.keys[..., :self._end, :], self.values[..., :self._end, :]
+
+
+class SlidingKVCache(_Cache):
+    """Sliding-window cache with rollback slack.
+
+    A query at slot q sees keys q - W < k <= q (W keys including itself).
+    """
+
+    def __init__(self, window: int, max_rollback: int = 32, left_pad=None):
+        super().__init__(left_pad)
+        self.window = window
+        self.max_rollback = max_rollback
+        self.keep = window - 1 + max_rollback
+
+    def key_start(self, n_new: int) -> int:
+        # Keys older than the window of the first new query are not returned.
+        return max(self.offset - self.size, self.offset - (self.window - 1))
+
+    def _retain_on_grow(self) -> int:
+        return min(self.size, self.keep)
+
+    def update_and_fetch(self, k: mx.array, v: mx.array):
+        first = self.key_start(k.shape[2])
+        self._write(k, v)
+        lo = self._end - (self.offset - first)
+        out = self.keys[..., lo:self._end, :], self.values[..., lo:self._end, :]
+        self._start = max(self._start, self._end - self.keep)
+        return out
+
+    def trim(self, n: int) -> int:
+        after = self.size - n
+        if n > 0 and after < min(self.window - 1, self.offset - n):
+            raise ValueError(
+                f"sliding cache cannot roll back {n} tokens: it keeps {self.max_rollback} "
+                f"tokens of slack beyond the window (raise max_rollback in make_cache)")
+        return super().trim(n)
+
+
+def build_mask(offset: int, key_start: int, n_new: int, window: int | None,
+               left_pad: mx.array | None) -> mx.array:
+    """Boolean attention mask for queries at slots offset..offset+n_new-1 and keys
+    at slots key_start..offset+n_new-1.  Shape [B|1, 1, n_new, S].
+
+    Padded query rows may see themselves so that their (ignored) outputs stay finite.
+    """
+    q = mx.arange(offset, offset + n_new)[:, None]
+    k = mx.arange(key_start, offset + n_new)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    if left_pad is not None:
+        valid = k[None] >= left_pad[:, None, None]
+        allowed = allowed[None] & (valid | (k == q)[None])
+        return allowed[:, None]
+    return allowed[None, None]
+
+
+def make_caches(layer_types, first_shared: int, window: int, *, max_rollback: int = 32,
+                left_pad=None) -> list:
+    """One cache per layer that writes K/V; KV-shared consumers get None."""
+    caches = []
+    for i, t in enumerate(layer_types):
+        if i >= first_shared:
+            caches.append(None)
+        elif t == "sliding_attention":
+            caches.append(SlidingKVCache(window, max_rollback, left_pad))
+        else:
+            caches.append(KVCache(left_pad))
+    return caches
+
+
+def trim_caches(caches, n: int) -> None:
+    for c in caches:
+        if c is not None:
+            c.trim(n)
+
+
+def cache_offset(caches) -> int:
+    return next(c.offset for c in caches if c is not None)

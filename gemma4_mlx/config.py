@@ -1,0 +1,224 @@
+"""Gemma 4 text configuration: reads real hub `config.json` files.
+
+Both serialisations are accepted (text-decoder spec §2.2): the legacy
+`global_head_dim` / `num_global_key_value_heads` keys of the released files and
+the `per_layer_config` form written by newer transformers. Unknown keys are
+ignored; missing core keys fall back to the *transformers* defaults (never
+mlx-lm's, which are E2B-flavoured) with a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+DEFAULT_ROPE = {
+    SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+    FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+# Keys whose absence almost certainly means a broken or foreign config.
+_CORE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window")
+
+SUPPORTED_TYPES = ("gemma4", "gemma4_text")
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a Gemma 4 text model."""
+
+
+@dataclass
+class LayerSpec:
+    """Resolved geometry of one decoder layer."""
+
+    index: int
+    type: str  # SLIDING or FULL
+    head_dim: int
+    kv_heads: int
+    intermediate: int
+    shared: bool  # KV consumer: computes only q, reads its producer's K/V
+    k_eq_v: bool  # full layer without v_proj: V = v_norm(raw k)
+    producer: int | None  # for consumers: the layer whose K/V they read
+
+
+@dataclass
+class TextConfig:
+    # transformers 5.24 defaults (text-decoder spec §2.1); they match no released model.
+    vocab_size: int = 262144
+    hidden_size: int = 2304
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: int = 256
+    global_head_dim: int = 512
+    num_global_key_value_heads: int | None = None
+    per_layer_config: dict | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 131072
+    rms_norm_eps: float = 1e-6
+    pad_token_id: int = 0
+    eos_token_id: Any = 1
+    bos_token_id: int = 2
+    tie_word_embeddings: bool = True
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    sliding_window: int = 512
+    layer_types: list | None = None
+    final_logit_softcapping: float | None = None
+    use_bidirectional_attention: str | None = None
+    vocab_size_per_layer_input: int = 262144
+    hidden_size_per_layer_input: int | None = 256
+    attention_k_eq_v: bool = False
+    num_kv_shared_layers: int = 0
+    enable_moe_block: bool = False
+    use_double_wide_mlp: bool = False
+    num_experts: int | None = None
+    top_k_experts: int | None = None
+    moe_intermediate_size: int | None = None
+    model_type: str = "gemma4_text"
+    layers: list[LayerSpec] = field(default_factory=list, repr=False)
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TextConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"layers"}
+        missing = [k for k in _CORE_KEYS if k not in d]
+        if missing:
+            log.warning("%s: missing %s; using transformers defaults", source, ", ".join(missing))
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.resolve(source)
+        return cfg
+
+    def resolve(self, source: str = "config") -> None:
+        """Derive the per-layer geometry and validate the config."""
+        L = self.num_hidden_layers
+        if self.layer_types is None:
+            self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(L)]
+            self.layer_types[-1] = FULL
+        if len(self.layer_types) != L:
+            raise ConfigError(f"{source}: layer_types has {len(self.layer_types)} entries, "
+                              f"num_hidden_layers is {L}")
+        bad = {t for t in self.layer_types if t not in (SLIDING, FULL)}
+        if bad:
+            raise ConfigError(f"{source}: unknown layer type(s) {sorted(bad)}")
+        if self.rope_parameters is None:
+            self.rope_parameters = {k: dict(v) for k, v in DEFAULT_ROPE.items()}
+        if self.use_bidirectional_attention == "all":
+            raise ConfigError(f"{source}: use_bidirectional_attention='all' (encoder mode) is not supported")
+        if not self.hidden_size_per_layer_input:
+            self.hidden_size_per_layer_input = 0
+        if self.enable_moe_block and not (self.num_experts and self.top_k_experts
+                                          and self.moe_intermediate_size):
+            raise ConfigError(f"{source}: enable_moe_block needs num_experts, top_k_experts, "
+                              "moe_intermediate_size")
+        N = self.num_kv_shared_layers or 0
+        if not 0 <= N <= L:
+            raise ConfigError(f"{source}: num_kv_shared_layers={N} outside 0..{L}")
+        overrides = {int(k): v for k, v in (self.per_layer_config or {}).items()}
+        first_shared = L - N
+        producers = {}
+        for i in range(first_shared):
+            producers[self.layer_types[i]] = i
+        self.layers = []
+        for i, t in enumerate(self.layer_types):
+            o = overrides.get(i, {})
+            if "head_dim" in o:
+                d = o["head_dim"]
+            else:
+                d = self.global_head_dim if t == FULL else self.head_dim
+            if "num_key_value_heads" in o:
+                kv = o["num_key_value_heads"]
+            elif t == FULL and self.attention_k_eq_v and self.num_global_key_value_heads:
+                kv = self.num_global_key_value_heads
+            else:
+                kv = self.num_key_value_heads
+            shared = i >= first_shared
+            width = self.intermediate_size * (2 if self.use_double_wide_mlp and shared else 1)
+            producer = producers.get(t) if shared else None
+            if shared and producer is None:
+                raise ConfigError(f"{source}: KV-shared layer {i} ({t}) has no producer layer of its type")
+            if self.num_attention_heads % kv:
+                raise ConfigError(f"{source}: layer {i}: {self.num_attention_heads} heads not divisible "
+                                  f"by {kv} KV heads")
+            self.layers.append(LayerSpec(i, t, d, kv, width, shared,
+                                         self.attention_k_eq_v and t == FULL, producer))
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def first_shared(self) -> int:
+        return self.num_hidden_layers - (self.num_kv_shared_layers or 0)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        e = self.eos_token_id
+        return [] if e is None else ([e] if isinstance(e, int) else list(e))
+
+    def rope_for(self, layer_type: str) -> dict:
+        return {**DEFAULT_ROPE[layer_type], **(self.rope_parameters.get(layer_type) or {})}
+
+    def embed_scale(self) -> float:
+        return math.sqrt(self.hidden_size)
+
+    def to_dict(self) -> dict:
+        """Legacy hub form (what released files and MLX peers read)."""
+        d = dataclasses.asdict(self)
+        d.pop("layers")
+        d.pop("per_layer_config")
+        full = [s for s in self.layers if s.type == FULL]
+        if full:
+            d["global_head_dim"] = full[0].head_dim
+            if self.attention_k_eq_v:
+                d["num_global_key_value_heads"] = full[0].kv_heads
+        return d
+
+
+@dataclass
+class ModelConfig:
+    """The top-level config: text part plus the multimodal wrapper's extras."""
+
+    text: TextConfig
+    model_type: str
+    raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def eos_ids(self) -> list[int]:
+        wrapper = self.raw.get("eos_token_id")
+        if wrapper is not None:
+            return [wrapper] if isinstance(wrapper, int) else list(wrapper)
+        return self.text.eos_ids
+
+
+def parse_config(d: dict, source: str = "config.json") -> ModelConfig:
+    model_type = d.get("model_type")
+    if model_type == "gemma4_unified":
+        raise ConfigError(f"{source}: model_type 'gemma4_unified' (Gemma 4 12B unified) is not supported yet")
+    if model_type not in SUPPORTED_TYPES:
+        raise ConfigError(f"{source}: unknown model_type {model_type!r}; expected one of {SUPPORTED_TYPES}")
+    text = d.get("text_config") if model_type == "gemma4" else d
+    if not isinstance(text, dict):
+        raise ConfigError(f"{source}: model_type 'gemma4' without a text_config")
+    return ModelConfig(TextConfig.from_dict(text, source), model_type, d)
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        d = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    return parse_config(d, str(file))

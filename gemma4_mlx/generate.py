@@ -1,0 +1,214 @@
+"""Generation: `prefill`, `decode_step`, and the loops built from them.
+
+Samplers and logits processors are mlx-lm's (`make_sampler`,
+`make_logits_processors`); the caches and the prefill are ours.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+def prefill(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK) -> mx.array:
+    """Feed `ids` [B, T] into `cache`; return the last position's logits [B, V].
+
+    Every chunk but the last only fills the caches: it skips the KV-shared layers
+    and the LM head, whose outputs nobody reads.
+    """
+    T = ids.shape[1]
+    if chunk_size <= 0:
+        raise ValueError(f"prefill chunk size must be positive, got {chunk_size}")
+    start = 0
+    while T - start > chunk_size:
+        model.fill_cache(ids[:, start:start + chunk_size], cache)
+        mx.eval([c.state for c in cache if c is not None])
+        start += chunk_size
+    return model(ids[:, start:], cache, logits_to_keep=1)[:, -1]
+
+
+def decode_step(model, tokens: mx.array, cache) -> mx.array:
+    """One token per row [B] -> logits [B, V]."""
+    return model(tokens[:, None], cache)[:, -1]
+
+
+@dataclass
+class SamplingOptions:
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 64
+    seed: int | None = None
+
+    def sampler(self) -> Callable:
+        return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def processors(self) -> list:
+        return make_logits_processors(repetition_penalty=self.repetition_penalty,
+                                      repetition_context_size=self.repetition_context_size)
+
+
+def _pick(logits, history, sampler, processors):
+    for p in processors:
+        logits = p(history, logits)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return sampler(logprobs)
+
+
+def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
+                    options: SamplingOptions | None = None, stop_ids: Sequence[int] = (),
+                    cache=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                    stats: "Stats | None" = None) -> Iterator[int]:
+    """Yield generated token ids for one prompt, stopping on any of `stop_ids`.
+
+    The stop token itself is yielded (callers decide whether to show it).
+    """
+    options = options or SamplingOptions()
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    sampler, processors = options.sampler(), options.processors()
+    cache = model.make_cache() if cache is None else cache
+    stop = set(stop_ids)
+    ids = mx.array([list(prompt)])
+    history = ids
+    t0 = time.perf_counter()
+    logits = prefill(model, ids, cache, prefill_chunk)
+    token = _pick(logits, history, sampler, processors)
+    mx.eval(token)
+    if stats is not None:
+        stats.prompt_tokens, stats.prompt_time = len(prompt), time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for n in range(max_tokens):
+        tok = token.item()
+        if n + 1 < max_tokens and tok not in stop:
+            # Queue the next step before handing this token out (overlaps the caller's work).
+            if processors:
+                history = mx.concatenate([history, token[:, None]], axis=1)
+            nxt = _pick(decode_step(model, token, cache), history, sampler, processors)
+            mx.async_eval(nxt)
+        if stats is not None:
+            stats.generation_tokens = n + 1
+            stats.generation_time = time.perf_counter() - t1
+        yield tok
+        if tok in stop or n + 1 >= max_tokens:
+            break
+        token = nxt
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prompt_time: float = 0.0
+    generation_tokens: int = 0
+    generation_time: float = 0.0
+    peak_memory_gb: float = field(default_factory=lambda: 0.0)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_time if self.prompt_time else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_time if self.generation_time else 0.0
+
+    def line(self) -> str:
+        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+                f"peak memory: {self.peak_memory_gb:.2f} GB")
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of output."""
+
+    text: str
+    token: int
+    stats: Stats
+    finished: bool = False
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
+    """Token ids for a prompt: through the chat template when the tokenizer has one."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if chat and getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True))
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
+
+
+def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
+                    temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                    min_p: float = 0.0, repetition_penalty: float | None = None,
+                    seed: int | None = None, chat: bool = True,
+                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[Chunk]:
+    """Stream text chunks; stops on the model's end-of-turn / end-of-text ids."""
+    options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
+    ids = encode_prompt(tokenizer, prompt, chat)
+    stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
+    stats = Stats()
+    detok = tokenizer.detokenizer
+    detok.reset()
+    mx.reset_peak_memory()
+    for tok in generate_tokens(model, ids, max_tokens=max_tokens, options=options,
+                               stop_ids=stop, prefill_chunk=prefill_chunk, stats=stats):
+        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        if tok in stop:
+            break
+        detok.add_token(tok)
+        yield Chunk(detok.last_segment, tok, stats)
+    detok.finalize()
+    yield Chunk(detok.last_segment, -1, stats, finished=True)
+
+
+def generate(model, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
+    """The whole completion as one string."""
+    return "".join(c.text for c in stream_generate(model, tokenizer, prompt, **kwargs))
+
+
+def batch_generate(model, prompts: Sequence[Sequence[int]], *, max_tokens: int = 64,
+                   options: SamplingOptions | None = None, stop_ids: Sequence[int] = (),
+                   pad_id: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[list[int]]:
+    """Generate for several prompts at once (left-padded); finished rows leave the batch."""
+    options = options or SamplingOptions()
+    if options.seed is not None:
+        mx.random.seed(options.seed)
+    sampler, processors = options.sampler(), options.processors()
+    longest = max(len(p) for p in prompts)
+    pads = [longest - len(p) for p in prompts]
+    ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts)])
+    cache = model.make_cache(left_pad=pads)
+    history = ids
+    token = _pick(prefill(model, ids, cache, prefill_chunk), history, sampler, processors)
+    out: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts)))
+    stop = set(stop_ids)
+    for _ in range(max_tokens):
+        toks = token.tolist()
+        keep = []
+        for row, tok in enumerate(toks):
+            out[live[row]].append(tok)
+            if tok not in stop and len(out[live[row]]) < max_tokens:
+                keep.append(row)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            for c in cache:
+                if c is not None:
+                    c.filter(keep)
+            token, history = token[mx.array(keep)], history[mx.array(keep)]
+            live = [live[r] for r in keep]
+        if processors:
+            history = mx.concatenate([history, token[:, None]], axis=1)
+        token = _pick(decode_step(model, token, cache), history, sampler, processors)
+    return out

@@ -1,0 +1,89 @@
+"""The 26B-A4B mixture-of-experts branch: router and stacked experts.
+
+Router (text-decoder spec §4.10): on the *un-normed* residual, scale-free norm,
+times `scale` and H^-1/2, softmax in float32 over all experts, top-k, renormalise,
+times `per_expert_scale`.  Experts run through `gather_mm` (or `gather_qmm` once
+quantized), reading each expert's weights once per sorted group.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import ops
+
+# Below this many (token, expert) pairs sorting costs more than it saves.
+SORT_THRESHOLD = 64
+
+
+class Router(nn.Module):
+    def __init__(self, hidden: int, num_experts: int, top_k: int, eps: float):
+        super().__init__()
+        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.scale = mx.ones((hidden,))
+        self.per_expert_scale = mx.ones((num_experts,))
+        self.top_k = top_k
+        self.eps = eps
+        self._root = hidden ** -0.5
+
+    def __call__(self, r: mx.array):
+        z = ops.rms_norm(r, None, self.eps)
+        z = z * self.scale.astype(z.dtype) * ops.const(self._root, z.dtype).astype(z.dtype)
+        hi = ops.wide(z.dtype)
+        probs = mx.softmax(self.proj(z).astype(hi), axis=-1, precise=True)
+        k = self.top_k
+        idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
+        w = mx.take_along_axis(probs, idx, axis=-1)
+        w = w / w.sum(axis=-1, keepdims=True)
+        w = w * self.per_expert_scale.astype(hi)[idx]
+        return w, idx  # w stays in float32 until the expert outputs are combined
+
+
+class ExpertLinear(nn.Module):
+    """E stacked [out, in] matrices, applied to the rows' selected experts."""
+
+    def __init__(self, num_experts: int, in_dims: int, out_dims: int):
+        super().__init__()
+        scale = in_dims ** -0.5
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, out_dims, in_dims))
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx,
+                            sorted_indices=sorted_indices)
+
+
+class Experts(nn.Module):
+    """GeGLU experts. Checkpoint `gate_up_proj` [E, 2Im, H] is split by `sanitize`."""
+
+    def __init__(self, num_experts: int, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = ExpertLinear(num_experts, hidden, inner)
+        self.up_proj = ExpertLinear(num_experts, hidden, inner)
+        self.down_proj = ExpertLinear(num_experts, inner, hidden)
+
+    def __call__(self, h: mx.array, w: mx.array, idx: mx.array) -> mx.array:
+        shape = h.shape
+        h = h.reshape(-1, shape[-1])
+        idx = idx.reshape(-1, idx.shape[-1])
+        n, k = idx.shape
+        do_sort = n * k >= SORT_THRESHOLD
+        if do_sort:
+            # Group (token, expert) pairs by expert so each expert's weights are read once.
+            flat = idx.flatten()
+            order = mx.argsort(flat)
+            inv = mx.argsort(order)
+            x = h[order // k][:, None, :]
+            sel = flat[order]
+        else:
+            x = h[:, None, None, :]
+            sel = idx
+        g = self.gate_proj(x, sel, do_sort)
+        u = self.up_proj(x, sel, do_sort)
+        y = self.down_proj(ops.gelu_tanh(g) * u, sel, do_sort)
+        if do_sort:
+            y = y[inv].reshape(n, k, -1)
+        else:
+            y = y.reshape(n, k, -1)
+        y = (y.astype(w.dtype) * w.reshape(n, k, 1)).sum(axis=1)
+        return y.astype(h.dtype).reshape(shape)

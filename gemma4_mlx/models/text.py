@@ -1,0 +1,267 @@
+"""The Gemma 4 text decoder (text-decoder spec §4) as MLX modules.
+
+Layout of parameters follows the transformers text-only checkpoint (`model.*`),
+so `sanitize` only has to strip prefixes, drop unused tensors and split experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import ops
+from ..cache import build_mask, make_caches
+from ..config import FULL, LayerSpec, TextConfig
+from .moe import Experts, Router
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class RoPE(nn.Module):
+    """Rotate-half RoPE; full layers use Gemma 4's proportional variant.
+
+    Proportional: 64 of d/2 frequency pairs rotate with denominator d (not 128);
+    the rest get an infinite period, i.e. pass through (spec §4.6).
+    """
+
+    def __init__(self, head_dim: int, params: dict):
+        super().__init__()
+        self.dims = head_dim
+        theta = params["rope_theta"]
+        factor = params.get("factor") or 1.0
+        if params["rope_type"] == "proportional":
+            n_rot = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
+            i = mx.arange(head_dim // 2, dtype=mx.float32)
+            periods = mx.power(theta, 2 * i / head_dim) * factor
+            self._freqs = mx.where(i < n_rot, periods, mx.inf)
+            self.base = None
+        elif params["rope_type"] == "default":
+            self._freqs, self.base = None, theta
+        else:
+            raise ValueError(f"unsupported rope_type {params['rope_type']!r}")
+
+    def __call__(self, x, offset):
+        return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0,
+                            offset=offset, freqs=self._freqs)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, rope: RoPE):
+        super().__init__()
+        H, nh, d, kv = cfg.hidden_size, cfg.num_attention_heads, spec.head_dim, spec.kv_heads
+        self.n_heads, self.n_kv, self.head_dim = nh, kv, d
+        self.shared = spec.shared
+        self.k_eq_v = spec.k_eq_v
+        self.eps = cfg.rms_norm_eps
+        self.q_proj = nn.Linear(H, nh * d, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        if not spec.shared:  # KV consumers have no K/V weights at runtime
+            self.k_proj = nn.Linear(H, kv * d, bias=False)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+            if not spec.k_eq_v:
+                self.v_proj = nn.Linear(H, kv * d, bias=False)
+        self.o_proj = nn.Linear(nh * d, H, bias=False)
+        self.rope = rope
+
+    def __call__(self, x, mask, offset, cache=None, shared_kv=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
+        q = self.rope(q.transpose(0, 2, 1, 3), offset)
+        if self.shared:
+            k, v = shared_kv
+        else:
+            raw = self.k_proj(x).reshape(B, T, self.n_kv, self.head_dim)
+            v = raw if self.k_eq_v else self.v_proj(x).reshape(B, T, self.n_kv, self.head_dim)
+            v = ops.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm: no weight, no RoPE
+            k = self.rope(self.k_norm(raw).transpose(0, 2, 1, 3), offset)
+            if cache is not None:
+                k, v = cache.update_and_fetch(k, v)
+        out = ops.attention(q, k, v, mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inner, bias=False)
+        self.up_proj = nn.Linear(hidden, inner, bias=False)
+        self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(ops.gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, spec: LayerSpec, rope: RoPE):
+        super().__init__()
+        H, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.spec = spec
+        self.self_attn = Attention(cfg, spec, rope)
+        self.mlp = MLP(H, spec.intermediate)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)
+        self.post_feedforward_layernorm = RMSNorm(H, eps)
+        self.layer_scalar = mx.ones((1,))  # learned; multiplies the whole stream
+        self.moe = cfg.enable_moe_block
+        if self.moe:
+            self.router = Router(H, cfg.num_experts, cfg.top_k_experts, eps)
+            self.experts = Experts(cfg.num_experts, H, cfg.moe_intermediate_size)
+            self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)
+            self.post_feedforward_layernorm_1 = RMSNorm(H, eps)  # dense branch
+            self.post_feedforward_layernorm_2 = RMSNorm(H, eps)  # expert branch
+        self.ple = bool(cfg.hidden_size_per_layer_input)
+        if self.ple:
+            P = cfg.hidden_size_per_layer_input
+            self.per_layer_input_gate = nn.Linear(H, P, bias=False)
+            self.per_layer_projection = nn.Linear(P, H, bias=False)
+            self.post_per_layer_input_norm = RMSNorm(H, eps)
+
+    def __call__(self, x, mask, offset, cache=None, shared_kv=None, ple=None):
+        a, kv = self.self_attn(self.input_layernorm(x), mask, offset, cache, shared_kv)
+        r = x + self.post_attention_layernorm(a)
+        m = self.mlp(self.pre_feedforward_layernorm(r))
+        if self.moe:
+            w, idx = self.router(r)  # the router reads the un-normed stream
+            e = self.experts(self.pre_feedforward_layernorm_2(r), w, idx)
+            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
+        x = r + self.post_feedforward_layernorm(m)
+        if self.ple:
+            g = ops.gelu_tanh(self.per_layer_input_gate(x)) * ple
+            x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
+        return x * self.layer_scalar.astype(x.dtype), kv
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, L = cfg.hidden_size, cfg.num_hidden_layers
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, H)
+        ropes = {}
+        for s in cfg.layers:
+            key = (s.type, s.head_dim)
+            if key not in ropes:
+                ropes[key] = RoPE(s.head_dim, cfg.rope_for(s.type))
+        self.layers = [DecoderLayer(cfg, s, ropes[(s.type, s.head_dim)]) for s in cfg.layers]
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        P = cfg.hidden_size_per_layer_input
+        if P:
+            self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P)
+            self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
+            self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+
+    # -- embeddings ----------------------------------------------------------
+    def embed(self, ids: mx.array) -> mx.array:
+        w = self.embed_tokens.weight
+        # sqrt(H) is rounded to the weight dtype first, as the reference does.
+        return self.embed_tokens(ids) * mx.array(math.sqrt(self.cfg.hidden_size), w.dtype)
+
+    def per_layer_inputs(self, ids: mx.array, x0: mx.array) -> mx.array:
+        cfg = self.cfg
+        P, L, H = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers, cfg.hidden_size
+        B, T = ids.shape
+        table = self.embed_tokens_per_layer
+        tok = table(ids) * mx.array(math.sqrt(P), table.weight.dtype)
+        ctx = self.per_layer_model_projection(x0) * ops.const(H ** -0.5, x0.dtype)
+        ctx = self.per_layer_projection_norm(ctx.astype(x0.dtype).reshape(B, T, L, P))
+        return ((ctx + tok.reshape(B, T, L, P)) * ops.const(2 ** -0.5, x0.dtype)).astype(x0.dtype)
+
+    # -- forward -------------------------------------------------------------
+    def __call__(self, ids: mx.array, cache=None, keep: int | None = None,
+                 stop_at_shared: bool = False, input_embeddings: mx.array | None = None):
+        """Hidden states after the final norm.
+
+        keep: only the last `keep` positions are needed; from the first KV-shared
+            layer on the stream is cut to them (exact: consumers write no cache).
+        stop_at_shared: a prefill chunk whose outputs nobody reads; the consumer
+            layers and the final norm are skipped (returns None).
+        """
+        cfg = self.cfg
+        B, T = ids.shape
+        x = self.embed(ids) if input_embeddings is None else input_embeddings
+        ple = self.per_layer_inputs(ids, x) if cfg.hidden_size_per_layer_input else None
+        if cache is None:
+            cache = [None] * len(self.layers)
+        masks, offsets = {}, {}
+        for i, s in enumerate(cfg.layers):  # read offsets *before* any cache update
+            if s.type in masks:
+                continue
+            window = cfg.sliding_window if s.type != FULL else None
+            c = cache[i]
+            if c is None:
+                masks[s.type] = build_mask(0, 0, T, window, None)
+                offsets[s.type] = 0
+            else:
+                masks[s.type] = c.mask(T)
+                offsets[s.type] = c.positions()
+        shared = {}
+        for i, layer in enumerate(self.layers):
+            s = layer.spec
+            if i == cfg.first_shared:
+                if stop_at_shared:
+                    return None
+                if keep is not None and keep < x.shape[1]:
+                    cut = x.shape[1] - keep
+                    x = x[:, cut:]
+                    ple = None if ple is None else ple[:, cut:]
+                    masks = {t: m[..., cut:, :] for t, m in masks.items()}
+                    offsets = {t: o + cut for t, o in offsets.items()}
+            kv_in = shared.get(s.producer) if s.shared else None
+            x, kv = layer(x, masks[s.type], offsets[s.type], cache[i], kv_in,
+                          None if ple is None else ple[:, :, i])
+            if not s.shared:
+                shared[i] = kv
+        if stop_at_shared:
+            return None
+        if keep is not None and keep < x.shape[1]:
+            x = x[:, x.shape[1] - keep:]
+        return self.norm(x)
+
+
+class Model(nn.Module):
+    """Gemma 4 causal LM: `model(input_ids, cache=None) -> logits [B, T, vocab]`."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg)
+
+    def __call__(self, input_ids: mx.array, cache=None, logits_to_keep: int | None = None):
+        h = self.model(input_ids, cache, keep=logits_to_keep)
+        return self.logits(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        out = self.model.embed_tokens.as_linear(h)  # tied head
+        cap = self.config.final_logit_softcapping
+        return ops.softcap(out, cap) if cap else out.astype(mx.float32)
+
+    def fill_cache(self, input_ids: mx.array, cache) -> None:
+        """Run a prefill chunk only for its cache writes (no logits computed)."""
+        self.model(input_ids, cache, stop_at_shared=True)
+
+    def make_cache(self, *, max_rollback: int = 32, left_pad=None) -> list:
+        c = self.config
+        return make_caches(c.layer_types, c.first_shared, c.sliding_window,
+                           max_rollback=max_rollback, left_pad=left_pad)
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def num_parameters(self) -> int:
+        """Learned parameters (layer_scalar is a buffer, as in the reference)."""
+        from mlx.utils import tree_flatten
+
+        return sum(v.size for k, v in tree_flatten(self.parameters())
+                   if not k.endswith("layer_scalar"))
