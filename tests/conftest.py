@@ -138,3 +138,20 @@ def max_diff(a, b) -> float:
 
 def read_json(p: Path) -> dict:
     return json.loads(p.read_text())
+
+
+def write_char_tokenizer(folder: Path) -> None:
+    """A 256-entry character tokenizer carrying Gemma's special-token strings."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<eos>", "<bos>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    for i in range(len(vocab), 256):
+        vocab[f"<unused{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
+                                                eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(folder)

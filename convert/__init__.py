@@ -1,0 +1,1 @@
+"""HF -> MLX checkpoint conversion (installed as `gemma4_mlx.convert`)."""
