@@ -13,6 +13,8 @@ Padded keys are masked (never zeroed: a zero key still counts in the softmax).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 
 STEP = 256  # buffer growth granularity (slots)
@@ -46,8 +48,8 @@ class _Cache:
         """Slot of the first key `update_and_fetch` returns for n_new new tokens."""
         return self.offset - self.size
 
-    def mask(self, n_new: int) -> mx.array:
-        """Boolean mask [B|1, 1, n_new, S] matching the keys update_and_fetch returns."""
+    def mask(self, n_new: int) -> "Mask":
+        """Mask for n_new queries over the keys update_and_fetch will return."""
         return build_mask(self.offset, self.key_start(n_new), n_new, self.window, self.left_pad)
 
     # -- storage -------------------------------------------------------------
@@ -165,10 +167,35 @@ class SlidingKVCache(_Cache):
         return super().trim(n)
 
 
+@dataclass
+class Mask:
+    """A boolean attention mask plus the slot geometry it was built from.
+
+    `array` is [B|1, 1, T, S] for queries at slots q_start.. and keys at slots
+    k_start..; the geometry lets attention skip key blocks that are all masked.
+    """
+
+    array: mx.array
+    q_start: int
+    k_start: int
+    window: int | None
+
+    def last(self, n: int) -> "Mask":
+        """The mask of the last n queries only."""
+        cut = self.array.shape[2] - n
+        return Mask(self.array[..., cut:, :], self.q_start + cut, self.k_start, self.window)
+
+    def key_range(self, a: int, b: int) -> tuple[int, int]:
+        """Key indices [lo, hi) that queries a..b-1 may see."""
+        hi = self.q_start + b - self.k_start
+        lo = 0 if self.window is None else max(0, self.q_start + a - self.window + 1 - self.k_start)
+        return lo, min(hi, self.array.shape[3])
+
+
 def build_mask(offset: int, key_start: int, n_new: int, window: int | None,
-               left_pad: mx.array | None) -> mx.array:
-    """Boolean attention mask for queries at slots offset..offset+n_new-1 and keys
-    at slots key_start..offset+n_new-1.  Shape [B|1, 1, n_new, S].
+               left_pad: mx.array | None) -> Mask:
+    """Mask for queries at slots offset..offset+n_new-1 and keys at slots
+    key_start..offset+n_new-1.
 
     Padded query rows may see themselves so that their (ignored) outputs stay finite.
     """
@@ -179,9 +206,10 @@ def build_mask(offset: int, key_start: int, n_new: int, window: int | None,
         allowed = allowed & (q - k < window)
     if left_pad is not None:
         valid = k[None] >= left_pad[:, None, None]
-        allowed = allowed[None] & (valid | (k == q)[None])
-        return allowed[:, None]
-    return allowed[None, None]
+        allowed = (allowed[None] & (valid | (k == q)[None]))[:, None]
+    else:
+        allowed = allowed[None, None]
+    return Mask(allowed, offset, key_start, window)
 
 
 def make_caches(layer_types, first_shared: int, window: int, *, max_rollback: int = 32,

@@ -85,11 +85,8 @@ def sanitize(weights: dict[str, mx.array], model: Model) -> dict[str, mx.array]:
         if _SKIP.search(key):
             continue
         if key == "lm_head.weight":
-            emb = weights.get("model.language_model.embed_tokens.weight",
-                              weights.get("model.embed_tokens.weight"))
-            if emb is not None and emb.shape == value.shape and mx.array_equal(emb, value).item():
-                continue
-            raise LoadError("lm_head.weight differs from embed_tokens.weight; Gemma 4 ties them")
+            out[key] = value  # checked against the embedding once every shard is read
+            continue
         m = re.match(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.", key)
         if m and int(m.group(1)) < len(cfg.layers) and cfg.layers[int(m.group(1))].shared:
             dropped_shared += 1  # official E2B/E4B files carry unused consumer K/V
@@ -135,15 +132,21 @@ def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, Model
     except ConfigError as e:
         raise LoadError(str(e)) from None
     model = Model(config.text)
+    if dtype is not None and dtype not in DTYPES:
+        raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     weights: dict[str, mx.array] = {}
     for f in weight_files(folder):
         weights.update(sanitize(read_safetensors(f), model))
+    head = weights.pop("lm_head.weight", None)
+    if head is not None:
+        emb = weights.get("model.embed_tokens.weight")
+        if emb is None or emb.shape != head.shape or not mx.array_equal(emb, head).item():
+            raise LoadError(f"{folder}: lm_head.weight differs from embed_tokens.weight; "
+                            "Gemma 4 ties them")
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         target = DTYPES[dtype]
-        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
-                   for k, v in weights.items()}
+        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != target
+                   else v for k, v in weights.items()}
     check_and_assign(model, weights, str(folder))
     model.eval()
     return model, config

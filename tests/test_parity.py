@@ -71,3 +71,21 @@ def test_greedy_64_tokens_identical(loaded):
     ours = list(generate_tokens(model, prompt, max_tokens=64, options=SamplingOptions(),
                                 prefill_chunk=4))
     assert ours == expected
+
+
+@pytest.mark.parametrize("strategy", ["gather", "sorted", "segments"])
+def test_every_kernel_path(loaded, monkeypatch, strategy):
+    """Blocked attention (tiny blocks, so sliding and causal key-block skipping
+    both happen) and each MoE execution strategy give the reference logits."""
+    from gemma4_mlx import ops
+
+    ref, model = loaded
+    monkeypatch.setattr(ops, "ATTENTION_BLOCK", 3)
+    monkeypatch.setattr(ops, "moe_strategy", lambda pairs: strategy)
+    ids = random_ids(20, seed=6)
+    expected = ref.logits(ids)[0]
+    assert max_diff(model(mx.array([ids]))[0], expected) < TOL
+    cache = model.make_cache()
+    got = [np.array(model(mx.array([ids[:13]]), cache)[0])]
+    got += [np.array(model(mx.array([ids[13:]]), cache)[0])]
+    assert max_diff(np.concatenate(got), expected) < TOL

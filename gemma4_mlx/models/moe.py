@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .. import ops
-
-# Below this many (token, expert) pairs sorting costs more than it saves.
-SORT_THRESHOLD = 64
 
 
 class Router(nn.Module):
@@ -41,7 +39,7 @@ class Router(nn.Module):
 
 
 class ExpertLinear(nn.Module):
-    """E stacked [out, in] matrices, applied to the rows' selected experts."""
+    """E stacked [out, in] matrices, applied to each row's selected expert."""
 
     def __init__(self, num_experts: int, in_dims: int, out_dims: int):
         super().__init__()
@@ -52,12 +50,16 @@ class ExpertLinear(nn.Module):
         return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx,
                             sorted_indices=sorted_indices)
 
+    def segment(self, x: mx.array, expert: int) -> mx.array:
+        return x @ self.weight[expert].T
+
 
 class Experts(nn.Module):
     """GeGLU experts. Checkpoint `gate_up_proj` [E, 2Im, H] is split by `sanitize`."""
 
     def __init__(self, num_experts: int, hidden: int, inner: int):
         super().__init__()
+        self.num_experts = num_experts
         self.gate_proj = ExpertLinear(num_experts, hidden, inner)
         self.up_proj = ExpertLinear(num_experts, hidden, inner)
         self.down_proj = ExpertLinear(num_experts, inner, hidden)
@@ -67,23 +69,36 @@ class Experts(nn.Module):
         h = h.reshape(-1, shape[-1])
         idx = idx.reshape(-1, idx.shape[-1])
         n, k = idx.shape
-        do_sort = n * k >= SORT_THRESHOLD
-        if do_sort:
+        strategy = ops.moe_strategy(n * k)
+        if strategy == "gather":
+            y = self._glu(h[:, None, None, :], idx, False).reshape(n, k, -1)
+        else:
             # Group (token, expert) pairs by expert so each expert's weights are read once.
             flat = idx.flatten()
             order = mx.argsort(flat)
-            inv = mx.argsort(order)
-            x = h[order // k][:, None, :]
-            sel = flat[order]
-        else:
-            x = h[:, None, None, :]
-            sel = idx
-        g = self.gate_proj(x, sel, do_sort)
-        u = self.up_proj(x, sel, do_sort)
-        y = self.down_proj(ops.gelu_tanh(g) * u, sel, do_sort)
-        if do_sort:
-            y = y[inv].reshape(n, k, -1)
-        else:
-            y = y.reshape(n, k, -1)
+            x = h[order // k]
+            if strategy == "sorted":
+                y = self._glu(x[:, None, :], flat[order], True)
+            else:
+                y = self._segments(x, flat)
+            y = y[mx.argsort(order)].reshape(n, k, -1)
         y = (y.astype(w.dtype) * w.reshape(n, k, 1)).sum(axis=1)
         return y.astype(h.dtype).reshape(shape)
+
+    def _glu(self, x, sel, sorted_indices):
+        g = self.gate_proj(x, sel, sorted_indices)
+        u = self.up_proj(x, sel, sorted_indices)
+        return self.down_proj(ops.geglu(g, u), sel, sorted_indices)
+
+    def _segments(self, x, flat):
+        """x: rows sorted by expert. One GEMM per expert, sizes read on the host."""
+        counts = np.bincount(np.array(flat), minlength=self.num_experts).tolist()
+        outs, start = [], 0
+        for e, c in enumerate(counts):
+            if c:
+                xe = x[start:start + c]
+                g = self.gate_proj.segment(xe, e)
+                u = self.up_proj.segment(xe, e)
+                outs.append(self.down_proj.segment(ops.geglu(g, u), e))
+                start += c
+        return mx.concatenate(outs)

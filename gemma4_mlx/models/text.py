@@ -98,7 +98,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def __call__(self, x):
-        return self.down_proj(ops.gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -137,7 +137,7 @@ class DecoderLayer(nn.Module):
             m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
         x = r + self.post_feedforward_layernorm(m)
         if self.ple:
-            g = ops.gelu_tanh(self.per_layer_input_gate(x)) * ple
+            g = ops.geglu(self.per_layer_input_gate(x), ple)
             x = x + self.post_per_layer_input_norm(self.per_layer_projection(g))
         return x * self.layer_scalar.astype(x.dtype), kv
 
@@ -215,7 +215,7 @@ class TextModel(nn.Module):
                     cut = x.shape[1] - keep
                     x = x[:, cut:]
                     ple = None if ple is None else ple[:, cut:]
-                    masks = {t: m[..., cut:, :] for t, m in masks.items()}
+                    masks = {t: m.last(keep) for t, m in masks.items()}
                     offsets = {t: o + cut for t, o in offsets.items()}
             kv_in = shared.get(s.producer) if s.shared else None
             x, kv = layer(x, masks[s.type], offsets[s.type], cache[i], kv_in,
