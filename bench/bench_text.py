@@ -7,7 +7,7 @@ K = V) — under bench/_work/, loads each with both runtimes in float32 on the C
 prints tokens/s and the ratio.  Decode is also shown as a fraction of the
 roofline: weight bytes read per decoded token / GEMV bandwidth measured here.
 
-    make bench                      # or: python bench/bench_text.py [--prompt 1024 --decode 32]
+    make bench        # or: python bench/bench_text.py [--prompts 1024 4096 --decode 32 --shapes ...]
 """
 
 from __future__ import annotations
@@ -105,20 +105,21 @@ def weight_bytes_per_token(model: Model) -> int:
 
 
 def gemv_bandwidth() -> float:
-    """Best bytes/s of float32 vector-matrix products (x @ W.T, as nn.Linear does)
-    over a 1 GiB working set, far larger than any cache: the decode roofline."""
+    """Best bytes/s of float32 vector-matrix products over a 1 GiB working set, far
+    larger than any cache: the decode roofline."""
     best = 0.0
     for rows, cols in ((4096, 1024), (1024, 4096), (8192, 8192)):
         count = max(1, (1 << 30) // (rows * cols * 4))
         ws = [mx.random.normal((rows, cols)) for _ in range(count)]
         x = mx.random.normal((1, cols))
         mx.eval(ws, x)
-        for _ in range(2):
-            mx.eval([x @ w.T for w in ws])
-        t = time.perf_counter()
-        for _ in range(3):
-            mx.eval([x @ w.T for w in ws])
-        best = max(best, 3 * sum(w.nbytes for w in ws) / (time.perf_counter() - t))
+        for form in (lambda w: x @ w.T, lambda w: w @ x.T):  # both BLAS orientations
+            for _ in range(2):
+                mx.eval([form(w) for w in ws])
+            t = time.perf_counter()
+            for _ in range(3):
+                mx.eval([form(w) for w in ws])
+            best = max(best, 3 * sum(w.nbytes for w in ws) / (time.perf_counter() - t))
         del ws
     return best
 
@@ -153,46 +154,47 @@ def best(fn, *args, repeats=2):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--prompts", type=int, nargs="*", default=[1024, 4096])
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     args = ap.parse_args()
     import mlx_lm
+    from mlx_lm.generate import generate_step
     from mlx_lm.utils import load_model
 
     bw = gemv_bandwidth()
-    print(f"backend: {mx.default_device()}, BLAS: {gemma4_mlx._blas.loaded_from or 'MLX default'}")
-    print(f"float32 GEMV bandwidth: {bw / 1e9:.1f} GB/s; prompt {args.prompt} tokens, "
-          f"decode {args.decode} tokens; best of 2; mlx-lm {mlx_lm.__version__}\n")
+    print(f"backend: {mx.default_device()}, BLAS: {gemma4_mlx._blas.loaded_from or 'MLX default'}, "
+          f"float32, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}")
+    print(f"best float32 GEMV bandwidth: {bw / 1e9:.1f} GB/s; decode {args.decode} tokens after "
+          f"each prompt; best of 2 runs; prefill chunk 2048 for both\n")
     rows = []
     for name in args.shapes:
         folder = build_checkpoint(name, SHAPES[name])
-        prompt = [2] + [(7 * i) % 60000 + 3 for i in range(args.prompt - 1)]
-        ours_model, _ = gemma4_mlx.load(folder, dtype="float32")
-        mx.eval(ours_model.parameters())
-        o_pre, o_dec = best(ours, ours_model, prompt, args.decode)
-        bytes_tok = weight_bytes_per_token(ours_model)
-        # agreement check: same greedy tokens from both runtimes
-        ours_tokens = list(generate_tokens(ours_model, prompt[:64], max_tokens=8))
-        del ours_model
+        prompts = {n: [2] + [(7 * i) % 60000 + 3 for i in range(n - 1)] for n in args.prompts}
+        model, _ = gemma4_mlx.load(folder, dtype="float32")
+        mx.eval(model.parameters())
+        mine = {n: best(ours, model, p, args.decode) for n, p in prompts.items()}
+        bytes_tok = weight_bytes_per_token(model)
+        check = prompts[args.prompts[0]][:64]
+        my_tokens = list(generate_tokens(model, check, max_tokens=8))
+        del model
         gc.collect()
-        ref_model, _ = load_model(folder)
-        ref_model.set_dtype(mx.float32)
-        mx.eval(ref_model.parameters())
-        r_pre, r_dec = best(mlx_lm_run, ref_model, prompt, args.decode)
-        from mlx_lm.generate import generate_step
-        ref_tokens = [int(t) for t, _ in generate_step(mx.array(prompt[:64]), ref_model, max_tokens=8)]
-        del ref_model
+        model, _ = load_model(folder)
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+        theirs = {n: best(mlx_lm_run, model, p, args.decode) for n, p in prompts.items()}
+        their_tokens = [int(t) for t, _ in generate_step(mx.array(check), model, max_tokens=8)]
+        del model
         gc.collect()
-        roof = bw / bytes_tok
-        rows.append((name, args.prompt / o_pre, args.prompt / r_pre, 1 / o_dec, 1 / r_dec, roof,
-                     ours_tokens == ref_tokens))
-    print(f"{'shape':<12} {'prefill tok/s ours':>18} {'mlx-lm':>8} {'ratio':>6} | "
-          f"{'decode tok/s ours':>17} {'mlx-lm':>8} {'ratio':>6} | {'roofline':>8} "
-          f"{'ours %':>6} {'mlx-lm %':>8} | same tokens")
-    for name, op, rp, od, rd, roof, same in rows:
-        print(f"{name:<12} {op:>18.1f} {rp:>8.1f} {op / rp:>6.2f} | {od:>17.2f} {rd:>8.2f} "
-              f"{od / rd:>6.2f} | {roof:>8.2f} {100 * od / roof:>6.0f} {100 * rd / roof:>8.0f} | {same}")
+        for n in args.prompts:
+            rows.append((name, n, mine[n], theirs[n], bw / bytes_tok, my_tokens == their_tokens))
+    print(f"{'shape':<11} {'prompt':>6} | {'prefill tok/s':>13} {'mlx-lm':>7} {'ratio':>5} | "
+          f"{'decode tok/s':>12} {'mlx-lm':>7} {'ratio':>5} | {'roofline':>8} {'ours':>5} "
+          f"{'mlx-lm':>6} | same greedy tokens")
+    for name, n, (op, od), (rp, rd), roof, same in rows:
+        print(f"{name:<11} {n:>6} | {n / op:>13.1f} {n / rp:>7.1f} {rp / op:>5.2f} | "
+              f"{1 / od:>12.2f} {1 / rd:>7.2f} {rd / od:>5.2f} | {roof:>8.2f} "
+              f"{100 / od / roof:>4.0f}% {100 / rd / roof:>5.0f}% | {same}")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import ops
+from .layers import Linear
 
 
 class Router(nn.Module):
     def __init__(self, hidden: int, num_experts: int, top_k: int, eps: float):
         super().__init__()
-        self.proj = nn.Linear(hidden, num_experts, bias=False)
+        self.proj = Linear(hidden, num_experts)
         self.scale = mx.ones((hidden,))
         self.per_expert_scale = mx.ones((num_experts,))
         self.top_k = top_k

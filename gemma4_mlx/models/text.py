@@ -14,17 +14,8 @@ import mlx.nn as nn
 from .. import ops
 from ..cache import build_mask, make_caches
 from ..config import FULL, LayerSpec, TextConfig
+from .layers import Linear, RMSNorm
 from .moe import Experts, Router
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x):
-        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class RoPE(nn.Module):
@@ -63,14 +54,14 @@ class Attention(nn.Module):
         self.shared = spec.shared
         self.k_eq_v = spec.k_eq_v
         self.eps = cfg.rms_norm_eps
-        self.q_proj = nn.Linear(H, nh * d, bias=False)
+        self.q_proj = Linear(H, nh * d)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         if not spec.shared:  # KV consumers have no K/V weights at runtime
-            self.k_proj = nn.Linear(H, kv * d, bias=False)
+            self.k_proj = Linear(H, kv * d)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
             if not spec.k_eq_v:
-                self.v_proj = nn.Linear(H, kv * d, bias=False)
-        self.o_proj = nn.Linear(nh * d, H, bias=False)
+                self.v_proj = Linear(H, kv * d)
+        self.o_proj = Linear(nh * d, H)
         self.rope = rope
 
     def __call__(self, x, mask, offset, cache=None, shared_kv=None):
@@ -93,9 +84,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, inner: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=False)
-        self.up_proj = nn.Linear(hidden, inner, bias=False)
-        self.down_proj = nn.Linear(inner, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inner)
+        self.up_proj = Linear(hidden, inner)
+        self.down_proj = Linear(inner, hidden)
 
     def __call__(self, x):
         return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x)))
@@ -123,8 +114,8 @@ class DecoderLayer(nn.Module):
         self.ple = bool(cfg.hidden_size_per_layer_input)
         if self.ple:
             P = cfg.hidden_size_per_layer_input
-            self.per_layer_input_gate = nn.Linear(H, P, bias=False)
-            self.per_layer_projection = nn.Linear(P, H, bias=False)
+            self.per_layer_input_gate = Linear(H, P)
+            self.per_layer_projection = Linear(P, H)
             self.post_per_layer_input_norm = RMSNorm(H, eps)
 
     def __call__(self, x, mask, offset, cache=None, shared_kv=None, ple=None):
@@ -158,7 +149,7 @@ class TextModel(nn.Module):
         P = cfg.hidden_size_per_layer_input
         if P:
             self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P)
-            self.per_layer_model_projection = nn.Linear(H, L * P, bias=False)
+            self.per_layer_model_projection = Linear(H, L * P)
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
 
     # -- embeddings ----------------------------------------------------------
@@ -242,7 +233,7 @@ class Model(nn.Module):
         return self.logits(h)
 
     def logits(self, h: mx.array) -> mx.array:
-        out = self.model.embed_tokens.as_linear(h)  # tied head
+        out = ops.linear(h, self.model.embed_tokens.weight)  # tied head
         cap = self.config.final_logit_softcapping
         return ops.softcap(out, cap) if cap else out.astype(mx.float32)
 
