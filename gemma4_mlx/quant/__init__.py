@@ -1,0 +1,11 @@
+"""Weight codecs (spec quantization.md), one per module, each with a numpy reference decoder.
+
+- `sfp8`: gemma.cpp's switched 8-bit float with a per-tensor scale; LUT reference
+  decoder and an MLX-native mxfp8 inference form.
+- `q4_0`: ggml Q4_0 blocks, their raw byte layout, the exact mapping onto MLX affine
+  (group 32, 4 bits, scale d, bias -8d) and lattice recovery for QAT checkpoints.
+"""
+
+from . import q4_0, sfp8
+
+__all__ = ["sfp8", "q4_0"]
