@@ -1,0 +1,641 @@
+"""Tolerant streaming parser for Gemma 4 output (spec chat-format.md §9-§10).
+
+Feed decoded text (special tokens kept as their strings, e.g. "<|tool_call>")
+piece by piece; get events separating reasoning, visible content and tool
+calls. Every decision depends only on text already seen, never on where the
+pieces were split, so streamed and one-shot parsing give identical results.
+"""
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from dataclasses import dataclass, field
+
+Q = '<|"|>'
+# Any control token: <|x>, <|x|>, <x|>, and the named/unused pieces (§1).
+CTRL_RE = re.compile(r'<\|[a-z_"]{1,24}\|?>|<[a-z_]{1,24}\|>|<(?:pad|eos|bos|unk|mask|unused\d{1,4})>')
+_CTRL_PREFIX = re.compile(r'<(?:\|[a-z_"]{0,24}\|?|[a-z_]{0,24}\|?|unused\d{0,4})?\Z')
+TERMINATORS = ("<turn|>", "<|tool_response>", "<eos>", "<|turn>")  # <|turn>: defensive, §8
+_NAME = r"[\w.\-]+(?::(?!BEGIN_ARG)[\w.\-]+)*"  # names with dots, hyphens, ':' namespaces
+_BARE = re.compile(r"call:(" + _NAME + ")")
+_NUM = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+CONTENT, THOUGHT, CALL, DONE = "content", "thought", "call", "done"
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict
+    id: str = ""
+    raw_name: str = ""
+    raw: str = ""
+    truncated: bool = False
+    unknown_tool: bool = False
+    error: str | None = None  # "malformed_tool_call" when only a best effort was possible
+    warnings: list = field(default_factory=list)
+
+    @property
+    def arguments_json(self) -> str:  # OpenAI `arguments` is a JSON string
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments_json}}
+
+
+@dataclass
+class Event:
+    type: str  # reasoning | content | tool_call | thinking_budget | degenerate | done
+    text: str = ""
+    call: ToolCall | None = None
+
+
+@dataclass
+class ParseResult:
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list = field(default_factory=list)
+    finish_reason: str | None = None  # stop | tool_calls | length | degenerate_output
+    stop_token: str | None = None
+    degenerate: str | None = None
+    thinking_truncated: bool = False
+    warnings: list = field(default_factory=list)
+    trailing: str = ""  # text after the stop point, never shown (e.g. a hallucinated tool result)
+
+
+class _Tools:
+    """Declared tools: names, positional parameter order and types for repairs."""
+
+    def __init__(self, tools):
+        self.known = tools is not None
+        self.params: dict[str, list] = {}
+        self.types: dict[str, dict] = {}
+        for t in tools or []:
+            if isinstance(t, str):
+                self.params[t] = []
+                continue
+            if callable(t) and not isinstance(t, dict):
+                from .template import tool_schema
+                t = tool_schema(t)
+            fn = t.get("function", t)
+            p = fn.get("parameters") or {}
+            props, req = dict(p.get("properties") or {}), list(p.get("required") or [])
+            self.params[fn["name"]] = req + [k for k in props if k not in req]
+            self.types[fn["name"]] = {k: (v or {}).get("type") for k, v in props.items()}
+
+    def resolve(self, name: str) -> tuple[str, bool]:
+        if not self.known or name in self.params:
+            return name, True
+        tail = name.split(":")[-1]  # namespaced: unique match on the last segment (§9.3)
+        hits = [n for n in self.params if n.split(":")[-1] == tail]
+        return (hits[0], True) if len(hits) == 1 else (name, False)
+
+
+class _Reader:
+    """Recursive descent over Gemma's value syntax, tolerant of JSON-isms (§9.3)."""
+
+    _KEY = re.compile(r'(?:(?!<\|"\|>)[^\s:=,}\])])+')
+    _DQ, _SQ = re.compile(r'"(?:[^"\\]|\\.)*"', re.S), re.compile(r"'([^']*)'")
+
+    def __init__(self, s: str):
+        self.s, self.i, self.truncated, self.warnings, self.positional = s, 0, False, [], []
+
+    def _at_end(self) -> bool:
+        while self.i < len(self.s) and self.s[self.i].isspace():
+            self.i += 1
+        return self.i >= len(self.s)
+
+    def _string(self) -> str:
+        """<|"|>…<|"|> (verbatim), "…" (JSON escapes) or '…'; unterminated: closed at the end."""
+        s, i = self.s, self.i
+        if s.startswith(Q, i):
+            j = s.find(Q, i + len(Q))
+            self.truncated |= j < 0
+            self.i = len(s) if j < 0 else j + len(Q)
+            return s[i + len(Q):j if j >= 0 else len(s)]
+        m = (self._DQ if s[i] == '"' else self._SQ).match(s, i)
+        if not m:
+            self.truncated, self.i = True, len(s)
+            return s[i + 1:]
+        self.i = m.end()
+        if s[i] == "'":
+            return m.group(1)
+        try:
+            return json.loads(m.group(), strict=False)
+        except ValueError:
+            return m.group()[1:-1]
+
+    def _literal(self, tok: str):
+        low = tok.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("null", "none"):
+            return None
+        if _NUM.fullmatch(tok):
+            return float(tok) if any(c in tok for c in ".eE") else int(tok)
+        self.warnings.append(f"bare value {tok!r} kept as a string" if tok else "missing value")
+        return tok or None
+
+    def value(self, stops=",}])"):
+        if self._at_end():
+            self.truncated = True
+            return None
+        s, i = self.s, self.i
+        if s[i] in "{[":
+            return self.container("}" if s[i] == "{" else "]")
+        if s[i] in "\"'" or s.startswith(Q, i):
+            return self._string()
+        j = i
+        while j < len(s) and s[j] not in stops and not s.startswith(Q, j):
+            j += 1
+        self.i = j
+        return self._literal(s[i:j].strip())
+
+    def container(self, close: str, top: bool = False):
+        """An object ({…}, or (…) in the parenthesised call form) or a list ([…])."""
+        self.i += 1
+        out = [] if close == "]" else {}
+        while not self._at_end():
+            c = self.s[self.i]
+            if c == ",":
+                self.i += 1
+            elif c in "}])":  # a mismatched closer is left for the enclosing container
+                if c != close:
+                    self.warnings.append(f"mismatched {c!r}")
+                if c == close or top:
+                    self.i += 1
+                if c == close or not top:
+                    return out
+            elif close == "]":
+                out.append(self.value(",]}"))
+            else:
+                self._member(out, top)
+        self.truncated = True
+        return out
+
+    def _member(self, out: dict, top: bool):
+        s, i = self.s, self.i
+        if s[i] in "\"'" or s.startswith(Q, i):
+            key, quoted = self._string(), True
+        else:
+            m = self._KEY.match(s, i)
+            self.i = m.end() if m else i + 1  # always advance, even on a stray character
+            key, quoted = s[i:self.i], False
+        if not self._at_end() and s[self.i] in ":=":  # key=value: parenthesised form (§10 #4)
+            self.i += 1
+            out[key] = self.value()
+        elif self.i >= len(s) and not quoted:
+            self.truncated = True
+            out[key] = None
+        else:  # a value with no key: positional argument
+            self.positional.append(key if quoted else self._literal(key))
+            if not top:
+                self.warnings.append(f"positional value {key!r} inside an object")
+
+
+def _coerce(v, t):
+    if isinstance(v, str) and t in ("integer", "number", "boolean"):
+        x = _Reader(v.strip())._literal(v.strip())
+        return x if not isinstance(x, str) else v
+    return v
+
+
+def _parse_one(text: str, tools: _Tools) -> tuple[ToolCall, str]:
+    """One call `call:NAME{…}` / `(…)` / `: BEGIN_ARG…END_ARG`; returns it and the rest."""
+    call = ToolCall(name="", arguments={}, raw=text)
+    t = text
+    if t.startswith("call:"):
+        t = t[5:]
+    else:
+        call.warnings.append("missing 'call:' prefix")
+    m = re.match(_NAME, t)
+    if not m:
+        call.error = "malformed_tool_call"
+        return call, ""
+    call.raw_name, after = m.group(), t[m.end():]
+    call.name, known = tools.resolve(call.raw_name)
+    call.unknown_tool = not known
+    positional, rest = [], ""
+    if after[:1] in ("{", "("):
+        r = _Reader(after)
+        call.arguments = r.container("}" if after[0] == "{" else ")", top=True)
+        call.truncated, positional, rest = r.truncated, r.positional, after[r.i:]
+        call.warnings += r.warnings
+    elif re.match(r":?\s*BEGIN_ARG", after):  # §10 #3: positional BEGIN_ARG/END_ARG blocks
+        last = 0
+        for b in re.finditer(r"BEGIN_ARG:?(.*?)(END_ARG|\Z)", after, re.S):
+            v = b.group(1)
+            v = v[1:] if v.startswith("\n") else v
+            positional.append(v[:-1] if v.endswith("\n") else v)
+            call.truncated |= not b.group(2)
+            last = b.end()
+        rest = after[last:]
+        call.warnings.append("BEGIN_ARG/END_ARG call syntax")
+    elif after.strip():
+        call.error = "malformed_tool_call"
+        call.warnings.append(f"unparseable arguments {after[:40]!r}")
+    if positional:
+        order = [k for k in tools.params.get(call.name, []) if k not in call.arguments]
+        if len(positional) <= len(order):
+            types = tools.types.get(call.name, {})
+            call.arguments.update((k, _coerce(v, types.get(k))) for k, v in zip(order, positional))
+            call.warnings.append("positional arguments mapped in declaration order")
+        else:
+            call.arguments["_positional"] = positional
+            call.error = "malformed_tool_call"
+    return call, rest
+
+
+def parse_call_block(body: str, tools=None) -> list[ToolCall]:
+    """Parse the text between <|tool_call> and <tool_call|> (may hold several calls)."""
+    tools = tools if isinstance(tools, _Tools) else _Tools(tools)
+    calls, rest = [], body.strip()
+    while True:
+        call, rest = _parse_one(rest, tools)
+        calls.append(call)
+        rest = rest.strip().lstrip(",").strip()
+        if not rest.startswith("call:") or call.error:
+            if rest:
+                call.warnings.append(f"ignored trailing text {rest[:40]!r}")
+            return calls
+
+
+class StreamParser:
+    """feed(piece) -> events; finish() -> events; `result` holds the totals.
+
+    start_in_thought: the prompt ended inside a thought channel (e.g. 9 Jul
+    template priming after a tool result); see `parser_for_prompt`.
+    thinking_budget: max reasoning characters kept; beyond it reasoning is
+    dropped and a `thinking_budget` event asks the runtime to inject <channel|>.
+    The degenerate-output detector (§10.1) stops on a control token repeated
+    more than max_control_repeat times, more than max_thought_openings
+    channel openings, or a text loop of period <= loop_period covering
+    loop_min_chars characters (loop_min_chars=None turns it off).
+    """
+
+    def __init__(self, tools=None, *, start_in_thought=False, thinking_budget=None,
+                 max_thought_openings=4, max_control_repeat=8, loop_period=64, loop_min_chars=800):
+        self.tools = tools if isinstance(tools, _Tools) else _Tools(tools)
+        self.result = ParseResult()
+        self.budget, self.max_open, self.max_repeat = thinking_budget, max_thought_openings, max_control_repeat
+        self.loop_period, self.loop_min = loop_period, loop_min_chars
+        self.state = THOUGHT if start_in_thought else CONTENT
+        self.name_mode = "strict" if start_in_thought else None  # pending channel name to drop
+        self.at_start, self.fresh = True, True  # content segment start / nothing seen at all
+        self.buf, self._pushback, self._events, self._call = "", "", [], None
+        self._decoder, self._openings, self._run, self._ncalls = None, 0, (None, 0), 0
+        self._pend = {"reasoning": "", "content": ""}  # held trailing whitespace
+        self._lead = {"reasoning": True, "content": True}  # strip leading whitespace next
+        self._loops = {"reasoning": ("", [0] * (loop_period + 1)), "content": ("", [0] * (loop_period + 1))}
+
+    @property
+    def done(self) -> bool:  # generation should stop
+        return self.state == DONE
+
+    def feed(self, piece) -> list[Event]:
+        if isinstance(piece, (bytes, bytearray)):  # byte-fallback pieces: hold partial UTF-8
+            self._decoder = self._decoder or codecs.getincrementaldecoder("utf-8")("replace")
+            piece = self._decoder.decode(bytes(piece))
+        if self.state == DONE:
+            self.result.trailing += piece
+        else:
+            self.buf += piece
+            self._pump(final=False)
+        return self._take()
+
+    def finish(self) -> list[Event]:
+        if self._decoder and self.state != DONE:
+            self.buf += self._decoder.decode(b"", final=True)
+        self._pump(final=True)
+        if self.state == CALL:
+            self._end_call(self._begin_closed())
+        if self.state != DONE:
+            self._done(None)
+        return self._take()
+
+    def _take(self):
+        ev, self._events = self._events, []
+        return ev
+
+    # ------------------------------------------------------------ scanning
+    def _pump(self, final: bool):
+        while self.state != DONE and self.buf:
+            before = (len(self.buf), self.state, self.at_start, self.name_mode, self.fresh)
+            m = CTRL_RE.search(self.buf)
+            if m and m.start() == 0:
+                self.buf = self.buf[m.end():]
+                self._token(m.group())
+                continue
+            end = m.start() if m else (len(self.buf) if final else self._safe_len())
+            text = self.buf[:end]
+            if not text:
+                break
+            if text.strip():
+                self._run = (None, 0)
+            n = getattr(self, "_text_" + self.state)(text, bool(m) or final)
+            self.buf = self._pushback + self.buf[n:]
+            self._pushback = ""
+            if (len(self.buf), self.state, self.at_start, self.name_mode, self.fresh) == before:
+                break  # waiting for more text
+        if self.state == DONE:
+            self.result.trailing += self.buf
+            self.buf = ""
+
+    def _safe_len(self) -> int:
+        # Hold back a tail that may still grow into a control token.
+        j = self.buf.rfind("<", max(0, len(self.buf) - 32))
+        return j if j >= 0 and _CTRL_PREFIX.match(self.buf, j) else len(self.buf)
+
+    def _text_content(self, s: str, boundary: bool) -> int:
+        if not self.at_start:
+            self._emit("content", s)
+            return len(s)
+        k = len(s) - len(s.lstrip())
+        t = s[k:]
+        if not t:
+            return len(s)
+        if self.fresh:  # §10 #13: a channel name leaked without its <|channel>
+            if t.startswith("thought\n") or (t == "thought" and boundary):
+                self._warn("leaked channel name 'thought' dropped")
+                self.fresh = False
+                return k + min(len(t), 8)
+            if "thought\n".startswith(t) and not boundary:
+                return k
+            self.fresh = False
+        if self.tools.params:  # §10 #1: bare `call:NAME{` after the thought, declared names only
+            d = self._bare_call(t, boundary)
+            if d == "hold":
+                return k
+            if d is not None:
+                self._warn("tool call without <|tool_call>")
+                self._start_call(bare=True, begin=d)
+                return k
+        self.at_start = False
+        self._emit("content", t)
+        return len(s)
+
+    def _bare_call(self, t: str, boundary: bool):
+        m = _BARE.match(t)
+        if not m or len(m.group(1)) > 128:  # decided on the name alone: split-independent
+            return "hold" if not m and "call:".startswith(t) and not boundary else None
+        after = t[m.end():]
+        if not after:
+            return None if boundary else "hold"
+        if after[0] == ":":
+            r = after[1:].lstrip()
+            if not r.startswith("BEGIN_ARG"):
+                return "hold" if "BEGIN_ARG".startswith(r) and not boundary else None
+        elif after[0] not in "{(":
+            return None
+        name, known = self.tools.resolve(m.group(1))
+        return (after[0] == ":") if known and name in self.tools.params else None
+
+    def _text_thought(self, s: str, boundary: bool) -> int:
+        if self.name_mode:
+            n = self._channel_name(s, boundary)
+            if n is None:
+                return 0
+            self.name_mode = None
+            return n
+        self._emit("reasoning", s)
+        return len(s)
+
+    def _channel_name(self, s: str, boundary: bool):
+        if self.name_mode == "strict":  # prompt opened the channel: drop only a repeated `thought\n`
+            if s.startswith("thought\n"):
+                return 8
+            if "thought\n".startswith(s) and not boundary:
+                return None
+            return 7 if s == "thought" else 0
+        m = re.match(r"[A-Za-z_][\w-]{0,31}", s)
+        if not m:
+            return 0
+        if m.end() == len(s):
+            return len(s) if boundary else (None if len(s) <= 32 else 0)
+        if s[m.end()] == "\n":
+            return m.end() + 1
+        return m.end() if m.group() == "thought" else 0
+
+    def _text_call(self, s: str, boundary: bool) -> int:
+        c = self._call
+        if c["skip"]:  # inside a thought block opened within the call: dropped
+            return len(s)
+        c["body"] += s
+        if c["bare"]:
+            end = self._bare_end(c)
+            if end is not None:
+                self._pushback, c["body"] = c["body"][end:], c["body"][:end]
+                self._end_call(True)
+        return len(s)
+
+    def _bare_end(self, c):
+        b = c["body"]
+        if c["begin"]:  # ends after an END_ARG not followed by another BEGIN_ARG
+            j = b.rfind("END_ARG")
+            if j < 0 or b.rfind("BEGIN_ARG") > j:
+                return None
+            r = b[j + 7:].lstrip()
+            return None if not r or r.startswith("BEGIN_ARG") or "BEGIN_ARG".startswith(r) else j + 7
+        i = c["pos"]  # incremental brace matcher that skips strings
+        while i < len(b):
+            if c["quote"] == Q:
+                j = b.find(Q, i)
+                i, c["quote"] = (len(b), Q) if j < 0 else (j + len(Q), None)
+                continue
+            ch = b[i]
+            if c["quote"]:
+                if ch == "\\" and c["quote"] == '"':
+                    i += 1
+                elif ch == c["quote"]:
+                    c["quote"] = None
+            elif b.startswith(Q, i):
+                c["quote"] = Q
+                i += len(Q)
+                continue
+            elif ch in "\"'" and c["prev"] in ":,[{(=":  # quote opens only where a value starts
+                c["quote"] = ch
+            elif ch in "{[(":
+                c["depth"] += 1
+            elif ch in "}])":
+                c["depth"] -= 1
+                if c["depth"] <= 0:
+                    c["pos"] = i + 1
+                    return i + 1
+            if not ch.isspace():
+                c["prev"] = ch
+            i += 1
+        c["pos"] = i
+        return None
+
+    def _begin_closed(self) -> bool:
+        c = self._call
+        return bool(c and c["begin"] and c["body"].rfind("END_ARG") > c["body"].rfind("BEGIN_ARG"))
+
+    # -------------------------------------------------------------- tokens
+    def _token(self, tok: str):
+        self.fresh = False
+        if tok != Q:
+            last, n = self._run
+            self._run = (tok, n + 1 if tok == last else 1)
+            if self._run[1] > self.max_repeat:
+                return self._degenerate(f"{tok} repeated {self._run[1]} times")
+        self._handle(tok)
+
+    def _handle(self, tok: str):
+        if self.state == CALL:
+            return self._token_call(tok)
+        if tok in TERMINATORS:
+            return self._done(tok)
+        if tok == "<|channel>":
+            if self._open_channel():
+                self._close_segment()
+                self.state, self.name_mode = THOUGHT, "loose"
+        elif tok == "<|tool_call>":
+            if self.state == THOUGHT:  # §10 #2: thought closed implicitly, call kept
+                self._warn("tool call opened inside the thought channel")
+            self._close_segment()
+            self.name_mode = None
+            self._start_call(bare=False, begin=False)
+        elif tok == "<channel|>":
+            if self.state != THOUGHT:
+                self._warn("stray <channel|> ignored")
+            self._close_segment()
+            self.state, self.name_mode, self.at_start = CONTENT, None, True
+        elif tok == "<tool_call|>":
+            self._warn("stray <tool_call|> ignored")
+        else:
+            self._warn(f"control token {tok} dropped")
+
+    def _token_call(self, tok: str):
+        c = self._call
+        if tok == Q:
+            if not c["skip"]:
+                c["body"] += tok
+        elif tok == "<|channel>":
+            if c["bare"] and self._begin_closed():  # a bare BEGIN_ARG call is over
+                self._end_call(True)
+                self._handle(tok)
+            elif self._open_channel():
+                c["skip"] = True
+                self._warn("thought channel inside a tool call dropped")
+        elif tok == "<channel|>":
+            c["skip"] = False
+        elif tok == "<tool_call|>":
+            self._end_call(not c["bare"] or self._begin_closed())
+        elif tok == "<|tool_call>" or tok in TERMINATORS:
+            self._end_call(self._begin_closed())  # missing <tool_call|>: flagged truncated
+            self._handle(tok)
+        else:
+            self._warn(f"control token {tok} dropped")
+
+    def _open_channel(self) -> bool:
+        self._openings += 1
+        if self._openings > self.max_open:
+            self._degenerate(f"{self._openings} thought channel openings")
+            return False
+        return True
+
+    # ------------------------------------------------------------- actions
+    def _start_call(self, bare: bool, begin: bool):
+        self.state = CALL
+        self._call = {"body": "", "bare": bare, "begin": begin, "pos": 0, "depth": 0,
+                      "quote": None, "prev": "", "skip": False}
+
+    def _end_call(self, closed: bool):
+        c, self._call = self._call, None
+        for call in parse_call_block(c["body"], self.tools):
+            call.truncated |= not closed
+            call.id = f"call_{self._ncalls}"
+            self._ncalls += 1
+            self.result.tool_calls.append(call)
+            self._events.append(Event("tool_call", call=call))
+        self.state, self.at_start = CONTENT, True
+
+    def _close_segment(self):
+        self._pend = {"reasoning": "", "content": ""}
+        self._lead = {"reasoning": True, "content": True}
+
+    def _emit(self, kind: str, text: str):
+        if self._lead[kind]:
+            text = text.lstrip()
+        text = self._pend[kind] + text
+        vis = text.rstrip()
+        self._pend[kind] = text[len(vis):]
+        if not vis:
+            return
+        if self._lead[kind] and kind == "reasoning" and self.result.reasoning:
+            vis = "\n" + vis  # separate successive thought blocks
+        self._lead[kind] = False
+        over = False
+        if kind == "reasoning" and self.budget is not None:
+            room = self.budget - len(self.result.reasoning)
+            over, vis = len(vis) > room, vis[:max(room, 0)]
+        hit = self._loop_check(kind, vis)  # index just past a detected loop, else None
+        cut = len(vis) if hit is None else hit
+        if vis[:cut]:
+            setattr(self.result, kind, getattr(self.result, kind) + vis[:cut])
+            self._events.append(Event(kind, vis[:cut]))
+        if over and not self.result.thinking_truncated:  # runtime should inject <channel|>
+            self.result.thinking_truncated = True
+            self._events.append(Event("thinking_budget"))
+        if hit is not None:
+            self.result.trailing += vis[cut:] + self._pend[kind]
+            self._degenerate(f"repetition loop in {kind}")
+
+    def _loop_check(self, kind: str, s: str):
+        if not self.loop_min:
+            return None
+        tail, runs = self._loops[kind]
+        for idx, ch in enumerate(s):
+            n = len(tail)
+            for p in range(1, n + 1):
+                runs[p] = runs[p] + 1 if tail[n - p] == ch else 0
+                if runs[p] >= self.loop_min:
+                    return idx + 1
+            tail = (tail + ch)[-self.loop_period:]
+        self._loops[kind] = (tail, runs)
+        return None
+
+    def _degenerate(self, reason: str):
+        if self.state == CALL:
+            self._end_call(self._begin_closed())
+        self.result.degenerate = reason
+        self._events.append(Event("degenerate", reason))
+        self._done(None)
+
+    def _done(self, stop):
+        self._close_segment()
+        r = self.result
+        r.stop_token, self.state = stop, DONE
+        r.finish_reason = ("degenerate_output" if r.degenerate else "tool_calls" if r.tool_calls
+                           else "stop" if stop else "length")
+        self._events.append(Event("done", r.finish_reason))
+
+    def _warn(self, msg: str):
+        self.result.warnings.append(msg)
+
+
+def parse(text, tools=None, **kw) -> ParseResult:
+    """Parse one complete piece of model output."""
+    p = StreamParser(tools, **kw)
+    p.feed(text)
+    p.finish()
+    return p.result
+
+
+def parser_for_prompt(prompt: str, tools=None, **kw) -> StreamParser:
+    """A parser whose start state matches how the rendered prompt ends."""
+    primed = prompt.endswith("<|channel>thought\n") or prompt.endswith("<|channel>")
+    return StreamParser(tools, start_in_thought=primed, **kw)
+
+
+def coalesce(events) -> list[Event]:
+    """Merge adjacent text events of one type (the chunking of deltas is not stable)."""
+    out: list[Event] = []
+    for e in events:
+        if out and e.type in ("reasoning", "content") and out[-1].type == e.type:
+            out[-1] = Event(e.type, out[-1].text + e.text)
+        else:
+            out.append(e)
+    return out
