@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig, read_config
@@ -72,17 +73,31 @@ _SKIP = re.compile(r"^(model\.)?(vision_tower|embed_vision|audio_tower|embed_aud
                    r"multi_modal_projector)\.|rotary_emb|\.v_norm\.")
 
 
-def sanitize(weights: dict[str, mx.array], model: Model) -> dict[str, mx.array]:
-    """Map checkpoint keys onto `Model` (text-decoder spec §8.3)."""
+def rename(key: str) -> str:
+    """Checkpoint key (or module path) -> our module tree: strip the wrapper prefix;
+    mlx-community stacks experts as `experts.switch_glu.*` (mlx-vlm/mlx-lm SwitchGLU)."""
+    for old, new in _PREFIXES:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    if ".experts.switch_glu." in key:
+        return key.replace(".experts.switch_glu.", ".experts.")
+    return key.replace(".switch_glu.", ".experts.")
+
+
+def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = None) -> dict[str, mx.array]:
+    """Map checkpoint keys onto `Model` (text-decoder spec §8.3).
+
+    stats, if given, counts what was left out: "skipped" (vision/audio/rotary
+    tensors) and "shared_kv" (unused K/V of KV-shared layers).
+    """
     cfg = model.config
     out = {}
-    dropped_shared = 0
+    dropped_shared = skipped = 0
     for key, value in weights.items():
-        for old, new in _PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
+        key = rename(key)
         if _SKIP.search(key):
+            skipped += 1
             continue
         if key == "lm_head.weight":
             out[key] = value  # checked against the embedding once every shard is read
@@ -91,7 +106,6 @@ def sanitize(weights: dict[str, mx.array], model: Model) -> dict[str, mx.array]:
         if m and int(m.group(1)) < len(cfg.layers) and cfg.layers[int(m.group(1))].shared:
             dropped_shared += 1  # official E2B/E4B files carry unused consumer K/V
             continue
-        key = key.replace(".switch_glu.", ".experts.")  # mlx-community naming
         if key.endswith(".experts.gate_up_proj"):
             gate, up = mx.split(value, 2, axis=1)
             base = key[: -len("gate_up_proj")]
@@ -103,7 +117,114 @@ def sanitize(weights: dict[str, mx.array], model: Model) -> dict[str, mx.array]:
         out[key] = value
     if dropped_shared:
         log.info("dropped %d unused KV-shared-layer tensors", dropped_shared)
+    if stats is not None:
+        stats["skipped"] = stats.get("skipped", 0) + skipped
+        stats["shared_kv"] = stats.get("shared_kv", 0) + dropped_shared
     return out
+
+
+# -- quantized checkpoints --------------------------------------------------
+# Two layouts are read (spec quantization.md §1, text-decoder.md §8.3 step 7):
+# - ours (`gemma4-mlx convert`): config.json `quantization.tensors` names the format
+#   of every matmul/embedding weight; Q4_0 stores no biases (they are -8 * scales and
+#   derived here), SFP8 stores mxfp8 codes plus an fp32 `tensor_scale`;
+# - mlx-lm / mlx-vlm (mlx-community): a module is quantized iff `<path>.scales`
+#   exists; parameters from a per-path entry, else the block's group_size/bits/mode.
+
+_QUANT_META = (".scales", ".biases", ".tensor_scale")
+
+
+def quantization_block(raw: dict, source: str) -> dict | None:
+    q = raw.get("quantization")
+    if q is None:
+        qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+        if not qc:
+            return None
+        if not isinstance(qc, dict) or not ("bits" in qc or "group_size" in qc):
+            method = qc.get("quant_method") if isinstance(qc, dict) else qc
+            raise LoadError(f"{source}: quantization_config (quant_method {method!r}) is not an MLX "
+                            "format; convert the unquantized checkpoint with `gemma4-mlx convert`")
+        q = qc
+    if not isinstance(q, dict):
+        raise LoadError(f"{source}: `quantization` must be an object, got {type(q).__name__}")
+    return q
+
+
+def _kernel_params(path: str, q: dict, overrides: dict, source: str) -> dict | None:
+    """MLX kernel parameters (format, mode, bits, group_size) for module `path`."""
+    from .models.quantized import KERNEL_PARAMS
+
+    entry = (q.get("tensors") or {}).get(path)
+    if entry is not None:  # ours: every entry names its format
+        fmt = entry.get("format")
+    else:
+        entry = overrides.get(path)
+        if entry is False:
+            return None
+        if isinstance(entry, dict):  # mlx-lm passes it to to_quantized(): affine unless it says
+            fmt = entry.get("mode", "affine")
+        else:
+            entry, fmt = q, q.get("mode", "affine")
+    if fmt not in KERNEL_PARAMS:
+        raise LoadError(f"{source}: {path}: unknown quantization format {fmt!r}")
+    fixed = KERNEL_PARAMS[fmt]
+    if fixed is not None:
+        return dict(fixed, format=fmt)
+    # MLX's affine defaults (group 64, 4 bits) when an entry leaves them out
+    return {"mode": "affine", "bits": int(entry.get("bits") or 4),
+            "group_size": int(entry.get("group_size") or 64), "format": "affine"}
+
+
+def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, source: str) -> None:
+    """Swap every module whose weights come quantized for its quantized variant.
+
+    Runs before `check_and_assign`, so shapes are then checked against the
+    quantized layout.  Adds derived Q4_0 biases to `weights`.
+    """
+    from mlx.utils import tree_map_with_path
+
+    from .models.layers import Linear
+    from .models.moe import ExpertLinear, QuantizedExpertLinear
+    from .models.quantized import QEmbedding, QLinear
+
+    # mlx-lm per-module entries: {"<checkpoint module path>": {...} or false}
+    overrides = {rename(k): v for k, v in q.items()
+                 if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")}
+
+    def swap(path: str, m):
+        if f"{path}.scales" not in weights:
+            return m
+        p = _kernel_params(path, q, overrides, source)
+        if p is None:
+            raise LoadError(f"{source}: {path}.scales present but config.json marks {path} unquantized")
+        if p["format"] == "q4_0" and f"{path}.biases" not in weights:
+            # Not stored (it is redundant); MLX's affine kernels need it explicitly,
+            # so a resident copy is made here: +0.5 bit/weight in memory (spec §1).
+            weights[f"{path}.biases"] = weights[f"{path}.scales"] * -8
+        kw = dict(group_size=p["group_size"], bits=p["bits"], mode=p["mode"],
+                  tensor_scale=f"{path}.tensor_scale" in weights)
+        try:
+            if isinstance(m, ExpertLinear):
+                E, out_dims, in_dims = m.weight.shape
+                return QuantizedExpertLinear(E, in_dims, out_dims, **kw)
+            if isinstance(m, (Linear, nn.Linear)):
+                out_dims, in_dims = m.weight.shape
+                return QLinear(in_dims, out_dims, **kw)
+            if isinstance(m, nn.Embedding):
+                return QEmbedding(*m.weight.shape, **kw)
+        except ValueError as e:
+            raise LoadError(f"{source}: {path}: cannot build quantized module ({e})") from None
+        raise LoadError(f"{source}: {path}.scales present but {type(m).__name__} cannot be quantized")
+
+    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
+
+
+def _cast(key: str, v: mx.array, target) -> mx.array:
+    if not mx.issubdtype(v.dtype, mx.floating) or v.dtype == target:
+        return v
+    if key.endswith(_QUANT_META) and target != mx.float32:
+        return v  # never narrow quantization metadata (fp16 Q4_0 scales are lossy in bf16)
+    return v.astype(target)
 
 
 def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) -> None:
@@ -143,11 +264,18 @@ def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, Model
         if emb is None or emb.shape != head.shape or not mx.array_equal(emb, head).item():
             raise LoadError(f"{folder}: lm_head.weight differs from embed_tokens.weight; "
                             "Gemma 4 ties them")
+    q = quantization_block(config.raw, str(folder / "config.json"))
+    if q is not None:
+        apply_quantization(model, weights, q, str(folder))
     if dtype is not None:
         target = DTYPES[dtype]
-        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and v.dtype != target
-                   else v for k, v in weights.items()}
+        weights = {k: _cast(k, v, target) for k, v in weights.items()}
     check_and_assign(model, weights, str(folder))
+    norm = weights.get("model.norm.weight")
+    act = DTYPES[dtype] if dtype is not None else (norm.dtype if norm is not None else None)
+    for _, m in model.named_modules():
+        if hasattr(m, "out_dtype"):
+            m.out_dtype = act  # quantized tables return rows in the activation dtype
     model.eval()
     return model, config
 

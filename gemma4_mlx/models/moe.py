@@ -4,6 +4,7 @@ Router (text-decoder spec §4.10): on the *un-normed* residual, scale-free norm,
 times `scale` and H^-1/2, softmax in float32 over all experts, top-k, renormalise,
 times `per_expert_scale`.  Experts run through `gather_mm` (or `gather_qmm` once
 quantized), reading each expert's weights once per sorted group.
+On the CPU, prefill runs one GEMM per expert (`segment`), float or quantized.
 """
 
 from __future__ import annotations
@@ -53,6 +54,66 @@ class ExpertLinear(nn.Module):
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
         return x @ self.weight[expert].T
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
+                     mode: str = "affine") -> "QuantizedExpertLinear":
+        """Quantize the stacked weights in memory (what `nn.quantize` calls)."""
+        E, out_dims, in_dims = self.weight.shape
+        q = QuantizedExpertLinear(E, in_dims, out_dims, group_size, bits, mode)
+        q.weight, q.scales, *b = mx.quantize(self.weight, q.group_size, q.bits, mode=mode)
+        if b:
+            q.biases = b[0]
+        return q
+
+
+_MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
+
+
+class QuantizedExpertLinear(nn.Module):
+    """Quantized E x [out, in] experts, run with `gather_qmm` (or `quantized_matmul`
+    per expert in `segment`).  Packed like mlx-lm's `QuantizedSwitchLinear`:
+    weight [E, out, in*bits/32] uint32, scales (and affine biases) [E, out, in/group].
+    tensor_scale: optional fp32 SFP8 per-tensor scale, applied after the product.
+    """
+
+    def __init__(self, num_experts: int, in_dims: int, out_dims: int, group_size: int | None = None,
+                 bits: int | None = None, mode: str = "affine", tensor_scale: bool = False):
+        super().__init__()
+        if mode not in _MODE_DEFAULTS:
+            raise ValueError(f"quantization mode {mode!r}: expected one of {', '.join(_MODE_DEFAULTS)}")
+        g, b = _MODE_DEFAULTS[mode]
+        self.group_size, self.bits, self.mode = group_size or g, bits or b, mode
+        if in_dims % self.group_size or (in_dims * self.bits) % 32:
+            raise ValueError(f"experts: input size {in_dims} not divisible by group size {self.group_size}")
+        # Placeholders with the packed shapes; the loader replaces them (never evaluated).
+        self.weight = mx.zeros((num_experts, out_dims, in_dims * self.bits // 32), mx.uint32)
+        groups = (num_experts, out_dims, in_dims // self.group_size)
+        if mode == "affine":
+            self.scales = mx.zeros(groups, mx.float32)
+            self.biases = mx.zeros(groups, mx.float32)
+        else:
+            self.scales = mx.zeros(groups, mx.uint8)
+        if tensor_scale:
+            self.tensor_scale = mx.ones((1,), mx.float32)
+        self.freeze()
+
+    def _finish(self, y: mx.array, dtype) -> mx.array:
+        if "tensor_scale" in self:
+            y = y * self["tensor_scale"].astype(mx.float32)
+        return y.astype(dtype)  # keep the activation dtype (fp16 scales would promote bf16)
+
+    def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+        y = mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=idx,
+                          transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
+                          sorted_indices=sorted_indices)
+        return self._finish(y, x.dtype)
+
+    def segment(self, x: mx.array, expert: int) -> mx.array:
+        b = self.get("biases")
+        y = mx.quantized_matmul(x, self["weight"][expert], self["scales"][expert],
+                                None if b is None else b[expert], transpose=True,
+                                group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return self._finish(y, x.dtype)
 
 
 class Experts(nn.Module):

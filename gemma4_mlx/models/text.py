@@ -16,6 +16,7 @@ from ..cache import build_mask, make_caches
 from ..config import FULL, LayerSpec, TextConfig
 from .layers import Linear, RMSNorm
 from .moe import Experts, Router
+from .quantized import QEmbedding, table_dtype
 
 
 class RoPE(nn.Module):
@@ -154,16 +155,16 @@ class TextModel(nn.Module):
 
     # -- embeddings ----------------------------------------------------------
     def embed(self, ids: mx.array) -> mx.array:
-        w = self.embed_tokens.weight
         # sqrt(H) is rounded to the weight dtype first, as the reference does.
-        return self.embed_tokens(ids) * mx.array(math.sqrt(self.cfg.hidden_size), w.dtype)
+        dt = table_dtype(self.embed_tokens)  # a quantized table stores uint32 codes
+        return self.embed_tokens(ids) * mx.array(math.sqrt(self.cfg.hidden_size), dt)
 
     def per_layer_inputs(self, ids: mx.array, x0: mx.array) -> mx.array:
         cfg = self.cfg
         P, L, H = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers, cfg.hidden_size
         B, T = ids.shape
         table = self.embed_tokens_per_layer
-        tok = table(ids) * mx.array(math.sqrt(P), table.weight.dtype)
+        tok = table(ids) * mx.array(math.sqrt(P), table_dtype(table))
         ctx = self.per_layer_model_projection(x0) * ops.const(H ** -0.5, x0.dtype)
         ctx = self.per_layer_projection_norm(ctx.astype(x0.dtype).reshape(B, T, L, P))
         return ((ctx + tok.reshape(B, T, L, P)) * ops.const(2 ** -0.5, x0.dtype)).astype(x0.dtype)
@@ -233,7 +234,8 @@ class Model(nn.Module):
         return self.logits(h)
 
     def logits(self, h: mx.array) -> mx.array:
-        out = ops.linear(h, self.model.embed_tokens.weight)  # tied head
+        emb = self.model.embed_tokens  # tied head
+        out = emb.as_linear(h) if isinstance(emb, QEmbedding) else ops.linear(h, emb.weight)
         cap = self.config.final_logit_softcapping
         return ops.softcap(out, cap) if cap else out.astype(mx.float32)
 

@@ -1,0 +1,237 @@
+"""Streaming HF -> MLX conversion (text model).
+
+One source shard at a time: its tensors are mapped lazily, renamed onto our module
+tree (`loader.sanitize`), checked against the config's geometry, encoded tensor by
+tensor (each evaluated at once so its source bytes can go), and written as one
+output shard.  Peak memory is about one output shard plus one tensor's working set.
+Everything goes to `DST.partial`, renamed to DST only at the very end; any failure
+removes it, so a DST that exists is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from gemma4_mlx.config import ConfigError, read_config
+from gemma4_mlx.loader import quantization_block, read_safetensors, sanitize, weight_files
+from gemma4_mlx.models.text import Model
+
+from . import codecs
+from .errors import ConvertError
+from .hub import resolve_source
+from .policy import Policy, classify
+
+log = logging.getLogger(__name__)
+
+# Never copied through: weights (in any framework's format) and the files we rewrite.
+_NOT_COPIED = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx", ".ckpt"}
+_REWRITTEN = {"config.json", "model.safetensors.index.json"}
+
+
+@dataclass
+class Report:
+    dst: Path
+    recipe: str
+    tensors: dict = field(default_factory=dict)  # module path -> entry (as in config.json)
+    skipped: dict = field(default_factory=dict)  # what was left out, with counts
+    bytes_in: int = 0
+    bytes_out: int = 0
+    largest_shard: int = 0  # bytes of the largest source shard
+    peak_mlx: int = 0  # MLX allocator high-water mark over the run, bytes
+    peak_rss: int = 0  # process max RSS after the run, bytes (includes everything before)
+
+    def lattice_fraction(self) -> float | None:
+        """Fraction of Q4_0 blocks recovered exactly, over all q4_0 tensors."""
+        v = [e["lattice_exact"] for e in self.tensors.values() if "lattice_exact" in e]
+        return sum(v) / len(v) if v else None
+
+
+def write_shard(path: Path, tensors: dict[str, mx.array]) -> None:
+    """Write one output shard (module-level so tests can inject failures)."""
+    mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})
+
+
+def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: bool = True,
+            progress: bool = True) -> Report:
+    """Convert the HF Gemma 4 checkpoint at `src` (folder or hub id) into `dst`.
+
+    quant: bf16, fp16, q8, q4, mxfp4, nvfp4, q4_0 or sfp8 (see `policy.RECIPES`).
+    """
+    try:
+        policy = Policy(quant, keep_high_precision)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
+    dst = Path(dst).expanduser()
+    if dst.exists() and not force:
+        raise ConvertError(f"{dst}: already exists (pass force=True / --force to replace it)")
+    folder = resolve_source(src)
+    if dst.resolve() == folder.resolve():
+        raise ConvertError(f"{dst}: destination is the source folder")
+    partial = dst.with_name(dst.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)  # left by a killed run: ours by name, never complete
+    partial.mkdir(parents=True)
+    try:
+        report = _convert(folder, partial, policy, progress)
+        _copy_through(folder, partial)
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        partial.rename(dst)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    report.dst = dst
+    return report
+
+
+def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
+    try:
+        config = read_config(folder)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+    if quantization_block(config.raw, str(folder / "config.json")) is not None:
+        raise ConvertError(f"{folder / 'config.json'}: the source is already quantized; "
+                           "convert from an unquantized (bf16/fp32) checkpoint")
+    model = Model(config.text)  # lazy parameters: shapes only, nothing is allocated
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    files = weight_files(folder)
+    report = Report(out, policy.recipe, largest_shard=max(f.stat().st_size for f in files))
+    names = (["model.safetensors"] if len(files) == 1 else
+             [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
+    weight_map, seen, stats = {}, set(), {}
+    head = embed_file = None
+    mx.reset_peak_memory()
+    with _progress(progress, sum(f.stat().st_size for f in files)) as advance:
+        for f, name in zip(files, names):
+            tensors = sanitize(read_safetensors(f), model, stats)
+            shard = {}
+            while tensors:  # popped, so each source tensor is released once encoded
+                key, w = tensors.popitem()
+                if key == "lm_head.weight":
+                    head = w
+                    continue
+                if key not in expected:
+                    raise ConvertError(f"{f}: unexpected tensor {key} {tuple(w.shape)}")
+                if tuple(w.shape) != expected[key]:
+                    raise ConvertError(f"{f}: tensor {key} has shape {tuple(w.shape)}, "
+                                       f"config says {expected[key]}")
+                if key == "model.embed_tokens.weight":
+                    embed_file = f
+                seen.add(key)
+                try:
+                    arrays = _encode(key, w, policy, report)
+                    mx.eval(list(arrays.values()))
+                except (codecs.CodecError, ValueError, RuntimeError) as e:
+                    raise ConvertError(f"{f}: tensor {key}: {e}") from None
+                shard.update(arrays)
+                advance(w.nbytes)
+            write_shard(out / name, shard)
+            report.bytes_out += sum(a.nbytes for a in shard.values())
+            weight_map.update({k: name for k in shard})
+            del shard
+    report.bytes_in = sum(f.stat().st_size for f in files)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{folder}: missing tensor {missing[0]}{more}")
+    if head is not None and not mx.array_equal(head, _reread(embed_file, model)).item():
+        raise ConvertError(f"{folder}: lm_head.weight differs from embed_tokens.weight; Gemma 4 ties them")
+    report.skipped = {k: v for k, v in stats.items() if v}
+    if len(files) > 1:
+        index = {"metadata": {"total_size": report.bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(_config(config.raw, policy, report), indent=2) + "\n")
+    report.peak_mlx = mx.get_peak_memory()
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    report.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    return report
+
+
+def _reread(f: Path, model: Model) -> mx.array:
+    """The source embedding again (lazily mapped), to compare with a stored lm_head."""
+    return sanitize(read_safetensors(f), model)["model.embed_tokens.weight"]
+
+
+def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, mx.array]:
+    """Output arrays for one sanitized tensor; records its entry in the report."""
+    module, _, leaf = key.rpartition(".")
+    cls = classify(module) if leaf == "weight" else "other"
+    if cls == "other":  # norms, scalars, router scales: never quantized
+        fmt = policy.for_class("other")
+        return {key: codecs.encode(w, fmt)[0]["weight"]}
+    fmt, note = policy.for_tensor(module, w.shape[-1])
+    arrays, info = codecs.encode(w, fmt)
+    entry = {"class": cls, **fmt.entry(), **info}
+    if not fmt.quantized:
+        entry["dtype"] = str(arrays["weight"].dtype).replace("mlx.core.", "")
+        entry.setdefault("reason", note or "policy")
+    elif note:
+        entry["note"] = note
+    if note and "kept high precision" in note:
+        log.warning("%s: %s", module, note)
+    report.tensors[module] = entry
+    return {f"{module}.{suffix}": a for suffix, a in arrays.items()}
+
+
+def _config(raw: dict, policy: Policy, report: Report) -> dict:
+    cfg = dict(raw)
+    conversion = {"tool": "gemma4-mlx convert", "recipe": policy.recipe,
+                  "text_only": True, "skipped": report.skipped}
+    if report.skipped.get("skipped"):
+        conversion["note"] = ("vision/audio tower and embedder tensors were not converted; "
+                              "this folder holds the text model")
+    cfg["gemma4_mlx_conversion"] = conversion
+    if policy.base.quantized:
+        base = policy.base
+        cfg["quantization"] = {"recipe": policy.recipe, "mode": base.mode, "bits": base.bits,
+                               "group_size": base.group_size, "policy": policy.describe(),
+                               "tensors": dict(sorted(report.tensors.items()))}
+    else:
+        # transformers 5 writes `dtype`, older versions `torch_dtype`: update what is there
+        for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+            cfg[k] = policy.base.dtype
+        text = cfg.get("text_config")
+        if isinstance(text, dict):
+            cfg["text_config"] = {**text, **{k: policy.base.dtype for k in ("dtype", "torch_dtype") if k in text}}
+    return cfg
+
+
+def _copy_through(src: Path, dst: Path) -> None:
+    """Tokenizer, chat template, processor and generation configs, README, licence."""
+    for f in sorted(src.iterdir()):
+        if (f.is_file() and not f.name.startswith(".") and f.suffix not in _NOT_COPIED
+                and f.name not in _REWRITTEN):
+            shutil.copy2(f, dst / f.name)
+
+
+class _progress:
+    """A rich progress bar over source bytes on stderr (no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("converting"), BarColumn(), DownloadColumn(),
+                             TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self._bar.start()
+        task = self._bar.add_task("convert", total=self.total)
+        return lambda n: self._bar.advance(task, n)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._bar.stop()
+        return False

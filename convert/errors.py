@@ -1,0 +1,7 @@
+"""The converter's one error type: a single line naming the file, tensor or argument."""
+
+from gemma4_mlx.loader import LoadError
+
+
+class ConvertError(LoadError):
+    """Subclass of LoadError so callers catching load errors also catch these."""

@@ -1,0 +1,40 @@
+"""SRC resolution: a local folder, or a Hugging Face repo id fetched with huggingface_hub."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import ConvertError
+
+# Everything a conversion reads: weights, configs, tokenizer, chat template, processor.
+PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "tokenizer*"]
+REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A folder as is; `owner/name` through the hub cache (no network when HF_HUB_OFFLINE
+    is set, short timeouts otherwise).  Errors are one line naming SRC."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ConvertError(f"{src}: not a folder (expected a Hugging Face checkpoint folder)")
+    if not REPO_ID.fullmatch(str(src)):
+        raise ConvertError(f"{src}: no such folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=PATTERNS, local_files_only=_offline(),
+                                      etag_timeout=10))
+    except Exception as e:  # offline, unknown or gated repo, network error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = "offline (HF_HUB_OFFLINE is set) and not in the local cache" if _offline() else \
+            f"{type(e).__name__}: {first}"
+        raise ConvertError(f"{src}: not a local folder and not downloadable from the Hugging Face Hub "
+                           f"({why})") from None

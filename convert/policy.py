@@ -1,0 +1,132 @@
+"""Recipes and the precision policy: which format each tensor gets (spec quantization.md §1, §6).
+
+A tensor is classified by its module path (our module tree, after `loader.sanitize`):
+
+  class           modules                                        keep_high_precision=True
+  embedding       embed_tokens (also the tied LM head)           8-bit affine g64 (§6, §7)
+  ple_table       embed_tokens_per_layer                         high precision
+  ple_projection  per_layer_model_projection, per_layer_input_   high precision
+                  gate, per_layer_projection
+  router          router.proj                                    high precision
+  experts         experts.{gate,up,down}_proj                    the recipe
+  linear          every other *_proj                             the recipe
+  (norms, layer_scalar, router.scale / per_expert_scale are not matmul weights: always
+   high precision, never quantized)
+
+keep_high_precision=False puts every class on the recipe (logged: §6 calls a 4-bit
+PTQ PLE table catastrophic).  High precision means the source dtype for quantized
+recipes and the recipe's dtype for bf16 / fp16.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one weight is stored.  kind: float | affine | q4_0 | sfp8 | mxfp4 | nvfp4."""
+
+    kind: str
+    bits: int = 16
+    group_size: int = 0
+    dtype: str | None = None  # float kinds: target dtype (None = as stored)
+
+    @property
+    def mode(self) -> str | None:
+        return {"affine": "affine", "q4_0": "affine", "sfp8": "mxfp8", "mxfp4": "mxfp4",
+                "nvfp4": "nvfp4"}.get(self.kind)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != "float"
+
+    def entry(self) -> dict:
+        d = {"format": self.kind}
+        if self.quantized:
+            d.update(mode=self.mode, bits=self.bits, group_size=self.group_size)
+        else:
+            d["dtype"] = self.dtype or "as stored"
+        return d
+
+
+Q8 = Format("affine", 8, 64)
+RECIPES: dict[str, Format] = {
+    "bf16": Format("float", dtype="bfloat16"),
+    "fp16": Format("float", dtype="float16"),
+    "q8": Q8,  # default 8-bit (§2.4: 0.85% error vs SFP8's 2.7%)
+    "q4": Format("affine", 4, 64),
+    "mxfp4": Format("mxfp4", 4, 32),
+    "nvfp4": Format("nvfp4", 4, 16),
+    "q4_0": Format("q4_0", 4, 32),
+    "sfp8": Format("sfp8", 8, 32),
+}
+# Group sizes each kind can use, preferred first (MLX 0.32: §5).
+GROUPS = {"affine": (64, 32, 128), "q4_0": (32,), "sfp8": (32,), "mxfp4": (32,), "nvfp4": (16,)}
+
+_CLASSES = (
+    ("embedding", re.compile(r"^model\.embed_tokens$")),
+    ("ple_table", re.compile(r"^model\.embed_tokens_per_layer$")),
+    ("ple_projection", re.compile(r"(^model\.per_layer_model_projection|\.per_layer_input_gate|"
+                                  r"\.per_layer_projection)$")),
+    ("router", re.compile(r"\.router\.proj$")),
+    ("experts", re.compile(r"\.experts\.(gate|up|down)_proj$")),
+    ("linear", re.compile(r"_proj$")),
+)
+HIGH_PRECISION_CLASSES = ("ple_table", "ple_projection", "router")
+
+
+def classify(module_path: str) -> str:
+    for name, rx in _CLASSES:
+        if rx.search(module_path):
+            return name
+    return "other"
+
+
+@dataclass(frozen=True)
+class Policy:
+    recipe: str
+    keep_high_precision: bool = True
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"quant {self.recipe!r}: expected one of {', '.join(RECIPES)}")
+
+    @property
+    def base(self) -> Format:
+        return RECIPES[self.recipe]
+
+    def for_class(self, cls: str) -> Format:
+        base = self.base
+        if not base.quantized or cls == "other":
+            return Format("float", dtype=base.dtype)
+        if not self.keep_high_precision:
+            return base
+        if cls in HIGH_PRECISION_CLASSES:
+            return Format("float")
+        if cls == "embedding":
+            return Q8
+        return base
+
+    def for_tensor(self, module_path: str, in_features: int) -> tuple[Format, str | None]:
+        """Format for a weight with `in_features` along its grouped (last) axis, and a
+        note when the group size had to change or the tensor stays unquantized."""
+        cls = classify(module_path)
+        fmt = self.for_class(cls)
+        if not fmt.quantized:
+            return fmt, None
+        for g in GROUPS[fmt.kind]:
+            if in_features % g == 0:
+                if g == fmt.group_size:
+                    return fmt, None
+                return replace(fmt, group_size=g), f"group size {g}: {in_features} inputs"
+        return (Format("float"),
+                f"kept high precision: {in_features} inputs not divisible by group size {fmt.group_size}")
+
+    def describe(self) -> dict:
+        """The policy as recorded in config.json."""
+        classes = {c: self.for_class(c).entry() for c, _ in _CLASSES}
+        classes["norms_and_scalars"] = Format("float", dtype=self.base.dtype).entry()
+        return {"recipe": self.recipe, "keep_high_precision": self.keep_high_precision,
+                "base": asdict(self.base), "classes": classes}

@@ -1,0 +1,94 @@
+"""Quantized stand-ins for `Linear` and `nn.Embedding` (spec quantization.md §1, §2.4, §7).
+
+Both subclass MLX's own quantized modules and add two things:
+- an optional fp32 per-tensor `tensor_scale`, multiplied in after the product:
+  SFP8 weights are stored as mxfp8 codes of w / s, and s is an arbitrary float
+  that the E8M0 group scales cannot absorb (§2.4 b);
+- outputs in the model's activation dtype: bf16 activations times fp16 Q4_0
+  scales would otherwise promote the whole residual stream to float32, and
+  mxfp4/nvfp4 embeddings would dequantize to bf16 inside a float32 model.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Formats as recorded in config.json -> the MLX kernel parameters that run them.
+# q4_0 is MLX affine g32 with biases = -8 * scales; sfp8 is mxfp8 plus tensor_scale.
+KERNEL_PARAMS = {
+    "affine": None,  # bits / group_size come from the entry itself
+    "q4_0": {"mode": "affine", "bits": 4, "group_size": 32},
+    "sfp8": {"mode": "mxfp8", "bits": 8, "group_size": 32},
+    "mxfp4": {"mode": "mxfp4", "bits": 4, "group_size": 32},
+    "mxfp8": {"mode": "mxfp8", "bits": 8, "group_size": 32},
+    "nvfp4": {"mode": "nvfp4", "bits": 4, "group_size": 16},
+}
+
+
+def _scaled(y: mx.array, module: nn.Module) -> mx.array:
+    if "tensor_scale" in module:
+        y = y * module["tensor_scale"].astype(mx.float32)
+    return y
+
+
+class QLinear(nn.QuantizedLinear):
+    """Bias-free quantized linear; `tensor_scale` (SFP8) applied after the matmul."""
+
+    def __init__(self, input_dims: int, output_dims: int, group_size: int, bits: int,
+                 mode: str = "affine", tensor_scale: bool = False):
+        super().__init__(input_dims, output_dims, bias=False, group_size=group_size,
+                         bits=bits, mode=mode)
+        if self.biases is None:
+            self.pop("biases", None)
+        if tensor_scale:
+            self.tensor_scale = mx.ones((1,), mx.float32)
+        self.freeze()
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=self.get("biases"),
+                                transpose=True, group_size=self.group_size, bits=self.bits,
+                                mode=self.mode)
+        return _scaled(y, self).astype(x.dtype)
+
+
+class QEmbedding(nn.QuantizedEmbedding):
+    """Quantized table; `as_linear` serves the tied LM head (§7).
+
+    out_dtype: dtype of looked-up rows (the model's activation dtype), set by the loader.
+    """
+
+    def __init__(self, num_embeddings: int, dims: int, group_size: int, bits: int,
+                 mode: str = "affine", tensor_scale: bool = False):
+        super().__init__(num_embeddings, dims, group_size=group_size, bits=bits, mode=mode)
+        if self.biases is None:
+            self.pop("biases", None)
+        if tensor_scale:
+            self.tensor_scale = mx.ones((1,), mx.float32)
+        self.out_dtype = None
+        self.freeze()
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        if self.out_dtype is not None:
+            return self.out_dtype
+        s = self["scales"].dtype
+        return s if mx.issubdtype(s, mx.floating) else mx.bfloat16
+
+    def __call__(self, ids: mx.array) -> mx.array:
+        b = self.get("biases")
+        rows = mx.dequantize(self["weight"][ids], scales=self["scales"][ids],
+                             biases=None if b is None else b[ids], group_size=self.group_size,
+                             bits=self.bits, mode=self.mode, dtype=mx.float32)
+        return _scaled(rows, self).astype(self.dtype)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=self.get("biases"),
+                                transpose=True, group_size=self.group_size, bits=self.bits,
+                                mode=self.mode)
+        return _scaled(y, self).astype(x.dtype)
+
+
+def table_dtype(emb: nn.Module) -> mx.Dtype:
+    """Dtype of the rows an embedding (quantized or not) returns."""
+    return emb.dtype if isinstance(emb, QEmbedding) else emb.weight.dtype
