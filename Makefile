@@ -2,8 +2,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-MODEL ?= google/gemma-4-E2B-it
-PROMPT ?= Why is the sky blue? Answer in two sentences.
+# MODEL: a checkpoint folder or HF repo id; empty = a cached/reachable Gemma 4 E2B-it,
+# else the embedded demo model.  PROMPT: empty = interactive chat.
+MODEL ?=
+PROMPT ?=
 
 .PHONY: install install-test run test bench clean
 
@@ -11,14 +13,20 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
-	$(BIN)/pip install -q -e .
+install: $(VENV)/.installed
 
-install-test: $(BIN)/python
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
 
 run: install
-	$(BIN)/gemma4-mlx generate --model "$(MODEL)" --prompt "$(PROMPT)"
+	$(BIN)/gemma4-mlx chat $(if $(MODEL),--model "$(MODEL)") $(if $(PROMPT),--prompt "$(PROMPT)")
 
 # pytest exits 5 when it collects no test (e.g. everything deselected): say so, don't fail.
 test: install-test

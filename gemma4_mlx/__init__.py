@@ -11,6 +11,7 @@ preload_openblas()  # must run before anything imports mlx.core
 
 from .loader import load, LoadError  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402
+from .chat.session import Chat, Reply  # noqa: E402
 
-__all__ = ["load", "LoadError", "generate", "stream_generate"]
+__all__ = ["load", "LoadError", "generate", "stream_generate", "Chat", "Reply"]
 __version__ = "0.1.0"

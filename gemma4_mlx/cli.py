@@ -65,3 +65,93 @@ def generate(
     sys.stdout.write("\n")
     if stats is not None and not quiet:
         typer.echo(stats.line(), err=True)
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Checkpoint folder or HF repo id (default: a cached/reachable "
+                                             "Gemma 4 E2B-it, else the embedded demo model)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    think: bool = typer.Option(False, "--think/--no-think", help="Thinking mode (default off)."),
+    tools: Optional[str] = typer.Option(None, "--tools", help="Python file whose public functions become tools."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Run tool calls without asking."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One non-interactive turn ('-' = stdin)."),
+    as_json: bool = typer.Option(False, "--json", help="With --prompt/stdin: print the reply as JSON."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1),
+    temp: float = typer.Option(0.0, "--temp", min=0.0),
+    top_p: float = typer.Option(0.0, "--top-p", min=0.0, max=1.0),
+    top_k: int = typer.Option(0, "--top-k", min=0),
+    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 / bfloat16 / float16."),
+):
+    """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools)."""
+    from rich.console import Console
+
+    from . import LoadError, load
+    from .chat.session import Chat
+    from .chat.terminal import Terminal, load_tools, one_shot
+    from .demo import default_model
+    from .generate import SamplingOptions
+
+    err = Console(stderr=True)
+    if model is None:
+        model, banner = default_model()
+    else:
+        banner = f"model: {model}"
+    err.print(banner, style="dim", markup=False)
+    try:
+        functions = load_tools(tools) if tools else []
+        m, tokenizer = load(model, dtype=dtype)
+    except (LoadError, ValueError) as e:
+        fail(str(e))
+    if tokenizer is None:
+        fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    session = Chat(m, tokenizer, system=system, thinking=think, tools=functions, max_tokens=max_tokens,
+                   options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed))
+    if prompt is not None or not sys.stdin.isatty():
+        text = sys.stdin.read() if prompt in (None, "-") else prompt
+        raise typer.Exit(one_shot(session, text, as_json=as_json, assume_yes=yes))
+    console = Console()
+    console.print("type /help for commands", style="dim")
+    Terminal(session, console, assume_yes=yes).loop()
+
+
+@app.command()
+def convert(
+    src: str = typer.Argument(..., help="HF Gemma 4 checkpoint folder, or a Hugging Face repo id."),
+    dst: str = typer.Argument(..., help="Output folder (written as DST.partial, renamed at the end)."),
+    quant: str = typer.Option(..., "--quant", "-q",
+                              help="bf16, fp16, q8, q4, mxfp4, nvfp4, q4_0 or sfp8."),
+    force: bool = typer.Option(False, "--force", help="Replace DST if it exists."),
+    keep_high_precision: bool = typer.Option(
+        True, "--keep-high-precision/--no-keep-high-precision",
+        help="Keep the PLE table and projections and the MoE router unquantized and the "
+             "token embedding at 8 bits (default); --no-... puts them on the recipe too."),
+):
+    """Convert a Hugging Face Gemma 4 checkpoint (text model) to an MLX folder."""
+    import time
+
+    from .convert import ConvertError, convert as run
+    from .loader import LoadError
+
+    t0 = time.perf_counter()
+    try:
+        report = run(src, dst, quant, force=force, keep_high_precision=keep_high_precision,
+                     progress=sys.stderr.isatty())
+    except (ConvertError, LoadError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"{dst}: interrupted; nothing was written")
+    quantized = sum(1 for e in report.tensors.values() if e.get("format") != "float")
+    kept = len(report.tensors) - quantized
+    typer.echo(f"wrote {report.dst} ({quant}): {report.bytes_out / 2**20:.1f} MiB from "
+               f"{report.bytes_in / 2**20:.1f} MiB, {quantized} quantized / {kept} high-precision "
+               f"matrices, {time.perf_counter() - t0:.1f} s", err=True)
+    frac = report.lattice_fraction()
+    if frac is not None:
+        typer.echo(f"q4_0: {frac:.2%} of blocks on the QAT lattice (mean over tensors)", err=True)
+    if report.skipped.get("skipped"):
+        typer.echo(f"note: {report.skipped['skipped']} vision/audio tensors not converted "
+                   "(text model only)", err=True)

@@ -1,0 +1,184 @@
+"""A multi-turn chat session that keeps its KV cache across turns.
+
+Each turn renders the whole conversation with the checkpoint's template (or our
+renderer), keeps the longest prefix the cache already holds, rolls the cache
+back to it if needed (thoughts of earlier turns are dropped from history), and
+prefills only the rest — also when the history is longer than the sliding window.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+from ..cache import cache_offset
+from ..generate import SamplingOptions, Stats, generate_tokens
+from .parser import Event, ParseResult, ToolCall, parser_for_prompt
+from .template import render, render_with_checkpoint_template, tool_schema
+
+STOP_STRINGS = ("<turn|>", "<|tool_response>", "<eos>")
+
+
+@dataclass
+class Reply:
+    text: str
+    thinking: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: Stats | None = None
+
+
+class Chat:
+    """`send(text) -> Reply`; `stream(text)` yields parser events, then a final
+    Event("reply") whose `.reply` holds the Reply."""
+
+    def __init__(self, model, tokenizer, *, system: str | None = None, thinking: bool = False,
+                 tools: Sequence[Callable] = (), max_tokens: int = 1024,
+                 options: SamplingOptions | None = None, max_rollback: int = 2048,
+                 thinking_budget: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.system, self.thinking = system, thinking
+        self.functions = {f.__name__: f for f in tools}
+        self.max_tokens, self.options = max_tokens, options or SamplingOptions()
+        self.max_rollback, self.thinking_budget = max_rollback, thinking_budget
+        self.messages: list[dict] = []
+        self.prefilled_last = 0  # tokens prefilled by the latest turn (cache reuse is visible here)
+        self._stop_ids = {i for i in (tokenizer.convert_tokens_to_ids(s) for s in STOP_STRINGS)
+                          if i is not None and i != tokenizer.unk_token_id}
+        self._stop_ids |= set(model.config.eos_ids)
+        self.reset()
+
+    # -- conversation state --------------------------------------------------
+    def reset(self) -> None:
+        self.messages = []
+        self.cache = self.model.make_cache(max_rollback=self.max_rollback)
+        self.cached: list[int] = []
+
+    @property
+    def tools(self) -> list[dict] | None:
+        return [tool_schema(f) for f in self.functions.values()] or None
+
+    def prompt_text(self) -> str:
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            return render_with_checkpoint_template(template, msgs, tools=self.tools,
+                                                   thinking=self.thinking)
+        return render(msgs, tools=self.tools, thinking=self.thinking)
+
+    def save(self, path: str | Path) -> None:
+        data = {"system": self.system, "thinking": self.thinking, "messages": self.messages}
+        Path(path).write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str))
+
+    # -- the cache -----------------------------------------------------------
+    def _sync(self, ids: list[int]) -> list[int]:
+        """Roll the cache back to the longest shared prefix; return the ids to prefill."""
+        n = 0
+        limit = min(len(self.cached), len(ids) - 1)  # at least one token must be fed
+        while n < limit and self.cached[n] == ids[n]:
+            n += 1
+        drop = len(self.cached) - n
+        if drop:
+            try:
+                for c in self.cache:
+                    if c is not None:
+                        c.trim(drop)
+            except ValueError:  # rolled back past the sliding cache's slack: start over
+                self.cache = self.model.make_cache(max_rollback=self.max_rollback)
+                n = 0
+        self.cached = ids[:n]
+        return ids[n:]
+
+    # -- generation ----------------------------------------------------------
+    def stream(self, text: str | None = None, images=None, audio=None) -> Iterator[Event]:
+        if images or audio:
+            raise ValueError("images/audio: this text model has no vision or audio tower loaded")
+        if text is not None:
+            self.messages.append({"role": "user", "content": text})
+        prompt = self.prompt_text()
+        ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        new = self._sync(ids)
+        self.prefilled_last = len(new)
+        parser = parser_for_prompt(prompt, self.tools, thinking_budget=self.thinking_budget)
+        stats, generated = Stats(), []
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        mx.reset_peak_memory()
+        try:
+            for tok in generate_tokens(self.model, new, max_tokens=self.max_tokens,
+                                       options=self.options, stop_ids=self._stop_ids, cache=self.cache,
+                                       stats=stats):
+                generated.append(tok)
+                detok.add_token(tok)
+                yield from parser.feed(detok.last_segment)
+                if parser.done or tok in self._stop_ids:
+                    break
+            detok.finalize()
+            yield from parser.feed(detok.last_segment)
+        finally:
+            # The cache holds exactly `offset` slots of ids + generated (the newest
+            # sampled token is not fed yet; an interrupt may leave one queued step).
+            stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+            self.cached = (ids + generated)[: cache_offset(self.cache)]
+            events = parser.finish()
+            self._record(parser.result)
+        yield from events
+        reply = Reply(parser.result.content, parser.result.reasoning, parser.result.tool_calls,
+                      parser.result.finish_reason, stats)
+        yield ReplyEvent("reply", reply=reply)
+
+    def _record(self, r: ParseResult) -> None:
+        msg = {"role": "assistant", "content": r.content}
+        if r.reasoning:
+            msg["reasoning"] = r.reasoning
+        if r.tool_calls:
+            msg["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in r.tool_calls]
+        self.messages.append(msg)
+
+    def send(self, text: str | None = None, images=None, audio=None) -> Reply:
+        reply = None
+        for ev in self.stream(text, images, audio):
+            if ev.type == "reply":
+                reply = ev.reply
+        return reply
+
+    # -- tools ---------------------------------------------------------------
+    def call_tool(self, call: ToolCall):
+        fn = self.functions.get(call.name)
+        if fn is None:
+            return {"error": f"unknown tool {call.name!r}"}
+        try:
+            return fn(**call.arguments)
+        except Exception as e:  # the model sees the failure and can recover
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    def add_tool_result(self, call: ToolCall, result) -> None:
+        self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
+                              "content": result})
+
+    def run(self, text: str, confirm: Callable[[ToolCall], bool] | None = None,
+            max_rounds: int = 8) -> Reply:
+        """send() plus the tool loop: registered functions are called (after
+        `confirm(call)` says yes, when given) until the model answers in text."""
+        reply = self.send(text)
+        for _ in range(max_rounds):
+            if not reply.tool_calls:
+                break
+            for call in reply.tool_calls:
+                ok = confirm is None or confirm(call)
+                self.add_tool_result(call, self.call_tool(call) if ok else
+                                     {"error": "the user declined this tool call"})
+            reply = self.send(None)
+        return reply
+
+
+@dataclass
+class ReplyEvent(Event):
+    reply: Reply | None = None

@@ -1,0 +1,109 @@
+"""Chat sessions: KV cache reused across turns (exactly), thinking, the tool loop,
+on the embedded demo model."""
+
+import mlx.core as mx
+import pytest
+
+import gemma4_mlx
+from gemma4_mlx.chat.session import Chat
+from gemma4_mlx.demo import DEMO_MODEL
+
+from conftest import max_diff
+
+
+@pytest.fixture(scope="module")
+def demo():
+    model, tokenizer = gemma4_mlx.load(DEMO_MODEL)
+    return model, tokenizer
+
+
+def assert_cache_is_exact(chat: Chat, probe: int = 40):
+    """Feeding one token to the session cache equals a fresh forward of everything."""
+    got = chat.model(mx.array([[probe]]), chat.cache)[0, -1]
+    want = chat.model(mx.array([chat.cached + [probe]]))[0, -1]
+    assert max_diff(got, want) < 1e-4
+    for c in chat.cache:  # leave the cache as it was
+        if c is not None:
+            c.trim(1)
+
+
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_turns_prefill_only_what_is_new(demo, thinking):
+    model, tok = demo
+    chat = Chat(model, tok, thinking=thinking, max_tokens=64)
+    questions = ["What is the capital of France?", "What is 3 plus 4?", "Hello",
+                 "What is the capital of Peru?", "Add 12 and 9."]
+    for i, q in enumerate(questions):
+        before = list(chat.cached)
+        chat.messages.append({"role": "user", "content": q})
+        ids = tok.encode(chat.prompt_text(), add_special_tokens=False)
+        chat.messages.pop()
+        reply = chat.send(q)
+        assert reply.text  # the demo model answers
+        shared = common_prefix(before, ids)
+        assert chat.prefilled_last == len(ids) - shared
+        if not thinking:
+            # everything cached is reused; only the new turn
+            # (`<turn|>\n<|turn>user\n...<|turn>model\n`) is prefilled
+            assert shared == len(before) and chat.prefilled_last < 30
+        assert_cache_is_exact(chat)
+    assert len(chat.cached) > 2 * model.config.sliding_window  # well past the window
+
+
+def test_thinking_and_answers(demo):
+    model, tok = demo
+    chat = Chat(model, tok, thinking=True)
+    reply = chat.send("What is the capital of Japan?")
+    assert "Tokyo" in reply.text and reply.thinking
+    assert "<|channel>" not in reply.text and "thought" not in reply.text[:8]
+    plain = Chat(model, tok).send("What is the capital of Japan?")
+    assert plain.text == "The capital of Japan is Tokyo." and plain.thinking == ""
+
+
+def test_tool_loop_calls_python_function(demo):
+    model, tok = demo
+    calls = []
+
+    def get_weather(city: str) -> dict:
+        """Get the current weather in a city.
+
+        Args:
+            city: City name
+        """
+        calls.append(city)
+        return {"temperature": 21, "condition": "sunny"}
+
+    chat = Chat(model, tok, tools=[get_weather])
+    reply = chat.run("What's the weather in Paris?")
+    assert calls == ["Paris"]
+    assert "21" in reply.text and "Paris" in reply.text
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "tool", "assistant"]
+    assert_cache_is_exact(chat)
+
+    declined = Chat(model, tok, tools=[get_weather])
+    declined.run("What's the weather in Oslo?", confirm=lambda call: False)
+    assert calls == ["Paris"]  # not run without confirmation
+
+
+def test_media_is_refused_clearly(demo):
+    model, tok = demo
+    with pytest.raises(ValueError, match="no vision or audio tower"):
+        Chat(model, tok).send("describe", images=["x.png"])
+
+
+def test_save(demo, tmp_path):
+    import json
+
+    model, tok = demo
+    chat = Chat(model, tok, system="Answer briefly.")
+    chat.send("Hello")
+    chat.save(tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["system"] == "Answer briefly." and data["messages"][0]["content"] == "Hello"
