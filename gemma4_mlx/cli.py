@@ -74,6 +74,8 @@ def chat(
                                              "Gemma 4 E2B-it, else the embedded demo model)."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     think: bool = typer.Option(False, "--think/--no-think", help="Thinking mode (default off)."),
+    thinking_budget: Optional[int] = typer.Option(None, "--thinking-budget", min=1,
+                                                  help="Characters of thought before the model is made to answer."),
     tools: Optional[str] = typer.Option(None, "--tools", help="Python file whose public functions become tools."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Run tool calls without asking."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One non-interactive turn ('-' = stdin)."),
@@ -109,7 +111,8 @@ def chat(
     if tokenizer is None:
         fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
     session = Chat(m, tokenizer, system=system, thinking=think, tools=functions, max_tokens=max_tokens,
-                   options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed))
+                   options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed),
+                   thinking_budget=thinking_budget)
     if prompt is not None or not sys.stdin.isatty():
         text = sys.stdin.read() if prompt in (None, "-") else prompt
         raise typer.Exit(one_shot(session, text, as_json=as_json, assume_yes=yes))

@@ -107,3 +107,15 @@ def test_save(demo, tmp_path):
     chat.save(tmp_path / "c.json")
     data = json.loads((tmp_path / "c.json").read_text())
     assert data["system"] == "Answer briefly." and data["messages"][0]["content"] == "Hello"
+
+
+def test_thinking_budget_closes_the_thought_and_answers(demo):
+    model, tok = demo
+    full = Chat(model, tok, thinking=True).send("What is the capital of Japan?")
+    chat = Chat(model, tok, thinking=True, thinking_budget=12)
+    reply = chat.send("What is the capital of Japan?")
+    assert len(reply.thinking) <= 12 < len(full.thinking)
+    assert "Tokyo" in reply.text
+    # the rest of the thought was never generated: `<channel|>` was injected early
+    assert reply.stats.generation_tokens < full.stats.generation_tokens - 5
+    assert_cache_is_exact(chat)

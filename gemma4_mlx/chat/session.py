@@ -41,6 +41,8 @@ class Chat:
                  tools: Sequence[Callable] = (), max_tokens: int = 1024,
                  options: SamplingOptions | None = None, max_rollback: int = 2048,
                  thinking_budget: int | None = None):
+        """thinking_budget: characters of reasoning after which `<channel|>` is
+        injected so the model moves on to its answer (None: unlimited)."""
         self.model, self.tokenizer = model, tokenizer
         self.system, self.thinking = system, thinking
         self.functions = {f.__name__: f for f in tools}
@@ -51,6 +53,7 @@ class Chat:
         self._stop_ids = {i for i in (tokenizer.convert_tokens_to_ids(s) for s in STOP_STRINGS)
                           if i is not None and i != tokenizer.unk_token_id}
         self._stop_ids |= set(model.config.eos_ids)
+        self._close_id = tokenizer.convert_tokens_to_ids("<channel|>")
         self.reset()
 
     # -- conversation state --------------------------------------------------
@@ -110,14 +113,27 @@ class Chat:
         detok.reset()
         mx.reset_peak_memory()
         try:
-            for tok in generate_tokens(self.model, new, max_tokens=self.max_tokens,
-                                       options=self.options, stop_ids=self._stop_ids, cache=self.cache,
-                                       stats=stats):
-                generated.append(tok)
-                detok.add_token(tok)
-                yield from parser.feed(detok.last_segment)
-                if parser.done or tok in self._stop_ids:
-                    break
+            pending = new
+            while pending:
+                close_thought = False
+                for tok in generate_tokens(self.model, pending, stop_ids=self._stop_ids,
+                                           max_tokens=self.max_tokens - len(generated),
+                                           options=self.options, cache=self.cache, stats=stats):
+                    generated.append(tok)
+                    detok.add_token(tok)
+                    for ev in parser.feed(detok.last_segment):
+                        close_thought |= ev.type == "thinking_budget"
+                        yield ev
+                    if parser.done or tok in self._stop_ids or close_thought:
+                        break
+                pending = []
+                if close_thought and self._close_id is not None and len(generated) < self.max_tokens:
+                    # Thinking budget spent: close the thought channel ourselves and
+                    # let the model go on with its answer in the same turn.
+                    generated.append(self._close_id)
+                    detok.add_token(self._close_id)
+                    yield from parser.feed(detok.last_segment)
+                    pending = (ids + generated)[cache_offset(self.cache):]
             detok.finalize()
             yield from parser.feed(detok.last_segment)
         finally:
