@@ -9,7 +9,6 @@ prefills only the rest — also when the history is longer than the sliding wind
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
