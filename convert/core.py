@@ -73,7 +73,10 @@ def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: b
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
         raise ConvertError(f"{dst}: already exists (pass force=True / --force to replace it)")
-    folder = resolve_source(src)
+    gguf_file = Path(src).expanduser() if str(src).endswith(".gguf") else None  # GGUF import
+    if gguf_file is not None and not gguf_file.is_file():
+        raise ConvertError(f"{gguf_file}: no such GGUF file")
+    folder = gguf_file.parent if gguf_file is not None else resolve_source(src)
     if dst.resolve() == folder.resolve():
         raise ConvertError(f"{dst}: destination is the source folder")
     partial = dst.with_name(dst.name + ".partial")
@@ -81,8 +84,13 @@ def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: b
         shutil.rmtree(partial)  # left by a killed run: ours by name, never complete
     partial.mkdir(parents=True)
     try:
-        report = _convert(folder, partial, policy, progress)
-        _copy_through(folder, partial)
+        if gguf_file is not None:
+            from .gguf import import_gguf
+
+            report = import_gguf(gguf_file, partial, policy, progress)
+        else:
+            report = _convert(folder, partial, policy, progress)
+            _copy_through(folder, partial)
         if dst.exists():
             shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
         partial.rename(dst)

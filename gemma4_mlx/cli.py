@@ -158,3 +158,27 @@ def convert(
     if report.skipped.get("skipped"):
         typer.echo(f"note: {report.skipped['skipped']} vision/audio tensors not converted "
                    "(text model only)", err=True)
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="Checkpoint folder or Hugging Face repo id."),
+    no_load: bool = typer.Option(False, "--no-load", help="Headers only: skip the resident-memory measurement."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Parameters, bytes and formats per component, and resident memory after loading."""
+    import json
+
+    from rich.console import Console
+
+    from .info import model_info, render
+    from .loader import LoadError, resolve_path
+
+    try:
+        result = model_info(resolve_path(model), load=not no_load)
+    except LoadError as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        render(result, Console())

@@ -1,0 +1,362 @@
+"""GGUF v3 reader and the Gemma 4 GGUF -> MLX importer (spec quantization.md §3.3, §4.4).
+
+Reader: header, metadata (every value type), tensor infos, `general.alignment`
+(default 32); tensor bytes are views into an np.memmap, so a 14 GB file is paged in
+one tensor at a time.  GGUF lists dims fastest-first (ne[0] = the contiguous input
+axis), so the row-major numpy shape is the reversed list.
+
+Importer: Q4_0 blocks go straight into MLX affine (codes + the file's fp16 d, no
+re-quantization); F32/F16/BF16 stay high precision as stored; other ggml types are
+refused.  Vision/audio live in a separate mmproj GGUF and the tokenizer is not
+reconstructed from `tokenizer.ggml.*`: this writes the text model only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from gemma4_mlx.quant import q4_0
+
+from .errors import ConvertError
+
+GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
+              10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
+              17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
+              23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16"}
+# Readable types: (numpy dtype of the raw storage, elements per block, bytes per block)
+_LAYOUT = {"F32": ("<f4", 1, 4), "F16": ("<f2", 1, 2), "BF16": ("<u2", 1, 2),
+           "Q4_0": (np.uint8, q4_0.QK, q4_0.BLOCK_BYTES)}
+# Metadata value types: 0..12 (struct format, or None for string/array/bool)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 10: "<Q", 11: "<q", 12: "<d"}
+_NP = {k: np.dtype(v) for k, v in _SCALARS.items()}
+STRING, ARRAY, BOOL = 8, 9, 7
+
+
+class GGUFTensor:
+    def __init__(self, name, shape, type_id, offset):
+        self.name, self.shape, self.type_id, self.offset = name, shape, type_id, offset
+        self.type = GGML_TYPES.get(type_id, f"type {type_id}")
+        self.nbytes = None  # set once the layout is known
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+
+class GGUFFile:
+    """A parsed GGUF file: `.metadata` (dict), `.tensors` (name -> GGUFTensor), `.raw(name)`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+        except (OSError, ValueError) as e:
+            raise ConvertError(f"{self.path}: cannot map GGUF file ({e})") from None
+        self._pos = 0
+        if bytes(self._take(4)) != b"GGUF":
+            raise ConvertError(f"{self.path}: not a GGUF file (bad magic)")
+        self.version, n_tensors, n_kv = self._unpack("<I"), self._unpack("<Q"), self._unpack("<Q")
+        if self.version not in (2, 3):
+            raise ConvertError(f"{self.path}: GGUF version {self.version} not supported (expected 3)")
+        self.metadata = {}
+        for _ in range(n_kv):
+            key = self._string()
+            self.metadata[key] = self._value(self._unpack("<I"), key)
+        self.tensors: dict[str, GGUFTensor] = {}
+        for _ in range(n_tensors):
+            name = self._string()
+            dims = [self._unpack("<Q") for _ in range(self._unpack("<I"))]
+            t = GGUFTensor(name, tuple(reversed(dims)), self._unpack("<I"), self._unpack("<Q"))
+            self.tensors[name] = t
+        self.alignment = int(self.metadata.get("general.alignment", 32))
+        self.data_start = -(-self._pos // self.alignment) * self.alignment
+        size = self._mm.size
+        for t in self.tensors.values():
+            if t.offset % self.alignment:
+                raise ConvertError(f"{self.path}: tensor {t.name}: offset {t.offset} not aligned to {self.alignment}")
+            if t.type in _LAYOUT:
+                _, per, nb = _LAYOUT[t.type]
+                if t.shape and t.shape[-1] % per:
+                    raise ConvertError(f"{self.path}: tensor {t.name}: {t.type} needs a multiple of {per} "
+                                       f"elements per row, got shape {t.shape}")
+                t.nbytes = t.size // per * nb
+                end = self.data_start + t.offset + t.nbytes
+                if end > size:
+                    raise ConvertError(f"{self.path}: file is truncated: tensor {t.name} needs bytes up to "
+                                       f"{end}, file has {size}")
+
+    # -- header primitives: every read is bounds-checked so a cut header fails in one line
+    def _take(self, n: int) -> np.ndarray:
+        if self._pos + n > self._mm.size:
+            raise ConvertError(f"{self.path}: file is truncated inside the GGUF header (offset {self._pos})")
+        b = self._mm[self._pos:self._pos + n]
+        self._pos += n
+        return b
+
+    def _unpack(self, fmt: str):
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt)).tobytes())[0]
+
+    def _string(self) -> str:
+        return self._take(self._unpack("<Q")).tobytes().decode("utf-8", errors="replace")
+
+    def _value(self, vtype: int, key: str):
+        if vtype in _SCALARS:
+            return self._unpack(_SCALARS[vtype])
+        if vtype == BOOL:
+            return bool(self._unpack("<B"))
+        if vtype == STRING:
+            return self._string()
+        if vtype == ARRAY:
+            etype, n = self._unpack("<I"), self._unpack("<Q")
+            if etype in _NP:  # numeric arrays in one step (token scores: 262k floats)
+                return np.frombuffer(self._take(n * _NP[etype].itemsize).tobytes(), _NP[etype]).tolist()
+            return [self._value(etype, key) for _ in range(n)]
+        raise ConvertError(f"{self.path}: metadata key {key}: unknown value type {vtype}")
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's stored bytes as a memory-mapped numpy view (no copy)."""
+        t = self.tensors[name]
+        if t.type not in _LAYOUT:
+            raise ConvertError(f"{self.path}: tensor {name}: ggml type {t.type} is not supported "
+                               "(only Q4_0, F32, F16, BF16 import without re-quantization)")
+        dt, per, nb = _LAYOUT[t.type]
+        a = self._mm[self.data_start + t.offset:self.data_start + t.offset + t.nbytes]
+        if t.type == "Q4_0":
+            return a.reshape(*t.shape[:-1], t.shape[-1] // per, nb)
+        return a.view(dt).reshape(t.shape)
+
+
+# -- names -----------------------------------------------------------------------------
+# GGUF name -> our module path (after loader.sanitize).  Certain: the llama.cpp names
+# shared with Gemma 2/3 (token_embd, output_norm, blk.N.attn_*, ffn_*, post_*_norm).
+# From gguf-py's Gemma 3n table, assumed unchanged for gemma4 [uncertain]:
+# per_layer_token_embd, per_layer_model_proj, per_layer_proj_norm, blk.N.inp_gate,
+# blk.N.proj, blk.N.post_norm.  Gemma 4 only, guessed from llama.cpp's style [uncertain,
+# not checked against a real file]: layer_output_scale, the MoE names (ffn_gate_inp =
+# router, *_exps, ffn_down_exps.scale, pre_ffw_norm_2, post_ffw_norm_1/2).
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
+           "output_norm.weight": "model.norm.weight",
+           "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+           "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+           "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight"}
+_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+          "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
+          "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+          "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
+          "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "inp_gate": "per_layer_input_gate",
+          "proj": "per_layer_projection", "post_norm": "post_per_layer_input_norm",
+          "ffn_gate_inp": "router.proj", "ffn_gate_inp_scale": "router.scale",
+          "ffn_gate_exps": "experts.gate_proj", "ffn_up_exps": "experts.up_proj",
+          "ffn_down_exps": "experts.down_proj", "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+          "post_ffw_norm_1": "post_feedforward_layernorm_1", "post_ffw_norm_2": "post_feedforward_layernorm_2"}
+_BLOCK_LEAF = {"layer_output_scale.weight": "layer_scalar",
+               "ffn_down_exps.scale": "router.per_expert_scale"}
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_name(name: str) -> str | None:
+    """Our parameter path for a GGUF tensor name, or None if unknown."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    m = _BLK.match(name)
+    if not m:
+        return None
+    i, rest = m.groups()
+    if rest in _BLOCK_LEAF:
+        return f"model.layers.{i}.{_BLOCK_LEAF[rest]}"
+    base, dot, leaf = rest.rpartition(".")
+    if leaf == "weight" and base in _BLOCK:
+        return f"model.layers.{i}.{_BLOCK[base]}.weight"
+    return None
+
+
+# -- config ----------------------------------------------------------------------------
+_REQUIRED = object()
+S, F = "sliding_attention", "full_attention"
+
+
+def text_config(g: GGUFFile) -> dict:
+    """A gemma4_text config.json from `gemma4.*` metadata (and tensor shapes where the
+    metadata has no key, e.g. vocab size, K = V full layers)."""
+    md, arch = g.metadata, g.metadata.get("general.architecture")
+    if arch != "gemma4":
+        raise ConvertError(f"{g.path}: general.architecture is {arch!r}, expected 'gemma4'")
+
+    def key(k, default=_REQUIRED):
+        if f"gemma4.{k}" in md:
+            return md[f"gemma4.{k}"]
+        if default is _REQUIRED:
+            raise ConvertError(f"{g.path}: metadata key gemma4.{k} is missing")
+        return default
+
+    L = int(key("block_count"))
+    # llama.cpp writes the pattern per layer, True = sliding [uncertain for gemma4]
+    pattern = key("attention.sliding_window_pattern")
+    if not isinstance(pattern, list) or len(pattern) != L:
+        raise ConvertError(f"{g.path}: metadata key gemma4.attention.sliding_window_pattern must list "
+                           f"{L} booleans")
+    types = [S if p else F for p in pattern]
+
+    def of_type(v, t):  # a per-layer list (llama.cpp writes some as arrays) -> one value per type
+        if not isinstance(v, list):
+            return v
+        idx = [i for i in range(L) if types[i] == t]
+        return v[idx[0]] if idx else v[0]
+
+    if "token_embd.weight" not in g.tensors:
+        raise ConvertError(f"{g.path}: tensor token_embd.weight is missing")
+    full = [i for i in range(L) if types[i] == F]
+    k_eq_v = bool(full) and f"blk.{full[0]}.attn_v.weight" not in g.tensors
+    kv, ff = key("attention.head_count_kv"), key("feed_forward_length")
+    n_shared = int(key("attention.shared_kv_layers", 0))
+    cfg = {"model_type": "gemma4_text", "vocab_size": g.tensors["token_embd.weight"].shape[0],
+           "hidden_size": int(key("embedding_length")), "num_hidden_layers": L,
+           "intermediate_size": int(of_type(ff, S)),
+           "num_attention_heads": int(of_type(key("attention.head_count"), S)),
+           "num_key_value_heads": int(of_type(kv, S)),
+           "head_dim": int(key("attention.key_length_swa", key("attention.key_length"))),
+           "global_head_dim": int(key("attention.key_length")),
+           "sliding_window": int(key("attention.sliding_window")), "layer_types": types,
+           "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+           "final_logit_softcapping": key("final_logit_softcapping", None),
+           "tie_word_embeddings": True, "attention_k_eq_v": k_eq_v, "num_kv_shared_layers": n_shared,
+           # partial_rotary_factor / rope type stay at the Gemma 4 defaults (config.py)
+           "rope_parameters": {S: {"rope_type": "default", "rope_theta": float(key("rope.freq_base_swa"))},
+                               F: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                   "rope_theta": float(key("rope.freq_base"))}}}
+    if key("attention.value_length", cfg["global_head_dim"]) != cfg["global_head_dim"]:
+        raise ConvertError(f"{g.path}: metadata key gemma4.attention.value_length differs from key_length")
+    if k_eq_v:
+        cfg["num_global_key_value_heads"] = int(of_type(kv, F))
+    elif isinstance(kv, list) and len(set(kv)) > 1:
+        cfg["per_layer_config"] = {str(i): {"num_key_value_heads": int(v)} for i, v in enumerate(kv)}
+    if isinstance(ff, list) and n_shared and ff[-1] == 2 * ff[0]:
+        cfg["use_double_wide_mlp"] = True
+    ple = g.tensors.get("per_layer_token_embd.weight")
+    cfg["hidden_size_per_layer_input"] = int(key("embedding_length_per_layer_input")) if ple else 0
+    if ple:
+        cfg["vocab_size_per_layer_input"] = ple.shape[0]
+    if key("expert_count", 0):
+        cfg.update(enable_moe_block=True, num_experts=int(key("expert_count")),
+                   top_k_experts=int(key("expert_used_count")),
+                   moe_intermediate_size=int(key("expert_feed_forward_length")))
+    return cfg
+
+
+# -- import ----------------------------------------------------------------------------
+SHARD_BYTES = 2 << 30  # output shard size: bounds the resident set while writing
+ROWS_CHUNK = 1 << 20  # Q4_0 elements unpacked per step (uint8 codes: ~1 MB)
+_SHARED_KV = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.")
+
+
+def import_gguf(path: Path, out: Path, policy, progress: bool):
+    """Write an MLX checkpoint for the GGUF at `path` into `out`; returns a core.Report."""
+    from mlx.utils import tree_flatten
+
+    from gemma4_mlx.config import ConfigError, parse_config
+    from gemma4_mlx.models.text import Model
+
+    from .core import Report, _progress, write_shard
+    from .policy import classify
+
+    if policy.recipe != "q4_0":
+        raise ConvertError(f"{path}: GGUF import keeps the stored Q4_0 blocks; use --quant q4_0 "
+                           f"(got {policy.recipe})")
+    g = GGUFFile(path)
+    raw_cfg = text_config(g)
+    try:
+        config = parse_config(raw_cfg, str(path))
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+    model = Model(config.text)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    report = Report(out, "q4_0", bytes_in=path.stat().st_size, largest_shard=path.stat().st_size)
+    shards, shard, seen, skipped = [], {}, set(), 0
+
+    def flush():
+        nonlocal shard
+        name = f"model-{len(shards) + 1:05d}.safetensors"
+        write_shard(out / name, shard)
+        report.bytes_out += sum(a.nbytes for a in shard.values())
+        shards.append((name, list(shard)))
+        shard = {}
+
+    with _progress(progress, sum(t.nbytes or 0 for t in g.tensors.values())) as advance:
+        for name, t in g.tensors.items():
+            key = hf_name(name)
+            if key is None:
+                raise ConvertError(f"{path}: tensor {name}: unknown GGUF tensor name for gemma4")
+            m = _SHARED_KV.match(key)
+            if m and config.text.layers[int(m.group(1))].shared:
+                skipped += 1  # unused K/V of a KV-sharing layer (as loader.sanitize drops them)
+                continue
+            if key not in expected:
+                raise ConvertError(f"{path}: tensor {name} ({key}) is not part of this config")
+            if t.shape != expected[key]:
+                raise ConvertError(f"{path}: tensor {name} has shape {t.shape}, config says {expected[key]}")
+            raw = g.raw(name)  # refuses unsupported ggml types, naming the tensor
+            module = key[:-len(".weight")] if key.endswith(".weight") else key
+            cls = classify(module) if key.endswith(".weight") else "other"
+            if t.type == "Q4_0":
+                if cls == "other":
+                    raise ConvertError(f"{path}: tensor {name}: Q4_0 for a non-matrix tensor ({key})")
+                shard.update(_q4_0_arrays(module, raw))
+                report.tensors[module] = {"class": cls, "format": "q4_0", "mode": "affine", "bits": 4,
+                                          "group_size": 32, "provenance": "gguf-q4_0", "scale_dtype": "float16",
+                                          "biases": "derived at load: -8 * scales"}
+            else:
+                a = mx.array(np.array(raw))  # copies one tensor out of the map
+                shard[key] = a.view(mx.bfloat16) if t.type == "BF16" else a
+                if cls != "other":
+                    report.tensors[module] = {"class": cls, "format": "float", "dtype": str(shard[key].dtype)
+                                              .replace("mlx.core.", ""), "reason": f"gguf {t.type}"}
+            mx.eval(list(shard.values()))
+            seen.add(key)
+            advance(t.nbytes)
+            if sum(a.nbytes for a in shard.values()) >= SHARD_BYTES:
+                flush()
+    missing = sorted(set(expected) - seen)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{path}: missing tensor {missing[0]}{more}")
+    if shard or not shards:
+        flush()
+    if len(shards) == 1:
+        (out / shards[0][0]).rename(out / "model.safetensors")
+    else:
+        index = {"metadata": {"total_size": report.bytes_out},
+                 "weight_map": dict(sorted((k, n) for n, keys in shards for k in keys))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    report.skipped = {"shared_kv": skipped} if skipped else {}
+    raw_cfg["gemma4_mlx_conversion"] = {"tool": "gemma4-mlx convert", "recipe": "q4_0", "source": "gguf",
+                                        "gguf_file": path.name, "text_only": True, "skipped": report.skipped}
+    raw_cfg["quantization"] = {"recipe": "q4_0", "mode": "affine", "bits": 4, "group_size": 32,
+                               "policy": {"recipe": "q4_0", "source": "gguf",
+                                          "rule": "Q4_0 blocks as stored; F32/F16/BF16 as stored"},
+                               "tensors": dict(sorted(report.tensors.items()))}
+    (out / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")
+    return report
+
+
+def _q4_0_arrays(module: str, raw: np.ndarray) -> dict[str, mx.array]:
+    """Q4_0 blocks [..., K/32, 18] -> MLX affine weight/scales, in row chunks so the
+    unpacked uint8 codes never exist for the whole tensor at once."""
+    lead, nblk = raw.shape[:-2], raw.shape[-2]
+    flat = raw.reshape(-1, nblk, q4_0.BLOCK_BYTES)
+    step = max(1, ROWS_CHUNK // (nblk * q4_0.QK))
+    words, scales = [], []
+    for a in range(0, flat.shape[0], step):
+        d, q = q4_0.unpack(np.asarray(flat[a:a + step]))
+        w, s, _ = q4_0.to_mlx_affine(d, q, "float16")  # the file's fp16 d, exactly
+        mx.eval(w, s)
+        words.append(w)
+        scales.append(s)
+    return {f"{module}.weight": mx.concatenate(words).reshape(*lead, -1),
+            f"{module}.scales": mx.concatenate(scales).reshape(*lead, -1)}
