@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig, read_config
+from .models.ple_table import MappedTable
 from .models.text import Model
 
 log = logging.getLogger(__name__)
@@ -242,9 +243,41 @@ def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) ->
     model.load_weights(list(weights.items()), strict=False)
 
 
+# -- memory-mapped PLE table ------------------------------------------------
+# E2B/E4B's per-layer-embedding table (4.7/5.6 GB bf16) is only row-gathered, so by
+# default it stays mapped in its safetensors file instead of in MLX memory (spec
+# quantization.md §6, §10).  A quantized table (converter asked for it) is loaded
+# as usual.  Only done when the stored dtype is kept (dtype None): an explicit
+# dtype asks for a resident cast copy, and the test/tooling paths that load with
+# dtype="float32" and rebuild models from `parameters()` need every tensor there.
+# (`MappedTable(out_dtype=...)` can cast per gathered row, exact, if wanted later.)
+
+PLE_KEY = "model.embed_tokens_per_layer.weight"
+
+
+def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, str],
+                  source: str) -> bool:
+    """Swap the PLE nn.Embedding for a `MappedTable`; False (nothing changed) if unmappable."""
+    f, name = src
+    try:
+        table = MappedTable(f, name)
+    except ValueError as e:  # e.g. a dtype numpy cannot map: load it the ordinary way
+        log.info("PLE table not mapped: %s", e)
+        return False
+    want = tuple(model.model.embed_tokens_per_layer.weight.shape)
+    if table.shape != want:
+        raise LoadError(f"{source}: tensor {PLE_KEY} has shape {table.shape}, config says {want}")
+    del weights[PLE_KEY]  # the lazy mx.load array is dropped unread
+    model.model.embed_tokens_per_layer = table  # a plain attribute: not a parameter
+    return True
+
+
 # -- public API -------------------------------------------------------------
 
-def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, ModelConfig]:
+def load_model(path: str | Path, dtype: str | None = None,
+               map_ple: bool = False) -> tuple[Model, ModelConfig]:
+    """map_ple: keep an unquantized PLE table memory-mapped (see `map_ple_table`).
+    Off here so `info.resident_bytes` and weight-level tooling see every tensor."""
     folder = Path(path)
     if not folder.is_dir():
         raise LoadError(f"{folder}: not a folder")
@@ -256,8 +289,12 @@ def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, Model
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     weights: dict[str, mx.array] = {}
+    ple_src = None  # (file, checkpoint key) of the PLE table
     for f in weight_files(folder):
-        weights.update(sanitize(read_safetensors(f), model))
+        raw = read_safetensors(f)
+        ple_src = next(((f, k) for k in raw if rename(k) == PLE_KEY), ple_src)
+        weights.update(sanitize(raw, model))
+        del raw
     head = weights.pop("lm_head.weight", None)
     if head is not None:
         emb = weights.get("model.embed_tokens.weight")
@@ -267,6 +304,9 @@ def load_model(path: str | Path, dtype: str | None = None) -> tuple[Model, Model
     q = quantization_block(config.raw, str(folder / "config.json"))
     if q is not None:
         apply_quantization(model, weights, q, str(folder))
+    if (map_ple and dtype is None and ple_src is not None and PLE_KEY in weights
+            and PLE_KEY.replace(".weight", ".scales") not in weights):
+        map_ple_table(model, weights, ple_src, str(folder))
     if dtype is not None:
         target = DTYPES[dtype]
         weights = {k: _cast(k, v, target) for k, v in weights.items()}
@@ -305,12 +345,14 @@ def resolve_path(path_or_repo: str) -> Path:
     raise LoadError(f"{path_or_repo}: no such folder")
 
 
-def load(path: str | Path, dtype: str | None = None):
+def load(path: str | Path, dtype: str | None = None, map_ple: bool = True):
     """Load `(model, tokenizer)` from a checkpoint folder or hub id.
 
     tokenizer is None when the folder ships no tokenizer files.
     dtype: None keeps the stored dtype; "float32" (or "bfloat16", "float16") casts.
+    map_ple: with dtype None, serve an unquantized per-layer-embedding table from a
+        memory map of its safetensors file instead of MLX memory.
     """
     folder = resolve_path(str(path))
-    model, config = load_model(folder, dtype)
+    model, config = load_model(folder, dtype, map_ple=map_ple)
     return model, load_tokenizer(folder, config.eos_ids or None)

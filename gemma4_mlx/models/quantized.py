@@ -90,5 +90,6 @@ class QEmbedding(nn.QuantizedEmbedding):
 
 
 def table_dtype(emb: nn.Module) -> mx.Dtype:
-    """Dtype of the rows an embedding (quantized or not) returns."""
-    return emb.dtype if isinstance(emb, QEmbedding) else emb.weight.dtype
+    """Dtype of the rows an embedding returns: quantized tables and memory-mapped
+    ones (`MappedTable`) say so through `.dtype`; a plain table is its weight's."""
+    return emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype
