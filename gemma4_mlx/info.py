@@ -7,11 +7,11 @@ loading the model and evaluating its parameters.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from .config import ConfigError, read_config
+from .safetensors_header import read_header
 from .loader import LoadError, _kernel_params, quantization_block, rename, weight_files
 
 COMPONENTS = ("embedding", "per_layer_embeddings", "attention", "mlp", "experts", "router",
@@ -44,13 +44,9 @@ def component(key: str) -> str:
 def _header(path: Path) -> tuple[int, dict]:
     """(header bytes incl. the 8-byte length, tensor entries) of one safetensors file."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
+        return read_header(path)
     except (OSError, ValueError) as e:
         raise LoadError(f"{path}: unreadable safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    return 8 + n, header
 
 
 def model_info(path, load: bool = True) -> dict:

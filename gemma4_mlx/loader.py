@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from .config import ConfigError, ModelConfig, read_config
 from .models.ple_table import MappedTable
 from .models.text import Model
+from .safetensors_header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,12 @@ def weight_files(folder: Path) -> list[Path]:
 
 def read_safetensors(path: Path) -> dict[str, mx.array]:
     """Validate the header against the file size, then map the tensors lazily."""
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError("header length past end of file")
-            header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end > size:
-            raise ValueError(f"file is truncated: {size} bytes, tensors need {8 + n + end}")
+        data_start, header = read_header(path)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        size = path.stat().st_size
+        if data_start + end > size:
+            raise ValueError(f"file is truncated: {size} bytes, tensors need {data_start + end}")
         return mx.load(str(path))
     except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
         raise LoadError(f"{path}: unreadable safetensors ({e})") from None

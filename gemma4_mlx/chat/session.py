@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from ..cache import cache_offset
+from ..cache import cache_offset, trim_caches
 from ..generate import SamplingOptions, Stats, generate_tokens
 from .parser import Event, ParseResult, ToolCall, parser_for_prompt
 from .template import render, render_with_checkpoint_template, tool_schema
@@ -87,9 +87,7 @@ class Chat:
         drop = len(self.cached) - n
         if drop:
             try:
-                for c in self.cache:
-                    if c is not None:
-                        c.trim(drop)
+                trim_caches(self.cache, drop)
             except ValueError:  # rolled back past the sliding cache's slack: start over
                 self.cache = self.model.make_cache(max_rollback=self.max_rollback)
                 n = 0

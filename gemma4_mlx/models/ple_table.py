@@ -11,11 +11,12 @@ it stays in the page cache: the OS pages in only the rows that are read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from ..safetensors_header import read_header
 
 # safetensors dtype -> (numpy storage dtype, MLX dtype of the rows returned)
 _DTYPES = {
@@ -27,16 +28,13 @@ _DTYPES = {
 
 def tensor_header(path: str | Path, name: str) -> tuple[dict, int]:
     """(header entry of `name`, byte offset where the data section starts)."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or 8 + n > size:
-            raise ValueError(f"{path}: header length past end of file")
-        header = json.loads(f.read(n))
+    try:
+        data_start, header = read_header(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     if name not in header:
         raise KeyError(f"{path}: no tensor {name}")
-    return header[name], 8 + n
+    return header[name], data_start
 
 
 class MappedTable:
