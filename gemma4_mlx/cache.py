@@ -6,9 +6,10 @@ entries is always a length change.  The sliding cache retains W - 1 + R entries
 were rolled back.  mlx-lm's `RotatingKVCache` cannot undo writes once it has
 wrapped (text-decoder spec §5.3), which is why these are our own.
 
-Batching: every row shares one slot axis.  Row b's prompt is left-padded by
-`left_pad[b]` slots; its token at slot s sits at position s - left_pad[b].
-Padded keys are masked (never zeroed: a zero key still counts in the softmax).
+Batching: every row shares one slot axis.  Row b's token at slot s sits at
+position s - left_pad[b]; slots before `valid_from[b]` hold nothing of row b
+(prompt left padding, or the slack a ragged speculative commit left, `roll`).
+Invalid keys are masked (never zeroed: a zero key still counts in the softmax).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class _Cache:
         self.keys = self.values = None
         self.offset = 0  # slots written so far (the next token's slot)
         self.left_pad = None if left_pad is None else mx.array(left_pad, dtype=mx.int32)
+        self.valid_from = self.left_pad  # first slot holding row b's data
         self._start = 0  # buffer index of the oldest retained slot
         self._end = 0  # buffer index one past the newest slot
 
@@ -50,7 +52,7 @@ class _Cache:
 
     def mask(self, n_new: int) -> "Mask":
         """Mask for n_new queries over the keys update_and_fetch will return."""
-        return build_mask(self.offset, self.key_start(n_new), n_new, self.window, self.left_pad)
+        return build_mask(self.offset, self.key_start(n_new), n_new, self.window, self.valid_from)
 
     # -- storage -------------------------------------------------------------
     def _write(self, k: mx.array, v: mx.array) -> None:
@@ -91,17 +93,57 @@ class _Cache:
         if self.keys is not None:
             self.keys, self.values = self.keys[rows], self.values[rows]
         if self.left_pad is not None:
-            self.left_pad = self.left_pad[rows]
+            self.left_pad, self.valid_from = self.left_pad[rows], self.valid_from[rows]
+
+    def roll(self, shifts) -> None:
+        """Move row b's entries `shifts[b]` slots later (ragged speculative commit).
+
+        Every row then ends at the common write slot: its newest shifts[b] entries
+        (rejected drafts) fall off the end and the slots opened at the front become
+        invalid slack.  RoPE is already baked into the keys, so positions only need
+        the per-row bookkeeping (spec mtp-drafter §10.3, option A).
+        """
+        shifts = [int(s) for s in shifts]
+        if not any(shifts):
+            return
+        B = len(shifts)
+        if self.left_pad is None:
+            self.left_pad = self.valid_from = mx.zeros((B,), mx.int32)
+        sh = mx.array(shifts, dtype=mx.int32)
+        oldest = self.offset - self.size
+        self.left_pad = self.left_pad + sh
+        self.valid_from = mx.maximum(self.valid_from, oldest) + sh
+        if self.keys is not None and self.size:
+            n = self.size
+            idx = mx.maximum(mx.arange(n)[None, :] - sh[:, None], 0)[:, None, :, None]
+            for name in ("keys", "values"):
+                buf = getattr(self, name)
+                region = buf[..., self._start:self._end, :]
+                buf[..., self._start:self._end, :] = mx.take_along_axis(region, idx, axis=2)
+        self._check_rows()
+
+    def _check_rows(self) -> None:
+        """Refuse a state in which some row lost keys its next query needs."""
+        if self.window is None:
+            return
+        valid = (self.offset - mx.maximum(self.valid_from, self.offset - self.size)).tolist()
+        have = (self.offset - self.left_pad).tolist()
+        for b, (v, h) in enumerate(zip(valid, have)):
+            if v < min(self.window - 1, h):
+                raise ValueError(f"sliding cache row {b} keeps {v} of the {self.window - 1} keys "
+                                 f"its window needs: raise max_rollback above the draft length")
 
     def snapshot(self) -> dict:
         """A restorable state; cheap (MLX slices share the buffers lazily)."""
         kv = None if self.keys is None else (self.keys[..., self._start:self._end, :],
                                              self.values[..., self._start:self._end, :])
-        return {"kv": kv, "offset": self.offset, "left_pad": self.left_pad}
+        return {"kv": kv, "offset": self.offset, "left_pad": self.left_pad,
+                "valid_from": self.valid_from}
 
     def restore(self, snap: dict) -> None:
         kv = snap["kv"]
         self.offset, self.left_pad = snap["offset"], snap["left_pad"]
+        self.valid_from = snap.get("valid_from", self.left_pad)
         if kv is None:
             self.keys = self.values = None
             self._start = self._end = 0
@@ -193,12 +235,13 @@ class Mask:
 
 
 def build_mask(offset: int, key_start: int, n_new: int, window: int | None,
-               left_pad: mx.array | None) -> Mask:
+               valid_from: mx.array | None) -> Mask:
     """Mask for queries at slots offset..offset+n_new-1 and keys at slots
-    key_start..offset+n_new-1.
+    key_start..offset+n_new-1; row b's keys before slot valid_from[b] are invalid.
 
     Padded query rows may see themselves so that their (ignored) outputs stay finite.
     """
+    left_pad = valid_from
     q = mx.arange(offset, offset + n_new)[:, None]
     k = mx.arange(key_start, offset + n_new)[None, :]
     allowed = k <= q
@@ -224,6 +267,36 @@ def make_caches(layer_types, first_shared: int, window: int, *, max_rollback: in
         else:
             caches.append(KVCache(left_pad))
     return caches
+
+
+def draft_view(cache: _Cache, n_keys: int | None) -> tuple[mx.array, mx.array, Mask]:
+    """The committed K/V of a producer layer for an MTP drafter query, and its mask.
+
+    The drafter reads every valid retained key (full layers, n_keys None) or the
+    newest n_keys of them (sliding layers), spec mtp-drafter §4.
+    """
+    k, v = cache.state
+    start = cache.offset - cache.size
+    slots = mx.arange(start, cache.offset)[None, :]
+    allowed = slots >= 0 if n_keys is None else slots >= cache.offset - n_keys
+    if cache.valid_from is not None:
+        allowed = allowed & (slots >= cache.valid_from[:, None])
+    return k, v, Mask(allowed[:, None, None, :], cache.offset - 1, start, None)
+
+
+def commit_caches(caches, accepted, drafted: int) -> None:
+    """After verifying drafted + 1 tokens per row, keep accepted[b] + 1 of them in row b.
+
+    Common tail first (a length change), then each row rolled so that all rows end
+    at the same slot again (`_Cache.roll`).
+    """
+    accepted = [int(a) for a in accepted]
+    top = max(accepted)
+    shifts = [top - a for a in accepted]
+    for c in caches:
+        if c is not None:
+            c.trim(drafted - top)
+            c.roll(shifts)
 
 
 def trim_caches(caches, n: int) -> None:

@@ -92,17 +92,21 @@ class TextConfig:
 
     # ---------------------------------------------------------------- reading
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "TextConfig":
+    def from_dict(cls, d: dict, source: str = "config", kv_from_target: bool = False) -> "TextConfig":
         names = {f.name for f in dataclasses.fields(cls)} - {"layers"}
         missing = [k for k in _CORE_KEYS if k not in d]
         if missing:
             log.warning("%s: missing %s; using transformers defaults", source, ", ".join(missing))
         cfg = cls(**{k: v for k, v in d.items() if k in names})
-        cfg.resolve(source)
+        cfg.resolve(source, kv_from_target)
         return cfg
 
-    def resolve(self, source: str = "config") -> None:
-        """Derive the per-layer geometry and validate the config."""
+    def resolve(self, source: str = "config", kv_from_target: bool = False) -> None:
+        """Derive the per-layer geometry and validate the config.
+
+        kv_from_target: an MTP drafter, whose layers all read K/V the *target*
+        wrote; they have no producer inside this model.
+        """
         L = self.num_hidden_layers
         if self.layer_types is None:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(L)]
@@ -147,7 +151,7 @@ class TextConfig:
             shared = i >= first_shared
             width = self.intermediate_size * (2 if self.use_double_wide_mlp and shared else 1)
             producer = producers.get(t) if shared else None
-            if shared and producer is None:
+            if shared and producer is None and not kv_from_target:
                 raise ConfigError(f"{source}: KV-shared layer {i} ({t}) has no producer layer of its type")
             if self.num_attention_heads % kv:
                 raise ConfigError(f"{source}: layer {i}: {self.num_attention_heads} heads not divisible "

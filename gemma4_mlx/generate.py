@@ -22,6 +22,14 @@ def prefill(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK
     Every chunk but the last only fills the caches: it skips the KV-shared layers
     and the LM head, whose outputs nobody reads.
     """
+    logits, _ = prefill_hidden(model, ids, cache, chunk_size)
+    return logits
+
+
+def prefill_hidden(model, ids: mx.array, cache,
+                   chunk_size: int = DEFAULT_PREFILL_CHUNK) -> tuple[mx.array, mx.array]:
+    """`prefill`, also returning the final-norm hidden [B, H] of the last position
+    (what an MTP drafter is seeded with)."""
     T = ids.shape[1]
     if chunk_size <= 0:
         raise ValueError(f"prefill chunk size must be positive, got {chunk_size}")
@@ -30,7 +38,8 @@ def prefill(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK
         model.fill_cache(ids[:, start:start + chunk_size], cache)
         mx.eval([c.state for c in cache if c is not None])
         start += chunk_size
-    return model(ids[:, start:], cache, logits_to_keep=1)[:, -1]
+    h = model.model(ids[:, start:], cache, keep=1)
+    return model.logits(h)[:, -1], h[:, -1]
 
 
 def decode_step(model, tokens: mx.array, cache) -> mx.array:

@@ -353,3 +353,83 @@ def load(path: str | Path, dtype: str | None = None, map_ple: bool = True):
     folder = resolve_path(str(path))
     model, config = load_model(folder, dtype, map_ple=map_ple)
     return model, load_tokenizer(folder, config.eos_ids or None)
+
+
+# -- MTP drafters -------------------------------------------------------------
+
+_DRAFTER_UNUSED = re.compile(r"\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+_HEAD = "model.embed_tokens"
+_ORDERING = "masked_embedding.token_ordering"
+
+
+def load_drafter(path: str | Path, dtype: str | None = None, target: Model | None = None):
+    """Load a `gemma4_assistant` checkpoint (ours or HF) as a `Drafter`.
+
+    target: checked for compatibility (hidden size, vocabulary, window, K/V layout).
+    The centroid head's table is stored in `token_ordering` order (spec §5) when
+    that is a permutation of the vocabulary.
+    """
+    import numpy as np
+
+    from .config import ConfigError
+    from .models.assistant import AssistantConfig, Drafter, check_pair
+
+    folder = resolve_path(str(path))
+    cfg_file = folder / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text())
+        cfg = AssistantConfig.from_dict(raw, str(cfg_file))
+        if target is not None:
+            check_pair(cfg, target.config, str(folder))
+    except FileNotFoundError:
+        raise LoadError(f"{cfg_file}: not found") from None
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{cfg_file}: not valid JSON ({e})") from None
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    if dtype is not None and dtype not in DTYPES:
+        raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    weights: dict[str, mx.array] = {}
+    for f in weight_files(folder):
+        for k, v in read_safetensors(f).items():
+            if not _DRAFTER_UNUSED.search(k):  # the reference ignores these too
+                weights[k] = v
+    # Trust the tensors, not the config (spec §1): some configs declare centroids
+    # that the files do not carry.
+    has_centroids = _ORDERING in weights
+    if has_centroids != cfg.use_ordered_embeddings:
+        log.info("%s: centroid head %s by the tensors present", folder,
+                 "enabled" if has_centroids else "disabled")
+        cfg.use_ordered_embeddings = has_centroids
+    model = Drafter(cfg)
+    head = weights.pop("lm_head.weight", None)
+    if head is not None:
+        emb = weights.get(f"{_HEAD}.weight")
+        if emb is None or emb.shape != head.shape or not mx.array_equal(emb, head).item():
+            raise LoadError(f"{folder}: lm_head.weight differs from {_HEAD}.weight; the drafter ties them")
+    q = quantization_block(raw, str(cfg_file))
+    if q is not None:
+        apply_quantization(model, weights, q, str(folder))
+    if dtype is not None:
+        weights = {k: _cast(k, v, DTYPES[dtype]) for k, v in weights.items()}
+    if has_centroids:
+        order = weights[_ORDERING].astype(mx.int32)
+        weights[_ORDERING] = order
+        counts = np.bincount(np.array(order), minlength=cfg.text.vocab_size)
+        if order.shape == (cfg.text.vocab_size,) and counts.size == cfg.text.vocab_size \
+                and (counts == 1).all():
+            for suffix in (".weight", ".scales", ".biases"):
+                if _HEAD + suffix in weights:
+                    weights[_HEAD + suffix] = weights[_HEAD + suffix][order]
+            model.ordered = True
+        else:
+            log.warning("%s: %s is not a permutation of the vocabulary; using the slower "
+                        "unordered candidate gather", folder, _ORDERING)
+    check_and_assign(model, weights, str(folder))
+    norm = weights.get("model.norm.weight")
+    act = DTYPES[dtype] if dtype is not None else (norm.dtype if norm is not None else None)
+    for _, m in model.named_modules():
+        if hasattr(m, "out_dtype"):
+            m.out_dtype = act
+    model.eval()
+    return model

@@ -155,3 +155,18 @@ def write_char_tokenizer(folder: Path) -> None:
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
                                                 eos_token="<eos>", pad_token="<pad>")
     fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def drafters(tmp_path_factory, checkpoints) -> dict[str, Reference]:
+    """One HF-written MTP drafter per target family of `mtp_pairs.PAIRS`."""
+    from mtp_pairs import PAIRS, hf_drafter
+
+    root = tmp_path_factory.mktemp("drafters")
+    out = {}
+    for i, (name, centroid) in enumerate(PAIRS.items()):
+        hf = hf_drafter(name, centroid, seed=100 + i)
+        path = root / name
+        hf.save_pretrained(path)
+        out[name] = Reference(name, path, hf)
+    return out

@@ -1,0 +1,130 @@
+"""How many tokens to draft each round (mtp-drafter spec §11-§12).
+
+Fixed K, or "auto": choose K in 0..K_max maximising predicted throughput
+
+    Theta(K) = B * E[A + 1](K) / (K * t_draft(B) + t_verify(B * (K + 1)))
+
+from *measured* costs — a target forward over T tokens (its curve is what makes
+the choice MoE-aware: an MoE verify block reads every distinct expert its tokens
+route to, so t_verify(T) rises much faster than for a dense target) and one
+drafter step — and per-position conditional acceptances tracked as moving
+averages.  K = 0 (plain decoding) wins when speculation would lose; then K is
+probed now and then so the acceptance estimates stay fresh.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROFILE_KS = (0, 1, 2, 3, 5, 7)  # verify sizes measured at start-up (T = B * (K + 1))
+PRIOR_ACCEPTANCE = 0.7  # per position, before anything was observed
+EMA = 0.05  # weight of one observation in the acceptance averages
+HYSTERESIS = 1.03  # switch K only for a predicted gain above 3%
+PROBE_EVERY = 16  # rounds at K = 0 between probes
+
+
+def expected_tokens(acceptance) -> float:
+    """E[A + 1] for conditional per-position acceptances a_1..a_K (spec §7)."""
+    total, run = 1.0, 1.0
+    for a in acceptance:
+        run *= a
+        total += run
+    return total
+
+
+@dataclass
+class DraftPolicy:
+    k_max: int = 7
+    fixed: int | None = None  # a fixed K; None = auto
+    acceptance: list = field(default_factory=list)  # a_j, j = 1..k_max
+    verify_time: dict = field(default_factory=dict)  # T -> seconds (moving average)
+    draft_time: dict = field(default_factory=dict)  # B -> seconds per draft step
+    current: int = 2
+    idle_rounds: int = 0
+
+    def __post_init__(self):
+        if not self.acceptance:
+            self.acceptance = [PRIOR_ACCEPTANCE] * self.k_max
+
+    @classmethod
+    def for_setting(cls, setting, k_max: int = 7) -> "DraftPolicy":
+        """`draft_tokens` as users give it: an int K (0 = off) or "auto"."""
+        if setting == "auto" or setting is None:
+            return cls(k_max=k_max)
+        try:
+            k = int(setting)
+        except (TypeError, ValueError):
+            raise ValueError(f"draft tokens {setting!r}: expected a number or 'auto'") from None
+        if not 0 <= k <= 32:
+            raise ValueError(f"draft tokens {k}: expected 0..32 or 'auto'")
+        return cls(k_max=max(k, 1), fixed=k)
+
+    # -- costs ---------------------------------------------------------------
+    def needs_profile(self, B: int) -> bool:
+        return self.fixed is None and B not in self.draft_time
+
+    def profile_ks(self) -> list[int]:
+        return [k for k in PROFILE_KS if k <= self.k_max]
+
+    def t_verify(self, T: int) -> float:
+        """Measured cost of a T-token target forward, interpolated linearly between
+        measured sizes (and extended with the slope of the last two beyond them)."""
+        pts = sorted(self.verify_time.items())
+        if not pts:
+            return 1.0
+        if len(pts) == 1:
+            return pts[0][1] * max(1.0, T / pts[0][0])
+        for (t0, c0), (t1, c1) in zip(pts, pts[1:]):
+            if T <= t1:
+                if T <= t0:
+                    return c0
+                return c0 + (c1 - c0) * (T - t0) / (t1 - t0)
+        (t0, c0), (t1, c1) = pts[-2], pts[-1]
+        return c1 + max(0.0, (c1 - c0) / (t1 - t0)) * (T - t1)
+
+    def t_draft(self, B: int) -> float:
+        if B in self.draft_time:
+            return self.draft_time[B]
+        if self.draft_time:  # nearest measured batch size
+            return self.draft_time[min(self.draft_time, key=lambda b: abs(b - B))]
+        return 0.1 * self.t_verify(B)
+
+    def throughput(self, B: int, K: int) -> float:
+        cost = K * self.t_draft(B) + self.t_verify(B * (K + 1))
+        return B * expected_tokens(self.acceptance[:K]) / cost
+
+    # -- decisions -----------------------------------------------------------
+    def choose(self, B: int) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        best = max(range(self.k_max + 1), key=lambda k: self.throughput(B, k))
+        cur = min(self.current, self.k_max)
+        if self.throughput(B, best) > HYSTERESIS * self.throughput(B, cur):
+            self.current = best
+        else:
+            self.current = cur
+        if self.current == 0:
+            self.idle_rounds += 1
+            if self.idle_rounds % PROBE_EVERY == 0:
+                return min(2, self.k_max)
+        else:
+            self.idle_rounds = 0
+        return self.current
+
+    def observe(self, B: int, K: int, accepted, t_draft: float, t_verify: float) -> None:
+        """Fold one round in: acceptance per position, and the measured costs."""
+        for a in accepted:
+            for j in range(min(a + 1, K)):  # position j was reached; accepted iff j < a
+                self.acceptance[j] += EMA * ((1.0 if j < a else 0.0) - self.acceptance[j])
+        if self.fixed is not None:
+            return
+        T = B * (K + 1)
+        old = self.verify_time.get(T)
+        self.verify_time[T] = t_verify if old is None else old + 0.2 * (t_verify - old)
+        if K:
+            step = t_draft / K
+            old = self.draft_time.get(B)
+            self.draft_time[B] = step if old is None else old + 0.2 * (step - old)
+
+    def record_profile(self, T: int, seconds: float) -> None:
+        self.verify_time[T] = seconds

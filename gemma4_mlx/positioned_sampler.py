@@ -1,0 +1,89 @@
+"""Sampling whose randomness is a function of (seed, row, output index).
+
+Speculative decoding draws the token at output index n of row r from the target
+distribution at that position (sample-and-compare, mtp-drafter spec §8.2).  If the
+random numbers used there depend only on (seed, r, n) — not on how many draft
+tokens were verified in the same forward, nor on which other rows share the
+batch — speculative output is token-for-token the output of plain sampling with
+the same seed, and its distribution is exactly the target's.
+
+Gumbel-max: argmax(logprobs / T + g) with g = -log(-log u) is a sample of
+softmax(logprobs / T); u comes from a counter-based integer hash of
+(seed, row, index, token id), evaluated on the device for the whole vocabulary.
+Filters (top-p, min-p, top-k) are mlx-lm's, applied to the log-probabilities first,
+in the order mlx-lm's own sampler applies them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+_M = 0xFFFFFFFF
+
+
+def _mix(x: int) -> int:
+    """lowbias32 (Chris Wellons' integer hash), on host ints."""
+    x &= _M
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M
+    x ^= x >> 16
+    return x
+
+
+def _mix_mx(x: mx.array) -> mx.array:
+    """The same hash, elementwise on uint32 arrays (multiplication wraps)."""
+    x = x ^ (x >> 16)
+    x = x * mx.array(0x7FEB352D, mx.uint32)
+    x = x ^ (x >> 15)
+    x = x * mx.array(0x846CA68B, mx.uint32)
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, row: int, index: int) -> int:
+    return _mix(_mix(_mix(seed) ^ (row * 0x9E3779B1)) ^ (index * 0x85EBCA77))
+
+
+def uniforms(keys: list[int], vocab: int) -> mx.array:
+    """[len(keys), vocab] floats in (0, 1), one independent stream per key."""
+    k = mx.array(keys, dtype=mx.uint32)[:, None]
+    v = mx.arange(vocab, dtype=mx.uint32)[None, :] * mx.array(0x9E3779B9, mx.uint32)
+    h = _mix_mx(_mix_mx(k ^ v) + mx.array(0x632BE5AB, mx.uint32))
+    return ((h >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+class PositionedSampler:
+    """`sampler(logits [N, V], rows, indices) -> tokens [N]` with keyed randomness.
+
+    temperature 0 is greedy (argmax) and ignores the keys.
+    """
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
+                 min_p: float = 0.0, seed: int | None = None):
+        self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
+        self.seed = 0 if seed is None else int(seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def logprobs(self, logits: mx.array) -> mx.array:
+        x = logits.astype(mx.float32)
+        x = x - mx.logsumexp(x, axis=-1, keepdims=True)
+        if 0 < self.top_p < 1.0:
+            x = apply_top_p(x, self.top_p)
+        if self.min_p:
+            x = apply_min_p(x, self.min_p)
+        if self.top_k > 0:
+            x = apply_top_k(x, self.top_k)
+        return x
+
+    def __call__(self, logits: mx.array, rows, indices) -> mx.array:
+        if self.greedy:
+            return mx.argmax(logits, axis=-1)
+        x = self.logprobs(logits) * (1.0 / self.temperature)
+        keys = [stream_key(self.seed, int(r), int(i)) for r, i in zip(rows, indices)]
+        g = -mx.log(-mx.log(uniforms(keys, x.shape[-1])))
+        return mx.argmax(x + g, axis=-1)

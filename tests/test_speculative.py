@@ -1,0 +1,161 @@
+"""Speculative decoding is lossless: greedy equals plain greedy, sampling equals plain
+sampling token for token, ragged batches equal each row alone, and after every
+round the caches hold exactly what plain decoding would (mtp-drafter spec §7-§10, §17).
+
+Random drafters almost never guess right, so most tests replace the drafter's
+tokens (after it ran) by the reference continuation at a set rate — the spec's
+controlled-acceptance method — to exercise every acceptance length.
+"""
+
+from __future__ import annotations
+
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import W, random_ids
+from gemma4_mlx.generate import SamplingOptions, generate_tokens
+from gemma4_mlx.loader import load_drafter, load_model
+from gemma4_mlx.speculative import MTPSettings, SpecStats, speculative_batch_generate
+from mtp_pairs import PAIRS
+
+LENGTHS = [5, 13, 3, 9, 17, 7, 11, 4]  # mixed; most cross the window W = 4
+MAX = 14
+
+
+@pytest.fixture(scope="module")
+def pairs(checkpoints, drafters):
+    out = {}
+    for name in PAIRS:
+        target, _ = load_model(checkpoints[name].path, "float32")
+        out[name] = (target, load_drafter(drafters[name].path, "float32", target=target))
+    return out
+
+
+def prompts_for(B: int, seed: int = 0):
+    return [random_ids(LENGTHS[i], seed=seed + i) for i in range(B)]
+
+
+def oracle(reference, alpha: float, seed: int, vocab: int = 256):
+    """Draft override: the reference token at rate alpha, else a surely wrong one."""
+    rng = random.Random(seed)
+
+    def override(rows, index, drafts):
+        out = []
+        for r, n, d in zip(rows, index, drafts):
+            ref = reference[r]
+            new = []
+            for j in range(len(d)):
+                want = ref[n + j] if n + j < len(ref) else d[j]
+                new.append(want if rng.random() < alpha else (want + 1) % vocab)
+            out.append(new)
+        return out
+
+    return override
+
+
+def plain(target, prompts, max_tokens=MAX):
+    return [list(generate_tokens(target, p, max_tokens=max_tokens)) for p in prompts]
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_greedy_equals_plain_decoding_for_every_batch_and_draft_length(pairs, name):
+    target, drafter = pairs[name]
+    for B in (1, 2, 4, 8):
+        prompts = prompts_for(B, seed=B)
+        ref = plain(target, prompts)
+        for K in range(1, 8):
+            stats = SpecStats()
+            out = speculative_batch_generate(target, drafter, prompts, max_tokens=MAX,
+                                             draft_tokens=K, stats=stats,
+                                             draft_override=oracle(ref, 0.75, seed=K))
+            assert out == ref, (name, B, K)
+            assert stats.tokens_per_round > 1.4, (name, B, K)  # drafts really were accepted
+            if B > 1:  # ragged: rows accepted different counts in the same round
+                assert 0 < stats.acceptance()[0] < 1
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_real_drafter_and_auto_draft_length_are_lossless(pairs, name):
+    target, drafter = pairs[name]
+    prompts = prompts_for(4, seed=7)
+    ref = plain(target, prompts, 20)
+    for setting in (3, "auto"):
+        assert speculative_batch_generate(target, drafter, prompts, max_tokens=20,
+                                          draft_tokens=setting) == ref
+    for mtp in (MTPSettings("bonus"), MTPSettings(sliding_keys=W + 1)):
+        assert speculative_batch_generate(target, drafter, prompts, max_tokens=20,
+                                          draft_tokens=2, mtp=mtp) == ref
+
+
+def _check_against_fresh(target, prompts, seen, max_tokens):
+    """on_commit hook: each continuing row's valid K/V equals a fresh prefill."""
+
+    def hook(caches, rows, outputs):
+        for b, r in enumerate(rows):
+            if len(outputs[r]) >= max_tokens:  # finished: leaves the batch next round
+                continue
+            seq = prompts[r] + outputs[r][:-1]  # the newest token is not in the cache yet
+            fresh = target.make_cache()
+            target.fill_cache(mx.array([seq]), fresh)
+            for c, f in zip(caches, fresh):
+                if c is None:
+                    continue
+                pad = 0 if c.left_pad is None else int(c.left_pad[b])
+                assert c.offset - pad == len(seq)  # the row's next position
+                oldest = c.offset - c.size
+                first = max(oldest, 0 if c.valid_from is None else int(c.valid_from[b]))
+                n = min(c.offset - first, f.size)
+                if c.window is not None:
+                    assert n >= min(c.window - 1, len(seq))
+                for got, want in zip(c.state, f.state):
+                    d = np.abs(np.array(got[b, :, -n:]) - np.array(want[0, :, -n:])).max()
+                    assert d < 1e-4, (r, len(seq), d)  # fp32, other batch shapes
+        seen.append(len(rows))
+
+    return hook
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_cache_after_every_round_equals_plain_prefill(pairs, name):
+    target, drafter = pairs[name]
+    prompts = prompts_for(4, seed=3)
+    ref = plain(target, prompts, 24)
+    seen = []
+    out = speculative_batch_generate(target, drafter, prompts, max_tokens=24, draft_tokens=4,
+                                     draft_override=oracle(ref, 0.6, seed=1),
+                                     on_commit=_check_against_fresh(target, prompts, seen, 24))
+    assert out == ref
+    assert len(seen) >= 5
+
+
+def test_sampling_is_token_identical_to_plain_sampling(pairs):
+    target, drafter = pairs["e2b_like"]
+    prompts = prompts_for(4, seed=11)
+    opts = SamplingOptions(temperature=0.9, top_p=0.95, top_k=40, repetition_penalty=1.2,
+                           seed=1234)
+    base = speculative_batch_generate(target, drafter, prompts, max_tokens=20, options=opts,
+                                      draft_tokens=0)
+    for K, alpha in ((1, 0.9), (3, 0.7), (6, 0.8)):
+        out = speculative_batch_generate(target, drafter, prompts, max_tokens=20, options=opts,
+                                         draft_tokens=K, draft_override=oracle(base, alpha, K))
+        assert out == base, K
+    other = speculative_batch_generate(target, drafter, prompts, max_tokens=20,
+                                       options=SamplingOptions(temperature=0.9, seed=99),
+                                       draft_tokens=0)
+    assert other != base  # the seed matters
+
+
+def test_stop_tokens_and_max_tokens_end_rows(pairs):
+    target, drafter = pairs["dense"]
+    prompts = prompts_for(4, seed=5)
+    ref = plain(target, prompts, 16)
+    stop = ref[1][5]  # row 1 stops at its sixth token (others may stop on it too)
+    out = speculative_batch_generate(target, drafter, prompts, max_tokens=16, draft_tokens=5,
+                                     stop_ids=[stop], draft_override=oracle(ref, 0.9, seed=2))
+    for o, r in zip(out, ref):
+        want = r[: r.index(stop) + 1] if stop in r else r
+        assert o == want
+    assert len(out[1]) <= 6
