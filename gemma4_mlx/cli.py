@@ -22,6 +22,39 @@ def fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+DRAFT_MODEL_HELP = ("MTP drafter for speculative decoding (same output, faster): a folder or "
+                    "repo id; 'auto' (default) uses <model>-assistant if it is on this machine; "
+                    "'none' turns it off.")
+DRAFT_TOKENS_HELP = "Tokens drafted per round: a number (0 = off) or 'auto' (cost-aware)."
+
+
+def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, quiet: bool):
+    """(drafter or None, draft_tokens setting); errors end the command with one line."""
+    from .draft_policy import DraftPolicy
+    from .loader import LoadError, find_drafter, load_drafter
+
+    try:
+        DraftPolicy.for_setting(draft_tokens)
+    except ValueError as e:
+        fail(f"--draft-tokens: {e}")
+    k = draft_tokens if draft_tokens == "auto" else int(draft_tokens)
+    if draft_model == "none" or k == 0:
+        return None, k
+    path = find_drafter(model) if draft_model == "auto" else draft_model
+    if path is None:
+        return None, k
+    try:
+        drafter = load_drafter(path, dtype=dtype, target=target)
+    except LoadError as e:
+        if draft_model == "auto":  # a found-but-unusable drafter must not stop generation
+            typer.echo(f"note: not using drafter {path}: {e}", err=True)
+            return None, k
+        fail(str(e))
+    if not quiet:
+        typer.echo(f"draft model: {path} (draft tokens: {k})", err=True)
+    return drafter, k
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder or Hugging Face repo id."),
@@ -37,6 +70,8 @@ def generate(
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 / bfloat16 / float16 (default: as stored)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No statistics on stderr."),
+    draft_model: str = typer.Option("auto", "--draft-model", help=DRAFT_MODEL_HELP),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", help=DRAFT_TOKENS_HELP),
 ):
     """Generate a completion for one prompt, streamed to stdout."""
     from . import LoadError, load
@@ -54,11 +89,13 @@ def generate(
         fail(str(e))
     if tokenizer is None:
         fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet)
     stats = None
     for chunk in stream_generate(m, tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
                                  top_p=top_p, top_k=top_k, min_p=min_p,
                                  repetition_penalty=repetition_penalty, seed=seed,
-                                 chat=not raw, prefill_chunk=prefill_chunk):
+                                 chat=not raw, prefill_chunk=prefill_chunk,
+                                 draft_model=drafter, draft_tokens=k):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         stats = chunk.stats
@@ -87,6 +124,8 @@ def chat(
     min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0),
     seed: Optional[int] = typer.Option(None, "--seed"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 / bfloat16 / float16."),
+    draft_model: str = typer.Option("auto", "--draft-model", help=DRAFT_MODEL_HELP),
+    draft_tokens: str = typer.Option("auto", "--draft-tokens", help=DRAFT_TOKENS_HELP),
 ):
     """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools)."""
     from rich.console import Console
@@ -110,9 +149,10 @@ def chat(
         fail(str(e))
     if tokenizer is None:
         fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False)
     session = Chat(m, tokenizer, system=system, thinking=think, tools=functions, max_tokens=max_tokens,
                    options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed),
-                   thinking_budget=thinking_budget)
+                   thinking_budget=thinking_budget, drafter=drafter, draft_tokens=k)
     if prompt is not None or not sys.stdin.isatty():
         text = sys.stdin.read() if prompt in (None, "-") else prompt
         raise typer.Exit(one_shot(session, text, as_json=as_json, assume_yes=yes))

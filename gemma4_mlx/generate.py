@@ -66,8 +66,14 @@ class SamplingOptions:
 
 
 def _pick(logits, history, sampler, processors):
-    for p in processors:
-        logits = p(history, logits)
+    if processors:  # mlx-lm's processors read one row's 1-D history
+        rows = []
+        for b in range(logits.shape[0]):
+            row = logits[b:b + 1]
+            for p in processors:
+                row = p(history[b], row)
+            rows.append(row)
+        logits = mx.concatenate(rows)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return sampler(logprobs)
 
@@ -81,9 +87,11 @@ def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
     The stop token itself is yielded (callers decide whether to show it).
     """
     options = options or SamplingOptions()
+    sampler, processors = options.sampler(), options.processors()
     if options.seed is not None:
         mx.random.seed(options.seed)
-    sampler, processors = options.sampler(), options.processors()
+        if options.temperature > 0:
+            sampler = _keyed(options)
     cache = model.make_cache() if cache is None else cache
     stop = set(stop_ids)
     ids = mx.array([list(prompt)])
@@ -112,6 +120,24 @@ def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
         token = nxt
 
 
+def _keyed(options: SamplingOptions) -> Callable:
+    """A seeded sampler whose n-th call draws output index n from its own keyed
+    stream — the randomness speculative decoding uses, so a seed gives the same
+    text with or without a drafter."""
+    from .positioned_sampler import PositionedSampler
+
+    keyed = PositionedSampler(options.temperature, options.top_p, options.top_k,
+                              options.min_p, options.seed)
+    count = [0]
+
+    def sample(logprobs):
+        tok = keyed(logprobs, [0] * logprobs.shape[0], [count[0]] * logprobs.shape[0])
+        count[0] += 1
+        return tok
+
+    return sample
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -119,6 +145,7 @@ class Stats:
     generation_tokens: int = 0
     generation_time: float = 0.0
     peak_memory_gb: float = field(default_factory=lambda: 0.0)
+    speculative: object = None  # a speculative.SpecStats when a drafter ran
 
     @property
     def prompt_tps(self) -> float:
@@ -131,7 +158,8 @@ class Stats:
     def line(self) -> str:
         return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
                 f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
-                f"peak memory: {self.peak_memory_gb:.2f} GB")
+                f"peak memory: {self.peak_memory_gb:.2f} GB"
+                + (f"\n{self.speculative.line()}" if self.speculative is not None else ""))
 
 
 @dataclass
@@ -160,8 +188,14 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
                     temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
                     min_p: float = 0.0, repetition_penalty: float | None = None,
                     seed: int | None = None, chat: bool = True,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[Chunk]:
-    """Stream text chunks; stops on the model's end-of-turn / end-of-text ids."""
+                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, draft_model=None,
+                    draft_tokens: int | str = "auto") -> Iterator[Chunk]:
+    """Stream text chunks; stops on the model's end-of-turn / end-of-text ids.
+
+    draft_model: an MTP drafter (`load_drafter`) for speculative decoding; the
+    output is unchanged (greedy, or sampling with the same seed), only faster.
+    draft_tokens: tokens drafted per round, or "auto" (cost-aware).
+    """
     options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
     ids = encode_prompt(tokenizer, prompt, chat)
     stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
@@ -169,8 +203,18 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     detok = tokenizer.detokenizer
     detok.reset()
     mx.reset_peak_memory()
-    for tok in generate_tokens(model, ids, max_tokens=max_tokens, options=options,
-                               stop_ids=stop, prefill_chunk=prefill_chunk, stats=stats):
+    if draft_model is not None:
+        from .speculative import SpecStats, speculative_generate_tokens
+
+        stats.speculative = SpecStats()
+        tokens = speculative_generate_tokens(model, draft_model, ids, max_tokens=max_tokens,
+                                             options=options, stop_ids=stop,
+                                             draft_tokens=draft_tokens, prefill_chunk=prefill_chunk,
+                                             stats=stats, spec_stats=stats.speculative)
+    else:
+        tokens = generate_tokens(model, ids, max_tokens=max_tokens, options=options,
+                                 stop_ids=stop, prefill_chunk=prefill_chunk, stats=stats)
+    for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         if tok in stop:
             break

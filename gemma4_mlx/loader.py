@@ -433,3 +433,27 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
             m.out_dtype = act
     model.eval()
     return model
+
+
+def find_drafter(model: str | Path) -> Path | None:
+    """The matching MTP drafter next to a target, if one is already on this machine:
+    a sibling folder `<target>-assistant` (the hub's naming, e.g.
+    `gemma-4-E2B-it-assistant`), the same repo id in the Hugging Face cache, or the
+    demo drafter for the embedded demo model.  Never downloads."""
+    from .demo import DEMO_DRAFTER, DEMO_MODEL
+
+    p = Path(str(model)).expanduser()
+    if p.exists():
+        if p.resolve() == Path(DEMO_MODEL).resolve():
+            return Path(DEMO_DRAFTER) if (Path(DEMO_DRAFTER) / "config.json").exists() else None
+        sib = p.with_name(p.name + "-assistant")
+        return sib if (sib / "config.json").exists() else None
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
+        try:
+            from huggingface_hub import snapshot_download
+
+            found = Path(snapshot_download(f"{model}-assistant", local_files_only=True))
+            return found if (found / "config.json").exists() else None
+        except Exception:  # not cached (or no hub at all): no drafter
+            return None
+    return None

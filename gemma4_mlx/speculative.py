@@ -19,10 +19,10 @@ from typing import Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import commit_caches, draft_view, trim_caches
+from .cache import cache_offset, commit_caches, draft_view, trim_caches
 from .config import FULL
 from .draft_policy import DraftPolicy, expected_tokens
-from .generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, prefill_hidden
+from .generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, prefill_hidden
 from .models.assistant import producer_layers
 from .positioned_sampler import PositionedSampler
 
@@ -170,7 +170,7 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
               mtp: MTPSettings | None = None, pad_id: int = 0,
               prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_rollback: int | None = None,
               stats: SpecStats | None = None, draft_override=None,
-              on_commit=None) -> Iterator[tuple[int, list[int]]]:
+              on_commit=None, cache=None) -> Iterator[tuple[int, list[int]]]:
     """Yield (row, new tokens) as rows advance; a row's stop token is yielded and ends it.
 
     draft_tokens: K, or "auto" (cost-aware `DraftPolicy`); 0 is plain decoding.
@@ -179,6 +179,8 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
     draft_override(rows, index, drafts) -> drafts: replaces the drafter's tokens
         after it ran (controlled-acceptance benchmarks and tests, spec §14).
     on_commit(caches, rows, outputs): called after every round's cache commit.
+    cache: continue an existing single-row cache (chat sessions); `prompts[0]` are
+        the ids it does not hold yet.  It must allow rollback of K + 1 tokens.
     """
     options = options or SamplingOptions()
     mtp = mtp or MTPSettings()
@@ -190,8 +192,13 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
     stop = set(stop_ids)
     longest = max(len(p) for p in prompts)
     pads = [longest - len(p) for p in prompts]
-    caches = target.make_cache(max_rollback=max(32, max_rollback or 2 * policy.k_max + 2),
-                               left_pad=pads if any(pads) else None)
+    if cache is not None:
+        if len(prompts) != 1:
+            raise ValueError("an existing cache serves one prompt")
+        caches = cache
+    else:
+        caches = target.make_cache(max_rollback=max(32, max_rollback or 2 * policy.k_max + 2),
+                                   left_pad=pads if any(pads) else None)
     ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts)])
     logits, h = prefill_hidden(target, ids, caches, prefill_chunk)
     live = list(range(len(prompts)))
@@ -251,6 +258,10 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
                 new.append(t)
                 if t in stop or len(out[r]) + len(new) >= max_tokens:
                     break
+            if len(new) < acc[i] + 1 and len(live) == 1:
+                # the last row stopped inside the round: keep its cache at exactly
+                # what plain decoding would hold (chat sessions reuse it)
+                trim_caches(caches, acc[i] + 1 - len(new))
             out[r].extend(new)
             hist[r].extend(new)
             emitted_total += len(new)
@@ -266,10 +277,36 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
         policy.observe(B, K, acc, t1 - t0, t2 - t1)
 
 
-def speculative_generate_tokens(target, drafter, prompt: Sequence[int], **kwargs) -> Iterator[int]:
-    """One prompt: yield tokens as they are accepted (stop token included)."""
-    for _, toks in speculate(target, drafter, [prompt], **kwargs):
-        yield from toks
+def speculative_generate_tokens(target, drafter, prompt: Sequence[int], *, cache=None,
+                                stats: Stats | None = None, spec_stats: SpecStats | None = None,
+                                **kwargs) -> Iterator[int]:
+    """One prompt: yield tokens as they are accepted (stop token included).
+
+    `generate_tokens` with a drafter: same arguments, same output.  With `cache`,
+    the cache afterwards holds the prompt and every yielded token but the last —
+    as after plain decoding — also when the caller stops early.
+    """
+    start = 0 if cache is None else cache_offset(cache)
+    t0 = time.perf_counter()
+    t1, n = None, 0
+    try:
+        for _, toks in speculate(target, drafter, [prompt], cache=cache, stats=spec_stats,
+                                 **kwargs):
+            for tok in toks:
+                if t1 is None:
+                    t1 = time.perf_counter()
+                    if stats is not None:
+                        stats.prompt_tokens, stats.prompt_time = len(prompt), t1 - t0
+                n += 1
+                if stats is not None:
+                    stats.generation_tokens = n
+                    stats.generation_time = time.perf_counter() - t1
+                yield tok
+    finally:
+        if cache is not None:  # stopped early: drop what the caller never saw
+            extra = cache_offset(cache) - (start + len(prompt) + max(n - 1, 0))
+            if extra > 0:
+                trim_caches(cache, extra)
 
 
 def speculative_batch_generate(target, drafter, prompts: Sequence[Sequence[int]],

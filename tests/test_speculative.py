@@ -159,3 +159,37 @@ def test_stop_tokens_and_max_tokens_end_rows(pairs):
         want = r[: r.index(stop) + 1] if stop in r else r
         assert o == want
     assert len(out[1]) <= 6
+
+
+def test_a_seed_gives_the_same_text_with_or_without_a_drafter(pairs):
+    target, drafter = pairs["moe"]
+    prompt = prompts_for(1, seed=21)[0]
+    opts = SamplingOptions(temperature=0.8, top_k=30, repetition_penalty=1.3, seed=5)
+    plain_run = list(generate_tokens(target, prompt, max_tokens=16, options=opts))
+    spec = speculative_batch_generate(target, drafter, [prompt], max_tokens=16, options=opts,
+                                      draft_tokens=3, draft_override=oracle([plain_run], 0.8, 0))
+    assert spec == [plain_run]
+
+
+def test_cache_handed_in_ends_as_plain_decoding_leaves_it(pairs):
+    """Chat sessions continue one cache: after an early stop it must hold exactly the
+    prompt and every token the caller took except the last."""
+    from gemma4_mlx.cache import cache_offset
+    from gemma4_mlx.speculative import speculative_generate_tokens
+
+    target, drafter = pairs["e2b_like"]
+    prompt = prompts_for(1, seed=4)[0]
+    ref = plain(target, [prompt], 20)[0]
+    cache = target.make_cache(max_rollback=64)
+    got = []
+    for tok in speculative_generate_tokens(target, drafter, prompt, cache=cache, max_tokens=20,
+                                           draft_tokens=4, draft_override=oracle([ref], 0.9, 3)):
+        got.append(tok)
+        if len(got) == 7:
+            break
+    assert got == ref[:7]
+    assert cache_offset(cache) == len(prompt) + 6
+    # continuing from that cache gives plain decoding's next tokens
+    more = list(speculative_generate_tokens(target, drafter, [got[-1]], cache=cache,
+                                            max_tokens=5, draft_tokens=2))
+    assert more == ref[7:12]

@@ -39,14 +39,18 @@ class Chat:
     def __init__(self, model, tokenizer, *, system: str | None = None, thinking: bool = False,
                  tools: Sequence[Callable] = (), max_tokens: int = 1024,
                  options: SamplingOptions | None = None, max_rollback: int = 2048,
-                 thinking_budget: int | None = None):
+                 thinking_budget: int | None = None, drafter=None,
+                 draft_tokens: int | str = "auto"):
         """thinking_budget: characters of reasoning after which `<channel|>` is
-        injected so the model moves on to its answer (None: unlimited)."""
+        injected so the model moves on to its answer (None: unlimited).
+        drafter: an MTP drafter (`load_drafter`): speculative decoding, same replies."""
         self.model, self.tokenizer = model, tokenizer
         self.system, self.thinking = system, thinking
         self.functions = {f.__name__: f for f in tools}
         self.max_tokens, self.options = max_tokens, options or SamplingOptions()
         self.max_rollback, self.thinking_budget = max_rollback, thinking_budget
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        self._policy = None  # the draft-length policy learns across turns
         self.messages: list[dict] = []
         self.prefilled_last = 0  # tokens prefilled by the latest turn (cache reuse is visible here)
         self._stop_ids = {i for i in (tokenizer.convert_tokens_to_ids(s) for s in STOP_STRINGS)
@@ -113,9 +117,7 @@ class Chat:
             pending = new
             while pending:
                 close_thought = False
-                for tok in generate_tokens(self.model, pending, stop_ids=self._stop_ids,
-                                           max_tokens=self.max_tokens - len(generated),
-                                           options=self.options, cache=self.cache, stats=stats):
+                for tok in self._tokens(pending, self.max_tokens - len(generated), stats):
                     generated.append(tok)
                     detok.add_token(tok)
                     for ev in parser.feed(detok.last_segment):
@@ -144,6 +146,22 @@ class Chat:
         reply = Reply(parser.result.content, parser.result.reasoning, parser.result.tool_calls,
                       parser.result.finish_reason, stats)
         yield ReplyEvent("reply", reply=reply)
+
+    def _tokens(self, pending: list[int], max_tokens: int, stats: Stats):
+        if self.drafter is None:
+            return generate_tokens(self.model, pending, stop_ids=self._stop_ids,
+                                   max_tokens=max_tokens, options=self.options,
+                                   cache=self.cache, stats=stats)
+        from ..draft_policy import DraftPolicy
+        from ..speculative import SpecStats, speculative_generate_tokens
+
+        if self._policy is None:
+            self._policy = DraftPolicy.for_setting(self.draft_tokens)
+        stats.speculative = stats.speculative or SpecStats()
+        return speculative_generate_tokens(
+            self.model, self.drafter, pending, cache=self.cache, stats=stats,
+            spec_stats=stats.speculative, stop_ids=self._stop_ids, max_tokens=max_tokens,
+            options=self.options, policy=self._policy)
 
     def _record(self, r: ParseResult) -> None:
         msg = {"role": "assistant", "content": r.content}

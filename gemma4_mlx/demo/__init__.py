@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).parent / "model"
+DEMO_DRAFTER = Path(__file__).parent / "assistant"  # its MTP drafter (train_drafter.py)
 DEFAULT_REPO = "google/gemma-4-E2B-it"
 
 
