@@ -1,4 +1,4 @@
-"""Streaming HF -> MLX conversion (text model).
+"""Streaming HF -> MLX conversion (text model, or an MTP drafter: `drafter`).
 
 One source shard at a time: its tensors are mapped lazily, renamed onto our module
 tree (`loader.sanitize`), checked against the config's geometry, encoded tensor by
@@ -22,10 +22,11 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import ConfigError, read_config
-from gemma4_mlx.loader import quantization_block, read_safetensors, sanitize, weight_files
+from gemma4_mlx.loader import LoadError, quantization_block, read_safetensors, sanitize, weight_files
+from gemma4_mlx.models.assistant import Drafter
 from gemma4_mlx.models.text import Model
 
-from . import codecs
+from . import codecs, drafter
 from .errors import ConvertError
 from .hub import resolve_source
 from .policy import Policy, classify
@@ -102,16 +103,12 @@ def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: b
 
 
 def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
-    try:
-        config = read_config(folder)
-    except ConfigError as e:
-        raise ConvertError(str(e)) from None
-    if quantization_block(config.raw, str(folder / "config.json")) is not None:
+    raw, model, clean = _source(folder)
+    if quantization_block(raw, str(folder / "config.json")) is not None:
         raise ConvertError(f"{folder / 'config.json'}: the source is already quantized; "
                            "convert from an unquantized (bf16/fp32) checkpoint")
-    model = Model(config.text)  # lazy parameters: shapes only, nothing is allocated
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    files = weight_files(folder)
+    files = _checked(weight_files, folder)
     report = Report(out, policy.recipe, largest_shard=max(f.stat().st_size for f in files))
     names = (["model.safetensors"] if len(files) == 1 else
              [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
@@ -120,7 +117,7 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     mx.reset_peak_memory()
     with _progress(progress, sum(f.stat().st_size for f in files)) as advance:
         for f, name in zip(files, names):
-            tensors = sanitize(read_safetensors(f), model, stats)
+            tensors = clean(_checked(read_safetensors, f), stats)
             shard = {}
             while tensors:  # popped, so each source tensor is released once encoded
                 key, w = tensors.popitem()
@@ -151,26 +148,52 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConvertError(f"{folder}: missing tensor {missing[0]}{more}")
-    if head is not None and not mx.array_equal(head, _reread(embed_file, model)).item():
+    if head is not None and not mx.array_equal(head, _reread(embed_file, clean)).item():
         raise ConvertError(f"{folder}: lm_head.weight differs from embed_tokens.weight; Gemma 4 ties them")
     report.skipped = {k: v for k, v in stats.items() if v}
     if len(files) > 1:
         index = {"metadata": {"total_size": report.bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(_config(config.raw, policy, report), indent=2) + "\n")
+    cfg = _config(raw, policy, report, is_drafter=isinstance(model, Drafter))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     report.peak_mlx = mx.get_peak_memory()
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     report.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     return report
 
 
-def _reread(f: Path, model: Model) -> mx.array:
+def _source(folder: Path):
+    """(raw config, module tree with lazy parameters: shapes only, nothing allocated,
+    key clean-up onto that tree) for a target or an MTP drafter checkpoint."""
+    if drafter.is_drafter(folder):
+        return drafter.source(folder)
+    try:
+        config = read_config(folder)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
+    model = Model(config.text)
+    return config.raw, model, lambda weights, stats=None: sanitize(weights, model, stats)
+
+
+def _checked(read, path: Path):
+    """read(path), with the loader's one-line errors raised as ConvertError."""
+    try:
+        return read(path)
+    except ConvertError:
+        raise
+    except LoadError as e:
+        raise ConvertError(str(e)) from None
+
+
+def _reread(f: Path, clean) -> mx.array:
     """The source embedding again (lazily mapped), to compare with a stored lm_head."""
-    return sanitize(read_safetensors(f), model)["model.embed_tokens.weight"]
+    return clean(_checked(read_safetensors, f))["model.embed_tokens.weight"]
 
 
 def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, mx.array]:
     """Output arrays for one sanitized tensor; records its entry in the report."""
+    if not mx.issubdtype(w.dtype, mx.floating):
+        return {key: w}  # index arrays (drafter token_ordering): copied exactly, never cast
     module, _, leaf = key.rpartition(".")
     cls = classify(module) if leaf == "weight" else "other"
     if cls == "other":  # norms, scalars, router scales: never quantized
@@ -190,10 +213,10 @@ def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, 
     return {f"{module}.{suffix}": a for suffix, a in arrays.items()}
 
 
-def _config(raw: dict, policy: Policy, report: Report) -> dict:
+def _config(raw: dict, policy: Policy, report: Report, is_drafter: bool = False) -> dict:
     cfg = dict(raw)
     conversion = {"tool": "gemma4-mlx convert", "recipe": policy.recipe,
-                  "text_only": True, "skipped": report.skipped}
+                  ("drafter" if is_drafter else "text_only"): True, "skipped": report.skipped}
     if report.skipped.get("skipped"):
         conversion["note"] = ("vision/audio tower and embedder tensors were not converted; "
                               "this folder holds the text model")
@@ -201,7 +224,7 @@ def _config(raw: dict, policy: Policy, report: Report) -> dict:
     if policy.base.quantized:
         base = policy.base
         cfg["quantization"] = {"recipe": policy.recipe, "mode": base.mode, "bits": base.bits,
-                               "group_size": base.group_size, "policy": policy.describe(),
+                               "group_size": base.group_size, "policy": policy.describe(is_drafter),
                                "tensors": dict(sorted(report.tensors.items()))}
     else:
         # transformers 5 writes `dtype`, older versions `torch_dtype`: update what is there

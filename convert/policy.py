@@ -10,8 +10,17 @@ A tensor is classified by its module path (our module tree, after `loader.saniti
   router          router.proj                                    high precision
   experts         experts.{gate,up,down}_proj                    the recipe
   linear          every other *_proj                             the recipe
+  drafter_projection  {pre,post}_projection (drafter)            high precision
+  centroids       masked_embedding.centroids (drafter)           high precision
   (norms, layer_scalar, router.scale / per_expert_scale are not matmul weights: always
-   high precision, never quantized)
+   high precision, never quantized; the drafter's token_ordering is an index array,
+   copied as is)
+
+An MTP drafter (mtp-drafter spec §13) is dominated by its tied head `embed_tokens`
+(262144 x 1024 on 26B/31B): it and the layers' linears follow the embedding and
+linear rules.  Its projections carry the target's hidden state into and out of
+every draft step and the centroid scorer picks which vocabulary clusters are
+scored at all; both are small, so they stay high precision.
 
 keep_high_precision=False puts every class on the recipe (logged: §6 calls a 4-bit
 PTQ PLE table catastrophic).  High precision means the source dtype for quantized
@@ -71,10 +80,18 @@ _CLASSES = (
     ("ple_projection", re.compile(r"(^model\.per_layer_model_projection|\.per_layer_input_gate|"
                                   r"\.per_layer_projection)$")),
     ("router", re.compile(r"\.router\.proj$")),
+    ("drafter_projection", re.compile(r"^(pre|post)_projection$")),
+    ("centroids", re.compile(r"^masked_embedding\.centroids$")),
     ("experts", re.compile(r"\.experts\.(gate|up|down)_proj$")),
     ("linear", re.compile(r"_proj$")),
 )
-HIGH_PRECISION_CLASSES = ("ple_table", "ple_projection", "router")
+HIGH_PRECISION_CLASSES = ("ple_table", "ple_projection", "router", "drafter_projection", "centroids")
+# The classes each kind of checkpoint has (what config.json's policy lists).
+DRAFTER_CLASSES = ("embedding", "linear", "drafter_projection", "centroids")
+TARGET_CLASSES = tuple(c for c, _ in _CLASSES if c not in ("drafter_projection", "centroids"))
+_DRAFTER_NOTE = ("drafter: pre_projection / post_projection carry the target hidden state "
+                 "and the centroid scorer selects the scored clusters; both are small and "
+                 "stay high precision unless keep_high_precision is false")
 
 
 def classify(module_path: str) -> str:
@@ -124,9 +141,12 @@ class Policy:
         return (Format("float"),
                 f"kept high precision: {in_features} inputs not divisible by group size {fmt.group_size}")
 
-    def describe(self) -> dict:
-        """The policy as recorded in config.json."""
-        classes = {c: self.for_class(c).entry() for c, _ in _CLASSES}
+    def describe(self, drafter: bool = False) -> dict:
+        """The policy as recorded in config.json (of a target, or an MTP drafter)."""
+        classes = {c: self.for_class(c).entry() for c in (DRAFTER_CLASSES if drafter else TARGET_CLASSES)}
         classes["norms_and_scalars"] = Format("float", dtype=self.base.dtype).entry()
-        return {"recipe": self.recipe, "keep_high_precision": self.keep_high_precision,
-                "base": asdict(self.base), "classes": classes}
+        out = {"recipe": self.recipe, "keep_high_precision": self.keep_high_precision,
+               "base": asdict(self.base), "classes": classes}
+        if drafter:
+            out["note"] = _DRAFTER_NOTE
+        return out
