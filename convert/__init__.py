@@ -5,7 +5,7 @@
 
 Modules: `core` (streaming conversion, atomic output), `policy` (recipes and which
 tensors stay high precision), `codecs` (per-format tensor encoding), `hub` (SRC
-resolution).
+resolution), `drafter` (MTP drafter checkpoints), `gguf` (Q4_0 GGUF import).
 """
 
 from .core import Report, convert

@@ -13,7 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from gemma4_mlx.config import ConfigError
-from gemma4_mlx.loader import _DRAFTER_UNUSED, _ORDERING, LoadError, read_safetensors, weight_files
+from gemma4_mlx.loader import (DRAFTER_UNUSED_KEYS, TOKEN_ORDERING_KEY, LoadError,
+                               read_safetensors, weight_files)
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter
 
 from .errors import ConvertError
@@ -49,7 +50,7 @@ def clean(weights: dict[str, mx.array], stats: dict | None = None) -> dict[str, 
     """Drop the K/V projections and norms a drafter never uses (it reads the
     target's K/V); everything else keeps its name.  lm_head.weight passes through
     for core's tied-head check."""
-    out = {k: v for k, v in weights.items() if not _DRAFTER_UNUSED.search(k)}
+    out = {k: v for k, v in weights.items() if not DRAFTER_UNUSED_KEYS.search(k)}
     if stats is not None:
         stats["unused_kv"] = stats.get("unused_kv", 0) + len(weights) - len(out)
     return out
@@ -57,6 +58,6 @@ def clean(weights: dict[str, mx.array], stats: dict | None = None) -> dict[str, 
 
 def _has_centroids(folder: Path) -> bool:
     try:
-        return any(_ORDERING in read_safetensors(f) for f in weight_files(folder))
+        return any(TOKEN_ORDERING_KEY in read_safetensors(f) for f in weight_files(folder))
     except LoadError as e:
         raise ConvertError(str(e)) from None

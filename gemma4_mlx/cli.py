@@ -173,7 +173,7 @@ def convert(
         help="Keep the PLE table and projections and the MoE router unquantized and the "
              "token embedding at 8 bits (default); --no-... puts them on the recipe too."),
 ):
-    """Convert a Hugging Face Gemma 4 checkpoint (text model) to an MLX folder."""
+    """Convert a Hugging Face Gemma 4 checkpoint (text model, or its MTP drafter) to an MLX folder."""
     import time
 
     from .convert import ConvertError, convert as run

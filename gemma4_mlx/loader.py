@@ -357,9 +357,9 @@ def load(path: str | Path, dtype: str | None = None, map_ple: bool = True):
 
 # -- MTP drafters -------------------------------------------------------------
 
-_DRAFTER_UNUSED = re.compile(r"\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+DRAFTER_UNUSED_KEYS = re.compile(r"\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
 _HEAD = "model.embed_tokens"
-_ORDERING = "masked_embedding.token_ordering"
+TOKEN_ORDERING_KEY = "masked_embedding.token_ordering"
 
 
 def load_drafter(path: str | Path, dtype: str | None = None, target: Model | None = None):
@@ -392,11 +392,11 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
     weights: dict[str, mx.array] = {}
     for f in weight_files(folder):
         for k, v in read_safetensors(f).items():
-            if not _DRAFTER_UNUSED.search(k):  # the reference ignores these too
+            if not DRAFTER_UNUSED_KEYS.search(k):  # the reference ignores these too
                 weights[k] = v
     # Trust the tensors, not the config (spec §1): some configs declare centroids
     # that the files do not carry.
-    has_centroids = _ORDERING in weights
+    has_centroids = TOKEN_ORDERING_KEY in weights
     if has_centroids != cfg.use_ordered_embeddings:
         log.info("%s: centroid head %s by the tensors present", folder,
                  "enabled" if has_centroids else "disabled")
@@ -413,8 +413,8 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
     if dtype is not None:
         weights = {k: _cast(k, v, DTYPES[dtype]) for k, v in weights.items()}
     if has_centroids:
-        order = weights[_ORDERING].astype(mx.int32)
-        weights[_ORDERING] = order
+        order = weights[TOKEN_ORDERING_KEY].astype(mx.int32)
+        weights[TOKEN_ORDERING_KEY] = order
         counts = np.bincount(np.array(order), minlength=cfg.text.vocab_size)
         if order.shape == (cfg.text.vocab_size,) and counts.size == cfg.text.vocab_size \
                 and (counts == 1).all():
@@ -424,7 +424,7 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
             model.ordered = True
         else:
             log.warning("%s: %s is not a permutation of the vocabulary; using the slower "
-                        "unordered candidate gather", folder, _ORDERING)
+                        "unordered candidate gather", folder, TOKEN_ORDERING_KEY)
     check_and_assign(model, weights, str(folder))
     norm = weights.get("model.norm.weight")
     act = DTYPES[dtype] if dtype is not None else (norm.dtype if norm is not None else None)
