@@ -9,9 +9,11 @@ from ._blas import preload_openblas
 
 preload_openblas()  # must run before anything imports mlx.core
 
-from .loader import load, LoadError  # noqa: E402
+from .loader import load, load_drafter, LoadError  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402
 from .chat.session import Chat, Reply  # noqa: E402
+from .speculative import speculative_batch_generate  # noqa: E402
 
-__all__ = ["load", "LoadError", "generate", "stream_generate", "Chat", "Reply"]
+__all__ = ["load", "load_drafter", "LoadError", "generate", "stream_generate", "Chat", "Reply",
+           "speculative_batch_generate"]
 __version__ = "0.1.0"
