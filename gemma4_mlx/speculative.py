@@ -230,16 +230,21 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
         if policy.needs_profile(B):
             profile(target, drafter, policy, caches, bonus, h, mtp)
         t0 = time.perf_counter()
+        # The host needs the drafts before verifying only to time the two phases
+        # (auto K), to override them, or for per-position processors; otherwise
+        # drafting and verifying run as one graph with a single sync.
+        sync = policy.fixed is None or draft_override is not None or bool(processors)
+        drafts_l = [[] for _ in live]
         if K:
             drafts = draft(drafter, target, bonus, h, caches, K, mtp)
-            mx.eval(drafts)
-            drafts_l = drafts.tolist()
+            if sync:
+                mx.eval(drafts)
+                drafts_l = drafts.tolist()
             if draft_override is not None:
                 drafts_l = draft_override(live, [len(out[r]) for r in live], drafts_l)
                 drafts = mx.array(drafts_l, dtype=drafts.dtype)
             block = mx.concatenate([bonus[:, None], drafts], axis=1)
         else:
-            drafts_l = [[] for _ in live]
             block = bonus[:, None]
         t1 = time.perf_counter()
         logits, hidden = verify(target, block, caches)
@@ -247,6 +252,8 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
                      [hist[r] for r in live], drafts_l)
         mx.eval(picks, hidden)
         t2 = time.perf_counter()
+        if K and not sync:
+            drafts_l = drafts.tolist()
         picks_l = picks.tolist()
         acc = accepted_counts(drafts_l, picks_l)
         commit_caches(caches, acc, K)
