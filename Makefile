@@ -36,5 +36,12 @@ test: install-test
 bench: install-test
 	$(BIN)/python bench/bench_text.py
 
+# Speculative decoding (MTP drafter): cost curves, B x K grid, "auto"; ~10 min on 2 CPU cores.
+# BENCH_SPEC_ARGS: e.g. --quick (tiny shapes, < 1 min) or --out bench/RESULTS-speculative-cpu.txt
+.PHONY: bench-spec
+BENCH_SPEC_ARGS ?=
+bench-spec: install-test
+	$(BIN)/python bench/bench_speculative.py $(BENCH_SPEC_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info bench/_work

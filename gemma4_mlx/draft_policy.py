@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PROFILE_KS = (0, 1, 2, 3, 5, 7)  # verify sizes measured at start-up (T = B * (K + 1))
+PROFILE_KS = (0, 1, 3, 7)  # verify sizes measured once at start-up (T = B * (K + 1))
 PRIOR_ACCEPTANCE = 0.7  # per position, before anything was observed
-EMA = 0.05  # weight of one observation in the acceptance averages
+EMA = 0.1  # weight of one observation in the acceptance averages
 HYSTERESIS = 1.03  # switch K only for a predicted gain above 3%
 PROBE_EVERY = 16  # rounds at K = 0 between probes
 
@@ -41,6 +41,7 @@ class DraftPolicy:
     draft_time: dict = field(default_factory=dict)  # B -> seconds per draft step
     current: int = 2
     idle_rounds: int = 0
+    profiled: bool = False
 
     def __post_init__(self):
         if not self.acceptance:
@@ -61,7 +62,9 @@ class DraftPolicy:
 
     # -- costs ---------------------------------------------------------------
     def needs_profile(self, B: int) -> bool:
-        return self.fixed is None and B not in self.draft_time
+        """Once per policy (a chat session keeps its policy across turns): later
+        batch sizes, as rows finish, are learned from the rounds themselves."""
+        return self.fixed is None and not self.profiled
 
     def profile_ks(self) -> list[int]:
         return [k for k in PROFILE_KS if k <= self.k_max]

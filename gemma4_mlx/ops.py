@@ -115,14 +115,18 @@ def _matmul_attention(q, k, v, mask):
     return out.reshape(B, nh, T, v.shape[-1])
 
 
-def moe_strategy(pairs: int) -> str:
-    """How to run `pairs` (token, expert) products of an MoE layer.
+def moe_strategy(pairs: int, tokens: int = 1) -> str:
+    """How to run `pairs` (token, expert) products of `tokens` tokens in an MoE layer.
 
-    "gather": one gather_mm per pair (few pairs: decode).
-    "sorted": pairs sorted by expert, gather_mm reads each expert once (GPU prefill).
+    "gather": one gather_mm per pair (a single token: its experts are distinct).
+    "sorted": pairs sorted by expert, gather_mm reads each expert once.  On a GPU
+        every multi-token block (prefill, batched decode, speculative verify) takes
+        it: an expert chosen by several tokens is read once (mtp-drafter spec §11.4).
     "segments": CPU prefill: group on the host, one BLAS GEMM per expert; MLX's CPU
-        gather_mm runs per row and is ~6x slower here.
+        gather_mm runs per row and is ~6x slower at prefill sizes.  Below 64 pairs
+        (verify blocks) gather, sorted and segments measured within noise of each
+        other on the CPU (bench/RESULTS-speculative-cpu.txt), so gather stays.
     """
-    if pairs < 64:
-        return "gather"
-    return "segments" if on_cpu() else "sorted"
+    if on_cpu():
+        return "gather" if pairs < 64 else "segments"
+    return "sorted" if tokens > 1 else "gather"

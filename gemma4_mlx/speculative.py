@@ -50,8 +50,9 @@ class SpecStats:
     rounds: int = 0  # batched rounds
     row_rounds: int = 0  # sum over rounds of live rows
     tokens: int = 0  # tokens emitted by rounds (the first token comes from the prefill)
-    drafted_at: list = field(default_factory=list)  # per draft position j: drafts verified
+    drafted_at: list = field(default_factory=list)  # per position j: drafts judged (all before accepted)
     accepted_at: list = field(default_factory=list)  # ... of which accepted
+    reached_at: list = field(default_factory=list)  # per position j: rounds that drafted it
     k_used: dict = field(default_factory=dict)  # K -> rounds
     draft_time: float = 0.0
     verify_time: float = 0.0
@@ -64,18 +65,26 @@ class SpecStats:
         while len(self.drafted_at) < K:
             self.drafted_at.append(0)
             self.accepted_at.append(0)
+            self.reached_at.append(0)
         for a in accepted:
             for j in range(K):
-                self.drafted_at[j] += 1
-                self.accepted_at[j] += j < a
+                self.reached_at[j] += 1
+                if j <= a:  # draft j is judged only if drafts 0..j-1 were accepted
+                    self.drafted_at[j] += 1
+                    self.accepted_at[j] += j < a
 
     @property
     def tokens_per_round(self) -> float:
         return self.tokens / self.row_rounds if self.row_rounds else 0.0
 
     def acceptance(self) -> list[float]:
-        """Conditional acceptance per draft position (drafts verified at j accepted)."""
+        """Conditional acceptance per draft position: P(draft j accepted | drafts
+        before it accepted) — the a_j of the spec and of `DraftPolicy`."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
+
+    def reach(self) -> list[float]:
+        """P(A >= j + 1): the share of drafted positions j that ended up accepted."""
+        return [a / r if r else 0.0 for a, r in zip(self.accepted_at, self.reached_at)]
 
     def line(self) -> str:
         acc = " ".join(f"{a:.2f}" for a in self.acceptance()) or "-"
@@ -162,6 +171,7 @@ def profile(target, drafter, policy: DraftPolicy, caches, bonus: mx.array, h: mx
         mx.eval(draft(drafter, target, bonus, h, caches, k, mtp))
         dt = time.perf_counter() - t0
     policy.draft_time[B] = dt / k
+    policy.profiled = True
 
 
 def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: int = 256,
@@ -225,10 +235,10 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
             live = keep
         B = len(live)
         left = max(max_tokens - len(out[r]) for r in live)
-        K = min(policy.choose(B), left - 1)
         bonus = mx.array(bonus_l)
         if policy.needs_profile(B):
             profile(target, drafter, policy, caches, bonus, h, mtp)
+        K = min(policy.choose(B), left - 1)
         t0 = time.perf_counter()
         # The host needs the drafts before verifying only to time the two phases
         # (auto K), to override them, or for per-position processors; otherwise

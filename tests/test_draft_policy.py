@@ -75,3 +75,13 @@ def test_measured_costs_update_the_model():
     p.record_profile(2, 1.0)
     assert p.t_verify(5) == pytest.approx(1.0 + 1.0 * 3 / 6)  # interpolated
     assert p.t_verify(16) > 2.0  # extended with the last slope
+
+
+def test_stats_acceptance_is_conditional():
+    from gemma4_mlx.speculative import SpecStats
+
+    s = SpecStats()
+    s.record(3, [0, 3, 1], emitted=1 + 4 + 2)
+    assert s.acceptance() == [2 / 3, 1 / 2, 1.0]  # judged only after accepted prefixes
+    assert s.reach() == [2 / 3, 1 / 3, 1 / 3]  # P(A >= j + 1)
+    assert s.tokens_per_round == 7 / 3

@@ -131,7 +131,7 @@ class Experts(nn.Module):
         h = h.reshape(-1, shape[-1])
         idx = idx.reshape(-1, idx.shape[-1])
         n, k = idx.shape
-        strategy = ops.moe_strategy(n * k)
+        strategy = ops.moe_strategy(n * k, n)
         if strategy == "gather":
             y = self._glu(h[:, None, None, :], idx, False).reshape(n, k, -1)
         else:
