@@ -177,7 +177,7 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
     """Swap every module whose weights come quantized for its quantized variant.
 
     Runs before `check_and_assign`, so shapes are then checked against the
-    quantized layout.  Adds derived Q4_0 biases to `weights`.
+    quantized layout.
     """
     from mlx.utils import tree_map_with_path
 
@@ -195,12 +195,11 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
         p = _kernel_params(path, q, overrides, source)
         if p is None:
             raise LoadError(f"{source}: {path}.scales present but config.json marks {path} unquantized")
-        if p["format"] == "q4_0" and f"{path}.biases" not in weights:
-            # Not stored (it is redundant); MLX's affine kernels need it explicitly,
-            # so a resident copy is made here: +0.5 bit/weight in memory (spec §1).
-            weights[f"{path}.biases"] = weights[f"{path}.scales"] * -8
+        # Q4_0 stores no biases (-8 * scales): the module derives them per product,
+        # so none are resident either (4.5 bits per weight, spec §1).
+        derive = p["format"] == "q4_0" and f"{path}.biases" not in weights
         kw = dict(group_size=p["group_size"], bits=p["bits"], mode=p["mode"],
-                  tensor_scale=f"{path}.tensor_scale" in weights)
+                  tensor_scale=f"{path}.tensor_scale" in weights, derive_biases=derive)
         try:
             if isinstance(m, ExpertLinear):
                 E, out_dims, in_dims = m.weight.shape

@@ -23,7 +23,7 @@ from gemma4_mlx import LoadError, ops
 from gemma4_mlx.convert import ConvertError, convert, core
 from gemma4_mlx.generate import generate_tokens
 from gemma4_mlx.models.moe import QuantizedExpertLinear
-from gemma4_mlx.models.quantized import QEmbedding, QLinear
+from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
 
 from conftest import build_hf, random_ids, write_char_tokenizer
@@ -113,7 +113,7 @@ def dequantized(model: Model) -> Model:
     params = {}
     for path, m in model.named_modules():
         if isinstance(m, (QLinear, QEmbedding, QuantizedExpertLinear)):
-            w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits,
+            w = mx.dequantize(m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits,
                               mode=m.mode, dtype=mx.float32)
             params[path + ".weight"] = w * m["tensor_scale"] if "tensor_scale" in m else w
     for k, v in tree_flatten(model.parameters()):
@@ -497,3 +497,17 @@ def test_cli_convert(checkpoints, tmp_path, monkeypatch):
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
     assert "nobody/no-such-gemma: not a local folder" in r.output and "offline" in r.output
     assert not (tmp_path / "y").exists() and not (tmp_path / "y.partial").exists()
+
+
+def test_q4_0_keeps_4_5_bits_per_weight_resident(converted, checkpoints):
+    """No Q4_0 biases are stored or resident: they are derived per product (spec §1)."""
+    dst, _ = converted(checkpoints["all"].path, "q4_0")
+    model = gemma4_mlx.load(dst, dtype="float32")[0]
+    q = [(p, m) for p, m in model.named_modules() if isinstance(m, (QLinear, QuantizedExpertLinear))
+         and getattr(m, "derive_biases", False)]
+    assert q
+    for path, m in q:
+        assert "biases" not in m, path
+        n = m["weight"].size * 32 // m.bits  # weights in the matrix
+        bits = (m["weight"].nbytes + m["scales"].nbytes) * 8 / n
+        assert bits == 4 + 8 * m["scales"].itemsize / 32, path  # 4.5 with fp16 scales

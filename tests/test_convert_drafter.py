@@ -24,7 +24,7 @@ from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.generate import generate_tokens
 from gemma4_mlx.loader import load_drafter, load_model
 from gemma4_mlx.models.assistant import Drafter
-from gemma4_mlx.models.quantized import QEmbedding, QLinear
+from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.speculative import speculative_batch_generate
 
 NAMES = ["e2b_like", "dense"]  # centroid head, dense tied head
@@ -111,7 +111,7 @@ def _dequantized(drafter: Drafter) -> Drafter:
     params = {}
     for path, m in drafter.named_modules():
         if isinstance(m, (QLinear, QEmbedding)):
-            w = mx.dequantize(m["weight"], m["scales"], m.get("biases"), m.group_size, m.bits,
+            w = mx.dequantize(m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits,
                               mode=m.mode, dtype=mx.float32)
             params[path + ".weight"] = w * m["tensor_scale"] if "tensor_scale" in m else w
     for k, v in tree_flatten(drafter.parameters()):

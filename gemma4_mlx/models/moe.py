@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import ops
+from .quantized import affine_biases
 from .layers import Linear
 
 
@@ -77,7 +78,8 @@ class QuantizedExpertLinear(nn.Module):
     """
 
     def __init__(self, num_experts: int, in_dims: int, out_dims: int, group_size: int | None = None,
-                 bits: int | None = None, mode: str = "affine", tensor_scale: bool = False):
+                 bits: int | None = None, mode: str = "affine", tensor_scale: bool = False,
+                 derive_biases: bool = False):
         super().__init__()
         if mode not in _MODE_DEFAULTS:
             raise ValueError(f"quantization mode {mode!r}: expected one of {', '.join(_MODE_DEFAULTS)}")
@@ -88,9 +90,11 @@ class QuantizedExpertLinear(nn.Module):
         # Placeholders with the packed shapes; the loader replaces them (never evaluated).
         self.weight = mx.zeros((num_experts, out_dims, in_dims * self.bits // 32), mx.uint32)
         groups = (num_experts, out_dims, in_dims // self.group_size)
+        self.derive_biases = derive_biases  # Q4_0: -8 * scales, computed per product
         if mode == "affine":
             self.scales = mx.zeros(groups, mx.float32)
-            self.biases = mx.zeros(groups, mx.float32)
+            if not derive_biases:
+                self.biases = mx.zeros(groups, mx.float32)
         else:
             self.scales = mx.zeros(groups, mx.uint8)
         if tensor_scale:
@@ -103,15 +107,16 @@ class QuantizedExpertLinear(nn.Module):
         return y.astype(dtype)  # keep the activation dtype (fp16 scales would promote bf16)
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
-        y = mx.gather_qmm(x, self["weight"], self["scales"], self.get("biases"), rhs_indices=idx,
+        y = mx.gather_qmm(x, self["weight"], self["scales"], affine_biases(self), rhs_indices=idx,
                           transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
                           sorted_indices=sorted_indices)
         return self._finish(y, x.dtype)
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
-        b = self.get("biases")
-        y = mx.quantized_matmul(x, self["weight"][expert], self["scales"][expert],
-                                None if b is None else b[expert], transpose=True,
+        scales = self["scales"][expert]
+        b = None if self.derive_biases else self.get("biases")
+        y = mx.quantized_matmul(x, self["weight"][expert], scales,
+                                affine_biases(self, scales) if b is None else b[expert], transpose=True,
                                 group_size=self.group_size, bits=self.bits, mode=self.mode)
         return self._finish(y, x.dtype)
 

@@ -26,6 +26,17 @@ KERNEL_PARAMS = {
 }
 
 
+def affine_biases(module: nn.Module, scales: mx.array | None = None) -> mx.array | None:
+    """The module's affine biases: stored, or for Q4_0 derived from the scales when
+    the product runs (-8 * d, exact in the scales' dtype), so that Q4_0 keeps
+    4.5 bits per weight resident like ggml instead of MLX's usual 5.0 (§1)."""
+    if getattr(module, "derive_biases", False):
+        s = module["scales"] if scales is None else scales
+        return s * mx.array(-8, s.dtype)
+    b = module.get("biases")
+    return b
+
+
 def _scaled(y: mx.array, module: nn.Module) -> mx.array:
     if "tensor_scale" in module:
         y = y * module["tensor_scale"].astype(mx.float32)
@@ -36,17 +47,18 @@ class QLinear(nn.QuantizedLinear):
     """Bias-free quantized linear; `tensor_scale` (SFP8) applied after the matmul."""
 
     def __init__(self, input_dims: int, output_dims: int, group_size: int, bits: int,
-                 mode: str = "affine", tensor_scale: bool = False):
+                 mode: str = "affine", tensor_scale: bool = False, derive_biases: bool = False):
         super().__init__(input_dims, output_dims, bias=False, group_size=group_size,
                          bits=bits, mode=mode)
-        if self.biases is None:
+        self.derive_biases = derive_biases
+        if self.biases is None or derive_biases:
             self.pop("biases", None)
         if tensor_scale:
             self.tensor_scale = mx.ones((1,), mx.float32)
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=self.get("biases"),
+        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=affine_biases(self),
                                 transpose=True, group_size=self.group_size, bits=self.bits,
                                 mode=self.mode)
         return _scaled(y, self).astype(x.dtype)
@@ -59,9 +71,10 @@ class QEmbedding(nn.QuantizedEmbedding):
     """
 
     def __init__(self, num_embeddings: int, dims: int, group_size: int, bits: int,
-                 mode: str = "affine", tensor_scale: bool = False):
+                 mode: str = "affine", tensor_scale: bool = False, derive_biases: bool = False):
         super().__init__(num_embeddings, dims, group_size=group_size, bits=bits, mode=mode)
-        if self.biases is None:
+        self.derive_biases = derive_biases
+        if self.biases is None or derive_biases:
             self.pop("biases", None)
         if tensor_scale:
             self.tensor_scale = mx.ones((1,), mx.float32)
@@ -76,14 +89,16 @@ class QEmbedding(nn.QuantizedEmbedding):
         return s if mx.issubdtype(s, mx.floating) else mx.bfloat16
 
     def __call__(self, ids: mx.array) -> mx.array:
-        b = self.get("biases")
-        rows = mx.dequantize(self["weight"][ids], scales=self["scales"][ids],
-                             biases=None if b is None else b[ids], group_size=self.group_size,
-                             bits=self.bits, mode=self.mode, dtype=mx.float32)
+        scales = self["scales"][ids]
+        b = None if self.derive_biases else self.get("biases")
+        rows = mx.dequantize(self["weight"][ids], scales=scales,
+                             biases=affine_biases(self, scales) if b is None else b[ids],
+                             group_size=self.group_size, bits=self.bits, mode=self.mode,
+                             dtype=mx.float32)
         return _scaled(rows, self).astype(self.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=self.get("biases"),
+        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=affine_biases(self),
                                 transpose=True, group_size=self.group_size, bits=self.bits,
                                 mode=self.mode)
         return _scaled(y, self).astype(x.dtype)
