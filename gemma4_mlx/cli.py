@@ -28,8 +28,10 @@ DRAFT_MODEL_HELP = ("MTP drafter for speculative decoding (same output, faster):
 DRAFT_TOKENS_HELP = "Tokens drafted per round: a number (0 = off) or 'auto' (cost-aware)."
 
 
-def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, quiet: bool):
-    """(drafter or None, draft_tokens setting); errors end the command with one line."""
+def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, quiet: bool,
+               repo: str | None = None):
+    """(drafter or None, draft_tokens setting); errors end the command with one line.
+    repo: the hub id `model` was resolved from, also searched by 'auto'."""
     from .draft_policy import DraftPolicy
     from .loader import LoadError, find_drafter, load_drafter
 
@@ -40,7 +42,10 @@ def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, q
     k = draft_tokens if draft_tokens == "auto" else int(draft_tokens)
     if draft_model == "none" or k == 0:
         return None, k
-    path = find_drafter(model) if draft_model == "auto" else draft_model
+    if draft_model == "auto":
+        path = find_drafter(model) or (find_drafter(repo) if repo else None)
+    else:
+        path = draft_model
     if path is None:
         return None, k
     try:
@@ -133,12 +138,14 @@ def chat(
     from . import LoadError, load
     from .chat.session import Chat
     from .chat.terminal import Terminal, load_tools, one_shot
-    from .demo import default_model
+    from .demo import DEFAULT_REPO, default_model
     from .generate import SamplingOptions
 
     err = Console(stderr=True)
+    repo = None
     if model is None:
         model, banner = default_model()
+        repo = DEFAULT_REPO  # a cached snapshot path: its drafter is found by repo id
     else:
         banner = f"model: {model}"
     err.print(banner, style="dim", markup=False)
@@ -149,7 +156,7 @@ def chat(
         fail(str(e))
     if tokenizer is None:
         fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
-    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False, repo=repo)
     session = Chat(m, tokenizer, system=system, thinking=think, tools=functions, max_tokens=max_tokens,
                    options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed),
                    thinking_budget=thinking_budget, drafter=drafter, draft_tokens=k)
