@@ -119,3 +119,27 @@ def test_thinking_budget_closes_the_thought_and_answers(demo):
     # the rest of the thought was never generated: `<channel|>` was injected early
     assert reply.stats.generation_tokens < full.stats.generation_tokens - 5
     assert_cache_is_exact(chat)
+
+
+@pytest.fixture(scope="module")
+def demo_drafter(demo):
+    from gemma4_mlx.demo import DEMO_DRAFTER
+    from gemma4_mlx.loader import load_drafter
+
+    return load_drafter(DEMO_DRAFTER, target=demo[0])
+
+
+@pytest.mark.parametrize("thinking,budget", [(False, None), (True, None), (True, 12)])
+def test_chat_with_the_demo_drafter_gives_the_same_replies(demo, demo_drafter, thinking, budget):
+    """Speculative turns (real acceptance: the demo drafter was trained for this
+    target) leave the reply and the session cache exactly as plain decoding does."""
+    model, tok = demo
+    plain = Chat(model, tok, thinking=thinking, thinking_budget=budget, max_tokens=64)
+    spec = Chat(model, tok, thinking=thinking, thinking_budget=budget, max_tokens=64,
+                drafter=demo_drafter, draft_tokens=3)
+    for q in ["What is the capital of France?", "What is 3 plus 4?", "Add 12 and 9."]:
+        a, b = plain.send(q), spec.send(q)
+        assert (b.text, b.thinking) == (a.text, a.thinking)
+        assert spec.cached == plain.cached
+        assert_cache_is_exact(spec)
+        assert b.stats.speculative.tokens_per_round > 2.0  # the drafter really helps
