@@ -8,8 +8,9 @@ from *measured* costs — a target forward over T tokens (its curve is what make
 the choice MoE-aware: an MoE verify block reads every distinct expert its tokens
 route to, so t_verify(T) rises much faster than for a dense target) and one
 drafter step — and per-position conditional acceptances tracked as moving
-averages.  K = 0 (plain decoding) wins when speculation would lose; then K is
-probed now and then so the acceptance estimates stay fresh.
+averages.  K = 0 (plain decoding) wins when speculation would lose.  Every
+PROBE_EVERY rounds the other regime runs once, so that both its cost and the
+acceptance estimates stay fresh.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ PROFILE_KS = (0, 1, 3, 7)  # verify sizes measured once at start-up (T = B * (K 
 PRIOR_ACCEPTANCE = 0.7  # per position, before anything was observed
 EMA = 0.1  # weight of one observation in the acceptance averages
 HYSTERESIS = 1.03  # switch K only for a predicted gain above 3%
-PROBE_EVERY = 16  # rounds at K = 0 between probes
+PROBE_EVERY = 16  # rounds between probes of the other regime (K = 0 vs K > 0)
 
 
 def expected_tokens(acceptance) -> float:
@@ -40,7 +41,7 @@ class DraftPolicy:
     verify_time: dict = field(default_factory=dict)  # T -> seconds (moving average)
     draft_time: dict = field(default_factory=dict)  # B -> seconds per draft step
     current: int = 2
-    idle_rounds: int = 0
+    rounds: int = 0
     profiled: bool = False
 
     def __post_init__(self):
@@ -106,12 +107,12 @@ class DraftPolicy:
             self.current = best
         else:
             self.current = cur
-        if self.current == 0:
-            self.idle_rounds += 1
-            if self.idle_rounds % PROBE_EVERY == 0:
-                return min(2, self.k_max)
-        else:
-            self.idle_rounds = 0
+        # Probe the road not taken now and then, so neither estimate goes stale:
+        # acceptance while speculation is off, the plain step's cost while it is on
+        # (a start-up profile taken under a noisy moment would otherwise stick).
+        self.rounds += 1
+        if self.rounds % PROBE_EVERY == 0:
+            return min(2, self.k_max) if self.current == 0 else 0
         return self.current
 
     def observe(self, B: int, K: int, accepted, t_draft: float, t_verify: float) -> None:

@@ -85,3 +85,9 @@ def test_stats_acceptance_is_conditional():
     assert s.acceptance() == [2 / 3, 1 / 2, 1.0]  # judged only after accepted prefixes
     assert s.reach() == [2 / 3, 1 / 3, 1 / 3]  # P(A >= j + 1)
     assert s.tokens_per_round == 7 / 3
+
+
+def test_plain_step_cost_is_probed_while_speculating():
+    p = policy_with(lambda T: 1.0 + 0.01 * T, 0.02, [0.9] * 7)
+    ks = [p.choose(1) for _ in range(PROBE_EVERY)]
+    assert ks.count(0) == 1 and ks[-1] == 0 and set(ks[:-1]) == {7}
