@@ -1,14 +1,28 @@
-"""GGUF v3 reader and the Gemma 4 GGUF -> MLX importer (spec quantization.md §3.3, §4.4).
+"""GGUF v3 reader and the Gemma 4 GGUF -> MLX importer (spec quantization.md §3.3-§3.4, §4.4).
 
 Reader: header, metadata (every value type), tensor infos, `general.alignment`
 (default 32); tensor bytes are views into an np.memmap, so a 14 GB file is paged in
 one tensor at a time.  GGUF lists dims fastest-first (ne[0] = the contiguous input
 axis), so the row-major numpy shape is the reversed list.
 
-Importer: Q4_0 blocks go straight into MLX affine (codes + the file's fp16 d, no
-re-quantization); F32/F16/BF16 stay high precision as stored; other ggml types are
-refused.  Vision/audio live in a separate mmproj GGUF and the tokenizer is not
-reconstructed from `tokenizer.ggml.*`: this writes the text model only.
+Importer, per ggml type of a matrix / embedding tensor:
+- Q4_0: codes + the file's fp16 d as MLX affine 4-bit g32 (biases -8d derived at load);
+- Q8_0, Q4_1, Q5_0, Q5_1: MLX affine 8/4/5/5-bit g32 with stored fp16 scales = d and
+  biases = -128d / m / -16d / m; codes re-packed, nothing re-quantized.  Dequantized in
+  fp32 these give ggml's values exactly, up to the sign of zero (d*code is exact in fp32,
+  so the one rounding of d*code + bias is ggml's own; none for -128d / -16d);
+- Q6_K (Google's QAT GGUF stores the tied token embedding so): 16-element sub-block
+  scales have no MLX quantized form, so the blocks are dequantized exactly (ggml's fp32
+  arithmetic), rounded to fp16 (what MLX's own GGUF loader does) and then handled like
+  an fp16 tensor of an HF checkpoint: the tensor class's policy format (embedding:
+  8-bit affine g64; PLE table / projections, router: fp16 kept; everything on the
+  recipe with keep_high_precision=False).  Not lossless: each entry records it
+  (`provenance`, `deviation`, `rel_rms_error` against the exact dequantization);
+- F32/F16/BF16: as stored.
+Non-matrix tensors (norms, scalars) in a block type are dequantized exactly to fp32.
+Other ggml types (K-quants but Q6_K, IQ*) are refused, naming the tensor.
+Vision/audio live in a separate mmproj GGUF and the tokenizer is not reconstructed
+from `tokenizer.ggml.*`: this writes the text model only.
 """
 
 from __future__ import annotations
@@ -23,15 +37,24 @@ import numpy as np
 
 from gemma4_mlx.quant import q4_0
 
+from . import codecs
 from .errors import ConvertError
 
 GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
               17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL", 21: "IQ3_S", 22: "IQ2_S",
               23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M", 30: "BF16"}
+# Block types (ggml's block structs, all little-endian, fp16 d first):
+#   Q4_0 {d; qs[16]}  Q4_1 {d; m; qs[16]}  Q5_0 {d; qh[4]; qs[16]}  Q5_1 {d; m; qh[4]; qs[16]}
+#   Q8_0 {d; int8 qs[32]}  Q6_K {ql[128]; qh[64]; int8 scales[16]; d}  -> (elements, bytes)
+_BLOCKS = {"Q4_0": (q4_0.QK, q4_0.BLOCK_BYTES), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24),
+           "Q8_0": (32, 34), "Q6_K": (256, 210)}
+_PER_BYTES = {nb: per for per, nb in _BLOCKS.values()}  # block bytes -> elements (all distinct)
 # Readable types: (numpy dtype of the raw storage, elements per block, bytes per block)
 _LAYOUT = {"F32": ("<f4", 1, 4), "F16": ("<f2", 1, 2), "BF16": ("<u2", 1, 2),
-           "Q4_0": (np.uint8, q4_0.QK, q4_0.BLOCK_BYTES)}
+           **{k: (np.uint8, per, nb) for k, (per, nb) in _BLOCKS.items()}}
+# Types stored exactly as MLX affine g32 with stored biases: ggml type -> bits
+EXACT_AFFINE = {"Q8_0": 8, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}
 # Metadata value types: 0..12 (struct format, or None for string/array/bool)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 10: "<Q", 11: "<q", 12: "<d"}
 _NP = {k: np.dtype(v) for k, v in _SCALARS.items()}
@@ -124,10 +147,10 @@ class GGUFFile:
         t = self.tensors[name]
         if t.type not in _LAYOUT:
             raise ConvertError(f"{self.path}: tensor {name}: ggml type {t.type} is not supported "
-                               "(only Q4_0, F32, F16, BF16 import without re-quantization)")
+                               f"(readable: {', '.join(_LAYOUT)})")
         dt, per, nb = _LAYOUT[t.type]
         a = self._mm[self.data_start + t.offset:self.data_start + t.offset + t.nbytes]
-        if t.type == "Q4_0":
+        if t.type in _BLOCKS:
             return a.reshape(*t.shape[:-1], t.shape[-1] // per, nb)
         return a.view(dt).reshape(t.shape)
 
@@ -250,10 +273,88 @@ def text_config(g: GGUFFile) -> dict:
     return cfg
 
 
+# -- ggml blocks -----------------------------------------------------------------------
+# Decoders take raw blocks uint8 [..., nblk, bytes] (as `GGUFFile.raw` returns them).
+
+def _f16(raw: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian fp16 at byte `at` of every block, as float32 [..., nblk]."""
+    return np.ascontiguousarray(raw[..., at:at + 2]).view("<f2")[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """qs[16] -> 32 codes: element j in the low nibble of qs[j], element j + 16 in the high."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def affine_blocks(ttype: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes uint8 [..., nblk, 32], scales, biases float32 [..., nblk]) with
+    ggml value = scales * code + biases exactly (spec §3.4) for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0."""
+    raw = np.asarray(raw, dtype=np.uint8)
+    d = _f16(raw, 0)
+    if ttype == "Q8_0":  # int8 q -> q + 128 (sign bit flipped); d*q = d*(q+128) - 128d
+        return raw[..., 2:34] ^ np.uint8(0x80), d, d * np.float32(-128)
+    if ttype == "Q4_0":
+        return _nibbles(raw[..., 2:18]), d, d * np.float32(-8)
+    if ttype == "Q4_1":
+        return _nibbles(raw[..., 4:20]), d, _f16(raw, 2)
+    if ttype in ("Q5_0", "Q5_1"):
+        at = 2 if ttype == "Q5_0" else 4  # qh: uint32 little-endian, bit j = bit 4 of element j
+        high = np.unpackbits(raw[..., at:at + 4], axis=-1, bitorder="little")
+        codes = _nibbles(raw[..., at + 4:at + 20]) | (high << 4)
+        return codes, d, (d * np.float32(-16) if ttype == "Q5_0" else _f16(raw, 2))
+    raise ValueError(f"{ttype} has no exact MLX affine form")
+
+
+def q6_k_dequantize(raw: np.ndarray) -> np.ndarray:
+    """ggml `dequantize_row_q6_K`: raw uint8 [..., nblk, 210] -> float32 [..., nblk * 256].
+
+    Super-block of 256: ql[128] (low 4 bits), qh[64] (high 2 bits), int8 scales[16] (one
+    per 16 elements), fp16 d.  In each half h (128 elements; ql[64h:], qh[32h:]), element
+    32k + l (k = 0..3, l = 0..31) has low bits from nibble k // 2 of ql[64h + l + 32 (k % 2)]
+    and high bits from bits 2k..2k+1 of qh[32h + l]; q - 32 is scaled by (d * scales[j // 16])
+    in fp32, multiplied in ggml's order ((d * sc) * q), so the result is ggml's bit for bit.
+    """
+    raw = np.asarray(raw, dtype=np.uint8)
+    lead, n = raw.shape[:-2], raw.shape[-2]
+    b = raw.reshape(-1, 210)
+    ql = b[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = ((ql & 0x0F).reshape(-1, 2, 128) | ((qh & 0x03).reshape(-1, 2, 128) << 4)).astype(np.int8) - 32
+    sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
+    ds = _f16(b, 208)[:, None] * sc  # [blocks, 16]
+    y = ds[:, :, None] * q.reshape(-1, 16, 16).astype(np.float32)
+    return y.reshape(*lead, n * 256)
+
+
+def dequantize(ttype: str, raw: np.ndarray) -> np.ndarray:
+    """ggml's float32 values of raw blocks [..., nblk, bytes] -> [..., nblk * block]."""
+    if ttype == "Q6_K":
+        return q6_k_dequantize(raw)
+    codes, s, b = affine_blocks(ttype, raw)
+    v = codes.astype(np.float32) * s[..., None] + b[..., None]  # d*code exact: one rounding
+    return v.reshape(*v.shape[:-2], -1)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """MLX affine packing: codes uint8 [..., K] -> uint32 [..., K * bits / 32], a
+    little-endian bit stream (element 0 in the least significant bits of word 0)."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if bits == 8:
+        return codes.view("<u4")
+    if bits == 4:
+        return np.ascontiguousarray(codes[..., 0::2] | (codes[..., 1::2] << 4)).view("<u4")
+    bitv = (codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return np.packbits(bitv.reshape(*codes.shape[:-1], -1), axis=-1, bitorder="little").view("<u4")
+
+
 # -- import ----------------------------------------------------------------------------
 SHARD_BYTES = 2 << 30  # output shard size: bounds the resident set while writing
-ROWS_CHUNK = 1 << 20  # Q4_0 elements unpacked per step (uint8 codes: ~1 MB)
+ROWS_CHUNK = 1 << 20  # elements decoded per step (bounds the numpy temporaries)
+FP16_MAX = 65504.0
 _SHARED_KV = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.")
+_RULE = ("Q4_0 blocks as stored (biases derived); Q8_0/Q4_1/Q5_0/Q5_1 blocks as stored (exact MLX affine "
+         "g32, stored biases); Q6_K dequantized to float16, then the class policy (not lossless, per-tensor "
+         "deviation recorded); F32/F16/BF16 as stored; block-typed norms/scalars dequantized to float32")
 
 
 def import_gguf(path: Path, out: Path, policy, progress: bool):
@@ -304,19 +405,30 @@ def import_gguf(path: Path, out: Path, policy, progress: bool):
             raw = g.raw(name)  # refuses unsupported ggml types, naming the tensor
             module = key[:-len(".weight")] if key.endswith(".weight") else key
             cls = classify(module) if key.endswith(".weight") else "other"
-            if t.type == "Q4_0":
-                if cls == "other":
-                    raise ConvertError(f"{path}: tensor {name}: Q4_0 for a non-matrix tensor ({key})")
-                shard.update(_q4_0_arrays(module, raw))
-                report.tensors[module] = {"class": cls, "format": "q4_0", "mode": "affine", "bits": 4,
-                                          "group_size": 32, "provenance": "gguf-q4_0", "scale_dtype": "float16",
-                                          "biases": "derived at load: -8 * scales"}
-            else:
-                a = mx.array(np.array(raw))  # copies one tensor out of the map
-                shard[key] = a.view(mx.bfloat16) if t.type == "BF16" else a
-                if cls != "other":
-                    report.tensors[module] = {"class": cls, "format": "float", "dtype": str(shard[key].dtype)
-                                              .replace("mlx.core.", ""), "reason": f"gguf {t.type}"}
+            try:
+                if t.type in _BLOCKS and cls == "other":  # norms/scalars: exact, never quantized
+                    shard[key] = mx.array(_rows_map(raw, lambda r: dequantize(t.type, r)))
+                elif t.type == "Q4_0":
+                    shard.update(_q4_0_arrays(module, raw))
+                    report.tensors[module] = {"class": cls, "format": "q4_0", "mode": "affine", "bits": 4,
+                                              "group_size": 32, "provenance": "gguf-q4_0",
+                                              "scale_dtype": "float16", "biases": "derived at load: -8 * scales"}
+                elif t.type in EXACT_AFFINE:
+                    arrays, entry = _exact_affine(module, raw, t.type)
+                    shard.update(arrays)
+                    report.tensors[module] = {"class": cls, **entry}
+                elif t.type == "Q6_K":
+                    arrays, entry = _dequantized(module, raw, t.type, policy)
+                    shard.update(arrays)
+                    report.tensors[module] = {"class": cls, **entry}
+                else:
+                    a = mx.array(np.array(raw))  # copies one tensor out of the map
+                    shard[key] = a.view(mx.bfloat16) if t.type == "BF16" else a
+                    if cls != "other":
+                        report.tensors[module] = {"class": cls, "format": "float", "dtype": str(shard[key].dtype)
+                                                  .replace("mlx.core.", ""), "reason": f"gguf {t.type}"}
+            except (codecs.CodecError, ValueError) as e:
+                raise ConvertError(f"{path}: tensor {name} ({t.type}): {e}") from None
             mx.eval(list(shard.values()))
             seen.add(key)
             advance(t.nbytes)
@@ -335,28 +447,147 @@ def import_gguf(path: Path, out: Path, policy, progress: bool):
                  "weight_map": dict(sorted((k, n) for n, keys in shards for k in keys))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     report.skipped = {"shared_kv": skipped} if skipped else {}
+    types = sorted({t.type for t in g.tensors.values()})
     raw_cfg["gemma4_mlx_conversion"] = {"tool": "gemma4-mlx convert", "recipe": "q4_0", "source": "gguf",
-                                        "gguf_file": path.name, "text_only": True, "skipped": report.skipped}
+                                        "gguf_file": path.name, "gguf_types": types, "text_only": True,
+                                        "skipped": report.skipped}
+    described = policy.describe()
     raw_cfg["quantization"] = {"recipe": "q4_0", "mode": "affine", "bits": 4, "group_size": 32,
-                               "policy": {"recipe": "q4_0", "source": "gguf",
-                                          "rule": "Q4_0 blocks as stored; F32/F16/BF16 as stored"},
+                               "policy": {"recipe": "q4_0", "source": "gguf", "rule": _RULE,
+                                          "keep_high_precision": policy.keep_high_precision,
+                                          "classes_for_dequantized": described["classes"]},
                                "tensors": dict(sorted(report.tensors.items()))}
     (out / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")
     return report
 
 
+def _chunks(raw: np.ndarray):
+    """Yield raw block rows [r, nblk, bytes] of about ROWS_CHUNK elements each."""
+    nblk = raw.shape[-2]
+    flat = raw.reshape(-1, nblk, raw.shape[-1])
+    step = max(1, ROWS_CHUNK // (nblk * _PER_BYTES[raw.shape[-1]]))
+    for a in range(0, flat.shape[0], step):
+        yield np.asarray(flat[a:a + step])
+
+
+def _rows_map(raw: np.ndarray, fn) -> np.ndarray:
+    """fn over row chunks of raw blocks, concatenated and shaped [..., K]."""
+    out = np.concatenate([fn(c) for c in _chunks(raw)])
+    return out.reshape(*raw.shape[:-2], -1)
+
+
 def _q4_0_arrays(module: str, raw: np.ndarray) -> dict[str, mx.array]:
     """Q4_0 blocks [..., K/32, 18] -> MLX affine weight/scales, in row chunks so the
     unpacked uint8 codes never exist for the whole tensor at once."""
-    lead, nblk = raw.shape[:-2], raw.shape[-2]
-    flat = raw.reshape(-1, nblk, q4_0.BLOCK_BYTES)
-    step = max(1, ROWS_CHUNK // (nblk * q4_0.QK))
+    lead = raw.shape[:-2]
     words, scales = [], []
-    for a in range(0, flat.shape[0], step):
-        d, q = q4_0.unpack(np.asarray(flat[a:a + step]))
+    for c in _chunks(raw):
+        d, q = q4_0.unpack(c)
         w, s, _ = q4_0.to_mlx_affine(d, q, "float16")  # the file's fp16 d, exactly
         mx.eval(w, s)
         words.append(w)
         scales.append(s)
     return {f"{module}.weight": mx.concatenate(words).reshape(*lead, -1),
             f"{module}.scales": mx.concatenate(scales).reshape(*lead, -1)}
+
+
+def _fits_fp16(x: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):  # an overflow becomes Inf, which then differs
+        return bool((x.astype(np.float16).astype(np.float32) == x).all())
+
+
+def _exact_affine(module: str, raw: np.ndarray, ttype: str):
+    """Q8_0/Q4_1/Q5_0/Q5_1 blocks -> MLX affine g32 weight/scales/biases (nothing
+    re-quantized).  Scales are the file's fp16 d; biases (-128d, m, -16d) are fp16 too
+    unless one overflows fp16 (|d| > 511 for Q8_0), then both are stored fp32."""
+    bits, lead = EXACT_AFFINE[ttype], raw.shape[:-2]
+    words, scales, biases = [], [], []
+    for c in _chunks(raw):
+        codes, s, b = affine_blocks(ttype, c)
+        words.append(mx.array(pack_codes(codes.reshape(codes.shape[0], -1), bits)))
+        mx.eval(words[-1])
+        scales.append(s)
+        biases.append(b)
+    s, b = np.concatenate(scales), np.concatenate(biases)
+    dt = np.float16 if _fits_fp16(s) and _fits_fp16(b) else np.float32
+    arrays = {f"{module}.weight": mx.concatenate(words).reshape(*lead, -1),
+              f"{module}.scales": mx.array(s.astype(dt)).reshape(*lead, -1),
+              f"{module}.biases": mx.array(b.astype(dt)).reshape(*lead, -1)}
+    bias_rule = {"Q8_0": "-128 * scales", "Q5_0": "-16 * scales"}.get(ttype, "m (the block minimum)")
+    entry = {"format": "affine", "mode": "affine", "bits": bits, "group_size": 32,
+             "provenance": f"gguf-{ttype.lower()}", "scale_dtype": np.dtype(dt).name,
+             "biases": f"stored: {bias_rule}",
+             "exact": "dequantized in float32: ggml's values exactly (up to the sign of zero)"}
+    return arrays, entry
+
+
+def _q6_k_bound(raw: np.ndarray) -> float:
+    """An upper bound of |value| over Q6_K blocks: max |d * scale| * 32 (|q - 32| <= 32)."""
+    bound = 0.0
+    for c in _chunks(raw):
+        b = c.reshape(-1, 210)
+        sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
+        bound = max(bound, float(np.abs(_f16(b, 208)[:, None] * sc).max(initial=0.0)) * 32)
+    return bound
+
+
+def _dequantized(module: str, raw: np.ndarray, ttype: str, policy):
+    """A type with no exact MLX quantized form (Q6_K): ggml's values (fp32, exact),
+    rounded to fp16 (as MLX's own GGUF loader does; fp32 if a value could overflow
+    fp16), then the tensor class's policy format exactly as for an fp16 HF tensor.
+    Returns (arrays, entry); the entry records the deviation and, for row-wise
+    formats, the relative RMS error against ggml's exact values."""
+    from dataclasses import replace
+
+    fmt, note = policy.for_tensor(module, raw.shape[-2] * _BLOCKS[ttype][0])
+    work = "float16" if _q6_k_bound(raw) <= FP16_MAX else "float32"
+    cast = np.float16 if work == "float16" else np.float32
+    lead, err = raw.shape[:-2], None
+    if fmt.quantized and fmt.kind != "affine":
+        # Per-tensor decisions (Q4_0's lattice fraction) need the whole tensor at once.
+        x = _rows_map(raw, lambda r: dequantize(ttype, r).astype(cast))
+        arrays, info = codecs.encode(mx.array(x), fmt)
+    else:  # row-wise formats: one chunk of rows at a time (bounded temporaries)
+        if not fmt.quantized:
+            fmt = replace(fmt, dtype=work)
+        parts, info, err2, ref2 = [], {}, 0.0, 0.0
+        for c in _chunks(raw):
+            x = dequantize(ttype, c).reshape(c.shape[0], -1)
+            arrays, info = codecs.encode(mx.array(x.astype(cast)), fmt)
+            mx.eval(list(arrays.values()))
+            y = np.array(_decoded(arrays, fmt)).astype(np.float64)
+            err2 += float(((y - x) ** 2).sum())
+            ref2 += float((x.astype(np.float64) ** 2).sum())
+            parts.append(arrays)
+        arrays = {k: mx.concatenate([p[k] for p in parts]) for k in parts[0]}
+        err = (err2 / ref2) ** 0.5 if ref2 else 0.0
+    arrays = {f"{module}.{k}": a.reshape(*lead, -1) for k, a in arrays.items()}
+    entry = {**fmt.entry(), **info, "source_type": ttype}
+    if fmt.quantized:
+        what = f"{fmt.mode} {fmt.bits}-bit g{fmt.group_size}" if fmt.kind == "affine" else fmt.kind
+        entry["provenance"] = f"gguf-{ttype.lower()} dequantized, re-quantized to {what}"
+        if "provenance" in info:
+            entry["requantization"] = info["provenance"]
+        entry["deviation"] = (f"{ttype} (16-element sub-block scales) has no exact MLX quantized form: "
+                              f"dequantized exactly, rounded to {work}, re-quantized to {what} "
+                              "by this tensor class's policy")
+        if fmt.kind == "affine":
+            entry["scale_dtype"] = work
+    else:
+        entry["provenance"] = f"gguf-{ttype.lower()} dequantized"
+        entry["reason"] = (f"gguf {ttype}: no exact MLX quantized form; dequantized to {work} "
+                           "(this class stays high precision)")
+    if note:
+        entry["note"] = note
+    if err is not None:
+        entry["rel_rms_error"] = float(f"{err:.3g}")
+    return arrays, entry
+
+
+def _decoded(arrays: dict, fmt) -> mx.array:
+    """float32 values of one encoded chunk (float or affine)."""
+    if not fmt.quantized:
+        return arrays["weight"].astype(mx.float32)
+    return mx.dequantize(arrays["weight"], arrays["scales"].astype(mx.float32),
+                         arrays["biases"].astype(mx.float32), fmt.group_size, fmt.bits,
+                         mode=fmt.mode, dtype=mx.float32)

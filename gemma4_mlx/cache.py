@@ -276,7 +276,9 @@ def draft_view(cache: _Cache, n_keys: int | None) -> tuple[mx.array, mx.array, M
     newest n_keys of them (sliding layers), spec mtp-drafter §4.
     """
     k, v = cache.state
-    start = cache.offset - cache.size
+    if n_keys is not None and k.shape[2] > n_keys:  # read only the window, not the slack
+        k, v = k[..., -n_keys:, :], v[..., -n_keys:, :]
+    start = cache.offset - k.shape[2]
     slots = mx.arange(start, cache.offset)[None, :]
     allowed = slots >= 0 if n_keys is None else slots >= cache.offset - n_keys
     if cache.valid_from is not None:

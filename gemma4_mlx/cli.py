@@ -47,6 +47,9 @@ def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, q
     else:
         path = draft_model
     if path is None:
+        if draft_tokens != "auto" and not quiet:
+            typer.echo(f"note: --draft-tokens {k} ignored: no drafter found next to {model} "
+                       "(give --draft-model)", err=True)
         return None, k
     try:
         drafter = load_drafter(path, dtype=dtype, target=target)

@@ -74,8 +74,28 @@ def _pick(logits, history, sampler, processors):
                 row = p(history[b], row)
             rows.append(row)
         logits = mx.concatenate(rows)
+    if getattr(sampler, "raw", False):  # ours: argmax / keyed, on the processed logits
+        return sampler(logits)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return sampler(logprobs)
+
+
+def _argmax(logits):
+    return mx.argmax(logits, axis=-1)
+
+
+_argmax.raw = True
+
+
+def _sampler(options: SamplingOptions, rows: list[int]) -> Callable:
+    """Greedy: argmax of the processed logits.  Seeded sampling: keyed by (seed, row,
+    output index) — the randomness speculative decoding uses, so a seed gives the
+    same text with or without a drafter, alone or in a batch.  Unseeded: mlx-lm's."""
+    if options.temperature == 0:
+        return _argmax
+    if options.seed is not None:
+        return _Keyed(options, rows)
+    return options.sampler()
 
 
 def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
@@ -87,11 +107,9 @@ def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
     The stop token itself is yielded (callers decide whether to show it).
     """
     options = options or SamplingOptions()
-    sampler, processors = options.sampler(), options.processors()
+    sampler, processors = _sampler(options, [0]), options.processors()
     if options.seed is not None:
         mx.random.seed(options.seed)
-        if options.temperature > 0:
-            sampler = _keyed(options)
     cache = model.make_cache() if cache is None else cache
     stop = set(stop_ids)
     ids = mx.array([list(prompt)])
@@ -120,22 +138,23 @@ def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
         token = nxt
 
 
-def _keyed(options: SamplingOptions) -> Callable:
-    """A seeded sampler whose n-th call draws output index n from its own keyed
-    stream — the randomness speculative decoding uses, so a seed gives the same
-    text with or without a drafter."""
-    from .positioned_sampler import PositionedSampler
+class _Keyed:
+    """Seeded sampling: the n-th call draws output index n of every row in `rows`
+    (the live rows' ids, updated by the caller as rows leave)."""
 
-    keyed = PositionedSampler(options.temperature, options.top_p, options.top_k,
-                              options.min_p, options.seed)
-    count = [0]
+    raw = True
 
-    def sample(logprobs):
-        tok = keyed(logprobs, [0] * logprobs.shape[0], [count[0]] * logprobs.shape[0])
-        count[0] += 1
+    def __init__(self, options: SamplingOptions, rows: list[int]):
+        from .positioned_sampler import PositionedSampler
+
+        self.keyed = PositionedSampler(options.temperature, options.top_p, options.top_k,
+                                       options.min_p, options.seed)
+        self.rows, self.step = rows, 0
+
+    def __call__(self, logits):
+        tok = self.keyed(logits, self.rows, [self.step] * len(self.rows))
+        self.step += 1
         return tok
-
-    return sample
 
 
 @dataclass
@@ -236,21 +255,26 @@ def batch_generate(model, prompts: Sequence[Sequence[int]], *, max_tokens: int =
     options = options or SamplingOptions()
     if options.seed is not None:
         mx.random.seed(options.seed)
-    sampler, processors = options.sampler(), options.processors()
+    live = list(range(len(prompts)))
+    sampler, processors = _sampler(options, live), options.processors()
     longest = max(len(p) for p in prompts)
     pads = [longest - len(p) for p in prompts]
     ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts)])
     cache = model.make_cache(left_pad=pads)
-    history = ids
-    token = _pick(prefill(model, ids, cache, prefill_chunk), history, sampler, processors)
+    hist = [list(p) for p in prompts]  # per row, without the padding
+
+    def history():
+        return [mx.array(hist[r]) for r in live] if processors else None
+
+    token = _pick(prefill(model, ids, cache, prefill_chunk), history(), sampler, processors)
     out: list[list[int]] = [[] for _ in prompts]
-    live = list(range(len(prompts)))
     stop = set(stop_ids)
     for _ in range(max_tokens):
         toks = token.tolist()
         keep = []
         for row, tok in enumerate(toks):
             out[live[row]].append(tok)
+            hist[live[row]].append(tok)
             if tok not in stop and len(out[live[row]]) < max_tokens:
                 keep.append(row)
         if not keep:
@@ -259,9 +283,7 @@ def batch_generate(model, prompts: Sequence[Sequence[int]], *, max_tokens: int =
             for c in cache:
                 if c is not None:
                     c.filter(keep)
-            token, history = token[mx.array(keep)], history[mx.array(keep)]
-            live = [live[r] for r in keep]
-        if processors:
-            history = mx.concatenate([history, token[:, None]], axis=1)
-        token = _pick(decode_step(model, token, cache), history, sampler, processors)
+            token = token[mx.array(keep)]
+            live[:] = [live[r] for r in keep]  # in place: the keyed sampler reads it
+        token = _pick(decode_step(model, token, cache), history(), sampler, processors)
     return out

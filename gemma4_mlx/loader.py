@@ -414,9 +414,12 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
     if has_centroids:
         order = weights[TOKEN_ORDERING_KEY].astype(mx.int32)
         weights[TOKEN_ORDERING_KEY] = order
-        counts = np.bincount(np.array(order), minlength=cfg.text.vocab_size)
-        if order.shape == (cfg.text.vocab_size,) and counts.size == cfg.text.vocab_size \
-                and (counts == 1).all():
+        V = cfg.text.vocab_size
+        o = np.array(order)
+        if o.shape != (V,) or (o.size and (o.min() < 0 or o.max() >= V)):
+            raise LoadError(f"{folder}: {TOKEN_ORDERING_KEY} must hold {V} token ids in "
+                            f"[0, {V}), got shape {tuple(o.shape)}")
+        if (np.bincount(o, minlength=V) == 1).all():
             for suffix in (".weight", ".scales", ".biases"):
                 if _HEAD + suffix in weights:
                     weights[_HEAD + suffix] = weights[_HEAD + suffix][order]
@@ -442,6 +445,9 @@ def find_drafter(model: str | Path) -> Path | None:
     from .demo import DEMO_DRAFTER, DEMO_MODEL
 
     p = Path(str(model)).expanduser()
+    hub = re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", str(p.resolve()) + "/")
+    if p.exists() and hub:  # a Hugging Face cache snapshot: look the drafter up by repo id
+        return find_drafter(f"{hub.group(1)}/{hub.group(2)}")
     if p.exists():
         if p.resolve() == Path(DEMO_MODEL).resolve():
             return Path(DEMO_DRAFTER) if (Path(DEMO_DRAFTER) / "config.json").exists() else None

@@ -13,6 +13,7 @@ K = 0 is plain decoding through the same code.  K comes from a `DraftPolicy`.
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -23,7 +24,7 @@ from .cache import cache_offset, commit_caches, draft_view, trim_caches
 from .config import FULL
 from .draft_policy import DraftPolicy, expected_tokens
 from .generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, prefill_hidden
-from .models.assistant import producer_layers
+from .models.assistant import check_pair, producer_layers
 from .positioned_sampler import PositionedSampler
 
 
@@ -157,14 +158,14 @@ def profile(target, drafter, policy: DraftPolicy, caches, bonus: mx.array, h: mx
     """Measure t_verify(B * (K + 1)) on the live caches (each block is trimmed off
     again, exactly) and one draft step, for the cost-aware policy."""
     B = bonus.shape[0]
-    for i, K in enumerate([0] + policy.profile_ks()):  # the first run warms up
+    for K in policy.profile_ks():
         block = mx.repeat(bonus[:, None], K + 1, axis=1)
-        t0 = time.perf_counter()
-        mx.eval(verify(target, block, caches))
-        dt = time.perf_counter() - t0
-        trim_caches(caches, K + 1)
-        if i:
-            policy.record_profile(B * (K + 1), dt)
+        for _ in range(2):  # the first run of a shape warms up (kernel builds on GPUs)
+            t0 = time.perf_counter()
+            mx.eval(verify(target, block, caches))
+            dt = time.perf_counter() - t0
+            trim_caches(caches, K + 1)
+        policy.record_profile(B * (K + 1), dt)
     k = min(2, policy.k_max)
     for _ in range(2):
         t0 = time.perf_counter()
@@ -192,12 +193,17 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
     cache: continue an existing single-row cache (chat sessions); `prompts[0]` are
         the ids it does not hold yet.  It must allow rollback of K + 1 tokens.
     """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("speculative decoding needs at least one non-empty prompt")
+    check_pair(drafter.config, target.config)  # one clear line for a mismatched drafter
     options = options or SamplingOptions()
     mtp = mtp or MTPSettings()
     stats = stats if stats is not None else SpecStats()
     policy = policy or DraftPolicy.for_setting(draft_tokens)
+    # No seed: a fresh one per call (plain sampling is random then too).
+    seed = options.seed if options.seed is not None else random.getrandbits(32)
     sampler = PositionedSampler(options.temperature, options.top_p, options.top_k,
-                                options.min_p, options.seed)
+                                options.min_p, seed)
     processors = options.processors()
     stop = set(stop_ids)
     longest = max(len(p) for p in prompts)
@@ -211,6 +217,8 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
                                    left_pad=pads if any(pads) else None)
     ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts)])
     logits, h = prefill_hidden(target, ids, caches, prefill_chunk)
+    if max_tokens <= 0:  # as plain decoding: the prompt is in the cache, nothing is emitted
+        return
     live = list(range(len(prompts)))
     hist = [list(p) for p in prompts]
     out: list[list[int]] = [[] for _ in prompts]

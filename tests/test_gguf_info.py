@@ -173,10 +173,10 @@ def test_imported_model_matches_dequantized_float32(tiny, imported):
 
 def test_unsupported_type_and_truncated_file(tiny, tmp_path):
     _, _, _, tensors = tiny
-    bad = [(n, 8, s, d) if n == "blk.1.ffn_up.weight" else (n, t, s, d) for n, t, s, d in tensors]
-    write_gguf(tmp_path / "q8.gguf", metadata(), bad)  # Q8_0 type id, bytes irrelevant
-    with pytest.raises(ConvertError, match=r"q8\.gguf.*tensor blk\.1\.ffn_up\.weight.*Q8_0"):
-        convert(tmp_path / "q8.gguf", tmp_path / "o1", "q4_0", progress=False)
+    bad = [(n, 12, s, d) if n == "blk.1.ffn_up.weight" else (n, t, s, d) for n, t, s, d in tensors]
+    write_gguf(tmp_path / "q4k.gguf", metadata(), bad)  # Q4_K type id, bytes irrelevant
+    with pytest.raises(ConvertError, match=r"q4k\.gguf.*tensor blk\.1\.ffn_up\.weight.*Q4_K"):
+        convert(tmp_path / "q4k.gguf", tmp_path / "o1", "q4_0", progress=False)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o1.partial").exists()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(tiny[0].read_bytes()[:-100])

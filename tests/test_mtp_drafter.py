@@ -136,3 +136,20 @@ def test_first_round_drafts_match_transformers_candidate_generator(checkpoints, 
     assert int(mx.argmax(logits[0])) == b0
     got = draft(drafter, model, mx.array([b0]), h, caches, 5, MTPSettings("bonus", W + 1))
     assert got.tolist()[0] == want
+
+
+def test_bad_token_ordering_is_a_load_error(drafters, tmp_path):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = drafters["e2b_like"].path
+    for bad in (np.full(256, -1, np.int64), np.arange(128, dtype=np.int64)):
+        d = tmp_path / f"bad{bad.size}"
+        shutil.copytree(src, d)
+        f = next(d.glob("*.safetensors"))
+        t = load_file(f)
+        t["masked_embedding.token_ordering"] = bad
+        save_file(t, f, metadata={"format": "pt"})
+        with pytest.raises(LoadError, match="token_ordering"):
+            load_drafter(d)

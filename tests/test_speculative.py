@@ -193,3 +193,67 @@ def test_cache_handed_in_ends_as_plain_decoding_leaves_it(pairs):
     more = list(speculative_generate_tokens(target, drafter, [got[-1]], cache=cache,
                                             max_tokens=5, draft_tokens=2))
     assert more == ref[7:12]
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_batched_drafts_equal_single_row_drafts(pairs, name):
+    """The drafter itself, not only the acceptance logic: every round, each row's
+    drafts from the ragged batch (per-row positions, masks, reseeded hiddens) equal
+    the drafts computed for that row alone from a fresh prefill."""
+    from gemma4_mlx.generate import prefill_hidden
+    from gemma4_mlx.speculative import draft
+
+    target, drafter = pairs[name]
+    prompts = prompts_for(4, seed=9)
+    ref = plain(target, prompts, 20)
+    steer = oracle(ref, 0.6, seed=4)
+    checked = []
+
+    def check_then_steer(rows, index, drafts):
+        for r, n, d in zip(rows, index, drafts):
+            cache = target.make_cache()
+            _, h = prefill_hidden(target, mx.array([prompts[r] + ref[r][:n - 1]]), cache)
+            alone = draft(drafter, target, mx.array([ref[r][n - 1]]), h, cache, len(d),
+                          MTPSettings())
+            assert alone.tolist()[0] == d, (r, n)
+            checked.append(n)
+        return steer(rows, index, drafts)
+
+    out = speculative_batch_generate(target, drafter, prompts, max_tokens=20, draft_tokens=3,
+                                     draft_override=check_then_steer)
+    assert out == ref and len(checked) > 12 and max(checked) > 2 * W
+
+
+def test_long_single_row_run_drops_and_rolls_back_sliding_entries(pairs):
+    target, drafter = pairs["e2b_like"]
+    prompt = prompts_for(5, seed=2)[4]  # 17 tokens
+    ref = plain(target, [prompt], 48)
+    out = speculative_batch_generate(target, drafter, [prompt], max_tokens=48, draft_tokens=5,
+                                     max_rollback=6, draft_override=oracle(ref, 0.7, seed=8))
+    assert out == ref  # context 65 > the 3 + 32 slots a sliding cache keeps
+
+
+def test_edge_cases(pairs):
+    target, drafter = pairs["dense"]
+    prompt = prompts_for(1, seed=6)[0]
+    assert speculative_batch_generate(target, drafter, [prompt], max_tokens=0) == [[]]
+    runs = {tuple(speculative_batch_generate(target, drafter, [prompt], max_tokens=8,
+                                             options=SamplingOptions(temperature=1.0))[0])
+            for _ in range(3)}
+    assert len(runs) > 1  # no seed: random, as plain sampling
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        speculative_batch_generate(target, drafter, [[]], max_tokens=4)
+
+
+def test_seeded_batch_generate_equals_speculative_batch(pairs):
+    from gemma4_mlx.generate import batch_generate
+
+    target, drafter = pairs["moe"]
+    prompts = prompts_for(4, seed=13)
+    opts = SamplingOptions(temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=21)
+    base = batch_generate(target, prompts, max_tokens=14, options=opts)
+    spec = speculative_batch_generate(target, drafter, prompts, max_tokens=14, options=opts,
+                                      draft_tokens=3, draft_override=oracle(base, 0.8, 5))
+    assert spec == base
+    alone = [list(generate_tokens(target, p, max_tokens=14, options=opts)) for p in prompts[:1]]
+    assert alone[0] == base[0]  # row 0 of a batch samples what it samples alone

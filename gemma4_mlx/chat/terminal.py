@@ -71,9 +71,13 @@ class Terminal:
         if reply is not None:
             self.last_thoughts = reply.thinking
             s = reply.stats
+            spec = s.speculative
+            extra = ("" if spec is None or not spec.rounds else
+                     f" | {spec.tokens_per_round:.2f} tokens/round, acceptance "
+                     + (" ".join(f"{a:.2f}" for a in spec.acceptance()) or "-"))
             out.print(f"[{s.prompt_tokens} new prompt tokens, {s.prompt_tps:.0f} tok/s | "
                       f"{s.generation_tokens} generated, {s.generation_tps:.1f} tok/s | "
-                      f"peak memory {s.peak_memory_gb:.2f} GB]", style="dim", markup=False)
+                      f"peak memory {s.peak_memory_gb:.2f} GB{extra}]", style="dim", markup=False)
         return reply
 
     def turn(self, text: str) -> None:
@@ -161,9 +165,18 @@ def one_shot(chat: Chat, text: str, *, as_json: bool, assume_yes: bool) -> int:
                       "generation_tokens": reply.stats.generation_tokens,
                       "prompt_tps": reply.stats.prompt_tps,
                       "generation_tps": reply.stats.generation_tps,
-                      "peak_memory_gb": reply.stats.peak_memory_gb},
+                      "peak_memory_gb": reply.stats.peak_memory_gb,
+                      **_speculative_stats(reply.stats.speculative)},
         }, ensure_ascii=False))
     else:
         print(reply.text)
         print(reply.stats.line(), file=sys.stderr)
     return 0
+
+
+def _speculative_stats(spec) -> dict:
+    if spec is None:
+        return {}
+    return {"speculative": {"rounds": spec.rounds, "tokens_per_round": spec.tokens_per_round,
+                            "acceptance_by_position": spec.acceptance(),
+                            "draft_tokens_used": {str(k): n for k, n in sorted(spec.k_used.items())}}}

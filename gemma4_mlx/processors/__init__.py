@@ -1,0 +1,6 @@
+"""Input processors: raw media -> the arrays the Gemma 4 encoders consume."""
+
+from .image import BUDGETS, DEFAULT_BUDGET, ImageBatch, ImageProcessor, check_budget, load_image, num_soft_tokens
+
+__all__ = ["BUDGETS", "DEFAULT_BUDGET", "ImageBatch", "ImageProcessor", "check_budget", "load_image",
+           "num_soft_tokens"]

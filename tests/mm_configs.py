@@ -1,0 +1,82 @@
+"""Tiny multimodal Gemma 4 checkpoints written by transformers (multimodal spec §8).
+
+The vision tower comes in three flavours: "small" (E2B/E4B: clipped linears, no
+standardisation), "large" (26B/31B: no clipping, standardisation) and "union"
+(both, as the spec's tiny parity config).  Every vision weight and buffer is
+randomised - norm weights, the position table, the clamp scalars (finite, so the
+clamps bind), std_bias/std_scale - because the defaults (ones, ±inf, zeros) hide bugs.
+The whole `Gemma4ForConditionalGeneration` is saved with `save_pretrained`, so the
+tests read the real key names (`model.vision_tower.*`, `model.embed_vision.*`).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+VISION_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                   position_embedding_size=64, rms_norm_eps=1e-6,
+                   rope_parameters={"rope_type": "default", "rope_theta": 100.0})
+
+TOWERS = {
+    "small": dict(use_clipped_linears=True, standardize=False),
+    "large": dict(use_clipped_linears=False, standardize=True),
+    "union": dict(use_clipped_linears=True, standardize=True),
+}
+
+# Text side: just big enough to own an embedder; hidden 48 != vision 32 catches transposes.
+TEXT_TINY = dict(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=48, intermediate_size=64,
+                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                 global_head_dim=16, layer_types=["full_attention"], hidden_size_per_layer_input=0,
+                 num_kv_shared_layers=0, sliding_window=4)
+
+# Multimodal ids remapped below the tiny vocabulary (spec §8).
+TOKEN_IDS = dict(boi_token_id=10, eoi_token_id=11, image_token_id=12, audio_token_id=13,
+                 video_token_id=14, boa_token_id=15, eoa_token_index=16)
+
+CLAMP_NAMES = ("input_min", "input_max", "output_min", "output_max")
+
+
+def hf_config(tower: str) -> "transformers.Gemma4Config":
+    vision = transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS[tower])
+    text = transformers.Gemma4TextConfig(**TEXT_TINY)
+    cfg = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                    audio_config=None, **TOKEN_IDS)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def randomize_vision(model, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    parts = (model.model.vision_tower, model.model.embed_vision)
+    with torch.no_grad():
+        for part in parts:
+            for name, p in part.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)  # U(0.5, 1.5)
+                elif "position_embedding_table" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            for name, b in part.named_buffers():
+                leaf = name.rsplit(".", 1)[-1]
+                if leaf in CLAMP_NAMES:  # finite bounds in ±[0.5, 2.5): some values get clamped
+                    mag = float(torch.rand((), generator=g)) * 2 + 0.5
+                    b.fill_(-mag if leaf.endswith("min") else mag)
+                elif leaf == "std_bias":
+                    b.copy_(torch.randn(b.shape, generator=g))
+                elif leaf == "std_scale":
+                    b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+
+
+def build_hf(tower: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.Gemma4ForConditionalGeneration(hf_config(tower)).eval()
+    randomize_vision(model, seed)
+    return model
+
+
+def hf_image_processor(budget: int = 70, patch_size: int = 4):
+    return transformers.Gemma4ImageProcessorPil(patch_size=patch_size, max_soft_tokens=budget,
+                                                pooling_kernel_size=3)

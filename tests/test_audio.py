@@ -1,0 +1,422 @@
+"""Audio path (multimodal spec §4): front end and Conformer encoder against transformers 5.24.
+
+- features: log-mel and frame masks equal `Gemma4AudioFeatureExtractor`; soft-token
+  counts equal the processor's for a sweep of lengths (0.1 s .. 30 s) that includes
+  the lengths where mlx-vlm's ceil(ms / 40) is one too high;
+- model: a tiny `Gemma4ForConditionalGeneration` with an audio tower, every weight
+  randomised (norms, per_dim_scale, finite clamp bounds), saved by transformers and
+  loaded through our `sanitize`; tower outputs and embeddings within 1e-4 for single
+  clips and a padded batch; mutations (relative shift, clamps) must break parity;
+- loading: WAV variants, resampling quality, and clear errors for bad input.
+"""
+
+from __future__ import annotations
+
+import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
+import math
+import struct
+import types
+import wave
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gemma4_mlx.models import audio as M
+from gemma4_mlx.processors import audio as A
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor  # noqa: E402
+from transformers.models.gemma4.processing_gemma4 import Gemma4Processor  # noqa: E402
+
+TOL = 1e-4
+AUDIO_CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
+                 conv_kernel_size=5, output_proj_dims=24, use_clipped_linears=True)
+TEXT_CFG = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                hidden_size_per_layer_input=8, layer_types=["sliding_attention", "full_attention"],
+                sliding_window=16, num_kv_shared_layers=0)
+
+
+def randomize(module, seed: int) -> None:
+    """Every parameter random (norm weights U(0.5, 1.5)); clamp bounds finite (|b| in 1..3)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in module.named_buffers():
+            r = float(torch.rand((), generator=g)) * 2 + 1
+            if name.endswith(("input_max", "output_max")):
+                b.fill_(r)
+            elif name.endswith(("input_min", "output_min")):
+                b.fill_(-r)
+
+
+def make_clip(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000
+    return (0.3 * np.sin(2 * np.pi * 440 * t * (1 + t)) + 0.05 * rng.standard_normal(n)).astype(np.float32)
+
+
+def hf_features(clips):
+    r = Gemma4AudioFeatureExtractor()(list(clips), return_tensors="np")
+    return r["input_features"], r["input_features_mask"]
+
+
+def diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+# -- the tiny reference checkpoint ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    cfg = transformers.Gemma4Config(text_config=TEXT_CFG, vision_config=None, audio_config=AUDIO_CFG)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    randomize(hf, 0)
+    path = tmp_path_factory.mktemp("audio_ckpt")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+@pytest.fixture
+def ours(ckpt):
+    return M.AudioModel.from_pretrained(ckpt[1])
+
+
+def hf_run(hf, feats, mask):
+    with torch.no_grad():
+        o = hf.model.get_audio_features(torch.tensor(feats), torch.tensor(mask), return_dict=True)
+    return o.last_hidden_state.numpy(), o.pooler_output.numpy(), o.attention_mask.numpy()
+
+
+def check_parity(hf, model, clips):
+    feats, mask = hf_features(clips)
+    h_ref, e_ref, m_ref = hf_run(hf, feats, mask)
+    h, m = model.audio_tower(mx.array(feats), mx.array(mask))
+    e = model.embed_audio(h)
+    h, m, e = np.array(h), np.array(m), np.array(e)
+    assert (m == m_ref).all()
+    assert m.sum(1).tolist() == [A.num_audio_tokens(len(c)) for c in clips]
+    assert np.abs(h_ref[m]).max() > 1.0 and np.abs(e_ref[m]).max() > 1.0  # non-trivial outputs
+    assert not h[~m].any()  # padded frames zeroed
+    return diff(h[m], h_ref[m]), diff(e[m], e_ref[m])
+
+
+@pytest.mark.parametrize("n", [20800, 7000, 16080, 1600, 161])
+def test_single_clip_parity(ckpt, ours, n):
+    err_h, err_e = check_parity(ckpt[0], ours, [make_clip(n, seed=n)])
+    assert err_h < TOL and err_e < TOL
+
+
+def test_padded_batch_parity(ckpt, ours):
+    hf, lens = ckpt[0], [20800, 7000, 16080, 1600]
+    clips = [make_clip(n, seed=i) for i, n in enumerate(lens)]
+    err_h, err_e = check_parity(hf, ours, clips)
+    assert err_h < TOL and err_e < TOL
+    # soft tokens: the valid rows, clip after clip, as transformers merges them
+    feats, mask = hf_features(clips)
+    _, e_ref, m_ref = hf_run(hf, feats, mask)
+    soft = np.array(ours.soft_tokens(feats, mask))
+    assert soft.shape == (sum(A.num_audio_tokens(n) for n in lens), TEXT_CFG["hidden_size"])
+    assert diff(soft, e_ref[m_ref]) < TOL
+    # each clip of the batch equals the clip run alone
+    for i, c in enumerate(clips):
+        f1, m1 = A.log_mel([c])
+        e1 = np.array(ours(f1, m1)[0])[0, : A.num_audio_tokens(len(c))]
+        start = sum(A.num_audio_tokens(n) for n in lens[:i])
+        assert diff(e1, soft[start: start + len(e1)]) < TOL
+
+
+@pytest.mark.parametrize("geometry", [(6, 5, 0), (5, 4, 2)])
+def test_other_attention_geometry(geometry):
+    """Chunk/context values where transformers' relative table is not indexed by the
+    plain distance (6, 5, 0) or looks ahead (5, 4, 2)."""
+    chunk, left, right = geometry
+    cfg = dict(AUDIO_CFG, attention_chunk_size=chunk, attention_context_left=left, attention_context_right=right)
+    torch.manual_seed(1)
+    hf = transformers.Gemma4AudioModel(transformers.Gemma4AudioConfig(**cfg)).eval()
+    randomize(hf, 1)
+    ours = M.AudioModel(M.AudioConfig.from_dict(cfg), 8)
+    w = M.sanitize({"model.audio_tower." + k: mx.array(v.numpy()) for k, v in hf.state_dict().items()})
+    ours.audio_tower.load_weights([(k[len("audio_tower."):], v) for k, v in w.items()], strict=True)
+    clips = [make_clip(20800), make_clip(7000, 1)]
+    feats, mask = hf_features(clips)
+    with torch.no_grad():
+        o = hf(torch.tensor(feats), torch.tensor(mask))
+    h, m = ours.audio_tower(mx.array(feats), mx.array(mask))
+    m = np.array(m)
+    assert diff(np.array(h)[m], o.last_hidden_state.numpy()[m]) < TOL
+
+
+def test_sanitize(ckpt):
+    raw = mx.load(str(next(Path(ckpt[1]).glob("*.safetensors"))))
+    w = M.sanitize(raw)
+    assert not [k for k in w if not k.startswith(("audio_tower.", "embed_audio."))]  # text keys dropped
+    assert len(w) == sum(k.startswith(("model.audio_tower.", "model.embed_audio.")) for k in raw)
+    conv0 = "audio_tower.subsample_conv_projection.layer0.conv.weight"
+    assert w[conv0].shape == (128, 3, 3, 1)
+    assert w["audio_tower.subsample_conv_projection.layer1.conv.weight"].shape == (8, 3, 3, 128)
+    assert w["audio_tower.layers.0.lconv1d.depthwise_conv1d.weight"].shape == (32, 5, 1)
+    assert w["audio_tower.layers.0.self_attn.q_proj.input_max"].dtype == mx.float32
+    # already-converted (MLX layout) tensors pass through unchanged; bf16 clamps widen
+    again = M.sanitize({("model." + k): v for k, v in w.items()})
+    assert all(np.array_equal(np.array(again[k]), np.array(w[k])) for k in w)
+    bf = M.sanitize({"model.audio_tower.layers.0.self_attn.q_proj.input_max": mx.array(2.5, mx.bfloat16)})
+    assert bf["audio_tower.layers.0.self_attn.q_proj.input_max"].dtype == mx.float32
+
+
+def test_bfloat16_runs(ckpt, ours):
+    feats, mask = hf_features([make_clip(20800)])
+    ref = np.array(ours(feats, mask)[0])
+    ours.set_dtype(mx.bfloat16)  # floating parameters incl. clamp scalars; cast back at use
+    got = np.array(ours(feats, mask)[0].astype(mx.float32))
+    assert np.isfinite(got).all()
+    assert diff(got, ref) < 0.1 * np.abs(ref).max()
+
+
+# -- mutations: the parity test must see these bugs --------------------------------
+
+def batch_error(hf, model):
+    clips = [make_clip(20800), make_clip(7000, 1)]
+    feats, mask = hf_features(clips)
+    _, e_ref, m_ref = hf_run(hf, feats, mask)
+    e, m = model(feats, mask)
+    return diff(np.array(e)[m_ref], e_ref[m_ref])
+
+
+def test_mutation_relative_shift_off_by_one(ckpt, ours):
+    assert batch_error(ckpt[0], ours) < TOL
+    tower = ours.audio_tower
+    n = tower.config.hidden_size // 2
+    inv = np.exp(np.arange(n) * -math.log(1e4) / (n - 1))
+    tower._pos = mx.array(np.stack([np.concatenate([np.sin((o + 1) * inv), np.cos((o + 1) * inv)])
+                                    for o in tower._offsets]).astype(np.float32))
+    assert batch_error(ckpt[0], ours) > 100 * TOL
+
+
+def test_mutation_clamps_ignored(ckpt, ours):
+    for _, mod in ours.named_modules():
+        if isinstance(mod, M.ClippableLinear):
+            mod.clipped = False
+    assert batch_error(ckpt[0], ours) > 100 * TOL
+
+
+def test_mutation_log_floor_as_clamp():
+    """mlxcel issue #796: log(max(mel, floor)) instead of log(mel + floor)."""
+    clip = make_clip(16080)
+    ref, _ = hf_features([clip])
+    ours, mask = A.log_mel([clip])
+    assert diff(ours, ref) <= 1e-5
+    cfg = A.FeatureConfig()
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(np.pad(clip, (0, 16128 - 16080)), (160, 0)),
+                                                      321)[::160][:, :-1]
+    mel = np.abs(np.fft.rfft(frames * A._hann(320), n=512)) @ A.mel_filters(257, 128, 0.0, 8000.0, 16000)
+    clamped = (np.log(np.maximum(mel, cfg.mel_floor)).astype(np.float32) * mask[0][:, None])[None]
+    assert diff(clamped, ours) > 1e-3  # would fail the parity bound above
+
+
+# -- features and token counts -----------------------------------------------------
+
+@pytest.mark.parametrize("lens", [[161], [1600], [16080], [20800, 7000, 16080], [480000], [480000, 161, 33333]])
+def test_log_mel_parity(lens):
+    clips = [make_clip(n, seed=i) for i, n in enumerate(lens)]
+    ref, ref_mask = hf_features(clips)
+    got, mask = A.log_mel(clips)
+    assert got.dtype == np.float32 and mask.dtype == bool
+    assert got.shape == ref.shape and (mask == ref_mask).all()
+    assert diff(got, ref) <= 1e-5
+    assert A.tokens_from_mask(mask) == [A.num_audio_tokens(n) for n in lens]
+
+
+@pytest.mark.parametrize("kw", [dict(preemphasis=0.97), dict(preemphasis=0.97, preemphasis_htk_flavor=False),
+                                dict(input_scale_factor=2.0, fft_overdrive=True),
+                                dict(per_bin_mean=[0.1] * 128, per_bin_stddev=[2.0] * 128)])
+def test_log_mel_options(kw):
+    clips = [make_clip(7000), make_clip(3000, 1)]
+    r = Gemma4AudioFeatureExtractor(**kw)(clips, return_tensors="np")
+    got, mask = A.log_mel(clips, A.FeatureConfig.from_dict(kw))
+    assert (mask == r["input_features_mask"]).all()
+    assert diff(got, r["input_features"]) <= 1e-5
+
+
+def hf_processor_stub():
+    fe = Gemma4AudioFeatureExtractor()
+    return types.SimpleNamespace(feature_extractor=fe, audio_seq_length=750, boa_token="<boa>",
+                                 audio_token="<a>", eoa_token="<eoa>")
+
+
+def test_token_count_sweep():
+    rng = np.random.default_rng(0)
+    special = [1600, 16000, 16001, 16079, 16080, 16159, 16160, 16161, 16320, 16321, 24000,
+               479839, 479840, 479841, 479999, 480000]
+    lens = np.unique(np.concatenate([np.geomspace(1600, 480000, 50).astype(int), special,
+                                     rng.integers(1600, 480000, 40)])).tolist()
+    stub = hf_processor_stub()
+    mlx_vlm_off = 0
+    for n in lens:
+        expect = Gemma4Processor._compute_audio_num_tokens(stub, np.zeros(n), 16000)
+        mask = stub.feature_extractor([np.zeros(n, np.float32)], return_tensors="np")["input_features_mask"]
+        text = Gemma4Processor.replace_audio_token(stub, {"input_features_mask": mask}, 0)
+        assert text.count("<a>") == expect == A.num_audio_tokens(n), n
+        assert A.tokens_from_mask(A.log_mel([np.zeros(n, np.float32)])[1]) == [expect]
+        mlx_vlm_off += math.ceil(n / 16 / 40) != expect
+    assert mlx_vlm_off >= 10  # the sweep does exercise the off-by-one lengths
+    assert A.num_audio_tokens(16000) == 25 and A.num_audio_tokens(480000) == 750
+    assert A.num_audio_tokens(16080) == 25  # mlx-vlm: 26
+    assert A.audio_prompt_ids(2) == [256000, 258881, 258881, 258883]
+
+
+def test_feature_config_from_dict():
+    block = {"feature_extractor_type": "Gemma4AudioFeatureExtractor", "feature_size": 128, "sampling_rate": 16000,
+             "frame_length": 320, "hop_length": 160, "fft_length": 512, "fft_overdrive": False,
+             "min_frequency": 0.0, "max_frequency": 8000.0, "mel_floor": 0.001, "preemphasis": 0.0,
+             "dither": 0.0, "input_scale_factor": 1.0, "per_bin_mean": None, "per_bin_stddev": None,
+             "padding_value": 0.0, "padding_side": "right", "return_attention_mask": True}
+    cfg = A.FeatureConfig.from_dict({"processor_class": "Gemma4Processor", "feature_extractor": block})
+    assert cfg == A.FeatureConfig()
+    assert (cfg.frame_length, cfg.hop_length, cfg.fft_length) == (320, 160, 512)
+    with pytest.raises(A.AudioError, match="frame_length"):
+        A.FeatureConfig.from_dict(dict(block, frame_length=400))
+
+
+def test_audio_config_from_dict():
+    block = {"_name_or_path": "", "architectures": None, "attention_chunk_size": 12, "attention_context_left": 13,
+             "attention_context_right": 0, "attention_invalid_logits_value": -1e9, "attention_logit_cap": 50.0,
+             "conv_kernel_size": 5, "dtype": "bfloat16", "gradient_clipping": 1e10, "hidden_act": "silu",
+             "hidden_size": 1024, "initializer_range": 0.02, "model_type": "gemma4_audio",
+             "num_attention_heads": 8, "num_hidden_layers": 12, "output_proj_dims": 1536, "residual_weight": 0.5,
+             "rms_norm_eps": 1e-6, "subsampling_conv_channels": [128, 32], "use_clipped_linears": True}
+    cfg = M.AudioConfig.from_dict(block)
+    assert cfg == M.AudioConfig() and cfg.head_dim == 128
+    assert M.build({"audio_config": None, "text_config": {"hidden_size": 8}}) is None
+    model = M.build({"audio_config": dict(AUDIO_CFG), "text_config": {"hidden_size": 8}})
+    assert model.embed_audio.embedding_projection.weight.shape == (8, 24)
+
+
+# -- loading: WAV, resampling, bad input -----------------------------------------
+
+def write_pcm(path, x, rate, width=2, channels=1):
+    x = np.asarray(x, np.float64).reshape(-1, 1).repeat(channels, 1) if np.ndim(x) == 1 else np.asarray(x)
+    if width == 1:
+        data = np.clip(np.round(x * 128 + 128), 0, 255).astype(np.uint8).tobytes()
+    elif width == 3:
+        v = np.clip(np.round(x * 2 ** 23), -2 ** 23, 2 ** 23 - 1).astype(np.int32).reshape(-1, 1)
+        data = np.concatenate([(v >> s) & 0xFF for s in (0, 8, 16)], 1).astype(np.uint8).tobytes()
+    else:
+        scale = 2.0 ** (8 * width - 1)
+        data = np.clip(np.round(x * scale), -scale, scale - 1).astype(f"<i{width}").tobytes()
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(data)
+
+
+def write_float(path, x, rate, extensible=False):
+    data = np.asarray(x, "<f4").tobytes()
+    if extensible:
+        guid = struct.pack("<H", 3) + bytes.fromhex("000000001000800000aa00389b71")
+        fmt = struct.pack("<HHIIHHHHI", 0xFFFE, 1, rate, rate * 4, 4, 32, 22, 32, 0) + guid
+    else:
+        fmt = struct.pack("<HHIIHH", 3, 1, rate, rate * 4, 4, 32)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data
+    Path(path).write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4])
+def test_wav_pcm(tmp_path, width):
+    x = make_clip(3200) * 0.9
+    write_pcm(tmp_path / "a.wav", x, 16000, width)
+    got = A.load_audio(tmp_path / "a.wav")
+    assert got.dtype == np.float32 and got.shape == x.shape
+    assert diff(got, x) < 2.0 / 2 ** (8 * width - 1) + 1e-7
+
+
+def test_wav_float_stereo_and_extensible(tmp_path):
+    x = make_clip(3200)
+    write_float(tmp_path / "f.wav", x, 16000)
+    write_float(tmp_path / "e.wav", x, 16000, extensible=True)
+    assert diff(A.load_audio(tmp_path / "f.wav"), x) == 0.0
+    assert diff(A.load_audio(tmp_path / "e.wav"), x) == 0.0
+    stereo = np.stack([x, -0.5 * x], 1)
+    write_pcm(tmp_path / "s.wav", stereo, 16000, 2, channels=2)
+    assert diff(A.load_audio(tmp_path / "s.wav"), 0.25 * x) < 1e-4
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_resample_sine(tmp_path, rate):
+    n = rate  # 1 s
+    t = np.arange(n) / rate
+    write_pcm(tmp_path / "r.wav", 0.5 * np.sin(2 * np.pi * 1000 * t), rate)
+    got = A.load_audio(tmp_path / "r.wav")
+    assert len(got) == 16000
+    want = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(16000) / 16000)
+    assert diff(got[100:-100], want[100:-100]) < 2e-3  # 16-bit quantisation + filter ripple
+
+
+def test_resample_rejects_aliases():
+    t = np.arange(48000) / 48000
+    y = A.resample(np.sin(2 * np.pi * 12000 * t), 48000)  # above the new 8 kHz Nyquist
+    assert len(y) == 16000 and np.sqrt(np.mean(y[200:-200] ** 2)) < 1e-3
+
+
+def test_process_audio_mixed_sources(tmp_path):
+    x = make_clip(16080)
+    write_pcm(tmp_path / "a.wav", x, 16000)
+    out = A.process_audio([tmp_path / "a.wav", make_clip(4000)[::2].copy()], sampling_rate=None)
+    assert out.num_tokens == [25, A.num_audio_tokens(2000)]
+    out8 = A.process_audio([make_clip(8000)], sampling_rate=8000)
+    assert out8.num_tokens == [A.num_audio_tokens(16000)] == [25]
+    assert out.input_features.shape[0] == 2 and out.input_features_mask.shape == out.input_features.shape[:2]
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(A.AudioError, match="empty"):
+        A.load_audio(np.zeros(0, np.float32))
+    write_pcm(tmp_path / "empty.wav", np.zeros(0), 16000)
+    with pytest.raises(A.AudioError, match="empty"):
+        A.load_audio(tmp_path / "empty.wav")
+    with pytest.raises(A.AudioError, match="at most 30 s"):
+        A.load_audio(np.zeros(480001, np.float32))
+    with pytest.raises(A.AudioError, match="at most 30 s"):
+        A.load_audio(np.zeros(44100 * 31, np.float32), sampling_rate=44100)
+    assert len(A.load_audio(np.zeros(480000, np.float32))) == 480000
+    with pytest.raises(A.AudioError, match="too short"):
+        A.load_audio(np.zeros(100, np.float32))
+    with pytest.raises(A.AudioError, match="1-D"):
+        A.load_audio(np.zeros((2, 1000), np.float32))
+    with pytest.raises(A.AudioError, match="float"):
+        A.load_audio(np.zeros(1000, np.int16))
+    with pytest.raises(A.AudioError, match="NaN"):
+        A.load_audio(np.full(1000, np.nan, np.float32))
+    with pytest.raises(TypeError):
+        A.process_audio([0.1, 0.2, 0.3])
+
+
+def test_bad_files(tmp_path):
+    write_pcm(tmp_path / "ok.wav", make_clip(3200), 16000)
+    good = (tmp_path / "ok.wav").read_bytes()
+    cases = {
+        "truncated.wav": (good[:2000], "corrupt WAV"),
+        "garbage.wav": (b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunkjunk", "corrupt WAV"),
+        "noheader.wav": (b"\x00" * 100, "corrupt WAV"),
+        "song.mp3": (b"ID3\x04\x00" + b"\x00" * 100, "unsupported audio format MP3.*ffmpeg"),
+        "song.flac": (b"fLaC" + b"\x00" * 100, "unsupported audio format FLAC.*soundfile"),
+        "song.m4a": (b"\x00\x00\x00\x20ftypM4A " + b"\x00" * 100, "unsupported audio format M4A"),
+        "thing.xyz": (b"hello world" * 10, "unknown audio format"),
+    }
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(A.AudioError, match=msg):
+            A.load_audio(tmp_path / name)
+    with pytest.raises(A.AudioError, match="cannot read"):
+        A.load_audio(tmp_path / "missing.wav")
