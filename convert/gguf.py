@@ -160,9 +160,13 @@ class GGUFFile:
 # shared with Gemma 2/3 (token_embd, output_norm, blk.N.attn_*, ffn_*, post_*_norm).
 # From gguf-py's Gemma 3n table, assumed unchanged for gemma4 [uncertain]:
 # per_layer_token_embd, per_layer_model_proj, per_layer_proj_norm, blk.N.inp_gate,
-# blk.N.proj, blk.N.post_norm.  Gemma 4 only, guessed from llama.cpp's style [uncertain,
-# not checked against a real file]: layer_output_scale, the MoE names (ffn_gate_inp =
-# router, *_exps, ffn_down_exps.scale, pre_ffw_norm_2, post_ffw_norm_1/2).
+# blk.N.proj, blk.N.post_norm.  Gemma 4 names as gguf-py 0.19 lists them for the
+# gemma4 architecture (and its HF map): layer_output_scale, ffn_gate_inp (router),
+# fused ffn_gate_up_exps [E, 2I, H] (gate rows first, as HF's gate_up_proj),
+# ffn_down_exps, pre_ffw_norm_2, post_ffw_norm_1/2, rope_freqs, output.  The router's
+# scale vectors ride on tensors with a ".scale" suffix (ffn_gate_inp.scale,
+# ffn_down_exps.scale) [from a third-party GGUF mapper; not checked against a real file].
+# Separate ffn_gate_exps / ffn_up_exps are accepted too.
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
            "output_norm.weight": "model.norm.weight",
            "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
@@ -175,12 +179,30 @@ _BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": 
           "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
           "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "inp_gate": "per_layer_input_gate",
           "proj": "per_layer_projection", "post_norm": "post_per_layer_input_norm",
-          "ffn_gate_inp": "router.proj", "ffn_gate_inp_scale": "router.scale",
+          "ffn_gate_inp": "router.proj",
           "ffn_gate_exps": "experts.gate_proj", "ffn_up_exps": "experts.up_proj",
           "ffn_down_exps": "experts.down_proj", "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
           "post_ffw_norm_1": "post_feedforward_layernorm_1", "post_ffw_norm_2": "post_feedforward_layernorm_2"}
 _BLOCK_LEAF = {"layer_output_scale.weight": "layer_scalar",
+               "ffn_gate_inp.scale": "router.scale",
                "ffn_down_exps.scale": "router.per_expert_scale"}
+# rope_freqs: llama.cpp's proportional-RoPE factors; our RoPE derives them from the config.
+_IGNORED = {"rope_freqs.weight"}
+_FUSED = re.compile(r"^blk\.(\d+)\.ffn_gate_up_exps\.weight$")
+
+
+def parts(g: "GGUFFile", name: str):
+    """(our key, shape, raw getter) for each tensor a GGUF tensor becomes: the fused
+    expert gate/up tensor splits along its rows into our gate_proj and up_proj."""
+    t = g.tensors[name]
+    m = _FUSED.match(name)
+    if not m:
+        return [(hf_name(name), t.shape, lambda: g.raw(name))]
+    E, rows, H = t.shape
+    half = rows // 2
+    base = f"model.layers.{m.group(1)}.experts."
+    return [(base + "gate_proj.weight", (E, half, H), lambda: g.raw(name)[:, :half]),
+            (base + "up_proj.weight", (E, half, H), lambda: g.raw(name)[:, half:])]
 _BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
@@ -379,7 +401,7 @@ def import_gguf(path: Path, out: Path, policy, progress: bool):
     model = Model(config.text)
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     report = Report(out, "q4_0", bytes_in=path.stat().st_size, largest_shard=path.stat().st_size)
-    shards, shard, seen, skipped = [], {}, set(), 0
+    shards, shard, seen, skipped, ignored = [], {}, set(), [0], []
 
     def flush():
         nonlocal shard
@@ -389,48 +411,65 @@ def import_gguf(path: Path, out: Path, policy, progress: bool):
         shards.append((name, list(shard)))
         shard = {}
 
+    def _put(name, t, key, shape, get_raw):
+        """Check and encode one of our tensors cut from GGUF tensor `name`."""
+        if key is None:
+            raise ConvertError(f"{path}: tensor {name}: unknown GGUF tensor name for gemma4")
+        m = _SHARED_KV.match(key)
+        if m and config.text.layers[int(m.group(1))].shared:
+            skipped[0] += 1  # unused K/V of a KV-sharing layer (as loader.sanitize drops them)
+            return
+        if key not in expected:
+            raise ConvertError(f"{path}: tensor {name} ({key}) is not part of this config")
+        if shape != expected[key]:
+            raise ConvertError(f"{path}: tensor {name} has shape {shape}, config says {expected[key]}")
+        raw = get_raw()  # refuses unsupported ggml types, naming the tensor
+        module = key[:-len(".weight")] if key.endswith(".weight") else key
+        cls = classify(module) if key.endswith(".weight") else "other"
+        try:
+            if t.type in _BLOCKS and cls == "other":  # norms/scalars: exact, never quantized
+                shard[key] = mx.array(_rows_map(raw, lambda r: dequantize(t.type, r)))
+            elif t.type == "Q4_0":
+                shard.update(_q4_0_arrays(module, raw))
+                report.tensors[module] = {"class": cls, "format": "q4_0", "mode": "affine", "bits": 4,
+                                          "group_size": 32, "provenance": "gguf-q4_0",
+                                          "scale_dtype": "float16", "biases": "derived at load: -8 * scales"}
+            elif t.type in EXACT_AFFINE:
+                arrays, entry = _exact_affine(module, raw, t.type)
+                shard.update(arrays)
+                report.tensors[module] = {"class": cls, **entry}
+            elif t.type == "Q6_K":
+                arrays, entry = _dequantized(module, raw, t.type, policy)
+                shard.update(arrays)
+                report.tensors[module] = {"class": cls, **entry}
+            else:
+                a = mx.array(np.array(raw))  # copies one tensor out of the map
+                shard[key] = a.view(mx.bfloat16) if t.type == "BF16" else a
+                if cls != "other":
+                    report.tensors[module] = {"class": cls, "format": "float", "dtype": str(shard[key].dtype)
+                                              .replace("mlx.core.", ""), "reason": f"gguf {t.type}"}
+        except (codecs.CodecError, ValueError) as e:
+            raise ConvertError(f"{path}: tensor {name} ({t.type}): {e}") from None
+        mx.eval(list(shard.values()))
+        seen.add(key)
+
     with _progress(progress, sum(t.nbytes or 0 for t in g.tensors.values())) as advance:
         for name, t in g.tensors.items():
-            key = hf_name(name)
-            if key is None:
-                raise ConvertError(f"{path}: tensor {name}: unknown GGUF tensor name for gemma4")
-            m = _SHARED_KV.match(key)
-            if m and config.text.layers[int(m.group(1))].shared:
-                skipped += 1  # unused K/V of a KV-sharing layer (as loader.sanitize drops them)
+            if name in _IGNORED:
+                ignored.append(name)
+                advance(t.nbytes)
                 continue
-            if key not in expected:
-                raise ConvertError(f"{path}: tensor {name} ({key}) is not part of this config")
-            if t.shape != expected[key]:
-                raise ConvertError(f"{path}: tensor {name} has shape {t.shape}, config says {expected[key]}")
-            raw = g.raw(name)  # refuses unsupported ggml types, naming the tensor
-            module = key[:-len(".weight")] if key.endswith(".weight") else key
-            cls = classify(module) if key.endswith(".weight") else "other"
-            try:
-                if t.type in _BLOCKS and cls == "other":  # norms/scalars: exact, never quantized
-                    shard[key] = mx.array(_rows_map(raw, lambda r: dequantize(t.type, r)))
-                elif t.type == "Q4_0":
-                    shard.update(_q4_0_arrays(module, raw))
-                    report.tensors[module] = {"class": cls, "format": "q4_0", "mode": "affine", "bits": 4,
-                                              "group_size": 32, "provenance": "gguf-q4_0",
-                                              "scale_dtype": "float16", "biases": "derived at load: -8 * scales"}
-                elif t.type in EXACT_AFFINE:
-                    arrays, entry = _exact_affine(module, raw, t.type)
-                    shard.update(arrays)
-                    report.tensors[module] = {"class": cls, **entry}
-                elif t.type == "Q6_K":
-                    arrays, entry = _dequantized(module, raw, t.type, policy)
-                    shard.update(arrays)
-                    report.tensors[module] = {"class": cls, **entry}
-                else:
-                    a = mx.array(np.array(raw))  # copies one tensor out of the map
-                    shard[key] = a.view(mx.bfloat16) if t.type == "BF16" else a
-                    if cls != "other":
-                        report.tensors[module] = {"class": cls, "format": "float", "dtype": str(shard[key].dtype)
-                                                  .replace("mlx.core.", ""), "reason": f"gguf {t.type}"}
-            except (codecs.CodecError, ValueError) as e:
-                raise ConvertError(f"{path}: tensor {name} ({t.type}): {e}") from None
-            mx.eval(list(shard.values()))
-            seen.add(key)
+            if name == "output.weight":  # Gemma 4 ties the head: only an exact copy is accepted
+                e = g.tensors.get("token_embd.weight")
+                if e is None or (e.type, e.shape) != (t.type, t.shape) or \
+                        not np.array_equal(g.raw(name), g.raw("token_embd.weight")):
+                    raise ConvertError(f"{path}: tensor output.weight differs from token_embd.weight; "
+                                       "Gemma 4 ties them")
+                ignored.append(name)
+                advance(t.nbytes)
+                continue
+            for key, shape, get_raw in parts(g, name):
+                _put(name, t, key, shape, get_raw)
             advance(t.nbytes)
             if sum(a.nbytes for a in shard.values()) >= SHARD_BYTES:
                 flush()
@@ -446,7 +485,7 @@ def import_gguf(path: Path, out: Path, policy, progress: bool):
         index = {"metadata": {"total_size": report.bytes_out},
                  "weight_map": dict(sorted((k, n) for n, keys in shards for k in keys))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    report.skipped = {"shared_kv": skipped} if skipped else {}
+    report.skipped = {k: v for k, v in (("shared_kv", skipped[0]), ("ignored", ignored)) if v}
     types = sorted({t.type for t in g.tensors.values()})
     raw_cfg["gemma4_mlx_conversion"] = {"tool": "gemma4-mlx convert", "recipe": "q4_0", "source": "gguf",
                                         "gguf_file": path.name, "gguf_types": types, "text_only": True,
