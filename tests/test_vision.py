@@ -164,9 +164,17 @@ def test_mutation_standardize_ignored(union):
 
 
 def test_bfloat16_weights(union):
-    """Real checkpoints are bf16: clamps, pooling and standardisation must not upcast the output."""
+    """Real checkpoints are bf16: the output stays bf16 (clamp scalars stay float32) and
+    drifts from float32 no more than transformers' own bf16 run does (up to 2x)."""
+    import copy
+
     batch = two_images()
     ref, counts = union.model(batch.pixel_values, batch.position_ids)
+    hf16 = copy.deepcopy(union.hf).to(torch.bfloat16)
+    with torch.no_grad():
+        out = hf16.model.get_image_features(torch.tensor(batch.pixel_values), torch.tensor(batch.position_ids),
+                                            return_dict=True)
+    hf_drift = max_diff(torch.cat(out.pooler_output).float().numpy(), ref)
     saved = union.model.parameters()
     try:
         union.model.update(tree_map(lambda a: a.astype(mx.bfloat16) if a.ndim else a, saved))
@@ -174,7 +182,9 @@ def test_bfloat16_weights(union):
     finally:
         union.model.update(saved)
     assert emb.dtype == mx.bfloat16 and counts16 == counts
-    assert max_diff(emb.astype(mx.float32), ref) < 0.05 * float(mx.abs(ref).max())
+    drift = max_diff(emb.astype(mx.float32), ref)
+    print(f"bf16 drift from float32: ours {drift:.3g}, transformers {hf_drift:.3g}")
+    assert drift < 2 * hf_drift
 
 
 # -- config and checkpoint keys ------------------------------------------------
@@ -281,6 +291,14 @@ def test_processor_parity_sweep(hf_processor, budget):
     for (h, w), n, (rh, rw) in zip(SIZES, ours.num_soft_tokens, ours.sizes):
         assert n == (rh // 48) * (rw // 48) <= budget
         assert (rh, rw) == get_aspect_ratio_preserving_size(h, w, 16, 9 * budget, 3)
+
+
+def test_processor_parity_tiny_patch():
+    """The tiny towers' inputs (patch 4) are what transformers would feed them."""
+    images = [noise(50, 80, 1), noise(120, 30, 2), noise(200, 170, 3)]
+    for budget in (70, 140):
+        assert_same(ImageProcessor(image_budget=budget, patch_size=4)(images),
+                    hf_image_processor(budget, patch_size=4)(images))
 
 
 def test_resize_rule_sweep():

@@ -133,7 +133,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         H, d, clip = cfg.hidden_size, cfg.head_dim, cfg.use_clipped_linears
-        self.n_heads, self.n_kv, self.head_dim, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, d, cfg.rms_norm_eps
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim, self.eps = d, cfg.rms_norm_eps
         self.q_proj = ClippableLinear(H, self.n_heads * d, clip)
         self.k_proj = ClippableLinear(H, self.n_kv * d, clip)
         self.v_proj = ClippableLinear(H, self.n_kv * d, clip)
@@ -300,7 +301,7 @@ class VisionModel(nn.Module):
         if pixels_all.shape[:2] != pos_all.shape[:2] or pixels_all.shape[-1] != 3 * cfg.patch_size ** 2:
             raise ValueError(f"pixel_values {tuple(pixels_all.shape)} and pixel_position_ids "
                              f"{pos_all.shape} do not match the tower (patch_size {cfg.patch_size})")
-        outs, counts = [], []
+        outs, counts = [mx.zeros((0, cfg.hidden_size), self.dtype)], []
         for i in range(pos_all.shape[0]):
             n = real_patches(pos_all[i], cfg.pooling_kernel_size, cfg.position_embedding_size)
             pos = pos_all[i, :n]
