@@ -374,8 +374,8 @@ def test_process_audio_mixed_sources(tmp_path):
     write_pcm(tmp_path / "a.wav", x, 16000)
     out = A.process_audio([tmp_path / "a.wav", make_clip(4000)[::2].copy()], sampling_rate=None)
     assert out.num_tokens == [25, A.num_audio_tokens(2000)]
-    out8 = A.process_audio([make_clip(8000)], sampling_rate=8000)
-    assert out8.num_tokens == [A.num_audio_tokens(16000)] == [25]
+    out8 = A.process_audio([make_clip(8000), tmp_path / "a.wav"], sampling_rate=8000)  # rate: arrays only
+    assert out8.num_tokens == [A.num_audio_tokens(16000), 25] == [25, 25]
     assert out.input_features.shape[0] == 2 and out.input_features_mask.shape == out.input_features.shape[:2]
 
 

@@ -386,7 +386,7 @@ class AudioInputs:
 
 
 def process_audio(clips, sampling_rate: int | None = None, cfg: FeatureConfig = FeatureConfig()) -> AudioInputs:
-    """One clip or a list of clips (WAV paths or 1-D float arrays) -> model inputs."""
+    """One clip or a list of clips (WAV paths or 1-D float arrays at `sampling_rate`) -> model inputs."""
     if isinstance(clips, (str, os.PathLike, np.ndarray)):
         clips = [clips]
     clips = list(clips)
@@ -394,7 +394,8 @@ def process_audio(clips, sampling_rate: int | None = None, cfg: FeatureConfig = 
         raise AudioError("no audio given")
     if any(np.isscalar(c) and not isinstance(c, str) for c in clips):
         raise TypeError("pass each clip as a 1-D array or a path, not a flat list of numbers")
-    waves = [load_audio(c, sampling_rate, cfg) for c in clips]
+    # sampling_rate describes the arrays; a WAV file carries its own
+    waves = [load_audio(c, None if isinstance(c, (str, os.PathLike)) else sampling_rate, cfg) for c in clips]
     feats, mask = log_mel(waves, cfg)
     counts = [num_audio_tokens(len(w), cfg) for w in waves]
     assert counts == tokens_from_mask(mask), (counts, tokens_from_mask(mask))
