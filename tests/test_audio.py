@@ -206,7 +206,7 @@ def test_mutation_relative_shift_off_by_one(ckpt, ours):
 def test_mutation_clamps_ignored(ckpt, ours):
     for _, mod in ours.named_modules():
         if isinstance(mod, M.ClippableLinear):
-            mod.clipped = False
+            mod.clip = False
     assert batch_error(ckpt[0], ours) > 100 * TOL
 
 

@@ -29,7 +29,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .. import ops
-from .layers import Linear
+from .layers import ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
 _ACTS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu,
          "gelu_pytorch_tanh": ops.gelu_tanh}
@@ -82,35 +82,6 @@ def _clamp(x: mx.array, limit: float) -> mx.array:
     """transformers' `gradient_clipping` clamp: a no-op in fp32/bf16 at 1e10, 65504 in fp16."""
     c = min(limit, float(mx.finfo(x.dtype).max))
     return mx.clip(x, -c, c)
-
-
-class ClippableLinear(nn.Module):
-    """clamp(x, in_min, in_max) -> x W^T -> clamp(out_min, out_max); bounds from the checkpoint."""
-
-    def __init__(self, cfg: AudioConfig, din: int, dout: int):
-        super().__init__()
-        self.linear = Linear(din, dout)
-        self.clipped = cfg.use_clipped_linears
-        if self.clipped:
-            self.input_min, self.input_max = mx.array(-math.inf), mx.array(math.inf)
-            self.output_min, self.output_max = mx.array(-math.inf), mx.array(math.inf)
-
-    def __call__(self, x):
-        if not self.clipped:
-            return self.linear(x)
-        x = mx.clip(x, self.input_min.astype(x.dtype), self.input_max.astype(x.dtype))
-        y = self.linear(x)
-        return mx.clip(y, self.output_min.astype(y.dtype), self.output_max.astype(y.dtype))
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dims: int, eps: float):
-        super().__init__()
-        self.weight = mx.ones((dims,))
-        self.eps = eps
-
-    def __call__(self, x):
-        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
@@ -173,8 +144,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         H = cfg.hidden_size
-        self.ffw_layer_1 = ClippableLinear(cfg, H, 4 * H)
-        self.ffw_layer_2 = ClippableLinear(cfg, 4 * H, H)
+        self.ffw_layer_1 = ClippableLinear(H, 4 * H, cfg.use_clipped_linears)
+        self.ffw_layer_2 = ClippableLinear(4 * H, H, cfg.use_clipped_linears)
         self.pre_layer_norm = RMSNorm(H, NORM_EPS)
         self.post_layer_norm = RMSNorm(H, NORM_EPS)
         self.act = _ACTS[cfg.hidden_act]
@@ -193,10 +164,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         H, self.n_heads, self.head_dim = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
-        self.q_proj = ClippableLinear(cfg, H, H)
-        self.k_proj = ClippableLinear(cfg, H, H)
-        self.v_proj = ClippableLinear(cfg, H, H)
-        self.post = ClippableLinear(cfg, H, H)
+        self.q_proj = ClippableLinear(H, H, cfg.use_clipped_linears)
+        self.k_proj = ClippableLinear(H, H, cfg.use_clipped_linears)
+        self.v_proj = ClippableLinear(H, H, cfg.use_clipped_linears)
+        self.post = ClippableLinear(H, H, cfg.use_clipped_linears)
         self.relative_k_proj = Linear(H, H)
         self.per_dim_scale = mx.zeros((self.head_dim,))
         self.q_scale = self.head_dim ** -0.5 / math.log(2)
@@ -233,8 +204,8 @@ class LightConv1d(nn.Module):
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         H = cfg.hidden_size
-        self.linear_start = ClippableLinear(cfg, H, 2 * H)
-        self.linear_end = ClippableLinear(cfg, H, H)
+        self.linear_start = ClippableLinear(H, 2 * H, cfg.use_clipped_linears)
+        self.linear_end = ClippableLinear(H, H, cfg.use_clipped_linears)
         self.depthwise_conv1d = _DepthwiseWeight(H, cfg.conv_kernel_size)
         self.pre_layer_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.conv_norm = RMSNorm(H, cfg.rms_norm_eps)
@@ -324,18 +295,6 @@ class AudioEncoder(nn.Module):
         return mx.where(mask[..., None], x, mx.zeros((), x.dtype)), mask  # padded frames -> 0
 
 
-class AudioEmbedder(nn.Module):
-    """`model.embed_audio`: weight-less RMSNorm, then a projection to the text hidden size."""
-
-    def __init__(self, dims: int, text_hidden: int, eps: float):
-        super().__init__()
-        self.embedding_projection = Linear(dims, text_hidden)
-        self.eps = eps
-
-    def __call__(self, x):
-        return self.embedding_projection(ops.rms_norm(x, None, self.eps))
-
-
 class AudioModel(nn.Module):
     """Audio tower plus embedder: what the text model needs for its audio placeholders."""
 
@@ -343,7 +302,7 @@ class AudioModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.audio_tower = AudioEncoder(cfg)
-        self.embed_audio = AudioEmbedder(cfg.output_proj_dims, text_hidden_size, cfg.rms_norm_eps)
+        self.embed_audio = MultimodalEmbedder(cfg.output_proj_dims, text_hidden_size, cfg.rms_norm_eps)
 
     def __call__(self, features, mask) -> tuple[mx.array, mx.array]:
         """-> (embeddings (B, T/4, text_hidden), valid-token mask (B, T/4))."""

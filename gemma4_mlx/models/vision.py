@@ -26,7 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import ops
-from .layers import Linear, RMSNorm
+from .layers import CLAMPS as _CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
 
 @dataclass
@@ -67,28 +67,6 @@ class VisionConfig:
         return cfg
 
 
-_CLAMPS = ("input_min", "input_max", "output_min", "output_max")
-
-
-class ClippableLinear(nn.Module):
-    """clamp(x, in_min, in_max) -> x W^T -> clamp(., out_min, out_max); the four scalars
-    are checkpoint buffers (±inf when absent).  Without clipping: a plain linear."""
-
-    def __init__(self, d_in: int, d_out: int, clip: bool):
-        super().__init__()
-        self.linear = Linear(d_in, d_out)
-        self.clip = clip
-        if clip:
-            for name in _CLAMPS:
-                setattr(self, name, mx.array(-math.inf if name.endswith("min") else math.inf))
-
-    def __call__(self, x):
-        if self.clip:
-            x = mx.minimum(mx.maximum(x, self.input_min.astype(x.dtype)), self.input_max.astype(x.dtype))
-        y = self.linear(x)
-        if self.clip:
-            y = mx.minimum(mx.maximum(y, self.output_min.astype(y.dtype)), self.output_max.astype(y.dtype))
-        return y
 
 
 def axial_rope_tables(positions: mx.array, head_dim: int, theta: float, dtype) -> tuple[mx.array, mx.array]:
@@ -254,18 +232,6 @@ def real_patches(position_ids: np.ndarray, k: int, table_size: int) -> int:
         raise ValueError(f"pixel_position_ids: patches must form a full grid with sides divisible by {k} "
                          f"(got {n} patches spanning {w}x{h})")
     return n
-
-
-class MultimodalEmbedder(nn.Module):
-    """Soft tokens -> text space: weight-less RMSNorm, then a bias-free projection."""
-
-    def __init__(self, d_in: int, d_out: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.embedding_projection = Linear(d_in, d_out)
-
-    def __call__(self, x):
-        return self.embedding_projection(ops.rms_norm(x, None, self.eps))
 
 
 class VisionModel(nn.Module):
