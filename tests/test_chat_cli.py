@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,16 @@ def get_weather(city: str) -> dict:
 '''
 
 
+def _sigint_default():
+    # A suite started in the background (`cmd &` without job control) ignores SIGINT,
+    # and children inherit that; a person at a terminal never has it ignored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(*args):
     child = pexpect.spawn(sys.executable, ["-m", "gemma4_mlx", "chat", *args], env=ENV,
-                          encoding="utf-8", timeout=60, dimensions=(50, 200))
+                          encoding="utf-8", timeout=60, dimensions=(50, 200),
+                          preexec_fn=_sigint_default)
     return child
 
 
