@@ -45,3 +45,10 @@ bench-spec: install-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/_work
+
+# Resident memory of E2B/E4B/26B-A4B/31B in BF16, SFP8 and Q4_0 next to Google's table (issue #3);
+# ~37 min on 2 CPU cores, needs ~35 GB free disk.  BENCH_MEMORY_ARGS: e.g. --variants e2b --formats q4_0
+.PHONY: bench-memory
+BENCH_MEMORY_ARGS ?=
+bench-memory: install-test
+	$(BIN)/python bench/bench_memory.py $(BENCH_MEMORY_ARGS)
