@@ -120,9 +120,8 @@ class _Cache:
                 buf = getattr(self, name)
                 region = buf[..., self._start:self._end, :]
                 buf[..., self._start:self._end, :] = mx.take_along_axis(region, idx, axis=2)
-        self._check_rows()
 
-    def _check_rows(self) -> None:
+    def check_rows(self) -> None:
         """Refuse a state in which some row lost keys its next query needs."""
         if self.window is None:
             return
@@ -299,6 +298,11 @@ def commit_caches(caches, accepted, drafted: int) -> None:
         if c is not None:
             c.trim(drafted - top)
             c.roll(shifts)
+    # Every sliding cache has the same geometry: one check (it reads back to the host)
+    # covers them all.
+    sliding = next((c for c in caches if c is not None and c.window is not None), None)
+    if sliding is not None and any(shifts):
+        sliding.check_rows()
 
 
 def trim_caches(caches, n: int) -> None:

@@ -65,15 +65,21 @@ class SamplingOptions:
                                       repetition_context_size=self.repetition_context_size)
 
 
+def apply_processors(logits: mx.array, histories, processors) -> mx.array:
+    """logits [N, V], one 1-D token history per row (mlx-lm's processors read one
+    row's history, so rows are processed one at a time)."""
+    rows = []
+    for b in range(logits.shape[0]):
+        row = logits[b:b + 1]
+        for p in processors:
+            row = p(histories[b], row)
+        rows.append(row)
+    return mx.concatenate(rows)
+
+
 def _pick(logits, history, sampler, processors):
-    if processors:  # mlx-lm's processors read one row's 1-D history
-        rows = []
-        for b in range(logits.shape[0]):
-            row = logits[b:b + 1]
-            for p in processors:
-                row = p(history[b], row)
-            rows.append(row)
-        logits = mx.concatenate(rows)
+    if processors:
+        logits = apply_processors(logits, history, processors)
     if getattr(sampler, "raw", False):  # ours: argmax / keyed, on the processed logits
         return sampler(logits)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

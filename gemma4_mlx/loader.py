@@ -239,6 +239,28 @@ def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) ->
     model.load_weights(list(weights.items()), strict=False)
 
 
+def drop_tied_head(weights: dict[str, mx.array], folder: Path) -> None:
+    """Gemma 4 models and drafters tie the head to `model.embed_tokens`: a stored
+    `lm_head.weight` is dropped if it is an exact copy, refused otherwise."""
+    head = weights.pop("lm_head.weight", None)
+    if head is not None:
+        emb = weights.get("model.embed_tokens.weight")
+        if emb is None or emb.shape != head.shape or not mx.array_equal(emb, head).item():
+            raise LoadError(f"{folder}: lm_head.weight differs from embed_tokens.weight; "
+                            "Gemma 4 ties them")
+
+
+def finish(model: nn.Module, weights: dict[str, mx.array], dtype: str | None, folder: Path) -> None:
+    """Assign the checked weights, tell quantized tables the activation dtype, eval mode."""
+    check_and_assign(model, weights, str(folder))
+    norm = weights.get("model.norm.weight")
+    act = DTYPES[dtype] if dtype is not None else (norm.dtype if norm is not None else None)
+    for _, m in model.named_modules():
+        if hasattr(m, "out_dtype"):
+            m.out_dtype = act  # quantized tables return rows in the activation dtype
+    model.eval()
+
+
 # -- memory-mapped PLE table ------------------------------------------------
 # E2B/E4B's per-layer-embedding table (4.7/5.6 GB bf16) is only row-gathered, so by
 # default it stays mapped in its safetensors file instead of in MLX memory (spec
@@ -291,12 +313,7 @@ def load_model(path: str | Path, dtype: str | None = None,
         ple_src = next(((f, k) for k in raw if rename(k) == PLE_KEY), ple_src)
         weights.update(sanitize(raw, model))
         del raw
-    head = weights.pop("lm_head.weight", None)
-    if head is not None:
-        emb = weights.get("model.embed_tokens.weight")
-        if emb is None or emb.shape != head.shape or not mx.array_equal(emb, head).item():
-            raise LoadError(f"{folder}: lm_head.weight differs from embed_tokens.weight; "
-                            "Gemma 4 ties them")
+    drop_tied_head(weights, folder)
     q = quantization_block(config.raw, str(folder / "config.json"))
     if q is not None:
         apply_quantization(model, weights, q, str(folder))
@@ -306,13 +323,7 @@ def load_model(path: str | Path, dtype: str | None = None,
     if dtype is not None:
         target = DTYPES[dtype]
         weights = {k: _cast(k, v, target) for k, v in weights.items()}
-    check_and_assign(model, weights, str(folder))
-    norm = weights.get("model.norm.weight")
-    act = DTYPES[dtype] if dtype is not None else (norm.dtype if norm is not None else None)
-    for _, m in model.named_modules():
-        if hasattr(m, "out_dtype"):
-            m.out_dtype = act  # quantized tables return rows in the activation dtype
-    model.eval()
+    finish(model, weights, dtype, folder)
     return model, config
 
 
@@ -401,11 +412,7 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
                  "enabled" if has_centroids else "disabled")
         cfg.use_ordered_embeddings = has_centroids
     model = Drafter(cfg)
-    head = weights.pop("lm_head.weight", None)
-    if head is not None:
-        emb = weights.get(f"{_HEAD}.weight")
-        if emb is None or emb.shape != head.shape or not mx.array_equal(emb, head).item():
-            raise LoadError(f"{folder}: lm_head.weight differs from {_HEAD}.weight; the drafter ties them")
+    drop_tied_head(weights, folder)
     q = quantization_block(raw, str(cfg_file))
     if q is not None:
         apply_quantization(model, weights, q, str(folder))
@@ -427,13 +434,7 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
         else:
             log.warning("%s: %s is not a permutation of the vocabulary; using the slower "
                         "unordered candidate gather", folder, TOKEN_ORDERING_KEY)
-    check_and_assign(model, weights, str(folder))
-    norm = weights.get("model.norm.weight")
-    act = DTYPES[dtype] if dtype is not None else (norm.dtype if norm is not None else None)
-    for _, m in model.named_modules():
-        if hasattr(m, "out_dtype"):
-            m.out_dtype = act
-    model.eval()
+    finish(model, weights, dtype, folder)
     return model
 
 

@@ -23,7 +23,7 @@ import mlx.core as mx
 from .cache import cache_offset, commit_caches, draft_view, trim_caches
 from .config import FULL
 from .draft_policy import DraftPolicy, expected_tokens
-from .generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, prefill_hidden
+from .generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, apply_processors, prefill_hidden
 from .models.assistant import check_pair, producer_layers
 from .positioned_sampler import PositionedSampler
 
@@ -128,19 +128,14 @@ def pick(sampler: PositionedSampler, processors, logits: mx.array, rows: Sequenc
     (penalties) see the history plus the drafts before position j (spec §8.5).
     """
     B, T, V = logits.shape
+    logits = logits.reshape(B * T, V)
     if processors:
-        rows_out = []
-        for b in range(B):
-            for j in range(T):
-                hist = mx.array(histories[b] + (drafts[b][:j] if drafts else []))
-                x = logits[b, j][None]
-                for p in processors:
-                    x = p(hist, x)
-                rows_out.append(x)
-        logits = mx.concatenate(rows_out).reshape(B, T, V)
+        hists = [mx.array(histories[b] + (drafts[b][:j] if drafts else []))
+                 for b in range(B) for j in range(T)]
+        logits = apply_processors(logits, hists, processors)
     flat_rows = [r for r in rows for _ in range(T)]
     flat_index = [i + j for i in index for j in range(T)]
-    return sampler(logits.reshape(B * T, V), flat_rows, flat_index).reshape(B, T)
+    return sampler(logits, flat_rows, flat_index).reshape(B, T)
 
 
 def accepted_counts(drafts: list[list[int]], picks: list[list[int]]) -> list[int]:

@@ -87,3 +87,15 @@ def test_snapshot_restore(model):
     got = model(mx.array([ids[9:14]]), cache)[0]
     want = model(mx.array([ids]))[0, 9:]
     assert max_diff(got, want) < TOL
+
+
+def test_ragged_commit_refuses_rows_that_lose_window_keys():
+    from gemma4_mlx.cache import SlidingKVCache, commit_caches
+
+    c = SlidingKVCache(window=4, max_rollback=2)
+    k = mx.random.normal((2, 1, 12, 8))
+    c.update_and_fetch(k, k)
+    commit_caches([c], accepted=[3, 2], drafted=3)  # shift 1 of row 1: within the slack
+    c.update_and_fetch(k[:, :, :4], k[:, :, :4])
+    with pytest.raises(ValueError, match="raise max_rollback"):
+        commit_caches([c], accepted=[3, 0], drafted=3)  # row 1 would keep too few keys
