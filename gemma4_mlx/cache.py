@@ -220,17 +220,38 @@ class Mask:
     q_start: int
     k_start: int
     window: int | None
+    ahead: bool = False  # some queries see later keys (bidirectional image blocks)
 
     def last(self, n: int) -> "Mask":
         """The mask of the last n queries only."""
         cut = self.array.shape[2] - n
-        return Mask(self.array[..., cut:, :], self.q_start + cut, self.k_start, self.window)
+        return Mask(self.array[..., cut:, :], self.q_start + cut, self.k_start, self.window,
+                    self.ahead)
 
     def key_range(self, a: int, b: int) -> tuple[int, int]:
         """Key indices [lo, hi) that queries a..b-1 may see."""
-        hi = self.q_start + b - self.k_start
+        hi = self.array.shape[3] if self.ahead else self.q_start + b - self.k_start
         lo = 0 if self.window is None else max(0, self.q_start + a - self.window + 1 - self.k_start)
         return lo, min(hi, self.array.shape[3])
+
+    def with_blocks(self, blocks) -> "Mask":
+        """Add bidirectional attention inside blocks (multimodal spec §3.3).
+
+        blocks: block id per query ([T] ints, -1 outside any block).  The queries
+        are the newest T keys; a block never continues from an earlier chunk, so
+        older keys are in no block.  Within a block a query sees every key, later
+        ones too, except past keys beyond the window: `(q - k < W) and (k <= q or
+        same block)`, as transformers builds it.
+        """
+        T, S = self.array.shape[2], self.array.shape[3]
+        bq = mx.array(blocks)
+        bk = mx.concatenate([mx.full((S - T,), -1, bq.dtype), bq])
+        same = (bq[:, None] == bk[None, :]) & (bq[:, None] >= 0)
+        if self.window is not None:
+            q = mx.arange(self.q_start, self.q_start + T)[:, None]
+            k = mx.arange(self.k_start, self.k_start + S)[None, :]
+            same = same & (q - k < self.window)
+        return Mask(self.array | same, self.q_start, self.k_start, self.window, ahead=True)
 
 
 def build_mask(offset: int, key_start: int, n_new: int, window: int | None,

@@ -34,6 +34,11 @@ _CORE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 SUPPORTED_TYPES = ("gemma4", "gemma4_text")
 
 
+# config.json names them `<name>_token_id` (eoa also `eoa_token_index`).
+MEDIA_TOKEN_IDS = {"image": 258880, "audio": 258881, "video": 258884, "boi": 255999,
+                   "eoi": 258882, "boa": 256000, "eoa": 258883}
+
+
 class ConfigError(ValueError):
     """A config.json that cannot describe a Gemma 4 text model."""
 
@@ -195,6 +200,14 @@ class ModelConfig:
     text: TextConfig
     model_type: str
     raw: dict = field(repr=False, default_factory=dict)
+
+    @property
+    def media_ids(self) -> dict[str, int]:
+        """Multimodal token ids (multimodal spec §1.1), from the wrapper config."""
+        r = self.raw
+        out = {k: int(r.get(k + "_token_id", d)) for k, d in MEDIA_TOKEN_IDS.items()}
+        out["eoa"] = int(r.get("eoa_token_id", r.get("eoa_token_index", out["eoa"])))
+        return out
 
     @property
     def eos_ids(self) -> list[int]:

@@ -16,29 +16,37 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 DEFAULT_PREFILL_CHUNK = 512
 
 
-def prefill(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK) -> mx.array:
+def prefill(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK,
+            media=None) -> mx.array:
     """Feed `ids` [B, T] into `cache`; return the last position's logits [B, V].
 
     Every chunk but the last only fills the caches: it skips the KV-shared layers
     and the LM head, whose outputs nobody reads.
+    media: `MediaRows` for the placeholders in `ids` (one prompt, B = 1).
     """
-    logits, _ = prefill_hidden(model, ids, cache, chunk_size)
+    logits, _ = prefill_hidden(model, ids, cache, chunk_size, media)
     return logits
 
 
-def prefill_hidden(model, ids: mx.array, cache,
-                   chunk_size: int = DEFAULT_PREFILL_CHUNK) -> tuple[mx.array, mx.array]:
+def prefill_hidden(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK,
+                   media=None) -> tuple[mx.array, mx.array]:
     """`prefill`, also returning the final-norm hidden [B, H] of the last position
-    (what an MTP drafter is seeded with)."""
+    (what an MTP drafter is seeded with).  A chunk never splits an image, frame
+    or audio run: bidirectional image blocks must be seen whole (spec §3.3)."""
     T = ids.shape[1]
     if chunk_size <= 0:
         raise ValueError(f"prefill chunk size must be positive, got {chunk_size}")
     start = 0
     while T - start > chunk_size:
-        model.fill_cache(ids[:, start:start + chunk_size], cache)
+        end = start + chunk_size if media is None else media.cut(start, start + chunk_size)
+        if end >= T:
+            break
+        part = None if media is None else media.window(start, end)
+        model.fill_cache(ids[:, start:end], cache, media=part)
         mx.eval([c.state for c in cache if c is not None])
-        start += chunk_size
-    h = model.model(ids[:, start:], cache, keep=1)
+        start = end
+    part = None if media is None else media.window(start, T)
+    h = model.model(ids[:, start:], cache, keep=1, media=part)
     return model.logits(h)[:, -1], h[:, -1]
 
 
@@ -107,10 +115,11 @@ def _sampler(options: SamplingOptions, rows: list[int]) -> Callable:
 def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
                     options: SamplingOptions | None = None, stop_ids: Sequence[int] = (),
                     cache=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    stats: "Stats | None" = None) -> Iterator[int]:
+                    stats: "Stats | None" = None, media=None) -> Iterator[int]:
     """Yield generated token ids for one prompt, stopping on any of `stop_ids`.
 
     The stop token itself is yielded (callers decide whether to show it).
+    media: `MediaRows` for the placeholders in `prompt` (`MediaPrompt.rows`).
     """
     options = options or SamplingOptions()
     sampler, processors = _sampler(options, [0]), options.processors()
@@ -121,7 +130,7 @@ def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
     ids = mx.array([list(prompt)])
     history = ids
     t0 = time.perf_counter()
-    logits = prefill(model, ids, cache, prefill_chunk)
+    logits = prefill(model, ids, cache, prefill_chunk, media)
     token = _pick(logits, history, sampler, processors)
     mx.eval(token)
     if stats is not None:
@@ -214,15 +223,26 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
                     min_p: float = 0.0, repetition_penalty: float | None = None,
                     seed: int | None = None, chat: bool = True,
                     prefill_chunk: int = DEFAULT_PREFILL_CHUNK, draft_model=None,
-                    draft_tokens: int | str = "auto") -> Iterator[Chunk]:
+                    draft_tokens: int | str = "auto", images=(), audio=(), videos=(),
+                    image_budget: int | None = None, media_processor=None) -> Iterator[Chunk]:
     """Stream text chunks; stops on the model's end-of-turn / end-of-text ids.
 
     draft_model: an MTP drafter (`load_drafter`) for speculative decoding; the
     output is unchanged (greedy, or sampling with the same seed), only faster.
     draft_tokens: tokens drafted per round, or "auto" (cost-aware).
+    images / audio / videos: media for a text prompt (paths, arrays, PIL images or
+    `multimodal.Image/Audio/Video`), placed before the text in the user turn;
+    image_budget: soft tokens per image (70, 140, 280, 560, 1120).
     """
     options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
-    ids = encode_prompt(tokenizer, prompt, chat)
+    media = None
+    if images or audio or videos:
+        from .multimodal import media_prompt
+
+        ids, media = media_prompt(model, tokenizer, prompt, images, audio, videos, chat=chat,
+                                  image_budget=image_budget, processor=media_processor)
+    else:
+        ids = encode_prompt(tokenizer, prompt, chat)
     stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
     stats = Stats()
     detok = tokenizer.detokenizer
@@ -235,10 +255,11 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
         tokens = speculative_generate_tokens(model, draft_model, ids, max_tokens=max_tokens,
                                              options=options, stop_ids=stop,
                                              draft_tokens=draft_tokens, prefill_chunk=prefill_chunk,
-                                             stats=stats, spec_stats=stats.speculative)
+                                             stats=stats, spec_stats=stats.speculative, media=media)
     else:
         tokens = generate_tokens(model, ids, max_tokens=max_tokens, options=options,
-                                 stop_ids=stop, prefill_chunk=prefill_chunk, stats=stats)
+                                 stop_ids=stop, prefill_chunk=prefill_chunk, stats=stats,
+                                 media=media)
     for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         if tok in stop:

@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig, read_config
+from .models.layers import CLAMPS
 from .models.ple_table import MappedTable
 from .models.text import Model
 from .safetensors_header import read_header
@@ -67,8 +68,11 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
 
 _PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
              ("language_model.", ""))
-_SKIP = re.compile(r"^(model\.)?(vision_tower|embed_vision|audio_tower|embed_audio|"
-                   r"multi_modal_projector)\.|rotary_emb|\.v_norm\.")
+_SKIP = re.compile(r"^(model\.)?multi_modal_projector\.|rotary_emb|\.v_norm\.")
+# Tower tensors in checkpoint naming (HF `model.vision_tower.*`, mlx-vlm `vision_tower.*`)
+# and in ours (`vision.vision_tower.*`, what `gemma4-mlx convert` writes).
+_TOWER = re.compile(r"^(?:model\.)?(vision_tower|embed_vision|audio_tower|embed_audio)\.")
+_OURS = re.compile(r"^(vision|audio)\.")
 
 
 def rename(key: str) -> str:
@@ -90,9 +94,19 @@ def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = No
     tensors) and "shared_kv" (unused K/V of KV-shared layers).
     """
     cfg = model.config
-    out = {}
+    out, towers = {}, {"vision": {}, "audio": {}}
     dropped_shared = skipped = 0
     for key, value in weights.items():
+        tower = _TOWER.match(key) or _OURS.match(key)
+        if tower:
+            name = "vision" if "vision" in tower.group(1) else "audio"
+            if name not in model:  # text-only model (or a checkpoint with extra towers)
+                skipped += 1
+            elif _OURS.match(key):
+                out[key] = value
+            else:
+                towers[name][key] = value
+            continue
         key = rename(key)
         if _SKIP.search(key):
             skipped += 1
@@ -113,6 +127,12 @@ def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = No
         if key.endswith(".experts.down_proj"):
             key += ".weight"
         out[key] = value
+    if towers["vision"]:
+        out.update(("vision." + k, v) for k, v in model.vision.sanitize(towers["vision"]).items())
+    if towers["audio"]:
+        from .models.audio import sanitize as audio_sanitize
+
+        out.update(("audio." + k, v) for k, v in audio_sanitize(towers["audio"]).items())
     if dropped_shared:
         log.info("dropped %d unused KV-shared-layer tensors", dropped_shared)
     if stats is not None:
@@ -219,6 +239,8 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
 def _cast(key: str, v: mx.array, target) -> mx.array:
     if not mx.issubdtype(v.dtype, mx.floating) or v.dtype == target:
         return v
+    if key.endswith(CLAMPS):
+        return v  # the towers' clamp bounds stay float32 (multimodal spec §6.3)
     if key.endswith(_QUANT_META) and target != mx.float32:
         return v  # never narrow quantization metadata (fp16 Q4_0 scales are lossy in bf16)
     return v.astype(target)
@@ -232,7 +254,8 @@ def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) ->
         if tuple(value.shape) != tuple(expected[key].shape):
             raise LoadError(f"{source}: tensor {key} has shape {tuple(value.shape)}, "
                             f"config says {tuple(expected[key].shape)}")
-    missing = [k for k in expected if k not in weights]
+    # Clamp bounds absent from a checkpoint keep their default (+-inf: no clamp).
+    missing = [k for k in expected if k not in weights and not k.endswith(CLAMPS)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise LoadError(f"{source}: missing tensor {missing[0]}{more}")
@@ -292,10 +315,12 @@ def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, s
 
 # -- public API -------------------------------------------------------------
 
-def load_model(path: str | Path, dtype: str | None = None,
-               map_ple: bool = False) -> tuple[Model, ModelConfig]:
+def load_model(path: str | Path, dtype: str | None = None, map_ple: bool = False,
+               text_only: bool = False) -> tuple[Model, ModelConfig]:
     """map_ple: keep an unquantized PLE table memory-mapped (see `map_ple_table`).
-    Off here so `info.resident_bytes` and weight-level tooling see every tensor."""
+    Off here so `info.resident_bytes` and weight-level tooling see every tensor.
+    text_only: leave the vision/audio towers out.  (With them, their weights stay
+    lazily mapped until the first image or clip is encoded.)"""
     folder = Path(path)
     if not folder.is_dir():
         raise LoadError(f"{folder}: not a folder")
@@ -303,7 +328,10 @@ def load_model(path: str | Path, dtype: str | None = None,
         config = read_config(folder)
     except ConfigError as e:
         raise LoadError(str(e)) from None
-    model = Model(config.text)
+    try:
+        model = Model.from_config(config, text_only=text_only)
+    except ValueError as e:
+        raise LoadError(f"{folder / 'config.json'}: {e}") from None
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     weights: dict[str, mx.array] = {}
@@ -324,6 +352,7 @@ def load_model(path: str | Path, dtype: str | None = None,
         target = DTYPES[dtype]
         weights = {k: _cast(k, v, target) for k, v in weights.items()}
     finish(model, weights, dtype, folder)
+    model.folder = folder  # where processor_config.json (image budget, audio front end) lives
     return model, config
 
 
@@ -352,16 +381,18 @@ def resolve_path(path_or_repo: str) -> Path:
     raise LoadError(f"{path_or_repo}: no such folder")
 
 
-def load(path: str | Path, dtype: str | None = None, map_ple: bool = True):
+def load(path: str | Path, dtype: str | None = None, map_ple: bool = True,
+         text_only: bool = False):
     """Load `(model, tokenizer)` from a checkpoint folder or hub id.
 
     tokenizer is None when the folder ships no tokenizer files.
     dtype: None keeps the stored dtype; "float32" (or "bfloat16", "float16") casts.
     map_ple: with dtype None, serve an unquantized per-layer-embedding table from a
         memory map of its safetensors file instead of MLX memory.
+    text_only: do not build the vision/audio towers.
     """
     folder = resolve_path(str(path))
-    model, config = load_model(folder, dtype, map_ple=map_ple)
+    model, config = load_model(folder, dtype, map_ple=map_ple, text_only=text_only)
     return model, load_tokenizer(folder, config.eos_ids or None)
 
 

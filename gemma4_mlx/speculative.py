@@ -176,7 +176,7 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
               mtp: MTPSettings | None = None, pad_id: int = 0,
               prefill_chunk: int = DEFAULT_PREFILL_CHUNK, max_rollback: int | None = None,
               stats: SpecStats | None = None, draft_override=None,
-              on_commit=None, cache=None) -> Iterator[tuple[int, list[int]]]:
+              on_commit=None, cache=None, media=None) -> Iterator[tuple[int, list[int]]]:
     """Yield (row, new tokens) as rows advance; a row's stop token is yielded and ends it.
 
     draft_tokens: K, or "auto" (cost-aware `DraftPolicy`); 0 is plain decoding.
@@ -187,6 +187,7 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
     on_commit(caches, rows, outputs): called after every round's cache commit.
     cache: continue an existing single-row cache (chat sessions); `prompts[0]` are
         the ids it does not hold yet.  It must allow rollback of K + 1 tokens.
+    media: `MediaRows` of a single prompt's placeholders (only the prefill reads them).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("speculative decoding needs at least one non-empty prompt")
@@ -211,7 +212,9 @@ def speculate(target, drafter, prompts: Sequence[Sequence[int]], *, max_tokens: 
         caches = target.make_cache(max_rollback=max(32, max_rollback or 2 * policy.k_max + 2),
                                    left_pad=pads if any(pads) else None)
     ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts)])
-    logits, h = prefill_hidden(target, ids, caches, prefill_chunk)
+    if media is not None and len(prompts) != 1:
+        raise ValueError("media prompts run one at a time")
+    logits, h = prefill_hidden(target, ids, caches, prefill_chunk, media)
     if max_tokens <= 0:  # as plain decoding: the prompt is in the cache, nothing is emitted
         return
     live = list(range(len(prompts)))

@@ -80,3 +80,34 @@ def build_hf(tower: str, seed: int = 0):
 def hf_image_processor(budget: int = 70, patch_size: int = 4):
     return transformers.Gemma4ImageProcessorPil(patch_size=patch_size, max_soft_tokens=budget,
                                                 pooling_kernel_size=3)
+
+
+def randomize_text(module, seed: int) -> None:
+    """Text weights random: norms and router scales U(0.5, 1.5), layer scalars U(0.3, 1.3)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name or name.endswith(("router.scale", "per_expert_scale")):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, b in module.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.3)
+
+
+def randomize_audio(module, seed: int) -> None:
+    """Every audio parameter random (norm weights U(0.5, 1.5)); clamp bounds finite (|b| in 1..3)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        for name, b in module.named_buffers():
+            r = float(torch.rand((), generator=g)) * 2 + 1
+            if name.endswith(("input_max", "output_max")):
+                b.fill_(r)
+            elif name.endswith(("input_min", "output_min")):
+                b.fill_(-r)

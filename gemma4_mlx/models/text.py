@@ -11,10 +11,14 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
+import numpy as np
+
 from .. import ops
 from ..cache import build_mask, make_caches
-from ..config import FULL, LayerSpec, TextConfig
-from .layers import Linear, RMSNorm
+from ..config import FULL, MEDIA_TOKEN_IDS, LayerSpec, ModelConfig, TextConfig
+from .audio import AudioConfig, AudioModel
+from .layers import CLAMPS, Linear, RMSNorm
+from .vision import VisionConfig, VisionModel
 from .moe import Experts, Router
 from .quantized import QEmbedding, table_dtype
 
@@ -159,6 +163,23 @@ class TextModel(nn.Module):
         dt = table_dtype(self.embed_tokens)  # a quantized table stores uint32 codes
         return self.embed_tokens(ids) * mx.array(math.sqrt(self.cfg.hidden_size), dt)
 
+    def merge_media(self, ids: mx.array, media) -> tuple[mx.array, mx.array]:
+        """Embeddings with soft tokens written into the placeholder rows (spec §3.2).
+
+        Returns (ids with placeholders -> pad, merged embeddings).  Soft tokens are
+        not scaled by sqrt(H).  The PLE token part then reads the pad id at the
+        placeholders and its context part the merged embeddings (spec §3.2 step 5).
+        """
+        B, T = ids.shape
+        if B != 1:
+            raise ValueError(f"media prompts run one at a time, got a batch of {B}")
+        is_media = np.zeros(T, dtype=bool)
+        is_media[media.index] = True
+        ids = mx.where(mx.array(is_media)[None], self.cfg.pad_token_id, ids)
+        x = self.embed(ids)
+        x[:, mx.array(media.index)] = media.rows.astype(x.dtype)[None]
+        return ids, x
+
     def per_layer_inputs(self, ids: mx.array, x0: mx.array) -> mx.array:
         cfg = self.cfg
         P, L, H = cfg.hidden_size_per_layer_input, cfg.num_hidden_layers, cfg.hidden_size
@@ -171,18 +192,26 @@ class TextModel(nn.Module):
 
     # -- forward -------------------------------------------------------------
     def __call__(self, ids: mx.array, cache=None, keep: int | None = None,
-                 stop_at_shared: bool = False, input_embeddings: mx.array | None = None):
+                 stop_at_shared: bool = False, input_embeddings: mx.array | None = None,
+                 media=None):
         """Hidden states after the final norm.
 
         keep: only the last `keep` positions are needed; from the first KV-shared
             layer on the stream is cut to them (exact: consumers write no cache).
         stop_at_shared: a prefill chunk whose outputs nobody reads; the consumer
             layers and the final norm are skipped (returns None).
+        media: `MediaRows` of this slice (placeholder rows and image blocks).
         """
         cfg = self.cfg
         B, T = ids.shape
-        x = self.embed(ids) if input_embeddings is None else input_embeddings
+        if media is not None:
+            ids, x = self.merge_media(ids, media)
+        else:
+            x = self.embed(ids) if input_embeddings is None else input_embeddings
         ple = self.per_layer_inputs(ids, x) if cfg.hidden_size_per_layer_input else None
+        blocks = None
+        if media is not None and cfg.use_bidirectional_attention == "vision":
+            blocks = media.block_ids(T)  # 26B/31B: images bidirectional on sliding layers
         if cache is None:
             cache = [None] * len(self.layers)
         masks, offsets = {}, {}
@@ -197,6 +226,8 @@ class TextModel(nn.Module):
             else:
                 masks[s.type] = c.mask(T)
                 offsets[s.type] = c.positions()
+            if blocks is not None and window is not None:
+                masks[s.type] = masks[s.type].with_blocks(blocks)
         shared = {}
         for i, layer in enumerate(self.layers):
             s = layer.spec
@@ -222,15 +253,45 @@ class TextModel(nn.Module):
 
 
 class Model(nn.Module):
-    """Gemma 4 causal LM: `model(input_ids, cache=None) -> logits [B, T, vocab]`."""
+    """Gemma 4 causal LM: `model(input_ids, cache=None) -> logits [B, T, vocab]`.
 
-    def __init__(self, cfg: TextConfig):
+    With a vision / audio config it also owns the towers (`vision`, `audio`) that
+    turn media into the soft-token rows `media=` carries into the decoder.
+    """
+
+    def __init__(self, cfg: TextConfig, vision: VisionConfig | None = None,
+                 audio: AudioConfig | None = None, media_ids: dict | None = None):
         super().__init__()
         self.config = cfg
         self.model = TextModel(cfg)
+        self.media_ids = dict(media_ids or MEDIA_TOKEN_IDS)
+        if vision is not None:
+            self.vision = VisionModel(vision, cfg.hidden_size)
+        if audio is not None:
+            self.audio = AudioModel(audio, cfg.hidden_size)
 
-    def __call__(self, input_ids: mx.array, cache=None, logits_to_keep: int | None = None):
-        h = self.model(input_ids, cache, keep=logits_to_keep)
+    @classmethod
+    def from_config(cls, config: ModelConfig, text_only: bool = False) -> "Model":
+        """The model a config.json describes; text_only leaves the towers out."""
+        raw = config.raw
+        vision = audio = None
+        if not text_only and raw.get("vision_config"):
+            vision = VisionConfig.from_dict(raw["vision_config"])
+        if not text_only and raw.get("audio_config"):
+            audio = AudioConfig.from_dict(raw["audio_config"])
+        return cls(config.text, vision, audio, config.media_ids)
+
+    @property
+    def has_vision(self) -> bool:
+        return "vision" in self
+
+    @property
+    def has_audio(self) -> bool:
+        return "audio" in self
+
+    def __call__(self, input_ids: mx.array, cache=None, logits_to_keep: int | None = None,
+                 media=None):
+        h = self.model(input_ids, cache, keep=logits_to_keep, media=media)
         return self.logits(h)
 
     def logits(self, h: mx.array) -> mx.array:
@@ -239,9 +300,9 @@ class Model(nn.Module):
         cap = self.config.final_logit_softcapping
         return ops.softcap(out, cap) if cap else out.astype(mx.float32)
 
-    def fill_cache(self, input_ids: mx.array, cache) -> None:
+    def fill_cache(self, input_ids: mx.array, cache, media=None) -> None:
         """Run a prefill chunk only for its cache writes (no logits computed)."""
-        self.model(input_ids, cache, stop_at_shared=True)
+        self.model(input_ids, cache, stop_at_shared=True, media=media)
 
     def make_cache(self, *, max_rollback: int = 32, left_pad=None) -> list:
         c = self.config
@@ -252,9 +313,11 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def num_parameters(self) -> int:
-        """Learned parameters (layer_scalar is a buffer, as in the reference)."""
+    def num_parameters(self, towers: bool = False) -> int:
+        """Learned parameters of the text model (layer_scalar and the towers' clamp
+        scalars are buffers, as in the reference); towers=True adds the towers."""
         from mlx.utils import tree_flatten
 
-        return sum(v.size for k, v in tree_flatten(self.parameters())
-                   if not k.endswith("layer_scalar"))
+        params = self.parameters() if towers else {"model": self.model.parameters()}
+        return sum(v.size for k, v in tree_flatten(params)
+                   if not k.endswith(("layer_scalar",) + CLAMPS))
