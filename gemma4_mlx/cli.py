@@ -63,6 +63,24 @@ def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, q
     return drafter, k
 
 
+IMAGE_HELP = "Image file for the prompt (repeatable)."
+AUDIO_HELP = "Audio file, up to 30 s: WAV, FLAC, MP3, M4A, Ogg (repeatable; E2B/E4B)."
+VIDEO_HELP = "Video file, up to 60 s; frames sampled as transformers does (repeatable)."
+BUDGET_HELP = "Soft tokens per image / video frame: 70, 140, 280, 560 or 1120 (default: the checkpoint's)."
+
+
+def _media(images, audio, videos, image_budget) -> dict:
+    from .processors.image import check_budget
+
+    if image_budget is not None:
+        try:
+            check_budget(image_budget, "--image-budget")
+        except ValueError as e:
+            fail(str(e))
+    return dict(images=list(images or []), audio=list(audio or []), videos=list(videos or []),
+                image_budget=image_budget)
+
+
 @app.command()
 def generate(
     model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder or Hugging Face repo id."),
@@ -80,10 +98,17 @@ def generate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No statistics on stderr."),
     draft_model: str = typer.Option("auto", "--draft-model", help=DRAFT_MODEL_HELP),
     draft_tokens: str = typer.Option("auto", "--draft-tokens", help=DRAFT_TOKENS_HELP),
+    image: Optional[list[str]] = typer.Option(None, "--image", help=IMAGE_HELP),
+    audio: Optional[list[str]] = typer.Option(None, "--audio", help=AUDIO_HELP),
+    video: Optional[list[str]] = typer.Option(None, "--video", help=VIDEO_HELP),
+    image_budget: Optional[int] = typer.Option(None, "--image-budget", help=BUDGET_HELP),
 ):
     """Generate a completion for one prompt, streamed to stdout."""
     from . import LoadError, load
     from .generate import stream_generate
+    from .multimodal import MediaError
+
+    media = _media(image, audio, video, image_budget)
 
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -99,14 +124,17 @@ def generate(
         fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet)
     stats = None
-    for chunk in stream_generate(m, tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
-                                 top_p=top_p, top_k=top_k, min_p=min_p,
-                                 repetition_penalty=repetition_penalty, seed=seed,
-                                 chat=not raw, prefill_chunk=prefill_chunk,
-                                 draft_model=drafter, draft_tokens=k):
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
-        stats = chunk.stats
+    try:
+        for chunk in stream_generate(m, tokenizer, prompt, max_tokens=max_tokens, temperature=temp,
+                                     top_p=top_p, top_k=top_k, min_p=min_p,
+                                     repetition_penalty=repetition_penalty, seed=seed,
+                                     chat=not raw, prefill_chunk=prefill_chunk,
+                                     draft_model=drafter, draft_tokens=k, **media):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            stats = chunk.stats
+    except MediaError as e:
+        fail(str(e))
     sys.stdout.write("\n")
     if stats is not None and not quiet:
         typer.echo(stats.line(), err=True)
@@ -134,8 +162,13 @@ def chat(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 / bfloat16 / float16."),
     draft_model: str = typer.Option("auto", "--draft-model", help=DRAFT_MODEL_HELP),
     draft_tokens: str = typer.Option("auto", "--draft-tokens", help=DRAFT_TOKENS_HELP),
+    image: Optional[list[str]] = typer.Option(None, "--image", help=IMAGE_HELP + " Sent with the first turn."),
+    audio: Optional[list[str]] = typer.Option(None, "--audio", help=AUDIO_HELP),
+    video: Optional[list[str]] = typer.Option(None, "--video", help=VIDEO_HELP),
+    image_budget: Optional[int] = typer.Option(None, "--image-budget", help=BUDGET_HELP),
 ):
-    """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools)."""
+    """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools, images,
+    audio, video; /image PATH etc. attach media to the next message)."""
     from rich.console import Console
 
     from . import LoadError, load
@@ -144,6 +177,7 @@ def chat(
     from .demo import DEFAULT_REPO, default_model
     from .generate import SamplingOptions
 
+    media = _media(image, audio, video, image_budget)
     err = Console(stderr=True)
     repo = None
     if model is None:
@@ -165,10 +199,15 @@ def chat(
                    thinking_budget=thinking_budget, drafter=drafter, draft_tokens=k)
     if prompt is not None or not sys.stdin.isatty():
         text = sys.stdin.read() if prompt in (None, "-") else prompt
-        raise typer.Exit(one_shot(session, text, as_json=as_json, assume_yes=yes))
+        try:
+            raise typer.Exit(one_shot(session, text, as_json=as_json, assume_yes=yes, media=media))
+        except ValueError as e:  # MediaError and other bad input: one line
+            fail(str(e))
     console = Console()
     console.print("type /help for commands", style="dim")
-    Terminal(session, console, assume_yes=yes).loop()
+    term = Terminal(session, console, assume_yes=yes)
+    term.attach(media)
+    term.loop()
 
 
 @app.command()

@@ -27,6 +27,7 @@ import numpy as np
 from .media import AUDIO, IMAGE, VIDEO, MediaRows
 from .processors import audio as A
 from .processors.image import ImageProcessor, check_budget
+from .processors.video import DEFAULT_NUM_FRAMES, VideoProcessor
 
 log = logging.getLogger(__name__)
 
@@ -95,14 +96,18 @@ class MediaProcessor:
     """Processors plus the model's towers, with an LRU cache of encoded media."""
 
     def __init__(self, model, image: ImageProcessor | None = None,
-                 features: A.FeatureConfig | None = A.FeatureConfig(), video: dict | None = None,
+                 features: A.FeatureConfig | None = A.FeatureConfig(), video: VideoProcessor | None = None,
                  cache_bytes: int = 512 << 20):
         """features: None when the checkpoint's processor config has no
-        `feature_extractor` block: audio is then refused, never ignored (spec §6.3)."""
+        `feature_extractor` block: audio is then refused, never ignored (spec §6.3).
+        video: defaults to 32 frames at budget 70 with the image processor's geometry."""
         self.model = model
         self.image = image or ImageProcessor()
         self.features = features
-        self.video = dict(video or {})
+        if video is None:
+            video = VideoProcessor(num_frames=DEFAULT_NUM_FRAMES, patch_size=self.image.patch_size,
+                                   pooling_kernel_size=self.image.pooling_kernel_size)
+        self.video = video
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, mx.array] = OrderedDict()
 
@@ -117,11 +122,20 @@ class MediaProcessor:
             except json.JSONDecodeError as e:
                 raise MediaError(f"{f}: not valid JSON ({e})") from None
         vision = getattr(getattr(model, "vision", None), "config", None)
-        image = ImageProcessor.from_config(pc, {"default_output_length": getattr(vision, "default_output_length", None)})
+        if pc is None and vision is not None:  # no processor config: the tower's geometry
+            image = ImageProcessor(vision.default_output_length or 280, vision.patch_size,
+                                   vision.pooling_kernel_size)
+        else:
+            image = ImageProcessor.from_config(pc, {"default_output_length": getattr(vision, "default_output_length", None)})
+        if vision is not None and (image.patch_size, image.pooling_kernel_size) != (
+                vision.patch_size, vision.pooling_kernel_size):
+            raise MediaError(f"{f}: patch_size/pooling_kernel_size {image.patch_size}/{image.pooling_kernel_size} "
+                             f"do not match the vision tower's {vision.patch_size}/{vision.pooling_kernel_size}")
         features = A.FeatureConfig()
         if pc is not None:
             features = A.FeatureConfig.from_dict(pc["feature_extractor"]) if "feature_extractor" in pc else None
-        return cls(model, image, features, (pc or {}).get("video_processor"))
+        video = VideoProcessor.from_config(pc) if pc and "video_processor" in pc else None
+        return cls(model, image, features, video)
 
     # -- preparing ---------------------------------------------------------------
     def prepare(self, item) -> Prepared:
@@ -173,23 +187,16 @@ class MediaProcessor:
                         BOA + PLACEHOLDERS["audio"] * n + EOA, encode)
 
     def _video(self, item: Video) -> Prepared:
-        from .processors import video as V
-
         self._need("vision", f"video {_name(item.source)}")
-        budget = item.budget or self.video.get("max_soft_tokens") or V.DEFAULT_BUDGET
-        num_frames = item.num_frames
-        if num_frames is None and item.fps is None:
-            num_frames = self.video.get("num_frames") or V.DEFAULT_NUM_FRAMES
         try:
-            clip = V.read_video(item.source, num_frames=num_frames, fps=item.fps)
-            batch = self.image(clip.frames, check_budget(budget))
-        except ValueError as e:
+            budget = None if item.budget is None else check_budget(item.budget)
+            batch = self.video(item.source, num_frames=item.num_frames, fps=item.fps, video_budget=budget)
+        except ValueError as e:  # VideoError, budget
             raise MediaError(str(e)) from None
-        counts = list(batch.num_soft_tokens)
-        text = V.video_prompt_text(clip.timestamps, counts)
-        digest = _digest("video", batch.budget, clip.timestamps, batch.pixel_values)
+        counts = [batch.num_soft_tokens] * batch.num_frames
+        digest = _digest("video", batch.budget, batch.timestamps, batch.pixel_values)
         vision = self.model.vision
-        return Prepared("video", digest, counts, text,
+        return Prepared("video", digest, counts, batch.prompt_text(),
                         lambda: vision(batch.pixel_values, batch.position_ids)[0])
 
     # -- the prompt --------------------------------------------------------------

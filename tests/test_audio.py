@@ -420,3 +420,153 @@ def test_bad_files(tmp_path):
             A.load_audio(tmp_path / name)
     with pytest.raises(A.AudioError, match="cannot read"):
         A.load_audio(tmp_path / "missing.wav")
+
+
+# -- compressed files through PyAV -----------------------------------------------
+
+def write_encoded(path, x, rate, codec, channels=1):
+    """Encode float samples (n,) or (n, channels) in [-1, 1] with PyAV; FLAC gets the same
+    int16 quantisation as `write_pcm`, so FLAC and WAV hold identical samples."""
+    av = pytest.importorskip("av")
+    x = np.asarray(x, np.float64).reshape(len(x), channels)
+    layout = "mono" if channels == 1 else "stereo"
+    if codec == "flac":
+        pcm = np.clip(np.round(x * 32768), -32768, 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=layout)  # interleaved
+    else:
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(x.T, np.float32), format="fltp", layout=layout)
+    frame.sample_rate, frame.pts = rate, 0
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=rate)
+        s.layout = layout
+        if codec != "flac":
+            s.bit_rate = 128_000  # a usual music rate; FFmpeg's AAC default is much noisier
+        for p in [*s.encode(frame), *s.encode()]:
+            c.mux(p)
+    return path
+
+
+def chirp(n, rate, amp=0.4):
+    t = np.arange(n) / rate
+    return amp * np.sin(2 * np.pi * (200 * t + 700 * t * t))  # 200 Hz .. ~3 kHz in 2 s
+
+
+def snr_db(got, want, max_gain_error=0.1) -> float:
+    """SNR of `got` against `want` after a least-squares gain (LAME scales its input by 0.95)."""
+    n = min(len(got), len(want))
+    g, w = np.asarray(got[:n], np.float64), np.asarray(want[:n], np.float64)
+    gain = np.dot(g, w) / np.dot(g, g)
+    assert abs(gain - 1) < max_gain_error, gain
+    return float(10 * np.log10(np.sum(w ** 2) / np.sum((gain * g - w) ** 2)))
+
+
+@pytest.mark.parametrize("rate", [16000, 44100])
+def test_flac_equals_wav_path(tmp_path, rate):
+    x = chirp(2 * rate, rate)
+    write_pcm(tmp_path / "a.wav", x, rate)
+    write_encoded(tmp_path / "a.flac", x, rate, "flac")
+    got = A.load_audio(tmp_path / "a.flac")
+    assert got.dtype == np.float32 and len(got) == 32000
+    assert np.array_equal(got, A.load_audio(tmp_path / "a.wav"))  # lossless: same samples, same resampler
+    stereo = np.stack([x, -0.5 * x], 1)
+    write_pcm(tmp_path / "s.wav", stereo, rate, 2, channels=2)
+    write_encoded(tmp_path / "s.flac", stereo, rate, "flac", channels=2)
+    assert np.array_equal(A.load_audio(tmp_path / "s.flac"), A.load_audio(tmp_path / "s.wav"))  # channel mean
+
+
+# Lossy codecs: the encoders' priming is trimmed on decoding (LAME tag, MP4 edit list,
+# Opus pre-skip), so samples line up without a search.  Threshold: 20 dB SNR after a gain
+# fit (error amplitude 1/10 of the signal's).  Measured at 128 kb/s: 31-78 dB; the same
+# decode shifted by one sample gives ~3.5 dB, so 20 dB proves alignment and rate.  AAC
+# keeps the padding of its last 1024-sample frame in MP4 here, so its length may exceed
+# the source by up to one frame.
+@pytest.mark.parametrize("codec,ext,rate,extra", [("libmp3lame", "mp3", 44100, 0), ("libmp3lame", "mp3", 16000, 0),
+                                                  ("aac", "m4a", 44100, 1024), ("aac", "m4a", 16000, 1024),
+                                                  ("libopus", "ogg", 48000, 0), ("libopus", "opus", 16000, 0)])
+def test_lossy_formats(tmp_path, codec, ext, rate, extra):
+    x = chirp(2 * rate, rate)
+    got = A.load_audio(write_encoded(tmp_path / f"a.{ext}", x, rate, codec))
+    want = A.resample(x.astype(np.float32), rate)
+    assert got.dtype == np.float32 and 32000 <= len(got) <= 32000 + math.ceil(extra * 16000 / rate)
+    assert snr_db(got, want) > 20, snr_db(got, want)
+    assert np.corrcoef(got[:32000], want)[0, 1] > 0.99
+
+
+def test_video_soundtrack_and_no_audio(tmp_path):
+    av = pytest.importorskip("av")
+    x = chirp(32000, 16000)
+    with av.open(str(tmp_path / "v.mp4"), "w") as c:
+        v = c.add_stream("mpeg4", rate=10)
+        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        a = c.add_stream("aac", rate=16000)
+        a.layout = "mono"
+        fr = av.AudioFrame.from_ndarray(x.astype(np.float32)[None], format="fltp", layout="mono")
+        fr.sample_rate, fr.pts = 16000, 0
+        for p in [*a.encode(fr), *a.encode()]:
+            c.mux(p)
+        for i in range(20):
+            for p in v.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), i, np.uint8), format="rgb24")):
+                c.mux(p)
+        for p in v.encode():
+            c.mux(p)
+    got = A.load_audio(tmp_path / "v.mp4")
+    assert 32000 <= len(got) <= 33024 and snr_db(got, x) > 20
+    with av.open(str(tmp_path / "mute.mkv"), "w") as c:
+        v = c.add_stream("mpeg4", rate=10)
+        v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
+        for p in [*v.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")),
+                  *v.encode()]:
+            c.mux(p)
+    with pytest.raises(A.AudioError, match="mute.mkv: no audio stream"):
+        A.load_audio(tmp_path / "mute.mkv")
+
+
+def test_compressed_too_long(tmp_path):
+    write_encoded(tmp_path / "31s.flac", np.zeros(8000 * 31), 8000, "flac")
+    with pytest.raises(A.AudioError, match=r"31s.flac: 31.00 s of audio; Gemma 4 takes at most 30 s"):
+        A.load_audio(tmp_path / "31s.flac")
+    # decoding stops one second past the limit; the message gives the header's duration
+    write_encoded(tmp_path / "45s.flac", np.zeros(8000 * 45), 8000, "flac")
+    with pytest.raises(A.AudioError, match=r"45s.flac: 45.00 s of audio; Gemma 4 takes at most 30 s"):
+        A.load_audio(tmp_path / "45s.flac")
+    write_encoded(tmp_path / "30s.flac", np.zeros(8000 * 30), 8000, "flac")
+    assert len(A.load_audio(tmp_path / "30s.flac")) == 480000
+
+
+def test_corrupt_compressed_files(tmp_path):
+    rng = np.random.default_rng(0)
+    flac = write_encoded(tmp_path / "ok.flac", chirp(32000, 16000), 16000, "flac").read_bytes()
+    mp3 = write_encoded(tmp_path / "ok.mp3", chirp(32000, 16000), 16000, "libmp3lame").read_bytes()
+    cases = {
+        "cut.flac": flac[: len(flac) // 2],  # FLAC notices the cut frame
+        "noise.flac": flac[:200] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(),
+        "header_only.flac": flac[:60],
+        "noise.mp3": mp3[:200] + rng.integers(0, 256, 4000, dtype=np.uint8).tobytes(),
+        "zeros.mp3": mp3[:200] + bytes(4000),
+        "zero.flac": b"",
+        "tiny.mp3": b"ID3",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(A.AudioError) as e:
+            A.load_audio(tmp_path / name)
+        msg = str(e.value)
+        assert msg.startswith(f"{tmp_path / name}: ") and "\n" not in msg, msg
+        assert "corrupt or unsupported audio format" in msg or "unknown audio format" in msg, msg
+    # read_wav itself stays WAV-only
+    with pytest.raises(A.AudioError, match="read_wav decodes WAV only"):
+        A.read_wav(tmp_path / "ok.flac")
+
+
+def test_compressed_without_pyav(tmp_path, monkeypatch):
+    from gemma4_mlx.processors import decode
+
+    def missing():
+        raise decode.MissingPyAV("decoding it needs PyAV (`pip install av`)")
+
+    monkeypatch.setattr(decode, "import_av", missing)
+    (tmp_path / "song.flac").write_bytes(b"fLaC" + bytes(100))
+    with pytest.raises(A.AudioError, match=r"song.flac: unsupported audio format FLAC without PyAV: `pip install av`"):
+        A.load_audio(tmp_path / "song.flac")
+    write_pcm(tmp_path / "ok.wav", make_clip(3200), 16000)
+    assert len(A.load_audio(tmp_path / "ok.wav")) == 3200  # WAV never needs PyAV

@@ -62,8 +62,10 @@ class Chat:
     # -- conversation state --------------------------------------------------
     def reset(self) -> None:
         self.messages = []
+        self.media: list = []  # every medium of the conversation, in prompt order
+        self._prepared: dict[int, object] = {}  # id(medium) -> multimodal.Prepared
         self.cache = self.model.make_cache(max_rollback=self.max_rollback)
-        self.cached: list[int] = []
+        self.cached: list = []  # per cached slot: token id, or a media key (`MediaPrompt.keys`)
 
     @property
     def tools(self) -> list[dict] | None:
@@ -82,11 +84,13 @@ class Chat:
         Path(path).write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str))
 
     # -- the cache -----------------------------------------------------------
-    def _sync(self, ids: list[int]) -> list[int]:
-        """Roll the cache back to the longest shared prefix; return the ids to prefill."""
+    def _sync(self, keys: list) -> int:
+        """Roll the cache back to the longest prefix it shares with `keys` (token ids,
+        media keys at placeholders: the same ids with another image do not match);
+        return where prefilling starts."""
         n = 0
-        limit = min(len(self.cached), len(ids) - 1)  # at least one token must be fed
-        while n < limit and self.cached[n] == ids[n]:
+        limit = min(len(self.cached), len(keys) - 1)  # at least one token must be fed
+        while n < limit and self.cached[n] == keys[n]:
             n += 1
         drop = len(self.cached) - n
         if drop:
@@ -95,18 +99,56 @@ class Chat:
             except ValueError:  # rolled back past the sliding cache's slack: start over
                 self.cache = self.model.make_cache(max_rollback=self.max_rollback)
                 n = 0
-        self.cached = ids[:n]
-        return ids[n:]
+        self.cached = keys[:n]
+        return n
+
+    def _add_user_turn(self, text, images, audio, videos, image_budget) -> None:
+        """Append the user message; media are processed first, so bad media raise
+        (`MediaError`, one line) and leave the conversation as it was."""
+        items = []
+        if images or audio or videos:
+            from ..multimodal import media_items, processor_for
+
+            items = media_items(images, audio, videos, image_budget)
+            mp = processor_for(self.model)
+            for m in items:
+                self._prepared[id(m)] = mp.prepare(m)
+        if text is not None or items:
+            from ..multimodal import user_content
+
+            self.messages.append({"role": "user", "content": user_content(text, items)})
+            self.media.extend(items)
+
+    def _prompt_ids(self, prompt: str):
+        """(ids, cache keys, MediaPrompt or None) of the rendered conversation."""
+        if not self.media:
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+            return ids, ids, None
+        from ..multimodal import processor_for
+
+        mp = processor_for(self.model)
+        prepared = [self._prepared[id(m)] for m in self.media]
+        ids = list(self.tokenizer.encode(mp.expand(prompt, prepared), add_special_tokens=False))
+        mprompt = mp.prompt(ids, prepared)
+        return ids, mprompt.keys(), mprompt
 
     # -- generation ----------------------------------------------------------
-    def stream(self, text: str | None = None, images=None, audio=None) -> Iterator[Event]:
-        if images or audio:
-            raise ValueError("images/audio: this text model has no vision or audio tower loaded")
-        if text is not None:
-            self.messages.append({"role": "user", "content": text})
-        prompt = self.prompt_text()
-        ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        new = self._sync(ids)
+    def stream(self, text: str | None = None, images=None, audio=None, videos=None,
+               image_budget: int | None = None) -> Iterator[Event]:
+        """images / audio / videos: paths, arrays, PIL images or `multimodal.Image/
+        Audio/Video`, placed before the text of this user turn; image_budget: soft
+        tokens per image (70, 140, 280, 560 or 1120; default from the checkpoint)."""
+        n_msgs, n_media = len(self.messages), len(self.media)
+        self._add_user_turn(text, images, audio, videos, image_budget)
+        try:
+            prompt = self.prompt_text()
+            ids, keys, mprompt = self._prompt_ids(prompt)
+            start = self._sync(keys)
+            media = None if mprompt is None else mprompt.rows(start)  # encodes what is new
+        except Exception:  # the session survives: this turn is undone
+            del self.messages[n_msgs:], self.media[n_media:]
+            raise
+        new = ids[start:]
         self.prefilled_last = len(new)
         parser = parser_for_prompt(prompt, self.tools, thinking_budget=self.thinking_budget)
         stats, generated = Stats(), []
@@ -117,7 +159,7 @@ class Chat:
             pending = new
             while pending:
                 close_thought = False
-                for tok in self._tokens(pending, self.max_tokens - len(generated), stats):
+                for tok in self._tokens(pending, self.max_tokens - len(generated), stats, media):
                     generated.append(tok)
                     detok.add_token(tok)
                     for ev in parser.feed(detok.last_segment):
@@ -133,13 +175,14 @@ class Chat:
                     detok.add_token(self._close_id)
                     yield from parser.feed(detok.last_segment)
                     pending = (ids + generated)[cache_offset(self.cache):]
+                    media = None  # the continuation holds generated tokens only
             detok.finalize()
             yield from parser.feed(detok.last_segment)
         finally:
             # The cache holds exactly `offset` slots of ids + generated (the newest
             # sampled token is not fed yet; an interrupt may leave one queued step).
             stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-            self.cached = (ids + generated)[: cache_offset(self.cache)]
+            self.cached = (keys + generated)[: cache_offset(self.cache)]
             events = parser.finish()
             self._record(parser.result)
         yield from events
@@ -147,11 +190,11 @@ class Chat:
                       parser.result.finish_reason, stats)
         yield ReplyEvent("reply", reply=reply)
 
-    def _tokens(self, pending: list[int], max_tokens: int, stats: Stats):
+    def _tokens(self, pending: list[int], max_tokens: int, stats: Stats, media=None):
         if self.drafter is None:
             return generate_tokens(self.model, pending, stop_ids=self._stop_ids,
                                    max_tokens=max_tokens, options=self.options,
-                                   cache=self.cache, stats=stats)
+                                   cache=self.cache, stats=stats, media=media)
         from ..draft_policy import DraftPolicy
         from ..speculative import SpecStats, speculative_generate_tokens
 
@@ -161,7 +204,7 @@ class Chat:
         return speculative_generate_tokens(
             self.model, self.drafter, pending, cache=self.cache, stats=stats,
             spec_stats=stats.speculative, stop_ids=self._stop_ids, max_tokens=max_tokens,
-            options=self.options, policy=self._policy)
+            options=self.options, policy=self._policy, media=media)
 
     def _record(self, r: ParseResult) -> None:
         msg = {"role": "assistant", "content": r.content}
@@ -173,9 +216,10 @@ class Chat:
                                  for c in r.tool_calls]
         self.messages.append(msg)
 
-    def send(self, text: str | None = None, images=None, audio=None) -> Reply:
+    def send(self, text: str | None = None, images=None, audio=None, videos=None,
+             image_budget: int | None = None) -> Reply:
         reply = None
-        for ev in self.stream(text, images, audio):
+        for ev in self.stream(text, images, audio, videos, image_budget):
             if ev.type == "reply":
                 reply = ev.reply
         return reply
@@ -195,10 +239,11 @@ class Chat:
                               "content": result})
 
     def run(self, text: str, confirm: Callable[[ToolCall], bool] | None = None,
-            max_rounds: int = 8) -> Reply:
+            max_rounds: int = 8, **media) -> Reply:
         """send() plus the tool loop: registered functions are called (after
-        `confirm(call)` says yes, when given) until the model answers in text."""
-        reply = self.send(text)
+        `confirm(call)` says yes, when given) until the model answers in text.
+        media: send()'s images / audio / videos / image_budget for this turn."""
+        reply = self.send(text, **media)
         for _ in range(max_rounds):
             if not reply.tool_calls:
                 break

@@ -17,6 +17,8 @@ HELP = """commands:
   /think on|off   thinking mode          /system TEXT   set the system prompt (resets)
   /thoughts       show the last thoughts  /reset         forget the conversation
   /save FILE      save the conversation   /help          this text
+  /image PATH     attach an image to your next message (also /audio PATH, /video PATH)
+  /budget N       soft tokens per image: 70, 140, 280, 560 or 1120
   /exit           quit (or Ctrl-D); Ctrl-C stops the current reply"""
 
 
@@ -42,11 +44,22 @@ class Terminal:
     def __init__(self, chat: Chat, console: Console, *, assume_yes: bool = False):
         self.chat, self.console, self.assume_yes = chat, console, assume_yes
         self.last_thoughts = ""
+        self.pending = {"images": [], "audio": [], "videos": []}  # media for the next message
+        self.image_budget = None
+
+    def attach(self, media: dict) -> None:
+        for kind in self.pending:
+            self.pending[kind] += list(media.get(kind) or [])
+        self.image_budget = media.get("image_budget", self.image_budget)
 
     # -- one reply, streamed ---------------------------------------------------
     def reply(self, text: str | None) -> Reply | None:
         out, reply, mode = self.console, None, None
-        stream = self.chat.stream(text)
+        media = {}
+        if text is not None and any(self.pending.values()):
+            media = dict(self.pending, image_budget=self.image_budget)
+            self.pending = {k: [] for k in self.pending}
+        stream = self.chat.stream(text, **media)
         try:
             for ev in stream:
                 if ev.type == "reasoning" and ev.text:
@@ -66,6 +79,9 @@ class Terminal:
         except KeyboardInterrupt:
             stream.close()  # the session keeps what was generated so far
             out.print("\n[stopped]", style="yellow", markup=False)
+            return None
+        except ValueError as e:  # bad media (MediaError): the conversation is unchanged
+            out.print(f"error: {e}", style="red", markup=False)
             return None
         out.print()
         if reply is not None:
@@ -126,6 +142,23 @@ class Terminal:
         elif cmd == "/save" and arg:
             c.save(arg)
             self.console.print(f"saved to {arg}", style="dim")
+        elif cmd in ("/image", "/audio", "/video") and arg:
+            path = Path(arg).expanduser()
+            if not path.is_file():
+                self.console.print(f"error: {arg}: no such file", style="red", markup=False)
+            else:
+                self.pending[{"/image": "images", "/audio": "audio", "/video": "videos"}[cmd]].append(str(path))
+                n = sum(len(v) for v in self.pending.values())
+                self.console.print(f"attached {path.name} ({n} for the next message)", style="dim",
+                                   markup=False)
+        elif cmd == "/budget" and arg:
+            try:
+                from ..processors.image import check_budget
+
+                self.image_budget = check_budget(int(arg) if arg.isdigit() else arg, "/budget")
+                self.console.print(f"image budget {self.image_budget}", style="dim")
+            except ValueError as e:
+                self.console.print(f"error: {e}", style="red", markup=False)
         elif cmd == "/thoughts":
             self.console.print(self.last_thoughts or "(no thoughts in the last reply)",
                                style="dim", markup=False)
@@ -153,9 +186,9 @@ class Terminal:
             self.turn(line)
 
 
-def one_shot(chat: Chat, text: str, *, as_json: bool, assume_yes: bool) -> int:
+def one_shot(chat: Chat, text: str, *, as_json: bool, assume_yes: bool, media: dict | None = None) -> int:
     """Non-interactive: one turn (with the tool loop when --yes), answer on stdout."""
-    reply = chat.run(text, confirm=None if assume_yes else (lambda call: False))
+    reply = chat.run(text, confirm=None if assume_yes else (lambda call: False), **(media or {}))
     if as_json:
         print(json.dumps({
             "content": reply.text, "reasoning": reply.thinking,

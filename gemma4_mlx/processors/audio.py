@@ -5,9 +5,9 @@ window and FFT, float64 mel projection and log, float32 output) and the processo
 soft-token count.  What we add around it:
 
 - input: a 1-D float waveform (any rate, given by `sampling_rate`, default 16 kHz) or
-  a WAV file (stdlib `wave` for PCM, a small RIFF reader for IEEE-float /
-  WAVE_FORMAT_EXTENSIBLE); several channels are averaged to mono.  Other containers
-  (FLAC, MP3, M4A, Ogg) raise `AudioError` naming a way out.
+  a file.  WAV is read here (stdlib `wave` for PCM, a small RIFF reader for IEEE-float /
+  WAVE_FORMAT_EXTENSIBLE); FLAC, MP3, M4A/AAC, Ogg/Opus and the soundtrack of a video
+  are decoded with PyAV (optional, `decode.py`).  Several channels are averaged to mono.
 - resampling to 16 kHz: Kaiser-windowed sinc, polyphase (see `resample`).
 - limits: a clip longer than 30 s (480,000 samples at 16 kHz) is an error, not
   silently truncated as transformers does; split long audio into <= 30 s clips, each
@@ -27,6 +27,8 @@ from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
+
+from . import decode
 
 SAMPLING_RATE = 16_000
 MAX_SAMPLES = 480_000  # 30 s: the feature extractor's max_length
@@ -208,7 +210,7 @@ def audio_prompt_ids(n_tokens: int, boa: int = BOA_TOKEN_ID, audio: int = AUDIO_
 
 _COMPRESSED = {".flac": "FLAC", ".mp3": "MP3", ".m4a": "M4A/AAC", ".mp4": "MP4", ".aac": "AAC",
                ".ogg": "Ogg", ".opus": "Opus", ".webm": "WebM", ".wma": "WMA", ".aiff": "AIFF",
-               ".aif": "AIFF"}
+               ".aif": "AIFF", ".mkv": "Matroska", ".mov": "QuickTime"}
 
 
 def _sniff(head: bytes, ext: str) -> str:
@@ -222,28 +224,72 @@ def _sniff(head: bytes, ext: str) -> str:
         return "M4A/MP4"
     if head[:4] == b"OggS":
         return "Ogg"
+    if head[:4] == b"\x1aE\xdf\xa3":
+        return "Matroska/WebM"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "AIFF"
     if ext in _COMPRESSED:
         return _COMPRESSED[ext]
     return "corrupt" if ext in (".wav", ".wave") or head[:4] in (b"RIFF", b"RIFX") else "unknown"
 
 
-def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
-    """Decode a WAV file -> (mono float32 waveform in [-1, 1], sampling rate)."""
-    path = os.fspath(path)
+def _file_kind(path: str) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(12)
     except OSError as e:
         raise AudioError(f"{path}: cannot read audio file ({e.strerror or e})") from None
-    kind = _sniff(head, os.path.splitext(path)[1].lower())
+    return _sniff(head, os.path.splitext(path)[1].lower())
+
+
+def _convert_hint(path: str) -> str:
+    return (f"convert it, e.g. `ffmpeg -i '{path}' -ac 1 -ar 16000 out.wav` (install ffmpeg), or decode it "
+            "yourself (e.g. `pip install soundfile`) and pass the float array with its sampling_rate")
+
+
+def _too_long(name: str, seconds: float, cfg: FeatureConfig) -> AudioError:
+    return AudioError(f"{name}: {seconds:.2f} s of audio; Gemma 4 takes at most "
+                      f"30 s ({cfg.max_samples} samples at {cfg.sampling_rate} Hz) per clip -- "
+                      "split it into clips of <= 30 s, each with its own audio placeholder")
+
+
+def read_audio(path: str | os.PathLike, cfg: FeatureConfig | None = None) -> tuple[np.ndarray, int]:
+    """Decode an audio file -> (mono float32 waveform in [-1, 1], its sampling rate).
+
+    WAV goes through `read_wav`; FLAC, MP3, M4A/AAC, Ogg/Opus, WebM and the soundtrack
+    of a video file through PyAV.  With `cfg`, a compressed file longer than its 30 s is
+    refused while decoding, before all of it is held in memory.
+    """
+    path = os.fspath(path)
+    kind = _file_kind(path)
+    if kind in ("wav", "corrupt"):
+        return read_wav(path)
+    try:
+        got = decode.decode_audio(path, None if cfg is None else cfg.max_samples / cfg.sampling_rate)
+    except decode.MissingPyAV:
+        what = "unknown audio format" if kind == "unknown" else f"unsupported audio format {kind}"
+        raise AudioError(f"{path}: {what} without PyAV: `pip install av`, or {_convert_hint(path)}") from None
+    except decode.DecodeError as e:
+        what = "unknown audio format" if kind == "unknown" else f"corrupt or unsupported audio format {kind}"
+        raise AudioError(f"{path}: {what} ({e}); {_convert_hint(path)}") from None
+    if got is None:
+        raise AudioError(f"{path}: no audio stream in this {'file' if kind == 'unknown' else kind + ' file'}")
+    if got.too_long is not None:
+        raise _too_long(path, got.too_long, cfg)
+    return got.samples, got.rate
+
+
+def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+    """Decode a WAV file -> (mono float32 waveform in [-1, 1], sampling rate).
+    Other formats are refused here; `read_audio` / `load_audio` decode them."""
+    path = os.fspath(path)
+    kind = _file_kind(path)
     if kind == "corrupt":
         raise AudioError(f"{path}: corrupt WAV file (no RIFF/WAVE header)")
     if kind != "wav":
         what = "unknown audio format" if kind == "unknown" else f"unsupported audio format {kind}"
-        raise AudioError(
-            f"{path}: {what}; only WAV files are decoded. Convert it, e.g. "
-            f"`ffmpeg -i '{path}' -ac 1 -ar 16000 out.wav` (install ffmpeg), or decode it "
-            f"yourself (e.g. `pip install soundfile`) and pass the float array with its sampling_rate")
+        raise AudioError(f"{path}: {what}; read_wav decodes WAV only (load_audio decodes the rest "
+                         f"with PyAV), or {_convert_hint(path)}")
     try:
         try:
             with wave.open(path, "rb") as w:
@@ -347,12 +393,14 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int = SAMPLING_RATE, zeros: 
 def load_audio(source, sampling_rate: int | None = None, cfg: FeatureConfig = FeatureConfig()) -> np.ndarray:
     """One clip -> validated mono float32 waveform at the model's 16 kHz.
 
-    source: a WAV path, or a 1-D float array at `sampling_rate` Hz (default 16 kHz).
+    source: an audio file (WAV; FLAC, MP3, M4A/AAC, Ogg/Opus or a video's soundtrack
+    with PyAV installed), or a 1-D float array at `sampling_rate` Hz (default 16 kHz).
+    Decoded files are resampled with `resample`, like arrays and WAV.
     """
     if isinstance(source, (str, os.PathLike)):
         if sampling_rate is not None:
-            raise TypeError("sampling_rate applies to arrays; a WAV file carries its own rate")
-        x, rate = read_wav(source)
+            raise TypeError("sampling_rate applies to arrays; an audio file carries its own rate")
+        x, rate = read_audio(source, cfg)
         name = os.fspath(source)
     else:
         x = np.asarray(source)
@@ -369,9 +417,7 @@ def load_audio(source, sampling_rate: int | None = None, cfg: FeatureConfig = Fe
         raise AudioError(f"{name}: empty audio (0 samples)")
     x = resample(x, int(rate), cfg.sampling_rate)
     if len(x) > cfg.max_samples:
-        raise AudioError(f"{name}: {len(x) / cfg.sampling_rate:.2f} s of audio; Gemma 4 takes at most "
-                         f"30 s ({cfg.max_samples} samples at {cfg.sampling_rate} Hz) per clip -- "
-                         "split it into clips of <= 30 s, each with its own audio placeholder")
+        raise _too_long(name, len(x) / cfg.sampling_rate, cfg)
     if len(x) < MIN_SAMPLES:
         raise AudioError(f"{name}: {len(x)} samples is too short: at least {MIN_SAMPLES} samples "
                          f"(~10 ms at {cfg.sampling_rate} Hz) are needed for one audio token")
@@ -386,7 +432,7 @@ class AudioInputs:
 
 
 def process_audio(clips, sampling_rate: int | None = None, cfg: FeatureConfig = FeatureConfig()) -> AudioInputs:
-    """One clip or a list of clips (WAV paths or 1-D float arrays at `sampling_rate`) -> model inputs."""
+    """One clip or a list of clips (audio file paths or 1-D float arrays at `sampling_rate`) -> model inputs."""
     if isinstance(clips, (str, os.PathLike, np.ndarray)):
         clips = [clips]
     clips = list(clips)
@@ -394,7 +440,7 @@ def process_audio(clips, sampling_rate: int | None = None, cfg: FeatureConfig = 
         raise AudioError("no audio given")
     if any(np.isscalar(c) and not isinstance(c, str) for c in clips):
         raise TypeError("pass each clip as a 1-D array or a path, not a flat list of numbers")
-    # sampling_rate describes the arrays; a WAV file carries its own
+    # sampling_rate describes the arrays; a file carries its own
     waves = [load_audio(c, None if isinstance(c, (str, os.PathLike)) else sampling_rate, cfg) for c in clips]
     feats, mask = log_mel(waves, cfg)
     counts = [num_audio_tokens(len(w), cfg) for w in waves]

@@ -1,0 +1,185 @@
+"""Media through the user-facing surfaces: `Chat.send(images=, audio=)`, `generate`,
+the feature cache, cache reuse across turns, and bad media (multimodal spec §3, §9).
+
+A tiny multimodal checkpoint (causal, E2B-style, with vision and audio towers) gets
+a character tokenizer whose special tokens carry the checkpoint's media ids, so
+the whole path — template, placeholder expansion, tokenization, encoding, prefill —
+runs as it does for a real model.
+"""
+
+from __future__ import annotations
+
+import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from gemma4_mlx import Chat, generate, load  # noqa: E402
+from gemma4_mlx.generate import SamplingOptions  # noqa: E402
+from gemma4_mlx.multimodal import MediaError, processor_for  # noqa: E402
+from mm_configs import TOKEN_IDS, TOWERS, VISION_TINY, randomize_audio, randomize_text, randomize_vision  # noqa: E402
+
+AUDIO_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
+                  conv_kernel_size=5, output_proj_dims=24, use_clipped_linears=True)
+SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|image>": TOKEN_IDS["boi_token_id"],
+            "<image|>": TOKEN_IDS["eoi_token_id"], "<|image|>": TOKEN_IDS["image_token_id"],
+            "<|audio|>": TOKEN_IDS["audio_token_id"], "<|video|>": TOKEN_IDS["video_token_id"],
+            "<|audio>": TOKEN_IDS["boa_token_id"], "<audio|>": TOKEN_IDS["eoa_token_index"],
+            "<|turn>": 17, "<turn|>": 18, "<|channel>": 19, "<channel|>": 20, "<|think|>": 21,
+            "<|tool_response>": 22}
+
+
+def write_tokenizer(folder) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = dict(SPECIALS)
+    for i, c in enumerate([chr(c) for c in range(32, 127)] + ["\n"]):
+        vocab[c] = 30 + i
+    for i in range(300):
+        if i not in vocab.values():
+            vocab[f"<unused{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(s, special=True) for s in SPECIALS])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                                pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    text = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                hidden_size_per_layer_input=8, sliding_window=16, num_kv_shared_layers=0,
+                layer_types=["sliding_attention"] * 3 + ["full_attention"], final_logit_softcapping=30.0)
+    cfg = transformers.Gemma4Config(
+        text_config=text, vision_config=transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS["small"]).to_dict(),
+        audio_config=transformers.Gemma4AudioConfig(**AUDIO_TINY).to_dict(), **TOKEN_IDS)
+    torch.manual_seed(0)
+    hf = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    randomize_text(hf.model.language_model, 1)
+    randomize_vision(hf, 2)
+    randomize_audio(hf.model.audio_tower, 3)
+    path = tmp_path_factory.mktemp("mm_chat")
+    hf.save_pretrained(path)
+    write_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    return load(folder, dtype="float32")
+
+
+def picture(seed: int, size=(40, 56)) -> PILImage.Image:
+    return PILImage.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def tone(n=8000) -> np.ndarray:
+    return (0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 16000)).astype(np.float32)
+
+
+def fresh(loaded, **kw) -> Chat:
+    model, tok = loaded
+    return Chat(model, tok, max_tokens=6, options=SamplingOptions(), **kw)
+
+
+def test_chat_image_then_text_reuses_cache_and_features(loaded, monkeypatch):
+    model, _ = loaded
+    mp = processor_for(model)
+    calls = []
+    real = type(model.vision).__call__
+    monkeypatch.setattr(type(model.vision), "__call__", lambda self, *a: calls.append(1) or real(self, *a))
+    chat = fresh(loaded)
+    r1 = chat.send("what is it?", images=[picture(0)], audio=[tone()])
+    n_image = mp.prepare(gemma4_mlx.multimodal.Image(picture(0))).counts[0]
+    assert chat.prefilled_last > n_image and len(calls) == 1
+    r2 = chat.send("and now?")
+    assert chat.prefilled_last < 40  # the image is in the cache: only the new turn is prefilled
+    assert len(calls) == 1
+    # the same conversation from scratch (the feature cache serves the image; the
+    # replies equal the incremental session's)
+    replay = fresh(loaded)
+    replay.messages = [dict(m) for m in chat.messages[:1]]
+    replay.media = list(chat.media)
+    replay._prepared = dict(chat._prepared)
+    assert replay.send(None).text == r1.text
+    assert len(calls) == 1
+    assert r2.stats.prompt_tokens == chat.prefilled_last
+
+
+def test_other_image_at_same_place_is_not_reused(loaded):
+    """Same token ids, different pixels: the cached prefix stops at the image."""
+    a = fresh(loaded)
+    a.send("look", images=[picture(1)])
+    a.messages, a.media = [], []  # a new conversation on the same cache
+    r = a.send("look", images=[picture(2)])
+    b = fresh(loaded)
+    assert r.text == b.send("look", images=[picture(2)]).text
+    assert a.prefilled_last == b.prefilled_last - a.cached.index(next(k for k in a.cached if isinstance(k, tuple)))
+
+
+def test_bad_media_leaves_session_usable(loaded, tmp_path):
+    chat = fresh(loaded)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    for kwargs, pattern in ((dict(images=[bad]), "broken.png"),
+                            (dict(images=[tmp_path / "missing.jpg"]), "missing.jpg"),
+                            (dict(audio=[np.zeros(0, np.float32)]), "empty|short"),
+                            (dict(images=[picture(0)], image_budget=100), "budget")):
+        with pytest.raises(MediaError, match=pattern) as e:
+            chat.send("hi", **kwargs)
+        assert "\n" not in str(e.value)
+        assert chat.messages == [] and chat.media == []
+    assert chat.send("hi").text is not None
+    assert len(chat.messages) == 2
+
+
+def test_generate_api_with_media(loaded):
+    model, tok = loaded
+    out = generate(model, tok, "describe", images=[picture(3)], max_tokens=4)
+    assert isinstance(out, str)
+    budget70 = generate(model, tok, "describe", images=[picture(3, (200, 300))], image_budget=70, max_tokens=4)
+    assert isinstance(budget70, str)
+
+
+def test_text_only_load_refuses_media(folder):
+    model, tok = load(folder, dtype="float32", text_only=True)
+    assert "vision" not in model and "audio" not in model
+    with pytest.raises(MediaError, match="no vision tower"):
+        Chat(model, tok, max_tokens=2).send("hi", images=[picture(0)])
+
+
+def write_video(path, n=8, fps=4, size=(48, 64)):
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=fps)
+        s.height, s.width, s.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(n):
+            img = np.full((*size, 3), 20 + 25 * i, np.uint8)
+            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode():
+            out.mux(pkt)
+
+
+def test_chat_video_and_bad_video(loaded, tmp_path):
+    from gemma4_mlx.multimodal import Video
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip)
+    chat = fresh(loaded)
+    r = chat.send("what happens?", videos=[Video(clip, num_frames=4)])
+    assert r.text is not None and chat.media and chat.prefilled_last > 4 * 20
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("not a video")
+    n = len(chat.messages)
+    with pytest.raises(MediaError, match="fake.mp4") as e:
+        chat.send("and this?", videos=[fake])
+    assert "\n" not in str(e.value) and len(chat.messages) == n
