@@ -13,7 +13,9 @@ from .loader import load, load_drafter, LoadError  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402
 from .chat.session import Chat, Reply  # noqa: E402
 from .speculative import speculative_batch_generate  # noqa: E402
+from . import multimodal  # noqa: E402  (multimodal.Image / Audio / Video with per-item options)
+from .multimodal import MediaError  # noqa: E402
 
 __all__ = ["load", "load_drafter", "LoadError", "generate", "stream_generate", "Chat", "Reply",
-           "speculative_batch_generate"]
+           "speculative_batch_generate", "multimodal", "MediaError"]
 __version__ = "0.1.0"

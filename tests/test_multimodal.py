@@ -319,3 +319,41 @@ def test_video_parity(case):
     ours = np.array(case.model(mx.array([ids]), media=rows)[0])
     assert np.abs(ours - ref).max() < TOL
     assert np.abs(ours_e2e - ref).max() < 1e-3
+
+
+SMALL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+             num_key_value_heads=12, head_dim=64, use_clipped_linears=True)
+LARGE = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+             num_key_value_heads=16, head_dim=72, standardize=True)
+
+
+@pytest.mark.parametrize("name,kw,count", [("small", SMALL, 167_364_608), ("large", LARGE, 569_548_080)])
+def test_real_size_vision_tower_parameters(name, kw, count):
+    """Real-shape towers built lazily (nothing allocated) against transformers on the
+    meta device (spec §1: 167.36 M / 569.55 M); the large tower's std_bias/std_scale
+    are buffers there and parameters here."""
+    from mlx.utils import tree_flatten
+
+    from gemma4_mlx.models.layers import CLAMPS
+    from gemma4_mlx.models.vision import VisionConfig, VisionTower
+
+    with torch.device("meta"):
+        hf = transformers.models.gemma4.modeling_gemma4.Gemma4VisionModel(transformers.Gemma4VisionConfig(**kw))
+    assert sum(p.numel() for p in hf.parameters()) == count
+    ours = sum(v.size for k, v in tree_flatten(VisionTower(VisionConfig(**kw)).parameters())
+               if not k.endswith(CLAMPS + ("std_bias", "std_scale")))
+    assert ours == count
+
+
+def test_real_size_audio_tower_parameters():
+    from mlx.utils import tree_flatten
+
+    from gemma4_mlx.models.audio import AudioConfig, AudioEncoder
+    from gemma4_mlx.models.layers import CLAMPS
+
+    with torch.device("meta"):
+        hf = transformers.models.gemma4.modeling_gemma4.Gemma4AudioModel(transformers.Gemma4AudioConfig())
+    n = sum(p.numel() for p in hf.parameters())
+    assert n == 304_824_608  # spec §1: 304.82 M
+    assert sum(v.size for k, v in tree_flatten(AudioEncoder(AudioConfig()).parameters())
+               if not k.endswith(CLAMPS)) == n

@@ -183,3 +183,22 @@ def test_chat_video_and_bad_video(loaded, tmp_path):
     with pytest.raises(MediaError, match="fake.mp4") as e:
         chat.send("and this?", videos=[fake])
     assert "\n" not in str(e.value) and len(chat.messages) == n
+
+
+def test_cli_media_flags(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from gemma4_mlx.cli import app
+
+    img = tmp_path / "cat.png"
+    picture(4).save(img)
+    base = ["-m", str(folder), "--dtype", "float32", "-n", "3", "--draft-model", "none"]
+    r = CliRunner().invoke(app, ["generate", *base, "-q", "-p", "what is this?", "--image", str(img),
+                                 "--image-budget", "70"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["chat", *base, "-p", "and this?", "--image", str(img), "--json"])
+    assert r.exit_code == 0, r.output
+    for args, needle in ((["--image", str(tmp_path / "nope.png")], "nope.png"),
+                         (["--image", str(img), "--image-budget", "100"], "budget")):
+        r = CliRunner().invoke(app, ["generate", *base, "-q", "-p", "hi", *args])
+        assert r.exit_code != 0 and needle in r.output and "Traceback" not in r.output, r.output
