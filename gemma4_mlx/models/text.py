@@ -151,6 +151,7 @@ class TextModel(nn.Module):
                 ropes[key] = RoPE(s.head_dim, cfg.rope_for(s.type))
         self.layers = [DecoderLayer(cfg, s, ropes[(s.type, s.head_dim)]) for s in cfg.layers]
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.placeholder_ids: tuple[int, ...] = ()  # set for multimodal (`gemma4`) checkpoints
         P = cfg.hidden_size_per_layer_input
         if P:
             self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P)
@@ -162,6 +163,14 @@ class TextModel(nn.Module):
         # sqrt(H) is rounded to the weight dtype first, as the reference does.
         dt = table_dtype(self.embed_tokens)  # a quantized table stores uint32 codes
         return self.embed_tokens(ids) * mx.array(math.sqrt(self.cfg.hidden_size), dt)
+
+    def without_placeholders(self, ids: mx.array) -> mx.array:
+        """Media placeholder ids read as the pad id, with or without media (as
+        transformers' multimodal model does, also for a generated placeholder)."""
+        hit = None
+        for p in self.placeholder_ids:
+            hit = (ids == p) if hit is None else hit | (ids == p)
+        return mx.where(hit, self.cfg.pad_token_id, ids)
 
     def merge_media(self, ids: mx.array, media) -> tuple[mx.array, mx.array]:
         """Embeddings with soft tokens written into the placeholder rows (spec §3.2).
@@ -204,6 +213,8 @@ class TextModel(nn.Module):
         """
         cfg = self.cfg
         B, T = ids.shape
+        if self.placeholder_ids:
+            ids = self.without_placeholders(ids)
         if media is not None:
             ids, x = self.merge_media(ids, media)
         else:
@@ -279,7 +290,11 @@ class Model(nn.Module):
             vision = VisionConfig.from_dict(raw["vision_config"])
         if not text_only and raw.get("audio_config"):
             audio = AudioConfig.from_dict(raw["audio_config"])
-        return cls(config.text, vision, audio, config.media_ids)
+        model = cls(config.text, vision, audio, config.media_ids)
+        if config.model_type == "gemma4":  # the multimodal wrapper, towers loaded or not
+            ids = config.media_ids
+            model.model.placeholder_ids = (ids["image"], ids["audio"], ids["video"])
+        return model
 
     @property
     def has_vision(self) -> bool:
