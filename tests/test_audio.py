@@ -31,6 +31,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor  # noqa: E402
 from transformers.models.gemma4.processing_gemma4 import Gemma4Processor  # noqa: E402
+from mm_configs import randomize_audio  # noqa: E402
 
 TOL = 1e-4
 AUDIO_CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
@@ -41,21 +42,7 @@ TEXT_CFG = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, 
                 sliding_window=16, num_kv_shared_layers=0)
 
 
-def randomize(module, seed: int) -> None:
-    """Every parameter random (norm weights U(0.5, 1.5)); clamp bounds finite (|b| in 1..3)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-        for name, b in module.named_buffers():
-            r = float(torch.rand((), generator=g)) * 2 + 1
-            if name.endswith(("input_max", "output_max")):
-                b.fill_(r)
-            elif name.endswith(("input_min", "output_min")):
-                b.fill_(-r)
+randomize = randomize_audio  # every parameter random, finite clamp bounds
 
 
 def make_clip(n: int, seed: int = 0) -> np.ndarray:
