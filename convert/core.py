@@ -1,11 +1,17 @@
-"""Streaming HF -> MLX conversion (text model, or an MTP drafter: `drafter`).
+"""Streaming HF -> MLX conversion (the model with its vision / audio towers, or an
+MTP drafter: `drafter`).
 
 One source shard at a time: its tensors are mapped lazily, renamed onto our module
-tree (`loader.sanitize`), checked against the config's geometry, encoded tensor by
-tensor (each evaluated at once so its source bytes can go), and written as one
-output shard.  Peak memory is about one output shard plus one tensor's working set.
+tree (`loader.sanitize`: towers under `vision.*` / `audio.*`, conv weights in MLX
+layout), checked against the config's geometry, encoded tensor by tensor (each
+evaluated at once so its source bytes can go), and written as one output shard.
+Peak memory is about one output shard plus one tensor's working set.
 Everything goes to `DST.partial`, renamed to DST only at the very end; any failure
 removes it, so a DST that exists is always complete.
+
+An audio model always leaves with a `feature_extractor` block in its
+processor_config.json (multimodal spec §6.3: mlx-vlm #903 lost it, and audio was
+silently ignored).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from mlx.utils import tree_flatten
 from gemma4_mlx.config import ConfigError, read_config
 from gemma4_mlx.loader import LoadError, quantization_block, read_safetensors, sanitize, weight_files
 from gemma4_mlx.models.assistant import Drafter
+from gemma4_mlx.models.layers import CLAMPS
 from gemma4_mlx.models.text import Model
 
 from . import codecs, drafter
@@ -36,6 +43,18 @@ log = logging.getLogger(__name__)
 # Never copied through: weights (in any framework's format) and the files we rewrite.
 _NOT_COPIED = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".onnx", ".ckpt"}
 _REWRITTEN = {"config.json", "model.safetensors.index.json"}
+_TOWERS = ("vision", "audio")  # Model attributes, and the prefixes of their tensors
+
+# transformers 5.24 `Gemma4AudioFeatureExtractor().to_dict()`, which equals the official
+# E2B/E4B block (multimodal spec §4.1); written when an audio model's source lacks one.
+FEATURE_EXTRACTOR = {
+    "feature_extractor_type": "Gemma4AudioFeatureExtractor",
+    "feature_size": 128, "sampling_rate": 16000, "padding_value": 0.0, "padding_side": "right",
+    "return_attention_mask": True, "frame_length": 320, "hop_length": 160, "fft_length": 512,
+    "fft_overdrive": False, "min_frequency": 0.0, "max_frequency": 8000.0, "mel_floor": 0.001,
+    "preemphasis": 0.0, "preemphasis_htk_flavor": True, "dither": 0.0, "input_scale_factor": 1.0,
+    "per_bin_mean": None, "per_bin_stddev": None,
+}
 
 
 @dataclass
@@ -44,10 +63,12 @@ class Report:
     recipe: str
     tensors: dict = field(default_factory=dict)  # module path -> entry (as in config.json)
     skipped: dict = field(default_factory=dict)  # what was left out, with counts
+    converted: list = field(default_factory=list)  # "text", "vision", "audio" (or "drafter")
+    processor_config: str | None = None  # what the converter changed in processor_config.json
     bytes_in: int = 0
     bytes_out: int = 0
     largest_shard: int = 0  # bytes of the largest source shard
-    peak_mlx: int = 0  # MLX allocator high-water mark over the run, bytes
+    peak_mlx: int = 0  # MLX allocator high-water mark over the run, above what was in use before, bytes
     peak_rss: int = 0  # process max RSS after the run, bytes (includes everything before)
 
     def lattice_fraction(self) -> float | None:
@@ -115,6 +136,7 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     weight_map, seen, stats = {}, set(), {}
     head = embed_file = None
     mx.reset_peak_memory()
+    in_use = mx.get_active_memory()  # the caller's arrays are not the converter's
     with _progress(progress, sum(f.stat().st_size for f in files)) as advance:
         for f, name in zip(files, names):
             tensors = clean(_checked(read_safetensors, f), stats)
@@ -144,19 +166,24 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
             weight_map.update({k: name for k in shard})
             del shard
     report.bytes_in = sum(f.stat().st_size for f in files)
-    missing = sorted(set(expected) - seen)
+    # Clamp bounds absent from a checkpoint keep their default (+-inf), as the loader does.
+    missing = sorted(k for k in set(expected) - seen if not _is_clamp(k))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConvertError(f"{folder}: missing tensor {missing[0]}{more}")
     if head is not None and not mx.array_equal(head, _reread(embed_file, clean)).item():
         raise ConvertError(f"{folder}: lm_head.weight differs from embed_tokens.weight; Gemma 4 ties them")
     report.skipped = {k: v for k, v in stats.items() if v}
+    is_drafter = isinstance(model, Drafter)
+    report.converted = ["drafter"] if is_drafter else ["text"] + [t for t in _TOWERS if t in model]
+    if "audio" in report.converted:
+        report.processor_config = _feature_extractor(folder, out)
     if len(files) > 1:
         index = {"metadata": {"total_size": report.bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    cfg = _config(raw, policy, report, is_drafter=isinstance(model, Drafter))
+    cfg = _config(raw, policy, report, is_drafter=is_drafter)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    report.peak_mlx = mx.get_peak_memory()
+    report.peak_mlx = mx.get_peak_memory() - in_use
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     report.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     return report
@@ -171,7 +198,10 @@ def _source(folder: Path):
         config = read_config(folder)
     except ConfigError as e:
         raise ConvertError(str(e)) from None
-    model = Model(config.text)
+    try:
+        model = Model.from_config(config)  # with the vision / audio towers it describes
+    except ValueError as e:
+        raise ConvertError(f"{folder / 'config.json'}: {e}") from None
     return config.raw, model, lambda weights, stats=None: sanitize(weights, model, stats)
 
 
@@ -190,10 +220,17 @@ def _reread(f: Path, clean) -> mx.array:
     return clean(_checked(read_safetensors, f))["model.embed_tokens.weight"]
 
 
+def _is_clamp(key: str) -> bool:
+    """A tower linear's clamp bound (`vision.….q_proj.input_min`)."""
+    return key.startswith(_TOWERS) and key.rpartition(".")[2] in CLAMPS
+
+
 def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, mx.array]:
     """Output arrays for one sanitized tensor; records its entry in the report."""
     if not mx.issubdtype(w.dtype, mx.floating):
         return {key: w}  # index arrays (drafter token_ordering): copied exactly, never cast
+    if _is_clamp(key):  # float32 0-d for every recipe (multimodal spec §6.3)
+        return {key: w.astype(mx.float32).reshape(())}
     module, _, leaf = key.rpartition(".")
     cls = classify(module) if leaf == "weight" else "other"
     if cls == "other":  # norms, scalars, router scales: never quantized
@@ -213,18 +250,50 @@ def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, 
     return {f"{module}.{suffix}": a for suffix, a in arrays.items()}
 
 
+def _feature_extractor(src: Path, out: Path) -> str | None:
+    """Write out/processor_config.json with a `feature_extractor` block if the source's
+    (or the source itself) lacks one; the rest of the file is kept.  A source block is
+    never touched (copied through).  Returns what was done, for the conversion record."""
+    f = src / "processor_config.json"
+    pc = {}
+    if f.is_file():
+        try:
+            pc = json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConvertError(f"{f}: not valid JSON ({e})") from None
+        if not isinstance(pc, dict):
+            raise ConvertError(f"{f}: expected a JSON object, got {type(pc).__name__}")
+        if isinstance(pc.get("feature_extractor"), dict):
+            return None
+    pc["feature_extractor"] = dict(FEATURE_EXTRACTOR)
+    (out / "processor_config.json").write_text(json.dumps(pc, indent=2) + "\n")
+    where = "its processor_config.json had none" if f.is_file() else "it had no processor_config.json"
+    log.warning("%s: audio model without a feature_extractor block (%s): writing "
+                "Gemma4AudioFeatureExtractor's defaults", src, where)
+    return f"feature_extractor block written with Gemma4AudioFeatureExtractor defaults (the source: {where})"
+
+
 def _config(raw: dict, policy: Policy, report: Report, is_drafter: bool = False) -> dict:
     cfg = dict(raw)
-    conversion = {"tool": "gemma4-mlx convert", "recipe": policy.recipe,
-                  ("drafter" if is_drafter else "text_only"): True, "skipped": report.skipped}
+    conversion = {"tool": "gemma4-mlx convert", "recipe": policy.recipe}
+    if is_drafter:
+        conversion["drafter"] = True
+    else:
+        conversion["converted"] = report.converted
+    conversion["skipped"] = report.skipped
     if report.skipped.get("skipped"):
-        conversion["note"] = ("vision/audio tower and embedder tensors were not converted; "
-                              "this folder holds the text model")
+        conversion["note"] = (f"{report.skipped['skipped']} checkpoint tensors have no place in this "
+                              "model and were left out (vision/audio tensors without a vision_config / "
+                              "audio_config, multi_modal_projector, rotary buffers)")
+    if report.processor_config:
+        conversion["processor_config"] = report.processor_config
     cfg["gemma4_mlx_conversion"] = conversion
     if policy.base.quantized:
         base = policy.base
+        towers = any(t in report.converted for t in _TOWERS)
         cfg["quantization"] = {"recipe": policy.recipe, "mode": base.mode, "bits": base.bits,
-                               "group_size": base.group_size, "policy": policy.describe(is_drafter),
+                               "group_size": base.group_size,
+                               "policy": policy.describe(is_drafter, towers=towers),
                                "tensors": dict(sorted(report.tensors.items()))}
     else:
         # transformers 5 writes `dtype`, older versions `torch_dtype`: update what is there
@@ -237,10 +306,11 @@ def _config(raw: dict, policy: Policy, report: Report, is_drafter: bool = False)
 
 
 def _copy_through(src: Path, dst: Path) -> None:
-    """Tokenizer, chat template, processor and generation configs, README, licence."""
+    """Tokenizer, chat template, processor and generation configs, README, licence;
+    not over a file the conversion wrote itself (processor_config.json)."""
     for f in sorted(src.iterdir()):
         if (f.is_file() and not f.name.startswith(".") and f.suffix not in _NOT_COPIED
-                and f.name not in _REWRITTEN):
+                and f.name not in _REWRITTEN and not (dst / f.name).exists()):
             shutil.copy2(f, dst / f.name)
 
 

@@ -16,15 +16,39 @@ A tensor is classified by its module path (our module tree, after `loader.saniti
    high precision, never quantized; the drafter's token_ordering is an index array,
    copied as is)
 
+Vision and audio towers (module paths `vision.*`, `audio.*`):
+
+  class             modules                                      default; keep_high_precision=False
+  tower_linear      the encoders' clipped linears (`*.linear`):  high precision; the recipe
+                    attention, MLP / feed-forward, lconv1d
+  tower_projection  patch_embedder.input_proj, subsample_conv_   high precision; high precision
+                    projection.input_proj_linear, relative_k_
+                    proj, output_proj
+  embedder          embed_vision / embed_audio                   high precision; high precision
+                    .embedding_projection
+  (conv weights, position_embedding_table, per_dim_scale, std_bias / std_scale,
+   output_proj.bias and norms: never quantized; the clamp scalars `*.input_min`,
+   `*.input_max`, `*.output_min`, `*.output_max` are float32 0-d for every recipe,
+   bf16 / fp16 included: spec multimodal.md §6.3)
+
+Quantized towers are a known source of image-quality regressions elsewhere (mlx-vlm
+#905, LM Studio #2265) and the E2B towers already look QAT-quantized (spec
+quantization.md §6), so they stay high precision unless asked.  The embedders stay
+high precision always (spec: "quantization policy keeps embedders in high
+precision"); so do the towers' boundary projections: small, at the towers' input and
+output, and two cannot run quantized in our modules (relative_k_proj casts its
+position table to the weight's dtype; output_proj has a bias, the quantized
+module none).
+
 An MTP drafter (mtp-drafter spec §13) is dominated by its tied head `embed_tokens`
 (262144 x 1024 on 26B/31B): it and the layers' linears follow the embedding and
 linear rules.  Its projections carry the target's hidden state into and out of
 every draft step and the centroid scorer picks which vocabulary clusters are
 scored at all; both are small, so they stay high precision.
 
-keep_high_precision=False puts every class on the recipe (logged: §6 calls a 4-bit
-PTQ PLE table catastrophic).  High precision means the source dtype for quantized
-recipes and the recipe's dtype for bf16 / fp16.
+keep_high_precision=False puts every other class on the recipe (logged: §6 calls a
+4-bit PTQ PLE table catastrophic).  High precision means the source dtype for
+quantized recipes and the recipe's dtype for bf16 / fp16.
 """
 
 from __future__ import annotations
@@ -75,6 +99,12 @@ RECIPES: dict[str, Format] = {
 GROUPS = {"affine": (64, 32, 128), "q4_0": (32,), "sfp8": (32,), "mxfp4": (32,), "nvfp4": (16,)}
 
 _CLASSES = (
+    # towers first: their `input_proj` / `*_k_proj` / `output_proj` also end in _proj
+    ("embedder", re.compile(r"^(vision\.embed_vision|audio\.embed_audio)\.embedding_projection$")),
+    ("tower_linear", re.compile(r"^(vision|audio)\..*\.linear$")),
+    ("tower_projection", re.compile(r"^(vision\.vision_tower\.patch_embedder\.input_proj|"
+                                    r"audio\.audio_tower\.(subsample_conv_projection\.input_proj_linear|"
+                                    r"layers\.\d+\.self_attn\.relative_k_proj|output_proj))$")),
     ("embedding", re.compile(r"^model\.embed_tokens$")),
     ("ple_table", re.compile(r"^model\.embed_tokens_per_layer$")),
     ("ple_projection", re.compile(r"(^model\.per_layer_model_projection|\.per_layer_input_gate|"
@@ -85,10 +115,15 @@ _CLASSES = (
     ("experts", re.compile(r"\.experts\.(gate|up|down)_proj$")),
     ("linear", re.compile(r"_proj$")),
 )
-HIGH_PRECISION_CLASSES = ("ple_table", "ple_projection", "router", "drafter_projection", "centroids")
+HIGH_PRECISION_CLASSES = ("ple_table", "ple_projection", "router", "drafter_projection", "centroids",
+                          "tower_linear")
+# High precision even with keep_high_precision=False.
+ALWAYS_HIGH_PRECISION = ("embedder", "tower_projection")
+TOWER_CLASSES = ("tower_linear", "tower_projection", "embedder")
 # The classes each kind of checkpoint has (what config.json's policy lists).
 DRAFTER_CLASSES = ("embedding", "linear", "drafter_projection", "centroids")
-TARGET_CLASSES = tuple(c for c, _ in _CLASSES if c not in ("drafter_projection", "centroids"))
+TARGET_CLASSES = tuple(c for c, _ in _CLASSES
+                       if c not in ("drafter_projection", "centroids") + TOWER_CLASSES)
 _DRAFTER_NOTE = ("drafter: pre_projection / post_projection carry the target hidden state "
                  "and the centroid scorer selects the scored clusters; both are small and "
                  "stay high precision unless keep_high_precision is false")
@@ -118,6 +153,8 @@ class Policy:
         base = self.base
         if not base.quantized or cls == "other":
             return Format("float", dtype=base.dtype)
+        if cls in ALWAYS_HIGH_PRECISION:
+            return Format("float")
         if not self.keep_high_precision:
             return base
         if cls in HIGH_PRECISION_CLASSES:
@@ -141,10 +178,14 @@ class Policy:
         return (Format("float"),
                 f"kept high precision: {in_features} inputs not divisible by group size {fmt.group_size}")
 
-    def describe(self, drafter: bool = False) -> dict:
-        """The policy as recorded in config.json (of a target, or an MTP drafter)."""
-        classes = {c: self.for_class(c).entry() for c in (DRAFTER_CLASSES if drafter else TARGET_CLASSES)}
+    def describe(self, drafter: bool = False, towers: bool = False) -> dict:
+        """The policy as recorded in config.json (of a target, or an MTP drafter);
+        towers: the checkpoint has a vision and/or audio tower."""
+        names = DRAFTER_CLASSES if drafter else TARGET_CLASSES + (TOWER_CLASSES if towers else ())
+        classes = {c: self.for_class(c).entry() for c in names}
         classes["norms_and_scalars"] = Format("float", dtype=self.base.dtype).entry()
+        if towers:  # whatever the recipe: part of the math, 4 bytes each
+            classes["clamp_scalars"] = Format("float", dtype="float32").entry()
         out = {"recipe": self.recipe, "keep_high_precision": self.keep_high_precision,
                "base": asdict(self.base), "classes": classes}
         if drafter:

@@ -222,7 +222,8 @@ def convert(
         help="Keep the PLE table and projections and the MoE router unquantized and the "
              "token embedding at 8 bits (default); --no-... puts them on the recipe too."),
 ):
-    """Convert a Hugging Face Gemma 4 checkpoint (text model, or its MTP drafter) to an MLX folder."""
+    """Convert a Hugging Face Gemma 4 checkpoint (text model with its vision/audio towers, or an
+    MTP drafter) to an MLX folder."""
     import time
 
     from .convert import ConvertError, convert as run
@@ -244,9 +245,13 @@ def convert(
     frac = report.lattice_fraction()
     if frac is not None:
         typer.echo(f"q4_0: {frac:.2%} of blocks on the QAT lattice (mean over tensors)", err=True)
+    if getattr(report, "converted", None):
+        typer.echo(f"converted: {', '.join(report.converted)}", err=True)
+    if getattr(report, "processor_config", None):
+        typer.echo(f"processor_config.json: {report.processor_config}", err=True)
     if report.skipped.get("skipped"):
-        typer.echo(f"note: {report.skipped['skipped']} vision/audio tensors not converted "
-                   "(text model only)", err=True)
+        typer.echo(f"note: {report.skipped['skipped']} tensors without a module here were not "
+                   "converted", err=True)
 
 
 @app.command()

@@ -145,8 +145,10 @@ class TextConfig:
             o = overrides.get(i, {})
             if "head_dim" in o:
                 d = o["head_dim"]
-            else:
-                d = self.global_head_dim if t == FULL else self.head_dim
+            elif t == FULL and self.per_layer_config is None:  # legacy form: global_head_dim
+                d = self.global_head_dim
+            else:  # transformers 5.24's form: per_layer_config alone decides (as it does there)
+                d = self.head_dim
             if "num_key_value_heads" in o:
                 kv = o["num_key_value_heads"]
             elif t == FULL and self.attention_k_eq_v and self.num_global_key_value_heads:

@@ -122,7 +122,8 @@ class MediaProcessor:
             except json.JSONDecodeError as e:
                 raise MediaError(f"{f}: not valid JSON ({e})") from None
         vision = getattr(getattr(model, "vision", None), "config", None)
-        if pc is None and vision is not None:  # no processor config: the tower's geometry
+        flat = pc is not None and "patch_size" in pc  # an image processor's own file
+        if (pc is None or ("image_processor" not in pc and not flat)) and vision is not None:
             image = ImageProcessor(vision.default_output_length or 280, vision.patch_size,
                                    vision.pooling_kernel_size)
         else:

@@ -94,8 +94,12 @@ def test_tool_loop_calls_python_function(demo):
 
 def test_media_is_refused_clearly(demo):
     model, tok = demo
-    with pytest.raises(ValueError, match="no vision or audio tower"):
-        Chat(model, tok).send("describe", images=["x.png"])
+    chat = Chat(model, tok)
+    with pytest.raises(ValueError, match="x.png: this model has no vision tower"):
+        chat.send("describe", images=["x.png"])
+    with pytest.raises(ValueError, match="no audio tower"):
+        chat.send("describe", audio=[[0.0] * 1600])
+    assert chat.messages == []
 
 
 def test_save(demo, tmp_path):

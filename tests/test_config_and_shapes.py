@@ -94,3 +94,22 @@ def test_unknown_keys_ignored_and_bad_configs_rejected():
         parse_config({"model_type": "gemma4_unified"})
     with pytest.raises(ConfigError, match="layer_types"):
         parse_config(dict(PRESETS["e2b"], model_type="gemma4_text", layer_types=["full_attention"]))
+
+
+def test_per_layer_config_form_decides_full_head_dim():
+    """transformers 5.24 writes global_head_dim as a per_layer_config override; when it
+    equals head_dim the override is empty and global_head_dim is absent: full layers
+    then use head_dim, not the legacy default 512."""
+    transformers = pytest.importorskip("transformers")
+    from gemma4_mlx.config import TextConfig
+
+    for g in (16, 32):
+        c = transformers.Gemma4TextConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
+                                          num_key_value_heads=1, head_dim=16, global_head_dim=g,
+                                          layer_types=["sliding_attention", "full_attention"],
+                                          hidden_size_per_layer_input=0)
+        assert [s.head_dim for s in TextConfig.from_dict(c.to_dict()).layers] == [16, g]
+    legacy = {"vocab_size": 64, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+              "layer_types": ["sliding_attention", "full_attention"]}
+    assert TextConfig.from_dict(legacy).layers[1].head_dim == 512  # transformers' default there too
