@@ -4,8 +4,8 @@ For each variant a real-shape checkpoint with random bf16 weights is written in
 the hub's layout (`gemma4` wrapper config, `model.language_model.*` keys, fused
 `experts.gate_up_proj`), shard by shard (HF-style 5 GB shards), so RAM never holds
 the model.  Only the **text decoder** is written: vision/audio towers are not
-part of our checkpoints (the converter drops them), while Google's published
-table counts them (spec quantization.md §10); the towers' share is printed next
+written to these sources (the towers are lazily mapped and not resident in
+text use), while Google's published table counts them (spec quantization.md §10); the towers' share is printed next
 to it (multimodal.md §1, text-decoder.md §7.3).
 
 E2B, E4B (measured): the full-depth source (~9.3 / ~15 GB) is converted with
@@ -101,6 +101,12 @@ notes
   resident: "mapped PLE", paged in row by row); PLE projections/gates and the MoE router bf16; norms and
   scalars bf16; token embedding (= tied head) 8-bit affine g64 in the SFP8 and Q4_0 recipes.  Google's
   E2B/E4B Q4_0 figures imply a ~4-bit PLE table; ours keeps it bf16 but off the resident set.
+- q4_0* (accounted): a QAT source (Google's "qat-q4_0-unquantized" releases), whose token embedding also
+  lies on the Q4_0 lattice: the q4_0 recipe then stores it as Q4_0, losslessly (4.5 instead of 8.5 bits;
+  convert/core.py `_encode`, tests/test_convert.py::test_qat_embedding_stored_as_q4_0).  Off the lattice
+  the embedding keeps the 8-bit rule (the q4_0 rows above, random weights).
+- The towers: `gemma4-mlx convert` now converts them too, bf16 in every recipe; `gemma4_mlx.load` maps
+  them lazily, so they become resident only when the first image / clip is encoded.
 - Q4_0 from random (non-QAT) weights takes the converter's ptq-ggml path: fp16 scales.  A QAT source whose
   recovered d are not exact in fp16 would get fp32 scales (+0.5 bit/weight on those tensors).
 - sources: random bf16 in the hub layout (model.language_model.*, fused experts.gate_up_proj), 5 GB shards
@@ -162,10 +168,12 @@ def hub_layout(cfg) -> list[tuple[str, tuple]]:
 
 # -- accounting ---------------------------------------------------------------------
 
-def account(cfg, recipe: str, map_ple: bool = True) -> dict:
+def account(cfg, recipe: str, map_ple: bool = True, qat: bool = False) -> dict:
     """Bytes each tensor is stored (= resident) in after `convert(..., recipe)`, from
-    the policy and the codecs' layouts; the PLE table counts as mapped, not resident."""
-    from gemma4_mlx.convert.policy import Policy, classify
+    the policy and the codecs' layouts; the PLE table counts as mapped, not resident.
+    qat: the source is a QAT checkpoint whose token embedding lies on the Q4_0
+    lattice, which the q4_0 recipe then stores as Q4_0 (convert/core.py `_encode`)."""
+    from gemma4_mlx.convert.policy import RECIPES, Policy, classify
 
     policy = Policy(recipe)
     out = {"resident": 0, "mapped": 0, "params": 0, "by_kind": {}}
@@ -174,6 +182,8 @@ def account(cfg, recipe: str, map_ple: bool = True) -> dict:
         module, _, leaf = key.rpartition(".")
         cls = classify(module) if leaf == "weight" else "other"
         fmt = policy.for_class("other") if cls == "other" else policy.for_tensor(module, shape[-1])[0]
+        if qat and policy.qat_embedding(cls) and shape[-1] % 32 == 0:
+            fmt = RECIPES["q4_0"]
         if not fmt.quantized:
             kind, nbytes = "float", 2 * n  # bf16 source kept, or the bf16 recipe
         elif fmt.kind == "affine":
@@ -427,7 +437,7 @@ def table(rows: list[dict]) -> list[str]:
     for r in rows:
         v = r["variant"].split("@")[0]
         full = "@" not in r["variant"]
-        g = GOOGLE[v][FORMATS.index(r["fmt"])] if full else None
+        g = GOOGLE[v][FORMATS.index(r["fmt"].rstrip("*"))] if full else None
         res = r["resident"]
         tw = 2 * TOWERS[v] if full else None  # our policy keeps the towers bf16 (quantization.md 6)
         total = res + (r["mapped"] or 0) + tw if full else None
@@ -463,6 +473,8 @@ def main() -> None:
                     help="diagnostic: mx.set_cache_limit in the converting process (0: no buffer "
                          "cache), to see how much of the conversion peak is MLX's cache of freed buffers")
     ap.add_argument("--out", type=Path, help="also write the output to this file")
+    ap.add_argument("--accounted-only", action="store_true",
+                    help="no checkpoints: the accounted table for every variant (seconds)")
     args = ap.parse_args()
 
     import mlx.core as mx
@@ -479,7 +491,7 @@ def main() -> None:
         say(f"converting processes run with mx.set_cache_limit({args.convert_cache_limit} GB)")
     rows, checks = [], []
     for v in args.variants:
-        if v in MEASURED:
+        if v in MEASURED and not args.accounted_only:
             fmts = args.e4b_formats if (v == "e4b" and args.e4b_formats) else args.formats
             say(f"\n== {v} (full depth, measured): {', '.join(fmts)}")
             run_variant(v, config_dict(v), fmts, rows, checks, args.keep)
@@ -490,12 +502,17 @@ def main() -> None:
                 rows.append(dict(variant=v, fmt=f, kind="accounted", resident=acc["resident"], decode=None,
                                  mapped=acc["mapped"], conv_peak=None, conv_base=None, conv_s=None,
                                  acc=acc["resident"]))
-            if args.reduced_layers:
+            if args.reduced_layers and not args.accounted_only:
                 name = f"{v}@{args.reduced_layers}L"
                 say(f"\n== {name} (depth-reduced: {args.reduced_layers} decoder layers, real shapes; measured): "
                     f"{', '.join(args.reduced_formats)}")
                 run_variant(name, config_dict(v, args.reduced_layers), args.reduced_formats, rows, checks,
                             args.keep)
+        if "q4_0" in args.formats:  # a QAT source (Google's Q4_0 releases): embedding Q4_0 too
+            acc = account(text_config(config_dict(v)), "q4_0", qat=True)
+            rows.append(dict(variant=v, fmt="q4_0*", kind="accounted", resident=acc["resident"], decode=None,
+                             mapped=acc["mapped"], conv_peak=None, conv_base=None, conv_s=None,
+                             acc=acc["resident"]))
     elapsed = time.perf_counter() - t_start
 
     say("\n== accounting check (accounted vs measured resident bytes after load)")

@@ -36,7 +36,7 @@ from gemma4_mlx.models.text import Model
 from . import codecs, drafter
 from .errors import ConvertError
 from .hub import resolve_source
-from .policy import Policy, classify
+from .policy import RECIPES, Policy, classify
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,16 @@ def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, 
         fmt = policy.for_class("other")
         return {key: codecs.encode(w, fmt)[0]["weight"]}
     fmt, note = policy.for_tensor(module, w.shape[-1])
-    arrays, info = codecs.encode(w, fmt)
+    arrays = None
+    if policy.qat_embedding(cls) and w.shape[-1] % 32 == 0:
+        # A QAT checkpoint's tied embedding sits on the Q4_0 lattice too: storing it as
+        # Q4_0 is lossless (and is what Google's Q4_0 memory figures assume); any other
+        # embedding keeps the 8-bit rule.
+        q, info = codecs.encode(w, RECIPES["q4_0"])
+        if info.get("provenance") == "qat-lattice":
+            arrays, fmt, note = q, RECIPES["q4_0"], "on the Q4_0 QAT lattice: stored as Q4_0, lossless"
+    if arrays is None:
+        arrays, info = codecs.encode(w, fmt)
     entry = {"class": cls, **fmt.entry(), **info}
     if not fmt.quantized:
         entry["dtype"] = str(arrays["weight"].dtype).replace("mlx.core.", "")

@@ -3,7 +3,9 @@
 A tensor is classified by its module path (our module tree, after `loader.sanitize`):
 
   class           modules                                        keep_high_precision=True
-  embedding       embed_tokens (also the tied LM head)           8-bit affine g64 (§6, §7)
+  embedding       embed_tokens (also the tied LM head)           8-bit affine g64 (§6, §7);
+                                                                 q4_0 recipe: Q4_0 when every
+                                                                 block is on the QAT lattice
   ple_table       embed_tokens_per_layer                         high precision
   ple_projection  per_layer_model_projection, per_layer_input_   high precision
                   gate, per_layer_projection
@@ -163,6 +165,10 @@ class Policy:
             return Q8
         return base
 
+    def qat_embedding(self, cls: str) -> bool:
+        """Try Q4_0 for the token embedding first (kept only if it is on the QAT lattice)."""
+        return cls == "embedding" and self.recipe == "q4_0" and self.keep_high_precision
+
     def for_tensor(self, module_path: str, in_features: int) -> tuple[Format, str | None]:
         """Format for a weight with `in_features` along its grouped (last) axis, and a
         note when the group size had to change or the tensor stays unquantized."""
@@ -184,6 +190,8 @@ class Policy:
         names = DRAFTER_CLASSES if drafter else TARGET_CLASSES + (TOWER_CLASSES if towers else ())
         classes = {c: self.for_class(c).entry() for c in names}
         classes["norms_and_scalars"] = Format("float", dtype=self.base.dtype).entry()
+        if self.qat_embedding("embedding"):
+            classes["embedding"]["if_on_qat_lattice"] = RECIPES["q4_0"].entry()
         if towers:  # whatever the recipe: part of the math, 4 bytes each
             classes["clamp_scalars"] = Format("float", dtype="float32").entry()
         out = {"recipe": self.recipe, "keep_high_precision": self.keep_high_precision,

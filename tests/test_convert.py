@@ -26,7 +26,7 @@ from gemma4_mlx.models.moe import QuantizedExpertLinear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
 
-from conftest import build_hf, random_ids, write_char_tokenizer
+from conftest import build_hf, random_ids, read_json, write_char_tokenizer
 
 QUANTIZED = ["q8", "q4", "mxfp4", "nvfp4", "q4_0", "sfp8"]
 MODES = ["bf16", "fp16"] + QUANTIZED
@@ -235,7 +235,7 @@ def test_no_keep_high_precision_quantizes_everything(checkpoints, converted):
 
 # -- QAT lattice recovery (q4_0) ------------------------------------------------
 
-def _lattice_checkpoint(path, dtype):
+def _lattice_checkpoint(path, dtype, embedding: bool = False):
     """dense family with every linear weight exactly on a Q4_0 lattice: per 32-block a
     scale d with 5 significant bits (d*(q-8) then has <= 8, exact in bf16) and one
     element at q = 0, the signed extremum -8d that ggml's quantizer always produces."""
@@ -243,7 +243,7 @@ def _lattice_checkpoint(path, dtype):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in hf.named_parameters():
-            if n.endswith("_proj.weight"):
+            if n.endswith("_proj.weight") or (embedding and n.endswith("embed_tokens.weight")):
                 rows, k = p.shape
                 # bell-shaped codes like trained weights; 7d (q = 15) would let MLX's
                 # min/max grid coincide with the lattice by luck
@@ -281,10 +281,31 @@ def test_qat_lattice_recovered_exactly(tmp_path, dtype):
     assert max(plain) < 0.8 and np.mean(plain) < 0.6  # spec §4.2: ~39% exact at g64
 
 
+def test_qat_embedding_stored_as_q4_0(tmp_path):
+    """The q4_0 recipe keeps a tied embedding that sits on the QAT lattice as Q4_0
+    (lossless, 4.5 bits: what Google's Q4_0 figures assume); off the lattice it keeps
+    the 8-bit rule (test below)."""
+    src = _lattice_checkpoint(tmp_path / "qat", torch.bfloat16, embedding=True)
+    report = convert(src, tmp_path / "q4_0", "q4_0", progress=False)
+    e = report.tensors["model.embed_tokens"]
+    assert e["format"] == "q4_0" and e["provenance"] == "qat-lattice" and "lossless" in e["note"]
+    cfg = read_json(tmp_path / "q4_0" / "config.json")["quantization"]
+    assert cfg["tensors"]["model.embed_tokens"]["format"] == "q4_0"
+    assert cfg["policy"]["classes"]["embedding"]["if_on_qat_lattice"]["format"] == "q4_0"
+    src_emb = gemma4_mlx.load(src, dtype="float32")[0].model.embed_tokens.weight
+    model = gemma4_mlx.load(tmp_path / "q4_0", dtype="float32")[0]
+    deq = dequantized(model).model.embed_tokens.weight
+    assert mx.array_equal(deq, src_emb).item()
+    ids = mx.array([random_ids(12)])
+    assert np.isfinite(np.array(model(ids))).all()
+
+
 def test_q4_0_on_ordinary_weights_falls_back_to_ggml(checkpoints, converted):
     _, report = converted(checkpoints["dense"].path, "q4_0")
     e = report.tensors["model.layers.0.self_attn.q_proj"]
     assert e["provenance"] == "ptq-ggml" and e["lattice_exact"] < 0.01 and e["scale_dtype"] == "float16"
+    emb = report.tensors["model.embed_tokens"]  # not on a lattice: the 8-bit embedding rule
+    assert emb["format"] == "affine" and emb["bits"] == 8
 
 
 # -- streaming, atomic output, errors ------------------------------------------------
