@@ -218,6 +218,27 @@ def _status() -> dict:
     return out
 
 
+def lattice_table(shape, rows_per_chunk: int = 8192):
+    """A bf16 table on the Q4_0 lattice, as a QAT checkpoint's: per 32-block a scale d
+    with 5 significant bits (so d * (q - 8) is exact in bf16) and codes q in 0..15 with
+    one q = 0 (the signed extremum -8d the lattice recovery keys on)."""
+    import mlx.core as mx
+
+    R, K = shape
+    parts = []
+    for a in range(0, R, rows_per_chunk):
+        r = min(rows_per_chunk, R - a)
+        q = mx.random.randint(1, 16, (r, K // 32, 32))
+        q = mx.concatenate([mx.zeros((r, K // 32, 1), q.dtype), q[..., 1:]], axis=-1)
+        e = mx.random.randint(-10, -6, (r, K // 32, 1)).astype(mx.float32)
+        m = mx.random.randint(0, 16, (r, K // 32, 1)).astype(mx.float32)
+        d = (1 + m / 16) * mx.power(2.0, e)
+        part = (d * (q.astype(mx.float32) - 8)).reshape(r, K).astype(mx.bfloat16)
+        mx.eval(part)
+        parts.append(part)
+    return mx.concatenate(parts)
+
+
 def child_build(folder: str, cfg_dict: dict) -> dict:
     """Random bf16 weights in the hub layout, one shard at a time."""
     import mlx.core as mx
@@ -247,7 +268,9 @@ def child_build(folder: str, cfg_dict: dict) -> dict:
         mx.clear_cache()
 
     for key, shape in tensors:
-        if key.endswith(("norm.weight", "layer_scalar", "scale")):
+        if cfg_dict.get("_qat_embedding") and key.endswith("embed_tokens.weight"):
+            v = lattice_table(shape)
+        elif key.endswith(("norm.weight", "layer_scalar", "scale")):
             v = (0.8 + 0.4 * mx.random.uniform(shape=shape)).astype(mx.bfloat16)
         else:  # drawn directly in bf16: no float32 copy of a 4.7 GB table
             v = mx.random.normal(shape, dtype=mx.bfloat16) * mx.array(0.02, mx.bfloat16)
@@ -381,7 +404,8 @@ def gib(x):
 def run_variant(name: str, cfg_dict: dict, formats, rows: list, checks: list, keep: bool) -> None:
     """Build, convert to each format, measure; append table rows and accounting checks."""
     cfg = text_config(cfg_dict)
-    src = WORK / f"{name}-src"
+    qat = bool(cfg_dict.get("_qat_embedding"))
+    src = WORK / f"{name}{'-qat' if qat else ''}-src"
     src_bytes = sum(2 * math.prod(s) for _, s in hub_layout(cfg))
     if not (src / "model.safetensors.index.json").exists():
         shutil.rmtree(src, ignore_errors=True)
@@ -392,7 +416,7 @@ def run_variant(name: str, cfg_dict: dict, formats, rows: list, checks: list, ke
         b = run_child("build", str(src), cfg_dict)
         say(f"  built {b['shards']} shards in {b['seconds']:.0f} s (largest shard {gb(b['largest_shard'])} GB)")
     for f in formats:
-        acc = account(cfg, f)
+        acc = account(cfg, f, qat=qat)
         dst = WORK / f"{name}-{f}"
         shutil.rmtree(dst, ignore_errors=True)
         if not fits(acc["resident"] + acc["mapped"], f"{name} {f} conversion"):
@@ -411,9 +435,9 @@ def run_variant(name: str, cfg_dict: dict, formats, rows: list, checks: list, ke
             f"after prefill+1 decode {gb(m['after_decode'])} GB ({m['step_s']:.1f} s); "
             f"RSS after load {gb(m['rss_loaded'])} GB, peak {gb(m['peak_rss'])} GB")
         written = c["bytes_out"]
-        checks.append((name, f, acc["resident"], m["loaded"], m["tensor_bytes"],
+        checks.append((name, f + ("*" if qat else ""), acc["resident"], m["loaded"], m["tensor_bytes"],
                        acc["resident"] + acc["mapped"], written, acc["mapped"], m["mapped"]))
-        rows.append(dict(variant=name, fmt=f, kind="measured", resident=m["loaded"],
+        rows.append(dict(variant=name, fmt=f + ("*" if qat else ""), kind="measured", resident=m["loaded"],
                          decode=m["after_decode"], mapped=m["mapped"], conv_peak=c["peak_rss"],
                          conv_base=c["base_rss"], conv_s=c["seconds"], acc=acc["resident"]))
         shutil.rmtree(dst, ignore_errors=True)
@@ -473,6 +497,8 @@ def main() -> None:
                     help="diagnostic: mx.set_cache_limit in the converting process (0: no buffer "
                          "cache), to see how much of the conversion peak is MLX's cache of freed buffers")
     ap.add_argument("--out", type=Path, help="also write the output to this file")
+    ap.add_argument("--qat-embedding", action="store_true",
+                    help="build sources whose token embedding lies on the Q4_0 lattice (a QAT checkpoint)")
     ap.add_argument("--accounted-only", action="store_true",
                     help="no checkpoints: the accounted table for every variant (seconds)")
     args = ap.parse_args()
@@ -494,7 +520,8 @@ def main() -> None:
         if v in MEASURED and not args.accounted_only:
             fmts = args.e4b_formats if (v == "e4b" and args.e4b_formats) else args.formats
             say(f"\n== {v} (full depth, measured): {', '.join(fmts)}")
-            run_variant(v, config_dict(v), fmts, rows, checks, args.keep)
+            run_variant(v, dict(config_dict(v), _qat_embedding=args.qat_embedding), fmts, rows, checks,
+                        args.keep)
         else:
             cfg = text_config(config_dict(v))
             for f in args.formats:
@@ -506,8 +533,8 @@ def main() -> None:
                 name = f"{v}@{args.reduced_layers}L"
                 say(f"\n== {name} (depth-reduced: {args.reduced_layers} decoder layers, real shapes; measured): "
                     f"{', '.join(args.reduced_formats)}")
-                run_variant(name, config_dict(v, args.reduced_layers), args.reduced_formats, rows, checks,
-                            args.keep)
+                run_variant(name, dict(config_dict(v, args.reduced_layers), _qat_embedding=args.qat_embedding),
+                            args.reduced_formats, rows, checks, args.keep)
         if "q4_0" in args.formats:  # a QAT source (Google's Q4_0 releases): embedding Q4_0 too
             acc = account(text_config(config_dict(v)), "q4_0", qat=True)
             rows.append(dict(variant=v, fmt="q4_0*", kind="accounted", resident=acc["resident"], decode=None,
