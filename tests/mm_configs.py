@@ -111,3 +111,22 @@ def randomize_audio(module, seed: int) -> None:
                 b.fill_(r)
             elif name.endswith(("input_min", "output_min")):
                 b.fill_(-r)
+
+
+AUDIO_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
+                  conv_kernel_size=5, output_proj_dims=24, use_clipped_linears=True)
+
+
+def build_multimodal(text: dict, tower: str = "union", seed: int = 0):
+    """A whole `Gemma4ForConditionalGeneration`: text model, a vision tower, the audio
+    tower; every text, vision and audio weight random (eager attention)."""
+    cfg = transformers.Gemma4Config(
+        text_config=text, vision_config=transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS[tower]).to_dict(),
+        audio_config=transformers.Gemma4AudioConfig(**AUDIO_TINY).to_dict(), **TOKEN_IDS)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    hf = transformers.Gemma4ForConditionalGeneration(cfg).eval()
+    randomize_text(hf.model.language_model, seed + 1)
+    randomize_vision(hf, seed + 2)
+    randomize_audio(hf.model.audio_tower, seed + 3)
+    return hf

@@ -34,11 +34,8 @@ from gemma4_mlx.processors.audio import FeatureConfig, log_mel
 from gemma4_mlx.processors.image import ImageProcessor
 from gemma4_mlx.safetensors_header import read_header
 
-from mm_configs import TOKEN_IDS, TOWERS, VISION_TINY, randomize_audio, randomize_text, randomize_vision
+from mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
 
-# As tests/test_multimodal.py (a copy: test modules are not imported from each other).
-AUDIO_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
-                  conv_kernel_size=5, output_proj_dims=24, use_clipped_linears=True)
 # Widths divisible by 32 and 64 so the text linears quantize too; global_head_dim !=
 # head_dim (a transformers 5.24 config then records the full layer's head_dim).
 TEXT = dict(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=64, intermediate_size=64,
@@ -54,15 +51,7 @@ _META = (".scales", ".biases", ".tensor_scale")
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    cfg = transformers.Gemma4Config(
-        text_config=transformers.Gemma4TextConfig(**TEXT).to_dict(),
-        vision_config=transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS["union"]).to_dict(),
-        audio_config=transformers.Gemma4AudioConfig(**AUDIO_TINY).to_dict(), **TOKEN_IDS)
-    torch.manual_seed(0)
-    hf = transformers.Gemma4ForConditionalGeneration(cfg).eval()
-    randomize_text(hf.model.language_model, 1)
-    randomize_vision(hf, 2)
-    randomize_audio(hf.model.audio_tower, 3)
+    hf = build_multimodal(transformers.Gemma4TextConfig(**TEXT).to_dict(), "union")
     path = tmp_path_factory.mktemp("towers") / "src"
     hf.save_pretrained(path, max_shard_size="200KB")  # tower tensors spread over shards
     assert len(list(path.glob("*.safetensors"))) >= 2 and not (path / "processor_config.json").exists()

@@ -25,12 +25,9 @@ from gemma4_mlx.loader import load_model  # noqa: E402
 from gemma4_mlx.media import MediaRows  # noqa: E402
 from gemma4_mlx.multimodal import Audio, Image, MediaError, MediaProcessor  # noqa: E402
 from gemma4_mlx.processors.image import ImageProcessor  # noqa: E402
-from mm_configs import (TOKEN_IDS, TOWERS, VISION_TINY, randomize_audio,  # noqa: E402
-                        randomize_text, randomize_vision)
+from mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
 
 TOL = 1e-4
-AUDIO_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
-                  conv_kernel_size=5, output_proj_dims=24, use_clipped_linears=True)
 
 
 def text_config(window: int, bidirectional: str | None, shared: int = 0) -> dict:
@@ -52,16 +49,7 @@ CONFIGS = {"bidir_w16": (16, "vision", 0), "bidir_w128": (128, "vision", 0), "ca
 class Case:
     def __init__(self, name, tmp):
         window, bidir, shared = CONFIGS[name]
-        cfg = transformers.Gemma4Config(
-            text_config=text_config(window, bidir, shared),
-            vision_config=transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS["union"]).to_dict(),
-            audio_config=transformers.Gemma4AudioConfig(**AUDIO_TINY).to_dict(), **TOKEN_IDS)
-        cfg._attn_implementation = "eager"
-        torch.manual_seed(0)
-        self.hf = transformers.Gemma4ForConditionalGeneration(cfg).eval()
-        randomize_text(self.hf.model.language_model, 1)
-        randomize_vision(self.hf, 2)
-        randomize_audio(self.hf.model.audio_tower, 3)
+        self.hf = build_multimodal(text_config(window, bidir, shared), "union")
         self.hf.save_pretrained(tmp)
         self.model, _ = load_model(tmp, dtype="float32")
         self.mp = MediaProcessor(self.model, ImageProcessor(70, patch_size=4))

@@ -21,10 +21,8 @@ transformers = pytest.importorskip("transformers")
 from gemma4_mlx import Chat, generate, load  # noqa: E402
 from gemma4_mlx.generate import SamplingOptions  # noqa: E402
 from gemma4_mlx.multimodal import MediaError, processor_for  # noqa: E402
-from mm_configs import TOKEN_IDS, TOWERS, VISION_TINY, randomize_audio, randomize_text, randomize_vision  # noqa: E402
+from mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
 
-AUDIO_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
-                  conv_kernel_size=5, output_proj_dims=24, use_clipped_linears=True)
 SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|image>": TOKEN_IDS["boi_token_id"],
             "<image|>": TOKEN_IDS["eoi_token_id"], "<|image|>": TOKEN_IDS["image_token_id"],
             "<|audio|>": TOKEN_IDS["audio_token_id"], "<|video|>": TOKEN_IDS["video_token_id"],
@@ -57,14 +55,7 @@ def folder(tmp_path_factory):
                 num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
                 hidden_size_per_layer_input=8, sliding_window=16, num_kv_shared_layers=0,
                 layer_types=["sliding_attention"] * 3 + ["full_attention"], final_logit_softcapping=30.0)
-    cfg = transformers.Gemma4Config(
-        text_config=text, vision_config=transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS["small"]).to_dict(),
-        audio_config=transformers.Gemma4AudioConfig(**AUDIO_TINY).to_dict(), **TOKEN_IDS)
-    torch.manual_seed(0)
-    hf = transformers.Gemma4ForConditionalGeneration(cfg).eval()
-    randomize_text(hf.model.language_model, 1)
-    randomize_vision(hf, 2)
-    randomize_audio(hf.model.audio_tower, 3)
+    hf = build_multimodal(text, "small")
     path = tmp_path_factory.mktemp("mm_chat")
     hf.save_pretrained(path)
     write_tokenizer(path)
