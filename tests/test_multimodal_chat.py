@@ -193,3 +193,31 @@ def test_cli_media_flags(folder, tmp_path):
                          (["--image", str(img), "--image-budget", "100"], "budget")):
         r = CliRunner().invoke(app, ["generate", *base, "-q", "-p", "hi", *args])
         assert r.exit_code != 0 and needle in r.output and "Traceback" not in r.output, r.output
+
+
+def test_speculative_chat_with_media_is_lossless(loaded, tmp_path):
+    """An MTP drafter on a media prompt: the same greedy reply as without it."""
+    from gemma4_mlx import load_drafter
+    from mm_configs import randomize_text
+
+    model, tok = loaded
+    text = transformers.Gemma4TextConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=16,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], num_kv_shared_layers=4,
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, final_logit_softcapping=None,
+        tie_word_embeddings=True)
+    cfg = transformers.Gemma4AssistantConfig(text_config=text.to_dict(), backbone_hidden_size=64,
+                                             use_ordered_embeddings=False)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(5)
+    hf = transformers.Gemma4AssistantForCausalLM(cfg).eval()
+    randomize_text(hf, 6)
+    hf.save_pretrained(tmp_path / "assistant")
+    drafter = load_drafter(tmp_path / "assistant", dtype="float32", target=model)
+    media = dict(images=[picture(7)], audio=[tone()])
+    plain = Chat(model, tok, max_tokens=10)
+    spec = Chat(model, tok, max_tokens=10, drafter=drafter, draft_tokens=2)
+    r = spec.send("what is it?", **media)
+    assert r.text == plain.send("what is it?", **media).text and r.stats.speculative.rounds > 0
+    assert spec.send("more?").text == plain.send("more?").text  # second turn: cached media
