@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 STEP = 256  # buffer growth granularity (slots)
 
@@ -220,17 +221,20 @@ class Mask:
     q_start: int
     k_start: int
     window: int | None
-    ahead: bool = False  # some queries see later keys (bidirectional image blocks)
+    # Bidirectional image blocks: per query, the index (in this chunk) of the last
+    # query of its block, which it may see; None when no query sees later keys.
+    ahead: np.ndarray | None = None
 
     def last(self, n: int) -> "Mask":
         """The mask of the last n queries only."""
         cut = self.array.shape[2] - n
         return Mask(self.array[..., cut:, :], self.q_start + cut, self.k_start, self.window,
-                    self.ahead)
+                    None if self.ahead is None else self.ahead[cut:] - cut)
 
     def key_range(self, a: int, b: int) -> tuple[int, int]:
         """Key indices [lo, hi) that queries a..b-1 may see."""
-        hi = self.array.shape[3] if self.ahead else self.q_start + b - self.k_start
+        last = b - 1 if self.ahead is None else max(b - 1, int(self.ahead[a:b].max()))
+        hi = self.q_start + last + 1 - self.k_start
         lo = 0 if self.window is None else max(0, self.q_start + a - self.window + 1 - self.k_start)
         return lo, min(hi, self.array.shape[3])
 
@@ -244,6 +248,11 @@ class Mask:
         same block)`, as transformers builds it.
         """
         T, S = self.array.shape[2], self.array.shape[3]
+        blocks = np.asarray(blocks)
+        ahead = np.arange(T)
+        for b in np.unique(blocks[blocks >= 0]):
+            where = np.flatnonzero(blocks == b)
+            ahead[where] = where[-1]
         bq = mx.array(blocks)
         bk = mx.concatenate([mx.full((S - T,), -1, bq.dtype), bq])
         same = (bq[:, None] == bk[None, :]) & (bq[:, None] >= 0)
@@ -251,7 +260,7 @@ class Mask:
             q = mx.arange(self.q_start, self.q_start + T)[:, None]
             k = mx.arange(self.k_start, self.k_start + S)[None, :]
             same = same & (q - k < self.window)
-        return Mask(self.array | same, self.q_start, self.k_start, self.window, ahead=True)
+        return Mask(self.array | same, self.q_start, self.k_start, self.window, ahead=ahead)
 
 
 def build_mask(offset: int, key_start: int, n_new: int, window: int | None,

@@ -235,10 +235,10 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     image_budget: soft tokens per image (70, 140, 280, 560, 1120).
     """
     options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
-    media = None
-    if images or audio or videos:
-        from .multimodal import media_prompt
+    from .multimodal import has_media, media_prompt
 
+    media = None
+    if has_media(images, audio, videos):
         ids, media = media_prompt(model, tokenizer, prompt, images, audio, videos, chat=chat,
                                   image_budget=image_budget, processor=media_processor)
     else:

@@ -87,6 +87,16 @@ def rename(key: str) -> str:
     return key.replace(".switch_glu.", ".experts.")
 
 
+def module_path(key: str) -> str:
+    """A checkpoint module path (mlx-vlm per-module quantization entries) -> ours;
+    tower paths gain their owner (`vision_tower.x` -> `vision.vision_tower.x`)."""
+    m = _TOWER.match(key)
+    if m:
+        owner = "vision" if "vision" in m.group(1) else "audio"
+        return f"{owner}.{key[m.start(1):]}"
+    return rename(key)
+
+
 def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = None) -> dict[str, mx.array]:
     """Map checkpoint keys onto `Model` (text-decoder spec §8.3).
 
@@ -206,7 +216,7 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
     from .models.quantized import QEmbedding, QLinear
 
     # mlx-lm per-module entries: {"<checkpoint module path>": {...} or false}
-    overrides = {rename(k): v for k, v in q.items()
+    overrides = {module_path(k): v for k, v in q.items()
                  if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")}
 
     def swap(path: str, m):

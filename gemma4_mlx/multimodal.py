@@ -88,6 +88,19 @@ def _digest(*parts) -> str:
     return h.hexdigest()[:32]
 
 
+def _once(batch, reprocess: Callable, run: Callable) -> Callable[[], mx.array]:
+    """An encoder that uses `batch` once and then lets it go: a chat keeps every
+    Prepared for its whole history, and float32 pixels are 3-5x the soft tokens.
+    After the feature cache evicts the rows, the source is processed again."""
+    held = [batch]
+
+    def encode():
+        b = held.pop() if held else reprocess()
+        return run(b)
+
+    return encode
+
+
 def _name(source) -> str:
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
@@ -164,8 +177,9 @@ class MediaProcessor:
         real = int((batch.position_ids[0, :, 0] >= 0).sum())
         digest = _digest("image", batch.budget, batch.sizes[0], batch.pixel_values[0, :real])
         vision = self.model.vision
-        return Prepared("image", digest, [n], BOI + PLACEHOLDERS["image"] * n + EOI,
-                        lambda: vision(batch.pixel_values, batch.position_ids)[0])
+        encode = _once(batch, lambda: self.image(item.source, budget),
+                       lambda b: vision(b.pixel_values, b.position_ids)[0])
+        return Prepared("image", digest, [n], BOI + PLACEHOLDERS["image"] * n + EOI, encode)
 
     def _audio(self, item: Audio) -> Prepared:
         self._need("audio", f"audio {_name(item.source)}")
@@ -197,8 +211,10 @@ class MediaProcessor:
         counts = [batch.num_soft_tokens] * batch.num_frames
         digest = _digest("video", batch.budget, batch.timestamps, batch.pixel_values)
         vision = self.model.vision
-        return Prepared("video", digest, counts, batch.prompt_text(),
-                        lambda: vision(batch.pixel_values, batch.position_ids)[0])
+        encode = _once(batch, lambda: self.video(item.source, num_frames=item.num_frames, fps=item.fps,
+                                                 video_budget=budget),
+                       lambda b: vision(b.pixel_values, b.position_ids)[0])
+        return Prepared("video", digest, counts, batch.prompt_text(), encode)
 
     # -- the prompt --------------------------------------------------------------
     def expand(self, text: str, prepared: list[Prepared]) -> str:
@@ -239,8 +255,11 @@ class MediaProcessor:
         if hit is not None:
             self._cache.move_to_end(p.digest)
             return hit
-        rows = p.encode()
-        mx.eval(rows)
+        try:
+            rows = p.encode()
+            mx.eval(rows)
+        except ValueError as e:  # VideoError on a re-read, a tower's input check
+            raise MediaError(f"{p.kind}: {e}") from None
         if rows.shape[0] != sum(p.counts):
             raise MediaError(f"{p.kind}: the tower returned {rows.shape[0]} soft tokens, "
                              f"the prompt holds {sum(p.counts)} placeholders")
@@ -300,6 +319,33 @@ def processor_for(model) -> MediaProcessor:
     return mp
 
 
+_ZWSP = "\u200b"
+
+
+def escape_placeholders(text: str) -> str:
+    """Literal `<|image|>`-style strings typed in text become ordinary text (a
+    zero-width space before the closing `|>`), so only media parts make placeholders."""
+    return _PLACEHOLDER_RE.sub(lambda m: m.group(0)[:-2] + _ZWSP + "|>", text)
+
+
+def escape_messages(messages: list[dict]) -> list[dict]:
+    """The messages with `escape_placeholders` applied to every text they carry."""
+    def fix(content):
+        if isinstance(content, str):
+            return escape_placeholders(content)
+        if isinstance(content, list):
+            return [dict(p, text=escape_placeholders(p["text"])) if isinstance(p, dict) and
+                    isinstance(p.get("text"), str) else p for p in content]
+        return content
+
+    return [dict(m, content=fix(m["content"])) if "content" in m else m for m in messages]
+
+
+def has_media(images=(), audio=(), videos=()) -> bool:
+    """Whether any medium is given (arrays are not asked for their truth value)."""
+    return any(_listify(x) for x in (images, audio, videos))
+
+
 def _listify(x) -> list:
     if x is None:
         return []
@@ -331,16 +377,6 @@ def user_content(text: str | None, items: list) -> list[dict] | str:
     return parts
 
 
-def render_prompt(tokenizer, messages: list[dict], **kwargs) -> str:
-    """The checkpoint's chat template when the tokenizer has one, else ours."""
-    from .chat.template import render, render_with_checkpoint_template
-
-    template = getattr(tokenizer, "chat_template", None)
-    if template:
-        return render_with_checkpoint_template(template, messages, **kwargs)
-    return render(messages, **kwargs)
-
-
 def media_prompt(model, tokenizer, prompt, images=(), audio=(), videos=(), *, chat: bool = True,
                  image_budget: int | None = None, processor: MediaProcessor | None = None):
     """(ids, MediaRows) for one prompt with media.
@@ -352,11 +388,14 @@ def media_prompt(model, tokenizer, prompt, images=(), audio=(), videos=(), *, ch
     items = media_items(images, audio, videos, image_budget)
     prepared = [mp.prepare(m) for m in items]
     if isinstance(prompt, str):
-        if chat:
-            text = render_prompt(tokenizer, [{"role": "user", "content": user_content(prompt, items)}])
-        elif _PLACEHOLDER_RE.search(prompt):
+        if chat and getattr(tokenizer, "chat_template", None):
+            from .chat.template import render_with_checkpoint_template
+
+            text = render_with_checkpoint_template(tokenizer.chat_template, [
+                {"role": "user", "content": user_content(escape_placeholders(prompt), items)}])
+        elif _PLACEHOLDER_RE.search(prompt):  # raw text that places its media itself
             text = prompt
-        else:
+        else:  # raw text (as `encode_prompt` without a template): media first
             text = "".join(PLACEHOLDERS[p.kind] for p in prepared) + prompt
         from .generate import encode_prompt
 

@@ -246,7 +246,10 @@ def test_mask_with_blocks_brute_force():
             bk = blocks[k - offset] if k >= offset else -1
             same = blocks[qi] >= 0 and blocks[qi] == bk
             assert got[qi, kj] == ((q - k < W) and (k <= q or same)), (qi, kj)
-    assert m.ahead and m.key_range(0, 1) == (0, got.shape[1])
+    first = W - 1  # key index of the chunk's first query
+    assert m.key_range(0, 1) == (0, first + 1)  # query 0 is in no block
+    assert m.key_range(1, 2) == (1, first + 8)  # block 0 runs to query 7; window from key 1
+    assert m.key_range(9, 10)[1] == first + 11 and m.last(3).key_range(0, 1)[1] == first + 11
 
 
 def test_media_rows_cut_never_splits_runs():

@@ -221,3 +221,67 @@ def test_speculative_chat_with_media_is_lossless(loaded, tmp_path):
     r = spec.send("what is it?", **media)
     assert r.text == plain.send("what is it?", **media).text and r.stats.speculative.rounds > 0
     assert spec.send("more?").text == plain.send("more?").text  # second turn: cached media
+
+
+def test_bare_arrays_and_typed_placeholders(loaded):
+    """A bare array is one medium; a literal "<|image|>" typed in text stays text
+    (earlier and later turns with real media keep working)."""
+    chat = fresh(loaded)
+    chat.send("what does <|image|> mean?")
+    r = chat.send("look", images=np.asarray(picture(0)), audio=tone())
+    assert r.text is not None and len(chat.media) == 2
+    model, tok = loaded
+    assert isinstance(generate(model, tok, "x <|audio|> y", audio=tone(), max_tokens=2), str)
+
+
+def test_interrupt_while_encoding_undoes_the_turn(loaded, monkeypatch):
+    model, _ = loaded
+    chat = fresh(loaded)
+
+    def interrupted(self, *a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model.vision), "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        chat.send("look", images=[picture(11)])
+    assert chat.messages == [] and chat.media == [] and chat._prepared == {}
+    monkeypatch.undo()
+    assert chat.send("look", images=[picture(11)]).text is not None
+
+
+def test_mlx_vlm_layout_with_mixed_bit_tower(folder, tmp_path):
+    """mlx-vlm names (`vision_tower.*`, `language_model.model.*`) with quantized tower
+    linears and a per-module 8-bit entry for one of them."""
+    import json
+
+    import mlx.core as mx
+
+    from gemma4_mlx.loader import load_model
+
+    out = {}
+    for k, v in mx.load(str(folder / "model.safetensors")).items():
+        k = ("language_model.model." + k[len("model.language_model."):] if k.startswith("model.language_model.")
+             else k[len("model."):] if k.startswith("model.") else k)
+        out[k] = v
+    special = "vision_tower.encoder.layers.0.self_attn.q_proj.linear"
+    for k in [k for k in out if k.startswith("vision_tower.encoder.") and k.endswith(".linear.weight")]:
+        mod = k[:-len(".weight")]
+        out[k], out[mod + ".scales"], out[mod + ".biases"] = mx.quantize(
+            out[k], group_size=32, bits=8 if mod == special else 4)
+    (tmp_path / "vlm").mkdir()
+    mx.save_safetensors(str(tmp_path / "vlm" / "model.safetensors"), out)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization"] = {"group_size": 32, "bits": 4, special: {"group_size": 32, "bits": 8}}
+    (tmp_path / "vlm" / "config.json").write_text(json.dumps(cfg))
+    model, _ = load_model(tmp_path / "vlm", dtype="float32")
+    q = model.vision.vision_tower.encoder.layers[0].self_attn
+    assert q.q_proj.linear.bits == 8 and q.k_proj.linear.bits == 4
+    rows, counts = model.vision(*_pixels(model))
+    assert np.isfinite(np.array(rows)).all() and counts
+
+
+def _pixels(model):
+    from gemma4_mlx.processors.image import ImageProcessor
+
+    b = ImageProcessor(70, patch_size=model.vision.config.patch_size)(picture(1))
+    return b.pixel_values, b.position_ids

@@ -72,7 +72,11 @@ class Chat:
         return [tool_schema(f) for f in self.functions.values()] or None
 
     def prompt_text(self) -> str:
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        from ..multimodal import escape_messages
+
+        # typed "<|image|>" text must not become a media placeholder
+        msgs = escape_messages(([{"role": "system", "content": self.system}] if self.system else [])
+                               + self.messages)
         template = getattr(self.tokenizer, "chat_template", None)
         if template:
             return render_with_checkpoint_template(template, msgs, tools=self.tools,
@@ -92,6 +96,10 @@ class Chat:
         limit = min(len(self.cached), len(keys) - 1)  # at least one token must be fed
         while n < limit and self.cached[n] == keys[n]:
             n += 1
+        # never start inside a media run: its rows must be prefilled together (blocks)
+        while 0 < n < len(keys) and isinstance(keys[n], tuple) and isinstance(keys[n - 1], tuple) \
+                and keys[n][:2] == keys[n - 1][:2]:
+            n -= 1
         drop = len(self.cached) - n
         if drop:
             try:
@@ -105,14 +113,16 @@ class Chat:
     def _add_user_turn(self, text, images, audio, videos, image_budget) -> None:
         """Append the user message; media are processed first, so bad media raise
         (`MediaError`, one line) and leave the conversation as it was."""
+        from ..multimodal import has_media
+
         items = []
-        if images or audio or videos:
+        if has_media(images, audio, videos):
             from ..multimodal import media_items, processor_for
 
             items = media_items(images, audio, videos, image_budget)
             mp = processor_for(self.model)
-            for m in items:
-                self._prepared[id(m)] = mp.prepare(m)
+            prepared = {id(m): mp.prepare(m) for m in items}  # raises before anything changes
+            self._prepared.update(prepared)
         if text is not None or items:
             from ..multimodal import user_content
 
@@ -145,7 +155,9 @@ class Chat:
             ids, keys, mprompt = self._prompt_ids(prompt)
             start = self._sync(keys)
             media = None if mprompt is None else mprompt.rows(start)  # encodes what is new
-        except Exception:  # the session survives: this turn is undone
+        except BaseException:  # bad media, Ctrl-C while encoding: this turn is undone
+            for m in self.media[n_media:]:
+                self._prepared.pop(id(m), None)
             del self.messages[n_msgs:], self.media[n_media:]
             raise
         new = ids[start:]

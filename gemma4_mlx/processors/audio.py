@@ -404,7 +404,7 @@ def load_audio(source, sampling_rate: int | None = None, cfg: FeatureConfig = Fe
         name = os.fspath(source)
     else:
         x = np.asarray(source)
-        rate, name = sampling_rate or cfg.sampling_rate, "audio array"
+        rate, name = cfg.sampling_rate if sampling_rate is None else sampling_rate, "audio array"
         if x.ndim != 1:
             raise AudioError(f"{name}: expected a 1-D mono waveform, got shape {x.shape} "
                              "(average the channels first)")
