@@ -67,9 +67,11 @@ IMAGE_HELP = "Image file for the prompt (repeatable)."
 AUDIO_HELP = "Audio file, up to 30 s: WAV, FLAC, MP3, M4A, Ogg (repeatable; E2B/E4B)."
 VIDEO_HELP = "Video file, up to 60 s; frames sampled as transformers does (repeatable)."
 BUDGET_HELP = "Soft tokens per image / video frame: 70, 140, 280, 560 or 1120 (default: the checkpoint's)."
+VIDEO_AUDIO_HELP = "Also give the videos' soundtracks to the audio tower (E2B/E4B)."
 
 
-def _media(images, audio, videos, image_budget) -> dict:
+def _media(images, audio, videos, image_budget, video_audio: bool = False) -> dict:
+    from .multimodal import Video
     from .processors.image import check_budget
 
     if image_budget is not None:
@@ -77,8 +79,8 @@ def _media(images, audio, videos, image_budget) -> dict:
             check_budget(image_budget, "--image-budget")
         except ValueError as e:
             fail(str(e))
-    return dict(images=list(images or []), audio=list(audio or []), videos=list(videos or []),
-                image_budget=image_budget)
+    return dict(images=list(images or []), audio=list(audio or []),
+                videos=[Video(v, with_audio=video_audio) for v in videos or []], image_budget=image_budget)
 
 
 @app.command()
@@ -102,13 +104,14 @@ def generate(
     audio: Optional[list[str]] = typer.Option(None, "--audio", help=AUDIO_HELP),
     video: Optional[list[str]] = typer.Option(None, "--video", help=VIDEO_HELP),
     image_budget: Optional[int] = typer.Option(None, "--image-budget", help=BUDGET_HELP),
+    video_audio: bool = typer.Option(False, "--video-audio", help=VIDEO_AUDIO_HELP),
 ):
     """Generate a completion for one prompt, streamed to stdout."""
     from . import LoadError, load
     from .generate import stream_generate
     from .multimodal import MediaError
 
-    media = _media(image, audio, video, image_budget)
+    media = _media(image, audio, video, image_budget, video_audio)
 
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -166,6 +169,7 @@ def chat(
     audio: Optional[list[str]] = typer.Option(None, "--audio", help=AUDIO_HELP),
     video: Optional[list[str]] = typer.Option(None, "--video", help=VIDEO_HELP),
     image_budget: Optional[int] = typer.Option(None, "--image-budget", help=BUDGET_HELP),
+    video_audio: bool = typer.Option(False, "--video-audio", help=VIDEO_AUDIO_HELP),
 ):
     """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools, images,
     audio, video; /image PATH etc. attach media to the next message)."""
@@ -177,7 +181,7 @@ def chat(
     from .demo import DEFAULT_REPO, default_model
     from .generate import SamplingOptions
 
-    media = _media(image, audio, video, image_budget)
+    media = _media(image, audio, video, image_budget, video_audio)
     err = Console(stderr=True)
     repo = None
     if model is None:

@@ -62,6 +62,7 @@ class Video:
     budget: int | None = None  # per frame (default 70)
     num_frames: int | None = None  # default: the video processor's (32)
     fps: float | None = None  # sample at this rate instead of a fixed frame count
+    with_audio: bool = False  # the soundtrack too, as audio right after the video (E2B/E4B)
 
 
 def as_media(x, kind: str):
@@ -361,9 +362,27 @@ def media_items(images=(), audio=(), videos=(), image_budget: int | None = None)
             m = as_media(x, kind)
             if kind != "audio" and m.budget is None and image_budget is not None:
                 m = Image(m.source, image_budget) if kind == "image" else \
-                    Video(m.source, image_budget, m.num_frames, m.fps)
+                    Video(m.source, image_budget, m.num_frames, m.fps, m.with_audio)
             out.append(m)
+            if kind == "video" and m.with_audio:
+                out += soundtrack(m.source)
     return out
+
+
+def soundtrack(source) -> list[Audio]:
+    """A video's soundtrack as audio clips of at most 30 s each (the audio tower's
+    limit; transformers' processor would cut it at 30 s), placed right after the
+    video as transformers' `load_audio_from_video` does.  No audio stream: none."""
+    from .processors.video import read_video_audio
+
+    try:
+        wave = read_video_audio(source)
+    except ValueError as e:
+        raise MediaError(str(e)) from None
+    if wave is None:
+        return []
+    step = A.MAX_SAMPLES
+    return [Audio(wave[a:a + step]) for a in range(0, len(wave), step) if len(wave) - a >= A.MIN_SAMPLES]
 
 
 def user_content(text: str | None, items: list) -> list[dict] | str:

@@ -146,28 +146,21 @@ def test_text_only_load_refuses_media(folder):
         Chat(model, tok, max_tokens=2).send("hi", images=[picture(0)])
 
 
-def write_video(path, n=8, fps=4, size=(48, 64)):
-    import av
-
-    with av.open(str(path), "w") as out:
-        s = out.add_stream("mpeg4", rate=fps)
-        s.height, s.width, s.pix_fmt = size[0], size[1], "yuv420p"
-        for i in range(n):
-            img = np.full((*size, 3), 20 + 25 * i, np.uint8)
-            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(pkt)
-        for pkt in s.encode():
-            out.mux(pkt)
-
-
 def test_chat_video_and_bad_video(loaded, tmp_path):
-    from gemma4_mlx.multimodal import Video
+    pytest.importorskip("av")
+    from gemma4_mlx.multimodal import Audio, Video
+    from media_files import write_video
 
-    clip = tmp_path / "clip.mp4"
-    write_video(clip)
+    clip = write_video(tmp_path / "clip.mp4", n=8, rate=4, h=48, w=64)
     chat = fresh(loaded)
     r = chat.send("what happens?", videos=[Video(clip, num_frames=4)])
     assert r.text is not None and chat.media and chat.prefilled_last > 4 * 20
+    # the soundtrack (3 s) joins as audio right after the video: 74 more soft tokens
+    talk = write_video(tmp_path / "talk.mp4", n=30, rate=10, h=48, w=64, audio=True)
+    chat = fresh(loaded)
+    chat.send("what happens?", videos=[Video(talk, num_frames=4, with_audio=True)])
+    assert [type(m) for m in chat.media] == [Video, Audio]
+    assert chat.messages[0]["content"][:2] == [{"type": "video"}, {"type": "audio"}]
     fake = tmp_path / "fake.mp4"
     fake.write_text("not a video")
     n = len(chat.messages)
