@@ -139,3 +139,31 @@ def test_readme_first_command_reaches_an_answer():
                        cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 plus 5 is" in r.stdout
+
+
+def test_media_commands(tmp_path):
+    """/image attaches a file to the next message; on the text-only demo model that
+    message fails with one line and the chat goes on."""
+    from PIL import Image
+
+    pic = tmp_path / "pic.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(pic)
+    child = spawn()
+    child.expect("you ›")
+    child.sendline(f"/image {tmp_path / 'missing.png'}")
+    child.expect(r"missing.png: no\s+such\s+file")  # rich may wrap the long path
+    child.expect("you ›")
+    child.sendline(f"/image {pic}")
+    child.expect(r"attached\s+pic.png\s+\(1\s+for\s+the\s+next\s+message\)")
+    child.expect("you ›")
+    child.sendline("/budget 100")
+    child.expect(r"error: /budget must be one of 70, 140, 280, 560, 1120")
+    child.expect("you ›")
+    child.sendline("What is this?")
+    child.expect(r"pic.png:\s+this\s+model\s+has\s+no\s+vision\s+tower")
+    child.expect("you ›")
+    child.sendline("What is the capital of France?")
+    child.expect("The capital of France is Paris.")
+    child.expect("you ›")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
