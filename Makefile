@@ -43,6 +43,24 @@ BENCH_SPEC_ARGS ?=
 bench-spec: install-test
 	$(BIN)/python bench/bench_speculative.py $(BENCH_SPEC_ARGS)
 
+# Vision + audio encoders vs mlx-vlm 0.7.10's Gemma 4 (same weights, same process); ~10 min on 2 CPU
+# cores.  mlx-vlm pulls heavy dependencies, so it runs from its own venv VLM_VENV (built on first use;
+# installing gemma4-mlx there brings mlx[cpu] on Linux).  BENCH_MEDIA_ARGS: e.g. --quick (2 layers
+# per tower, < 1 min) or --out bench/RESULTS-media-cpu.txt
+.PHONY: bench-media
+VLM_VENV ?= bench/_work/vlm-venv
+BENCH_MEDIA_ARGS ?=
+
+$(VLM_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VLM_VENV)
+	$(VLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLM_VENV)/bin/pip install -q mlx-vlm==0.7.10
+	$(VLM_VENV)/bin/pip install -q -e .
+	touch $@
+
+bench-media: $(VLM_VENV)/.installed
+	$(VLM_VENV)/bin/python bench/bench_media.py $(BENCH_MEDIA_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info bench/_work
 

@@ -160,6 +160,9 @@ class ImageProcessor:
                    resample=pc.get("resample", Image.BICUBIC),
                    rescale_factor=pc.get("rescale_factor", 1 / 255) if pc.get("do_rescale", True) else 1.0)
 
+    def _table(self) -> np.ndarray:
+        return (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)
+
     def num_soft_tokens(self, height: int, width: int, image_budget: int | None = None) -> int:
         budget = self.budget if image_budget is None else image_budget
         return num_soft_tokens(height, width, budget, self.patch_size, self.pooling_kernel_size)
@@ -182,8 +185,9 @@ class ImageProcessor:
             h, w = resized_size(img.height, img.width, budget, p, k)
             if (h, w) != (img.height, img.width):
                 img = img.resize((w, h), resample=self.resample)
-            # rescale in float64, one rounding to float32 (as transformers' numpy rescale)
-            a = (np.asarray(img, np.uint8).astype(np.float64) * self.rescale_factor).astype(np.float32)
+            # rescale in float64, one rounding to float32 (as transformers' numpy rescale),
+            # through a 256-entry table: the same values, without a float64 image
+            a = self._table()[np.asarray(img, np.uint8)]
             ph, pw = h // p, w // p
             patches = a.reshape(ph, p, pw, p, 3).transpose(0, 2, 1, 3, 4).reshape(ph * pw, -1)
             pixels[i, : ph * pw] = patches  # row-major patches; inside: (pixel row, column, channel)
