@@ -278,3 +278,51 @@ def _pixels(model):
 
     b = ImageProcessor(70, patch_size=model.vision.config.patch_size)(picture(1))
     return b.pixel_values, b.position_ids
+
+
+def test_bfloat16_checkpoint_with_media(tmp_path):
+    """A bf16 checkpoint at its stored dtype: the towers and the merge run in bf16 (clamp
+    bounds stay float32).  bf16 rounding is amplified by these random towers, so the
+    bound is relative: our bf16 image rows are no further from our float32 ones than
+    1.5x transformers' bf16 rows are from its float32 ones (same weights, same pixels)."""
+    import mlx.core as mx
+
+    from gemma4_mlx.loader import load_model
+    from gemma4_mlx.multimodal import Audio, Image, MediaProcessor
+    from gemma4_mlx.processors.image import ImageProcessor
+    from mm_configs import hf_image_processor
+
+    text = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+                hidden_size_per_layer_input=8, sliding_window=16, num_kv_shared_layers=0,
+                layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention="vision")
+    hf = build_multimodal(text, "union").to(torch.bfloat16)
+    hf.save_pretrained(tmp_path)
+    pixels = np.asarray(picture(2, (48, 60)))
+
+    def rel(a, b):
+        return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+    px = hf_image_processor(70, 4)([pixels], return_tensors="pt")
+    hf_rows = {}
+    with torch.no_grad():
+        for dt in (torch.bfloat16, torch.float32):  # loaded, so rotary tables are built in dt
+            ref = transformers.Gemma4ForConditionalGeneration.from_pretrained(tmp_path, dtype=dt).eval()
+            out = ref.model.get_image_features(px["pixel_values"].to(dt), px["image_position_ids"], return_dict=True)
+            hf_rows[dt] = torch.cat(list(out.pooler_output)).float().numpy()
+    rows, logits = {}, {}
+    for dtype in (None, "float32"):
+        model, _ = load_model(tmp_path, dtype=dtype)
+        assert model.vision.vision_tower.encoder.layers[0].self_attn.q_proj.input_max.dtype == mx.float32
+        mp = MediaProcessor(model, ImageProcessor(70, patch_size=4))
+        prepared = [mp.prepare(Image(pixels)), mp.prepare(Audio(tone(4000)))]
+        t = TOKEN_IDS
+        ids = [2, 40, t["boi_token_id"]] + [t["image_token_id"]] * prepared[0].counts[0] + [t["eoi_token_id"]]
+        ids += [t["boa_token_id"]] + [t["audio_token_id"]] * prepared[1].counts[0] + [t["eoa_token_index"], 41]
+        media = mp.prompt(ids, prepared).rows(0)
+        assert media.rows.dtype == (mx.bfloat16 if dtype is None else mx.float32)
+        rows[dtype] = np.array(mp.rows(prepared[0]).astype(mx.float32))
+        logits[dtype] = np.array(model(mx.array([ids]), media=media)[0].astype(mx.float32))
+    assert np.isfinite(logits[None]).all()
+    assert rel(rows["float32"], hf_rows[torch.float32]) < 1e-5
+    assert rel(rows[None], rows["float32"]) < 1.5 * rel(hf_rows[torch.bfloat16], hf_rows[torch.float32])
