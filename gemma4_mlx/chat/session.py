@@ -62,8 +62,7 @@ class Chat:
     # -- conversation state --------------------------------------------------
     def reset(self) -> None:
         self.messages = []
-        self.media: list = []  # every medium of the conversation, in prompt order
-        self._prepared: dict[int, object] = {}  # id(medium) -> multimodal.Prepared
+        self.media: list = []  # multimodal.Prepared of every medium so far, in prompt order
         self.cache = self.model.make_cache(max_rollback=self.max_rollback)
         self.cached: list = []  # per cached slot: token id, or a media key (`MediaPrompt.keys`)
 
@@ -115,19 +114,18 @@ class Chat:
         (`MediaError`, one line) and leave the conversation as it was."""
         from ..multimodal import has_media
 
-        items = []
+        items, prepared = [], []
         if has_media(images, audio, videos):
             from ..multimodal import media_items, processor_for
 
             items = media_items(images, audio, videos, image_budget)
             mp = processor_for(self.model)
-            prepared = {id(m): mp.prepare(m) for m in items}  # raises before anything changes
-            self._prepared.update(prepared)
+            prepared = [mp.prepare(m) for m in items]  # raises before anything changes
         if text is not None or items:
             from ..multimodal import user_content
 
             self.messages.append({"role": "user", "content": user_content(text, items)})
-            self.media.extend(items)
+            self.media.extend(prepared)
 
     def _prompt_ids(self, prompt: str):
         """(ids, cache keys, MediaPrompt or None) of the rendered conversation."""
@@ -137,9 +135,8 @@ class Chat:
         from ..multimodal import processor_for
 
         mp = processor_for(self.model)
-        prepared = [self._prepared[id(m)] for m in self.media]
-        ids = list(self.tokenizer.encode(mp.expand(prompt, prepared), add_special_tokens=False))
-        mprompt = mp.prompt(ids, prepared)
+        ids = list(self.tokenizer.encode(mp.expand(prompt, self.media), add_special_tokens=False))
+        mprompt = mp.prompt(ids, self.media)
         return ids, mprompt.keys(), mprompt
 
     # -- generation ----------------------------------------------------------
@@ -156,8 +153,6 @@ class Chat:
             start = self._sync(keys)
             media = None if mprompt is None else mprompt.rows(start)  # encodes what is new
         except BaseException:  # bad media, Ctrl-C while encoding: this turn is undone
-            for m in self.media[n_media:]:
-                self._prepared.pop(id(m), None)
             del self.messages[n_msgs:], self.media[n_media:]
             raise
         new = ids[start:]
