@@ -61,6 +61,7 @@ from gemma4_mlx.models.audio import AudioConfig, AudioModel
 from gemma4_mlx.models.vision import VisionConfig, VisionModel
 from gemma4_mlx.processors.audio import log_mel
 from gemma4_mlx.processors.image import ImageProcessor
+from report import Report  # bench/report.py (the script's folder is on sys.path)
 
 try:  # after gemma4_mlx: mlx.core must load after OpenBLAS
     import mlx_vlm
@@ -89,18 +90,6 @@ QUICK_SETUP = dict(vision_layers=2, audio_layers=2, budgets=[70, 280], clips=[5,
                    runs={70: (1, 3), 280: (0, 1), 5: (1, 3), 30: (1, 2), "pre": (1, 3)},
                    depth={280: 1})
 AGREE_TOL = 1e-3
-
-
-# --------------------------------------------------------------------------- output
-class Report:
-    def __init__(self, path: str | None):
-        self.file = open(path, "w") if path else None
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
 
 
 # --------------------------------------------------------------------------- weights
@@ -143,7 +132,8 @@ def build_ours(layers_v: int, layers_a: int, seed: int):
     acfg = AudioConfig(num_hidden_layers=layers_a)
     audio = AudioModel(acfg, TEXT_HIDDEN)
     ckpt = {**hub_checkpoint(vision, seed), **hub_checkpoint(audio, seed + 1)}
-    vision.load_checkpoint(ckpt)  # our converters: vision.sanitize / audio.sanitize
+    # our converters: vision.sanitize / audio.sanitize
+    vision.load_weights(list(vision.sanitize(ckpt).items()), strict=True)
     audio.load_weights(list(our_audio.sanitize(ckpt).items()), strict=True)
     mx.eval(vision.parameters(), audio.parameters())
     return vision, audio, ckpt

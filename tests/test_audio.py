@@ -24,7 +24,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from gemma4_mlx.config import parse_config
+from gemma4_mlx.loader import load_model
 from gemma4_mlx.models import audio as M
+from gemma4_mlx.models.text import Model
 from gemma4_mlx.processors import audio as A
 
 torch = pytest.importorskip("torch")
@@ -76,7 +79,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture
 def ours(ckpt):
-    return M.AudioModel.from_pretrained(ckpt[1])
+    return load_model(ckpt[1], dtype="float32")[0].audio
 
 
 def hf_run(hf, feats, mask):
@@ -284,9 +287,10 @@ def test_audio_config_from_dict():
              "rms_norm_eps": 1e-6, "subsampling_conv_channels": [128, 32], "use_clipped_linears": True}
     cfg = M.AudioConfig.from_dict(block)
     assert cfg == M.AudioConfig() and cfg.head_dim == 128
-    assert M.build({"audio_config": None, "text_config": {"hidden_size": 8}}) is None
-    model = M.build({"audio_config": dict(AUDIO_CFG), "text_config": {"hidden_size": 8}})
-    assert model.embed_audio.embedding_projection.weight.shape == (8, 24)
+    text = {"model_type": "gemma4", "text_config": TEXT_CFG}
+    assert not Model.from_config(parse_config(dict(text, audio_config=None))).has_audio
+    model = Model.from_config(parse_config(dict(text, audio_config=dict(AUDIO_CFG)))).audio
+    assert model.embed_audio.embedding_projection.weight.shape == (TEXT_CFG["hidden_size"], 24)
 
 
 # -- loading: WAV, resampling, bad input -----------------------------------------

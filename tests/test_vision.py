@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 
-import json
+import shutil
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -26,10 +26,13 @@ from transformers.models.gemma4.image_processing_pil_gemma4 import (  # noqa: E4
     get_aspect_ratio_preserving_size)
 
 import gemma4_mlx.models.vision as V  # noqa: E402
+from gemma4_mlx.config import parse_config  # noqa: E402
+from gemma4_mlx.loader import LoadError, load_model  # noqa: E402
+from gemma4_mlx.models.text import Model  # noqa: E402
 from gemma4_mlx.models.vision import VisionConfig, VisionModel, sanitize  # noqa: E402
 from gemma4_mlx.processors import image as P  # noqa: E402
 from gemma4_mlx.processors.image import BUDGETS, ImageProcessor  # noqa: E402
-from mm_configs import TOWERS, build_hf, hf_image_processor  # noqa: E402
+from mm_configs import TEXT_TINY, TOWERS, build_hf, hf_image_processor  # noqa: E402
 
 TOL = 1e-4
 
@@ -50,8 +53,7 @@ class Tower:
         self.name = name
         self.hf = build_hf(name, seed=list(TOWERS).index(name) + 1)
         self.hf.save_pretrained(tmp)
-        self.model = VisionModel.from_config(json.loads((tmp / "config.json").read_text()))
-        self.model.load_checkpoint(mx.load(str(tmp / "model.safetensors")))
+        self.model = load_model(tmp, dtype="float32")[0].vision
 
     def reference(self, pixel_values, position_ids):
         """transformers' encoder output (padded), tower output and per-image embeddings."""
@@ -212,7 +214,8 @@ def test_config_from_dict():
     assert m.embed_vision.embedding_projection.weight.shape == (5376, 1152)
     with pytest.raises(ValueError, match="rope_type"):
         VisionConfig.from_dict({**E2B_VISION, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}})
-    assert VisionModel.from_config({"text_config": {"hidden_size": 8}, "vision_config": None}) is None
+    no_tower = parse_config({"model_type": "gemma4", "text_config": TEXT_TINY, "vision_config": None})
+    assert not Model.from_config(no_tower).has_vision
 
 
 def test_sanitize_keys_and_layouts():
@@ -241,15 +244,18 @@ def test_sanitize_keys_and_layouts():
     assert not any(k.endswith("input_max") for k in sanitize(raw, cfg))
 
 
-def test_load_checkpoint_errors(tmp_path):
-    t = Tower("small", tmp_path)
-    weights = mx.load(str(tmp_path / "model.safetensors"))
+def test_load_errors(tmp_path):
+    t = Tower("small", tmp_path / "src")
+    weights = mx.load(str(tmp_path / "src" / "model.safetensors"))
     dropped = {k: v for k, v in weights.items() if "layers.1.mlp.up_proj.linear" not in k}
-    with pytest.raises(ValueError, match="missing: vision_tower.encoder.layers.1.mlp.up_proj.linear.weight"):
-        t.model.load_checkpoint(dropped)
     bad = dict(weights, **{"model.embed_vision.embedding_projection.weight": mx.zeros((3, 3))})
-    with pytest.raises(ValueError, match="wrong shape"):
-        t.model.load_checkpoint(bad)
+    for name, w, pattern in (("dropped", dropped, "missing tensor vision.vision_tower.encoder.layers.1.mlp.up_proj"),
+                             ("bad", bad, r"vision.embed_vision.embedding_projection.weight has shape \(3, 3\)")):
+        (tmp_path / name).mkdir()
+        shutil.copy(tmp_path / "src" / "config.json", tmp_path / name)
+        mx.save_safetensors(str(tmp_path / name / "model.safetensors"), w)
+        with pytest.raises(LoadError, match=pattern):
+            load_model(tmp_path / name, dtype="float32")
     batch = two_images()
     shuffled = batch.position_ids.copy()
     shuffled[0, :5] = -1  # padding inside the real patches

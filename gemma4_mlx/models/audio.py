@@ -18,10 +18,8 @@ so dropping the never-allowed context columns changes no valid output.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -315,32 +313,6 @@ class AudioModel(nn.Module):
         e, m = self(features, mask)
         idx = np.flatnonzero(np.array(m).reshape(-1))
         return e.reshape(-1, e.shape[-1])[mx.array(idx)]
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "AudioModel":
-        """Build from a checkpoint folder (config.json + *.safetensors)."""
-        path = Path(path)
-        raw = json.loads((path / "config.json").read_text())
-        model = build(raw)
-        if model is None:
-            raise ValueError(f"{path}: config.json has no audio_config (model without audio)")
-        weights = {}
-        for f in sorted(path.glob("*.safetensors")):
-            weights.update(sanitize(mx.load(str(f))))
-        model.load_weights(list(weights.items()), strict=True)
-        mx.eval(model.parameters())
-        return model
-
-
-def build(config: dict[str, Any]) -> AudioModel | None:
-    """AudioModel from a whole config.json dict; None when `audio_config` is null/absent."""
-    block = config.get("audio_config")
-    if not block:
-        return None
-    text = config.get("text_config") or {}
-    if "hidden_size" not in text:
-        raise ValueError("config.json: text_config.hidden_size is needed for the audio embedder")
-    return AudioModel(AudioConfig.from_dict(block), int(text["hidden_size"]))
 
 
 _AUDIO_PREFIXES = (("model.audio_tower.", "audio_tower."), ("audio_tower.", "audio_tower."),

@@ -23,7 +23,6 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .. import ops
 from .layers import CLAMPS as _CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
@@ -243,14 +242,6 @@ class VisionModel(nn.Module):
         self.vision_tower = VisionTower(cfg)
         self.embed_vision = MultimodalEmbedder(cfg.hidden_size, text_hidden_size, cfg.rms_norm_eps)
 
-    @classmethod
-    def from_config(cls, raw: dict[str, Any]) -> "VisionModel | None":
-        """From a whole config.json; None when it has no vision tower."""
-        if not raw.get("vision_config"):
-            return None
-        text = raw.get("text_config") or raw
-        return cls(VisionConfig.from_dict(raw["vision_config"]), int(text["hidden_size"]))
-
     @property
     def dtype(self):
         return self.vision_tower.patch_embedder.position_embedding_table.dtype
@@ -285,20 +276,6 @@ class VisionModel(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         return sanitize(weights, self.config)
-
-    def load_checkpoint(self, weights: dict[str, mx.array]) -> None:
-        """Load from raw checkpoint tensors (any extra text/audio keys are ignored)."""
-        w = self.sanitize(weights)
-        expected = dict(tree_flatten(self.parameters()))
-        missing = [k for k in expected if k not in w and k.rsplit(".", 1)[-1] not in _CLAMPS]
-        unexpected = [k for k in w if k not in expected]
-        wrong = [f"{k} {tuple(w[k].shape)} != {tuple(expected[k].shape)}" for k in w
-                 if k in expected and w[k].shape != expected[k].shape]
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                raise ValueError(f"vision weights: {what}: {', '.join(keys[:3])}{more}")
-        self.load_weights(list(w.items()), strict=False)
 
 
 _PREFIXES = (("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
