@@ -46,6 +46,7 @@ from gemma4_mlx.draft_policy import DraftPolicy, expected_tokens
 from gemma4_mlx.generate import DEFAULT_PREFILL_CHUNK, generate_tokens
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair
 from gemma4_mlx.models.text import Model
+from report import Report  # bench/report.py (the script's folder is on sys.path)
 
 S, F = SLIDING, FULL
 
@@ -83,18 +84,6 @@ QUICK_SETUP = dict(
              enable_moe_block=True, num_experts=16, top_k_experts=4, moe_intermediate_size=64),
     drafter=dict(hidden_size=64, intermediate_size=256, num_attention_heads=4),
 )
-
-
-# --------------------------------------------------------------------------- output
-class Report:
-    def __init__(self, path: str | None):
-        self.file = open(path, "w") if path else None
-
-    def __call__(self, line: str = "") -> None:
-        print(line, flush=True)
-        if self.file:
-            self.file.write(line + "\n")
-            self.file.flush()
 
 
 # --------------------------------------------------------------------------- models
@@ -184,8 +173,10 @@ _memo: dict = {}
 prefill_seconds: dict = {}
 
 
-def _memo_prefill(model, ids, caches, chunk=DEFAULT_PREFILL_CHUNK):
+def _memo_prefill(model, ids, caches, chunk=DEFAULT_PREFILL_CHUNK, media=None):
     """Compute a batch's prefill once; later runs restore the caches from a snapshot."""
+    if media is not None:  # text prompts only here
+        raise ValueError("the speculative bench memoises text prompts only")
     key = (id(model), chunk, ids.shape, np.array(ids).tobytes(),
            tuple(getattr(c, "keep", -1) for c in caches if c is not None))
     hit = _memo.get(key)
