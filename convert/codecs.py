@@ -86,7 +86,33 @@ def _q4_0(w: mx.array):
     >= LATTICE_MIN exact blocks was trained for Q4_0 and keeps the recovered codes;
     otherwise it is quantized with ggml's reference rule (fp16 d).
     """
-    shape = w.shape
+    arrays, info = _recover_q4_0(w)
+    if arrays is not None:
+        return arrays, info
+    frac = info["lattice_exact"]
+    info["provenance"] = "ptq-ggml"
+    if frac > 0.05:  # partly on a lattice: QAT for another grid, or a damaged tensor
+        info["warning"] = f"only {frac:.1%} of blocks on the Q4_0 lattice; re-quantized"
+        log.warning("q4_0: %s", info["warning"])
+    words, scales = [], []
+    for _, _, x in _rows(w):
+        d, q = q4_0.quantize(x)
+        wq, s, _ = q4_0.to_mlx_affine(d, q, "float16")  # ggml's d is fp16 by definition
+        words.append(wq)
+        scales.append(s)
+    return _q4_0_arrays(w.shape, words, mx.concatenate(scales), info), info
+
+
+def q4_0_lattice(w: mx.array) -> tuple[dict[str, mx.array] | None, dict]:
+    """(Q4_0 arrays, info) if `w` lies on the Q4_0 lattice (a QAT tensor), else (None,
+    info), without spending a ggml re-quantization pass on it."""
+    _check_finite(w)
+    return _recover_q4_0(w)
+
+
+def _recover_q4_0(w: mx.array) -> tuple[dict[str, mx.array] | None, dict]:
+    """The lattice pass: (arrays, info) when >= LATTICE_MIN of the blocks are exact,
+    else (None, info with the exact fraction)."""
     words, scales, exact, total, fits16 = [], [], 0, 0, True
     for _, _, x in _rows(w):
         lat = q4_0.recover_lattice(x, storage=_storage(w))
@@ -98,27 +124,19 @@ def _q4_0(w: mx.array):
         fits16 &= lat.d_fits_fp16
     frac = exact / total if total else 1.0
     info = {"lattice_exact": round(frac, 6)}
-    if frac >= LATTICE_MIN:
-        info["provenance"] = "qat-lattice"
-        s = mx.concatenate(scales)
-        # fp16 when every d is exact in it (half the metadata), else fp32; never bf16 (§3.3).
-        s = s.astype(mx.float16) if fits16 else s
-    else:
-        info["provenance"] = "ptq-ggml"
-        if frac > 0.05:  # partly on a lattice: QAT for another grid, or a damaged tensor
-            info["warning"] = f"only {frac:.1%} of blocks on the Q4_0 lattice; re-quantized"
-            log.warning("q4_0: %s", info["warning"])
-        words, scales = [], []
-        for _, _, x in _rows(w):
-            d, q = q4_0.quantize(x)
-            wq, s, _ = q4_0.to_mlx_affine(d, q, "float16")  # ggml's d is fp16 by definition
-            words.append(wq)
-            scales.append(s)
-        s = mx.concatenate(scales)
-    wq = mx.concatenate(words)
+    if frac < LATTICE_MIN:
+        return None, info
+    info["provenance"] = "qat-lattice"
+    s = mx.concatenate(scales)
+    # fp16 when every d is exact in it (half the metadata), else fp32; never bf16 (§3.3).
+    return _q4_0_arrays(w.shape, words, s.astype(mx.float16) if fits16 else s, info), info
+
+
+def _q4_0_arrays(shape, words, s, info) -> dict[str, mx.array]:
     info["scale_dtype"] = str(s.dtype).replace("mlx.core.", "")
     info["biases"] = "derived at load: -8 * scales"
-    return {"weight": wq.reshape(*shape[:-1], -1), "scales": s.reshape(*shape[:-1], -1)}, info
+    wq = mx.concatenate(words)
+    return {"weight": wq.reshape(*shape[:-1], -1), "scales": s.reshape(*shape[:-1], -1)}
 
 
 def _storage(w: mx.array) -> str:

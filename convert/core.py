@@ -242,8 +242,8 @@ def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, 
         # A QAT checkpoint's tied embedding sits on the Q4_0 lattice too: storing it as
         # Q4_0 is lossless (and is what Google's Q4_0 memory figures assume); any other
         # embedding keeps the 8-bit rule.
-        q, info = codecs.encode(w, RECIPES["q4_0"])
-        if info.get("provenance") == "qat-lattice":
+        q, info = codecs.q4_0_lattice(w)
+        if q is not None:
             arrays, fmt, note = q, RECIPES["q4_0"], "on the Q4_0 QAT lattice: stored as Q4_0, lossless"
     if arrays is None:
         arrays, info = codecs.encode(w, fmt)
