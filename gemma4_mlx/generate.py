@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from .chat.tokens import PromptCodec, render_user_turn
+
 DEFAULT_PREFILL_CHUNK = 512
 
 
@@ -207,12 +209,14 @@ class Chunk:
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
-    """Token ids for a prompt: through the chat template when the tokenizer has one."""
+    """Token ids for a prompt: through the chat template when the tokenizer has one
+    (the prompt is user text: control strings typed in it stay text); with
+    chat=False the raw text, control strings included, as the tokenizer reads it."""
     if not isinstance(prompt, str):
         return list(prompt)
     if chat and getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True))
+        codec = PromptCodec(tokenizer)
+        return codec.encode(render_user_turn(codec, tokenizer.chat_template, prompt))
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)

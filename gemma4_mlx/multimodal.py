@@ -135,6 +135,9 @@ class MediaProcessor:
                 pc = json.loads(f.read_text())
             except json.JSONDecodeError as e:
                 raise MediaError(f"{f}: not valid JSON ({e})") from None
+            if not isinstance(pc, dict):
+                raise MediaError(f"{f}: expected a JSON object, got {type(pc).__name__}")
+            pass  # MUT  # `"video_processor": null` = absent
         vision = getattr(getattr(model, "vision", None), "config", None)
         flat = pc is not None and "patch_size" in pc  # an image processor's own file
         if (pc is None or ("image_processor" not in pc and not flat)) and vision is not None:
@@ -320,26 +323,6 @@ def processor_for(model) -> MediaProcessor:
     return mp
 
 
-_ZWSP = "\u200b"
-
-
-def escape_placeholders(text: str) -> str:
-    """Literal `<|image|>`-style strings typed in text become ordinary text (a
-    zero-width space before the closing `|>`), so only media parts make placeholders."""
-    return _PLACEHOLDER_RE.sub(lambda m: m.group(0)[:-2] + _ZWSP + "|>", text)
-
-
-def escape_messages(messages: list[dict]) -> list[dict]:
-    """The messages with `escape_placeholders` applied to every text they carry."""
-    def fix(content):
-        if isinstance(content, str):
-            return escape_placeholders(content)
-        if isinstance(content, list):
-            return [dict(p, text=escape_placeholders(p["text"])) if isinstance(p, dict) and
-                    isinstance(p.get("text"), str) else p for p in content]
-        return content
-
-    return [dict(m, content=fix(m["content"])) if "content" in m else m for m in messages]
 
 
 def has_media(images=(), audio=(), videos=()) -> bool:
@@ -408,17 +391,17 @@ def media_prompt(model, tokenizer, prompt, images=(), audio=(), videos=(), *, ch
     prepared = [mp.prepare(m) for m in items]
     if isinstance(prompt, str):
         if chat and getattr(tokenizer, "chat_template", None):
-            from .chat.template import render_with_checkpoint_template
+            from .chat.tokens import PromptCodec, render_user_turn
 
-            text = render_with_checkpoint_template(tokenizer.chat_template, [
-                {"role": "user", "content": user_content(escape_placeholders(prompt), items)}])
-        elif _PLACEHOLDER_RE.search(prompt):  # raw text that places its media itself
-            text = prompt
-        else:  # raw text (as `encode_prompt` without a template): media first
-            text = "".join(PLACEHOLDERS[p.kind] for p in prepared) + prompt
-        from .generate import encode_prompt
+            codec = PromptCodec(tokenizer)  # typed `<|image|>` text stays text
+            text = render_user_turn(codec, tokenizer.chat_template, user_content(prompt, items))
+            ids = codec.encode(mp.expand(text, prepared))
+        else:
+            if not _PLACEHOLDER_RE.search(prompt):  # raw text (as `encode_prompt` without a template): media first
+                prompt = "".join(PLACEHOLDERS[p.kind] for p in prepared) + prompt
+            from .generate import encode_prompt
 
-        ids = encode_prompt(tokenizer, mp.expand(text, prepared), chat=False)  # adds a missing BOS
+            ids = encode_prompt(tokenizer, mp.expand(prompt, prepared), chat=False)  # adds a missing BOS
     else:
         ids = list(prompt)
     return ids, mp.prompt(ids, prepared).rows(0)

@@ -90,8 +90,9 @@ MATRIX = [
      HEAD + U1 + GEN + CALL + RESP + TAIL_C + PREFILL),
     ("mapping_result", [M1, M3, M4, {"role": "tool", "tool_call_id": "call_1",
                                      "content": {"rate": 162.4, "date": "2026-07-10"}}], {"tools": [EXCHANGE]},
-     HEAD + U1 + GEN + THOUGHT + CALL + "<|tool_response>response:get_exchange_rate{date:<|\"|>2026-07-10<|\"|>,"
-     "rate:162.4}<tool_response|>"),
+     # a structured result is stored as JSON (what checkpoint templates accept), not a mapping
+     HEAD + U1 + GEN + THOUGHT + CALL + "<|tool_response>response:get_exchange_rate{value:<|\"|>"
+     '{"rate": 162.4, "date": "2026-07-10"}<|\"|>}<tool_response|>'),
     ("string_arguments", [M3, {**M4, "reasoning_content": None, "tool_calls": [
         {"id": "call_1", "function": {"name": "get_exchange_rate", "arguments": '{"quote": "JPY", "base": "EUR"}'}}]},
         M5, M6], {},
@@ -108,7 +109,7 @@ MATRIX = [
      {},
      "<bos>" + U1 + GEN + "<|tool_call>call:f{a:{k:<|\"|>v<|\"|>},B:[true,null],x:1}<tool_call|>"
      "<|tool_call>call:g{}<tool_call|><|tool_response>response:g{value:<|\"|>ok<|\"|>}<tool_response|>"
-     "<|tool_response>response:f{value:3}<tool_response|>"),
+     "<|tool_response>response:f{value:<|\"|>3<|\"|>}<tool_response|>"),  # results are strings (JSON)
     ("media", [{"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "audio"},
                                             {"type": "text", "text": " Describe both. "}]}], {},
      "<bos><|turn>user\n<|image|><|audio|>Describe both.<turn|>\n<|turn>model\n"),

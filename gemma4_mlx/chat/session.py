@@ -18,7 +18,8 @@ import mlx.core as mx
 from ..cache import cache_offset, trim_caches
 from ..generate import SamplingOptions, Stats, generate_tokens
 from .parser import Event, ParseResult, ToolCall, parser_for_prompt
-from .template import render, render_with_checkpoint_template, tool_schema
+from .template import render, render_with_checkpoint_template, tool_result_content, tool_schema
+from .tokens import PromptCodec
 
 STOP_STRINGS = ("<turn|>", "<|tool_response>", "<eos>")
 
@@ -57,6 +58,7 @@ class Chat:
                           if i is not None and i != tokenizer.unk_token_id}
         self._stop_ids |= set(model.config.eos_ids)
         self._close_id = tokenizer.convert_tokens_to_ids("<channel|>")
+        self._codec = PromptCodec(tokenizer)  # message text never becomes control tokens
         self.reset()
 
     # -- conversation state --------------------------------------------------
@@ -71,16 +73,15 @@ class Chat:
         return [tool_schema(f) for f in self.functions.values()] or None
 
     def prompt_text(self) -> str:
-        from ..multimodal import escape_messages
-
-        # typed "<|image|>" text must not become a media placeholder
-        msgs = escape_messages(([{"role": "system", "content": self.system}] if self.system else [])
-                               + self.messages)
+        """The rendered conversation, its text escaped (`chat.tokens`): typed control
+        strings, `<|image|>` included, stay text."""
+        msgs = self._codec.escape_messages(
+            ([{"role": "system", "content": self.system}] if self.system else []) + self.messages)
+        tools = self._codec.escape_value(self.tools)
         template = getattr(self.tokenizer, "chat_template", None)
         if template:
-            return render_with_checkpoint_template(template, msgs, tools=self.tools,
-                                                   thinking=self.thinking)
-        return render(msgs, tools=self.tools, thinking=self.thinking)
+            return render_with_checkpoint_template(template, msgs, tools=tools, thinking=self.thinking)
+        return render(msgs, tools=tools, thinking=self.thinking)
 
     def save(self, path: str | Path) -> None:
         data = {"system": self.system, "thinking": self.thinking, "messages": self.messages}
@@ -130,12 +131,12 @@ class Chat:
     def _prompt_ids(self, prompt: str):
         """(ids, cache keys, MediaPrompt or None) of the rendered conversation."""
         if not self.media:
-            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False))
+            ids = self._codec.encode(prompt)
             return ids, ids, None
         from ..multimodal import processor_for
 
         mp = processor_for(self.model)
-        ids = list(self.tokenizer.encode(mp.expand(prompt, self.media), add_special_tokens=False))
+        ids = self._codec.encode(mp.expand(prompt, self.media))
         mprompt = mp.prompt(ids, self.media)
         return ids, mprompt.keys(), mprompt
 
@@ -242,8 +243,10 @@ class Chat:
             return {"error": f"{type(e).__name__}: {e}"}
 
     def add_tool_result(self, call: ToolCall, result) -> None:
+        """Store `result` as the templates take it: a string (JSON for structured
+        values) or content parts (`template.tool_result_content`)."""
         self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
-                              "content": result})
+                              "content": tool_result_content(result)})
 
     def run(self, text: str, confirm: Callable[[ToolCall], bool] | None = None,
             max_rounds: int = 8, **media) -> Reply:

@@ -153,13 +153,39 @@ def format_declaration(tool) -> str:
 
 
 # ---------------------------------------------------------------- messages
+def _is_content_parts(value) -> bool:
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(p, Mapping) and p.get("type") in ("text", *_MEDIA) for p in value))
+
+
+def tool_result_content(value) -> str | list:
+    """A tool's return value as `role: tool` content: strings and content parts as
+    they are, anything else as JSON (the OpenAI convention).  Checkpoint templates
+    accept only a string or parts there (a mapping crashes them), so both render
+    paths see this same form and print `response:NAME{value:<|"|>JSON<|"|>}`."""
+    if isinstance(value, str):
+        return value
+    if _is_content_parts(value):
+        return [dict(p) for p in value]
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
 def normalize_messages(messages) -> list[dict]:
-    """OpenAI-style input -> the shape Gemma templates expect (§5.4 API mapping)."""
+    """OpenAI-style input -> the shape Gemma templates expect (§5.4 API mapping).
+
+    Tool results become a string or content parts; the reasoning of an assistant
+    message is offered under both `reasoning` and `reasoning_content` (templates
+    read one or the other; transformers copies it the same way)."""
     out = []
     for m in messages:
         m = dict(m)
         if m.get("role") == "model":
             m["role"] = "assistant"
+        if m.get("role") == "tool" and "content" in m:
+            m["content"] = tool_result_content(m["content"])
+        thought = m.get("reasoning") or m.get("reasoning_content")
+        if thought:
+            m["reasoning"] = m["reasoning_content"] = thought
         calls = []
         for c in m.get("tool_calls") or []:
             fn = dict(c.get("function", c))

@@ -1,0 +1,107 @@
+"""Only the template's structure makes control tokens; message text never does.
+
+A user who types `<turn|>\\n<|turn>system\\n…` must not be able to open a system
+turn, and neither may a tool result (a web page, a file) or a document.  So the
+text a conversation carries (user, system, tool and assistant contents, thoughts,
+tool-call arguments, tool declarations) is *escaped* before the template renders
+it, and the rendered prompt is *encoded* in two kinds of pieces:
+
+- control strings the template wrote (`<|turn>`, `<|tool_call>`, `<|"|>`, …) become
+  their single token ids;
+- the text between them, unescaped back to exactly what was typed, is tokenized as
+  plain text: a control string inside it is split after its first character, so
+  the tokenizer can only produce ordinary pieces for it (the model still reads
+  the literal characters).
+
+Escaping inserts U+E000 after the first character of every control string found
+in the text (literal U+E000 / U+E001 are quoted with U+E001), so no control
+string survives rendering and the template's own string handling (trimming,
+thought stripping) sees ordinary text.  Text without control strings tokenizes
+exactly as before (the tokenizer also splits at control tokens first).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from .template import SPECIAL_TOKENS, render_with_checkpoint_template
+
+_BREAK = "\ue000"  # inserted after a control string's first character
+_QUOTE = "\ue001"  # quotes a literal _BREAK or _QUOTE in the text
+_UNESCAPE = re.compile(f"{_QUOTE}(.)|{_BREAK}", re.S)
+# keys whose values the template compares or dispatches on: never escaped
+_STRUCTURAL_KEYS = frozenset({"role", "type", "tool_call_id", "id"})
+
+
+def control_strings(tokenizer) -> list[str]:
+    """Gemma 4's control strings plus every special token the tokenizer declares."""
+    found = set(SPECIAL_TOKENS)
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF tokenizer
+    for tok in (getattr(hf, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok))
+    return sorted((s for s in found if len(s) > 1), key=len, reverse=True)
+
+
+class PromptCodec:
+    """Escapes untrusted text for rendering and encodes rendered prompts (module doc)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.controls = control_strings(tokenizer)
+        self._control_re = re.compile("|".join(re.escape(s) for s in self.controls))
+        unk = getattr(tokenizer, "unk_token_id", None)
+        ids = {s: tokenizer.convert_tokens_to_ids(s) for s in self.controls}
+        # a control string this vocabulary lacks is ordinary text, as the tokenizer has it
+        self._ids = {s: i for s, i in ids.items() if isinstance(i, int) and (i != unk or s == "<unk>")}
+
+    # -- before rendering ------------------------------------------------------
+    def escape(self, text: str) -> str:
+        text = text.replace(_QUOTE, _QUOTE + _QUOTE).replace(_BREAK, _QUOTE + _BREAK)
+        return self._control_re.sub(lambda m: m.group(0)[0] + _BREAK + m.group(0)[1:], text)
+
+    def escape_value(self, value):
+        """Every string in a message / tool structure, keys included, except the
+        structural fields (role, type, ids)."""
+        if isinstance(value, str):
+            return self.escape(value)
+        if isinstance(value, Mapping):
+            return {self.escape_value(k) if isinstance(k, str) else k:
+                    v if k in _STRUCTURAL_KEYS else self.escape_value(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.escape_value(v) for v in value]
+        return value
+
+    def escape_messages(self, messages) -> list[dict]:
+        return [self.escape_value(dict(m)) for m in messages]
+
+    # -- after rendering -------------------------------------------------------
+    @staticmethod
+    def unescape(text: str) -> str:
+        return _UNESCAPE.sub(lambda m: m.group(1) if m.group(1) is not None else "", text)
+
+    def encode(self, rendered: str) -> list[int]:
+        """Token ids of a rendered (escaped) prompt; adds no BOS of its own."""
+        ids, pos = [], 0
+        for m in self._control_re.finditer(rendered):
+            if m.group(0) not in self._ids:
+                continue
+            ids += self.encode_text(self.unescape(rendered[pos:m.start()]))
+            ids.append(self._ids[m.group(0)])
+            pos = m.end()
+        return ids + self.encode_text(self.unescape(rendered[pos:]))
+
+    def encode_text(self, text: str) -> list[int]:
+        """Plain text to ids that never include a control token."""
+        if not text:
+            return []
+        cuts = [m.start() + 1 for m in self._control_re.finditer(text)]
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        return [i for p in pieces for i in self.tokenizer.encode(p, add_special_tokens=False)]
+
+
+def render_user_turn(codec: PromptCodec, template: str, content) -> str:
+    """One user message (a string or content parts) rendered by a checkpoint template,
+    escaped, ending with the generation prompt; `codec.encode` gives its ids."""
+    return render_with_checkpoint_template(template, [{"role": "user", "content": codec.escape_value(content)}])
