@@ -95,7 +95,9 @@ def generate(
     repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", min=0.0),
     seed: Optional[int] = typer.Option(None, "--seed"),
     prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=1, help="Prompt tokens per prefill step."),
-    raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
+    raw: bool = typer.Option(False, "--raw", help=(
+        "Raw completion: no chat template, and control strings in the prompt (<|turn>, <|image|>, ...) "
+        "are read as control tokens. Without --raw the prompt is user text: they stay text.")),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 / bfloat16 / float16 (default: as stored)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No statistics on stderr."),
     draft_model: str = typer.Option("auto", "--draft-model", help=DRAFT_MODEL_HELP),

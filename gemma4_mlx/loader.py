@@ -323,6 +323,19 @@ def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, s
     return True
 
 
+def drop_absent_towers(model: Model, weights: dict, folder: Path) -> None:
+    """A tower that config.json declares but whose tensors are all absent is left out
+    with a one-line notice (mlx-lm's text-only conversions keep `audio_config` and drop
+    the tower); media for it then get a clear error.  A partly present tower stays a
+    missing-tensor error."""
+    for name in ("vision", "audio"):
+        if name in model and not any(k.startswith(name + ".") for k in weights):
+            del model[name]
+            log.warning("%s: config.json declares a%s %s tower but the checkpoint has none of its "
+                        "tensors; loaded without it (%s input is refused)", folder,
+                        "n" if name == "audio" else "", name, "image and video" if name == "vision" else name)
+
+
 # -- public API -------------------------------------------------------------
 
 def load_model(path: str | Path, dtype: str | None = None, map_ple: bool = False,
@@ -352,6 +365,7 @@ def load_model(path: str | Path, dtype: str | None = None, map_ple: bool = False
         weights.update(sanitize(raw, model))
         del raw
     drop_tied_head(weights, folder)
+    drop_absent_towers(model, weights, folder)
     q = quantization_block(config.raw, str(folder / "config.json"))
     if q is not None:
         apply_quantization(model, weights, q, str(folder))
