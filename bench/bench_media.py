@@ -59,8 +59,8 @@ from PIL import Image
 from gemma4_mlx.models import audio as our_audio
 from gemma4_mlx.models.audio import AudioConfig, AudioModel
 from gemma4_mlx.models.vision import VisionConfig, VisionModel
-from gemma4_mlx.processors.audio import log_mel
-from gemma4_mlx.processors.image import ImageProcessor
+from gemma4_mlx.media.audio import log_mel
+from gemma4_mlx.media.image import ImageProcessor
 from report import Report  # bench/report.py (the script's folder is on sys.path)
 
 try:  # after gemma4_mlx: mlx.core must load after OpenBLAS

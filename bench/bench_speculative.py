@@ -39,11 +39,11 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 import gemma4_mlx.ops as ops
-import gemma4_mlx.speculative as spec
+import gemma4_mlx.speculative.loop as spec
 from gemma4_mlx.cache import trim_caches
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
-from gemma4_mlx.draft_policy import DraftPolicy, expected_tokens
-from gemma4_mlx.generate import DEFAULT_PREFILL_CHUNK, generate_tokens
+from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
+from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, generate_tokens
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair
 from gemma4_mlx.models.text import Model
 from report import Report  # bench/report.py (the script's folder is on sys.path)

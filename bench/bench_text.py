@@ -23,7 +23,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
-from gemma4_mlx.generate import generate_tokens
+from gemma4_mlx.runtime.generate import generate_tokens
 from gemma4_mlx.models.text import Model
 
 WORK = Path(__file__).parent / "_work"

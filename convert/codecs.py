@@ -13,7 +13,7 @@ import logging
 import mlx.core as mx
 import numpy as np
 
-from gemma4_mlx.quant import q4_0, sfp8
+from gemma4_mlx.formats import q4_0, sfp8
 
 from .policy import Format
 

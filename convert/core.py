@@ -28,7 +28,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import ConfigError, read_config
-from gemma4_mlx.loader import LoadError, quantization_block, read_safetensors, sanitize, weight_files
+from gemma4_mlx.checkpoint.load import LoadError, quantization_block, read_safetensors, sanitize, weight_files
 from gemma4_mlx.models.assistant import Drafter
 from gemma4_mlx.models.layers import CLAMPS
 from gemma4_mlx.models.text import Model

@@ -3,19 +3,28 @@
     import gemma4_mlx
     model, tokenizer = gemma4_mlx.load("path/to/gemma-4-E2B-it")
     print(gemma4_mlx.generate(model, tokenizer, "Why is the sky blue?", max_tokens=64))
+
+docs/architecture.md maps the package: which folder holds which concept.
 """
 
-from ._blas import preload_openblas
+from gemma4_mlx._blas import preload_openblas
 
 preload_openblas()  # must run before anything imports mlx.core
 
-from .loader import load, load_drafter, LoadError  # noqa: E402
-from .generate import generate, stream_generate  # noqa: E402
-from .chat.session import Chat, Reply  # noqa: E402
-from .speculative import speculative_batch_generate  # noqa: E402
-from . import multimodal  # noqa: E402  (multimodal.Image / Audio / Video with per-item options)
-from .multimodal import MediaError  # noqa: E402
+from gemma4_mlx import media as multimodal  # noqa: E402  (the earlier name of `media`)
+from gemma4_mlx.api import (  # noqa: E402
+    LoadError,
+    batch_generate,
+    generate,
+    load,
+    load_drafter,
+    speculative_batch_generate,
+    stream_generate,
+)
+from gemma4_mlx.chat.session import Chat, Reply  # noqa: E402
+from gemma4_mlx.media.prepare import Audio, Image, MediaError, Video  # noqa: E402
 
-__all__ = ["load", "load_drafter", "LoadError", "generate", "stream_generate", "Chat", "Reply",
-           "speculative_batch_generate", "multimodal", "MediaError"]
+__all__ = ["load", "load_drafter", "LoadError", "generate", "stream_generate", "batch_generate",
+           "Chat", "Reply", "speculative_batch_generate", "Image", "Audio", "Video", "MediaError",
+           "multimodal"]
 __version__ = "0.1.0"

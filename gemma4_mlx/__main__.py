@@ -1,3 +1,3 @@
-from .cli import app
+from gemma4_mlx.cli import app
 
 app(prog_name="gemma4-mlx")

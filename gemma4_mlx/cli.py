@@ -32,8 +32,8 @@ def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, q
                repo: str | None = None):
     """(drafter or None, draft_tokens setting); errors end the command with one line.
     repo: the hub id `model` was resolved from, also searched by 'auto'."""
-    from .draft_policy import DraftPolicy
-    from .loader import LoadError, find_drafter, load_drafter
+    from gemma4_mlx.speculative.policy import DraftPolicy
+    from gemma4_mlx.checkpoint.load import LoadError, find_drafter, load_drafter
 
     try:
         DraftPolicy.for_setting(draft_tokens)
@@ -71,8 +71,8 @@ VIDEO_AUDIO_HELP = "Also give the videos' soundtracks to the audio tower (E2B/E4
 
 
 def _media(images, audio, videos, image_budget, video_audio: bool = False) -> dict:
-    from .multimodal import Video
-    from .processors.image import check_budget
+    from gemma4_mlx.media.prepare import Video
+    from gemma4_mlx.media.image import check_budget
 
     if image_budget is not None:
         try:
@@ -109,9 +109,10 @@ def generate(
     video_audio: bool = typer.Option(False, "--video-audio", help=VIDEO_AUDIO_HELP),
 ):
     """Generate a completion for one prompt, streamed to stdout."""
-    from . import LoadError, load
-    from .generate import stream_generate
-    from .multimodal import MediaError
+    from gemma4_mlx import LoadError
+    from gemma4_mlx import load
+    from gemma4_mlx.api import stream_generate
+    from gemma4_mlx.media.prepare import MediaError
 
     media = _media(image, audio, video, image_budget, video_audio)
 
@@ -177,11 +178,13 @@ def chat(
     audio, video; /image PATH etc. attach media to the next message)."""
     from rich.console import Console
 
-    from . import LoadError, load
-    from .chat.session import Chat
-    from .chat.terminal import Terminal, load_tools, one_shot
-    from .demo import DEFAULT_REPO, default_model
-    from .generate import SamplingOptions
+    from gemma4_mlx import LoadError
+
+    from gemma4_mlx import load
+    from gemma4_mlx.chat.session import Chat
+    from gemma4_mlx.chat.terminal import Terminal, load_tools, one_shot
+    from gemma4_mlx.demo import DEFAULT_REPO, default_model
+    from gemma4_mlx.runtime.generate import SamplingOptions
 
     media = _media(image, audio, video, image_budget, video_audio)
     err = Console(stderr=True)
@@ -233,7 +236,7 @@ def convert(
     import time
 
     from .convert import ConvertError, convert as run
-    from .loader import LoadError
+    from gemma4_mlx.checkpoint.load import LoadError
 
     t0 = time.perf_counter()
     try:
@@ -271,8 +274,8 @@ def info(
 
     from rich.console import Console
 
-    from .info import model_info, render
-    from .loader import LoadError, resolve_path
+    from gemma4_mlx.checkpoint.info import model_info, render
+    from gemma4_mlx.checkpoint.load import LoadError, resolve_path
 
     try:
         result = model_info(resolve_path(model), load=not no_load)

@@ -1,6 +1,6 @@
 """Released Gemma 4 text configurations (text-decoder spec §3), legacy hub form."""
 
-from .config import FULL, SLIDING, TextConfig
+from gemma4_mlx.config import FULL, SLIDING, TextConfig
 
 _COMMON = dict(vocab_size=262144, vocab_size_per_layer_input=262144, head_dim=256, global_head_dim=512,
                rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,

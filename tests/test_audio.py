@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 from gemma4_mlx.config import parse_config
-from gemma4_mlx.loader import load_model
+from gemma4_mlx.checkpoint.load import load_model
 from gemma4_mlx.models import audio as M
 from gemma4_mlx.models.text import Model
-from gemma4_mlx.processors import audio as A
+from gemma4_mlx.media import audio as A
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -550,7 +550,7 @@ def test_corrupt_compressed_files(tmp_path):
 
 
 def test_compressed_without_pyav(tmp_path, monkeypatch):
-    from gemma4_mlx.processors import decode
+    from gemma4_mlx.media import decode
 
     def missing():
         raise decode.MissingPyAV("decoding it needs PyAV (`pip install av`)")

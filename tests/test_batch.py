@@ -4,7 +4,7 @@ import mlx.core as mx
 import pytest
 
 import gemma4_mlx
-from gemma4_mlx.generate import batch_generate, generate_tokens, prefill
+from gemma4_mlx.runtime.generate import batch_generate, generate_tokens, prefill
 
 from conftest import max_diff, random_ids
 

@@ -9,7 +9,7 @@ import pytest
 
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
-from gemma4_mlx.chat.template import render, render_with_checkpoint_template, tool_result_content
+from gemma4_mlx.prompt.template import render, render_with_checkpoint_template, tool_result_content
 from gemma4_mlx.demo import DEMO_MODEL
 
 from test_chat_session import assert_cache_is_exact

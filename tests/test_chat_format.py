@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from gemma4_mlx.chat import (
+from gemma4_mlx.prompt import (
     CTRL_RE, ChatTemplateError, StreamParser, coalesce, format_declaration, parse,
     parser_for_prompt, render, render_with_checkpoint_template, template_info, tool_schema,
 )

@@ -128,7 +128,7 @@ def test_thinking_budget_closes_the_thought_and_answers(demo):
 @pytest.fixture(scope="module")
 def demo_drafter(demo):
     from gemma4_mlx.demo import DEMO_DRAFTER
-    from gemma4_mlx.loader import load_drafter
+    from gemma4_mlx.checkpoint.load import load_drafter
 
     return load_drafter(DEMO_DRAFTER, target=demo[0])
 

@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 import gemma4_mlx
 from gemma4_mlx import LoadError, ops
 from gemma4_mlx.convert import ConvertError, convert, core
-from gemma4_mlx.generate import generate_tokens
+from gemma4_mlx.runtime.generate import generate_tokens
 from gemma4_mlx.models.moe import QuantizedExpertLinear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model

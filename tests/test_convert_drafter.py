@@ -21,11 +21,11 @@ from conftest import random_ids
 from gemma4_mlx.cache import Mask
 from gemma4_mlx.config import FULL, SLIDING
 from gemma4_mlx.convert import ConvertError, convert
-from gemma4_mlx.generate import generate_tokens
-from gemma4_mlx.loader import load_drafter, load_model
+from gemma4_mlx.runtime.generate import generate_tokens
+from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.models.assistant import Drafter
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
-from gemma4_mlx.speculative import speculative_batch_generate
+from gemma4_mlx.speculative.loop import speculative_batch_generate
 
 NAMES = ["e2b_like", "dense"]  # centroid head, dense tied head
 MODES = ["bf16", "q8", "q4_0", "sfp8", "mxfp4", "nvfp4"]

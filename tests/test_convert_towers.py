@@ -26,13 +26,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from gemma4_mlx.config import read_config
 from gemma4_mlx.convert import ConvertError, convert, core
 from gemma4_mlx.convert.policy import Policy, classify
-from gemma4_mlx.loader import load_model
+from gemma4_mlx.checkpoint.load import load_model
 from gemma4_mlx.models.layers import CLAMPS, Linear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
-from gemma4_mlx.processors.audio import FeatureConfig, log_mel
-from gemma4_mlx.processors.image import ImageProcessor
-from gemma4_mlx.safetensors_header import read_header
+from gemma4_mlx.media.audio import FeatureConfig, log_mel
+from gemma4_mlx.media.image import ImageProcessor
+from gemma4_mlx.formats.safetensors import read_header
 
 from mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
 

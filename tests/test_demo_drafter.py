@@ -1,4 +1,4 @@
-"""The embedded demo drafter (`gemma4_mlx/demo/assistant/`, made by
+"""The embedded demo drafter (`gemma4_mlx/demo/model-assistant/`, made by
 `python -m gemma4_mlx.demo.train_drafter`) drafts for the embedded demo model for
 real: speculative output equals plain greedy decoding, and most drafts are accepted.
 
@@ -19,15 +19,15 @@ import mlx.core as mx
 import pytest
 
 import gemma4_mlx
-from gemma4_mlx import speculative
+from gemma4_mlx.speculative import loop as speculative
 from gemma4_mlx.cache import draft_view
 from gemma4_mlx.config import FULL
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.demo.train_drafter import ASSISTANT_DIR, DEMO_CHATS, render_chat, stop_ids
-from gemma4_mlx.generate import generate_tokens
-from gemma4_mlx.loader import load_drafter
+from gemma4_mlx.runtime.generate import generate_tokens
+from gemma4_mlx.checkpoint.load import load_drafter
 from gemma4_mlx.models.assistant import producer_layers
-from gemma4_mlx.speculative import SpecStats, speculative_batch_generate
+from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate
 
 K = 3
 MAX_TOKENS = 64

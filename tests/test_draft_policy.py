@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gemma4_mlx.draft_policy import PROBE_EVERY, DraftPolicy, expected_tokens
+from gemma4_mlx.speculative.policy import PROBE_EVERY, DraftPolicy, expected_tokens
 
 
 def policy_with(verify, draft_step, acceptance, k_max=7):
@@ -78,7 +78,7 @@ def test_measured_costs_update_the_model():
 
 
 def test_stats_acceptance_is_conditional():
-    from gemma4_mlx.speculative import SpecStats
+    from gemma4_mlx.speculative.loop import SpecStats
 
     s = SpecStats()
     s.record(3, [0, 3, 1], emitted=1 + 4 + 2)

@@ -16,7 +16,7 @@ import gemma4_mlx
 from gemma4_mlx.config import TextConfig
 from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.models.text import Model
-from gemma4_mlx.quant import q4_0
+from gemma4_mlx.formats import q4_0
 
 S, F = "sliding_attention", "full_attention"
 CFG = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, head_dim=16, global_head_dim=32,
@@ -209,7 +209,7 @@ def test_reader_metadata_types(tmp_path):
 # -- info ---------------------------------------------------------------------------
 
 def test_info_bytes_add_up_and_modes(imported):
-    from gemma4_mlx.info import model_info
+    from gemma4_mlx.checkpoint.info import model_info
 
     dst, _ = imported
     info = model_info(dst, load=True)

@@ -12,7 +12,7 @@ import torch
 from conftest import W, max_diff
 from gemma4_mlx.cache import Mask
 from gemma4_mlx.config import SLIDING, FULL, ConfigError, parse_config
-from gemma4_mlx.loader import LoadError, load_drafter, load_model
+from gemma4_mlx.checkpoint.load import LoadError, load_drafter, load_model
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair, producer_layers
 from mtp_pairs import PAIRS
 
@@ -115,8 +115,8 @@ def test_first_round_drafts_match_transformers_candidate_generator(checkpoints, 
         SinglePositionMultiTokenCandidateGenerator)
 
     from conftest import random_ids
-    from gemma4_mlx.generate import prefill_hidden
-    from gemma4_mlx.speculative import MTPSettings, draft
+    from gemma4_mlx.runtime.generate import prefill_hidden
+    from gemma4_mlx.speculative.loop import MTPSettings, draft
 
     ht, hd = checkpoints[target].hf, drafters[target].hf
     hd.generation_config.num_assistant_tokens = 5

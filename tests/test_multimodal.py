@@ -20,11 +20,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gemma4_mlx.cache import build_mask  # noqa: E402
-from gemma4_mlx.generate import generate_tokens, prefill  # noqa: E402
-from gemma4_mlx.loader import load_model  # noqa: E402
-from gemma4_mlx.media import MediaRows  # noqa: E402
-from gemma4_mlx.multimodal import Audio, Image, MediaError, MediaProcessor  # noqa: E402
-from gemma4_mlx.processors.image import ImageProcessor  # noqa: E402
+from gemma4_mlx.runtime.generate import generate_tokens, prefill  # noqa: E402
+from gemma4_mlx.checkpoint.load import load_model  # noqa: E402
+from gemma4_mlx.media.rows import MediaRows  # noqa: E402
+from gemma4_mlx.media.prepare import Audio, Image, MediaError, MediaProcessor  # noqa: E402
+from gemma4_mlx.media.image import ImageProcessor  # noqa: E402
 from mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
 
 TOL = 1e-4
@@ -283,8 +283,8 @@ def case_path(case):
 def test_video_parity(case):
     """A 3-frame video: frames are separate bidirectional blocks ("mm:ss" text and
     image markers between them); transformers' video path gives the same logits."""
-    from gemma4_mlx.multimodal import Video
-    from gemma4_mlx.processors.video import VideoProcessor
+    from gemma4_mlx.media.prepare import Video
+    from gemma4_mlx.media.video import VideoProcessor
 
     frames = np.random.default_rng(9).integers(0, 256, (6, 50, 80, 3), dtype=np.uint8)
     case.mp.video = VideoProcessor(70, num_frames=3, patch_size=4)

@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gemma4_mlx import Chat, generate, load  # noqa: E402
-from gemma4_mlx.generate import SamplingOptions  # noqa: E402
-from gemma4_mlx.multimodal import MediaError, processor_for  # noqa: E402
+from gemma4_mlx.runtime.generate import SamplingOptions  # noqa: E402
+from gemma4_mlx.media.prepare import MediaError, processor_for  # noqa: E402
 from mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
 
 SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|image>": TOKEN_IDS["boi_token_id"],
@@ -88,7 +88,7 @@ def test_chat_image_then_text_reuses_cache_and_features(loaded, monkeypatch):
     monkeypatch.setattr(type(model.vision), "__call__", lambda self, *a: calls.append(1) or real(self, *a))
     chat = fresh(loaded)
     r1 = chat.send("what is it?", images=[picture(0)], audio=[tone()])
-    n_image = mp.prepare(gemma4_mlx.multimodal.Image(picture(0))).counts[0]
+    n_image = mp.prepare(gemma4_mlx.media.prepare.Image(picture(0))).counts[0]
     assert chat.prefilled_last > n_image and len(calls) == 1
     r2 = chat.send("and now?")
     assert chat.prefilled_last < 40  # the image is in the cache: only the new turn is prefilled
@@ -147,7 +147,7 @@ def test_text_only_load_refuses_media(folder):
 
 def test_chat_video_and_bad_video(loaded, tmp_path):
     pytest.importorskip("av")
-    from gemma4_mlx.multimodal import Video
+    from gemma4_mlx.media.prepare import Video
     from media_files import write_video
 
     clip = write_video(tmp_path / "clip.mp4", n=8, rate=4, h=48, w=64)
@@ -248,7 +248,7 @@ def test_mlx_vlm_layout_with_mixed_bit_tower(folder, tmp_path):
 
     import mlx.core as mx
 
-    from gemma4_mlx.loader import load_model
+    from gemma4_mlx.checkpoint.load import load_model
 
     out = {}
     for k, v in mx.load(str(folder / "model.safetensors")).items():
@@ -273,7 +273,7 @@ def test_mlx_vlm_layout_with_mixed_bit_tower(folder, tmp_path):
 
 
 def _pixels(model):
-    from gemma4_mlx.processors.image import ImageProcessor
+    from gemma4_mlx.media.image import ImageProcessor
 
     b = ImageProcessor(70, patch_size=model.vision.config.patch_size)(picture(1))
     return b.pixel_values, b.position_ids
@@ -286,9 +286,9 @@ def test_bfloat16_checkpoint_with_media(tmp_path):
     1.5x transformers' bf16 rows are from its float32 ones (same weights, same pixels)."""
     import mlx.core as mx
 
-    from gemma4_mlx.loader import load_model
-    from gemma4_mlx.multimodal import Audio, Image, MediaProcessor
-    from gemma4_mlx.processors.image import ImageProcessor
+    from gemma4_mlx.checkpoint.load import load_model
+    from gemma4_mlx.media.prepare import Audio, Image, MediaProcessor
+    from gemma4_mlx.media.image import ImageProcessor
     from mm_configs import hf_image_processor
 
     text = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import gemma4_mlx
-from gemma4_mlx.generate import SamplingOptions, generate_tokens, prefill
+from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens, prefill
 
 from conftest import max_diff, random_ids
 

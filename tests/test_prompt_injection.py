@@ -8,10 +8,10 @@ import pytest
 
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
-from gemma4_mlx.chat.template import SPECIAL_TOKENS
-from gemma4_mlx.chat.tokens import PromptCodec
+from gemma4_mlx.prompt.template import SPECIAL_TOKENS
+from gemma4_mlx.prompt.tokens import PromptCodec
 from gemma4_mlx.demo import DEMO_MODEL
-from gemma4_mlx.generate import encode_prompt
+from gemma4_mlx.prompt.tokens import encode_prompt
 
 from test_chat_session import assert_cache_is_exact
 

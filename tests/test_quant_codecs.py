@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma4_mlx.quant import q4_0, sfp8
+from gemma4_mlx.formats import q4_0, sfp8
 
 F32 = np.float32
 

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 import gemma4_mlx
-from gemma4_mlx.multimodal import MediaError, MediaProcessor
+from gemma4_mlx.media.prepare import MediaError, MediaProcessor
 
 from conftest import max_diff, write_char_tokenizer
 from mm_configs import TEXT_TINY, build_multimodal
@@ -64,7 +64,7 @@ def test_partly_present_tower_is_an_error(mlx_lm_text_only, tmp_path):
     key = next(k for k in full if k.startswith("model.audio_tower."))
     weights[key] = full[key]  # one audio tensor of many
     mx.save_safetensors(str(tmp_path / "m" / "model.safetensors"), weights, metadata={"format": "mlx"})
-    with pytest.raises(gemma4_mlx.loader.LoadError, match=r"missing tensor audio\..*\(and \d+ more\)"):
+    with pytest.raises(gemma4_mlx.checkpoint.load.LoadError, match=r"missing tensor audio\..*\(and \d+ more\)"):
         gemma4_mlx.load(tmp_path / "m")
 
 

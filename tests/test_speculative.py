@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from conftest import W, random_ids
-from gemma4_mlx.generate import SamplingOptions, generate_tokens
-from gemma4_mlx.loader import load_drafter, load_model
-from gemma4_mlx.speculative import MTPSettings, SpecStats, speculative_batch_generate
+from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
+from gemma4_mlx.checkpoint.load import load_drafter, load_model
+from gemma4_mlx.speculative.loop import MTPSettings, SpecStats, speculative_batch_generate
 from mtp_pairs import PAIRS
 
 LENGTHS = [5, 13, 3, 9, 17, 7, 11, 4]  # mixed; most cross the window W = 4
@@ -175,7 +175,7 @@ def test_cache_handed_in_ends_as_plain_decoding_leaves_it(pairs):
     """Chat sessions continue one cache: after an early stop it must hold exactly the
     prompt and every token the caller took except the last."""
     from gemma4_mlx.cache import cache_offset
-    from gemma4_mlx.speculative import speculative_generate_tokens
+    from gemma4_mlx.speculative.loop import speculative_generate_tokens
 
     target, drafter = pairs["e2b_like"]
     prompt = prompts_for(1, seed=4)[0]
@@ -200,8 +200,8 @@ def test_batched_drafts_equal_single_row_drafts(pairs, name):
     """The drafter itself, not only the acceptance logic: every round, each row's
     drafts from the ragged batch (per-row positions, masks, reseeded hiddens) equal
     the drafts computed for that row alone from a fresh prefill."""
-    from gemma4_mlx.generate import prefill_hidden
-    from gemma4_mlx.speculative import draft
+    from gemma4_mlx.runtime.generate import prefill_hidden
+    from gemma4_mlx.speculative.loop import draft
 
     target, drafter = pairs[name]
     prompts = prompts_for(4, seed=9)
@@ -246,7 +246,7 @@ def test_edge_cases(pairs):
 
 
 def test_seeded_batch_generate_equals_speculative_batch(pairs):
-    from gemma4_mlx.generate import batch_generate
+    from gemma4_mlx.runtime.generate import batch_generate
 
     target, drafter = pairs["moe"]
     prompts = prompts_for(4, seed=13)

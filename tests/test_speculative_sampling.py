@@ -16,10 +16,10 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
-from gemma4_mlx.generate import SamplingOptions
+from gemma4_mlx.runtime.generate import SamplingOptions
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter
 from gemma4_mlx.models.text import Model
-from gemma4_mlx.speculative import SpecStats, speculative_batch_generate
+from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate
 
 V, N, PROMPT = 32, 3000, [2, 7, 11, 5, 19, 3]
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gemma4_mlx.processors import video as V
+from gemma4_mlx.media import video as V
 
 av = pytest.importorskip("av")
 
@@ -322,7 +322,7 @@ def test_bad_files(tmp_path):
 
 
 def test_without_pyav(tmp_path, monkeypatch):
-    from gemma4_mlx.processors import decode
+    from gemma4_mlx.media import decode
 
     def missing():
         raise decode.MissingPyAV("decoding it needs PyAV (`pip install av`)")

@@ -15,11 +15,17 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from ..cache import cache_offset, trim_caches
-from ..generate import SamplingOptions, Stats, generate_tokens
-from .parser import Event, ParseResult, ToolCall, parser_for_prompt
-from .template import render, render_with_checkpoint_template, tool_result_content, tool_schema
-from .tokens import PromptCodec
+from gemma4_mlx.cache import cache_offset, trim_caches
+from gemma4_mlx.runtime.generate import SamplingOptions, Stats, generate_tokens
+from gemma4_mlx.prompt.parser import Event, ParseResult, ToolCall, parser_for_prompt
+from gemma4_mlx.prompt.template import render, render_with_checkpoint_template, tool_result_content, tool_schema
+from gemma4_mlx.prompt.tokens import PromptCodec
+from gemma4_mlx.media.prepare import has_media
+from gemma4_mlx.media.prepare import media_items, processor_for
+from gemma4_mlx.media.prepare import user_content
+from gemma4_mlx.media.prepare import processor_for
+from gemma4_mlx.speculative.policy import DraftPolicy
+from gemma4_mlx.speculative.loop import SpecStats, speculative_generate_tokens
 
 STOP_STRINGS = ("<turn|>", "<|tool_response>", "<eos>")
 
@@ -113,18 +119,12 @@ class Chat:
     def _add_user_turn(self, text, images, audio, videos, image_budget) -> None:
         """Append the user message; media are processed first, so bad media raise
         (`MediaError`, one line) and leave the conversation as it was."""
-        from ..multimodal import has_media
-
         items, prepared = [], []
         if has_media(images, audio, videos):
-            from ..multimodal import media_items, processor_for
-
             items = media_items(images, audio, videos, image_budget)
             mp = processor_for(self.model)
             prepared = [mp.prepare(m) for m in items]  # raises before anything changes
         if text is not None or items:
-            from ..multimodal import user_content
-
             self.messages.append({"role": "user", "content": user_content(text, items)})
             self.media.extend(prepared)
 
@@ -133,8 +133,6 @@ class Chat:
         if not self.media:
             ids = self._codec.encode(prompt)
             return ids, ids, None
-        from ..multimodal import processor_for
-
         mp = processor_for(self.model)
         ids = self._codec.encode(mp.expand(prompt, self.media))
         mprompt = mp.prompt(ids, self.media)
@@ -203,9 +201,6 @@ class Chat:
             return generate_tokens(self.model, pending, stop_ids=self._stop_ids,
                                    max_tokens=max_tokens, options=self.options,
                                    cache=self.cache, stats=stats, media=media)
-        from ..draft_policy import DraftPolicy
-        from ..speculative import SpecStats, speculative_generate_tokens
-
         if self._policy is None:
             self._policy = DraftPolicy.for_setting(self.draft_tokens)
         stats.speculative = stats.speculative or SpecStats()

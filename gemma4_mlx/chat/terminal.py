@@ -11,7 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from .session import Chat, Reply
+from gemma4_mlx.chat.session import Chat, Reply
+from gemma4_mlx.media.image import check_budget
 
 HELP = """commands:
   /think on|off   thinking mode          /system TEXT   set the system prompt (resets)
@@ -153,8 +154,6 @@ class Terminal:
                                    markup=False)
         elif cmd == "/budget" and arg:
             try:
-                from ..processors.image import check_budget
-
                 self.image_budget = check_budget(int(arg) if arg.isdigit() else arg, "/budget")
                 self.console.print(f"image budget {self.image_budget}", style="dim")
             except ValueError as e:

@@ -6,7 +6,9 @@ import os
 from pathlib import Path
 
 DEMO_MODEL = Path(__file__).parent / "model"
-DEMO_DRAFTER = Path(__file__).parent / "assistant"  # its MTP drafter (train_drafter.py)
+# its MTP drafter (train_drafter.py), named as the hub names drafters (`<model>-assistant`),
+# so the sibling rule of `find_drafter` finds it like any other
+DEMO_DRAFTER = Path(__file__).parent / "model-assistant"
 DEFAULT_REPO = "google/gemma-4-E2B-it"
 
 

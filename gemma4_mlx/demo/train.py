@@ -1,7 +1,7 @@
 """Train the embedded demo model: python -m gemma4_mlx.demo.train [--steps N] [--out DIR].
 
 1. Generate conversations (`corpus.py`) and render them in the real Gemma 4 chat
-   format (`gemma4_mlx.chat.template.render`).
+   format (`gemma4_mlx.prompt.template.render`).
 2. Train a byte-level BPE tokenizer whose first ids are every Gemma 4 control
    string (re-numbered: the real ids run to 258884, far too large for a
    few-MB demo; code looks special tokens up by string, never by number).
@@ -27,9 +27,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from ..config import TextConfig
-from ..models.text import Model
-from .corpus import corpus
+from gemma4_mlx.config import TextConfig
+from gemma4_mlx.models.text import Model
+from gemma4_mlx.demo.corpus import corpus
 
 MODEL_DIR = Path(__file__).parent / "model"
 
@@ -49,6 +49,7 @@ CONFIG = dict(
     rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=[1, 16],
     bos_token_id=2,
 )
+from gemma4_mlx.prompt.template import render
 
 
 def turn_examples(conv: dict) -> list[tuple[str, str]]:
@@ -58,8 +59,6 @@ def turn_examples(conv: dict) -> list[tuple[str, str]]:
     generation prompt, ending where generation stops: at `<turn|>`, or at
     `<|tool_response>` after a tool call (the client appends the result).
     """
-    from ..chat.template import render
-
     msgs, tools, thinking = conv["messages"], conv["tools"], conv["thinking"]
     out = []
     for i, m in enumerate(msgs):

@@ -53,13 +53,21 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..cache import Mask, build_mask
-from ..config import FULL, SLIDING
-from ..models.assistant import AssistantConfig, Drafter, producer_layers
-from . import DEMO_MODEL
-from .corpus import corpus
+from gemma4_mlx.cache import Mask, build_mask
+from gemma4_mlx.config import FULL, SLIDING
+from gemma4_mlx.models.assistant import AssistantConfig, Drafter, producer_layers
+from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
+from gemma4_mlx.demo.corpus import corpus
+from gemma4_mlx.demo.train import turn_examples
+from gemma4_mlx.prompt.template import render
+from gemma4_mlx.demo.corpus import WEATHER_TOOL
+from gemma4_mlx.chat.session import STOP_STRINGS
+from gemma4_mlx.speculative import loop as speculative
+from gemma4_mlx.runtime.generate import generate_tokens
+from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate
+from gemma4_mlx.checkpoint.load import load_drafter
 
-ASSISTANT_DIR = Path(__file__).parent / "assistant"
+ASSISTANT_DIR = DEMO_DRAFTER
 STEP_WEIGHTS = (1.0, 0.7, 0.5)
 
 S, F = SLIDING, FULL
@@ -92,8 +100,6 @@ def drafter_config(target_cfg) -> dict:
 
 def make_examples(tokenizer, n_conversations: int, seed: int = 0):
     """(ids, prompt length) per model step, as `train.py` builds them."""
-    from .train import turn_examples
-
     out = []
     for conv in corpus(n_conversations, seed):
         for prompt, output in turn_examples(conv):
@@ -355,7 +361,7 @@ A `gemma4_assistant` drafter (mtp-drafter spec §1-§7) for the embedded demo mo
 acceptance:
 
     target, tok = gemma4_mlx.load(gemma4_mlx.demo.DEMO_MODEL)
-    drafter = gemma4_mlx.loader.load_drafter("gemma4_mlx/demo/assistant", target=target)
+    drafter = gemma4_mlx.checkpoint.load.load_drafter("gemma4_mlx/demo/assistant", target=target)
 
 Architecture: 4 query-only layers [S, S, S, F], hidden 64, 4 heads, MLP 128; K/V come
 from the target's last non-shared sliding (3) and full (2) layers (1 KV head, head
@@ -413,18 +419,13 @@ DEMO_CHATS = [
 
 
 def render_chat(tokenizer, chat: dict) -> list[int]:
-    """Token ids of a demo chat prompt, rendered as `gemma4_mlx.chat` renders it."""
-    from ..chat.template import render
-    from .corpus import WEATHER_TOOL
-
+    """Token ids of a demo chat prompt, rendered as `gemma4_mlx.prompt` renders it."""
     text = render(chat["messages"], tools=[WEATHER_TOOL] if chat.get("tools") else None,
                   thinking=chat.get("thinking", False), add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
 def stop_ids(tokenizer, target) -> list[int]:
-    from ..chat.session import STOP_STRINGS
-
     ids = {tokenizer.convert_tokens_to_ids(s) for s in STOP_STRINGS}
     return sorted((ids - {None, tokenizer.unk_token_id}) | set(target.config.eos_ids))
 
@@ -433,10 +434,6 @@ def measure(target, drafter, tokenizer, ks=(1, 2, 3, 4, 5), max_tokens: int = 64
             chats=DEMO_CHATS, draft_fn=None) -> dict:
     """Greedy acceptance per draft position and tokens/round for each K, and whether
     the speculative output equals plain greedy decoding."""
-    from .. import speculative
-    from ..generate import generate_tokens
-    from ..speculative import SpecStats, speculative_batch_generate
-
     prompts = [render_chat(tokenizer, c) for c in chats]
     stops = stop_ids(tokenizer, target)
     plain = [list(generate_tokens(target, p, max_tokens=max_tokens, stop_ids=stops))
@@ -484,8 +481,6 @@ def main():
 
     drafter, config, info = train(args)
     save(drafter, config, info, args.out)
-    from ..loader import load_drafter
-
     target, tokenizer = gemma4_mlx.load(DEMO_MODEL)
     loaded = load_drafter(args.out, target=target)
     res = measure(target, loaded, tokenizer)

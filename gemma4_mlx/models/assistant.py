@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import ops
-from ..config import FULL, SLIDING, ConfigError, TextConfig
-from .layers import Linear, RMSNorm
-from .quantized import QEmbedding
-from .text import DecoderLayer, RoPE
+from gemma4_mlx import ops
+from gemma4_mlx.config import FULL, SLIDING, ConfigError, TextConfig
+from gemma4_mlx.models.layers import Linear, RMSNorm
+from gemma4_mlx.models.quantized import QEmbedding
+from gemma4_mlx.models.text import DecoderLayer, RoPE
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Parameter names follow the checkpoint (`model.audio_tower.*`, `model.embed_audio.*`)
 so `sanitize` only strips prefixes, transposes the two conv layouts and widens the
-clamp scalars.  Input: log-mel features from `gemma4_mlx.processors.audio`.
+clamp scalars.  Input: log-mel features from `gemma4_mlx.media.audio`.
 
 Local attention.  transformers splits the queries into blocks of 12 and gives each
 block a 24-frame context with a Transformer-XL relative shift; the mask then leaves a
@@ -26,8 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import ops
-from .layers import ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
+from gemma4_mlx import ops
+from gemma4_mlx.models.layers import ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
 _ACTS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu,
          "gelu_pytorch_tanh": ops.gelu_tanh}

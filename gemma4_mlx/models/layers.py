@@ -5,7 +5,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import ops
+from gemma4_mlx import ops
 
 
 class RMSNorm(nn.Module):

@@ -13,9 +13,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import ops
-from .quantized import affine_biases
-from .layers import Linear
+from gemma4_mlx import ops
+from gemma4_mlx.models.quantized import affine_biases
+from gemma4_mlx.models.layers import Linear
 
 
 class Router(nn.Module):

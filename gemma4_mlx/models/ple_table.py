@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..safetensors_header import read_header
+from gemma4_mlx.formats.safetensors import read_header
 
 # safetensors dtype -> (numpy storage dtype, MLX dtype of the rows returned)
 _DTYPES = {

@@ -13,14 +13,14 @@ import mlx.nn as nn
 
 import numpy as np
 
-from .. import ops
-from ..cache import build_mask, make_caches
-from ..config import FULL, MEDIA_TOKEN_IDS, LayerSpec, ModelConfig, TextConfig
-from .audio import AudioConfig, AudioModel
-from .layers import CLAMPS, Linear, RMSNorm
-from .vision import VisionConfig, VisionModel
-from .moe import Experts, Router
-from .quantized import QEmbedding, table_dtype
+from gemma4_mlx import ops
+from gemma4_mlx.cache import build_mask, make_caches
+from gemma4_mlx.config import FULL, MEDIA_TOKEN_IDS, LayerSpec, ModelConfig, TextConfig
+from gemma4_mlx.models.audio import AudioConfig, AudioModel
+from gemma4_mlx.models.layers import CLAMPS, Linear, RMSNorm
+from gemma4_mlx.models.vision import VisionConfig, VisionModel
+from gemma4_mlx.models.moe import Experts, Router
+from gemma4_mlx.models.quantized import QEmbedding, table_dtype
 
 
 class RoPE(nn.Module):

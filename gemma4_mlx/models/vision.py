@@ -24,8 +24,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .. import ops
-from .layers import CLAMPS as _CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
+from gemma4_mlx import ops
+from gemma4_mlx.models.layers import CLAMPS as _CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
 
 @dataclass

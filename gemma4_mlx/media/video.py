@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from . import decode
-from .audio import resample
-from .image import ImageProcessor, check_budget
+from gemma4_mlx.media import decode
+from gemma4_mlx.media.audio import resample
+from gemma4_mlx.media.image import ImageProcessor, check_budget
 
 log = logging.getLogger(__name__)
 

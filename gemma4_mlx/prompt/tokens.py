@@ -23,9 +23,9 @@ exactly as before (the tokenizer also splits at control tokens first).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from .template import SPECIAL_TOKENS, render_with_checkpoint_template
+from gemma4_mlx.prompt.template import SPECIAL_TOKENS, render_with_checkpoint_template
 
 _BREAK = "\ue000"  # inserted after a control string's first character
 _QUOTE = "\ue001"  # quotes a literal _BREAK or _QUOTE in the text
@@ -105,3 +105,17 @@ def render_user_turn(codec: PromptCodec, template: str, content) -> str:
     """One user message (a string or content parts) rendered by a checkpoint template,
     escaped, ending with the generation prompt; `codec.encode` gives its ids."""
     return render_with_checkpoint_template(template, [{"role": "user", "content": codec.escape_value(content)}])
+
+
+def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
+    """Token ids for a prompt: through the chat template when the tokenizer has one
+    (the prompt is user text: control strings typed in it stay text); with
+    chat=False the raw text, control strings included, as the tokenizer reads it."""
+    if not isinstance(prompt, str):
+        return list(prompt)
+    if chat and getattr(tokenizer, "chat_template", None):
+        codec = PromptCodec(tokenizer)
+        return codec.encode(render_user_turn(codec, tokenizer.chat_template, prompt))
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .chat.tokens import PromptCodec, render_user_turn
+from gemma4_mlx.runtime.sampling import PositionedSampler
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -90,28 +90,68 @@ def apply_processors(logits: mx.array, histories, processors) -> mx.array:
 def _pick(logits, history, sampler, processors):
     if processors:
         logits = apply_processors(logits, history, processors)
-    if getattr(sampler, "raw", False):  # ours: argmax / keyed, on the processed logits
+    if sampler.raw:  # ours: argmax / keyed, on the processed logits
         return sampler(logits)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     return sampler(logprobs)
 
 
-def _argmax(logits):
-    return mx.argmax(logits, axis=-1)
+class _Greedy:
+    """Argmax of the processed logits."""
+
+    raw = True  # reads logits, not log-probabilities
+
+    def __call__(self, logits):
+        return mx.argmax(logits, axis=-1)
+
+    def keep(self, rows: list[int]) -> None:
+        pass
 
 
-_argmax.raw = True
+class _MlxLm:
+    """mlx-lm's sampler (unseeded sampling): reads log-probabilities."""
+
+    raw = False
+
+    def __init__(self, options: SamplingOptions):
+        self.sample = options.sampler()
+
+    def __call__(self, logprobs):
+        return self.sample(logprobs)
+
+    def keep(self, rows: list[int]) -> None:
+        pass
 
 
-def _sampler(options: SamplingOptions, rows: list[int]) -> Callable:
+class _Keyed:
+    """Seeded sampling: the n-th call draws output index n of every live row
+    (`keep` tells it which rows are still live)."""
+
+    raw = True
+
+    def __init__(self, options: SamplingOptions, rows: list[int]):
+        self.keyed = PositionedSampler(options.temperature, options.top_p, options.top_k,
+                                       options.min_p, options.seed)
+        self.rows, self.step = list(rows), 0
+
+    def __call__(self, logits):
+        tok = self.keyed(logits, self.rows, [self.step] * len(self.rows))
+        self.step += 1
+        return tok
+
+    def keep(self, rows: list[int]) -> None:
+        self.rows = list(rows)
+
+
+def _sampler(options: SamplingOptions, rows: list[int]):
     """Greedy: argmax of the processed logits.  Seeded sampling: keyed by (seed, row,
     output index) — the randomness speculative decoding uses, so a seed gives the
     same text with or without a drafter, alone or in a batch.  Unseeded: mlx-lm's."""
     if options.temperature == 0:
-        return _argmax
+        return _Greedy()
     if options.seed is not None:
         return _Keyed(options, rows)
-    return options.sampler()
+    return _MlxLm(options)
 
 
 def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
@@ -155,25 +195,6 @@ def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
         token = nxt
 
 
-class _Keyed:
-    """Seeded sampling: the n-th call draws output index n of every row in `rows`
-    (the live rows' ids, updated by the caller as rows leave)."""
-
-    raw = True
-
-    def __init__(self, options: SamplingOptions, rows: list[int]):
-        from .positioned_sampler import PositionedSampler
-
-        self.keyed = PositionedSampler(options.temperature, options.top_p, options.top_k,
-                                       options.min_p, options.seed)
-        self.rows, self.step = rows, 0
-
-    def __call__(self, logits):
-        tok = self.keyed(logits, self.rows, [self.step] * len(self.rows))
-        self.step += 1
-        return tok
-
-
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -196,87 +217,6 @@ class Stats:
                 f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
                 f"peak memory: {self.peak_memory_gb:.2f} GB"
                 + (f"\n{self.speculative.line()}" if self.speculative is not None else ""))
-
-
-@dataclass
-class Chunk:
-    """One streamed piece of output."""
-
-    text: str
-    token: int
-    stats: Stats
-    finished: bool = False
-
-
-def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
-    """Token ids for a prompt: through the chat template when the tokenizer has one
-    (the prompt is user text: control strings typed in it stay text); with
-    chat=False the raw text, control strings included, as the tokenizer reads it."""
-    if not isinstance(prompt, str):
-        return list(prompt)
-    if chat and getattr(tokenizer, "chat_template", None):
-        codec = PromptCodec(tokenizer)
-        return codec.encode(render_user_turn(codec, tokenizer.chat_template, prompt))
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
-
-
-def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
-                    temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
-                    min_p: float = 0.0, repetition_penalty: float | None = None,
-                    seed: int | None = None, chat: bool = True,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, draft_model=None,
-                    draft_tokens: int | str = "auto", images=(), audio=(), videos=(),
-                    image_budget: int | None = None, media_processor=None) -> Iterator[Chunk]:
-    """Stream text chunks; stops on the model's end-of-turn / end-of-text ids.
-
-    draft_model: an MTP drafter (`load_drafter`) for speculative decoding; the
-    output is unchanged (greedy, or sampling with the same seed), only faster.
-    draft_tokens: tokens drafted per round, or "auto" (cost-aware).
-    images / audio / videos: media for a text prompt (paths, arrays, PIL images or
-    `multimodal.Image/Audio/Video`), placed before the text in the user turn;
-    image_budget: soft tokens per image (70, 140, 280, 560, 1120).
-    """
-    options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
-    from .multimodal import has_media, media_prompt
-
-    media = None
-    if has_media(images, audio, videos):
-        ids, media = media_prompt(model, tokenizer, prompt, images, audio, videos, chat=chat,
-                                  image_budget=image_budget, processor=media_processor)
-    else:
-        ids = encode_prompt(tokenizer, prompt, chat)
-    stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
-    stats = Stats()
-    detok = tokenizer.detokenizer
-    detok.reset()
-    mx.reset_peak_memory()
-    if draft_model is not None:
-        from .speculative import SpecStats, speculative_generate_tokens
-
-        stats.speculative = SpecStats()
-        tokens = speculative_generate_tokens(model, draft_model, ids, max_tokens=max_tokens,
-                                             options=options, stop_ids=stop,
-                                             draft_tokens=draft_tokens, prefill_chunk=prefill_chunk,
-                                             stats=stats, spec_stats=stats.speculative, media=media)
-    else:
-        tokens = generate_tokens(model, ids, max_tokens=max_tokens, options=options,
-                                 stop_ids=stop, prefill_chunk=prefill_chunk, stats=stats,
-                                 media=media)
-    for tok in tokens:
-        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-        if tok in stop:
-            break
-        detok.add_token(tok)
-        yield Chunk(detok.last_segment, tok, stats)
-    detok.finalize()
-    yield Chunk(detok.last_segment, -1, stats, finished=True)
-
-
-def generate(model, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
-    """The whole completion as one string."""
-    return "".join(c.text for c in stream_generate(model, tokenizer, prompt, **kwargs))
 
 
 def batch_generate(model, prompts: Sequence[Sequence[int]], *, max_tokens: int = 64,
@@ -315,6 +255,7 @@ def batch_generate(model, prompts: Sequence[Sequence[int]], *, max_tokens: int =
                 if c is not None:
                     c.filter(keep)
             token = token[mx.array(keep)]
-            live[:] = [live[r] for r in keep]  # in place: the keyed sampler reads it
+            live = [live[r] for r in keep]
+            sampler.keep(live)
         token = _pick(decode_step(model, token, cache), history(), sampler, processors)
     return out

@@ -16,11 +16,18 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ConfigError, ModelConfig, read_config
-from .models.layers import CLAMPS
-from .models.ple_table import MappedTable
-from .models.text import Model
-from .safetensors_header import read_header
+from gemma4_mlx.config import ConfigError, ModelConfig, read_config
+from gemma4_mlx.models.layers import CLAMPS
+from gemma4_mlx.models.ple_table import MappedTable
+from gemma4_mlx.models.text import Model
+from gemma4_mlx.formats.safetensors import read_header
+from gemma4_mlx.models.audio import sanitize as audio_sanitize
+from gemma4_mlx.models.quantized import KERNEL_PARAMS
+from gemma4_mlx.models.layers import Linear
+from gemma4_mlx.models.moe import ExpertLinear, QuantizedExpertLinear
+from gemma4_mlx.models.quantized import QEmbedding, QLinear
+from gemma4_mlx.config import ConfigError
+from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +147,6 @@ def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = No
     if towers["vision"]:
         out.update(("vision." + k, v) for k, v in model.vision.sanitize(towers["vision"]).items())
     if towers["audio"]:
-        from .models.audio import sanitize as audio_sanitize
-
         out.update(("audio." + k, v) for k, v in audio_sanitize(towers["audio"]).items())
     if dropped_shared:
         log.info("dropped %d unused KV-shared-layer tensors", dropped_shared)
@@ -180,8 +185,6 @@ def quantization_block(raw: dict, source: str) -> dict | None:
 
 def _kernel_params(path: str, q: dict, overrides: dict, source: str) -> dict | None:
     """MLX kernel parameters (format, mode, bits, group_size) for module `path`."""
-    from .models.quantized import KERNEL_PARAMS
-
     entry = (q.get("tensors") or {}).get(path)
     if entry is not None:  # ours: every entry names its format
         fmt = entry.get("format")
@@ -211,11 +214,6 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
     """
     from mlx.utils import tree_map_with_path
 
-    from .models.layers import Linear
-    from .models.moe import ExpertLinear, QuantizedExpertLinear
-    from .models.quantized import QEmbedding, QLinear
-
-    # mlx-lm per-module entries: {"<checkpoint module path>": {...} or false}
     overrides = {module_path(k): v for k, v in q.items()
                  if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")}
 
@@ -436,9 +434,6 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
     """
     import numpy as np
 
-    from .config import ConfigError
-    from .models.assistant import AssistantConfig, Drafter, check_pair
-
     folder = resolve_path(str(path))
     cfg_file = folder / "config.json"
     try:
@@ -496,17 +491,13 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
 def find_drafter(model: str | Path) -> Path | None:
     """The matching MTP drafter next to a target, if one is already on this machine:
     a sibling folder `<target>-assistant` (the hub's naming, e.g.
-    `gemma-4-E2B-it-assistant`), the same repo id in the Hugging Face cache, or the
-    demo drafter for the embedded demo model.  Never downloads."""
-    from .demo import DEMO_DRAFTER, DEMO_MODEL
-
+    `gemma-4-E2B-it-assistant`; the embedded demo's drafter is named so too), or the
+    same repo id in the Hugging Face cache.  Never downloads."""
     p = Path(str(model)).expanduser()
     hub = re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", str(p.resolve()) + "/")
     if p.exists() and hub:  # a Hugging Face cache snapshot: look the drafter up by repo id
         return find_drafter(f"{hub.group(1)}/{hub.group(2)}")
     if p.exists():
-        if p.resolve() == Path(DEMO_MODEL).resolve():
-            return Path(DEMO_DRAFTER) if (Path(DEMO_DRAFTER) / "config.json").exists() else None
         sib = p.with_name(p.name + "-assistant")
         return sib if (sib / "config.json").exists() else None
     if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):

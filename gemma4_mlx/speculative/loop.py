@@ -20,12 +20,12 @@ from typing import Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import cache_offset, commit_caches, draft_view, trim_caches
-from .config import FULL
-from .draft_policy import DraftPolicy, expected_tokens
-from .generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, apply_processors, prefill_hidden
-from .models.assistant import check_pair, producer_layers
-from .positioned_sampler import PositionedSampler
+from gemma4_mlx.cache import cache_offset, commit_caches, draft_view, trim_caches
+from gemma4_mlx.config import FULL
+from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
+from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, apply_processors, prefill_hidden
+from gemma4_mlx.models.assistant import check_pair, producer_layers
+from gemma4_mlx.runtime.sampling import PositionedSampler
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import decode
+from gemma4_mlx.media import decode
 
 SAMPLING_RATE = 16_000
 MAX_SAMPLES = 480_000  # 30 s: the feature extractor's max_length

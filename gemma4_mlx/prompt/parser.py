@@ -11,7 +11,7 @@ import codecs
 import re
 from dataclasses import dataclass, field
 
-from .arguments import _NAME, Q, ToolCall, _Tools, parse_call_block
+from gemma4_mlx.prompt.arguments import _NAME, Q, ToolCall, _Tools, parse_call_block
 
 # Any control token: <|x>, <|x|>, <x|>, and the named/unused pieces (§1).
 CTRL_RE = re.compile(r'<\|[a-z_"]{1,24}\|?>|<[a-z_]{1,24}\|>|<(?:pad|eos|bos|unk|mask|unused\d{1,4})>')

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .config import ConfigError, read_config
-from .safetensors_header import read_header
-from .loader import LoadError, _kernel_params, quantization_block, rename, weight_files
+from gemma4_mlx.config import ConfigError, read_config
+from gemma4_mlx.formats.safetensors import read_header
+from gemma4_mlx.checkpoint.load import LoadError, _kernel_params, quantization_block, rename, weight_files
 
 COMPONENTS = ("embedding", "per_layer_embeddings", "attention", "mlp", "experts", "router",
               "norms_other", "vision", "audio")
@@ -31,6 +31,7 @@ _RULES = (  # first match wins; norms before their parent blocks so q_norm is no
     ("attention", re.compile(r"\.self_attn\.")),
     ("mlp", re.compile(r"\.mlp\.")),
 )
+from gemma4_mlx.checkpoint.load import load_model
 
 
 def component(key: str) -> str:
@@ -104,8 +105,6 @@ def resident_bytes(folder: Path) -> int:
     import gc
 
     import mlx.core as mx
-
-    from .loader import load_model
 
     gc.collect()
     before = mx.get_active_memory()

@@ -24,10 +24,12 @@ from typing import Any, Callable
 import mlx.core as mx
 import numpy as np
 
-from .media import AUDIO, IMAGE, VIDEO, MediaRows
-from .processors import audio as A
-from .processors.image import ImageProcessor, check_budget
-from .processors.video import DEFAULT_NUM_FRAMES, VideoProcessor
+from gemma4_mlx.media.rows import AUDIO, IMAGE, VIDEO, MediaRows
+from gemma4_mlx.media import audio as A
+from gemma4_mlx.media.image import ImageProcessor, check_budget
+from gemma4_mlx.media.video import DEFAULT_NUM_FRAMES, VideoProcessor
+from gemma4_mlx.media.video import read_video_audio
+from gemma4_mlx.prompt.tokens import PromptCodec, encode_prompt, render_user_turn
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ class MediaProcessor:
                 raise MediaError(f"{f}: not valid JSON ({e})") from None
             if not isinstance(pc, dict):
                 raise MediaError(f"{f}: expected a JSON object, got {type(pc).__name__}")
-            pass  # MUT  # `"video_processor": null` = absent
+            pc = {k: v for k, v in pc.items() if v is not None}  # `"video_processor": null` = absent
         vision = getattr(getattr(model, "vision", None), "config", None)
         flat = pc is not None and "patch_size" in pc  # an image processor's own file
         if (pc is None or ("image_processor" not in pc and not flat)) and vision is not None:
@@ -356,8 +358,6 @@ def soundtrack(source) -> list[Audio]:
     """A video's soundtrack as audio clips of at most 30 s each (the audio tower's
     limit; transformers' processor would cut it at 30 s), placed right after the
     video as transformers' `load_audio_from_video` does.  No audio stream: none."""
-    from .processors.video import read_video_audio
-
     try:
         wave = read_video_audio(source)
     except ValueError as e:
@@ -391,15 +391,12 @@ def media_prompt(model, tokenizer, prompt, images=(), audio=(), videos=(), *, ch
     prepared = [mp.prepare(m) for m in items]
     if isinstance(prompt, str):
         if chat and getattr(tokenizer, "chat_template", None):
-            from .chat.tokens import PromptCodec, render_user_turn
-
             codec = PromptCodec(tokenizer)  # typed `<|image|>` text stays text
             text = render_user_turn(codec, tokenizer.chat_template, user_content(prompt, items))
             ids = codec.encode(mp.expand(text, prepared))
         else:
             if not _PLACEHOLDER_RE.search(prompt):  # raw text (as `encode_prompt` without a template): media first
                 prompt = "".join(PLACEHOLDERS[p.kind] for p in prepared) + prompt
-            from .generate import encode_prompt
 
             ids = encode_prompt(tokenizer, mp.expand(prompt, prepared), chat=False)  # adds a missing BOS
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from gemma4_mlx.prompt.template import tool_schema
 
 Q = '<|"|>'
 _NAME = r"[\w.\-]+(?::(?!BEGIN_ARG)[\w.\-]+)*"  # names with dots, hyphens, ':' namespaces
@@ -49,7 +50,6 @@ class _Tools:
                 self.params[t] = []
                 continue
             if callable(t) and not isinstance(t, dict):
-                from .template import tool_schema
                 t = tool_schema(t)
             fn = t.get("function", t)
             p = fn.get("parameters") or {}

@@ -1,0 +1,1 @@
+"""Checkpoints on disk: finding, reading, mapping keys, quantized modules, loading, `info`."""

@@ -1,0 +1,1 @@
+"""Running a model: prefill, decode steps, sampling and the plain generation loops."""
