@@ -28,7 +28,9 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import ConfigError, read_config
-from gemma4_mlx.checkpoint.load import LoadError, quantization_block, read_safetensors, sanitize, weight_files
+from gemma4_mlx.checkpoint.files import LoadError, read_safetensors, weight_files
+from gemma4_mlx.checkpoint.keys import sanitize
+from gemma4_mlx.checkpoint.quantized import quantization_block
 from gemma4_mlx.models.assistant import Drafter
 from gemma4_mlx.models.layers import CLAMPS
 from gemma4_mlx.models.text import Model

@@ -13,8 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 
 from gemma4_mlx.config import ConfigError
-from gemma4_mlx.checkpoint.load import (DRAFTER_UNUSED_KEYS, TOKEN_ORDERING_KEY, LoadError,
-                               read_safetensors, weight_files)
+from gemma4_mlx.checkpoint.files import LoadError, read_safetensors, weight_files
+from gemma4_mlx.checkpoint.keys import DRAFTER_UNUSED_KEYS, TOKEN_ORDERING_KEY
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter
 
 from .errors import ConvertError

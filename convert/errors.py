@@ -1,6 +1,6 @@
 """The converter's one error type: a single line naming the file, tensor or argument."""
 
-from gemma4_mlx.checkpoint.load import LoadError
+from gemma4_mlx.checkpoint.files import LoadError
 
 
 class ConvertError(LoadError):

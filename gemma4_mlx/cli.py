@@ -33,7 +33,8 @@ def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, q
     """(drafter or None, draft_tokens setting); errors end the command with one line.
     repo: the hub id `model` was resolved from, also searched by 'auto'."""
     from gemma4_mlx.speculative.policy import DraftPolicy
-    from gemma4_mlx.checkpoint.load import LoadError, find_drafter, load_drafter
+    from gemma4_mlx.checkpoint.hub import find_drafter
+    from gemma4_mlx.checkpoint.load import LoadError, load_drafter
 
     try:
         DraftPolicy.for_setting(draft_tokens)
@@ -275,7 +276,8 @@ def info(
     from rich.console import Console
 
     from gemma4_mlx.checkpoint.info import model_info, render
-    from gemma4_mlx.checkpoint.load import LoadError, resolve_path
+    from gemma4_mlx.checkpoint.files import LoadError
+    from gemma4_mlx.checkpoint.hub import resolve_path
 
     try:
         result = model_info(resolve_path(model), load=not no_load)

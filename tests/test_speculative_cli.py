@@ -37,7 +37,7 @@ def test_drafter_next_to_the_model_is_found(tmp_path, checkpoints, drafters):
     shutil.copytree(drafter, target.with_name(target.name + "-assistant"))
     r = cli("generate", "--model", str(target), "--prompt", "hi", "-n", "4", "--raw")
     assert r.returncode == 0 and f"{target.name}-assistant" in r.stderr, r.stderr
-    assert gemma4_mlx.checkpoint.load.find_drafter(str(tmp_path / "nothing-here")) is None
+    assert gemma4_mlx.checkpoint.hub.find_drafter(str(tmp_path / "nothing-here")) is None
 
 
 def test_bad_drafter_arguments_are_one_line_errors(tmp_path, checkpoints, drafters):

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from gemma4_mlx.config import ConfigError, read_config
 from gemma4_mlx.formats.safetensors import read_header
-from gemma4_mlx.checkpoint.load import LoadError, _kernel_params, quantization_block, rename, weight_files
+from gemma4_mlx.checkpoint.files import LoadError, weight_files
+from gemma4_mlx.checkpoint.keys import rename
+from gemma4_mlx.checkpoint.load import load_model
+from gemma4_mlx.checkpoint.quantized import QUANT_META, kernel_params, quantization_block
 
 COMPONENTS = ("embedding", "per_layer_embeddings", "attention", "mlp", "experts", "router",
               "norms_other", "vision", "audio")
 _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "U32": "uint32",
            "U8": "uint8", "I8": "int8", "I32": "int32", "I64": "int64", "F8_E4M3": "float8_e4m3"}
-_QUANT_META = (".scales", ".biases", ".tensor_scale")
 _RULES = (  # first match wins; norms before their parent blocks so q_norm is not "attention"
     ("vision", re.compile(r"(^|\.)(vision_tower|embed_vision|multi_modal_projector)\.")),
     ("audio", re.compile(r"(^|\.)(audio_tower|embed_audio)\.")),
@@ -31,8 +33,6 @@ _RULES = (  # first match wins; norms before their parent blocks so q_norm is no
     ("attention", re.compile(r"\.self_attn\.")),
     ("mlp", re.compile(r"\.mlp\.")),
 )
-from gemma4_mlx.checkpoint.load import load_model
-
 
 def component(key: str) -> str:
     key = rename(key)
@@ -74,14 +74,14 @@ def model_info(path, load: bool = True) -> dict:
             c["bytes"] += b - a
             c["tensors"] += 1
             k = rename(key)
-            if k.endswith(_QUANT_META):
+            if k.endswith(QUANT_META):
                 continue  # metadata of a quantized weight: bytes, no parameters
             module = k[:-len(".weight")] if k.endswith(".weight") else None
             n = 1
             for s in shape:
                 n *= s
             if q is not None and module and f"{module}.scales" in names:
-                p = _kernel_params(module, q, overrides, str(folder))
+                p = kernel_params(module, q, overrides, str(folder))
                 if p is None:
                     raise LoadError(f"{folder}: {module}.scales present but config.json marks {module} unquantized")
                 n = n * 32 // p["bits"] if dtype == "uint32" else n  # packed words -> elements

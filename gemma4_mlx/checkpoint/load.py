@@ -1,8 +1,10 @@
-"""Load an HF-format (or our own MLX-format) Gemma 4 folder into `Model`.
+"""Load an HF-format (or our own MLX-format) Gemma 4 folder into `Model`, and MTP drafters.
 
 Errors are one line naming the file or tensor (`LoadError`).  Weights are read
 with `mx.load`, which maps safetensors lazily, and assigned straight into the
-module tree, so only one copy of each tensor ever exists.
+module tree, so only one copy of each tensor ever exists.  The steps live in
+`files` (reading), `keys` (key mapping), `quantized` (module swap) and `hub`
+(finding a folder).
 """
 
 from __future__ import annotations
@@ -16,232 +18,24 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from gemma4_mlx.checkpoint.files import DTYPES, LoadError, read_safetensors, weight_files
+from gemma4_mlx.checkpoint.hub import resolve_path
+from gemma4_mlx.checkpoint.keys import (
+    DRAFTER_UNUSED_KEYS,
+    TOKEN_ORDERING_KEY,
+    drop_absent_towers,
+    drop_tied_head,
+    rename,
+    sanitize,
+)
+from gemma4_mlx.checkpoint.quantized import QUANT_META, apply_quantization, quantization_block
 from gemma4_mlx.config import ConfigError, ModelConfig, read_config
+from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair
 from gemma4_mlx.models.layers import CLAMPS
 from gemma4_mlx.models.ple_table import MappedTable
 from gemma4_mlx.models.text import Model
-from gemma4_mlx.formats.safetensors import read_header
-from gemma4_mlx.models.audio import sanitize as audio_sanitize
-from gemma4_mlx.models.quantized import KERNEL_PARAMS
-from gemma4_mlx.models.layers import Linear
-from gemma4_mlx.models.moe import ExpertLinear, QuantizedExpertLinear
-from gemma4_mlx.models.quantized import QEmbedding, QLinear
-from gemma4_mlx.config import ConfigError
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-
-
-class LoadError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file or tensor."""
-
-
-# -- reading tensors --------------------------------------------------------
-
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LoadError(f"{index}: malformed index ({e})") from None
-        files = [folder / n for n in names]
-        for f in files:
-            if not f.exists():
-                raise LoadError(f"{f}: shard listed in {index.name} is missing")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise LoadError(f"{folder}: no *.safetensors files")
-    return files
-
-
-def read_safetensors(path: Path) -> dict[str, mx.array]:
-    """Validate the header against the file size, then map the tensors lazily."""
-    try:
-        data_start, header = read_header(path)
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        size = path.stat().st_size
-        if data_start + end > size:
-            raise ValueError(f"file is truncated: {size} bytes, tensors need {data_start + end}")
-        return mx.load(str(path))
-    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
-        raise LoadError(f"{path}: unreadable safetensors ({e})") from None
-
-
-# -- checkpoint quirks ------------------------------------------------------
-
-_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-             ("language_model.", ""))
-_SKIP = re.compile(r"^(model\.)?multi_modal_projector\.|rotary_emb|\.v_norm\.")
-# Tower tensors in checkpoint naming (HF `model.vision_tower.*`, mlx-vlm `vision_tower.*`)
-# and in ours (`vision.vision_tower.*`, what `gemma4-mlx convert` writes).
-_TOWER = re.compile(r"^(?:model\.)?(vision_tower|embed_vision|audio_tower|embed_audio)\.")
-_OURS = re.compile(r"^(vision|audio)\.")
-
-
-def rename(key: str) -> str:
-    """Checkpoint key (or module path) -> our module tree: strip the wrapper prefix;
-    mlx-community stacks experts as `experts.switch_glu.*` (mlx-vlm/mlx-lm SwitchGLU)."""
-    for old, new in _PREFIXES:
-        if key.startswith(old):
-            key = new + key[len(old):]
-            break
-    if ".experts.switch_glu." in key:
-        return key.replace(".experts.switch_glu.", ".experts.")
-    return key.replace(".switch_glu.", ".experts.")
-
-
-def module_path(key: str) -> str:
-    """A checkpoint module path (mlx-vlm per-module quantization entries) -> ours;
-    tower paths gain their owner (`vision_tower.x` -> `vision.vision_tower.x`)."""
-    m = _TOWER.match(key)
-    if m:
-        owner = "vision" if "vision" in m.group(1) else "audio"
-        return f"{owner}.{key[m.start(1):]}"
-    return rename(key)
-
-
-def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = None) -> dict[str, mx.array]:
-    """Map checkpoint keys onto `Model` (text-decoder spec §8.3).
-
-    stats, if given, counts what was left out: "skipped" (vision/audio/rotary
-    tensors) and "shared_kv" (unused K/V of KV-shared layers).
-    """
-    cfg = model.config
-    out, towers = {}, {"vision": {}, "audio": {}}
-    dropped_shared = skipped = 0
-    for key, value in weights.items():
-        tower = _TOWER.match(key) or _OURS.match(key)
-        if tower:
-            name = "vision" if "vision" in tower.group(1) else "audio"
-            if name not in model:  # text-only model (or a checkpoint with extra towers)
-                skipped += 1
-            elif _OURS.match(key):
-                out[key] = value
-            else:
-                towers[name][key] = value
-            continue
-        key = rename(key)
-        if _SKIP.search(key):
-            skipped += 1
-            continue
-        if key == "lm_head.weight":
-            out[key] = value  # checked against the embedding once every shard is read
-            continue
-        m = re.match(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.", key)
-        if m and int(m.group(1)) < len(cfg.layers) and cfg.layers[int(m.group(1))].shared:
-            dropped_shared += 1  # official E2B/E4B files carry unused consumer K/V
-            continue
-        if key.endswith(".experts.gate_up_proj"):
-            gate, up = mx.split(value, 2, axis=1)
-            base = key[: -len("gate_up_proj")]
-            out[base + "gate_proj.weight"] = gate
-            out[base + "up_proj.weight"] = up
-            continue
-        if key.endswith(".experts.down_proj"):
-            key += ".weight"
-        out[key] = value
-    if towers["vision"]:
-        out.update(("vision." + k, v) for k, v in model.vision.sanitize(towers["vision"]).items())
-    if towers["audio"]:
-        out.update(("audio." + k, v) for k, v in audio_sanitize(towers["audio"]).items())
-    if dropped_shared:
-        log.info("dropped %d unused KV-shared-layer tensors", dropped_shared)
-    if stats is not None:
-        stats["skipped"] = stats.get("skipped", 0) + skipped
-        stats["shared_kv"] = stats.get("shared_kv", 0) + dropped_shared
-    return out
-
-
-# -- quantized checkpoints --------------------------------------------------
-# Two layouts are read (spec quantization.md §1, text-decoder.md §8.3 step 7):
-# - ours (`gemma4-mlx convert`): config.json `quantization.tensors` names the format
-#   of every matmul/embedding weight; Q4_0 stores no biases (they are -8 * scales and
-#   derived here), SFP8 stores mxfp8 codes plus an fp32 `tensor_scale`;
-# - mlx-lm / mlx-vlm (mlx-community): a module is quantized iff `<path>.scales`
-#   exists; parameters from a per-path entry, else the block's group_size/bits/mode.
-
-_QUANT_META = (".scales", ".biases", ".tensor_scale")
-
-
-def quantization_block(raw: dict, source: str) -> dict | None:
-    q = raw.get("quantization")
-    if q is None:
-        qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
-        if not qc:
-            return None
-        if not isinstance(qc, dict) or not ("bits" in qc or "group_size" in qc):
-            method = qc.get("quant_method") if isinstance(qc, dict) else qc
-            raise LoadError(f"{source}: quantization_config (quant_method {method!r}) is not an MLX "
-                            "format; convert the unquantized checkpoint with `gemma4-mlx convert`")
-        q = qc
-    if not isinstance(q, dict):
-        raise LoadError(f"{source}: `quantization` must be an object, got {type(q).__name__}")
-    return q
-
-
-def _kernel_params(path: str, q: dict, overrides: dict, source: str) -> dict | None:
-    """MLX kernel parameters (format, mode, bits, group_size) for module `path`."""
-    entry = (q.get("tensors") or {}).get(path)
-    if entry is not None:  # ours: every entry names its format
-        fmt = entry.get("format")
-    else:
-        entry = overrides.get(path)
-        if entry is False:
-            return None
-        if isinstance(entry, dict):  # mlx-lm passes it to to_quantized(): affine unless it says
-            fmt = entry.get("mode", "affine")
-        else:
-            entry, fmt = q, q.get("mode", "affine")
-    if fmt not in KERNEL_PARAMS:
-        raise LoadError(f"{source}: {path}: unknown quantization format {fmt!r}")
-    fixed = KERNEL_PARAMS[fmt]
-    if fixed is not None:
-        return dict(fixed, format=fmt)
-    # MLX's affine defaults (group 64, 4 bits) when an entry leaves them out
-    return {"mode": "affine", "bits": int(entry.get("bits") or 4),
-            "group_size": int(entry.get("group_size") or 64), "format": "affine"}
-
-
-def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, source: str) -> None:
-    """Swap every module whose weights come quantized for its quantized variant.
-
-    Runs before `check_and_assign`, so shapes are then checked against the
-    quantized layout.
-    """
-    from mlx.utils import tree_map_with_path
-
-    overrides = {module_path(k): v for k, v in q.items()
-                 if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")}
-
-    def swap(path: str, m):
-        if f"{path}.scales" not in weights:
-            return m
-        p = _kernel_params(path, q, overrides, source)
-        if p is None:
-            raise LoadError(f"{source}: {path}.scales present but config.json marks {path} unquantized")
-        # Q4_0 stores no biases (-8 * scales): the module derives them per product,
-        # so none are resident either (4.5 bits per weight, spec §1).
-        derive = p["format"] == "q4_0" and f"{path}.biases" not in weights
-        kw = dict(group_size=p["group_size"], bits=p["bits"], mode=p["mode"],
-                  tensor_scale=f"{path}.tensor_scale" in weights, derive_biases=derive)
-        try:
-            if isinstance(m, ExpertLinear):
-                E, out_dims, in_dims = m.weight.shape
-                return QuantizedExpertLinear(E, in_dims, out_dims, **kw)
-            if isinstance(m, (Linear, nn.Linear)):
-                out_dims, in_dims = m.weight.shape
-                return QLinear(in_dims, out_dims, **kw)
-            if isinstance(m, nn.Embedding):
-                return QEmbedding(*m.weight.shape, **kw)
-        except ValueError as e:
-            raise LoadError(f"{source}: {path}: cannot build quantized module ({e})") from None
-        raise LoadError(f"{source}: {path}.scales present but {type(m).__name__} cannot be quantized")
-
-    model.update_modules(tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module))
 
 
 def _cast(key: str, v: mx.array, target) -> mx.array:
@@ -249,7 +43,7 @@ def _cast(key: str, v: mx.array, target) -> mx.array:
         return v
     if key.endswith(CLAMPS):
         return v  # the towers' clamp bounds stay float32 (multimodal spec §6.3)
-    if key.endswith(_QUANT_META) and target != mx.float32:
+    if key.endswith(QUANT_META) and target != mx.float32:
         return v  # never narrow quantization metadata (fp16 Q4_0 scales are lossy in bf16)
     return v.astype(target)
 
@@ -268,17 +62,6 @@ def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) ->
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise LoadError(f"{source}: missing tensor {missing[0]}{more}")
     model.load_weights(list(weights.items()), strict=False)
-
-
-def drop_tied_head(weights: dict[str, mx.array], folder: Path) -> None:
-    """Gemma 4 models and drafters tie the head to `model.embed_tokens`: a stored
-    `lm_head.weight` is dropped if it is an exact copy, refused otherwise."""
-    head = weights.pop("lm_head.weight", None)
-    if head is not None:
-        emb = weights.get("model.embed_tokens.weight")
-        if emb is None or emb.shape != head.shape or not mx.array_equal(emb, head).item():
-            raise LoadError(f"{folder}: lm_head.weight differs from embed_tokens.weight; "
-                            "Gemma 4 ties them")
 
 
 def finish(model: nn.Module, weights: dict[str, mx.array], dtype: str | None, folder: Path) -> None:
@@ -319,19 +102,6 @@ def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, s
     del weights[PLE_KEY]  # the lazy mx.load array is dropped unread
     model.model.embed_tokens_per_layer = table  # a plain attribute: not a parameter
     return True
-
-
-def drop_absent_towers(model: Model, weights: dict, folder: Path) -> None:
-    """A tower that config.json declares but whose tensors are all absent is left out
-    with a one-line notice (mlx-lm's text-only conversions keep `audio_config` and drop
-    the tower); media for it then get a clear error.  A partly present tower stays a
-    missing-tensor error."""
-    for name in ("vision", "audio"):
-        if name in model and not any(k.startswith(name + ".") for k in weights):
-            del model[name]
-            log.warning("%s: config.json declares a%s %s tower but the checkpoint has none of its "
-                        "tensors; loaded without it (%s input is refused)", folder,
-                        "n" if name == "audio" else "", name, "image and video" if name == "vision" else name)
 
 
 # -- public API -------------------------------------------------------------
@@ -387,22 +157,6 @@ def load_tokenizer(folder: Path, eos_ids=None):
     return load_wrapper(folder, eos_token_ids=eos_ids)
 
 
-def resolve_path(path_or_repo: str) -> Path:
-    p = Path(path_or_repo).expanduser()
-    if p.exists():
-        return p
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path_or_repo):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(path_or_repo, allow_patterns=[
-                "*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.model"]))
-        except Exception as e:  # offline, unknown repo, gated...
-            raise LoadError(f"{path_or_repo}: not a local folder and not downloadable "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    raise LoadError(f"{path_or_repo}: no such folder")
-
-
 def load(path: str | Path, dtype: str | None = None, map_ple: bool = True,
          text_only: bool = False):
     """Load `(model, tokenizer)` from a checkpoint folder or hub id.
@@ -420,9 +174,7 @@ def load(path: str | Path, dtype: str | None = None, map_ple: bool = True,
 
 # -- MTP drafters -------------------------------------------------------------
 
-DRAFTER_UNUSED_KEYS = re.compile(r"\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
 _HEAD = "model.embed_tokens"
-TOKEN_ORDERING_KEY = "masked_embedding.token_ordering"
 
 
 def load_drafter(path: str | Path, dtype: str | None = None, target: Model | None = None):
@@ -486,26 +238,3 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
                         "unordered candidate gather", folder, TOKEN_ORDERING_KEY)
     finish(model, weights, dtype, folder)
     return model
-
-
-def find_drafter(model: str | Path) -> Path | None:
-    """The matching MTP drafter next to a target, if one is already on this machine:
-    a sibling folder `<target>-assistant` (the hub's naming, e.g.
-    `gemma-4-E2B-it-assistant`; the embedded demo's drafter is named so too), or the
-    same repo id in the Hugging Face cache.  Never downloads."""
-    p = Path(str(model)).expanduser()
-    hub = re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", str(p.resolve()) + "/")
-    if p.exists() and hub:  # a Hugging Face cache snapshot: look the drafter up by repo id
-        return find_drafter(f"{hub.group(1)}/{hub.group(2)}")
-    if p.exists():
-        sib = p.with_name(p.name + "-assistant")
-        return sib if (sib / "config.json").exists() else None
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(model)):
-        try:
-            from huggingface_hub import snapshot_download
-
-            found = Path(snapshot_download(f"{model}-assistant", local_files_only=True))
-            return found if (found / "config.json").exists() else None
-        except Exception:  # not cached (or no hub at all): no drafter
-            return None
-    return None

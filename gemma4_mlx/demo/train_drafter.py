@@ -361,7 +361,7 @@ A `gemma4_assistant` drafter (mtp-drafter spec §1-§7) for the embedded demo mo
 acceptance:
 
     target, tok = gemma4_mlx.load(gemma4_mlx.demo.DEMO_MODEL)
-    drafter = gemma4_mlx.checkpoint.load.load_drafter("gemma4_mlx/demo/assistant", target=target)
+    drafter = gemma4_mlx.load_drafter(gemma4_mlx.demo.DEMO_DRAFTER, target=target)
 
 Architecture: 4 query-only layers [S, S, S, F], hidden 64, 4 heads, MLP 128; K/V come
 from the target's last non-shared sliding (3) and full (2) layers (1 KV head, head

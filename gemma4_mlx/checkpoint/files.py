@@ -1,0 +1,50 @@
+"""Checkpoint files: which safetensors files a folder holds, reading them lazily,
+and the one error type of checkpoint loading (one line naming the file or tensor)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from gemma4_mlx.formats.safetensors import read_header
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file or tensor."""
+
+
+# -- reading tensors --------------------------------------------------------
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index}: malformed index ({e})") from None
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.exists():
+                raise LoadError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder}: no *.safetensors files")
+    return files
+
+
+def read_safetensors(path: Path) -> dict[str, mx.array]:
+    """Validate the header against the file size, then map the tensors lazily."""
+    try:
+        data_start, header = read_header(path)
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        size = path.stat().st_size
+        if data_start + end > size:
+            raise ValueError(f"file is truncated: {size} bytes, tensors need {data_start + end}")
+        return mx.load(str(path))
+    except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
+        raise LoadError(f"{path}: unreadable safetensors ({e})") from None
