@@ -28,8 +28,19 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: install
 	$(BIN)/gemma4-mlx chat $(if $(MODEL),--model "$(MODEL)") $(if $(PROMPT),--prompt "$(PROMPT)")
 
+# Form and structure: ruff (lint + format) and the import-layering contracts (pyproject.toml).
+.PHONY: lint format
+lint: install-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: install-test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 # pytest exits 5 when it collects no test (e.g. everything deselected): say so, don't fail.
-test: install-test
+test: install-test lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; exit $$rc
 

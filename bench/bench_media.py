@@ -50,6 +50,7 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS first)
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np

@@ -5,8 +5,8 @@ the hub's layout (`gemma4` wrapper config, `model.language_model.*` keys, fused
 `experts.gate_up_proj`), shard by shard (HF-style 5 GB shards), so RAM never holds
 the model.  Only the **text decoder** is written: vision/audio towers are not
 written to these sources (the towers are lazily mapped and not resident in
-text use), while Google's published table counts them (spec quantization.md §10); the towers' share is printed next
-to it (multimodal.md §1, text-decoder.md §7.3).
+text use), while Google's published table counts them (docs/quantization.md §10); the towers' share is printed next
+to it (docs/multimodal.md §1, docs/text-decoder.md §7.3).
 
 E2B, E4B (measured): the full-depth source (~9.3 / ~15 GB) is converted with
 `gemma4_mlx.convert.convert` to each format (bf16 too: that is the BF16
@@ -66,12 +66,12 @@ SHARD_BYTES = 5 * GB  # transformers' customary max_shard_size="5GB"
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
 FORMATS = ("bf16", "sfp8", "q4_0")
 MEASURED = ("e2b", "e4b")  # full depth fits on this disk and in RAM
-# Google's published weights-only table (spec quantization.md §10), as printed: "GB"
+# Google's published weights-only table (docs/quantization.md §10), as printed: "GB"
 GOOGLE = {"e2b": (9.6, 4.6, 3.2), "e4b": (15.0, 7.5, 5.0),
           "26b-a4b": (48.0, 25.0, 15.6), "31b": (58.3, 30.4, 17.4)}
 # Parameters Google counts and our text-only checkpoints do not: vision (+ audio)
 # towers and their embedders.  E2B/E4B: published total minus text total
-# (text-decoder.md §7.2-7.3); 26B/31B: large vision tower 569.55 M (multimodal.md §1)
+# (docs/text-decoder.md §7.2-§7.3); 26B/31B: large vision tower 569.55 M (docs/multimodal.md §1)
 # plus embed_vision (1152 x text hidden).
 TOWERS = {"e2b": 5_104_297_504 - 4_628_569_344, "e4b": 7_941_100_832 - 7_463_013_376,
           "26b-a4b": 569_550_000 + 1152 * 2816, "31b": 569_550_000 + 1152 * 5376}
@@ -92,10 +92,10 @@ notes
   only: their bf16 sources (50 / 61 GB) do not fit next to their outputs on this disk and their BF16/SFP8
   forms do not fit in 24 GB of RAM.
 - ours = text decoder only.  Google's table counts the vision (+ audio) towers too: "towers" = their
-  parameters (E2B/E4B: published total minus text total, text-decoder.md 7.2-7.3; 26B/31B: large vision
-  tower 569.55 M + embed_vision, multimodal.md 1) at bf16, which is what our policy would keep them in
-  (quantization.md 6); "all" = resident + mapped PLE + towers, i.e. every weight Google counts.  Spec
-  quantization.md 10 argues Google's figures are really GiB (BF16 column = total params x 2 bytes / 2^30):
+  parameters (E2B/E4B: published total minus text total, docs/text-decoder.md §7.2-§7.3; 26B/31B: large vision
+  tower 569.55 M + embed_vision, docs/multimodal.md §1) at bf16, which is what our policy would keep them in
+  (docs/quantization.md §6); "all" = resident + mapped PLE + towers, i.e. every weight Google counts.  See
+  docs/quantization.md §10, which argues Google's figures are really GiB (BF16 column = total params x 2 bytes / 2^30):
   res/G reads them as printed (GB), all/G as GiB.
 - policy (default, keep_high_precision=True) in every recipe: PLE table bf16 and memory-mapped (not
   resident: "mapped PLE", paged in row by row); PLE projections/gates and the MoE router bf16; norms and
@@ -151,7 +151,7 @@ def lazy_params(cfg) -> list[tuple[str, tuple]]:
 def hub_layout(cfg) -> list[tuple[str, tuple]]:
     """The tensors of a hub (`Gemma4ForConditionalGeneration`) text decoder: our keys
     under `model.language_model.`, experts fused as gate_up_proj [E, 2I, H] and
-    down_proj [E, H, I] (text-decoder.md §8.3; `loader.sanitize` undoes both)."""
+    down_proj [E, H, I] (docs/text-decoder.md §8.3; `loader.sanitize` undoes both)."""
     out = []
     for k, shape in lazy_params(cfg):
         hk = "model.language_model." + k[len("model."):] if k.startswith("model.") else k
@@ -453,7 +453,7 @@ def table(rows: list[dict]) -> list[str]:
            "resident: ours, text decoder; +1 decode: MLX active after a 4-token prefill + 1 decode step;",
            "mapped PLE: memory-mapped, not resident; towers: vision (+audio) towers at bf16, not in our files;",
            "all = resident + mapped + towers: every weight Google's figure counts.  res/G reads Google's",
-           "figure as GB, all/G as GiB (spec quantization.md 10); conv peak: converter RSS (above baseline)."]
+           "figure as GB, all/G as GiB (docs/quantization.md §10); conv peak: converter RSS (above baseline)."]
     hdr = (f"{'variant':>12} {'fmt':>5} {'kind':>9} | {'resident GB':>11} {'GiB':>6} | {'+1 decode':>9} | "
            f"{'mapped PLE':>10} | {'towers':>6} | {'all GB':>6} {'GiB':>6} | {'Google':>6} | {'res/G':>5} "
            f"{'all/G':>5} | {'conv peak RSS GB':>16} {'conv s':>6}")
@@ -463,7 +463,7 @@ def table(rows: list[dict]) -> list[str]:
         full = "@" not in r["variant"]
         g = GOOGLE[v][FORMATS.index(r["fmt"].rstrip("*"))] if full else None
         res = r["resident"]
-        tw = 2 * TOWERS[v] if full else None  # our policy keeps the towers bf16 (quantization.md 6)
+        tw = 2 * TOWERS[v] if full else None  # our policy keeps the towers bf16 (docs/quantization.md §6)
         total = res + (r["mapped"] or 0) + tw if full else None
         dec = gb(r["decode"]) if r["decode"] is not None else "-"
         peak = (f"{gb(r['conv_peak'])} ({gb(r['conv_peak'] - r['conv_base'])})"

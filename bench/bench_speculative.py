@@ -4,14 +4,14 @@ Random-weight targets built in memory in float32 — one dense (31B-like: K = V 
 layers, 5:1 sliding/full) and one MoE (26B-A4B-like: 64 experts top-8 plus the dense
 branch, K = V) — each with a matching 4-layer drafter ([S, S, S, F], dense tied head,
 the target's K/V heads and head dims, backbone_hidden_size = the target's hidden).
-Method (mtp-drafter spec §14, Appendix):
+Method (docs/speculative.md §14 (§14.6: CPU verify cost)):
 
 1. Cost curves first: t_verify(T) — one target forward over T tokens per row on a
    cache holding a real (ragged, > W) context, trimmed off again — and t_draft(B)
    per draft step.  MoE: the expert strategies of `ops.moe_strategy`, each forced.
 2. Grid B x K with controlled acceptance: the real drafter runs (its cost is paid),
    then each draft token is replaced by the target's recorded greedy continuation
-   with conditional probability a_j (spec's 26B profile), else by a wrong token.
+   with conditional probability a_j (the 26B profile of docs/speculative.md §14.2), else by a wrong token.
    The reference continuation is the same-batch non-speculative run (K = 0), which
    is also the timing baseline.  Every speculative output must equal it.
 3. draft_tokens="auto" (the cost-aware `DraftPolicy`), same acceptance control.
@@ -34,6 +34,7 @@ import sys
 import time
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS first)
+# isort: split
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
@@ -50,7 +51,7 @@ from report import Report  # bench/report.py (the script's folder is on sys.path
 
 S, F = SLIDING, FULL
 
-# Conditional acceptance per draft position (spec §14: 26B profile, then 0.7).
+# Conditional acceptance per draft position (docs/speculative.md §14.2: 26B profile, then 0.7).
 ACCEPT = [0.844, 0.71, 0.64, 0.70, 0.7, 0.7, 0.7]
 
 # Reduced vocabulary: with hidden 1024 a 262144-row tied head would be ~57% of the

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS first)
+# isort: split
 import mlx.core as mx
 from mlx.utils import tree_flatten
 

@@ -1,6 +1,6 @@
 """Gemma 4 text configuration: reads real hub `config.json` files.
 
-Both serialisations are accepted (text-decoder spec §2.2): the legacy
+Both serialisations are accepted (docs/text-decoder.md §2.2): the legacy
 `global_head_dim` / `num_global_key_value_heads` keys of the released files and
 the `per_layer_config` form written by newer transformers. Unknown keys are
 ignored; missing core keys fall back to the *transformers* defaults (never
@@ -59,7 +59,7 @@ class LayerSpec:
 
 @dataclass
 class TextConfig:
-    # transformers 5.24 defaults (text-decoder spec §2.1); they match no released model.
+    # transformers 5.24 defaults (docs/text-decoder.md §2.1); they match no released model.
     vocab_size: int = 262144
     hidden_size: int = 2304
     intermediate_size: int = 9216
@@ -205,7 +205,7 @@ class ModelConfig:
 
     @property
     def media_ids(self) -> dict[str, int]:
-        """Multimodal token ids (multimodal spec §1.1), from the wrapper config."""
+        """Multimodal token ids (docs/multimodal.md §1.1), from the wrapper config."""
         r = self.raw
         out = {k: int(r.get(k + "_token_id", d)) for k, d in MEDIA_TOKEN_IDS.items()}
         out["eoa"] = int(r.get("eoa_token_id", r.get("eoa_token_index", out["eoa"])))

@@ -24,7 +24,7 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     """RMSNorm as Gemma 4 defines it: x_hat * w, no `1 + w`.
 
     Computed in float32 *including* the weight multiply, with one rounding at the
-    end: `mx.fast.rms_norm` on bf16 rounds x_hat before the multiply (spec §6).
+    end: `mx.fast.rms_norm` on bf16 rounds x_hat before the multiply (docs/text-decoder.md §6).
     """
     hi = wide(x.dtype)
     if x.dtype == hi:
@@ -121,7 +121,7 @@ def moe_strategy(pairs: int, tokens: int = 1) -> str:
     "gather": one gather_mm per pair (a single token: its experts are distinct).
     "sorted": pairs sorted by expert, gather_mm reads each expert once.  On a GPU
         every multi-token block (prefill, batched decode, speculative verify) takes
-        it: an expert chosen by several tokens is read once (mtp-drafter spec §11.4).
+        it: an expert chosen by several tokens is read once (docs/speculative.md §11.4).
     "segments": CPU prefill: group on the host, one BLAS GEMM per expert; MLX's CPU
         gather_mm runs per row and is ~6x slower at prefill sizes.  Below 64 pairs
         (verify blocks) gather, sorted and segments measured within noise of each

@@ -1,4 +1,4 @@
-"""Released Gemma 4 text configurations (text-decoder spec §3), legacy hub form."""
+"""Released Gemma 4 text configurations (docs/text-decoder.md §3), legacy hub form."""
 
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
 

@@ -1,6 +1,6 @@
 """Tiny Gemma 4 checkpoints written by transformers itself, plus its reference outputs.
 
-Each family of the text-decoder spec §9.1 is built with random weights —
+Each family of the docs/text-decoder.md §9.1 is built with random weights —
 including norm weights, layer scalars and router scales, whose default of 1.0
 would hide bugs — and saved with `save_pretrained` as the multimodal wrapper
 (vision/audio off), i.e. with the real hub key names and config layout.
@@ -9,6 +9,7 @@ would hide bugs — and saved with `save_pretrained` as the multimodal wrapper
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+# isort: split
 
 import json
 from pathlib import Path
@@ -20,7 +21,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 W = 4  # sliding window of every tiny config: 13-20 token sequences cross it often
-SIGMA = 0.05  # matrix init std; spec §9.1 allows 0.05-0.15
+SIGMA = 0.05  # matrix init std; docs/text-decoder.md §9.1 allows 0.05-0.15
 
 COMMON = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, head_dim=16, global_head_dim=32,
               sliding_window=W, final_logit_softcapping=30.0, rms_norm_eps=1e-6,

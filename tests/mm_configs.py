@@ -1,8 +1,8 @@
-"""Tiny multimodal Gemma 4 checkpoints written by transformers (multimodal spec §8).
+"""Tiny multimodal Gemma 4 checkpoints written by transformers (docs/multimodal.md §8).
 
 The vision tower comes in three flavours: "small" (E2B/E4B: clipped linears, no
 standardisation), "large" (26B/31B: no clipping, standardisation) and "union"
-(both, as the spec's tiny parity config).  Every vision weight and buffer is
+(both, as the tiny parity config of docs/multimodal.md §8).  Every vision weight and buffer is
 randomised - norm weights, the position table, the clamp scalars (finite, so the
 clamps bind), std_bias/std_scale - because the defaults (ones, ±inf, zeros) hide bugs.
 The whole `Gemma4ForConditionalGeneration` is saved with `save_pretrained`, so the
@@ -31,7 +31,7 @@ TEXT_TINY = dict(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=48, i
                  global_head_dim=16, layer_types=["full_attention"], hidden_size_per_layer_input=0,
                  num_kv_shared_layers=0, sliding_window=4)
 
-# Multimodal ids remapped below the tiny vocabulary (spec §8).
+# Multimodal ids remapped below the tiny vocabulary (docs/multimodal.md §8).
 TOKEN_IDS = dict(boi_token_id=10, eoi_token_id=11, image_token_id=12, audio_token_id=13,
                  video_token_id=14, boa_token_id=15, eoa_token_index=16)
 

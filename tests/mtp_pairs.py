@@ -1,4 +1,4 @@
-"""Tiny target + MTP drafter pairs written by transformers (mtp-drafter spec §17).
+"""Tiny target + MTP drafter pairs written by transformers (docs/speculative.md §15).
 
 Targets are the conftest families; each drafter matches its target's K/V layout
 (heads, head dims, K = V) and carries the centroid head or the dense tied head.

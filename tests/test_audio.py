@@ -1,4 +1,4 @@
-"""Audio path (multimodal spec §4): front end and Conformer encoder against transformers 5.24.
+"""Audio path (docs/multimodal.md §4): front end and Conformer encoder against transformers 5.24.
 
 - features: log-mel and frame masks equal `Gemma4AudioFeatureExtractor`; soft-token
   counts equal the processor's for a sweep of lengths (0.1 s .. 30 s) that includes
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+# isort: split
 
 import math
 import struct

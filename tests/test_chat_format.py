@@ -1,4 +1,4 @@
-"""Gemma 4 chat format: renderer goldens and tolerant-parser fixtures (spec chat-format.md)."""
+"""Gemma 4 chat format: renderer goldens and tolerant-parser fixtures (docs/chat-format.md)."""
 from __future__ import annotations
 
 import datetime
@@ -15,7 +15,7 @@ from gemma4_mlx.prompt import (
 
 Q = '<|"|>'
 
-# ----------------------------------------------------------------- §7 worked example
+# ----------------------------------------------------------------- docs/chat-format.md §7 worked example
 EXCHANGE = {"type": "function", "function": {
     "name": "get_exchange_rate",
     "description": "Returns the latest exchange rate between two currencies.",
@@ -50,7 +50,7 @@ TAIL_C = "One euro is about 162 yen today.<turn|>\n<|turn>user\nAnd in US dollar
 GEN, PREFILL = "<|turn>model\n", "<|channel>thought\n<channel|>"
 HELLO = [{"role": "user", "content": "Hello"}]
 
-# (id, messages, render kwargs, expected) — expected strings written from the spec.
+# (id, messages, render kwargs, expected) — expected strings written from docs/chat-format.md §2-§7.
 MATRIX = [
     ("plain", HELLO, {}, "<bos><|turn>user\nHello<turn|>\n<|turn>model\n"),
     ("plain_think", HELLO, {"thinking": True},
@@ -125,7 +125,7 @@ def test_render_matrix(case):
 
 
 def test_declaration_nested_schema_order():
-    """§5.2: sorted properties; description, enum/items, nullable, properties, required, type."""
+    """docs/chat-format.md §5.2: sorted properties; description, enum/items, nullable, properties, required, type."""
     tool = {"name": "plan_trip", "description": "Plan a trip.", "response": {"description": "Itinerary",
                                                                               "type": "object"},
             "parameters": {"type": "object", "required": ["stops"], "properties": {
@@ -188,7 +188,7 @@ def test_tool_schema_from_function():
 
 
 # -------------------------------------------------- checkpoint-template rendering
-# The spec ships no full template text, so this is our own minimal Jinja template of
+# docs/chat-format.md §3 quotes no full template text, so this is our own minimal Jinja template of
 # the same grammar (system hoisting, <|think|>, turns, history thought stripping, the
 # 31B-style prefill switch). It checks the sandbox set-up (trim_blocks/lstrip_blocks,
 # bos_token, enable_thinking, raise_exception) and that our renderer agrees with it.
@@ -246,7 +246,7 @@ def test_checkpoint_template_helpers():
     year, tools = out.split("|", 1)
     assert year == str(datetime.date.today().year)
     assert json.loads(tools) == [EXCHANGE]
-    # OpenAI string arguments reach the checkpoint template as mappings (§5.4)
+    # OpenAI string arguments reach the checkpoint template as mappings (docs/chat-format.md §5.4)
     out = render_with_checkpoint_template("{{ messages[0].tool_calls[0].function.arguments.base }}",
                                           [{"role": "assistant", "tool_calls": [
                                               {"function": {"name": "f", "arguments": '{"base": "EUR"}'}}]}])

@@ -40,7 +40,7 @@ def test_turns_prefill_only_what_is_new(demo, thinking):
     chat = Chat(model, tok, thinking=thinking, max_tokens=64)
     questions = ["What is the capital of France?", "What is 3 plus 4?", "Hello",
                  "What is the capital of Peru?", "Add 12 and 9."]
-    for i, q in enumerate(questions):
+    for q in questions:
         before = list(chat.cached)
         chat.messages.append({"role": "user", "content": q})
         ids = tok.encode(chat.prompt_text(), add_special_tokens=False)

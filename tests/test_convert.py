@@ -6,7 +6,7 @@ Two kinds of numerical check:
   any mode, any family: covers the module swap, gather_qmm / segment experts, Q4_0
   biases derived at load, SFP8 tensor scales, the quantized tied head);
 - quantization error against the float32 original, with per-mode bounds (below).
-All quantized CPU matmuls run with float32 activations (spec quantization.md §9.1).
+All quantized CPU matmuls run with float32 activations (docs/quantization.md §9.1).
 """
 
 import json
@@ -41,7 +41,7 @@ EXACT = 2e-4  # float32 runtime vs float32 dequantized reference; logits of orde
 #   q8    .024  .049  .204  .025      sfp8  .111 .251 .420 .238
 #   q4    .437  .609  .742  .427      q4_0  .349 .600 .757 .464
 #   mxfp4 .496  .800  .771  .572      nvfp4 .372 .769 .841 .544
-# The order follows the per-weight errors of spec §5 (fp16 0.03% < bf16 0.2% < q8
+# The order follows the per-weight errors of docs/quantization.md §5 (fp16 0.03% < bf16 0.2% < q8
 # 0.85% < SFP8 2.7% < 4-bit 8-12%); these tiny random networks amplify weight noise
 # 5-10x (dozens of matrices in series, peaked attention, routing flips: "moe" has six
 # top-2 layers).  Bounds: ~1.4x the worst family.  Unrelated logits would score ~1.41,
@@ -278,7 +278,7 @@ def test_qat_lattice_recovered_exactly(tmp_path, dtype):
     assert exact_fraction(tmp_path / "q4_0") == [1.0] * len(lin)
     convert(src, tmp_path / "q4", "q4", progress=False)  # plain affine g64 re-quantization
     plain = exact_fraction(tmp_path / "q4")
-    assert max(plain) < 0.8 and np.mean(plain) < 0.6  # spec §4.2: ~39% exact at g64
+    assert max(plain) < 0.8 and np.mean(plain) < 0.6  # docs/quantization.md §4.2: ~39% exact at g64
 
 
 def test_qat_embedding_stored_as_q4_0(tmp_path):
@@ -436,7 +436,7 @@ def test_sfp8_tensor_scale(checkpoints, tmp_path):
     base, _ = gemma4_mlx.load(src, dtype="float32")
     w = dict(tree_flatten(dequantized(model).parameters()))["model.layers.0.self_attn.q_proj.weight"]
     src_w = dict(tree_flatten(base.parameters()))["model.layers.0.self_attn.q_proj.weight"]
-    assert rel(np.array(w), np.array(src_w)) < 0.04  # SFP8: ~2.7% (spec §2.3)
+    assert rel(np.array(w), np.array(src_w)) < 0.04  # SFP8: ~2.7% (docs/quantization.md §2.3)
     ids = random_ids(16, seed=9)
     assert np.abs(logits(model, ids) - logits(dequantized(model), ids)).max() < EXACT
 
@@ -521,7 +521,7 @@ def test_cli_convert(checkpoints, tmp_path, monkeypatch):
 
 
 def test_q4_0_keeps_4_5_bits_per_weight_resident(converted, checkpoints):
-    """No Q4_0 biases are stored or resident: they are derived per product (spec §1)."""
+    """No Q4_0 biases are stored or resident: they are derived per product (docs/quantization.md §1)."""
     dst, _ = converted(checkpoints["all"].path, "q4_0")
     model = gemma4_mlx.load(dst, dtype="float32")[0]
     q = [(p, m) for p, m in model.named_modules() if isinstance(m, (QLinear, QuantizedExpertLinear))

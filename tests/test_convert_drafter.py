@@ -34,7 +34,7 @@ EXACT = 2e-4  # float32 runtime vs float32 dequantized weights (as test_convert)
 
 # Relative L2 error against the float32 original of h' (next carried hidden), the
 # canonical-order scores of every token, and the public logits (where both finite).
-# Per-weight errors (spec quantization.md §5): bf16 0.2-0.4%, Q8 0.85%, SFP8 2.7%,
+# Per-weight errors (docs/quantization.md §5): bf16 0.2-0.4%, Q8 0.85%, SFP8 2.7%,
 # 4-bit 8-12%; the head is Q8 in every quantized recipe (policy), bf16 also rounds
 # the projections.  These random drafters amplify weight noise a few times: each
 # query crosses 4 layers of 5 matrices, and unit-RMS queries and keys with random

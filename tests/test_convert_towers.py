@@ -1,4 +1,4 @@
-"""The converter with vision and audio towers (multimodal spec §6, quantization spec §6).
+"""The converter with vision and audio towers (docs/multimodal.md §6, docs/quantization.md §6).
 
 One tiny multimodal checkpoint (text + "union" vision tower + audio tower), written
 by transformers in float32 and sharded, is converted to bf16, q4, q4_0 and sfp8.

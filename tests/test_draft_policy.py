@@ -1,4 +1,4 @@
-"""The cost-aware draft-length policy (mtp-drafter spec §11-§12) on synthetic costs."""
+"""The cost-aware draft-length policy (docs/speculative.md §11-§12) on synthetic costs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def policy_with(verify, draft_step, acceptance, k_max=7):
 
 
 def moe_verify(T, E=128, k=8):
-    # spec §11.2: dense part + head read once, experts as the union U(T) (B params)
+    # docs/speculative.md §11.2: dense part + head read once, experts as the union U(T) (B params)
     U = E * (1 - (1 - k / E) ** T)
     return 2.395 + 30 * U * 5.95e-3
 
@@ -47,7 +47,7 @@ def test_cheap_verify_drafts_deep_expensive_verify_turns_speculation_off():
 
 
 def test_moe_target_drafts_deeper_at_larger_batches():
-    # 26B profile of spec §12; a 4-bit drafter step costs ~0.1 of a decode step here
+    # 26B profile of docs/speculative.md §14.2; a 4-bit drafter step costs ~0.1 of a decode step here
     acc = [0.844, 0.71, 0.64, 0.70, 0.7, 0.7, 0.7]
     ks = {B: policy_with(moe_verify, 0.1 * moe_verify(1), acc).choose(B) for B in (1, 8)}
     assert ks[1] < ks[8], ks  # the union of experts saturates: depth gets cheaper with B

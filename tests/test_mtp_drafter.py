@@ -1,4 +1,4 @@
-"""The MTP drafter against transformers' Gemma4AssistantForCausalLM (spec §3-§6, §17)."""
+"""The MTP drafter against transformers' Gemma4AssistantForCausalLM (docs/speculative.md §3-§6, §15)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_drafter_step_matches_transformers(drafters, target, n_sliding):
     pos = 11
     with torch.no_grad():
         r = ref.hf(inputs_embeds=x0, position_ids=torch.tensor([[pos]]), shared_kv_states=kv)
-    # transformers lets a drafter query see the newest W + 1 sliding keys (spec §4;
+    # transformers lets a drafter query see the newest W + 1 sliding keys (docs/speculative.md §4;
     # our default shows W, `MTPSettings.sliding_keys` selects W + 1)
     sl = np.arange(n_sliding) >= n_sliding - (W + 1)
     masks = {SLIDING: Mask(mx.array(sl)[None, None, None], 0, 0, None),
@@ -71,7 +71,7 @@ def test_centroid_head_scores_only_candidates(drafters):
 
 
 def test_released_drafter_configs_build_lazily():
-    # spec §1 gives 77.7 M, 78.5 M, 420 M, 470 M (3 significant digits)
+    # docs/speculative.md §1 gives 77.7 M, 78.5 M, 420 M, 470 M (3 significant digits)
     want = {"e2b": 77_731_328, "e4b": 78_517_760, "26b-a4b": 419_711_232, "31b": 469_518_592}
     from pathlib import Path
 

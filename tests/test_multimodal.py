@@ -1,4 +1,4 @@
-"""Whole-model multimodal parity against transformers 5.24 (multimodal spec §3, §8).
+"""Whole-model multimodal parity against transformers 5.24 (docs/multimodal.md §3, §8).
 
 A tiny `Gemma4ForConditionalGeneration` with the union vision tower, an audio
 tower and a PLE text model (every weight, norm, layer scalar and clamp bound
@@ -11,6 +11,7 @@ shorter and longer than the image blocks, and causal (E2B/E4B style).
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+# isort: split
 
 import mlx.core as mx
 import numpy as np
@@ -326,7 +327,7 @@ LARGE = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num
 @pytest.mark.parametrize("name,kw,count", [("small", SMALL, 167_364_608), ("large", LARGE, 569_548_080)])
 def test_real_size_vision_tower_parameters(name, kw, count):
     """Real-shape towers built lazily (nothing allocated) against transformers on the
-    meta device (spec §1: 167.36 M / 569.55 M); the large tower's std_bias/std_scale
+    meta device (docs/multimodal.md §1: 167.36 M / 569.55 M); the large tower's std_bias/std_scale
     are buffers there and parameters here."""
     from mlx.utils import tree_flatten
 
@@ -350,6 +351,6 @@ def test_real_size_audio_tower_parameters():
     with torch.device("meta"):
         hf = transformers.models.gemma4.modeling_gemma4.Gemma4AudioModel(transformers.Gemma4AudioConfig())
     n = sum(p.numel() for p in hf.parameters())
-    assert n == 304_824_608  # spec §1: 304.82 M
+    assert n == 304_824_608  # docs/multimodal.md §1: 304.82 M
     assert sum(v.size for k, v in tree_flatten(AudioEncoder(AudioConfig()).parameters())
                if not k.endswith(CLAMPS)) == n

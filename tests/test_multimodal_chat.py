@@ -1,5 +1,5 @@
 """Media through the user-facing surfaces: `Chat.send(images=, audio=)`, `generate`,
-the feature cache, cache reuse across turns, and bad media (multimodal spec §3, §9).
+the feature cache, cache reuse across turns, and bad media (docs/multimodal.md §3, §9).
 
 A tiny multimodal checkpoint (causal, E2B-style, with vision and audio towers) gets
 a character tokenizer whose special tokens carry the checkpoint's media ids, so
@@ -10,6 +10,7 @@ runs as it does for a real model.
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+# isort: split
 
 import numpy as np
 import pytest

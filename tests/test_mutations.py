@@ -1,4 +1,4 @@
-"""The parity check must see the classic Gemma 4 porting bugs (spec §9.3).
+"""The parity check must see the classic Gemma 4 porting bugs (docs/text-decoder.md §9.3).
 
 Each test re-introduces one bug into a loaded model and asserts that the logits
 then miss transformers' by far more than the parity tolerance.

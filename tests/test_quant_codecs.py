@@ -1,12 +1,13 @@
-import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
-
-"""Weight codecs of spec quantization.md: SFP8 (§2) and ggml Q4_0 (§3-4).
+"""Weight codecs of spec quantization.md: SFP8 (docs/quantization.md §2) and ggml Q4_0 (docs/quantization.md §3-§4).
 
 Each codec is checked against a small independent reference written here (brute-force
 nearest search for SFP8, a scalar port of ggml's formulas for Q4_0), on crafted values,
 and for distortion on random weights.  Quantized MLX paths run in float32: the CPU
-quantized matmul accumulates in the activation dtype (spec §9.1).
+quantized matmul accumulates in the activation dtype (docs/quantization.md §9.1).
 """
+
+import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+# isort: split
 
 import os
 import struct
@@ -68,7 +69,7 @@ def test_sfp8_crafted_values():
         (1.875, 0x7F), (-1.875, 0xFF), (1.87, 0x7F),
         (1.25 * 2.0**-23, 0x01), (2.0**-23, 0x01),  # 1.0*2^-23 would read as zero: bumped to code 1
         (2.0**-24, 0x00), (1.5 * 2.0**-24, 0x00),
-        (1.875 * 2.0**-24, 0x01),  # rounds up to 2^-23 -> code 1 (gemma.cpp golden; spec "flush" is wrong here)
+        (1.875 * 2.0**-24, 0x01),  # rounds up to 2^-23 -> code 1 (gemma.cpp golden; a literal "flush below 2^-23" is wrong here: docs/quantization.md §2.2, §11)
         # branch boundary
         (1.75 * t, 0x3F), (1.8 * t, 0x3F),
         (1.875 * t, 0x40),  # tie between codes 63 and 64: to the even code, 2^-7
@@ -169,7 +170,7 @@ def test_sfp8_distortion_on_random_weights():
     assert np.all(err[a < 2.0**-23] <= 1.25 * 2.0**-23)  # flushed to 0 or bumped to code 1
     # Statistical value: uniform rounding error of a 3-bit mantissa gives a relative RMS of
     # ~ 2^-3/sqrt(12)/1.4 ~ 2.6%, a bit more from the 2-bit small branch (|w| < 2^-7, ~30% of
-    # N(0, 0.02^2) values but little energy).  Spec §2.3 measured 2.71% at 1024x4096; the
+    # N(0, 0.02^2) values but little energy).  docs/quantization.md §2.3 measured 2.71% at 1024x4096; the
     # estimate's sampling spread at 0.5M values is < 0.01%.
     rel = np.linalg.norm(sfp8.decode(codes) - w) / np.linalg.norm(w)
     assert 0.026 < rel < 0.028, rel
@@ -190,7 +191,7 @@ def test_sfp8_mxfp8_path_error():
     for w in ((rng.standard_normal((256, 1024)) * 0.02).astype(F32), rng.standard_normal((256, 1024)).astype(F32)):
         r = sfp8.path_error(w)
         # SFP values have <= 3 mantissa bits, a subset of E4M3 within the group's exponent
-        # range; only groups spanning > ~14 binades lose their tiniest elements (spec §2.4:
+        # range; only groups spanning > ~14 binades lose their tiniest elements (docs/quantization.md §2.4:
         # 99.90% of groups on Gaussian weights).
         assert r["exact_groups"] >= 0.998 and r["exact_elements"] >= 0.9999, r
         # A lost element is rounded on the E4M3 subnormal grid of its group: MLX picks the
@@ -279,7 +280,7 @@ def test_q4_0_dequantize_bit_exact_against_reference():
     got = q4_0.dequantize(d, q).reshape(-1, 32)
     want = np.array([ref_dequantize_block(di, qi.tolist()) for di, qi in zip(d[0], q[0])], F32)
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-    # distortion of Q4_0 on N(0, 0.05^2): spec §5 measured 8.6% relative L2
+    # distortion of Q4_0 on N(0, 0.05^2): docs/quantization.md §5 measured 8.6% relative L2
     w = (np.random.default_rng(12).standard_normal((256, 1024)) * 0.05).astype(F32)
     rel = np.linalg.norm(q4_0.dequantize(*q4_0.quantize(w)) - w) / np.linalg.norm(w)
     assert 0.08 < rel < 0.092, rel
@@ -383,7 +384,7 @@ def test_q4_0_lattice_recovery_exact_where_naive_requantization_is_not():
                                   group_size=32, bits=4, dtype=mx.float32))
     np.testing.assert_array_equal(back, wl)
     # MLX's own affine quantization picks scale/bias from min/max: a different grid.
-    # Spec §4.2 measured 55.4% exact elements and 6.1% error at g32.
+    # docs/quantization.md §4.2 measured 55.4% exact elements and 6.1% error at g32.
     for g in (32, 64):
         mq = mx.quantize(mx.array(wl), group_size=g, bits=4)
         naive = np.array(mx.dequantize(*mq, group_size=g, bits=4, dtype=mx.float32))

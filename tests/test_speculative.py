@@ -1,9 +1,9 @@
 """Speculative decoding is lossless: greedy equals plain greedy, sampling equals plain
 sampling token for token, ragged batches equal each row alone, and after every
-round the caches hold exactly what plain decoding would (mtp-drafter spec §7-§10, §17).
+round the caches hold exactly what plain decoding would (docs/speculative.md §7-§10, §15).
 
 Random drafters almost never guess right, so most tests replace the drafter's
-tokens (after it ran) by the reference continuation at a set rate — the spec's
+tokens (after it ran) by the reference continuation at a set rate — docs/speculative.md §14.2's
 controlled-acceptance method — to exercise every acceptance length.
 """
 

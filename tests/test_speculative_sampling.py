@@ -1,4 +1,4 @@
-"""Sampling with speculation has exactly the target's distribution (spec §8, §14.5).
+"""Sampling with speculation has exactly the target's distribution (docs/speculative.md §8, §14.5).
 
 A tiny-vocabulary target (32 tokens) and a random drafter; 3,000 independent rows
 (each its own keyed random stream) sampled in one batch.  The first three tokens'

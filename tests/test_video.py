@@ -1,4 +1,4 @@
-"""Video input (multimodal spec §5) against transformers 5.24.
+"""Video input (docs/multimodal.md §5) against transformers 5.24.
 
 Test videos are written on the fly with PyAV (libx264 at qp 0: frame i is a solid grey
 level 6*i, decoded back within +-2, so the picked frames can be identified).
@@ -11,7 +11,7 @@ level 6*i, decoded back within +-2, so the picked frames can be identified).
   forbidden, so only frames already at a resize fixed point go through it (and already
   RGB: `do_convert_rgb=False` skips torchvision's grayscale_to_rgb); frames that
   need a resize are compared with the PIL image processor (`Gemma4ImageProcessorPil`) at
-  the video budget (the torchvision resize differs slightly: spec §11.1);
+  the video budget (the torchvision resize differs slightly: docs/multimodal.md §10.1);
 - prompt text: equals `Gemma4Processor.replace_video_token` on the same metadata;
 - bad input: one-line `VideoError` naming the file.
 """
@@ -19,6 +19,7 @@ level 6*i, decoded back within +-2, so the picked frames can be identified).
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+# isort: split
 
 import importlib.util
 import logging

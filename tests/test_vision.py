@@ -1,4 +1,4 @@
-"""Vision tower, embedder and image processor against transformers 5.24 (multimodal spec §2, §6, §8).
+"""Vision tower, embedder and image processor against transformers 5.24 (docs/multimodal.md §2, §6, §8).
 
 Model parity: tiny random towers ("small", "large", "union"; see mm_configs) are
 written by transformers with `save_pretrained`, read back through our `sanitize`,
@@ -10,6 +10,7 @@ transformers' PIL backend (the one that runs without torchvision), exactly.
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+# isort: split
 
 import shutil
 
@@ -90,7 +91,7 @@ def errors(tower: Tower, batch) -> dict[str, float]:
 
 
 def two_images(budget=70):
-    """The spec's pair: 50x80 and 120x30 -> 60 + 64 soft tokens at budget 70 (patch 4)."""
+    """The pair of docs/multimodal.md §8: 50x80 and 120x30 -> 60 + 64 soft tokens at budget 70 (patch 4)."""
     return ImageProcessor(image_budget=budget, patch_size=4)([noise(50, 80, 1), noise(120, 30, 2)])
 
 
@@ -191,7 +192,7 @@ def test_bfloat16_weights(union):
 
 # -- config and checkpoint keys ------------------------------------------------
 
-E2B_VISION = {  # the shape of a released vision_config block (spec §2.1), with extra keys
+E2B_VISION = {  # the shape of a released vision_config block (docs/multimodal.md §2.1), with extra keys
     "model_type": "gemma4_vision", "_name_or_path": "", "hidden_size": 768, "intermediate_size": 3072,
     "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64,
     "patch_size": 16, "pooling_kernel_size": 3, "position_embedding_size": 10240, "rms_norm_eps": 1e-6,
@@ -315,7 +316,7 @@ def test_resize_rule_sweep():
             assert P.resized_size(h, w, budget) == get_aspect_ratio_preserving_size(h, w, 16, 9 * budget, 3)
 
 
-SPEC_TABLE = {  # multimodal spec §2.2
+SPEC_TABLE = {  # docs/multimodal.md §2.2
     (224, 224): [64, 121, 256, 529, 1089], (480, 640): [63, 130, 266, 540, 1064],
     (1080, 1920): [66, 120, 264, 527, 1100], (1000, 100): [52, 111, 260, 518, 1050],
 }

@@ -1,4 +1,4 @@
-"""Gemma 4 audio front end (multimodal spec §4.1-4.2): load, resample, log-mel, token counts.
+"""Gemma 4 audio front end (docs/multimodal.md §4.1-§4.2): load, resample, log-mel, token counts.
 
 Pure numpy; matches transformers' `Gemma4AudioFeatureExtractor` (float32 framing,
 window and FFT, float64 mel projection and log, float32 output) and the processor's
@@ -35,7 +35,7 @@ MAX_SAMPLES = 480_000  # 30 s: the feature extractor's max_length
 MAX_TOKENS = 750  # processor `audio_seq_length`
 MIN_SAMPLES = 161  # fewer samples -> no valid mel frame -> 0 soft tokens
 
-# Token ids of the released checkpoints (spec §1.1); prefer the ids in config.json.
+# Token ids of the released checkpoints (docs/multimodal.md §1.1); prefer the ids in config.json.
 BOA_TOKEN_ID, AUDIO_TOKEN_ID, EOA_TOKEN_ID = 256000, 258881, 258883
 
 

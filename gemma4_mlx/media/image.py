@@ -1,4 +1,4 @@
-"""Gemma 4 image processor (multimodal spec §2.2).
+"""Gemma 4 image processor (docs/multimodal.md §2.2).
 
 Matches transformers' PIL backend (`Gemma4ImageProcessorPil`, the one
 `Gemma4ImageProcessor` falls back to without torchvision) bit for bit:

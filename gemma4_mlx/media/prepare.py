@@ -1,4 +1,4 @@
-"""Prompts with images, audio clips and videos (multimodal spec §2.2, §3, §4, §5).
+"""Prompts with images, audio clips and videos (docs/multimodal.md §2.2, §3, §4, §5).
 
 The chat template writes one placeholder per medium (`<|image|>`, `<|audio|>`,
 `<|video|>`); `MediaProcessor.expand` replaces each with its full run of soft-token
@@ -115,7 +115,7 @@ class MediaProcessor:
                  features: A.FeatureConfig | None = A.FeatureConfig(), video: VideoProcessor | None = None,
                  cache_bytes: int = 512 << 20):
         """features: None when the checkpoint's processor config has no
-        `feature_extractor` block: audio is then refused, never ignored (spec §6.3).
+        `feature_extractor` block: audio is then refused, never ignored (docs/multimodal.md §6.3).
         video: defaults to 32 frames at budget 70 with the image processor's geometry."""
         self.model = model
         self.image = image or ImageProcessor()

@@ -1,7 +1,7 @@
 """Soft-token rows of images, video frames and audio clips inside a token sequence.
 
-`MediaRows` is what the text decoder needs beyond the token ids (multimodal spec
-§3): which positions are placeholders, the embeddings that replace them, and
+`MediaRows` is what the text decoder needs beyond the token ids (see
+docs/multimodal.md §3): which positions are placeholders, the embeddings that replace them, and
 which of them form one bidirectional block (one image or one video frame).
 It describes one prompt (batch row 0) and is cut per prefill chunk with `window`.
 """
@@ -41,7 +41,9 @@ class MediaRows:
             else:
                 block.append(np.full(n, next_block))
                 next_block += 1
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        def cat(xs):
+            return np.concatenate(xs) if xs else np.zeros(0, np.int64)
+
         return cls(cat(index), rows, cat(block))
 
     def window(self, start: int, end: int) -> "MediaRows | None":

@@ -1,4 +1,4 @@
-"""Gemma 4 video input (multimodal spec §5): decode, sample frames, timestamps, patches.
+"""Gemma 4 video input (docs/multimodal.md §5): decode, sample frames, timestamps, patches.
 
 Follows transformers' `Gemma4VideoProcessor` + `Gemma4Processor.replace_video_token`:
 
@@ -8,7 +8,7 @@ Follows transformers' `Gemma4VideoProcessor` + `Gemma4Processor.replace_video_to
 - each frame is an image at the video budget (default 70 soft tokens, any of
   70/140/280/560/1120) through `ImageProcessor` (PIL bicubic resize; transformers'
   video path uses torchvision's antialiased bicubic, which differs slightly when a
-  resize happens -- spec §11.1).
+  resize happens -- docs/multimodal.md §10.1).
 - prompt: per frame `"mm:ss " + <|image> + K x <|video|> + <image|>`, joined by one
   space; mm:ss is the frame's *source* index / source fps, truncated.
 

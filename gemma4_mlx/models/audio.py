@@ -1,4 +1,4 @@
-"""Gemma 4 audio encoder (USM-style Conformer) and audio embedder (multimodal spec §4.3-4.7).
+"""Gemma 4 audio encoder (USM-style Conformer) and audio embedder (docs/multimodal.md §4.3-§4.7).
 
 Parameter names follow the checkpoint (`model.audio_tower.*`, `model.embed_audio.*`)
 so `sanitize` only strips prefixes, transposes the two conv layouts and widens the
@@ -117,15 +117,19 @@ class SubsampleLayer(nn.Module):
         return nn.relu(self.norm(self.conv(x))), mask[:, ::2]
 
 
+def _ceil_half(n: int) -> int:
+    return (n + 1) // 2
+
+
 class SubsampleConvProjection(nn.Module):
-    """SSCP: two stride-2 convs over (time, mel), flatten (mel, channel), project (spec §4.4)."""
+    """SSCP: two stride-2 convs over (time, mel), flatten (mel, channel), project (docs/multimodal.md §4.4)."""
 
     def __init__(self, cfg: AudioConfig):
         super().__init__()
         c0, c1 = cfg.subsampling_conv_channels
         self.layer0 = SubsampleLayer(1, c0, cfg.rms_norm_eps)
         self.layer1 = SubsampleLayer(c0, c1, cfg.rms_norm_eps)
-        f = -(-(-(-cfg.num_mel_bins // 2)) // 2)  # mel width after two stride-2 convs
+        f = _ceil_half(_ceil_half(cfg.num_mel_bins))  # mel width after two stride-2 convs
         self.input_proj_linear = Linear(f * c1, cfg.hidden_size)
 
     def __call__(self, feats, mask):
@@ -321,7 +325,7 @@ _CLAMPS = (".input_min", ".input_max", ".output_min", ".output_max")
 
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Checkpoint tensors -> `AudioModel` parameters (spec §6.2, §6.3); non-audio keys dropped.
+    """Checkpoint tensors -> `AudioModel` parameters (docs/multimodal.md §6.2, §6.3); non-audio keys dropped.
 
     - `model.` prefix stripped; the `.linear.` nesting of clippable linears kept;
     - SSCP Conv2d (out, in, 3, 3) -> (out, 3, 3, in) and depthwise Conv1d (C, 1, K) ->

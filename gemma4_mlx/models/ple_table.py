@@ -1,4 +1,4 @@
-"""A row-gathered table kept memory-mapped in its safetensors file (spec quantization.md §6, §10).
+"""A row-gathered table kept memory-mapped in its safetensors file (docs/quantization.md §6, §10).
 
 The per-layer-embedding table of E2B/E4B ([262144, L*256], 4.7/5.6 GB in bf16) is
 only ever indexed by token id, a few rows per step.  Holding it in MLX memory would

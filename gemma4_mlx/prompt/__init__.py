@@ -1,4 +1,4 @@
-"""Gemma 4 chat format: prompt rendering and tolerant output parsing (spec chat-format.md)."""
+"""Gemma 4 chat format: prompt rendering and tolerant output parsing (docs/chat-format.md)."""
 
 from gemma4_mlx.prompt.parser import (
     CTRL_RE,

@@ -1,4 +1,4 @@
-"""The argument grammar of Gemma 4 tool calls (spec chat-format.md §5.1, §9.3, §10).
+"""The argument grammar of Gemma 4 tool calls (docs/chat-format.md §5.1, §9.3, §10).
 
 `parse_call_block` turns the body of a `<|tool_call>...<tool_call|>` block (or a
 bare `call:` run) into `ToolCall`s, tolerating the malformed forms models emit:
@@ -60,13 +60,13 @@ class _Tools:
     def resolve(self, name: str) -> tuple[str, bool]:
         if not self.known or name in self.params:
             return name, True
-        tail = name.split(":")[-1]  # namespaced: unique match on the last segment (§9.3)
+        tail = name.split(":")[-1]  # namespaced: unique match on the last segment (docs/chat-format.md §9.3)
         hits = [n for n in self.params if n.split(":")[-1] == tail]
         return (hits[0], True) if len(hits) == 1 else (name, False)
 
 
 class _Reader:
-    """Recursive descent over Gemma's value syntax, tolerant of JSON-isms (§9.3)."""
+    """Recursive descent over Gemma's value syntax, tolerant of JSON-isms (docs/chat-format.md §9.3)."""
 
     _KEY = re.compile(r'(?:(?!<\|"\|>)[^\s:=,}\])])+')
     _DQ, _SQ = re.compile(r'"(?:[^"\\]|\\.)*"', re.S), re.compile(r"'([^']*)'")
@@ -155,7 +155,7 @@ class _Reader:
             m = self._KEY.match(s, i)
             self.i = m.end() if m else i + 1  # always advance, even on a stray character
             key, quoted = s[i:self.i], False
-        if not self._at_end() and s[self.i] in ":=":  # key=value: parenthesised form (§10 #4)
+        if not self._at_end() and s[self.i] in ":=":  # key=value: parenthesised form (docs/chat-format.md §10 #4)
             self.i += 1
             out[key] = self.value()
         elif self.i >= len(s) and not quoted:
@@ -195,7 +195,7 @@ def _parse_one(text: str, tools: _Tools) -> tuple[ToolCall, str]:
         call.arguments = r.container("}" if after[0] == "{" else ")", top=True)
         call.truncated, positional, rest = r.truncated, r.positional, after[r.i:]
         call.warnings += r.warnings
-    elif re.match(r":?\s*BEGIN_ARG", after):  # §10 #3: positional BEGIN_ARG/END_ARG blocks
+    elif re.match(r":?\s*BEGIN_ARG", after):  # docs/chat-format.md §10 #3: positional BEGIN_ARG/END_ARG blocks
         last = 0
         for b in re.finditer(r"BEGIN_ARG:?(.*?)(END_ARG|\Z)", after, re.S):
             v = b.group(1)

@@ -1,4 +1,4 @@
-"""Tolerant streaming parser for Gemma 4 output (spec chat-format.md §9-§10).
+"""Tolerant streaming parser for Gemma 4 output (docs/chat-format.md §9-§10).
 
 Feed decoded text (special tokens kept as their strings, e.g. "<|tool_call>")
 piece by piece; get events separating reasoning, visible content and tool
@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 from gemma4_mlx.prompt.arguments import _NAME, Q, ToolCall, _Tools, parse_call_block
 
-# Any control token: <|x>, <|x|>, <x|>, and the named/unused pieces (§1).
+# Any control token: <|x>, <|x|>, <x|>, and the named/unused pieces (docs/chat-format.md §1).
 CTRL_RE = re.compile(r'<\|[a-z_"]{1,24}\|?>|<[a-z_]{1,24}\|>|<(?:pad|eos|bos|unk|mask|unused\d{1,4})>')
 _CTRL_PREFIX = re.compile(r'<(?:\|[a-z_"]{0,24}\|?|[a-z_]{0,24}\|?|unused\d{0,4})?\Z')
-TERMINATORS = ("<turn|>", "<|tool_response>", "<eos>", "<|turn>")  # <|turn>: defensive, §8
+TERMINATORS = ("<turn|>", "<|tool_response>", "<eos>", "<|turn>")  # <|turn>: defensive, docs/chat-format.md §8
 _BARE = re.compile(r"call:(" + _NAME + ")")
 CONTENT, THOUGHT, CALL, DONE = "content", "thought", "call", "done"
 
@@ -48,7 +48,7 @@ class StreamParser:
     template priming after a tool result); see `parser_for_prompt`.
     thinking_budget: max reasoning characters kept; beyond it reasoning is
     dropped and a `thinking_budget` event asks the runtime to inject <channel|>.
-    The degenerate-output detector (§10.1) stops on a control token repeated
+    The degenerate-output detector (docs/chat-format.md §10.1) stops on a control token repeated
     more than max_control_repeat times, more than max_thought_openings
     channel openings, or a text loop of period <= loop_period covering
     loop_min_chars characters (loop_min_chars=None turns it off).
@@ -135,7 +135,7 @@ class StreamParser:
         t = s[k:]
         if not t:
             return len(s)
-        if self.fresh:  # §10 #13: a channel name leaked without its <|channel>
+        if self.fresh:  # docs/chat-format.md §10 #13: a channel name leaked without its <|channel>
             if t.startswith("thought\n") or (t == "thought" and boundary):
                 self._warn("leaked channel name 'thought' dropped")
                 self.fresh = False
@@ -143,7 +143,7 @@ class StreamParser:
             if "thought\n".startswith(t) and not boundary:
                 return k
             self.fresh = False
-        if self.tools.params:  # §10 #1: bare `call:NAME{` after the thought, declared names only
+        if self.tools.params:  # docs/chat-format.md §10 #1: bare `call:NAME{` after the thought, declared names only
             d = self._bare_call(t, boundary)
             if d == "hold":
                 return k
@@ -272,7 +272,7 @@ class StreamParser:
                 self._close_segment()
                 self.state, self.name_mode = THOUGHT, "loose"
         elif tok == "<|tool_call>":
-            if self.state == THOUGHT:  # §10 #2: thought closed implicitly, call kept
+            if self.state == THOUGHT:  # docs/chat-format.md §10 #2: thought closed implicitly, call kept
                 self._warn("tool call opened inside the thought channel")
             self._close_segment()
             self.name_mode = None

@@ -1,8 +1,8 @@
-"""Gemma 4 prompt rendering (spec chat-format.md §2-§7).
+"""Gemma 4 prompt rendering (docs/chat-format.md §2-§7).
 
 `render` is our own implementation of the 9 Jul 2026 "canonical" grammar, used
 when a checkpoint ships no template; `render_with_checkpoint_template` runs the
-checkpoint's own Jinja template, which takes precedence when present (§3).
+checkpoint's own Jinja template, which takes precedence when present (docs/chat-format.md §3).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ SPECIAL_TOKENS = {
     "<|image>": 255999, "<|audio>": 256000, "<|image|>": 258880,
     "<|audio|>": 258881, "<image|>": 258882, "<audio|>": 258883, "<|video|>": 258884,
 }
-# §8: <eos>, <turn|>, and <|tool_response> (the client appends the result there).
+# docs/chat-format.md §8: <eos>, <turn|>, and <|tool_response> (the client appends the result there).
 STOP_TOKEN_IDS = (1, 106, 50)
 EMPTY_THOUGHT = "<|channel>thought\n<channel|>"
 _MEDIA = {"image": "<|image|>", "image_url": "<|image|>", "audio": "<|audio|>",
@@ -46,7 +46,7 @@ def _sorted(d: Mapping):
 
 
 def format_value(v, quote_keys: bool = False) -> str:
-    """Gemma value syntax (§5.1): <|"|>strings<|"|>, bare numbers, sorted bare keys."""
+    """Gemma value syntax (docs/chat-format.md §5.1): <|"|>strings<|"|>, bare numbers, sorted bare keys."""
     if v is None:
         return "null"
     if isinstance(v, str):
@@ -131,7 +131,7 @@ def _tool_function(tool) -> dict:
 
 
 def format_declaration(tool) -> str:
-    """One `<|tool>declaration:…<tool|>` block (§5.2)."""
+    """One `<|tool>declaration:…<tool|>` block (docs/chat-format.md §5.2)."""
     fn = _tool_function(tool)
     s = f"declaration:{fn['name']}{{description:{Q}{fn.get('description') or ''}{Q}"
     params = fn.get("parameters")
@@ -171,7 +171,7 @@ def tool_result_content(value) -> str | list:
 
 
 def normalize_messages(messages) -> list[dict]:
-    """OpenAI-style input -> the shape Gemma templates expect (§5.4 API mapping).
+    """OpenAI-style input -> the shape Gemma templates expect (docs/chat-format.md §5.4 API mapping).
 
     Tool results become a string or content parts; the reasoning of an assistant
     message is offered under both `reasoning` and `reasoning_content` (templates
@@ -206,7 +206,7 @@ def normalize_messages(messages) -> list[dict]:
 
 
 def _strip_thinking(text: str) -> str:
-    # Drop every <|channel>…<channel|> block from history (§4.3), then trim.
+    # Drop every <|channel>…<channel|> block from history (docs/chat-format.md §4.3), then trim.
     kept = [part.split("<|channel>")[0] for part in text.split("<channel|>")]
     return "".join(kept).strip()
 
@@ -222,7 +222,7 @@ def _content(content, model: bool) -> str:
         if kind == "text":
             text = part.get("text") or ""
             out.append(_strip_thinking(text) if model else text.strip())
-        elif kind in _MEDIA:  # bare placeholder; the processor expands it (§6)
+        elif kind in _MEDIA:  # bare placeholder; the processor expands it (docs/chat-format.md §6)
             out.append(_MEDIA[kind])
     return "".join(out)
 
@@ -262,9 +262,9 @@ def render(messages, *, tools=None, thinking: bool = False, add_generation_promp
     """Render a conversation with the built-in canonical (9 Jul) grammar.
 
     empty_thought_prefill: the 26B/31B templates (~10 Apr on) end the thinking-off
-    generation prompt with an empty, closed thought block; E2B/E4B do not (§4.2).
+    generation prompt with an empty, closed thought block; E2B/E4B do not (docs/chat-format.md §4.2).
     Never opens a thought channel except where the template itself primes one
-    (after a tool result with thinking on, §4.3).
+    (after a tool result with thinking on, docs/chat-format.md §4.3).
     """
     msgs = normalize_messages(messages)
     fns = [_tool_function(t) for t in tools or []]
@@ -364,7 +364,7 @@ def _compile(template_str: str):
 
 def render_with_checkpoint_template(template_str: str, messages, *, tools=None, thinking: bool = False,
                                     add_generation_prompt: bool = True, **extra) -> str:
-    """Render with a checkpoint's `chat_template.jinja` (§3 rule), in a jinja2 sandbox."""
+    """Render with a checkpoint's `chat_template.jinja` (docs/chat-format.md §3 rule), in a jinja2 sandbox."""
     ctx = dict(bos_token=BOS, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
                messages=normalize_messages(messages),
                tools=[{"type": "function", "function": _tool_function(t)} for t in tools] if tools else None,
@@ -374,7 +374,7 @@ def render_with_checkpoint_template(template_str: str, messages, *, tools=None, 
 
 
 def template_info(template_str: str) -> dict:
-    """Hash and detected revision of a checkpoint template, for model metadata (§3)."""
+    """Hash and detected revision of a checkpoint template, for model metadata (docs/chat-format.md §3)."""
     if "preserve_thinking" in template_str:
         revision = "2026-07-09"
     elif "'<|think|>\\n'" in template_str or '"<|think|>\\n"' in template_str:
