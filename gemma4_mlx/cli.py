@@ -1,10 +1,13 @@
 """`gemma4-mlx` command line.  Generated text goes to stdout; progress, statistics
-and errors go to stderr, so the output composes in shell pipelines."""
+and errors go to stderr, so the output composes in shell pipelines.
+
+Commands import the package's heavy parts (MLX, transformers) inside their bodies,
+so `gemma4-mlx --help` and option errors answer at once."""
 
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -64,16 +67,31 @@ def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, q
     return drafter, k
 
 
-IMAGE_HELP = "Image file for the prompt (repeatable)."
-AUDIO_HELP = "Audio file, up to 30 s: WAV, FLAC, MP3, M4A, Ogg (repeatable; E2B/E4B)."
-VIDEO_HELP = "Video file, up to 60 s; frames sampled as transformers does (repeatable)."
-BUDGET_HELP = "Soft tokens per image / video frame: 70, 140, 280, 560 or 1120 (default: the checkpoint's)."
-VIDEO_AUDIO_HELP = "Also give the videos' soundtracks to the audio tower (E2B/E4B)."
+# Options shared by `generate` and `chat`, declared once.
+Model = Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder or Hugging Face repo id.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1)]
+Temp = Annotated[float, typer.Option("--temp", min=0.0, help="0 = greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+TopK = Annotated[int, typer.Option("--top-k", min=0)]
+MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
+Seed = Annotated[Optional[int], typer.Option("--seed")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32 / bfloat16 / float16 (default: as stored).")]
+DraftModel = Annotated[str, typer.Option("--draft-model", help=DRAFT_MODEL_HELP)]
+DraftTokens = Annotated[str, typer.Option("--draft-tokens", help=DRAFT_TOKENS_HELP)]
+Images = Annotated[Optional[list[str]], typer.Option("--image", help="Image file for the prompt (repeatable).")]
+AudioFiles = Annotated[Optional[list[str]], typer.Option(
+    "--audio", help="Audio file, up to 30 s: WAV, FLAC, MP3, M4A, Ogg (repeatable; E2B/E4B).")]
+Videos = Annotated[Optional[list[str]], typer.Option(
+    "--video", help="Video file, up to 60 s; frames sampled as transformers does (repeatable).")]
+ImageBudget = Annotated[Optional[int], typer.Option(
+    "--image-budget", help="Soft tokens per image / video frame: 70, 140, 280, 560 or 1120 (default: the checkpoint's).")]
+VideoAudio = Annotated[bool, typer.Option(
+    "--video-audio", help="Also give the videos' soundtracks to the audio tower (E2B/E4B).")]
 
 
 def _media(images, audio, videos, image_budget, video_audio: bool = False) -> dict:
-    from gemma4_mlx.media.prepare import Video
     from gemma4_mlx.media.image import check_budget
+    from gemma4_mlx.media.prepare import Video
 
     if image_budget is not None:
         try:
@@ -84,51 +102,64 @@ def _media(images, audio, videos, image_budget, video_audio: bool = False) -> di
                 videos=[Video(v, with_audio=video_audio) for v in videos or []], image_budget=image_budget)
 
 
+def _load(model: str, dtype: str | None, tools: str | None = None):
+    """(model, tokenizer, tool functions); a bad checkpoint or tools file ends the
+    command with one line."""
+    from gemma4_mlx.api import LoadError, load
+    from gemma4_mlx.chat.terminal import load_tools
+
+    try:
+        functions = load_tools(tools) if tools else []
+        m, tokenizer = load(model, dtype=dtype)
+    except (LoadError, ValueError) as e:
+        fail(str(e))
+    if tokenizer is None:
+        fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    return m, tokenizer, functions
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            fail("no --prompt given and nothing on stdin")
+        return sys.stdin.read()
+    return prompt
+
+
 @app.command()
 def generate(
-    model: str = typer.Option(..., "--model", "-m", help="Checkpoint folder or Hugging Face repo id."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text; '-' or omitted reads stdin."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1),
-    temp: float = typer.Option(0.0, "--temp", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(0.0, "--top-p", min=0.0, max=1.0),
-    top_k: int = typer.Option(0, "--top-k", min=0),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", min=0.0),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    prefill_chunk: int = typer.Option(512, "--prefill-chunk", min=1, help="Prompt tokens per prefill step."),
-    raw: bool = typer.Option(False, "--raw", help=(
+    model: Model,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt text; '-' or omitted reads stdin.")] = None,
+    max_tokens: MaxTokens = 256,
+    temp: Temp = 0.0,
+    top_p: TopP = 0.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", min=0.0)] = None,
+    seed: Seed = None,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens per prefill step.")] = 512,
+    raw: Annotated[bool, typer.Option("--raw", help=(
         "Raw completion: no chat template, and control strings in the prompt (<|turn>, <|image|>, ...) "
-        "are read as control tokens. Without --raw the prompt is user text: they stay text.")),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 / bfloat16 / float16 (default: as stored)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No statistics on stderr."),
-    draft_model: str = typer.Option("auto", "--draft-model", help=DRAFT_MODEL_HELP),
-    draft_tokens: str = typer.Option("auto", "--draft-tokens", help=DRAFT_TOKENS_HELP),
-    image: Optional[list[str]] = typer.Option(None, "--image", help=IMAGE_HELP),
-    audio: Optional[list[str]] = typer.Option(None, "--audio", help=AUDIO_HELP),
-    video: Optional[list[str]] = typer.Option(None, "--video", help=VIDEO_HELP),
-    image_budget: Optional[int] = typer.Option(None, "--image-budget", help=BUDGET_HELP),
-    video_audio: bool = typer.Option(False, "--video-audio", help=VIDEO_AUDIO_HELP),
+        "are read as control tokens. Without --raw the prompt is user text: they stay text."))] = False,
+    dtype: Dtype = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No statistics on stderr.")] = False,
+    draft_model: DraftModel = "auto",
+    draft_tokens: DraftTokens = "auto",
+    image: Images = None,
+    audio: AudioFiles = None,
+    video: Videos = None,
+    image_budget: ImageBudget = None,
+    video_audio: VideoAudio = False,
 ):
     """Generate a completion for one prompt, streamed to stdout."""
-    from gemma4_mlx import LoadError
-    from gemma4_mlx import load
     from gemma4_mlx.api import stream_generate
     from gemma4_mlx.media.prepare import MediaError
 
     media = _media(image, audio, video, image_budget, video_audio)
-
-    if prompt is None or prompt == "-":
-        if sys.stdin.isatty():
-            fail("no --prompt given and nothing on stdin")
-        prompt = sys.stdin.read()
-    try:
-        if not quiet:
-            typer.echo(f"loading {model} ...", err=True)
-        m, tokenizer = load(model, dtype=dtype)
-    except LoadError as e:
-        fail(str(e))
-    if tokenizer is None:
-        fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    prompt = _read_prompt(prompt)
+    if not quiet:
+        typer.echo(f"loading {model} ...", err=True)
+    m, tokenizer, _ = _load(model, dtype)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet)
     stats = None
     try:
@@ -149,60 +180,53 @@ def generate(
 
 @app.command()
 def chat(
-    model: Optional[str] = typer.Option(None, "--model", "-m",
-                                        help="Checkpoint folder or HF repo id (default: a cached/reachable "
-                                             "Gemma 4 E2B-it, else the embedded demo model)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
-    think: bool = typer.Option(False, "--think/--no-think", help="Thinking mode (default off)."),
-    thinking_budget: Optional[int] = typer.Option(None, "--thinking-budget", min=1,
-                                                  help="Characters of thought before the model is made to answer."),
-    tools: Optional[str] = typer.Option(None, "--tools", help="Python file whose public functions become tools."),
-    yes: bool = typer.Option(False, "--yes", "-y", help="Run tool calls without asking."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="One non-interactive turn ('-' = stdin)."),
-    as_json: bool = typer.Option(False, "--json", help="With --prompt/stdin: print the reply as JSON."),
-    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1),
-    temp: float = typer.Option(0.0, "--temp", min=0.0),
-    top_p: float = typer.Option(0.0, "--top-p", min=0.0, max=1.0),
-    top_k: int = typer.Option(0, "--top-k", min=0),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 / bfloat16 / float16."),
-    draft_model: str = typer.Option("auto", "--draft-model", help=DRAFT_MODEL_HELP),
-    draft_tokens: str = typer.Option("auto", "--draft-tokens", help=DRAFT_TOKENS_HELP),
-    image: Optional[list[str]] = typer.Option(None, "--image", help=IMAGE_HELP + " Sent with the first turn."),
-    audio: Optional[list[str]] = typer.Option(None, "--audio", help=AUDIO_HELP),
-    video: Optional[list[str]] = typer.Option(None, "--video", help=VIDEO_HELP),
-    image_budget: Optional[int] = typer.Option(None, "--image-budget", help=BUDGET_HELP),
-    video_audio: bool = typer.Option(False, "--video-audio", help=VIDEO_AUDIO_HELP),
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help=(
+        "Checkpoint folder or HF repo id (default: a cached/reachable Gemma 4 E2B-it, "
+        "else the embedded demo model)."))] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt.")] = None,
+    think: Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode (default off).")] = False,
+    thinking_budget: Annotated[Optional[int], typer.Option(
+        "--thinking-budget", min=1, help="Characters of thought before the model is made to answer.")] = None,
+    tools: Annotated[Optional[str], typer.Option(
+        "--tools", help="Python file whose public functions become tools.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Run tool calls without asking.")] = False,
+    prompt: Annotated[Optional[str], typer.Option(
+        "--prompt", "-p", help="One non-interactive turn ('-' = stdin).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --prompt/stdin: print the reply as JSON.")] = False,
+    max_tokens: MaxTokens = 1024,
+    temp: Temp = 0.0,
+    top_p: TopP = 0.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
+    dtype: Dtype = None,
+    draft_model: DraftModel = "auto",
+    draft_tokens: DraftTokens = "auto",
+    image: Images = None,
+    audio: AudioFiles = None,
+    video: Videos = None,
+    image_budget: ImageBudget = None,
+    video_audio: VideoAudio = False,
 ):
     """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools, images,
-    audio, video; /image PATH etc. attach media to the next message)."""
+    audio, video; /image PATH etc. attach media to the next message).  Media given
+    here are sent with the first turn."""
     from rich.console import Console
 
-    from gemma4_mlx import LoadError
-
-    from gemma4_mlx import load
     from gemma4_mlx.chat.session import Chat
-    from gemma4_mlx.chat.terminal import Terminal, load_tools, one_shot
+    from gemma4_mlx.chat.terminal import Terminal, one_shot
     from gemma4_mlx.demo import DEFAULT_REPO, default_model
     from gemma4_mlx.runtime.generate import SamplingOptions
 
     media = _media(image, audio, video, image_budget, video_audio)
-    err = Console(stderr=True)
     repo = None
     if model is None:
         model, banner = default_model()
         repo = DEFAULT_REPO  # a cached snapshot path: its drafter is found by repo id
     else:
         banner = f"model: {model}"
-    err.print(banner, style="dim", markup=False)
-    try:
-        functions = load_tools(tools) if tools else []
-        m, tokenizer = load(model, dtype=dtype)
-    except (LoadError, ValueError) as e:
-        fail(str(e))
-    if tokenizer is None:
-        fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    Console(stderr=True).print(banner, style="dim", markup=False)
+    m, tokenizer, functions = _load(model, dtype, tools)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False, repo=repo)
     session = Chat(m, tokenizer, system=system, thinking=think, tools=functions, max_tokens=max_tokens,
                    options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed),
@@ -236,8 +260,9 @@ def convert(
     MTP drafter) to an MLX folder."""
     import time
 
-    from .convert import ConvertError, convert as run
-    from gemma4_mlx.checkpoint.load import LoadError
+    from gemma4_mlx.checkpoint.files import LoadError
+    from gemma4_mlx.convert import ConvertError
+    from gemma4_mlx.convert import convert as run
 
     t0 = time.perf_counter()
     try:
