@@ -268,58 +268,20 @@ def render(messages, *, tools=None, thinking: bool = False, add_generation_promp
     """
     msgs = normalize_messages(messages)
     fns = [_tool_function(t) for t in tools or []]
-    out, prev = [BOS], None  # prev: kind of the last thing rendered, as in the template
+    out = [BOS]
+    prev = None  # kind of the last thing rendered, as the template tracks it
     if thinking or fns or (msgs and msgs[0]["role"] in ("system", "developer")):
-        out.append("<|turn>system\n")
-        if thinking:
-            out.append("<|think|>\n")
-            prev = "think"
-        if msgs and msgs[0]["role"] in ("system", "developer"):
-            out.append(_system_text(msgs[0].get("content")))
-            msgs = msgs[1:]
-        out.extend(format_declaration(f) for f in fns)
-        prev = "tool" if fns else prev
-        out.append("<turn|>\n")
-
+        system, msgs = (msgs[0], msgs[1:]) if msgs and msgs[0]["role"] in ("system", "developer") else (None, msgs)
+        out.append(_system_turn(system, fns, thinking))
     last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
     prev_role = None
     for i, m in enumerate(msgs):
-        role = m["role"]
-        if role == "tool":
+        if m["role"] == "tool":
             continue  # folded into the model turn that made the call
-        prev, is_model = None, role == "assistant"
-        if not (is_model and prev_role == "assistant"):  # consecutive assistants share a turn
-            out.append("<|turn>" + {"assistant": "model", "developer": "system"}.get(role, role) + "\n")
-        thought = m.get("reasoning") or m.get("reasoning_content")
-        calls = m.get("tool_calls") or []
-        if thought and (i > last_user or (preserve_thinking and calls)):
-            out.append(f"<|channel>thought\n{thought}\n<channel|>")
-        out.extend(format_tool_call(c) for c in calls)
-        prev = "tool_call" if calls else prev
-        answered = False
-        if m.get("tool_responses"):  # legacy, release-template form
-            for r in m["tool_responses"]:
-                out.append(format_tool_response(r.get("name") or "unknown", r.get("response")))
-            answered, prev = True, "tool_response"
-        elif calls:
-            for f in _following_tools(msgs, i):
-                name = f.get("name") or "unknown"
-                for c in calls:  # last call whose id matches wins, as in the template
-                    if c.get("id") == f.get("tool_call_id"):
-                        name = c["function"]["name"]
-                out.append(_tool_message(name, f.get("content")))
-                answered, prev = True, "tool_response"
-        body = _content(m.get("content"), is_model)
-        out.append(body)
-        nxt = next((x["role"] for x in msgs[i + 1:] if x["role"] != "tool"), None)
-        if prev == "tool_call" and not answered:
-            out.append("<|tool_response>")  # unanswered call: the client appends the result
-        elif is_model and nxt == "assistant" and (not calls or answered):
-            pass  # the next assistant message continues this model turn
-        elif not (answered and not body.strip() and nxt is None):
-            out.append("<turn|>\n")
-        prev_role = role
-
+        text, prev = _message(m, msgs, i, prev_role, keep_thought=i > last_user,
+                              preserve_thinking=preserve_thinking)
+        out.append(text)
+        prev_role = m["role"]
     if add_generation_prompt:
         if prev not in ("tool_response", "tool_call"):
             out.append("<|turn>model\n")
@@ -328,6 +290,60 @@ def render(messages, *, tools=None, thinking: bool = False, add_generation_promp
         elif prev == "tool_response" and thinking:
             out.append("<|channel>thought\n")
     return "".join(out)
+
+
+def _system_turn(system: dict | None, fns: list[dict], thinking: bool) -> str:
+    """`<|think|>`, the first system message's text, then the tool declarations."""
+    return ("<|turn>system\n" + ("<|think|>\n" if thinking else "")
+            + (_system_text(system.get("content")) if system else "")
+            + "".join(format_declaration(f) for f in fns) + "<turn|>\n")
+
+
+def _message(m: dict, msgs: list[dict], i: int, prev_role: str | None, *, keep_thought: bool,
+             preserve_thinking: bool) -> tuple[str, str | None]:
+    """One non-tool message (with the tool results that answer its calls) and the
+    kind of the last thing it rendered."""
+    role, out, prev = m["role"], [], None
+    is_model = role == "assistant"
+    if not (is_model and prev_role == "assistant"):  # consecutive assistants share a turn
+        out.append("<|turn>" + {"assistant": "model", "developer": "system"}.get(role, role) + "\n")
+    thought = m.get("reasoning") or m.get("reasoning_content")
+    calls = m.get("tool_calls") or []
+    if thought and (keep_thought or (preserve_thinking and calls)):
+        out.append(f"<|channel>thought\n{thought}\n<channel|>")
+    out.extend(format_tool_call(c) for c in calls)
+    prev = "tool_call" if calls else prev
+    results = _tool_results(m, calls, msgs, i)
+    out.extend(results)
+    answered = bool(results)
+    prev = "tool_response" if answered else prev
+    body = _content(m.get("content"), is_model)
+    out.append(body)
+    nxt = next((x["role"] for x in msgs[i + 1:] if x["role"] != "tool"), None)
+    if prev == "tool_call" and not answered:
+        out.append("<|tool_response>")  # unanswered call: the client appends the result
+    elif is_model and nxt == "assistant" and (not calls or answered):
+        pass  # the next assistant message continues this model turn
+    elif not (answered and not body.strip() and nxt is None):
+        out.append("<turn|>\n")
+    return "".join(out), prev
+
+
+def _tool_results(m: dict, calls: list[dict], msgs: list[dict], i: int) -> list[str]:
+    """The result blocks answering message i: its legacy `tool_responses` list, or the
+    `role: tool` messages that follow it."""
+    if m.get("tool_responses"):  # legacy, release-template form
+        return [format_tool_response(r.get("name") or "unknown", r.get("response")) for r in m["tool_responses"]]
+    if not calls:
+        return []
+    out = []
+    for f in _following_tools(msgs, i):
+        name = f.get("name") or "unknown"
+        for c in calls:  # last call whose id matches wins, as in the template
+            if c.get("id") == f.get("tool_call_id"):
+                name = c["function"]["name"]
+        out.append(_tool_message(name, f.get("content")))
+    return out
 
 
 def _following_tools(msgs, i):
