@@ -13,21 +13,20 @@ import logging
 import mlx.core as mx
 import numpy as np
 
+from gemma4_mlx.checkpoint.files import DTYPES
 from gemma4_mlx.formats import q4_0, sfp8
+from gemma4_mlx.formats.registry import FORMATS
 
 from .policy import Format
 
 CHUNK = 1 << 20  # elements per step: bounds the codecs' temporaries (4 MB of fp32 input)
-LATTICE_MIN = 0.99  # spec §4.3: below this a tensor was not trained for Q4_0
-# spec §2.4: the mxfp8 form must reproduce the SFP8 values.  Judged per element: a
+LATTICE_MIN = 0.99  # docs/quantization.md §4.3: below this a tensor was not trained for Q4_0
+# docs/quantization.md §2.4: the mxfp8 form must reproduce the SFP8 values.  Judged per element: a
 # group spanning too many binades loses only its tiniest elements (relative to the
 # group's max), and on small tensors one such group is already > 1% of the groups.
 SFP8_MIN_EXACT = 0.995
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
-
 
 class CodecError(ValueError):
     pass
@@ -54,14 +53,12 @@ def _check_finite(w: mx.array) -> None:
 
 
 def encode(w: mx.array, fmt: Format) -> tuple[dict[str, mx.array], dict]:
-    if fmt.kind == "float":
+    if not fmt.quantized:
         return {"weight": w.astype(DTYPES[fmt.dtype]) if fmt.dtype else w}, {}
     _check_finite(w)
-    if fmt.kind == "q4_0":
-        return _q4_0(w)
-    if fmt.kind == "sfp8":
-        return _sfp8(w)
-    return _mx_quantize(w, fmt), {"provenance": "ptq"}
+    if FORMATS[fmt.kind].encode is mx.quantize:  # MLX's own formats
+        return _mx_quantize(w, fmt), {"provenance": "ptq"}
+    return _OWN_CODECS[fmt.kind](w)
 
 
 def _mx_quantize(w: mx.array, fmt: Format) -> dict[str, mx.array]:
@@ -82,7 +79,7 @@ def _mx_quantize(w: mx.array, fmt: Format) -> dict[str, mx.array]:
 def _q4_0(w: mx.array):
     """ggml Q4_0 as MLX affine g32 (scales = d; biases = -8d are not stored).
 
-    First pass: recover the lattice block by block (spec §4.3).  A tensor with
+    First pass: recover the lattice block by block (docs/quantization.md §4.3).  A tensor with
     >= LATTICE_MIN exact blocks was trained for Q4_0 and keeps the recovered codes;
     otherwise it is quantized with ggml's reference rule (fp16 d).
     """
@@ -128,7 +125,7 @@ def _recover_q4_0(w: mx.array) -> tuple[dict[str, mx.array] | None, dict]:
         return None, info
     info["provenance"] = "qat-lattice"
     s = mx.concatenate(scales)
-    # fp16 when every d is exact in it (half the metadata), else fp32; never bf16 (§3.3).
+    # fp16 when every d is exact in it (half the metadata), else fp32; never bf16 (docs/quantization.md §3.3).
     return _q4_0_arrays(w.shape, words, s.astype(mx.float16) if fits16 else s, info), info
 
 
@@ -145,7 +142,7 @@ def _storage(w: mx.array) -> str:
 
 
 def _sfp8(w: mx.array):
-    """SFP8 codes transcoded to mxfp8, plus the fp32 per-tensor scale (spec §2.4 b)."""
+    """SFP8 codes transcoded to mxfp8, plus the fp32 per-tensor scale (docs/quantization.md §2.4 b)."""
     shape = w.shape
     amax = np.float32(mx.abs(w).max().astype(mx.float32).item())
     s = sfp8.tensor_scale(np.array([amax], np.float32))  # the whole tensor's scale
@@ -175,3 +172,7 @@ def _sfp8(w: mx.array):
            "tensor_scale": mx.array([s], mx.float32)}
     return out, {"provenance": "ptq-sfp8", "tensor_scale": float(s), "mxfp8_exact_groups": round(frac, 6),
                  "mxfp8_exact_elements": round(efrac, 6)}
+
+
+# Formats with a codec of our own (formats/q4_0.py, formats/sfp8.py), run by row chunks.
+_OWN_CODECS = {"q4_0": _q4_0, "sfp8": _sfp8}

@@ -2,7 +2,7 @@
 MTP drafter: `drafter`).
 
 One source shard at a time: its tensors are mapped lazily, renamed onto our module
-tree (`loader.sanitize`: towers under `vision.*` / `audio.*`, conv weights in MLX
+tree (`checkpoint.keys.sanitize`: towers under `vision.*` / `audio.*`, conv weights in MLX
 layout), checked against the config's geometry, encoded tensor by tensor (each
 evaluated at once so its source bytes can go), and written as one output shard.
 Peak memory is about one output shard plus one tensor's working set.
@@ -10,7 +10,7 @@ Everything goes to `DST.partial`, renamed to DST only at the very end; any failu
 removes it, so a DST that exists is always complete.
 
 An audio model always leaves with a `feature_extractor` block in its
-processor_config.json (multimodal spec §6.3: mlx-vlm #903 lost it, and audio was
+processor_config.json (docs/multimodal.md §6.3: mlx-vlm #903 lost it, and audio was
 silently ignored).
 """
 
@@ -27,10 +27,10 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from gemma4_mlx.config import ConfigError, read_config
-from gemma4_mlx.checkpoint.files import LoadError, read_safetensors, weight_files
+from gemma4_mlx.checkpoint.files import LoadError, missing_tensors, read_safetensors, weight_files
 from gemma4_mlx.checkpoint.keys import sanitize
 from gemma4_mlx.checkpoint.quantized import quantization_block
+from gemma4_mlx.config import ConfigError, read_config
 from gemma4_mlx.models.assistant import Drafter
 from gemma4_mlx.models.layers import CLAMPS
 from gemma4_mlx.models.text import Model
@@ -48,7 +48,7 @@ _REWRITTEN = {"config.json", "model.safetensors.index.json"}
 _TOWERS = ("vision", "audio")  # Model attributes, and the prefixes of their tensors
 
 # transformers 5.24 `Gemma4AudioFeatureExtractor().to_dict()`, which equals the official
-# E2B/E4B block (multimodal spec §4.1); written when an audio model's source lacks one.
+# E2B/E4B block (docs/multimodal.md §4.1); written when an audio model's source lacks one.
 FEATURE_EXTRACTOR = {
     "feature_extractor_type": "Gemma4AudioFeatureExtractor",
     "feature_size": 128, "sampling_rate": 16000, "padding_value": 0.0, "padding_side": "right",
@@ -126,7 +126,7 @@ def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: b
 
 
 def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
-    raw, model, clean = _source(folder)
+    raw, model, map_keys = _source(folder)
     if quantization_block(raw, str(folder / "config.json")) is not None:
         raise ConvertError(f"{folder / 'config.json'}: the source is already quantized; "
                            "convert from an unquantized (bf16/fp32) checkpoint")
@@ -141,7 +141,7 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     in_use = mx.get_active_memory()  # the caller's arrays are not the converter's
     with _progress(progress, sum(f.stat().st_size for f in files)) as advance:
         for f, name in zip(files, names):
-            tensors = clean(_checked(read_safetensors, f), stats)
+            tensors = map_keys(_checked(read_safetensors, f), stats)
             shard = {}
             while tensors:  # popped, so each source tensor is released once encoded
                 key, w = tensors.popitem()
@@ -171,9 +171,8 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     # Clamp bounds absent from a checkpoint keep their default (+-inf), as the loader does.
     missing = sorted(k for k in set(expected) - seen if not _is_clamp(k))
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConvertError(f"{folder}: missing tensor {missing[0]}{more}")
-    if head is not None and not mx.array_equal(head, _reread(embed_file, clean)).item():
+        raise ConvertError(missing_tensors(str(folder), missing))
+    if head is not None and not mx.array_equal(head, _reread(embed_file, map_keys)).item():
         raise ConvertError(f"{folder}: lm_head.weight differs from embed_tokens.weight; Gemma 4 ties them")
     report.skipped = {k: v for k, v in stats.items() if v}
     is_drafter = isinstance(model, Drafter)
@@ -193,7 +192,8 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
 
 def _source(folder: Path):
     """(raw config, module tree with lazy parameters: shapes only, nothing allocated,
-    key clean-up onto that tree) for a target or an MTP drafter checkpoint."""
+    key mapper onto that tree, `(weights, stats=None)`) for a target or an MTP drafter
+    checkpoint."""
     if drafter.is_drafter(folder):
         return drafter.source(folder)
     try:
@@ -217,9 +217,9 @@ def _checked(read, path: Path):
         raise ConvertError(str(e)) from None
 
 
-def _reread(f: Path, clean) -> mx.array:
+def _reread(f: Path, map_keys) -> mx.array:
     """The source embedding again (lazily mapped), to compare with a stored lm_head."""
-    return clean(_checked(read_safetensors, f))["model.embed_tokens.weight"]
+    return map_keys(_checked(read_safetensors, f))["model.embed_tokens.weight"]
 
 
 def _is_clamp(key: str) -> bool:
@@ -231,7 +231,7 @@ def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, 
     """Output arrays for one sanitized tensor; records its entry in the report."""
     if not mx.issubdtype(w.dtype, mx.floating):
         return {key: w}  # index arrays (drafter token_ordering): copied exactly, never cast
-    if _is_clamp(key):  # float32 0-d for every recipe (multimodal spec §6.3)
+    if _is_clamp(key):  # float32 0-d for every recipe (docs/multimodal.md §6.3)
         return {key: w.astype(mx.float32).reshape(())}
     module, _, leaf = key.rpartition(".")
     cls = classify(module) if leaf == "weight" else "other"

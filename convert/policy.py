@@ -1,9 +1,9 @@
-"""Recipes and the precision policy: which format each tensor gets (spec quantization.md §1, §6).
+"""Recipes and the precision policy: which format each tensor gets (docs/quantization.md §1, §6).
 
-A tensor is classified by its module path (our module tree, after `loader.sanitize`):
+A tensor is classified by its module path (our module tree, after `checkpoint.keys.sanitize`):
 
   class           modules                                        keep_high_precision=True
-  embedding       embed_tokens (also the tied LM head)           8-bit affine g64 (§6, §7);
+  embedding       embed_tokens (also the tied LM head)           8-bit affine g64 (docs/quantization.md §6, §7);
                                                                  q4_0 recipe: Q4_0 when every
                                                                  block is on the QAT lattice
   ple_table       embed_tokens_per_layer                         high precision
@@ -31,24 +31,24 @@ Vision and audio towers (module paths `vision.*`, `audio.*`):
   (conv weights, position_embedding_table, per_dim_scale, std_bias / std_scale,
    output_proj.bias and norms: never quantized; the clamp scalars `*.input_min`,
    `*.input_max`, `*.output_min`, `*.output_max` are float32 0-d for every recipe,
-   bf16 / fp16 included: spec multimodal.md §6.3)
+   bf16 / fp16 included: docs/multimodal.md §6.3)
 
 Quantized towers are a known source of image-quality regressions elsewhere (mlx-vlm
-#905, LM Studio #2265) and the E2B towers already look QAT-quantized (spec
-quantization.md §6), so they stay high precision unless asked.  The embedders stay
-high precision always (spec: "quantization policy keeps embedders in high
-precision"); so do the towers' boundary projections: small, at the towers' input and
+#905, LM Studio #2265) and the E2B towers already look QAT-quantized (see
+docs/quantization.md §6), so they stay high precision unless asked.  The embedders stay
+high precision always (docs/quantization.md §6: embedders stay in high
+precision); so do the towers' boundary projections: small, at the towers' input and
 output, and two cannot run quantized in our modules (relative_k_proj casts its
 position table to the weight's dtype; output_proj has a bias, the quantized
 module none).
 
-An MTP drafter (mtp-drafter spec §13) is dominated by its tied head `embed_tokens`
+An MTP drafter (docs/speculative.md §13) is dominated by its tied head `embed_tokens`
 (262144 x 1024 on 26B/31B): it and the layers' linears follow the embedding and
 linear rules.  Its projections carry the target's hidden state into and out of
 every draft step and the centroid scorer picks which vocabulary clusters are
 scored at all; both are small, so they stay high precision.
 
-keep_high_precision=False puts every other class on the recipe (logged: §6 calls a
+keep_high_precision=False puts every other class on the recipe (logged: docs/quantization.md §6 calls a
 4-bit PTQ PLE table catastrophic).  High precision means the source dtype for
 quantized recipes and the recipe's dtype for bf16 / fp16.
 """
@@ -58,24 +58,29 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, replace
 
+from gemma4_mlx.formats.registry import FORMATS, get
+
 
 @dataclass(frozen=True)
 class Format:
-    """How one weight is stored.  kind: float | affine | q4_0 | sfp8 | mxfp4 | nvfp4."""
+    """How one weight is stored: a format of `gemma4_mlx.formats.registry` (kind) with
+    the bits and group size this tensor uses."""
 
     kind: str
     bits: int = 16
     group_size: int = 0
     dtype: str | None = None  # float kinds: target dtype (None = as stored)
 
+    def __post_init__(self):
+        get(self.kind)  # ValueError for a format the registry does not know
+
     @property
     def mode(self) -> str | None:
-        return {"affine": "affine", "q4_0": "affine", "sfp8": "mxfp8", "mxfp4": "mxfp4",
-                "nvfp4": "nvfp4"}.get(self.kind)
+        return FORMATS[self.kind].mode
 
     @property
     def quantized(self) -> bool:
-        return self.kind != "float"
+        return FORMATS[self.kind].quantized
 
     def entry(self) -> dict:
         d = {"format": self.kind}
@@ -86,19 +91,23 @@ class Format:
         return d
 
 
-Q8 = Format("affine", 8, 64)
+def _quantized(kind: str, bits: int | None = None) -> Format:
+    """A quantized recipe: the format's bits (affine: `bits`) and its default group size."""
+    k = FORMATS[kind].kernel(bits)
+    return Format(kind, k["bits"], k["group_size"])
+
+
+Q8 = _quantized("affine", 8)
 RECIPES: dict[str, Format] = {
     "bf16": Format("float", dtype="bfloat16"),
     "fp16": Format("float", dtype="float16"),
-    "q8": Q8,  # default 8-bit (§2.4: 0.85% error vs SFP8's 2.7%)
-    "q4": Format("affine", 4, 64),
-    "mxfp4": Format("mxfp4", 4, 32),
-    "nvfp4": Format("nvfp4", 4, 16),
-    "q4_0": Format("q4_0", 4, 32),
-    "sfp8": Format("sfp8", 8, 32),
+    "q8": Q8,  # default 8-bit (docs/quantization.md §2.3: 0.85% error vs SFP8's 2.7%)
+    "q4": _quantized("affine", 4),
+    "mxfp4": _quantized("mxfp4"),
+    "nvfp4": _quantized("nvfp4"),
+    "q4_0": _quantized("q4_0"),
+    "sfp8": _quantized("sfp8"),
 }
-# Group sizes each kind can use, preferred first (MLX 0.32: §5).
-GROUPS = {"affine": (64, 32, 128), "q4_0": (32,), "sfp8": (32,), "mxfp4": (32,), "nvfp4": (16,)}
 
 _CLASSES = (
     # towers first: their `input_proj` / `*_k_proj` / `output_proj` also end in _proj
@@ -176,7 +185,7 @@ class Policy:
         fmt = self.for_class(cls)
         if not fmt.quantized:
             return fmt, None
-        for g in GROUPS[fmt.kind]:
+        for g in FORMATS[fmt.kind].groups:  # preferred first
             if in_features % g == 0:
                 if g == fmt.group_size:
                     return fmt, None

@@ -17,6 +17,13 @@ class LoadError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file or tensor."""
 
 
+def missing_tensors(source: str, missing: list[str]) -> str:
+    """The one-line message for tensors a checkpoint lacks: the first, and how many more
+    (the loader, the converter and the GGUF importer raise it in their own error type)."""
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    return f"{source}: missing tensor {missing[0]}{more}"
+
+
 # -- reading tensors --------------------------------------------------------
 
 def weight_files(folder: Path) -> list[Path]:

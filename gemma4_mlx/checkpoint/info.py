@@ -1,4 +1,4 @@
-"""`gemma4-mlx info`: what a checkpoint holds, per component (spec quantization.md §10).
+"""`gemma4-mlx info`: what a checkpoint holds, per component (docs/quantization.md §10).
 
 Parameters and bytes come from the safetensors headers only (no tensor is read);
 the format of each component from config.json; resident memory, optionally, from

@@ -1,5 +1,13 @@
 """Checkpoint key mapping: HF, mlx-lm/mlx-vlm and our converted layouts onto `Model`
-(the quirks of each live here, beside the module tree they map onto)."""
+(the quirks of each live here, beside the module tree they map onto).
+
+Every key mapper follows one contract: `sanitize(weights, [what it maps onto], stats=None)
+-> dict[str, mx.array]`: checkpoint tensors in, a new dict named by our module paths out
+(`weights` is not changed); the second argument, where the mapping depends on one, is
+the model or config; `stats`, where the mapper keeps counts, adds what was left out, by
+reason.  The mappers: `sanitize` (a target), `sanitize_drafter` (an MTP drafter) here,
+`models.vision.sanitize(weights, cfg)` and `models.audio.sanitize(weights)` (the towers).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +20,17 @@ import mlx.core as mx
 from gemma4_mlx.checkpoint.files import LoadError
 from gemma4_mlx.models.audio import sanitize as audio_sanitize
 from gemma4_mlx.models.text import Model
+from gemma4_mlx.models.vision import sanitize as vision_sanitize
 
 log = logging.getLogger(__name__)
 
-# MTP drafter checkpoints: K/V projections the drafter never uses (it reads the
-# target's), and the centroid head's token permutation.
-DRAFTER_UNUSED_KEYS = re.compile(r"\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+# K/V tensors of a KV-shared layer (group 1: its index).  Such a layer computes queries
+# only and reads its producer's K/V, yet official E2B/E4B files carry K/V for the
+# target's shared layers, and MTP drafters (every layer shared, the producers are the
+# target's) for all of theirs: the loaders and converters drop them.  (Our v_norm has
+# no weight: a target's v_norm tensors, shared layer or not, are dropped by `_SKIP` first.)
+SHARED_KV_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.")
+# An MTP drafter's centroid head: its token permutation.
 TOKEN_ORDERING_KEY = "masked_embedding.token_ordering"
 
 
@@ -55,7 +68,7 @@ def module_path(key: str) -> str:
 
 
 def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = None) -> dict[str, mx.array]:
-    """Map checkpoint keys onto `Model` (text-decoder spec §8.3).
+    """Map checkpoint keys onto `Model` (docs/text-decoder.md §8.3).
 
     stats, if given, counts what was left out: "skipped" (vision/audio/rotary
     tensors) and "shared_kv" (unused K/V of KV-shared layers).
@@ -81,7 +94,7 @@ def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = No
         if key == "lm_head.weight":
             out[key] = value  # checked against the embedding once every shard is read
             continue
-        m = re.match(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.", key)
+        m = SHARED_KV_KEY.match(key)
         if m and int(m.group(1)) < len(cfg.layers) and cfg.layers[int(m.group(1))].shared:
             dropped_shared += 1  # official E2B/E4B files carry unused consumer K/V
             continue
@@ -95,7 +108,8 @@ def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = No
             key += ".weight"
         out[key] = value
     if towers["vision"]:
-        out.update(("vision." + k, v) for k, v in model.vision.sanitize(towers["vision"]).items())
+        vision = vision_sanitize(towers["vision"], model.vision.config)
+        out.update(("vision." + k, v) for k, v in vision.items())
     if towers["audio"]:
         out.update(("audio." + k, v) for k, v in audio_sanitize(towers["audio"]).items())
     if dropped_shared:
@@ -103,6 +117,19 @@ def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = No
     if stats is not None:
         stats["skipped"] = stats.get("skipped", 0) + skipped
         stats["shared_kv"] = stats.get("shared_kv", 0) + dropped_shared
+    return out
+
+
+def sanitize_drafter(weights: dict[str, mx.array], stats: dict | None = None) -> dict[str, mx.array]:
+    """Map an MTP drafter checkpoint onto `Drafter`: drop the K/V tensors it never uses
+    (every drafter layer reads the target's K/V); everything else keeps its name, and
+    lm_head.weight passes through for the tied-head check.
+
+    stats, if given, counts the dropped tensors as "unused_kv".
+    """
+    out = {k: v for k, v in weights.items() if not SHARED_KV_KEY.match(k)}
+    if stats is not None:
+        stats["unused_kv"] = stats.get("unused_kv", 0) + len(weights) - len(out)
     return out
 
 

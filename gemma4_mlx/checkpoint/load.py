@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from gemma4_mlx.checkpoint.files import DTYPES, LoadError, read_safetensors, weight_files
+from gemma4_mlx.checkpoint.files import DTYPES, LoadError, missing_tensors, read_safetensors, weight_files
 from gemma4_mlx.checkpoint.hub import resolve_path
 from gemma4_mlx.checkpoint.keys import (
-    DRAFTER_UNUSED_KEYS,
     TOKEN_ORDERING_KEY,
     drop_absent_towers,
     drop_tied_head,
     rename,
     sanitize,
+    sanitize_drafter,
 )
 from gemma4_mlx.checkpoint.quantized import QUANT_META, apply_quantization, quantization_block
 from gemma4_mlx.config import ConfigError, ModelConfig, read_config
@@ -42,7 +41,7 @@ def _cast(key: str, v: mx.array, target) -> mx.array:
     if not mx.issubdtype(v.dtype, mx.floating) or v.dtype == target:
         return v
     if key.endswith(CLAMPS):
-        return v  # the towers' clamp bounds stay float32 (multimodal spec §6.3)
+        return v  # the towers' clamp bounds stay float32 (docs/multimodal.md §6.3)
     if key.endswith(QUANT_META) and target != mx.float32:
         return v  # never narrow quantization metadata (fp16 Q4_0 scales are lossy in bf16)
     return v.astype(target)
@@ -59,8 +58,7 @@ def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) ->
     # Clamp bounds absent from a checkpoint keep their default (+-inf: no clamp).
     missing = [k for k in expected if k not in weights and not k.endswith(CLAMPS)]
     if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise LoadError(f"{source}: missing tensor {missing[0]}{more}")
+        raise LoadError(missing_tensors(source, missing))
     model.load_weights(list(weights.items()), strict=False)
 
 
@@ -77,8 +75,8 @@ def finish(model: nn.Module, weights: dict[str, mx.array], dtype: str | None, fo
 
 # -- memory-mapped PLE table ------------------------------------------------
 # E2B/E4B's per-layer-embedding table (4.7/5.6 GB bf16) is only row-gathered, so by
-# default it stays mapped in its safetensors file instead of in MLX memory (spec
-# quantization.md §6, §10).  A quantized table (converter asked for it) is loaded
+# default it stays mapped in its safetensors file instead of in MLX memory
+# (docs/quantization.md §6, §10).  A quantized table (converter asked for it) is loaded
 # as usual.  Only done when the stored dtype is kept (dtype None): an explicit
 # dtype asks for a resident cast copy, and the test/tooling paths that load with
 # dtype="float32" and rebuild models from `parameters()` need every tensor there.
@@ -181,7 +179,7 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
     """Load a `gemma4_assistant` checkpoint (ours or HF) as a `Drafter`.
 
     target: checked for compatibility (hidden size, vocabulary, window, K/V layout).
-    The centroid head's table is stored in `token_ordering` order (spec §5) when
+    The centroid head's table is stored in `token_ordering` order (docs/speculative.md §5) when
     that is a permutation of the vocabulary.
     """
     import numpy as np
@@ -203,10 +201,8 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
         raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     weights: dict[str, mx.array] = {}
     for f in weight_files(folder):
-        for k, v in read_safetensors(f).items():
-            if not DRAFTER_UNUSED_KEYS.search(k):  # the reference ignores these too
-                weights[k] = v
-    # Trust the tensors, not the config (spec §1): some configs declare centroids
+        weights.update(sanitize_drafter(read_safetensors(f)))  # the reference ignores its K/V too
+    # Trust the tensors, not the config (docs/speculative.md §1): some configs declare centroids
     # that the files do not carry.
     has_centroids = TOKEN_ORDERING_KEY in weights
     if has_centroids != cfg.use_ordered_embeddings:

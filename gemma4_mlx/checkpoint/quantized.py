@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map_with_path
 
 from gemma4_mlx.checkpoint.files import LoadError
 from gemma4_mlx.checkpoint.keys import module_path
+from gemma4_mlx.formats.registry import FORMATS
 from gemma4_mlx.models.layers import Linear
 from gemma4_mlx.models.moe import ExpertLinear, QuantizedExpertLinear
-from gemma4_mlx.models.quantized import KERNEL_PARAMS, QEmbedding, QLinear
+from gemma4_mlx.models.quantized import QEmbedding, QLinear
 from gemma4_mlx.models.text import Model
 
-
 # -- quantized checkpoints --------------------------------------------------
-# Two layouts are read (spec quantization.md §1, text-decoder.md §8.3 step 7):
+# Two layouts are read (docs/quantization.md §1, docs/text-decoder.md §8.3 step 7):
 # - ours (`gemma4-mlx convert`): config.json `quantization.tensors` names the format
 #   of every matmul/embedding weight; Q4_0 stores no biases (they are -8 * scales and
 #   derived here), SFP8 stores mxfp8 codes plus an fp32 `tensor_scale`;
@@ -54,14 +55,11 @@ def kernel_params(path: str, q: dict, overrides: dict, source: str) -> dict | No
             fmt = entry.get("mode", "affine")
         else:
             entry, fmt = q, q.get("mode", "affine")
-    if fmt not in KERNEL_PARAMS:
+    spec = FORMATS.get(fmt)
+    if spec is None or not spec.quantized:
         raise LoadError(f"{source}: {path}: unknown quantization format {fmt!r}")
-    fixed = KERNEL_PARAMS[fmt]
-    if fixed is not None:
-        return dict(fixed, format=fmt)
-    # MLX's affine defaults (group 64, 4 bits) when an entry leaves them out
-    return {"mode": "affine", "bits": int(entry.get("bits") or 4),
-            "group_size": int(entry.get("group_size") or 64), "format": "affine"}
+    # affine: the entry's bits / group size, MLX's defaults where it leaves them out
+    return dict(spec.kernel(entry.get("bits"), entry.get("group_size")), format=fmt)
 
 
 def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, source: str) -> None:
@@ -70,8 +68,6 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
     Runs before `check_and_assign`, so shapes are then checked against the
     quantized layout.
     """
-    from mlx.utils import tree_map_with_path
-
     overrides = {module_path(k): v for k, v in q.items()
                  if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")}
 
@@ -82,8 +78,8 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
         if p is None:
             raise LoadError(f"{source}: {path}.scales present but config.json marks {path} unquantized")
         # Q4_0 stores no biases (-8 * scales): the module derives them per product,
-        # so none are resident either (4.5 bits per weight, spec §1).
-        derive = p["format"] == "q4_0" and f"{path}.biases" not in weights
+        # so none are resident either (4.5 bits per weight, docs/quantization.md §1).
+        derive = FORMATS[p["format"]].biases == "derived" and f"{path}.biases" not in weights
         kw = dict(group_size=p["group_size"], bits=p["bits"], mode=p["mode"],
                   tensor_scale=f"{path}.tensor_scale" in weights, derive_biases=derive)
         try:

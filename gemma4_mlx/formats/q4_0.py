@@ -1,6 +1,6 @@
 """ggml Q4_0, its byte layout, its exact mapping onto MLX affine, and QAT lattice recovery.
 
-Q4_0 (spec quantization.md §3): blocks of 32 consecutive values along the last axis,
+Q4_0 (docs/quantization.md §3): blocks of 32 consecutive values along the last axis,
 one fp16 scale d and 32 codes q in 0..15; value = d * (q - 8).
 Arrays here: d [..., K/32] float16, q [..., K/32, 32] uint8 in logical element order.
 Raw ggml block (18 bytes): little-endian fp16 d, then qs[16] with element j in the low
@@ -18,6 +18,7 @@ import numpy as np
 QK = 32  # values per block
 BLOCK_BYTES = 2 + QK // 2  # fp16 d + 16 bytes of nibbles = 18 (4.5 bits/weight)
 GROUP_SIZE, BITS = 32, 4  # MLX affine parameters of the mapping
+BIAS_PER_SCALE = -8  # MLX affine biases = -8 * scales: d * (q - 8) = d * q + (-8 * d)
 
 
 def _blocks(w, what: str) -> np.ndarray:
@@ -121,7 +122,7 @@ def to_mlx_affine(d, q, scale_dtype="float32"):
     for i in range(8):
         words |= flat[..., i] << np.uint32(4 * i)  # element 0 in the lowest nibble
     scales = mx.array(d32).astype(dt)
-    return mx.array(words), scales, (scales * -8).astype(dt)
+    return mx.array(words), scales, (scales * BIAS_PER_SCALE).astype(dt)
 
 
 def _fits_fp16(d32: np.ndarray) -> np.ndarray:
@@ -148,7 +149,7 @@ class Lattice:
     d: np.ndarray  # float32 [..., K/32]: signed extremum / -8
     q: np.ndarray  # uint8 [..., K/32, 32]
     exact: np.ndarray  # bool [..., K/32]: storage-rounded d*(q-8) equals the input bit for bit
-    near: np.ndarray  # bool [..., K/32]: max |w - d*(q-8)| <= |d|/16 (spec §4.3 step 5)
+    near: np.ndarray  # bool [..., K/32]: max |w - d*(q-8)| <= |d|/16 (docs/quantization.md §4.3 step 3)
     fraction: float  # fraction of exact blocks
     d_fits_fp16: bool  # every d exactly representable in fp16
 
@@ -157,7 +158,7 @@ class Lattice:
 
 
 def recover_lattice(w, storage: str | None = None) -> Lattice:
-    """Recover the Q4_0 lattice from a QAT "unquantized" tensor (spec §4.3).
+    """Recover the Q4_0 lattice from a QAT "unquantized" tensor (docs/quantization.md §4.3).
 
     Per block: d = signed extremum / -8, q = clip(round(w/d) + 8, 0, 15).  A block is
     exact when d*(q-8), rounded to the checkpoint's storage dtype, reproduces w exactly

@@ -1,13 +1,13 @@
 """SFP8: gemma.cpp's 8-bit "switched floating point", with a per-tensor scale.
 
-Byte layout `s ccccccc` (spec quantization.md §2.1):
+Byte layout `s ccccccc` (docs/quantization.md §2.1):
   c = 0          zero
   c = 1 .. 63    small: e = c >> 2, m = c & 3  -> (1 + m/4) * 2^(e - 23)   (2^-23 .. 1.75*2^-8)
   c = 64 .. 127  large: e = c >> 3, m = c & 7  -> (1 + m/8) * 2^(e - 15)   (2^-7  .. 1.875)
 Code 0x80 (-0) is reserved: never emitted, read as 0.
 
 Two encoders (`rounding=`):
-  "nearest"  the spec §2.2 rule: round the fp32 magnitude to 3 (>= 1.9375*2^-8) or
+  "nearest"  the docs/quantization.md §2.2 rule: round the fp32 magnitude to 3 (>= 1.9375*2^-8) or
              2 mantissa bits, ties to even, carrying into the exponent; a result of
              exactly 2^-23 becomes code 1; below that, 0.  This is also what
              gemma.cpp's scalar test encoder (`SFP8FromF32`, sfp_test.cc) computes.
@@ -19,7 +19,7 @@ Two encoders (`rounding=`):
              most 6 mantissa bits (all bf16 values whose 7th bit is 0).
 
 Inference form: SFP values are transcoded to MLX's native `mxfp8` (E4M3 elements, one
-E8M0 scale per 32) plus the fp32 tensor scale applied after the matmul (§2.4 b).
+E8M0 scale per 32) plus the fp32 tensor scale applied after the matmul (docs/quantization.md §2.4 b).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _check_finite(x: np.ndarray, what: str) -> None:
 
 
 def tensor_scale(w) -> float:
-    """Per-tensor scale s (spec §2.2 step 1, gemma.cpp `ScaleWeights`): 1 if max|w| <= 1.875,
+    """Per-tensor scale s (docs/quantization.md §2.2 step 1, gemma.cpp `ScaleWeights`): 1 if max|w| <= 1.875,
     else max|w| / 1.875 in fp32."""
     x = _as_f32(w)
     _check_finite(x, "sfp8.tensor_scale")
@@ -145,7 +145,7 @@ def decode(codes, scale: float = 1.0) -> np.ndarray:
 
 
 def lut_matmul(x, codes, scale: float = 1.0):
-    """Reference MLX path (§2.4 a): y = x @ (s * LUT[codes]).T, dense, in x's dtype."""
+    """Reference MLX path (docs/quantization.md §2.4 a): y = x @ (s * LUT[codes]).T, dense, in x's dtype."""
     import mlx.core as mx
 
     table = mx.array(LUT).astype(x.dtype)  # SFP values are exact in bf16/fp16/fp32

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from gemma4_mlx import ops
-from gemma4_mlx.models.layers import ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
+from gemma4_mlx.models.layers import CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
 _ACTS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu,
          "gelu_pytorch_tanh": ops.gelu_tanh}
@@ -321,11 +321,11 @@ class AudioModel(nn.Module):
 
 _AUDIO_PREFIXES = (("model.audio_tower.", "audio_tower."), ("audio_tower.", "audio_tower."),
                    ("model.embed_audio.", "embed_audio."), ("embed_audio.", "embed_audio."))
-_CLAMPS = (".input_min", ".input_max", ".output_min", ".output_max")
 
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Checkpoint tensors -> `AudioModel` parameters (docs/multimodal.md §6.2, §6.3); non-audio keys dropped.
+    The key-mapper contract: `gemma4_mlx.checkpoint.keys` (no config: the mapping needs none).
 
     - `model.` prefix stripped; the `.linear.` nesting of clippable linears kept;
     - SSCP Conv2d (out, in, 3, 3) -> (out, 3, 3, in) and depthwise Conv1d (C, 1, K) ->
@@ -348,7 +348,7 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
             v = v.transpose(0, 2, 3, 1)
         elif key.endswith("depthwise_conv1d.weight") and v.ndim == 3 and v.shape[1] == 1:
             v = v.transpose(0, 2, 1)
-        elif key.endswith(_CLAMPS):
+        elif key.rpartition(".")[2] in CLAMPS:
             v = v.astype(mx.float32).reshape(())
         out[key] = v
     return out

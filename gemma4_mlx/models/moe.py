@@ -1,6 +1,6 @@
 """The 26B-A4B mixture-of-experts branch: router and stacked experts.
 
-Router (text-decoder spec §4.10): on the *un-normed* residual, scale-free norm,
+Router (docs/text-decoder.md §4.10): on the *un-normed* residual, scale-free norm,
 times `scale` and H^-1/2, softmax in float32 over all experts, top-k, renormalise,
 times `per_expert_scale`.  Experts run through `gather_mm` (or `gather_qmm` once
 quantized), reading each expert's weights once per sorted group.
@@ -14,8 +14,9 @@ import mlx.nn as nn
 import numpy as np
 
 from gemma4_mlx import ops
-from gemma4_mlx.models.quantized import affine_biases
+from gemma4_mlx.formats import registry
 from gemma4_mlx.models.layers import Linear
+from gemma4_mlx.models.quantized import affine_biases, row_biases, scaled
 
 
 class Router(nn.Module):
@@ -67,9 +68,6 @@ class ExpertLinear(nn.Module):
         return q
 
 
-_MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "mxfp8": (32, 8), "nvfp4": (16, 4)}
-
-
 class QuantizedExpertLinear(nn.Module):
     """Quantized E x [out, in] experts, run with `gather_qmm` (or `quantized_matmul`
     per expert in `segment`).  Packed like mlx-lm's `QuantizedSwitchLinear`:
@@ -81,10 +79,8 @@ class QuantizedExpertLinear(nn.Module):
                  bits: int | None = None, mode: str = "affine", tensor_scale: bool = False,
                  derive_biases: bool = False):
         super().__init__()
-        if mode not in _MODE_DEFAULTS:
-            raise ValueError(f"quantization mode {mode!r}: expected one of {', '.join(_MODE_DEFAULTS)}")
-        g, b = _MODE_DEFAULTS[mode]
-        self.group_size, self.bits, self.mode = group_size or g, bits or b, mode
+        native = registry.for_mode(mode)  # the mode's default group size and bits
+        self.group_size, self.bits, self.mode = group_size or native.group_size, bits or native.bits, mode
         if in_dims % self.group_size or (in_dims * self.bits) % 32:
             raise ValueError(f"experts: input size {in_dims} not divisible by group size {self.group_size}")
         # Placeholders with the packed shapes; the loader replaces them (never evaluated).
@@ -101,24 +97,17 @@ class QuantizedExpertLinear(nn.Module):
             self.tensor_scale = mx.ones((1,), mx.float32)
         self.freeze()
 
-    def _finish(self, y: mx.array, dtype) -> mx.array:
-        if "tensor_scale" in self:
-            y = y * self["tensor_scale"].astype(mx.float32)
-        return y.astype(dtype)  # keep the activation dtype (fp16 scales would promote bf16)
-
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
         y = mx.gather_qmm(x, self["weight"], self["scales"], affine_biases(self), rhs_indices=idx,
                           transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
                           sorted_indices=sorted_indices)
-        return self._finish(y, x.dtype)
+        return scaled(y, self, x.dtype)
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
         scales = self["scales"][expert]
-        b = None if self.derive_biases else self.get("biases")
-        y = mx.quantized_matmul(x, self["weight"][expert], scales,
-                                affine_biases(self, scales) if b is None else b[expert], transpose=True,
-                                group_size=self.group_size, bits=self.bits, mode=self.mode)
-        return self._finish(y, x.dtype)
+        y = mx.quantized_matmul(x, self["weight"][expert], scales, row_biases(self, expert, scales),
+                                transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
+        return scaled(y, self, x.dtype)
 
 
 class Experts(nn.Module):

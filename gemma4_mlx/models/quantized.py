@@ -1,9 +1,9 @@
-"""Quantized stand-ins for `Linear` and `nn.Embedding` (spec quantization.md §1, §2.4, §7).
+"""Quantized stand-ins for `Linear` and `nn.Embedding` (docs/quantization.md §1, §2.4, §7).
 
 Both subclass MLX's own quantized modules and add two things:
 - an optional fp32 per-tensor `tensor_scale`, multiplied in after the product:
   SFP8 weights are stored as mxfp8 codes of w / s, and s is an arbitrary float
-  that the E8M0 group scales cannot absorb (§2.4 b);
+  that the E8M0 group scales cannot absorb (docs/quantization.md §2.4 b);
 - outputs in the model's activation dtype: bf16 activations times fp16 Q4_0
   scales would otherwise promote the whole residual stream to float32, and
   mxfp4/nvfp4 embeddings would dequantize to bf16 inside a float32 model.
@@ -14,33 +14,53 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-# Formats as recorded in config.json -> the MLX kernel parameters that run them.
-# q4_0 is MLX affine g32 with biases = -8 * scales; sfp8 is mxfp8 plus tensor_scale.
-KERNEL_PARAMS = {
-    "affine": None,  # bits / group_size come from the entry itself
-    "q4_0": {"mode": "affine", "bits": 4, "group_size": 32},
-    "sfp8": {"mode": "mxfp8", "bits": 8, "group_size": 32},
-    "mxfp4": {"mode": "mxfp4", "bits": 4, "group_size": 32},
-    "mxfp8": {"mode": "mxfp8", "bits": 8, "group_size": 32},
-    "nvfp4": {"mode": "nvfp4", "bits": 4, "group_size": 16},
-}
+from gemma4_mlx.formats import q4_0
+
+# Which format a module holds, its kernel and whether its biases are derived, come
+# from `gemma4_mlx.formats.registry` (read by the loader when it builds these modules).
 
 
 def affine_biases(module: nn.Module, scales: mx.array | None = None) -> mx.array | None:
     """The module's affine biases: stored, or for Q4_0 derived from the scales when
     the product runs (-8 * d, exact in the scales' dtype), so that Q4_0 keeps
-    4.5 bits per weight resident like ggml instead of MLX's usual 5.0 (§1)."""
+    4.5 bits per weight resident like ggml instead of MLX's usual 5.0 (docs/quantization.md §1)."""
     if getattr(module, "derive_biases", False):
         s = module["scales"] if scales is None else scales
-        return s * mx.array(-8, s.dtype)
-    b = module.get("biases")
-    return b
+        return s * mx.array(q4_0.BIAS_PER_SCALE, s.dtype)
+    return module.get("biases")
 
 
-def _scaled(y: mx.array, module: nn.Module) -> mx.array:
+def row_biases(module: nn.Module, rows, scales: mx.array) -> mx.array | None:
+    """Affine biases of the gathered `rows` (table rows, one expert) whose scales are
+    `scales`: derived from them, or the stored biases indexed the same way."""
+    b = None if getattr(module, "derive_biases", False) else module.get("biases")
+    return affine_biases(module, scales) if b is None else b[rows]
+
+
+def scaled(y: mx.array, module: nn.Module, dtype: mx.Dtype) -> mx.array:
+    """A quantized product finished: times `tensor_scale` (SFP8) if the module has one,
+    in `dtype` (the activations': fp16 scales would otherwise promote bf16)."""
     if "tensor_scale" in module:
         y = y * module["tensor_scale"].astype(mx.float32)
-    return y
+    return y.astype(dtype)
+
+
+def quantized_linear(module: nn.Module, x: mx.array) -> mx.array:
+    """x @ W.T for a quantized [out, in] weight: `QLinear` and the tied head `QEmbedding.as_linear`."""
+    y = mx.quantized_matmul(x, module["weight"], scales=module["scales"], biases=affine_biases(module),
+                            transpose=True, group_size=module.group_size, bits=module.bits,
+                            mode=module.mode)
+    return scaled(y, module, x.dtype)
+
+
+def _finish_init(module: nn.Module, tensor_scale: bool, derive_biases: bool) -> None:
+    """What QLinear and QEmbedding add to MLX's modules: no resident biases when they
+    are derived (or the mode has none), and the optional SFP8 scale."""
+    module.derive_biases = derive_biases
+    if module.get("biases") is None or derive_biases:
+        module.pop("biases", None)
+    if tensor_scale:
+        module.tensor_scale = mx.ones((1,), mx.float32)
 
 
 class QLinear(nn.QuantizedLinear):
@@ -50,22 +70,15 @@ class QLinear(nn.QuantizedLinear):
                  mode: str = "affine", tensor_scale: bool = False, derive_biases: bool = False):
         super().__init__(input_dims, output_dims, bias=False, group_size=group_size,
                          bits=bits, mode=mode)
-        self.derive_biases = derive_biases
-        if self.biases is None or derive_biases:
-            self.pop("biases", None)
-        if tensor_scale:
-            self.tensor_scale = mx.ones((1,), mx.float32)
+        _finish_init(self, tensor_scale, derive_biases)
         self.freeze()
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=affine_biases(self),
-                                transpose=True, group_size=self.group_size, bits=self.bits,
-                                mode=self.mode)
-        return _scaled(y, self).astype(x.dtype)
+        return quantized_linear(self, x)
 
 
 class QEmbedding(nn.QuantizedEmbedding):
-    """Quantized table; `as_linear` serves the tied LM head (§7).
+    """Quantized table; `as_linear` serves the tied LM head (docs/quantization.md §7).
 
     out_dtype: dtype of looked-up rows (the model's activation dtype), set by the loader.
     """
@@ -73,11 +86,7 @@ class QEmbedding(nn.QuantizedEmbedding):
     def __init__(self, num_embeddings: int, dims: int, group_size: int, bits: int,
                  mode: str = "affine", tensor_scale: bool = False, derive_biases: bool = False):
         super().__init__(num_embeddings, dims, group_size=group_size, bits=bits, mode=mode)
-        self.derive_biases = derive_biases
-        if self.biases is None or derive_biases:
-            self.pop("biases", None)
-        if tensor_scale:
-            self.tensor_scale = mx.ones((1,), mx.float32)
+        _finish_init(self, tensor_scale, derive_biases)
         self.out_dtype = None
         self.freeze()
 
@@ -90,18 +99,13 @@ class QEmbedding(nn.QuantizedEmbedding):
 
     def __call__(self, ids: mx.array) -> mx.array:
         scales = self["scales"][ids]
-        b = None if self.derive_biases else self.get("biases")
-        rows = mx.dequantize(self["weight"][ids], scales=scales,
-                             biases=affine_biases(self, scales) if b is None else b[ids],
+        rows = mx.dequantize(self["weight"][ids], scales=scales, biases=row_biases(self, ids, scales),
                              group_size=self.group_size, bits=self.bits, mode=self.mode,
                              dtype=mx.float32)
-        return _scaled(rows, self).astype(self.dtype)
+        return scaled(rows, self, self.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:
-        y = mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=affine_biases(self),
-                                transpose=True, group_size=self.group_size, bits=self.bits,
-                                mode=self.mode)
-        return _scaled(y, self).astype(x.dtype)
+        return quantized_linear(self, x)
 
 
 def table_dtype(emb: nn.Module) -> mx.Dtype:

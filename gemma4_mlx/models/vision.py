@@ -1,4 +1,4 @@
-"""The Gemma 4 vision tower and its embedder into text space (multimodal spec §2, §6, §7).
+"""The Gemma 4 vision tower and its embedder into text space (docs/multimodal.md §2, §6, §7).
 
 One module tree serves both released sizes: the small tower (E2B/E4B) clamps the
 inputs and outputs of every linear with scalars from the checkpoint; the large
@@ -25,7 +25,8 @@ import mlx.nn as nn
 import numpy as np
 
 from gemma4_mlx import ops
-from gemma4_mlx.models.layers import CLAMPS as _CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
+from gemma4_mlx.models.layers import CLAMPS as _CLAMPS
+from gemma4_mlx.models.layers import ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
 
 @dataclass
@@ -45,7 +46,7 @@ class VisionConfig:
     use_clipped_linears: bool = False
     standardize: bool = False
     hidden_activation: str = "gelu_pytorch_tanh"
-    default_output_length: int | None = None  # config.json only; a budget fallback (spec §2.1)
+    default_output_length: int | None = None  # config.json only; a budget fallback (docs/multimodal.md §2.1)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
@@ -98,7 +99,7 @@ QUERY_BLOCK = 1024
 
 
 def full_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """Bidirectional attention over one image's real patches, scale 1.0 (spec §2.4)."""
+    """Bidirectional attention over one image's real patches, scale 1.0 (docs/multimodal.md §2.4)."""
     T = q.shape[2]
     if T <= QUERY_BLOCK:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
@@ -205,7 +206,7 @@ class VisionTower(nn.Module):
 
     def pool(self, h: mx.array, positions: np.ndarray, dtype) -> mx.array:
         """k x k average pooling by patch position (k = pooling_kernel_size, never derived
-        from the patch count), x sqrt(hidden), standardisation; all in float32 (spec §2.5)."""
+        from the patch count), x sqrt(hidden), standardisation; all in float32 (docs/multimodal.md §2.5)."""
         cfg, k, f32 = self.config, self.config.pooling_kernel_size, ops.wide(dtype)
         bins = positions[:, 0] // k + (positions[:, 0].max() + 1) // k * (positions[:, 1] // k)
         n = int(bins.max()) + 1
@@ -275,6 +276,7 @@ class VisionModel(nn.Module):
         return self.embed_vision(tokens), counts
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """mlx-vlm's method form of `sanitize(weights, self.config)`."""
         return sanitize(weights, self.config)
 
 
@@ -283,7 +285,8 @@ _PREFIXES = (("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision
 
 
 def sanitize(weights: dict[str, mx.array], cfg: VisionConfig) -> dict[str, mx.array]:
-    """Checkpoint tensors -> `VisionModel` paths (spec §6.1, §6.3).
+    """Checkpoint tensors -> `VisionModel` paths (docs/multimodal.md §6.1, §6.3); non-vision
+    keys dropped.  The key-mapper contract: `gemma4_mlx.checkpoint.keys`.
 
     Keeps only vision keys, strips `model.`, keeps the `.linear.` nesting of clipped
     linears, stores clamp scalars as float32 0-d arrays (dropped, like transformers
