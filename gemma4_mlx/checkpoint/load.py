@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
@@ -182,8 +183,6 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
     The centroid head's table is stored in `token_ordering` order (docs/speculative.md §5) when
     that is a permutation of the vocabulary.
     """
-    import numpy as np
-
     folder = resolve_path(str(path))
     cfg_file = folder / "config.json"
     try:
