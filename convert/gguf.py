@@ -21,8 +21,10 @@ Importer, per ggml type of a matrix / embedding tensor:
 - F32/F16/BF16: as stored.
 Non-matrix tensors (norms, scalars) in a block type are dequantized exactly to fp32.
 Other ggml types (K-quants but Q6_K, IQ*) are refused, naming the tensor.
-Vision/audio live in a separate mmproj GGUF and the tokenizer is not reconstructed
-from `tokenizer.ggml.*`: this writes the text model only.
+The full layers' partial-rotary factor is read from llama.cpp's `rope_freqs` tensor
+(`gguf_rope`); the tokenizer and chat template are rebuilt from `tokenizer.ggml.*` and
+`tokenizer.chat_template` (`gguf_tokenizer`).  Vision/audio live in a separate mmproj
+GGUF: this writes the text model only.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from gemma4_mlx.quant import q4_0
+from gemma4_mlx.checkpoint.keys import SHARED_KV_KEY
+from gemma4_mlx.formats import q4_0
 
-from . import codecs
+from . import codecs, gguf_tokenizer
 from .errors import ConvertError
+from .gguf_rope import check_rotary_dims, full_rotary_factor
 
 GGML_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1",
               10: "Q2_K", 11: "Q3_K", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 16: "IQ2_XXS",
@@ -186,7 +190,8 @@ _BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": 
 _BLOCK_LEAF = {"layer_output_scale.weight": "layer_scalar",
                "ffn_gate_inp.scale": "router.scale",
                "ffn_down_exps.scale": "router.per_expert_scale"}
-# rope_freqs: llama.cpp's proportional-RoPE factors; our RoPE derives them from the config.
+# rope_freqs: llama.cpp's proportional-RoPE divisors, read into the config's
+# partial_rotary_factor (gguf_rope.py); not a weight of ours.
 _IGNORED = {"rope_freqs.weight"}
 _FUSED = re.compile(r"^blk\.(\d+)\.ffn_gate_up_exps\.weight$")
 
@@ -272,10 +277,11 @@ def text_config(g: GGUFFile) -> dict:
            "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
            "final_logit_softcapping": key("final_logit_softcapping", None),
            "tie_word_embeddings": True, "attention_k_eq_v": k_eq_v, "num_kv_shared_layers": n_shared,
-           # partial_rotary_factor / rope type stay at the Gemma 4 defaults (config.py)
            "rope_parameters": {S: {"rope_type": "default", "rope_theta": float(key("rope.freq_base_swa"))},
-                               F: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                   "rope_theta": float(key("rope.freq_base"))}}}
+                               F: {"rope_type": "proportional", "rope_theta": float(key("rope.freq_base"))}}}
+    # the full layers' partial rotation is llama.cpp's rope_freqs tensor (gguf_rope.py)
+    check_rotary_dims(g, key, cfg["global_head_dim"], cfg["head_dim"])
+    cfg["rope_parameters"][F]["partial_rotary_factor"] = full_rotary_factor(g, cfg["global_head_dim"])[0]
     if key("attention.value_length", cfg["global_head_dim"]) != cfg["global_head_dim"]:
         raise ConvertError(f"{g.path}: metadata key gemma4.attention.value_length differs from key_length")
     if k_eq_v:
@@ -373,7 +379,6 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 SHARD_BYTES = 2 << 30  # output shard size: bounds the resident set while writing
 ROWS_CHUNK = 1 << 20  # elements decoded per step (bounds the numpy temporaries)
 FP16_MAX = 65504.0
-_SHARED_KV = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm)\.")
 _RULE = ("Q4_0 blocks as stored (biases derived); Q8_0/Q4_1/Q5_0/Q5_1 blocks as stored (exact MLX affine "
          "g32, stored biases); Q6_K dequantized to float16, then the class policy (not lossless, per-tensor "
          "deviation recorded); F32/F16/BF16 as stored; block-typed norms/scalars dequantized to float32")
@@ -394,6 +399,10 @@ def import_gguf(path: Path, out: Path, policy, progress: bool):
                            f"(got {policy.recipe})")
     g = GGUFFile(path)
     raw_cfg = text_config(g)
+    vocab = gguf_tokenizer.read_vocab(g, raw_cfg["vocab_size"])  # checked before any weight is read
+    eos = vocab.eos_ids() if vocab is not None else []
+    if eos:  # EOS and the end-of-turn ids llama.cpp stops on
+        raw_cfg["eos_token_id"] = eos
     try:
         config = parse_config(raw_cfg, str(path))
     except ConfigError as e:
@@ -415,7 +424,7 @@ def import_gguf(path: Path, out: Path, policy, progress: bool):
         """Check and encode one of our tensors cut from GGUF tensor `name`."""
         if key is None:
             raise ConvertError(f"{path}: tensor {name}: unknown GGUF tensor name for gemma4")
-        m = _SHARED_KV.match(key)
+        m = SHARED_KV_KEY.match(key)
         if m and config.text.layers[int(m.group(1))].shared:
             skipped[0] += 1  # unused K/V of a KV-sharing layer (as loader.sanitize drops them)
             return
@@ -486,10 +495,17 @@ def import_gguf(path: Path, out: Path, policy, progress: bool):
                  "weight_map": dict(sorted((k, n) for n, keys in shards for k in keys))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     report.skipped = {k: v for k, v in (("shared_kv", skipped[0]), ("ignored", ignored)) if v}
+    report.converted = ["text"]
+    if vocab is not None:
+        gguf_tokenizer.write(vocab, out)
+        report.converted += ["tokenizer"] + (["chat template"] if vocab.template is not None else [])
     types = sorted({t.type for t in g.tensors.values()})
-    raw_cfg["gemma4_mlx_conversion"] = {"tool": "gemma4-mlx convert", "recipe": "q4_0", "source": "gguf",
-                                        "gguf_file": path.name, "gguf_types": types, "text_only": True,
-                                        "skipped": report.skipped}
+    factor, factor_from = full_rotary_factor(g, raw_cfg["global_head_dim"])
+    raw_cfg["gemma4_mlx_conversion"] = {
+        "tool": "gemma4-mlx convert", "recipe": "q4_0", "source": "gguf", "gguf_file": path.name,
+        "gguf_types": types, "text_only": True, "skipped": report.skipped,
+        "partial_rotary_factor": {"full_attention": factor, "from": factor_from},
+        "tokenizer": vocab.summary() if vocab is not None else "none (no tokenizer.ggml.tokens in the GGUF)"}
     described = policy.describe()
     raw_cfg["quantization"] = {"recipe": "q4_0", "mode": "affine", "bits": 4, "group_size": 32,
                                "policy": {"recipe": "q4_0", "source": "gguf", "rule": _RULE,

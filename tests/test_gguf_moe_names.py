@@ -55,7 +55,9 @@ def build(tmp_path, output_copy=True):
             name = gguf_names(key)
         tensors.append((name, 0, w.shape, w.tobytes()))
     emb = params["model.embed_tokens.weight"]
-    tensors.append(("rope_freqs.weight", 0, (16,), np.ones(16, np.float32).tobytes()))
+    # as llama.cpp writes it for partial rotary factor 0.25 on a 32-wide full-layer head:
+    # ones for the 4 rotated pairs, 1e30 after
+    tensors.append(("rope_freqs.weight", 0, (16,), np.array([1.0] * 4 + [1e30] * 12, np.float32).tobytes()))
     head = emb if output_copy else emb * 1.01
     tensors.append(("output.weight", 0, emb.shape, head.astype(np.float32).tobytes()))
     md = metadata(**{"gemma4.embedding_length_per_layer_input": None, "gemma4.expert_count": 4,
