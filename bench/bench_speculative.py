@@ -41,7 +41,6 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import gemma4_mlx.ops as ops
 import gemma4_mlx.speculative.loop as spec
-from gemma4_mlx.cache import trim_caches
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
 from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
 from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, generate_tokens
@@ -229,7 +228,7 @@ def time_verify(target, caches, B, T, reps, rng, repeated=False):
         logits, h = spec.verify(target, block, caches)
         mx.eval(mx.argmax(logits, axis=-1), h)
         dt = time.perf_counter() - t0
-        trim_caches(caches, T)
+        caches.trim(T)
         if i:
             times.append(dt)
     return median(times)

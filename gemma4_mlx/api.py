@@ -7,8 +7,8 @@ text prompts (`prompt.tokens`).  `Chat` (`chat.session`) is the multi-turn form.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import mlx.core as mx
 

@@ -6,20 +6,56 @@ entries is always a length change.  The sliding cache retains W - 1 + R entries
 were rolled back.  mlx-lm's `RotatingKVCache` cannot undo writes once it has
 wrapped (text-decoder spec §5.3), which is why these are our own.
 
-Batching: every row shares one slot axis.  Row b's token at slot s sits at
-position s - left_pad[b]; slots before `valid_from[b]` hold nothing of row b
-(prompt left padding, or the slack a ragged speculative commit left, `roll`).
-Invalid keys are masked (never zeroed: a zero key still counts in the softmax).
+Batching: every row shares one slot axis.  Two per-row numbers, each with one meaning:
+  left_pad[b]    row b's token at slot s sits at position s - left_pad[b] (RoPE);
+  valid_from[b]  slots before it hold nothing of row b (prompt left padding, or the
+                 slack a ragged speculative commit left, `roll`): the mask hides them.
+Right after a left-padded prefill both equal the padding; a ragged commit moves
+both, and `valid_from` never drops below the oldest retained slot.  Invalid keys
+are masked (never zeroed: a zero key still counts in the softmax).
+
+A model's caches are one `LayerCaches` (a list by layer; KV-shared consumer layers
+hold None) whose methods act on every layer at once: `trim`, `offset`, `commit`,
+`filter`, `snapshot` / `restore`.  `LayerCache` is what one layer's cache offers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
 import numpy as np
 
 STEP = 256  # buffer growth granularity (slots)
+
+
+@runtime_checkable
+class LayerCache(Protocol):
+    """One attention layer's K/V cache, as attention, the drafter and the loops use it."""
+
+    offset: int  # slots written so far: the next token's slot
+    window: int | None  # sliding window W; None for full attention
+    left_pad: mx.array | None  # [B] slot - position per row; None: 0 for every row
+    valid_from: mx.array | None  # [B] first slot holding the row's keys; None: 0
+
+    @property
+    def size(self) -> int: ...  # retained entries
+
+    @property
+    def state(self) -> tuple[mx.array | None, mx.array | None]: ...  # retained K, V
+
+    def positions(self) -> mx.array | int: ...
+    def mask(self, n_new: int) -> Mask: ...
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]: ...
+    def trim(self, n: int) -> int: ...
+    def filter(self, rows: Sequence[int]) -> None: ...
+    def roll(self, shifts: Sequence[int]) -> None: ...
+    def check_rows(self) -> None: ...
+    def draft_view(self, n_keys: int | None) -> tuple[mx.array, mx.array, Mask]: ...
+    def snapshot(self) -> dict: ...
+    def restore(self, snap: dict) -> None: ...
 
 
 class _Cache:
@@ -51,7 +87,7 @@ class _Cache:
         """Slot of the first key `update_and_fetch` returns for n_new new tokens."""
         return self.offset - self.size
 
-    def mask(self, n_new: int) -> "Mask":
+    def mask(self, n_new: int) -> Mask:
         """Mask for n_new queries over the keys update_and_fetch will return."""
         return build_mask(self.offset, self.key_start(n_new), n_new, self.window, self.valid_from)
 
@@ -132,6 +168,22 @@ class _Cache:
             if v < min(self.window - 1, h):
                 raise ValueError(f"sliding cache row {b} keeps {v} of the {self.window - 1} keys "
                                  f"its window needs: raise max_rollback above the draft length")
+
+    def draft_view(self, n_keys: int | None) -> tuple[mx.array, mx.array, Mask]:
+        """The committed K/V of this (producer) layer for an MTP drafter query, and its mask.
+
+        The drafter reads every valid retained key (full layers, n_keys None) or the
+        newest n_keys of them (sliding layers), spec mtp-drafter §4.
+        """
+        k, v = self.state
+        if n_keys is not None and k.shape[2] > n_keys:  # read only the window, not the slack
+            k, v = k[..., -n_keys:, :], v[..., -n_keys:, :]
+        start = self.offset - k.shape[2]
+        slots = mx.arange(start, self.offset)[None, :]
+        allowed = slots >= 0 if n_keys is None else slots >= self.offset - n_keys
+        if self.valid_from is not None:
+            allowed = allowed & (slots >= self.valid_from[:, None])
+        return k, v, Mask(allowed[:, None, None, :], self.offset - 1, start, None)
 
     def snapshot(self) -> dict:
         """A restorable state; cheap (MLX slices share the buffers lazily)."""
@@ -225,7 +277,7 @@ class Mask:
     # query of its block, which it may see; None when no query sees later keys.
     ahead: np.ndarray | None = None
 
-    def last(self, n: int) -> "Mask":
+    def last(self, n: int) -> Mask:
         """The mask of the last n queries only."""
         cut = self.array.shape[2] - n
         return Mask(self.array[..., cut:, :], self.q_start + cut, self.k_start, self.window,
@@ -238,7 +290,7 @@ class Mask:
         lo = 0 if self.window is None else max(0, self.q_start + a - self.window + 1 - self.k_start)
         return lo, min(hi, self.array.shape[3])
 
-    def with_blocks(self, blocks) -> "Mask":
+    def with_blocks(self, blocks) -> Mask:
         """Add bidirectional attention inside blocks (multimodal spec §3.3).
 
         blocks: block id per query ([T] ints, -1 outside any block).  The queries
@@ -270,76 +322,90 @@ def build_mask(offset: int, key_start: int, n_new: int, window: int | None,
 
     Padded query rows may see themselves so that their (ignored) outputs stay finite.
     """
-    left_pad = valid_from
     q = mx.arange(offset, offset + n_new)[:, None]
     k = mx.arange(key_start, offset + n_new)[None, :]
     allowed = k <= q
     if window is not None:
         allowed = allowed & (q - k < window)
-    if left_pad is not None:
-        valid = k[None] >= left_pad[:, None, None]
+    if valid_from is not None:
+        valid = k[None] >= valid_from[:, None, None]
         allowed = (allowed[None] & (valid | (k == q)[None]))[:, None]
     else:
         allowed = allowed[None, None]
     return Mask(allowed, offset, key_start, window)
 
 
-def make_caches(layer_types, first_shared: int, window: int, *, max_rollback: int = 32,
-                left_pad=None) -> list:
-    """One cache per layer that writes K/V; KV-shared consumers get None."""
-    caches = []
-    for i, t in enumerate(layer_types):
-        if i >= first_shared:
-            caches.append(None)
-        elif t == "sliding_attention":
-            caches.append(SlidingKVCache(window, max_rollback, left_pad))
-        else:
-            caches.append(KVCache(left_pad))
-    return caches
+class LayerCaches(list):
+    """A model's caches by layer: a `LayerCache` for every layer that writes K/V, None
+    for the KV-shared consumer layers (they read their producer's K/V).  Indexing
+    and iteration are a list's; the methods act on every layer at once."""
 
+    @classmethod
+    def for_layers(cls, layer_types: Sequence[str], first_shared: int, window: int, *,
+                   max_rollback: int = 32, left_pad=None) -> LayerCaches:
+        caches = cls()
+        for i, t in enumerate(layer_types):
+            if i >= first_shared:
+                caches.append(None)
+            elif t == "sliding_attention":
+                caches.append(SlidingKVCache(window, max_rollback, left_pad))
+            else:
+                caches.append(KVCache(left_pad))
+        return caches
 
-def draft_view(cache: _Cache, n_keys: int | None) -> tuple[mx.array, mx.array, Mask]:
-    """The committed K/V of a producer layer for an MTP drafter query, and its mask.
+    @classmethod
+    def of(cls, caches) -> LayerCaches:
+        """`caches` itself when it is a LayerCaches, else a LayerCaches over the same
+        layer caches (a plain list a caller built)."""
+        return caches if isinstance(caches, cls) else cls(caches)
 
-    The drafter reads every valid retained key (full layers, n_keys None) or the
-    newest n_keys of them (sliding layers), spec mtp-drafter §4.
-    """
-    k, v = cache.state
-    if n_keys is not None and k.shape[2] > n_keys:  # read only the window, not the slack
-        k, v = k[..., -n_keys:, :], v[..., -n_keys:, :]
-    start = cache.offset - k.shape[2]
-    slots = mx.arange(start, cache.offset)[None, :]
-    allowed = slots >= 0 if n_keys is None else slots >= cache.offset - n_keys
-    if cache.valid_from is not None:
-        allowed = allowed & (slots >= cache.valid_from[:, None])
-    return k, v, Mask(allowed[:, None, None, :], cache.offset - 1, start, None)
+    def writers(self) -> list[LayerCache]:
+        """The caches of the layers that write K/V (no None)."""
+        return [c for c in self if c is not None]
 
+    @property
+    def offset(self) -> int:
+        """Slots written so far (every layer cache has written the same number)."""
+        return next(c.offset for c in self if c is not None)
 
-def commit_caches(caches, accepted, drafted: int) -> None:
-    """After verifying drafted + 1 tokens per row, keep accepted[b] + 1 of them in row b.
+    @property
+    def state(self) -> list:
+        """(K, V) of every writing layer: what `mx.eval` needs to materialise them."""
+        return [c.state for c in self.writers()]
 
-    Common tail first (a length change), then each row rolled so that all rows end
-    at the same slot again (`_Cache.roll`).
-    """
-    accepted = [int(a) for a in accepted]
-    top = max(accepted)
-    shifts = [top - a for a in accepted]
-    for c in caches:
-        if c is not None:
-            c.trim(drafted - top)
-            c.roll(shifts)
-    # Every sliding cache has the same geometry: one check (it reads back to the host)
-    # covers them all.
-    sliding = next((c for c in caches if c is not None and c.window is not None), None)
-    if sliding is not None and any(shifts):
-        sliding.check_rows()
-
-
-def trim_caches(caches, n: int) -> None:
-    for c in caches:
-        if c is not None:
+    def trim(self, n: int) -> None:
+        """Drop the newest n entries of every row (rejected drafts, a rolled-back turn)."""
+        for c in self.writers():
             c.trim(n)
 
+    def filter(self, rows: Sequence[int]) -> None:
+        """Keep only these batch rows (finished sequences leave the batch)."""
+        for c in self.writers():
+            c.filter(rows)
 
-def cache_offset(caches) -> int:
-    return next(c.offset for c in caches if c is not None)
+    def commit(self, accepted: Sequence[int], drafted: int) -> None:
+        """After verifying drafted + 1 tokens per row, keep accepted[b] + 1 of them in row b.
+
+        Common tail first (a length change), then each row rolled so that all rows end
+        at the same slot again (`_Cache.roll`).
+        """
+        accepted = [int(a) for a in accepted]
+        top = max(accepted)
+        shifts = [top - a for a in accepted]
+        for c in self.writers():
+            c.trim(drafted - top)
+            c.roll(shifts)
+        # Every sliding cache has the same geometry: one check (it reads back to the host)
+        # covers them all.
+        sliding = next((c for c in self.writers() if c.window is not None), None)
+        if sliding is not None and any(shifts):
+            sliding.check_rows()
+
+    def snapshot(self) -> list:
+        """Per layer a restorable state (None for consumer layers); cheap."""
+        return [None if c is None else c.snapshot() for c in self]
+
+    def restore(self, snaps: Sequence) -> None:
+        for c, s in zip(self, snaps):
+            if c is not None:
+                c.restore(s)

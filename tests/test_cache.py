@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import gemma4_mlx
-from gemma4_mlx.cache import SlidingKVCache, trim_caches
+from gemma4_mlx.cache import LayerCaches, SlidingKVCache
 
-from conftest import W, max_diff, random_ids
+from helpers.checkpoints import W, max_diff, random_ids
 
 TOL = 1e-4
 
@@ -26,7 +26,7 @@ def test_draft_trim_decode(model, prompt_len, k):
         cache = model.make_cache(max_rollback=8)
         model(mx.array([ids[:prompt_len]]), cache)
         model(mx.array([ids[prompt_len:prompt_len + k]]), cache)  # verify block
-        trim_caches(cache, j)
+        cache.trim(j)
         committed = ids[:prompt_len + k - j]
         nxt = 7 + j  # any next token
         got = model(mx.array([[nxt]]), cache)[0, -1]
@@ -45,7 +45,7 @@ def test_many_rounds_after_wrapping(model):
         drafts = rng.integers(3, 256, size=k).tolist()
         logits = model(mx.array([drafts]), cache)[0]
         j = int(rng.integers(0, k + 1))
-        trim_caches(cache, j)
+        cache.trim(j)
         kept = drafts[: k - j]
         want = model(mx.array([seq + kept]))[0, -len(kept):] if kept else None
         if kept:
@@ -90,12 +90,11 @@ def test_snapshot_restore(model):
 
 
 def test_ragged_commit_refuses_rows_that_lose_window_keys():
-    from gemma4_mlx.cache import SlidingKVCache, commit_caches
 
     c = SlidingKVCache(window=4, max_rollback=2)
     k = mx.random.normal((2, 1, 12, 8))
     c.update_and_fetch(k, k)
-    commit_caches([c], accepted=[3, 2], drafted=3)  # shift 1 of row 1: within the slack
+    LayerCaches([c]).commit(accepted=[3, 2], drafted=3)  # shift 1 of row 1: within the slack
     c.update_and_fetch(k[:, :, :4], k[:, :, :4])
     with pytest.raises(ValueError, match="raise max_rollback"):
-        commit_caches([c], accepted=[3, 0], drafted=3)  # row 1 would keep too few keys
+        LayerCaches([c]).commit(accepted=[3, 0], drafted=3)  # row 1 would keep too few keys

@@ -20,7 +20,6 @@ import pytest
 
 import gemma4_mlx
 from gemma4_mlx.speculative import loop as speculative
-from gemma4_mlx.cache import draft_view
 from gemma4_mlx.config import FULL
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.demo.train_drafter import ASSISTANT_DIR, DEMO_CHATS, render_chat, stop_ids
@@ -68,7 +67,7 @@ def draft_copy(order="eh", hidden="ok"):
         cfg = target.config
         kv, masks = {}, {}
         for t, i in producer_layers(cfg).items():
-            k, v, m = draft_view(caches[i], None if t == FULL else cfg.sliding_window)
+            k, v, m = caches[i].draft_view(None if t == FULL else cfg.sliding_window)
             kv[t], masks[t] = (k, v), m
         offset = caches[producer_layers(cfg)[FULL]].positions() - 1
         if hidden == "other_row":

@@ -15,11 +15,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import W, random_ids
+from helpers.checkpoints import W, random_ids
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
 from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.speculative.loop import MTPSettings, SpecStats, speculative_batch_generate
-from mtp_pairs import PAIRS
+from helpers.mtp_pairs import PAIRS
 
 LENGTHS = [5, 13, 3, 9, 17, 7, 11, 4]  # mixed; most cross the window W = 4
 MAX = 14
@@ -174,7 +174,6 @@ def test_a_seed_gives_the_same_text_with_or_without_a_drafter(pairs):
 def test_cache_handed_in_ends_as_plain_decoding_leaves_it(pairs):
     """Chat sessions continue one cache: after an early stop it must hold exactly the
     prompt and every token the caller took except the last."""
-    from gemma4_mlx.cache import cache_offset
     from gemma4_mlx.speculative.loop import speculative_generate_tokens
 
     target, drafter = pairs["e2b_like"]
@@ -188,7 +187,7 @@ def test_cache_handed_in_ends_as_plain_decoding_leaves_it(pairs):
         if len(got) == 7:
             break
     assert got == ref[:7]
-    assert cache_offset(cache) == len(prompt) + 6
+    assert cache.offset == len(prompt) + 6
     # continuing from that cache gives plain decoding's next tokens
     more = list(speculative_generate_tokens(target, drafter, [got[-1]], cache=cache,
                                             max_tokens=5, draft_tokens=2))

@@ -15,7 +15,6 @@ from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from gemma4_mlx.cache import cache_offset, trim_caches
 from gemma4_mlx.runtime.generate import SamplingOptions, Stats, generate_tokens
 from gemma4_mlx.prompt.parser import Event, ParseResult, ToolCall, parser_for_prompt
 from gemma4_mlx.prompt.template import render, render_with_checkpoint_template, tool_result_content, tool_schema
@@ -109,7 +108,7 @@ class Chat:
         drop = len(self.cached) - n
         if drop:
             try:
-                trim_caches(self.cache, drop)
+                self.cache.trim(drop)
             except ValueError:  # rolled back past the sliding cache's slack: start over
                 self.cache = self.model.make_cache(max_rollback=self.max_rollback)
                 n = 0
@@ -180,7 +179,7 @@ class Chat:
                     generated.append(self._close_id)
                     detok.add_token(self._close_id)
                     yield from parser.feed(detok.last_segment)
-                    pending = (ids + generated)[cache_offset(self.cache):]
+                    pending = (ids + generated)[self.cache.offset:]
                     media = None  # the continuation holds generated tokens only
             detok.finalize()
             yield from parser.feed(detok.last_segment)
@@ -188,7 +187,7 @@ class Chat:
             # The cache holds exactly `offset` slots of ids + generated (the newest
             # sampled token is not fed yet; an interrupt may leave one queued step).
             stats.peak_memory_gb = mx.get_peak_memory() / 1e9
-            self.cached = (keys + generated)[: cache_offset(self.cache)]
+            self.cached = (keys + generated)[: self.cache.offset]
             events = parser.finish()
             self._record(parser.result)
         yield from events

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS before mlx)
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -29,6 +30,7 @@ from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import TextConfig
 from gemma4_mlx.models.text import Model
+from gemma4_mlx.prompt.template import render
 from gemma4_mlx.demo.corpus import corpus
 
 MODEL_DIR = Path(__file__).parent / "model"
@@ -49,7 +51,6 @@ CONFIG = dict(
     rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=[1, 16],
     bos_token_id=2,
 )
-from gemma4_mlx.prompt.template import render
 
 
 def turn_examples(conv: dict) -> list[tuple[str, str]]:

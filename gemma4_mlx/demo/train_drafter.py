@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS before mlx)
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -209,7 +210,7 @@ def prepare(target, chunk, steps: int) -> dict:
     g["h"] = gather_rows(h, g["qpos"])
     g["kv"] = kv
     g["labels"] = [mx.argmax(gather_rows(logits, p), axis=-1) for p in g["lab_pos"]]
-    g["emb"] = [target.model.embed(t) for t in g["tok"]]
+    g["emb"] = [target.embed(t) for t in g["tok"]]
     g["N"] = g["ids"].shape[1]
     for key in ("ids", "qpos", "lab_pos", "tok"):
         del g[key]

@@ -10,6 +10,11 @@ Four Gemma 4 decoder layers that compute queries only and attend to K/V the
     h' = post_projection(x)                    (carried into the next step)
 
 The drafter's own `embed_tokens` is only its tied LM head, never an input table.
+
+One model, several names: the checkpoint calls it an *assistant* (model_type
+`gemma4_assistant`, `AssistantConfig` here), our module is `Drafter`, the docs say *MTP
+drafter* (multi-token prediction), and the public API takes it as a draft model
+(`load_drafter`, `stream_generate(draft_model=...)`, `--draft-model`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
 from gemma4_mlx.config import FULL, SLIDING, ConfigError, TextConfig
@@ -36,7 +42,7 @@ class AssistantConfig:
     raw: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "AssistantConfig":
+    def from_dict(cls, d: dict, source: str = "config.json") -> AssistantConfig:
         if d.get("model_type") != "gemma4_assistant":
             raise ConfigError(f"{source}: model_type {d.get('model_type')!r} is not a Gemma 4 "
                               "drafter (expected 'gemma4_assistant')")
@@ -127,7 +133,7 @@ class CentroidHead(nn.Module):
 
 
 class Drafter(nn.Module):
-    """`Gemma4AssistantForCausalLM` for inference."""
+    """`Gemma4AssistantForCausalLM` for inference (a `contracts.MTPDrafter`)."""
 
     def __init__(self, cfg: AssistantConfig):
         super().__init__()
@@ -198,8 +204,6 @@ class Drafter(nn.Module):
         return out.reshape(*lead, -1)
 
     def num_parameters(self) -> int:
-        from mlx.utils import tree_flatten
-
         return sum(v.size for k, v in tree_flatten(self.parameters())
                    if not k.endswith(("layer_scalar", "token_ordering")))
 

@@ -10,17 +10,17 @@ import math
 
 import mlx.core as mx
 import mlx.nn as nn
-
 import numpy as np
+from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
-from gemma4_mlx.cache import build_mask, make_caches
+from gemma4_mlx.cache import LayerCaches, build_mask
 from gemma4_mlx.config import FULL, MEDIA_TOKEN_IDS, LayerSpec, ModelConfig, TextConfig
 from gemma4_mlx.models.audio import AudioConfig, AudioModel
 from gemma4_mlx.models.layers import CLAMPS, Linear, RMSNorm
-from gemma4_mlx.models.vision import VisionConfig, VisionModel
 from gemma4_mlx.models.moe import Experts, Router
 from gemma4_mlx.models.quantized import QEmbedding, table_dtype
+from gemma4_mlx.models.vision import VisionConfig, VisionModel
 
 
 class RoPE(nn.Module):
@@ -201,49 +201,41 @@ class TextModel(nn.Module):
 
     # -- forward -------------------------------------------------------------
     def __call__(self, ids: mx.array, cache=None, keep: int | None = None,
-                 stop_at_shared: bool = False, input_embeddings: mx.array | None = None,
-                 media=None):
+                 input_embeddings: mx.array | None = None, media=None) -> mx.array:
         """Hidden states after the final norm.
 
         keep: only the last `keep` positions are needed; from the first KV-shared
             layer on the stream is cut to them (exact: consumers write no cache).
-        stop_at_shared: a prefill chunk whose outputs nobody reads; the consumer
-            layers and the final norm are skipped (returns None).
         media: `MediaRows` of this slice (placeholder rows and image blocks).
         """
+        x = self._forward(ids, cache, keep, input_embeddings, media, fill_only=False)
+        if keep is not None and keep < x.shape[1]:
+            x = x[:, x.shape[1] - keep:]
+        return self.norm(x)
+
+    def fill_cache(self, ids: mx.array, cache, media=None) -> None:
+        """Only the cache writes of a prefill chunk whose outputs nobody reads: the
+        consumer layers and the final norm are skipped."""
+        self._forward(ids, cache, None, None, media, fill_only=True)
+
+    def _forward(self, ids, cache, keep, x, media, fill_only: bool):
+        """The layer stack; the un-normed stream, or None when fill_only."""
         cfg = self.cfg
-        B, T = ids.shape
         if self.placeholder_ids:
             ids = self.without_placeholders(ids)
         if media is not None:
             ids, x = self.merge_media(ids, media)
-        else:
-            x = self.embed(ids) if input_embeddings is None else input_embeddings
+        elif x is None:
+            x = self.embed(ids)
         ple = self.per_layer_inputs(ids, x) if cfg.hidden_size_per_layer_input else None
-        blocks = None
-        if media is not None and cfg.use_bidirectional_attention == "vision":
-            blocks = media.block_ids(T)  # 26B/31B: images bidirectional on sliding layers
         if cache is None:
             cache = [None] * len(self.layers)
-        masks, offsets = {}, {}
-        for i, s in enumerate(cfg.layers):  # read offsets *before* any cache update
-            if s.type in masks:
-                continue
-            window = cfg.sliding_window if s.type != FULL else None
-            c = cache[i]
-            if c is None:
-                masks[s.type] = build_mask(0, 0, T, window, None)
-                offsets[s.type] = 0
-            else:
-                masks[s.type] = c.mask(T)
-                offsets[s.type] = c.positions()
-            if blocks is not None and window is not None:
-                masks[s.type] = masks[s.type].with_blocks(blocks)
+        masks, offsets = self._masks(cache, ids.shape[1], media)
         shared = {}
         for i, layer in enumerate(self.layers):
             s = layer.spec
             if i == cfg.first_shared:
-                if stop_at_shared:
+                if fill_only:
                     return None
                 if keep is not None and keep < x.shape[1]:
                     cut = x.shape[1] - keep
@@ -256,15 +248,35 @@ class TextModel(nn.Module):
                           None if ple is None else ple[:, :, i])
             if not s.shared:
                 shared[i] = kv
-        if stop_at_shared:
-            return None
-        if keep is not None and keep < x.shape[1]:
-            x = x[:, x.shape[1] - keep:]
-        return self.norm(x)
+        return None if fill_only else x
+
+    def _masks(self, cache, T: int, media) -> tuple[dict, dict]:
+        """Per layer type: the mask and RoPE offset of T new tokens, read from the
+        caches *before* any update."""
+        cfg = self.cfg
+        blocks = None
+        if media is not None and cfg.use_bidirectional_attention == "vision":
+            blocks = media.block_ids(T)  # 26B/31B: images bidirectional on sliding layers
+        masks, offsets = {}, {}
+        for i, s in enumerate(cfg.layers):
+            if s.type in masks:
+                continue
+            window = cfg.sliding_window if s.type != FULL else None
+            c = cache[i]
+            if c is None:
+                masks[s.type] = build_mask(0, 0, T, window, None)
+                offsets[s.type] = 0
+            else:
+                masks[s.type] = c.mask(T)
+                offsets[s.type] = c.positions()
+            if blocks is not None and window is not None:
+                masks[s.type] = masks[s.type].with_blocks(blocks)
+        return masks, offsets
 
 
 class Model(nn.Module):
-    """Gemma 4 causal LM: `model(input_ids, cache=None) -> logits [B, T, vocab]`.
+    """Gemma 4 causal LM: `model(input_ids, cache=None) -> logits [B, T, vocab]`
+    (a `contracts.DecodingModel`).
 
     With a vision / audio config it also owns the towers (`vision`, `audio`) that
     turn media into the soft-token rows `media=` carries into the decoder.
@@ -282,7 +294,7 @@ class Model(nn.Module):
             self.audio = AudioModel(audio, cfg.hidden_size)
 
     @classmethod
-    def from_config(cls, config: ModelConfig, text_only: bool = False) -> "Model":
+    def from_config(cls, config: ModelConfig, text_only: bool = False) -> Model:
         """The model a config.json describes; text_only leaves the towers out."""
         raw = config.raw
         vision = audio = None
@@ -304,10 +316,19 @@ class Model(nn.Module):
     def has_audio(self) -> bool:
         return "audio" in self
 
-    def __call__(self, input_ids: mx.array, cache=None, logits_to_keep: int | None = None,
-                 media=None):
-        h = self.model(input_ids, cache, keep=logits_to_keep, media=media)
-        return self.logits(h)
+    # -- the `contracts.DecodingModel` interface -------------------------------
+    def __call__(self, input_ids: mx.array, cache: LayerCaches | None = None,
+                 logits_to_keep: int | None = None, media=None) -> mx.array:
+        return self.logits(self.hidden(input_ids, cache, keep=logits_to_keep, media=media))
+
+    def hidden(self, input_ids: mx.array, cache: LayerCaches | None = None,
+               keep: int | None = None, media=None) -> mx.array:
+        """Final-norm hiddens [B, keep or T, H] (what an MTP drafter is seeded with)."""
+        return self.model(input_ids, cache, keep=keep, media=media)
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """The scaled token embedding (table * sqrt(H)), as the first layer reads it."""
+        return self.model.embed(input_ids)
 
     def logits(self, h: mx.array) -> mx.array:
         emb = self.model.embed_tokens  # tied head
@@ -315,14 +336,14 @@ class Model(nn.Module):
         cap = self.config.final_logit_softcapping
         return ops.softcap(out, cap) if cap else out.astype(mx.float32)
 
-    def fill_cache(self, input_ids: mx.array, cache, media=None) -> None:
+    def fill_cache(self, input_ids: mx.array, cache: LayerCaches, media=None) -> None:
         """Run a prefill chunk only for its cache writes (no logits computed)."""
-        self.model(input_ids, cache, stop_at_shared=True, media=media)
+        self.model.fill_cache(input_ids, cache, media=media)
 
-    def make_cache(self, *, max_rollback: int = 32, left_pad=None) -> list:
+    def make_cache(self, *, max_rollback: int = 32, left_pad=None) -> LayerCaches:
         c = self.config
-        return make_caches(c.layer_types, c.first_shared, c.sliding_window,
-                           max_rollback=max_rollback, left_pad=left_pad)
+        return LayerCaches.for_layers(c.layer_types, c.first_shared, c.sliding_window,
+                                      max_rollback=max_rollback, left_pad=left_pad)
 
     @property
     def layers(self):
@@ -331,8 +352,6 @@ class Model(nn.Module):
     def num_parameters(self, towers: bool = False) -> int:
         """Learned parameters of the text model (layer_scalar and the towers' clamp
         scalars are buffers, as in the reference); towers=True adds the towers."""
-        from mlx.utils import tree_flatten
-
         params = self.parameters() if towers else {"model": self.model.parameters()}
         return sum(v.size for k, v in tree_flatten(params)
                    if not k.endswith(("layer_scalar",) + CLAMPS))

@@ -7,19 +7,21 @@ Samplers and logits processors are mlx-lm's (`make_sampler`,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
+from gemma4_mlx.cache import LayerCaches
+from gemma4_mlx.contracts import DecodingModel
 from gemma4_mlx.runtime.sampling import PositionedSampler
 
 DEFAULT_PREFILL_CHUNK = 512
 
 
-def prefill(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK,
-            media=None) -> mx.array:
+def prefill(model: DecodingModel, ids: mx.array, cache: LayerCaches,
+            chunk_size: int = DEFAULT_PREFILL_CHUNK, media=None) -> mx.array:
     """Feed `ids` [B, T] into `cache`; return the last position's logits [B, V].
 
     Every chunk but the last only fills the caches: it skips the KV-shared layers
@@ -30,8 +32,8 @@ def prefill(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK
     return logits
 
 
-def prefill_hidden(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFILL_CHUNK,
-                   media=None) -> tuple[mx.array, mx.array]:
+def prefill_hidden(model: DecodingModel, ids: mx.array, cache: LayerCaches,
+                   chunk_size: int = DEFAULT_PREFILL_CHUNK, media=None) -> tuple[mx.array, mx.array]:
     """`prefill`, also returning the final-norm hidden [B, H] of the last position
     (what an MTP drafter is seeded with).  A chunk never splits an image, frame
     or audio run: bidirectional image blocks must be seen whole (spec §3.3)."""
@@ -45,14 +47,14 @@ def prefill_hidden(model, ids: mx.array, cache, chunk_size: int = DEFAULT_PREFIL
             break
         part = None if media is None else media.window(start, end)
         model.fill_cache(ids[:, start:end], cache, media=part)
-        mx.eval([c.state for c in cache if c is not None])
+        mx.eval(LayerCaches.of(cache).state)
         start = end
     part = None if media is None else media.window(start, T)
-    h = model.model(ids[:, start:], cache, keep=1, media=part)
+    h = model.hidden(ids[:, start:], cache, keep=1, media=part)
     return model.logits(h)[:, -1], h[:, -1]
 
 
-def decode_step(model, tokens: mx.array, cache) -> mx.array:
+def decode_step(model: DecodingModel, tokens: mx.array, cache: LayerCaches) -> mx.array:
     """One token per row [B] -> logits [B, V]."""
     return model(tokens[:, None], cache)[:, -1]
 
@@ -157,7 +159,7 @@ def _sampler(options: SamplingOptions, rows: list[int]):
 def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
                     options: SamplingOptions | None = None, stop_ids: Sequence[int] = (),
                     cache=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    stats: "Stats | None" = None, media=None) -> Iterator[int]:
+                    stats: Stats | None = None, media=None) -> Iterator[int]:
     """Yield generated token ids for one prompt, stopping on any of `stop_ids`.
 
     The stop token itself is yielded (callers decide whether to show it).
@@ -251,9 +253,7 @@ def batch_generate(model, prompts: Sequence[Sequence[int]], *, max_tokens: int =
         if not keep:
             break
         if len(keep) < len(live):
-            for c in cache:
-                if c is not None:
-                    c.filter(keep)
+            cache.filter(keep)
             token = token[mx.array(keep)]
             live = [live[r] for r in keep]
             sampler.keep(live)

@@ -49,7 +49,7 @@ class DraftPolicy:
             self.acceptance = [PRIOR_ACCEPTANCE] * self.k_max
 
     @classmethod
-    def for_setting(cls, setting, k_max: int = 7) -> "DraftPolicy":
+    def for_setting(cls, setting, k_max: int = 7) -> DraftPolicy:
         """`draft_tokens` as users give it: an int K (0 = off) or "auto"."""
         if setting == "auto" or setting is None:
             return cls(k_max=k_max)
