@@ -35,7 +35,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor  # noqa: E402
 from transformers.models.gemma4.processing_gemma4 import Gemma4Processor  # noqa: E402
-from mm_configs import randomize_audio  # noqa: E402
+from helpers.mm_configs import randomize_audio  # noqa: E402
 
 TOL = 1e-4
 AUDIO_CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],

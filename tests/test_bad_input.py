@@ -12,7 +12,7 @@ import numpy as np
 import gemma4_mlx
 from gemma4_mlx import LoadError
 
-from conftest import write_char_tokenizer
+from helpers.checkpoints import write_char_tokenizer
 
 
 @pytest.fixture

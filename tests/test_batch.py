@@ -6,7 +6,7 @@ import pytest
 import gemma4_mlx
 from gemma4_mlx.runtime.generate import batch_generate, generate_tokens, prefill
 
-from conftest import max_diff, random_ids
+from helpers.checkpoints import max_diff, random_ids
 
 
 @pytest.fixture

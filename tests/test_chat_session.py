@@ -8,7 +8,7 @@ import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.demo import DEMO_MODEL
 
-from conftest import max_diff
+from helpers.checkpoints import max_diff
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from gemma4_mlx.config import ConfigError, FULL, parse_config, read_config
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.presets import PRESETS, preset
 
-from conftest import max_diff, random_ids
+from helpers.checkpoints import max_diff, random_ids
 
 COUNTS = {"e2b": 4_628_569_344, "e4b": 7_463_013_376, "26b-a4b": 25_233_141_760,
           "31b": 30_697_345_280}

@@ -26,7 +26,8 @@ from gemma4_mlx.models.moe import QuantizedExpertLinear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
 
-from conftest import build_hf, random_ids, read_json, write_char_tokenizer
+from helpers import checkpoints as builders
+from helpers.checkpoints import build_hf, random_ids, read_json, write_char_tokenizer
 
 QUANTIZED = ["q8", "q4", "mxfp4", "nvfp4", "q4_0", "sfp8"]
 MODES = ["bf16", "fp16"] + QUANTIZED
@@ -72,17 +73,16 @@ def _temper(hf):
 
 def _moe64():
     """MoE + PLE + KV sharing with every matrix input a multiple of 64, so every
-    recipe quantizes every expert (the conftest families have 16-wide experts)."""
-    import conftest
+    recipe quantizes every expert (the shared families have 16-wide experts)."""
     extra = dict(intermediate_size=64, moe_intermediate_size=64, hidden_size_per_layer_input=64,
                  num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                  num_kv_shared_layers=2, use_double_wide_mlp=False)
-    old = dict(conftest.FAMILIES["all"])
-    conftest.FAMILIES["moe64"] = {**old, **extra}
+    old = dict(builders.FAMILIES["all"])
+    builders.FAMILIES["moe64"] = {**old, **extra}
     try:
         return build_hf("moe64", seed=7)
     finally:
-        del conftest.FAMILIES["moe64"]
+        del builders.FAMILIES["moe64"]
 
 
 @pytest.fixture(scope="module")

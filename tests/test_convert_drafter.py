@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from conftest import random_ids
+from helpers.checkpoints import random_ids
 from gemma4_mlx.cache import Mask
 from gemma4_mlx.config import FULL, SLIDING
 from gemma4_mlx.convert import ConvertError, convert

@@ -34,7 +34,7 @@ from gemma4_mlx.media.audio import FeatureConfig, log_mel
 from gemma4_mlx.media.image import ImageProcessor
 from gemma4_mlx.formats.safetensors import read_header
 
-from mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
+from helpers.mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
 
 # Widths divisible by 32 and 64 so the text linears quantize too; global_head_dim !=
 # head_dim (a transformers 5.24 config then records the full layer's head_dim).

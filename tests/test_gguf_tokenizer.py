@@ -29,7 +29,7 @@ from gemma4_mlx.prompt.template import SPECIAL_TOKENS
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
-from conftest import randomize  # noqa: E402  (needs torch / transformers)
+from helpers.checkpoints import randomize  # noqa: E402  (needs torch / transformers)
 from test_chat_format import MINI_TEMPLATE  # noqa: E402
 
 V = 512  # vocabulary: 24 control strings, 256 byte tokens, 232 learned BPE tokens

@@ -15,7 +15,7 @@ from gemma4_mlx.config import TextConfig
 from gemma4_mlx.models.text import Model
 from mlx.utils import tree_flatten
 
-from conftest import max_diff, random_ids
+from helpers.checkpoints import max_diff, random_ids
 
 
 def test_peak_memory_is_one_copy(tmp_path):

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import W, max_diff
+from helpers.checkpoints import W, max_diff
 from gemma4_mlx.cache import Mask
 from gemma4_mlx.config import SLIDING, FULL, ConfigError, parse_config
 from gemma4_mlx.checkpoint.load import LoadError, load_drafter, load_model
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair, producer_layers
-from mtp_pairs import PAIRS
+from helpers.mtp_pairs import PAIRS
 
 TOL = 1e-4
 
@@ -114,7 +114,7 @@ def test_first_round_drafts_match_transformers_candidate_generator(checkpoints, 
     from transformers.generation.candidate_generator import (
         SinglePositionMultiTokenCandidateGenerator)
 
-    from conftest import random_ids
+    from helpers.checkpoints import random_ids
     from gemma4_mlx.runtime.generate import prefill_hidden
     from gemma4_mlx.speculative.loop import MTPSettings, draft
 

@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from gemma4_mlx import Chat, generate, load  # noqa: E402
 from gemma4_mlx.runtime.generate import SamplingOptions  # noqa: E402
 from gemma4_mlx.media.prepare import MediaError, processor_for  # noqa: E402
-from mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
+from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
 
 SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|image>": TOKEN_IDS["boi_token_id"],
             "<image|>": TOKEN_IDS["eoi_token_id"], "<|image|>": TOKEN_IDS["image_token_id"],
@@ -149,7 +149,7 @@ def test_text_only_load_refuses_media(folder):
 def test_chat_video_and_bad_video(loaded, tmp_path):
     pytest.importorskip("av")
     from gemma4_mlx.media.prepare import Video
-    from media_files import write_video
+    from helpers.media_files import write_video
 
     clip = write_video(tmp_path / "clip.mp4", n=8, rate=4, h=48, w=64)
     chat = fresh(loaded)
@@ -191,7 +191,7 @@ def test_cli_media_flags(folder, tmp_path):
 def test_speculative_chat_with_media_is_lossless(loaded, tmp_path):
     """An MTP drafter on a media prompt: the same greedy reply as without it."""
     from gemma4_mlx import load_drafter
-    from mm_configs import randomize_text
+    from helpers.mm_configs import randomize_text
 
     model, tok = loaded
     text = transformers.Gemma4TextConfig(
@@ -290,7 +290,7 @@ def test_bfloat16_checkpoint_with_media(tmp_path):
     from gemma4_mlx.checkpoint.load import load_model
     from gemma4_mlx.media.prepare import Audio, Image, MediaProcessor
     from gemma4_mlx.media.image import ImageProcessor
-    from mm_configs import hf_image_processor
+    from helpers.mm_configs import hf_image_processor
 
     text = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,

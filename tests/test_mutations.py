@@ -11,7 +11,7 @@ import gemma4_mlx
 from gemma4_mlx import ops
 from gemma4_mlx.config import FULL
 
-from conftest import max_diff, random_ids
+from helpers.checkpoints import max_diff, random_ids
 
 TOL = 1e-4
 

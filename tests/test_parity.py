@@ -7,7 +7,7 @@ import pytest
 import gemma4_mlx
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens, prefill
 
-from conftest import max_diff, random_ids
+from helpers.checkpoints import max_diff, random_ids
 
 TOL = 1e-4  # float32, logits of order 1-10
 

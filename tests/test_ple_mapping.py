@@ -17,7 +17,7 @@ from gemma4_mlx.convert import convert
 from gemma4_mlx.models.ple_table import MappedTable
 from gemma4_mlx.models.quantized import QEmbedding
 
-from conftest import random_ids
+from helpers.checkpoints import random_ids
 
 PLE = "model.embed_tokens_per_layer.weight"
 

@@ -11,8 +11,8 @@ import transformers
 import gemma4_mlx
 from gemma4_mlx.media.prepare import MediaError, MediaProcessor
 
-from conftest import max_diff, write_char_tokenizer
-from mm_configs import TEXT_TINY, build_multimodal
+from helpers.checkpoints import max_diff, write_char_tokenizer
+from helpers.mm_configs import TEXT_TINY, build_multimodal
 
 
 @pytest.fixture(scope="module")

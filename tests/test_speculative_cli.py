@@ -5,7 +5,7 @@ import shutil
 
 import gemma4_mlx
 
-from conftest import write_char_tokenizer
+from helpers.checkpoints import write_char_tokenizer
 from test_bad_input import cli
 
 

@@ -34,7 +34,7 @@ from gemma4_mlx.media import video as V
 
 av = pytest.importorskip("av")
 
-from media_files import LEVEL, write_video  # noqa: E402
+from helpers.media_files import LEVEL, write_video  # noqa: E402
 
 
 def levels(frames) -> np.ndarray:

@@ -33,7 +33,7 @@ from gemma4_mlx.models.text import Model  # noqa: E402
 from gemma4_mlx.models.vision import VisionConfig, VisionModel, sanitize  # noqa: E402
 from gemma4_mlx.media import image as P  # noqa: E402
 from gemma4_mlx.media.image import BUDGETS, ImageProcessor  # noqa: E402
-from mm_configs import TEXT_TINY, TOWERS, build_hf, hf_image_processor  # noqa: E402
+from helpers.mm_configs import TEXT_TINY, TOWERS, build_hf, hf_image_processor  # noqa: E402
 
 TOL = 1e-4
 

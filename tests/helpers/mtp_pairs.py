@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import transformers
 
-from conftest import FAMILIES, W, F, S, randomize
+from helpers.checkpoints import FAMILIES, W, F, S, randomize
 
 # target family -> centroid head?  (E2B/E4B drafters have it; 26B/31B do not)
 PAIRS = {"dense": False, "e2b_like": True, "moe": False}
