@@ -1,10 +1,11 @@
 """The installed package is the one in the repository: every subpackage is listed
 for setuptools (an editable install hides a missing one; a wheel would drop it)."""
 
+from pathlib import Path
+
 import pytest
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
