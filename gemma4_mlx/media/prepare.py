@@ -17,19 +17,19 @@ import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from gemma4_mlx.media.rows import AUDIO, IMAGE, VIDEO, MediaRows
 from gemma4_mlx.media import audio as A
 from gemma4_mlx.media.image import ImageProcessor, check_budget
-from gemma4_mlx.media.video import DEFAULT_NUM_FRAMES, VideoProcessor
-from gemma4_mlx.media.video import read_video_audio
-from gemma4_mlx.prompt.tokens import PromptCodec, encode_prompt, render_user_turn
+from gemma4_mlx.media.rows import AUDIO, IMAGE, VIDEO, MediaRows
+from gemma4_mlx.media.video import DEFAULT_NUM_FRAMES, VideoProcessor, read_video_audio
+from gemma4_mlx.prompt.tokens import PromptCodec, chat_template_for, encode_prompt, render_user_turn
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class MediaError(ValueError):
 
 
 # -- what a caller passes ---------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Image:
@@ -74,6 +75,7 @@ def as_media(x, kind: str):
 
 
 # -- one processed medium -----------------------------------------------------------
+
 
 @dataclass
 class Prepared:
@@ -108,12 +110,20 @@ def _name(source) -> str:
     return os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
+DEFAULT_FEATURES = A.FeatureConfig()  # transformers' Gemma 4 audio front end
+
+
 class MediaProcessor:
     """Processors plus the model's towers, with an LRU cache of encoded media."""
 
-    def __init__(self, model, image: ImageProcessor | None = None,
-                 features: A.FeatureConfig | None = A.FeatureConfig(), video: VideoProcessor | None = None,
-                 cache_bytes: int = 512 << 20):
+    def __init__(
+        self,
+        model,
+        image: ImageProcessor | None = None,
+        features: A.FeatureConfig | None = DEFAULT_FEATURES,
+        video: VideoProcessor | None = None,
+        cache_bytes: int = 512 << 20,
+    ):
         """features: None when the checkpoint's processor config has no
         `feature_extractor` block: audio is then refused, never ignored (docs/multimodal.md §6.3).
         video: defaults to 32 frames at budget 70 with the image processor's geometry."""
@@ -121,14 +131,17 @@ class MediaProcessor:
         self.image = image or ImageProcessor()
         self.features = features
         if video is None:
-            video = VideoProcessor(num_frames=DEFAULT_NUM_FRAMES, patch_size=self.image.patch_size,
-                                   pooling_kernel_size=self.image.pooling_kernel_size)
+            video = VideoProcessor(
+                num_frames=DEFAULT_NUM_FRAMES,
+                patch_size=self.image.patch_size,
+                pooling_kernel_size=self.image.pooling_kernel_size,
+            )
         self.video = video
         self.cache_bytes = cache_bytes
         self._cache: OrderedDict[str, mx.array] = OrderedDict()
 
     @classmethod
-    def from_folder(cls, model, folder: str | Path | None) -> "MediaProcessor":
+    def from_folder(cls, model, folder: str | Path | None) -> MediaProcessor:
         """Settings from `processor_config.json` (defaults when the folder has none)."""
         pc = None
         f = Path(folder) / "processor_config.json" if folder is not None else None
@@ -143,14 +156,19 @@ class MediaProcessor:
         vision = getattr(getattr(model, "vision", None), "config", None)
         flat = pc is not None and "patch_size" in pc  # an image processor's own file
         if (pc is None or ("image_processor" not in pc and not flat)) and vision is not None:
-            image = ImageProcessor(vision.default_output_length or 280, vision.patch_size,
-                                   vision.pooling_kernel_size)
+            image = ImageProcessor(vision.default_output_length or 280, vision.patch_size, vision.pooling_kernel_size)
         else:
-            image = ImageProcessor.from_config(pc, {"default_output_length": getattr(vision, "default_output_length", None)})
+            image = ImageProcessor.from_config(
+                pc, {"default_output_length": getattr(vision, "default_output_length", None)}
+            )
         if vision is not None and (image.patch_size, image.pooling_kernel_size) != (
-                vision.patch_size, vision.pooling_kernel_size):
-            raise MediaError(f"{f}: patch_size/pooling_kernel_size {image.patch_size}/{image.pooling_kernel_size} "
-                             f"do not match the vision tower's {vision.patch_size}/{vision.pooling_kernel_size}")
+            vision.patch_size,
+            vision.pooling_kernel_size,
+        ):
+            raise MediaError(
+                f"{f}: patch_size/pooling_kernel_size {image.patch_size}/{image.pooling_kernel_size} "
+                f"do not match the vision tower's {vision.patch_size}/{vision.pooling_kernel_size}"
+            )
         features = A.FeatureConfig()
         if pc is not None:
             features = A.FeatureConfig.from_dict(pc["feature_extractor"]) if "feature_extractor" in pc else None
@@ -169,8 +187,10 @@ class MediaProcessor:
 
     def _need(self, tower: str, what: str):
         if tower not in self.model:
-            raise MediaError(f"{what}: this model has no {tower} tower "
-                             f"({'E2B/E4B only' if tower == 'audio' else 'text-only checkpoint'})")
+            raise MediaError(
+                f"{what}: this model has no {tower} tower "
+                f"({'E2B/E4B only' if tower == 'audio' else 'text-only checkpoint'})"
+            )
 
     def _image(self, item: Image) -> Prepared:
         self._need("vision", f"image {_name(item.source)}")
@@ -183,15 +203,18 @@ class MediaProcessor:
         real = int((batch.position_ids[0, :, 0] >= 0).sum())
         digest = _digest("image", batch.budget, batch.sizes[0], batch.pixel_values[0, :real])
         vision = self.model.vision
-        encode = _once(batch, lambda: self.image(item.source, budget),
-                       lambda b: vision(b.pixel_values, b.position_ids)[0])
+        encode = _once(
+            batch, lambda: self.image(item.source, budget), lambda b: vision(b.pixel_values, b.position_ids)[0]
+        )
         return Prepared("image", digest, [n], BOI + PLACEHOLDERS["image"] * n + EOI, encode)
 
     def _audio(self, item: Audio) -> Prepared:
         self._need("audio", f"audio {_name(item.source)}")
         if self.features is None:
-            raise MediaError(f"audio {_name(item.source)}: the checkpoint's processor_config.json has "
-                             "no feature_extractor block, so audio cannot be processed")
+            raise MediaError(
+                f"audio {_name(item.source)}: the checkpoint's processor_config.json has "
+                "no feature_extractor block, so audio cannot be processed"
+            )
         cfg = self.features
         try:
             wave = A.load_audio(item.source, item.sampling_rate, cfg)
@@ -204,8 +227,7 @@ class MediaProcessor:
             feats, mask = A.log_mel([wave], cfg)
             return audio.soft_tokens(feats, mask)
 
-        return Prepared("audio", _digest("audio", cfg, wave), [n],
-                        BOA + PLACEHOLDERS["audio"] * n + EOA, encode)
+        return Prepared("audio", _digest("audio", cfg, wave), [n], BOA + PLACEHOLDERS["audio"] * n + EOA, encode)
 
     def _video(self, item: Video) -> Prepared:
         self._need("vision", f"video {_name(item.source)}")
@@ -217,9 +239,11 @@ class MediaProcessor:
         counts = [batch.num_soft_tokens] * batch.num_frames
         digest = _digest("video", batch.budget, batch.timestamps, batch.pixel_values)
         vision = self.model.vision
-        encode = _once(batch, lambda: self.video(item.source, num_frames=item.num_frames, fps=item.fps,
-                                                 video_budget=budget),
-                       lambda b: vision(b.pixel_values, b.position_ids)[0])
+        encode = _once(
+            batch,
+            lambda: self.video(item.source, num_frames=item.num_frames, fps=item.fps, video_budget=budget),
+            lambda b: vision(b.pixel_values, b.position_ids)[0],
+        )
         return Prepared("video", digest, counts, batch.prompt_text(), encode)
 
     # -- the prompt --------------------------------------------------------------
@@ -228,15 +252,19 @@ class MediaProcessor:
         found = _PLACEHOLDER_RE.findall(text)
         kinds = [_KIND_OF[p] for p in found]
         if kinds != [p.kind for p in prepared]:
-            raise MediaError(f"the prompt has {_describe(kinds)} placeholders but "
-                             f"{_describe([p.kind for p in prepared])} were given")
+            raise MediaError(
+                f"the prompt has {_describe(kinds)} placeholders but {_describe([p.kind for p in prepared])} were given"
+            )
         it = iter(prepared)
         return _PLACEHOLDER_RE.sub(lambda m: next(it).text, text)
 
-    def prompt(self, ids: list[int], prepared: list[Prepared]) -> "MediaPrompt":
+    def prompt(self, ids: list[int], prepared: list[Prepared]) -> MediaPrompt:
         """Locate each medium's placeholder runs in the token ids."""
-        codes = {self.model.media_ids["image"]: IMAGE, self.model.media_ids["video"]: VIDEO,
-                 self.model.media_ids["audio"]: AUDIO}
+        codes = {
+            self.model.media_ids["image"]: IMAGE,
+            self.model.media_ids["video"]: VIDEO,
+            self.model.media_ids["audio"]: AUDIO,
+        }
         runs, i = [], 0
         while i < len(ids):
             kind = codes.get(ids[i])
@@ -250,8 +278,10 @@ class MediaProcessor:
             i = j
         want = [(_CODE[p.kind], n) for p in prepared for n in p.counts]
         if [(k, n) for _, n, k in runs] != want:
-            raise MediaError(f"the token ids hold {len(runs)} media runs "
-                             f"{[n for _, n, _ in runs]}, the media need {[n for _, n in want]}")
+            raise MediaError(
+                f"the token ids hold {len(runs)} media runs "
+                f"{[n for _, n, _ in runs]}, the media need {[n for _, n in want]}"
+            )
         owners = [(p, r) for p in prepared for r in range(len(p.counts))]
         return MediaPrompt(list(ids), runs, owners, self)
 
@@ -267,8 +297,10 @@ class MediaProcessor:
         except ValueError as e:  # VideoError on a re-read, a tower's input check
             raise MediaError(f"{p.kind}: {e}") from None
         if rows.shape[0] != sum(p.counts):
-            raise MediaError(f"{p.kind}: the tower returned {rows.shape[0]} soft tokens, "
-                             f"the prompt holds {sum(p.counts)} placeholders")
+            raise MediaError(
+                f"{p.kind}: the tower returned {rows.shape[0]} soft tokens, "
+                f"the prompt holds {sum(p.counts)} placeholders"
+            )
         self._cache[p.digest] = rows
         while len(self._cache) > 1 and sum(r.nbytes for r in self._cache.values()) > self.cache_bytes:
             self._cache.popitem(last=False)
@@ -308,9 +340,9 @@ class MediaPrompt:
         parts, runs = [], []
         for (s, n, kind), (p, r) in needed:
             first = sum(p.counts[:r])
-            rows = self.processor.rows(p)[first:first + n]
+            rows = self.processor.rows(p)[first : first + n]
             if s < start:  # the run began in the cached prefix: only its tail is new
-                rows, n, s = rows[start - s:], n - (start - s), start
+                rows, n, s = rows[start - s :], n - (start - s), start
             parts.append(rows)
             runs.append((s - start, n, kind))
         return MediaRows.from_runs(runs, mx.concatenate(parts, axis=0))
@@ -323,8 +355,6 @@ def processor_for(model) -> MediaProcessor:
         mp = MediaProcessor.from_folder(model, getattr(model, "folder", None))
         model._media_processor = mp
     return mp
-
-
 
 
 def has_media(images=(), audio=(), videos=()) -> bool:
@@ -346,8 +376,11 @@ def media_items(images=(), audio=(), videos=(), image_budget: int | None = None)
         for x in _listify(xs):
             m = as_media(x, kind)
             if kind != "audio" and m.budget is None and image_budget is not None:
-                m = Image(m.source, image_budget) if kind == "image" else \
-                    Video(m.source, image_budget, m.num_frames, m.fps, m.with_audio)
+                m = (
+                    Image(m.source, image_budget)
+                    if kind == "image"
+                    else Video(m.source, image_budget, m.num_frames, m.fps, m.with_audio)
+                )
             out.append(m)
             if kind == "video" and m.with_audio:
                 out += soundtrack(m.source)
@@ -365,7 +398,7 @@ def soundtrack(source) -> list[Audio]:
     if wave is None:
         return []
     step = A.MAX_SAMPLES
-    return [Audio(wave[a:a + step]) for a in range(0, len(wave), step) if len(wave) - a >= A.MIN_SAMPLES]
+    return [Audio(wave[a : a + step]) for a in range(0, len(wave), step) if len(wave) - a >= A.MIN_SAMPLES]
 
 
 def user_content(text: str | None, items: list) -> list[dict] | str:
@@ -379,8 +412,18 @@ def user_content(text: str | None, items: list) -> list[dict] | str:
     return parts
 
 
-def media_prompt(model, tokenizer, prompt, images=(), audio=(), videos=(), *, chat: bool = True,
-                 image_budget: int | None = None, processor: MediaProcessor | None = None):
+def media_prompt(
+    model,
+    tokenizer,
+    prompt,
+    images=(),
+    audio=(),
+    videos=(),
+    *,
+    chat: bool = True,
+    image_budget: int | None = None,
+    processor: MediaProcessor | None = None,
+):
     """(ids, MediaRows) for one prompt with media.
 
     A text prompt goes through the chat template with the media before the text
@@ -390,14 +433,14 @@ def media_prompt(model, tokenizer, prompt, images=(), audio=(), videos=(), *, ch
     items = media_items(images, audio, videos, image_budget)
     prepared = [mp.prepare(m) for m in items]
     if isinstance(prompt, str):
-        if chat and getattr(tokenizer, "chat_template", None):
+        template = chat_template_for(tokenizer) if chat else None
+        if template:
             codec = PromptCodec(tokenizer)  # typed `<|image|>` text stays text
-            text = render_user_turn(codec, tokenizer.chat_template, user_content(prompt, items))
+            text = render_user_turn(codec, template, user_content(prompt, items))
             ids = codec.encode(mp.expand(text, prepared))
         else:
             if not _PLACEHOLDER_RE.search(prompt):  # raw text (as `encode_prompt` without a template): media first
                 prompt = "".join(PLACEHOLDERS[p.kind] for p in prepared) + prompt
-
             ids = encode_prompt(tokenizer, mp.expand(prompt, prepared), chat=False)  # adds a missing BOS
     else:
         ids = list(prompt)

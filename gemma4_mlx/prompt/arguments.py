@@ -4,11 +4,13 @@
 bare `call:` run) into `ToolCall`s, tolerating the malformed forms models emit:
 parentheses, single quotes, bare values, namespaced names, truncation.
 """
+
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass, field
+
 from gemma4_mlx.prompt.template import tool_schema
 
 Q = '<|"|>'
@@ -33,9 +35,7 @@ class ToolCall:
         return json.dumps(self.arguments, ensure_ascii=False)
 
     def to_openai(self) -> dict:
-        return {"id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments_json}}
-
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments_json}}
 
 
 class _Tools:
@@ -86,11 +86,11 @@ class _Reader:
             j = s.find(Q, i + len(Q))
             self.truncated |= j < 0
             self.i = len(s) if j < 0 else j + len(Q)
-            return s[i + len(Q):j if j >= 0 else len(s)]
+            return s[i + len(Q) : j if j >= 0 else len(s)]
         m = (self._DQ if s[i] == '"' else self._SQ).match(s, i)
         if not m:
             self.truncated, self.i = True, len(s)
-            return s[i + 1:]
+            return s[i + 1 :]
         self.i = m.end()
         if s[i] == "'":
             return m.group(1)
@@ -154,7 +154,7 @@ class _Reader:
         else:
             m = self._KEY.match(s, i)
             self.i = m.end() if m else i + 1  # always advance, even on a stray character
-            key, quoted = s[i:self.i], False
+            key, quoted = s[i : self.i], False
         if not self._at_end() and s[self.i] in ":=":  # key=value: parenthesised form (docs/chat-format.md §10 #4)
             self.i += 1
             out[key] = self.value()
@@ -186,14 +186,14 @@ def _parse_one(text: str, tools: _Tools) -> tuple[ToolCall, str]:
     if not m:
         call.error = "malformed_tool_call"
         return call, ""
-    call.raw_name, after = m.group(), t[m.end():]
+    call.raw_name, after = m.group(), t[m.end() :]
     call.name, known = tools.resolve(call.raw_name)
     call.unknown_tool = not known
     positional, rest = [], ""
     if after[:1] in ("{", "("):
         r = _Reader(after)
         call.arguments = r.container("}" if after[0] == "{" else ")", top=True)
-        call.truncated, positional, rest = r.truncated, r.positional, after[r.i:]
+        call.truncated, positional, rest = r.truncated, r.positional, after[r.i :]
         call.warnings += r.warnings
     elif re.match(r":?\s*BEGIN_ARG", after):  # docs/chat-format.md §10 #3: positional BEGIN_ARG/END_ARG blocks
         last = 0

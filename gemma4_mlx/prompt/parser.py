@@ -5,6 +5,7 @@ piece by piece; get events separating reasoning, visible content and tool
 calls. Every decision depends only on text already seen, never on where the
 pieces were split, so streamed and one-shot parsing give identical results.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -54,8 +55,17 @@ class StreamParser:
     loop_min_chars characters (loop_min_chars=None turns it off).
     """
 
-    def __init__(self, tools=None, *, start_in_thought=False, thinking_budget=None,
-                 max_thought_openings=4, max_control_repeat=8, loop_period=64, loop_min_chars=800):
+    def __init__(
+        self,
+        tools=None,
+        *,
+        start_in_thought=False,
+        thinking_budget=None,
+        max_thought_openings=4,
+        max_control_repeat=8,
+        loop_period=64,
+        loop_min_chars=800,
+    ):
         self.tools = tools if isinstance(tools, _Tools) else _Tools(tools)
         self.result = ParseResult()
         self.budget, self.max_open, self.max_repeat = thinking_budget, max_thought_openings, max_control_repeat
@@ -104,7 +114,7 @@ class StreamParser:
             before = (len(self.buf), self.state, self.at_start, self.name_mode, self.fresh)
             m = CTRL_RE.search(self.buf)
             if m and m.start() == 0:
-                self.buf = self.buf[m.end():]
+                self.buf = self.buf[m.end() :]
                 self._token(m.group())
                 continue
             end = m.start() if m else (len(self.buf) if final else self._safe_len())
@@ -159,7 +169,7 @@ class StreamParser:
         m = _BARE.match(t)
         if not m or len(m.group(1)) > 128:  # decided on the name alone: split-independent
             return "hold" if not m and "call:".startswith(t) and not boundary else None
-        after = t[m.end():]
+        after = t[m.end() :]
         if not after:
             return None if boundary else "hold"
         if after[0] == ":":
@@ -215,7 +225,7 @@ class StreamParser:
             j = b.rfind("END_ARG")
             if j < 0 or b.rfind("BEGIN_ARG") > j:
                 return None
-            r = b[j + 7:].lstrip()
+            r = b[j + 7 :].lstrip()
             return None if not r or r.startswith("BEGIN_ARG") or "BEGIN_ARG".startswith(r) else j + 7
         i = c["pos"]  # incremental brace matcher that skips strings
         while i < len(b):
@@ -319,8 +329,16 @@ class StreamParser:
     # ------------------------------------------------------------- actions
     def _start_call(self, bare: bool, begin: bool):
         self.state = CALL
-        self._call = {"body": "", "bare": bare, "begin": begin, "pos": 0, "depth": 0,
-                      "quote": None, "prev": "", "skip": False}
+        self._call = {
+            "body": "",
+            "bare": bare,
+            "begin": begin,
+            "pos": 0,
+            "depth": 0,
+            "quote": None,
+            "prev": "",
+            "skip": False,
+        }
 
     def _end_call(self, closed: bool):
         c, self._call = self._call, None
@@ -341,7 +359,7 @@ class StreamParser:
             text = text.lstrip()
         text = self._pend[kind] + text
         vis = text.rstrip()
-        self._pend[kind] = text[len(vis):]
+        self._pend[kind] = text[len(vis) :]
         if not vis:
             return
         if self._lead[kind] and kind == "reasoning" and self.result.reasoning:
@@ -350,7 +368,7 @@ class StreamParser:
         over = False
         if kind == "reasoning" and self.budget is not None:
             room = self.budget - len(self.result.reasoning)
-            over, vis = len(vis) > room, vis[:max(room, 0)]
+            over, vis = len(vis) > room, vis[: max(room, 0)]
         hit = self._loop_check(kind, vis)  # index just past a detected loop, else None
         cut = len(vis) if hit is None else hit
         if vis[:cut]:
@@ -373,7 +391,7 @@ class StreamParser:
                 runs[p] = runs[p] + 1 if tail[n - p] == ch else 0
                 if runs[p] >= self.loop_min:
                     return idx + 1
-            tail = (tail + ch)[-self.loop_period:]
+            tail = (tail + ch)[-self.loop_period :]
         self._loops[kind] = (tail, runs)
         return None
 
@@ -388,8 +406,9 @@ class StreamParser:
         self._close_segment()
         r = self.result
         r.stop_token, self.state = stop, DONE
-        r.finish_reason = ("degenerate_output" if r.degenerate else "tool_calls" if r.tool_calls
-                           else "stop" if stop else "length")
+        r.finish_reason = (
+            "degenerate_output" if r.degenerate else "tool_calls" if r.tool_calls else "stop" if stop else "length"
+        )
         self._events.append(Event("done", r.finish_reason))
 
     def _warn(self, msg: str):

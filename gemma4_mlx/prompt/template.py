@@ -4,6 +4,7 @@
 when a checkpoint ships no template; `render_with_checkpoint_template` runs the
 checkpoint's own Jinja template, which takes precedence when present (docs/chat-format.md §3).
 """
+
 from __future__ import annotations
 
 import enum
@@ -16,22 +17,46 @@ import types
 import typing
 from collections.abc import Mapping
 from datetime import datetime
+from pathlib import Path
 
 Q = '<|"|>'  # string delimiter of the tool grammar; no escaping inside
 BOS = "<bos>"
 SPECIAL_TOKENS = {
-    "<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4,
-    "<|tool>": 46, "<tool|>": 47, "<|tool_call>": 48, "<tool_call|>": 49,
-    "<|tool_response>": 50, "<tool_response|>": 51, Q: 52, "<|think|>": 98,
-    "<|channel>": 100, "<channel|>": 101, "<|turn>": 105, "<turn|>": 106,
-    "<|image>": 255999, "<|audio>": 256000, "<|image|>": 258880,
-    "<|audio|>": 258881, "<image|>": 258882, "<audio|>": 258883, "<|video|>": 258884,
+    "<pad>": 0,
+    "<eos>": 1,
+    "<bos>": 2,
+    "<unk>": 3,
+    "<mask>": 4,
+    "<|tool>": 46,
+    "<tool|>": 47,
+    "<|tool_call>": 48,
+    "<tool_call|>": 49,
+    "<|tool_response>": 50,
+    "<tool_response|>": 51,
+    Q: 52,
+    "<|think|>": 98,
+    "<|channel>": 100,
+    "<channel|>": 101,
+    "<|turn>": 105,
+    "<turn|>": 106,
+    "<|image>": 255999,
+    "<|audio>": 256000,
+    "<|image|>": 258880,
+    "<|audio|>": 258881,
+    "<image|>": 258882,
+    "<audio|>": 258883,
+    "<|video|>": 258884,
 }
 # docs/chat-format.md §8: <eos>, <turn|>, and <|tool_response> (the client appends the result there).
 STOP_TOKEN_IDS = (1, 106, 50)
 EMPTY_THOUGHT = "<|channel>thought\n<channel|>"
-_MEDIA = {"image": "<|image|>", "image_url": "<|image|>", "audio": "<|audio|>",
-          "input_audio": "<|audio|>", "video": "<|video|>"}
+_MEDIA = {
+    "image": "<|image|>",
+    "image_url": "<|image|>",
+    "audio": "<|audio|>",
+    "input_audio": "<|audio|>",
+    "video": "<|video|>",
+}
 _STD_KEYS = ("description", "type", "properties", "required", "nullable")
 
 
@@ -54,8 +79,7 @@ def format_value(v, quote_keys: bool = False) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, Mapping):
-        items = (((Q + k + Q) if quote_keys else str(k)) + ":" + format_value(x, quote_keys)
-                 for k, x in _sorted(v))
+        items = (((Q + k + Q) if quote_keys else str(k)) + ":" + format_value(x, quote_keys) for k, x in _sorted(v))
         return "{" + ",".join(items) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ",".join(format_value(x, quote_keys) for x in v) + "]"
@@ -154,8 +178,11 @@ def format_declaration(tool) -> str:
 
 # ---------------------------------------------------------------- messages
 def _is_content_parts(value) -> bool:
-    return (isinstance(value, (list, tuple)) and bool(value)
-            and all(isinstance(p, Mapping) and p.get("type") in ("text", *_MEDIA) for p in value))
+    return (
+        isinstance(value, (list, tuple))
+        and bool(value)
+        and all(isinstance(p, Mapping) and p.get("type") in ("text", *_MEDIA) for p in value)
+    )
 
 
 def tool_result_content(value) -> str | list:
@@ -257,8 +284,15 @@ def _tool_message(name: str, content) -> str:
     return format_tool_response(name, content)
 
 
-def render(messages, *, tools=None, thinking: bool = False, add_generation_prompt: bool = True,
-           empty_thought_prefill: bool = False, preserve_thinking: bool = False) -> str:
+def render(
+    messages,
+    *,
+    tools=None,
+    thinking: bool = False,
+    add_generation_prompt: bool = True,
+    empty_thought_prefill: bool = False,
+    preserve_thinking: bool = False,
+) -> str:
     """Render a conversation with the built-in canonical (9 Jul) grammar.
 
     empty_thought_prefill: the 26B/31B templates (~10 Apr on) end the thinking-off
@@ -278,8 +312,7 @@ def render(messages, *, tools=None, thinking: bool = False, add_generation_promp
     for i, m in enumerate(msgs):
         if m["role"] == "tool":
             continue  # folded into the model turn that made the call
-        text, prev = _message(m, msgs, i, prev_role, keep_thought=i > last_user,
-                              preserve_thinking=preserve_thinking)
+        text, prev = _message(m, msgs, i, prev_role, keep_thought=i > last_user, preserve_thinking=preserve_thinking)
         out.append(text)
         prev_role = m["role"]
     if add_generation_prompt:
@@ -294,13 +327,18 @@ def render(messages, *, tools=None, thinking: bool = False, add_generation_promp
 
 def _system_turn(system: dict | None, fns: list[dict], thinking: bool) -> str:
     """`<|think|>`, the first system message's text, then the tool declarations."""
-    return ("<|turn>system\n" + ("<|think|>\n" if thinking else "")
-            + (_system_text(system.get("content")) if system else "")
-            + "".join(format_declaration(f) for f in fns) + "<turn|>\n")
+    return (
+        "<|turn>system\n"
+        + ("<|think|>\n" if thinking else "")
+        + (_system_text(system.get("content")) if system else "")
+        + "".join(format_declaration(f) for f in fns)
+        + "<turn|>\n"
+    )
 
 
-def _message(m: dict, msgs: list[dict], i: int, prev_role: str | None, *, keep_thought: bool,
-             preserve_thinking: bool) -> tuple[str, str | None]:
+def _message(
+    m: dict, msgs: list[dict], i: int, prev_role: str | None, *, keep_thought: bool, preserve_thinking: bool
+) -> tuple[str, str | None]:
     """One non-tool message (with the tool results that answer its calls) and the
     kind of the last thing it rendered."""
     role, out, prev = m["role"], [], None
@@ -319,7 +357,7 @@ def _message(m: dict, msgs: list[dict], i: int, prev_role: str | None, *, keep_t
     prev = "tool_response" if answered else prev
     body = _content(m.get("content"), is_model)
     out.append(body)
-    nxt = next((x["role"] for x in msgs[i + 1:] if x["role"] != "tool"), None)
+    nxt = next((x["role"] for x in msgs[i + 1 :] if x["role"] != "tool"), None)
     if prev == "tool_call" and not answered:
         out.append("<|tool_response>")  # unanswered call: the client appends the result
     elif is_model and nxt == "assistant" and (not calls or answered):
@@ -347,13 +385,18 @@ def _tool_results(m: dict, calls: list[dict], msgs: list[dict], i: int) -> list[
 
 
 def _following_tools(msgs, i):
-    for m in msgs[i + 1:]:
+    for m in msgs[i + 1 :]:
         if m["role"] != "tool":
             return
         yield m
 
 
 # ------------------------------------------------------ checkpoint templates
+# Our renderer written as a checkpoint template, shipped with checkpoints that have none
+# (the demo model; GGUF imports without one): tests/test_shipped_template.py.
+CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
+
+
 def _raise_exception(message):
     raise ChatTemplateError(message)
 
@@ -371,20 +414,26 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 def _compile(template_str: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env.from_string(template_str)
 
 
-def render_with_checkpoint_template(template_str: str, messages, *, tools=None, thinking: bool = False,
-                                    add_generation_prompt: bool = True, **extra) -> str:
+def render_with_checkpoint_template(
+    template_str: str, messages, *, tools=None, thinking: bool = False, add_generation_prompt: bool = True, **extra
+) -> str:
     """Render with a checkpoint's `chat_template.jinja` (docs/chat-format.md §3 rule), in a jinja2 sandbox."""
-    ctx = dict(bos_token=BOS, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-               messages=normalize_messages(messages),
-               tools=[{"type": "function", "function": _tool_function(t)} for t in tools] if tools else None,
-               add_generation_prompt=add_generation_prompt, enable_thinking=thinking)
+    ctx = dict(
+        bos_token=BOS,
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        messages=normalize_messages(messages),
+        tools=[{"type": "function", "function": _tool_function(t)} for t in tools] if tools else None,
+        add_generation_prompt=add_generation_prompt,
+        enable_thinking=thinking,
+    )
     ctx.update(extra)
     return _compile(template_str).render(**ctx)
 
@@ -397,8 +446,11 @@ def template_info(template_str: str) -> dict:
         revision = "2026-04-10+"
     else:
         revision = "release"
-    return {"sha256": hashlib.sha256(template_str.encode()).hexdigest(), "revision": revision,
-            "empty_thought_prefill": EMPTY_THOUGHT.replace("\n", "\\n") in template_str}
+    return {
+        "sha256": hashlib.sha256(template_str.encode()).hexdigest(),
+        "revision": revision,
+        "empty_thought_prefill": EMPTY_THOUGHT.replace("\n", "\\n") in template_str,
+    }
 
 
 # ------------------------------------------------------------- tool_schema

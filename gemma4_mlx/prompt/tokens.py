@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from gemma4_mlx.prompt.template import SPECIAL_TOKENS, render_with_checkpoint_template
+from gemma4_mlx.prompt.template import CHAT_TEMPLATE, SPECIAL_TOKENS, render_with_checkpoint_template
 
 _BREAK = "\ue000"  # inserted after a control string's first character
 _QUOTE = "\ue001"  # quotes a literal _BREAK or _QUOTE in the text
@@ -67,8 +67,10 @@ class PromptCodec:
         if isinstance(value, str):
             return self.escape(value)
         if isinstance(value, Mapping):
-            return {self.escape_value(k) if isinstance(k, str) else k:
-                    v if k in _STRUCTURAL_KEYS else self.escape_value(v) for k, v in value.items()}
+            return {
+                self.escape_value(k) if isinstance(k, str) else k: v if k in _STRUCTURAL_KEYS else self.escape_value(v)
+                for k, v in value.items()
+            }
         if isinstance(value, (list, tuple)):
             return [self.escape_value(v) for v in value]
         return value
@@ -87,7 +89,7 @@ class PromptCodec:
         for m in self._control_re.finditer(rendered):
             if m.group(0) not in self._ids:
                 continue
-            ids += self.encode_text(self.unescape(rendered[pos:m.start()]))
+            ids += self.encode_text(self.unescape(rendered[pos : m.start()]))
             ids.append(self._ids[m.group(0)])
             pos = m.end()
         return ids + self.encode_text(self.unescape(rendered[pos:]))
@@ -101,6 +103,18 @@ class PromptCodec:
         return [i for p in pieces for i in self.tokenizer.encode(p, add_special_tokens=False)]
 
 
+def chat_template_for(tokenizer) -> str | None:
+    """The template a prompt of this tokenizer is rendered with: the checkpoint's own,
+    else ours (`template.CHAT_TEMPLATE`) when the vocabulary has Gemma 4's turn tokens
+    (an instruction checkpoint without a template file); None = raw text."""
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own
+    unk = getattr(tokenizer, "unk_token_id", None)
+    turns = [tokenizer.convert_tokens_to_ids(s) for s in ("<|turn>", "<turn|>")]
+    return CHAT_TEMPLATE if all(isinstance(i, int) and i != unk for i in turns) else None
+
+
 def render_user_turn(codec: PromptCodec, template: str, content) -> str:
     """One user message (a string or content parts) rendered by a checkpoint template,
     escaped, ending with the generation prompt; `codec.encode` gives its ids."""
@@ -108,14 +122,17 @@ def render_user_turn(codec: PromptCodec, template: str, content) -> str:
 
 
 def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
-    """Token ids for a prompt: through the chat template when the tokenizer has one
-    (the prompt is user text: control strings typed in it stay text); with
-    chat=False the raw text, control strings included, as the tokenizer reads it."""
+    """Token ids for a prompt: a user turn of the chat template (`chat_template_for`:
+    the checkpoint's, else ours for a Gemma 4 vocabulary); the prompt is user text, so
+    control strings typed in it stay text.  With chat=False, or a tokenizer without
+    Gemma 4's turn tokens, the raw text, control strings included, as the tokenizer
+    reads it."""
     if not isinstance(prompt, str):
         return list(prompt)
-    if chat and getattr(tokenizer, "chat_template", None):
+    template = chat_template_for(tokenizer) if chat else None
+    if template:
         codec = PromptCodec(tokenizer)
-        return codec.encode(render_user_turn(codec, tokenizer.chat_template, prompt))
+        return codec.encode(render_user_turn(codec, template, prompt))
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + list(ids)
