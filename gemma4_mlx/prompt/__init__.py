@@ -23,8 +23,8 @@ from gemma4_mlx.prompt.template import (
     render,
     render_with_checkpoint_template,
     template_info,
-    tool_schema,
 )
+from gemma4_mlx.prompt.tool_schema import tool_schema
 
 __all__ = [
     "BOS",

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from gemma4_mlx.prompt.template import tool_schema
+from gemma4_mlx.prompt.tool_schema import tool_schema
 
 Q = '<|"|>'
 _NAME = r"[\w.\-]+(?::(?!BEGIN_ARG)[\w.\-]+)*"  # names with dots, hyphens, ':' namespaces
