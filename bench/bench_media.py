@@ -50,27 +50,32 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS first)
+
 # isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 from PIL import Image
+from report import Report  # bench/report.py (the script's folder is on sys.path)
 
+from gemma4_mlx.media.audio import log_mel
+from gemma4_mlx.media.image import ImageProcessor
 from gemma4_mlx.models import audio as our_audio
 from gemma4_mlx.models.audio import AudioConfig, AudioModel
 from gemma4_mlx.models.vision import VisionConfig, VisionModel
-from gemma4_mlx.media.audio import log_mel
-from gemma4_mlx.media.image import ImageProcessor
-from report import Report  # bench/report.py (the script's folder is on sys.path)
 
 try:  # after gemma4_mlx: mlx.core must load after OpenBLAS
     import mlx_vlm
-    from mlx_vlm.models.gemma4 import audio as vlm_audio, vision as vlm_vision
+    from mlx_vlm.models.gemma4 import audio as vlm_audio
+    from mlx_vlm.models.gemma4 import vision as vlm_vision
     from mlx_vlm.models.gemma4.audio_feature_extractor import Gemma4AudioFeatureExtractor
-    from mlx_vlm.models.gemma4.config import AudioConfig as VlmAudioConfig, VisionConfig as VlmVisionConfig
-    from mlx_vlm.models.gemma4.gemma4 import Model as VlmModel, MultimodalEmbedder as VlmEmbedder
+    from mlx_vlm.models.gemma4.config import AudioConfig as VlmAudioConfig
+    from mlx_vlm.models.gemma4.config import VisionConfig as VlmVisionConfig
+    from mlx_vlm.models.gemma4.gemma4 import Model as VlmModel
+    from mlx_vlm.models.gemma4.gemma4 import MultimodalEmbedder as VlmEmbedder
     from mlx_vlm.models.gemma4.processing_gemma4 import Gemma4ImageProcessor
+
     VLM_ERROR = None
 except ImportError as e:  # degrade: time ours only
     mlx_vlm, VLM_ERROR = None, f"{type(e).__name__}: {e}"
@@ -82,14 +87,24 @@ SR = 16000
 # depth: budgets timed with only the first k tower layers (full depth at 1120 would take
 # ~2 x 6 min here: the attention softmax grows with patches^2); their full-depth time is
 # estimated as t(0 layers) + (layers / k) (t(k layers) - t(0 layers)), t(0) measured too.
-FULL_SETUP = dict(vision_layers=16, audio_layers=12, budgets=[70, 280, 1120], clips=[5, 30],
-                  runs={70: (1, 5), 280: (1, 3), 1120: (0, 1), 5: (1, 7), 30: (1, 5), "pre": (1, 7)},
-                  depth={1120: 4})
+FULL_SETUP = dict(
+    vision_layers=16,
+    audio_layers=12,
+    budgets=[70, 280, 1120],
+    clips=[5, 30],
+    runs={70: (1, 5), 280: (1, 3), 1120: (0, 1), 5: (1, 7), 30: (1, 5), "pre": (1, 7)},
+    depth={1120: 4},
+)
 # --quick: real widths, 2 layers per tower, small inputs, few runs: a smoke run of the plumbing
 # (280 at 1 of the 2 layers exercises the depth-reduced path).
-QUICK_SETUP = dict(vision_layers=2, audio_layers=2, budgets=[70, 280], clips=[5, 30],
-                   runs={70: (1, 3), 280: (0, 1), 5: (1, 3), 30: (1, 2), "pre": (1, 3)},
-                   depth={280: 1})
+QUICK_SETUP = dict(
+    vision_layers=2,
+    audio_layers=2,
+    budgets=[70, 280],
+    clips=[5, 30],
+    runs={70: (1, 3), 280: (0, 1), 5: (1, 3), 30: (1, 2), "pre": (1, 3)},
+    depth={280: 1},
+)
 AGREE_TOL = 1e-3
 
 
@@ -114,11 +129,11 @@ def hub_checkpoint(ours: nn.Module, seed: int) -> dict[str, mx.array]:
             v = 0.3 * mx.random.normal(shape)
         elif key.endswith("conv.weight") or key.endswith("depthwise_conv1d.weight"):
             fan_in = value.size // shape[0]
-            v = mx.random.normal(shape) * fan_in ** -0.5
+            v = mx.random.normal(shape) * fan_in**-0.5
             # ours are MLX layouts; the hub stores PyTorch ones
             v = v.transpose(0, 3, 1, 2) if v.ndim == 4 else v.transpose(0, 2, 1)
         elif value.size > 1 << 20:  # uniform with the same std: faster to draw
-            v = (0.02 * 3 ** 0.5) * (2 * mx.random.uniform(shape=shape) - 1)
+            v = (0.02 * 3**0.5) * (2 * mx.random.uniform(shape=shape) - 1)
         else:
             v = 0.02 * mx.random.normal(shape)
         v = v.astype(mx.float32)
@@ -157,8 +172,9 @@ def build_theirs(layers_v: int, layers_a: int, ckpt: dict[str, mx.array]) -> Vlm
     acfg = VlmAudioConfig(num_hidden_layers=layers_a)
     media = VlmMedia(vcfg, acfg)
     # mlx-vlm's own converter, called on a stand-in `self` with the fields it reads
-    shim = SimpleNamespace(config=SimpleNamespace(vision_config=vcfg, audio_config=acfg, text_config=None),
-                           audio_tower=media.audio_tower)
+    shim = SimpleNamespace(
+        config=SimpleNamespace(vision_config=vcfg, audio_config=acfg, text_config=None), audio_tower=media.audio_tower
+    )
     weights = VlmModel.sanitize(shim, ckpt)
     media.load_weights(list(weights.items()), strict=True)
     mx.eval(media.parameters())
@@ -178,7 +194,7 @@ def interleaved(fa, fb, runs: tuple[int, int]):
     warm, n = runs
     times, outs = ([], []), [None, None]
     for i in range(warm + n):
-        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for j in (0, 1) if i % 2 == 0 else (1, 0):
             fn = (fa, fb)[j]
             if fn is None:
                 continue
@@ -187,8 +203,7 @@ def interleaved(fa, fb, runs: tuple[int, int]):
             times[j].append(1e3 * (time.perf_counter() - t))
             if outs[j] is None:
                 outs[j] = out
-    return (statistics.median(times[0][warm:]),
-            statistics.median(times[1][warm:]) if fb else None, tuple(outs))
+    return (statistics.median(times[0][warm:]), statistics.median(times[1][warm:]) if fb else None, tuple(outs))
 
 
 def rel_diff(a, b) -> float:
@@ -240,32 +255,42 @@ def main():
 
     log(f"gemma4-mlx media encoders vs mlx-vlm{' (--quick)' if args.quick else ''}")
     log(f"started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
-    log(f"mlx {mx.__version__}, mlx-vlm {mlx_vlm.__version__ if have_vlm else '-'}, device "
+    log(
+        f"mlx {mx.__version__}, mlx-vlm {mlx_vlm.__version__ if have_vlm else '-'}, device "
         f"{mx.default_device()}, BLAS {gemma4_mlx._blas.loaded_from or 'MLX default'}"
         f"{' (one for both: loaded before mlx.core)' if have_vlm else ''}, float32, {os.cpu_count()} CPU cores "
-        f"({platform.processor() or platform.machine()}), python {sys.version.split()[0]}")
+        f"({platform.processor() or platform.machine()}), python {sys.version.split()[0]}"
+    )
     if not have_vlm:
         log(f"mlx-vlm not importable ({VLM_ERROR}): timing ours only (pip install mlx-vlm==0.7.10)")
     log(f"load average at start {os.getloadavg()[0]:.2f} (compare with the end)")
-    log(f"E2B towers: vision hidden 768, MLP 3072, {setup['vision_layers']} layers, 12x64 heads, patch 16, "
+    log(
+        f"E2B towers: vision hidden 768, MLP 3072, {setup['vision_layers']} layers, 12x64 heads, patch 16, "
         f"pool 3, clipped linears; audio Conformer hidden 1024, {setup['audio_layers']} layers, 8 heads, "
         f"chunk 12 / left 13; embedders -> text hidden {TEXT_HIDDEN}"
-        + (" (--quick: depth reduced, times not comparable with a full run)" if args.quick else ""))
-    log("random float32 weights, one hub-style dict loaded through each side's own sanitize; "
+        + (" (--quick: depth reduced, times not comparable with a full run)" if args.quick else "")
+    )
+    log(
+        "random float32 weights, one hub-style dict loaded through each side's own sanitize; "
         "runs w+n: w warm-up rounds (not counted), then the median of n timed rounds, ours and mlx-vlm "
         "interleaved, alternating which goes first; "
-        "ratio = mlx-vlm / ours (> 1: we are faster)")
+        "ratio = mlx-vlm / ours (> 1: we are faster)"
+    )
 
-    log("image inputs, same pixels: ours the processor's padded patches + position ids (padding dropped "
+    log(
+        "image inputs, same pixels: ours the processor's padded patches + position ids (padding dropped "
         "inside), mlx-vlm the channel-first image its own processor returns (no padding patches); audio: the "
-        "same log-mel features and frame mask (mlx-vlm's tower takes the inverted mask)")
+        "same log-mel features and frame mask (mlx-vlm's tower takes the inverted mask)"
+    )
     t0 = time.perf_counter()
     vision, audio, ckpt = build_ours(setup["vision_layers"], setup["audio_layers"], seed=0)
     theirs = build_theirs(setup["vision_layers"], setup["audio_layers"], ckpt) if have_vlm else None
     n_v = sum(v.size for _, v in tree_flatten(vision.parameters()))
     n_a = sum(v.size for _, v in tree_flatten(audio.parameters()))
-    log(f"params: vision + embedder {n_v / 1e6:.1f} M, audio + embedder {n_a / 1e6:.1f} M (shared by both "
-        f"implementations); built in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"params: vision + embedder {n_v / 1e6:.1f} M, audio + embedder {n_a / 1e6:.1f} M (shared by both "
+        f"implementations); built in {time.perf_counter() - t0:.1f} s"
+    )
     del ckpt
     log("")
 
@@ -284,8 +309,15 @@ def main():
         fa = lambda: proc(image).pixel_values  # noqa: E731
         fb = (lambda: vlm_proc(image, max_soft_tokens=budget)[0]["pixel_values"]) if have_vlm else None  # noqa: E731
         ta, tb, (pa, pb) = interleaved(fa, fb, runs["pre"])
-        rows.append((f"image preprocess {budget:>4} (768x1024 -> {size[0]}x{size[1]})", ta, tb, n,
-                     "ours: resize+rescale+patchify+pad; mlx-vlm: resize+rescale"))
+        rows.append(
+            (
+                f"image preprocess {budget:>4} (768x1024 -> {size[0]}x{size[1]})",
+                ta,
+                tb,
+                n,
+                "ours: resize+rescale+patchify+pad; mlx-vlm: resize+rescale",
+            )
+        )
         if have_vlm:
             agree.append((f"image preprocess {budget}: pixels", rel_diff(to_channel_first(pa[0], size), pb)))
 
@@ -306,16 +338,28 @@ def main():
                 t0a, t0b, _ = interleaved(fa, fb, (1, 3))
             with tower_depth(vision, theirs, k):
                 ta, tb, (oa, ob) = interleaved(fa, fb, runs[budget])
-            rows.append((what.replace("image encode", f"image encode, {k} of {layers} layers"), ta, tb,
-                         runs[budget], "tower + embed_vision, depth reduced (time)"))
+            rows.append(
+                (
+                    what.replace("image encode", f"image encode, {k} of {layers} layers"),
+                    ta,
+                    tb,
+                    runs[budget],
+                    "tower + embed_vision, depth reduced (time)",
+                )
+            )
             est = [t0 + layers / k * (t - t0) if t is not None else None for t, t0 in ((ta, t0a), (tb, t0b))]
-            rows.append((what.replace("image encode", "image encode, est."), est[0], est[1], runs[budget],
-                         f"estimate t0 + {layers}/{k} (t{k} - t0); t0 = 0 layers: "
-                         f"{fmt_ms(t0a)} / {fmt_ms(t0b)} ms"))
+            rows.append(
+                (
+                    what.replace("image encode", "image encode, est."),
+                    est[0],
+                    est[1],
+                    runs[budget],
+                    f"estimate t0 + {layers}/{k} (t{k} - t0); t0 = 0 layers: {fmt_ms(t0a)} / {fmt_ms(t0b)} ms",
+                )
+            )
         if have_vlm:
             depth = f", {k} layers" if k is not None else ""
-            agree.append((f"vision soft tokens, budget {budget}{depth} ({count} x {TEXT_HIDDEN})",
-                          rel_diff(oa, ob[0])))
+            agree.append((f"vision soft tokens, budget {budget}{depth} ({count} x {TEXT_HIDDEN})", rel_diff(oa, ob[0])))
         del oa, ob
         mx.clear_cache()
         log(f"  image budget {budget}: done ({time.perf_counter() - t_start:.0f} s)")
@@ -339,11 +383,22 @@ def main():
         fb = (lambda: theirs.embed_audio(theirs.audio_tower(f_mx, ~m_mx)[0])) if have_vlm else None  # noqa: E731
         ta, tb, (oa, ob) = interleaved(fa, fb, runs[secs])
         valid = np.asarray(mask[0, ::2][::2])
-        rows.append((f"audio encode {secs:>2} s ({feats.shape[1]} frames -> {int(valid.sum())} tokens)", ta, tb, n,
-                     "tower + embed_audio"))
+        rows.append(
+            (
+                f"audio encode {secs:>2} s ({feats.shape[1]} frames -> {int(valid.sum())} tokens)",
+                ta,
+                tb,
+                n,
+                "tower + embed_audio",
+            )
+        )
         if have_vlm:
-            agree.append((f"audio soft tokens, {secs} s ({int(valid.sum())} x {TEXT_HIDDEN})",
-                          rel_diff(np.asarray(oa)[0][valid], np.asarray(ob)[0][valid])))
+            agree.append(
+                (
+                    f"audio soft tokens, {secs} s ({int(valid.sum())} x {TEXT_HIDDEN})",
+                    rel_diff(np.asarray(oa)[0][valid], np.asarray(ob)[0][valid]),
+                )
+            )
         mx.clear_cache()
         log(f"  audio {secs} s: done ({time.perf_counter() - t_start:.0f} s)")
 
@@ -355,7 +410,7 @@ def main():
     slower = []
     for what, ta, tb, n, note in rows:
         ratio = f"{tb / ta:.2f}" if tb else "-"
-        log(f"{what:<{w}} | {fmt_ms(ta):>8} {fmt_ms(tb):>10} {ratio:>6} | {'%d+%d' % n:>4} | {note}")
+        log(f"{what:<{w}} | {fmt_ms(ta):>8} {fmt_ms(tb):>10} {ratio:>6} | {f'{n[0]}+{n[1]}':>4} | {note}")
         if tb and tb / ta < 0.8:
             slower.append(what.strip())
     if have_vlm:
@@ -365,8 +420,10 @@ def main():
         for what, d in agree:
             ok &= d <= AGREE_TOL
             log(f"  {what:<{w}} {d:.2e}  {'ok' if d <= AGREE_TOL else 'DIFFERS'}")
-        log(f"all outputs agree: {ok}" + (f"; we are notably slower (ratio < 0.8) on: {', '.join(slower)}"
-                                          if slower else ""))
+        log(
+            f"all outputs agree: {ok}"
+            + (f"; we are notably slower (ratio < 0.8) on: {', '.join(slower)}" if slower else "")
+        )
     log("")
     log(f"total {time.perf_counter() - t_start:.0f} s; load average at end {os.getloadavg()[0]:.2f}")
 

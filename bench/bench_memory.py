@@ -60,21 +60,24 @@ import sys
 import time
 from pathlib import Path
 
-GB, GiB = 10 ** 9, 2 ** 30
+GB, GiB = 10**9, 2**30
 WORK = Path(__file__).parent / "_work" / "memory"
 SHARD_BYTES = 5 * GB  # transformers' customary max_shard_size="5GB"
 VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
 FORMATS = ("bf16", "sfp8", "q4_0")
 MEASURED = ("e2b", "e4b")  # full depth fits on this disk and in RAM
 # Google's published weights-only table (docs/quantization.md §10), as printed: "GB"
-GOOGLE = {"e2b": (9.6, 4.6, 3.2), "e4b": (15.0, 7.5, 5.0),
-          "26b-a4b": (48.0, 25.0, 15.6), "31b": (58.3, 30.4, 17.4)}
+GOOGLE = {"e2b": (9.6, 4.6, 3.2), "e4b": (15.0, 7.5, 5.0), "26b-a4b": (48.0, 25.0, 15.6), "31b": (58.3, 30.4, 17.4)}
 # Parameters Google counts and our text-only checkpoints do not: vision (+ audio)
 # towers and their embedders.  E2B/E4B: published total minus text total
 # (docs/text-decoder.md §7.2-§7.3); 26B/31B: large vision tower 569.55 M (docs/multimodal.md §1)
 # plus embed_vision (1152 x text hidden).
-TOWERS = {"e2b": 5_104_297_504 - 4_628_569_344, "e4b": 7_941_100_832 - 7_463_013_376,
-          "26b-a4b": 569_550_000 + 1152 * 2816, "31b": 569_550_000 + 1152 * 5376}
+TOWERS = {
+    "e2b": 5_104_297_504 - 4_628_569_344,
+    "e4b": 7_941_100_832 - 7_463_013_376,
+    "26b-a4b": 569_550_000 + 1152 * 2816,
+    "31b": 569_550_000 + 1152 * 5376,
+}
 PROMPT = [2, 818, 5279, 529]  # 4-token prefill, then one decode step
 
 
@@ -121,6 +124,7 @@ notes
 
 # -- configs and the hub layout ---------------------------------------------------
 
+
 def config_dict(variant: str, layers: int | None = None) -> dict:
     """The preset's text config; `layers`: depth-reduced copy (sliding..., full)."""
     from gemma4_mlx.config import FULL, SLIDING
@@ -128,8 +132,7 @@ def config_dict(variant: str, layers: int | None = None) -> dict:
 
     d = dict(PRESETS[variant])
     if layers:
-        d.update(num_hidden_layers=layers, layer_types=[SLIDING] * (layers - 1) + [FULL],
-                 num_kv_shared_layers=0)
+        d.update(num_hidden_layers=layers, layer_types=[SLIDING] * (layers - 1) + [FULL], num_kv_shared_layers=0)
     return d
 
 
@@ -154,7 +157,7 @@ def hub_layout(cfg) -> list[tuple[str, tuple]]:
     down_proj [E, H, I] (docs/text-decoder.md §8.3; `loader.sanitize` undoes both)."""
     out = []
     for k, shape in lazy_params(cfg):
-        hk = "model.language_model." + k[len("model."):] if k.startswith("model.") else k
+        hk = "model.language_model." + k[len("model.") :] if k.startswith("model.") else k
         if ".experts." in k:
             if k.endswith("experts.gate_proj.weight"):
                 E, inner, H = shape
@@ -167,6 +170,7 @@ def hub_layout(cfg) -> list[tuple[str, tuple]]:
 
 
 # -- accounting ---------------------------------------------------------------------
+
 
 def account(cfg, recipe: str, map_ple: bool = True, qat: bool = False) -> dict:
     """Bytes each tensor is stored (= resident) in after `convert(..., recipe)`, from
@@ -207,6 +211,7 @@ def account(cfg, recipe: str, map_ple: bool = True, qat: bool = False) -> dict:
 
 
 # -- child processes ----------------------------------------------------------------
+
 
 def _status() -> dict:
     """VmRSS / VmHWM of this process in bytes."""
@@ -261,8 +266,7 @@ def child_build(folder: str, cfg_dict: dict) -> dict:
         mx.save_safetensors(str(folder / name), shard, metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
         names.append(name)
-        print(f"    wrote {name} ({size / GB:.2f} GB, {time.perf_counter() - t0:.0f} s)",
-              file=sys.stderr, flush=True)
+        print(f"    wrote {name} ({size / GB:.2f} GB, {time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         shard, size, n = {}, 0, n + 1
         gc.collect()
         mx.clear_cache()
@@ -285,14 +289,27 @@ def child_build(folder: str, cfg_dict: dict) -> dict:
     for old, new in final.items():
         (folder / old).rename(folder / new)
     weight_map = {k: final[v] for k, v in weight_map.items()}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     text = dict(cfg.to_dict(), model_type="gemma4_text")
-    (folder / "config.json").write_text(json.dumps(
-        {"model_type": "gemma4", "architectures": ["Gemma4ForConditionalGeneration"],
-         "text_config": text, "dtype": "bfloat16"}))
-    return {"bytes": total, "shards": n_files, "seconds": time.perf_counter() - t0,
-            "largest_shard": max((folder / f).stat().st_size for f in final.values()), **_status()}
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gemma4",
+                "architectures": ["Gemma4ForConditionalGeneration"],
+                "text_config": text,
+                "dtype": "bfloat16",
+            }
+        )
+    )
+    return {
+        "bytes": total,
+        "shards": n_files,
+        "seconds": time.perf_counter() - t0,
+        "largest_shard": max((folder / f).stat().st_size for f in final.values()),
+        **_status(),
+    }
 
 
 def child_convert(src: str, dst: str, recipe: str) -> dict:
@@ -310,12 +327,21 @@ def child_convert(src: str, dst: str, recipe: str) -> dict:
     secs = time.perf_counter() - t0
     st = _status()
     out_files = list(Path(dst).glob("*.safetensors"))
-    return {"seconds": secs, "base_rss": base, "peak_rss": st["VmHWM"], "end_rss": st["VmRSS"],
-            "report_peak_rss": r.peak_rss, "peak_mlx": r.peak_mlx, "bytes_in": r.bytes_in,
-            "bytes_out": r.bytes_out, "largest_shard_in": r.largest_shard,
-            "largest_shard_out": max(f.stat().st_size for f in out_files), "shards_out": len(out_files),
-            "provenance": sorted({e.get("provenance", "float") for e in r.tensors.values()}),
-            "scale_dtypes": sorted({e["scale_dtype"] for e in r.tensors.values() if "scale_dtype" in e})}
+    return {
+        "seconds": secs,
+        "base_rss": base,
+        "peak_rss": st["VmHWM"],
+        "end_rss": st["VmRSS"],
+        "report_peak_rss": r.peak_rss,
+        "peak_mlx": r.peak_mlx,
+        "bytes_in": r.bytes_in,
+        "bytes_out": r.bytes_out,
+        "largest_shard_in": r.largest_shard,
+        "largest_shard_out": max(f.stat().st_size for f in out_files),
+        "shards_out": len(out_files),
+        "provenance": sorted({e.get("provenance", "float") for e in r.tensors.values()}),
+        "scale_dtypes": sorted({e["scale_dtype"] for e in r.tensors.values() if "scale_dtype" in e}),
+    }
 
 
 def child_measure(folder: str) -> dict:
@@ -344,10 +370,19 @@ def child_measure(folder: str) -> dict:
     mx.eval(model(nxt, cache))  # cache writes feed this step's attention: evaluated too
     t_step = time.perf_counter() - t0
     st = _status()
-    return {"loaded": loaded, "tensor_bytes": tensor_bytes, "mapped": mapped,
-            "after_decode": mx.get_active_memory() - base, "decode_peak": mx.get_peak_memory() - base,
-            "base_rss": base_rss, "rss_loaded": rss_loaded, "rss_end": st["VmRSS"], "peak_rss": st["VmHWM"],
-            "load_s": t_load, "step_s": t_step}
+    return {
+        "loaded": loaded,
+        "tensor_bytes": tensor_bytes,
+        "mapped": mapped,
+        "after_decode": mx.get_active_memory() - base,
+        "decode_peak": mx.get_peak_memory() - base,
+        "base_rss": base_rss,
+        "rss_loaded": rss_loaded,
+        "rss_end": st["VmRSS"],
+        "peak_rss": st["VmHWM"],
+        "load_s": t_load,
+        "step_s": t_step,
+    }
 
 
 CHILDREN = {"build": child_build, "convert": child_convert, "measure": child_measure}
@@ -357,8 +392,12 @@ def run_child(kind: str, *args) -> dict:
     """Run `kind` in a fresh interpreter; its stderr passes through, its result is
     the JSON on its last stdout line."""
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "_child", kind, json.dumps(args)],
-                       stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    p = subprocess.run(
+        [sys.executable, __file__, "_child", kind, json.dumps(args)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     if p.returncode:
         raise RuntimeError(f"child {kind} {args[:1]} exited with {p.returncode}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -367,6 +406,7 @@ def run_child(kind: str, *args) -> dict:
 
 
 # -- orchestration --------------------------------------------------------------------
+
 
 class Tee:
     def __init__(self):
@@ -423,23 +463,49 @@ def run_variant(name: str, cfg_dict: dict, formats, rows: list, checks: list, ke
             continue
         say(f"  {name} -> {f}: converting ...")
         c = run_child("convert", str(src), str(dst), f)
-        say(f"    converted in {c['seconds']:.0f} s; peak RSS {gb(c['peak_rss'])} GB "
+        say(
+            f"    converted in {c['seconds']:.0f} s; peak RSS {gb(c['peak_rss'])} GB "
             f"(baseline after imports {gb(c['base_rss'])} GB, ru_maxrss {gb(c['report_peak_rss'])} GB), "
             f"MLX peak {gb(c['peak_mlx'])} GB; largest shard in {gb(c['largest_shard_in'])} GB, "
             f"out {gb(c['largest_shard_out'])} GB; written {gb(c['bytes_out'])} GB; "
-            f"provenance {c['provenance']} scales {c['scale_dtypes']}")
+            f"provenance {c['provenance']} scales {c['scale_dtypes']}"
+        )
         say(f"  {name} {f}: loading in a fresh process ...")
         m = run_child("measure", str(dst))
-        say(f"    loaded in {m['load_s']:.0f} s: MLX active {gb(m['loaded'])} GB (tensor nbytes "
+        say(
+            f"    loaded in {m['load_s']:.0f} s: MLX active {gb(m['loaded'])} GB (tensor nbytes "
             f"{gb(m['tensor_bytes'])} GB, accounted {gb(acc['resident'])} GB), mapped PLE {gb(m['mapped'])} GB; "
             f"after prefill+1 decode {gb(m['after_decode'])} GB ({m['step_s']:.1f} s); "
-            f"RSS after load {gb(m['rss_loaded'])} GB, peak {gb(m['peak_rss'])} GB")
+            f"RSS after load {gb(m['rss_loaded'])} GB, peak {gb(m['peak_rss'])} GB"
+        )
         written = c["bytes_out"]
-        checks.append((name, f + ("*" if qat else ""), acc["resident"], m["loaded"], m["tensor_bytes"],
-                       acc["resident"] + acc["mapped"], written, acc["mapped"], m["mapped"]))
-        rows.append(dict(variant=name, fmt=f + ("*" if qat else ""), kind="measured", resident=m["loaded"],
-                         decode=m["after_decode"], mapped=m["mapped"], conv_peak=c["peak_rss"],
-                         conv_base=c["base_rss"], conv_s=c["seconds"], acc=acc["resident"]))
+        checks.append(
+            (
+                name,
+                f + ("*" if qat else ""),
+                acc["resident"],
+                m["loaded"],
+                m["tensor_bytes"],
+                acc["resident"] + acc["mapped"],
+                written,
+                acc["mapped"],
+                m["mapped"],
+            )
+        )
+        rows.append(
+            dict(
+                variant=name,
+                fmt=f + ("*" if qat else ""),
+                kind="measured",
+                resident=m["loaded"],
+                decode=m["after_decode"],
+                mapped=m["mapped"],
+                conv_peak=c["peak_rss"],
+                conv_base=c["base_rss"],
+                conv_s=c["seconds"],
+                acc=acc["resident"],
+            )
+        )
         shutil.rmtree(dst, ignore_errors=True)
     if not keep:
         shutil.rmtree(src, ignore_errors=True)
@@ -448,15 +514,19 @@ def run_variant(name: str, cfg_dict: dict, formats, rows: list, checks: list, ke
 def table(rows: list[dict]) -> list[str]:
     """The variant x format table.  rows: variant, fmt, kind, resident, decode, mapped,
     conv_peak, conv_base, conv_s (bytes / seconds; None where not measured)."""
-    out = ["GB = 10^9 bytes, GiB = 2^30.  kind: measured = MLX active memory after load in a fresh process;",
-           "accounted = exact stored bytes from the policy + codec layouts (see the check above).",
-           "resident: ours, text decoder; +1 decode: MLX active after a 4-token prefill + 1 decode step;",
-           "mapped PLE: memory-mapped, not resident; towers: vision (+audio) towers at bf16, not in our files;",
-           "all = resident + mapped + towers: every weight Google's figure counts.  res/G reads Google's",
-           "figure as GB, all/G as GiB (docs/quantization.md §10); conv peak: converter RSS (above baseline)."]
-    hdr = (f"{'variant':>12} {'fmt':>5} {'kind':>9} | {'resident GB':>11} {'GiB':>6} | {'+1 decode':>9} | "
-           f"{'mapped PLE':>10} | {'towers':>6} | {'all GB':>6} {'GiB':>6} | {'Google':>6} | {'res/G':>5} "
-           f"{'all/G':>5} | {'conv peak RSS GB':>16} {'conv s':>6}")
+    out = [
+        "GB = 10^9 bytes, GiB = 2^30.  kind: measured = MLX active memory after load in a fresh process;",
+        "accounted = exact stored bytes from the policy + codec layouts (see the check above).",
+        "resident: ours, text decoder; +1 decode: MLX active after a 4-token prefill + 1 decode step;",
+        "mapped PLE: memory-mapped, not resident; towers: vision (+audio) towers at bf16, not in our files;",
+        "all = resident + mapped + towers: every weight Google's figure counts.  res/G reads Google's",
+        "figure as GB, all/G as GiB (docs/quantization.md §10); conv peak: converter RSS (above baseline).",
+    ]
+    hdr = (
+        f"{'variant':>12} {'fmt':>5} {'kind':>9} | {'resident GB':>11} {'GiB':>6} | {'+1 decode':>9} | "
+        f"{'mapped PLE':>10} | {'towers':>6} | {'all GB':>6} {'GiB':>6} | {'Google':>6} | {'res/G':>5} "
+        f"{'all/G':>5} | {'conv peak RSS GB':>16} {'conv s':>6}"
+    )
     out += [hdr, "-" * len(hdr)]
     for r in rows:
         v = r["variant"].split("@")[0]
@@ -466,16 +536,17 @@ def table(rows: list[dict]) -> list[str]:
         tw = 2 * TOWERS[v] if full else None  # our policy keeps the towers bf16 (docs/quantization.md §6)
         total = res + (r["mapped"] or 0) + tw if full else None
         dec = gb(r["decode"]) if r["decode"] is not None else "-"
-        peak = (f"{gb(r['conv_peak'])} ({gb(r['conv_peak'] - r['conv_base'])})"
-                if r["conv_peak"] is not None else "-")
+        peak = f"{gb(r['conv_peak'])} ({gb(r['conv_peak'] - r['conv_base'])})" if r["conv_peak"] is not None else "-"
         gtxt = f"{g:.1f}" if g else "-"
         ratio = f"{res / (g * GB):.2f}" if g else "-"
         ratio_all = f"{total / (g * GiB):.2f}" if g else "-"
         mapped = gb(r["mapped"]) if r["mapped"] else "-"
         secs = f"{r['conv_s']:.0f}" if r["conv_s"] is not None else "-"
-        out.append(f"{r['variant']:>12} {r['fmt']:>5} {r['kind']:>9} | {gb(res):>11} {gib(res):>6} | "
-                   f"{dec:>9} | {mapped:>10} | {gb(tw):>6} | {gb(total):>6} {gib(total):>6} | {gtxt:>6} | "
-                   f"{ratio:>5} {ratio_all:>5} | {peak:>16} {secs:>6}")
+        out.append(
+            f"{r['variant']:>12} {r['fmt']:>5} {r['kind']:>9} | {gb(res):>11} {gib(res):>6} | "
+            f"{dec:>9} | {mapped:>10} | {gb(tw):>6} | {gb(total):>6} {gib(total):>6} | {gtxt:>6} | "
+            f"{ratio:>5} {ratio_all:>5} | {peak:>16} {secs:>6}"
+        )
     return out
 
 
@@ -487,20 +558,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
-    ap.add_argument("--e4b-formats", nargs="+", choices=FORMATS,
-                    help="formats measured for E4B (default: --formats); e.g. bf16 q4_0 to save time")
-    ap.add_argument("--reduced-layers", type=int, default=2,
-                    help="decoder layers of the measured 26B-A4B / 31B check (0: skip it)")
+    ap.add_argument(
+        "--e4b-formats",
+        nargs="+",
+        choices=FORMATS,
+        help="formats measured for E4B (default: --formats); e.g. bf16 q4_0 to save time",
+    )
+    ap.add_argument(
+        "--reduced-layers", type=int, default=2, help="decoder layers of the measured 26B-A4B / 31B check (0: skip it)"
+    )
     ap.add_argument("--reduced-formats", nargs="+", default=["q4_0"], choices=FORMATS)
     ap.add_argument("--keep", action="store_true", help="keep the source checkpoints afterwards")
-    ap.add_argument("--convert-cache-limit", type=float, metavar="GB",
-                    help="diagnostic: mx.set_cache_limit in the converting process (0: no buffer "
-                         "cache), to see how much of the conversion peak is MLX's cache of freed buffers")
+    ap.add_argument(
+        "--convert-cache-limit",
+        type=float,
+        metavar="GB",
+        help="diagnostic: mx.set_cache_limit in the converting process (0: no buffer "
+        "cache), to see how much of the conversion peak is MLX's cache of freed buffers",
+    )
     ap.add_argument("--out", type=Path, help="also write the output to this file")
-    ap.add_argument("--qat-embedding", action="store_true",
-                    help="build sources whose token embedding lies on the Q4_0 lattice (a QAT checkpoint)")
-    ap.add_argument("--accounted-only", action="store_true",
-                    help="no checkpoints: the accounted table for every variant (seconds)")
+    ap.add_argument(
+        "--qat-embedding",
+        action="store_true",
+        help="build sources whose token embedding lies on the Q4_0 lattice (a QAT checkpoint)",
+    )
+    ap.add_argument(
+        "--accounted-only", action="store_true", help="no checkpoints: the accounted table for every variant (seconds)"
+    )
     args = ap.parse_args()
 
     import mlx.core as mx
@@ -509,9 +593,11 @@ def main() -> None:
         os.environ["BENCH_MLX_CACHE_LIMIT_GB"] = str(args.convert_cache_limit)
     WORK.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    say(f"gemma4-mlx memory benchmark: mlx {mx.__version__}, {os.cpu_count()} CPU cores, "
+    say(
+        f"gemma4-mlx memory benchmark: mlx {mx.__version__}, {os.cpu_count()} CPU cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB:.1f} GB RAM, "
-        f"{free_disk() / GB:.1f} GB free disk in {WORK}")
+        f"{free_disk() / GB:.1f} GB free disk in {WORK}"
+    )
     say(f"started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     if args.convert_cache_limit is not None:
         say(f"converting processes run with mx.set_cache_limit({args.convert_cache_limit} GB)")
@@ -520,39 +606,75 @@ def main() -> None:
         if v in MEASURED and not args.accounted_only:
             fmts = args.e4b_formats if (v == "e4b" and args.e4b_formats) else args.formats
             say(f"\n== {v} (full depth, measured): {', '.join(fmts)}")
-            run_variant(v, dict(config_dict(v), _qat_embedding=args.qat_embedding), fmts, rows, checks,
-                        args.keep)
+            run_variant(v, dict(config_dict(v), _qat_embedding=args.qat_embedding), fmts, rows, checks, args.keep)
         else:
             cfg = text_config(config_dict(v))
             for f in args.formats:
                 acc = account(cfg, f)
-                rows.append(dict(variant=v, fmt=f, kind="accounted", resident=acc["resident"], decode=None,
-                                 mapped=acc["mapped"], conv_peak=None, conv_base=None, conv_s=None,
-                                 acc=acc["resident"]))
+                rows.append(
+                    dict(
+                        variant=v,
+                        fmt=f,
+                        kind="accounted",
+                        resident=acc["resident"],
+                        decode=None,
+                        mapped=acc["mapped"],
+                        conv_peak=None,
+                        conv_base=None,
+                        conv_s=None,
+                        acc=acc["resident"],
+                    )
+                )
             if args.reduced_layers and not args.accounted_only:
                 name = f"{v}@{args.reduced_layers}L"
-                say(f"\n== {name} (depth-reduced: {args.reduced_layers} decoder layers, real shapes; measured): "
-                    f"{', '.join(args.reduced_formats)}")
-                run_variant(name, dict(config_dict(v, args.reduced_layers), _qat_embedding=args.qat_embedding),
-                            args.reduced_formats, rows, checks, args.keep)
+                say(
+                    f"\n== {name} (depth-reduced: {args.reduced_layers} decoder layers, real shapes; measured): "
+                    f"{', '.join(args.reduced_formats)}"
+                )
+                run_variant(
+                    name,
+                    dict(config_dict(v, args.reduced_layers), _qat_embedding=args.qat_embedding),
+                    args.reduced_formats,
+                    rows,
+                    checks,
+                    args.keep,
+                )
         if "q4_0" in args.formats:  # a QAT source (Google's Q4_0 releases): embedding Q4_0 too
             acc = account(text_config(config_dict(v)), "q4_0", qat=True)
-            rows.append(dict(variant=v, fmt="q4_0*", kind="accounted", resident=acc["resident"], decode=None,
-                             mapped=acc["mapped"], conv_peak=None, conv_base=None, conv_s=None,
-                             acc=acc["resident"]))
+            rows.append(
+                dict(
+                    variant=v,
+                    fmt="q4_0*",
+                    kind="accounted",
+                    resident=acc["resident"],
+                    decode=None,
+                    mapped=acc["mapped"],
+                    conv_peak=None,
+                    conv_base=None,
+                    conv_s=None,
+                    acc=acc["resident"],
+                )
+            )
     elapsed = time.perf_counter() - t_start
 
     say("\n== accounting check (accounted vs measured resident bytes after load)")
-    say(f"{'model':>14} {'fmt':>5} | {'accounted':>13} {'MLX active':>13} {'diff':>7} | "
-        f"{'tensor nbytes':>13} {'diff':>7} | {'acc. written':>13} {'conv. wrote':>13} {'diff':>7} | mapped acc/meas")
+    say(
+        f"{'model':>14} {'fmt':>5} | {'accounted':>13} {'MLX active':>13} {'diff':>7} | "
+        f"{'tensor nbytes':>13} {'diff':>7} | {'acc. written':>13} {'conv. wrote':>13} {'diff':>7} | mapped acc/meas"
+    )
     ok = True
     for name, f, acc, active, nbytes, acc_w, wrote, acc_m, m_m in checks:
         d1, d2, d3 = (active - acc) / acc, (nbytes - acc) / acc, (wrote - acc_w) / acc_w
         ok &= abs(d1) < 0.01 and abs(d2) < 0.01 and acc_m == m_m
-        say(f"{name:>14} {f:>5} | {acc:13,d} {active:13,d} {d1:+7.3%} | {nbytes:13,d} {d2:+7.3%} | "
-            f"{acc_w:13,d} {wrote:13,d} {d3:+7.3%} | {gb(acc_m)}/{gb(m_m)} GB")
-    say(f"accounting within 1% of every measurement: {'yes' if ok else 'NO'}" if checks else
-        "no measurement to check the accounting against")
+        say(
+            f"{name:>14} {f:>5} | {acc:13,d} {active:13,d} {d1:+7.3%} | {nbytes:13,d} {d2:+7.3%} | "
+            f"{acc_w:13,d} {wrote:13,d} {d3:+7.3%} | {gb(acc_m)}/{gb(m_m)} GB"
+        )
+    say(
+        f"accounting within 1% of every measurement: {'yes' if ok else 'NO'}"
+        if checks
+        else "no measurement to check the accounting against"
+    )
 
     say("\n== resident weight memory (text decoder only), next to Google's table (weights, towers included)")
     for line in table(rows):

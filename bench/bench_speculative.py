@@ -34,19 +34,20 @@ import sys
 import time
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS first)
+
 # isort: split
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
+from report import Report  # bench/report.py (the script's folder is on sys.path)
 
 import gemma4_mlx.ops as ops
 import gemma4_mlx.speculative.loop as spec
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
-from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
-from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, generate_tokens
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair
 from gemma4_mlx.models.text import Model
-from report import Report  # bench/report.py (the script's folder is on sys.path)
+from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, generate_tokens
+from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
 
 S, F = SLIDING, FULL
 
@@ -58,30 +59,86 @@ ACCEPT = [0.844, 0.71, 0.64, 0.70, 0.7, 0.7, 0.7]
 # the drafter/target cost ratio would be ~15%; 65536 keeps head and drafter shares
 # near the real ones (and the run inside its time budget).
 FULL_SETUP = dict(
-    vocab=65536, window=128, prompt_lengths=[277, 143, 211, 104, 296, 168, 239, 122],
-    max_tokens=32, batches=[1, 2, 4, 8], ks=[1, 2, 3, 5, 7], auto_batches=[1, 4, 8],
-    curve_T=[1, 2, 4, 8, 16, 32, 64], moe_T=[1, 2, 4, 6, 8, 12, 16], reps=3,
-    dense=dict(hidden_size=768, num_hidden_layers=12, layer_types=[S] * 5 + [F] + [S] * 5 + [F],
-               num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=1,
-               attention_k_eq_v=True, head_dim=256, global_head_dim=512, intermediate_size=3072),
-    moe=dict(hidden_size=768, num_hidden_layers=12, layer_types=[S] * 5 + [F] + [S] * 5 + [F],
-             num_attention_heads=8, num_key_value_heads=4, num_global_key_value_heads=1,
-             attention_k_eq_v=True, head_dim=256, global_head_dim=512, intermediate_size=768,
-             enable_moe_block=True, num_experts=64, top_k_experts=8, moe_intermediate_size=256),
+    vocab=65536,
+    window=128,
+    prompt_lengths=[277, 143, 211, 104, 296, 168, 239, 122],
+    max_tokens=32,
+    batches=[1, 2, 4, 8],
+    ks=[1, 2, 3, 5, 7],
+    auto_batches=[1, 4, 8],
+    curve_T=[1, 2, 4, 8, 16, 32, 64],
+    moe_T=[1, 2, 4, 6, 8, 12, 16],
+    reps=3,
+    dense=dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        layer_types=[S] * 5 + [F] + [S] * 5 + [F],
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        head_dim=256,
+        global_head_dim=512,
+        intermediate_size=3072,
+    ),
+    moe=dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        layer_types=[S] * 5 + [F] + [S] * 5 + [F],
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        head_dim=256,
+        global_head_dim=512,
+        intermediate_size=768,
+        enable_moe_block=True,
+        num_experts=64,
+        top_k_experts=8,
+        moe_intermediate_size=256,
+    ),
     drafter=dict(hidden_size=256, intermediate_size=2048, num_attention_heads=8),
 )
 
 QUICK_SETUP = dict(
-    vocab=4096, window=32, prompt_lengths=[71, 45, 90, 38, 83, 52, 64, 41],
-    max_tokens=12, batches=[1, 2, 4, 8], ks=[1, 2, 3, 5, 7], auto_batches=[1, 4, 8],
-    curve_T=[1, 2, 4, 8, 16, 32, 64], moe_T=[1, 2, 4, 8, 16], reps=1,
-    dense=dict(hidden_size=128, num_hidden_layers=4, layer_types=[S, S, S, F],
-               num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1,
-               attention_k_eq_v=True, head_dim=32, global_head_dim=64, intermediate_size=256),
-    moe=dict(hidden_size=128, num_hidden_layers=4, layer_types=[S, S, S, F],
-             num_attention_heads=4, num_key_value_heads=2, num_global_key_value_heads=1,
-             attention_k_eq_v=True, head_dim=32, global_head_dim=64, intermediate_size=128,
-             enable_moe_block=True, num_experts=16, top_k_experts=4, moe_intermediate_size=64),
+    vocab=4096,
+    window=32,
+    prompt_lengths=[71, 45, 90, 38, 83, 52, 64, 41],
+    max_tokens=12,
+    batches=[1, 2, 4, 8],
+    ks=[1, 2, 3, 5, 7],
+    auto_batches=[1, 4, 8],
+    curve_T=[1, 2, 4, 8, 16, 32, 64],
+    moe_T=[1, 2, 4, 8, 16],
+    reps=1,
+    dense=dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        layer_types=[S, S, S, F],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        head_dim=32,
+        global_head_dim=64,
+        intermediate_size=256,
+    ),
+    moe=dict(
+        hidden_size=128,
+        num_hidden_layers=4,
+        layer_types=[S, S, S, F],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        head_dim=32,
+        global_head_dim=64,
+        intermediate_size=128,
+        enable_moe_block=True,
+        num_experts=16,
+        top_k_experts=4,
+        moe_intermediate_size=64,
+    ),
     drafter=dict(hidden_size=64, intermediate_size=256, num_attention_heads=4),
 )
 
@@ -104,7 +161,7 @@ def randomize(module, seed: int) -> None:
         elif key.endswith("layer_scalar"):
             v = 0.5 + 0.5 * mx.random.uniform(shape=value.shape)
         elif value.size > 1 << 20:  # uniform with the same std: 3x faster to draw
-            v = (0.02 * 3 ** 0.5) * (2 * mx.random.uniform(shape=value.shape) - 1)
+            v = (0.02 * 3**0.5) * (2 * mx.random.uniform(shape=value.shape) - 1)
         else:
             v = 0.02 * mx.random.normal(value.shape)
         v = v.astype(mx.float32)
@@ -116,23 +173,48 @@ def randomize(module, seed: int) -> None:
 
 def build_pair(kind: str, setup: dict, seed: int):
     W, V = setup["window"], setup["vocab"]
-    t = dict(setup[kind], vocab_size=V, sliding_window=W, hidden_size_per_layer_input=0,
-             vocab_size_per_layer_input=V, num_kv_shared_layers=0, final_logit_softcapping=30.0,
-             rms_norm_eps=1e-6, model_type="gemma4_text")
+    t = dict(
+        setup[kind],
+        vocab_size=V,
+        sliding_window=W,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=V,
+        num_kv_shared_layers=0,
+        final_logit_softcapping=30.0,
+        rms_norm_eps=1e-6,
+        model_type="gemma4_text",
+    )
     tcfg = TextConfig.from_dict(t, f"{kind} target")
     target = Model(tcfg)
     randomize(target, seed)
     tt = setup[kind]
-    d = dict(setup["drafter"], vocab_size=V, sliding_window=W, num_hidden_layers=4,
-             layer_types=[S, S, S, F], num_key_value_heads=tt["num_key_value_heads"],
-             num_global_key_value_heads=tt["num_global_key_value_heads"],
-             attention_k_eq_v=tt["attention_k_eq_v"], head_dim=tt["head_dim"],
-             global_head_dim=tt["global_head_dim"], num_kv_shared_layers=4,
-             hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
-             final_logit_softcapping=None, rms_norm_eps=1e-6, tie_word_embeddings=True)
-    dcfg = AssistantConfig.from_dict({"model_type": "gemma4_assistant", "text_config": d,
-                                      "backbone_hidden_size": tcfg.hidden_size,
-                                      "use_ordered_embeddings": False}, f"{kind} drafter")
+    d = dict(
+        setup["drafter"],
+        vocab_size=V,
+        sliding_window=W,
+        num_hidden_layers=4,
+        layer_types=[S, S, S, F],
+        num_key_value_heads=tt["num_key_value_heads"],
+        num_global_key_value_heads=tt["num_global_key_value_heads"],
+        attention_k_eq_v=tt["attention_k_eq_v"],
+        head_dim=tt["head_dim"],
+        global_head_dim=tt["global_head_dim"],
+        num_kv_shared_layers=4,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        final_logit_softcapping=None,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    )
+    dcfg = AssistantConfig.from_dict(
+        {
+            "model_type": "gemma4_assistant",
+            "text_config": d,
+            "backbone_hidden_size": tcfg.hidden_size,
+            "use_ordered_embeddings": False,
+        },
+        f"{kind} drafter",
+    )
     check_pair(dcfg, tcfg, f"{kind} drafter")
     drafter = Drafter(dcfg)
     randomize(drafter, seed + 1)
@@ -149,21 +231,25 @@ def param_summary(target: Model, drafter: Drafter) -> str:
         active = total - experts + experts * cfg.top_k_experts // cfg.num_experts
         line += f", experts {experts / 1e6:.1f} M, active per token {active / 1e6:.1f} M"
     dh = cfg.vocab_size * drafter.config.text.hidden_size
-    line += (f"; drafter {drafter.num_parameters() / 1e6:.1f} M (dense tied head {dh / 1e6:.1f} M)")
+    line += f"; drafter {drafter.num_parameters() / 1e6:.1f} M (dense tied head {dh / 1e6:.1f} M)"
     return line
 
 
 def shape_line(kind: str, setup: dict) -> str:
     t, d = setup[kind], setup["drafter"]
-    s = (f"hidden {t['hidden_size']}, {t['num_hidden_layers']} layers "
-         f"({''.join('F' if x == F else 'S' for x in t['layer_types'])}), {t['num_attention_heads']} q heads, "
-         f"kv {t['num_key_value_heads']}x{t['head_dim']} sliding / {t['num_global_key_value_heads']}x"
-         f"{t['global_head_dim']} full (K=V), MLP {t['intermediate_size']}")
+    s = (
+        f"hidden {t['hidden_size']}, {t['num_hidden_layers']} layers "
+        f"({''.join('F' if x == F else 'S' for x in t['layer_types'])}), {t['num_attention_heads']} q heads, "
+        f"kv {t['num_key_value_heads']}x{t['head_dim']} sliding / {t['num_global_key_value_heads']}x"
+        f"{t['global_head_dim']} full (K=V), MLP {t['intermediate_size']}"
+    )
     if t.get("enable_moe_block"):
         s += f" + {t['num_experts']} experts top-{t['top_k_experts']} x {t['moe_intermediate_size']}"
-    s += (f", vocab {setup['vocab']}, W {setup['window']}, softcap 30 | drafter: hidden "
-          f"{d['hidden_size']}, 4 layers SSSF, {d['num_attention_heads']} q heads, MLP "
-          f"{d['intermediate_size']}, dense tied head")
+    s += (
+        f", vocab {setup['vocab']}, W {setup['window']}, softcap 30 | drafter: hidden "
+        f"{d['hidden_size']}, 4 layers SSSF, {d['num_attention_heads']} q heads, MLP "
+        f"{d['intermediate_size']}, dense tied head"
+    )
     return s
 
 
@@ -177,8 +263,13 @@ def _memo_prefill(model, ids, caches, chunk=DEFAULT_PREFILL_CHUNK, media=None):
     """Compute a batch's prefill once; later runs restore the caches from a snapshot."""
     if media is not None:  # text prompts only here
         raise ValueError("the speculative bench memoises text prompts only")
-    key = (id(model), chunk, ids.shape, np.array(ids).tobytes(),
-           tuple(getattr(c, "keep", -1) for c in caches if c is not None))
+    key = (
+        id(model),
+        chunk,
+        ids.shape,
+        np.array(ids).tobytes(),
+        tuple(getattr(c, "keep", -1) for c in caches if c is not None),
+    )
     hit = _memo.get(key)
     if hit is None:
         t0 = time.perf_counter()
@@ -261,9 +352,11 @@ def cost_curves(name, target, drafter, setup, prompts, log):
         base = base or t
         cells.append(f"T={T}: {1e3 * t:.1f} ms ({t / base:.2f}x)")
     for i in range(0, len(cells), 4):
-        log("  " + " | ".join(cells[i:i + 4]))
-    log("t_verify(B rows x K+1 tokens) in ms (ratio to B x 1), contexts = the grid's ragged "
-        "prompts; t_draft(B) per draft step in ms (ratio to t_verify(B x 1)):")
+        log("  " + " | ".join(cells[i : i + 4]))
+    log(
+        "t_verify(B rows x K+1 tokens) in ms (ratio to B x 1), contexts = the grid's ragged "
+        "prompts; t_draft(B) per draft step in ms (ratio to t_verify(B x 1)):"
+    )
     log(f"  {'B':>2} | " + " ".join(f"{'K+1=' + str(k + 1):>13}" for k in ks) + f" | {'t_draft':>14}")
     for B in setup["batches"]:
         caches, h = batch_caches(target, prompts[:B])
@@ -274,8 +367,11 @@ def cost_curves(name, target, drafter, setup, prompts, log):
             row.append(f"{1e3 * t:7.1f} ({t / costs['verify'][(B, 1)]:.2f})")
         td = time_draft(target, drafter, caches, h, B, reps, rng)
         costs["draft"][B] = td
-        log(f"  {B:>2} | " + " ".join(f"{c:>13}" for c in row)
-            + f" | {1e3 * td:6.1f} ({td / costs['verify'][(B, 1)]:.2f})")
+        log(
+            f"  {B:>2} | "
+            + " ".join(f"{c:>13}" for c in row)
+            + f" | {1e3 * td:6.1f} ({td / costs['verify'][(B, 1)]:.2f})"
+        )
     del caches
     return costs
 
@@ -287,8 +383,7 @@ def moe_strategies(target, setup, prompts, log):
     caches, _ = batch_caches(target, prompts[:1])
     real = ops.moe_strategy
     names = ["gather", "segments", "sorted"]
-    log(f"MoE expert strategy, t_verify(T) in ms, one row (pairs = T x {k}); "
-        f"default = ops.moe_strategy's pick:")
+    log(f"MoE expert strategy, t_verify(T) in ms, one row (pairs = T x {k}); default = ops.moe_strategy's pick:")
     log(f"  {'T':>3} {'pairs':>5} | " + " ".join(f"{n:>9}" for n in names) + " | default   | fastest")
     try:
         for T in setup["moe_T"]:
@@ -298,10 +393,12 @@ def moe_strategies(target, setup, prompts, log):
                 res[n] = time_verify(target, caches, 1, T, reps, rng)
             ops.moe_strategy = real
             best = min(res, key=res.get)
-            log(f"  {T:>3} {T * k:>5} | " + " ".join(f"{1e3 * res[n]:9.1f}" for n in names)
+            log(
+                f"  {T:>3} {T * k:>5} | "
+                + " ".join(f"{1e3 * res[n]:9.1f}" for n in names)
                 + f" | {real(T * k):<9} | {best}"
-                + ("" if best == real(T * k) else
-                   f" ({res[real(T * k)] / res[best]:.2f}x faster than default)"))
+                + ("" if best == real(T * k) else f" ({res[real(T * k)] / res[best]:.2f}x faster than default)")
+            )
     finally:
         ops.moe_strategy = real
     # The auto policy profiles verify cost with the bonus token repeated K + 1 times;
@@ -310,8 +407,10 @@ def moe_strategies(target, setup, prompts, log):
     caches, _ = batch_caches(target, prompts[:B])
     a = time_verify(target, caches, B, 8, reps, rng)
     b = time_verify(target, caches, B, 8, reps, rng, repeated=True)
-    log(f"  B={B} x 8 tokens: distinct tokens {1e3 * a:.1f} ms vs one token repeated (what "
-        f"speculative.profile times) {1e3 * b:.1f} ms ({a / b:.2f}x)")
+    log(
+        f"  B={B} x 8 tokens: distinct tokens {1e3 * a:.1f} ms vs one token repeated (what "
+        f"speculative.profile times) {1e3 * b:.1f} ms ({a / b:.2f}x)"
+    )
     del caches
 
 
@@ -356,8 +455,16 @@ def run(target, drafter, prompts, max_tokens, K, override=None, policy=None):
     stats = spec.SpecStats()
     out = [[] for _ in prompts]
     _profile_time[0] = 0.0
-    gen = spec.speculate(target, drafter, prompts, max_tokens=max_tokens, draft_tokens=K,
-                         policy=policy, stats=stats, draft_override=override)
+    gen = spec.speculate(
+        target,
+        drafter,
+        prompts,
+        max_tokens=max_tokens,
+        draft_tokens=K,
+        policy=policy,
+        stats=stats,
+        draft_override=override,
+    )
     t_first = None
     for r, toks in gen:
         if t_first is None:
@@ -376,14 +483,20 @@ def predict(costs, B, K, e):
 def grid(name, target, drafter, setup, prompts, costs, log):
     V, M = target.config.vocab_size, setup["max_tokens"]
     ks = setup["ks"]
-    log(f"Grid ({name}): controlled acceptance a_j = {', '.join(map(str, ACCEPT[:max(ks)]))}; "
-        f"{M} tokens per row ({M - 1} decoded); decode-only times")
-    log("  a_j: conditional acceptance measured (SpecStats.acceptance(): draft j accepted given drafts < j were); "
+    log(
+        f"Grid ({name}): controlled acceptance a_j = {', '.join(map(str, ACCEPT[: max(ks)]))}; "
+        f"{M} tokens per row ({M - 1} decoded); decode-only times"
+    )
+    log(
+        "  a_j: conditional acceptance measured (SpecStats.acceptance(): draft j accepted given drafts < j were); "
         "pred = E[A+1] t_v(B,1) / (K t_d(B) + t_v(B,K+1)) from the tables above, pred@meas with the "
-        "measured tok/round")
-    log(f"  {'B':>2} {'K':>2} | {'tok/round':>9} {'E[A+1]':>6} | {'a_j measured, j = 1..K':<34} | "
+        "measured tok/round"
+    )
+    log(
+        f"  {'B':>2} {'K':>2} | {'tok/round':>9} {'E[A+1]':>6} | {'a_j measured, j = 1..K':<34} | "
         f"{'tok/s':>6} {'speed-up':>8} {'pred':>5} {'pred@meas':>9} | "
-        f"{'draft':>6} {'verify':>6} {'other':>6} ms/round | lossless")
+        f"{'draft':>6} {'verify':>6} {'other':>6} ms/round | lossless"
+    )
     results, baselines, base, all_same = {}, {}, {}, True
     for B in setup["batches"]:
         ps = prompts[:B]
@@ -394,13 +507,14 @@ def grid(name, target, drafter, setup, prompts, costs, log):
             dt, st = dt2, st2
         baselines[B] = ref
         base_tps = n / dt
-        log(f"  {B:>2} {0:>2} | {'baseline':>9} {'':>6} | {'(same batch, K = 0)':<34} | "
+        log(
+            f"  {B:>2} {0:>2} | {'baseline':>9} {'':>6} | {'(same batch, K = 0)':<34} | "
             f"{base_tps:6.2f} {'1.00':>8} {'':>5} {'':>9} | {'':>6} {1e3 * st.verify_time / st.rounds:6.1f} "
             f"{1e3 * (dt - st.draft_time - st.verify_time) / st.rounds:6.1f} ms/round | "
-            f"prefill {prefill_seconds.get((id(target), (B, max(map(len, ps)))), 0):.1f} s (once)")
+            f"prefill {prefill_seconds.get((id(target), (B, max(map(len, ps)))), 0):.1f} s (once)"
+        )
         for K in ks:
-            out, dt, n, st, _ = run(target, drafter, ps, M, K,
-                                    override=controlled(ref, ACCEPT, 1000 * B + K, V))
+            out, dt, n, st, _ = run(target, drafter, ps, M, K, override=controlled(ref, ACCEPT, 1000 * B + K, V))
             same = out == ref
             all_same &= same
             diff = sum(o != r for o, r in zip(out, ref))
@@ -408,12 +522,14 @@ def grid(name, target, drafter, setup, prompts, costs, log):
             tps = n / dt
             results[(B, K)] = tps / base_tps
             acc = " ".join(f"{a:.2f}" for a in st.acceptance())
-            log(f"  {B:>2} {K:>2} | {st.tokens_per_round:9.2f} {e:6.2f} | {acc:<34} | {tps:6.2f} "
+            log(
+                f"  {B:>2} {K:>2} | {st.tokens_per_round:9.2f} {e:6.2f} | {acc:<34} | {tps:6.2f} "
                 f"{tps / base_tps:8.2f} {predict(costs, B, K, e):5.2f} "
                 f"{predict(costs, B, K, st.tokens_per_round):9.2f} | "
                 f"{1e3 * st.draft_time / st.rounds:6.1f} {1e3 * st.verify_time / st.rounds:6.1f} "
                 f"{1e3 * (dt - st.draft_time - st.verify_time) / st.rounds:6.1f} ms/round | "
-                f"{'yes' if same else f'NO ({diff} rows differ)'}")
+                f"{'yes' if same else f'NO ({diff} rows differ)'}"
+            )
         results[(B, 0)] = 1.0
         base[B] = (base_tps, ref)
     log(f"  every speculative output == its same-batch baseline (greedy lossless): {all_same}")
@@ -423,42 +539,55 @@ def grid(name, target, drafter, setup, prompts, costs, log):
         for i in range(B):
             per_row.setdefault(i, []).append(baselines[B][i])
     flips = sum(any(o != outs[0] for o in outs) for outs in per_row.values())
-    log(f"  baselines across batch sizes: each row's output is the same in every batch it is in: "
-        f"{flips == 0} ({flips} of {len(per_row)} rows differ; near-tie numerics if any)")
+    log(
+        f"  baselines across batch sizes: each row's output is the same in every batch it is in: "
+        f"{flips == 0} ({flips} of {len(per_row)} rows differ; near-tie numerics if any)"
+    )
     # The prefill memo must be invisible: plain decoding without it gives the same tokens.
     plain = list(generate_tokens(target, prompts[0], max_tokens=M))
-    log(f"  B=1 baseline == generate_tokens (own prefill, no memo, no speculate): "
-        f"{plain == baselines[min(setup['batches'])][0]}")
+    log(
+        f"  B=1 baseline == generate_tokens (own prefill, no memo, no speculate): "
+        f"{plain == baselines[min(setup['batches'])][0]}"
+    )
     all_same &= plain == baselines[min(setup["batches"])][0]
     return results, base, all_same
 
 
 def auto_runs(name, target, drafter, setup, prompts, costs, results, base, log):
     V, M = target.config.vocab_size, setup["max_tokens"]
-    log(f"draft_tokens=\"auto\" ({name}): DraftPolicy(k_max=7) learns acceptance (prior 0.7) and "
-        f"profiles costs itself at start-up (profile time is inside the decode time)")
-    log(f"  {'B':>2} | {'K used (rounds)':<26} | {'tok/round':>9} | {'speed-up':>8} "
-        f"{'excl. profile':>13} | {'best grid K':>11} {'its speed-up':>12} | {'model K*':>8} | lossless")
+    log(
+        f'draft_tokens="auto" ({name}): DraftPolicy(k_max=7) learns acceptance (prior 0.7) and '
+        f"profiles costs itself at start-up (profile time is inside the decode time)"
+    )
+    log(
+        f"  {'B':>2} | {'K used (rounds)':<26} | {'tok/round':>9} | {'speed-up':>8} "
+        f"{'excl. profile':>13} | {'best grid K':>11} {'its speed-up':>12} | {'model K*':>8} | lossless"
+    )
     ok_all = True
     for B in setup["auto_batches"]:
         ps = prompts[:B]
         base_tps, ref = base[B]  # the grid's same-batch baseline
         policy = DraftPolicy(k_max=7)
-        out, dt, n, st, prof = run(target, drafter, ps, M, "auto",
-                                   override=controlled(ref, ACCEPT, 77 + B, V), policy=policy)
+        out, dt, n, st, prof = run(
+            target, drafter, ps, M, "auto", override=controlled(ref, ACCEPT, 77 + B, V), policy=policy
+        )
         ok_all &= out == ref
         ks = ", ".join(f"{k}:{c}" for k, c in sorted(st.k_used.items()))
         best = max((k for k in [0] + setup["ks"] if (B, k) in results), key=lambda k: results[(B, k)])
         # What the cost model picks from this bench's own cost table and the true profile.
         cand = [0] + setup["ks"]
-        model_k = max(cand, key=lambda k: predict(costs, B, k, expected_tokens(ACCEPT[:k])) if k
-                      else 1.0)
-        log(f"  {B:>2} | {ks:<26} | {st.tokens_per_round:9.2f} | {n / dt / base_tps:8.2f} "
+        model_k = max(cand, key=lambda k: predict(costs, B, k, expected_tokens(ACCEPT[:k])) if k else 1.0)
+        log(
+            f"  {B:>2} | {ks:<26} | {st.tokens_per_round:9.2f} | {n / dt / base_tps:8.2f} "
             f"{n / (dt - prof) / base_tps:13.2f} | {best:>11} {results[(B, best)]:12.2f} | "
-            f"{model_k:>8} | {'yes' if out == ref else 'NO'}")
+            f"{model_k:>8} | {'yes' if out == ref else 'NO'}"
+        )
         pv = ", ".join(f"T={T}: {1e3 * t:.0f}" for T, t in sorted(policy.verify_time.items()))
-        log(f"       policy's t_verify (ms) {pv}; t_draft {', '.join(f'B={b}: {1e3 * t:.1f}' for b, t in sorted(policy.draft_time.items()))} ms; "
-            f"learned a_j {' '.join(f'{a:.2f}' for a in policy.acceptance)}")
+        td = ", ".join(f"B={b}: {1e3 * t:.1f}" for b, t in sorted(policy.draft_time.items()))
+        log(
+            f"       policy's t_verify (ms) {pv}; t_draft {td} ms; "
+            f"learned a_j {' '.join(f'{a:.2f}' for a in policy.acceptance)}"
+        )
     return ok_all
 
 
@@ -477,17 +606,25 @@ def main():
     prompts = [[2] + [rng.randrange(3, V) for _ in range(n - 1)] for n in setup["prompt_lengths"]]
 
     log(f"gemma4-mlx speculative decoding benchmark{' (--quick)' if args.quick else ''}")
-    log(f"mlx {mx.__version__}, device {mx.default_device()}, BLAS "
+    log(
+        f"mlx {mx.__version__}, device {mx.default_device()}, BLAS "
         f"{gemma4_mlx._blas.loaded_from or 'MLX default'}, float32 (target and drafter), "
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
-        f"python {sys.version.split()[0]}")
-    log(f"load average at start {os.getloadavg()[0]:.2f} (compare with the end): on a shared machine "
+        f"python {sys.version.split()[0]}"
+    )
+    log(
+        f"load average at start {os.getloadavg()[0]:.2f} (compare with the end): on a shared machine "
         f"other processes slow single runs, OpenBLAS threads badly so (single run per cell, baselines "
-        f"best of 2, cost curves medians of {setup['reps']})")
-    log(f"prompts: {len(prompts)} ragged lengths {setup['prompt_lengths']} (> W = {setup['window']}: "
-        f"sliding windows wrap and roll back); batch B uses the first B; greedy")
-    log(f"vocab {V} (reduced from 262144: see FULL_SETUP); random weights (random routers = "
-        f"uniform routing, the worst case for distinct experts per verify block)")
+        f"best of 2, cost curves medians of {setup['reps']})"
+    )
+    log(
+        f"prompts: {len(prompts)} ragged lengths {setup['prompt_lengths']} (> W = {setup['window']}: "
+        f"sliding windows wrap and roll back); batch B uses the first B; greedy"
+    )
+    log(
+        f"vocab {V} (reduced from 262144: see FULL_SETUP); random weights (random routers = "
+        f"uniform routing, the worst case for distinct experts per verify block)"
+    )
     ok = True
     for i, name in enumerate(args.targets):
         t0 = time.perf_counter()
@@ -514,8 +651,10 @@ def main():
         _memo.clear()
         mx.clear_cache()
     log("")
-    log(f"all speculative outputs lossless: {ok}; total {time.perf_counter() - t_start:.0f} s; "
-        f"load average at end {os.getloadavg()[0]:.2f}")
+    log(
+        f"all speculative outputs lossless: {ok}; total {time.perf_counter() - t_start:.0f} s; "
+        f"load average at end {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,29 +19,56 @@ import time
 from pathlib import Path
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS first)
+
 # isort: split
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
-from gemma4_mlx.runtime.generate import generate_tokens
 from gemma4_mlx.models.text import Model
+from gemma4_mlx.runtime.generate import generate_tokens
 
 WORK = Path(__file__).parent / "_work"
 S, F = SLIDING, FULL
 
 SHAPES = {
-    "e2b-shaped": dict(vocab_size=262144, vocab_size_per_layer_input=262144, hidden_size=1024,
-                       num_hidden_layers=20, layer_types=[S, S, S, S, F] * 4, num_attention_heads=8,
-                       num_key_value_heads=1, head_dim=256, global_head_dim=512, sliding_window=512,
-                       intermediate_size=4096, use_double_wide_mlp=True, hidden_size_per_layer_input=32,
-                       num_kv_shared_layers=8, final_logit_softcapping=30.0),
-    "moe-shaped": dict(vocab_size=262144, hidden_size=1024, num_hidden_layers=12,
-                       layer_types=[S, S, S, S, S, F] * 2, num_attention_heads=8, num_key_value_heads=4,
-                       num_global_key_value_heads=1, attention_k_eq_v=True, head_dim=256,
-                       global_head_dim=512, sliding_window=1024, intermediate_size=1024,
-                       hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=64,
-                       top_k_experts=8, moe_intermediate_size=256, final_logit_softcapping=30.0),
+    "e2b-shaped": dict(
+        vocab_size=262144,
+        vocab_size_per_layer_input=262144,
+        hidden_size=1024,
+        num_hidden_layers=20,
+        layer_types=[S, S, S, S, F] * 4,
+        num_attention_heads=8,
+        num_key_value_heads=1,
+        head_dim=256,
+        global_head_dim=512,
+        sliding_window=512,
+        intermediate_size=4096,
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=32,
+        num_kv_shared_layers=8,
+        final_logit_softcapping=30.0,
+    ),
+    "moe-shaped": dict(
+        vocab_size=262144,
+        hidden_size=1024,
+        num_hidden_layers=12,
+        layer_types=[S, S, S, S, S, F] * 2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        head_dim=256,
+        global_head_dim=512,
+        sliding_window=1024,
+        intermediate_size=1024,
+        hidden_size_per_layer_input=0,
+        enable_moe_block=True,
+        num_experts=64,
+        top_k_experts=8,
+        moe_intermediate_size=256,
+        final_logit_softcapping=30.0,
+    ),
 }
 
 
@@ -82,9 +109,18 @@ def build_checkpoint(name: str, spec: dict) -> Path:
         tensors[hf_key(key.removesuffix(".weight") if ".experts.down_proj" in key else key)] = v
     mx.save_safetensors(str(folder / "model.safetensors"), tensors)
     text = dict(cfg.to_dict(), model_type="gemma4_text")
-    (folder / "config.json").write_text(json.dumps(
-        {"model_type": "gemma4", "text_config": text, "vocab_size": cfg.vocab_size,
-         "vision_config": None, "audio_config": None}, indent=1))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gemma4",
+                "text_config": text,
+                "vocab_size": cfg.vocab_size,
+                "vision_config": None,
+                "audio_config": None,
+            },
+            indent=1,
+        )
+    )
     del tensors, model
     gc.collect()
     return folder
@@ -163,10 +199,14 @@ def main():
     from mlx_lm.utils import load_model
 
     bw = gemv_bandwidth()
-    print(f"backend: {mx.default_device()}, BLAS: {gemma4_mlx._blas.loaded_from or 'MLX default'}, "
-          f"float32, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}")
-    print(f"best float32 GEMV bandwidth: {bw / 1e9:.1f} GB/s; decode {args.decode} tokens after "
-          f"each prompt; best of 2 runs; prefill chunk 2048 for both\n")
+    print(
+        f"backend: {mx.default_device()}, BLAS: {gemma4_mlx._blas.loaded_from or 'MLX default'}, "
+        f"float32, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}"
+    )
+    print(
+        f"best float32 GEMV bandwidth: {bw / 1e9:.1f} GB/s; decode {args.decode} tokens after "
+        f"each prompt; best of 2 runs; prefill chunk 2048 for both\n"
+    )
     rows = []
     for name in args.shapes:
         folder = build_checkpoint(name, SHAPES[name])
@@ -188,13 +228,17 @@ def main():
         gc.collect()
         for n in args.prompts:
             rows.append((name, n, mine[n], theirs[n], bw / bytes_tok, my_tokens == their_tokens))
-    print(f"{'shape':<11} {'prompt':>6} | {'prefill tok/s':>13} {'mlx-lm':>7} {'ratio':>5} | "
-          f"{'decode tok/s':>12} {'mlx-lm':>7} {'ratio':>5} | {'roofline':>8} {'ours':>5} "
-          f"{'mlx-lm':>6} | same greedy tokens")
+    print(
+        f"{'shape':<11} {'prompt':>6} | {'prefill tok/s':>13} {'mlx-lm':>7} {'ratio':>5} | "
+        f"{'decode tok/s':>12} {'mlx-lm':>7} {'ratio':>5} | {'roofline':>8} {'ours':>5} "
+        f"{'mlx-lm':>6} | same greedy tokens"
+    )
     for name, n, (op, od), (rp, rd), roof, same in rows:
-        print(f"{name:<11} {n:>6} | {n / op:>13.1f} {n / rp:>7.1f} {rp / op:>5.2f} | "
-              f"{1 / od:>12.2f} {1 / rd:>7.2f} {rd / od:>5.2f} | {roof:>8.2f} "
-              f"{100 / od / roof:>4.0f}% {100 / rd / roof:>5.0f}% | {same}")
+        print(
+            f"{name:<11} {n:>6} | {n / op:>13.1f} {n / rp:>7.1f} {rp / op:>5.2f} | "
+            f"{1 / od:>12.2f} {1 / rd:>7.2f} {rd / od:>5.2f} | {roof:>8.2f} "
+            f"{100 / od / roof:>4.0f}% {100 / rd / roof:>5.0f}% | {same}"
+        )
 
 
 if __name__ == "__main__":

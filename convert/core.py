@@ -21,7 +21,6 @@ import logging
 import resource
 import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,7 +36,9 @@ from gemma4_mlx.models.text import Model
 
 from . import codecs, drafter
 from .errors import ConvertError
+from .gguf import import_gguf
 from .hub import resolve_source
+from .output import Progress, Report, write_index, write_shard
 from .policy import RECIPES, Policy, classify
 
 log = logging.getLogger(__name__)
@@ -57,31 +58,6 @@ FEATURE_EXTRACTOR = {
     "preemphasis": 0.0, "preemphasis_htk_flavor": True, "dither": 0.0, "input_scale_factor": 1.0,
     "per_bin_mean": None, "per_bin_stddev": None,
 }
-
-
-@dataclass
-class Report:
-    dst: Path
-    recipe: str
-    tensors: dict = field(default_factory=dict)  # module path -> entry (as in config.json)
-    skipped: dict = field(default_factory=dict)  # what was left out, with counts
-    converted: list = field(default_factory=list)  # "text", "vision", "audio" (or "drafter")
-    processor_config: str | None = None  # what the converter changed in processor_config.json
-    bytes_in: int = 0
-    bytes_out: int = 0
-    largest_shard: int = 0  # bytes of the largest source shard
-    peak_mlx: int = 0  # MLX allocator high-water mark over the run, above what was in use before, bytes
-    peak_rss: int = 0  # process max RSS after the run, bytes (includes everything before)
-
-    def lattice_fraction(self) -> float | None:
-        """Fraction of Q4_0 blocks recovered exactly, over all q4_0 tensors."""
-        v = [e["lattice_exact"] for e in self.tensors.values() if "lattice_exact" in e]
-        return sum(v) / len(v) if v else None
-
-
-def write_shard(path: Path, tensors: dict[str, mx.array]) -> None:
-    """Write one output shard (module-level so tests can inject failures)."""
-    mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})
 
 
 def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: bool = True,
@@ -109,8 +85,6 @@ def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: b
     partial.mkdir(parents=True)
     try:
         if gguf_file is not None:
-            from .gguf import import_gguf
-
             report = import_gguf(gguf_file, partial, policy, progress)
         else:
             report = _convert(folder, partial, policy, progress)
@@ -139,30 +113,12 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     head = embed_file = None
     mx.reset_peak_memory()
     in_use = mx.get_active_memory()  # the caller's arrays are not the converter's
-    with _progress(progress, sum(f.stat().st_size for f in files)) as advance:
+    with Progress(progress, sum(f.stat().st_size for f in files)) as advance:
         for f, name in zip(files, names):
-            tensors = map_keys(_checked(read_safetensors, f), stats)
-            shard = {}
-            while tensors:  # popped, so each source tensor is released once encoded
-                key, w = tensors.popitem()
-                if key == "lm_head.weight":
-                    head = w
-                    continue
-                if key not in expected:
-                    raise ConvertError(f"{f}: unexpected tensor {key} {tuple(w.shape)}")
-                if tuple(w.shape) != expected[key]:
-                    raise ConvertError(f"{f}: tensor {key} has shape {tuple(w.shape)}, "
-                                       f"config says {expected[key]}")
-                if key == "model.embed_tokens.weight":
-                    embed_file = f
-                seen.add(key)
-                try:
-                    arrays = _encode(key, w, policy, report)
-                    mx.eval(list(arrays.values()))
-                except (codecs.CodecError, ValueError, RuntimeError) as e:
-                    raise ConvertError(f"{f}: tensor {key}: {e}") from None
-                shard.update(arrays)
-                advance(w.nbytes)
+            shard, keys, lm_head = _encode_file(f, map_keys, expected, policy, report, stats, advance)
+            head = lm_head if lm_head is not None else head
+            embed_file = f if "model.embed_tokens.weight" in keys else embed_file
+            seen |= keys
             write_shard(out / name, shard)
             report.bytes_out += sum(a.nbytes for a in shard.values())
             weight_map.update({k: name for k in shard})
@@ -180,14 +136,38 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     if "audio" in report.converted:
         report.processor_config = _feature_extractor(folder, out)
     if len(files) > 1:
-        index = {"metadata": {"total_size": report.bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_index(out, weight_map, report.bytes_out)
     cfg = _config(raw, policy, report, is_drafter=is_drafter)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     report.peak_mlx = mx.get_peak_memory() - in_use
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     report.peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     return report
+
+
+def _encode_file(f: Path, map_keys, expected: dict, policy: Policy, report: Report, stats: dict, advance):
+    """(encoded arrays, the source keys encoded, lm_head or None) for one source shard,
+    each tensor checked against the config."""
+    tensors = map_keys(_checked(read_safetensors, f), stats)
+    shard, keys, head = {}, set(), None
+    while tensors:  # popped, so each source tensor is released once encoded
+        key, w = tensors.popitem()
+        if key == "lm_head.weight":
+            head = w
+            continue
+        if key not in expected:
+            raise ConvertError(f"{f}: unexpected tensor {key} {tuple(w.shape)}")
+        if tuple(w.shape) != expected[key]:
+            raise ConvertError(f"{f}: tensor {key} has shape {tuple(w.shape)}, config says {expected[key]}")
+        keys.add(key)
+        try:
+            arrays = _encode(key, w, policy, report)
+            mx.eval(list(arrays.values()))
+        except (codecs.CodecError, ValueError, RuntimeError) as e:
+            raise ConvertError(f"{f}: tensor {key}: {e}") from None
+        shard.update(arrays)
+        advance(w.nbytes)
+    return shard, keys, head
 
 
 def _source(folder: Path):
@@ -323,27 +303,3 @@ def _copy_through(src: Path, dst: Path) -> None:
         if (f.is_file() and not f.name.startswith(".") and f.suffix not in _NOT_COPIED
                 and f.name not in _REWRITTEN and not (dst / f.name).exists()):
             shutil.copy2(f, dst / f.name)
-
-
-class _progress:
-    """A rich progress bar over source bytes on stderr (no-op when disabled)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(TextColumn("converting"), BarColumn(), DownloadColumn(),
-                             TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        self._bar.start()
-        task = self._bar.add_task("convert", total=self.total)
-        return lambda n: self._bar.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self._bar.stop()
-        return False

@@ -29,6 +29,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+
 from .errors import ConvertError
 
 K = "tokenizer.ggml."
@@ -184,10 +187,7 @@ def write(vocab: Vocab, out: Path) -> None:
             (folder / f"{name}.jinja").write_text(text, encoding="utf-8")
 
 
-def _tokenizer(vocab: Vocab):
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
+def _tokenizer(vocab: Vocab) -> Tokenizer:
     unk = vocab.tokens[vocab.roles["unk"]] if "unk" in vocab.roles else None
     ids = {t: i for i, t in enumerate(vocab.tokens)}
     tok = Tokenizer(BPE(vocab=ids, merges=vocab.merges, unk_token=unk, fuse_unk=True, byte_fallback=True))

@@ -6,6 +6,8 @@ import os
 import re
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from .errors import ConvertError
 
 # Everything a conversion reads: weights, configs, tokenizer, chat template, processor.
@@ -27,8 +29,6 @@ def resolve_source(src: str | Path) -> Path:
         raise ConvertError(f"{src}: not a folder (expected a Hugging Face checkpoint folder)")
     if not REPO_ID.fullmatch(str(src)):
         raise ConvertError(f"{src}: no such folder")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(str(src), allow_patterns=PATTERNS, local_files_only=_offline(),
                                       etag_timeout=10))

@@ -24,7 +24,20 @@ from gemma4_mlx.api import (  # noqa: E402
 from gemma4_mlx.chat.session import Chat, Reply  # noqa: E402
 from gemma4_mlx.media.prepare import Audio, Image, MediaError, Video  # noqa: E402
 
-__all__ = ["load", "load_drafter", "LoadError", "generate", "stream_generate", "batch_generate",
-           "Chat", "Reply", "speculative_batch_generate", "Image", "Audio", "Video", "MediaError",
-           "multimodal"]
+__all__ = [
+    "load",
+    "load_drafter",
+    "LoadError",
+    "generate",
+    "stream_generate",
+    "batch_generate",
+    "Chat",
+    "Reply",
+    "speculative_batch_generate",
+    "Image",
+    "Audio",
+    "Video",
+    "MediaError",
+    "multimodal",
+]
 __version__ = "0.1.0"

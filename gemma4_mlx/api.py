@@ -24,8 +24,16 @@ from gemma4_mlx.runtime.generate import (
 )
 from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate, speculative_generate_tokens
 
-__all__ = ["Chunk", "LoadError", "batch_generate", "generate", "load", "load_drafter",
-           "speculative_batch_generate", "stream_generate"]
+__all__ = [
+    "Chunk",
+    "LoadError",
+    "batch_generate",
+    "generate",
+    "load",
+    "load_drafter",
+    "speculative_batch_generate",
+    "stream_generate",
+]
 
 
 @dataclass
@@ -38,13 +46,28 @@ class Chunk:
     finished: bool = False
 
 
-def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens: int = 256,
-                    temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
-                    min_p: float = 0.0, repetition_penalty: float | None = None,
-                    seed: int | None = None, chat: bool = True,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, draft_model=None,
-                    draft_tokens: int | str = "auto", images=(), audio=(), videos=(),
-                    image_budget: int | None = None, media_processor=None) -> Iterator[Chunk]:
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    chat: bool = True,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    draft_model=None,
+    draft_tokens: int | str = "auto",
+    images=(),
+    audio=(),
+    videos=(),
+    image_budget: int | None = None,
+    media_processor=None,
+) -> Iterator[Chunk]:
     """Stream text chunks; stops on the model's end-of-turn / end-of-text ids.
 
     draft_model: an MTP drafter (`load_drafter`) for speculative decoding; the
@@ -57,8 +80,17 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
     media = None
     if has_media(images, audio, videos):
-        ids, media = media_prompt(model, tokenizer, prompt, images, audio, videos, chat=chat,
-                                  image_budget=image_budget, processor=media_processor)
+        ids, media = media_prompt(
+            model,
+            tokenizer,
+            prompt,
+            images,
+            audio,
+            videos,
+            chat=chat,
+            image_budget=image_budget,
+            processor=media_processor,
+        )
     else:
         ids = encode_prompt(tokenizer, prompt, chat)
     stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
@@ -68,14 +100,30 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
     mx.reset_peak_memory()
     if draft_model is not None:
         stats.speculative = SpecStats()
-        tokens = speculative_generate_tokens(model, draft_model, ids, max_tokens=max_tokens,
-                                             options=options, stop_ids=stop,
-                                             draft_tokens=draft_tokens, prefill_chunk=prefill_chunk,
-                                             stats=stats, spec_stats=stats.speculative, media=media)
+        tokens = speculative_generate_tokens(
+            model,
+            draft_model,
+            ids,
+            max_tokens=max_tokens,
+            options=options,
+            stop_ids=stop,
+            draft_tokens=draft_tokens,
+            prefill_chunk=prefill_chunk,
+            stats=stats,
+            spec_stats=stats.speculative,
+            media=media,
+        )
     else:
-        tokens = generate_tokens(model, ids, max_tokens=max_tokens, options=options,
-                                 stop_ids=stop, prefill_chunk=prefill_chunk, stats=stats,
-                                 media=media)
+        tokens = generate_tokens(
+            model,
+            ids,
+            max_tokens=max_tokens,
+            options=options,
+            stop_ids=stop,
+            prefill_chunk=prefill_chunk,
+            stats=stats,
+            media=media,
+        )
     for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         if tok in stop:
@@ -89,5 +137,3 @@ def stream_generate(model, tokenizer, prompt: str | Sequence[int], *, max_tokens
 def generate(model, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:
     """The whole completion as one string."""
     return "".join(c.text for c in stream_generate(model, tokenizer, prompt, **kwargs))
-
-

@@ -96,8 +96,8 @@ class _Cache:
         B, H, T, _ = k.shape
         if self.keys is None or self._end + T > self.keys.shape[2]:
             self._grow(k, v, T)
-        self.keys[..., self._end:self._end + T, :] = k
-        self.values[..., self._end:self._end + T, :] = v
+        self.keys[..., self._end : self._end + T, :] = k
+        self.values[..., self._end : self._end + T, :] = v
         self._end += T
         self.offset += T
 
@@ -108,8 +108,8 @@ class _Cache:
         new_k = mx.zeros((B, H, cap, dk), k.dtype)
         new_v = mx.zeros((B, H, cap, v.shape[-1]), v.dtype)
         if keep:
-            new_k[..., :keep, :] = self.keys[..., self._end - keep:self._end, :]
-            new_v[..., :keep, :] = self.values[..., self._end - keep:self._end, :]
+            new_k[..., :keep, :] = self.keys[..., self._end - keep : self._end, :]
+            new_v[..., :keep, :] = self.values[..., self._end - keep : self._end, :]
         self.keys, self.values = new_k, new_v
         self._start, self._end = 0, keep
 
@@ -155,8 +155,8 @@ class _Cache:
             idx = mx.maximum(mx.arange(n)[None, :] - sh[:, None], 0)[:, None, :, None]
             for name in ("keys", "values"):
                 buf = getattr(self, name)
-                region = buf[..., self._start:self._end, :]
-                buf[..., self._start:self._end, :] = mx.take_along_axis(region, idx, axis=2)
+                region = buf[..., self._start : self._end, :]
+                buf[..., self._start : self._end, :] = mx.take_along_axis(region, idx, axis=2)
 
     def check_rows(self) -> None:
         """Refuse a state in which some row lost keys its next query needs."""
@@ -166,8 +166,10 @@ class _Cache:
         have = (self.offset - self.left_pad).tolist()
         for b, (v, h) in enumerate(zip(valid, have)):
             if v < min(self.window - 1, h):
-                raise ValueError(f"sliding cache row {b} keeps {v} of the {self.window - 1} keys "
-                                 f"its window needs: raise max_rollback above the draft length")
+                raise ValueError(
+                    f"sliding cache row {b} keeps {v} of the {self.window - 1} keys "
+                    f"its window needs: raise max_rollback above the draft length"
+                )
 
     def draft_view(self, n_keys: int | None) -> tuple[mx.array, mx.array, Mask]:
         """The committed K/V of this (producer) layer for an MTP drafter query, and its mask.
@@ -187,10 +189,12 @@ class _Cache:
 
     def snapshot(self) -> dict:
         """A restorable state; cheap (MLX slices share the buffers lazily)."""
-        kv = None if self.keys is None else (self.keys[..., self._start:self._end, :],
-                                             self.values[..., self._start:self._end, :])
-        return {"kv": kv, "offset": self.offset, "left_pad": self.left_pad,
-                "valid_from": self.valid_from}
+        kv = (
+            None
+            if self.keys is None
+            else (self.keys[..., self._start : self._end, :], self.values[..., self._start : self._end, :])
+        )
+        return {"kv": kv, "offset": self.offset, "left_pad": self.left_pad, "valid_from": self.valid_from}
 
     def restore(self, snap: dict) -> None:
         kv = snap["kv"]
@@ -210,7 +214,7 @@ class _Cache:
     def state(self):
         if self.keys is None:
             return None, None
-        return self.keys[..., self._start:self._end, :], self.values[..., self._start:self._end, :]
+        return self.keys[..., self._start : self._end, :], self.values[..., self._start : self._end, :]
 
     @property
     def nbytes(self) -> int:
@@ -222,7 +226,7 @@ class KVCache(_Cache):
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         self._write(k, v)
-        return self.keys[..., :self._end, :], self.values[..., :self._end, :]
+        return self.keys[..., : self._end, :], self.values[..., : self._end, :]
 
 
 class SlidingKVCache(_Cache):
@@ -248,7 +252,7 @@ class SlidingKVCache(_Cache):
         first = self.key_start(k.shape[2])
         self._write(k, v)
         lo = self._end - (self.offset - first)
-        out = self.keys[..., lo:self._end, :], self.values[..., lo:self._end, :]
+        out = self.keys[..., lo : self._end, :], self.values[..., lo : self._end, :]
         self._start = max(self._start, self._end - self.keep)
         return out
 
@@ -257,7 +261,8 @@ class SlidingKVCache(_Cache):
         if n > 0 and after < min(self.window - 1, self.offset - n):
             raise ValueError(
                 f"sliding cache cannot roll back {n} tokens: it keeps {self.max_rollback} "
-                f"tokens of slack beyond the window (raise max_rollback in make_cache)")
+                f"tokens of slack beyond the window (raise max_rollback in make_cache)"
+            )
         return super().trim(n)
 
 
@@ -280,8 +285,13 @@ class Mask:
     def last(self, n: int) -> Mask:
         """The mask of the last n queries only."""
         cut = self.array.shape[2] - n
-        return Mask(self.array[..., cut:, :], self.q_start + cut, self.k_start, self.window,
-                    None if self.ahead is None else self.ahead[cut:] - cut)
+        return Mask(
+            self.array[..., cut:, :],
+            self.q_start + cut,
+            self.k_start,
+            self.window,
+            None if self.ahead is None else self.ahead[cut:] - cut,
+        )
 
     def key_range(self, a: int, b: int) -> tuple[int, int]:
         """Key indices [lo, hi) that queries a..b-1 may see."""
@@ -315,8 +325,7 @@ class Mask:
         return Mask(self.array | same, self.q_start, self.k_start, self.window, ahead=ahead)
 
 
-def build_mask(offset: int, key_start: int, n_new: int, window: int | None,
-               valid_from: mx.array | None) -> Mask:
+def build_mask(offset: int, key_start: int, n_new: int, window: int | None, valid_from: mx.array | None) -> Mask:
     """Mask for queries at slots offset..offset+n_new-1 and keys at slots
     key_start..offset+n_new-1; row b's keys before slot valid_from[b] are invalid.
 
@@ -341,8 +350,9 @@ class LayerCaches(list):
     and iteration are a list's; the methods act on every layer at once."""
 
     @classmethod
-    def for_layers(cls, layer_types: Sequence[str], first_shared: int, window: int, *,
-                   max_rollback: int = 32, left_pad=None) -> LayerCaches:
+    def for_layers(
+        cls, layer_types: Sequence[str], first_shared: int, window: int, *, max_rollback: int = 32, left_pad=None
+    ) -> LayerCaches:
         caches = cls()
         for i, t in enumerate(layer_types):
             if i >= first_shared:

@@ -28,15 +28,30 @@ DEFAULT_ROPE = {
 }
 
 # Keys whose absence almost certainly means a broken or foreign config.
-_CORE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window")
+_CORE_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "sliding_window",
+)
 
 SUPPORTED_TYPES = ("gemma4", "gemma4_text")
 
 
 # config.json names them `<name>_token_id` (eoa also `eoa_token_index`).
-MEDIA_TOKEN_IDS = {"image": 258880, "audio": 258881, "video": 258884, "boi": 255999,
-                   "eoi": 258882, "boa": 256000, "eoa": 258883}
+MEDIA_TOKEN_IDS = {
+    "image": 258880,
+    "audio": 258881,
+    "video": 258884,
+    "boi": 255999,
+    "eoi": 258882,
+    "boa": 256000,
+    "eoa": 258883,
+}
 
 
 class ConfigError(ValueError):
@@ -97,7 +112,7 @@ class TextConfig:
 
     # ---------------------------------------------------------------- reading
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config", kv_from_target: bool = False) -> "TextConfig":
+    def from_dict(cls, d: dict, source: str = "config", kv_from_target: bool = False) -> TextConfig:
         names = {f.name for f in dataclasses.fields(cls)} - {"layers"}
         missing = [k for k in _CORE_KEYS if k not in d]
         if missing:
@@ -117,8 +132,7 @@ class TextConfig:
             self.layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(L)]
             self.layer_types[-1] = FULL
         if len(self.layer_types) != L:
-            raise ConfigError(f"{source}: layer_types has {len(self.layer_types)} entries, "
-                              f"num_hidden_layers is {L}")
+            raise ConfigError(f"{source}: layer_types has {len(self.layer_types)} entries, num_hidden_layers is {L}")
         bad = {t for t in self.layer_types if t not in (SLIDING, FULL)}
         if bad:
             raise ConfigError(f"{source}: unknown layer type(s) {sorted(bad)}")
@@ -128,10 +142,8 @@ class TextConfig:
             raise ConfigError(f"{source}: use_bidirectional_attention='all' (encoder mode) is not supported")
         if not self.hidden_size_per_layer_input:
             self.hidden_size_per_layer_input = 0
-        if self.enable_moe_block and not (self.num_experts and self.top_k_experts
-                                          and self.moe_intermediate_size):
-            raise ConfigError(f"{source}: enable_moe_block needs num_experts, top_k_experts, "
-                              "moe_intermediate_size")
+        if self.enable_moe_block and not (self.num_experts and self.top_k_experts and self.moe_intermediate_size):
+            raise ConfigError(f"{source}: enable_moe_block needs num_experts, top_k_experts, moe_intermediate_size")
         N = self.num_kv_shared_layers or 0
         if not 0 <= N <= L:
             raise ConfigError(f"{source}: num_kv_shared_layers={N} outside 0..{L}")
@@ -161,10 +173,10 @@ class TextConfig:
             if shared and producer is None and not kv_from_target:
                 raise ConfigError(f"{source}: KV-shared layer {i} ({t}) has no producer layer of its type")
             if self.num_attention_heads % kv:
-                raise ConfigError(f"{source}: layer {i}: {self.num_attention_heads} heads not divisible "
-                                  f"by {kv} KV heads")
-            self.layers.append(LayerSpec(i, t, d, kv, width, shared,
-                                         self.attention_k_eq_v and t == FULL, producer))
+                raise ConfigError(
+                    f"{source}: layer {i}: {self.num_attention_heads} heads not divisible by {kv} KV heads"
+                )
+            self.layers.append(LayerSpec(i, t, d, kv, width, shared, self.attention_k_eq_v and t == FULL, producer))
 
     # ---------------------------------------------------------------- derived
     @property

@@ -30,8 +30,9 @@ class DecodingModel(Protocol):
 
     config: TextConfig
 
-    def __call__(self, ids: mx.array, cache: LayerCaches | None = None,
-                 logits_to_keep: int | None = None, media=None) -> mx.array:
+    def __call__(
+        self, ids: mx.array, cache: LayerCaches | None = None, logits_to_keep: int | None = None, media=None
+    ) -> mx.array:
         """Logits [B, T', V] (T' = logits_to_keep or T); writes ids into cache."""
         ...
 
@@ -44,8 +45,7 @@ class DecodingModel(Protocol):
         drafter reads for its input token."""
         ...
 
-    def hidden(self, ids: mx.array, cache: LayerCaches | None = None,
-               keep: int | None = None, media=None) -> mx.array:
+    def hidden(self, ids: mx.array, cache: LayerCaches | None = None, keep: int | None = None, media=None) -> mx.array:
         """Final-norm hiddens [B, keep or T, H]; writes ids into cache."""
         ...
 
@@ -64,8 +64,7 @@ class MTPDrafter(Protocol):
 
     config: object  # models.assistant.AssistantConfig
 
-    def step(self, x0: mx.array, kv: dict, masks: dict[str, Mask],
-             offset) -> tuple[mx.array, mx.array]:
+    def step(self, x0: mx.array, kv: dict, masks: dict[str, Mask], offset) -> tuple[mx.array, mx.array]:
         """x0 [B, T, 2 H_target] -> (normed hidden [B, T, d], carried hidden [B, T, H_target]);
         kv / masks per layer type (`LayerCache.draft_view` of the producer layers)."""
         ...

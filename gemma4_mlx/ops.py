@@ -98,8 +98,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
     for a in range(0, T, ATTENTION_BLOCK):
         b = min(T, a + ATTENTION_BLOCK)
         lo, hi = mask.key_range(a, b)
-        outs.append(_matmul_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi],
-                                      mask.array[..., a:b, lo:hi]))
+        outs.append(_matmul_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], mask.array[..., a:b, lo:hi]))
     return mx.concatenate(outs, axis=2)
 
 

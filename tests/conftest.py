@@ -7,10 +7,8 @@ import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 # isort: split
 
-from pathlib import Path
 
 import pytest
-
 from helpers.checkpoints import FAMILIES, Reference, build_hf
 from helpers.mtp_pairs import PAIRS, hf_drafter
 

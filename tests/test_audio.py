@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
 # isort: split
 
 import math
@@ -25,25 +26,43 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma4_mlx.config import parse_config
 from gemma4_mlx.checkpoint.load import load_model
+from gemma4_mlx.config import parse_config
+from gemma4_mlx.media import audio as A
 from gemma4_mlx.models import audio as M
 from gemma4_mlx.models.text import Model
-from gemma4_mlx.media import audio as A
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from helpers.mm_configs import randomize_audio  # noqa: E402
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor  # noqa: E402
 from transformers.models.gemma4.processing_gemma4 import Gemma4Processor  # noqa: E402
-from helpers.mm_configs import randomize_audio  # noqa: E402
 
 TOL = 1e-4
-AUDIO_CFG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
-                 conv_kernel_size=5, output_proj_dims=24, use_clipped_linears=True)
-TEXT_CFG = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-                hidden_size_per_layer_input=8, layer_types=["sliding_attention", "full_attention"],
-                sliding_window=16, num_kv_shared_layers=0)
+AUDIO_CFG = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    subsampling_conv_channels=[128, 8],
+    conv_kernel_size=5,
+    output_proj_dims=24,
+    use_clipped_linears=True,
+)
+TEXT_CFG = dict(
+    vocab_size=300,
+    vocab_size_per_layer_input=300,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    global_head_dim=64,
+    hidden_size_per_layer_input=8,
+    layer_types=["sliding_attention", "full_attention"],
+    sliding_window=16,
+    num_kv_shared_layers=0,
+)
 
 
 randomize = randomize_audio  # every parameter random, finite clamp bounds
@@ -65,6 +84,7 @@ def diff(a, b) -> float:
 
 
 # -- the tiny reference checkpoint ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
@@ -124,7 +144,7 @@ def test_padded_batch_parity(ckpt, ours):
         f1, m1 = A.log_mel([c])
         e1 = np.array(ours(f1, m1)[0])[0, : A.num_audio_tokens(len(c))]
         start = sum(A.num_audio_tokens(n) for n in lens[:i])
-        assert diff(e1, soft[start: start + len(e1)]) < TOL
+        assert diff(e1, soft[start : start + len(e1)]) < TOL
 
 
 @pytest.mark.parametrize("geometry", [(6, 5, 0), (5, 4, 2)])
@@ -138,7 +158,7 @@ def test_other_attention_geometry(geometry):
     randomize(hf, 1)
     ours = M.AudioModel(M.AudioConfig.from_dict(cfg), 8)
     w = M.sanitize({"model.audio_tower." + k: mx.array(v.numpy()) for k, v in hf.state_dict().items()})
-    ours.audio_tower.load_weights([(k[len("audio_tower."):], v) for k, v in w.items()], strict=True)
+    ours.audio_tower.load_weights([(k[len("audio_tower.") :], v) for k, v in w.items()], strict=True)
     clips = [make_clip(20800), make_clip(7000, 1)]
     feats, mask = hf_features(clips)
     with torch.no_grad():
@@ -176,6 +196,7 @@ def test_bfloat16_runs(ckpt, ours):
 
 # -- mutations: the parity test must see these bugs --------------------------------
 
+
 def batch_error(hf, model):
     clips = [make_clip(20800), make_clip(7000, 1)]
     feats, mask = hf_features(clips)
@@ -189,8 +210,11 @@ def test_mutation_relative_shift_off_by_one(ckpt, ours):
     tower = ours.audio_tower
     n = tower.config.hidden_size // 2
     inv = np.exp(np.arange(n) * -math.log(1e4) / (n - 1))
-    tower._pos = mx.array(np.stack([np.concatenate([np.sin((o + 1) * inv), np.cos((o + 1) * inv)])
-                                    for o in tower._offsets]).astype(np.float32))
+    tower._pos = mx.array(
+        np.stack([np.concatenate([np.sin((o + 1) * inv), np.cos((o + 1) * inv)]) for o in tower._offsets]).astype(
+            np.float32
+        )
+    )
     assert batch_error(ckpt[0], ours) > 100 * TOL
 
 
@@ -208,14 +232,16 @@ def test_mutation_log_floor_as_clamp():
     ours, mask = A.log_mel([clip])
     assert diff(ours, ref) <= 1e-5
     cfg = A.FeatureConfig()
-    frames = np.lib.stride_tricks.sliding_window_view(np.pad(np.pad(clip, (0, 16128 - 16080)), (160, 0)),
-                                                      321)[::160][:, :-1]
+    frames = np.lib.stride_tricks.sliding_window_view(np.pad(np.pad(clip, (0, 16128 - 16080)), (160, 0)), 321)[::160][
+        :, :-1
+    ]
     mel = np.abs(np.fft.rfft(frames * A._hann(320), n=512)) @ A.mel_filters(257, 128, 0.0, 8000.0, 16000)
     clamped = (np.log(np.maximum(mel, cfg.mel_floor)).astype(np.float32) * mask[0][:, None])[None]
     assert diff(clamped, ours) > 1e-3  # would fail the parity bound above
 
 
 # -- features and token counts -----------------------------------------------------
+
 
 @pytest.mark.parametrize("lens", [[161], [1600], [16080], [20800, 7000, 16080], [480000], [480000, 161, 33333]])
 def test_log_mel_parity(lens):
@@ -228,9 +254,15 @@ def test_log_mel_parity(lens):
     assert A.tokens_from_mask(mask) == [A.num_audio_tokens(n) for n in lens]
 
 
-@pytest.mark.parametrize("kw", [dict(preemphasis=0.97), dict(preemphasis=0.97, preemphasis_htk_flavor=False),
-                                dict(input_scale_factor=2.0, fft_overdrive=True),
-                                dict(per_bin_mean=[0.1] * 128, per_bin_stddev=[2.0] * 128)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(preemphasis=0.97),
+        dict(preemphasis=0.97, preemphasis_htk_flavor=False),
+        dict(input_scale_factor=2.0, fft_overdrive=True),
+        dict(per_bin_mean=[0.1] * 128, per_bin_stddev=[2.0] * 128),
+    ],
+)
 def test_log_mel_options(kw):
     clips = [make_clip(7000), make_clip(3000, 1)]
     r = Gemma4AudioFeatureExtractor(**kw)(clips, return_tensors="np")
@@ -241,16 +273,34 @@ def test_log_mel_options(kw):
 
 def hf_processor_stub():
     fe = Gemma4AudioFeatureExtractor()
-    return types.SimpleNamespace(feature_extractor=fe, audio_seq_length=750, boa_token="<boa>",
-                                 audio_token="<a>", eoa_token="<eoa>")
+    return types.SimpleNamespace(
+        feature_extractor=fe, audio_seq_length=750, boa_token="<boa>", audio_token="<a>", eoa_token="<eoa>"
+    )
 
 
 def test_token_count_sweep():
     rng = np.random.default_rng(0)
-    special = [1600, 16000, 16001, 16079, 16080, 16159, 16160, 16161, 16320, 16321, 24000,
-               479839, 479840, 479841, 479999, 480000]
-    lens = np.unique(np.concatenate([np.geomspace(1600, 480000, 50).astype(int), special,
-                                     rng.integers(1600, 480000, 40)])).tolist()
+    special = [
+        1600,
+        16000,
+        16001,
+        16079,
+        16080,
+        16159,
+        16160,
+        16161,
+        16320,
+        16321,
+        24000,
+        479839,
+        479840,
+        479841,
+        479999,
+        480000,
+    ]
+    lens = np.unique(
+        np.concatenate([np.geomspace(1600, 480000, 50).astype(int), special, rng.integers(1600, 480000, 40)])
+    ).tolist()
     stub = hf_processor_stub()
     mlx_vlm_off = 0
     for n in lens:
@@ -267,11 +317,26 @@ def test_token_count_sweep():
 
 
 def test_feature_config_from_dict():
-    block = {"feature_extractor_type": "Gemma4AudioFeatureExtractor", "feature_size": 128, "sampling_rate": 16000,
-             "frame_length": 320, "hop_length": 160, "fft_length": 512, "fft_overdrive": False,
-             "min_frequency": 0.0, "max_frequency": 8000.0, "mel_floor": 0.001, "preemphasis": 0.0,
-             "dither": 0.0, "input_scale_factor": 1.0, "per_bin_mean": None, "per_bin_stddev": None,
-             "padding_value": 0.0, "padding_side": "right", "return_attention_mask": True}
+    block = {
+        "feature_extractor_type": "Gemma4AudioFeatureExtractor",
+        "feature_size": 128,
+        "sampling_rate": 16000,
+        "frame_length": 320,
+        "hop_length": 160,
+        "fft_length": 512,
+        "fft_overdrive": False,
+        "min_frequency": 0.0,
+        "max_frequency": 8000.0,
+        "mel_floor": 0.001,
+        "preemphasis": 0.0,
+        "dither": 0.0,
+        "input_scale_factor": 1.0,
+        "per_bin_mean": None,
+        "per_bin_stddev": None,
+        "padding_value": 0.0,
+        "padding_side": "right",
+        "return_attention_mask": True,
+    }
     cfg = A.FeatureConfig.from_dict({"processor_class": "Gemma4Processor", "feature_extractor": block})
     assert cfg == A.FeatureConfig()
     assert (cfg.frame_length, cfg.hop_length, cfg.fft_length) == (320, 160, 512)
@@ -280,12 +345,29 @@ def test_feature_config_from_dict():
 
 
 def test_audio_config_from_dict():
-    block = {"_name_or_path": "", "architectures": None, "attention_chunk_size": 12, "attention_context_left": 13,
-             "attention_context_right": 0, "attention_invalid_logits_value": -1e9, "attention_logit_cap": 50.0,
-             "conv_kernel_size": 5, "dtype": "bfloat16", "gradient_clipping": 1e10, "hidden_act": "silu",
-             "hidden_size": 1024, "initializer_range": 0.02, "model_type": "gemma4_audio",
-             "num_attention_heads": 8, "num_hidden_layers": 12, "output_proj_dims": 1536, "residual_weight": 0.5,
-             "rms_norm_eps": 1e-6, "subsampling_conv_channels": [128, 32], "use_clipped_linears": True}
+    block = {
+        "_name_or_path": "",
+        "architectures": None,
+        "attention_chunk_size": 12,
+        "attention_context_left": 13,
+        "attention_context_right": 0,
+        "attention_invalid_logits_value": -1e9,
+        "attention_logit_cap": 50.0,
+        "conv_kernel_size": 5,
+        "dtype": "bfloat16",
+        "gradient_clipping": 1e10,
+        "hidden_act": "silu",
+        "hidden_size": 1024,
+        "initializer_range": 0.02,
+        "model_type": "gemma4_audio",
+        "num_attention_heads": 8,
+        "num_hidden_layers": 12,
+        "output_proj_dims": 1536,
+        "residual_weight": 0.5,
+        "rms_norm_eps": 1e-6,
+        "subsampling_conv_channels": [128, 32],
+        "use_clipped_linears": True,
+    }
     cfg = M.AudioConfig.from_dict(block)
     assert cfg == M.AudioConfig() and cfg.head_dim == 128
     text = {"model_type": "gemma4", "text_config": TEXT_CFG}
@@ -296,12 +378,13 @@ def test_audio_config_from_dict():
 
 # -- loading: WAV, resampling, bad input -----------------------------------------
 
+
 def write_pcm(path, x, rate, width=2, channels=1):
     x = np.asarray(x, np.float64).reshape(-1, 1).repeat(channels, 1) if np.ndim(x) == 1 else np.asarray(x)
     if width == 1:
         data = np.clip(np.round(x * 128 + 128), 0, 255).astype(np.uint8).tobytes()
     elif width == 3:
-        v = np.clip(np.round(x * 2 ** 23), -2 ** 23, 2 ** 23 - 1).astype(np.int32).reshape(-1, 1)
+        v = np.clip(np.round(x * 2**23), -(2**23), 2**23 - 1).astype(np.int32).reshape(-1, 1)
         data = np.concatenate([(v >> s) & 0xFF for s in (0, 8, 16)], 1).astype(np.uint8).tobytes()
     else:
         scale = 2.0 ** (8 * width - 1)
@@ -416,6 +499,7 @@ def test_bad_files(tmp_path):
 
 # -- compressed files through PyAV -----------------------------------------------
 
+
 def write_encoded(path, x, rate, codec, channels=1):
     """Encode float samples (n,) or (n, channels) in [-1, 1] with PyAV; FLAC gets the same
     int16 quantisation as `write_pcm`, so FLAC and WAV hold identical samples."""
@@ -449,7 +533,7 @@ def snr_db(got, want, max_gain_error=0.1) -> float:
     g, w = np.asarray(got[:n], np.float64), np.asarray(want[:n], np.float64)
     gain = np.dot(g, w) / np.dot(g, g)
     assert abs(gain - 1) < max_gain_error, gain
-    return float(10 * np.log10(np.sum(w ** 2) / np.sum((gain * g - w) ** 2)))
+    return float(10 * np.log10(np.sum(w**2) / np.sum((gain * g - w) ** 2)))
 
 
 @pytest.mark.parametrize("rate", [16000, 44100])
@@ -472,9 +556,17 @@ def test_flac_equals_wav_path(tmp_path, rate):
 # decode shifted by one sample gives ~3.5 dB, so 20 dB proves alignment and rate.  AAC
 # keeps the padding of its last 1024-sample frame in MP4 here, so its length may exceed
 # the source by up to one frame.
-@pytest.mark.parametrize("codec,ext,rate,extra", [("libmp3lame", "mp3", 44100, 0), ("libmp3lame", "mp3", 16000, 0),
-                                                  ("aac", "m4a", 44100, 1024), ("aac", "m4a", 16000, 1024),
-                                                  ("libopus", "ogg", 48000, 0), ("libopus", "opus", 16000, 0)])
+@pytest.mark.parametrize(
+    "codec,ext,rate,extra",
+    [
+        ("libmp3lame", "mp3", 44100, 0),
+        ("libmp3lame", "mp3", 16000, 0),
+        ("aac", "m4a", 44100, 1024),
+        ("aac", "m4a", 16000, 1024),
+        ("libopus", "ogg", 48000, 0),
+        ("libopus", "opus", 16000, 0),
+    ],
+)
 def test_lossy_formats(tmp_path, codec, ext, rate, extra):
     x = chirp(2 * rate, rate)
     got = A.load_audio(write_encoded(tmp_path / f"a.{ext}", x, rate, codec))
@@ -506,8 +598,7 @@ def test_video_soundtrack_and_no_audio(tmp_path):
     with av.open(str(tmp_path / "mute.mkv"), "w") as c:
         v = c.add_stream("mpeg4", rate=10)
         v.width, v.height, v.pix_fmt = 32, 32, "yuv420p"
-        for p in [*v.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")),
-                  *v.encode()]:
+        for p in [*v.encode(av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")), *v.encode()]:
             c.mux(p)
     with pytest.raises(A.AudioError, match="mute.mkv: no audio stream"):
         A.load_audio(tmp_path / "mute.mkv")

@@ -5,14 +5,13 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-from safetensors.numpy import save_file
 import numpy as np
+import pytest
+from helpers.checkpoints import write_char_tokenizer
+from safetensors.numpy import save_file
 
 import gemma4_mlx
 from gemma4_mlx import LoadError
-
-from helpers.checkpoints import write_char_tokenizer
 
 
 @pytest.fixture
@@ -21,6 +20,7 @@ def copy(checkpoints, tmp_path):
         dst = tmp_path / name
         shutil.copytree(checkpoints[name].path, dst)
         return dst
+
     return make
 
 
@@ -31,8 +31,13 @@ def shard(folder):
 def test_missing_shard(copy):
     d = copy()
     f = shard(d)
-    index = {"metadata": {}, "weight_map": {"model.language_model.norm.weight": f.name,
-                                             "model.language_model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            "model.language_model.norm.weight": f.name,
+            "model.language_model.embed_tokens.weight": "model-00002-of-00002.safetensors",
+        },
+    }
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(LoadError, match=r"model-00002-of-00002\.safetensors: shard listed .* missing"):
         gemma4_mlx.load(d)
@@ -56,16 +61,22 @@ def test_garbage_header(copy):
 
 def test_wrong_shape(copy):
     d = copy()
-    save_file({"model.language_model.layers.1.self_attn.q_proj.weight": np.zeros((7, 64), np.float32)},
-              str(d / "zz-extra.safetensors"))
-    with pytest.raises(LoadError, match=r"layers\.1\.self_attn\.q_proj\.weight has shape \(7, 64\), "
-                                        r"config says \(64, 64\)"):
+    save_file(
+        {"model.language_model.layers.1.self_attn.q_proj.weight": np.zeros((7, 64), np.float32)},
+        str(d / "zz-extra.safetensors"),
+    )
+    with pytest.raises(
+        LoadError,
+        match=r"layers\.1\.self_attn\.q_proj\.weight has shape \(7, 64\), "
+        r"config says \(64, 64\)",
+    ):
         gemma4_mlx.load(d)
 
 
 def test_missing_tensor(copy, checkpoints):
     d = copy()
     from safetensors.numpy import load_file
+
     f = shard(d)
     tensors = load_file(str(f))
     tensors.pop("model.language_model.layers.2.self_attn.k_norm.weight")
@@ -89,8 +100,9 @@ def test_not_a_folder(tmp_path):
 
 
 def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "gemma4_mlx", *args], capture_output=True,
-                          text=True, input=stdin, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gemma4_mlx", *args], capture_output=True, text=True, input=stdin, timeout=300
+    )
 
 
 def test_cli_error_is_one_line(copy):
@@ -106,16 +118,13 @@ def test_cli_error_is_one_line(copy):
 def test_cli_generate_streams_to_stdout(copy):
     d = copy("e2b_like")
     write_char_tokenizer(d)
-    r = cli("generate", "--model", str(d), "--prompt", "hello", "--max-tokens", "12", "--raw",
-            "--dtype", "float32")
+    r = cli("generate", "--model", str(d), "--prompt", "hello", "--max-tokens", "12", "--raw", "--dtype", "float32")
     assert r.returncode == 0, r.stderr
     assert "generation:" in r.stderr and "tok/s" in r.stderr
     m, tok = gemma4_mlx.load(d, dtype="float32")
     assert r.stdout == gemma4_mlx.generate(m, tok, "hello", max_tokens=12, chat=False) + "\n"
     assert len(r.stdout.strip()) > 0
     # stdin works too, and the same seed reproduces a sampled run
-    a = cli("generate", "--model", str(d), "--temp", "1.0", "--seed", "3", "-n", "10", "--raw", "-q",
-            stdin="hello")
-    b = cli("generate", "--model", str(d), "--temp", "1.0", "--seed", "3", "-n", "10", "--raw", "-q",
-            stdin="hello")
+    a = cli("generate", "--model", str(d), "--temp", "1.0", "--seed", "3", "-n", "10", "--raw", "-q", stdin="hello")
+    b = cli("generate", "--model", str(d), "--temp", "1.0", "--seed", "3", "-n", "10", "--raw", "-q", stdin="hello")
     assert a.returncode == 0 and a.stdout == b.stdout

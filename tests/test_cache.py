@@ -4,11 +4,10 @@ sliding window wrapped — must equal a no-cache forward of the committed sequen
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers.checkpoints import W, max_diff, random_ids
 
 import gemma4_mlx
 from gemma4_mlx.cache import LayerCaches, SlidingKVCache
-
-from helpers.checkpoints import W, max_diff, random_ids
 
 TOL = 1e-4
 
@@ -25,9 +24,9 @@ def test_draft_trim_decode(model, prompt_len, k):
     for j in range(0, k + 1):  # reject j of the k drafts
         cache = model.make_cache(max_rollback=8)
         model(mx.array([ids[:prompt_len]]), cache)
-        model(mx.array([ids[prompt_len:prompt_len + k]]), cache)  # verify block
+        model(mx.array([ids[prompt_len : prompt_len + k]]), cache)  # verify block
         cache.trim(j)
-        committed = ids[:prompt_len + k - j]
+        committed = ids[: prompt_len + k - j]
         nxt = 7 + j  # any next token
         got = model(mx.array([[nxt]]), cache)[0, -1]
         want = model(mx.array([committed + [nxt]]))[0, -1]
@@ -47,7 +46,7 @@ def test_many_rounds_after_wrapping(model):
         j = int(rng.integers(0, k + 1))
         cache.trim(j)
         kept = drafts[: k - j]
-        want = model(mx.array([seq + kept]))[0, -len(kept):] if kept else None
+        want = model(mx.array([seq + kept]))[0, -len(kept) :] if kept else None
         if kept:
             assert max_diff(logits[: len(kept)], want) < TOL
         seq += kept

@@ -6,13 +6,12 @@ built-in renderer does."""
 from pathlib import Path
 
 import pytest
+from test_chat_session import assert_cache_is_exact
 
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
-from gemma4_mlx.prompt.template import render, render_with_checkpoint_template, tool_result_content
 from gemma4_mlx.demo import DEMO_MODEL
-
-from test_chat_session import assert_cache_is_exact
+from gemma4_mlx.prompt.template import render, render_with_checkpoint_template, tool_result_content
 
 TEMPLATE = (Path(__file__).parent / "templates" / "gemma4_checkpoint_style.jinja").read_text()
 RESULTS = {
@@ -36,8 +35,7 @@ def get_weather(city: str, unit: str = "celsius") -> dict:
 
 
 def conversation(result, thinking_key: str = "reasoning") -> list[dict]:
-    call = {"id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
     return [
         {"role": "user", "content": "What's the weather in Paris?"},
         {"role": "assistant", "content": "", "tool_calls": [call], thinking_key: "Call the tool."},
@@ -50,8 +48,10 @@ def conversation(result, thinking_key: str = "reasoning") -> list[dict]:
 @pytest.mark.parametrize("thinking_key", ["reasoning", "reasoning_content"])
 def test_both_render_paths_agree(kind, thinking, thinking_key):
     msgs = conversation(RESULTS[kind], thinking_key)
-    later = msgs + [{"role": "assistant", "content": "It is 21 degrees.", thinking_key: "Done."},
-                    {"role": "user", "content": "And tomorrow?"}]
+    later = msgs + [
+        {"role": "assistant", "content": "It is 21 degrees.", thinking_key: "Done."},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
     prompts = []
     for m in (msgs, later):
         ours = render(m, tools=[get_weather], thinking=thinking)

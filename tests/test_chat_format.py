@@ -1,4 +1,5 @@
 """Gemma 4 chat format: renderer goldens and tolerant-parser fixtures (docs/chat-format.md)."""
+
 from __future__ import annotations
 
 import datetime
@@ -9,33 +10,61 @@ from typing import Literal
 import pytest
 
 from gemma4_mlx.prompt import (
-    CTRL_RE, ChatTemplateError, StreamParser, coalesce, format_declaration, parse,
-    parser_for_prompt, render, render_with_checkpoint_template, template_info, tool_schema,
+    CTRL_RE,
+    ChatTemplateError,
+    StreamParser,
+    coalesce,
+    format_declaration,
+    parse,
+    parser_for_prompt,
+    render,
+    render_with_checkpoint_template,
+    template_info,
+    tool_schema,
 )
 
 Q = '<|"|>'
 
 # ----------------------------------------------------------------- docs/chat-format.md §7 worked example
-EXCHANGE = {"type": "function", "function": {
-    "name": "get_exchange_rate",
-    "description": "Returns the latest exchange rate between two currencies.",
-    "parameters": {"type": "object", "required": ["base", "quote"], "properties": {
-        "base": {"type": "string", "description": "ISO 4217 code of the currency to convert from"},
-        "quote": {"type": "string", "description": "ISO 4217 code of the currency to convert to"},
-        "source": {"type": "string", "enum": ["ecb", "fed"], "description": "Publisher of the reference rate"},
-    }}}}
-DECL = ('<|tool>declaration:get_exchange_rate{description:<|"|>Returns the latest exchange rate between two '
-        'currencies.<|"|>,parameters:{properties:{base:{description:<|"|>ISO 4217 code of the currency to '
-        'convert from<|"|>,type:<|"|>STRING<|"|>},quote:{description:<|"|>ISO 4217 code of the currency to '
-        'convert to<|"|>,type:<|"|>STRING<|"|>},source:{description:<|"|>Publisher of the reference rate<|"|>,'
-        'enum:[<|"|>ecb<|"|>,<|"|>fed<|"|>],type:<|"|>STRING<|"|>}},required:[<|"|>base<|"|>,<|"|>quote<|"|>],'
-        'type:<|"|>OBJECT<|"|>}}<tool|>')
+EXCHANGE = {
+    "type": "function",
+    "function": {
+        "name": "get_exchange_rate",
+        "description": "Returns the latest exchange rate between two currencies.",
+        "parameters": {
+            "type": "object",
+            "required": ["base", "quote"],
+            "properties": {
+                "base": {"type": "string", "description": "ISO 4217 code of the currency to convert from"},
+                "quote": {"type": "string", "description": "ISO 4217 code of the currency to convert to"},
+                "source": {"type": "string", "enum": ["ecb", "fed"], "description": "Publisher of the reference rate"},
+            },
+        },
+    },
+}
+DECL = (
+    '<|tool>declaration:get_exchange_rate{description:<|"|>Returns the latest exchange rate between two '
+    'currencies.<|"|>,parameters:{properties:{base:{description:<|"|>ISO 4217 code of the currency to '
+    'convert from<|"|>,type:<|"|>STRING<|"|>},quote:{description:<|"|>ISO 4217 code of the currency to '
+    'convert to<|"|>,type:<|"|>STRING<|"|>},source:{description:<|"|>Publisher of the reference rate<|"|>,'
+    'enum:[<|"|>ecb<|"|>,<|"|>fed<|"|>],type:<|"|>STRING<|"|>}},required:[<|"|>base<|"|>,<|"|>quote<|"|>],'
+    'type:<|"|>OBJECT<|"|>}}<tool|>'
+)
 SYS = "You are a travel assistant. Answer briefly."
 M1 = {"role": "system", "content": SYS}
 M3 = {"role": "user", "content": "How many yen is one euro today?"}
-M4 = {"role": "assistant", "content": "", "reasoning_content": "The user needs the EUR to JPY rate; call the tool.",
-      "tool_calls": [{"id": "call_1", "type": "function",
-                      "function": {"name": "get_exchange_rate", "arguments": {"base": "EUR", "quote": "JPY"}}}]}
+M4 = {
+    "role": "assistant",
+    "content": "",
+    "reasoning_content": "The user needs the EUR to JPY rate; call the tool.",
+    "tool_calls": [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_exchange_rate", "arguments": {"base": "EUR", "quote": "JPY"}},
+        }
+    ],
+}
 M5 = {"role": "tool", "tool_call_id": "call_1", "content": '{"rate": 162.4}'}
 M6 = {"role": "assistant", "content": "One euro is about 162 yen today."}
 M7 = {"role": "user", "content": "And in US dollars?"}
@@ -44,7 +73,7 @@ HEAD_THINK = f"<bos><|turn>system\n<|think|>\n{SYS}{DECL}<turn|>\n"
 HEAD = f"<bos><|turn>system\n{SYS}{DECL}<turn|>\n"
 U1 = "<|turn>user\nHow many yen is one euro today?<turn|>\n"
 THOUGHT = "<|channel>thought\nThe user needs the EUR to JPY rate; call the tool.\n<channel|>"
-CALL = "<|tool_call>call:get_exchange_rate{base:<|\"|>EUR<|\"|>,quote:<|\"|>JPY<|\"|>}<tool_call|>"
+CALL = '<|tool_call>call:get_exchange_rate{base:<|"|>EUR<|"|>,quote:<|"|>JPY<|"|>}<tool_call|>'
 RESP = '<|tool_response>response:get_exchange_rate{value:<|"|>{"rate": 162.4}<|"|>}<tool_response|>'
 TAIL_C = "One euro is about 162 yen today.<turn|>\n<|turn>user\nAnd in US dollars?<turn|>\n<|turn>model\n"
 GEN, PREFILL = "<|turn>model\n", "<|channel>thought\n<channel|>"
@@ -53,68 +82,186 @@ HELLO = [{"role": "user", "content": "Hello"}]
 # (id, messages, render kwargs, expected) — expected strings written from docs/chat-format.md §2-§7.
 MATRIX = [
     ("plain", HELLO, {}, "<bos><|turn>user\nHello<turn|>\n<|turn>model\n"),
-    ("plain_think", HELLO, {"thinking": True},
-     "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n"),
-    ("system", [{"role": "system", "content": "  Be terse.\n"}, {"role": "user", "content": " Hi \n"}], {},
-     "<bos><|turn>system\nBe terse.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"),
-    ("system_think", [{"role": "system", "content": "Be terse."}, *HELLO], {"thinking": True},
-     "<bos><|turn>system\n<|think|>\nBe terse.<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n"),
-    ("developer_hoisted", [{"role": "developer", "content": "Be terse."}, *HELLO], {},
-     "<bos><|turn>system\nBe terse.<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n"),
-    ("prefill_31b_off", HELLO, {"empty_thought_prefill": True},
-     "<bos><|turn>user\nHello<turn|>\n<|turn>model\n" + PREFILL),
-    ("prefill_31b_on", HELLO, {"empty_thought_prefill": True, "thinking": True},
-     "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n"),
+    (
+        "plain_think",
+        HELLO,
+        {"thinking": True},
+        "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n",
+    ),
+    (
+        "system",
+        [{"role": "system", "content": "  Be terse.\n"}, {"role": "user", "content": " Hi \n"}],
+        {},
+        "<bos><|turn>system\nBe terse.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n",
+    ),
+    (
+        "system_think",
+        [{"role": "system", "content": "Be terse."}, *HELLO],
+        {"thinking": True},
+        "<bos><|turn>system\n<|think|>\nBe terse.<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n",
+    ),
+    (
+        "developer_hoisted",
+        [{"role": "developer", "content": "Be terse."}, *HELLO],
+        {},
+        "<bos><|turn>system\nBe terse.<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n",
+    ),
+    (
+        "prefill_31b_off",
+        HELLO,
+        {"empty_thought_prefill": True},
+        "<bos><|turn>user\nHello<turn|>\n<|turn>model\n" + PREFILL,
+    ),
+    (
+        "prefill_31b_on",
+        HELLO,
+        {"empty_thought_prefill": True, "thinking": True},
+        "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n",
+    ),
     ("no_generation_prompt", HELLO, {"add_generation_prompt": False}, "<bos><|turn>user\nHello<turn|>\n"),
-    ("multi_turn", [{"role": "user", "content": "Hi"},
-                    {"role": "assistant", "content": "<|channel>thought\nGreet back.<channel|>Hello! "},
-                    {"role": "user", "content": "Bye"}], {},
-     "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n<|turn>user\nBye<turn|>\n<|turn>model\n"),
-    ("later_system", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"},
-                      {"role": "system", "content": "Now in French."}, {"role": "user", "content": "Bye"}], {},
-     "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHey<turn|>\n<|turn>system\nNow in French.<turn|>\n"
-     "<|turn>user\nBye<turn|>\n<|turn>model\n"),
-    ("tools_only", HELLO, {"tools": [EXCHANGE]},
-     f"<bos><|turn>system\n{DECL}<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n"),
+    (
+        "multi_turn",
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<|channel>thought\nGreet back.<channel|>Hello! "},
+            {"role": "user", "content": "Bye"},
+        ],
+        {},
+        "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n<|turn>user\nBye<turn|>\n<|turn>model\n",
+    ),
+    (
+        "later_system",
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hey"},
+            {"role": "system", "content": "Now in French."},
+            {"role": "user", "content": "Bye"},
+        ],
+        {},
+        "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHey<turn|>\n<|turn>system\nNow in French.<turn|>\n"
+        "<|turn>user\nBye<turn|>\n<|turn>model\n",
+    ),
+    (
+        "tools_only",
+        HELLO,
+        {"tools": [EXCHANGE]},
+        f"<bos><|turn>system\n{DECL}<turn|>\n<|turn>user\nHello<turn|>\n<|turn>model\n",
+    ),
     ("worked_a", [M1, M3], {"tools": [EXCHANGE], "thinking": True}, HEAD_THINK + U1 + GEN),
     ("worked_a_off", [M1, M3], {"tools": [EXCHANGE]}, HEAD + U1 + GEN),
     ("worked_a_31b_off", [M1, M3], {"tools": [EXCHANGE], "empty_thought_prefill": True}, HEAD + U1 + GEN + PREFILL),
-    ("worked_b", [M1, M3, M4, M5], {"tools": [EXCHANGE], "thinking": True},
-     HEAD_THINK + U1 + GEN + THOUGHT + CALL + RESP + "<|channel>thought\n"),
+    (
+        "worked_b",
+        [M1, M3, M4, M5],
+        {"tools": [EXCHANGE], "thinking": True},
+        HEAD_THINK + U1 + GEN + THOUGHT + CALL + RESP + "<|channel>thought\n",
+    ),
     ("worked_b_off", [M1, M3, M4, M5], {"tools": [EXCHANGE]}, HEAD + U1 + GEN + THOUGHT + CALL + RESP),
-    ("worked_b_31b_off", [M1, M3, M4, M5], {"tools": [EXCHANGE], "empty_thought_prefill": True},
-     HEAD + U1 + GEN + THOUGHT + CALL + RESP),
-    ("worked_c", [M1, M3, M4, M5, M6, M7], {"tools": [EXCHANGE], "thinking": True},
-     HEAD_THINK + U1 + GEN + CALL + RESP + TAIL_C),
-    ("worked_c_31b_off", [M1, M3, M4, M5, M6, M7], {"tools": [EXCHANGE], "empty_thought_prefill": True},
-     HEAD + U1 + GEN + CALL + RESP + TAIL_C + PREFILL),
-    ("mapping_result", [M1, M3, M4, {"role": "tool", "tool_call_id": "call_1",
-                                     "content": {"rate": 162.4, "date": "2026-07-10"}}], {"tools": [EXCHANGE]},
-     # a structured result is stored as JSON (what checkpoint templates accept), not a mapping
-     HEAD + U1 + GEN + THOUGHT + CALL + "<|tool_response>response:get_exchange_rate{value:<|\"|>"
-     '{"rate": 162.4, "date": "2026-07-10"}<|\"|>}<tool_response|>'),
-    ("string_arguments", [M3, {**M4, "reasoning_content": None, "tool_calls": [
-        {"id": "call_1", "function": {"name": "get_exchange_rate", "arguments": '{"quote": "JPY", "base": "EUR"}'}}]},
-        M5, M6], {},
-     "<bos>" + U1 + GEN + CALL + RESP + "One euro is about 162 yen today.<turn|>\n" + GEN),
-    ("unanswered_call", [M3, {**M4, "reasoning_content": None}], {"tools": [EXCHANGE]},
-     f"<bos><|turn>system\n{DECL}<turn|>\n" + U1 + GEN + CALL + "<|tool_response>"),
-    ("legacy_tool_responses", [M3, {"role": "assistant", "tool_calls": M4["tool_calls"], "tool_responses": [
-        {"name": "get_exchange_rate", "response": {"rate": 162.4}}]}], {},
-     "<bos>" + U1 + GEN + CALL + "<|tool_response>response:get_exchange_rate{rate:162.4}<tool_response|>"),
-    ("two_calls_two_results", [M3, {"role": "assistant", "tool_calls": [
-        {"id": "a", "function": {"name": "f", "arguments": {"x": 1, "B": [True, None], "a": {"k": "v"}}}},
-        {"id": "b", "function": {"name": "g", "arguments": {}}}]},
-        {"role": "tool", "tool_call_id": "b", "content": "ok"}, {"role": "tool", "tool_call_id": "a", "content": 3}],
-     {},
-     "<bos>" + U1 + GEN + "<|tool_call>call:f{a:{k:<|\"|>v<|\"|>},B:[true,null],x:1}<tool_call|>"
-     "<|tool_call>call:g{}<tool_call|><|tool_response>response:g{value:<|\"|>ok<|\"|>}<tool_response|>"
-     "<|tool_response>response:f{value:<|\"|>3<|\"|>}<tool_response|>"),  # results are strings (JSON)
-    ("media", [{"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "audio"},
-                                            {"type": "text", "text": " Describe both. "}]}], {},
-     "<bos><|turn>user\n<|image|><|audio|>Describe both.<turn|>\n<|turn>model\n"),
-    ("model_role_alias", [{"role": "user", "content": "Hi"}, {"role": "model", "content": "Hey"}],
-     {"add_generation_prompt": False}, "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHey<turn|>\n"),
+    (
+        "worked_b_31b_off",
+        [M1, M3, M4, M5],
+        {"tools": [EXCHANGE], "empty_thought_prefill": True},
+        HEAD + U1 + GEN + THOUGHT + CALL + RESP,
+    ),
+    (
+        "worked_c",
+        [M1, M3, M4, M5, M6, M7],
+        {"tools": [EXCHANGE], "thinking": True},
+        HEAD_THINK + U1 + GEN + CALL + RESP + TAIL_C,
+    ),
+    (
+        "worked_c_31b_off",
+        [M1, M3, M4, M5, M6, M7],
+        {"tools": [EXCHANGE], "empty_thought_prefill": True},
+        HEAD + U1 + GEN + CALL + RESP + TAIL_C + PREFILL,
+    ),
+    (
+        "mapping_result",
+        [M1, M3, M4, {"role": "tool", "tool_call_id": "call_1", "content": {"rate": 162.4, "date": "2026-07-10"}}],
+        {"tools": [EXCHANGE]},
+        # a structured result is stored as JSON (what checkpoint templates accept), not a mapping
+        HEAD + U1 + GEN + THOUGHT + CALL + '<|tool_response>response:get_exchange_rate{value:<|"|>'
+        '{"rate": 162.4, "date": "2026-07-10"}<|"|>}<tool_response|>',
+    ),
+    (
+        "string_arguments",
+        [
+            M3,
+            {
+                **M4,
+                "reasoning_content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "function": {"name": "get_exchange_rate", "arguments": '{"quote": "JPY", "base": "EUR"}'},
+                    }
+                ],
+            },
+            M5,
+            M6,
+        ],
+        {},
+        "<bos>" + U1 + GEN + CALL + RESP + "One euro is about 162 yen today.<turn|>\n" + GEN,
+    ),
+    (
+        "unanswered_call",
+        [M3, {**M4, "reasoning_content": None}],
+        {"tools": [EXCHANGE]},
+        f"<bos><|turn>system\n{DECL}<turn|>\n" + U1 + GEN + CALL + "<|tool_response>",
+    ),
+    (
+        "legacy_tool_responses",
+        [
+            M3,
+            {
+                "role": "assistant",
+                "tool_calls": M4["tool_calls"],
+                "tool_responses": [{"name": "get_exchange_rate", "response": {"rate": 162.4}}],
+            },
+        ],
+        {},
+        "<bos>" + U1 + GEN + CALL + "<|tool_response>response:get_exchange_rate{rate:162.4}<tool_response|>",
+    ),
+    (
+        "two_calls_two_results",
+        [
+            M3,
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"id": "a", "function": {"name": "f", "arguments": {"x": 1, "B": [True, None], "a": {"k": "v"}}}},
+                    {"id": "b", "function": {"name": "g", "arguments": {}}},
+                ],
+            },
+            {"role": "tool", "tool_call_id": "b", "content": "ok"},
+            {"role": "tool", "tool_call_id": "a", "content": 3},
+        ],
+        {},
+        "<bos>" + U1 + GEN + '<|tool_call>call:f{a:{k:<|"|>v<|"|>},B:[true,null],x:1}<tool_call|>'
+        '<|tool_call>call:g{}<tool_call|><|tool_response>response:g{value:<|"|>ok<|"|>}<tool_response|>'
+        '<|tool_response>response:f{value:<|"|>3<|"|>}<tool_response|>',
+    ),  # results are strings (JSON)
+    (
+        "media",
+        [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "url": "x.png"},
+                    {"type": "audio"},
+                    {"type": "text", "text": " Describe both. "},
+                ],
+            }
+        ],
+        {},
+        "<bos><|turn>user\n<|image|><|audio|>Describe both.<turn|>\n<|turn>model\n",
+    ),
+    (
+        "model_role_alias",
+        [{"role": "user", "content": "Hi"}, {"role": "model", "content": "Hey"}],
+        {"add_generation_prompt": False},
+        "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHey<turn|>\n",
+    ),
 ]
 
 
@@ -126,16 +273,34 @@ def test_render_matrix(case):
 
 def test_declaration_nested_schema_order():
     """docs/chat-format.md §5.2: sorted properties; description, enum/items, nullable, properties, required, type."""
-    tool = {"name": "plan_trip", "description": "Plan a trip.", "response": {"description": "Itinerary",
-                                                                              "type": "object"},
-            "parameters": {"type": "object", "required": ["stops"], "properties": {
-                "stops": {"type": "array", "description": "Cities", "items": {
-                    "type": "object", "required": ["city"],
-                    "properties": {"nights": {"type": "integer"}, "city": {"type": "string"}}}},
-                "traveller": {"type": "object", "description": "Who", "required": ["name"],
-                              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}},
+    tool = {
+        "name": "plan_trip",
+        "description": "Plan a trip.",
+        "response": {"description": "Itinerary", "type": "object"},
+        "parameters": {
+            "type": "object",
+            "required": ["stops"],
+            "properties": {
+                "stops": {
+                    "type": "array",
+                    "description": "Cities",
+                    "items": {
+                        "type": "object",
+                        "required": ["city"],
+                        "properties": {"nights": {"type": "integer"}, "city": {"type": "string"}},
+                    },
+                },
+                "traveller": {
+                    "type": "object",
+                    "description": "Who",
+                    "required": ["name"],
+                    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+                },
                 "mode": {"type": "string", "enum": ["rail", "air"]},
-                "budget": {"type": "number", "nullable": True, "description": "Max spend"}}}}
+                "budget": {"type": "number", "nullable": True, "description": "Max spend"},
+            },
+        },
+    }
     expected = (
         '<|tool>declaration:plan_trip{description:<|"|>Plan a trip.<|"|>,parameters:{properties:{'
         'budget:{description:<|"|>Max spend<|"|>,nullable:true,type:<|"|>NUMBER<|"|>},'
@@ -144,7 +309,8 @@ def test_declaration_nested_schema_order():
         'nights:{type:<|"|>INTEGER<|"|>}},required:[<|"|>city<|"|>],type:<|"|>OBJECT<|"|>},type:<|"|>ARRAY<|"|>},'
         'traveller:{description:<|"|>Who<|"|>,properties:{age:{type:<|"|>INTEGER<|"|>},name:{type:<|"|>STRING'
         '<|"|>}},required:[<|"|>name<|"|>],type:<|"|>OBJECT<|"|>}},required:[<|"|>stops<|"|>],'
-        'type:<|"|>OBJECT<|"|>},response:{description:<|"|>Itinerary<|"|>,type:<|"|>OBJECT<|"|>}}<tool|>')
+        'type:<|"|>OBJECT<|"|>},response:{description:<|"|>Itinerary<|"|>,type:<|"|>OBJECT<|"|>}}<tool|>'
+    )
     assert format_declaration(tool) == expected
     assert format_declaration({"type": "function", "function": tool}) == expected
 
@@ -157,8 +323,12 @@ def test_string_arguments_must_be_json_objects():
         render([M3, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]}])
 
 
-def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", days: int | None = None,
-                tags: list[str] | None = None) -> dict:
+def get_weather(
+    city: str,
+    unit: Literal["celsius", "fahrenheit"] = "celsius",
+    days: int | None = None,
+    tags: list[str] | None = None,
+) -> dict:
     """Get the weather forecast.
 
     Args:
@@ -174,13 +344,23 @@ def get_weather(city: str, unit: Literal["celsius", "fahrenheit"] = "celsius", d
 
 
 def test_tool_schema_from_function():
-    assert tool_schema(get_weather) == {"type": "function", "function": {
-        "name": "get_weather", "description": "Get the weather forecast.",
-        "parameters": {"type": "object", "required": ["city"], "properties": {
-            "city": {"description": "City name, e.g. Paris.", "type": "string"},
-            "unit": {"description": "Temperature unit.", "type": "string", "enum": ["celsius", "fahrenheit"]},
-            "days": {"description": "Number of days.", "type": "integer", "nullable": True},
-            "tags": {"type": "array", "items": {"type": "string"}, "nullable": True}}}}}
+    assert tool_schema(get_weather) == {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather forecast.",
+            "parameters": {
+                "type": "object",
+                "required": ["city"],
+                "properties": {
+                    "city": {"description": "City name, e.g. Paris.", "type": "string"},
+                    "unit": {"description": "Temperature unit.", "type": "string", "enum": ["celsius", "fahrenheit"]},
+                    "days": {"description": "Number of days.", "type": "integer", "nullable": True},
+                    "tags": {"type": "array", "items": {"type": "string"}, "nullable": True},
+                },
+            },
+        },
+    }
     # callables are accepted wherever tools are
     assert render(HELLO, tools=[get_weather]) == render(HELLO, tools=[tool_schema(get_weather)])
     with pytest.raises(TypeError):
@@ -224,13 +404,28 @@ MINI_TEMPLATE = """{{ bos_token }}
 <channel|>
 {%- endif %}
 {% endif %}"""
-SIMPLE = ["plain", "plain_think", "system", "system_think", "developer_hoisted", "no_generation_prompt",
-          "multi_turn", "later_system", "model_role_alias"]
+SIMPLE = [
+    "plain",
+    "plain_think",
+    "system",
+    "system_think",
+    "developer_hoisted",
+    "no_generation_prompt",
+    "multi_turn",
+    "later_system",
+    "model_role_alias",
+]
 
 
-@pytest.mark.parametrize("case", [c for c in MATRIX if c[0] in SIMPLE] + [
-    ("prefill", HELLO, {"empty_thought_prefill": True}, None),
-    ("prefill_think", HELLO, {"empty_thought_prefill": True, "thinking": True}, None)], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in MATRIX if c[0] in SIMPLE]
+    + [
+        ("prefill", HELLO, {"empty_thought_prefill": True}, None),
+        ("prefill_think", HELLO, {"empty_thought_prefill": True, "thinking": True}, None),
+    ],
+    ids=lambda c: c[0],
+)
 def test_checkpoint_template_agrees(case):
     _, messages, kw, _ = case
     kw = dict(kw)
@@ -247,9 +442,10 @@ def test_checkpoint_template_helpers():
     assert year == str(datetime.date.today().year)
     assert json.loads(tools) == [EXCHANGE]
     # OpenAI string arguments reach the checkpoint template as mappings (docs/chat-format.md §5.4)
-    out = render_with_checkpoint_template("{{ messages[0].tool_calls[0].function.arguments.base }}",
-                                          [{"role": "assistant", "tool_calls": [
-                                              {"function": {"name": "f", "arguments": '{"base": "EUR"}'}}]}])
+    out = render_with_checkpoint_template(
+        "{{ messages[0].tool_calls[0].function.arguments.base }}",
+        [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": '{"base": "EUR"}'}}]}],
+    )
     assert out == "EUR"
     info = template_info(MINI_TEMPLATE)
     assert info["revision"] == "release" and len(info["sha256"]) == 64
@@ -258,15 +454,24 @@ def test_checkpoint_template_helpers():
 # ------------------------------------------------------------------- parser fixtures
 def T(name, *params, required=None):
     props = {p: {"type": "string"} for p in params}
-    return {"type": "function", "function": {"name": name, "parameters": {
-        "type": "object", "properties": props, "required": list(params if required is None else required)}}}
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "parameters": {
+                "type": "object",
+                "properties": props,
+                "required": list(params if required is None else required),
+            },
+        },
+    }
 
 
 GET_X = T("get_x", "city", "unit", required=["city"])
 EXCHANGE_TOOLS = [EXCHANGE]
 PDF = T("create-pdf-file", "title", "pages")
 RUN, NEWFILE = T("run_terminal_command", "command"), T("create_new_file", "filepath", "contents")
-FENCE = "<|tool_call>call:get_x{city:<|\"|>Oslo<|\"|>}<tool_call|>"
+FENCE = '<|tool_call>call:get_x{city:<|"|>Oslo<|"|>}<tool_call|>'
 CODE = 'def f(x):\n    return {"a": \'}\', "b": [1, 2]}  # <b>not markup</b>\n'
 
 
@@ -276,121 +481,329 @@ def args(r, i=0):
 
 # (id, raw output, parser kwargs, check on the one-piece result)
 FIXTURES = [
-    ("worked_example_a", "<|channel>thought\nThe user needs the EUR to JPY rate; call the tool.\n<channel|>" + CALL
-     + "<|tool_response>", {"tools": EXCHANGE_TOOLS},
-     lambda r: (r.reasoning == "The user needs the EUR to JPY rate; call the tool." and r.content == ""
-                and args(r) == {"base": "EUR", "quote": "JPY"} and r.finish_reason == "tool_calls"
-                and r.stop_token == "<|tool_response>")),
-    ("01_bare_call_after_thought", "<|channel>thought\nNeed data.\n<channel|>call:get_x{city:<|\"|>Paris<|\"|>}"
-     "<turn|>", {"tools": [GET_X]},
-     lambda r: r.reasoning == "Need data." and args(r) == {"city": "Paris"} and r.content == ""),
-    ("01_bare_call_at_start", "call:get_x{city:<|\"|>Paris<|\"|>}", {"tools": [GET_X]},
-     lambda r: args(r) == {"city": "Paris"} and not r.tool_calls[0].truncated and r.content == ""),
-    ("01_bare_undeclared_stays_content", "<|channel>thought\nx\n<channel|>call:other{city:<|\"|>Paris<|\"|>}<turn|>",
-     {"tools": [GET_X]}, lambda r: r.tool_calls == [] and r.content == "call:other{city:Paris}"),
-    ("01_bare_without_tools_stays_content", "call:get_x{a:1}<turn|>", {},
-     lambda r: r.tool_calls == [] and r.content == "call:get_x{a:1}" and r.finish_reason == "stop"),
-    ("01_call_word_is_content", "<|channel>thought\nx<channel|>calling you back: yes<turn|>", {"tools": [GET_X]},
-     lambda r: r.content == "calling you back: yes" and not r.tool_calls),
-    ("02_call_inside_thinking", "<|channel>thought\nLet's go.<|tool_call>call:editor{end_line:91,path:<|\"|>m.html"
-     "<|\"|>,start_line:91}<tool_call|><|tool_response>", {"tools": [T("editor", "path")]},
-     lambda r: (r.reasoning == "Let's go." and args(r) == {"end_line": 91, "path": "m.html", "start_line": 91}
-                and r.finish_reason == "tool_calls")),
-    ("03_begin_arg_and_channel_loop", "<|channel>thought\nrun ls\n<channel|>call:run_terminal_command:\nBEGIN_ARG:\n"
-     "<|channel>thought\n<channel|>ls\nEND_ARG\n<|channel>thought\n<channel|><|tool_call>call:create_new_file:\n"
-     "BEGIN_ARG:\nparser.py\nEND_ARG\nBEGIN_ARG:\nimport re\nEND_ARG\n" + "<|channel>thought\n<channel|>" * 6,
-     {"tools": [RUN, NEWFILE]},
-     lambda r: (args(r, 0) == {"command": "ls"} and args(r, 1) == {"filepath": "parser.py", "contents": "import re"}
-                and r.tool_calls[1].truncated and r.finish_reason == "degenerate_output" and r.content == "")),
-    ("03_begin_arg_unknown_is_malformed", "<|tool_call>call:mystery:\nBEGIN_ARG:\nx\nEND_ARG<tool_call|>",
-     {"tools": [GET_X]},
-     lambda r: (r.tool_calls[0].error == "malformed_tool_call" and r.tool_calls[0].unknown_tool
-                and args(r) == {"_positional": ["x"]})),
-    ("04_parentheses", "<|tool_call>call:search(query=<|\"|>gemma 4<|\"|>, limit=5)<tool_call|>",
-     {"tools": [T("search", "query", "limit")]}, lambda r: args(r) == {"query": "gemma 4", "limit": 5}),
-    ("04_bare_parentheses", "<|channel>thought\nx<channel|>call:search(query: 'mlx', 2)<turn|>",
-     {"tools": [T("search", "query", "limit")]}, lambda r: args(r) == {"query": "mlx", "limit": 2}),
-    ("05_namespaced", "<|tool_call>call:google:mcp:files:create-pdf-file{title:<|\"|>Report<|\"|>}<tool_call|>",
-     {"tools": [PDF]},
-     lambda r: (r.tool_calls[0].name == "create-pdf-file" and not r.tool_calls[0].unknown_tool
-                and r.tool_calls[0].raw_name == "google:mcp:files:create-pdf-file")),
-    ("05_namespaced_unresolved_kept", "<|tool_call>call:a:b.c-d{}<tool_call|>", {"tools": [PDF]},
-     lambda r: r.tool_calls[0].name == "a:b.c-d" and r.tool_calls[0].unknown_tool and args(r) == {}),
-    ("06_single_quotes", "<|tool_call>call:create-pdf-file{title:'Report: Q3 \"final\"',pages:3}<tool_call|>",
-     {"tools": [PDF]}, lambda r: args(r) == {"title": 'Report: Q3 "final"', "pages": 3}),
-    ("07_stray_duplicate_close", FENCE + "<tool_call|><tool_call|><|tool_response>", {"tools": [GET_X]},
-     lambda r: len(r.tool_calls) == 1 and args(r) == {"city": "Oslo"} and r.content == ""),
-    ("08_unclosed_string_eos", "<|tool_call>call:get_x{city:<|\"|>Par", {"tools": [GET_X]},
-     lambda r: args(r) == {"city": "Par"} and r.tool_calls[0].truncated),
-    ("08_unclosed_string_closed_call", "<|tool_call>call:get_x{city:<|\"|>Paris}<tool_call|>", {"tools": [GET_X]},
-     lambda r: args(r) == {"city": "Paris}"} and r.tool_calls[0].truncated),
-    ("09_nested", "<|tool_call>call:plan{stops:[{city:<|\"|>Rome<|\"|>,nights:2},{city:<|\"|>Pisa<|\"|>,nights:1}],"
-     "opts:{rail:true,budget:{max:500.5,currency:<|\"|>EUR<|\"|>},tags:[]}}<tool_call|>", {},
-     lambda r: args(r) == {"stops": [{"city": "Rome", "nights": 2}, {"city": "Pisa", "nights": 1}],
-                           "opts": {"rail": True, "budget": {"max": 500.5, "currency": "EUR"}, "tags": []}}),
-    ("10_consecutive_calls", FENCE + "<|tool_call>call:get_x{city:<|\"|>Rome<|\"|>,unit:<|\"|>C<|\"|>}<tool_call|>"
-     "<|tool_response>", {"tools": [GET_X]},
-     lambda r: ([c.arguments for c in r.tool_calls] == [{"city": "Oslo"}, {"city": "Rome", "unit": "C"}]
-                and [c.id for c in r.tool_calls] == ["call_0", "call_1"])),
-    ("11_whitespace_around_keys", "<|tool_call>call:get_exchange_rate{ base: <|\"|>EUR<|\"|> ,\n quote : "
-     "<|\"|>JPY<|\"|> }<tool_call|>", {"tools": EXCHANGE_TOOLS},
-     lambda r: args(r) == {"base": "EUR", "quote": "JPY"}),
-    ("12_bare_values", "<|tool_call>call:get_x{unit:celsius,city:New York,n:-3,f:1e3,ok:false}<tool_call|>",
-     {"tools": [GET_X]},
-     lambda r: (args(r) == {"unit": "celsius", "city": "New York", "n": -3, "f": 1000.0, "ok": False}
-                and any("bare value" in w for w in r.tool_calls[0].warnings))),
-    ("13_leaked_channel_name", "thought\nThe answer is 4.<turn|>", {},
-     lambda r: r.content == "The answer is 4." and r.reasoning == ""),
-    ("13_prefilled_repeated_header", "thought\nChecking.\n<channel|>It is 162.<turn|>", {"start_in_thought": True},
-     lambda r: r.reasoning == "Checking." and r.content == "It is 162."),
-    ("13_prefilled_no_header", "Checking the rate.<channel|>It is 162.<turn|>", {"start_in_thought": True},
-     lambda r: r.reasoning == "Checking the rate." and r.content == "It is 162."),
-    ("14_reasoning_only_stop", "<|channel>thought\nStill thinking about it<turn|>", {},
-     lambda r: (r.reasoning == "Still thinking about it" and r.content == "" and r.finish_reason == "stop"
-                and r.degenerate is None)),
-    ("14_reasoning_only_length", "<|channel>thought\nStill thinking", {},
-     lambda r: r.reasoning == "Still thinking" and r.content == "" and r.finish_reason == "length"),
-    ("15_empty_thought_block", "<|channel>thought\n<channel|>Hello there.<turn|>", {},
-     lambda r: r.reasoning == "" and r.content == "Hello there." and r.finish_reason == "stop"),
-    ("16_pad_collapse", "<|channel>thought\n" + "<pad>" * 20, {},
-     lambda r: r.finish_reason == "degenerate_output" and "<pad>" in r.degenerate and r.content == ""),
-    ("17_unused_tokens", "Sure." + "<unused49>\n" * 12, {},
-     lambda r: r.finish_reason == "degenerate_output" and r.content == "Sure."),
-    ("18_fake_result_after_stop", FENCE + "<|tool_response>response:get_x{temp:20}<tool_response|>It is 20.<turn|>",
-     {"tools": [GET_X]},
-     lambda r: (r.content == "" and len(r.tool_calls) == 1 and r.stop_token == "<|tool_response>"
-                and r.trailing.startswith("response:get_x") and r.finish_reason == "tool_calls")),
-    ("19_missing_call_prefix", "<|tool_call>get_x{city:<|\"|>Rome<|\"|>}<tool_call|>", {"tools": [GET_X]},
-     lambda r: args(r) == {"city": "Rome"} and not r.tool_calls[0].truncated),
-    ("20_verbatim_string", "<|tool_call>call:write{path:<|\"|>a.py<|\"|>,text:<|\"|>" + CODE + "<|\"|>}<tool_call|>",
-     {}, lambda r: args(r) == {"path": "a.py", "text": CODE}),
-    ("20_verbatim_string_bare", "<|channel>thought\nx<channel|>call:write{text:<|\"|>" + CODE + "<|\"|>}Done.<turn|>",
-     {"tools": [T("write", "text")]}, lambda r: args(r) == {"text": CODE} and r.content == "Done."),
-    ("21_null", "<|tool_call>call:get_x{city:<|\"|>Rome<|\"|>,unit:null}<tool_call|>", {"tools": [GET_X]},
-     lambda r: args(r) == {"city": "Rome", "unit": None} and r.tool_calls[0].arguments_json ==
-     '{"city": "Rome", "unit": null}'),
-    ("22_turn_end_inside_call", "<|tool_call>call:get_x{city:<|\"|>Rome<|\"|><turn|>ignored", {"tools": [GET_X]},
-     lambda r: (args(r) == {"city": "Rome"} and r.tool_calls[0].truncated and r.stop_token == "<turn|>"
-                and r.trailing == "ignored")),
-    ("unknown_tool_never_dropped", "<|tool_call>call:nope{}<tool_call|>", {"tools": [GET_X]},
-     lambda r: r.tool_calls[0].name == "nope" and r.tool_calls[0].unknown_tool),
-    ("empty_call_never_dropped", "<|tool_call><tool_call|>", {"tools": [GET_X]},
-     lambda r: len(r.tool_calls) == 1 and r.tool_calls[0].error == "malformed_tool_call"),
-    ("text_then_call", "Let me check. " + FENCE + "<|tool_response>", {"tools": [GET_X]},
-     lambda r: r.content == "Let me check." and args(r) == {"city": "Oslo"}),
-    ("control_tokens_hidden", "A <|image|>b<bos> and <b>c</b> x<y <|\"|>q<|\"|><|tool>z<tool|><|think|>!<eos>", {},
-     lambda r: r.content == "A b and <b>c</b> x<y qz!" and r.stop_token == "<eos>"),
-    ("turn_open_stops", "Answer.<|turn>user\nmore", {},
-     lambda r: r.content == "Answer." and r.stop_token == "<|turn>" and r.trailing == "user\nmore"),
-    ("two_thought_blocks", "<|channel>thought\nA<channel|><|channel>thought\nB<channel|>C<turn|>", {},
-     lambda r: r.reasoning == "A\nB" and r.content == "C"),
-    ("thinking_budget", "<|channel>thought\n" + "abcdefghij" * 5 + "\n<channel|>Answer<turn|>",
-     {"thinking_budget": 20},
-     lambda r: r.reasoning == "abcdefghij" * 2 and r.thinking_truncated and r.content == "Answer"),
-    ("text_loop_detector", "Sure: " + "la " * 500, {"loop_min_chars": 120},
-     lambda r: r.finish_reason == "degenerate_output" and len(r.content) < 140),
-    ("unicode", "<|channel>thought\nGrüße 🌍\n<channel|>日本語 — ok<turn|>", {},
-     lambda r: r.reasoning == "Grüße 🌍" and r.content == "日本語 — ok"),
+    (
+        "worked_example_a",
+        "<|channel>thought\nThe user needs the EUR to JPY rate; call the tool.\n<channel|>" + CALL + "<|tool_response>",
+        {"tools": EXCHANGE_TOOLS},
+        lambda r: (
+            r.reasoning == "The user needs the EUR to JPY rate; call the tool."
+            and r.content == ""
+            and args(r) == {"base": "EUR", "quote": "JPY"}
+            and r.finish_reason == "tool_calls"
+            and r.stop_token == "<|tool_response>"
+        ),
+    ),
+    (
+        "01_bare_call_after_thought",
+        '<|channel>thought\nNeed data.\n<channel|>call:get_x{city:<|"|>Paris<|"|>}<turn|>',
+        {"tools": [GET_X]},
+        lambda r: r.reasoning == "Need data." and args(r) == {"city": "Paris"} and r.content == "",
+    ),
+    (
+        "01_bare_call_at_start",
+        'call:get_x{city:<|"|>Paris<|"|>}',
+        {"tools": [GET_X]},
+        lambda r: args(r) == {"city": "Paris"} and not r.tool_calls[0].truncated and r.content == "",
+    ),
+    (
+        "01_bare_undeclared_stays_content",
+        '<|channel>thought\nx\n<channel|>call:other{city:<|"|>Paris<|"|>}<turn|>',
+        {"tools": [GET_X]},
+        lambda r: r.tool_calls == [] and r.content == "call:other{city:Paris}",
+    ),
+    (
+        "01_bare_without_tools_stays_content",
+        "call:get_x{a:1}<turn|>",
+        {},
+        lambda r: r.tool_calls == [] and r.content == "call:get_x{a:1}" and r.finish_reason == "stop",
+    ),
+    (
+        "01_call_word_is_content",
+        "<|channel>thought\nx<channel|>calling you back: yes<turn|>",
+        {"tools": [GET_X]},
+        lambda r: r.content == "calling you back: yes" and not r.tool_calls,
+    ),
+    (
+        "02_call_inside_thinking",
+        "<|channel>thought\nLet's go.<|tool_call>call:editor{end_line:91,path:<|\"|>m.html"
+        '<|"|>,start_line:91}<tool_call|><|tool_response>',
+        {"tools": [T("editor", "path")]},
+        lambda r: (
+            r.reasoning == "Let's go."
+            and args(r) == {"end_line": 91, "path": "m.html", "start_line": 91}
+            and r.finish_reason == "tool_calls"
+        ),
+    ),
+    (
+        "03_begin_arg_and_channel_loop",
+        "<|channel>thought\nrun ls\n<channel|>call:run_terminal_command:\nBEGIN_ARG:\n"
+        "<|channel>thought\n<channel|>ls\nEND_ARG\n<|channel>thought\n<channel|><|tool_call>call:create_new_file:\n"
+        "BEGIN_ARG:\nparser.py\nEND_ARG\nBEGIN_ARG:\nimport re\nEND_ARG\n" + "<|channel>thought\n<channel|>" * 6,
+        {"tools": [RUN, NEWFILE]},
+        lambda r: (
+            args(r, 0) == {"command": "ls"}
+            and args(r, 1) == {"filepath": "parser.py", "contents": "import re"}
+            and r.tool_calls[1].truncated
+            and r.finish_reason == "degenerate_output"
+            and r.content == ""
+        ),
+    ),
+    (
+        "03_begin_arg_unknown_is_malformed",
+        "<|tool_call>call:mystery:\nBEGIN_ARG:\nx\nEND_ARG<tool_call|>",
+        {"tools": [GET_X]},
+        lambda r: (
+            r.tool_calls[0].error == "malformed_tool_call"
+            and r.tool_calls[0].unknown_tool
+            and args(r) == {"_positional": ["x"]}
+        ),
+    ),
+    (
+        "04_parentheses",
+        '<|tool_call>call:search(query=<|"|>gemma 4<|"|>, limit=5)<tool_call|>',
+        {"tools": [T("search", "query", "limit")]},
+        lambda r: args(r) == {"query": "gemma 4", "limit": 5},
+    ),
+    (
+        "04_bare_parentheses",
+        "<|channel>thought\nx<channel|>call:search(query: 'mlx', 2)<turn|>",
+        {"tools": [T("search", "query", "limit")]},
+        lambda r: args(r) == {"query": "mlx", "limit": 2},
+    ),
+    (
+        "05_namespaced",
+        '<|tool_call>call:google:mcp:files:create-pdf-file{title:<|"|>Report<|"|>}<tool_call|>',
+        {"tools": [PDF]},
+        lambda r: (
+            r.tool_calls[0].name == "create-pdf-file"
+            and not r.tool_calls[0].unknown_tool
+            and r.tool_calls[0].raw_name == "google:mcp:files:create-pdf-file"
+        ),
+    ),
+    (
+        "05_namespaced_unresolved_kept",
+        "<|tool_call>call:a:b.c-d{}<tool_call|>",
+        {"tools": [PDF]},
+        lambda r: r.tool_calls[0].name == "a:b.c-d" and r.tool_calls[0].unknown_tool and args(r) == {},
+    ),
+    (
+        "06_single_quotes",
+        "<|tool_call>call:create-pdf-file{title:'Report: Q3 \"final\"',pages:3}<tool_call|>",
+        {"tools": [PDF]},
+        lambda r: args(r) == {"title": 'Report: Q3 "final"', "pages": 3},
+    ),
+    (
+        "07_stray_duplicate_close",
+        FENCE + "<tool_call|><tool_call|><|tool_response>",
+        {"tools": [GET_X]},
+        lambda r: len(r.tool_calls) == 1 and args(r) == {"city": "Oslo"} and r.content == "",
+    ),
+    (
+        "08_unclosed_string_eos",
+        '<|tool_call>call:get_x{city:<|"|>Par',
+        {"tools": [GET_X]},
+        lambda r: args(r) == {"city": "Par"} and r.tool_calls[0].truncated,
+    ),
+    (
+        "08_unclosed_string_closed_call",
+        '<|tool_call>call:get_x{city:<|"|>Paris}<tool_call|>',
+        {"tools": [GET_X]},
+        lambda r: args(r) == {"city": "Paris}"} and r.tool_calls[0].truncated,
+    ),
+    (
+        "09_nested",
+        '<|tool_call>call:plan{stops:[{city:<|"|>Rome<|"|>,nights:2},{city:<|"|>Pisa<|"|>,nights:1}],'
+        'opts:{rail:true,budget:{max:500.5,currency:<|"|>EUR<|"|>},tags:[]}}<tool_call|>',
+        {},
+        lambda r: (
+            args(r)
+            == {
+                "stops": [{"city": "Rome", "nights": 2}, {"city": "Pisa", "nights": 1}],
+                "opts": {"rail": True, "budget": {"max": 500.5, "currency": "EUR"}, "tags": []},
+            }
+        ),
+    ),
+    (
+        "10_consecutive_calls",
+        FENCE + '<|tool_call>call:get_x{city:<|"|>Rome<|"|>,unit:<|"|>C<|"|>}<tool_call|><|tool_response>',
+        {"tools": [GET_X]},
+        lambda r: (
+            [c.arguments for c in r.tool_calls] == [{"city": "Oslo"}, {"city": "Rome", "unit": "C"}]
+            and [c.id for c in r.tool_calls] == ["call_0", "call_1"]
+        ),
+    ),
+    (
+        "11_whitespace_around_keys",
+        '<|tool_call>call:get_exchange_rate{ base: <|"|>EUR<|"|> ,\n quote : <|"|>JPY<|"|> }<tool_call|>',
+        {"tools": EXCHANGE_TOOLS},
+        lambda r: args(r) == {"base": "EUR", "quote": "JPY"},
+    ),
+    (
+        "12_bare_values",
+        "<|tool_call>call:get_x{unit:celsius,city:New York,n:-3,f:1e3,ok:false}<tool_call|>",
+        {"tools": [GET_X]},
+        lambda r: (
+            args(r) == {"unit": "celsius", "city": "New York", "n": -3, "f": 1000.0, "ok": False}
+            and any("bare value" in w for w in r.tool_calls[0].warnings)
+        ),
+    ),
+    (
+        "13_leaked_channel_name",
+        "thought\nThe answer is 4.<turn|>",
+        {},
+        lambda r: r.content == "The answer is 4." and r.reasoning == "",
+    ),
+    (
+        "13_prefilled_repeated_header",
+        "thought\nChecking.\n<channel|>It is 162.<turn|>",
+        {"start_in_thought": True},
+        lambda r: r.reasoning == "Checking." and r.content == "It is 162.",
+    ),
+    (
+        "13_prefilled_no_header",
+        "Checking the rate.<channel|>It is 162.<turn|>",
+        {"start_in_thought": True},
+        lambda r: r.reasoning == "Checking the rate." and r.content == "It is 162.",
+    ),
+    (
+        "14_reasoning_only_stop",
+        "<|channel>thought\nStill thinking about it<turn|>",
+        {},
+        lambda r: (
+            r.reasoning == "Still thinking about it"
+            and r.content == ""
+            and r.finish_reason == "stop"
+            and r.degenerate is None
+        ),
+    ),
+    (
+        "14_reasoning_only_length",
+        "<|channel>thought\nStill thinking",
+        {},
+        lambda r: r.reasoning == "Still thinking" and r.content == "" and r.finish_reason == "length",
+    ),
+    (
+        "15_empty_thought_block",
+        "<|channel>thought\n<channel|>Hello there.<turn|>",
+        {},
+        lambda r: r.reasoning == "" and r.content == "Hello there." and r.finish_reason == "stop",
+    ),
+    (
+        "16_pad_collapse",
+        "<|channel>thought\n" + "<pad>" * 20,
+        {},
+        lambda r: r.finish_reason == "degenerate_output" and "<pad>" in r.degenerate and r.content == "",
+    ),
+    (
+        "17_unused_tokens",
+        "Sure." + "<unused49>\n" * 12,
+        {},
+        lambda r: r.finish_reason == "degenerate_output" and r.content == "Sure.",
+    ),
+    (
+        "18_fake_result_after_stop",
+        FENCE + "<|tool_response>response:get_x{temp:20}<tool_response|>It is 20.<turn|>",
+        {"tools": [GET_X]},
+        lambda r: (
+            r.content == ""
+            and len(r.tool_calls) == 1
+            and r.stop_token == "<|tool_response>"
+            and r.trailing.startswith("response:get_x")
+            and r.finish_reason == "tool_calls"
+        ),
+    ),
+    (
+        "19_missing_call_prefix",
+        '<|tool_call>get_x{city:<|"|>Rome<|"|>}<tool_call|>',
+        {"tools": [GET_X]},
+        lambda r: args(r) == {"city": "Rome"} and not r.tool_calls[0].truncated,
+    ),
+    (
+        "20_verbatim_string",
+        '<|tool_call>call:write{path:<|"|>a.py<|"|>,text:<|"|>' + CODE + '<|"|>}<tool_call|>',
+        {},
+        lambda r: args(r) == {"path": "a.py", "text": CODE},
+    ),
+    (
+        "20_verbatim_string_bare",
+        '<|channel>thought\nx<channel|>call:write{text:<|"|>' + CODE + '<|"|>}Done.<turn|>',
+        {"tools": [T("write", "text")]},
+        lambda r: args(r) == {"text": CODE} and r.content == "Done.",
+    ),
+    (
+        "21_null",
+        '<|tool_call>call:get_x{city:<|"|>Rome<|"|>,unit:null}<tool_call|>',
+        {"tools": [GET_X]},
+        lambda r: (
+            args(r) == {"city": "Rome", "unit": None}
+            and r.tool_calls[0].arguments_json == '{"city": "Rome", "unit": null}'
+        ),
+    ),
+    (
+        "22_turn_end_inside_call",
+        '<|tool_call>call:get_x{city:<|"|>Rome<|"|><turn|>ignored',
+        {"tools": [GET_X]},
+        lambda r: (
+            args(r) == {"city": "Rome"}
+            and r.tool_calls[0].truncated
+            and r.stop_token == "<turn|>"
+            and r.trailing == "ignored"
+        ),
+    ),
+    (
+        "unknown_tool_never_dropped",
+        "<|tool_call>call:nope{}<tool_call|>",
+        {"tools": [GET_X]},
+        lambda r: r.tool_calls[0].name == "nope" and r.tool_calls[0].unknown_tool,
+    ),
+    (
+        "empty_call_never_dropped",
+        "<|tool_call><tool_call|>",
+        {"tools": [GET_X]},
+        lambda r: len(r.tool_calls) == 1 and r.tool_calls[0].error == "malformed_tool_call",
+    ),
+    (
+        "text_then_call",
+        "Let me check. " + FENCE + "<|tool_response>",
+        {"tools": [GET_X]},
+        lambda r: r.content == "Let me check." and args(r) == {"city": "Oslo"},
+    ),
+    (
+        "control_tokens_hidden",
+        'A <|image|>b<bos> and <b>c</b> x<y <|"|>q<|"|><|tool>z<tool|><|think|>!<eos>',
+        {},
+        lambda r: r.content == "A b and <b>c</b> x<y qz!" and r.stop_token == "<eos>",
+    ),
+    (
+        "turn_open_stops",
+        "Answer.<|turn>user\nmore",
+        {},
+        lambda r: r.content == "Answer." and r.stop_token == "<|turn>" and r.trailing == "user\nmore",
+    ),
+    (
+        "two_thought_blocks",
+        "<|channel>thought\nA<channel|><|channel>thought\nB<channel|>C<turn|>",
+        {},
+        lambda r: r.reasoning == "A\nB" and r.content == "C",
+    ),
+    (
+        "thinking_budget",
+        "<|channel>thought\n" + "abcdefghij" * 5 + "\n<channel|>Answer<turn|>",
+        {"thinking_budget": 20},
+        lambda r: r.reasoning == "abcdefghij" * 2 and r.thinking_truncated and r.content == "Answer",
+    ),
+    (
+        "text_loop_detector",
+        "Sure: " + "la " * 500,
+        {"loop_min_chars": 120},
+        lambda r: r.finish_reason == "degenerate_output" and len(r.content) < 140,
+    ),
+    (
+        "unicode",
+        "<|channel>thought\nGrüße 🌍\n<channel|>日本語 — ok<turn|>",
+        {},
+        lambda r: r.reasoning == "Grüße 🌍" and r.content == "日本語 — ok",
+    ),
 ]
 
 
@@ -425,7 +838,7 @@ def test_parser_fixture(fx):
     for seed in range(8):
         assert _run(text, kw, _random_pieces(text, random.Random(seed))) == (whole, whole_events), seed
     data = text.encode()
-    assert _run(text, kw, [data[i:i + 1] for i in range(len(data))]) == (whole, whole_events)
+    assert _run(text, kw, [data[i : i + 1] for i in range(len(data))]) == (whole, whole_events)
 
 
 def test_stream_is_incremental_and_stops():
@@ -453,13 +866,53 @@ def test_parser_for_prompt_start_state():
 
 def test_tool_call_openai_shape():
     r = parse(FENCE, tools=[GET_X])
-    assert r.tool_calls[0].to_openai() == {"id": "call_0", "type": "function",
-                                           "function": {"name": "get_x", "arguments": '{"city": "Oslo"}'}}
+    assert r.tool_calls[0].to_openai() == {
+        "id": "call_0",
+        "type": "function",
+        "function": {"name": "get_x", "arguments": '{"city": "Oslo"}'},
+    }
 
 
-ALPHABET = ["<|channel>", "<channel|>", "thought", "\n", " ", "<|tool_call>", "<tool_call|>", "call:", "get_x",
-            "BEGIN_ARG", "END_ARG", ":", "{", "}", "(", ")", "[", "]", ",", "=", "city", Q, "'", '"', "\\", "Paris",
-            "<pad>", "<|image|>", "<", "|", ">", "x", "7", "true", "<turn|>", "<|tool_response>", "é", "🌍"]
+ALPHABET = [
+    "<|channel>",
+    "<channel|>",
+    "thought",
+    "\n",
+    " ",
+    "<|tool_call>",
+    "<tool_call|>",
+    "call:",
+    "get_x",
+    "BEGIN_ARG",
+    "END_ARG",
+    ":",
+    "{",
+    "}",
+    "(",
+    ")",
+    "[",
+    "]",
+    ",",
+    "=",
+    "city",
+    Q,
+    "'",
+    '"',
+    "\\",
+    "Paris",
+    "<pad>",
+    "<|image|>",
+    "<",
+    "|",
+    ">",
+    "x",
+    "7",
+    "true",
+    "<turn|>",
+    "<|tool_response>",
+    "é",
+    "🌍",
+]
 
 
 @pytest.mark.parametrize("seed", range(60))

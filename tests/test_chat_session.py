@@ -3,12 +3,11 @@ on the embedded demo model."""
 
 import mlx.core as mx
 import pytest
+from helpers.checkpoints import max_diff
 
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.demo import DEMO_MODEL
-
-from helpers.checkpoints import max_diff
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,13 @@ def common_prefix(a, b):
 def test_turns_prefill_only_what_is_new(demo, thinking):
     model, tok = demo
     chat = Chat(model, tok, thinking=thinking, max_tokens=64)
-    questions = ["What is the capital of France?", "What is 3 plus 4?", "Hello",
-                 "What is the capital of Peru?", "Add 12 and 9."]
+    questions = [
+        "What is the capital of France?",
+        "What is 3 plus 4?",
+        "Hello",
+        "What is the capital of Peru?",
+        "Add 12 and 9.",
+    ]
     for q in questions:
         before = list(chat.cached)
         chat.messages.append({"role": "user", "content": q})
@@ -127,8 +131,8 @@ def test_thinking_budget_closes_the_thought_and_answers(demo):
 
 @pytest.fixture(scope="module")
 def demo_drafter(demo):
-    from gemma4_mlx.demo import DEMO_DRAFTER
     from gemma4_mlx.checkpoint.load import load_drafter
+    from gemma4_mlx.demo import DEMO_DRAFTER
 
     return load_drafter(DEMO_DRAFTER, target=demo[0])
 
@@ -139,8 +143,9 @@ def test_chat_with_the_demo_drafter_gives_the_same_replies(demo, demo_drafter, t
     target) leave the reply and the session cache exactly as plain decoding does."""
     model, tok = demo
     plain = Chat(model, tok, thinking=thinking, thinking_budget=budget, max_tokens=64)
-    spec = Chat(model, tok, thinking=thinking, thinking_budget=budget, max_tokens=64,
-                drafter=demo_drafter, draft_tokens=3)
+    spec = Chat(
+        model, tok, thinking=thinking, thinking_budget=budget, max_tokens=64, drafter=demo_drafter, draft_tokens=3
+    )
     for q in ["What is the capital of France?", "What is 3 plus 4?", "Add 12 and 9."]:
         a, b = plain.send(q), spec.send(q)
         assert (b.text, b.thinking) == (a.text, a.thinking)

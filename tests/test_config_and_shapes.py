@@ -5,16 +5,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from helpers.checkpoints import max_diff, random_ids
 
 import gemma4_mlx
-from gemma4_mlx.config import ConfigError, FULL, parse_config, read_config
+from gemma4_mlx.config import FULL, ConfigError, parse_config, read_config
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.presets import PRESETS, preset
 
-from helpers.checkpoints import max_diff, random_ids
-
-COUNTS = {"e2b": 4_628_569_344, "e4b": 7_463_013_376, "26b-a4b": 25_233_141_760,
-          "31b": 30_697_345_280}
+COUNTS = {"e2b": 4_628_569_344, "e4b": 7_463_013_376, "26b-a4b": 25_233_141_760, "31b": 30_697_345_280}
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "configs"
 
 
@@ -34,9 +32,9 @@ def test_reference_config_files(name):
     cfg = read_config(path)  # carries a `_note` key that must be ignored
     assert Model(cfg.text).num_parameters() == COUNTS[name]
     ours = preset(name)
-    assert [(s.type, s.head_dim, s.kv_heads, s.intermediate, s.shared, s.producer)
-            for s in cfg.text.layers] == \
-           [(s.type, s.head_dim, s.kv_heads, s.intermediate, s.shared, s.producer) for s in ours.layers]
+    assert [(s.type, s.head_dim, s.kv_heads, s.intermediate, s.shared, s.producer) for s in cfg.text.layers] == [
+        (s.type, s.head_dim, s.kv_heads, s.intermediate, s.shared, s.producer) for s in ours.layers
+    ]
 
 
 def test_released_geometry():
@@ -104,12 +102,26 @@ def test_per_layer_config_form_decides_full_head_dim():
     from gemma4_mlx.config import TextConfig
 
     for g in (16, 32):
-        c = transformers.Gemma4TextConfig(vocab_size=64, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
-                                          num_key_value_heads=1, head_dim=16, global_head_dim=g,
-                                          layer_types=["sliding_attention", "full_attention"],
-                                          hidden_size_per_layer_input=0)
+        c = transformers.Gemma4TextConfig(
+            vocab_size=64,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            global_head_dim=g,
+            layer_types=["sliding_attention", "full_attention"],
+            hidden_size_per_layer_input=0,
+        )
         assert [s.head_dim for s in TextConfig.from_dict(c.to_dict()).layers] == [16, g]
-    legacy = {"vocab_size": 64, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 2,
-              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-              "layer_types": ["sliding_attention", "full_attention"]}
+    legacy = {
+        "vocab_size": 64,
+        "hidden_size": 48,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    }
     assert TextConfig.from_dict(legacy).layers[1].head_dim == 512  # transformers' default there too

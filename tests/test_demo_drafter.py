@@ -19,13 +19,13 @@ import mlx.core as mx
 import pytest
 
 import gemma4_mlx
-from gemma4_mlx.speculative import loop as speculative
+from gemma4_mlx.checkpoint.load import load_drafter
 from gemma4_mlx.config import FULL
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.demo.train_drafter import ASSISTANT_DIR, DEMO_CHATS, render_chat, stop_ids
-from gemma4_mlx.runtime.generate import generate_tokens
-from gemma4_mlx.checkpoint.load import load_drafter
 from gemma4_mlx.models.assistant import producer_layers
+from gemma4_mlx.runtime.generate import generate_tokens
+from gemma4_mlx.speculative import loop as speculative
 from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate
 
 K = 3
@@ -42,8 +42,7 @@ def demo():
     # most prompts are longer than the window (64); one ragged batch.
     prompts = [render_chat(tok, c) for c in DEMO_CHATS]
     stops = stop_ids(tok, target)
-    plain = [list(generate_tokens(target, p, max_tokens=MAX_TOKENS, stop_ids=stops))
-             for p in prompts]
+    plain = [list(generate_tokens(target, p, max_tokens=MAX_TOKENS, stop_ids=stops)) for p in prompts]
     return target, drafter, prompts, stops, plain
 
 
@@ -53,8 +52,9 @@ def run(demo, draft_fn=None):
     try:
         speculative.draft = draft_fn or saved
         stats = SpecStats()
-        out = speculative_batch_generate(target, drafter, prompts, max_tokens=MAX_TOKENS,
-                                         draft_tokens=K, stop_ids=stops, stats=stats)
+        out = speculative_batch_generate(
+            target, drafter, prompts, max_tokens=MAX_TOKENS, draft_tokens=K, stop_ids=stops, stats=stats
+        )
     finally:
         speculative.draft = saved
     return out, stats
@@ -91,7 +91,7 @@ def test_checkpoint(demo):
     cfg = drafter.config
     assert cfg.backbone_hidden_size == target.config.hidden_size
     assert not drafter.centroid_head and cfg.text.num_hidden_layers == 4
-    assert sum(f.stat().st_size for f in ASSISTANT_DIR.iterdir()) < 2 * 2 ** 20
+    assert sum(f.stat().st_size for f in ASSISTANT_DIR.iterdir()) < 2 * 2**20
     assert (ASSISTANT_DIR / "README.md").exists()
 
 
@@ -114,8 +114,9 @@ def test_local_copy_of_draft_is_exact(demo):
     assert stats2.accepted_at == stats.accepted_at and stats2.tokens == stats.tokens
 
 
-@pytest.mark.parametrize("broken", [dict(order="he"), dict(hidden="other_row")],
-                         ids=["swapped_concat", "other_rows_hidden"])
+@pytest.mark.parametrize(
+    "broken", [dict(order="he"), dict(hidden="other_row")], ids=["swapped_concat", "other_rows_hidden"]
+)
 def test_broken_drafter_input_fails_the_floors(demo, broken):
     """Speculation stays lossless whatever the drafter gets, but a drafter fed the
     wrong input no longer clears the floors."""

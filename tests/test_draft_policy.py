@@ -26,7 +26,7 @@ def test_expected_tokens():
     assert expected_tokens([]) == 1.0
     assert expected_tokens([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
     a = 0.7
-    assert expected_tokens([a] * 3) == pytest.approx((1 - a ** 4) / (1 - a))
+    assert expected_tokens([a] * 3) == pytest.approx((1 - a**4) / (1 - a))
 
 
 def test_fixed_and_settings():

@@ -197,7 +197,7 @@ def test_missing_metadata_key_and_wrong_recipe(tiny, tmp_path):
 
 
 def test_reader_metadata_types(tmp_path):
-    from gemma4_mlx.convert.gguf import GGUFFile
+    from gemma4_mlx.convert.gguf_read import GGUFFile
 
     md = {"a.u32": 7, "a.f32": 0.5, "a.bool": True, "a.str": "x", "a.arr": [1, -2, 3], "a.tok": ["<bos>", "é"]}
     write_gguf(tmp_path / "t.gguf", md, [("t.weight", 0, (3, 2), np.arange(6, dtype=np.float32).tobytes())])

@@ -16,7 +16,8 @@ from mlx.utils import tree_flatten
 import gemma4_mlx
 from gemma4_mlx.config import TextConfig
 from gemma4_mlx.convert import ConvertError, convert
-from gemma4_mlx.convert import gguf as G
+from gemma4_mlx.convert import gguf_blocks as G
+from gemma4_mlx.convert.gguf_read import block_size
 from gemma4_mlx.models.text import Model
 from test_gguf_info import CFG, gguf_name, metadata, write_gguf
 
@@ -48,7 +49,7 @@ def test_q6_k_dequantize_bit_exact_vs_gguf():
     raw[0, 192:208] = np.array([-128, 127] * 8, np.int8).view(np.uint8)  # extreme sub-scales
     raw[1, :192] = 0xFF  # q = 63 everywhere, and q = 0 below
     raw[2, :192] = 0
-    ours = G.q6_k_dequantize(raw.reshape(3, 5, 4, 210))
+    ours = G.dequantize("Q6_K", raw.reshape(3, 5, 4, 210))
     want = ref_dequantize(raw.reshape(-1), T.Q6_K).reshape(3, 5, 4 * 256)
     assert ours.dtype == np.float32 and ours.shape == want.shape
     assert np.array_equal(ours.view(np.uint32), want.view(np.uint32))  # bit for bit, signed zeros too
@@ -60,7 +61,7 @@ def test_exact_types_dequantize_exactly_as_mlx_affine(ttype):
     that ggml never writes) -> MLX affine g32; mx.dequantize in fp32 == gguf-py."""
     rng = np.random.default_rng(1)
     w = (rng.standard_normal((16, 256)) * 0.05).astype(np.float32)
-    _, nb = G._BLOCKS[ttype]
+    _, nb = block_size(ttype)
     quantized = ref_quantize(w, getattr(T, ttype)).reshape(16, 8, nb)
     noise = rng.integers(0, 256, (16, 8, nb), dtype=np.uint8)
     d = (rng.standard_normal((16, 8)) * 1e-3).astype(np.float16)  # finite, both signs
@@ -84,7 +85,7 @@ def test_q8_0_large_d_falls_back_to_fp32_metadata():
     rng = np.random.default_rng(2)
     raw = rng.integers(0, 256, (4, 2, 34), dtype=np.uint8)
     raw[..., 0:2] = np.full((4, 2, 1), 1000.0, np.float16).view(np.uint8)  # -128d overflows fp16
-    arrays, entry = G._exact_affine("m", raw, "Q8_0")
+    arrays, entry = G.affine_transfer("m", raw, "Q8_0")
     assert entry["scale_dtype"] == "float32" and arrays["m.biases"].dtype == mx.float32
     got = mx.dequantize(arrays["m.weight"], arrays["m.scales"], arrays["m.biases"], 32, 8, dtype=mx.float32)
     assert np.array_equal(np.array(got), ref_dequantize(raw.reshape(4, -1), T.Q8_0))

@@ -7,28 +7,38 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers.checkpoints import max_diff, random_ids
+from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
 import gemma4_mlx
 from gemma4_mlx import LoadError
 from gemma4_mlx.config import TextConfig
 from gemma4_mlx.models.text import Model
-from mlx.utils import tree_flatten
-
-from helpers.checkpoints import max_diff, random_ids
 
 
 def test_peak_memory_is_one_copy(tmp_path):
     """Loading maps the safetensors lazily and assigns them: no second copy."""
-    cfg = dict(model_type="gemma4_text", vocab_size=4096, hidden_size=512, num_hidden_layers=4,
-               intermediate_size=2048, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-               global_head_dim=128, sliding_window=16, hidden_size_per_layer_input=0)
+    cfg = dict(
+        model_type="gemma4_text",
+        vocab_size=4096,
+        hidden_size=512,
+        num_hidden_layers=4,
+        intermediate_size=2048,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        global_head_dim=128,
+        sliding_window=16,
+        hidden_size_per_layer_input=0,
+    )
     model = Model(TextConfig.from_dict(dict(cfg)))
     params = {k: v for k, v in tree_flatten(model.parameters())}
     mx.eval(params)
     size = sum(v.nbytes for v in params.values())
     mx.save_safetensors(str(tmp_path / "model.safetensors"), params)
     import json
+
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     del model, params
     mx.clear_cache()

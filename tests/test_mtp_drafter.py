@@ -8,13 +8,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-
 from helpers.checkpoints import W, max_diff
-from gemma4_mlx.cache import Mask
-from gemma4_mlx.config import SLIDING, FULL, ConfigError, parse_config
-from gemma4_mlx.checkpoint.load import LoadError, load_drafter, load_model
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair, producer_layers
 from helpers.mtp_pairs import PAIRS
+
+from gemma4_mlx.cache import Mask
+from gemma4_mlx.checkpoint.load import LoadError, load_drafter, load_model
+from gemma4_mlx.config import FULL, SLIDING, ConfigError, parse_config
+from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair, producer_layers
 
 TOL = 1e-4
 
@@ -25,8 +25,7 @@ def _kv(drafter, n_sliding, n_full, seed):
     out = {}
     for typ, n in ((SLIDING, n_sliding), (FULL, n_full)):
         spec = next(s for s in drafter.config.text.layers if s.type == typ)
-        out[typ] = tuple(torch.randn(1, spec.kv_heads, n, spec.head_dim, generator=g)
-                         for _ in range(2))
+        out[typ] = tuple(torch.randn(1, spec.kv_heads, n, spec.head_dim, generator=g) for _ in range(2))
     return out
 
 
@@ -46,8 +45,10 @@ def test_drafter_step_matches_transformers(drafters, target, n_sliding):
     # transformers lets a drafter query see the newest W + 1 sliding keys (docs/speculative.md §4;
     # our default shows W, `MTPSettings.sliding_keys` selects W + 1)
     sl = np.arange(n_sliding) >= n_sliding - (W + 1)
-    masks = {SLIDING: Mask(mx.array(sl)[None, None, None], 0, 0, None),
-             FULL: Mask(mx.ones((1, 1, 1, 9), mx.bool_), 0, 0, None)}
+    masks = {
+        SLIDING: Mask(mx.array(sl)[None, None, None], 0, 0, None),
+        FULL: Mask(mx.ones((1, 1, 1, 9), mx.bool_), 0, 0, None),
+    }
     kv_mx = {t: (mx.array(k.numpy()), mx.array(v.numpy())) for t, (k, v) in kv.items()}
     x, h_next = ours.step(mx.array(x0.numpy()), kv_mx, masks, pos)
     logits = ours.logits(x, fill="hf")
@@ -98,23 +99,28 @@ def test_bad_drafter_config(tmp_path):
     with pytest.raises(LoadError, match="not a Gemma 4 drafter"):
         load_drafter(tmp_path)
     with pytest.raises(ConfigError, match="backbone_hidden_size"):
-        AssistantConfig.from_dict({"model_type": "gemma4_assistant", "text_config": {
-            "num_hidden_layers": 4, "layer_types": [SLIDING] * 3 + [FULL],
-            "hidden_size_per_layer_input": 0}})
+        AssistantConfig.from_dict(
+            {
+                "model_type": "gemma4_assistant",
+                "text_config": {
+                    "num_hidden_layers": 4,
+                    "layer_types": [SLIDING] * 3 + [FULL],
+                    "hidden_size_per_layer_input": 0,
+                },
+            }
+        )
 
 
 @pytest.mark.parametrize("target", ["e2b_like", "dense"])
 @pytest.mark.parametrize("length", [3, 13])  # shorter than the window, and past it
-def test_first_round_drafts_match_transformers_candidate_generator(checkpoints, drafters,
-                                                                    target, length):
+def test_first_round_drafts_match_transformers_candidate_generator(checkpoints, drafters, target, length):
     """The whole draft path (target embedding x sqrt(D_t), concat order, final-norm
     hidden, producer K/V, position) against transformers' MTP candidate generator,
     under its convention: position L, W + 1 sliding keys."""
-    from transformers import GenerationConfig
-    from transformers.generation.candidate_generator import (
-        SinglePositionMultiTokenCandidateGenerator)
-
     from helpers.checkpoints import random_ids
+    from transformers import GenerationConfig
+    from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
+
     from gemma4_mlx.runtime.generate import prefill_hidden
     from gemma4_mlx.speculative.loop import MTPSettings, draft
 
@@ -122,13 +128,13 @@ def test_first_round_drafts_match_transformers_candidate_generator(checkpoints, 
     hd.generation_config.num_assistant_tokens = 5
     prompt = random_ids(length, seed=length)
     with torch.no_grad():
-        out = ht(input_ids=torch.tensor([prompt]), output_hidden_states=True,
-                 return_shared_kv_states=True)
+        out = ht(input_ids=torch.tensor([prompt]), output_hidden_states=True, return_shared_kv_states=True)
         b0 = int(out.logits[0, -1].argmax())
-        gen = SinglePositionMultiTokenCandidateGenerator(hd, ht.get_input_embeddings(),
-                                                         GenerationConfig(max_length=100))
+        gen = SinglePositionMultiTokenCandidateGenerator(
+            hd, ht.get_input_embeddings(), GenerationConfig(max_length=100)
+        )
         cand, _ = gen.get_candidates(torch.tensor([prompt + [b0]]), {}, out, False, 0)
-    want = cand[0, length + 1:].tolist()
+    want = cand[0, length + 1 :].tolist()
     model, _ = load_model(checkpoints[target].path, "float32")
     drafter = load_drafter(drafters[target].path, "float32", target=model)
     caches = model.make_cache()

@@ -11,6 +11,7 @@ shorter and longer than the image blocks, and causal (E2B/E4B style).
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
 # isort: split
 
 import mlx.core as mx
@@ -20,31 +21,47 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gemma4_mlx.cache import build_mask  # noqa: E402
-from gemma4_mlx.runtime.generate import generate_tokens, prefill  # noqa: E402
-from gemma4_mlx.checkpoint.load import load_model  # noqa: E402
-from gemma4_mlx.media.rows import MediaRows  # noqa: E402
-from gemma4_mlx.media.prepare import Audio, Image, MediaError, MediaProcessor  # noqa: E402
-from gemma4_mlx.media.image import ImageProcessor  # noqa: E402
 from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
+
+from gemma4_mlx.cache import build_mask  # noqa: E402
+from gemma4_mlx.checkpoint.load import load_model  # noqa: E402
+from gemma4_mlx.media.image import ImageProcessor  # noqa: E402
+from gemma4_mlx.media.prepare import Audio, Image, MediaError, MediaProcessor  # noqa: E402
+from gemma4_mlx.media.rows import MediaRows  # noqa: E402
+from gemma4_mlx.runtime.generate import generate_tokens, prefill  # noqa: E402
 
 TOL = 1e-4
 
 
 def text_config(window: int, bidirectional: str | None, shared: int = 0) -> dict:
-    types = (["sliding_attention", "full_attention"] * 2 if shared else
-             ["sliding_attention"] * 3 + ["full_attention"])
-    return dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                global_head_dim=64, hidden_size_per_layer_input=8, sliding_window=window,
-                layer_types=types, num_kv_shared_layers=shared,
-                final_logit_softcapping=30.0, use_bidirectional_attention=bidirectional)
+    types = ["sliding_attention", "full_attention"] * 2 if shared else ["sliding_attention"] * 3 + ["full_attention"]
+    return dict(
+        vocab_size=300,
+        vocab_size_per_layer_input=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=64,
+        hidden_size_per_layer_input=8,
+        sliding_window=window,
+        layer_types=types,
+        num_kv_shared_layers=shared,
+        final_logit_softcapping=30.0,
+        use_bidirectional_attention=bidirectional,
+    )
 
 
 # window 16 < image blocks (60, 64 tokens): clipping matters; 128 > blocks.
 # causal_shared: E2B/E4B-style KV sharing (the last two layers read earlier K/V).
-CONFIGS = {"bidir_w16": (16, "vision", 0), "bidir_w128": (128, "vision", 0), "causal_w16": (16, None, 0),
-           "causal_shared": (16, None, 2)}
+CONFIGS = {
+    "bidir_w16": (16, "vision", 0),
+    "bidir_w128": (128, "vision", 0),
+    "causal_w16": (16, None, 0),
+    "causal_shared": (16, None, 2),
+}
 
 
 class Case:
@@ -77,8 +94,10 @@ def prompt(mp, imgs, wave):
     rng = np.random.default_rng(7)
     text = lambda n: rng.integers(17, 300, n).tolist()  # noqa: E731
     t = TOKEN_IDS
-    run = {"image": lambda n: [t["boi_token_id"]] + [t["image_token_id"]] * n + [t["eoi_token_id"]],
-           "audio": lambda n: [t["boa_token_id"]] + [t["audio_token_id"]] * n + [t["eoa_token_index"]]}
+    run = {
+        "image": lambda n: [t["boi_token_id"]] + [t["image_token_id"]] * n + [t["eoi_token_id"]],
+        "audio": lambda n: [t["boa_token_id"]] + [t["audio_token_id"]] * n + [t["eoa_token_index"]],
+    }
     ids = [2] + text(4)
     for p, tail in zip(prepared, (3, 3, 5)):
         ids += run[p.kind](p.counts[0]) + text(tail)
@@ -86,18 +105,23 @@ def prompt(mp, imgs, wave):
 
 
 def hf_inputs(ids, imgs, wave):
+    from helpers.mm_configs import hf_image_processor
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
-    from helpers.mm_configs import hf_image_processor
     px = hf_image_processor(70, 4)(imgs, return_tensors="pt")
     au = Gemma4AudioFeatureExtractor()([wave], return_tensors="pt")
     t = torch.tensor([ids])
     types = torch.zeros_like(t)
     types[t == TOKEN_IDS["image_token_id"]] = 1
     types[t == TOKEN_IDS["audio_token_id"]] = 3
-    return dict(input_ids=t, pixel_values=px["pixel_values"], image_position_ids=px["image_position_ids"],
-                input_features=au["input_features"], input_features_mask=au["input_features_mask"],
-                mm_token_type_ids=types)
+    return dict(
+        input_ids=t,
+        pixel_values=px["pixel_values"],
+        image_position_ids=px["image_position_ids"],
+        input_features=au["input_features"],
+        input_features_mask=au["input_features_mask"],
+        mm_token_type_ids=types,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +133,13 @@ def inputs(case):
     inp = hf_inputs(ids, imgs, wave)
     with torch.no_grad():
         ref = case.hf(**inp).logits[0].numpy()
-        img = torch.cat(list(case.hf.model.get_image_features(
-            inp["pixel_values"], inp["image_position_ids"], return_dict=True).pooler_output)).numpy()
+        img = torch.cat(
+            list(
+                case.hf.model.get_image_features(
+                    inp["pixel_values"], inp["image_position_ids"], return_dict=True
+                ).pooler_output
+            )
+        ).numpy()
         a = case.hf.model.get_audio_features(inp["input_features"], inp["input_features_mask"], return_dict=True)
         aud = a.pooler_output[a.attention_mask].numpy()
     n = prepared[0].counts[0]
@@ -177,7 +206,7 @@ def test_chunked_prefill_and_greedy(case, inputs):
     imgs, wave = images(), clip()
     with torch.no_grad():
         out = case.hf.generate(**hf_inputs(ids, imgs, wave), max_new_tokens=8, do_sample=False)
-    want = out[0, len(ids):].tolist()
+    want = out[0, len(ids) :].tolist()
     rows = case.mp.prompt(ids, prepared).rows(0)
     got = list(generate_tokens(case.model, ids, max_tokens=8, prefill_chunk=24, media=rows))
     assert got == want
@@ -300,11 +329,23 @@ def test_video_parity(case):
     tt = torch.tensor([ids])
     types = (tt == t["video_token_id"]).long() * 2
     with torch.no_grad():
-        ref = case.hf(input_ids=tt, pixel_values_videos=torch.tensor(batch.pixel_values),
-                      video_position_ids=torch.tensor(batch.position_ids),
-                      num_frames_per_video=torch.tensor([3]), mm_token_type_ids=types).logits[0].numpy()
-        feats = case.hf.model.get_video_features(torch.tensor(batch.pixel_values), torch.tensor(batch.position_ids),
-                                                 num_frames_per_video=torch.tensor([3]), return_dict=True)
+        ref = (
+            case.hf(
+                input_ids=tt,
+                pixel_values_videos=torch.tensor(batch.pixel_values),
+                video_position_ids=torch.tensor(batch.position_ids),
+                num_frames_per_video=torch.tensor([3]),
+                mm_token_type_ids=types,
+            )
+            .logits[0]
+            .numpy()
+        )
+        feats = case.hf.model.get_video_features(
+            torch.tensor(batch.pixel_values),
+            torch.tensor(batch.position_ids),
+            num_frames_per_video=torch.tensor([3]),
+            return_dict=True,
+        )
         hf_rows = torch.cat(list(feats.pooler_output)).numpy()
     mprompt = case.mp.prompt(ids, [p])
     assert [k for _, _, k in mprompt.runs] == [2, 2, 2]
@@ -318,10 +359,24 @@ def test_video_parity(case):
     assert np.abs(ours_e2e - ref).max() < 1e-3
 
 
-SMALL = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
-             num_key_value_heads=12, head_dim=64, use_clipped_linears=True)
-LARGE = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-             num_key_value_heads=16, head_dim=72, standardize=True)
+SMALL = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=16,
+    num_attention_heads=12,
+    num_key_value_heads=12,
+    head_dim=64,
+    use_clipped_linears=True,
+)
+LARGE = dict(
+    hidden_size=1152,
+    intermediate_size=4304,
+    num_hidden_layers=27,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=72,
+    standardize=True,
+)
 
 
 @pytest.mark.parametrize("name,kw,count", [("small", SMALL, 167_364_608), ("large", LARGE, 569_548_080)])
@@ -337,8 +392,11 @@ def test_real_size_vision_tower_parameters(name, kw, count):
     with torch.device("meta"):
         hf = transformers.models.gemma4.modeling_gemma4.Gemma4VisionModel(transformers.Gemma4VisionConfig(**kw))
     assert sum(p.numel() for p in hf.parameters()) == count
-    ours = sum(v.size for k, v in tree_flatten(VisionTower(VisionConfig(**kw)).parameters())
-               if not k.endswith(CLAMPS + ("std_bias", "std_scale")))
+    ours = sum(
+        v.size
+        for k, v in tree_flatten(VisionTower(VisionConfig(**kw)).parameters())
+        if not k.endswith(CLAMPS + ("std_bias", "std_scale"))
+    )
     assert ours == count
 
 
@@ -352,5 +410,4 @@ def test_real_size_audio_tower_parameters():
         hf = transformers.models.gemma4.modeling_gemma4.Gemma4AudioModel(transformers.Gemma4AudioConfig())
     n = sum(p.numel() for p in hf.parameters())
     assert n == 304_824_608  # docs/multimodal.md §1: 304.82 M
-    assert sum(v.size for k, v in tree_flatten(AudioEncoder(AudioConfig()).parameters())
-               if not k.endswith(CLAMPS)) == n
+    assert sum(v.size for k, v in tree_flatten(AudioEncoder(AudioConfig()).parameters()) if not k.endswith(CLAMPS)) == n

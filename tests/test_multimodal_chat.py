@@ -10,6 +10,7 @@ runs as it does for a real model.
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
 # isort: split
 
 import numpy as np
@@ -19,17 +20,30 @@ from PIL import Image as PILImage
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from gemma4_mlx import Chat, generate, load  # noqa: E402
-from gemma4_mlx.runtime.generate import SamplingOptions  # noqa: E402
-from gemma4_mlx.media.prepare import MediaError, processor_for  # noqa: E402
 from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
 
-SPECIALS = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<|image>": TOKEN_IDS["boi_token_id"],
-            "<image|>": TOKEN_IDS["eoi_token_id"], "<|image|>": TOKEN_IDS["image_token_id"],
-            "<|audio|>": TOKEN_IDS["audio_token_id"], "<|video|>": TOKEN_IDS["video_token_id"],
-            "<|audio>": TOKEN_IDS["boa_token_id"], "<audio|>": TOKEN_IDS["eoa_token_index"],
-            "<|turn>": 17, "<turn|>": 18, "<|channel>": 19, "<channel|>": 20, "<|think|>": 21,
-            "<|tool_response>": 22}
+from gemma4_mlx import Chat, generate, load  # noqa: E402
+from gemma4_mlx.media.prepare import MediaError, processor_for  # noqa: E402
+from gemma4_mlx.runtime.generate import SamplingOptions  # noqa: E402
+
+SPECIALS = {
+    "<pad>": 0,
+    "<eos>": 1,
+    "<bos>": 2,
+    "<|image>": TOKEN_IDS["boi_token_id"],
+    "<image|>": TOKEN_IDS["eoi_token_id"],
+    "<|image|>": TOKEN_IDS["image_token_id"],
+    "<|audio|>": TOKEN_IDS["audio_token_id"],
+    "<|video|>": TOKEN_IDS["video_token_id"],
+    "<|audio>": TOKEN_IDS["boa_token_id"],
+    "<audio|>": TOKEN_IDS["eoa_token_index"],
+    "<|turn>": 17,
+    "<turn|>": 18,
+    "<|channel>": 19,
+    "<channel|>": 20,
+    "<|think|>": 21,
+    "<|tool_response>": 22,
+}
 
 
 def write_tokenizer(folder) -> None:
@@ -45,17 +59,30 @@ def write_tokenizer(folder) -> None:
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(s, special=True) for s in SPECIALS])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                                pad_token="<pad>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
     fast.save_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    text = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-                hidden_size_per_layer_input=8, sliding_window=16, num_kv_shared_layers=0,
-                layer_types=["sliding_attention"] * 3 + ["full_attention"], final_logit_softcapping=30.0)
+    text = dict(
+        vocab_size=300,
+        vocab_size_per_layer_input=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=64,
+        hidden_size_per_layer_input=8,
+        sliding_window=16,
+        num_kv_shared_layers=0,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        final_logit_softcapping=30.0,
+    )
     hf = build_multimodal(text, "small")
     path = tmp_path_factory.mktemp("mm_chat")
     hf.save_pretrained(path)
@@ -119,10 +146,12 @@ def test_bad_media_leaves_session_usable(loaded, tmp_path):
     chat = fresh(loaded)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    for kwargs, pattern in ((dict(images=[bad]), "broken.png"),
-                            (dict(images=[tmp_path / "missing.jpg"]), "missing.jpg"),
-                            (dict(audio=[np.zeros(0, np.float32)]), "empty|short"),
-                            (dict(images=[picture(0)], image_budget=100), "budget")):
+    for kwargs, pattern in (
+        (dict(images=[bad]), "broken.png"),
+        (dict(images=[tmp_path / "missing.jpg"]), "missing.jpg"),
+        (dict(audio=[np.zeros(0, np.float32)]), "empty|short"),
+        (dict(images=[picture(0)], image_budget=100), "budget"),
+    ):
         with pytest.raises(MediaError, match=pattern) as e:
             chat.send("hi", **kwargs)
         assert "\n" not in str(e.value)
@@ -148,8 +177,9 @@ def test_text_only_load_refuses_media(folder):
 
 def test_chat_video_and_bad_video(loaded, tmp_path):
     pytest.importorskip("av")
-    from gemma4_mlx.media.prepare import Video
     from helpers.media_files import write_video
+
+    from gemma4_mlx.media.prepare import Video
 
     clip = write_video(tmp_path / "clip.mp4", n=8, rate=4, h=48, w=64)
     chat = fresh(loaded)
@@ -177,31 +207,47 @@ def test_cli_media_flags(folder, tmp_path):
     img = tmp_path / "cat.png"
     picture(4).save(img)
     base = ["-m", str(folder), "--dtype", "float32", "-n", "3", "--draft-model", "none"]
-    r = CliRunner().invoke(app, ["generate", *base, "-q", "-p", "what is this?", "--image", str(img),
-                                 "--image-budget", "70"])
+    r = CliRunner().invoke(
+        app, ["generate", *base, "-q", "-p", "what is this?", "--image", str(img), "--image-budget", "70"]
+    )
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["chat", *base, "-p", "and this?", "--image", str(img), "--json"])
     assert r.exit_code == 0, r.output
-    for args, needle in ((["--image", str(tmp_path / "nope.png")], "nope.png"),
-                         (["--image", str(img), "--image-budget", "100"], "budget")):
+    for args, needle in (
+        (["--image", str(tmp_path / "nope.png")], "nope.png"),
+        (["--image", str(img), "--image-budget", "100"], "budget"),
+    ):
         r = CliRunner().invoke(app, ["generate", *base, "-q", "-p", "hi", *args])
         assert r.exit_code != 0 and needle in r.output and "Traceback" not in r.output, r.output
 
 
 def test_speculative_chat_with_media_is_lossless(loaded, tmp_path):
     """An MTP drafter on a media prompt: the same greedy reply as without it."""
-    from gemma4_mlx import load_drafter
     from helpers.mm_configs import randomize_text
+
+    from gemma4_mlx import load_drafter
 
     model, tok = loaded
     text = transformers.Gemma4TextConfig(
-        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, global_head_dim=64, sliding_window=16,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"], num_kv_shared_layers=4,
-        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, final_logit_softcapping=None,
-        tie_word_embeddings=True)
-    cfg = transformers.Gemma4AssistantConfig(text_config=text.to_dict(), backbone_hidden_size=64,
-                                             use_ordered_embeddings=False)
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=64,
+        sliding_window=16,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        num_kv_shared_layers=4,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        final_logit_softcapping=None,
+        tie_word_embeddings=True,
+    )
+    cfg = transformers.Gemma4AssistantConfig(
+        text_config=text.to_dict(), backbone_hidden_size=64, use_ordered_embeddings=False
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(5)
     hf = transformers.Gemma4AssistantForCausalLM(cfg).eval()
@@ -253,14 +299,20 @@ def test_mlx_vlm_layout_with_mixed_bit_tower(folder, tmp_path):
 
     out = {}
     for k, v in mx.load(str(folder / "model.safetensors")).items():
-        k = ("language_model.model." + k[len("model.language_model."):] if k.startswith("model.language_model.")
-             else k[len("model."):] if k.startswith("model.") else k)
+        k = (
+            "language_model.model." + k[len("model.language_model.") :]
+            if k.startswith("model.language_model.")
+            else k[len("model.") :]
+            if k.startswith("model.")
+            else k
+        )
         out[k] = v
     special = "vision_tower.encoder.layers.0.self_attn.q_proj.linear"
     for k in [k for k in out if k.startswith("vision_tower.encoder.") and k.endswith(".linear.weight")]:
-        mod = k[:-len(".weight")]
+        mod = k[: -len(".weight")]
         out[k], out[mod + ".scales"], out[mod + ".biases"] = mx.quantize(
-            out[k], group_size=32, bits=8 if mod == special else 4)
+            out[k], group_size=32, bits=8 if mod == special else 4
+        )
     (tmp_path / "vlm").mkdir()
     mx.save_safetensors(str(tmp_path / "vlm" / "model.safetensors"), out)
     cfg = json.loads((folder / "config.json").read_text())
@@ -286,22 +338,34 @@ def test_bfloat16_checkpoint_with_media(tmp_path):
     bound is relative: our bf16 image rows are no further from our float32 ones than
     1.5x transformers' bf16 rows are from its float32 ones (same weights, same pixels)."""
     import mlx.core as mx
-
-    from gemma4_mlx.checkpoint.load import load_model
-    from gemma4_mlx.media.prepare import Audio, Image, MediaProcessor
-    from gemma4_mlx.media.image import ImageProcessor
     from helpers.mm_configs import hf_image_processor
 
-    text = dict(vocab_size=300, vocab_size_per_layer_input=300, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-                hidden_size_per_layer_input=8, sliding_window=16, num_kv_shared_layers=0,
-                layer_types=["sliding_attention", "full_attention"], use_bidirectional_attention="vision")
+    from gemma4_mlx.checkpoint.load import load_model
+    from gemma4_mlx.media.image import ImageProcessor
+    from gemma4_mlx.media.prepare import Audio, Image, MediaProcessor
+
+    text = dict(
+        vocab_size=300,
+        vocab_size_per_layer_input=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        global_head_dim=64,
+        hidden_size_per_layer_input=8,
+        sliding_window=16,
+        num_kv_shared_layers=0,
+        layer_types=["sliding_attention", "full_attention"],
+        use_bidirectional_attention="vision",
+    )
     hf = build_multimodal(text, "union").to(torch.bfloat16)
     hf.save_pretrained(tmp_path)
     pixels = np.asarray(picture(2, (48, 60)))
 
     def rel(a, b):
-        return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+        return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
 
     px = hf_image_processor(70, 4)([pixels], return_tensors="pt")
     hf_rows = {}

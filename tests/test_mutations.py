@@ -6,12 +6,11 @@ then miss transformers' by far more than the parity tolerance.
 
 import mlx.core as mx
 import pytest
+from helpers.checkpoints import max_diff, random_ids
 
 import gemma4_mlx
 from gemma4_mlx import ops
 from gemma4_mlx.config import FULL
-
-from helpers.checkpoints import max_diff, random_ids
 
 TOL = 1e-4
 
@@ -73,5 +72,6 @@ def test_k_eq_v_value_from_normed_k(checkpoints):
             attn.v_proj = attn.k_proj  # V from k_proj is the same; now break the norm order:
             real_norm = attn.k_norm
             attn.v_proj = lambda x, p=attn.k_proj, n=real_norm, a=attn: n(
-                p(x).reshape(*x.shape[:2], a.n_kv, a.head_dim)).reshape(*x.shape[:2], -1)
+                p(x).reshape(*x.shape[:2], a.n_kv, a.head_dim)
+            ).reshape(*x.shape[:2], -1)
     assert error(ref, model) > 100 * TOL

@@ -3,11 +3,10 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers.checkpoints import max_diff, random_ids
 
 import gemma4_mlx
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens, prefill
-
-from helpers.checkpoints import max_diff, random_ids
 
 TOL = 1e-4  # float32, logits of order 1-10
 
@@ -48,7 +47,7 @@ def test_uneven_chunked_prefill(loaded, chunks):
     cache = model.make_cache()
     got, at = [], 0
     for n in chunks:
-        got.append(np.array(model(mx.array([ids[at:at + n]]), cache)[0]))
+        got.append(np.array(model(mx.array([ids[at : at + n]]), cache)[0]))
         at += n
     assert max_diff(np.concatenate(got), expected) < TOL
 
@@ -68,8 +67,7 @@ def test_greedy_64_tokens_identical(loaded):
     ref, model = loaded
     prompt = random_ids(9, seed=5)
     expected = ref.greedy(prompt, 64)
-    ours = list(generate_tokens(model, prompt, max_tokens=64, options=SamplingOptions(),
-                                prefill_chunk=4))
+    ours = list(generate_tokens(model, prompt, max_tokens=64, options=SamplingOptions(), prefill_chunk=4))
     assert ours == expected
 
 

@@ -7,6 +7,7 @@ quantized matmul accumulates in the activation dtype (docs/quantization.md §9.1
 """
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
 # isort: split
 
 import os
@@ -65,29 +66,56 @@ def test_sfp8_table_golden_codes():
 def test_sfp8_crafted_values():
     t = 2.0**-8
     cases = [
-        (0.0, 0x00), (-0.0, 0x00),  # -0 never becomes the reserved 0x80
-        (1.875, 0x7F), (-1.875, 0xFF), (1.87, 0x7F),
-        (1.25 * 2.0**-23, 0x01), (2.0**-23, 0x01),  # 1.0*2^-23 would read as zero: bumped to code 1
-        (2.0**-24, 0x00), (1.5 * 2.0**-24, 0x00),
-        (1.875 * 2.0**-24, 0x01),  # rounds up to 2^-23 -> code 1 (gemma.cpp golden; a literal "flush below 2^-23" is wrong here: docs/quantization.md §2.2, §11)
+        (0.0, 0x00),
+        (-0.0, 0x00),  # -0 never becomes the reserved 0x80
+        (1.875, 0x7F),
+        (-1.875, 0xFF),
+        (1.87, 0x7F),
+        (1.25 * 2.0**-23, 0x01),
+        (2.0**-23, 0x01),  # 1.0*2^-23 would read as zero: bumped to code 1
+        (2.0**-24, 0x00),
+        (1.5 * 2.0**-24, 0x00),
+        # rounds up to 2^-23 -> code 1 (gemma.cpp golden; a literal "flush below 2^-23" is
+        # wrong here: docs/quantization.md §2.2, §11)
+        (1.875 * 2.0**-24, 0x01),
         # branch boundary
-        (1.75 * t, 0x3F), (1.8 * t, 0x3F),
+        (1.75 * t, 0x3F),
+        (1.8 * t, 0x3F),
         (1.875 * t, 0x40),  # tie between codes 63 and 64: to the even code, 2^-7
-        (1.9375 * t, 0x40), (1.99 * t, 0x40), (2.0**-7, 0x40),
+        (1.9375 * t, 0x40),
+        (1.99 * t, 0x40),
+        (2.0**-7, 0x40),
         # ties to even: large branch (3-bit mantissa) and small branch (2-bit)
-        (1.0625, enc1(1.0)), (1.1875, enc1(1.25)), (1.0625 * 2.0**-7, 0x40),
-        (1.125 * 2.0**-9, enc1(2.0**-9)), (1.375 * 2.0**-9, enc1(1.5 * 2.0**-9)),
+        (1.0625, enc1(1.0)),
+        (1.1875, enc1(1.25)),
+        (1.0625 * 2.0**-7, 0x40),
+        (1.125 * 2.0**-9, enc1(2.0**-9)),
+        (1.375 * 2.0**-9, enc1(1.5 * 2.0**-9)),
         # carry out of the top mantissa value into the next binade
-        (0.96875, enc1(1.0)), (0.484375, enc1(0.5)),
+        (0.96875, enc1(1.0)),
+        (0.484375, enc1(0.5)),
     ]
     for v, want in cases:
         assert enc1(v) == want, (v, hex(enc1(v)), hex(want))
     # values straight from gemma.cpp's sfp_test.cc golden table (input -> decoded output)
-    golden = [(0.46875, 0.46875), (0.484375, 0.5), (0.28125, 0.28125), (0.296875, 0.3125),
-              (0.59375, 0.625), (0.279296875, 0.28125), (0.265625, 0.25), (0.0068359375, 0.0068359375),
-              (0.00732421875, 0.0078125), (0.007568359375, 0.0078125), (1.0625, 1.0),
-              (1.19209289551e-07, 1.49011611938e-07), (5.96046447754e-08, 0.0),
-              (8.94069671631e-08, 0.0), (1.11758708954e-07, 1.49011611938e-07), (0.013841, 0.013671875)]
+    golden = [
+        (0.46875, 0.46875),
+        (0.484375, 0.5),
+        (0.28125, 0.28125),
+        (0.296875, 0.3125),
+        (0.59375, 0.625),
+        (0.279296875, 0.28125),
+        (0.265625, 0.25),
+        (0.0068359375, 0.0068359375),
+        (0.00732421875, 0.0078125),
+        (0.007568359375, 0.0078125),
+        (1.0625, 1.0),
+        (1.19209289551e-07, 1.49011611938e-07),
+        (5.96046447754e-08, 0.0),
+        (8.94069671631e-08, 0.0),
+        (1.11758708954e-07, 1.49011611938e-07),
+        (0.013841, 0.013671875),
+    ]
     inp = np.array([g[0] for g in golden], F32)
     for rounding in sfp8.ROUNDINGS:
         for sign in (1, -1):
@@ -309,9 +337,11 @@ def test_q4_0_byte_layout_and_round_trip():
 
 def write_gguf_q4_0(path, name, raw_blocks, n_rows, k):
     """Minimal GGUF v3: one tensor of type 2 (Q4_0), dims [K, N], 32-byte alignment."""
+
     def s(t):
         b = t.encode()
         return struct.pack("<Q", len(b)) + b
+
     head = b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + s(name) + struct.pack("<IQQIQ", 2, k, n_rows, 2, 0)
     with open(path, "wb") as f:
         f.write(head + b"\0" * (-len(head) % 32) + raw_blocks.tobytes())
@@ -380,8 +410,11 @@ def test_q4_0_lattice_recovery_exact_where_naive_requantization_is_not():
     np.testing.assert_array_equal(lat.d, d.astype(F32))
     w_q, scales, biases = lat.to_mlx_affine()  # auto: fp16 metadata, since d fits
     assert scales.dtype == mx.float16
-    back = np.array(mx.dequantize(w_q, scales.astype(mx.float32), biases.astype(mx.float32),
-                                  group_size=32, bits=4, dtype=mx.float32))
+    back = np.array(
+        mx.dequantize(
+            w_q, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=4, dtype=mx.float32
+        )
+    )
     np.testing.assert_array_equal(back, wl)
     # MLX's own affine quantization picks scale/bias from min/max: a different grid.
     # docs/quantization.md §4.2 measured 55.4% exact elements and 6.1% error at g32.

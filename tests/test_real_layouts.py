@@ -7,12 +7,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import transformers
+from helpers.checkpoints import max_diff, write_char_tokenizer
+from helpers.mm_configs import TEXT_TINY, build_multimodal
 
 import gemma4_mlx
 from gemma4_mlx.media.prepare import MediaError, MediaProcessor
-
-from helpers.checkpoints import max_diff, write_char_tokenizer
-from helpers.mm_configs import TEXT_TINY, build_multimodal
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +39,16 @@ def test_mlx_lm_text_only_conversion_loads(mlx_lm_text_only, caplog):
     src, dst = mlx_lm_text_only
     written = json.loads((dst / "config.json").read_text())
     assert "audio_config" in written and "vision_config" not in written  # what mlx-lm writes
-    assert not any(k.startswith(("vision", "audio", "model.vision", "model.audio"))
-                   for k in mx.load(str(dst / "model.safetensors")))
+    assert not any(
+        k.startswith(("vision", "audio", "model.vision", "model.audio"))
+        for k in mx.load(str(dst / "model.safetensors"))
+    )
     with caplog.at_level("WARNING"):
         model, tok = gemma4_mlx.load(dst)
     assert not model.has_audio and not model.has_vision
-    assert any("declares an audio tower but the checkpoint has none of its tensors" in r.message
-               for r in caplog.records)
+    assert any(
+        "declares an audio tower but the checkpoint has none of its tensors" in r.message for r in caplog.records
+    )
     ref, _ = gemma4_mlx.load(src, text_only=True)
     ids = mx.array([[2, 5, 9, 33, 7, 12, 40]])
     assert max_diff(model(ids), ref(ids)) < 1e-5

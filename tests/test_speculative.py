@@ -14,12 +14,12 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from helpers.checkpoints import W, random_ids
-from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
-from gemma4_mlx.checkpoint.load import load_drafter, load_model
-from gemma4_mlx.speculative.loop import MTPSettings, SpecStats, speculative_batch_generate
 from helpers.mtp_pairs import PAIRS
+
+from gemma4_mlx.checkpoint.load import load_drafter, load_model
+from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
+from gemma4_mlx.speculative.loop import MTPSettings, SpecStats, speculative_batch_generate
 
 LENGTHS = [5, 13, 3, 9, 17, 7, 11, 4]  # mixed; most cross the window W = 4
 MAX = 14
@@ -68,9 +68,15 @@ def test_greedy_equals_plain_decoding_for_every_batch_and_draft_length(pairs, na
         ref = plain(target, prompts)
         for K in range(1, 8):
             stats = SpecStats()
-            out = speculative_batch_generate(target, drafter, prompts, max_tokens=MAX,
-                                             draft_tokens=K, stats=stats,
-                                             draft_override=oracle(ref, 0.75, seed=K))
+            out = speculative_batch_generate(
+                target,
+                drafter,
+                prompts,
+                max_tokens=MAX,
+                draft_tokens=K,
+                stats=stats,
+                draft_override=oracle(ref, 0.75, seed=K),
+            )
             assert out == ref, (name, B, K)
             assert stats.tokens_per_round > 1.4, (name, B, K)  # drafts really were accepted
             if B > 1:  # ragged: rows accepted different counts in the same round
@@ -83,11 +89,9 @@ def test_real_drafter_and_auto_draft_length_are_lossless(pairs, name):
     prompts = prompts_for(4, seed=7)
     ref = plain(target, prompts, 20)
     for setting in (3, "auto"):
-        assert speculative_batch_generate(target, drafter, prompts, max_tokens=20,
-                                          draft_tokens=setting) == ref
+        assert speculative_batch_generate(target, drafter, prompts, max_tokens=20, draft_tokens=setting) == ref
     for mtp in (MTPSettings("bonus"), MTPSettings(sliding_keys=W + 1)):
-        assert speculative_batch_generate(target, drafter, prompts, max_tokens=20,
-                                          draft_tokens=2, mtp=mtp) == ref
+        assert speculative_batch_generate(target, drafter, prompts, max_tokens=20, draft_tokens=2, mtp=mtp) == ref
 
 
 def _check_against_fresh(target, prompts, seen, max_tokens):
@@ -124,9 +128,15 @@ def test_cache_after_every_round_equals_plain_prefill(pairs, name):
     prompts = prompts_for(4, seed=3)
     ref = plain(target, prompts, 24)
     seen = []
-    out = speculative_batch_generate(target, drafter, prompts, max_tokens=24, draft_tokens=4,
-                                     draft_override=oracle(ref, 0.6, seed=1),
-                                     on_commit=_check_against_fresh(target, prompts, seen, 24))
+    out = speculative_batch_generate(
+        target,
+        drafter,
+        prompts,
+        max_tokens=24,
+        draft_tokens=4,
+        draft_override=oracle(ref, 0.6, seed=1),
+        on_commit=_check_against_fresh(target, prompts, seen, 24),
+    )
     assert out == ref
     assert len(seen) >= 5
 
@@ -134,17 +144,16 @@ def test_cache_after_every_round_equals_plain_prefill(pairs, name):
 def test_sampling_is_token_identical_to_plain_sampling(pairs):
     target, drafter = pairs["e2b_like"]
     prompts = prompts_for(4, seed=11)
-    opts = SamplingOptions(temperature=0.9, top_p=0.95, top_k=40, repetition_penalty=1.2,
-                           seed=1234)
-    base = speculative_batch_generate(target, drafter, prompts, max_tokens=20, options=opts,
-                                      draft_tokens=0)
+    opts = SamplingOptions(temperature=0.9, top_p=0.95, top_k=40, repetition_penalty=1.2, seed=1234)
+    base = speculative_batch_generate(target, drafter, prompts, max_tokens=20, options=opts, draft_tokens=0)
     for K, alpha in ((1, 0.9), (3, 0.7), (6, 0.8)):
-        out = speculative_batch_generate(target, drafter, prompts, max_tokens=20, options=opts,
-                                         draft_tokens=K, draft_override=oracle(base, alpha, K))
+        out = speculative_batch_generate(
+            target, drafter, prompts, max_tokens=20, options=opts, draft_tokens=K, draft_override=oracle(base, alpha, K)
+        )
         assert out == base, K
-    other = speculative_batch_generate(target, drafter, prompts, max_tokens=20,
-                                       options=SamplingOptions(temperature=0.9, seed=99),
-                                       draft_tokens=0)
+    other = speculative_batch_generate(
+        target, drafter, prompts, max_tokens=20, options=SamplingOptions(temperature=0.9, seed=99), draft_tokens=0
+    )
     assert other != base  # the seed matters
 
 
@@ -153,8 +162,15 @@ def test_stop_tokens_and_max_tokens_end_rows(pairs):
     prompts = prompts_for(4, seed=5)
     ref = plain(target, prompts, 16)
     stop = ref[1][5]  # row 1 stops at its sixth token (others may stop on it too)
-    out = speculative_batch_generate(target, drafter, prompts, max_tokens=16, draft_tokens=5,
-                                     stop_ids=[stop], draft_override=oracle(ref, 0.9, seed=2))
+    out = speculative_batch_generate(
+        target,
+        drafter,
+        prompts,
+        max_tokens=16,
+        draft_tokens=5,
+        stop_ids=[stop],
+        draft_override=oracle(ref, 0.9, seed=2),
+    )
     for o, r in zip(out, ref):
         want = r[: r.index(stop) + 1] if stop in r else r
         assert o == want
@@ -166,8 +182,15 @@ def test_a_seed_gives_the_same_text_with_or_without_a_drafter(pairs):
     prompt = prompts_for(1, seed=21)[0]
     opts = SamplingOptions(temperature=0.8, top_k=30, repetition_penalty=1.3, seed=5)
     plain_run = list(generate_tokens(target, prompt, max_tokens=16, options=opts))
-    spec = speculative_batch_generate(target, drafter, [prompt], max_tokens=16, options=opts,
-                                      draft_tokens=3, draft_override=oracle([plain_run], 0.8, 0))
+    spec = speculative_batch_generate(
+        target,
+        drafter,
+        [prompt],
+        max_tokens=16,
+        options=opts,
+        draft_tokens=3,
+        draft_override=oracle([plain_run], 0.8, 0),
+    )
     assert spec == [plain_run]
 
 
@@ -181,16 +204,16 @@ def test_cache_handed_in_ends_as_plain_decoding_leaves_it(pairs):
     ref = plain(target, [prompt], 20)[0]
     cache = target.make_cache(max_rollback=64)
     got = []
-    for tok in speculative_generate_tokens(target, drafter, prompt, cache=cache, max_tokens=20,
-                                           draft_tokens=4, draft_override=oracle([ref], 0.9, 3)):
+    for tok in speculative_generate_tokens(
+        target, drafter, prompt, cache=cache, max_tokens=20, draft_tokens=4, draft_override=oracle([ref], 0.9, 3)
+    ):
         got.append(tok)
         if len(got) == 7:
             break
     assert got == ref[:7]
     assert cache.offset == len(prompt) + 6
     # continuing from that cache gives plain decoding's next tokens
-    more = list(speculative_generate_tokens(target, drafter, [got[-1]], cache=cache,
-                                            max_tokens=5, draft_tokens=2))
+    more = list(speculative_generate_tokens(target, drafter, [got[-1]], cache=cache, max_tokens=5, draft_tokens=2))
     assert more == ref[7:12]
 
 
@@ -211,15 +234,15 @@ def test_batched_drafts_equal_single_row_drafts(pairs, name):
     def check_then_steer(rows, index, drafts):
         for r, n, d in zip(rows, index, drafts):
             cache = target.make_cache()
-            _, h = prefill_hidden(target, mx.array([prompts[r] + ref[r][:n - 1]]), cache)
-            alone = draft(drafter, target, mx.array([ref[r][n - 1]]), h, cache, len(d),
-                          MTPSettings())
+            _, h = prefill_hidden(target, mx.array([prompts[r] + ref[r][: n - 1]]), cache)
+            alone = draft(drafter, target, mx.array([ref[r][n - 1]]), h, cache, len(d), MTPSettings())
             assert alone.tolist()[0] == d, (r, n)
             checked.append(n)
         return steer(rows, index, drafts)
 
-    out = speculative_batch_generate(target, drafter, prompts, max_tokens=20, draft_tokens=3,
-                                     draft_override=check_then_steer)
+    out = speculative_batch_generate(
+        target, drafter, prompts, max_tokens=20, draft_tokens=3, draft_override=check_then_steer
+    )
     assert out == ref and len(checked) > 12 and max(checked) > 2 * W
 
 
@@ -227,8 +250,15 @@ def test_long_single_row_run_drops_and_rolls_back_sliding_entries(pairs):
     target, drafter = pairs["e2b_like"]
     prompt = prompts_for(5, seed=2)[4]  # 17 tokens
     ref = plain(target, [prompt], 48)
-    out = speculative_batch_generate(target, drafter, [prompt], max_tokens=48, draft_tokens=5,
-                                     max_rollback=6, draft_override=oracle(ref, 0.7, seed=8))
+    out = speculative_batch_generate(
+        target,
+        drafter,
+        [prompt],
+        max_tokens=48,
+        draft_tokens=5,
+        max_rollback=6,
+        draft_override=oracle(ref, 0.7, seed=8),
+    )
     assert out == ref  # context 65 > the 3 + 32 slots a sliding cache keeps
 
 
@@ -236,9 +266,14 @@ def test_edge_cases(pairs):
     target, drafter = pairs["dense"]
     prompt = prompts_for(1, seed=6)[0]
     assert speculative_batch_generate(target, drafter, [prompt], max_tokens=0) == [[]]
-    runs = {tuple(speculative_batch_generate(target, drafter, [prompt], max_tokens=8,
-                                             options=SamplingOptions(temperature=1.0))[0])
-            for _ in range(3)}
+    runs = {
+        tuple(
+            speculative_batch_generate(
+                target, drafter, [prompt], max_tokens=8, options=SamplingOptions(temperature=1.0)
+            )[0]
+        )
+        for _ in range(3)
+    }
     assert len(runs) > 1  # no seed: random, as plain sampling
     with pytest.raises(ValueError, match="non-empty prompt"):
         speculative_batch_generate(target, drafter, [[]], max_tokens=4)
@@ -251,8 +286,9 @@ def test_seeded_batch_generate_equals_speculative_batch(pairs):
     prompts = prompts_for(4, seed=13)
     opts = SamplingOptions(temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=21)
     base = batch_generate(target, prompts, max_tokens=14, options=opts)
-    spec = speculative_batch_generate(target, drafter, prompts, max_tokens=14, options=opts,
-                                      draft_tokens=3, draft_override=oracle(base, 0.8, 5))
+    spec = speculative_batch_generate(
+        target, drafter, prompts, max_tokens=14, options=opts, draft_tokens=3, draft_override=oracle(base, 0.8, 5)
+    )
     assert spec == base
     alone = [list(generate_tokens(target, p, max_tokens=14, options=opts)) for p in prompts[:1]]
     assert alone[0] == base[0]  # row 0 of a batch samples what it samples alone

@@ -16,9 +16,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
-from gemma4_mlx.runtime.generate import SamplingOptions
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter
 from gemma4_mlx.models.text import Model
+from gemma4_mlx.runtime.generate import SamplingOptions
 from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate
 
 V, N, PROMPT = 32, 3000, [2, 7, 11, 5, 19, 3]
@@ -38,19 +38,36 @@ def _randomize(model, seed: int, scale: float) -> None:
 
 
 def tiny_pair():
-    common = dict(vocab_size=V, num_hidden_layers=4, layer_types=[SLIDING] * 3 + [FULL],
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
-                  sliding_window=4, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0)
-    target = Model(TextConfig.from_dict(dict(common, hidden_size=32, intermediate_size=64,
-                                             final_logit_softcapping=30.0)))
+    common = dict(
+        vocab_size=V,
+        num_hidden_layers=4,
+        layer_types=[SLIDING] * 3 + [FULL],
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=16,
+        sliding_window=4,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+    )
+    target = Model(
+        TextConfig.from_dict(dict(common, hidden_size=32, intermediate_size=64, final_logit_softcapping=30.0))
+    )
     _randomize(target, 0, 0.3)  # top token ~0.4-0.6: peaked, yet 26+ cells
-    drafter = Drafter(AssistantConfig.from_dict({
-        "model_type": "gemma4_assistant", "backbone_hidden_size": 32, "use_ordered_embeddings": True,
-        "num_centroids": 4, "centroid_intermediate_top_k": 2,
-        "text_config": dict(common, hidden_size=16, intermediate_size=32, num_kv_shared_layers=4)}))
+    drafter = Drafter(
+        AssistantConfig.from_dict(
+            {
+                "model_type": "gemma4_assistant",
+                "backbone_hidden_size": 32,
+                "use_ordered_embeddings": True,
+                "num_centroids": 4,
+                "centroid_intermediate_top_k": 2,
+                "text_config": dict(common, hidden_size=16, intermediate_size=32, num_kv_shared_layers=4),
+            }
+        )
+    )
     _randomize(drafter, 1, 0.3)
-    drafter.masked_embedding.token_ordering = mx.array(np.random.default_rng(0).permutation(V),
-                                                       dtype=mx.int32)
+    drafter.masked_embedding.token_ordering = mx.array(np.random.default_rng(0).permutation(V), dtype=mx.int32)
     return target, drafter
 
 
@@ -94,13 +111,19 @@ def test_speculative_sampling_matches_the_target_distribution():
         # by the most likely token at that output index, so that acceptance and
         # rejection both happen often.  No draft choice may change the output
         # distribution.
-        return [[modes[n + j] if n + j < len(modes) else t for j, t in enumerate(d)]
-                for n, d in zip(index, drafts)]
+        return [[modes[n + j] if n + j < len(modes) else t for j, t in enumerate(d)] for n, d in zip(index, drafts)]
 
     stats = SpecStats()
-    out = speculative_batch_generate(target, drafter, [PROMPT] * N, max_tokens=4, draft_tokens=2,
-                                     options=SamplingOptions(temperature=temp, seed=7),
-                                     stats=stats, draft_override=plausible)
+    out = speculative_batch_generate(
+        target,
+        drafter,
+        [PROMPT] * N,
+        max_tokens=4,
+        draft_tokens=2,
+        options=SamplingOptions(temperature=temp, seed=7),
+        stats=stats,
+        draft_override=plausible,
+    )
     acc = stats.acceptance()
     assert 0.1 < acc[0] < 0.9, acc  # both outcomes, many times
     for i in range(3):

@@ -19,6 +19,7 @@ level 6*i, decoded back within +-2, so the picked frames can be identified).
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
 # isort: split
 
 import importlib.util
@@ -47,14 +48,17 @@ def noise_frames(n, h, w, seed=0):
 
 # -- the reference ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def hf():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers.models.gemma4.processing_gemma4 import Gemma4Processor
     from transformers.video_utils import VideoMetadata, default_sample_indices_fn, load_video
-    return types.SimpleNamespace(Processor=Gemma4Processor, Metadata=VideoMetadata,
-                                 sample=default_sample_indices_fn, load_video=load_video)
+
+    return types.SimpleNamespace(
+        Processor=Gemma4Processor, Metadata=VideoMetadata, sample=default_sample_indices_fn, load_video=load_video
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,8 @@ def hf_video_processor():
 def replacement(hf, metadata, tokens):
     stub = types.SimpleNamespace(boi_token="<|image>", eoi_token="<image|>", video_token="<|video|>")
     return hf.Processor.replace_video_token(
-        stub, {"num_soft_tokens_per_video": [tokens], "video_metadata": [metadata]}, 0)
+        stub, {"num_soft_tokens_per_video": [tokens], "video_metadata": [metadata]}, 0
+    )
 
 
 def assert_same_as_hf(ours: V.VideoBatch, ref) -> None:
@@ -110,12 +115,23 @@ def assert_same_as_hf(ours: V.VideoBatch, ref) -> None:
 
 # -- sampling and timestamps ------------------------------------------------------------
 
+
 def test_sample_indices_match_reference(hf):
     cases = 0
     for total in (1, 2, 5, 31, 32, 33, 40, 100, 299, 300, 1439, 1800):
         for src in (1.0, 10.0, 24.0, 30000 / 1001, 60.0):
-            for num_frames, fps in [(None, None), (1, None), (7, None), (32, None), (64, None),
-                                    (None, 0.5), (None, 1), (None, 2.0), (None, 3.3), (None, 100.0)]:
+            for num_frames, fps in [
+                (None, None),
+                (1, None),
+                (7, None),
+                (32, None),
+                (64, None),
+                (None, 0.5),
+                (None, 1),
+                (None, 2.0),
+                (None, 3.3),
+                (None, 100.0),
+            ]:
                 meta = hf.Metadata(total_num_frames=total, fps=src)
                 try:  # the processor's default num_frames is 32
                     want = hf.sample(meta, num_frames=32 if num_frames is fps is None else num_frames, fps=fps)
@@ -146,26 +162,41 @@ def test_sample_indices_errors():
 
 
 def test_timestamps_and_prompt_match_reference(hf):
-    for total, src, n in [(40, 10.0, 32), (1800, 30.0, 32), (1439, 24.0, 7), (7200, 1.0, 5),
-                          (900, 30000 / 1001, 32), (5, 0.4, 5)]:
+    for total, src, n in [
+        (40, 10.0, 32),
+        (1800, 30.0, 32),
+        (1439, 24.0, 7),
+        (7200, 1.0, 5),
+        (900, 30000 / 1001, 32),
+        (5, 0.4, 5),
+    ]:
         idx = V.sample_indices(total, n)
         meta = hf.Metadata(total_num_frames=total, fps=src, frames_indices=idx)
         stamps = V.frame_timestamps(idx, src)
         assert all(len(s) >= 5 and s[2] == ":" for s in stamps)
         for tokens in (1, 66, 70):
             assert V.video_prompt_text(stamps, tokens) == replacement(hf, meta, tokens)
-    assert V.frame_timestamps([0, 59, 60, 3599, 3600, 7199], 1.0) == \
-        ["00:00", "00:59", "01:00", "59:59", "60:00", "119:59"]
+    assert V.frame_timestamps([0, 59, 60, 3599, 3600, 7199], 1.0) == [
+        "00:00",
+        "00:59",
+        "01:00",
+        "59:59",
+        "60:00",
+        "119:59",
+    ]
     assert V.format_timestamp(61.999) == "01:01"  # truncated, not rounded
 
 
 def test_prompt_text_format():
-    assert V.video_prompt_text(["00:00", "00:02"], 2) == \
-        "00:00 <|image><|video|><|video|><image|> 00:02 <|image><|video|><|video|><image|>"
+    assert (
+        V.video_prompt_text(["00:00", "00:02"], 2)
+        == "00:00 <|image><|video|><|video|><image|> 00:02 <|image><|video|><|video|><image|>"
+    )
     assert V.video_prompt_text(["00:01"], 1, boi="<b>", video_token="<v>", eoi="<e>") == "00:01 <b><v><e>"
 
 
 # -- decoding ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ext", ["mp4", "mkv"])  # Matroska stores no frame count: counted by demuxing
 def test_read_video_picks_frames(tmp_path, ext):
@@ -195,6 +226,7 @@ def test_read_video_matches_transformers_loader(hf, tmp_path):
 
 # -- pixels ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("budget", [70, 140])
 def test_processor_matches_hf_image_processor(tmp_path, budget):
     transformers = pytest.importorskip("transformers")
@@ -211,17 +243,27 @@ def test_processor_matches_hf_image_processor(tmp_path, budget):
 
 def test_processor_matches_hf_video_processor(hf, hf_video_processor):
     clip = noise_frames(40, 336, 432)  # 336x432 is a resize fixed point at budget 70
-    ref = hf_video_processor()(clip, video_metadata=hf.Metadata(total_num_frames=40, fps=10.0),
-                               return_metadata=True, return_tensors="np", do_convert_rgb=False)
+    ref = hf_video_processor()(
+        clip,
+        video_metadata=hf.Metadata(total_num_frames=40, fps=10.0),
+        return_metadata=True,
+        return_tensors="np",
+        do_convert_rgb=False,
+    )
     ours = V.VideoProcessor()(clip, source_fps=10.0)
     assert ours.indices.tolist() == list(ref["video_metadata"][0].frames_indices)
     assert_same_as_hf(ours, ref)
     assert ours.num_soft_tokens == 63
     assert ours.prompt_text() == replacement(hf, ref["video_metadata"][0], ref["num_soft_tokens_per_video"][0])
     # fps sampling: the reference only applies fps when the processor's num_frames is None
-    ref = hf_video_processor(num_frames=None)(clip, video_metadata=hf.Metadata(total_num_frames=40, fps=10.0),
-                                              fps=2, return_metadata=True, return_tensors="np",
-                                              do_convert_rgb=False)
+    ref = hf_video_processor(num_frames=None)(
+        clip,
+        video_metadata=hf.Metadata(total_num_frames=40, fps=10.0),
+        fps=2,
+        return_metadata=True,
+        return_tensors="np",
+        do_convert_rgb=False,
+    )
     ours = V.VideoProcessor()(clip, fps=2, source_fps=10.0)
     assert ours.indices.tolist() == list(ref["video_metadata"][0].frames_indices) == [0, 5, 10, 15, 20, 25, 30, 35]
     assert_same_as_hf(ours, ref)
@@ -231,8 +273,15 @@ def test_file_pipeline_matches_hf(hf, hf_video_processor, tmp_path):
     """File -> frames -> inputs -> prompt, against transformers' PyAV loader + video processor."""
     path = write_video(tmp_path / "big.mp4", n=12, rate=6, h=480, w=624, frames=noise_frames(12, 480, 624))
     frames, meta = hf.load_video(str(path), backend="pyav", num_frames=5)
-    ref = hf_video_processor()(frames, video_metadata=meta, do_sample_frames=False, max_soft_tokens=140,
-                               return_metadata=True, return_tensors="np", do_convert_rgb=False)
+    ref = hf_video_processor()(
+        frames,
+        video_metadata=meta,
+        do_sample_frames=False,
+        max_soft_tokens=140,
+        return_metadata=True,
+        return_tensors="np",
+        do_convert_rgb=False,
+    )
     ours = V.VideoProcessor(num_frames=5)(path, video_budget=140)
     assert_same_as_hf(ours, ref)
     assert ours.num_soft_tokens == 130 and ours.timestamps == ["00:00", "00:00", "00:00", "00:01", "00:01"]
@@ -261,9 +310,19 @@ def test_array_input_and_budgets(caplog):
 
 
 def test_from_config():
-    vp = V.VideoProcessor.from_config({"video_processor": {"max_soft_tokens": 140, "num_frames": 16, "patch_size": 16,
-                                                           "pooling_kernel_size": 3, "do_normalize": True,
-                                                           "image_mean": [0.0] * 3, "image_std": [1.0] * 3}})
+    vp = V.VideoProcessor.from_config(
+        {
+            "video_processor": {
+                "max_soft_tokens": 140,
+                "num_frames": 16,
+                "patch_size": 16,
+                "pooling_kernel_size": 3,
+                "do_normalize": True,
+                "image_mean": [0.0] * 3,
+                "image_std": [1.0] * 3,
+            }
+        }
+    )
     assert (vp.budget, vp.num_frames) == (140, 16)
     assert (V.VideoProcessor.from_config({}).budget, V.VideoProcessor.from_config(None).num_frames) == (70, 32)
 
@@ -279,6 +338,7 @@ def test_soundtrack(tmp_path):
 
 
 # -- bad input ---------------------------------------------------------------------------
+
 
 def test_bad_files(tmp_path):
     good = write_video(tmp_path / "good.mp4").read_bytes()  # index (moov) at the end

@@ -10,30 +10,30 @@ transformers' PIL backend (the one that runs without torchvision), exactly.
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
 # isort: split
 
 import shutil
 
 import mlx.core as mx
-from mlx.utils import tree_map
 import numpy as np
 import pytest
+from mlx.utils import tree_map
 from PIL import Image
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from transformers.models.gemma4.image_processing_pil_gemma4 import (  # noqa: E402
-    get_aspect_ratio_preserving_size)
+from helpers.mm_configs import TEXT_TINY, TOWERS, build_hf, hf_image_processor  # noqa: E402
+from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size  # noqa: E402
 
 import gemma4_mlx.models.vision as V  # noqa: E402
-from gemma4_mlx.config import parse_config  # noqa: E402
 from gemma4_mlx.checkpoint.load import LoadError, load_model  # noqa: E402
-from gemma4_mlx.models.text import Model  # noqa: E402
-from gemma4_mlx.models.vision import VisionConfig, VisionModel, sanitize  # noqa: E402
+from gemma4_mlx.config import parse_config  # noqa: E402
 from gemma4_mlx.media import image as P  # noqa: E402
 from gemma4_mlx.media.image import BUDGETS, ImageProcessor  # noqa: E402
-from helpers.mm_configs import TEXT_TINY, TOWERS, build_hf, hf_image_processor  # noqa: E402
+from gemma4_mlx.models.text import Model  # noqa: E402
+from gemma4_mlx.models.vision import VisionConfig, VisionModel, sanitize  # noqa: E402
 
 TOL = 1e-4
 
@@ -49,6 +49,7 @@ def max_diff(a, b) -> float:
 
 # -- model parity ------------------------------------------------------------
 
+
 class Tower:
     def __init__(self, name, tmp):
         self.name = name
@@ -60,11 +61,13 @@ class Tower:
         """transformers' encoder output (padded), tower output and per-image embeddings."""
         seen = {}
         hook = self.hf.model.vision_tower.encoder.register_forward_hook(
-            lambda mod, args, out: seen.__setitem__("enc", out.last_hidden_state))
+            lambda mod, args, out: seen.__setitem__("enc", out.last_hidden_state)
+        )
         try:
             with torch.no_grad():
-                out = self.hf.model.get_image_features(torch.tensor(pixel_values), torch.tensor(position_ids),
-                                                       return_dict=True)
+                out = self.hf.model.get_image_features(
+                    torch.tensor(pixel_values), torch.tensor(position_ids), return_dict=True
+                )
         finally:
             hook.remove()
         return seen["enc"].numpy(), out.last_hidden_state.numpy(), [e.numpy() for e in out.pooler_output]
@@ -83,11 +86,13 @@ def errors(tower: Tower, batch) -> dict[str, float]:
     assert emb.shape == (sum(counts), tower.hf.config.text_config.hidden_size)
     enc = 0.0
     for i, n in enumerate(c * 9 for c in counts):
-        ours = tower.model.vision_tower.encode(mx.array(batch.pixel_values[i, :n]),
-                                               mx.array(batch.position_ids[i, :n]))
+        ours = tower.model.vision_tower.encode(mx.array(batch.pixel_values[i, :n]), mx.array(batch.position_ids[i, :n]))
         enc = max(enc, max_diff(ours, enc_ref[i, :n]))
-    return {"encoder": enc, "soft_tokens": max_diff(soft, soft_ref),
-            "embeddings": max_diff(emb, np.concatenate(emb_ref))}
+    return {
+        "encoder": enc,
+        "soft_tokens": max_diff(soft, soft_ref),
+        "embeddings": max_diff(emb, np.concatenate(emb_ref)),
+    }
 
 
 def two_images(budget=70):
@@ -113,6 +118,7 @@ def test_tower_parity_long_image(tower):
 
 
 # Each re-introduced porting bug must move the output far beyond the tolerance.
+
 
 @pytest.fixture(scope="module")
 def union_tower(tmp_path_factory) -> Tower:
@@ -175,8 +181,9 @@ def test_bfloat16_weights(union):
     ref, counts = union.model(batch.pixel_values, batch.position_ids)
     hf16 = copy.deepcopy(union.hf).to(torch.bfloat16)
     with torch.no_grad():
-        out = hf16.model.get_image_features(torch.tensor(batch.pixel_values), torch.tensor(batch.position_ids),
-                                            return_dict=True)
+        out = hf16.model.get_image_features(
+            torch.tensor(batch.pixel_values), torch.tensor(batch.position_ids), return_dict=True
+        )
     hf_drift = max_diff(torch.cat(out.pooler_output).float().numpy(), ref)
     saved = union.model.parameters()
     try:
@@ -193,12 +200,26 @@ def test_bfloat16_weights(union):
 # -- config and checkpoint keys ------------------------------------------------
 
 E2B_VISION = {  # the shape of a released vision_config block (docs/multimodal.md §2.1), with extra keys
-    "model_type": "gemma4_vision", "_name_or_path": "", "hidden_size": 768, "intermediate_size": 3072,
-    "num_hidden_layers": 16, "num_attention_heads": 12, "num_key_value_heads": 12, "head_dim": 64,
-    "patch_size": 16, "pooling_kernel_size": 3, "position_embedding_size": 10240, "rms_norm_eps": 1e-6,
-    "hidden_activation": "gelu_pytorch_tanh", "rope_parameters": {"rope_type": "default", "rope_theta": 100.0},
-    "use_clipped_linears": True, "standardize": False, "default_output_length": 280,
-    "max_position_embeddings": 131072, "attention_bias": False, "dtype": "bfloat16",
+    "model_type": "gemma4_vision",
+    "_name_or_path": "",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 12,
+    "head_dim": 64,
+    "patch_size": 16,
+    "pooling_kernel_size": 3,
+    "position_embedding_size": 10240,
+    "rms_norm_eps": 1e-6,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rope_parameters": {"rope_type": "default", "rope_theta": 100.0},
+    "use_clipped_linears": True,
+    "standardize": False,
+    "default_output_length": 280,
+    "max_position_embeddings": 131072,
+    "attention_bias": False,
+    "dtype": "bfloat16",
 }
 
 
@@ -206,10 +227,19 @@ def test_config_from_dict():
     cfg = VisionConfig.from_dict(E2B_VISION)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim, cfg.rope_theta) == (768, 16, 64, 100.0)
     assert cfg.use_clipped_linears and not cfg.standardize and cfg.default_output_length == 280
-    large = VisionConfig.from_dict({**E2B_VISION, "hidden_size": 1152, "intermediate_size": 4304,
-                                    "num_hidden_layers": 27, "num_attention_heads": 16,
-                                    "num_key_value_heads": 16, "head_dim": 72,
-                                    "use_clipped_linears": False, "standardize": True})
+    large = VisionConfig.from_dict(
+        {
+            **E2B_VISION,
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "head_dim": 72,
+            "use_clipped_linears": False,
+            "standardize": True,
+        }
+    )
     m = VisionModel(large, 5376)
     assert m.vision_tower.std_bias.shape == (1152,) and not m.vision_tower.encoder.layers[0].mlp.up_proj.clip
     assert m.embed_vision.embedding_projection.weight.shape == (5376, 1152)
@@ -236,9 +266,11 @@ def test_sanitize_keys_and_layouts():
         "model.audio_tower.layers.0.self_attn.q_proj.input_max": mx.array(1.0),
     }
     out = sanitize(raw, cfg)
-    assert sorted(out) == ["embed_vision.embedding_projection.weight",
-                           "vision_tower.encoder.layers.0.self_attn.q_proj.input_max",
-                           "vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight"]
+    assert sorted(out) == [
+        "embed_vision.embedding_projection.weight",
+        "vision_tower.encoder.layers.0.self_attn.q_proj.input_max",
+        "vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight",
+    ]
     clamp = out["vision_tower.encoder.layers.0.self_attn.q_proj.input_max"]
     assert clamp.dtype == mx.float32 and clamp.shape == () and clamp.item() == 2.5
     cfg.use_clipped_linears = False
@@ -250,8 +282,10 @@ def test_load_errors(tmp_path):
     weights = mx.load(str(tmp_path / "src" / "model.safetensors"))
     dropped = {k: v for k, v in weights.items() if "layers.1.mlp.up_proj.linear" not in k}
     bad = dict(weights, **{"model.embed_vision.embedding_projection.weight": mx.zeros((3, 3))})
-    for name, w, pattern in (("dropped", dropped, "missing tensor vision.vision_tower.encoder.layers.1.mlp.up_proj"),
-                             ("bad", bad, r"vision.embed_vision.embedding_projection.weight has shape \(3, 3\)")):
+    for name, w, pattern in (
+        ("dropped", dropped, "missing tensor vision.vision_tower.encoder.layers.1.mlp.up_proj"),
+        ("bad", bad, r"vision.embed_vision.embedding_projection.weight has shape \(3, 3\)"),
+    ):
         (tmp_path / name).mkdir()
         shutil.copy(tmp_path / "src" / "config.json", tmp_path / name)
         mx.save_safetensors(str(tmp_path / name / "model.safetensors"), w)
@@ -267,8 +301,22 @@ def test_load_errors(tmp_path):
 # -- processor parity ------------------------------------------------------------
 
 SIZES = [  # (height, width): tiny, odd, square, fixed points, photos, very wide/tall, huge
-    (1, 1), (2, 3), (7, 5), (16, 16), (47, 49), (224, 224), (333, 517), (336, 432), (480, 640),
-    (1000, 100), (1080, 1920), (12, 3000), (4000, 9), (1, 2000), (2000, 1), (3000, 2200),
+    (1, 1),
+    (2, 3),
+    (7, 5),
+    (16, 16),
+    (47, 49),
+    (224, 224),
+    (333, 517),
+    (336, 432),
+    (480, 640),
+    (1000, 100),
+    (1080, 1920),
+    (12, 3000),
+    (4000, 9),
+    (1, 2000),
+    (2000, 1),
+    (3000, 2200),
 ]
 
 
@@ -304,8 +352,9 @@ def test_processor_parity_tiny_patch():
     """The tiny towers' inputs (patch 4) are what transformers would feed them."""
     images = [noise(50, 80, 1), noise(120, 30, 2), noise(200, 170, 3)]
     for budget in (70, 140):
-        assert_same(ImageProcessor(image_budget=budget, patch_size=4)(images),
-                    hf_image_processor(budget, patch_size=4)(images))
+        assert_same(
+            ImageProcessor(image_budget=budget, patch_size=4)(images), hf_image_processor(budget, patch_size=4)(images)
+        )
 
 
 def test_resize_rule_sweep():
@@ -317,8 +366,10 @@ def test_resize_rule_sweep():
 
 
 SPEC_TABLE = {  # docs/multimodal.md §2.2
-    (224, 224): [64, 121, 256, 529, 1089], (480, 640): [63, 130, 266, 540, 1064],
-    (1080, 1920): [66, 120, 264, 527, 1100], (1000, 100): [52, 111, 260, 518, 1050],
+    (224, 224): [64, 121, 256, 529, 1089],
+    (480, 640): [63, 130, 266, 540, 1064],
+    (1080, 1920): [66, 120, 264, 527, 1100],
+    (1000, 100): [52, 111, 260, 518, 1050],
 }
 
 
@@ -335,10 +386,13 @@ def test_processor_input_kinds(hf_processor, tmp_path):
     pal.info["transparency"] = 7
     chw = np.moveaxis(noise(50, 80, 9), -1, 0).astype(np.float32)
     cases = [  # (ours, transformers' input)
-        (Image.fromarray(rgba), Image.fromarray(rgba)), (la, la), (pal, pal),
+        (Image.fromarray(rgba), Image.fromarray(rgba)),
+        (la, la),
+        (pal, pal),
         (Image.fromarray(noise(30, 90, 6, 1)), Image.fromarray(noise(30, 90, 6, 1))),
         (Image.fromarray(noise(60, 40, 7)).convert("CMYK"), Image.fromarray(noise(60, 40, 7)).convert("CMYK")),
-        (noise(45, 45, 8), noise(45, 45, 8)), (rgba, rgba),
+        (noise(45, 45, 8), noise(45, 45, 8)),
+        (rgba, rgba),
         (noise(33, 70, 9)[..., :1], noise(33, 70, 9)[..., :1]),
         (chw, chw),  # (C, H, W), integer-valued float32
         (noise(3, 50, 13), noise(3, 50, 13)),  # ambiguous (3, 50, 3): channels first, as transformers
@@ -391,9 +445,19 @@ def test_bad_inputs(tmp_path):
 
 
 def test_from_config():
-    pc = {"image_processor": {"patch_size": 16, "pooling_kernel_size": 3, "max_soft_tokens": 560,
-                              "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-                              "do_normalize": False, "image_mean": [0, 0, 0], "image_std": [1, 1, 1]}}
+    pc = {
+        "image_processor": {
+            "patch_size": 16,
+            "pooling_kernel_size": 3,
+            "max_soft_tokens": 560,
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": False,
+            "image_mean": [0, 0, 0],
+            "image_std": [1, 1, 1],
+        }
+    }
     assert ImageProcessor.from_config(pc).budget == 560
     assert ImageProcessor.from_config(None, {"default_output_length": 1120}).budget == 1120
     assert ImageProcessor.from_config().budget == 280

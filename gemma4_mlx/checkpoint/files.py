@@ -26,6 +26,7 @@ def missing_tensors(source: str, missing: list[str]) -> str:
 
 # -- reading tensors --------------------------------------------------------
 
+
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():

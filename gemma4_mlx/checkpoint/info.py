@@ -10,22 +10,46 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from gemma4_mlx.config import ConfigError, read_config
-from gemma4_mlx.formats.safetensors import read_header
 from gemma4_mlx.checkpoint.files import LoadError, weight_files
 from gemma4_mlx.checkpoint.keys import rename
 from gemma4_mlx.checkpoint.load import load_model
 from gemma4_mlx.checkpoint.quantized import QUANT_META, kernel_params, quantization_block
+from gemma4_mlx.config import ConfigError, read_config
+from gemma4_mlx.formats.safetensors import read_header
 
-COMPONENTS = ("embedding", "per_layer_embeddings", "attention", "mlp", "experts", "router",
-              "norms_other", "vision", "audio")
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "U32": "uint32",
-           "U8": "uint8", "I8": "int8", "I32": "int32", "I64": "int64", "F8_E4M3": "float8_e4m3"}
+COMPONENTS = (
+    "embedding",
+    "per_layer_embeddings",
+    "attention",
+    "mlp",
+    "experts",
+    "router",
+    "norms_other",
+    "vision",
+    "audio",
+)
+_DTYPES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "U32": "uint32",
+    "U8": "uint8",
+    "I8": "int8",
+    "I32": "int32",
+    "I64": "int64",
+    "F8_E4M3": "float8_e4m3",
+}
 _RULES = (  # first match wins; norms before their parent blocks so q_norm is not "attention"
     ("vision", re.compile(r"(^|\.)(vision_tower|embed_vision|multi_modal_projector)\.")),
     ("audio", re.compile(r"(^|\.)(audio_tower|embed_audio)\.")),
-    ("per_layer_embeddings", re.compile(r"(embed_tokens_per_layer|per_layer_model_projection|"
-                                        r"\.per_layer_input_gate|\.per_layer_projection)\.")),
+    (
+        "per_layer_embeddings",
+        re.compile(
+            r"(embed_tokens_per_layer|per_layer_model_projection|"
+            r"\.per_layer_input_gate|\.per_layer_projection)\."
+        ),
+    ),
     ("norms_other", re.compile(r"norm[^.]*\.weight$")),
     ("embedding", re.compile(r"^(model\.embed_tokens|lm_head)\.")),
     ("experts", re.compile(r"\.experts\.")),
@@ -33,6 +57,7 @@ _RULES = (  # first match wins; norms before their parent blocks so q_norm is no
     ("attention", re.compile(r"\.self_attn\.")),
     ("mlp", re.compile(r"\.mlp\.")),
 )
+
 
 def component(key: str) -> str:
     key = rename(key)
@@ -58,8 +83,9 @@ def model_info(path, load: bool = True) -> dict:
     except ConfigError as e:
         raise LoadError(str(e)) from None
     q = quantization_block(config.raw, str(folder / "config.json"))
-    overrides = {rename(k): v for k, v in (q or {}).items()
-                 if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")}
+    overrides = {
+        rename(k): v for k, v in (q or {}).items() if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")
+    }
     headers = {f: _header(f) for f in weight_files(folder)}
     names = {rename(k) for _, h in headers.values() for k in h}
     comps = {c: {"params": 0, "bytes": 0, "tensors": 0, "modes": set()} for c in COMPONENTS}
@@ -76,7 +102,7 @@ def model_info(path, load: bool = True) -> dict:
             k = rename(key)
             if k.endswith(QUANT_META):
                 continue  # metadata of a quantized weight: bytes, no parameters
-            module = k[:-len(".weight")] if k.endswith(".weight") else None
+            module = k[: -len(".weight")] if k.endswith(".weight") else None
             n = 1
             for s in shape:
                 n *= s
@@ -85,17 +111,20 @@ def model_info(path, load: bool = True) -> dict:
                 if p is None:
                     raise LoadError(f"{folder}: {module}.scales present but config.json marks {module} unquantized")
                 n = n * 32 // p["bits"] if dtype == "uint32" else n  # packed words -> elements
-                c["modes"].add(p["format"] if p["format"] != "affine"
-                               else f"affine{p['bits']}g{p['group_size']}")
+                c["modes"].add(p["format"] if p["format"] != "affine" else f"affine{p['bits']}g{p['group_size']}")
             else:
                 c["modes"].add(dtype)
             c["params"] += n
     header_bytes = sum(h for h, _ in headers.values())
-    out = {"path": str(folder), "files": [f.name for f in headers],
-           "total_bytes": sum(f.stat().st_size for f in headers), "header_bytes": header_bytes,
-           "quantization": (q or {}).get("recipe") or (q or {}).get("mode") if q else None,
-           "components": {k: {**v, "modes": sorted(v["modes"])} for k, v in comps.items() if v["tensors"]},
-           "resident_bytes": resident_bytes(folder) if load else None}
+    out = {
+        "path": str(folder),
+        "files": [f.name for f in headers],
+        "total_bytes": sum(f.stat().st_size for f in headers),
+        "header_bytes": header_bytes,
+        "quantization": (q or {}).get("recipe") or (q or {}).get("mode") if q else None,
+        "components": {k: {**v, "modes": sorted(v["modes"])} for k, v in comps.items() if v["tensors"]},
+        "resident_bytes": resident_bytes(folder) if load else None,
+    }
     out["total_params"] = sum(c["params"] for c in out["components"].values())
     return out
 
@@ -125,12 +154,27 @@ def render(info: dict, console) -> None:
         t.add_column(col, justify="left" if col in ("component", "format") else "right")
     for name, c in info["components"].items():
         bpp = 8 * c["bytes"] / c["params"] if c["params"] else 0.0
-        t.add_row(name, f"{c['params']:,}", f"{c['bytes']:,}", f"{c['bytes'] / 2**20:.2f}",
-                  f"{bpp:.2f}", ", ".join(c["modes"]))
+        t.add_row(
+            name,
+            f"{c['params']:,}",
+            f"{c['bytes']:,}",
+            f"{c['bytes'] / 2**20:.2f}",
+            f"{bpp:.2f}",
+            ", ".join(c["modes"]),
+        )
     t.add_row("headers", "", f"{info['header_bytes']:,}", f"{info['header_bytes'] / 2**20:.2f}", "", "")
-    t.add_row("total on disk", f"{info['total_params']:,}", f"{info['total_bytes']:,}",
-              f"{info['total_bytes'] / 2**20:.2f}", "", "", style="bold")
+    t.add_row(
+        "total on disk",
+        f"{info['total_params']:,}",
+        f"{info['total_bytes']:,}",
+        f"{info['total_bytes'] / 2**20:.2f}",
+        "",
+        "",
+        style="bold",
+    )
     console.print(t)
     if info["resident_bytes"] is not None:
-        console.print(f"resident after load (MLX active memory): {info['resident_bytes']:,} bytes "
-                      f"({info['resident_bytes'] / 2**20:.2f} MiB)")
+        console.print(
+            f"resident after load (MLX active memory): {info['resident_bytes']:,} bytes "
+            f"({info['resident_bytes'] / 2**20:.2f} MiB)"
+        )

@@ -36,8 +36,7 @@ TOKEN_ORDERING_KEY = "masked_embedding.token_ordering"
 
 # -- checkpoint quirks ------------------------------------------------------
 
-_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
-             ("language_model.", ""))
+_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."), ("language_model.", ""))
 _SKIP = re.compile(r"^(model\.)?multi_modal_projector\.|rotary_emb|\.v_norm\.")
 # Tower tensors in checkpoint naming (HF `model.vision_tower.*`, mlx-vlm `vision_tower.*`)
 # and in ours (`vision.vision_tower.*`, what `gemma4-mlx convert` writes).
@@ -50,7 +49,7 @@ def rename(key: str) -> str:
     mlx-community stacks experts as `experts.switch_glu.*` (mlx-vlm/mlx-lm SwitchGLU)."""
     for old, new in _PREFIXES:
         if key.startswith(old):
-            key = new + key[len(old):]
+            key = new + key[len(old) :]
             break
     if ".experts.switch_glu." in key:
         return key.replace(".experts.switch_glu.", ".experts.")
@@ -63,7 +62,7 @@ def module_path(key: str) -> str:
     m = _TOWER.match(key)
     if m:
         owner = "vision" if "vision" in m.group(1) else "audio"
-        return f"{owner}.{key[m.start(1):]}"
+        return f"{owner}.{key[m.start(1) :]}"
     return rename(key)
 
 
@@ -140,8 +139,7 @@ def drop_tied_head(weights: dict[str, mx.array], folder: Path) -> None:
     if head is not None:
         emb = weights.get("model.embed_tokens.weight")
         if emb is None or emb.shape != head.shape or not mx.array_equal(emb, head).item():
-            raise LoadError(f"{folder}: lm_head.weight differs from embed_tokens.weight; "
-                            "Gemma 4 ties them")
+            raise LoadError(f"{folder}: lm_head.weight differs from embed_tokens.weight; Gemma 4 ties them")
 
 
 def drop_absent_towers(model: Model, weights: dict, folder: Path) -> None:
@@ -152,6 +150,11 @@ def drop_absent_towers(model: Model, weights: dict, folder: Path) -> None:
     for name in ("vision", "audio"):
         if name in model and not any(k.startswith(name + ".") for k in weights):
             del model[name]
-            log.warning("%s: config.json declares a%s %s tower but the checkpoint has none of its "
-                        "tensors; loaded without it (%s input is refused)", folder,
-                        "n" if name == "audio" else "", name, "image and video" if name == "vision" else name)
+            log.warning(
+                "%s: config.json declares a%s %s tower but the checkpoint has none of its "
+                "tensors; loaded without it (%s input is refused)",
+                folder,
+                "n" if name == "audio" else "",
+                name,
+                "image and video" if name == "vision" else name,
+            )

@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.checkpoint.files import DTYPES, LoadError, missing_tensors, read_safetensors, weight_files
@@ -54,8 +54,9 @@ def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) ->
         if key not in expected:
             raise LoadError(f"{source}: unexpected tensor {key} {tuple(value.shape)}")
         if tuple(value.shape) != tuple(expected[key].shape):
-            raise LoadError(f"{source}: tensor {key} has shape {tuple(value.shape)}, "
-                            f"config says {tuple(expected[key].shape)}")
+            raise LoadError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)}, config says {tuple(expected[key].shape)}"
+            )
     # Clamp bounds absent from a checkpoint keep their default (+-inf: no clamp).
     missing = [k for k in expected if k not in weights and not k.endswith(CLAMPS)]
     if missing:
@@ -86,8 +87,7 @@ def finish(model: nn.Module, weights: dict[str, mx.array], dtype: str | None, fo
 PLE_KEY = "model.embed_tokens_per_layer.weight"
 
 
-def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, str],
-                  source: str) -> bool:
+def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, str], source: str) -> bool:
     """Swap the PLE nn.Embedding for a `MappedTable`; False (nothing changed) if unmappable."""
     f, name = src
     try:
@@ -105,8 +105,10 @@ def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, s
 
 # -- public API -------------------------------------------------------------
 
-def load_model(path: str | Path, dtype: str | None = None, map_ple: bool = False,
-               text_only: bool = False) -> tuple[Model, ModelConfig]:
+
+def load_model(
+    path: str | Path, dtype: str | None = None, map_ple: bool = False, text_only: bool = False
+) -> tuple[Model, ModelConfig]:
     """map_ple: keep an unquantized PLE table memory-mapped (see `map_ple_table`).
     Off here so `info.resident_bytes` and weight-level tooling see every tensor.
     text_only: leave the vision/audio towers out.  (With them, their weights stay
@@ -136,8 +138,13 @@ def load_model(path: str | Path, dtype: str | None = None, map_ple: bool = False
     q = quantization_block(config.raw, str(folder / "config.json"))
     if q is not None:
         apply_quantization(model, weights, q, str(folder))
-    if (map_ple and dtype is None and ple_src is not None and PLE_KEY in weights
-            and PLE_KEY.replace(".weight", ".scales") not in weights):
+    if (
+        map_ple
+        and dtype is None
+        and ple_src is not None
+        and PLE_KEY in weights
+        and PLE_KEY.replace(".weight", ".scales") not in weights
+    ):
         map_ple_table(model, weights, ple_src, str(folder))
     if dtype is not None:
         target = DTYPES[dtype]
@@ -156,8 +163,7 @@ def load_tokenizer(folder: Path, eos_ids=None):
     return load_wrapper(folder, eos_token_ids=eos_ids)
 
 
-def load(path: str | Path, dtype: str | None = None, map_ple: bool = True,
-         text_only: bool = False):
+def load(path: str | Path, dtype: str | None = None, map_ple: bool = True, text_only: bool = False):
     """Load `(model, tokenizer)` from a checkpoint folder or hub id.
 
     tokenizer is None when the folder ships no tokenizer files.
@@ -205,8 +211,7 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
     # that the files do not carry.
     has_centroids = TOKEN_ORDERING_KEY in weights
     if has_centroids != cfg.use_ordered_embeddings:
-        log.info("%s: centroid head %s by the tensors present", folder,
-                 "enabled" if has_centroids else "disabled")
+        log.info("%s: centroid head %s by the tensors present", folder, "enabled" if has_centroids else "disabled")
         cfg.use_ordered_embeddings = has_centroids
     model = Drafter(cfg)
     drop_tied_head(weights, folder)
@@ -221,15 +226,19 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
         V = cfg.text.vocab_size
         o = np.array(order)
         if o.shape != (V,) or (o.size and (o.min() < 0 or o.max() >= V)):
-            raise LoadError(f"{folder}: {TOKEN_ORDERING_KEY} must hold {V} token ids in "
-                            f"[0, {V}), got shape {tuple(o.shape)}")
+            raise LoadError(
+                f"{folder}: {TOKEN_ORDERING_KEY} must hold {V} token ids in [0, {V}), got shape {tuple(o.shape)}"
+            )
         if (np.bincount(o, minlength=V) == 1).all():
             for suffix in (".weight", ".scales", ".biases"):
                 if _HEAD + suffix in weights:
                     weights[_HEAD + suffix] = weights[_HEAD + suffix][order]
             model.ordered = True
         else:
-            log.warning("%s: %s is not a permutation of the vocabulary; using the slower "
-                        "unordered candidate gather", folder, TOKEN_ORDERING_KEY)
+            log.warning(
+                "%s: %s is not a permutation of the vocabulary; using the slower unordered candidate gather",
+                folder,
+                TOKEN_ORDERING_KEY,
+            )
     finish(model, weights, dtype, folder)
     return model

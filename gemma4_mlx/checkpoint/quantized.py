@@ -34,8 +34,10 @@ def quantization_block(raw: dict, source: str) -> dict | None:
             return None
         if not isinstance(qc, dict) or not ("bits" in qc or "group_size" in qc):
             method = qc.get("quant_method") if isinstance(qc, dict) else qc
-            raise LoadError(f"{source}: quantization_config (quant_method {method!r}) is not an MLX "
-                            "format; convert the unquantized checkpoint with `gemma4-mlx convert`")
+            raise LoadError(
+                f"{source}: quantization_config (quant_method {method!r}) is not an MLX "
+                "format; convert the unquantized checkpoint with `gemma4-mlx convert`"
+            )
         q = qc
     if not isinstance(q, dict):
         raise LoadError(f"{source}: `quantization` must be an object, got {type(q).__name__}")
@@ -68,8 +70,9 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
     Runs before `check_and_assign`, so shapes are then checked against the
     quantized layout.
     """
-    overrides = {module_path(k): v for k, v in q.items()
-                 if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")}
+    overrides = {
+        module_path(k): v for k, v in q.items() if isinstance(v, (dict, bool)) and k not in ("tensors", "policy")
+    }
 
     def swap(path: str, m):
         if f"{path}.scales" not in weights:
@@ -80,8 +83,13 @@ def apply_quantization(model: Model, weights: dict[str, mx.array], q: dict, sour
         # Q4_0 stores no biases (-8 * scales): the module derives them per product,
         # so none are resident either (4.5 bits per weight, docs/quantization.md §1).
         derive = FORMATS[p["format"]].biases == "derived" and f"{path}.biases" not in weights
-        kw = dict(group_size=p["group_size"], bits=p["bits"], mode=p["mode"],
-                  tensor_scale=f"{path}.tensor_scale" in weights, derive_biases=derive)
+        kw = dict(
+            group_size=p["group_size"],
+            bits=p["bits"],
+            mode=p["mode"],
+            tensor_scale=f"{path}.tensor_scale" in weights,
+            derive_biases=derive,
+        )
         try:
             if isinstance(m, ExpertLinear):
                 E, out_dims, in_dims = m.weight.shape

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS before mlx)
+
 # isort: split
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,26 +30,60 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import TextConfig
+from gemma4_mlx.demo.corpus import corpus
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.prompt.template import render
-from gemma4_mlx.demo.corpus import corpus
 
 MODEL_DIR = Path(__file__).parent / "model"
 
 SPECIAL_TOKENS = [
-    "<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|tool>", "<tool|>", "<|tool_call>",
-    "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|think|>", "<|channel>",
-    "<channel|>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|audio>", "<audio|>",
-    "<|image|>", "<|audio|>", "<|video|>",
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    '<|"|>',
+    "<|think|>",
+    "<|channel>",
+    "<channel|>",
+    "<|turn>",
+    "<turn|>",
+    "<|image>",
+    "<image|>",
+    "<|audio>",
+    "<audio|>",
+    "<|image|>",
+    "<|audio|>",
+    "<|video|>",
 ]
 
 CONFIG = dict(
-    model_type="gemma4_text", vocab_size=768, vocab_size_per_layer_input=768, hidden_size=128,
-    num_hidden_layers=6, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-    num_attention_heads=4, num_key_value_heads=1, head_dim=32, global_head_dim=64,
-    sliding_window=64, intermediate_size=256, use_double_wide_mlp=True,
-    hidden_size_per_layer_input=16, num_kv_shared_layers=2, final_logit_softcapping=30.0,
-    rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0, eos_token_id=[1, 16],
+    model_type="gemma4_text",
+    vocab_size=768,
+    vocab_size_per_layer_input=768,
+    hidden_size=128,
+    num_hidden_layers=6,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=32,
+    global_head_dim=64,
+    sliding_window=64,
+    intermediate_size=256,
+    use_double_wide_mlp=True,
+    hidden_size_per_layer_input=16,
+    num_kv_shared_layers=2,
+    final_logit_softcapping=30.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    pad_token_id=0,
+    eos_token_id=[1, 16],
     bos_token_id=2,
 )
 
@@ -66,10 +101,10 @@ def turn_examples(conv: dict) -> list[tuple[str, str]]:
         if m["role"] != "assistant":
             continue
         prompt = render(msgs[:i], tools=tools, thinking=thinking, add_generation_prompt=True)
-        full = render(msgs[:i + 1], tools=tools, thinking=thinking, add_generation_prompt=False)
+        full = render(msgs[: i + 1], tools=tools, thinking=thinking, add_generation_prompt=False)
         if not full.startswith(prompt):
             raise ValueError(f"template history does not extend the prompt:\n{prompt!r}\n{full!r}")
-        output = full[len(prompt):]
+        output = full[len(prompt) :]
         if m.get("tool_calls"):
             output = output[: output.index("<tool_call|>", output.rindex("<|tool_call>"))]
             output += "<tool_call|><|tool_response>"
@@ -86,12 +121,21 @@ def train_tokenizer(texts: list[str], folder: Path):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=CONFIG["vocab_size"], special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=CONFIG["vocab_size"],
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>", add_bos_token=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        add_bos_token=False,
+    )
     fast.save_pretrained(folder)
     return fast
 
@@ -101,7 +145,7 @@ def batches(examples, batch_size, rng):
     while True:
         rng.shuffle(examples)
         for i in range(0, len(examples) - batch_size + 1, batch_size):
-            chunk = examples[i:i + batch_size]
+            chunk = examples[i : i + batch_size]
             T = max(len(ids) for ids, _ in chunk) - 1
             ids = [x[:-1] + [0] * (T - len(x) + 1) for x, _ in chunk]
             tgt = [x[1:] + [0] * (T - len(x) + 1) for x, _ in chunk]
@@ -128,8 +172,10 @@ def main():
         a = tokenizer.encode(prompt, add_special_tokens=False)
         b = tokenizer.encode(output, add_special_tokens=False)
         examples.append((a + b, [0] * len(a) + [1] * len(b)))
-    print(f"{len(examples)} examples, longest {max(len(e) for e, _ in examples)} tokens, "
-          f"tokenizer {tokenizer.vocab_size} entries ({time.time() - t0:.0f}s)")
+    print(
+        f"{len(examples)} examples, longest {max(len(e) for e, _ in examples)} tokens, "
+        f"tokenizer {tokenizer.vocab_size} entries ({time.time() - t0:.0f}s)"
+    )
 
     cfg = TextConfig.from_dict(dict(CONFIG))
     mx.random.seed(0)
@@ -148,8 +194,10 @@ def main():
         return (ce * msk).sum() / msk.sum()
 
     schedule = optim.cosine_decay(args.lr, args.steps, end=args.lr * 0.05)
-    opt = optim.AdamW(learning_rate=optim.join_schedules(
-        [optim.linear_schedule(1e-5, args.lr, 50), schedule], [50]), weight_decay=0.01)
+    opt = optim.AdamW(
+        learning_rate=optim.join_schedules([optim.linear_schedule(1e-5, args.lr, 50), schedule], [50]),
+        weight_decay=0.01,
+    )
     step_fn = nn.value_and_grad(model, loss_fn)
     rng = random.Random(0)
     it = batches(examples, args.batch, rng)
@@ -178,7 +226,8 @@ def save(model: Model, cfg: TextConfig, work: Path, out: Path) -> None:
     (work / "README.md").write_text(
         "Embedded demo model of gemma4-mlx: a ~1M-parameter Gemma 4 text model trained by "
         "`python -m gemma4_mlx.demo.train` on generated conversations. It only knows capitals, "
-        "small sums, greetings and a get_weather tool.\n")
+        "small sums, greetings and a get_weather tool.\n"
+    )
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(work, tmp)

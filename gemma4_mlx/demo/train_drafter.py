@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 
 import gemma4_mlx  # noqa: F401  (OpenBLAS before mlx)
+
 # isort: split
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,18 +56,17 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.cache import Mask, build_mask
-from gemma4_mlx.config import FULL, SLIDING
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter, producer_layers
-from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
-from gemma4_mlx.demo.corpus import corpus
-from gemma4_mlx.demo.train import turn_examples
-from gemma4_mlx.prompt.template import render
-from gemma4_mlx.demo.corpus import WEATHER_TOOL
 from gemma4_mlx.chat.session import STOP_STRINGS
-from gemma4_mlx.speculative import loop as speculative
-from gemma4_mlx.runtime.generate import generate_tokens
-from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate
 from gemma4_mlx.checkpoint.load import load_drafter
+from gemma4_mlx.config import FULL, SLIDING
+from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
+from gemma4_mlx.demo.corpus import WEATHER_TOOL, corpus
+from gemma4_mlx.demo.train import turn_examples
+from gemma4_mlx.models.assistant import AssistantConfig, Drafter, producer_layers
+from gemma4_mlx.prompt.template import render
+from gemma4_mlx.runtime.generate import generate_tokens
+from gemma4_mlx.speculative import loop as speculative
+from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate
 
 ASSISTANT_DIR = DEMO_DRAFTER
 STEP_WEIGHTS = (1.0, 0.7, 0.5)
@@ -80,24 +80,46 @@ def drafter_config(target_cfg) -> dict:
     ts, tf = target_cfg.layers[prod[S]], target_cfg.layers[prod[F]]
     assert ts.kv_heads == tf.kv_heads, "the demo target has one KV head count"
     text = dict(
-        model_type="gemma4_text", vocab_size=target_cfg.vocab_size, hidden_size=64,
-        intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=ts.kv_heads, num_global_key_value_heads=None,
-        head_dim=ts.head_dim, global_head_dim=tf.head_dim, attention_k_eq_v=False,
-        sliding_window=target_cfg.sliding_window, max_position_embeddings=131072,
-        layer_types=[S, S, S, F], num_kv_shared_layers=4, hidden_size_per_layer_input=0,
-        vocab_size_per_layer_input=0, enable_moe_block=False, use_double_wide_mlp=False,
-        final_logit_softcapping=None, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+        model_type="gemma4_text",
+        vocab_size=target_cfg.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=ts.kv_heads,
+        num_global_key_value_heads=None,
+        head_dim=ts.head_dim,
+        global_head_dim=tf.head_dim,
+        attention_k_eq_v=False,
+        sliding_window=target_cfg.sliding_window,
+        max_position_embeddings=131072,
+        layer_types=[S, S, S, F],
+        num_kv_shared_layers=4,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+        enable_moe_block=False,
+        use_double_wide_mlp=False,
+        final_logit_softcapping=None,
+        rms_norm_eps=1e-6,
+        hidden_activation="gelu_pytorch_tanh",
         rope_parameters={k: dict(v) for k, v in target_cfg.rope_parameters.items()},
-        tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=2,
         eos_token_id=target_cfg.eos_token_id,
     )
-    return dict(model_type="gemma4_assistant", architectures=["Gemma4AssistantForCausalLM"],
-                backbone_hidden_size=target_cfg.hidden_size, use_ordered_embeddings=False,
-                tie_word_embeddings=True, text_config=text)
+    return dict(
+        model_type="gemma4_assistant",
+        architectures=["Gemma4AssistantForCausalLM"],
+        backbone_hidden_size=target_cfg.hidden_size,
+        use_ordered_embeddings=False,
+        tie_word_embeddings=True,
+        text_config=text,
+    )
 
 
 # -- data ----------------------------------------------------------------------
+
 
 def make_examples(tokenizer, n_conversations: int, seed: int = 0):
     """(ids, prompt length) per model step, as `train.py` builds them."""
@@ -117,13 +139,18 @@ def target_features(target, ids: mx.array):
     N = ids.shape[1]
     x = tm.embed(ids)
     ple = tm.per_layer_inputs(ids, x) if cfg.hidden_size_per_layer_input else None
-    masks = {t: build_mask(0, 0, N, cfg.sliding_window if t != FULL else None, None)
-             for t in set(cfg.layer_types)}
+    masks = {t: build_mask(0, 0, N, cfg.sliding_window if t != FULL else None, None) for t in set(cfg.layer_types)}
     shared = {}
     for i, layer in enumerate(tm.layers):
         s = layer.spec
-        x, kv = layer(x, masks[s.type], 0, None, shared.get(s.producer) if s.shared else None,
-                      None if ple is None else ple[:, :, i])
+        x, kv = layer(
+            x,
+            masks[s.type],
+            0,
+            None,
+            shared.get(s.producer) if s.shared else None,
+            None if ple is None else ple[:, :, i],
+        )
         if not s.shared:
             shared[i] = kv
     h = tm.norm(x)
@@ -146,10 +173,10 @@ def query_batch(chunk, window: int, steps: int):
     qpos = np.zeros((B, Q), np.int32)
     qvalid = np.zeros((B, Q), bool)
     for b, (x, p) in enumerate(chunk):
-        ids[b, :len(x)] = x
+        ids[b, : len(x)] = x
         start[b] = p - 1
         qpos[b] = np.minimum(p - 1 + np.arange(Q), len(x) - 2)
-        qvalid[b, :len(x) - p] = True
+        qvalid[b, : len(x) - p] = True
     lengths = np.array([len(x) for x, _ in chunk])[:, None]
     t = start[:, None] + np.arange(Q)[None]  # query position (unclipped)
     tok, lab_pos, lab_ok = [], [], []
@@ -157,10 +184,16 @@ def query_batch(chunk, window: int, steps: int):
         tok.append(np.take_along_axis(ids, np.minimum(t + j, N - 1), axis=1))
         lab_pos.append(np.minimum(t + j, N - 1))
         lab_ok.append(qvalid & (t + j + 1 <= lengths - 1))
-    return dict(ids=mx.array(ids), start=mx.array(start), qpos=mx.array(qpos), qpos_np=qpos,
-                tok=[mx.array(x) for x in tok], lab_pos=[mx.array(x) for x in lab_pos],
-                lab_ok=[mx.array(m.astype(np.float32)) for m in lab_ok],
-                masks=query_masks(qpos, N, window))
+    return dict(
+        ids=mx.array(ids),
+        start=mx.array(start),
+        qpos=mx.array(qpos),
+        qpos_np=qpos,
+        tok=[mx.array(x) for x in tok],
+        lab_pos=[mx.array(x) for x in lab_pos],
+        lab_ok=[mx.array(m.astype(np.float32)) for m in lab_ok],
+        masks=query_masks(qpos, N, window),
+    )
 
 
 def query_masks(qpos: np.ndarray, N: int, window: int, hide: np.ndarray | None = None) -> dict:
@@ -175,12 +208,10 @@ def query_masks(qpos: np.ndarray, N: int, window: int, hide: np.ndarray | None =
     full = k <= newest
     sliding = full & ((q - k < window) | (k == newest))  # never an empty row
     # q_start = N: `Mask.key_range` then never cuts keys (queries sit at per-row positions).
-    return {F: Mask(mx.array(full)[:, None], N, 0, None),
-            S: Mask(mx.array(sliding)[:, None], N, 0, None)}
+    return {F: Mask(mx.array(full)[:, None], N, 0, None), S: Mask(mx.array(sliding)[:, None], N, 0, None)}
 
 
-def recency_dropout(qpos: np.ndarray, rate: float, most: int, blind: float,
-                    rng: np.random.Generator) -> np.ndarray:
+def recency_dropout(qpos: np.ndarray, rate: float, most: int, blind: float, rng: np.random.Generator) -> np.ndarray:
     """How many of its newest target keys each query loses [B, Q] (training only).
 
     With probability `rate` the newest 1..`most` keys, with probability `blind` all
@@ -225,8 +256,7 @@ def draft_losses(drafter: Drafter, g: dict, steps: int):
     losses, agree = [], []
     for j in range(steps):
         e = g["emb"][j]
-        x, hcur = drafter.step(mx.concatenate([e, hcur.astype(e.dtype)], axis=-1), g["kv"],
-                               g["masks"], g["start"])
+        x, hcur = drafter.step(mx.concatenate([e, hcur.astype(e.dtype)], axis=-1), g["kv"], g["masks"], g["start"])
         out = drafter.dense_logits(x).astype(mx.float32)
         ce = nn.losses.cross_entropy(out, g["labels"][j], reduction="none")
         m = g["lab_ok"][j]
@@ -239,12 +269,48 @@ def draft_losses(drafter: Drafter, g: dict, steps: int):
 def fixed_batches(examples, batch_size: int, rng: random.Random):
     """Length-bucketed batches (similar prompt and answer lengths share a batch)."""
     order = sorted(examples, key=lambda e: (len(e[0]) // 16, len(e[0]) - e[1]))
-    out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    out = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(out)
     return out
 
 
 # -- training --------------------------------------------------------------------
+
+
+def new_drafter(target, seed: int) -> tuple[Drafter, dict]:
+    """A freshly initialised drafter for `target` and its config."""
+    config = drafter_config(target.config)
+    mx.random.seed(seed)
+    drafter = Drafter(AssistantConfig.from_dict(json.loads(json.dumps(config))))
+    for layer in drafter.model.layers:  # keep the scale-1.0 attention soft at init (as train.py)
+        layer.self_attn.q_norm.weight = mx.full(layer.self_attn.q_norm.weight.shape, 0.3)
+    drafter.freeze(keys=["layer_scalar"])  # a buffer in the reference; stays 1.0
+    return drafter, config
+
+
+def make_optimizer(args) -> optim.Optimizer:
+    warm = min(50, args.steps // 10 + 1)
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(1e-5, args.lr, warm),
+            optim.cosine_decay(args.lr, max(1, args.steps - warm), end=args.lr * 0.05),
+        ],
+        [warm],
+    )
+    return optim.AdamW(learning_rate=schedule, weight_decay=0.01)
+
+
+def log_line(step: int, hist: list, every: int, t0: float) -> str:
+    k = hist[-every:]
+    ml = np.mean([x[0] for x in k])
+    mp = np.mean([x[1] for x in k], axis=0)
+    ma = np.mean([x[2] for x in k], axis=0)
+    return (
+        f"step {step:5d}  loss {ml:.4f}  per-step ce "
+        f"{' '.join(f'{v:.3f}' for v in mp)}  top1 {' '.join(f'{v:.3f}' for v in ma)}"
+        f"  ({time.time() - t0:.0f}s)"
+    )
+
 
 def train(args) -> tuple[Drafter, dict, dict]:
     t0 = time.time()
@@ -254,17 +320,9 @@ def train(args) -> tuple[Drafter, dict, dict]:
     rng = random.Random(args.seed)
     examples = make_examples(tokenizer, args.conversations, seed=0)
     data = [prepare(target, c, steps_k) for c in fixed_batches(examples, args.batch, rng)]
-    held = [prepare(target, c, steps_k)
-            for c in fixed_batches(make_examples(tokenizer, 200, seed=777), 32, rng)]
-    print(f"{len(examples)} examples in {len(data)} batches, target features precomputed "
-          f"({time.time() - t0:.0f}s)", flush=True)
-
-    config = drafter_config(target.config)
-    mx.random.seed(args.seed)
-    drafter = Drafter(AssistantConfig.from_dict(json.loads(json.dumps(config))))
-    for layer in drafter.model.layers:  # keep the scale-1.0 attention soft at init (as train.py)
-        layer.self_attn.q_norm.weight = mx.full(layer.self_attn.q_norm.weight.shape, 0.3)
-    drafter.freeze(keys=["layer_scalar"])  # a buffer in the reference; stays 1.0
+    held = [prepare(target, c, steps_k) for c in fixed_batches(make_examples(tokenizer, 200, seed=777), 32, rng)]
+    print(f"{len(examples)} examples in {len(data)} batches, target features precomputed ({time.time() - t0:.0f}s)")
+    drafter, config = new_drafter(target, args.seed)
     n_params = drafter.num_parameters()
     print(f"drafter: {n_params / 1e6:.3f}M parameters", flush=True)
 
@@ -273,14 +331,8 @@ def train(args) -> tuple[Drafter, dict, dict]:
         total = sum(w * l for w, l in zip(STEP_WEIGHTS, losses))
         return total, (mx.stack(losses), mx.stack(agree))
 
-    warm = min(50, args.steps // 10 + 1)
-    schedule = optim.join_schedules(
-        [optim.linear_schedule(1e-5, args.lr, warm),
-         optim.cosine_decay(args.lr, max(1, args.steps - warm), end=args.lr * 0.05)], [warm])
-    opt = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
-    step_fn = nn.value_and_grad(drafter, loss_fn)
+    opt, step_fn = make_optimizer(args), nn.value_and_grad(drafter, loss_fn)
     hist, order = [], []
-    W = target.config.sliding_window
     nprng = np.random.default_rng(args.seed)
     for step in range(1, args.steps + 1):
         if not order:
@@ -288,39 +340,47 @@ def train(args) -> tuple[Drafter, dict, dict]:
             rng.shuffle(order)
         g = data[order.pop()]
         if args.hide_rate or args.blind_rate:
-            hide = recency_dropout(g["qpos_np"], args.hide_rate, args.hide_max, args.blind_rate,
-                                   nprng)
-            g = {**g, "masks": query_masks(g["qpos_np"], g["N"], W, hide)}
+            hide = recency_dropout(g["qpos_np"], args.hide_rate, args.hide_max, args.blind_rate, nprng)
+            g = {**g, "masks": query_masks(g["qpos_np"], g["N"], target.config.sliding_window, hide)}
         (loss, (per, agree)), grads = step_fn(drafter, g)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(drafter, grads)
         mx.eval(drafter.parameters(), opt.state, loss, per, agree)
         hist.append((loss.item(), per.tolist(), agree.tolist()))
         if step % args.log_every == 0 or step == 1:
-            k = hist[-args.log_every:]
-            ml = np.mean([x[0] for x in k])
-            mp = np.mean([x[1] for x in k], axis=0)
-            ma = np.mean([x[2] for x in k], axis=0)
-            print(f"step {step:5d}  loss {ml:.4f}  per-step ce "
-                  f"{' '.join(f'{v:.3f}' for v in mp)}  top1 {' '.join(f'{v:.3f}' for v in ma)}"
-                  f"  ({time.time() - t0:.0f}s)", flush=True)
+            print(log_line(step, hist, args.log_every, t0), flush=True)
         if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
             print(f"stopping at step {step}: time budget of {args.max_minutes} min reached")
             break
     drafter.eval()
-    heldout = evaluate_heldout(drafter, held, steps_k)
-    last = hist[-min(len(hist), args.log_every):]
-    info = dict(steps=step, seconds=round(time.time() - t0),
-                final_loss=float(np.mean([x[0] for x in last])),
-                final_step_ce=np.mean([x[1] for x in last], 0).tolist(),
-                heldout=heldout, params=n_params, batch=args.batch, lr=args.lr,
-                conversations=args.conversations, examples=len(examples), seed=args.seed,
-                hide_rate=args.hide_rate, hide_max=args.hide_max, blind_rate=args.blind_rate,
-                heldout_zero_h=evaluate_heldout(drafter, [{**g, "h": mx.zeros_like(g["h"])}
-                                                           for g in held], steps_k))
-    print(f"held-out teacher-forced: {heldout}; with the target hidden zeroed: "
-          f"{info['heldout_zero_h']}")
+    info = summary(args, drafter, held, hist, step, t0, n_params, len(examples))
     return drafter, config, info
+
+
+def summary(args, drafter, held, hist, step: int, t0: float, n_params: int, n_examples: int) -> dict:
+    """What the drafter's README records about its training."""
+    steps_k = len(STEP_WEIGHTS)
+    heldout = evaluate_heldout(drafter, held, steps_k)
+    last = hist[-min(len(hist), args.log_every) :]
+    info = dict(
+        steps=step,
+        seconds=round(time.time() - t0),
+        final_loss=float(np.mean([x[0] for x in last])),
+        final_step_ce=np.mean([x[1] for x in last], 0).tolist(),
+        heldout=heldout,
+        params=n_params,
+        batch=args.batch,
+        lr=args.lr,
+        conversations=args.conversations,
+        examples=n_examples,
+        seed=args.seed,
+        hide_rate=args.hide_rate,
+        hide_max=args.hide_max,
+        blind_rate=args.blind_rate,
+        heldout_zero_h=evaluate_heldout(drafter, [{**g, "h": mx.zeros_like(g["h"])} for g in held], steps_k),
+    )
+    print(f"held-out teacher-forced: {heldout}; with the target hidden zeroed: {info['heldout_zero_h']}")
+    return info
 
 
 def evaluate_heldout(drafter, data, steps_k) -> dict:
@@ -334,8 +394,7 @@ def evaluate_heldout(drafter, data, steps_k) -> dict:
         tot += np.array([[x.item() for x in losses], [x.item() for x in agree]]) * w
         n += w
     tot /= n
-    return {"ce": [round(float(v), 4) for v in tot[0]],
-            "top1": [round(float(v), 4) for v in tot[1]]}
+    return {"ce": [round(float(v), 4) for v in tot[0]], "top1": [round(float(v), 4) for v in tot[1]]}
 
 
 def save(drafter: Drafter, config: dict, info: dict, out: Path, measured: str = "") -> None:
@@ -367,29 +426,29 @@ acceptance:
 Architecture: 4 query-only layers [S, S, S, F], hidden 64, 4 heads, MLP 128; K/V come
 from the target's last non-shared sliding (3) and full (2) layers (1 KV head, head
 dims 32 / 64), window 64; dense head tied to its own 768 x 64 table (no centroid
-head); pre_projection 256 -> 64, post_projection 64 -> 128.  {info['params'] / 1e6:.3f}M parameters,
+head); pre_projection 256 -> 64, post_projection 64 -> 128.  {info["params"] / 1e6:.3f}M parameters,
 float32.
 
-Made by `python -m gemma4_mlx.demo.train_drafter` (seed {info['seed']}): teacher
-forcing on the demo corpus ({info['conversations']} conversations, seed 0, the
+Made by `python -m gemma4_mlx.demo.train_drafter` (seed {info["seed"]}): teacher
+forcing on the demo corpus ({info["conversations"]} conversations, seed 0, the
 target's own training data), the frozen target run once per batch for its
 final-norm hiddens, logits and producer K/V.  Draft steps 1-3 (loss weights
-{', '.join(str(w) for w in STEP_WEIGHTS)}) at the "last_committed" RoPE position
+{", ".join(str(w) for w in STEP_WEIGHTS)}) at the "last_committed" RoPE position
 (p = L - 1), cross-entropy against the target's greedy token on model-turn
 positions, gradient carried through the post_projection chain.  K/V dropout: a
 training query sees only `<bos>` of the target's K/V with probability
-{info['blind_rate']}, loses its newest 1-{info['hide_max']} keys with probability
-{info['hide_rate']}, and sees the inference view otherwise; without it the drafter learned to ignore
+{info["blind_rate"]}, loses its newest 1-{info["hide_max"]} keys with probability
+{info["hide_rate"]}, and sees the inference view otherwise; without it the drafter learned to ignore
 the target hidden h entirely (the demo's K/V alone predict the next tokens).
-AdamW, lr {info['lr']}, batch {info['batch']}, {info['steps']} steps, {info['seconds']} s
+AdamW, lr {info["lr"]}, batch {info["batch"]}, {info["steps"]} steps, {info["seconds"]} s
 (target features included) on 2 shared CPU cores.
 
 Final training loss (weighted sum of the 3 steps, on the K/V-dropout training views,
-mostly blind): {info['final_loss']:.4f}; per-step
-cross-entropy {', '.join(f'{v:.3f}' for v in info['final_step_ce'])}.
-Held-out teacher-forced (corpus seed 777): cross-entropy {info['heldout']['ce']},
-top-1 agreement with the target {info['heldout']['top1']}; the same with h zeroed:
-{info['heldout_zero_h']['ce']}, {info['heldout_zero_h']['top1']}.
+mostly blind): {info["final_loss"]:.4f}; per-step
+cross-entropy {", ".join(f"{v:.3f}" for v in info["final_step_ce"])}.
+Held-out teacher-forced (corpus seed 777): cross-entropy {info["heldout"]["ce"]},
+top-1 agreement with the target {info["heldout"]["top1"]}; the same with h zeroed:
+{info["heldout_zero_h"]["ce"]}, {info["heldout_zero_h"]["top1"]}.
 
 {measured}
 """
@@ -403,26 +462,45 @@ DEMO_CHATS = [
     dict(messages=[{"role": "user", "content": "Hello!"}]),
     dict(messages=[{"role": "user", "content": "What's the weather in Tokyo?"}], tools=True),
     dict(messages=[{"role": "user", "content": "Name the capital of Kenya."}], thinking=True),
-    dict(messages=[{"role": "user", "content": "What is the capital of Peru?"},
-                   {"role": "assistant", "content": "The capital of Peru is Lima."},
-                   {"role": "user", "content": "Add 9 and 15."},
-                   {"role": "assistant", "content": "9 plus 15 is 24."},
-                   {"role": "user", "content": "Hi there"}]),
-    dict(messages=[{"role": "system", "content": "Answer briefly."},
-                   {"role": "user", "content": "Is it cold in Oslo?"}], tools=True, thinking=True),
+    dict(
+        messages=[
+            {"role": "user", "content": "What is the capital of Peru?"},
+            {"role": "assistant", "content": "The capital of Peru is Lima."},
+            {"role": "user", "content": "Add 9 and 15."},
+            {"role": "assistant", "content": "9 plus 15 is 24."},
+            {"role": "user", "content": "Hi there"},
+        ]
+    ),
+    dict(
+        messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is it cold in Oslo?"}],
+        tools=True,
+        thinking=True,
+    ),
     dict(messages=[{"role": "user", "content": "capital of Sweden?"}], tools=True),
-    dict(messages=[{"role": "user", "content": "What is the weather like in Denver?"},
-                   {"role": "assistant", "tool_calls": [{"type": "function", "function": {
-                       "name": "get_weather", "arguments": {"city": "Denver"}}}]},
-                   {"role": "tool", "name": "get_weather",
-                    "content": {"temperature": 17, "condition": "windy"}}], tools=True),
+    dict(
+        messages=[
+            {"role": "user", "content": "What is the weather like in Denver?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Denver"}}}
+                ],
+            },
+            {"role": "tool", "name": "get_weather", "content": {"temperature": 17, "condition": "windy"}},
+        ],
+        tools=True,
+    ),
 ]
 
 
 def render_chat(tokenizer, chat: dict) -> list[int]:
     """Token ids of a demo chat prompt, rendered as `gemma4_mlx.prompt` renders it."""
-    text = render(chat["messages"], tools=[WEATHER_TOOL] if chat.get("tools") else None,
-                  thinking=chat.get("thinking", False), add_generation_prompt=True)
+    text = render(
+        chat["messages"],
+        tools=[WEATHER_TOOL] if chat.get("tools") else None,
+        thinking=chat.get("thinking", False),
+        add_generation_prompt=True,
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -431,14 +509,14 @@ def stop_ids(tokenizer, target) -> list[int]:
     return sorted((ids - {None, tokenizer.unk_token_id}) | set(target.config.eos_ids))
 
 
-def measure(target, drafter, tokenizer, ks=(1, 2, 3, 4, 5), max_tokens: int = 64,
-            chats=DEMO_CHATS, draft_fn=None) -> dict:
+def measure(
+    target, drafter, tokenizer, ks=(1, 2, 3, 4, 5), max_tokens: int = 64, chats=DEMO_CHATS, draft_fn=None
+) -> dict:
     """Greedy acceptance per draft position and tokens/round for each K, and whether
     the speculative output equals plain greedy decoding."""
     prompts = [render_chat(tokenizer, c) for c in chats]
     stops = stop_ids(tokenizer, target)
-    plain = [list(generate_tokens(target, p, max_tokens=max_tokens, stop_ids=stops))
-             for p in prompts]
+    plain = [list(generate_tokens(target, p, max_tokens=max_tokens, stop_ids=stops)) for p in prompts]
     out = {}
     saved = speculative.draft
     try:
@@ -446,22 +524,27 @@ def measure(target, drafter, tokenizer, ks=(1, 2, 3, 4, 5), max_tokens: int = 64
             speculative.draft = draft_fn
         for K in ks:
             stats = SpecStats()
-            spec = speculative_batch_generate(target, drafter, prompts, max_tokens=max_tokens,
-                                              draft_tokens=K, stop_ids=stops, stats=stats)
-            out[K] = dict(acceptance=stats.acceptance(), tokens_per_round=stats.tokens_per_round,
-                          rounds=stats.rounds, lossless=spec == plain)
+            spec = speculative_batch_generate(
+                target, drafter, prompts, max_tokens=max_tokens, draft_tokens=K, stop_ids=stops, stats=stats
+            )
+            out[K] = dict(
+                acceptance=stats.acceptance(),
+                tokens_per_round=stats.tokens_per_round,
+                rounds=stats.rounds,
+                lossless=spec == plain,
+            )
     finally:
         speculative.draft = saved
     return out
 
 
 def format_measure(res: dict) -> str:
-    lines = ["| K | acceptance by position | tokens/round | rounds | == greedy |",
-             "|---|---|---|---|---|"]
+    lines = ["| K | acceptance by position | tokens/round | rounds | == greedy |", "|---|---|---|---|---|"]
     for K, r in res.items():
         acc = " ".join(f"{a:.2f}" for a in r["acceptance"])
-        lines.append(f"| {K} | {acc} | {r['tokens_per_round']:.2f} | {r['rounds']} | "
-                     f"{'yes' if r['lossless'] else 'NO'} |")
+        lines.append(
+            f"| {K} | {acc} | {r['tokens_per_round']:.2f} | {r['rounds']} | {'yes' if r['lossless'] else 'NO'} |"
+        )
     return "\n".join(lines)
 
 
@@ -487,10 +570,12 @@ def main():
     res = measure(target, loaded, tokenizer)
     table = format_measure(res)
     print(table)
-    measured = (f"Greedy speculative decoding on the {len(DEMO_CHATS)} demo chat prompts of\n"
-                "`train_drafter.DEMO_CHATS` (one ragged batch, max_tokens 64, stop at\n"
-                "`<turn|>`; acceptance = conditional acceptance per draft position,\n"
-                "`SpecStats.acceptance()`), measured right after training:\n\n" + table + "\n")
+    measured = (
+        f"Greedy speculative decoding on the {len(DEMO_CHATS)} demo chat prompts of\n"
+        "`train_drafter.DEMO_CHATS` (one ragged batch, max_tokens 64, stop at\n"
+        "`<turn|>`; acceptance = conditional acceptance per draft position,\n"
+        "`SpecStats.acceptance()`), measured right after training:\n\n" + table + "\n"
+    )
     save(drafter, config, info, args.out, measured)
     print(f"saved to {args.out} ({info['seconds']} s of training)")
 

@@ -67,25 +67,38 @@ class WeightFormat:
         return {"mode": self.mode, "bits": int(bits), "group_size": int(group_size)}
 
 
-def _mlx(name: str, bits: int, group_size: int, groups: tuple[int, ...], fixed: bool = True,
-         biases: str = "none") -> WeightFormat:
+def _mlx(
+    name: str, bits: int, group_size: int, groups: tuple[int, ...], fixed: bool = True, biases: str = "none"
+) -> WeightFormat:
     """An MLX-native format: named after its kernel mode, coded by MLX itself."""
-    return WeightFormat(name, name, bits, group_size, fixed, groups, biases, False,
-                        mx.quantize, mx.dequantize)
+    return WeightFormat(name, name, bits, group_size, fixed, groups, biases, False, mx.quantize, mx.dequantize)
 
 
-FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
-    WeightFormat("float", None, None, None, True, (), "none", False, None, None),
-    # MLX's own defaults (group 64, 4 bits) when an entry leaves them out
-    _mlx("affine", 4, 64, (64, 32, 128), fixed=False, biases="stored"),
-    WeightFormat("q4_0", "affine", q4_0.BITS, q4_0.GROUP_SIZE, True, (q4_0.GROUP_SIZE,), "derived",
-                 False, q4_0.quantize, q4_0.dequantize, bias_per_scale=q4_0.BIAS_PER_SCALE),
-    WeightFormat("sfp8", "mxfp8", 8, sfp8.GROUP, True, (sfp8.GROUP,), "none", True,
-                 sfp8.encode, sfp8.decode),
-    _mlx("mxfp4", 4, 32, (32,)),
-    _mlx("mxfp8", 8, 32, (32,)),
-    _mlx("nvfp4", 4, 16, (16,)),
-)}
+FORMATS: dict[str, WeightFormat] = {
+    f.name: f
+    for f in (
+        WeightFormat("float", None, None, None, True, (), "none", False, None, None),
+        # MLX's own defaults (group 64, 4 bits) when an entry leaves them out
+        _mlx("affine", 4, 64, (64, 32, 128), fixed=False, biases="stored"),
+        WeightFormat(
+            "q4_0",
+            "affine",
+            q4_0.BITS,
+            q4_0.GROUP_SIZE,
+            True,
+            (q4_0.GROUP_SIZE,),
+            "derived",
+            False,
+            q4_0.quantize,
+            q4_0.dequantize,
+            bias_per_scale=q4_0.BIAS_PER_SCALE,
+        ),
+        WeightFormat("sfp8", "mxfp8", 8, sfp8.GROUP, True, (sfp8.GROUP,), "none", True, sfp8.encode, sfp8.decode),
+        _mlx("mxfp4", 4, 32, (32,)),
+        _mlx("mxfp8", 8, 32, (32,)),
+        _mlx("nvfp4", 4, 16, (16,)),
+    )
+}
 
 # The MLX kernel modes, each the name of the MLX-native format that runs on it.
 MODES: tuple[str, ...] = tuple(f.name for f in FORMATS.values() if f.mode == f.name)

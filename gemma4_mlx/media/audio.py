@@ -22,9 +22,10 @@ import math
 import os
 import struct
 import wave
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class AudioError(ValueError):
 
 
 # -- configuration -----------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -67,7 +69,7 @@ class FeatureConfig:
     pad_to_multiple_of: int = 128
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FeatureConfig":
+    def from_dict(cls, d: dict[str, Any]) -> FeatureConfig:
         """Read the block (or a whole processor_config.json); unknown keys are ignored.
 
         transformers derives the frame and hop sizes from the `*_ms` keys only: the
@@ -81,8 +83,7 @@ class FeatureConfig:
         cfg = cls(**kw)
         for key, derived in (("frame_length", cfg.frame_length), ("hop_length", cfg.hop_length)):
             if d.get(key) is not None and int(d[key]) != derived:
-                raise AudioError(f"feature_extractor: {key}={d[key]} disagrees with {key}_ms "
-                                 f"({derived} samples)")
+                raise AudioError(f"feature_extractor: {key}={d[key]} disagrees with {key}_ms ({derived} samples)")
         if cfg.dither:
             raise AudioError("feature_extractor: dither > 0 (random noise) is not supported")
         return cfg
@@ -106,6 +107,7 @@ class FeatureConfig:
 
 
 # -- mel filters ---------------------------------------------------------------
+
 
 def _hz_to_mel(f):
     return 2595.0 * np.log10(1.0 + f / 700.0)
@@ -137,6 +139,7 @@ def _hann(n: int) -> np.ndarray:
 
 
 # -- features ------------------------------------------------------------------
+
 
 def log_mel(clips: Sequence[np.ndarray], cfg: FeatureConfig = FeatureConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Batch of validated 16 kHz float32 clips -> (features (B, T, n_mels) float32, mask (B, T) bool).
@@ -171,8 +174,9 @@ def log_mel(clips: Sequence[np.ndarray], cfg: FeatureConfig = FeatureConfig()) -
     else:
         frames = frames[..., :-1]
     spec = np.abs(np.fft.rfft(frames * _hann(cfg.frame_length), n=cfg.fft_length, axis=-1))
-    filters = mel_filters(cfg.fft_length // 2 + 1, cfg.feature_size, cfg.min_frequency,
-                          cfg.max_frequency, cfg.sampling_rate)
+    filters = mel_filters(
+        cfg.fft_length // 2 + 1, cfg.feature_size, cfg.min_frequency, cfg.max_frequency, cfg.sampling_rate
+    )
     feats = np.log(spec @ filters + np.float64(cfg.mel_floor))  # float64, additive floor
     if cfg.per_bin_mean is not None:
         feats = feats - np.asarray(cfg.per_bin_mean).reshape(1, 1, -1)
@@ -200,17 +204,30 @@ def tokens_from_mask(mask: np.ndarray) -> list[int]:
     return [int(row[::2][::2].sum()) for row in np.asarray(mask, dtype=bool)]
 
 
-def audio_prompt_ids(n_tokens: int, boa: int = BOA_TOKEN_ID, audio: int = AUDIO_TOKEN_ID,
-                     eoa: int = EOA_TOKEN_ID) -> list[int]:
+def audio_prompt_ids(
+    n_tokens: int, boa: int = BOA_TOKEN_ID, audio: int = AUDIO_TOKEN_ID, eoa: int = EOA_TOKEN_ID
+) -> list[int]:
     """<|audio> + n x <|audio|> + <audio|>: the expansion of one clip's placeholder."""
     return [boa] + [audio] * n_tokens + [eoa]
 
 
 # -- loading -------------------------------------------------------------------
 
-_COMPRESSED = {".flac": "FLAC", ".mp3": "MP3", ".m4a": "M4A/AAC", ".mp4": "MP4", ".aac": "AAC",
-               ".ogg": "Ogg", ".opus": "Opus", ".webm": "WebM", ".wma": "WMA", ".aiff": "AIFF",
-               ".aif": "AIFF", ".mkv": "Matroska", ".mov": "QuickTime"}
+_COMPRESSED = {
+    ".flac": "FLAC",
+    ".mp3": "MP3",
+    ".m4a": "M4A/AAC",
+    ".mp4": "MP4",
+    ".aac": "AAC",
+    ".ogg": "Ogg",
+    ".opus": "Opus",
+    ".webm": "WebM",
+    ".wma": "WMA",
+    ".aiff": "AIFF",
+    ".aif": "AIFF",
+    ".mkv": "Matroska",
+    ".mov": "QuickTime",
+}
 
 
 def _sniff(head: bytes, ext: str) -> str:
@@ -243,14 +260,18 @@ def _file_kind(path: str) -> str:
 
 
 def _convert_hint(path: str) -> str:
-    return (f"convert it, e.g. `ffmpeg -i '{path}' -ac 1 -ar 16000 out.wav` (install ffmpeg), or decode it "
-            "yourself (e.g. `pip install soundfile`) and pass the float array with its sampling_rate")
+    return (
+        f"convert it, e.g. `ffmpeg -i '{path}' -ac 1 -ar 16000 out.wav` (install ffmpeg), or decode it "
+        "yourself (e.g. `pip install soundfile`) and pass the float array with its sampling_rate"
+    )
 
 
 def _too_long(name: str, seconds: float, cfg: FeatureConfig) -> AudioError:
-    return AudioError(f"{name}: {seconds:.2f} s of audio; Gemma 4 takes at most "
-                      f"30 s ({cfg.max_samples} samples at {cfg.sampling_rate} Hz) per clip -- "
-                      "split it into clips of <= 30 s, each with its own audio placeholder")
+    return AudioError(
+        f"{name}: {seconds:.2f} s of audio; Gemma 4 takes at most "
+        f"30 s ({cfg.max_samples} samples at {cfg.sampling_rate} Hz) per clip -- "
+        "split it into clips of <= 30 s, each with its own audio placeholder"
+    )
 
 
 def read_audio(path: str | os.PathLike, cfg: FeatureConfig | None = None) -> tuple[np.ndarray, int]:
@@ -288,8 +309,10 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: corrupt WAV file (no RIFF/WAVE header)")
     if kind != "wav":
         what = "unknown audio format" if kind == "unknown" else f"unsupported audio format {kind}"
-        raise AudioError(f"{path}: {what}; read_wav decodes WAV only (load_audio decodes the rest "
-                         f"with PyAV), or {_convert_hint(path)}")
+        raise AudioError(
+            f"{path}: {what}; read_wav decodes WAV only (load_audio decodes the rest "
+            f"with PyAV), or {_convert_hint(path)}"
+        )
     try:
         try:
             with wave.open(path, "rb") as w:
@@ -305,8 +328,7 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     except (wave.Error, EOFError, struct.error, RuntimeError, ValueError, OSError) as e:  # wave's own failures
         raise AudioError(f"{path}: corrupt WAV file ({str(e) or 'unexpected end of file'})") from None
     if len(data) < n * ch * width:
-        raise AudioError(f"{path}: corrupt WAV file (data chunk truncated: "
-                         f"{len(data)} of {n * ch * width} bytes)")
+        raise AudioError(f"{path}: corrupt WAV file (data chunk truncated: {len(data)} of {n * ch * width} bytes)")
     return _pcm_to_float(data[: n * ch * width], fmt, width, ch, path), rate
 
 
@@ -316,15 +338,16 @@ def _read_riff(path: str):
         blob = f.read()
     pos, fmt = 12, None
     while pos + 8 <= len(blob):
-        cid, size = blob[pos: pos + 4], struct.unpack_from("<I", blob, pos + 4)[0]
-        body = blob[pos + 8: pos + 8 + size]
+        cid, size = blob[pos : pos + 4], struct.unpack_from("<I", blob, pos + 4)[0]
+        body = blob[pos + 8 : pos + 8 + size]
         if cid == b"fmt ":
             tag, ch, rate, _, _, bits = struct.unpack_from("<HHIIHH", body)
             if tag == 0xFFFE:
                 tag = struct.unpack_from("<H", body, 24)[0]  # sub-format GUID starts with the tag
             if tag not in (1, 3):
-                raise AudioError(f"{path}: unsupported WAV encoding (format tag {tag}); "
-                                 "only PCM and IEEE float are decoded")
+                raise AudioError(
+                    f"{path}: unsupported WAV encoding (format tag {tag}); only PCM and IEEE float are decoded"
+                )
             fmt = (tag, ch, (bits + 7) // 8, rate)
         elif cid == b"data":
             if fmt is None:
@@ -358,8 +381,14 @@ def _pcm_to_float(data: bytes, fmt: int, width: int, ch: int, path: str) -> np.n
     return x.astype(np.float32)
 
 
-def resample(x: np.ndarray, rate_in: int, rate_out: int = SAMPLING_RATE, zeros: int = 24,
-             rolloff: float = 0.945, beta: float = 8.6) -> np.ndarray:
+def resample(
+    x: np.ndarray,
+    rate_in: int,
+    rate_out: int = SAMPLING_RATE,
+    zeros: int = 24,
+    rolloff: float = 0.945,
+    beta: float = 8.6,
+) -> np.ndarray:
     """Band-limited resampling with a Kaiser-windowed sinc (polyphase over rate_out/rate_in
     reduced to L/M).  `zeros` zero crossings each side; the cutoff is `rolloff` times the
     lower Nyquist; Kaiser beta 8.6 (stopband ~ -80 dB).  Output length ceil(N*L/M); the
@@ -386,7 +415,7 @@ def resample(x: np.ndarray, rate_in: int, rate_out: int = SAMPLING_RATE, zeros: 
         u = np.clip(tau / half, -1.0, 1.0)
         kern = fc * np.sinc(fc * tau) * np.i0(beta * np.sqrt(1.0 - u * u)) / np.i0(beta)
         kern[np.abs(tau) >= half] = 0.0
-        out[a: a + len(n)] = np.einsum("nk,nk->n", kern[inv], xp[base[:, None] + taps[None, :] + pad])
+        out[a : a + len(n)] = np.einsum("nk,nk->n", kern[inv], xp[base[:, None] + taps[None, :] + pad])
     return out.astype(np.float32)
 
 
@@ -406,11 +435,11 @@ def load_audio(source, sampling_rate: int | None = None, cfg: FeatureConfig = Fe
         x = np.asarray(source)
         rate, name = cfg.sampling_rate if sampling_rate is None else sampling_rate, "audio array"
         if x.ndim != 1:
-            raise AudioError(f"{name}: expected a 1-D mono waveform, got shape {x.shape} "
-                             "(average the channels first)")
+            raise AudioError(f"{name}: expected a 1-D mono waveform, got shape {x.shape} (average the channels first)")
         if not np.issubdtype(x.dtype, np.floating):
-            raise AudioError(f"{name}: expected float samples in [-1, 1], got {x.dtype} "
-                             "(e.g. divide int16 PCM by 32768)")
+            raise AudioError(
+                f"{name}: expected float samples in [-1, 1], got {x.dtype} (e.g. divide int16 PCM by 32768)"
+            )
         if not np.all(np.isfinite(x)):
             raise AudioError(f"{name}: waveform contains NaN or infinite samples")
     if len(x) == 0:
@@ -419,8 +448,10 @@ def load_audio(source, sampling_rate: int | None = None, cfg: FeatureConfig = Fe
     if len(x) > cfg.max_samples:
         raise _too_long(name, len(x) / cfg.sampling_rate, cfg)
     if len(x) < MIN_SAMPLES:
-        raise AudioError(f"{name}: {len(x)} samples is too short: at least {MIN_SAMPLES} samples "
-                         f"(~10 ms at {cfg.sampling_rate} Hz) are needed for one audio token")
+        raise AudioError(
+            f"{name}: {len(x)} samples is too short: at least {MIN_SAMPLES} samples "
+            f"(~10 ms at {cfg.sampling_rate} Hz) are needed for one audio token"
+        )
     return x
 
 

@@ -54,7 +54,7 @@ def open_container(path: str):
 
 
 # FFmpeg sample formats -> how to map the stored integers onto [-1, 1], as the WAV reader does
-_INT_SCALE = {"u8": 128.0, "s16": 2.0 ** 15, "s32": 2.0 ** 31, "s64": 2.0 ** 63}
+_INT_SCALE = {"u8": 128.0, "s16": 2.0**15, "s32": 2.0**31, "s64": 2.0**63}
 
 
 def frame_to_mono(frame) -> np.ndarray:

@@ -23,14 +23,14 @@ DEFAULT_BUDGET = 280
 
 def check_budget(value: Any, name: str = "image_budget") -> int:
     """The budget as an int, or a ValueError naming the argument."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
-            or int(value) not in BUDGETS:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or int(value) not in BUDGETS:
         raise ValueError(f"{name} must be one of {', '.join(map(str, BUDGETS))} soft tokens, got {value!r}")
     return int(value)
 
 
-def resized_size(height: int, width: int, budget: int, patch_size: int = 16,
-                 pooling_kernel_size: int = 3) -> tuple[int, int]:
+def resized_size(
+    height: int, width: int, budget: int, patch_size: int = 16, pooling_kernel_size: int = 3
+) -> tuple[int, int]:
     """(H', W'): the largest multiples of k*p keeping the aspect ratio within 9 * budget patches.
 
     The float arithmetic follows transformers' `get_aspect_ratio_preserving_size`
@@ -38,8 +38,8 @@ def resized_size(height: int, width: int, budget: int, patch_size: int = 16,
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image has zero size ({width}x{height})")
-    max_patches = budget * pooling_kernel_size ** 2
-    target_px = max_patches * patch_size ** 2
+    max_patches = budget * pooling_kernel_size**2
+    target_px = max_patches * patch_size**2
     scale = math.sqrt(target_px / (height * width))
     side = pooling_kernel_size * patch_size
     h = int(math.floor(scale * height / side)) * side
@@ -55,8 +55,9 @@ def resized_size(height: int, width: int, budget: int, patch_size: int = 16,
     return h, w
 
 
-def num_soft_tokens(height: int, width: int, budget: int = DEFAULT_BUDGET, patch_size: int = 16,
-                    pooling_kernel_size: int = 3) -> int:
+def num_soft_tokens(
+    height: int, width: int, budget: int = DEFAULT_BUDGET, patch_size: int = 16, pooling_kernel_size: int = 3
+) -> int:
     """Soft tokens of a height x width image: (H'/48) * (W'/48) <= budget."""
     h, w = resized_size(height, width, check_budget(budget), patch_size, pooling_kernel_size)
     side = pooling_kernel_size * patch_size
@@ -86,15 +87,21 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
     elif a.ndim == 3 and a.shape[0] in (1, 3, 4):  # transformers prefers channels first when ambiguous
         a = np.moveaxis(a, 0, -1)
     elif a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; "
-                         f"got shape {a.shape}")
+        raise ValueError(f"image array must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise ValueError(f"image has zero size ({a.shape[1]}x{a.shape[0]})")
     if a.dtype != np.uint8:
-        if a.dtype.kind not in "iuf" or not np.all(np.isfinite(a)) or a.min() < 0 or a.max() > 255 \
-                or not np.array_equal(a, np.round(a)):
-            raise ValueError(f"image array must hold integer pixel values 0-255 (uint8), got dtype "
-                             f"{a.dtype} with range [{a.min()}, {a.max()}]")
+        if (
+            a.dtype.kind not in "iuf"
+            or not np.all(np.isfinite(a))
+            or a.min() < 0
+            or a.max() > 255
+            or not np.array_equal(a, np.round(a))
+        ):
+            raise ValueError(
+                f"image array must hold integer pixel values 0-255 (uint8), got dtype "
+                f"{a.dtype} with range [{a.min()}, {a.max()}]"
+            )
         a = a.astype(np.uint8)
     if a.shape[-1] == 1:
         return np.repeat(a, 3, axis=-1)
@@ -111,8 +118,9 @@ def to_rgb(image: Any) -> Image.Image:
     if isinstance(image, np.ndarray):
         return Image.fromarray(_array_to_rgb(image))
     if not isinstance(image, Image.Image):
-        raise ValueError(f"unsupported image type {type(image).__name__}: pass a PIL image, "
-                         "a numpy array or a file path")
+        raise ValueError(
+            f"unsupported image type {type(image).__name__}: pass a PIL image, a numpy array or a file path"
+        )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image has zero size ({image.width}x{image.height})")
     try:
@@ -137,28 +145,33 @@ class ImageBatch:
 
 
 class ImageProcessor:
-    def __init__(self, image_budget: int = DEFAULT_BUDGET, patch_size: int = 16,
-                 pooling_kernel_size: int = 3, resample: int = Image.BICUBIC,
-                 rescale_factor: float = 1 / 255):
+    def __init__(
+        self,
+        image_budget: int = DEFAULT_BUDGET,
+        patch_size: int = 16,
+        pooling_kernel_size: int = 3,
+        resample: int = Image.BICUBIC,
+        rescale_factor: float = 1 / 255,
+    ):
         self.budget = check_budget(image_budget)
         self.patch_size, self.pooling_kernel_size = patch_size, pooling_kernel_size
         self.resample, self.rescale_factor = resample, rescale_factor
 
     @classmethod
-    def from_config(cls, processor_config: dict | None = None,
-                    vision_config: dict | None = None) -> "ImageProcessor":
+    def from_config(cls, processor_config: dict | None = None, vision_config: dict | None = None) -> ImageProcessor:
         """From processor_config.json (its `image_processor` block); budget from
         `max_soft_tokens`, else the vision config's `default_output_length`, else 280."""
         pc = dict((processor_config or {}).get("image_processor", processor_config or {}))
-        if pc.get("do_normalize") and (any(pc.get("image_mean", [0]))
-                                       or any(s != 1 for s in pc.get("image_std", [1]))):
+        if pc.get("do_normalize") and (any(pc.get("image_mean", [0])) or any(s != 1 for s in pc.get("image_std", [1]))):
             raise ValueError("processor_config: do_normalize with a non-identity mean/std is not supported")
         budget = pc.get("max_soft_tokens") or (vision_config or {}).get("default_output_length") or DEFAULT_BUDGET
-        return cls(image_budget=check_budget(budget, "max_soft_tokens"),
-                   patch_size=pc.get("patch_size", 16),
-                   pooling_kernel_size=pc.get("pooling_kernel_size", 3),
-                   resample=pc.get("resample", Image.BICUBIC),
-                   rescale_factor=pc.get("rescale_factor", 1 / 255) if pc.get("do_rescale", True) else 1.0)
+        return cls(
+            image_budget=check_budget(budget, "max_soft_tokens"),
+            patch_size=pc.get("patch_size", 16),
+            pooling_kernel_size=pc.get("pooling_kernel_size", 3),
+            resample=pc.get("resample", Image.BICUBIC),
+            rescale_factor=pc.get("rescale_factor", 1 / 255) if pc.get("do_rescale", True) else 1.0,
+        )
 
     def _table(self) -> np.ndarray:
         return (np.arange(256, dtype=np.float64) * self.rescale_factor).astype(np.float32)

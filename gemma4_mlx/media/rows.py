@@ -26,11 +26,10 @@ class MediaRows:
         self.index = np.asarray(self.index, dtype=np.int64)
         self.block = np.asarray(self.block, dtype=np.int64)
         if self.rows.shape[0] != self.index.size or self.block.size != self.index.size:
-            raise ValueError(f"media rows: {self.rows.shape[0]} embeddings for "
-                             f"{self.index.size} placeholder positions")
+            raise ValueError(f"media rows: {self.rows.shape[0]} embeddings for {self.index.size} placeholder positions")
 
     @classmethod
-    def from_runs(cls, runs: list[tuple[int, int, int]], rows: mx.array) -> "MediaRows":
+    def from_runs(cls, runs: list[tuple[int, int, int]], rows: mx.array) -> MediaRows:
         """runs: (start, length, kind) per contiguous placeholder run, in sequence order;
         rows: their embeddings concatenated in that order."""
         index, block, next_block = [], [], 0
@@ -41,17 +40,18 @@ class MediaRows:
             else:
                 block.append(np.full(n, next_block))
                 next_block += 1
+
         def cat(xs):
             return np.concatenate(xs) if xs else np.zeros(0, np.int64)
 
         return cls(cat(index), rows, cat(block))
 
-    def window(self, start: int, end: int) -> "MediaRows | None":
+    def window(self, start: int, end: int) -> MediaRows | None:
         """The placeholders in positions [start, end), re-indexed from start; None if none."""
         a, b = np.searchsorted(self.index, [start, end])
         if a == b:
             return None
-        return MediaRows(self.index[a:b] - start, self.rows[int(a):int(b)], self.block[a:b])
+        return MediaRows(self.index[a:b] - start, self.rows[int(a) : int(b)], self.block[a:b])
 
     def block_ids(self, length: int) -> np.ndarray | None:
         """Block id per position of a slice of `length` tokens (-1 outside blocks);

@@ -48,8 +48,14 @@ class VideoError(ValueError):
 
 # -- sampling and timestamps ------------------------------------------------------
 
-def sample_indices(total_frames: int, num_frames: int | None = None, fps: float | None = None,
-                   source_fps: float | None = None, name: str = "video") -> np.ndarray:
+
+def sample_indices(
+    total_frames: int,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    source_fps: float | None = None,
+    name: str = "video",
+) -> np.ndarray:
     """Source frame indices to keep (int64, ascending): `i * total // n` for i < n, where
     n = num_frames (default 32) or, with `fps`, max(1, int(total / source_fps * fps))."""
     if num_frames is not None and fps is not None:
@@ -68,8 +74,9 @@ def sample_indices(total_frames: int, num_frames: int | None = None, fps: float 
         raise VideoError(f"{name}: no video frames")
     if n > total_frames:
         how = f"fps={fps} gives {n} frames" if fps is not None else f"num_frames={n}"
-        raise VideoError(f"{name}: has {total_frames} frames but {how}; pass num_frames <= {total_frames} "
-                         "or a lower fps")
+        raise VideoError(
+            f"{name}: has {total_frames} frames but {how}; pass num_frames <= {total_frames} or a lower fps"
+        )
     return np.arange(n, dtype=np.int64) * total_frames // n
 
 
@@ -83,14 +90,16 @@ def frame_timestamps(indices, source_fps: float) -> list[str]:
     return [format_timestamp(int(i) / source_fps) for i in indices]
 
 
-def video_prompt_text(timestamps, tokens_per_frame: int, boi: str = "<|image>",
-                      video_token: str = "<|video|>", eoi: str = "<image|>") -> str:
+def video_prompt_text(
+    timestamps, tokens_per_frame: int, boi: str = "<|image>", video_token: str = "<|video|>", eoi: str = "<image|>"
+) -> str:
     """The text that replaces one <|video|> placeholder in the prompt."""
     block = boi + video_token * int(tokens_per_frame) + eoi
     return " ".join(f"{t} {block}" for t in timestamps)
 
 
 # -- decoding ----------------------------------------------------------------------
+
 
 @dataclass
 class Video:
@@ -129,13 +138,16 @@ def _count_frames(path: str) -> int:
 def _check_length(name: str, total: int, fps: float, max_seconds: float) -> float:
     duration = total / fps
     if duration > max_seconds:
-        raise VideoError(f"{name}: video is {duration:.1f} s long ({total} frames at {fps:g} fps); at most "
-                         f"{max_seconds:g} s is supported -- trim or split it (e.g. `ffmpeg -t {max_seconds:g}`)")
+        raise VideoError(
+            f"{name}: video is {duration:.1f} s long ({total} frames at {fps:g} fps); at most "
+            f"{max_seconds:g} s is supported -- trim or split it (e.g. `ffmpeg -t {max_seconds:g}`)"
+        )
     return duration
 
 
-def read_video(path: str | os.PathLike, num_frames: int | None = None, fps: float | None = None,
-               max_seconds: float = MAX_SECONDS) -> Video:
+def read_video(
+    path: str | os.PathLike, num_frames: int | None = None, fps: float | None = None, max_seconds: float = MAX_SECONDS
+) -> Video:
     """Decode the frames a Gemma 4 prompt uses (32 uniform, or `fps` per second).
 
     Frames are decoded in order and only the sampled ones are kept as RGB arrays.
@@ -173,8 +185,9 @@ def _decode_frames(name: str, indices: np.ndarray, total: int) -> np.ndarray:
                 if i >= last:
                     break
         except Exception as e:  # corrupt or truncated packets surface here, from inside FFmpeg
-            raise VideoError(f"{name}: truncated or corrupt video after frame {i + 1} of {total} "
-                             f"({decode.reason(e)})") from None
+            raise VideoError(
+                f"{name}: truncated or corrupt video after frame {i + 1} of {total} ({decode.reason(e)})"
+            ) from None
     if len(kept) < len(indices):
         raise VideoError(f"{name}: truncated or corrupt video: decoded {i + 1} of its {total} frames")
     if len({f.shape for f in kept}) > 1:
@@ -202,6 +215,7 @@ def read_video_audio(path: str | os.PathLike, max_seconds: float = MAX_SECONDS) 
 
 # -- model inputs --------------------------------------------------------------------
 
+
 @dataclass
 class VideoBatch:
     """One video's frames as vision-tower input, plus its prompt text pieces."""
@@ -224,14 +238,19 @@ class VideoBatch:
 
 
 class VideoProcessor:
-    def __init__(self, video_budget: int = DEFAULT_VIDEO_BUDGET, num_frames: int = DEFAULT_NUM_FRAMES,
-                 patch_size: int = 16, pooling_kernel_size: int = 3):
+    def __init__(
+        self,
+        video_budget: int = DEFAULT_VIDEO_BUDGET,
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        patch_size: int = 16,
+        pooling_kernel_size: int = 3,
+    ):
         self.budget = check_budget(video_budget, "video_budget")
         self.num_frames = num_frames
         self.images = ImageProcessor(self.budget, patch_size, pooling_kernel_size)
 
     @classmethod
-    def from_config(cls, processor_config: dict | None = None) -> "VideoProcessor":
+    def from_config(cls, processor_config: dict | None = None) -> VideoProcessor:
         """From processor_config.json's `video_processor` block (budget `max_soft_tokens`, `num_frames`)."""
         pc = dict((processor_config or {}).get("video_processor", processor_config or {}))
         images = ImageProcessor.from_config({"max_soft_tokens": DEFAULT_VIDEO_BUDGET, **pc})
@@ -239,8 +258,14 @@ class VideoProcessor:
         out.images = images  # patch size, pooling, resample and rescale as configured
         return out
 
-    def __call__(self, video, num_frames: int | None = None, fps: float | None = None,
-                 video_budget: int | None = None, source_fps: float | None = None) -> VideoBatch:
+    def __call__(
+        self,
+        video,
+        num_frames: int | None = None,
+        fps: float | None = None,
+        video_budget: int | None = None,
+        source_fps: float | None = None,
+    ) -> VideoBatch:
         """video: a file path, a `Video` (already sampled), or a uint8 (T, H, W, 3) array of
         every frame of a clip (sampled here; `source_fps` for timestamps, else 24 with a warning)."""
         budget = self.budget if video_budget is None else check_budget(video_budget, "video_budget")
@@ -251,12 +276,22 @@ class VideoProcessor:
         elif isinstance(video, np.ndarray):
             video = self._from_array(video, num_frames, fps, source_fps)
         elif not isinstance(video, Video):
-            raise VideoError(f"unsupported video type {type(video).__name__}: pass a file path, a Video "
-                             "or a (T, H, W, 3) uint8 array")
+            raise VideoError(
+                f"unsupported video type {type(video).__name__}: pass a file path, a Video "
+                "or a (T, H, W, 3) uint8 array"
+            )
         frames = [Image.fromarray(f) for f in video.frames]  # PIL: no channels-first guess on odd shapes
         batch = self.images(frames, image_budget=budget)
-        return VideoBatch(batch.pixel_values, batch.position_ids, batch.num_soft_tokens[0], video.timestamps,
-                          video.indices, video.fps, batch.sizes[0], budget)
+        return VideoBatch(
+            batch.pixel_values,
+            batch.position_ids,
+            batch.num_soft_tokens[0],
+            video.timestamps,
+            video.indices,
+            video.fps,
+            batch.sizes[0],
+            budget,
+        )
 
     @staticmethod
     def _from_array(a: np.ndarray, num_frames, fps, source_fps) -> Video:

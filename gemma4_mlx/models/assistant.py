@@ -44,8 +44,9 @@ class AssistantConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> AssistantConfig:
         if d.get("model_type") != "gemma4_assistant":
-            raise ConfigError(f"{source}: model_type {d.get('model_type')!r} is not a Gemma 4 "
-                              "drafter (expected 'gemma4_assistant')")
+            raise ConfigError(
+                f"{source}: model_type {d.get('model_type')!r} is not a Gemma 4 drafter (expected 'gemma4_assistant')"
+            )
         text = d.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError(f"{source}: gemma4_assistant without a text_config")
@@ -54,15 +55,23 @@ class AssistantConfig:
             text["num_kv_shared_layers"] = text.get("num_hidden_layers", 4)
         t = TextConfig.from_dict(text, source, kv_from_target=True)
         if t.first_shared != 0:
-            raise ConfigError(f"{source}: every drafter layer must read the target's K/V "
-                              f"(num_kv_shared_layers={t.num_kv_shared_layers}, layers={t.num_hidden_layers})")
+            raise ConfigError(
+                f"{source}: every drafter layer must read the target's K/V "
+                f"(num_kv_shared_layers={t.num_kv_shared_layers}, layers={t.num_hidden_layers})"
+            )
         for key in ("hidden_size_per_layer_input", "enable_moe_block", "use_double_wide_mlp"):
             if getattr(t, key):
                 raise ConfigError(f"{source}: a drafter cannot have {key}={getattr(t, key)!r}")
         if "backbone_hidden_size" not in d:
             raise ConfigError(f"{source}: missing backbone_hidden_size (the target's hidden size)")
-        return cls(t, int(d["backbone_hidden_size"]), bool(d.get("use_ordered_embeddings", False)),
-                   int(d.get("num_centroids", 2048)), int(d.get("centroid_intermediate_top_k", 32)), d)
+        return cls(
+            t,
+            int(d["backbone_hidden_size"]),
+            bool(d.get("use_ordered_embeddings", False)),
+            int(d.get("num_centroids", 2048)),
+            int(d.get("centroid_intermediate_top_k", 32)),
+            d,
+        )
 
 
 def producer_layers(target: TextConfig) -> dict[str, int]:
@@ -77,22 +86,24 @@ def producer_layers(target: TextConfig) -> dict[str, int]:
 def check_pair(draft: AssistantConfig, target: TextConfig, source: str = "drafter") -> None:
     """One clear error if the drafter was not made for this target."""
     if draft.backbone_hidden_size != target.hidden_size:
-        raise ConfigError(f"{source}: backbone_hidden_size {draft.backbone_hidden_size} != "
-                          f"target hidden_size {target.hidden_size} (drafter made for another model)")
+        raise ConfigError(
+            f"{source}: backbone_hidden_size {draft.backbone_hidden_size} != "
+            f"target hidden_size {target.hidden_size} (drafter made for another model)"
+        )
     if draft.text.vocab_size != target.vocab_size:
         raise ConfigError(f"{source}: vocab_size {draft.text.vocab_size} != target {target.vocab_size}")
     if draft.text.sliding_window != target.sliding_window:
-        raise ConfigError(f"{source}: sliding_window {draft.text.sliding_window} != target "
-                          f"{target.sliding_window}")
+        raise ConfigError(f"{source}: sliding_window {draft.text.sliding_window} != target {target.sliding_window}")
     prod = producer_layers(target)
     for s in draft.text.layers:
         if s.type not in prod:
-            raise ConfigError(f"{source}: layer {s.index} ({s.type}): the target has no "
-                              "non-shared layer of that type")
+            raise ConfigError(f"{source}: layer {s.index} ({s.type}): the target has no non-shared layer of that type")
         t = target.layers[prod[s.type]]
         if (s.head_dim, s.kv_heads) != (t.head_dim, t.kv_heads):
-            raise ConfigError(f"{source}: layer {s.index} ({s.type}) expects {s.kv_heads} KV heads "
-                              f"of dim {s.head_dim}; target layer {t.index} has {t.kv_heads} x {t.head_dim}")
+            raise ConfigError(
+                f"{source}: layer {s.index} ({s.type}) expects {s.kv_heads} KV heads "
+                f"of dim {s.head_dim}; target layer {t.index} has {t.kv_heads} x {t.head_dim}"
+            )
 
 
 class DrafterBody(nn.Module):
@@ -126,8 +137,7 @@ class CentroidHead(nn.Module):
         """(rows of the head table to read, their canonical token ids), both [..., top_k * n]."""
         scores = self.centroids(x)
         top = mx.argpartition(-scores, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
-        slots = (top[..., None] * self.per_cluster + mx.arange(self.per_cluster)).reshape(
-            *top.shape[:-1], -1)
+        slots = (top[..., None] * self.per_cluster + mx.arange(self.per_cluster)).reshape(*top.shape[:-1], -1)
         ids = self.token_ordering[slots]
         return (slots if ordered else ids), ids
 
@@ -143,8 +153,9 @@ class Drafter(nn.Module):
         self.pre_projection = Linear(2 * cfg.backbone_hidden_size, t.hidden_size)
         self.post_projection = Linear(t.hidden_size, cfg.backbone_hidden_size)
         if cfg.use_ordered_embeddings:
-            self.masked_embedding = CentroidHead(t.hidden_size, t.vocab_size, cfg.num_centroids,
-                                                 cfg.centroid_intermediate_top_k)
+            self.masked_embedding = CentroidHead(
+                t.hidden_size, t.vocab_size, cfg.num_centroids, cfg.centroid_intermediate_top_k
+            )
         # True once the loader stored head rows in token_ordering order (SGLang's
         # trick): the top clusters are then 32 contiguous blocks of the table.
         self.ordered = False
@@ -204,8 +215,9 @@ class Drafter(nn.Module):
         return out.reshape(*lead, -1)
 
     def num_parameters(self) -> int:
-        return sum(v.size for k, v in tree_flatten(self.parameters())
-                   if not k.endswith(("layer_scalar", "token_ordering")))
+        return sum(
+            v.size for k, v in tree_flatten(self.parameters()) if not k.endswith(("layer_scalar", "token_ordering"))
+        )
 
 
 __all__ = ["AssistantConfig", "Drafter", "producer_layers", "check_pair", "SLIDING", "FULL"]

@@ -29,8 +29,7 @@ import numpy as np
 from gemma4_mlx import ops
 from gemma4_mlx.models.layers import CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
-_ACTS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu,
-         "gelu_pytorch_tanh": ops.gelu_tanh}
+_ACTS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu, "gelu_pytorch_tanh": ops.gelu_tanh}
 NORM_EPS = 1e-6  # transformers builds the FFN and block norms with the default eps, not the config's
 
 
@@ -57,7 +56,7 @@ class AudioConfig:
     num_mel_bins: int = 128  # not in audio_config: the feature extractor's feature_size
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AudioConfig":
+    def from_dict(cls, d: dict[str, Any]) -> AudioConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         cfg = cls(**kw)
@@ -172,7 +171,7 @@ class Attention(nn.Module):
         self.post = ClippableLinear(H, H, cfg.use_clipped_linears)
         self.relative_k_proj = Linear(H, H)
         self.per_dim_scale = mx.zeros((self.head_dim,))
-        self.q_scale = self.head_dim ** -0.5 / math.log(2)
+        self.q_scale = self.head_dim**-0.5 / math.log(2)
         self.k_scale = math.log(1 + math.e) / math.log(2)
         self.cap, self.invalid = cfg.attention_logit_cap, cfg.attention_invalid_logits_value
 
@@ -190,8 +189,8 @@ class Attention(nn.Module):
         kp = mx.pad(k, [(0, 0), (lo, hi), (0, 0), (0, 0)])
         vp = mx.pad(v, [(0, 0), (lo, hi), (0, 0), (0, 0)])
         # band[:, t, j] = frame t - offsets[j]
-        kb = mx.stack([kp[:, lo - o: lo - o + T] for o in offsets], axis=2)  # (B, T, W, nh, d)
-        vb = mx.stack([vp[:, lo - o: lo - o + T] for o in offsets], axis=2)
+        kb = mx.stack([kp[:, lo - o : lo - o + T] for o in offsets], axis=2)  # (B, T, W, nh, d)
+        vb = mx.stack([vp[:, lo - o : lo - o + T] for o in offsets], axis=2)
         logits = (q[:, :, None] * (kb + rel)).sum(-1)  # q.k + q.r, (B, T, W, nh)
         logits = ops.softcap(logits, self.cap)
         logits = mx.where(key_ok[..., None], logits, self.invalid)
@@ -234,7 +233,7 @@ class _DepthwiseWeight(nn.Module):
         xp = mx.pad(x, [(0, 0), (K - 1, 0), (0, 0)])
         y = xp[:, 0:T] * w[:, 0]
         for k in range(1, K):
-            y = y + xp[:, k: k + T] * w[:, k]
+            y = y + xp[:, k : k + T] * w[:, k]
         return y
 
 
@@ -285,7 +284,7 @@ class AudioEncoder(nn.Module):
         B, T = mask.shape
         lo, hi = max(self._offsets), max(0, -min(self._offsets))
         mp = mx.pad(mask, [(0, 0), (lo, hi)])  # False beyond both ends
-        return mx.stack([mp[:, lo - o: lo - o + T] for o in self._offsets], axis=2)
+        return mx.stack([mp[:, lo - o : lo - o + T] for o in self._offsets], axis=2)
 
     def __call__(self, features: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
         mask = mask.astype(mx.bool_)
@@ -319,8 +318,12 @@ class AudioModel(nn.Module):
         return e.reshape(-1, e.shape[-1])[mx.array(idx)]
 
 
-_AUDIO_PREFIXES = (("model.audio_tower.", "audio_tower."), ("audio_tower.", "audio_tower."),
-                   ("model.embed_audio.", "embed_audio."), ("embed_audio.", "embed_audio."))
+_AUDIO_PREFIXES = (
+    ("model.audio_tower.", "audio_tower."),
+    ("audio_tower.", "audio_tower."),
+    ("model.embed_audio.", "embed_audio."),
+    ("embed_audio.", "embed_audio."),
+)
 
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -338,7 +341,7 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     for key, v in weights.items():
         for old, new in _AUDIO_PREFIXES:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         else:
             continue

@@ -27,7 +27,7 @@ class Router(nn.Module):
         self.per_expert_scale = mx.ones((num_experts,))
         self.top_k = top_k
         self.eps = eps
-        self._root = hidden ** -0.5
+        self._root = hidden**-0.5
 
     def __call__(self, r: mx.array):
         z = ops.rms_norm(r, None, self.eps)
@@ -47,18 +47,18 @@ class ExpertLinear(nn.Module):
 
     def __init__(self, num_experts: int, in_dims: int, out_dims: int):
         super().__init__()
-        scale = in_dims ** -0.5
+        scale = in_dims**-0.5
         self.weight = mx.random.uniform(-scale, scale, (num_experts, out_dims, in_dims))
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx,
-                            sorted_indices=sorted_indices)
+        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
         return x @ self.weight[expert].T
 
-    def to_quantized(self, group_size: int | None = None, bits: int | None = None,
-                     mode: str = "affine") -> "QuantizedExpertLinear":
+    def to_quantized(
+        self, group_size: int | None = None, bits: int | None = None, mode: str = "affine"
+    ) -> QuantizedExpertLinear:
         """Quantize the stacked weights in memory (what `nn.quantize` calls)."""
         E, out_dims, in_dims = self.weight.shape
         q = QuantizedExpertLinear(E, in_dims, out_dims, group_size, bits, mode)
@@ -75,9 +75,17 @@ class QuantizedExpertLinear(nn.Module):
     tensor_scale: optional fp32 SFP8 per-tensor scale, applied after the product.
     """
 
-    def __init__(self, num_experts: int, in_dims: int, out_dims: int, group_size: int | None = None,
-                 bits: int | None = None, mode: str = "affine", tensor_scale: bool = False,
-                 derive_biases: bool = False):
+    def __init__(
+        self,
+        num_experts: int,
+        in_dims: int,
+        out_dims: int,
+        group_size: int | None = None,
+        bits: int | None = None,
+        mode: str = "affine",
+        tensor_scale: bool = False,
+        derive_biases: bool = False,
+    ):
         super().__init__()
         native = registry.for_mode(mode)  # the mode's default group size and bits
         self.group_size, self.bits, self.mode = group_size or native.group_size, bits or native.bits, mode
@@ -98,15 +106,32 @@ class QuantizedExpertLinear(nn.Module):
         self.freeze()
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
-        y = mx.gather_qmm(x, self["weight"], self["scales"], affine_biases(self), rhs_indices=idx,
-                          transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode,
-                          sorted_indices=sorted_indices)
+        y = mx.gather_qmm(
+            x,
+            self["weight"],
+            self["scales"],
+            affine_biases(self),
+            rhs_indices=idx,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
         return scaled(y, self, x.dtype)
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
         scales = self["scales"][expert]
-        y = mx.quantized_matmul(x, self["weight"][expert], scales, row_biases(self, expert, scales),
-                                transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
+        y = mx.quantized_matmul(
+            x,
+            self["weight"][expert],
+            scales,
+            row_biases(self, expert, scales),
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+        )
         return scaled(y, self, x.dtype)
 
 
@@ -152,7 +177,7 @@ class Experts(nn.Module):
         outs, start = [], 0
         for e, c in enumerate(counts):
             if c:
-                xe = x[start:start + c]
+                xe = x[start : start + c]
                 g = self.gate_proj.segment(xe, e)
                 u = self.up_proj.segment(xe, e)
                 outs.append(self.down_proj.segment(ops.geglu(g, u), e))

@@ -47,8 +47,9 @@ class MappedTable:
     def __init__(self, path: str | Path, name: str, out_dtype: mx.Dtype | None = None):
         entry, data_start = tensor_header(path, name)
         if entry["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: {name}: dtype {entry['dtype']} cannot be mapped "
-                             f"(expected one of {', '.join(_DTYPES)})")
+            raise ValueError(
+                f"{path}: {name}: dtype {entry['dtype']} cannot be mapped (expected one of {', '.join(_DTYPES)})"
+            )
         np_dtype, self.stored_dtype = _DTYPES[entry["dtype"]]
         shape = tuple(int(s) for s in entry["shape"])
         if len(shape) != 2:

@@ -47,9 +47,16 @@ def scaled(y: mx.array, module: nn.Module, dtype: mx.Dtype) -> mx.array:
 
 def quantized_linear(module: nn.Module, x: mx.array) -> mx.array:
     """x @ W.T for a quantized [out, in] weight: `QLinear` and the tied head `QEmbedding.as_linear`."""
-    y = mx.quantized_matmul(x, module["weight"], scales=module["scales"], biases=affine_biases(module),
-                            transpose=True, group_size=module.group_size, bits=module.bits,
-                            mode=module.mode)
+    y = mx.quantized_matmul(
+        x,
+        module["weight"],
+        scales=module["scales"],
+        biases=affine_biases(module),
+        transpose=True,
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=module.mode,
+    )
     return scaled(y, module, x.dtype)
 
 
@@ -66,10 +73,17 @@ def _finish_init(module: nn.Module, tensor_scale: bool, derive_biases: bool) -> 
 class QLinear(nn.QuantizedLinear):
     """Bias-free quantized linear; `tensor_scale` (SFP8) applied after the matmul."""
 
-    def __init__(self, input_dims: int, output_dims: int, group_size: int, bits: int,
-                 mode: str = "affine", tensor_scale: bool = False, derive_biases: bool = False):
-        super().__init__(input_dims, output_dims, bias=False, group_size=group_size,
-                         bits=bits, mode=mode)
+    def __init__(
+        self,
+        input_dims: int,
+        output_dims: int,
+        group_size: int,
+        bits: int,
+        mode: str = "affine",
+        tensor_scale: bool = False,
+        derive_biases: bool = False,
+    ):
+        super().__init__(input_dims, output_dims, bias=False, group_size=group_size, bits=bits, mode=mode)
         _finish_init(self, tensor_scale, derive_biases)
         self.freeze()
 
@@ -83,8 +97,16 @@ class QEmbedding(nn.QuantizedEmbedding):
     out_dtype: dtype of looked-up rows (the model's activation dtype), set by the loader.
     """
 
-    def __init__(self, num_embeddings: int, dims: int, group_size: int, bits: int,
-                 mode: str = "affine", tensor_scale: bool = False, derive_biases: bool = False):
+    def __init__(
+        self,
+        num_embeddings: int,
+        dims: int,
+        group_size: int,
+        bits: int,
+        mode: str = "affine",
+        tensor_scale: bool = False,
+        derive_biases: bool = False,
+    ):
         super().__init__(num_embeddings, dims, group_size=group_size, bits=bits, mode=mode)
         _finish_init(self, tensor_scale, derive_biases)
         self.out_dtype = None
@@ -99,9 +121,15 @@ class QEmbedding(nn.QuantizedEmbedding):
 
     def __call__(self, ids: mx.array) -> mx.array:
         scales = self["scales"][ids]
-        rows = mx.dequantize(self["weight"][ids], scales=scales, biases=row_biases(self, ids, scales),
-                             group_size=self.group_size, bits=self.bits, mode=self.mode,
-                             dtype=mx.float32)
+        rows = mx.dequantize(
+            self["weight"][ids],
+            scales=scales,
+            biases=row_biases(self, ids, scales),
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            dtype=mx.float32,
+        )
         return scaled(rows, self, self.dtype)
 
     def as_linear(self, x: mx.array) -> mx.array:

@@ -47,8 +47,9 @@ class RoPE(nn.Module):
             raise ValueError(f"unsupported rope_type {params['rope_type']!r}")
 
     def __call__(self, x, offset):
-        return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0,
-                            offset=offset, freqs=self._freqs)
+        return mx.fast.rope(
+            x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset, freqs=self._freqs
+        )
 
 
 class Attention(nn.Module):
@@ -195,13 +196,14 @@ class TextModel(nn.Module):
         B, T = ids.shape
         table = self.embed_tokens_per_layer
         tok = table(ids) * mx.array(math.sqrt(P), table_dtype(table))
-        ctx = self.per_layer_model_projection(x0) * ops.const(H ** -0.5, x0.dtype)
+        ctx = self.per_layer_model_projection(x0) * ops.const(H**-0.5, x0.dtype)
         ctx = self.per_layer_projection_norm(ctx.astype(x0.dtype).reshape(B, T, L, P))
-        return ((ctx + tok.reshape(B, T, L, P)) * ops.const(2 ** -0.5, x0.dtype)).astype(x0.dtype)
+        return ((ctx + tok.reshape(B, T, L, P)) * ops.const(2**-0.5, x0.dtype)).astype(x0.dtype)
 
     # -- forward -------------------------------------------------------------
-    def __call__(self, ids: mx.array, cache=None, keep: int | None = None,
-                 input_embeddings: mx.array | None = None, media=None) -> mx.array:
+    def __call__(
+        self, ids: mx.array, cache=None, keep: int | None = None, input_embeddings: mx.array | None = None, media=None
+    ) -> mx.array:
         """Hidden states after the final norm.
 
         keep: only the last `keep` positions are needed; from the first KV-shared
@@ -210,7 +212,7 @@ class TextModel(nn.Module):
         """
         x = self._forward(ids, cache, keep, input_embeddings, media, fill_only=False)
         if keep is not None and keep < x.shape[1]:
-            x = x[:, x.shape[1] - keep:]
+            x = x[:, x.shape[1] - keep :]
         return self.norm(x)
 
     def fill_cache(self, ids: mx.array, cache, media=None) -> None:
@@ -244,8 +246,7 @@ class TextModel(nn.Module):
                     masks = {t: m.last(keep) for t, m in masks.items()}
                     offsets = {t: o + cut for t, o in offsets.items()}
             kv_in = shared.get(s.producer) if s.shared else None
-            x, kv = layer(x, masks[s.type], offsets[s.type], cache[i], kv_in,
-                          None if ple is None else ple[:, :, i])
+            x, kv = layer(x, masks[s.type], offsets[s.type], cache[i], kv_in, None if ple is None else ple[:, :, i])
             if not s.shared:
                 shared[i] = kv
         return None if fill_only else x
@@ -282,8 +283,13 @@ class Model(nn.Module):
     turn media into the soft-token rows `media=` carries into the decoder.
     """
 
-    def __init__(self, cfg: TextConfig, vision: VisionConfig | None = None,
-                 audio: AudioConfig | None = None, media_ids: dict | None = None):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        vision: VisionConfig | None = None,
+        audio: AudioConfig | None = None,
+        media_ids: dict | None = None,
+    ):
         super().__init__()
         self.config = cfg
         self.model = TextModel(cfg)
@@ -317,12 +323,14 @@ class Model(nn.Module):
         return "audio" in self
 
     # -- the `contracts.DecodingModel` interface -------------------------------
-    def __call__(self, input_ids: mx.array, cache: LayerCaches | None = None,
-                 logits_to_keep: int | None = None, media=None) -> mx.array:
+    def __call__(
+        self, input_ids: mx.array, cache: LayerCaches | None = None, logits_to_keep: int | None = None, media=None
+    ) -> mx.array:
         return self.logits(self.hidden(input_ids, cache, keep=logits_to_keep, media=media))
 
-    def hidden(self, input_ids: mx.array, cache: LayerCaches | None = None,
-               keep: int | None = None, media=None) -> mx.array:
+    def hidden(
+        self, input_ids: mx.array, cache: LayerCaches | None = None, keep: int | None = None, media=None
+    ) -> mx.array:
         """Final-norm hiddens [B, keep or T, H] (what an MTP drafter is seeded with)."""
         return self.model(input_ids, cache, keep=keep, media=media)
 
@@ -342,8 +350,9 @@ class Model(nn.Module):
 
     def make_cache(self, *, max_rollback: int = 32, left_pad=None) -> LayerCaches:
         c = self.config
-        return LayerCaches.for_layers(c.layer_types, c.first_shared, c.sliding_window,
-                                      max_rollback=max_rollback, left_pad=left_pad)
+        return LayerCaches.for_layers(
+            c.layer_types, c.first_shared, c.sliding_window, max_rollback=max_rollback, left_pad=left_pad
+        )
 
     @property
     def layers(self):
@@ -353,5 +362,4 @@ class Model(nn.Module):
         """Learned parameters of the text model (layer_scalar and the towers' clamp
         scalars are buffers, as in the reference); towers=True adds the towers."""
         params = self.parameters() if towers else {"model": self.model.parameters()}
-        return sum(v.size for k, v in tree_flatten(params)
-                   if not k.endswith(("layer_scalar",) + CLAMPS))
+        return sum(v.size for k, v in tree_flatten(params) if not k.endswith(("layer_scalar",) + CLAMPS))

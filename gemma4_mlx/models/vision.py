@@ -49,14 +49,15 @@ class VisionConfig:
     default_output_length: int | None = None  # config.json only; a budget fallback (docs/multimodal.md §2.1)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VisionConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
         """Read the `vision_config` block of a config.json; unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
         rope = d.get("rope_parameters") or {}
         if rope.get("rope_type", "default") not in ("default", "axial"):
-            raise ValueError(f"vision_config: unsupported rope_type {rope['rope_type']!r} "
-                             "(the Gemma 4 tower uses 2-D axial RoPE)")
+            raise ValueError(
+                f"vision_config: unsupported rope_type {rope['rope_type']!r} (the Gemma 4 tower uses 2-D axial RoPE)"
+            )
         cfg.rope_theta = float(rope.get("rope_theta", d.get("rope_theta") or cfg.rope_theta))
         if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise ValueError(f"vision_config: unsupported hidden_activation {cfg.hidden_activation!r}")
@@ -65,8 +66,6 @@ class VisionConfig:
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise ValueError("vision_config: num_attention_heads must be a multiple of num_key_value_heads")
         return cfg
-
-
 
 
 def axial_rope_tables(positions: mx.array, head_dim: int, theta: float, dtype) -> tuple[mx.array, mx.array]:
@@ -103,8 +102,13 @@ def full_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     T = q.shape[2]
     if T <= QUERY_BLOCK:
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0)
-    return mx.concatenate([mx.fast.scaled_dot_product_attention(q[:, :, a:a + QUERY_BLOCK], k, v, scale=1.0)
-                           for a in range(0, T, QUERY_BLOCK)], axis=2)
+    return mx.concatenate(
+        [
+            mx.fast.scaled_dot_product_attention(q[:, :, a : a + QUERY_BLOCK], k, v, scale=1.0)
+            for a in range(0, T, QUERY_BLOCK)
+        ],
+        axis=2,
+    )
 
 
 class Attention(nn.Module):
@@ -172,7 +176,7 @@ class PatchEmbedder(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.input_proj = Linear(3 * cfg.patch_size ** 2, cfg.hidden_size)
+        self.input_proj = Linear(3 * cfg.patch_size**2, cfg.hidden_size)
         self.position_embedding_table = mx.zeros((2, cfg.position_embedding_size, cfg.hidden_size))
 
     def __call__(self, pixels: mx.array, positions: mx.array) -> mx.array:
@@ -229,8 +233,10 @@ def real_patches(position_ids: np.ndarray, k: int, table_size: int) -> int:
         raise ValueError(f"pixel_position_ids: positions must lie in [0, {table_size})")
     w, h = int(pos[:, 0].max()) + 1, int(pos[:, 1].max()) + 1
     if w % k or h % k or w * h != n or np.unique(pos[:, 0] + w * pos[:, 1]).size != n:
-        raise ValueError(f"pixel_position_ids: patches must form a full grid with sides divisible by {k} "
-                         f"(got {n} patches spanning {w}x{h})")
+        raise ValueError(
+            f"pixel_position_ids: patches must form a full grid with sides divisible by {k} "
+            f"(got {n} patches spanning {w}x{h})"
+        )
     return n
 
 
@@ -256,9 +262,11 @@ class VisionModel(nn.Module):
         if pixels_all.ndim == 2:
             pixels_all = pixels_all[None]
         cfg = self.config
-        if pixels_all.shape[:2] != pos_all.shape[:2] or pixels_all.shape[-1] != 3 * cfg.patch_size ** 2:
-            raise ValueError(f"pixel_values {tuple(pixels_all.shape)} and pixel_position_ids "
-                             f"{pos_all.shape} do not match the tower (patch_size {cfg.patch_size})")
+        if pixels_all.shape[:2] != pos_all.shape[:2] or pixels_all.shape[-1] != 3 * cfg.patch_size**2:
+            raise ValueError(
+                f"pixel_values {tuple(pixels_all.shape)} and pixel_position_ids "
+                f"{pos_all.shape} do not match the tower (patch_size {cfg.patch_size})"
+            )
         outs, counts = [mx.zeros((0, cfg.hidden_size), self.dtype)], []
         for i in range(pos_all.shape[0]):
             n = real_patches(pos_all[i], cfg.pooling_kernel_size, cfg.position_embedding_size)
@@ -280,8 +288,12 @@ class VisionModel(nn.Module):
         return sanitize(weights, self.config)
 
 
-_PREFIXES = (("model.vision_tower.", "vision_tower."), ("vision_tower.", "vision_tower."),
-             ("model.embed_vision.", "embed_vision."), ("embed_vision.", "embed_vision."))
+_PREFIXES = (
+    ("model.vision_tower.", "vision_tower."),
+    ("vision_tower.", "vision_tower."),
+    ("model.embed_vision.", "embed_vision."),
+    ("embed_vision.", "embed_vision."),
+)
 
 
 def sanitize(weights: dict[str, mx.array], cfg: VisionConfig) -> dict[str, mx.array]:
@@ -298,7 +310,7 @@ def sanitize(weights: dict[str, mx.array], cfg: VisionConfig) -> dict[str, mx.ar
     for key, value in weights.items():
         for old, new in _PREFIXES:
             if key.startswith(old):
-                key = new + key[len(old):]
+                key = new + key[len(old) :]
                 break
         else:
             continue

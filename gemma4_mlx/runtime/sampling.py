@@ -60,8 +60,9 @@ class PositionedSampler:
     temperature 0 is greedy (argmax) and ignores the keys.
     """
 
-    def __init__(self, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0,
-                 min_p: float = 0.0, seed: int | None = None):
+    def __init__(
+        self, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None
+    ):
         self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
         self.seed = 0 if seed is None else int(seed)
 

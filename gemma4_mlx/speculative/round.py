@@ -26,8 +26,15 @@ from gemma4_mlx.runtime.sampling import PositionedSampler
 from gemma4_mlx.speculative.stats import MTPSettings
 
 
-def draft(drafter: MTPDrafter, target: DecodingModel, bonus: mx.array, h: mx.array,
-          caches: LayerCaches, K: int, mtp: MTPSettings) -> mx.array:
+def draft(
+    drafter: MTPDrafter,
+    target: DecodingModel,
+    bonus: mx.array,
+    h: mx.array,
+    caches: LayerCaches,
+    K: int,
+    mtp: MTPSettings,
+) -> mx.array:
     """K greedy draft tokens per row [B, K], as a lazy graph (no host sync)."""
     cfg = target.config
     kv, masks = {}, {}
@@ -46,15 +53,21 @@ def draft(drafter: MTPDrafter, target: DecodingModel, bonus: mx.array, h: mx.arr
     return mx.stack(out, axis=1)
 
 
-def verify(target: DecodingModel, block: mx.array,
-           caches: LayerCaches) -> tuple[mx.array, mx.array]:
+def verify(target: DecodingModel, block: mx.array, caches: LayerCaches) -> tuple[mx.array, mx.array]:
     """Target logits [B, T, V] and final-norm hiddens [B, T, H] for every position."""
     h = target.hidden(block, caches)
     return target.logits(h), h
 
 
-def pick(sampler: PositionedSampler, processors, logits: mx.array, rows: Sequence[int],
-         index: Sequence[int], histories=None, drafts=None) -> mx.array:
+def pick(
+    sampler: PositionedSampler,
+    processors,
+    logits: mx.array,
+    rows: Sequence[int],
+    index: Sequence[int],
+    histories=None,
+    drafts=None,
+) -> mx.array:
     """The target's token at every verify position [B, T].
 
     Row b, position j is output index index[b] + j of stream rows[b].  Processors
@@ -63,8 +76,7 @@ def pick(sampler: PositionedSampler, processors, logits: mx.array, rows: Sequenc
     B, T, V = logits.shape
     logits = logits.reshape(B * T, V)
     if processors:
-        hists = [mx.array(histories[b] + (drafts[b][:j] if drafts else []))
-                 for b in range(B) for j in range(T)]
+        hists = [mx.array(histories[b] + (drafts[b][:j] if drafts else [])) for b in range(B) for j in range(T)]
         logits = apply_processors(logits, hists, processors)
     flat_rows = [r for r in rows for _ in range(T)]
     flat_index = [i + j for i in index for j in range(T)]
@@ -96,8 +108,7 @@ class Rows:
     @classmethod
     def start(cls, prompts: Sequence[Sequence[int]], hidden: mx.array) -> Rows:
         n = len(prompts)
-        return cls(list(range(n)), [[] for _ in prompts], [list(p) for p in prompts],
-                   [0] * n, hidden)
+        return cls(list(range(n)), [[] for _ in prompts], [list(p) for p in prompts], [0] * n, hidden)
 
     def index(self) -> list[int]:
         """Per batch row, the output index of its next token."""
@@ -121,8 +132,9 @@ class Rows:
         self.live = keep
 
 
-def advance_rows(rows: Rows, picks: list[list[int]], accepted: list[int], stop: set,
-                 max_tokens: int, caches: LayerCaches) -> tuple[list, list[int]]:
+def advance_rows(
+    rows: Rows, picks: list[list[int]], accepted: list[int], stop: set, max_tokens: int, caches: LayerCaches
+) -> tuple[list, list[int]]:
     """Emit row i's picks[i][:accepted[i] + 1] — its accepted drafts (equal to the
     target's picks) and the target's pick after them — cut after a stop token or at
     max_tokens; reseed its bonus token with that last pick.

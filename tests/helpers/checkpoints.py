@@ -9,6 +9,7 @@ would hide bugs — and saved with `save_pretrained` as the multimodal wrapper
 from __future__ import annotations
 
 import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
+
 # isort: split
 
 import json
@@ -23,34 +24,84 @@ transformers = pytest.importorskip("transformers")
 W = 4  # sliding window of every tiny config: 13-20 token sequences cross it often
 SIGMA = 0.05  # matrix init std; docs/text-decoder.md §9.1 allows 0.05-0.15
 
-COMMON = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, head_dim=16, global_head_dim=32,
-              sliding_window=W, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
-              tie_word_embeddings=True, vocab_size_per_layer_input=256)
+COMMON = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_attention_heads=4,
+    head_dim=16,
+    global_head_dim=32,
+    sliding_window=W,
+    final_logit_softcapping=30.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    vocab_size_per_layer_input=256,
+)
 S, F = "sliding_attention", "full_attention"
 
 FAMILIES = {
     # 31B-like: dense, K = V on full layers, fewer KV heads on full layers
-    "dense": dict(num_hidden_layers=6, layer_types=[S, S, F] * 2, intermediate_size=96,
-                  num_key_value_heads=2, num_global_key_value_heads=1, attention_k_eq_v=True,
-                  hidden_size_per_layer_input=0, num_kv_shared_layers=0),
+    "dense": dict(
+        num_hidden_layers=6,
+        layer_types=[S, S, F] * 2,
+        intermediate_size=96,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0,
+    ),
     # E2B-like: PLE, KV sharing, double-wide MLP on the shared layers, 1 KV head
-    "e2b_like": dict(num_hidden_layers=8, layer_types=[S, S, S, F] * 2, intermediate_size=96,
-                     num_key_value_heads=1, attention_k_eq_v=False, hidden_size_per_layer_input=16,
-                     num_kv_shared_layers=4, use_double_wide_mlp=True),
+    "e2b_like": dict(
+        num_hidden_layers=8,
+        layer_types=[S, S, S, F] * 2,
+        intermediate_size=96,
+        num_key_value_heads=1,
+        attention_k_eq_v=False,
+        hidden_size_per_layer_input=16,
+        num_kv_shared_layers=4,
+        use_double_wide_mlp=True,
+    ),
     # E4B-like: PLE, KV sharing (the shared block ends on a full layer), 2 KV heads
-    "e4b_like": dict(num_hidden_layers=6, layer_types=[S, S, F] * 2,
-                     intermediate_size=96, num_key_value_heads=2, attention_k_eq_v=False,
-                     hidden_size_per_layer_input=16, num_kv_shared_layers=3),
+    "e4b_like": dict(
+        num_hidden_layers=6,
+        layer_types=[S, S, F] * 2,
+        intermediate_size=96,
+        num_key_value_heads=2,
+        attention_k_eq_v=False,
+        hidden_size_per_layer_input=16,
+        num_kv_shared_layers=3,
+    ),
     # 26B-like: MoE in parallel with a dense MLP, K = V
-    "moe": dict(num_hidden_layers=6, layer_types=[S, S, F] * 2, intermediate_size=32,
-                num_key_value_heads=2, num_global_key_value_heads=1, attention_k_eq_v=True,
-                hidden_size_per_layer_input=0, num_kv_shared_layers=0, enable_moe_block=True,
-                num_experts=8, top_k_experts=2, moe_intermediate_size=16),
+    "moe": dict(
+        num_hidden_layers=6,
+        layer_types=[S, S, F] * 2,
+        intermediate_size=32,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+    ),
     # every feature at once
-    "all": dict(num_hidden_layers=6, layer_types=[S, S, F] * 2, intermediate_size=32,
-                num_key_value_heads=2, num_global_key_value_heads=1, attention_k_eq_v=True,
-                hidden_size_per_layer_input=16, num_kv_shared_layers=3, use_double_wide_mlp=True,
-                enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16),
+    "all": dict(
+        num_hidden_layers=6,
+        layer_types=[S, S, F] * 2,
+        intermediate_size=32,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        hidden_size_per_layer_input=16,
+        num_kv_shared_layers=3,
+        use_double_wide_mlp=True,
+        enable_moe_block=True,
+        num_experts=8,
+        top_k_experts=2,
+        moe_intermediate_size=16,
+    ),
 }
 
 
@@ -136,6 +187,7 @@ def write_char_tokenizer(folder: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>",
-                                                eos_token="<eos>", pad_token="<pad>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
     fast.save_pretrained(folder)

@@ -17,8 +17,9 @@ def write_video(path, n=40, rate=10, h=64, w=80, frames=None, audio=False, fasts
             a = c.add_stream("aac", rate=16000)
             a.layout = "mono"
             t = np.arange(int(16000 * n / rate)) / 16000
-            fr = av.AudioFrame.from_ndarray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
-                                            format="fltp", layout="mono")
+            fr = av.AudioFrame.from_ndarray(
+                (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None], format="fltp", layout="mono"
+            )
             fr.sample_rate, fr.pts = 16000, 0
             for p in [*a.encode(fr), *a.encode()]:
                 c.mux(p)

@@ -14,10 +14,19 @@ from __future__ import annotations
 import torch
 import transformers
 
-VISION_TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
-                   position_embedding_size=64, rms_norm_eps=1e-6,
-                   rope_parameters={"rope_type": "default", "rope_theta": 100.0})
+VISION_TINY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    patch_size=4,
+    pooling_kernel_size=3,
+    position_embedding_size=64,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 100.0},
+)
 
 TOWERS = {
     "small": dict(use_clipped_linears=True, standardize=False),
@@ -26,23 +35,42 @@ TOWERS = {
 }
 
 # Text side: just big enough to own an embedder; hidden 48 != vision 32 catches transposes.
-TEXT_TINY = dict(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=48, intermediate_size=64,
-                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                 global_head_dim=16, layer_types=["full_attention"], hidden_size_per_layer_input=0,
-                 num_kv_shared_layers=0, sliding_window=4)
+TEXT_TINY = dict(
+    vocab_size=64,
+    vocab_size_per_layer_input=64,
+    hidden_size=48,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    global_head_dim=16,
+    layer_types=["full_attention"],
+    hidden_size_per_layer_input=0,
+    num_kv_shared_layers=0,
+    sliding_window=4,
+)
 
 # Multimodal ids remapped below the tiny vocabulary (docs/multimodal.md §8).
-TOKEN_IDS = dict(boi_token_id=10, eoi_token_id=11, image_token_id=12, audio_token_id=13,
-                 video_token_id=14, boa_token_id=15, eoa_token_index=16)
+TOKEN_IDS = dict(
+    boi_token_id=10,
+    eoi_token_id=11,
+    image_token_id=12,
+    audio_token_id=13,
+    video_token_id=14,
+    boa_token_id=15,
+    eoa_token_index=16,
+)
 
 CLAMP_NAMES = ("input_min", "input_max", "output_min", "output_max")
 
 
-def hf_config(tower: str) -> "transformers.Gemma4Config":
+def hf_config(tower: str) -> transformers.Gemma4Config:
     vision = transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS[tower])
     text = transformers.Gemma4TextConfig(**TEXT_TINY)
-    cfg = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                                    audio_config=None, **TOKEN_IDS)
+    cfg = transformers.Gemma4Config(
+        text_config=text.to_dict(), vision_config=vision.to_dict(), audio_config=None, **TOKEN_IDS
+    )
     cfg._attn_implementation = "eager"
     return cfg
 
@@ -78,8 +106,7 @@ def build_hf(tower: str, seed: int = 0):
 
 
 def hf_image_processor(budget: int = 70, patch_size: int = 4):
-    return transformers.Gemma4ImageProcessorPil(patch_size=patch_size, max_soft_tokens=budget,
-                                                pooling_kernel_size=3)
+    return transformers.Gemma4ImageProcessorPil(patch_size=patch_size, max_soft_tokens=budget, pooling_kernel_size=3)
 
 
 def randomize_text(module, seed: int) -> None:
@@ -113,16 +140,26 @@ def randomize_audio(module, seed: int) -> None:
                 b.fill_(-r)
 
 
-AUDIO_TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, subsampling_conv_channels=[128, 8],
-                  conv_kernel_size=5, output_proj_dims=24, use_clipped_linears=True)
+AUDIO_TINY = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    subsampling_conv_channels=[128, 8],
+    conv_kernel_size=5,
+    output_proj_dims=24,
+    use_clipped_linears=True,
+)
 
 
 def build_multimodal(text: dict, tower: str = "union", seed: int = 0):
     """A whole `Gemma4ForConditionalGeneration`: text model, a vision tower, the audio
     tower; every text, vision and audio weight random (eager attention)."""
     cfg = transformers.Gemma4Config(
-        text_config=text, vision_config=transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS[tower]).to_dict(),
-        audio_config=transformers.Gemma4AudioConfig(**AUDIO_TINY).to_dict(), **TOKEN_IDS)
+        text_config=text,
+        vision_config=transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS[tower]).to_dict(),
+        audio_config=transformers.Gemma4AudioConfig(**AUDIO_TINY).to_dict(),
+        **TOKEN_IDS,
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     hf = transformers.Gemma4ForConditionalGeneration(cfg).eval()

@@ -1,0 +1,185 @@
+"""The Gemma 4 GGUF map: tensor names -> our parameter paths, and `gemma4.*` metadata ->
+a gemma4_text config.json (spec quantization.md §4.4).
+
+Names.  Certain: the llama.cpp names shared with Gemma 2/3 (token_embd, output_norm,
+blk.N.attn_*, ffn_*, post_*_norm).  From gguf-py's Gemma 3n table, assumed unchanged
+for gemma4 [uncertain]: per_layer_token_embd, per_layer_model_proj,
+per_layer_proj_norm, blk.N.inp_gate, blk.N.proj, blk.N.post_norm.  Gemma 4 names as
+gguf-py 0.19 lists them for the gemma4 architecture (and its HF map):
+layer_output_scale, ffn_gate_inp (router), fused ffn_gate_up_exps [E, 2I, H] (gate
+rows first, as HF's gate_up_proj), ffn_down_exps, pre_ffw_norm_2, post_ffw_norm_1/2,
+rope_freqs, output.  The router's scale vectors ride on tensors with a ".scale" suffix
+(ffn_gate_inp.scale, ffn_down_exps.scale) [from a third-party GGUF mapper; not checked
+against a real file].  Separate ffn_gate_exps / ffn_up_exps are accepted too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ConvertError
+from .gguf_read import GGUFFile
+from .gguf_rope import check_rotary_dims, full_rotary_factor
+
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
+           "output_norm.weight": "model.norm.weight",
+           "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+           "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+           "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight"}
+_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
+          "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
+          "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+          "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
+          "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "inp_gate": "per_layer_input_gate",
+          "proj": "per_layer_projection", "post_norm": "post_per_layer_input_norm",
+          "ffn_gate_inp": "router.proj",
+          "ffn_gate_exps": "experts.gate_proj", "ffn_up_exps": "experts.up_proj",
+          "ffn_down_exps": "experts.down_proj", "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+          "post_ffw_norm_1": "post_feedforward_layernorm_1", "post_ffw_norm_2": "post_feedforward_layernorm_2"}
+_BLOCK_LEAF = {"layer_output_scale.weight": "layer_scalar",
+               "ffn_gate_inp.scale": "router.scale",
+               "ffn_down_exps.scale": "router.per_expert_scale"}
+# rope_freqs: llama.cpp's proportional-RoPE divisors, read into the config's
+# partial_rotary_factor (gguf_rope.py); not a weight of ours.
+IGNORED = {"rope_freqs.weight"}
+HEAD, EMBED = "output.weight", "token_embd.weight"  # Gemma 4 ties them: the head is only checked
+_FUSED = re.compile(r"^blk\.(\d+)\.ffn_gate_up_exps\.weight$")
+_BLK = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def hf_name(name: str) -> str | None:
+    """Our parameter path for a GGUF tensor name, or None if unknown."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    m = _BLK.match(name)
+    if not m:
+        return None
+    i, rest = m.groups()
+    if rest in _BLOCK_LEAF:
+        return f"model.layers.{i}.{_BLOCK_LEAF[rest]}"
+    base, _, leaf = rest.rpartition(".")
+    if leaf == "weight" and base in _BLOCK:
+        return f"model.layers.{i}.{_BLOCK[base]}.weight"
+    return None
+
+
+def parts(g: GGUFFile, name: str):
+    """(our key, shape, raw getter) for each tensor a GGUF tensor becomes: the fused
+    expert gate/up tensor splits along its rows into our gate_proj and up_proj."""
+    t = g.tensors[name]
+    m = _FUSED.match(name)
+    if not m:
+        return [(hf_name(name), t.shape, lambda: g.raw(name))]
+    E, rows, H = t.shape
+    half = rows // 2
+    base = f"model.layers.{m.group(1)}.experts."
+    return [(base + "gate_proj.weight", (E, half, H), lambda: g.raw(name)[:, :half]),
+            (base + "up_proj.weight", (E, half, H), lambda: g.raw(name)[:, half:])]
+
+
+# -- config ------------------------------------------------------------------------------
+_REQUIRED = object()
+S, F = "sliding_attention", "full_attention"
+
+
+class _Keys:
+    """`gemma4.*` metadata by short key; a missing required key fails in one line."""
+
+    def __init__(self, g: GGUFFile):
+        self.g = g
+
+    def __call__(self, k: str, default=_REQUIRED):
+        md = self.g.metadata
+        if f"gemma4.{k}" in md:
+            return md[f"gemma4.{k}"]
+        if default is _REQUIRED:
+            raise ConvertError(f"{self.g.path}: metadata key gemma4.{k} is missing")
+        return default
+
+
+def _layer_types(g: GGUFFile, key: _Keys) -> list[str]:
+    """Sliding / full per layer: llama.cpp writes the pattern per layer, True = sliding
+    [uncertain for gemma4]."""
+    L = int(key("block_count"))
+    pattern = key("attention.sliding_window_pattern")
+    if not isinstance(pattern, list) or len(pattern) != L:
+        raise ConvertError(f"{g.path}: metadata key gemma4.attention.sliding_window_pattern must list "
+                           f"{L} booleans")
+    return [S if p else F for p in pattern]
+
+
+def _of_type(v, types: list[str], t: str):
+    """A per-layer list (llama.cpp writes some as arrays) -> the value of layer type t."""
+    if not isinstance(v, list):
+        return v
+    idx = [i for i, lt in enumerate(types) if lt == t]
+    return v[idx[0]] if idx else v[0]
+
+
+def text_config(g: GGUFFile) -> dict:
+    """A gemma4_text config.json from `gemma4.*` metadata (and tensor shapes where the
+    metadata has no key, e.g. vocab size, K = V full layers)."""
+    arch = g.metadata.get("general.architecture")
+    if arch != "gemma4":
+        raise ConvertError(f"{g.path}: general.architecture is {arch!r}, expected 'gemma4'")
+    key = _Keys(g)
+    types = _layer_types(g, key)
+    if EMBED not in g.tensors:
+        raise ConvertError(f"{g.path}: tensor {EMBED} is missing")
+    full = [i for i, t in enumerate(types) if t == F]
+    k_eq_v = bool(full) and f"blk.{full[0]}.attn_v.weight" not in g.tensors
+    kv, ff = key("attention.head_count_kv"), key("feed_forward_length")
+    n_shared = int(key("attention.shared_kv_layers", 0))
+    cfg = {"model_type": "gemma4_text", "vocab_size": g.tensors[EMBED].shape[0],
+           "hidden_size": int(key("embedding_length")), "num_hidden_layers": len(types),
+           "intermediate_size": int(_of_type(ff, types, S)), **_attention(key, types, kv),
+           "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+           "final_logit_softcapping": key("final_logit_softcapping", None),
+           "tie_word_embeddings": True, "attention_k_eq_v": k_eq_v, "num_kv_shared_layers": n_shared,
+           "rope_parameters": _rope(g, key, head_dim=int(key("attention.key_length")))}
+    if k_eq_v:
+        cfg["num_global_key_value_heads"] = int(_of_type(kv, types, F))
+    elif isinstance(kv, list) and len(set(kv)) > 1:
+        cfg["per_layer_config"] = {str(i): {"num_key_value_heads": int(v)} for i, v in enumerate(kv)}
+    if isinstance(ff, list) and n_shared and ff[-1] == 2 * ff[0]:
+        cfg["use_double_wide_mlp"] = True
+    cfg.update(_per_layer_inputs(g, key), **_experts(key))
+    return cfg
+
+
+def _attention(key: _Keys, types: list[str], kv) -> dict:
+    """Heads (of the sliding layers where llama.cpp lists them per layer), head dims, window."""
+    return {"num_attention_heads": int(_of_type(key("attention.head_count"), types, S)),
+            "num_key_value_heads": int(_of_type(kv, types, S)),
+            "head_dim": int(key("attention.key_length_swa", key("attention.key_length"))),
+            "global_head_dim": int(key("attention.key_length")),
+            "sliding_window": int(key("attention.sliding_window")), "layer_types": types}
+
+
+def _rope(g: GGUFFile, key: _Keys, head_dim: int) -> dict:
+    """RoPE per layer type; the full layers' partial rotation is llama.cpp's rope_freqs
+    tensor (gguf_rope.py)."""
+    rope = {S: {"rope_type": "default", "rope_theta": float(key("rope.freq_base_swa"))},
+            F: {"rope_type": "proportional", "rope_theta": float(key("rope.freq_base"))}}
+    check_rotary_dims(g, key, head_dim, int(key("attention.key_length_swa", head_dim)))
+    rope[F]["partial_rotary_factor"] = full_rotary_factor(g, head_dim)[0]
+    if key("attention.value_length", head_dim) != head_dim:
+        raise ConvertError(f"{g.path}: metadata key gemma4.attention.value_length differs from key_length")
+    return rope
+
+
+def _per_layer_inputs(g: GGUFFile, key: _Keys) -> dict:
+    ple = g.tensors.get("per_layer_token_embd.weight")
+    if ple is None:
+        return {"hidden_size_per_layer_input": 0}
+    return {"hidden_size_per_layer_input": int(key("embedding_length_per_layer_input")),
+            "vocab_size_per_layer_input": ple.shape[0]}
+
+
+def _experts(key: _Keys) -> dict:
+    if not key("expert_count", 0):
+        return {}
+    return {"enable_moe_block": True, "num_experts": int(key("expert_count")),
+            "top_k_experts": int(key("expert_used_count")),
+            "moe_intermediate_size": int(key("expert_feed_forward_length"))}
