@@ -28,6 +28,7 @@ SFP8_MIN_EXACT = 0.995
 
 log = logging.getLogger(__name__)
 
+
 class CodecError(ValueError):
     pass
 
@@ -48,7 +49,7 @@ def _check_finite(w: mx.array) -> None:
     flat = w.reshape(-1, w.shape[-1])
     step = max(1, CHUNK // w.shape[-1])
     for a in range(0, flat.shape[0], step):
-        if not mx.all(mx.isfinite(flat[a:a + step])).item():
+        if not mx.all(mx.isfinite(flat[a : a + step])).item():
             raise CodecError("contains NaN or Inf")
 
 
@@ -68,12 +69,14 @@ def _mx_quantize(w: mx.array, fmt: Format) -> dict[str, mx.array]:
     flat = w.reshape(-1, K)
     step = max(1, CHUNK // K)
     for a in range(0, flat.shape[0], step):
-        part = mx.quantize(flat[a:a + step], fmt.group_size, fmt.bits, mode=fmt.mode)
+        part = mx.quantize(flat[a : a + step], fmt.group_size, fmt.bits, mode=fmt.mode)
         mx.eval(part)
         parts.append(part)
     names = ("weight", "scales", "biases")
-    return {n: mx.concatenate([p[i] for p in parts]).reshape(*w.shape[:-1], -1)
-            for i, n in enumerate(names[:len(parts[0])])}
+    return {
+        n: mx.concatenate([p[i] for p in parts]).reshape(*w.shape[:-1], -1)
+        for i, n in enumerate(names[: len(parts[0])])
+    }
 
 
 def _q4_0(w: mx.array):
@@ -165,13 +168,18 @@ def _sfp8(w: mx.array):
     frac = good / groups if groups else 1.0
     efrac = elems / (groups * sfp8.GROUP) if groups else 1.0
     if efrac < SFP8_MIN_EXACT:
-        raise CodecError(f"only {efrac:.2%} of mxfp8 elements reproduce the SFP8 values "
-                         f"(minimum {SFP8_MIN_EXACT:.1%})")
-    out = {"weight": mx.concatenate(words).reshape(*shape[:-1], -1),
-           "scales": mx.concatenate(scales).reshape(*shape[:-1], -1),
-           "tensor_scale": mx.array([s], mx.float32)}
-    return out, {"provenance": "ptq-sfp8", "tensor_scale": float(s), "mxfp8_exact_groups": round(frac, 6),
-                 "mxfp8_exact_elements": round(efrac, 6)}
+        raise CodecError(f"only {efrac:.2%} of mxfp8 elements reproduce the SFP8 values (minimum {SFP8_MIN_EXACT:.1%})")
+    out = {
+        "weight": mx.concatenate(words).reshape(*shape[:-1], -1),
+        "scales": mx.concatenate(scales).reshape(*shape[:-1], -1),
+        "tensor_scale": mx.array([s], mx.float32),
+    }
+    return out, {
+        "provenance": "ptq-sfp8",
+        "tensor_scale": float(s),
+        "mxfp8_exact_groups": round(frac, 6),
+        "mxfp8_exact_elements": round(efrac, 6),
+    }
 
 
 # Formats with a codec of our own (formats/q4_0.py, formats/sfp8.py), run by row chunks.

@@ -52,16 +52,30 @@ _TOWERS = ("vision", "audio")  # Model attributes, and the prefixes of their ten
 # E2B/E4B block (docs/multimodal.md §4.1); written when an audio model's source lacks one.
 FEATURE_EXTRACTOR = {
     "feature_extractor_type": "Gemma4AudioFeatureExtractor",
-    "feature_size": 128, "sampling_rate": 16000, "padding_value": 0.0, "padding_side": "right",
-    "return_attention_mask": True, "frame_length": 320, "hop_length": 160, "fft_length": 512,
-    "fft_overdrive": False, "min_frequency": 0.0, "max_frequency": 8000.0, "mel_floor": 0.001,
-    "preemphasis": 0.0, "preemphasis_htk_flavor": True, "dither": 0.0, "input_scale_factor": 1.0,
-    "per_bin_mean": None, "per_bin_stddev": None,
+    "feature_size": 128,
+    "sampling_rate": 16000,
+    "padding_value": 0.0,
+    "padding_side": "right",
+    "return_attention_mask": True,
+    "frame_length": 320,
+    "hop_length": 160,
+    "fft_length": 512,
+    "fft_overdrive": False,
+    "min_frequency": 0.0,
+    "max_frequency": 8000.0,
+    "mel_floor": 0.001,
+    "preemphasis": 0.0,
+    "preemphasis_htk_flavor": True,
+    "dither": 0.0,
+    "input_scale_factor": 1.0,
+    "per_bin_mean": None,
+    "per_bin_stddev": None,
 }
 
 
-def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: bool = True,
-            progress: bool = True) -> Report:
+def convert(
+    src, dst, quant: str, *, force: bool = False, keep_high_precision: bool = True, progress: bool = True
+) -> Report:
     """Convert the HF Gemma 4 checkpoint at `src` (folder or hub id) into `dst`.
 
     quant: bf16, fp16, q8, q4, mxfp4, nvfp4, q4_0 or sfp8 (see `policy.RECIPES`).
@@ -102,13 +116,18 @@ def convert(src, dst, quant: str, *, force: bool = False, keep_high_precision: b
 def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     raw, model, map_keys = _source(folder)
     if quantization_block(raw, str(folder / "config.json")) is not None:
-        raise ConvertError(f"{folder / 'config.json'}: the source is already quantized; "
-                           "convert from an unquantized (bf16/fp32) checkpoint")
+        raise ConvertError(
+            f"{folder / 'config.json'}: the source is already quantized; "
+            "convert from an unquantized (bf16/fp32) checkpoint"
+        )
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     files = _checked(weight_files, folder)
     report = Report(out, policy.recipe, largest_shard=max(f.stat().st_size for f in files))
-    names = (["model.safetensors"] if len(files) == 1 else
-             [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))])
+    names = (
+        ["model.safetensors"]
+        if len(files) == 1
+        else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    )
     weight_map, seen, stats = {}, set(), {}
     head = embed_file = None
     mx.reset_peak_memory()
@@ -259,8 +278,11 @@ def _feature_extractor(src: Path, out: Path) -> str | None:
     pc["feature_extractor"] = dict(FEATURE_EXTRACTOR)
     (out / "processor_config.json").write_text(json.dumps(pc, indent=2) + "\n")
     where = "its processor_config.json had none" if f.is_file() else "it had no processor_config.json"
-    log.warning("%s: audio model without a feature_extractor block (%s): writing "
-                "Gemma4AudioFeatureExtractor's defaults", src, where)
+    log.warning(
+        "%s: audio model without a feature_extractor block (%s): writing Gemma4AudioFeatureExtractor's defaults",
+        src,
+        where,
+    )
     return f"feature_extractor block written with Gemma4AudioFeatureExtractor defaults (the source: {where})"
 
 
@@ -273,19 +295,25 @@ def _config(raw: dict, policy: Policy, report: Report, is_drafter: bool = False)
         conversion["converted"] = report.converted
     conversion["skipped"] = report.skipped
     if report.skipped.get("skipped"):
-        conversion["note"] = (f"{report.skipped['skipped']} checkpoint tensors have no place in this "
-                              "model and were left out (vision/audio tensors without a vision_config / "
-                              "audio_config, multi_modal_projector, rotary buffers)")
+        conversion["note"] = (
+            f"{report.skipped['skipped']} checkpoint tensors have no place in this "
+            "model and were left out (vision/audio tensors without a vision_config / "
+            "audio_config, multi_modal_projector, rotary buffers)"
+        )
     if report.processor_config:
         conversion["processor_config"] = report.processor_config
     cfg["gemma4_mlx_conversion"] = conversion
     if policy.base.quantized:
         base = policy.base
         towers = any(t in report.converted for t in _TOWERS)
-        cfg["quantization"] = {"recipe": policy.recipe, "mode": base.mode, "bits": base.bits,
-                               "group_size": base.group_size,
-                               "policy": policy.describe(is_drafter, towers=towers),
-                               "tensors": dict(sorted(report.tensors.items()))}
+        cfg["quantization"] = {
+            "recipe": policy.recipe,
+            "mode": base.mode,
+            "bits": base.bits,
+            "group_size": base.group_size,
+            "policy": policy.describe(is_drafter, towers=towers),
+            "tensors": dict(sorted(report.tensors.items())),
+        }
     else:
         # transformers 5 writes `dtype`, older versions `torch_dtype`: update what is there
         for k in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
@@ -300,6 +328,11 @@ def _copy_through(src: Path, dst: Path) -> None:
     """Tokenizer, chat template, processor and generation configs, README, licence;
     not over a file the conversion wrote itself (processor_config.json)."""
     for f in sorted(src.iterdir()):
-        if (f.is_file() and not f.name.startswith(".") and f.suffix not in _NOT_COPIED
-                and f.name not in _REWRITTEN and not (dst / f.name).exists()):
+        if (
+            f.is_file()
+            and not f.name.startswith(".")
+            and f.suffix not in _NOT_COPIED
+            and f.name not in _REWRITTEN
+            and not (dst / f.name).exists()
+        ):
             shutil.copy2(f, dst / f.name)

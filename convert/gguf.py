@@ -41,16 +41,17 @@ from .output import Progress, Report, write_index, write_shard
 from .policy import Policy, classify
 
 SHARD_BYTES = 2 << 30  # output shard size: bounds the resident set while writing
-_RULE = ("Q4_0 blocks as stored (biases derived); Q8_0/Q4_1/Q5_0/Q5_1 blocks as stored (exact MLX affine "
-         "g32, stored biases); Q6_K dequantized to float16, then the class policy (not lossless, per-tensor "
-         "deviation recorded); F32/F16/BF16 as stored; block-typed norms/scalars dequantized to float32")
+_RULE = (
+    "Q4_0 blocks as stored (biases derived); Q8_0/Q4_1/Q5_0/Q5_1 blocks as stored (exact MLX affine "
+    "g32, stored biases); Q6_K dequantized to float16, then the class policy (not lossless, per-tensor "
+    "deviation recorded); F32/F16/BF16 as stored; block-typed norms/scalars dequantized to float32"
+)
 
 
 def import_gguf(path: Path, out: Path, policy: Policy, progress: bool) -> Report:
     """Write an MLX checkpoint for the GGUF at `path` into `out`; returns its Report."""
     if policy.recipe != "q4_0":
-        raise ConvertError(f"{path}: GGUF import keeps the stored Q4_0 blocks; use --quant q4_0 "
-                           f"(got {policy.recipe})")
+        raise ConvertError(f"{path}: GGUF import keeps the stored Q4_0 blocks; use --quant q4_0 (got {policy.recipe})")
     g = GGUFFile(path)
     raw_cfg = text_config(g)
     vocab = gguf_tokenizer.read_vocab(g, raw_cfg["vocab_size"])  # checked before any weight is read
@@ -58,8 +59,9 @@ def import_gguf(path: Path, out: Path, policy: Policy, progress: bool) -> Report
     if eos:  # EOS and the end-of-turn ids llama.cpp stops on
         raw_cfg["eos_token_id"] = eos
     size = path.stat().st_size
-    run = _Tensors(g, _parse(path, raw_cfg), policy, _Shards(out),
-                   Report(out, "q4_0", bytes_in=size, largest_shard=size))
+    run = _Tensors(
+        g, _parse(path, raw_cfg), policy, _Shards(out), Report(out, "q4_0", bytes_in=size, largest_shard=size)
+    )
     with Progress(progress, sum(t.nbytes for t in g.tensors.values())) as advance:
         for t in g.tensors.values():
             run.add(t)
@@ -84,6 +86,7 @@ def _parse(path: Path, raw_cfg: dict) -> ModelConfig:
 class _Shards:
     """Output shards of about SHARD_BYTES (model-0000N.safetensors, numbered as they fill);
     one shard ends as model.safetensors, several get an index."""
+
     out: Path
     written: list = field(default_factory=list)  # (file name, tensor names)
     current: dict = field(default_factory=dict)
@@ -115,6 +118,7 @@ class _Shards:
 @dataclass
 class _Tensors:
     """The tensor pass: each GGUF tensor checked against the config, encoded, sharded."""
+
     g: GGUFFile
     config: ModelConfig
     policy: Policy
@@ -142,8 +146,11 @@ class _Tensors:
 
     def _check_tied(self, t: Tensor) -> None:
         e = self.g.tensors.get(EMBED)
-        if e is None or (e.type, e.shape) != (t.type, t.shape) or \
-                not np.array_equal(self.g.raw(HEAD), self.g.raw(EMBED)):
+        if (
+            e is None
+            or (e.type, e.shape) != (t.type, t.shape)
+            or not np.array_equal(self.g.raw(HEAD), self.g.raw(EMBED))
+        ):
             raise ConvertError(f"{self.g.path}: tensor {HEAD} differs from {EMBED}; Gemma 4 ties them")
 
     def _put(self, t: Tensor, key: str | None, shape: tuple, get_raw) -> None:
@@ -182,7 +189,7 @@ class _Tensors:
 
 def _encode(key: str, ttype: str, raw: np.ndarray, policy: Policy):
     """(output arrays, module path, report entry or None) for one of our tensors."""
-    module = key[:-len(".weight")] if key.endswith(".weight") else key
+    module = key[: -len(".weight")] if key.endswith(".weight") else key
     cls = classify(module) if key.endswith(".weight") else "other"
     if ttype in BLOCK_TYPES and cls == "other":  # norms/scalars: exact, never quantized
         return {key: mx.array(rows_map(raw, ttype, partial(dequantize, ttype)))}, module, None
@@ -195,8 +202,7 @@ def _encode(key: str, ttype: str, raw: np.ndarray, policy: Policy):
         arrays = {key: a.view(mx.bfloat16) if ttype == "BF16" else a}
         if cls == "other":
             return arrays, module, None
-        entry = {"format": "float", "dtype": str(arrays[key].dtype).replace("mlx.core.", ""),
-                 "reason": f"gguf {ttype}"}
+        entry = {"format": "float", "dtype": str(arrays[key].dtype).replace("mlx.core.", ""), "reason": f"gguf {ttype}"}
     return arrays, module, {"class": cls, **entry}
 
 
@@ -204,13 +210,28 @@ def _write_config(g: GGUFFile, out: Path, raw_cfg: dict, vocab, policy: Policy, 
     """config.json: the text config, the conversion record and the quantization block."""
     factor, factor_from = full_rotary_factor(g, raw_cfg["global_head_dim"])
     raw_cfg["gemma4_mlx_conversion"] = {
-        "tool": "gemma4-mlx convert", "recipe": "q4_0", "source": "gguf", "gguf_file": g.path.name,
-        "gguf_types": sorted({t.type for t in g.tensors.values()}), "text_only": True, "skipped": report.skipped,
+        "tool": "gemma4-mlx convert",
+        "recipe": "q4_0",
+        "source": "gguf",
+        "gguf_file": g.path.name,
+        "gguf_types": sorted({t.type for t in g.tensors.values()}),
+        "text_only": True,
+        "skipped": report.skipped,
         "partial_rotary_factor": {"full_attention": factor, "from": factor_from},
-        "tokenizer": vocab.summary() if vocab is not None else "none (no tokenizer.ggml.tokens in the GGUF)"}
-    raw_cfg["quantization"] = {"recipe": "q4_0", "mode": "affine", "bits": 4, "group_size": 32,
-                               "policy": {"recipe": "q4_0", "source": "gguf", "rule": _RULE,
-                                          "keep_high_precision": policy.keep_high_precision,
-                                          "classes_for_dequantized": policy.describe()["classes"]},
-                               "tensors": dict(sorted(report.tensors.items()))}
+        "tokenizer": vocab.summary() if vocab is not None else "none (no tokenizer.ggml.tokens in the GGUF)",
+    }
+    raw_cfg["quantization"] = {
+        "recipe": "q4_0",
+        "mode": "affine",
+        "bits": 4,
+        "group_size": 32,
+        "policy": {
+            "recipe": "q4_0",
+            "source": "gguf",
+            "rule": _RULE,
+            "keep_high_precision": policy.keep_high_precision,
+            "classes_for_dequantized": policy.describe()["classes"],
+        },
+        "tensors": dict(sorted(report.tensors.items())),
+    }
     (out / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")

@@ -31,11 +31,16 @@ from .gguf_read import block_size
 ROWS_CHUNK = 1 << 20  # elements decoded per step (bounds the numpy temporaries)
 # Types stored exactly as MLX affine g32 with stored biases: ggml type -> bits
 EXACT_AFFINE = {"Q8_0": 8, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5}
-_BIAS_RULE = {"Q8_0": "-128 * scales", "Q5_0": "-16 * scales", "Q4_1": "m (the block minimum)",
-              "Q5_1": "m (the block minimum)"}
+_BIAS_RULE = {
+    "Q8_0": "-128 * scales",
+    "Q5_0": "-16 * scales",
+    "Q4_1": "m (the block minimum)",
+    "Q5_1": "m (the block minimum)",
+}
 
 
 # -- reading blocks ----------------------------------------------------------------------
+
 
 def chunks(raw: np.ndarray, ttype: str):
     """Yield raw block rows [r, nblk, bytes] of about ROWS_CHUNK elements each."""
@@ -43,7 +48,7 @@ def chunks(raw: np.ndarray, ttype: str):
     flat = raw.reshape(-1, nblk, raw.shape[-1])
     step = max(1, ROWS_CHUNK // (nblk * block_size(ttype)[0]))
     for a in range(0, flat.shape[0], step):
-        yield np.asarray(flat[a:a + step])
+        yield np.asarray(flat[a : a + step])
 
 
 def dequantize(ttype: str, raw: np.ndarray) -> np.ndarray:
@@ -60,7 +65,7 @@ def rows_map(raw: np.ndarray, ttype: str, fn) -> np.ndarray:
 
 def _f16(raw: np.ndarray, at: int) -> np.ndarray:
     """The little-endian fp16 at byte `at` of every block, as float32 [..., nblk]."""
-    return np.ascontiguousarray(raw[..., at:at + 2]).view("<f2")[..., 0].astype(np.float32)
+    return np.ascontiguousarray(raw[..., at : at + 2]).view("<f2")[..., 0].astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -81,8 +86,8 @@ def affine_blocks(ttype: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
         return _nibbles(raw[..., 4:20]), d, _f16(raw, 2)
     if ttype in ("Q5_0", "Q5_1"):
         at = 2 if ttype == "Q5_0" else 4  # qh: uint32 little-endian, bit j = bit 4 of element j
-        high = np.unpackbits(raw[..., at:at + 4], axis=-1, bitorder="little")
-        codes = _nibbles(raw[..., at + 4:at + 20]) | (high << 4)
+        high = np.unpackbits(raw[..., at : at + 4], axis=-1, bitorder="little")
+        codes = _nibbles(raw[..., at + 4 : at + 20]) | (high << 4)
         return codes, d, (d * np.float32(-16) if ttype == "Q5_0" else _f16(raw, 2))
     raise ValueError(f"{ttype} has no exact MLX affine form")
 
@@ -101,6 +106,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 # -- the transfers: (module, raw blocks) -> (arrays, report entry) -------------------------
 
+
 def q4_0_transfer(module: str, raw: np.ndarray) -> tuple[dict[str, mx.array], dict]:
     """Q4_0 blocks [..., K/32, 18] -> MLX affine weight/scales, in row chunks so the
     unpacked uint8 codes never exist for the whole tensor at once."""
@@ -112,10 +118,19 @@ def q4_0_transfer(module: str, raw: np.ndarray) -> tuple[dict[str, mx.array], di
         mx.eval(w, s)
         words.append(w)
         scales.append(s)
-    arrays = {f"{module}.weight": mx.concatenate(words).reshape(*lead, -1),
-              f"{module}.scales": mx.concatenate(scales).reshape(*lead, -1)}
-    entry = {"format": "q4_0", "mode": "affine", "bits": 4, "group_size": 32, "provenance": "gguf-q4_0",
-             "scale_dtype": "float16", "biases": "derived at load: -8 * scales"}
+    arrays = {
+        f"{module}.weight": mx.concatenate(words).reshape(*lead, -1),
+        f"{module}.scales": mx.concatenate(scales).reshape(*lead, -1),
+    }
+    entry = {
+        "format": "q4_0",
+        "mode": "affine",
+        "bits": 4,
+        "group_size": 32,
+        "provenance": "gguf-q4_0",
+        "scale_dtype": "float16",
+        "biases": "derived at load: -8 * scales",
+    }
     return arrays, entry
 
 
@@ -138,13 +153,21 @@ def affine_transfer(module: str, raw: np.ndarray, ttype: str) -> tuple[dict[str,
         biases.append(b)
     s, b = np.concatenate(scales), np.concatenate(biases)
     dt = np.float16 if _fits_fp16(s) and _fits_fp16(b) else np.float32
-    arrays = {f"{module}.weight": mx.concatenate(words).reshape(*lead, -1),
-              f"{module}.scales": mx.array(s.astype(dt)).reshape(*lead, -1),
-              f"{module}.biases": mx.array(b.astype(dt)).reshape(*lead, -1)}
-    entry = {"format": "affine", "mode": "affine", "bits": bits, "group_size": 32,
-             "provenance": f"gguf-{ttype.lower()}", "scale_dtype": np.dtype(dt).name,
-             "biases": f"stored: {_BIAS_RULE[ttype]}",
-             "exact": "dequantized in float32: ggml's values exactly (up to the sign of zero)"}
+    arrays = {
+        f"{module}.weight": mx.concatenate(words).reshape(*lead, -1),
+        f"{module}.scales": mx.array(s.astype(dt)).reshape(*lead, -1),
+        f"{module}.biases": mx.array(b.astype(dt)).reshape(*lead, -1),
+    }
+    entry = {
+        "format": "affine",
+        "mode": "affine",
+        "bits": bits,
+        "group_size": 32,
+        "provenance": f"gguf-{ttype.lower()}",
+        "scale_dtype": np.dtype(dt).name,
+        "biases": f"stored: {_BIAS_RULE[ttype]}",
+        "exact": "dequantized in float32: ggml's values exactly (up to the sign of zero)",
+    }
     return arrays, entry
 
 

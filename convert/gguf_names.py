@@ -21,25 +21,43 @@ from .errors import ConvertError
 from .gguf_read import GGUFFile
 from .gguf_rope import check_rotary_dims, full_rotary_factor
 
-_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight",
-           "output_norm.weight": "model.norm.weight",
-           "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
-           "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
-           "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight"}
-_BLOCK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-          "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm",
-          "attn_k_norm": "self_attn.k_norm", "attn_norm": "input_layernorm",
-          "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
-          "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
-          "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj", "inp_gate": "per_layer_input_gate",
-          "proj": "per_layer_projection", "post_norm": "post_per_layer_input_norm",
-          "ffn_gate_inp": "router.proj",
-          "ffn_gate_exps": "experts.gate_proj", "ffn_up_exps": "experts.up_proj",
-          "ffn_down_exps": "experts.down_proj", "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
-          "post_ffw_norm_1": "post_feedforward_layernorm_1", "post_ffw_norm_2": "post_feedforward_layernorm_2"}
-_BLOCK_LEAF = {"layer_output_scale.weight": "layer_scalar",
-               "ffn_gate_inp.scale": "router.scale",
-               "ffn_down_exps.scale": "router.per_expert_scale"}
+_GLOBAL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+    "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+    "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
+}
+_BLOCK = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "inp_gate": "per_layer_input_gate",
+    "proj": "per_layer_projection",
+    "post_norm": "post_per_layer_input_norm",
+    "ffn_gate_inp": "router.proj",
+    "ffn_gate_exps": "experts.gate_proj",
+    "ffn_up_exps": "experts.up_proj",
+    "ffn_down_exps": "experts.down_proj",
+    "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+    "post_ffw_norm_1": "post_feedforward_layernorm_1",
+    "post_ffw_norm_2": "post_feedforward_layernorm_2",
+}
+_BLOCK_LEAF = {
+    "layer_output_scale.weight": "layer_scalar",
+    "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+}
 # rope_freqs: llama.cpp's proportional-RoPE divisors, read into the config's
 # partial_rotary_factor (gguf_rope.py); not a weight of ours.
 IGNORED = {"rope_freqs.weight"}
@@ -74,8 +92,10 @@ def parts(g: GGUFFile, name: str):
     E, rows, H = t.shape
     half = rows // 2
     base = f"model.layers.{m.group(1)}.experts."
-    return [(base + "gate_proj.weight", (E, half, H), lambda: g.raw(name)[:, :half]),
-            (base + "up_proj.weight", (E, half, H), lambda: g.raw(name)[:, half:])]
+    return [
+        (base + "gate_proj.weight", (E, half, H), lambda: g.raw(name)[:, :half]),
+        (base + "up_proj.weight", (E, half, H), lambda: g.raw(name)[:, half:]),
+    ]
 
 
 # -- config ------------------------------------------------------------------------------
@@ -104,8 +124,7 @@ def _layer_types(g: GGUFFile, key: _Keys) -> list[str]:
     L = int(key("block_count"))
     pattern = key("attention.sliding_window_pattern")
     if not isinstance(pattern, list) or len(pattern) != L:
-        raise ConvertError(f"{g.path}: metadata key gemma4.attention.sliding_window_pattern must list "
-                           f"{L} booleans")
+        raise ConvertError(f"{g.path}: metadata key gemma4.attention.sliding_window_pattern must list {L} booleans")
     return [S if p else F for p in pattern]
 
 
@@ -131,13 +150,20 @@ def text_config(g: GGUFFile) -> dict:
     k_eq_v = bool(full) and f"blk.{full[0]}.attn_v.weight" not in g.tensors
     kv, ff = key("attention.head_count_kv"), key("feed_forward_length")
     n_shared = int(key("attention.shared_kv_layers", 0))
-    cfg = {"model_type": "gemma4_text", "vocab_size": g.tensors[EMBED].shape[0],
-           "hidden_size": int(key("embedding_length")), "num_hidden_layers": len(types),
-           "intermediate_size": int(_of_type(ff, types, S)), **_attention(key, types, kv),
-           "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-           "final_logit_softcapping": key("final_logit_softcapping", None),
-           "tie_word_embeddings": True, "attention_k_eq_v": k_eq_v, "num_kv_shared_layers": n_shared,
-           "rope_parameters": _rope(g, key, head_dim=int(key("attention.key_length")))}
+    cfg = {
+        "model_type": "gemma4_text",
+        "vocab_size": g.tensors[EMBED].shape[0],
+        "hidden_size": int(key("embedding_length")),
+        "num_hidden_layers": len(types),
+        "intermediate_size": int(_of_type(ff, types, S)),
+        **_attention(key, types, kv),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "final_logit_softcapping": key("final_logit_softcapping", None),
+        "tie_word_embeddings": True,
+        "attention_k_eq_v": k_eq_v,
+        "num_kv_shared_layers": n_shared,
+        "rope_parameters": _rope(g, key, head_dim=int(key("attention.key_length"))),
+    }
     if k_eq_v:
         cfg["num_global_key_value_heads"] = int(_of_type(kv, types, F))
     elif isinstance(kv, list) and len(set(kv)) > 1:
@@ -150,18 +176,23 @@ def text_config(g: GGUFFile) -> dict:
 
 def _attention(key: _Keys, types: list[str], kv) -> dict:
     """Heads (of the sliding layers where llama.cpp lists them per layer), head dims, window."""
-    return {"num_attention_heads": int(_of_type(key("attention.head_count"), types, S)),
-            "num_key_value_heads": int(_of_type(kv, types, S)),
-            "head_dim": int(key("attention.key_length_swa", key("attention.key_length"))),
-            "global_head_dim": int(key("attention.key_length")),
-            "sliding_window": int(key("attention.sliding_window")), "layer_types": types}
+    return {
+        "num_attention_heads": int(_of_type(key("attention.head_count"), types, S)),
+        "num_key_value_heads": int(_of_type(kv, types, S)),
+        "head_dim": int(key("attention.key_length_swa", key("attention.key_length"))),
+        "global_head_dim": int(key("attention.key_length")),
+        "sliding_window": int(key("attention.sliding_window")),
+        "layer_types": types,
+    }
 
 
 def _rope(g: GGUFFile, key: _Keys, head_dim: int) -> dict:
     """RoPE per layer type; the full layers' partial rotation is llama.cpp's rope_freqs
     tensor (gguf_rope.py)."""
-    rope = {S: {"rope_type": "default", "rope_theta": float(key("rope.freq_base_swa"))},
-            F: {"rope_type": "proportional", "rope_theta": float(key("rope.freq_base"))}}
+    rope = {
+        S: {"rope_type": "default", "rope_theta": float(key("rope.freq_base_swa"))},
+        F: {"rope_type": "proportional", "rope_theta": float(key("rope.freq_base"))},
+    }
     check_rotary_dims(g, key, head_dim, int(key("attention.key_length_swa", head_dim)))
     rope[F]["partial_rotary_factor"] = full_rotary_factor(g, head_dim)[0]
     if key("attention.value_length", head_dim) != head_dim:
@@ -173,13 +204,18 @@ def _per_layer_inputs(g: GGUFFile, key: _Keys) -> dict:
     ple = g.tensors.get("per_layer_token_embd.weight")
     if ple is None:
         return {"hidden_size_per_layer_input": 0}
-    return {"hidden_size_per_layer_input": int(key("embedding_length_per_layer_input")),
-            "vocab_size_per_layer_input": ple.shape[0]}
+    return {
+        "hidden_size_per_layer_input": int(key("embedding_length_per_layer_input")),
+        "vocab_size_per_layer_input": ple.shape[0],
+    }
 
 
 def _experts(key: _Keys) -> dict:
     if not key("expert_count", 0):
         return {}
-    return {"enable_moe_block": True, "num_experts": int(key("expert_count")),
-            "top_k_experts": int(key("expert_used_count")),
-            "moe_intermediate_size": int(key("expert_feed_forward_length"))}
+    return {
+        "enable_moe_block": True,
+        "num_experts": int(key("expert_count")),
+        "top_k_experts": int(key("expert_used_count")),
+        "moe_intermediate_size": int(key("expert_feed_forward_length")),
+    }

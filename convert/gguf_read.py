@@ -67,8 +67,15 @@ class _Reader(GGUFReader):
     def _build_tensors(self, start_offs, fields):
         for f in fields:  # parts: name length, name, n_dims, dims, ggml type, offset
             dims, raw_type, offset = f.parts[3], int(f.parts[4][0]), int(f.parts[5][0])
-            _check_tensor(f.name, tuple(int(d) for d in reversed(dims)), raw_type, offset,
-                          int(start_offs), int(self.alignment), self.data.size)
+            _check_tensor(
+                f.name,
+                tuple(int(d) for d in reversed(dims)),
+                raw_type,
+                offset,
+                int(start_offs),
+                int(self.alignment),
+                self.data.size,
+            )
         super()._build_tensors(start_offs, fields)
 
 
@@ -79,8 +86,7 @@ def _check_tensor(name, shape, raw_type, offset, start, alignment, size) -> None
         raise _BadTensor(f"tensor {name}: unknown ggml type {raw_type}") from None
     per, nb = GGML_QUANT_SIZES[ttype]
     if shape and shape[-1] % per:
-        raise _BadTensor(f"tensor {name}: {ttype.name} needs a multiple of {per} elements per row, "
-                         f"got shape {shape}")
+        raise _BadTensor(f"tensor {name}: {ttype.name} needs a multiple of {per} elements per row, got shape {shape}")
     if offset % alignment:
         raise _BadTensor(f"tensor {name}: offset {offset} not aligned to {alignment}")
     end = start + offset + int(np.prod(shape, dtype=np.int64)) // per * nb
@@ -141,16 +147,18 @@ class GGUFFile:
         reader = _open(self.path)
         self.metadata = Metadata(self.path, reader)
         self.tensors: dict[str, Tensor] = {
-            t.name: Tensor(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)),
-                           int(t.n_bytes), t.data) for t in reader.tensors}
+            t.name: Tensor(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape)), int(t.n_bytes), t.data)
+            for t in reader.tensors
+        }
 
     def raw(self, name: str) -> np.ndarray:
         """The tensor's stored data as a memory-mapped view (no copy): float types as
         values (BF16 as its uint16 bits), block types as uint8 blocks [..., K / block, bytes]."""
         t = self.tensors[name]
         if t.type not in READABLE:
-            raise ConvertError(f"{self.path}: tensor {name}: ggml type {t.type} is not supported "
-                               f"(readable: {', '.join(READABLE)})")
+            raise ConvertError(
+                f"{self.path}: tensor {name}: ggml type {t.type} is not supported (readable: {', '.join(READABLE)})"
+            )
         if t.type in BLOCK_TYPES:
             per, nb = block_size(t.type)
             return t.data.reshape(*t.shape[:-1], t.shape[-1] // per, nb)

@@ -34,7 +34,7 @@ def _q6_k_bound(raw: np.ndarray) -> float:
     for c in chunks(raw, "Q6_K"):
         b = c.reshape(-1, c.shape[-1])
         sc = np.ascontiguousarray(b[:, _SCALES:_D]).view(np.int8).astype(np.float32)
-        d = np.ascontiguousarray(b[:, _D:_D + 2]).view("<f2").astype(np.float32)
+        d = np.ascontiguousarray(b[:, _D : _D + 2]).view("<f2").astype(np.float32)
         bound = max(bound, float(np.abs(d * sc).max(initial=0.0)) * 32)
     return bound
 
@@ -82,16 +82,20 @@ def _row_wise(raw: np.ndarray, ttype: str, fmt, work: str):
 def _provenance(ttype: str, fmt, info: dict, work: str) -> dict:
     """The entry's record of what was done to a tensor of type `ttype`."""
     if not fmt.quantized:
-        return {"provenance": f"gguf-{ttype.lower()} dequantized",
-                "reason": f"gguf {ttype}: no exact MLX quantized form; dequantized to {work} "
-                          "(this class stays high precision)"}
+        return {
+            "provenance": f"gguf-{ttype.lower()} dequantized",
+            "reason": f"gguf {ttype}: no exact MLX quantized form; dequantized to {work} "
+            "(this class stays high precision)",
+        }
     what = f"{fmt.mode} {fmt.bits}-bit g{fmt.group_size}" if fmt.kind == "affine" else fmt.kind
     entry = {"provenance": f"gguf-{ttype.lower()} dequantized, re-quantized to {what}"}
     if "provenance" in info:
         entry["requantization"] = info["provenance"]
-    entry["deviation"] = (f"{ttype} (16-element sub-block scales) has no exact MLX quantized form: "
-                          f"dequantized exactly, rounded to {work}, re-quantized to {what} "
-                          "by this tensor class's policy")
+    entry["deviation"] = (
+        f"{ttype} (16-element sub-block scales) has no exact MLX quantized form: "
+        f"dequantized exactly, rounded to {work}, re-quantized to {what} "
+        "by this tensor class's policy"
+    )
     if fmt.kind == "affine":
         entry["scale_dtype"] = work
     return entry
@@ -101,6 +105,12 @@ def _decoded(arrays: dict, fmt) -> mx.array:
     """float32 values of one encoded chunk (float or affine)."""
     if not fmt.quantized:
         return arrays["weight"].astype(mx.float32)
-    return mx.dequantize(arrays["weight"], arrays["scales"].astype(mx.float32),
-                         arrays["biases"].astype(mx.float32), fmt.group_size, fmt.bits,
-                         mode=fmt.mode, dtype=mx.float32)
+    return mx.dequantize(
+        arrays["weight"],
+        arrays["scales"].astype(mx.float32),
+        arrays["biases"].astype(mx.float32),
+        fmt.group_size,
+        fmt.bits,
+        mode=fmt.mode,
+        dtype=mx.float32,
+    )

@@ -30,13 +30,17 @@ def full_rotary_factor(g, head_dim: int) -> tuple[float, str]:
     if t.type != "F32":
         raise ConvertError(f"{g.path}: tensor {TENSOR} is {t.type}; expected F32")
     if t.shape != (head_dim // 2,):
-        raise ConvertError(f"{g.path}: tensor {TENSOR} has shape {t.shape}; expected ({head_dim // 2},) "
-                           f"(half the full-attention head dim {head_dim})")
+        raise ConvertError(
+            f"{g.path}: tensor {TENSOR} has shape {t.shape}; expected ({head_dim // 2},) "
+            f"(half the full-attention head dim {head_dim})"
+        )
     v = np.asarray(g.raw(TENSOR), dtype=np.float32)
     n = int(np.argmin(v == 1.0)) if not (v == 1.0).all() else v.size  # leading ones
     if n == 0 or not (v[n:] == _OFF).all():
-        raise ConvertError(f"{g.path}: tensor {TENSOR} is not 1.0 for the rotated pairs followed by 1e30 "
-                           f"(llama.cpp's proportional-RoPE pattern); got {_show(v)}")
+        raise ConvertError(
+            f"{g.path}: tensor {TENSOR} is not 1.0 for the rotated pairs followed by 1e30 "
+            f"(llama.cpp's proportional-RoPE pattern); got {_show(v)}"
+        )
     return _factor(n, head_dim), TENSOR
 
 
@@ -55,8 +59,10 @@ def check_rotary_dims(g, key, head_dim: int, head_dim_swa: int) -> None:
     for k, want in (("rope.dimension_count", head_dim), ("rope.dimension_count_swa", head_dim_swa)):
         got = key(k, None)
         if got is not None and got != want:
-            raise ConvertError(f"{g.path}: metadata key gemma4.{k} is {got}; expected {want} "
-                               "(the whole head, as llama.cpp writes Gemma 4)")
+            raise ConvertError(
+                f"{g.path}: metadata key gemma4.{k} is {got}; expected {want} "
+                "(the whole head, as llama.cpp writes Gemma 4)"
+            )
 
 
 def _show(v: np.ndarray) -> str:

@@ -38,15 +38,34 @@ K = "tokenizer.ggml."
 TEMPLATE = "tokenizer.chat_template"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _SPECIAL = {UNKNOWN, CONTROL, USER_DEFINED, UNUSED}
-ROLES = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id",
-         "pad": "padding_token_id", "mask": "mask_token_id"}
+ROLES = {
+    "bos": "bos_token_id",
+    "eos": "eos_token_id",
+    "unk": "unknown_token_id",
+    "pad": "padding_token_id",
+    "mask": "mask_token_id",
+}
 # Gemma 4's named control tokens, as its tokenizer_config.json names them
-NAMED = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
-         "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
-         "sot_token": "<|turn>", "eot_token": "<turn|>", "soc_token": "<|channel>", "eoc_token": "<channel|>",
-         "think_token": "<|think|>", "escape_token": '<|"|>', "str_token": "<|tool_response>",
-         "etr_token": "<tool_response|>", "stc_token": "<|tool_call>", "etc_token": "<tool_call|>",
-         "std_token": "<|tool>", "etd_token": "<tool|>"}
+NAMED = {
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "sot_token": "<|turn>",
+    "eot_token": "<turn|>",
+    "soc_token": "<|channel>",
+    "eoc_token": "<channel|>",
+    "think_token": "<|think|>",
+    "escape_token": '<|"|>',
+    "str_token": "<|tool_response>",
+    "etr_token": "<tool_response|>",
+    "stc_token": "<|tool_call>",
+    "etc_token": "<tool_call|>",
+    "std_token": "<|tool>",
+    "etd_token": "<tool|>",
+}
 # llama.cpp ends generation on these besides EOS whenever a vocabulary has them
 END_OF_GENERATION = ("<turn|>", "<|tool_response>")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -74,10 +93,15 @@ class Vocab:
         return list(dict.fromkeys(ids))
 
     def summary(self) -> dict:
-        return {"from": "tokenizer.ggml.*", "model": "gemma4", "tokens": len(self.tokens),
-                "merges": len(self.merges), "special_tokens": len(self.special_ids),
-                "chat_template": self.template is not None,
-                **({"named_chat_templates": sorted(self.named_templates)} if self.named_templates else {})}
+        return {
+            "from": "tokenizer.ggml.*",
+            "model": "gemma4",
+            "tokens": len(self.tokens),
+            "merges": len(self.merges),
+            "special_tokens": len(self.special_ids),
+            "chat_template": self.template is not None,
+            **({"named_chat_templates": sorted(self.named_templates)} if self.named_templates else {}),
+        }
 
 
 def read_vocab(g, rows: int) -> Vocab | None:
@@ -88,22 +112,29 @@ def read_vocab(g, rows: int) -> Vocab | None:
         return None
     model = md.get(K + "model")
     if model != "gemma4":
-        raise ConvertError(f"{g.path}: metadata key {K}model is {model!r}; only 'gemma4' (llama.cpp's "
-                           "Gemma 4 BPE vocabulary) can be rebuilt")
+        raise ConvertError(
+            f"{g.path}: metadata key {K}model is {model!r}; only 'gemma4' (llama.cpp's "
+            "Gemma 4 BPE vocabulary) can be rebuilt"
+        )
     tokens = _tokens(g, rows)
     types = md.get(K + "token_type")
-    if not (isinstance(types, list) and len(types) == len(tokens)
-            and all(type(t) is int and NORMAL <= t <= BYTE for t in types)):
-        raise ConvertError(f"{g.path}: metadata key {K}token_type must list a type 1-6 for each of the "
-                           f"{len(tokens)} tokens")
+    if not (
+        isinstance(types, list)
+        and len(types) == len(tokens)
+        and all(type(t) is int and NORMAL <= t <= BYTE for t in types)
+    ):
+        raise ConvertError(
+            f"{g.path}: metadata key {K}token_type must list a type 1-6 for each of the {len(tokens)} tokens"
+        )
     index = {t: i for i, t in enumerate(tokens)}
     vocab = Vocab(tokens, types, _merges(g, index), _roles(g, len(tokens)))
     vocab.template, vocab.named_templates = _templates(g)
     try:  # built now, so that a vocabulary it cannot take fails before any weight is read
         vocab.tokenizer = _tokenizer(vocab)
     except Exception as e:  # the tokenizers library's own complaint, in one line
-        raise ConvertError(f"{g.path}: metadata keys {K}*: cannot build a tokenizer "
-                           f"({' '.join(str(e).split())})") from None
+        raise ConvertError(
+            f"{g.path}: metadata keys {K}*: cannot build a tokenizer ({' '.join(str(e).split())})"
+        ) from None
     return vocab
 
 
@@ -112,8 +143,9 @@ def _tokens(g, rows: int) -> list[str]:
     if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) and t for t in tokens)):
         raise ConvertError(f"{g.path}: metadata key {K}tokens must be a non-empty list of non-empty strings")
     if len(tokens) > rows:
-        raise ConvertError(f"{g.path}: metadata key {K}tokens lists {len(tokens)} tokens; "
-                           f"token_embd.weight has {rows} rows")
+        raise ConvertError(
+            f"{g.path}: metadata key {K}tokens lists {len(tokens)} tokens; token_embd.weight has {rows} rows"
+        )
     if len(set(tokens)) != len(tokens):
         seen = set()
         dup = next(i for i, t in enumerate(tokens) if t in seen or seen.add(t))
@@ -124,15 +156,19 @@ def _tokens(g, rows: int) -> list[str]:
 def _merges(g, index: dict[str, int]) -> list[tuple[str, str]]:
     merges = g.metadata.get(K + "merges")
     if not isinstance(merges, list) or not merges or not all(isinstance(m, str) for m in merges):
-        raise ConvertError(f"{g.path}: metadata key {K}merges must be a non-empty list of strings "
-                           "(the BPE merges of a gemma4 vocabulary)")
+        raise ConvertError(
+            f"{g.path}: metadata key {K}merges must be a non-empty list of strings "
+            "(the BPE merges of a gemma4 vocabulary)"
+        )
     out = []
     for n, m in enumerate(merges):
         cut = m.find(" ", 1)  # as llama.cpp splits them: a part never starts with a space
-        pair = (_part(m[:cut], index), _part(m[cut + 1:], index)) if cut > 0 else (None, None)
+        pair = (_part(m[:cut], index), _part(m[cut + 1 :], index)) if cut > 0 else (None, None)
         if None in pair or pair[0] + pair[1] not in index:
-            raise ConvertError(f"{g.path}: metadata key {K}merges entry {n} ({m!r}) is not 'LEFT RIGHT' "
-                               f"with LEFT, RIGHT and LEFTRIGHT all in {K}tokens")
+            raise ConvertError(
+                f"{g.path}: metadata key {K}merges entry {n} ({m!r}) is not 'LEFT RIGHT' "
+                f"with LEFT, RIGHT and LEFTRIGHT all in {K}tokens"
+            )
         out.append(pair)
     return out
 
@@ -164,7 +200,7 @@ def _templates(g) -> tuple[str | None, dict[str, str]]:
             continue
         if not isinstance(v, str):
             raise ConvertError(f"{g.path}: metadata key {key} must be a string (a Jinja chat template)")
-        name = key[len(TEMPLATE) + 1:]
+        name = key[len(TEMPLATE) + 1 :]
         if key != TEMPLATE and (not _NAME.match(name) or name == "default"):
             raise ConvertError(f"{g.path}: metadata key {key}: {name!r} is not a usable template name")
         if key != TEMPLATE:
@@ -173,6 +209,7 @@ def _templates(g) -> tuple[str | None, dict[str, str]]:
 
 
 # -- writing ---------------------------------------------------------------------------
+
 
 def write(vocab: Vocab, out: Path) -> None:
     """tokenizer.json, tokenizer_config.json and the chat template(s) into `out`."""
@@ -194,19 +231,23 @@ def _tokenizer(vocab: Vocab) -> Tokenizer:
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(vocab.tokens[i], special=True, normalized=False)
-                            for i in vocab.special_ids])
+    tok.add_special_tokens([AddedToken(vocab.tokens[i], special=True, normalized=False) for i in vocab.special_ids])
     if "bos" in vocab.roles:  # llama.cpp adds BOS for every Gemma 4 GGUF
         bos = vocab.tokens[vocab.roles["bos"]]
         tok.post_processor = processors.TemplateProcessing(
-            single=[bos, "$A"], pair=[bos, "$A", bos, "$B:1"], special_tokens=[(bos, vocab.roles["bos"])])
+            single=[bos, "$A"], pair=[bos, "$A", bos, "$B:1"], special_tokens=[(bos, vocab.roles["bos"])]
+        )
     return tok
 
 
 def _config(vocab: Vocab) -> dict:
     special = {vocab.tokens[i] for i in vocab.special_ids}
-    cfg = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": "bos" in vocab.roles,
-           "add_eos_token": False, "padding_side": "left"}
+    cfg = {
+        "tokenizer_class": "GemmaTokenizer",
+        "add_bos_token": "bos" in vocab.roles,
+        "add_eos_token": False,
+        "padding_side": "left",
+    }
     roles = {f"{role}_token": vocab.tokens[i] for role, i in vocab.roles.items()}
     named = {name: text for name, text in NAMED.items() if text in special}
     cfg.update(roles, **named)

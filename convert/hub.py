@@ -30,11 +30,14 @@ def resolve_source(src: str | Path) -> Path:
     if not REPO_ID.fullmatch(str(src)):
         raise ConvertError(f"{src}: no such folder")
     try:
-        return Path(snapshot_download(str(src), allow_patterns=PATTERNS, local_files_only=_offline(),
-                                      etag_timeout=10))
+        return Path(snapshot_download(str(src), allow_patterns=PATTERNS, local_files_only=_offline(), etag_timeout=10))
     except Exception as e:  # offline, unknown or gated repo, network error
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        why = "offline (HF_HUB_OFFLINE is set) and not in the local cache" if _offline() else \
-            f"{type(e).__name__}: {first}"
-        raise ConvertError(f"{src}: not a local folder and not downloadable from the Hugging Face Hub "
-                           f"({why})") from None
+        why = (
+            "offline (HF_HUB_OFFLINE is set) and not in the local cache"
+            if _offline()
+            else f"{type(e).__name__}: {first}"
+        )
+        raise ConvertError(
+            f"{src}: not a local folder and not downloadable from the Hugging Face Hub ({why})"
+        ) from None

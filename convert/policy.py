@@ -113,31 +113,41 @@ _CLASSES = (
     # towers first: their `input_proj` / `*_k_proj` / `output_proj` also end in _proj
     ("embedder", re.compile(r"^(vision\.embed_vision|audio\.embed_audio)\.embedding_projection$")),
     ("tower_linear", re.compile(r"^(vision|audio)\..*\.linear$")),
-    ("tower_projection", re.compile(r"^(vision\.vision_tower\.patch_embedder\.input_proj|"
-                                    r"audio\.audio_tower\.(subsample_conv_projection\.input_proj_linear|"
-                                    r"layers\.\d+\.self_attn\.relative_k_proj|output_proj))$")),
+    (
+        "tower_projection",
+        re.compile(
+            r"^(vision\.vision_tower\.patch_embedder\.input_proj|"
+            r"audio\.audio_tower\.(subsample_conv_projection\.input_proj_linear|"
+            r"layers\.\d+\.self_attn\.relative_k_proj|output_proj))$"
+        ),
+    ),
     ("embedding", re.compile(r"^model\.embed_tokens$")),
     ("ple_table", re.compile(r"^model\.embed_tokens_per_layer$")),
-    ("ple_projection", re.compile(r"(^model\.per_layer_model_projection|\.per_layer_input_gate|"
-                                  r"\.per_layer_projection)$")),
+    (
+        "ple_projection",
+        re.compile(
+            r"(^model\.per_layer_model_projection|\.per_layer_input_gate|"
+            r"\.per_layer_projection)$"
+        ),
+    ),
     ("router", re.compile(r"\.router\.proj$")),
     ("drafter_projection", re.compile(r"^(pre|post)_projection$")),
     ("centroids", re.compile(r"^masked_embedding\.centroids$")),
     ("experts", re.compile(r"\.experts\.(gate|up|down)_proj$")),
     ("linear", re.compile(r"_proj$")),
 )
-HIGH_PRECISION_CLASSES = ("ple_table", "ple_projection", "router", "drafter_projection", "centroids",
-                          "tower_linear")
+HIGH_PRECISION_CLASSES = ("ple_table", "ple_projection", "router", "drafter_projection", "centroids", "tower_linear")
 # High precision even with keep_high_precision=False.
 ALWAYS_HIGH_PRECISION = ("embedder", "tower_projection")
 TOWER_CLASSES = ("tower_linear", "tower_projection", "embedder")
 # The classes each kind of checkpoint has (what config.json's policy lists).
 DRAFTER_CLASSES = ("embedding", "linear", "drafter_projection", "centroids")
-TARGET_CLASSES = tuple(c for c, _ in _CLASSES
-                       if c not in ("drafter_projection", "centroids") + TOWER_CLASSES)
-_DRAFTER_NOTE = ("drafter: pre_projection / post_projection carry the target hidden state "
-                 "and the centroid scorer selects the scored clusters; both are small and "
-                 "stay high precision unless keep_high_precision is false")
+TARGET_CLASSES = tuple(c for c, _ in _CLASSES if c not in ("drafter_projection", "centroids") + TOWER_CLASSES)
+_DRAFTER_NOTE = (
+    "drafter: pre_projection / post_projection carry the target hidden state "
+    "and the centroid scorer selects the scored clusters; both are small and "
+    "stay high precision unless keep_high_precision is false"
+)
 
 
 def classify(module_path: str) -> str:
@@ -190,8 +200,10 @@ class Policy:
                 if g == fmt.group_size:
                     return fmt, None
                 return replace(fmt, group_size=g), f"group size {g}: {in_features} inputs"
-        return (Format("float"),
-                f"kept high precision: {in_features} inputs not divisible by group size {fmt.group_size}")
+        return (
+            Format("float"),
+            f"kept high precision: {in_features} inputs not divisible by group size {fmt.group_size}",
+        )
 
     def describe(self, drafter: bool = False, towers: bool = False) -> dict:
         """The policy as recorded in config.json (of a target, or an MTP drafter);
@@ -203,8 +215,12 @@ class Policy:
             classes["embedding"]["if_on_qat_lattice"] = RECIPES["q4_0"].entry()
         if towers:  # whatever the recipe: part of the math, 4 bytes each
             classes["clamp_scalars"] = Format("float", dtype="float32").entry()
-        out = {"recipe": self.recipe, "keep_high_precision": self.keep_high_precision,
-               "base": asdict(self.base), "classes": classes}
+        out = {
+            "recipe": self.recipe,
+            "keep_high_precision": self.keep_high_precision,
+            "base": asdict(self.base),
+            "classes": classes,
+        }
         if drafter:
             out["note"] = _DRAFTER_NOTE
         return out

@@ -9,6 +9,7 @@ import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 
 import pytest
+
 from helpers.checkpoints import FAMILIES, Reference, build_hf
 from helpers.mtp_pairs import PAIRS, hf_drafter
 

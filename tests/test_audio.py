@@ -34,9 +34,10 @@ from gemma4_mlx.models.text import Model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from helpers.mm_configs import randomize_audio  # noqa: E402
 from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor  # noqa: E402
 from transformers.models.gemma4.processing_gemma4 import Gemma4Processor  # noqa: E402
+
+from helpers.mm_configs import randomize_audio  # noqa: E402
 
 TOL = 1e-4
 AUDIO_CFG = dict(

@@ -7,11 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-from helpers.checkpoints import write_char_tokenizer
 from safetensors.numpy import save_file
 
 import gemma4_mlx
 from gemma4_mlx import LoadError
+
+from helpers.checkpoints import write_char_tokenizer
 
 
 @pytest.fixture

@@ -2,10 +2,11 @@
 
 import mlx.core as mx
 import pytest
-from helpers.checkpoints import max_diff, random_ids
 
 import gemma4_mlx
 from gemma4_mlx.runtime.generate import batch_generate, generate_tokens, prefill
+
+from helpers.checkpoints import max_diff, random_ids
 
 
 @pytest.fixture

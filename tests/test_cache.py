@@ -4,10 +4,11 @@ sliding window wrapped — must equal a no-cache forward of the committed sequen
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers.checkpoints import W, max_diff, random_ids
 
 import gemma4_mlx
 from gemma4_mlx.cache import LayerCaches, SlidingKVCache
+
+from helpers.checkpoints import W, max_diff, random_ids
 
 TOL = 1e-4
 

@@ -6,12 +6,13 @@ built-in renderer does."""
 from pathlib import Path
 
 import pytest
-from test_chat_session import assert_cache_is_exact
 
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.prompt.template import render, render_with_checkpoint_template, tool_result_content
+
+from test_chat_session import assert_cache_is_exact
 
 TEMPLATE = (Path(__file__).parent / "templates" / "gemma4_checkpoint_style.jinja").read_text()
 RESULTS = {

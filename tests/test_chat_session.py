@@ -3,11 +3,12 @@ on the embedded demo model."""
 
 import mlx.core as mx
 import pytest
-from helpers.checkpoints import max_diff
 
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.demo import DEMO_MODEL
+
+from helpers.checkpoints import max_diff
 
 
 @pytest.fixture(scope="module")

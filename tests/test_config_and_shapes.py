@@ -5,12 +5,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from helpers.checkpoints import max_diff, random_ids
 
 import gemma4_mlx
 from gemma4_mlx.config import FULL, ConfigError, parse_config, read_config
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.presets import PRESETS, preset
+
+from helpers.checkpoints import max_diff, random_ids
 
 COUNTS = {"e2b": 4_628_569_344, "e4b": 7_463_013_376, "26b-a4b": 25_233_141_760, "31b": 30_697_345_280}
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "configs"

@@ -21,10 +21,10 @@ from mlx.utils import tree_flatten
 import gemma4_mlx
 from gemma4_mlx import LoadError, ops
 from gemma4_mlx.convert import ConvertError, convert, core
-from gemma4_mlx.runtime.generate import generate_tokens
 from gemma4_mlx.models.moe import QuantizedExpertLinear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
+from gemma4_mlx.runtime.generate import generate_tokens
 
 from helpers import checkpoints as builders
 from helpers.checkpoints import build_hf, random_ids, read_json, write_char_tokenizer
@@ -48,11 +48,11 @@ EXACT = 2e-4  # float32 runtime vs float32 dequantized reference; logits of orde
 # top-2 layers).  Bounds: ~1.4x the worst family.  Unrelated logits would score ~1.41,
 # so the 4-bit bounds only catch garbage; test_runtime_matches_dequantized_weights
 # checks exactness.
-BOUNDS = {"fp16": 0.004, "bf16": 0.04, "q8": 0.3, "sfp8": 0.6,
-          "q4": 1.0, "q4_0": 1.0, "mxfp4": 1.1, "nvfp4": 1.15}
+BOUNDS = {"fp16": 0.004, "bf16": 0.04, "q8": 0.3, "sfp8": 0.6, "q4": 1.0, "q4_0": 1.0, "mxfp4": 1.1, "nvfp4": 1.15}
 
 
 # -- checkpoints -------------------------------------------------------------
+
 
 def _save(hf, path, **kw):
     hf.save_pretrained(path, **kw)
@@ -74,9 +74,15 @@ def _temper(hf):
 def _moe64():
     """MoE + PLE + KV sharing with every matrix input a multiple of 64, so every
     recipe quantizes every expert (the shared families have 16-wide experts)."""
-    extra = dict(intermediate_size=64, moe_intermediate_size=64, hidden_size_per_layer_input=64,
-                 num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
-                 num_kv_shared_layers=2, use_double_wide_mlp=False)
+    extra = dict(
+        intermediate_size=64,
+        moe_intermediate_size=64,
+        hidden_size_per_layer_input=64,
+        num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=2,
+        use_double_wide_mlp=False,
+    )
     old = dict(builders.FAMILIES["all"])
     builders.FAMILIES["moe64"] = {**old, **extra}
     try:
@@ -88,8 +94,10 @@ def _moe64():
 @pytest.fixture(scope="module")
 def tempered(tmp_path_factory):
     root = tmp_path_factory.mktemp("tempered")
-    out = {name: _save(_temper(build_hf(name, seed=i + 10)), root / name)
-           for i, name in enumerate(["dense", "e2b_like", "moe"])}
+    out = {
+        name: _save(_temper(build_hf(name, seed=i + 10)), root / name)
+        for i, name in enumerate(["dense", "e2b_like", "moe"])
+    }
     out["moe64"] = _save(_temper(_moe64()), root / "moe64")
     return out
 
@@ -105,6 +113,7 @@ def converted(tmp_path_factory):
             dst = root / f"{len(cache)}-{quant}"
             cache[key] = (dst, convert(src, dst, quant, keep_high_precision=keep, progress=False))
         return cache[key]
+
     return get
 
 
@@ -113,8 +122,9 @@ def dequantized(model: Model) -> Model:
     params = {}
     for path, m in model.named_modules():
         if isinstance(m, (QLinear, QEmbedding, QuantizedExpertLinear)):
-            w = mx.dequantize(m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits,
-                              mode=m.mode, dtype=mx.float32)
+            w = mx.dequantize(
+                m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits, mode=m.mode, dtype=mx.float32
+            )
             params[path + ".weight"] = w * m["tensor_scale"] if "tensor_scale" in m else w
     for k, v in tree_flatten(model.parameters()):
         if k.rpartition(".")[0] + ".weight" not in params:
@@ -133,6 +143,7 @@ def rel(a, b) -> float:
 
 
 # -- every mode: runs, is exact w.r.t. its stored weights, error within bounds --
+
 
 @pytest.mark.parametrize("quant", QUANTIZED)
 @pytest.mark.parametrize("family", ["dense", "all"])
@@ -161,8 +172,10 @@ def test_error_against_float32(tempered, converted, family, quant):
     got, want = logits(model, ids), logits(base, ids)
     per_pos = np.linalg.norm(got - want, axis=-1) / np.linalg.norm(want, axis=-1)
     err = float(np.median(per_pos))
-    print(f"{family} {quant}: median {err:.4f} max {per_pos.max():.4f} "
-          f"top-1 agreement {(got.argmax(-1) == want.argmax(-1)).mean():.2f}")
+    print(
+        f"{family} {quant}: median {err:.4f} max {per_pos.max():.4f} "
+        f"top-1 agreement {(got.argmax(-1) == want.argmax(-1)).mean():.2f}"
+    )
     assert err < BOUNDS[quant]
     out = list(generate_tokens(model, random_ids(8, seed=2), max_tokens=4))
     assert len(out) == 4 and all(0 <= t < 256 for t in out)
@@ -199,18 +212,29 @@ def test_float_recipes_round_weights(checkpoints, converted):
 
 # -- precision policy -----------------------------------------------------------
 
+
 def test_policy_recorded_and_applied(checkpoints, converted):
     dst, _ = converted(checkpoints["all"].path, "q4")
     q = json.loads((dst / "config.json").read_text())["quantization"]
     t = q["tensors"]
     assert q["policy"]["keep_high_precision"] is True
     assert t["model.embed_tokens"]["bits"] == 8 and t["model.embed_tokens"]["group_size"] == 64
-    for name in ("model.embed_tokens_per_layer", "model.per_layer_model_projection",
-                 "model.layers.0.router.proj", "model.layers.0.per_layer_input_gate",
-                 "model.layers.0.per_layer_projection"):
+    for name in (
+        "model.embed_tokens_per_layer",
+        "model.per_layer_model_projection",
+        "model.layers.0.router.proj",
+        "model.layers.0.per_layer_input_gate",
+        "model.layers.0.per_layer_projection",
+    ):
         assert t[name]["format"] == "float" and t[name]["reason"] == "policy", name
-    assert t["model.layers.0.mlp.gate_proj"] == {"class": "linear", "format": "affine", "mode": "affine",
-                                                 "bits": 4, "group_size": 64, "provenance": "ptq"}
+    assert t["model.layers.0.mlp.gate_proj"] == {
+        "class": "linear",
+        "format": "affine",
+        "mode": "affine",
+        "bits": 4,
+        "group_size": 64,
+        "provenance": "ptq",
+    }
     assert t["model.layers.0.experts.gate_proj"]["bits"] == 4
     assert "kept high precision" in t["model.layers.0.experts.down_proj"]["reason"]  # 16 inputs
     stored = mx.load(str(dst / "model.safetensors"))
@@ -235,6 +259,7 @@ def test_no_keep_high_precision_quantizes_everything(checkpoints, converted):
 
 # -- QAT lattice recovery (q4_0) ------------------------------------------------
 
+
 def _lattice_checkpoint(path, dtype, embedding: bool = False):
     """dense family with every linear weight exactly on a Q4_0 lattice: per 32-block a
     scale d with 5 significant bits (d*(q-8) then has <= 8, exact in bf16) and one
@@ -253,7 +278,7 @@ def _lattice_checkpoint(path, dtype, embedding: bool = False):
                 e = torch.randint(-9, -5, (rows, k // 32, 1), generator=g).float()
                 m = torch.randint(0, 16, (rows, k // 32, 1), generator=g).float()
                 sign = torch.randint(0, 2, (rows, k // 32, 1), generator=g).float() * 2 - 1
-                d = sign * (1 + m / 16) * 2.0 ** e
+                d = sign * (1 + m / 16) * 2.0**e
                 p.copy_((d * (q - 8)).reshape(rows, k))
     hf.to(dtype).save_pretrained(path)
     return path
@@ -265,8 +290,10 @@ def test_qat_lattice_recovered_exactly(tmp_path, dtype):
     report = convert(src, tmp_path / "q4_0", "q4_0", progress=False)
     assert report.lattice_fraction() == 1.0
     lin = {k: e for k, e in report.tensors.items() if e["class"] == "linear"}
-    assert lin and all(e["provenance"] == "qat-lattice" and e["lattice_exact"] == 1.0
-                       and e["scale_dtype"] == "float16" for e in lin.values())
+    assert lin and all(
+        e["provenance"] == "qat-lattice" and e["lattice_exact"] == 1.0 and e["scale_dtype"] == "float16"
+        for e in lin.values()
+    )
     stored = mx.load(str(tmp_path / "q4_0" / "model.safetensors"))
     assert not any(k.endswith(".biases") and k[:-7] in lin for k in stored)  # -8d is derived
     source = dict(tree_flatten(gemma4_mlx.load(src, dtype="float32")[0].parameters()))
@@ -309,6 +336,7 @@ def test_q4_0_on_ordinary_weights_falls_back_to_ggml(checkpoints, converted):
 
 
 # -- streaming, atomic output, errors ------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
@@ -394,6 +422,7 @@ def test_corrupt_header_and_bad_tensor_named(checkpoints, tmp_path):
     with pytest.raises(LoadError, match=rf"{f.name}: unreadable safetensors"):
         convert(src, tmp_path / "out", "q8", progress=False)
     from safetensors.numpy import load_file, save_file
+
     f.write_bytes(good)
     tensors = load_file(f)
     key = "model.language_model.layers.1.mlp.up_proj.weight"
@@ -424,6 +453,7 @@ def test_tokenizer_and_templates_copied(checkpoints, tmp_path):
 def test_sfp8_tensor_scale(checkpoints, tmp_path):
     """Weights above 1.875 get a per-tensor scale s != 1, applied after the matmul."""
     from safetensors.numpy import load_file, save_file
+
     src = _copy(checkpoints["dense"].path, tmp_path / "src")
     f = next(src.glob("*.safetensors"))
     tensors = load_file(f)
@@ -442,6 +472,7 @@ def test_sfp8_tensor_scale(checkpoints, tmp_path):
 
 
 # -- mlx-community layout -------------------------------------------------------------
+
 
 def test_loads_mlx_community_layout(checkpoints, tmp_path):
     """Written from the published conventions, not by our converter: `language_model.model.`
@@ -495,6 +526,7 @@ def test_hf_quantization_config_refused(checkpoints, tmp_path):
 
 # -- command line ---------------------------------------------------------------------
 
+
 def test_cli_convert(checkpoints, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
@@ -509,7 +541,8 @@ def test_cli_convert(checkpoints, tmp_path, monkeypatch):
     assert q["policy"]["keep_high_precision"] is False and q["recipe"] == "q4_0"
     r = run(app, ["convert", src, dst, "--quant", "q8"])
     assert r.exit_code == 1 and r.output.strip().splitlines() == [
-        f"error: {dst}: already exists (pass force=True / --force to replace it)"]
+        f"error: {dst}: already exists (pass force=True / --force to replace it)"
+    ]
     assert run(app, ["convert", src, dst, "--quant", "q8", "--force"]).exit_code == 0
     r = run(app, ["convert", src, str(tmp_path / "x"), "--quant", "int3"])
     assert r.exit_code == 1 and "quant 'int3': expected one of" in r.output
@@ -524,8 +557,11 @@ def test_q4_0_keeps_4_5_bits_per_weight_resident(converted, checkpoints):
     """No Q4_0 biases are stored or resident: they are derived per product (docs/quantization.md §1)."""
     dst, _ = converted(checkpoints["all"].path, "q4_0")
     model = gemma4_mlx.load(dst, dtype="float32")[0]
-    q = [(p, m) for p, m in model.named_modules() if isinstance(m, (QLinear, QuantizedExpertLinear))
-         and getattr(m, "derive_biases", False)]
+    q = [
+        (p, m)
+        for p, m in model.named_modules()
+        if isinstance(m, (QLinear, QuantizedExpertLinear)) and getattr(m, "derive_biases", False)
+    ]
     assert q
     for path, m in q:
         assert "biases" not in m, path

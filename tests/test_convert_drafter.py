@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from helpers.checkpoints import random_ids
 from gemma4_mlx.cache import Mask
+from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.config import FULL, SLIDING
 from gemma4_mlx.convert import ConvertError, convert
-from gemma4_mlx.runtime.generate import generate_tokens
-from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.models.assistant import Drafter
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
+from gemma4_mlx.runtime.generate import generate_tokens
 from gemma4_mlx.speculative.loop import speculative_batch_generate
+
+from helpers.checkpoints import random_ids
 
 NAMES = ["e2b_like", "dense"]  # centroid head, dense tied head
 MODES = ["bf16", "q8", "q4_0", "sfp8", "mxfp4", "nvfp4"]
@@ -64,6 +65,7 @@ def converted(tmp_path_factory, drafters):
             convert(drafters[name].path, dst, quant, keep_high_precision=keep, progress=False)
             cache[(name, quant, keep)] = dst
         return cache[(name, quant, keep)]
+
     return get
 
 
@@ -74,11 +76,14 @@ def _inputs(drafter, seed=0):
     kv = {}
     for typ, n in ((SLIDING, N_SLIDING), (FULL, N_FULL)):
         spec = next(s for s in drafter.config.text.layers if s.type == typ)
-        kv[typ] = tuple(mx.array(rng.standard_normal((1, spec.kv_heads, n, spec.head_dim)),
-                                 mx.float32) for _ in range(2))
+        kv[typ] = tuple(
+            mx.array(rng.standard_normal((1, spec.kv_heads, n, spec.head_dim)), mx.float32) for _ in range(2)
+        )
     W = drafter.config.text.sliding_window
-    masks = {SLIDING: Mask(mx.array(np.arange(N_SLIDING) >= N_SLIDING - W)[None, None, None], 0, 0, None),
-             FULL: Mask(mx.ones((1, 1, 1, N_FULL), mx.bool_), 0, 0, None)}
+    masks = {
+        SLIDING: Mask(mx.array(np.arange(N_SLIDING) >= N_SLIDING - W)[None, None, None], 0, 0, None),
+        FULL: Mask(mx.ones((1, 1, 1, N_FULL), mx.bool_), 0, 0, None),
+    }
     x0 = mx.array(rng.standard_normal((1, T, 2 * drafter.config.backbone_hidden_size)), mx.float32)
     return x0, kv, masks
 
@@ -111,8 +116,9 @@ def _dequantized(drafter: Drafter) -> Drafter:
     params = {}
     for path, m in drafter.named_modules():
         if isinstance(m, (QLinear, QEmbedding)):
-            w = mx.dequantize(m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits,
-                              mode=m.mode, dtype=mx.float32)
+            w = mx.dequantize(
+                m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits, mode=m.mode, dtype=mx.float32
+            )
             params[path + ".weight"] = w * m["tensor_scale"] if "tensor_scale" in m else w
     for k, v in tree_flatten(drafter.parameters()):
         if k.rpartition(".")[0] + ".weight" not in params:
@@ -150,19 +156,27 @@ def test_policy_recorded(drafters, converted, name):
     dst = converted(name, "q4_0")
     src_cfg = json.loads((drafters[name].path / "config.json").read_text())
     cfg = json.loads((dst / "config.json").read_text())
-    for key in ("model_type", "backbone_hidden_size", "use_ordered_embeddings", "num_centroids",
-                "centroid_intermediate_top_k", "text_config"):
+    for key in (
+        "model_type",
+        "backbone_hidden_size",
+        "use_ordered_embeddings",
+        "num_centroids",
+        "centroid_intermediate_top_k",
+        "text_config",
+    ):
         assert cfg[key] == src_cfg[key], key
     q = cfg["quantization"]
     t = q["tensors"]
     assert q["recipe"] == "q4_0" and q["policy"]["keep_high_precision"] is True
     assert t["model.embed_tokens"]["format"] == "affine" and t["model.embed_tokens"]["bits"] == 8
-    linears = [f"model.layers.{i}.{m}" for i in range(4) for m in (
-        "self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    linears = [
+        f"model.layers.{i}.{m}"
+        for i in range(4)
+        for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    ]
     for m in linears:
         assert t[m]["format"] == "q4_0", m
-    kept = ["pre_projection", "post_projection"] + (["masked_embedding.centroids"]
-                                                      if name == "e2b_like" else [])
+    kept = ["pre_projection", "post_projection"] + (["masked_embedding.centroids"] if name == "e2b_like" else [])
     for m in kept:
         assert t[m]["format"] == "float" and t[m]["reason"] == "policy", m
     assert set(t) == {"model.embed_tokens", *linears, *kept}  # norms/scalars: no entries
@@ -186,8 +200,7 @@ def test_bf16_rounds_floats_and_keeps_token_ordering(drafters, converted):
     assert mx.array_equal(order, src["masked_embedding.token_ordering"]).item()
     assert {v.dtype for v in stored.values()} == {mx.bfloat16}
     base, ours = load_drafter(drafters["e2b_like"].path, "float32"), load_drafter(dst, "float32")
-    assert mx.array_equal(ours.masked_embedding.token_ordering,
-                          base.masked_embedding.token_ordering).item()
+    assert mx.array_equal(ours.masked_embedding.token_ordering, base.masked_embedding.token_ordering).item()
 
 
 def test_no_keep_high_precision_quantizes_everything(drafters, targets, converted):

@@ -23,31 +23,43 @@ import torch
 import transformers
 from mlx.utils import tree_flatten, tree_unflatten
 
+from gemma4_mlx.checkpoint.load import load_model
 from gemma4_mlx.config import read_config
 from gemma4_mlx.convert import ConvertError, convert, core
 from gemma4_mlx.convert.policy import Policy, classify
-from gemma4_mlx.checkpoint.load import load_model
+from gemma4_mlx.formats.safetensors import read_header
+from gemma4_mlx.media.audio import FeatureConfig, log_mel
+from gemma4_mlx.media.image import ImageProcessor
 from gemma4_mlx.models.layers import CLAMPS, Linear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
-from gemma4_mlx.media.audio import FeatureConfig, log_mel
-from gemma4_mlx.media.image import ImageProcessor
-from gemma4_mlx.formats.safetensors import read_header
 
 from helpers.mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
 
 # Widths divisible by 32 and 64 so the text linears quantize too; global_head_dim !=
 # head_dim (a transformers 5.24 config then records the full layer's head_dim).
-TEXT = dict(vocab_size=64, vocab_size_per_layer_input=64, hidden_size=64, intermediate_size=64,
-            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-            global_head_dim=32, layer_types=["full_attention"], hidden_size_per_layer_input=0,
-            num_kv_shared_layers=0, sliding_window=4)
+TEXT = dict(
+    vocab_size=64,
+    vocab_size_per_layer_input=64,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    global_head_dim=32,
+    layer_types=["full_attention"],
+    hidden_size_per_layer_input=0,
+    num_kv_shared_layers=0,
+    sliding_window=4,
+)
 RECIPES = ["bf16", "q4", "q4_0", "sfp8"]
 QUANTIZED = ["q4", "q4_0", "sfp8"]
 _META = (".scales", ".biases", ".tensor_scale")
 
 
 # -- checkpoints ---------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
@@ -68,6 +80,7 @@ def converted(source, tmp_path_factory):
             dst = root / f"{quant}-{keep}"
             cache[quant, keep] = dst, convert(source, dst, quant, keep_high_precision=keep, progress=False)
         return cache[quant, keep]
+
     return get
 
 
@@ -106,6 +119,7 @@ def is_clamp(key: str) -> bool:
 
 # -- inputs and outputs ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def inputs():
     rng = np.random.default_rng(5)
@@ -127,8 +141,9 @@ def towers(model, inputs) -> tuple[np.ndarray, np.ndarray]:
 
 def rounded(model, dtype):
     """model with every parameter but the clamp scalars rounded to dtype (kept float32)."""
-    params = [(k, v if is_clamp(k) else v.astype(dtype).astype(mx.float32))
-              for k, v in tree_flatten(model.parameters())]
+    params = [
+        (k, v if is_clamp(k) else v.astype(dtype).astype(mx.float32)) for k, v in tree_flatten(model.parameters())
+    ]
     model.update(tree_unflatten(params))
     return model
 
@@ -138,8 +153,9 @@ def dequantized(model, config):
     params = {}
     for path, m in model.named_modules():
         if isinstance(m, (QLinear, QEmbedding)):
-            w = mx.dequantize(m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits,
-                              mode=m.mode, dtype=mx.float32)
+            w = mx.dequantize(
+                m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits, mode=m.mode, dtype=mx.float32
+            )
             params[path + ".weight"] = w * m["tensor_scale"] if "tensor_scale" in m else w
     quantized = {k.rpartition(".")[0] for k in params}
     for k, v in tree_flatten(model.parameters()):
@@ -158,6 +174,7 @@ def module(model, path):
 
 
 # -- what is written -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("quant", RECIPES)
 def test_tower_tensors_written_under_our_names(source, converted, quant):
@@ -241,6 +258,7 @@ def test_source_without_clamps(source, tmp_path):
 
 # -- what it computes --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def reference(source, inputs):
     model, _ = load_model(source, dtype="float32")
@@ -290,11 +308,16 @@ def test_no_keep_high_precision_quantizes_tower_linears(source, converted, input
     assert "vision.vision_tower.encoder.layers.0.mlp.up_proj.linear.scales" in keys
     assert not any(k.endswith(_META) and ("embed_vision" in k or "embed_audio" in k) for k in keys)
     model, config = load_model(dst, dtype="float32")
-    for path in ("vision.vision_tower.encoder.layers.1.self_attn.o_proj.linear",
-                 "audio.audio_tower.layers.0.lconv1d.linear_end.linear"):
+    for path in (
+        "vision.vision_tower.encoder.layers.1.self_attn.o_proj.linear",
+        "audio.audio_tower.layers.0.lconv1d.linear_end.linear",
+    ):
         assert isinstance(module(model, path), QLinear), path
-    for path in ("vision.embed_vision.embedding_projection", "audio.embed_audio.embedding_projection",
-                 "audio.audio_tower.layers.0.self_attn.relative_k_proj"):
+    for path in (
+        "vision.embed_vision.embedding_projection",
+        "audio.embed_audio.embedding_projection",
+        "audio.audio_tower.layers.0.self_attn.relative_k_proj",
+    ):
         assert type(module(model, path)) is Linear, path
     got, want = towers(model, inputs), towers(dequantized(model, config), inputs)
     for g, w in zip(got, want):
@@ -313,6 +336,7 @@ def test_text_only_load(converted):
 
 
 # -- processor_config.json ----------------------------------------------------------------
+
 
 def hf_defaults() -> dict:
     """transformers' Gemma4AudioFeatureExtractor defaults, as JSON would hold them."""
@@ -334,8 +358,7 @@ def test_feature_extractor_added_to_existing_file(source, tmp_path):
     src = variant(source, tmp_path / "src", {"processor_class": "Gemma4Processor", "image_processor": image})
     report = convert(src, tmp_path / "out", "bf16", progress=False)
     pc = json.loads((tmp_path / "out" / "processor_config.json").read_text())
-    assert pc == {"processor_class": "Gemma4Processor", "image_processor": image,
-                  "feature_extractor": hf_defaults()}
+    assert pc == {"processor_class": "Gemma4Processor", "image_processor": image, "feature_extractor": hf_defaults()}
     assert "had none" in report.processor_config
 
 
@@ -352,6 +375,7 @@ def test_feature_extractor_of_the_source_preserved(source, tmp_path):
 
 
 # -- atomic output --------------------------------------------------------------------------
+
 
 def test_failure_mid_conversion_leaves_nothing(source, tmp_path, monkeypatch):
     calls, real = [], core.write_shard

@@ -15,31 +15,58 @@ from mlx.utils import tree_flatten
 import gemma4_mlx
 from gemma4_mlx.config import TextConfig
 from gemma4_mlx.convert import ConvertError, convert
-from gemma4_mlx.models.text import Model
 from gemma4_mlx.formats import q4_0
+from gemma4_mlx.models.text import Model
 
 S, F = "sliding_attention", "full_attention"
-CFG = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, head_dim=16, global_head_dim=32,
-           num_key_value_heads=2, sliding_window=4, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
-           num_hidden_layers=4, layer_types=[S, F, S, F], intermediate_size=96,
-           hidden_size_per_layer_input=32, vocab_size_per_layer_input=256, num_kv_shared_layers=0,
-           rope_parameters={S: {"rope_type": "default", "rope_theta": 10000.0},
-                            F: {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                "rope_theta": 1000000.0}})
+CFG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_attention_heads=4,
+    head_dim=16,
+    global_head_dim=32,
+    num_key_value_heads=2,
+    sliding_window=4,
+    final_logit_softcapping=30.0,
+    rms_norm_eps=1e-6,
+    num_hidden_layers=4,
+    layer_types=[S, F, S, F],
+    intermediate_size=96,
+    hidden_size_per_layer_input=32,
+    vocab_size_per_layer_input=256,
+    num_kv_shared_layers=0,
+    rope_parameters={
+        S: {"rope_type": "default", "rope_theta": 10000.0},
+        F: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+    },
+)
 # Our parameter path -> GGUF name (written independently of convert/gguf.py's table)
-GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-          "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
-          "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
-          "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight"}
-BLOCK = {"self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-         "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-         "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-         "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "post_attention_norm.weight",
-         "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-         "post_feedforward_layernorm.weight": "post_ffw_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-         "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-         "per_layer_input_gate.weight": "inp_gate.weight", "per_layer_projection.weight": "proj.weight",
-         "post_per_layer_input_norm.weight": "post_norm.weight", "layer_scalar": "layer_output_scale.weight"}
+GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+    "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+    "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
+}
+BLOCK = {
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "per_layer_input_gate.weight": "inp_gate.weight",
+    "per_layer_projection.weight": "proj.weight",
+    "post_per_layer_input_norm.weight": "post_norm.weight",
+    "layer_scalar": "layer_output_scale.weight",
+}
 F16_TENSORS = {"model.embed_tokens_per_layer.weight"}  # exercises the F16 path
 BF16_TENSORS = {"model.per_layer_model_projection.weight"}  # and BF16 (kept high precision)
 
@@ -92,15 +119,26 @@ def write_gguf(path, metadata, tensors):
 
 
 def metadata(**over):
-    md = {"general.architecture": "gemma4", "general.alignment": 32, "gemma4.block_count": 4,
-          "gemma4.embedding_length": 64, "gemma4.feed_forward_length": 96,
-          "gemma4.attention.head_count": 4, "gemma4.attention.head_count_kv": [2, 2, 2, 2],
-          "gemma4.attention.key_length": 32, "gemma4.attention.value_length": 32,
-          "gemma4.attention.key_length_swa": 16, "gemma4.attention.sliding_window": 4,
-          "gemma4.attention.sliding_window_pattern": [True, False, True, False],
-          "gemma4.rope.freq_base": 1000000.0, "gemma4.rope.freq_base_swa": 10000.0,
-          "gemma4.final_logit_softcapping": 30.0, "gemma4.attention.layer_norm_rms_epsilon": 1e-6,
-          "gemma4.embedding_length_per_layer_input": 32, "tokenizer.ggml.model": "gemma4"}
+    md = {
+        "general.architecture": "gemma4",
+        "general.alignment": 32,
+        "gemma4.block_count": 4,
+        "gemma4.embedding_length": 64,
+        "gemma4.feed_forward_length": 96,
+        "gemma4.attention.head_count": 4,
+        "gemma4.attention.head_count_kv": [2, 2, 2, 2],
+        "gemma4.attention.key_length": 32,
+        "gemma4.attention.value_length": 32,
+        "gemma4.attention.key_length_swa": 16,
+        "gemma4.attention.sliding_window": 4,
+        "gemma4.attention.sliding_window_pattern": [True, False, True, False],
+        "gemma4.rope.freq_base": 1000000.0,
+        "gemma4.rope.freq_base_swa": 10000.0,
+        "gemma4.final_logit_softcapping": 30.0,
+        "gemma4.attention.layer_norm_rms_epsilon": 1e-6,
+        "gemma4.embedding_length_per_layer_input": 32,
+        "tokenizer.ggml.model": "gemma4",
+    }
     md.update(over)
     return {k: v for k, v in md.items() if v is not None}
 
@@ -148,7 +186,7 @@ def test_import_codes_and_scales_bit_exact(tiny, imported):
     stored = mx.load(str(dst / "model.safetensors"))
     cfg = json.loads((dst / "config.json").read_text())
     for key, (d, q) in written.items():
-        module = key[:-len(".weight")]
+        module = key[: -len(".weight")]
         want_w, want_s, _ = q4_0.to_mlx_affine(d, q, "float16")
         assert stored[module + ".scales"].dtype == mx.float16
         assert np.array_equal(np.array(stored[module + ".scales"]).view(np.uint16), d.view(np.uint16)), key
@@ -208,6 +246,7 @@ def test_reader_metadata_types(tmp_path):
 
 # -- info ---------------------------------------------------------------------------
 
+
 def test_info_bytes_add_up_and_modes(imported):
     from gemma4_mlx.checkpoint.info import model_info
 
@@ -219,8 +258,11 @@ def test_info_bytes_add_up_and_modes(imported):
     assert comps["attention"]["modes"] == ["q4_0"] and comps["mlp"]["modes"] == ["q4_0"]
     assert comps["per_layer_embeddings"]["modes"] == ["bfloat16", "float16", "q4_0"]
     assert comps["attention"]["params"] == sum(
-        4 * 64 * (16 if i % 2 == 0 else 32) + 2 * 2 * 64 * (16 if i % 2 == 0 else 32) + 64 * 4 *
-        (16 if i % 2 == 0 else 32) for i in range(4))
+        4 * 64 * (16 if i % 2 == 0 else 32)
+        + 2 * 2 * 64 * (16 if i % 2 == 0 else 32)
+        + 64 * 4 * (16 if i % 2 == 0 else 32)
+        for i in range(4)
+    )
     assert info["resident_bytes"] > 0
 
 

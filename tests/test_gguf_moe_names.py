@@ -12,12 +12,20 @@ import gemma4_mlx
 from gemma4_mlx.config import TextConfig
 from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.models.text import Model
+
 from test_gguf_info import CFG, metadata, write_gguf
 
 gguf = pytest.importorskip("gguf")
 
-MOE = dict(CFG, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, enable_moe_block=True,
-           num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+MOE = dict(
+    CFG,
+    hidden_size_per_layer_input=0,
+    vocab_size_per_layer_input=0,
+    enable_moe_block=True,
+    num_experts=4,
+    top_k_experts=2,
+    moe_intermediate_size=32,
+)
 # Two tensors gguf-py's map does not name; their ".scale" spelling follows llama.cpp's
 # suffix convention (as a third-party GGUF mapper reads them) [not checked on a real file].
 SCALES = {"router.scale": "ffn_gate_inp.scale", "router.per_expert_scale": "ffn_down_exps.scale"}
@@ -60,8 +68,14 @@ def build(tmp_path, output_copy=True):
     tensors.append(("rope_freqs.weight", 0, (16,), np.array([1.0] * 4 + [1e30] * 12, np.float32).tobytes()))
     head = emb if output_copy else emb * 1.01
     tensors.append(("output.weight", 0, emb.shape, head.astype(np.float32).tobytes()))
-    md = metadata(**{"gemma4.embedding_length_per_layer_input": None, "gemma4.expert_count": 4,
-                     "gemma4.expert_used_count": 2, "gemma4.expert_feed_forward_length": 32})
+    md = metadata(
+        **{
+            "gemma4.embedding_length_per_layer_input": None,
+            "gemma4.expert_count": 4,
+            "gemma4.expert_used_count": 2,
+            "gemma4.expert_feed_forward_length": 32,
+        }
+    )
     path = tmp_path / "moe.gguf"
     write_gguf(path, md, tensors)
     return path, ref

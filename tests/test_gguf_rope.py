@@ -13,11 +13,12 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from test_gguf_info import CFG
-from test_gguf_tokenizer import V, hf_checkpoint, llama_cpp_gguf
 
 import gemma4_mlx
 from gemma4_mlx.convert import ConvertError, convert
+
+from test_gguf_info import CFG
+from test_gguf_tokenizer import V, hf_checkpoint, llama_cpp_gguf
 
 torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
@@ -39,8 +40,10 @@ def test_factor_read_from_rope_freqs(pair):
     factor, _, _, out = pair
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_parameters"]["full_attention"]["partial_rotary_factor"] == factor
-    assert cfg["gemma4_mlx_conversion"]["partial_rotary_factor"] == {"full_attention": factor,
-                                                                     "from": "rope_freqs.weight"}
+    assert cfg["gemma4_mlx_conversion"]["partial_rotary_factor"] == {
+        "full_attention": factor,
+        "from": "rope_freqs.weight",
+    }
 
 
 def test_logits_equal_loading_the_hf_checkpoint(pair):
@@ -91,8 +94,7 @@ def test_f16_rope_freqs_refused(hf_dir, tmp_path):
         convert(path, tmp_path / "out", "q4_0", progress=False)
 
 
-@pytest.mark.parametrize("key,value", [("gemma4.rope.dimension_count", 16),
-                                       ("gemma4.rope.dimension_count_swa", 8)])
+@pytest.mark.parametrize("key,value", [("gemma4.rope.dimension_count", 16), ("gemma4.rope.dimension_count_swa", 8)])
 def test_partial_rotary_dimension_counts_refused(hf_dir, tmp_path, key, value):
     path = llama_cpp_gguf(hf_dir, tmp_path / "bad.gguf", edit=lambda w: w.add_uint32(key, value))
     with pytest.raises(ConvertError, match=rf"bad\.gguf: metadata key {key.replace('.', r'[.]')} is {value}; "):

@@ -20,12 +20,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from test_gguf_info import CFG, F, S, gguf_name, metadata
 
 import gemma4_mlx
 from gemma4_mlx.checkpoint.load import load_tokenizer
 from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.prompt.template import SPECIAL_TOKENS
+
+from test_gguf_info import CFG, F, S, gguf_name, metadata
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -34,20 +35,41 @@ from test_chat_format import MINI_TEMPLATE  # noqa: E402
 
 V = 512  # vocabulary: 24 control strings, 256 byte tokens, 232 learned BPE tokens
 # The strings llama.cpp's Gemma 4 converter types USER_DEFINED (rendered in output)
-RENDERED = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-            "<tool_response|>", '<|"|>'}
-NAMED = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
-         "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>", "sot_token": "<|turn>",
-         "eot_token": "<turn|>", "soc_token": "<|channel>", "eoc_token": "<channel|>", "think_token": "<|think|>",
-         "escape_token": '<|"|>', "str_token": "<|tool_response>", "etr_token": "<tool_response|>",
-         "stc_token": "<|tool_call>", "etc_token": "<tool_call|>", "std_token": "<|tool>", "etd_token": "<tool|>"}
-CORPUS = ["The quick brown fox jumps over the lazy dog.", "def main():\n    return 42\n\n",
-          "Hello, world! How are you today?", "Gemma runs on MLX: tokens, merges and bytes.",
-          "東京は日本の首都です。", "Ça va très bien, merci.", "   indented\ttabs\tand  double  spaces",
-          "numbers 0123456789 and symbols #$%&*+-=/<>[]{}|~^_`@\\"] * 4
+RENDERED = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'}
+NAMED = {
+    "image_token": "<|image|>",
+    "boi_token": "<|image>",
+    "eoi_token": "<image|>",
+    "audio_token": "<|audio|>",
+    "boa_token": "<|audio>",
+    "eoa_token": "<audio|>",
+    "sot_token": "<|turn>",
+    "eot_token": "<turn|>",
+    "soc_token": "<|channel>",
+    "eoc_token": "<channel|>",
+    "think_token": "<|think|>",
+    "escape_token": '<|"|>',
+    "str_token": "<|tool_response>",
+    "etr_token": "<tool_response|>",
+    "stc_token": "<|tool_call>",
+    "etc_token": "<tool_call|>",
+    "std_token": "<|tool>",
+    "etd_token": "<tool|>",
+}
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def main():\n    return 42\n\n",
+    "Hello, world! How are you today?",
+    "Gemma runs on MLX: tokens, merges and bytes.",
+    "東京は日本の首都です。",
+    "Ça va très bien, merci.",
+    "   indented\ttabs\tand  double  spaces",
+    "numbers 0123456789 and symbols #$%&*+-=/<>[]{}|~^_`@\\",
+] * 4
 
 
 # -- the source: an HF checkpoint with a Gemma-shaped tokenizer ---------------------------
+
 
 def _id_layout() -> dict[str, int]:
     """Control strings at Gemma 4's ids below 200; the media ones at the top of V."""
@@ -61,16 +83,20 @@ def _gemma_shaped(vocab: dict[str, int], merges):
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True)
-                    if vocab else BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok = Tokenizer(
+        BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True)
+        if vocab
+        else BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True)
+    )
     tok.normalizer = normalizers.Replace(" ", "\u2581")
     tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     if vocab:
         controls = sorted((t for t in vocab if t in SPECIAL_TOKENS), key=vocab.get)
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in controls])
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B:1",
-                                                           special_tokens=[("<bos>", 2)])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A <bos> $B:1", special_tokens=[("<bos>", 2)]
+        )
     return tok
 
 
@@ -89,8 +115,14 @@ def write_source_tokenizer(folder):
     assert len(vocab) == V and sorted(vocab.values()) == list(range(V))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
     fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=_gemma_shaped(vocab, merges), bos_token="<bos>", eos_token="<eos>",
-        unk_token="<unk>", pad_token="<pad>", mask_token="<mask>", extra_special_tokens=NAMED)
+        tokenizer_object=_gemma_shaped(vocab, merges),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        extra_special_tokens=NAMED,
+    )
     fast.save_pretrained(folder)
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())  # as in Google's release: <|video|> is the unnamed extra
@@ -102,10 +134,13 @@ def write_source_tokenizer(folder):
 def hf_checkpoint(folder, factor: float = 0.25, seed: int = 0):
     """test_gguf_info's geometry (vocabulary V) with the full layers' partial-rotary
     factor `factor`, written by transformers, plus the source tokenizer."""
-    rope = {S: {"rope_type": "default", "rope_theta": 10000.0},
-            F: {"rope_type": "proportional", "partial_rotary_factor": factor, "rope_theta": 1000000.0}}
-    text = transformers.Gemma4TextConfig(**dict(CFG, vocab_size=V, vocab_size_per_layer_input=V,
-                                                 rope_parameters=rope, tie_word_embeddings=True))
+    rope = {
+        S: {"rope_type": "default", "rope_theta": 10000.0},
+        F: {"rope_type": "proportional", "partial_rotary_factor": factor, "rope_theta": 1000000.0},
+    }
+    text = transformers.Gemma4TextConfig(
+        **dict(CFG, vocab_size=V, vocab_size_per_layer_input=V, rope_parameters=rope, tie_word_embeddings=True)
+    )
     cfg = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None)
     model = transformers.Gemma4ForConditionalGeneration(cfg).eval()
     randomize(model, seed)
@@ -115,6 +150,7 @@ def hf_checkpoint(folder, factor: float = 0.25, seed: int = 0):
 
 
 # -- the GGUF, as llama.cpp's converter writes it ---------------------------------------
+
 
 def rope_freqs(factor: float, head_dim: int) -> np.ndarray:
     """llama.cpp's Gemma 4 rope_freqs: 1.0 for the int(head_dim * factor / 2) rotated
@@ -150,8 +186,13 @@ def llama_cpp_gguf(hf_dir, path, factor: float = 0.25, vocab: bool = True, edit=
     (or `freqs` as given).  edit(writer) may change metadata after everything is added."""
     model, _ = gemma4_mlx.load(hf_dir, dtype="float32", text_only=True)
     w = gguf.GGUFWriter(path, "gemma4")
-    md = metadata(**{"tokenizer.ggml.model": None, "gemma4.rope.dimension_count": CFG["global_head_dim"],
-                     "gemma4.rope.dimension_count_swa": CFG["head_dim"]})
+    md = metadata(
+        **{
+            "tokenizer.ggml.model": None,
+            "gemma4.rope.dimension_count": CFG["global_head_dim"],
+            "gemma4.rope.dimension_count_swa": CFG["head_dim"],
+        }
+    )
     _add_metadata(w, md)
     if vocab:
         add_vocabulary(w, hf_dir)
@@ -168,6 +209,7 @@ def llama_cpp_gguf(hf_dir, path, factor: float = 0.25, vocab: bool = True, edit=
 
 
 # -- fixtures --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
@@ -189,13 +231,49 @@ def _strings(n: int) -> list[str]:
     (emoji, CJK outside the learned vocabulary, rare and invisible code points)."""
     rng = random.Random(0)
     pieces = list(SPECIAL_TOKENS) + [
-        "Hello", " world", "the", " the", "\n", "\n\n", "  ", "\t", " ", "東京", "日本語の文章", "中文字符",
-        "😀", "🦙🔥", "👩‍💻", "ß", "Ḁ", "e\u0301", "𝔘𝔫𝔦", "\u200b", "\ufeff", "\u0120", "\u2581", "<0x41>",
-        "<unk>", "<|turn", "turn|>", "<|", "|>", "<", "def f(x):", "Ça", "x", "42", "\x00", "\x7f", "ÿ"]
+        "Hello",
+        " world",
+        "the",
+        " the",
+        "\n",
+        "\n\n",
+        "  ",
+        "\t",
+        " ",
+        "東京",
+        "日本語の文章",
+        "中文字符",
+        "😀",
+        "🦙🔥",
+        "👩‍💻",
+        "ß",
+        "Ḁ",
+        "e\u0301",
+        "𝔘𝔫𝔦",
+        "\u200b",
+        "\ufeff",
+        "\u0120",
+        "\u2581",
+        "<0x41>",
+        "<unk>",
+        "<|turn",
+        "turn|>",
+        "<|",
+        "|>",
+        "<",
+        "def f(x):",
+        "Ça",
+        "x",
+        "42",
+        "\x00",
+        "\x7f",
+        "ÿ",
+    ]
     return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(n)]
 
 
 # -- tests -----------------------------------------------------------------------------
+
 
 def test_import_brings_tokenizer_config_and_template(source, imported):
     out, report = imported
@@ -237,9 +315,10 @@ def test_tokenization_equals_source(source, imported):
         assert ours_file.encode(s).ids == theirs_file.encode(s).ids == want, s
         assert ours_file.decode(want, skip_special_tokens=False) == theirs_file.decode(want, skip_special_tokens=False)
         assert ours.decode(want, skip_special_tokens=True) == theirs.decode(want, skip_special_tokens=True), s
-    chat = [{"role": "system", "content": "Be <|turn> brief 😀"}, {"role": "user", "content": "東京 <|\"|>?"}]
-    assert ours.apply_chat_template(chat, add_generation_prompt=True) == \
-        theirs.apply_chat_template(chat, add_generation_prompt=True)
+    chat = [{"role": "system", "content": "Be <|turn> brief 😀"}, {"role": "user", "content": '東京 <|"|>?'}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == theirs.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
 
 
 def test_generate_runs_on_the_import_as_on_the_source(source, imported):
@@ -247,8 +326,24 @@ def test_generate_runs_on_the_import_as_on_the_source(source, imported):
 
     from gemma4_mlx.cli import app
 
-    runs = [CliRunner().invoke(app, ["generate", "--model", str(m), "--prompt", "Hello 東京 😀 <|turn>",
-                                     "-n", "12", "-q", "--draft-model", "none"]) for m in (imported[0], source)]
+    runs = [
+        CliRunner().invoke(
+            app,
+            [
+                "generate",
+                "--model",
+                str(m),
+                "--prompt",
+                "Hello 東京 😀 <|turn>",
+                "-n",
+                "12",
+                "-q",
+                "--draft-model",
+                "none",
+            ],
+        )
+        for m in (imported[0], source)
+    ]
     for r in runs:
         assert r.exit_code == 0, r.output
     assert runs[0].stdout == runs[1].stdout and runs[0].stdout.strip()
@@ -274,24 +369,31 @@ def _set(key, value, vtype=None, sub=None):
             w.add_array(key, value) if isinstance(value, list) else w.add_string(key, value)
         else:
             w.add_key_value(key, value, vtype, sub)
+
     return edit
 
 
 T = gguf.GGUFValueType
 BAD = {
     "model": (_set("tokenizer.ggml.model", "llama"), r"metadata key tokenizer\.ggml\.model is 'llama'"),
-    "too_many": (_set("tokenizer.ggml.tokens", [f"t{i}" for i in range(V + 1)]),
-                 r"tokenizer\.ggml\.tokens lists 513 tokens; token_embd\.weight has 512 rows"),
-    "duplicate": (_set("tokenizer.ggml.tokens", ["a"] * 2 + [f"t{i}" for i in range(V - 2)]),
-                  r"tokenizer\.ggml\.tokens repeats token 'a' \(id 1\)"),
+    "too_many": (
+        _set("tokenizer.ggml.tokens", [f"t{i}" for i in range(V + 1)]),
+        r"tokenizer\.ggml\.tokens lists 513 tokens; token_embd\.weight has 512 rows",
+    ),
+    "duplicate": (
+        _set("tokenizer.ggml.tokens", ["a"] * 2 + [f"t{i}" for i in range(V - 2)]),
+        r"tokenizer\.ggml\.tokens repeats token 'a' \(id 1\)",
+    ),
     "types": (_set("tokenizer.ggml.token_type", [1] * 10), r"tokenizer\.ggml\.token_type must list a type"),
     "type_range": (_set("tokenizer.ggml.token_type", [9] * V), r"tokenizer\.ggml\.token_type must list a type"),
     "no_merges": (_set("tokenizer.ggml.merges", None), r"tokenizer\.ggml\.merges must be a non-empty list"),
     "merge": (_set("tokenizer.ggml.merges", ["zz qq"]), r"tokenizer\.ggml\.merges entry 0 \('zz qq'\)"),
     "merge_space": (_set("tokenizer.ggml.merges", ["er"]), r"tokenizer\.ggml\.merges entry 0 \('er'\)"),
     "eos": (_set("tokenizer.ggml.eos_token_id", 600, T.UINT32), r"tokenizer\.ggml\.eos_token_id is 600"),
-    "template": (_set("tokenizer.chat_template", 7, T.UINT32),
-                 r"metadata key tokenizer\.chat_template must be a string"),
+    "template": (
+        _set("tokenizer.chat_template", 7, T.UINT32),
+        r"metadata key tokenizer\.chat_template must be a string",
+    ),
     "template_name": (_set("tokenizer.chat_template.../x", "{{ 1 }}"), r"tokenizer\.chat_template\.\.\./x"),
 }
 

@@ -19,6 +19,7 @@ from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.convert import gguf_blocks as G
 from gemma4_mlx.convert.gguf_read import block_size
 from gemma4_mlx.models.text import Model
+
 from test_gguf_info import CFG, gguf_name, metadata, write_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -76,8 +77,14 @@ def test_exact_types_dequantize_exactly_as_mlx_affine(ttype):
         assert np.array_equal(b.astype(np.float16).astype(np.float32), b)  # -128d / -16d / m: exact in fp16
         wq = mx.array(G.pack_codes(codes.reshape(16, -1), BITS[ttype]))
         for dt in (mx.float16, mx.float32):  # as stored (fp16), upcast at load
-            got = mx.dequantize(wq, mx.array(s).astype(dt).astype(mx.float32),
-                                mx.array(b).astype(dt).astype(mx.float32), 32, BITS[ttype], dtype=mx.float32)
+            got = mx.dequantize(
+                wq,
+                mx.array(s).astype(dt).astype(mx.float32),
+                mx.array(b).astype(dt).astype(mx.float32),
+                32,
+                BITS[ttype],
+                dtype=mx.float32,
+            )
             assert np.array_equal(np.array(got), want), ttype
 
 
@@ -98,9 +105,18 @@ H, PLE = 256, 64
 CFG2 = dict(CFG, hidden_size=H, hidden_size_per_layer_input=PLE)
 MD2 = dict(**{"gemma4.embedding_length": H, "gemma4.embedding_length_per_layer_input": PLE})
 EMBED, PLE_TABLE = "model.embed_tokens.weight", "model.embed_tokens_per_layer.weight"
-BY_SUFFIX = {"q_proj": "Q8_0", "o_proj": "Q8_0", "up_proj": "Q8_0", "k_proj": "Q5_0", "v_proj": "Q5_1",
-             "gate_proj": "Q4_1", "down_proj": "Q4_0", "per_layer_input_gate": "Q4_0",
-             "per_layer_projection": "Q8_0", "per_layer_model_projection": "Q8_0"}
+BY_SUFFIX = {
+    "q_proj": "Q8_0",
+    "o_proj": "Q8_0",
+    "up_proj": "Q8_0",
+    "k_proj": "Q5_0",
+    "v_proj": "Q5_1",
+    "gate_proj": "Q4_1",
+    "down_proj": "Q4_0",
+    "per_layer_input_gate": "Q4_0",
+    "per_layer_projection": "Q8_0",
+    "per_layer_model_projection": "Q8_0",
+}
 
 
 def ggml_type(key):
@@ -162,14 +178,24 @@ def test_mixed_entries_and_exact_tensors(mixed, mixed_imported):
     dst, report, entries = mixed_imported
     stored = mx.load(str(dst / "model.safetensors"))
     for key, tt in types.items():
-        module = key[:-len(".weight")]
+        module = key[: -len(".weight")]
         if tt in BITS and "norm" not in key:
             e = entries[module]
-            assert (e["format"], e["bits"], e["group_size"], e["provenance"]) == ("affine", BITS[tt], 32,
-                                                                                f"gguf-{tt.lower()}"), key
+            assert (e["format"], e["bits"], e["group_size"], e["provenance"]) == (
+                "affine",
+                BITS[tt],
+                32,
+                f"gguf-{tt.lower()}",
+            ), key
             assert stored[module + ".scales"].dtype == mx.float16 == stored[module + ".biases"].dtype
-            got = mx.dequantize(stored[module + ".weight"], stored[module + ".scales"].astype(mx.float32),
-                                stored[module + ".biases"].astype(mx.float32), 32, BITS[tt], dtype=mx.float32)
+            got = mx.dequantize(
+                stored[module + ".weight"],
+                stored[module + ".scales"].astype(mx.float32),
+                stored[module + ".biases"].astype(mx.float32),
+                32,
+                BITS[tt],
+                dtype=mx.float32,
+            )
             assert np.array_equal(np.array(got), values[key]), key  # exact, not close
     assert stored["model.norm.weight"].dtype == mx.float32
     assert np.array_equal(np.array(stored["model.norm.weight"]), values["model.norm.weight"])
@@ -181,7 +207,7 @@ def test_mixed_entries_and_exact_tensors(mixed, mixed_imported):
     assert (ple["format"], ple["dtype"], ple["provenance"]) == ("float", "float16", "gguf-q6_k dequantized")
     assert stored[PLE_TABLE].dtype == mx.float16
     assert np.array_equal(np.array(stored[PLE_TABLE]), values[PLE_TABLE].astype(np.float16))
-    assert 0 < ple["rel_rms_error"] < 2 ** -11  # fp16 rounding only
+    assert 0 < ple["rel_rms_error"] < 2**-11  # fp16 rounding only
 
 
 def test_q6_k_embedding_requantization_error_bounded(mixed, mixed_imported):
@@ -194,12 +220,13 @@ def test_q6_k_embedding_requantization_error_bounded(mixed, mixed_imported):
     stored = mx.load(str(dst / "model.safetensors"))
     s = np.array(stored["model.embed_tokens.scales"].astype(mx.float32))
     b = np.array(stored["model.embed_tokens.biases"].astype(mx.float32))
-    got = np.array(mx.dequantize(stored["model.embed_tokens.weight"], mx.array(s), mx.array(b), 64, 8,
-                                 dtype=mx.float32))
+    got = np.array(
+        mx.dequantize(stored["model.embed_tokens.weight"], mx.array(s), mx.array(b), 64, 8, dtype=mx.float32)
+    )
     err = np.abs(got - values).reshape(*s.shape, 64)
     mag = np.abs(values).reshape(*s.shape, 64).max(-1, keepdims=True)
-    assert (err <= np.abs(s)[..., None] + 3 * 2 ** -11 * mag).all()  # MLX may pick s < 0
-    rel = np.sqrt(((got - values) ** 2).sum() / (values ** 2).sum())
+    assert (err <= np.abs(s)[..., None] + 3 * 2**-11 * mag).all()  # MLX may pick s < 0
+    rel = np.sqrt(((got - values) ** 2).sum() / (values**2).sum())
     print(f"Q6_K embedding -> affine 8-bit g64: relative RMS error {rel:.2e}")
     assert rel == pytest.approx(entries["model.embed_tokens"]["rel_rms_error"], rel=1e-2)
     assert rel < 0.01  # 8-bit g64 on Q6_K data: ~1/4 of a Q6_K step (§5: 0.8% on Gaussians)
@@ -218,15 +245,22 @@ def test_mixed_model_logits(mixed, mixed_imported):
     model, _ = gemma4_mlx.load(dst, dtype="float32")
     stored = mx.load(str(dst / "model.safetensors"))
     as_imported = dict(values)
-    as_imported[EMBED] = np.array(mx.dequantize(
-        stored["model.embed_tokens.weight"], stored["model.embed_tokens.scales"].astype(mx.float32),
-        stored["model.embed_tokens.biases"].astype(mx.float32), 64, 8, dtype=mx.float32))
+    as_imported[EMBED] = np.array(
+        mx.dequantize(
+            stored["model.embed_tokens.weight"],
+            stored["model.embed_tokens.scales"].astype(mx.float32),
+            stored["model.embed_tokens.biases"].astype(mx.float32),
+            64,
+            8,
+            dtype=mx.float32,
+        )
+    )
     as_imported[PLE_TABLE] = values[PLE_TABLE].astype(np.float16).astype(np.float32)
     e = entries["model.embed_tokens"]["rel_rms_error"]
     rng = np.random.default_rng(4)
     noisy = dict(values)
     emb = values[EMBED]
-    noisy[EMBED] = emb + rng.standard_normal(emb.shape).astype(np.float32) * e * np.sqrt((emb ** 2).mean())
+    noisy[EMBED] = emb + rng.standard_normal(emb.shape).astype(np.float32) * e * np.sqrt((emb**2).mean())
     ids = mx.array([[2] + rng.integers(3, 256, 19).tolist()])
     got = _logits(model, ids)
     same = _logits(_float_model(as_imported), ids)
@@ -237,8 +271,10 @@ def test_mixed_model_logits(mixed, mixed_imported):
     def rel(a):
         return np.linalg.norm(a - exact) / np.linalg.norm(exact)
 
-    print(f"logits: vs substituted reference {err_same:.2e} (max abs, relative); vs exact gguf values "
-          f"{rel(got):.2e}, control {rel(control):.2e} (relative L2; embedding error {e:.2e})")
+    print(
+        f"logits: vs substituted reference {err_same:.2e} (max abs, relative); vs exact gguf values "
+        f"{rel(got):.2e}, control {rel(control):.2e} (relative L2; embedding error {e:.2e})"
+    )
     assert err_same < 1e-4
     assert 0 < rel(got) < 2 * rel(control)
 

@@ -7,7 +7,6 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers.checkpoints import max_diff, random_ids
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
@@ -15,6 +14,8 @@ import gemma4_mlx
 from gemma4_mlx import LoadError
 from gemma4_mlx.config import TextConfig
 from gemma4_mlx.models.text import Model
+
+from helpers.checkpoints import max_diff, random_ids
 
 
 def test_peak_memory_is_one_copy(tmp_path):

@@ -8,13 +8,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from helpers.checkpoints import W, max_diff
-from helpers.mtp_pairs import PAIRS
 
 from gemma4_mlx.cache import Mask
 from gemma4_mlx.checkpoint.load import LoadError, load_drafter, load_model
 from gemma4_mlx.config import FULL, SLIDING, ConfigError, parse_config
 from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair, producer_layers
+
+from helpers.checkpoints import W, max_diff
+from helpers.mtp_pairs import PAIRS
 
 TOL = 1e-4
 
@@ -117,12 +118,13 @@ def test_first_round_drafts_match_transformers_candidate_generator(checkpoints, 
     """The whole draft path (target embedding x sqrt(D_t), concat order, final-norm
     hidden, producer K/V, position) against transformers' MTP candidate generator,
     under its convention: position L, W + 1 sliding keys."""
-    from helpers.checkpoints import random_ids
     from transformers import GenerationConfig
     from transformers.generation.candidate_generator import SinglePositionMultiTokenCandidateGenerator
 
     from gemma4_mlx.runtime.generate import prefill_hidden
     from gemma4_mlx.speculative.loop import MTPSettings, draft
+
+    from helpers.checkpoints import random_ids
 
     ht, hd = checkpoints[target].hf, drafters[target].hf
     hd.generation_config.num_assistant_tokens = 5

@@ -21,14 +21,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
-
 from gemma4_mlx.cache import build_mask  # noqa: E402
 from gemma4_mlx.checkpoint.load import load_model  # noqa: E402
 from gemma4_mlx.media.image import ImageProcessor  # noqa: E402
 from gemma4_mlx.media.prepare import Audio, Image, MediaError, MediaProcessor  # noqa: E402
 from gemma4_mlx.media.rows import MediaRows  # noqa: E402
 from gemma4_mlx.runtime.generate import generate_tokens, prefill  # noqa: E402
+
+from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
 
 TOL = 1e-4
 
@@ -105,8 +105,9 @@ def prompt(mp, imgs, wave):
 
 
 def hf_inputs(ids, imgs, wave):
-    from helpers.mm_configs import hf_image_processor
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    from helpers.mm_configs import hf_image_processor
 
     px = hf_image_processor(70, 4)(imgs, return_tensors="pt")
     au = Gemma4AudioFeatureExtractor()([wave], return_tensors="pt")

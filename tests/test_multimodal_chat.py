@@ -20,11 +20,11 @@ from PIL import Image as PILImage
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
-
 from gemma4_mlx import Chat, generate, load  # noqa: E402
 from gemma4_mlx.media.prepare import MediaError, processor_for  # noqa: E402
 from gemma4_mlx.runtime.generate import SamplingOptions  # noqa: E402
+
+from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
 
 SPECIALS = {
     "<pad>": 0,
@@ -177,9 +177,9 @@ def test_text_only_load_refuses_media(folder):
 
 def test_chat_video_and_bad_video(loaded, tmp_path):
     pytest.importorskip("av")
-    from helpers.media_files import write_video
-
     from gemma4_mlx.media.prepare import Video
+
+    from helpers.media_files import write_video
 
     clip = write_video(tmp_path / "clip.mp4", n=8, rate=4, h=48, w=64)
     chat = fresh(loaded)
@@ -223,9 +223,9 @@ def test_cli_media_flags(folder, tmp_path):
 
 def test_speculative_chat_with_media_is_lossless(loaded, tmp_path):
     """An MTP drafter on a media prompt: the same greedy reply as without it."""
-    from helpers.mm_configs import randomize_text
-
     from gemma4_mlx import load_drafter
+
+    from helpers.mm_configs import randomize_text
 
     model, tok = loaded
     text = transformers.Gemma4TextConfig(
@@ -338,11 +338,12 @@ def test_bfloat16_checkpoint_with_media(tmp_path):
     bound is relative: our bf16 image rows are no further from our float32 ones than
     1.5x transformers' bf16 rows are from its float32 ones (same weights, same pixels)."""
     import mlx.core as mx
-    from helpers.mm_configs import hf_image_processor
 
     from gemma4_mlx.checkpoint.load import load_model
     from gemma4_mlx.media.image import ImageProcessor
     from gemma4_mlx.media.prepare import Audio, Image, MediaProcessor
+
+    from helpers.mm_configs import hf_image_processor
 
     text = dict(
         vocab_size=300,

@@ -6,11 +6,12 @@ then miss transformers' by far more than the parity tolerance.
 
 import mlx.core as mx
 import pytest
-from helpers.checkpoints import max_diff, random_ids
 
 import gemma4_mlx
 from gemma4_mlx import ops
 from gemma4_mlx.config import FULL
+
+from helpers.checkpoints import max_diff, random_ids
 
 TOL = 1e-4
 

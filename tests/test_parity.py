@@ -3,10 +3,11 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers.checkpoints import max_diff, random_ids
 
 import gemma4_mlx
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens, prefill
+
+from helpers.checkpoints import max_diff, random_ids
 
 TOL = 1e-4  # float32, logits of order 1-10
 

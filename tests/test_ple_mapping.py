@@ -8,7 +8,6 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers.checkpoints import random_ids
 from mlx.utils import tree_flatten
 from safetensors.torch import load_file, save_file
 
@@ -17,6 +16,8 @@ from gemma4_mlx import LoadError
 from gemma4_mlx.convert import convert
 from gemma4_mlx.models.ple_table import MappedTable
 from gemma4_mlx.models.quantized import QEmbedding
+
+from helpers.checkpoints import random_ids
 
 PLE = "model.embed_tokens_per_layer.weight"
 

@@ -7,11 +7,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import transformers
-from helpers.checkpoints import max_diff, write_char_tokenizer
-from helpers.mm_configs import TEXT_TINY, build_multimodal
 
 import gemma4_mlx
 from gemma4_mlx.media.prepare import MediaError, MediaProcessor
+
+from helpers.checkpoints import max_diff, write_char_tokenizer
+from helpers.mm_configs import TEXT_TINY, build_multimodal
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,11 @@ test_chat_format, on nested tool schemas, and on thousands of demo-corpus turns.
 import random
 
 import pytest
-from test_chat_format import EXCHANGE, MATRIX, get_weather, test_declaration_nested_schema_order
 
 from gemma4_mlx.demo.corpus import corpus
 from gemma4_mlx.prompt.template import CHAT_TEMPLATE, render, render_with_checkpoint_template
+
+from test_chat_format import EXCHANGE, MATRIX, get_weather, test_declaration_nested_schema_order
 
 NESTED = {
     "name": "plan_trip",

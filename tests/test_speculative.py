@@ -14,12 +14,13 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-from helpers.checkpoints import W, random_ids
-from helpers.mtp_pairs import PAIRS
 
 from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
 from gemma4_mlx.speculative.loop import MTPSettings, SpecStats, speculative_batch_generate
+
+from helpers.checkpoints import W, random_ids
+from helpers.mtp_pairs import PAIRS
 
 LENGTHS = [5, 13, 3, 9, 17, 7, 11, 4]  # mixed; most cross the window W = 4
 MAX = 14

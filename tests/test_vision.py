@@ -24,7 +24,6 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from helpers.mm_configs import TEXT_TINY, TOWERS, build_hf, hf_image_processor  # noqa: E402
 from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size  # noqa: E402
 
 import gemma4_mlx.models.vision as V  # noqa: E402
@@ -34,6 +33,8 @@ from gemma4_mlx.media import image as P  # noqa: E402
 from gemma4_mlx.media.image import BUDGETS, ImageProcessor  # noqa: E402
 from gemma4_mlx.models.text import Model  # noqa: E402
 from gemma4_mlx.models.vision import VisionConfig, VisionModel, sanitize  # noqa: E402
+
+from helpers.mm_configs import TEXT_TINY, TOWERS, build_hf, hf_image_processor  # noqa: E402
 
 TOL = 1e-4
 
