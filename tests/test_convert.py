@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 import gemma4_mlx
 from gemma4_mlx import LoadError, ops
-from gemma4_mlx.convert import ConvertError, convert, core
+from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.models.moe import QuantizedExpertLinear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
@@ -28,6 +28,7 @@ from gemma4_mlx.runtime.generate import generate_tokens
 
 from helpers import checkpoints as builders
 from helpers.checkpoints import build_hf, random_ids, read_json, write_char_tokenizer
+from helpers.faults import convert_fails_at_second_shard
 
 QUANTIZED = ["q8", "q4", "mxfp4", "nvfp4", "q4_0", "sfp8"]
 MODES = ["bf16", "fp16"] + QUANTIZED
@@ -358,19 +359,9 @@ def test_sharded_source_gives_sharded_output(sharded, tmp_path):
 
 
 def test_failure_half_way_leaves_nothing(sharded, tmp_path, monkeypatch):
-    calls, real = [], core.write_shard
-
-    def flaky(path, tensors):
-        calls.append(path)
-        if len(calls) == 2:
-            raise RuntimeError("disk full (injected)")
-        real(path, tensors)
-
-    monkeypatch.setattr(core, "write_shard", flaky)
     dst = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="injected"):
-        convert(sharded, dst, "q4", progress=False)
-    assert len(calls) == 2 and not dst.exists() and not (tmp_path / "out.partial").exists()
+    calls = convert_fails_at_second_shard(monkeypatch, lambda: convert(sharded, dst, "q4", progress=False))
+    assert not dst.exists() and not (tmp_path / "out.partial").exists()
     dst.mkdir()  # a failing --force run keeps the previous DST
     (dst / "keep.txt").write_text("old")
     calls.clear()

@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from gemma4_mlx.checkpoint.load import load_model
 from gemma4_mlx.config import read_config
-from gemma4_mlx.convert import ConvertError, convert, core
+from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.convert.policy import Policy, classify
 from gemma4_mlx.formats.safetensors import read_header
 from gemma4_mlx.media.audio import FeatureConfig, log_mel
@@ -34,6 +34,7 @@ from gemma4_mlx.models.layers import CLAMPS, Linear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
 
+from helpers.faults import convert_fails_at_second_shard
 from helpers.mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
 
 # Widths divisible by 32 and 64 so the text linears quantize too; global_head_dim !=
@@ -378,20 +379,10 @@ def test_feature_extractor_of_the_source_preserved(source, tmp_path):
 
 
 def test_failure_mid_conversion_leaves_nothing(source, tmp_path, monkeypatch):
-    calls, real = [], core.write_shard
-
-    def flaky(path, tensors):
-        calls.append(path)
-        if len(calls) == 2:
-            raise RuntimeError("disk full (injected)")
-        real(path, tensors)
-
-    monkeypatch.setattr(core, "write_shard", flaky)
     dst = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="injected"):
-        convert(source, dst, "q4", progress=False)
-    assert len(calls) == 2 and not dst.exists() and not (tmp_path / "out.partial").exists()
-    monkeypatch.setattr(core, "write_shard", real)
+    convert_fails_at_second_shard(monkeypatch, lambda: convert(source, dst, "q4", progress=False))
+    assert not dst.exists() and not (tmp_path / "out.partial").exists()
+    monkeypatch.undo()
     # after every shard is written: a bad processor_config.json, named in one line
     bad = variant(source, tmp_path / "bad", "{not json")
     with pytest.raises(ConvertError, match=r"bad/processor_config\.json: not valid JSON"):
