@@ -59,11 +59,12 @@ from mlx.utils import tree_flatten
 from PIL import Image
 from report import Report  # bench/report.py (the script's folder is on sys.path)
 
+from gemma4_mlx.config import AudioConfig, VisionConfig
 from gemma4_mlx.media.audio import log_mel
 from gemma4_mlx.media.image import ImageProcessor
 from gemma4_mlx.models import audio as our_audio
-from gemma4_mlx.models.audio import AudioConfig, AudioModel
-from gemma4_mlx.models.vision import VisionConfig, VisionModel
+from gemma4_mlx.models.audio import AudioModel
+from gemma4_mlx.models.vision import VisionModel
 
 try:  # after gemma4_mlx: mlx.core must load after OpenBLAS
     import mlx_vlm

@@ -43,8 +43,8 @@ from report import Report  # bench/report.py (the script's folder is on sys.path
 
 import gemma4_mlx.ops as ops
 import gemma4_mlx.speculative.loop as spec
-from gemma4_mlx.config import FULL, SLIDING, TextConfig
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair
+from gemma4_mlx.config import FULL, SLIDING, AssistantConfig, TextConfig
+from gemma4_mlx.models.assistant import Drafter, check_pair
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, generate_tokens
 from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens

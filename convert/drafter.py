@@ -13,8 +13,8 @@ from pathlib import Path
 
 from gemma4_mlx.checkpoint.files import LoadError, read_safetensors, weight_files
 from gemma4_mlx.checkpoint.keys import TOKEN_ORDERING_KEY, sanitize_drafter
-from gemma4_mlx.config import ConfigError
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter
+from gemma4_mlx.config import AssistantConfig, ConfigError
+from gemma4_mlx.models.assistant import Drafter
 
 from .errors import ConvertError
 

@@ -253,3 +253,132 @@ def read_config(path: str | Path) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
     return parse_config(d, str(file))
+
+
+# -- the towers and the MTP drafter ------------------------------------------
+
+
+@dataclass
+class VisionConfig:
+    # transformers 5.24 `Gemma4VisionConfig` defaults; released configs set every field.
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 12
+    head_dim: int = 64
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    position_embedding_size: int = 10240
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 100.0
+    use_clipped_linears: bool = False
+    standardize: bool = False
+    hidden_activation: str = "gelu_pytorch_tanh"
+    default_output_length: int | None = None  # config.json only; a budget fallback (docs/multimodal.md §2.1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
+        """Read the `vision_config` block of a config.json; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        rope = d.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") not in ("default", "axial"):
+            raise ValueError(
+                f"vision_config: unsupported rope_type {rope['rope_type']!r} (the Gemma 4 tower uses 2-D axial RoPE)"
+            )
+        cfg.rope_theta = float(rope.get("rope_theta", d.get("rope_theta") or cfg.rope_theta))
+        if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
+            raise ValueError(f"vision_config: unsupported hidden_activation {cfg.hidden_activation!r}")
+        if cfg.head_dim % 4:
+            raise ValueError(f"vision_config: head_dim {cfg.head_dim} must be divisible by 4 (2-D RoPE)")
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise ValueError("vision_config: num_attention_heads must be a multiple of num_key_value_heads")
+        return cfg
+
+
+AUDIO_ACTIVATIONS = ("silu", "swish", "relu", "gelu", "gelu_pytorch_tanh")  # models/audio.py maps them
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """The `audio_config` block of config.json (transformers 5.24 defaults = the E2B/E4B values)."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    hidden_act: str = "silu"
+    subsampling_conv_channels: tuple[int, int] = (128, 32)
+    conv_kernel_size: int = 5
+    residual_weight: float = 0.5
+    attention_chunk_size: int = 12
+    attention_context_left: int = 13
+    attention_context_right: int = 0
+    attention_logit_cap: float = 50.0
+    attention_invalid_logits_value: float = -1.0e9
+    use_clipped_linears: bool = True
+    rms_norm_eps: float = 1e-6
+    gradient_clipping: float = 1e10
+    output_proj_dims: int = 1536
+    num_mel_bins: int = 128  # not in audio_config: the feature extractor's feature_size
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AudioConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
+        cfg = cls(**kw)
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError("audio_config: hidden_size must be divisible by num_attention_heads")
+        if len(cfg.subsampling_conv_channels) != 2:
+            raise ValueError("audio_config: subsampling_conv_channels must have two entries")
+        if cfg.hidden_act not in AUDIO_ACTIVATIONS:
+            raise ValueError(f"audio_config: unsupported hidden_act {cfg.hidden_act!r}")
+        if cfg.attention_context_left < 2:
+            raise ValueError("audio_config: attention_context_left must be >= 2")
+        return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class AssistantConfig:
+    text: TextConfig
+    backbone_hidden_size: int
+    use_ordered_embeddings: bool = False
+    num_centroids: int = 2048
+    centroid_intermediate_top_k: int = 32
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config.json") -> AssistantConfig:
+        if d.get("model_type") != "gemma4_assistant":
+            raise ConfigError(
+                f"{source}: model_type {d.get('model_type')!r} is not a Gemma 4 drafter (expected 'gemma4_assistant')"
+            )
+        text = d.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: gemma4_assistant without a text_config")
+        text = dict(text)
+        if not text.get("num_kv_shared_layers"):  # the reference forces "all layers shared"
+            text["num_kv_shared_layers"] = text.get("num_hidden_layers", 4)
+        t = TextConfig.from_dict(text, source, kv_from_target=True)
+        if t.first_shared != 0:
+            raise ConfigError(
+                f"{source}: every drafter layer must read the target's K/V "
+                f"(num_kv_shared_layers={t.num_kv_shared_layers}, layers={t.num_hidden_layers})"
+            )
+        for key in ("hidden_size_per_layer_input", "enable_moe_block", "use_double_wide_mlp"):
+            if getattr(t, key):
+                raise ConfigError(f"{source}: a drafter cannot have {key}={getattr(t, key)!r}")
+        if "backbone_hidden_size" not in d:
+            raise ConfigError(f"{source}: missing backbone_hidden_size (the target's hidden size)")
+        return cls(
+            t,
+            int(d["backbone_hidden_size"]),
+            bool(d.get("use_ordered_embeddings", False)),
+            int(d.get("num_centroids", 2048)),
+            int(d.get("centroid_intermediate_top_k", 32)),
+            d,
+        )

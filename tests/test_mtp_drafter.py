@@ -11,8 +11,8 @@ import torch
 
 from gemma4_mlx.cache import Mask
 from gemma4_mlx.checkpoint.load import LoadError, load_drafter, load_model
-from gemma4_mlx.config import FULL, SLIDING, ConfigError, parse_config
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair, producer_layers
+from gemma4_mlx.config import FULL, SLIDING, AssistantConfig, ConfigError, parse_config
+from gemma4_mlx.models.assistant import Drafter, check_pair, producer_layers
 
 from helpers.checkpoints import W, max_diff
 from helpers.mtp_pairs import PAIRS

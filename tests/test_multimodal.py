@@ -387,8 +387,9 @@ def test_real_size_vision_tower_parameters(name, kw, count):
     are buffers there and parameters here."""
     from mlx.utils import tree_flatten
 
+    from gemma4_mlx.config import VisionConfig
     from gemma4_mlx.models.layers import CLAMPS
-    from gemma4_mlx.models.vision import VisionConfig, VisionTower
+    from gemma4_mlx.models.vision import VisionTower
 
     with torch.device("meta"):
         hf = transformers.models.gemma4.modeling_gemma4.Gemma4VisionModel(transformers.Gemma4VisionConfig(**kw))
@@ -404,7 +405,8 @@ def test_real_size_vision_tower_parameters(name, kw, count):
 def test_real_size_audio_tower_parameters():
     from mlx.utils import tree_flatten
 
-    from gemma4_mlx.models.audio import AudioConfig, AudioEncoder
+    from gemma4_mlx.config import AudioConfig
+    from gemma4_mlx.models.audio import AudioEncoder
     from gemma4_mlx.models.layers import CLAMPS
 
     with torch.device("meta"):

@@ -15,8 +15,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gemma4_mlx.config import FULL, SLIDING, TextConfig
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter
+from gemma4_mlx.config import FULL, SLIDING, AssistantConfig, TextConfig
+from gemma4_mlx.models.assistant import Drafter
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.runtime.generate import SamplingOptions
 from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate

@@ -28,11 +28,11 @@ from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ra
 
 import gemma4_mlx.models.vision as V  # noqa: E402
 from gemma4_mlx.checkpoint.load import LoadError, load_model  # noqa: E402
-from gemma4_mlx.config import parse_config  # noqa: E402
+from gemma4_mlx.config import VisionConfig, parse_config  # noqa: E402
 from gemma4_mlx.media import image as P  # noqa: E402
 from gemma4_mlx.media.image import BUDGETS, ImageProcessor  # noqa: E402
 from gemma4_mlx.models.text import Model  # noqa: E402
-from gemma4_mlx.models.vision import VisionConfig, VisionModel, sanitize  # noqa: E402
+from gemma4_mlx.models.vision import VisionModel, sanitize  # noqa: E402
 
 from helpers.mm_configs import TEXT_TINY, TOWERS, build_hf, hf_image_processor  # noqa: E402
 

@@ -29,8 +29,8 @@ from gemma4_mlx.checkpoint.keys import (
     sanitize_drafter,
 )
 from gemma4_mlx.checkpoint.quantized import QUANT_META, apply_quantization, quantization_block
-from gemma4_mlx.config import ConfigError, ModelConfig, read_config
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter, check_pair
+from gemma4_mlx.config import AssistantConfig, ConfigError, ModelConfig, read_config
+from gemma4_mlx.models.assistant import Drafter, check_pair
 from gemma4_mlx.models.layers import CLAMPS
 from gemma4_mlx.models.ple_table import MappedTable
 from gemma4_mlx.models.text import Model

@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten
 from gemma4_mlx.config import TextConfig
 from gemma4_mlx.demo.corpus import corpus
 from gemma4_mlx.models.text import Model
-from gemma4_mlx.prompt.template import render
+from gemma4_mlx.prompt.template import CHAT_TEMPLATE, render
 
 MODEL_DIR = Path(__file__).parent / "model"
 
@@ -223,6 +223,7 @@ def save(model: Model, cfg: TextConfig, work: Path, out: Path) -> None:
     config = cfg.to_dict()
     config["architectures"] = ["Gemma4ForCausalLM"]
     (work / "config.json").write_text(json.dumps(config, indent=1))
+    (work / "chat_template.jinja").write_text(CHAT_TEMPLATE)  # ours: the format it was trained on
     (work / "README.md").write_text(
         "Embedded demo model of gemma4-mlx: a ~1M-parameter Gemma 4 text model trained by "
         "`python -m gemma4_mlx.demo.train` on generated conversations. It only knows capitals, "

@@ -58,11 +58,11 @@ from mlx.utils import tree_flatten
 from gemma4_mlx.cache import Mask, build_mask
 from gemma4_mlx.chat.session import STOP_STRINGS
 from gemma4_mlx.checkpoint.load import load_drafter
-from gemma4_mlx.config import FULL, SLIDING
+from gemma4_mlx.config import FULL, SLIDING, AssistantConfig
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
 from gemma4_mlx.demo.corpus import WEATHER_TOOL, corpus
 from gemma4_mlx.demo.train import turn_examples
-from gemma4_mlx.models.assistant import AssistantConfig, Drafter, producer_layers
+from gemma4_mlx.models.assistant import Drafter, producer_layers
 from gemma4_mlx.prompt.template import render
 from gemma4_mlx.runtime.generate import generate_tokens
 from gemma4_mlx.speculative import loop as speculative

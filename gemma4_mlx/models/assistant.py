@@ -19,59 +19,15 @@ drafter* (multi-token prediction), and the public API takes it as a draft model
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
-from gemma4_mlx.config import FULL, SLIDING, ConfigError, TextConfig
+from gemma4_mlx.config import FULL, SLIDING, AssistantConfig, ConfigError, TextConfig
 from gemma4_mlx.models.layers import Linear, RMSNorm
 from gemma4_mlx.models.quantized import QEmbedding
 from gemma4_mlx.models.text import DecoderLayer, RoPE
-
-
-@dataclass
-class AssistantConfig:
-    text: TextConfig
-    backbone_hidden_size: int
-    use_ordered_embeddings: bool = False
-    num_centroids: int = 2048
-    centroid_intermediate_top_k: int = 32
-    raw: dict = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> AssistantConfig:
-        if d.get("model_type") != "gemma4_assistant":
-            raise ConfigError(
-                f"{source}: model_type {d.get('model_type')!r} is not a Gemma 4 drafter (expected 'gemma4_assistant')"
-            )
-        text = d.get("text_config")
-        if not isinstance(text, dict):
-            raise ConfigError(f"{source}: gemma4_assistant without a text_config")
-        text = dict(text)
-        if not text.get("num_kv_shared_layers"):  # the reference forces "all layers shared"
-            text["num_kv_shared_layers"] = text.get("num_hidden_layers", 4)
-        t = TextConfig.from_dict(text, source, kv_from_target=True)
-        if t.first_shared != 0:
-            raise ConfigError(
-                f"{source}: every drafter layer must read the target's K/V "
-                f"(num_kv_shared_layers={t.num_kv_shared_layers}, layers={t.num_hidden_layers})"
-            )
-        for key in ("hidden_size_per_layer_input", "enable_moe_block", "use_double_wide_mlp"):
-            if getattr(t, key):
-                raise ConfigError(f"{source}: a drafter cannot have {key}={getattr(t, key)!r}")
-        if "backbone_hidden_size" not in d:
-            raise ConfigError(f"{source}: missing backbone_hidden_size (the target's hidden size)")
-        return cls(
-            t,
-            int(d["backbone_hidden_size"]),
-            bool(d.get("use_ordered_embeddings", False)),
-            int(d.get("num_centroids", 2048)),
-            int(d.get("centroid_intermediate_top_k", 32)),
-            d,
-        )
 
 
 def producer_layers(target: TextConfig) -> dict[str, int]:

@@ -17,62 +17,18 @@ so dropping the never-allowed context columns changes no valid output.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from gemma4_mlx import ops
+from gemma4_mlx.config import AudioConfig
 from gemma4_mlx.models.layers import CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
 _ACTS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu, "gelu_pytorch_tanh": ops.gelu_tanh}
 NORM_EPS = 1e-6  # transformers builds the FFN and block norms with the default eps, not the config's
-
-
-@dataclass(frozen=True)
-class AudioConfig:
-    """The `audio_config` block of config.json (transformers 5.24 defaults = the E2B/E4B values)."""
-
-    hidden_size: int = 1024
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    hidden_act: str = "silu"
-    subsampling_conv_channels: tuple[int, int] = (128, 32)
-    conv_kernel_size: int = 5
-    residual_weight: float = 0.5
-    attention_chunk_size: int = 12
-    attention_context_left: int = 13
-    attention_context_right: int = 0
-    attention_logit_cap: float = 50.0
-    attention_invalid_logits_value: float = -1.0e9
-    use_clipped_linears: bool = True
-    rms_norm_eps: float = 1e-6
-    gradient_clipping: float = 1e10
-    output_proj_dims: int = 1536
-    num_mel_bins: int = 128  # not in audio_config: the feature extractor's feature_size
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AudioConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
-        cfg = cls(**kw)
-        if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError("audio_config: hidden_size must be divisible by num_attention_heads")
-        if len(cfg.subsampling_conv_channels) != 2:
-            raise ValueError("audio_config: subsampling_conv_channels must have two entries")
-        if cfg.hidden_act not in _ACTS:
-            raise ValueError(f"audio_config: unsupported hidden_act {cfg.hidden_act!r}")
-        if cfg.attention_context_left < 2:
-            raise ValueError("audio_config: attention_context_left must be >= 2")
-        return cfg
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 def _clamp(x: mx.array, limit: float) -> mx.array:

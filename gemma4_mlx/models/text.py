@@ -15,12 +15,12 @@ from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
 from gemma4_mlx.cache import LayerCaches, build_mask
-from gemma4_mlx.config import FULL, MEDIA_TOKEN_IDS, LayerSpec, ModelConfig, TextConfig
-from gemma4_mlx.models.audio import AudioConfig, AudioModel
+from gemma4_mlx.config import FULL, MEDIA_TOKEN_IDS, AudioConfig, LayerSpec, ModelConfig, TextConfig, VisionConfig
+from gemma4_mlx.models.audio import AudioModel
 from gemma4_mlx.models.layers import CLAMPS, Linear, RMSNorm
 from gemma4_mlx.models.moe import Experts, Router
 from gemma4_mlx.models.quantized import QEmbedding, table_dtype
-from gemma4_mlx.models.vision import VisionConfig, VisionModel
+from gemma4_mlx.models.vision import VisionModel
 
 
 class RoPE(nn.Module):

@@ -15,57 +15,16 @@ placeholders of the prompt, in order.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from gemma4_mlx import ops
+from gemma4_mlx.config import VisionConfig
 from gemma4_mlx.models.layers import CLAMPS as _CLAMPS
 from gemma4_mlx.models.layers import ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
-
-
-@dataclass
-class VisionConfig:
-    # transformers 5.24 `Gemma4VisionConfig` defaults; released configs set every field.
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 16
-    num_attention_heads: int = 12
-    num_key_value_heads: int = 12
-    head_dim: int = 64
-    patch_size: int = 16
-    pooling_kernel_size: int = 3
-    position_embedding_size: int = 10240
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 100.0
-    use_clipped_linears: bool = False
-    standardize: bool = False
-    hidden_activation: str = "gelu_pytorch_tanh"
-    default_output_length: int | None = None  # config.json only; a budget fallback (docs/multimodal.md §2.1)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
-        """Read the `vision_config` block of a config.json; unknown keys are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
-        rope = d.get("rope_parameters") or {}
-        if rope.get("rope_type", "default") not in ("default", "axial"):
-            raise ValueError(
-                f"vision_config: unsupported rope_type {rope['rope_type']!r} (the Gemma 4 tower uses 2-D axial RoPE)"
-            )
-        cfg.rope_theta = float(rope.get("rope_theta", d.get("rope_theta") or cfg.rope_theta))
-        if cfg.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
-            raise ValueError(f"vision_config: unsupported hidden_activation {cfg.hidden_activation!r}")
-        if cfg.head_dim % 4:
-            raise ValueError(f"vision_config: head_dim {cfg.head_dim} must be divisible by 4 (2-D RoPE)")
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError("vision_config: num_attention_heads must be a multiple of num_key_value_heads")
-        return cfg
 
 
 def axial_rope_tables(positions: mx.array, head_dim: int, theta: float, dtype) -> tuple[mx.array, mx.array]:
