@@ -20,8 +20,9 @@ from gemma4_mlx.runtime.sampling import PositionedSampler
 DEFAULT_PREFILL_CHUNK = 512
 
 
-def prefill(model: DecodingModel, ids: mx.array, cache: LayerCaches,
-            chunk_size: int = DEFAULT_PREFILL_CHUNK, media=None) -> mx.array:
+def prefill(
+    model: DecodingModel, ids: mx.array, cache: LayerCaches, chunk_size: int = DEFAULT_PREFILL_CHUNK, media=None
+) -> mx.array:
     """Feed `ids` [B, T] into `cache`; return the last position's logits [B, V].
 
     Every chunk but the last only fills the caches: it skips the KV-shared layers
@@ -32,8 +33,9 @@ def prefill(model: DecodingModel, ids: mx.array, cache: LayerCaches,
     return logits
 
 
-def prefill_hidden(model: DecodingModel, ids: mx.array, cache: LayerCaches,
-                   chunk_size: int = DEFAULT_PREFILL_CHUNK, media=None) -> tuple[mx.array, mx.array]:
+def prefill_hidden(
+    model: DecodingModel, ids: mx.array, cache: LayerCaches, chunk_size: int = DEFAULT_PREFILL_CHUNK, media=None
+) -> tuple[mx.array, mx.array]:
     """`prefill`, also returning the final-norm hidden [B, H] of the last position
     (what an MTP drafter is seeded with).  A chunk never splits an image, frame
     or audio run: bidirectional image blocks must be seen whole (spec §3.3)."""
@@ -73,8 +75,9 @@ class SamplingOptions:
         return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
     def processors(self) -> list:
-        return make_logits_processors(repetition_penalty=self.repetition_penalty,
-                                      repetition_context_size=self.repetition_context_size)
+        return make_logits_processors(
+            repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size
+        )
 
 
 def apply_processors(logits: mx.array, histories, processors) -> mx.array:
@@ -82,7 +85,7 @@ def apply_processors(logits: mx.array, histories, processors) -> mx.array:
     row's history, so rows are processed one at a time)."""
     rows = []
     for b in range(logits.shape[0]):
-        row = logits[b:b + 1]
+        row = logits[b : b + 1]
         for p in processors:
             row = p(histories[b], row)
         rows.append(row)
@@ -132,8 +135,7 @@ class _Keyed:
     raw = True
 
     def __init__(self, options: SamplingOptions, rows: list[int]):
-        self.keyed = PositionedSampler(options.temperature, options.top_p, options.top_k,
-                                       options.min_p, options.seed)
+        self.keyed = PositionedSampler(options.temperature, options.top_p, options.top_k, options.min_p, options.seed)
         self.rows, self.step = list(rows), 0
 
     def __call__(self, logits):
@@ -156,10 +158,18 @@ def _sampler(options: SamplingOptions, rows: list[int]):
     return _MlxLm(options)
 
 
-def generate_tokens(model, prompt: Sequence[int], *, max_tokens: int = 256,
-                    options: SamplingOptions | None = None, stop_ids: Sequence[int] = (),
-                    cache=None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                    stats: Stats | None = None, media=None) -> Iterator[int]:
+def generate_tokens(
+    model,
+    prompt: Sequence[int],
+    *,
+    max_tokens: int = 256,
+    options: SamplingOptions | None = None,
+    stop_ids: Sequence[int] = (),
+    cache=None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    stats: Stats | None = None,
+    media=None,
+) -> Iterator[int]:
     """Yield generated token ids for one prompt, stopping on any of `stop_ids`.
 
     The stop token itself is yielded (callers decide whether to show it).
@@ -215,15 +225,24 @@ class Stats:
         return self.generation_tokens / self.generation_time if self.generation_time else 0.0
 
     def line(self) -> str:
-        return (f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
-                f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
-                f"peak memory: {self.peak_memory_gb:.2f} GB"
-                + (f"\n{self.speculative.line()}" if self.speculative is not None else ""))
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+            f"peak memory: {self.peak_memory_gb:.2f} GB"
+            + (f"\n{self.speculative.line()}" if self.speculative is not None else "")
+        )
 
 
-def batch_generate(model, prompts: Sequence[Sequence[int]], *, max_tokens: int = 64,
-                   options: SamplingOptions | None = None, stop_ids: Sequence[int] = (),
-                   pad_id: int = 0, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[list[int]]:
+def batch_generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_tokens: int = 64,
+    options: SamplingOptions | None = None,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> list[list[int]]:
     """Generate for several prompts at once (left-padded); finished rows leave the batch."""
     options = options or SamplingOptions()
     if options.seed is not None:

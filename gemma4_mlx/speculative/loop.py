@@ -82,8 +82,7 @@ class Speculation:
         policy = s.policy or DraftPolicy.for_setting(s.draft_tokens)
         # No seed: a fresh one per call (plain sampling is random then too).
         seed = options.seed if options.seed is not None else random.getrandbits(32)
-        sampler = PositionedSampler(options.temperature, options.top_p, options.top_k,
-                                    options.min_p, seed)
+        sampler = PositionedSampler(options.temperature, options.top_p, options.top_k, options.min_p, seed)
         if cache is not None:
             if len(pads) != 1:
                 raise ValueError("an existing cache serves one prompt")
@@ -91,19 +90,27 @@ class Speculation:
         else:
             rollback = max(32, s.max_rollback or 2 * policy.k_max + 2)
             caches = target.make_cache(max_rollback=rollback, left_pad=pads if any(pads) else None)
-        return cls(target, drafter, caches, sampler, options.processors(), set(s.stop_ids), policy,
-                   s.mtp or MTPSettings(), s.stats if s.stats is not None else SpecStats(), s)
+        return cls(
+            target,
+            drafter,
+            caches,
+            sampler,
+            options.processors(),
+            set(s.stop_ids),
+            policy,
+            s.mtp or MTPSettings(),
+            s.stats if s.stats is not None else SpecStats(),
+            s,
+        )
 
     @property
     def sync_drafts(self) -> bool:
         """Whether the host reads the drafts before verifying: only to time the two
         phases (auto K), to override them, or for per-position processors; otherwise
         drafting and verifying run as one graph with a single sync."""
-        return (self.policy.fixed is None or self.settings.draft_override is not None
-                or bool(self.processors))
+        return self.policy.fixed is None or self.settings.draft_override is not None or bool(self.processors)
 
-    def finish_round(self, rows: Rows, K: int, accepted: list[int], emitted: list,
-                     times: tuple[float, float]) -> None:
+    def finish_round(self, rows: Rows, K: int, accepted: list[int], emitted: list, times: tuple[float, float]) -> None:
         """The round's hook, statistics and policy update."""
         if self.settings.on_commit is not None:
             self.settings.on_commit(self.caches, rows.live, rows.out)
@@ -114,8 +121,15 @@ class Speculation:
         self.policy.observe(len(rows.live), K, accepted, t_draft, t_verify)
 
 
-def profile(target: DecodingModel, drafter: MTPDrafter, policy: DraftPolicy, caches: LayerCaches,
-            bonus: mx.array, h: mx.array, mtp: MTPSettings) -> None:
+def profile(
+    target: DecodingModel,
+    drafter: MTPDrafter,
+    policy: DraftPolicy,
+    caches: LayerCaches,
+    bonus: mx.array,
+    h: mx.array,
+    mtp: MTPSettings,
+) -> None:
     """Measure t_verify(B * (K + 1)) on the live caches (each block is trimmed off
     again, exactly) and one draft step, for the cost-aware policy."""
     B = bonus.shape[0]
@@ -168,8 +182,7 @@ def speculative_round(run: Speculation, rows: Rows):
     block, drafts, listed = propose(run, rows, bonus, K)
     t1 = time.perf_counter()
     logits, hidden = verify(run.target, block, run.caches)
-    picks = pick(run.sampler, run.processors, logits, rows.live, rows.index(), rows.histories(),
-                 listed)
+    picks = pick(run.sampler, run.processors, logits, rows.live, rows.index(), rows.histories(), listed)
     mx.eval(picks, hidden)
     t2 = time.perf_counter()
     listed = drafts.tolist() if listed is None else listed
@@ -180,9 +193,16 @@ def speculative_round(run: Speculation, rows: Rows):
     return K, picks, accepted, (t1 - t0, t2 - t1)
 
 
-def speculate(target: DecodingModel, drafter: MTPDrafter, prompts: Sequence[Sequence[int]],
-              settings: SpecSettings | None = None, *, cache=None, media=None,
-              **kwargs) -> Iterator[tuple[int, list[int]]]:
+def speculate(
+    target: DecodingModel,
+    drafter: MTPDrafter,
+    prompts: Sequence[Sequence[int]],
+    settings: SpecSettings | None = None,
+    *,
+    cache=None,
+    media=None,
+    **kwargs,
+) -> Iterator[tuple[int, list[int]]]:
     """Yield (row, new tokens) as rows advance; a row's stop token is yielded and ends it.
 
     settings / kwargs: `SpecSettings` (kwargs override its fields).  Greedy output
@@ -206,10 +226,8 @@ def speculate(target: DecodingModel, drafter: MTPDrafter, prompts: Sequence[Sequ
     if s.max_tokens <= 0:  # as plain decoding: the prompt is in the cache, nothing is emitted
         return
     rows = Rows.start(prompts, h)
-    first = pick(run.sampler, run.processors, logits[:, None], rows.live, rows.index(),
-                 rows.histories())
-    emitted, keep = advance_rows(rows, first.tolist(), [0] * len(prompts), run.stop,
-                                 s.max_tokens, run.caches)
+    first = pick(run.sampler, run.processors, logits[:, None], rows.live, rows.index(), rows.histories())
+    emitted, keep = advance_rows(rows, first.tolist(), [0] * len(prompts), run.stop, s.max_tokens, run.caches)
     yield from emitted
     while keep:
         rows.keep_only(keep, run.caches)
@@ -219,9 +237,16 @@ def speculate(target: DecodingModel, drafter: MTPDrafter, prompts: Sequence[Sequ
         run.finish_round(rows, K, accepted, emitted, times)
 
 
-def speculative_generate_tokens(target: DecodingModel, drafter: MTPDrafter,
-                                prompt: Sequence[int], *, cache=None, stats: Stats | None = None,
-                                spec_stats: SpecStats | None = None, **kwargs) -> Iterator[int]:
+def speculative_generate_tokens(
+    target: DecodingModel,
+    drafter: MTPDrafter,
+    prompt: Sequence[int],
+    *,
+    cache=None,
+    stats: Stats | None = None,
+    spec_stats: SpecStats | None = None,
+    **kwargs,
+) -> Iterator[int]:
     """One prompt: yield tokens as they are accepted (stop token included).
 
     `generate_tokens` with a drafter: same arguments, same output.  With `cache`,
@@ -233,8 +258,7 @@ def speculative_generate_tokens(target: DecodingModel, drafter: MTPDrafter,
     t0 = time.perf_counter()
     t1, n = None, 0
     try:
-        for _, toks in speculate(target, drafter, [prompt], cache=cache, stats=spec_stats,
-                                 **kwargs):
+        for _, toks in speculate(target, drafter, [prompt], cache=cache, stats=spec_stats, **kwargs):
             for tok in toks:
                 if t1 is None:
                     t1 = time.perf_counter()
@@ -252,15 +276,45 @@ def speculative_generate_tokens(target: DecodingModel, drafter: MTPDrafter,
                 cache.trim(extra)
 
 
-def speculative_batch_generate(target: DecodingModel, drafter: MTPDrafter,
-                               prompts: Sequence[Sequence[int]], **kwargs) -> list[list[int]]:
-    """Every prompt's tokens (stop token included); kwargs: `SpecSettings`."""
+def speculative_batch_generate(
+    target: DecodingModel, drafter: MTPDrafter, prompts: Sequence[Sequence[int]], **kwargs
+) -> list[list[int]]:
+    """Generate for several prompts at once with an MTP drafter; the same tokens as
+    `runtime.generate.batch_generate` with the same stop ids (greedy, or keyed
+    sampling with a seed), usually in fewer target forwards.
+
+    target: the model (`checkpoint.load.load_model`); drafter: its MTP drafter
+        (`load_drafter(..., target=target)`).
+    prompts: token id lists (not empty); rows of different lengths are left-padded
+        and finish independently.
+    kwargs: the fields of `SpecSettings` — max_tokens (256), options
+        (`SamplingOptions`: temperature, top-p/k, min-p, seed, repetition penalty),
+        draft_tokens (K or "auto"), stop_ids, stats (a `SpecStats` to fill), ... —
+        or settings=SpecSettings(...).
+    stop_ids: a row ends at the first of these.  None by default (as `batch_generate`):
+        every row runs to max_tokens.  To stop at end of turn, pass
+        stop_ids=target.config.eos_ids (plus the tokenizer's `eos_token_ids`, as
+        `api.stream_generate` does).
+
+    Returns each prompt's new tokens, its stop token included (as the last one).
+    """
     out: list[list[int]] = [[] for _ in prompts]
     for r, toks in speculate(target, drafter, prompts, **kwargs):
         out[r].extend(toks)
     return out
 
 
-__all__ = ["MTPSettings", "SpecSettings", "SpecStats", "draft", "verify", "pick", "accepted_counts",
-           "speculate", "speculative_generate_tokens", "speculative_batch_generate",
-           "expected_tokens", "profile"]
+__all__ = [
+    "MTPSettings",
+    "SpecSettings",
+    "SpecStats",
+    "draft",
+    "verify",
+    "pick",
+    "accepted_counts",
+    "speculate",
+    "speculative_generate_tokens",
+    "speculative_batch_generate",
+    "expected_tokens",
+    "profile",
+]

@@ -65,7 +65,16 @@ class SpecStats:
         return [a / r if r else 0.0 for a, r in zip(self.accepted_at, self.reached_at)]
 
     def line(self) -> str:
+        if not self.rounds:  # e.g. -n 1, or a one-token reply: nothing to report as rates
+            return "speculative: no draft rounds ran (the output ended at its first token, which the prefill gives)"
+        if not any(k for k in self.k_used):
+            return (
+                f"speculative: nothing drafted in {self.rounds} rounds (K=0: too few tokens left to draft, "
+                "or the cost-aware policy found drafting slower here)"
+            )
         acc = " ".join(f"{a:.2f}" for a in self.acceptance()) or "-"
         ks = ",".join(f"K={k}:{n}" for k, n in sorted(self.k_used.items()))
-        return (f"speculative: {self.tokens_per_round:.2f} tokens/round over {self.rounds} rounds "
-                f"({ks}) | acceptance by position: {acc}")
+        return (
+            f"speculative: {self.tokens_per_round:.2f} tokens/round over {self.rounds} rounds "
+            f"({ks}) | acceptance by position: {acc}"
+        )
