@@ -24,70 +24,12 @@ from gemma4_mlx import Chat, generate, load  # noqa: E402
 from gemma4_mlx.media.prepare import MediaError, media_prompt, processor_for  # noqa: E402
 from gemma4_mlx.runtime.generate import SamplingOptions  # noqa: E402
 
-from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
-
-SPECIALS = {
-    "<pad>": 0,
-    "<eos>": 1,
-    "<bos>": 2,
-    "<|image>": TOKEN_IDS["boi_token_id"],
-    "<image|>": TOKEN_IDS["eoi_token_id"],
-    "<|image|>": TOKEN_IDS["image_token_id"],
-    "<|audio|>": TOKEN_IDS["audio_token_id"],
-    "<|video|>": TOKEN_IDS["video_token_id"],
-    "<|audio>": TOKEN_IDS["boa_token_id"],
-    "<audio|>": TOKEN_IDS["eoa_token_index"],
-    "<|turn>": 17,
-    "<turn|>": 18,
-    "<|channel>": 19,
-    "<channel|>": 20,
-    "<|think|>": 21,
-    "<|tool_response>": 22,
-}
-
-
-def write_tokenizer(folder) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = dict(SPECIALS)
-    for i, c in enumerate([chr(c) for c in range(32, 127)] + ["\n"]):
-        vocab[c] = 30 + i
-    for i in range(300):
-        if i not in vocab.values():
-            vocab[f"<unused{i}>"] = i
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([AddedToken(s, special=True) for s in SPECIALS])
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
-    fast.save_pretrained(folder)
+from helpers.mm_configs import SPECIALS, TOKEN_IDS, build_multimodal, write_chat_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    text = dict(
-        vocab_size=300,
-        vocab_size_per_layer_input=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        global_head_dim=64,
-        hidden_size_per_layer_input=8,
-        sliding_window=16,
-        num_kv_shared_layers=0,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
-        final_logit_softcapping=30.0,
-    )
-    hf = build_multimodal(text, "small")
-    path = tmp_path_factory.mktemp("mm_chat")
-    hf.save_pretrained(path)
-    write_tokenizer(path)
-    return path
+    return write_chat_checkpoint(tmp_path_factory.mktemp("mm_chat"))
 
 
 @pytest.fixture(scope="module")
