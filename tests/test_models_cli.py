@@ -5,9 +5,7 @@ Nothing here reaches the Hugging Face Hub: every test runs offline against a fak
 cache laid out as huggingface_hub lays it out (blobs, snapshot symlinks, refs/main),
 holding the embedded demo model and drafter under the released repo ids."""
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +22,7 @@ from gemma4_mlx.checkpoint import hub, store
 from gemma4_mlx.checkpoint.files import LoadError
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL, default_model
 
+from helpers.hub_cache import cache_repo
 from test_bad_input import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,24 +37,6 @@ RELEASED = {
     "31b": "google/gemma-4-31B",
     "31b-it": "google/gemma-4-31B-it",
 }
-
-
-def cache_repo(cache: Path, repo: str, src: Path, rev: str | None = None) -> Path:
-    """Put the files of `src` into the Hugging Face cache `cache` as `repo`; the snapshot."""
-    rev = rev or hashlib.sha1(repo.encode()).hexdigest()
-    root = cache / ("models--" + repo.replace("/", "--"))
-    snap = root / "snapshots" / rev
-    (root / "blobs").mkdir(parents=True, exist_ok=True)
-    snap.mkdir(parents=True)
-    for f in sorted(src.iterdir()):
-        if f.is_file():
-            data = f.read_bytes()
-            blob = root / "blobs" / hashlib.sha256(data).hexdigest()
-            blob.write_bytes(data)
-            (snap / f.name).symlink_to(os.path.relpath(blob, snap))
-    (root / "refs").mkdir(exist_ok=True)
-    (root / "refs" / "main").write_text(rev)
-    return snap
 
 
 @pytest.fixture

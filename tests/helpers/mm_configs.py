@@ -154,12 +154,13 @@ AUDIO_TINY = dict(
 )
 
 
-def build_multimodal(text: dict, tower: str = "union", seed: int = 0):
+def build_multimodal(text: dict, tower: str = "union", seed: int = 0, **vision):
     """A whole `Gemma4ForConditionalGeneration`: text model, a vision tower, the audio
-    tower; every text, vision and audio weight random (eager attention)."""
+    tower; every text, vision and audio weight random (eager attention).  vision:
+    overrides of VISION_TINY."""
     cfg = transformers.Gemma4Config(
         text_config=text,
-        vision_config=transformers.Gemma4VisionConfig(**VISION_TINY, **TOWERS[tower]).to_dict(),
+        vision_config=transformers.Gemma4VisionConfig(**{**VISION_TINY, **vision}, **TOWERS[tower]).to_dict(),
         audio_config=transformers.Gemma4AudioConfig(**AUDIO_TINY).to_dict(),
         **TOKEN_IDS,
     )
@@ -211,9 +212,10 @@ def write_tokenizer(folder) -> None:
     fast.save_pretrained(folder)
 
 
-def write_chat_checkpoint(path) -> Path:
+def write_chat_checkpoint(path, **vision) -> Path:
     """A tiny E2B-style multimodal checkpoint (vision + audio towers, causal) with a
-    character tokenizer whose special tokens carry its media ids, written to `path`."""
+    character tokenizer whose special tokens carry its media ids, written to `path`.
+    vision: overrides of VISION_TINY."""
     text = dict(
         vocab_size=300,
         vocab_size_per_layer_input=300,
@@ -230,7 +232,7 @@ def write_chat_checkpoint(path) -> Path:
         layer_types=["sliding_attention"] * 3 + ["full_attention"],
         final_logit_softcapping=30.0,
     )
-    hf = build_multimodal(text, "small")
+    hf = build_multimodal(text, "small", **vision)
     hf.save_pretrained(path)
     write_tokenizer(path)
     return path
