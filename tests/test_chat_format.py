@@ -271,36 +271,39 @@ def test_render_matrix(case):
     assert render(messages, **kw) == expected
 
 
+PLAN_TRIP = {
+    "name": "plan_trip",
+    "description": "Plan a trip.",
+    "response": {"description": "Itinerary", "type": "object"},
+    "parameters": {
+        "type": "object",
+        "required": ["stops"],
+        "properties": {
+            "stops": {
+                "type": "array",
+                "description": "Cities",
+                "items": {
+                    "type": "object",
+                    "required": ["city"],
+                    "properties": {"nights": {"type": "integer"}, "city": {"type": "string"}},
+                },
+            },
+            "traveller": {
+                "type": "object",
+                "description": "Who",
+                "required": ["name"],
+                "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+            },
+            "mode": {"type": "string", "enum": ["rail", "air"]},
+            "budget": {"type": "number", "nullable": True, "description": "Max spend"},
+        },
+    },
+}
+
+
 def test_declaration_nested_schema_order():
     """docs/chat-format.md §5.2: sorted properties; description, enum/items, nullable, properties, required, type."""
-    tool = {
-        "name": "plan_trip",
-        "description": "Plan a trip.",
-        "response": {"description": "Itinerary", "type": "object"},
-        "parameters": {
-            "type": "object",
-            "required": ["stops"],
-            "properties": {
-                "stops": {
-                    "type": "array",
-                    "description": "Cities",
-                    "items": {
-                        "type": "object",
-                        "required": ["city"],
-                        "properties": {"nights": {"type": "integer"}, "city": {"type": "string"}},
-                    },
-                },
-                "traveller": {
-                    "type": "object",
-                    "description": "Who",
-                    "required": ["name"],
-                    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
-                },
-                "mode": {"type": "string", "enum": ["rail", "air"]},
-                "budget": {"type": "number", "nullable": True, "description": "Max spend"},
-            },
-        },
-    }
+    tool = PLAN_TRIP
     expected = (
         '<|tool>declaration:plan_trip{description:<|"|>Plan a trip.<|"|>,parameters:{properties:{'
         'budget:{description:<|"|>Max spend<|"|>,nullable:true,type:<|"|>NUMBER<|"|>},'
