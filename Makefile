@@ -28,6 +28,12 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: install
 	$(BIN)/gemma4-mlx chat $(if $(MODEL),--model "$(MODEL)") $(if $(PROMPT),--prompt "$(PROMPT)")
 
+# The OpenAI/Anthropic-compatible local server (MODEL as for run; PORT, default 8080).
+.PHONY: serve
+PORT ?= 8080
+serve: install
+	$(BIN)/gemma4-mlx serve $(if $(MODEL),--model "$(MODEL)") --port $(PORT)
+
 # Form and structure: ruff (lint + format) and the import-layering contracts (pyproject.toml).
 .PHONY: lint format
 lint: install-test

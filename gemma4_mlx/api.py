@@ -27,10 +27,15 @@ from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate, s
 __all__ = [
     "Chunk",
     "LoadError",
+    "SamplingOptions",
+    "Stats",
     "batch_generate",
     "generate",
+    "generate_ids",
     "load",
     "load_drafter",
+    "own_thread",
+    "share_with_thread",
     "speculative_batch_generate",
     "stream_generate",
 ]
@@ -98,32 +103,18 @@ def stream_generate(
     detok = tokenizer.detokenizer
     detok.reset()
     mx.reset_peak_memory()
-    if draft_model is not None:
-        stats.speculative = SpecStats()
-        tokens = speculative_generate_tokens(
-            model,
-            draft_model,
-            ids,
-            max_tokens=max_tokens,
-            options=options,
-            stop_ids=stop,
-            draft_tokens=draft_tokens,
-            prefill_chunk=prefill_chunk,
-            stats=stats,
-            spec_stats=stats.speculative,
-            media=media,
-        )
-    else:
-        tokens = generate_tokens(
-            model,
-            ids,
-            max_tokens=max_tokens,
-            options=options,
-            stop_ids=stop,
-            prefill_chunk=prefill_chunk,
-            stats=stats,
-            media=media,
-        )
+    tokens = generate_ids(
+        model,
+        ids,
+        max_tokens=max_tokens,
+        options=options,
+        stop_ids=stop,
+        draft_model=draft_model,
+        draft_tokens=draft_tokens,
+        prefill_chunk=prefill_chunk,
+        stats=stats,
+        media=media,
+    )
     for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         if tok in stop:
@@ -132,6 +123,62 @@ def stream_generate(
         yield Chunk(detok.last_segment, tok, stats)
     detok.finalize()
     yield Chunk(detok.last_segment, -1, stats, finished=True)
+
+
+def generate_ids(
+    model,
+    ids: Sequence[int],
+    *,
+    max_tokens: int = 256,
+    options: SamplingOptions | None = None,
+    stop_ids: Sequence[int] = (),
+    cache=None,
+    draft_model=None,
+    draft_tokens: int | str = "auto",
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    stats: Stats | None = None,
+    media=None,
+) -> Iterator[int]:
+    """Token ids in, generated token ids out (the stop token included), plain or
+    speculative.  cache: the model's caches already holding the tokens before `ids`
+    (`model.make_cache()`); afterwards they hold every fed token, i.e. all but the
+    last yielded one, also when the caller stops early.  media: `MediaRows` for
+    placeholders in `ids` (`MediaPrompt.rows`)."""
+    kw = dict(max_tokens=max_tokens, options=options or SamplingOptions(), stop_ids=stop_ids, cache=cache)
+    kw.update(prefill_chunk=prefill_chunk, stats=stats, media=media)
+    if draft_model is None:
+        return generate_tokens(model, ids, **kw)
+    if stats is not None and stats.speculative is None:
+        stats.speculative = SpecStats()
+    spec = None if stats is None else stats.speculative
+    return speculative_generate_tokens(model, draft_model, ids, spec_stats=spec, draft_tokens=draft_tokens, **kw)
+
+
+def share_with_thread(*objects) -> None:
+    """Evaluate every array `objects` hold (weights, buffers, nested modules), so that
+    another thread can run them: MLX ties a lazy array to a stream of the thread that
+    made it.  Towers loaded lazily are read from disk now."""
+    arrays, seen, todo = [], set(), list(objects)
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, mx.array):
+            arrays.append(o)
+        elif isinstance(o, dict):
+            todo += o.values()
+        elif isinstance(o, (list, tuple)):
+            todo += o
+        elif hasattr(o, "__dict__") and type(o).__module__.startswith(("gemma4_mlx", "mlx")):
+            todo += vars(o).values()
+    mx.eval(arrays)
+
+
+def own_thread() -> None:
+    """Give the calling (non-main) thread its own default stream to run models on
+    (after `share_with_thread` on the thread that loaded them)."""
+    mx.set_default_stream(mx.new_stream(mx.default_device()))
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:

@@ -35,10 +35,22 @@ def _sigint_default():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.fixture(autouse=True)
+def _own_history(tmp_path, monkeypatch):
+    """The chat's line history goes to the test's folder, not the user's."""
+    monkeypatch.setitem(ENV, "GEMMA4_MLX_HISTORY", str(tmp_path / "history"))
+
+
 def spawn(*args):
-    child = pexpect.spawn(sys.executable, ["-m", "gemma4_mlx", "chat", *args], env=ENV,
-                          encoding="utf-8", timeout=60, dimensions=(50, 200),
-                          preexec_fn=_sigint_default)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "gemma4_mlx", "chat", *args],
+        env=ENV,
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(50, 200),
+        preexec_fn=_sigint_default,
+    )
     return child
 
 
@@ -82,10 +94,11 @@ def rambling_model(folder: Path) -> Path:
     """The demo tokenizer on a random, deliberately slow (~100M parameters) model that
     only ever emits letters (never a control token or whitespace), so a reply runs
     until it is interrupted."""
+    from mlx.utils import tree_flatten
+
     from gemma4_mlx.config import TextConfig
     from gemma4_mlx.demo.train import CONFIG
     from gemma4_mlx.models.text import Model
-    from mlx.utils import tree_flatten
 
     shutil.copytree(DEMO_MODEL, folder)
     cfg = dict(CONFIG, hidden_size=1024, intermediate_size=8192, num_attention_heads=8)
@@ -118,14 +131,24 @@ def test_ctrl_c_stops_the_reply_not_the_session(tmp_path):
 
 
 def test_non_interactive_json_and_stdin():
-    r = subprocess.run([sys.executable, "-m", "gemma4_mlx", "chat", "--prompt",
-                        "What is the capital of Japan?", "--json"],
-                       capture_output=True, text=True, env=ENV, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "gemma4_mlx", "chat", "--prompt", "What is the capital of Japan?", "--json"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["content"] == "The capital of Japan is Tokyo." and out["tool_calls"] == []
-    r = subprocess.run([sys.executable, "-m", "gemma4_mlx", "chat"], input="Hello",
-                       capture_output=True, text=True, env=ENV, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "gemma4_mlx", "chat"],
+        input="Hello",
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert r.returncode == 0 and "demo model" in r.stdout
 
 
@@ -135,15 +158,21 @@ def test_readme_first_command_reaches_an_answer():
     first = readme.split("```sh\n", 1)[1].split("\n", 1)[0]
     assert first.startswith("make run")
     venv = Path(sys.executable).parent.parent
-    r = subprocess.run(["make", "-s", "run", f"VENV={venv}", "PROMPT=What is 4 plus 5?"],
-                       cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    r = subprocess.run(
+        ["make", "-s", "run", f"VENV={venv}", "PROMPT=What is 4 plus 5?"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "4 plus 5 is" in r.stdout
 
 
 def test_media_commands(tmp_path):
-    """/image attaches a file to the next message; on the text-only demo model that
-    message fails with one line and the chat goes on."""
+    """/image checks the file when it is attached: on the text-only demo model it
+    is refused at once, with one line, and the chat goes on."""
     from PIL import Image
 
     pic = tmp_path / "pic.png"
@@ -154,13 +183,10 @@ def test_media_commands(tmp_path):
     child.expect(r"missing.png: no\s+such\s+file")  # rich may wrap the long path
     child.expect("you ›")
     child.sendline(f"/image {pic}")
-    child.expect(r"attached\s+pic.png\s+\(1\s+for\s+the\s+next\s+message\)")
+    child.expect(r"pic.png:\s+this\s+model\s+has\s+no\s+vision\s+tower")  # not "attached"
     child.expect("you ›")
     child.sendline("/budget 100")
     child.expect(r"error: /budget must be one of 70, 140, 280, 560, 1120")
-    child.expect("you ›")
-    child.sendline("What is this?")
-    child.expect(r"pic.png:\s+this\s+model\s+has\s+no\s+vision\s+tower")
     child.expect("you ›")
     child.sendline("What is the capital of France?")
     child.expect("The capital of France is Paris.")

@@ -9,24 +9,54 @@ prefills only the rest — also when the history is longer than the sliding wind
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any
 
 import mlx.core as mx
 
-from gemma4_mlx.runtime.generate import SamplingOptions, Stats, generate_tokens
+from gemma4_mlx.chat.conversation import (
+    STOP_STRINGS,
+    encode_conversation,
+    render_conversation,
+    stop_ids,
+    sync_prefix,
+)
+from gemma4_mlx.media.prepare import has_media, media_items, processor_for, user_content
 from gemma4_mlx.prompt.parser import Event, ParseResult, ToolCall, parser_for_prompt
-from gemma4_mlx.prompt.template import render, render_with_checkpoint_template, tool_result_content, tool_schema
+from gemma4_mlx.prompt.template import tool_result_content, tool_schema
 from gemma4_mlx.prompt.tokens import PromptCodec
-from gemma4_mlx.media.prepare import has_media
-from gemma4_mlx.media.prepare import media_items, processor_for
-from gemma4_mlx.media.prepare import user_content
-from gemma4_mlx.media.prepare import processor_for
-from gemma4_mlx.speculative.policy import DraftPolicy
+from gemma4_mlx.runtime.generate import SamplingOptions, Stats, generate_tokens
 from gemma4_mlx.speculative.loop import SpecStats, speculative_generate_tokens
+from gemma4_mlx.speculative.policy import DraftPolicy
 
-STOP_STRINGS = ("<turn|>", "<|tool_response>", "<eos>")
+__all__ = ["STOP_STRINGS", "Chat", "Reply", "ReplyEvent", "ToolRun"]
+
+
+@dataclass
+class ToolRun:
+    """What became of one tool call.  status: "ran", "failed" (the function raised),
+    "unknown_tool", "declined", "malformed" (no name, unparseable or truncated) or
+    "round_limit" (the tool loop ended first); result: what the model was given."""
+
+    call: ToolCall
+    status: str
+    result: Any = None
+
+    @property
+    def detail(self) -> str:
+        """Why a call was not run, in a few words ("" when it ran)."""
+        c = self.call
+        if self.status == "malformed":
+            why = ["no function name"] * (not c.name) + ["cut off"] * c.truncated + c.warnings
+            return f"malformed tool call ({'; '.join(why) or c.error})"
+        return {
+            "unknown_tool": f"unknown tool {c.name!r}",
+            "declined": "declined",
+            "round_limit": "the tool loop's round limit was reached",
+            "failed": f"failed: {self.result.get('error') if isinstance(self.result, dict) else self.result}",
+        }.get(self.status, "")
 
 
 @dataclass
@@ -36,17 +66,28 @@ class Reply:
     tool_calls: list[ToolCall] = field(default_factory=list)
     finish_reason: str | None = None
     stats: Stats | None = None
+    tool_runs: list[ToolRun] = field(default_factory=list)  # `run`: every call of the turn's tool loop
 
 
 class Chat:
     """`send(text) -> Reply`; `stream(text)` yields parser events, then a final
     Event("reply") whose `.reply` holds the Reply."""
 
-    def __init__(self, model, tokenizer, *, system: str | None = None, thinking: bool = False,
-                 tools: Sequence[Callable] = (), max_tokens: int = 1024,
-                 options: SamplingOptions | None = None, max_rollback: int = 2048,
-                 thinking_budget: int | None = None, drafter=None,
-                 draft_tokens: int | str = "auto"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system: str | None = None,
+        thinking: bool = False,
+        tools: Sequence[Callable] = (),
+        max_tokens: int = 1024,
+        options: SamplingOptions | None = None,
+        max_rollback: int = 2048,
+        thinking_budget: int | None = None,
+        drafter=None,
+        draft_tokens: int | str = "auto",
+    ):
         """thinking_budget: characters of reasoning after which `<channel|>` is
         injected so the model moves on to its answer (None: unlimited).
         drafter: an MTP drafter (`load_drafter`): speculative decoding, same replies."""
@@ -59,9 +100,7 @@ class Chat:
         self._policy = None  # the draft-length policy learns across turns
         self.messages: list[dict] = []
         self.prefilled_last = 0  # tokens prefilled by the latest turn (cache reuse is visible here)
-        self._stop_ids = {i for i in (tokenizer.convert_tokens_to_ids(s) for s in STOP_STRINGS)
-                          if i is not None and i != tokenizer.unk_token_id}
-        self._stop_ids |= set(model.config.eos_ids)
+        self._stop_ids = stop_ids(model, tokenizer)
         self._close_id = tokenizer.convert_tokens_to_ids("<channel|>")
         self._codec = PromptCodec(tokenizer)  # message text never becomes control tokens
         self.reset()
@@ -80,13 +119,8 @@ class Chat:
     def prompt_text(self) -> str:
         """The rendered conversation, its text escaped (`chat.tokens`): typed control
         strings, `<|image|>` included, stay text."""
-        msgs = self._codec.escape_messages(
-            ([{"role": "system", "content": self.system}] if self.system else []) + self.messages)
-        tools = self._codec.escape_value(self.tools)
-        template = getattr(self.tokenizer, "chat_template", None)
-        if template:
-            return render_with_checkpoint_template(template, msgs, tools=tools, thinking=self.thinking)
-        return render(msgs, tools=tools, thinking=self.thinking)
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        return render_conversation(self._codec, msgs, tools=self.tools, thinking=self.thinking)
 
     def save(self, path: str | Path) -> None:
         data = {"system": self.system, "thinking": self.thinking, "messages": self.messages}
@@ -96,22 +130,9 @@ class Chat:
     def _sync(self, keys: list) -> int:
         """Roll the cache back to the longest prefix it shares with `keys` (token ids,
         media keys at placeholders: the same ids with another image do not match);
-        return where prefilling starts."""
-        n = 0
-        limit = min(len(self.cached), len(keys) - 1)  # at least one token must be fed
-        while n < limit and self.cached[n] == keys[n]:
-            n += 1
-        # never start inside a media run: its rows must be prefilled together (blocks)
-        while 0 < n < len(keys) and isinstance(keys[n], tuple) and isinstance(keys[n - 1], tuple) \
-                and keys[n][:2] == keys[n - 1][:2]:
-            n -= 1
-        drop = len(self.cached) - n
-        if drop:
-            try:
-                self.cache.trim(drop)
-            except ValueError:  # rolled back past the sliding cache's slack: start over
-                self.cache = self.model.make_cache(max_rollback=self.max_rollback)
-                n = 0
+        return where prefilling starts (`conversation.sync_prefix`)."""
+        fresh = lambda: self.model.make_cache(max_rollback=self.max_rollback)  # noqa: E731
+        self.cache, n = sync_prefix(self.cache, self.cached, keys, fresh)
         self.cached = keys[:n]
         return n
 
@@ -129,17 +150,12 @@ class Chat:
 
     def _prompt_ids(self, prompt: str):
         """(ids, cache keys, MediaPrompt or None) of the rendered conversation."""
-        if not self.media:
-            ids = self._codec.encode(prompt)
-            return ids, ids, None
-        mp = processor_for(self.model)
-        ids = self._codec.encode(mp.expand(prompt, self.media))
-        mprompt = mp.prompt(ids, self.media)
-        return ids, mprompt.keys(), mprompt
+        return encode_conversation(self.model, self._codec, prompt, self.media)
 
     # -- generation ----------------------------------------------------------
-    def stream(self, text: str | None = None, images=None, audio=None, videos=None,
-               image_budget: int | None = None) -> Iterator[Event]:
+    def stream(
+        self, text: str | None = None, images=None, audio=None, videos=None, image_budget: int | None = None
+    ) -> Iterator[Event]:
         """images / audio / videos: paths, arrays, PIL images or `multimodal.Image/
         Audio/Video`, placed before the text of this user turn; image_budget: soft
         tokens per image (70, 140, 280, 560 or 1120; default from the checkpoint)."""
@@ -156,15 +172,16 @@ class Chat:
         new = ids[start:]
         self.prefilled_last = len(new)
         parser = parser_for_prompt(prompt, self.tools, thinking_budget=self.thinking_budget)
-        stats, generated = Stats(), []
+        stats, generated = Stats(speculative=SpecStats() if self.drafter is not None else None), []
         detok = self.tokenizer.detokenizer
         detok.reset()
         mx.reset_peak_memory()
         try:
-            pending = new
+            pending, calls = new, 0
             while pending:
-                close_thought = False
-                for tok in self._tokens(pending, self.max_tokens - len(generated), stats, media):
+                close_thought, calls = False, calls + 1
+                part = Stats(speculative=stats.speculative)  # this generate call's
+                for tok in self._tokens(pending, self.max_tokens - len(generated), part, media):
                     generated.append(tok)
                     detok.add_token(tok)
                     for ev in parser.feed(detok.last_segment):
@@ -172,6 +189,7 @@ class Chat:
                         yield ev
                     if parser.done or tok in self._stop_ids or close_thought:
                         break
+                _add_stats(stats, part, continuation=calls > 1)
                 pending = []
                 if close_thought and self._close_id is not None and len(generated) < self.max_tokens:
                     # Thinking budget spent: close the thought channel ourselves and
@@ -179,7 +197,7 @@ class Chat:
                     generated.append(self._close_id)
                     detok.add_token(self._close_id)
                     yield from parser.feed(detok.last_segment)
-                    pending = (ids + generated)[self.cache.offset:]
+                    pending = (ids + generated)[self.cache.offset :]
                     media = None  # the continuation holds generated tokens only
             detok.finalize()
             yield from parser.feed(detok.last_segment)
@@ -191,35 +209,53 @@ class Chat:
             events = parser.finish()
             self._record(parser.result)
         yield from events
-        reply = Reply(parser.result.content, parser.result.reasoning, parser.result.tool_calls,
-                      parser.result.finish_reason, stats)
+        reply = Reply(
+            parser.result.content, parser.result.reasoning, parser.result.tool_calls, parser.result.finish_reason, stats
+        )
         yield ReplyEvent("reply", reply=reply)
 
     def _tokens(self, pending: list[int], max_tokens: int, stats: Stats, media=None):
         if self.drafter is None:
-            return generate_tokens(self.model, pending, stop_ids=self._stop_ids,
-                                   max_tokens=max_tokens, options=self.options,
-                                   cache=self.cache, stats=stats, media=media)
+            return generate_tokens(
+                self.model,
+                pending,
+                stop_ids=self._stop_ids,
+                max_tokens=max_tokens,
+                options=self.options,
+                cache=self.cache,
+                stats=stats,
+                media=media,
+            )
         if self._policy is None:
             self._policy = DraftPolicy.for_setting(self.draft_tokens)
-        stats.speculative = stats.speculative or SpecStats()
         return speculative_generate_tokens(
-            self.model, self.drafter, pending, cache=self.cache, stats=stats,
-            spec_stats=stats.speculative, stop_ids=self._stop_ids, max_tokens=max_tokens,
-            options=self.options, policy=self._policy, media=media)
+            self.model,
+            self.drafter,
+            pending,
+            cache=self.cache,
+            stats=stats,
+            spec_stats=stats.speculative,
+            stop_ids=self._stop_ids,
+            max_tokens=max_tokens,
+            options=self.options,
+            policy=self._policy,
+            media=media,
+        )
 
     def _record(self, r: ParseResult) -> None:
         msg = {"role": "assistant", "content": r.content}
         if r.reasoning:
             msg["reasoning"] = r.reasoning
         if r.tool_calls:
-            msg["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.name, "arguments": c.arguments}}
-                                 for c in r.tool_calls]
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in r.tool_calls
+            ]
         self.messages.append(msg)
 
-    def send(self, text: str | None = None, images=None, audio=None, videos=None,
-             image_budget: int | None = None) -> Reply:
+    def send(
+        self, text: str | None = None, images=None, audio=None, videos=None, image_budget: int | None = None
+    ) -> Reply:
         reply = None
         for ev in self.stream(text, images, audio, videos, image_budget):
             if ev.type == "reply":
@@ -228,35 +264,66 @@ class Chat:
 
     # -- tools ---------------------------------------------------------------
     def call_tool(self, call: ToolCall):
+        return self._call(call)[1]
+
+    def _call(self, call: ToolCall) -> tuple[bool, Any]:
         fn = self.functions.get(call.name)
         if fn is None:
-            return {"error": f"unknown tool {call.name!r}"}
+            return False, {"error": f"unknown tool {call.name!r}"}
         try:
-            return fn(**call.arguments)
+            return True, fn(**call.arguments)
         except Exception as e:  # the model sees the failure and can recover
-            return {"error": f"{type(e).__name__}: {e}"}
+            return False, {"error": f"{type(e).__name__}: {e}"}
+
+    def resolve_call(self, call: ToolCall, confirm: Callable[[ToolCall], bool] | None = None) -> ToolRun:
+        """Run one tool call (once `confirm(call)` says yes, when given) or say why
+        not: malformed calls and unknown tools are never run, nor offered to
+        `confirm`.  The result, or the reason as an error, joins the conversation."""
+        if not call.name or call.error or call.truncated:
+            run = ToolRun(call, "malformed")
+        elif call.name not in self.functions:
+            run = ToolRun(call, "unknown_tool")
+        elif confirm is not None and not confirm(call):
+            run = ToolRun(call, "declined", {"error": "the user declined this tool call"})
+        else:
+            ok, result = self._call(call)
+            run = ToolRun(call, "ran" if ok else "failed", result)
+        if run.result is None:
+            run.result = {"error": run.detail}
+        self.add_tool_result(call, run.result)
+        return run
 
     def add_tool_result(self, call: ToolCall, result) -> None:
         """Store `result` as the templates take it: a string (JSON for structured
         values) or content parts (`template.tool_result_content`)."""
-        self.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name,
-                              "content": tool_result_content(result)})
+        self.messages.append(
+            {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": tool_result_content(result)}
+        )
 
-    def run(self, text: str, confirm: Callable[[ToolCall], bool] | None = None,
-            max_rounds: int = 8, **media) -> Reply:
+    def run(self, text: str, confirm: Callable[[ToolCall], bool] | None = None, max_rounds: int = 8, **media) -> Reply:
         """send() plus the tool loop: registered functions are called (after
         `confirm(call)` says yes, when given) until the model answers in text.
         media: send()'s images / audio / videos / image_budget for this turn."""
-        reply = self.send(text, **media)
+        reply, runs = self.send(text, **media), []
         for _ in range(max_rounds):
             if not reply.tool_calls:
                 break
-            for call in reply.tool_calls:
-                ok = confirm is None or confirm(call)
-                self.add_tool_result(call, self.call_tool(call) if ok else
-                                     {"error": "the user declined this tool call"})
+            runs += [self.resolve_call(call, confirm) for call in reply.tool_calls]
             reply = self.send(None)
+        reply.tool_runs = runs + [ToolRun(c, "round_limit") for c in reply.tool_calls]
         return reply
+
+
+def _add_stats(total: Stats, part: Stats, continuation: bool) -> None:
+    """Fold one generate call into the turn's Stats: the prompt is the first call's;
+    a continuation (after an injected `<channel|>`) only feeds tokens of the reply,
+    so its prefill counts as generation time."""
+    if not continuation:
+        total.prompt_tokens, total.prompt_time = part.prompt_tokens, part.prompt_time
+    else:
+        total.generation_time += part.prompt_time
+    total.generation_tokens += part.generation_tokens
+    total.generation_time += part.generation_time
 
 
 @dataclass

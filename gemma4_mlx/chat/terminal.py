@@ -1,47 +1,33 @@
-"""`gemma4-mlx chat`: the interactive terminal front end of `Chat`."""
+"""`gemma4-mlx chat`: the interactive terminal front end of `Chat`, and the
+one-shot mode (`--prompt`, stdin)."""
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
-from gemma4_mlx.chat.session import Chat, Reply
-from gemma4_mlx.media.image import check_budget
+from gemma4_mlx.chat.commands import HELP, Commands, check_attachment
+from gemma4_mlx.chat.line_editor import line_reader
+from gemma4_mlx.chat.session import Chat, Reply, ToolRun
+from gemma4_mlx.chat.tools import call_line, load_tools, outcome_line
 
-HELP = """commands:
-  /think on|off   thinking mode          /system TEXT   set the system prompt (resets)
-  /thoughts       show the last thoughts  /reset         forget the conversation
-  /save FILE      save the conversation   /help          this text
-  /image PATH     attach an image to your next message (also /audio PATH, /video PATH)
-  /budget N       soft tokens per image: 70, 140, 280, 560 or 1120
-  /exit           quit (or Ctrl-D); Ctrl-C stops the current reply"""
+__all__ = ["HELP", "Terminal", "check_media", "load_tools", "one_shot"]
+
+MEDIA_KINDS = {"images": "image", "audio": "audio", "videos": "video"}
 
 
-def load_tools(path: str) -> list:
-    """Public functions defined in a Python file (type hints + docstrings declare them)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"{path}: no such tools file")
-    spec = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise ValueError(f"{path}: failed to import ({type(e).__name__}: {e})") from None
-    fns = [f for name, f in inspect.getmembers(module, inspect.isfunction)
-           if f.__module__ == module.__name__ and not name.startswith("_")]
-    if not fns:
-        raise ValueError(f"{path}: defines no public functions")
-    return fns
+def check_media(chat: Chat, media: dict) -> None:
+    """Refuse the start-up media (--image, --audio, --video) before the first turn:
+    MediaError, one line naming the real cause."""
+    for key, kind in MEDIA_KINDS.items():
+        for source in media.get(key) or []:
+            check_attachment(chat, kind, source)
 
 
-class Terminal:
+class Terminal(Commands):
     def __init__(self, chat: Chat, console: Console, *, assume_yes: bool = False):
         self.chat, self.console, self.assume_yes = chat, console, assume_yes
         self.last_thoughts = ""
@@ -82,19 +68,13 @@ class Terminal:
             out.print("\n[stopped]", style="yellow", markup=False)
             return None
         except ValueError as e:  # bad media (MediaError): the conversation is unchanged
-            out.print(f"error: {e}", style="red", markup=False)
+            self.error(str(e))
             return None
         out.print()
         if reply is not None:
             self.last_thoughts = reply.thinking
-            s = reply.stats
-            spec = s.speculative
-            extra = ("" if spec is None or not spec.rounds else
-                     f" | {spec.tokens_per_round:.2f} tokens/round, acceptance "
-                     + (" ".join(f"{a:.2f}" for a in spec.acceptance()) or "-"))
-            out.print(f"[{s.prompt_tokens} new prompt tokens, {s.prompt_tps:.0f} tok/s | "
-                      f"{s.generation_tokens} generated, {s.generation_tps:.1f} tok/s | "
-                      f"peak memory {s.peak_memory_gb:.2f} GB{extra}]", style="dim", markup=False)
+            if reply.stats is not None:  # the line one-shot mode prints
+                out.print(reply.stats.line(), style="dim", markup=False, highlight=False)
         return reply
 
     def turn(self, text: str) -> None:
@@ -103,19 +83,22 @@ class Terminal:
             if reply is None or not reply.tool_calls:
                 return
             for call in reply.tool_calls:
-                args = ", ".join(f"{k}={v!r}" for k, v in call.arguments.items())
-                self.console.print(f"tool call: {call.name}({args})", style="bold cyan", markup=False)
-                if call.name not in self.chat.functions:
-                    result = {"error": f"unknown tool {call.name!r}"}
-                elif self.assume_yes or self.confirm():
-                    result = self.chat.call_tool(call)
-                    self.console.print(f"result: {result!r}", style="cyan", markup=False)
-                else:
-                    result = {"error": "the user declined this tool call"}
-                self.chat.add_tool_result(call, result)
+                self.console.print(call_line(call), style="bold cyan", markup=False, highlight=False)
+                run = self.chat.resolve_call(call, None if self.assume_yes else self.confirm)
+                self.show_outcome(run)
             reply = self.reply(None)
+        for call in reply.tool_calls if reply is not None else []:
+            self.console.print(call_line(call), style="bold cyan", markup=False, highlight=False)
+            self.show_outcome(ToolRun(call, "round_limit"))
 
-    def confirm(self) -> bool:
+    def show_outcome(self, run: ToolRun) -> None:
+        if run.status in ("ran", "failed"):
+            self.console.print(f"result: {run.result!r}", style="cyan", markup=False, highlight=False)
+        else:
+            line = outcome_line(run, have_tools=bool(self.chat.functions), interactive=True)
+            self.console.print(line, style="yellow", markup=False, highlight=False)
+
+    def confirm(self, call=None) -> bool:
         try:
             answer = self.console.input(escape("run it? [y/N] "))
         except (EOFError, KeyboardInterrupt):
@@ -123,52 +106,11 @@ class Terminal:
         return answer.strip().lower() in ("y", "yes")
 
     # -- the loop --------------------------------------------------------------
-    def command(self, line: str) -> bool:
-        """Handle a /command; False means quit."""
-        cmd, _, arg = line.partition(" ")
-        arg = arg.strip()
-        c = self.chat
-        if cmd in ("/exit", "/quit"):
-            return False
-        if cmd == "/think" and arg in ("on", "off"):
-            c.thinking = arg == "on"
-            self.console.print(f"thinking {arg}", style="dim")
-        elif cmd == "/system":
-            c.system = arg or None
-            c.reset()
-            self.console.print("system prompt set; conversation reset", style="dim")
-        elif cmd == "/reset":
-            c.reset()
-            self.console.print("conversation reset", style="dim")
-        elif cmd == "/save" and arg:
-            c.save(arg)
-            self.console.print(f"saved to {arg}", style="dim")
-        elif cmd in ("/image", "/audio", "/video") and arg:
-            path = Path(arg).expanduser()
-            if not path.is_file():
-                self.console.print(f"error: {arg}: no such file", style="red", markup=False)
-            else:
-                self.pending[{"/image": "images", "/audio": "audio", "/video": "videos"}[cmd]].append(str(path))
-                n = sum(len(v) for v in self.pending.values())
-                self.console.print(f"attached {path.name} ({n} for the next message)", style="dim",
-                                   markup=False)
-        elif cmd == "/budget" and arg:
-            try:
-                self.image_budget = check_budget(int(arg) if arg.isdigit() else arg, "/budget")
-                self.console.print(f"image budget {self.image_budget}", style="dim")
-            except ValueError as e:
-                self.console.print(f"error: {e}", style="red", markup=False)
-        elif cmd == "/thoughts":
-            self.console.print(self.last_thoughts or "(no thoughts in the last reply)",
-                               style="dim", markup=False)
-        else:
-            self.console.print(HELP, markup=False)
-        return True
-
     def loop(self) -> None:
+        read = line_reader(self.note)
         while True:
             try:
-                line = self.console.input("[bold green]you ›[/] ")
+                line = read()
             except EOFError:
                 self.console.print()
                 return
@@ -186,29 +128,61 @@ class Terminal:
 
 
 def one_shot(chat: Chat, text: str, *, as_json: bool, assume_yes: bool, media: dict | None = None) -> int:
-    """Non-interactive: one turn (with the tool loop when --yes), answer on stdout."""
+    """Non-interactive: one turn (with the tool loop; tools run only with --yes),
+    the answer on stdout; thoughts, tool calls and statistics on stderr (or all of
+    it as JSON)."""
     reply = chat.run(text, confirm=None if assume_yes else (lambda call: False), **(media or {}))
     if as_json:
-        print(json.dumps({
-            "content": reply.text, "reasoning": reply.thinking,
-            "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls],
-            "finish_reason": reply.finish_reason,
-            "stats": {"prompt_tokens": reply.stats.prompt_tokens,
-                      "generation_tokens": reply.stats.generation_tokens,
-                      "prompt_tps": reply.stats.prompt_tps,
-                      "generation_tps": reply.stats.generation_tps,
-                      "peak_memory_gb": reply.stats.peak_memory_gb,
-                      **_speculative_stats(reply.stats.speculative)},
-        }, ensure_ascii=False))
-    else:
-        print(reply.text)
-        print(reply.stats.line(), file=sys.stderr)
+        print(
+            json.dumps(
+                {
+                    "content": reply.text,
+                    "reasoning": reply.thinking,
+                    "tool_calls": [_run_json(r) for r in reply.tool_runs],
+                    "finish_reason": reply.finish_reason,
+                    "stats": {
+                        "prompt_tokens": reply.stats.prompt_tokens,
+                        "generation_tokens": reply.stats.generation_tokens,
+                        "prompt_tps": reply.stats.prompt_tps,
+                        "generation_tps": reply.stats.generation_tps,
+                        "peak_memory_gb": reply.stats.peak_memory_gb,
+                        **_speculative_stats(reply.stats.speculative),
+                    },
+                },
+                ensure_ascii=False,
+                default=str,
+            )
+        )
+        return 0
+    for run in reply.tool_runs:
+        print(call_line(run.call), file=sys.stderr)
+        line = outcome_line(run, have_tools=bool(chat.functions), interactive=False)
+        print(line or f"result: {run.result!r}", file=sys.stderr)
+    if reply.thinking:
+        print(f"thinking: {reply.thinking}", file=sys.stderr)
+    print(reply.text)
+    print(reply.stats.line(), file=sys.stderr)
     return 0
+
+
+def _run_json(run: ToolRun) -> dict:
+    """A tool call of the turn and what became of it."""
+    out = {"name": run.call.name, "arguments": run.call.arguments, "status": run.status}
+    if run.status in ("ran", "failed"):
+        out["result"] = run.result
+    else:
+        out["reason"] = run.detail
+    return out
 
 
 def _speculative_stats(spec) -> dict:
     if spec is None:
         return {}
-    return {"speculative": {"rounds": spec.rounds, "tokens_per_round": spec.tokens_per_round,
-                            "acceptance_by_position": spec.acceptance(),
-                            "draft_tokens_used": {str(k): n for k, n in sorted(spec.k_used.items())}}}
+    return {
+        "speculative": {
+            "rounds": spec.rounds,
+            "tokens_per_round": spec.tokens_per_round,
+            "acceptance_by_position": spec.acceptance(),
+            "draft_tokens_used": {str(k): n for k, n in sorted(spec.k_used.items())},
+        }
+    }

@@ -192,6 +192,29 @@ class MediaProcessor:
                 f"({'E2B/E4B only' if tower == 'audio' else 'text-only checkpoint'})"
             )
 
+    def check(self, item, tokenizer) -> None:
+        """Refuse a medium at attach time, before any message is sent, for the real
+        cause: a path that is no file, a tower the model lacks, audio without a feature
+        extractor, a tokenizer without the medium's token.  Reading and decoding the
+        file is left to `prepare`."""
+        source = item.source
+        if isinstance(source, (str, os.PathLike)) and not Path(source).expanduser().is_file():
+            raise MediaError(f"{_name(source)}: no such file")
+        kinds = {Image: ["image"], Audio: ["audio"], Video: ["video"]}[type(item)]
+        if isinstance(item, Video) and item.with_audio:
+            kinds.append("audio")  # its soundtrack
+        for kind in kinds:
+            what = f"{kind} {_name(source)}"
+            self._need("audio" if kind == "audio" else "vision", what)
+            if kind == "audio" and self.features is None:
+                raise MediaError(f"{what}: the checkpoint's processor_config.json has no feature_extractor block")
+            token, want = PLACEHOLDERS[kind], self.model.media_ids[kind]
+            got = tokenizer.convert_tokens_to_ids(token)
+            if got is None or got == getattr(tokenizer, "unk_token_id", None):
+                raise MediaError(f"{what}: the tokenizer has no {token} token (the model's {kind} token is id {want})")
+            if got != want:
+                raise MediaError(f"{what}: the tokenizer's {token} is id {got}, the model's {kind} token is id {want}")
+
     def _image(self, item: Image) -> Prepared:
         self._need("vision", f"image {_name(item.source)}")
         try:

@@ -1,0 +1,94 @@
+"""A conversation to token ids, and the KV-cache prefix it can reuse.
+
+The steps `Chat` takes each turn, as functions of their inputs so that other
+front ends (the HTTP server) render, encode and reuse caches exactly as `Chat`
+does: `render_conversation` (template + `PromptCodec` escaping),
+`encode_conversation` (ids, per-position cache keys, media), `sync_prefix` (roll a
+cache back to the longest prefix it shares with a new prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from gemma4_mlx.media.prepare import media_items, processor_for
+from gemma4_mlx.prompt.template import render, render_with_checkpoint_template
+from gemma4_mlx.prompt.tokens import PromptCodec
+
+STOP_STRINGS = ("<turn|>", "<|tool_response>", "<eos>")
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a reply: the turn / tool-response / end-of-text controls and
+    the checkpoint's eos ids."""
+    unk = tokenizer.unk_token_id
+    ids = {i for i in (tokenizer.convert_tokens_to_ids(s) for s in STOP_STRINGS) if i is not None and i != unk}
+    return ids | set(model.config.eos_ids)
+
+
+def render_conversation(
+    codec: PromptCodec, messages: Sequence[dict], *, tools: list[dict] | None = None, thinking: bool = False
+) -> str:
+    """The rendered conversation (the checkpoint's template, else ours), its text
+    escaped: typed control strings, `<|image|>` included, stay text."""
+    msgs = codec.escape_messages(messages)
+    tools = codec.escape_value(tools)
+    template = getattr(codec.tokenizer, "chat_template", None)
+    if template:
+        return render_with_checkpoint_template(template, msgs, tools=tools, thinking=thinking)
+    return render(msgs, tools=tools, thinking=thinking)
+
+
+def prepare_media(model, images=(), audio=(), videos=(), image_budget: int | None = None) -> list:
+    """Process media (paths, arrays, PIL images, `media.prepare.Image/Audio/Video`)
+    for a prompt, in order; raises `MediaError` (one line) for what the model cannot take."""
+    items = media_items(images, audio, videos, image_budget)
+    if not items:
+        return []
+    mp = processor_for(model)
+    return [mp.prepare(m) for m in items]
+
+
+def encode_conversation(model, codec: PromptCodec, prompt: str, media: Sequence = ()):
+    """(ids, cache keys, MediaPrompt or None) of a rendered prompt: keys are the ids,
+    with (content hash, run, index) at media placeholders."""
+    if not media:
+        ids = codec.encode(prompt)
+        return ids, ids, None
+    mp = processor_for(model)
+    ids = codec.encode(mp.expand(prompt, list(media)))
+    mprompt = mp.prompt(ids, list(media))
+    return ids, mprompt.keys(), mprompt
+
+
+def common_prefix(cached: Sequence, keys: Sequence) -> int:
+    """Positions a cache holding `cached` can keep for a prompt `keys`: the shared
+    prefix, leaving at least one token to feed, never ending inside a media run
+    (its rows are prefilled together)."""
+    n = 0
+    limit = min(len(cached), len(keys) - 1)
+    while n < limit and cached[n] == keys[n]:
+        n += 1
+    while (
+        0 < n < len(keys)
+        and isinstance(keys[n], tuple)
+        and isinstance(keys[n - 1], tuple)
+        and keys[n][:2] == keys[n - 1][:2]
+    ):
+        n -= 1
+    return n
+
+
+def sync_prefix(cache, cached: Sequence, keys: Sequence, fresh: Callable[[], object]) -> tuple[object, int]:
+    """Roll `cache` (holding `cached`) back to the longest prefix it shares with
+    `keys` (exact: `LayerCaches.trim`); (cache, where prefilling starts).  A cache
+    that cannot roll back that far (past a sliding window's slack) is replaced by
+    `fresh()` and prefilling starts at 0."""
+    n = common_prefix(cached, keys)
+    drop = len(cached) - n
+    if drop:
+        try:
+            cache.trim(drop)
+        except ValueError:
+            return fresh(), 0
+    return cache, n

@@ -1,0 +1,215 @@
+"""The Anthropic Messages API: /v1/messages (plain and streamed) and
+/v1/messages/count_tokens."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from gemma4_mlx.server.errors import APIError, error_body
+from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools
+from gemma4_mlx.server.results import arguments_json, collect, new_id, opened, ttft
+from gemma4_mlx.server.schemas import CountTokensRequest, MessagesRequest
+
+_STOP = {"tool_calls": "tool_use", "length": "max_tokens"}
+
+
+def _blocks_text(content, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    out = []
+    for j, b in enumerate(content or []):
+        if b.get("type") != "text":
+            raise APIError(400, f"{where}[{j}]: only text blocks are allowed here ({b.get('type')!r})")
+        out.append(b.get("text") or "")
+    return "\n".join(out)
+
+
+def _image(block: dict, where: str, prompter):
+    src = block.get("source") or {}
+    if src.get("type") == "base64":
+        return prompter.image(f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}", where)
+    if src.get("type") == "url":
+        return prompter.image(src.get("url", ""), where)
+    raise APIError(400, f"{where}: unsupported image source {src.get('type')!r}")
+
+
+def _assistant(blocks: list, where: str) -> dict:
+    msg = {"role": "assistant", "content": ""}
+    calls, thoughts = [], []
+    for j, b in enumerate(blocks):
+        kind = b.get("type")
+        if kind == "text":
+            msg["content"] += b.get("text") or ""
+        elif kind == "thinking":
+            thoughts.append(b.get("thinking") or "")
+        elif kind == "redacted_thinking":
+            continue
+        elif kind == "tool_use":
+            fn = {"name": b.get("name"), "arguments": b.get("input") or {}}
+            calls.append({"id": b.get("id"), "type": "function", "function": fn})
+        else:
+            raise APIError(400, f"{where}[{j}]: unsupported block type {kind!r} in an assistant message")
+    if thoughts:
+        msg["reasoning_content"] = "\n".join(thoughts)
+    if calls:
+        msg["tool_calls"] = calls
+    return msg
+
+
+def _user(blocks: list, where: str, prompter, images: list, names: dict) -> list[dict]:
+    """Tool results become `tool` messages (first, as the API requires), the rest one user message."""
+    tools, parts = [], []
+    for j, b in enumerate(blocks):
+        kind = b.get("type")
+        if kind == "tool_result":
+            text = _blocks_text(b.get("content") or "", f"{where}[{j}].content")
+            uid = b.get("tool_use_id")
+            tools.append({"role": "tool", "tool_call_id": uid, "name": names.get(uid, ""), "content": text})
+        elif kind == "text":
+            parts.append({"type": "text", "text": b.get("text") or ""})
+        elif kind == "image":
+            images.append(_image(b, f"{where}[{j}]", prompter))
+            parts.append({"type": "image"})
+        else:
+            raise APIError(400, f"{where}[{j}]: unsupported block type {kind!r} in a user message")
+    return tools + ([{"role": "user", "content": parts}] if parts else [])
+
+
+def _tools(tools) -> list[dict] | None:
+    if not tools:
+        return None
+    out = []
+    for t in tools:
+        fn = {"name": t.get("name"), "description": t.get("description", "")}
+        fn["parameters"] = t.get("input_schema") or {"type": "object", "properties": {}}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(choice):
+    if not choice:
+        return None
+    kind = choice.get("type")
+    if kind == "tool":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return {"auto": "auto", "any": "required", "none": "none"}.get(kind, kind)
+
+
+def conversation(body: CountTokensRequest, prompter) -> Conversation:
+    msgs, images, names = [], [], {}
+    if body.system:
+        msgs.append({"role": "system", "content": _blocks_text(body.system, "system")})
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}].content"
+        if isinstance(m.content, str):
+            msgs.append({"role": m.role, "content": m.content})
+        elif m.role == "assistant":
+            msgs.append(_assistant(m.content, where))
+            names.update({c["id"]: c["function"]["name"] for c in msgs[-1].get("tool_calls", [])})
+        else:
+            msgs += _user(m.content, where, prompter, images, names)
+    check_roles(msgs)
+    thinking = body.thinking is not None and body.thinking.type in ("enabled", "adaptive")
+    return Conversation(msgs, images, select_tools(_tools(body.tools), _tool_choice(body.tool_choice)), thinking)
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps({'type': name, **data}, ensure_ascii=False)}\n\n"
+
+
+def routes(server) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest):
+        server.check_model(body.model)
+        n = await run_in_threadpool(lambda: server.prompter.count(conversation(body, server.prompter)))
+        return {"input_tokens": n}
+
+    @router.post("/v1/messages")
+    async def messages(body: MessagesRequest, http: HTTPRequest):
+        server.check_model(body.model)
+
+        def build():
+            conv = conversation(body, server.prompter)
+            return server.prompter.chat_request(conv, sampling_options(body), body.max_tokens, body.stop_sequences)
+
+        handle = server.submit(await run_in_threadpool(build))
+        if body.stream:
+            outs = await opened(handle, http)
+            return StreamingResponse(_stream(server, handle, outs), media_type="text/event-stream")
+        r = await collect(handle, http, server.metrics)
+        content = [{"type": "thinking", "thinking": r.reasoning, "signature": ""}] if r.reasoning else []
+        if r.content or not r.tool_calls:
+            content.append({"type": "text", "text": r.content})
+        content += [
+            {"type": "tool_use", "id": new_id("toolu_"), "name": c.name, "input": json.loads(arguments_json(c))}
+            for c in r.tool_calls
+        ]
+        return {
+            "id": new_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": server.model_name,
+            "content": content,
+            "stop_reason": "stop_sequence" if r.stop_string else _STOP.get(r.finish_reason, "end_turn"),
+            "stop_sequence": r.stop_string,
+            "usage": _usage(r.usage),
+        }
+
+    return router
+
+
+def _usage(u) -> dict:
+    return {
+        "input_tokens": u.prompt_tokens - u.cached_tokens,
+        "output_tokens": u.completion_tokens,
+        "cache_read_input_tokens": u.cached_tokens,
+        "cache_creation_input_tokens": 0,
+    }
+
+
+_BLOCKS = {
+    "reasoning": ({"type": "thinking", "thinking": "", "signature": ""}, "thinking_delta", "thinking"),
+    "content": ({"type": "text", "text": ""}, "text_delta", "text"),
+}
+
+
+async def _stream(server, handle, outs):
+    message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": server.model_name}
+    message.update(content=[], stop_reason=None, stop_sequence=None)
+    message["usage"] = {"input_tokens": len(handle.request.ids), "output_tokens": 0}
+    yield _event("message_start", {"message": message})
+    index, open_kind = -1, None
+    async for out in outs:
+        if out.kind == "error":
+            yield _event("error", error_body("/v1/messages", 500, "internal server error (see the server log)"))
+            return
+        if out.kind == "done":
+            server.metrics.record(out.usage, ttft(handle))
+            if open_kind is not None:
+                yield _event("content_block_stop", {"index": index})
+            stop = "stop_sequence" if out.stop_string else _STOP.get(out.finish_reason, "end_turn")
+            delta = {"stop_reason": stop, "stop_sequence": out.stop_string}
+            yield _event("message_delta", {"delta": delta, "usage": _usage(out.usage)})
+            yield _event("message_stop", {})
+            return
+        ev = out.event
+        if ev.type != open_kind or ev.type == "tool_call":
+            if open_kind is not None:
+                yield _event("content_block_stop", {"index": index})
+            index, open_kind = index + 1, ev.type
+            if ev.type == "tool_call":
+                block = {"type": "tool_use", "id": new_id("toolu_"), "name": ev.call.name, "input": {}}
+                yield _event("content_block_start", {"index": index, "content_block": block})
+                delta = {"type": "input_json_delta", "partial_json": arguments_json(ev.call)}
+                yield _event("content_block_delta", {"index": index, "delta": delta})
+                continue
+            yield _event("content_block_start", {"index": index, "content_block": _BLOCKS[ev.type][0]})
+        _, kind, key = _BLOCKS[ev.type]
+        yield _event("content_block_delta", {"index": index, "delta": {"type": kind, key: ev.text}})

@@ -1,0 +1,154 @@
+"""The FastAPI application: OpenAI- and Anthropic-compatible endpoints over one
+`Engine`, plus /health, /v1/models and /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+
+from fastapi import FastAPI
+from fastapi.responses import Response
+
+from gemma4_mlx.server import anthropic_api, openai_api
+from gemma4_mlx.server.engine import Engine, QueueFull, Request
+from gemma4_mlx.server.errors import APIError, error_response, install
+from gemma4_mlx.server.metrics import Metrics
+from gemma4_mlx.server.prompts import Prompter
+from gemma4_mlx.server.results import RequestHandle
+
+log = logging.getLogger("gemma4_mlx.server")
+
+MAX_BODY_BYTES = 64 << 20
+OPEN_PATHS = ("/health",)  # answered without the API key
+_ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages")
+
+
+class ServerState:
+    """What the route modules share: the served name, the prompter, the engine, metrics."""
+
+    def __init__(self, model, tokenizer, *, model_name, drafter, api_key, max_queue, max_context, allow_local_files):
+        self.model_name, self.api_key = model_name, api_key
+        self.prompter = Prompter(model, tokenizer, max_context=max_context, allow_local_files=allow_local_files)
+        self.engine = Engine(model, tokenizer, drafter=drafter, max_queue=max_queue)
+        self.metrics = Metrics(lambda: self.engine.depth)
+        self.started = int(time.time())
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(400, f"model {name!r} is not served here; this server serves {self.model_name!r}", "model")
+
+    def submit(self, request: Request) -> RequestHandle:
+        try:
+            return self.engine.submit(request)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+
+
+class _Guard:
+    """ASGI middleware: API key (401), body size (413), request counting."""
+
+    def __init__(self, inner, server: ServerState, max_body: int):
+        self.inner, self.server, self.max_body = inner, server, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        path, headers = scope["path"], dict(scope["headers"])
+        endpoint = next((e for e in _ENDPOINTS if path == e or path.startswith(e + "/")), "other")
+        status = [500]
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refusal(path, headers)
+            if refusal is not None:
+                return await refusal(scope, receive, counted_send)
+            await self.inner(scope, self._limited(receive, path), counted_send)
+        finally:
+            self.server.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+    def _refusal(self, path: str, headers: dict):
+        key = self.server.api_key
+        if key and path not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            given = auth[7:] if auth.lower().startswith("bearer ") else headers.get(b"x-api-key", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                return error_response(path, 401, "invalid or missing API key")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return error_response(path, 413, f"request body of {int(length)} bytes exceeds {self.max_body} bytes")
+        return None
+
+    def _limited(self, receive, path: str):
+        seen = [0]
+
+        async def limited():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.max_body:
+                    raise APIError(413, f"request body exceeds {self.max_body} bytes")
+            return message
+
+        return limited
+
+
+def app(
+    model,
+    tokenizer,
+    *,
+    model_name: str,
+    drafter=None,
+    api_key: str | None = None,
+    max_queue: int = 64,
+    max_context: int | None = None,
+    allow_local_files: bool = False,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The server for one loaded model.  model_name: the name clients send as `model`;
+    drafter: an MTP drafter (speculative decoding, same output); api_key: required as
+    `Authorization: Bearer KEY` or `x-api-key` (all but /health); max_queue: requests
+    waiting or running before 429; max_context: longest prompt (default the model's);
+    allow_local_files: image parts may name files on this machine."""
+    server = ServerState(
+        model,
+        tokenizer,
+        model_name=model_name,
+        drafter=drafter,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_context=max_context,
+        allow_local_files=allow_local_files,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        server.engine.close()
+
+    api = FastAPI(title="gemma4-mlx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    api.state.server = server
+    install(api)
+    api.include_router(openai_api.routes(server))
+    api.include_router(anthropic_api.routes(server))
+
+    @api.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.model_name, "queue_depth": server.engine.depth}
+
+    @api.get("/v1/models")
+    async def models():
+        card = {"id": server.model_name, "object": "model", "created": server.started, "owned_by": "gemma4-mlx"}
+        return {"object": "list", "data": [card]}
+
+    @api.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    api.add_middleware(_Guard, server=server, max_body=max_body_bytes)
+    return api

@@ -1,0 +1,34 @@
+"""Prometheus metrics of one server (its own registry, so several apps can live in
+one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self, queue_depth):
+        """queue_depth: a function giving the requests waiting or running."""
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("gemma4_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("gemma4_prompt_tokens", "Prompt tokens", registry=r)
+        self.cached_tokens = Counter("gemma4_cached_prompt_tokens", "Prompt tokens from the KV cache", registry=r)
+        self.completion_tokens = Counter("gemma4_completion_tokens", "Generated tokens", registry=r)
+        self.queue = Gauge("gemma4_queue_depth", "Requests waiting or running", registry=r)
+        self.queue.set_function(queue_depth)
+        self.ttft = Histogram(
+            "gemma4_time_to_first_token_seconds",
+            "From the request's arrival to its first generated token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
+
+    def record(self, usage, ttft: float | None) -> None:
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.cached_tokens.inc(usage.cached_tokens)
+        self.completion_tokens.inc(usage.completion_tokens)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,212 @@
+"""The OpenAI API: /v1/chat/completions and /v1/completions (plain and streamed)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from gemma4_mlx.server.errors import APIError, error_body
+from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools
+from gemma4_mlx.server.results import Result, arguments_json, collect, new_id, now, opened, ttft
+from gemma4_mlx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+
+_FINISH = {"tool_calls": "tool_calls", "length": "length"}
+
+
+def _text(content, where: str) -> str:
+    """The text of string-or-parts content (system, assistant, tool messages)."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for j, p in enumerate(content):
+        if p.get("type") not in ("text", "input_text", "output_text"):
+            raise APIError(400, f"{where}.content[{j}]: only text parts are allowed here", param="messages")
+        parts.append(p.get("text") or "")
+    return "".join(parts)
+
+
+def _user_content(content, where: str, prompter, images: list):
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for j, p in enumerate(content):
+        kind = p.get("type")
+        if kind in ("text", "input_text"):
+            parts.append({"type": "text", "text": p.get("text") or ""})
+        elif kind == "image_url":
+            ref = p.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str):
+                raise APIError(400, f"{where}.content[{j}].image_url: no url", param="messages")
+            images.append(prompter.image(url, f"{where}.content[{j}]"))
+            parts.append({"type": "image"})
+        else:
+            raise APIError(400, f"{where}.content[{j}]: unsupported content part type {kind!r}", param="messages")
+    return parts
+
+
+def _message(m: ChatMessage, i: int, prompter, images: list, names: dict) -> dict:
+    where = f"messages[{i}]"
+    role = "system" if m.role == "developer" else m.role
+    if role == "user":
+        return {"role": "user", "content": _user_content(m.content, where, prompter, images)}
+    out = {"role": role, "content": _text(m.content, where)}
+    if role == "assistant":
+        if m.reasoning_content or m.reasoning:
+            out["reasoning_content"] = m.reasoning_content or m.reasoning
+        if m.tool_calls:
+            out["tool_calls"] = m.tool_calls
+            for c in m.tool_calls:
+                names[c.get("id")] = (c.get("function") or {}).get("name")
+    elif role == "tool":
+        out["tool_call_id"] = m.tool_call_id
+        out["name"] = m.name or names.get(m.tool_call_id) or ""
+    return out
+
+
+def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
+    images, names = [], {}
+    msgs = [_message(m, i, prompter, images, names) for i, m in enumerate(body.messages)]
+    check_roles(msgs)
+    kw = body.chat_template_kwargs or {}
+    if "enable_thinking" in kw:
+        thinking = bool(kw["enable_thinking"])
+    else:
+        thinking = body.reasoning_effort not in (None, "none", "minimal")
+    return Conversation(msgs, images, select_tools(body.tools, body.tool_choice), thinking)
+
+
+def _tool_calls(result: Result) -> list[dict]:
+    return [
+        {"id": new_id("call_"), "type": "function", "function": {"name": c.name, "arguments": arguments_json(c)}}
+        for c in result.tool_calls
+    ]
+
+
+def _usage(u) -> dict:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def _sse(data) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def routes(server) -> APIRouter:
+    """server: the app's `ServerState` (model name, prompter, engine, metrics)."""
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+        server.check_model(body.model)
+
+        def build():
+            conv = conversation(body, server.prompter)
+            limit = body.max_completion_tokens or body.max_tokens
+            return server.prompter.chat_request(conv, sampling_options(body), limit, body.stop)
+
+        handle = server.submit(await run_in_threadpool(build))
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            outs = await opened(handle, http)
+            return StreamingResponse(_chat_stream(server, handle, outs, usage), media_type="text/event-stream")
+        r = await collect(handle, http, server.metrics)
+        message = {"role": "assistant", "content": r.content}
+        if r.reasoning:
+            message["reasoning_content"] = r.reasoning
+        if r.tool_calls:
+            message["tool_calls"] = _tool_calls(r)
+        return {
+            "id": new_id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": now(),
+            "model": server.model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": _FINISH.get(r.finish_reason, "stop")}],
+            "usage": _usage(r.usage),
+        }
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        server.check_model(body.model)
+
+        def build():
+            options = sampling_options(body)
+            return server.prompter.raw_request(body.prompt, options, body.max_tokens, body.stop, body.ignore_eos)
+
+        handle = server.submit(await run_in_threadpool(build))
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            outs = await opened(handle, http)
+            return StreamingResponse(_completion_stream(server, handle, outs, usage), media_type="text/event-stream")
+        r = await collect(handle, http, server.metrics)
+        finish = _FINISH.get(r.finish_reason, "stop")
+        choice = {"index": 0, "text": r.content, "logprobs": None, "finish_reason": finish}
+        return {
+            "id": new_id("cmpl-"),
+            "object": "text_completion",
+            "created": now(),
+            "model": server.model_name,
+            "choices": [choice],
+            "usage": _usage(r.usage),
+        }
+
+    return router
+
+
+async def _chat_stream(server, handle, outs, include_usage: bool):
+    base = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "created": now(), "model": server.model_name}
+
+    def chunk(delta: dict, finish=None) -> str:
+        return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    yield chunk({"role": "assistant", "content": ""})
+    n_calls = 0
+    async for out in outs:
+        if out.kind == "error":
+            yield _sse(error_body("/v1/chat/completions", 500, "internal server error (see the server log)"))
+            return
+        if out.kind == "done":
+            server.metrics.record(out.usage, ttft(handle))
+            yield chunk({}, _FINISH.get(out.finish_reason, "stop"))
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(out.usage)})
+            break
+        ev = out.event
+        if ev.type == "content":
+            yield chunk({"content": ev.text})
+        elif ev.type == "reasoning":
+            yield chunk({"reasoning_content": ev.text})
+        elif ev.type == "tool_call":
+            head = {"index": n_calls, "id": new_id("call_"), "type": "function"}
+            yield chunk({"tool_calls": [{**head, "function": {"name": ev.call.name, "arguments": ""}}]})
+            yield chunk({"tool_calls": [{"index": n_calls, "function": {"arguments": arguments_json(ev.call)}}]})
+            n_calls += 1
+    yield "data: [DONE]\n\n"
+
+
+async def _completion_stream(server, handle, outs, include_usage: bool):
+    base = {"id": new_id("cmpl-"), "object": "text_completion", "created": now(), "model": server.model_name}
+
+    def chunk(text: str, finish=None) -> str:
+        return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+
+    async for out in outs:
+        if out.kind == "error":
+            yield _sse(error_body("/v1/completions", 500, "internal server error (see the server log)"))
+            return
+        if out.kind == "done":
+            server.metrics.record(out.usage, ttft(handle))
+            yield chunk("", _FINISH.get(out.finish_reason, "stop"))
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(out.usage)})
+            break
+        yield chunk(out.event.text)
+    yield "data: [DONE]\n\n"

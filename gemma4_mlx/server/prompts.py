@@ -1,0 +1,199 @@
+"""From API messages to engine `Request`s, through the path `Chat` takes
+(`chat.conversation`: the checkpoint's template, `PromptCodec` escaping, tool results
+via `tool_result_content`), with the checks that answer 400."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from gemma4_mlx.api import SamplingOptions
+from gemma4_mlx.chat.conversation import encode_conversation, prepare_media, render_conversation
+from gemma4_mlx.prompt.parser import parser_for_prompt
+from gemma4_mlx.prompt.template import ChatTemplateError
+from gemma4_mlx.prompt.tokens import PromptCodec, encode_prompt
+from gemma4_mlx.server.engine import Request
+from gemma4_mlx.server.errors import APIError
+
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass
+class Conversation:
+    """An API request's conversation in the shape `Chat` keeps (OpenAI messages, media
+    parts as `{"type": "image"}` placeholders) with its images in placeholder order."""
+
+    messages: list[dict]
+    images: list = field(default_factory=list)
+    tools: list[dict] | None = None
+    thinking: bool = False
+
+
+def check_roles(messages: Sequence[dict]) -> None:
+    """400 for an order the chat format cannot express."""
+    for i, m in enumerate(messages):
+        role = m["role"]
+        if role == "system" and i > 0 and messages[i - 1]["role"] != "system":
+            raise APIError(400, f"messages[{i}]: a system message may only open the conversation", param="messages")
+        if role == "tool":
+            prev = messages[i - 1] if i else None
+            if prev is None or not (prev["role"] == "tool" or (prev["role"] == "assistant" and prev.get("tool_calls"))):
+                raise APIError(
+                    400, f"messages[{i}]: a tool message must follow an assistant message with tool_calls", "messages"
+                )
+    if messages and messages[-1]["role"] not in ("user", "tool"):
+        raise APIError(400, "the last message must be from the user or a tool result", param="messages")
+
+
+def select_tools(tools: list[dict] | None, choice) -> list[dict] | None:
+    """The tools the prompt declares for a tool_choice (auto, none, required or a named
+    function; `required` / named are declared, not enforced by constrained decoding)."""
+    if not tools or choice == "none":
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+        picked = [t for t in tools if (t.get("function") or t).get("name") == name]
+        if not picked:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+        return picked
+    if choice not in (None, "auto", "required", "any"):
+        raise APIError(400, f"tool_choice: unknown value {choice!r}", param="tool_choice")
+    return tools
+
+
+class Prompter:
+    """Builds engine requests for one model."""
+
+    def __init__(self, model, tokenizer, *, max_context: int | None = None, allow_local_files: bool = False):
+        self.model, self.tokenizer, self.codec = model, tokenizer, PromptCodec(tokenizer)
+        self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 131072
+        self.allow_local_files = allow_local_files
+
+    # -- images --------------------------------------------------------------------
+    def image(self, url: str, where: str) -> Image.Image:
+        """A PIL image from a `data:` URI or, with allow_local_files, a local path."""
+        if url.startswith(("http://", "https://")):
+            raise APIError(400, f"{where}: image URLs are not fetched; send the image as a data: URI", param=where)
+        if url.startswith("data:"):
+            head, _, payload = url.partition(",")
+            try:
+                data = base64.b64decode(payload, validate=True) if head.endswith(";base64") else payload.encode()
+            except (binascii.Error, ValueError):
+                raise APIError(400, f"{where}: the data: URI is not valid base64", param=where) from None
+            return self.decode_image(data, where)
+        if not self.allow_local_files:
+            raise APIError(400, f"{where}: local files are not allowed (start the server with --allow-local-files)")
+        path = Path(url.removeprefix("file://"))
+        if not path.is_file():
+            raise APIError(400, f"{where}: no such file: {path}", param=where)
+        return self.decode_image(path.read_bytes(), where)
+
+    @staticmethod
+    def decode_image(data: bytes, where: str) -> Image.Image:
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            return img.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise APIError(400, f"{where}: undecodable image ({type(e).__name__})", param=where) from None
+
+    # -- requests ------------------------------------------------------------------
+    def render(self, conv: Conversation) -> str:
+        try:
+            return render_conversation(self.codec, conv.messages, tools=conv.tools, thinking=conv.thinking)
+        except (ChatTemplateError, ValueError) as e:
+            raise APIError(400, _line(e)) from None
+
+    def encode(self, prompt: str, images: list):
+        """(ids, keys, MediaPrompt or None); with images this is MLX work, for the
+        engine thread.  400 (MediaError) for media the model cannot take."""
+        try:
+            media = prepare_media(self.model, images=images)
+            return encode_conversation(self.model, self.codec, prompt, media)
+        except ValueError as e:  # MediaError is a ValueError
+            raise APIError(400, _line(e)) from None
+
+    def count(self, conv: Conversation) -> int:
+        if conv.images:
+            raise APIError(400, "counting the tokens of images is not supported yet")
+        return len(self.encode(self.render(conv), [])[0])
+
+    def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
+        if n_prompt >= self.max_context:
+            raise APIError(
+                400,
+                f"the prompt is {n_prompt} tokens, longer than the maximum context of {self.max_context} tokens",
+                param="messages",
+            )
+        room = self.max_context - n_prompt
+        return min(room, max_tokens or DEFAULT_MAX_TOKENS)
+
+    def chat_request(self, conv: Conversation, options: SamplingOptions, max_tokens: int | None, stop) -> Request:
+        """The request for a conversation; with images it is encoded on the engine thread."""
+        prompt, tools = self.render(conv), conv.tools
+
+        def encode(req: Request) -> None:
+            req.ids, req.keys, req.media = self.encode(prompt, conv.images)
+            req.max_tokens = self._budget(len(req.ids), max_tokens)
+
+        req = Request(ids=[], keys=[], options=options, stop=stop_list(stop))
+        req.parser = lambda: parser_for_prompt(prompt, tools)
+        if conv.images:
+            req.prepare = encode
+        else:
+            encode(req)
+        return req
+
+    def raw_request(
+        self, prompt, options: SamplingOptions, max_tokens: int | None, stop, ignore_eos: bool = False
+    ) -> Request:
+        """A raw completion: the text as the tokenizer reads it (control strings too)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) > 1:
+                raise APIError(400, "prompt: one prompt per request (got a list of several)", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, list) and any(not 0 <= t < self.model.config.vocab_size for t in prompt):
+            raise APIError(400, "prompt: token ids out of the vocabulary's range", param="prompt")
+        ids = encode_prompt(self.tokenizer, prompt, chat=False)
+        if not ids:
+            raise APIError(400, "prompt: empty", param="prompt")
+        return Request(
+            ids=ids,
+            keys=list(ids),
+            options=options,
+            max_tokens=self._budget(len(ids), max_tokens),
+            stop=stop_list(stop),
+            ignore_eos=ignore_eos,
+        )
+
+
+def _line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 16:
+        raise APIError(400, "stop: at most 16 stop strings", param="stop")
+    return [s for s in stops if s]
+
+
+def sampling_options(body, default_temperature: float = 1.0) -> SamplingOptions:
+    """SamplingOptions from a request body's fields (OpenAI semantics: top_p 1 = off)."""
+    t = body.temperature if body.temperature is not None else default_temperature
+    return SamplingOptions(
+        temperature=t,
+        top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 else 0.0,
+        top_k=body.top_k or 0,
+        min_p=body.min_p or 0.0,
+        repetition_penalty=body.repetition_penalty if body.repetition_penalty not in (None, 1.0) else None,
+        seed=body.seed,
+    )

@@ -1,0 +1,115 @@
+"""Reading a request's outputs on the asyncio side: collected whole, or as they come
+(with the client's disconnection cancelling the generation)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from gemma4_mlx.server.engine import Output, RequestHandle, Usage
+from gemma4_mlx.server.errors import APIError
+
+
+@dataclass
+class Result:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list = field(default_factory=list)  # prompt.parser.ToolCall
+    finish_reason: str = "stop"
+    stop_string: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:24]}"
+
+
+def arguments_json(call) -> str:
+    """A parsed tool call's arguments as a JSON object string."""
+    args = call.arguments if isinstance(call.arguments, dict) else {}
+    return json.dumps(args, ensure_ascii=False)
+
+
+def ttft(handle: RequestHandle) -> float | None:
+    at = handle.first_token_at
+    return None if at is None else at - handle.request.submitted
+
+
+async def outputs(handle: RequestHandle, http=None, poll: float = 0.5):
+    """Yield the handle's outputs; cancel the generation when the client disconnects
+    (polled every `poll` s while waiting) or when the consumer stops early."""
+    it = handle.__aiter__()
+    try:
+        while True:
+            try:
+                out: Output = await asyncio.wait_for(it.__anext__(), poll)
+            except asyncio.TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    return
+                continue
+            except StopAsyncIteration:
+                return
+            yield out
+            if out.kind in ("done", "error"):
+                return
+    finally:
+        handle.cancel()  # a no-op once finished
+
+
+def failure(out: Output) -> APIError:
+    """The client's error for an "error" output: bad input as it was raised, anything
+    else a 500 without details (the engine logged the traceback)."""
+    if isinstance(out.error, APIError):
+        return out.error
+    return APIError(500, "internal server error (see the server log)")
+
+
+async def opened(handle: RequestHandle, http):
+    """The outputs of a request once its first has come, so that an error preparing
+    it (bad media, prompt too long) answers with its status before a stream starts."""
+    it = outputs(handle, http)
+    try:
+        first = await it.__anext__()
+    except StopAsyncIteration:  # the client left while waiting
+        first = None
+    if first is not None and first.kind == "error":
+        await it.aclose()
+        raise failure(first)
+
+    async def rest():
+        try:
+            if first is None:
+                return
+            yield first
+            async for out in it:
+                yield out
+        finally:  # the response ended or the client left: stop generating
+            handle.cancel()
+            await it.aclose()
+
+    return rest()
+
+
+async def collect(handle: RequestHandle, http, metrics) -> Result:
+    """The whole result; 500 (message only; the traceback is logged) on failure."""
+    r = Result()
+    async for out in outputs(handle, http):
+        if out.kind == "error":
+            raise failure(out)
+        if out.kind == "done":
+            r.finish_reason, r.stop_string, r.usage = out.finish_reason, out.stop_string, out.usage
+            metrics.record(out.usage, ttft(handle))
+        elif out.event.type == "reasoning":
+            r.reasoning += out.event.text
+        elif out.event.type == "content":
+            r.content += out.event.text
+        elif out.event.type == "tool_call":
+            r.tool_calls.append(out.event.call)
+    return r
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,193 @@
+"""`gemma4_mlx.server`'s errors, each in its API's JSON shape, against a live server
+(real `openai` / `anthropic` clients): 400s, 401, 413, 429 with Retry-After, 500
+without a traceback, a client leaving mid-stream; the server keeps serving after each."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import anthropic
+import openai
+import pytest
+from PIL import Image
+
+import gemma4_mlx
+from gemma4_mlx.demo import DEMO_MODEL
+
+from helpers.live_server import http, live_server
+
+KEY = "sk-test"
+NAME = "gemma4-demo"
+JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
+ANSWER = "The capital of Japan is Tokyo."
+
+
+@pytest.fixture(scope="module")
+def server():
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    with live_server(
+        model, tok, model_name=NAME, api_key=KEY, max_queue=2, max_context=1024, max_body_bytes=64 << 10
+    ) as (url, api):
+        yield url, api
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def an(server):
+    return anthropic.Anthropic(base_url=server[0], api_key=KEY, max_retries=0, timeout=30)
+
+
+def serving(oa) -> None:
+    r = oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=0)
+    assert r.choices[0].message.content == ANSWER
+
+
+def _png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image_message(url: str) -> list[dict]:
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}],
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "says"),
+    [
+        ([{"role": "tool", "tool_call_id": "x", "content": "{}"}], "tool message must follow"),
+        ([{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}], "system message"),
+        (_image_message("data:image/png;base64,aGVsbG8gd29ybGQ="), "undecodable image"),
+        (_image_message("data:image/png;base64,@@@"), "not valid base64"),
+        (_image_message("https://example.com/cat.png"), "not fetched"),
+        (_image_message("/etc/hosts"), "local files are not allowed"),
+        (_image_message(_png()), "no vision tower"),  # the demo model is text-only
+        ([{"role": "user", "content": "capital " * 1500}], "maximum context of 1024 tokens"),
+    ],
+)
+def test_openai_400(oa, messages, says):
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=NAME, messages=messages, temperature=0)
+    assert e.value.status_code == 400 and says in e.value.body["message"]
+    assert e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError):  # streamed: refused before the stream starts
+        oa.chat.completions.create(model=NAME, messages=messages, temperature=0, stream=True)
+    serving(oa)
+
+
+def test_prompt_too_long_names_both_lengths(oa):
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "capital " * 1500}])
+    msg = e.value.body["message"]
+    n = int(msg.split("the prompt is ")[1].split()[0])
+    assert n > 1024 and "1024" in msg
+
+
+def test_unknown_model_and_fields(oa, an):
+    with pytest.raises(openai.BadRequestError, match="not served here"):
+        oa.chat.completions.create(model="gpt-9", messages=JAPAN)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        an.messages.create(model="claude-9", max_tokens=8, messages=JAPAN)
+    assert e.value.body["type"] == "error" and e.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=9)
+    r = oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=0, extra_body={"frobnicate": 1})
+    assert r.choices[0].message.content == ANSWER  # unknown fields are ignored
+
+
+def test_api_key(server, oa):
+    url, _ = server
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=NAME, messages=JAPAN)
+    status, _, body = http("POST", url + "/v1/chat/completions", {"model": NAME, "messages": JAPAN})
+    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    status, _, body = http("POST", url + "/v1/messages", {"model": NAME, "max_tokens": 8, "messages": JAPAN})
+    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    assert http("GET", url + "/v1/models")[0] == 401
+    status, _, body = http(
+        "POST", url + "/v1/messages", {"model": NAME, "max_tokens": 8, "messages": JAPAN}, headers={"x-api-key": KEY}
+    )
+    assert status == 200 and json.loads(body)["content"][0]["text"] == ANSWER
+    serving(oa)
+
+
+def test_body_too_large(server, oa):
+    url, _ = server
+    big = {"model": NAME, "messages": [{"role": "user", "content": "x" * (80 << 10)}]}
+    status, _, body = http("POST", url + "/v1/chat/completions", big, headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 413 and "exceeds" in json.loads(body)["error"]["message"]
+    serving(oa)
+
+
+def test_queue_full_429(server, oa):
+    _, api = server
+    engine = api.state.server.engine
+    engine.pause()
+    results = []
+
+    def ask():
+        results.append(oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=0))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.depth < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as e:
+            oa.chat.completions.create(model=NAME, messages=JAPAN)
+        assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
+    finally:
+        engine.resume()
+        for t in threads:
+            t.join(timeout=30)
+    assert [r.choices[0].message.content for r in results] == [ANSWER, ANSWER]
+    serving(oa)
+
+
+def test_500_hides_the_traceback(server, oa, monkeypatch):
+    _, api = server
+    prefixes = api.state.server.engine.prefixes
+
+    def broken(keys):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(prefixes, "take", broken)
+    with pytest.raises(openai.InternalServerError) as e:
+        oa.chat.completions.create(model=NAME, messages=JAPAN)
+    assert "secret" not in json.dumps(e.value.body) and "Traceback" not in json.dumps(e.value.body)
+    monkeypatch.undo()
+    serving(oa)
+
+
+def test_client_leaving_mid_stream(server, oa):
+    _, api = server
+    engine = api.state.server.engine
+    stream = oa.completions.create(
+        model=NAME, prompt="The capital", max_tokens=1000, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )  # ~4 s of tokens if nobody stops it
+    chunks = iter(stream)
+    for _ in range(3):
+        next(chunks)
+    stream.close()
+    deadline = time.monotonic() + 10
+    while engine.depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.depth == 0
+    assert len(engine.prefixes.slots[-1].cached) < 500  # cancelled long before max_tokens
+    serving(oa)
