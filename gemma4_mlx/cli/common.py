@@ -1,0 +1,180 @@
+"""The `gemma4-mlx` app, its one-line errors and the options its commands share.
+
+Commands import the package's heavy parts (MLX, transformers) inside their bodies,
+so `gemma4-mlx --help` and option errors answer at once."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+# Plain (click) help: rich's renders every flag with a "<bool>" metavar.
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Gemma 4 on MLX: generate text, convert checkpoints, chat.",
+)
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    typer.echo(f"gemma4-mlx {of('gemma4-mlx')} (mlx {of('mlx')}, Python {sys.version.split()[0]})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+):
+    """Gemma 4 on MLX."""
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+DRAFT_MODEL_HELP = (
+    "MTP drafter for speculative decoding (same output, faster): a folder or "
+    "repo id; 'auto' (default) uses <model>-assistant if it is on this machine; "
+    "'none' turns it off."
+)
+DRAFT_TOKENS_HELP = "Tokens drafted per round: a number (0 = off) or 'auto' (cost-aware)."
+MODEL_HELP = (
+    "Checkpoint folder, Hugging Face repo id, short name (e2b, e4b, 26b, 31b, their -it forms; demo) "
+    "or a pulled model's name (gemma4-mlx list)."
+)
+
+
+def _check_draft_tokens(value: str) -> str:
+    """--draft-tokens is checked while the command line is read, before a model loads."""
+    from gemma4_mlx.speculative.policy import DraftPolicy
+
+    try:
+        DraftPolicy.for_setting(value)
+    except ValueError as e:
+        fail(f"--draft-tokens: {e}")
+    return value
+
+
+def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, quiet: bool, repo: str | None = None):
+    """(drafter or None, draft_tokens setting); errors end the command with one line.
+    repo: the hub id `model` was resolved from, also searched by 'auto'."""
+    from gemma4_mlx.checkpoint.hub import find_drafter
+    from gemma4_mlx.checkpoint.load import LoadError, load_drafter
+    from gemma4_mlx.speculative.policy import DraftPolicy
+
+    try:
+        DraftPolicy.for_setting(draft_tokens)
+    except ValueError as e:
+        fail(f"--draft-tokens: {e}")
+    k = draft_tokens if draft_tokens == "auto" else int(draft_tokens)
+    if draft_model == "none" or k == 0:
+        return None, k
+    if draft_model == "auto":
+        path = find_drafter(model) or (find_drafter(repo) if repo else None)
+    else:
+        path = draft_model
+    if path is None:
+        if draft_tokens != "auto" and not quiet:
+            typer.echo(
+                f"note: --draft-tokens {k} ignored: no drafter found next to {model} (give --draft-model)", err=True
+            )
+        return None, k
+    try:
+        drafter = load_drafter(path, dtype=dtype, target=target)
+    except LoadError as e:
+        if draft_model == "auto":  # a found-but-unusable drafter must not stop generation
+            typer.echo(f"note: not using drafter {path}: {e}", err=True)
+            return None, k
+        fail(str(e))
+    if not quiet:
+        typer.echo(f"draft model: {path} (draft tokens: {k})", err=True)
+    return drafter, k
+
+
+# Options shared by `generate` and `chat`, declared once.
+Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1)]
+Temp = Annotated[float, typer.Option("--temp", min=0.0, help="0 = greedy.")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+TopK = Annotated[int, typer.Option("--top-k", min=0)]
+MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
+Seed = Annotated[int | None, typer.Option("--seed")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="float32 / bfloat16 / float16 (default: as stored).")]
+DraftModel = Annotated[str, typer.Option("--draft-model", help=DRAFT_MODEL_HELP)]
+DraftTokens = Annotated[str, typer.Option("--draft-tokens", help=DRAFT_TOKENS_HELP, callback=_check_draft_tokens)]
+Images = Annotated[list[str] | None, typer.Option("--image", help="Image file for the prompt (repeatable).")]
+AudioFiles = Annotated[
+    list[str] | None,
+    typer.Option("--audio", help="Audio file, up to 30 s: WAV, FLAC, MP3, M4A, Ogg (repeatable; E2B/E4B)."),
+]
+Videos = Annotated[
+    list[str] | None,
+    typer.Option("--video", help="Video file, up to 60 s; frames sampled as transformers does (repeatable)."),
+]
+ImageBudget = Annotated[
+    int | None,
+    typer.Option(
+        "--image-budget",
+        help="Soft tokens per image / video frame: 70, 140, 280, 560 or 1120 (default: the checkpoint's).",
+    ),
+]
+VideoAudio = Annotated[
+    bool, typer.Option("--video-audio", help="Also give the videos' soundtracks to the audio tower (E2B/E4B).")
+]
+
+
+def media_options(images, audio, videos, image_budget, video_audio: bool = False) -> dict:
+    from gemma4_mlx.media.image import check_budget
+    from gemma4_mlx.media.prepare import Video
+
+    if image_budget is not None:
+        try:
+            check_budget(image_budget, "--image-budget")
+        except ValueError as e:
+            fail(str(e))
+    return dict(
+        images=list(images or []),
+        audio=list(audio or []),
+        videos=[Video(v, with_audio=video_audio) for v in videos or []],
+        image_budget=image_budget,
+    )
+
+
+def load_or_fail(model: str, dtype: str | None, tools: str | None = None):
+    """(model, tokenizer, tool functions); a bad checkpoint or tools file ends the
+    command with one line."""
+    from gemma4_mlx.api import LoadError, load
+    from gemma4_mlx.chat.tools import load_tools
+
+    try:
+        functions = load_tools(tools) if tools else []
+        m, tokenizer = load(model, dtype=dtype)
+    except (LoadError, ValueError) as e:
+        fail(str(e))
+    if tokenizer is None:
+        fail(f"{model}: no tokenizer files (tokenizer.json / tokenizer.model)")
+    return m, tokenizer, functions
+
+
+def read_prompt(prompt: str | None) -> str:
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            fail("no --prompt given and nothing on stdin")
+        return sys.stdin.read()
+    return prompt

@@ -1,0 +1,196 @@
+"""`generate` and `chat`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from gemma4_mlx.cli.common import (
+    AudioFiles,
+    DraftModel,
+    DraftTokens,
+    Dtype,
+    ImageBudget,
+    Images,
+    MaxTokens,
+    MinP,
+    Model,
+    Seed,
+    Temp,
+    TopK,
+    TopP,
+    VideoAudio,
+    Videos,
+    app,
+    fail,
+    load_draft,
+    load_or_fail,
+    media_options,
+    read_prompt,
+)
+
+
+@app.command()
+def generate(
+    model: Model,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Prompt text; '-' or omitted reads stdin.")
+    ] = None,
+    max_tokens: MaxTokens = 256,
+    temp: Temp = 0.0,
+    top_p: TopP = 0.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty", min=0.0)] = None,
+    seed: Seed = None,
+    prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens per prefill step.")] = 512,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw",
+            help=(
+                "Raw completion: no chat template, and control strings in the prompt (<|turn>, <|image|>, ...) "
+                "are read as control tokens. Without --raw the prompt is user text: they stay text."
+            ),
+        ),
+    ] = False,
+    dtype: Dtype = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No statistics on stderr.")] = False,
+    draft_model: DraftModel = "auto",
+    draft_tokens: DraftTokens = "auto",
+    image: Images = None,
+    audio: AudioFiles = None,
+    video: Videos = None,
+    image_budget: ImageBudget = None,
+    video_audio: VideoAudio = False,
+):
+    """Generate a completion for one prompt, streamed to stdout."""
+    from gemma4_mlx.api import stream_generate
+    from gemma4_mlx.media.prepare import MediaError
+
+    media = media_options(image, audio, video, image_budget, video_audio)
+    prompt = read_prompt(prompt)
+    if not quiet:
+        typer.echo(f"loading {model} ...", err=True)
+    m, tokenizer, _ = load_or_fail(model, dtype)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet)
+    stats = None
+    try:
+        for chunk in stream_generate(
+            m,
+            tokenizer,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temp,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            chat=not raw,
+            prefill_chunk=prefill_chunk,
+            draft_model=drafter,
+            draft_tokens=k,
+            **media,
+        ):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+            stats = chunk.stats
+    except MediaError as e:
+        fail(str(e))
+    sys.stdout.write("\n")
+    if stats is not None and not quiet:
+        typer.echo(stats.line(), err=True)
+
+
+@app.command()
+def chat(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help=(
+                "Checkpoint folder or HF repo id (default: a cached/reachable Gemma 4 E2B-it, "
+                "else the embedded demo model)."
+            ),
+        ),
+    ] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    think: Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode (default off).")] = False,
+    thinking_budget: Annotated[
+        int | None,
+        typer.Option("--thinking-budget", min=1, help="Characters of thought before the model is made to answer."),
+    ] = None,
+    tools: Annotated[
+        str | None, typer.Option("--tools", help="Python file whose public functions become tools.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Run tool calls without asking.")] = False,
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="One non-interactive turn ('-' = stdin).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --prompt/stdin: print the reply as JSON.")] = False,
+    max_tokens: MaxTokens = 1024,
+    temp: Temp = 0.0,
+    top_p: TopP = 0.0,
+    top_k: TopK = 0,
+    min_p: MinP = 0.0,
+    seed: Seed = None,
+    dtype: Dtype = None,
+    draft_model: DraftModel = "auto",
+    draft_tokens: DraftTokens = "auto",
+    image: Images = None,
+    audio: AudioFiles = None,
+    video: Videos = None,
+    image_budget: ImageBudget = None,
+    video_audio: VideoAudio = False,
+):
+    """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools, images,
+    audio, video; /image PATH etc. attach media to the next message).  Media given
+    here are sent with the first turn."""
+    from rich.console import Console
+
+    from gemma4_mlx.chat.session import Chat
+    from gemma4_mlx.chat.terminal import Terminal, check_media, one_shot
+    from gemma4_mlx.demo import DEFAULT_REPO, default_model
+    from gemma4_mlx.runtime.generate import SamplingOptions
+
+    media = media_options(image, audio, video, image_budget, video_audio)
+    repo = None
+    if model is None:
+        model, banner = default_model()
+        repo = DEFAULT_REPO  # a cached snapshot path: its drafter is found by repo id
+    else:
+        banner = f"model: {model}"
+    Console(stderr=True).print(banner, style="dim", markup=False)
+    m, tokenizer, functions = load_or_fail(model, dtype, tools)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False, repo=repo)
+    session = Chat(
+        m,
+        tokenizer,
+        system=system,
+        thinking=think,
+        tools=functions,
+        max_tokens=max_tokens,
+        options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed),
+        thinking_budget=thinking_budget,
+        drafter=drafter,
+        draft_tokens=k,
+    )
+    try:
+        check_media(session, media)  # a missing file or tower: said now, before any turn
+    except ValueError as e:
+        fail(str(e))
+    if prompt is not None or not sys.stdin.isatty():
+        text = sys.stdin.read() if prompt in (None, "-") else prompt
+        try:
+            raise typer.Exit(one_shot(session, text, as_json=as_json, assume_yes=yes, media=media))
+        except ValueError as e:  # MediaError and other bad input: one line
+            fail(str(e))
+    console = Console()
+    console.print("type /help for commands", style="dim")
+    term = Terminal(session, console, assume_yes=yes)
+    term.attach(media)
+    term.loop()

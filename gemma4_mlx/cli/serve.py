@@ -1,0 +1,58 @@
+"""`serve`: the OpenAI / Anthropic-compatible local server."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from gemma4_mlx.cli.common import MODEL_HELP, DraftModel, Dtype, app, load_draft, load_or_fail
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", "-m", help=MODEL_HELP + " Default: as `chat` (E2B-it when available, else demo)."),
+    ] = None,
+    draft_model: DraftModel = "auto",
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
+    api_key: Annotated[
+        str | None, typer.Option("--api-key", help="Require this key (Authorization: Bearer / x-api-key).")
+    ] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests waiting or running before 429.")] = 64,
+    max_context: Annotated[
+        int | None, typer.Option("--max-context", min=1, help="Longest prompt in tokens (default: the model's).")
+    ] = None,
+    allow_local_files: Annotated[
+        bool, typer.Option("--allow-local-files", help="Let image parts name files on this machine.")
+    ] = False,
+    dtype: Dtype = None,
+):
+    """Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions) and
+    Anthropic (/v1/messages) APIs, /health, /v1/models, /metrics."""
+    import uvicorn
+
+    from gemma4_mlx.demo import DEFAULT_REPO, DEFAULT_SHORT, DEMO_MODEL, default_model
+    from gemma4_mlx.server import app as server_app
+
+    repo, name = None, model
+    if model is None:
+        model, banner = default_model()
+        repo, name = DEFAULT_REPO, "demo" if model == str(DEMO_MODEL) else DEFAULT_SHORT
+        typer.echo(banner, err=True)
+    m, tokenizer, _ = load_or_fail(model, dtype)
+    drafter, _ = load_draft(draft_model, "auto", model, m, dtype, quiet=False, repo=repo)
+    api = server_app(
+        m,
+        tokenizer,
+        model_name=name,
+        drafter=drafter,
+        api_key=api_key,
+        max_queue=max_queue,
+        max_context=max_context,
+        allow_local_files=allow_local_files,
+    )
+    typer.echo(f"serving {name!r} on http://{host}:{port}/v1", err=True)
+    uvicorn.run(api, host=host, port=port, log_level="info")
