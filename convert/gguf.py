@@ -1,4 +1,4 @@
-"""The Gemma 4 GGUF -> MLX importer (spec quantization.md §3.3-§3.4, §4.4).
+"""The Gemma 4 GGUF -> MLX importer (docs/quantization.md §3.3-§3.4, §4.4).
 
 read metadata (`gguf_read`: llama.cpp's gguf-py reader) -> config (`gguf_names`) ->
 tokenizer (`gguf_tokenizer`) -> tensors -> write.  Per ggml type of a matrix /

@@ -1,4 +1,4 @@
-"""ggml blocks -> MLX affine, losslessly (spec quantization.md §3.3-§3.4).
+"""ggml blocks -> MLX affine, losslessly (docs/quantization.md §3.3-§3.4).
 
 One transfer per ggml type (`TRANSFER`), each mapping the file's blocks exactly onto
 MLX's affine g32 weight / scales (/ biases) without re-quantizing:
@@ -75,7 +75,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 def affine_blocks(ttype: str, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(codes uint8 [..., nblk, 32], scales, biases float32 [..., nblk]) with
-    ggml value = scales * code + biases exactly (spec §3.4) for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0."""
+    ggml value = scales * code + biases exactly (docs/quantization.md §3.4) for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0."""
     raw = np.asarray(raw, dtype=np.uint8)
     d = _f16(raw, 0)
     if ttype == "Q8_0":  # int8 q -> q + 128 (sign bit flipped); d*q = d*(q+128) - 128d

@@ -1,5 +1,5 @@
 """The Gemma 4 GGUF map: tensor names -> our parameter paths, and `gemma4.*` metadata ->
-a gemma4_text config.json (spec quantization.md §4.4).
+a gemma4_text config.json (docs/quantization.md §4.4).
 
 Names.  Certain: the llama.cpp names shared with Gemma 2/3 (token_embd, output_norm,
 blk.N.attn_*, ffn_*, post_*_norm).  From gguf-py's Gemma 3n table, assumed unchanged

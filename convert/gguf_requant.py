@@ -1,5 +1,5 @@
 """A ggml type with no exact MLX quantized form (Q6_K: Google's QAT GGUF stores the tied
-token embedding so) -> the tensor class's policy format (spec quantization.md §4.4).
+token embedding so) -> the tensor class's policy format (docs/quantization.md §4.4).
 
 Q6_K's 16-element sub-block scales have no MLX quantized form, so the blocks are
 dequantized exactly (gguf-py: ggml's fp32 arithmetic), rounded to fp16 (what MLX's own

@@ -4,7 +4,7 @@ Both caches keep keys in *slot order* (no ring buffer), so dropping the newest n
 entries is always a length change.  The sliding cache retains W - 1 + R entries
 (R = `max_rollback`): enough for the next query's window even after R tokens
 were rolled back.  mlx-lm's `RotatingKVCache` cannot undo writes once it has
-wrapped (text-decoder spec §5.3), which is why these are our own.
+wrapped (docs/text-decoder.md §5.3), which is why these are our own.
 
 Batching: every row shares one slot axis.  Two per-row numbers, each with one meaning:
   left_pad[b]    row b's token at slot s sits at position s - left_pad[b] (RoPE);
@@ -138,7 +138,7 @@ class _Cache:
         Every row then ends at the common write slot: its newest shifts[b] entries
         (rejected drafts) fall off the end and the slots opened at the front become
         invalid slack.  RoPE is already baked into the keys, so positions only need
-        the per-row bookkeeping (spec mtp-drafter §10.3, option A).
+        the per-row bookkeeping (docs/speculative.md §10.3, option A).
         """
         shifts = [int(s) for s in shifts]
         if not any(shifts):
@@ -175,7 +175,7 @@ class _Cache:
         """The committed K/V of this (producer) layer for an MTP drafter query, and its mask.
 
         The drafter reads every valid retained key (full layers, n_keys None) or the
-        newest n_keys of them (sliding layers), spec mtp-drafter §4.
+        newest n_keys of them (sliding layers), docs/speculative.md §4.
         """
         k, v = self.state
         if n_keys is not None and k.shape[2] > n_keys:  # read only the window, not the slack
@@ -301,7 +301,7 @@ class Mask:
         return lo, min(hi, self.array.shape[3])
 
     def with_blocks(self, blocks) -> Mask:
-        """Add bidirectional attention inside blocks (multimodal spec §3.3).
+        """Add bidirectional attention inside blocks (docs/multimodal.md §3.3).
 
         blocks: block id per query ([T] ints, -1 outside any block).  The queries
         are the newest T keys; a block never continues from an earlier chunk, so

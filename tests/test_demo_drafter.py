@@ -22,7 +22,8 @@ import gemma4_mlx
 from gemma4_mlx.checkpoint.load import load_drafter
 from gemma4_mlx.config import FULL
 from gemma4_mlx.demo import DEMO_MODEL
-from gemma4_mlx.demo.train_drafter import ASSISTANT_DIR, DEMO_CHATS, render_chat, stop_ids
+from gemma4_mlx.demo.drafter_report import DEMO_CHATS, render_chat, stop_ids
+from gemma4_mlx.demo.train_drafter import ASSISTANT_DIR
 from gemma4_mlx.models.assistant import producer_layers
 from gemma4_mlx.runtime.generate import generate_tokens
 from gemma4_mlx.speculative import loop as speculative

@@ -1,4 +1,4 @@
-"""GGUF import of the non-Q4_0 ggml types (`convert/gguf.py`, spec quantization.md §3.4, §4.4).
+"""GGUF import of the non-Q4_0 ggml types (`convert/gguf.py`, docs/quantization.md §3.4, §4.4).
 
 Reference: llama.cpp's own gguf-py (`gguf.quants`), an independent implementation
 used here only.  Exact types (Q8_0, Q4_1, Q5_0, Q5_1) must dequantize to gguf-py's
@@ -229,7 +229,7 @@ def test_q6_k_embedding_requantization_error_bounded(mixed, mixed_imported):
     rel = np.sqrt(((got - values) ** 2).sum() / (values**2).sum())
     print(f"Q6_K embedding -> affine 8-bit g64: relative RMS error {rel:.2e}")
     assert rel == pytest.approx(entries["model.embed_tokens"]["rel_rms_error"], rel=1e-2)
-    assert rel < 0.01  # 8-bit g64 on Q6_K data: ~1/4 of a Q6_K step (§5: 0.8% on Gaussians)
+    assert rel < 0.01  # 8-bit g64 on Q6_K data: ~1/4 of a Q6_K step (docs/quantization.md §5: 0.8% on Gaussians)
 
 
 def test_mixed_model_logits(mixed, mixed_imported):

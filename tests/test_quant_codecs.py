@@ -1,4 +1,4 @@
-"""Weight codecs of spec quantization.md: SFP8 (docs/quantization.md §2) and ggml Q4_0 (docs/quantization.md §3-§4).
+"""Weight codecs (docs/quantization.md): SFP8 (docs/quantization.md §2) and ggml Q4_0 (docs/quantization.md §3-§4).
 
 Each codec is checked against a small independent reference written here (brute-force
 nearest search for SFP8, a scalar port of ggml's formulas for Q4_0), on crafted values,

@@ -1,6 +1,6 @@
 """Train the embedded demo drafter: python -m gemma4_mlx.demo.train_drafter [--steps N] [--out DIR].
 
-An MTP "assistant" (model_type `gemma4_assistant`, mtp-drafter spec §1-§7) for the
+An MTP "assistant" (model_type `gemma4_assistant`, docs/speculative.md §1-§7) for the
 embedded demo model (`gemma4_mlx/demo/model/`), so that speculative decoding on the
 demo pair shows real acceptance.
 
@@ -32,8 +32,7 @@ unnoticed).  So most training queries see only `<bos>` ("blind": the drafter mus
 work from [embedding ; h] alone, like a plain MTP head) or lose their newest few
 keys; the rest see exactly what inference shows them.
 
-Also `measure` (greedy acceptance per draft position for K = 1..5 on demo chat
-prompts, and a losslessness check against plain greedy decoding).
+`drafter_report.measure` gives the acceptance table of its README.
 """
 
 from __future__ import annotations
@@ -56,17 +55,13 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.cache import Mask, build_mask
-from gemma4_mlx.chat.session import STOP_STRINGS
 from gemma4_mlx.checkpoint.load import load_drafter
 from gemma4_mlx.config import FULL, SLIDING, AssistantConfig
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
-from gemma4_mlx.demo.corpus import WEATHER_TOOL, corpus
+from gemma4_mlx.demo.corpus import corpus
+from gemma4_mlx.demo.drafter_report import DEMO_CHATS, format_measure, measure
 from gemma4_mlx.demo.train import turn_examples
 from gemma4_mlx.models.assistant import Drafter, producer_layers
-from gemma4_mlx.prompt.template import render
-from gemma4_mlx.runtime.generate import generate_tokens
-from gemma4_mlx.speculative import loop as speculative
-from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate
 
 ASSISTANT_DIR = DEMO_DRAFTER
 STEP_WEIGHTS = (1.0, 0.7, 0.5)
@@ -416,7 +411,7 @@ def save(drafter: Drafter, config: dict, info: dict, out: Path, measured: str = 
 def readme(info: dict, measured: str) -> str:
     return f"""# Demo MTP drafter
 
-A `gemma4_assistant` drafter (mtp-drafter spec §1-§7) for the embedded demo model
+A `gemma4_assistant` drafter (docs/speculative.md §1-§7) for the embedded demo model
 `gemma4_mlx/demo/model/`, so that speculative decoding on the demo pair shows real
 acceptance:
 
@@ -456,97 +451,6 @@ top-1 agreement with the target {info["heldout"]["top1"]}; the same with h zeroe
 
 # -- measuring -------------------------------------------------------------------
 
-DEMO_CHATS = [
-    dict(messages=[{"role": "user", "content": "What is the capital of France?"}]),
-    dict(messages=[{"role": "user", "content": "What is 7 plus 12?"}]),
-    dict(messages=[{"role": "user", "content": "Hello!"}]),
-    dict(messages=[{"role": "user", "content": "What's the weather in Tokyo?"}], tools=True),
-    dict(messages=[{"role": "user", "content": "Name the capital of Kenya."}], thinking=True),
-    dict(
-        messages=[
-            {"role": "user", "content": "What is the capital of Peru?"},
-            {"role": "assistant", "content": "The capital of Peru is Lima."},
-            {"role": "user", "content": "Add 9 and 15."},
-            {"role": "assistant", "content": "9 plus 15 is 24."},
-            {"role": "user", "content": "Hi there"},
-        ]
-    ),
-    dict(
-        messages=[{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Is it cold in Oslo?"}],
-        tools=True,
-        thinking=True,
-    ),
-    dict(messages=[{"role": "user", "content": "capital of Sweden?"}], tools=True),
-    dict(
-        messages=[
-            {"role": "user", "content": "What is the weather like in Denver?"},
-            {
-                "role": "assistant",
-                "tool_calls": [
-                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Denver"}}}
-                ],
-            },
-            {"role": "tool", "name": "get_weather", "content": {"temperature": 17, "condition": "windy"}},
-        ],
-        tools=True,
-    ),
-]
-
-
-def render_chat(tokenizer, chat: dict) -> list[int]:
-    """Token ids of a demo chat prompt, rendered as `gemma4_mlx.prompt` renders it."""
-    text = render(
-        chat["messages"],
-        tools=[WEATHER_TOOL] if chat.get("tools") else None,
-        thinking=chat.get("thinking", False),
-        add_generation_prompt=True,
-    )
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def stop_ids(tokenizer, target) -> list[int]:
-    ids = {tokenizer.convert_tokens_to_ids(s) for s in STOP_STRINGS}
-    return sorted((ids - {None, tokenizer.unk_token_id}) | set(target.config.eos_ids))
-
-
-def measure(
-    target, drafter, tokenizer, ks=(1, 2, 3, 4, 5), max_tokens: int = 64, chats=DEMO_CHATS, draft_fn=None
-) -> dict:
-    """Greedy acceptance per draft position and tokens/round for each K, and whether
-    the speculative output equals plain greedy decoding."""
-    prompts = [render_chat(tokenizer, c) for c in chats]
-    stops = stop_ids(tokenizer, target)
-    plain = [list(generate_tokens(target, p, max_tokens=max_tokens, stop_ids=stops)) for p in prompts]
-    out = {}
-    saved = speculative.draft
-    try:
-        if draft_fn is not None:
-            speculative.draft = draft_fn
-        for K in ks:
-            stats = SpecStats()
-            spec = speculative_batch_generate(
-                target, drafter, prompts, max_tokens=max_tokens, draft_tokens=K, stop_ids=stops, stats=stats
-            )
-            out[K] = dict(
-                acceptance=stats.acceptance(),
-                tokens_per_round=stats.tokens_per_round,
-                rounds=stats.rounds,
-                lossless=spec == plain,
-            )
-    finally:
-        speculative.draft = saved
-    return out
-
-
-def format_measure(res: dict) -> str:
-    lines = ["| K | acceptance by position | tokens/round | rounds | == greedy |", "|---|---|---|---|---|"]
-    for K, r in res.items():
-        acc = " ".join(f"{a:.2f}" for a in r["acceptance"])
-        lines.append(
-            f"| {K} | {acc} | {r['tokens_per_round']:.2f} | {r['rounds']} | {'yes' if r['lossless'] else 'NO'} |"
-        )
-    return "\n".join(lines)
-
 
 def main():
     ap = argparse.ArgumentParser()
@@ -572,7 +476,7 @@ def main():
     print(table)
     measured = (
         f"Greedy speculative decoding on the {len(DEMO_CHATS)} demo chat prompts of\n"
-        "`train_drafter.DEMO_CHATS` (one ragged batch, max_tokens 64, stop at\n"
+        "`drafter_report.DEMO_CHATS` (one ragged batch, max_tokens 64, stop at\n"
         "`<turn|>`; acceptance = conditional acceptance per draft position,\n"
         "`SpecStats.acceptance()`), measured right after training:\n\n" + table + "\n"
     )

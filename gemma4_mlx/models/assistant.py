@@ -1,4 +1,4 @@
-"""Gemma 4 MTP drafter ("assistant", model_type `gemma4_assistant`), mtp-drafter spec §1-§6.
+"""Gemma 4 MTP drafter ("assistant", model_type `gemma4_assistant`), docs/speculative.md §1-§6.
 
 Four Gemma 4 decoder layers that compute queries only and attend to K/V the
 *target* wrote (its last non-shared sliding and full layers).  One draft step:
@@ -32,7 +32,7 @@ from gemma4_mlx.models.text import DecoderLayer, RoPE
 
 def producer_layers(target: TextConfig) -> dict[str, int]:
     """Target layer whose K/V feeds each drafter layer type: the last non-shared
-    layer of that type (spec §2)."""
+    layer of that type (docs/speculative.md §2)."""
     out = {}
     for s in target.layers[: target.first_shared]:
         out[s.type] = s.index
@@ -78,7 +78,7 @@ class DrafterBody(nn.Module):
 
 class CentroidHead(nn.Module):
     """`masked_embedding.*` (E2B/E4B drafters): score 2048 cluster centroids, keep
-    the top 32, score only their 32 x 128 tokens (spec §5)."""
+    the top 32, score only their 32 x 128 tokens (docs/speculative.md §5)."""
 
     def __init__(self, hidden: int, vocab: int, num_centroids: int, top_k: int):
         super().__init__()
@@ -157,7 +157,7 @@ class Drafter(nn.Module):
 
     def logits(self, x: mx.array, fill: str = "-inf") -> mx.array:
         """Vocabulary-wide logits [..., V] (float32).  Centroid head: tokens outside
-        the top clusters get -inf (a proper proposal for sampled drafts, spec §5),
+        the top clusters get -inf (a proper proposal for sampled drafts, docs/speculative.md §5),
         or with fill="hf" the reference's `min(selected) - 1` over the whole tensor."""
         if not self.centroid_head:
             return self.dense_logits(x).astype(mx.float32)

@@ -1,4 +1,4 @@
-"""The Gemma 4 text decoder (text-decoder spec §4) as MLX modules.
+"""The Gemma 4 text decoder (docs/text-decoder.md §4) as MLX modules.
 
 Layout of parameters follows the transformers text-only checkpoint (`model.*`),
 so `sanitize` only has to strip prefixes, drop unused tensors and split experts.
@@ -27,7 +27,7 @@ class RoPE(nn.Module):
     """Rotate-half RoPE; full layers use Gemma 4's proportional variant.
 
     Proportional: 64 of d/2 frequency pairs rotate with denominator d (not 128);
-    the rest get an infinite period, i.e. pass through (spec §4.6).
+    the rest get an infinite period, i.e. pass through (docs/text-decoder.md §4.6).
     """
 
     def __init__(self, head_dim: int, params: dict):
@@ -174,11 +174,11 @@ class TextModel(nn.Module):
         return mx.where(hit, self.cfg.pad_token_id, ids)
 
     def merge_media(self, ids: mx.array, media) -> tuple[mx.array, mx.array]:
-        """Embeddings with soft tokens written into the placeholder rows (spec §3.2).
+        """Embeddings with soft tokens written into the placeholder rows (docs/multimodal.md §3.2).
 
         Returns (ids with placeholders -> pad, merged embeddings).  Soft tokens are
         not scaled by sqrt(H).  The PLE token part then reads the pad id at the
-        placeholders and its context part the merged embeddings (spec §3.2 step 5).
+        placeholders and its context part the merged embeddings (docs/multimodal.md §3.2 step 4).
         """
         B, T = ids.shape
         if B != 1:

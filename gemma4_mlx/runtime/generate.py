@@ -38,7 +38,7 @@ def prefill_hidden(
 ) -> tuple[mx.array, mx.array]:
     """`prefill`, also returning the final-norm hidden [B, H] of the last position
     (what an MTP drafter is seeded with).  A chunk never splits an image, frame
-    or audio run: bidirectional image blocks must be seen whole (spec §3.3)."""
+    or audio run: bidirectional image blocks must be seen whole (docs/multimodal.md §3.3)."""
     T = ids.shape[1]
     if chunk_size <= 0:
         raise ValueError(f"prefill chunk size must be positive, got {chunk_size}")

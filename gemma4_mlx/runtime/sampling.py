@@ -1,7 +1,7 @@
 """Sampling whose randomness is a function of (seed, row, output index).
 
 Speculative decoding draws the token at output index n of row r from the target
-distribution at that position (sample-and-compare, mtp-drafter spec §8.2).  If the
+distribution at that position (sample-and-compare, docs/speculative.md §8.2).  If the
 random numbers used there depend only on (seed, r, n) — not on how many draft
 tokens were verified in the same forward, nor on which other rows share the
 batch — speculative output is token-for-token the output of plain sampling with

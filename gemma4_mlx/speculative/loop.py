@@ -1,4 +1,4 @@
-"""Speculative decoding with Gemma 4's MTP drafters: the loop (mtp-drafter spec §7-§10).
+"""Speculative decoding with Gemma 4's MTP drafters: the loop (docs/speculative.md §7-§10).
 
 `speculate` prefills every prompt, emits each row's first token, then runs rounds
 until every row stopped.  A round, for every live row at once (`speculative.round`):
@@ -42,7 +42,7 @@ class SpecSettings:
     policy: a `DraftPolicy` to use (and keep learning) instead of draft_tokens'.
     stats: a `SpecStats` the run adds to.
     draft_override(rows, index, drafts) -> drafts: replaces the drafter's tokens
-        after it ran (controlled-acceptance benchmarks and tests, spec §14).
+        after it ran (controlled-acceptance benchmarks and tests, docs/speculative.md §14).
     on_commit(caches, rows, outputs): called after every round's cache commit.
     """
 

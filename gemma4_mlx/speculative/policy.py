@@ -1,4 +1,4 @@
-"""How many tokens to draft each round (mtp-drafter spec §11-§12).
+"""How many tokens to draft each round (docs/speculative.md §11-§12).
 
 Fixed K, or "auto": choose K in 0..K_max maximising predicted throughput
 
@@ -25,7 +25,7 @@ PROBE_EVERY = 16  # rounds between probes of the other regime (K = 0 vs K > 0)
 
 
 def expected_tokens(acceptance) -> float:
-    """E[A + 1] for conditional per-position acceptances a_1..a_K (spec §7)."""
+    """E[A + 1] for conditional per-position acceptances a_1..a_K (docs/speculative.md §7)."""
     total, run = 1.0, 1.0
     for a in acceptance:
         run *= a

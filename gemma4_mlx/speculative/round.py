@@ -1,4 +1,4 @@
-"""The steps of one speculative round (mtp-drafter spec §7-§10), for every live row at once.
+"""The steps of one speculative round (docs/speculative.md §7-§10), for every live row at once.
 
   draft            K tokens with the drafter, seeded by (bonus token, target hidden);
   verify           [bonus, d_1..d_K] in one target forward (K + 1 positions per row);
@@ -71,7 +71,7 @@ def pick(
     """The target's token at every verify position [B, T].
 
     Row b, position j is output index index[b] + j of stream rows[b].  Processors
-    (penalties) see the history plus the drafts before position j (spec §8.5).
+    (penalties) see the history plus the drafts before position j (docs/speculative.md §8.5).
     """
     B, T, V = logits.shape
     logits = logits.reshape(B * T, V)

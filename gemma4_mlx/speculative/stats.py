@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class MTPSettings:
-    """Where the drafter's query sits (spec §4).
+    """Where the drafter's query sits (docs/speculative.md §4).
 
     position: "last_committed" (p = L - 1; vLLM, SGLang, mlx-vlm) or "bonus" (p = L;
         transformers).  The training convention is undocumented; both are offered.
@@ -57,7 +57,7 @@ class SpecStats:
 
     def acceptance(self) -> list[float]:
         """Conditional acceptance per draft position: P(draft j accepted | drafts
-        before it accepted) — the a_j of the spec and of `DraftPolicy`."""
+        before it accepted) — the a_j of docs/speculative.md §11 and of `DraftPolicy`."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
     def reach(self) -> list[float]:
