@@ -1,4 +1,4 @@
-"""The embedded demo drafter (`gemma4_mlx/demo/model-assistant/`, made by
+"""The embedded demo drafter (`gemma4_mlx/demo/gemma-4-demo-assistant/`, made by
 `python -m gemma4_mlx.demo.train_drafter`) drafts for the embedded demo model for
 real: speculative output equals plain greedy decoding, and most drafts are accepted.
 

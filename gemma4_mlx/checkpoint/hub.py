@@ -33,7 +33,7 @@ SHORT_NAMES = {
 DEMO_NAME = "demo"
 # The embedded demo model: the same folder as `gemma4_mlx.demo.DEMO_MODEL`, named by
 # path here because this layer does not import `demo` (it sits above).
-DEMO_PATH = Path(__file__).resolve().parent.parent / "demo" / "model"
+DEMO_PATH = Path(__file__).resolve().parent.parent / "demo" / "gemma-4-demo"
 # What a download fetches: weights, configs, tokenizer, chat template, processor.
 PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "tokenizer*"]
 # Written by `gemma4-mlx pull` into a converted folder: {"repo", "revision", "quant"}.

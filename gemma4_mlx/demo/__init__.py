@@ -7,10 +7,10 @@ from pathlib import Path
 
 from gemma4_mlx.checkpoint.store import converted_from
 
-DEMO_MODEL = Path(__file__).parent / "model"
+DEMO_MODEL = Path(__file__).parent / "gemma-4-demo"
 # its MTP drafter (train_drafter.py), named as the hub names drafters (`<model>-assistant`),
 # so the sibling rule of `find_drafter` finds it like any other
-DEMO_DRAFTER = Path(__file__).parent / "model-assistant"
+DEMO_DRAFTER = Path(__file__).parent / "gemma-4-demo-assistant"
 DEFAULT_REPO = "google/gemma-4-E2B-it"
 DEFAULT_SHORT = "e2b-it"  # its short name (`checkpoint.hub.SHORT_NAMES`)
 # What the demo answers reliably.  Not sums: asked "What is x plus y?" for x, y up to 20

@@ -8,7 +8,7 @@
 3. Train a tiny Gemma 4 text model (sliding + full layers, per-layer
    embeddings, KV sharing) on the model-side tokens of each turn.
 4. Save an HF-layout checkpoint (config.json, model.safetensors, tokenizer)
-   into `gemma4_mlx/demo/model/`, loadable by `gemma4_mlx.load`.
+   into `gemma4_mlx/demo/gemma-4-demo/`, loadable by `gemma4_mlx.load`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from gemma4_mlx.config import TextConfig
+from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.demo.corpus import corpus
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.prompt.template import CHAT_TEMPLATE, render
 
-MODEL_DIR = Path(__file__).parent / "model"
+MODEL_DIR = DEMO_MODEL
 
 SPECIAL_TOKENS = [
     "<pad>",

@@ -1,7 +1,7 @@
 """Train the embedded demo drafter: python -m gemma4_mlx.demo.train_drafter [--steps N] [--out DIR].
 
 An MTP "assistant" (model_type `gemma4_assistant`, docs/speculative.md §1-§7) for the
-embedded demo model (`gemma4_mlx/demo/model/`), so that speculative decoding on the
+embedded demo model (`gemma4_mlx/demo/gemma-4-demo/`), so that speculative decoding on the
 demo pair shows real acceptance.
 
 Method: teacher forcing, all positions at once.  For a training sequence
@@ -412,7 +412,7 @@ def readme(info: dict, measured: str) -> str:
     return f"""# Demo MTP drafter
 
 A `gemma4_assistant` drafter (docs/speculative.md §1-§7) for the embedded demo model
-`gemma4_mlx/demo/model/`, so that speculative decoding on the demo pair shows real
+`gemma4_mlx/demo/gemma-4-demo/`, so that speculative decoding on the demo pair shows real
 acceptance:
 
     target, tok = gemma4_mlx.load(gemma4_mlx.demo.DEMO_MODEL)
