@@ -16,6 +16,7 @@ wrapped with its message.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def _check_tensor(name, shape, raw_type, offset, start, alignment, size) -> None
         raise _BadTensor(f"tensor {name}: {ttype.name} needs a multiple of {per} elements per row, got shape {shape}")
     if offset % alignment:
         raise _BadTensor(f"tensor {name}: offset {offset} not aligned to {alignment}")
-    end = start + offset + int(np.prod(shape, dtype=np.int64)) // per * nb
+    end = start + offset + math.prod(int(d) for d in shape) // per * nb
     if end > size:
         raise _BadTensor(f"file is truncated: tensor {name} needs bytes up to {end}, file has {size}")
 

@@ -311,3 +311,39 @@ def test_thinking_budget_stats_count_the_whole_turn(demo):
     assert reply.stats.generation_tokens == len(fed)  # every sampled token, before and after `<channel|>`
     # each piece of the reply is streamed once: the events add up to the reply
     assert "".join(e.text for e in events if e.type == "content") == reply.text
+
+
+SLOW_TOOLS = '''
+import time
+
+
+def get_weather(city: str) -> dict:
+    """Get the current weather in a city.
+
+    Args:
+        city: City name
+    """
+    print("tool started", flush=True)
+    time.sleep(60)
+    return {"temperature": 17, "condition": "cloudy"}
+'''
+
+
+def test_ctrl_c_in_a_tool_keeps_the_session(tmp_path):
+    """Ctrl-C while a --tools function runs stops that tool, records it as interrupted
+    and keeps the chat going; nothing of the conversation is lost."""
+    tools = tmp_path / "tools.py"
+    tools.write_text(SLOW_TOOLS)
+    child = spawn(tmp_path / "history", "--tools", str(tools), "--yes")
+    keys(child, "What's the weather in Paris?", "\r")
+    child.expect("tool started")
+    child.sendintr()
+    child.expect(r"\[tool interrupted\]")
+    child.expect("you ›")
+    keys(child, Q, "\r")
+    answer(child)
+    command(child, f"/save {tmp_path / 'c.json'}", "saved to")
+    finish(child)
+    messages = json.loads((tmp_path / "c.json").read_text())["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["What's the weather in Paris?", Q]
+    assert any(m["role"] == "tool" and "interrupted" in m["content"] for m in messages)

@@ -38,12 +38,14 @@ def control_ids(tok, ids) -> list[int]:
 def conversation(text: str) -> list[dict]:
     """`text` in every role's content: system, user, assistant history (with a
     thought and a tool call argument) and a tool result."""
-    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": text}}}
+    args = {"city": text, "type": text, "id": text}  # keys that are structural elsewhere
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": args}}
     return [
         {"role": "system", "content": f"sys {text}"},
         {"role": "user", "content": f"u1 {text}"},
         {"role": "assistant", "content": "", "tool_calls": [call], "reasoning": f"th {text}"},
         {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": f"res {text}"},
+        {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": {"type": text, "id": [text]}},
         {"role": "assistant", "content": f"a1 {text}"},
         {"role": "user", "content": [{"type": "text", "text": f"u2 {text}"}]},
     ]
@@ -58,8 +60,17 @@ def get_weather(city: str) -> str:
     return "sunny"
 
 
+def lookup(id: str) -> str:
+    """Look a record up.
+
+    Args:
+        id: Record id
+    """
+    return id
+
+
 def prompt_ids(model, tok, messages, thinking=False):
-    chat = Chat(model, tok, tools=[get_weather], thinking=thinking)
+    chat = Chat(model, tok, tools=[get_weather, lookup], thinking=thinking)
     chat.system, chat.messages = messages[0]["content"], messages[1:]
     text = chat.prompt_text()
     return chat, text, chat._prompt_ids(text)[0]

@@ -12,7 +12,7 @@ import pytest
 
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
-from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
 
 from helpers.live_server import http, live_server
 
@@ -300,3 +300,24 @@ def test_seeded_sampling_is_reproducible(oa):
         **{k: v for k, v in kw.items() if k in ("temperature", "seed")},
     )
     assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_prefix_reuse_with_the_drafter_matches_cold_run(demo):
+    """With speculative decoding the cache must be trimmed back to what plain decoding
+    holds before it is kept for the next request (the stop token is never fed)."""
+    model, tok = demo
+    drafter = gemma4_mlx.load_drafter(DEMO_DRAFTER, target=model)
+    with live_server(model, tok, model_name=NAME, drafter=drafter) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        history = []
+        questions = [JAPAN, "What is the capital of Peru?", "What is the capital of France?", "Hello"]
+        for i, question in enumerate(questions):
+            history.append({"role": "user", "content": question})
+            # odd turns end on a stop string: generation is cut mid-round
+            r = _chat(client, history, **({"stop": [" is"]} if i % 2 else {}))
+            cold = Chat(model, tok)
+            cold.messages = [dict(m) for m in history[:-1]]
+            want = cold.send(question).text
+            assert r.choices[0].message.content == (want.split(" is")[0] if i % 2 else want)
+            assert (r.usage.prompt_tokens_details.cached_tokens > 0) == (i > 0)
+            history.append({"role": "assistant", "content": r.choices[0].message.content})

@@ -191,3 +191,51 @@ def test_client_leaving_mid_stream(server, oa):
     assert engine.depth == 0
     assert len(engine.prefixes.slots[-1].cached) < 500  # cancelled long before max_tokens
     serving(oa)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": {"a": 1}}]}]},
+        {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"id": "c", "function": 3}]}]},
+        {"messages": JAPAN, "tools": [1, 2]},
+        {"messages": [{"role": "system", "content": [{"type": "text", "text": 7}]}, *JAPAN]},
+    ],
+)
+def test_wrong_types_in_messages_are_400(server, oa, body):
+    url, _ = server
+    status, _, raw = http(
+        "POST", url + "/v1/chat/completions", {"model": NAME, **body}, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert status == 400, raw
+    assert json.loads(raw)["error"]["type"] == "invalid_request_error"
+    serving(oa)
+
+
+def test_anthropic_wrong_types_are_400(server, an):
+    url, _ = server
+    body = {"model": NAME, "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}
+    status, _, raw = http("POST", url + "/v1/messages", body, headers={"x-api-key": KEY})
+    assert status == 400 and json.loads(raw)["type"] == "error", raw
+
+
+def test_chunked_body_too_large_is_413(server, oa):
+    import http.client
+    from urllib.parse import urlparse
+
+    u = urlparse(server[0])
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    payload = json.dumps({"model": NAME, "messages": [{"role": "user", "content": "x" * (80 << 10)}]}).encode()
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {KEY}")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    for i in range(0, len(payload), 8192):
+        part = payload[i : i + 8192]
+        conn.send(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+    conn.send(b"0\r\n\r\n")
+    r = conn.getresponse()
+    assert r.status == 413 and "exceeds" in json.loads(r.read())["error"]["message"]
+    conn.close()
+    serving(oa)

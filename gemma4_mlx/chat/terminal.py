@@ -82,14 +82,28 @@ class Terminal(Commands):
         for _ in range(8):  # tool loop
             if reply is None or not reply.tool_calls:
                 return
-            for call in reply.tool_calls:
-                self.console.print(call_line(call), style="bold cyan", markup=False, highlight=False)
-                run = self.chat.resolve_call(call, None if self.assume_yes else self.confirm)
-                self.show_outcome(run)
+            if not self.run_calls(reply.tool_calls):
+                return
             reply = self.reply(None)
         for call in reply.tool_calls if reply is not None else []:
             self.console.print(call_line(call), style="bold cyan", markup=False, highlight=False)
             self.show_outcome(ToolRun(call, "round_limit"))
+
+    def run_calls(self, calls) -> bool:
+        """Run (or refuse) each call and show what happened; False when Ctrl-C stopped a
+        tool: every call left gets an "interrupted" result and the model is not asked to
+        go on (the conversation stays consistent for the next message)."""
+        for i, call in enumerate(calls):
+            self.console.print(call_line(call), style="bold cyan", markup=False, highlight=False)
+            try:
+                run = self.chat.resolve_call(call, None if self.assume_yes else self.confirm)
+            except KeyboardInterrupt:
+                for left in calls[i:]:
+                    self.chat.add_tool_result(left, {"error": "interrupted by the user"})
+                self.console.print("[tool interrupted]", style="yellow", markup=False, highlight=False)
+                return False
+            self.show_outcome(run)
+        return True
 
     def show_outcome(self, run: ToolRun) -> None:
         if run.status in ("ran", "failed"):

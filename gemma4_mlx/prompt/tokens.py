@@ -30,8 +30,6 @@ from gemma4_mlx.prompt.template import CHAT_TEMPLATE, SPECIAL_TOKENS, render_wit
 _BREAK = "\ue000"  # inserted after a control string's first character
 _QUOTE = "\ue001"  # quotes a literal _BREAK or _QUOTE in the text
 _UNESCAPE = re.compile(f"{_QUOTE}(.)|{_BREAK}", re.S)
-# keys whose values the template compares or dispatches on: never escaped
-_STRUCTURAL_KEYS = frozenset({"role", "type", "tool_call_id", "id"})
 
 
 def control_strings(tokenizer) -> list[str]:
@@ -62,15 +60,13 @@ class PromptCodec:
         return self._control_re.sub(lambda m: m.group(0)[0] + _BREAK + m.group(0)[1:], text)
 
     def escape_value(self, value):
-        """Every string in a message / tool structure, keys included, except the
-        structural fields (role, type, ids)."""
+        """Every string in a message / tool structure, keys included.  Structural
+        values (roles, part types, ids) hold no control strings, so they come out
+        unchanged; one that does is untrusted text and is escaped like any other."""
         if isinstance(value, str):
             return self.escape(value)
         if isinstance(value, Mapping):
-            return {
-                self.escape_value(k) if isinstance(k, str) else k: v if k in _STRUCTURAL_KEYS else self.escape_value(v)
-                for k, v in value.items()
-            }
+            return {self.escape_value(k) if isinstance(k, str) else k: self.escape_value(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
             return [self.escape_value(v) for v in value]
         return value

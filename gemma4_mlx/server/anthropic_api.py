@@ -10,7 +10,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from gemma4_mlx.server.errors import APIError, error_body
+from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools
 from gemma4_mlx.server.results import arguments_json, collect, new_id, opened, ttft
 from gemma4_mlx.server.schemas import CountTokensRequest, MessagesRequest
@@ -25,7 +25,7 @@ def _blocks_text(content, where: str) -> str:
     for j, b in enumerate(content or []):
         if b.get("type") != "text":
             raise APIError(400, f"{where}[{j}]: only text blocks are allowed here ({b.get('type')!r})")
-        out.append(b.get("text") or "")
+        out.append(text_field(b, where))
     return "\n".join(out)
 
 
@@ -44,7 +44,7 @@ def _assistant(blocks: list, where: str) -> dict:
     for j, b in enumerate(blocks):
         kind = b.get("type")
         if kind == "text":
-            msg["content"] += b.get("text") or ""
+            msg["content"] += text_field(b, where)
         elif kind == "thinking":
             thoughts.append(b.get("thinking") or "")
         elif kind == "redacted_thinking":
@@ -71,7 +71,7 @@ def _user(blocks: list, where: str, prompter, images: list, names: dict) -> list
             uid = b.get("tool_use_id")
             tools.append({"role": "tool", "tool_call_id": uid, "name": names.get(uid, ""), "content": text})
         elif kind == "text":
-            parts.append({"type": "text", "text": b.get("text") or ""})
+            parts.append({"type": "text", "text": text_field(b, where)})
         elif kind == "image":
             images.append(_image(b, f"{where}[{j}]", prompter))
             parts.append({"type": "image"})
@@ -100,6 +100,7 @@ def _tool_choice(choice):
     return {"auto": "auto", "any": "required", "none": "none"}.get(kind, kind)
 
 
+@malformed_is_400
 def conversation(body: CountTokensRequest, prompter) -> Conversation:
     msgs, images, names = [], [], {}
     if body.system:

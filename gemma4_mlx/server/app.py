@@ -68,7 +68,15 @@ class _Guard:
             refusal = self._refusal(path, headers)
             if refusal is not None:
                 return await refusal(scope, receive, counted_send)
-            await self.inner(scope, self._limited(receive, path), counted_send)
+            if scope.get("method") in ("POST", "PUT", "PATCH") and b"content-length" not in headers:
+                # a chunked body: read it here (up to the limit) so an oversized one is a 413,
+                # not a parse error of the framework's
+                body = await self._read_limited(receive)
+                if body is None:
+                    too_big = f"request body exceeds {self.max_body} bytes"
+                    return await error_response(path, 413, too_big)(scope, receive, counted_send)
+                receive = _replay(body, receive)
+            await self.inner(scope, receive, counted_send)
         finally:
             self.server.metrics.requests.labels(endpoint, str(status[0])).inc()
 
@@ -84,18 +92,33 @@ class _Guard:
             return error_response(path, 413, f"request body of {int(length)} bytes exceeds {self.max_body} bytes")
         return None
 
-    def _limited(self, receive, path: str):
-        seen = [0]
-
-        async def limited():
+    async def _read_limited(self, receive) -> bytes | None:
+        """The whole body, or None once it passes the limit."""
+        chunks, size = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > self.max_body:
-                    raise APIError(413, f"request body exceeds {self.max_body} bytes")
-            return message
+            if message["type"] != "http.request":
+                return b"".join(chunks)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return None
+            if not message.get("more_body"):
+                return b"".join(chunks)
 
-        return limited
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that hands out the already-read `body` once, then the real
+    receive's messages (a disconnect)."""
+    sent = [False]
+
+    async def replayed():
+        if not sent[0]:
+            sent[0] = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
 
 
 def app(

@@ -120,9 +120,7 @@ class PrefixCache:
         # a slot is reused when the prompt continues (most of) it; otherwise a new one,
         # so one conversation does not wipe another's cache
         if best is None or (2 * shared[best] < len(self.slots[best].cached) and len(self.slots) < self.size):
-            slot = _Slot(self.fresh())
-            if len(self.slots) >= self.size:
-                self.slots.pop(0)
+            slot = _Slot(self.fresh())  # room for one more (when full, the best slot is reused)
         else:
             slot = self.slots.pop(best)
         self.slots.append(slot)
@@ -231,6 +229,7 @@ class Engine:
         usage.cached_tokens = start
         media = None if req.media is None else req.media.rows(start)
         run = _Run(self, handle, usage)
+        tokens = None
         try:
             tokens = generate_ids(
                 self.model,
@@ -247,6 +246,10 @@ class Engine:
                     break
             run.finish()
         finally:
+            if tokens is not None:
+                # close the generator first: a speculative one trims the cache back to what
+                # plain decoding would hold only when it is closed
+                tokens.close()
             slot.cached = (list(req.keys) + run.generated)[: slot.cache.offset]
 
 

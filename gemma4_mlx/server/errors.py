@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 from fastapi import Request
@@ -35,6 +36,31 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, *, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+
+
+def malformed_is_400(build):
+    """Wrap a function that reads a request body's messages: a value of the wrong type
+    anywhere in them (a dict where text belongs, a number for a tool) is the client's
+    error, reported as 400 naming the exception, never a 500."""
+
+    @functools.wraps(build)
+    def wrapped(*args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        except (TypeError, AttributeError, KeyError, IndexError) as e:
+            raise APIError(400, f"malformed messages ({type(e).__name__}: {e})", param="messages") from None
+
+    return wrapped
+
+
+def text_field(part: dict, where: str) -> str:
+    """The `text` of a content part or block: a string, or the client's 400."""
+    text = part.get("text")
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise APIError(400, f"{where}.text: expected a string, got {type(text).__name__}", param="messages")
+    return text
 
 
 def is_anthropic(path: str) -> bool:

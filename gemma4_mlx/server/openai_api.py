@@ -9,7 +9,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from gemma4_mlx.server.errors import APIError, error_body
+from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools
 from gemma4_mlx.server.results import Result, arguments_json, collect, new_id, now, opened, ttft
 from gemma4_mlx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -25,7 +25,7 @@ def _text(content, where: str) -> str:
     for j, p in enumerate(content):
         if p.get("type") not in ("text", "input_text", "output_text"):
             raise APIError(400, f"{where}.content[{j}]: only text parts are allowed here", param="messages")
-        parts.append(p.get("text") or "")
+        parts.append(text_field(p, f"{where}.content[{j}]"))
     return "".join(parts)
 
 
@@ -36,7 +36,7 @@ def _user_content(content, where: str, prompter, images: list):
     for j, p in enumerate(content):
         kind = p.get("type")
         if kind in ("text", "input_text"):
-            parts.append({"type": "text", "text": p.get("text") or ""})
+            parts.append({"type": "text", "text": text_field(p, f"{where}.content[{j}]")})
         elif kind == "image_url":
             ref = p.get("image_url")
             url = ref.get("url") if isinstance(ref, dict) else ref
@@ -68,6 +68,7 @@ def _message(m: ChatMessage, i: int, prompter, images: list, names: dict) -> dic
     return out
 
 
+@malformed_is_400
 def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
     images, names = [], {}
     msgs = [_message(m, i, prompter, images, names) for i, m in enumerate(body.messages)]
@@ -136,6 +137,8 @@ def routes(server) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
         server.check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
 
         def build():
             options = sampling_options(body)

@@ -19,7 +19,7 @@ from gemma4_mlx.prompt.parser import parser_for_prompt
 from gemma4_mlx.prompt.template import ChatTemplateError
 from gemma4_mlx.prompt.tokens import PromptCodec, encode_prompt
 from gemma4_mlx.server.engine import Request
-from gemma4_mlx.server.errors import APIError
+from gemma4_mlx.server.errors import APIError, malformed_is_400
 
 DEFAULT_MAX_TOKENS = 4096
 
@@ -100,13 +100,18 @@ class Prompter:
             img = Image.open(io.BytesIO(data))
             img.load()
             return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
             raise APIError(400, f"{where}: undecodable image ({type(e).__name__})", param=where) from None
 
     # -- requests ------------------------------------------------------------------
+    @staticmethod
+    @malformed_is_400
+    def _render(codec, conv: Conversation) -> str:
+        return render_conversation(codec, conv.messages, tools=conv.tools, thinking=conv.thinking)
+
     def render(self, conv: Conversation) -> str:
         try:
-            return render_conversation(self.codec, conv.messages, tools=conv.tools, thinking=conv.thinking)
+            return self._render(self.codec, conv)
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, _line(e)) from None
 

@@ -40,18 +40,24 @@ def ttft(handle: RequestHandle) -> float | None:
 
 async def outputs(handle: RequestHandle, http=None, poll: float = 0.5):
     """Yield the handle's outputs; cancel the generation when the client disconnects
-    (polled every `poll` s while waiting) or when the consumer stops early."""
+    (checked at least every `poll` s, also while outputs keep coming: a non-streaming
+    client that left must not keep the engine busy) or when the consumer stops early."""
     it = handle.__aiter__()
+    checked = time.monotonic()
     try:
         while True:
             try:
                 out: Output = await asyncio.wait_for(it.__anext__(), poll)
             except asyncio.TimeoutError:
-                if http is not None and await http.is_disconnected():
-                    return
-                continue
+                out = None
             except StopAsyncIteration:
                 return
+            if http is not None and time.monotonic() - checked >= poll:
+                checked = time.monotonic()
+                if await http.is_disconnected():
+                    return
+            if out is None:
+                continue
             yield out
             if out.kind in ("done", "error"):
                 return
