@@ -32,6 +32,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from gemma4_mlx.prompt.template import STOP_STRINGS
+
 from .errors import ConvertError
 
 K = "tokenizer.ggml."
@@ -67,7 +69,6 @@ NAMED = {
     "etd_token": "<tool|>",
 }
 # llama.cpp ends generation on these besides EOS whenever a vocabulary has them
-END_OF_GENERATION = ("<turn|>", "<|tool_response>")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -89,7 +90,7 @@ class Vocab:
         """EOS and the other end-of-generation tokens llama.cpp stops on."""
         index = {t: i for i, t in enumerate(self.tokens)}
         ids = [self.roles["eos"]] if "eos" in self.roles else []
-        ids += [index[t] for t in END_OF_GENERATION if t in index and self.types[index[t]] in _SPECIAL]
+        ids += [index[t] for t in STOP_STRINGS if t in index and self.types[index[t]] in _SPECIAL]
         return list(dict.fromkeys(ids))
 
     def summary(self) -> dict:

@@ -12,10 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from gemma4_mlx.media.prepare import media_items, processor_for
-from gemma4_mlx.prompt.template import render, render_with_checkpoint_template
+from gemma4_mlx.prompt.template import STOP_STRINGS, render, render_with_checkpoint_template
 from gemma4_mlx.prompt.tokens import PromptCodec
-
-STOP_STRINGS = ("<turn|>", "<|tool_response>", "<eos>")
 
 
 def stop_ids(model, tokenizer) -> set[int]:

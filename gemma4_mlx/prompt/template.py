@@ -44,8 +44,10 @@ SPECIAL_TOKENS = {
     "<audio|>": 258883,
     "<|video|>": 258884,
 }
-# docs/chat-format.md §8: <eos>, <turn|>, and <|tool_response> (the client appends the result there).
-STOP_TOKEN_IDS = (1, 106, 50)
+# docs/chat-format.md §8: generation stops at <eos>, <turn|> and <|tool_response> (the client
+# appends the tool result there).  The one list; ids are the released vocabulary's.
+STOP_STRINGS = ("<eos>", "<turn|>", "<|tool_response>")
+STOP_TOKEN_IDS = tuple(SPECIAL_TOKENS[s] for s in STOP_STRINGS)
 EMPTY_THOUGHT = "<|channel>thought\n<channel|>"
 _MEDIA = {
     "image": "<|image|>",
