@@ -73,15 +73,11 @@ def _check_draft_tokens(value: str) -> str:
 
 def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, quiet: bool, repo: str | None = None):
     """(drafter or None, draft_tokens setting); errors end the command with one line.
+    draft_tokens: already checked by the option's callback (`_check_draft_tokens`).
     repo: the hub id `model` was resolved from, also searched by 'auto'."""
     from gemma4_mlx.checkpoint.hub import find_drafter
     from gemma4_mlx.checkpoint.load import LoadError, load_drafter
-    from gemma4_mlx.speculative.policy import DraftPolicy
 
-    try:
-        DraftPolicy.for_setting(draft_tokens)
-    except ValueError as e:
-        fail(f"--draft-tokens: {e}")
     k = draft_tokens if draft_tokens == "auto" else int(draft_tokens)
     if draft_model == "none" or k == 0:
         return None, k
