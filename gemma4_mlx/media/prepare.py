@@ -192,6 +192,15 @@ class MediaProcessor:
                 f"({'E2B/E4B only' if tower == 'audio' else 'text-only checkpoint'})"
             )
 
+    def _need_audio(self, what: str):
+        """The audio tower and the front end that makes its features."""
+        self._need("audio", what)
+        if self.features is None:
+            raise MediaError(
+                f"{what}: the checkpoint's processor_config.json has "
+                "no feature_extractor block, so audio cannot be processed"
+            )
+
     def check(self, item, tokenizer) -> None:
         """Refuse a medium at attach time, before any message is sent, for the real
         cause: a path that is no file, a tower the model lacks, audio without a feature
@@ -205,9 +214,10 @@ class MediaProcessor:
             kinds.append("audio")  # its soundtrack
         for kind in kinds:
             what = f"{kind} {_name(source)}"
-            self._need("audio" if kind == "audio" else "vision", what)
-            if kind == "audio" and self.features is None:
-                raise MediaError(f"{what}: the checkpoint's processor_config.json has no feature_extractor block")
+            if kind == "audio":
+                self._need_audio(what)
+            else:
+                self._need("vision", what)
             token, want = PLACEHOLDERS[kind], self.model.media_ids[kind]
             got = tokenizer.convert_tokens_to_ids(token)
             if got is None or got == getattr(tokenizer, "unk_token_id", None):
@@ -232,12 +242,7 @@ class MediaProcessor:
         return Prepared("image", digest, [n], BOI + PLACEHOLDERS["image"] * n + EOI, encode)
 
     def _audio(self, item: Audio) -> Prepared:
-        self._need("audio", f"audio {_name(item.source)}")
-        if self.features is None:
-            raise MediaError(
-                f"audio {_name(item.source)}: the checkpoint's processor_config.json has "
-                "no feature_extractor block, so audio cannot be processed"
-            )
+        self._need_audio(f"audio {_name(item.source)}")
         cfg = self.features
         try:
             wave = A.load_audio(item.source, item.sampling_rate, cfg)
