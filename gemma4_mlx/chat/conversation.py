@@ -3,13 +3,14 @@
 The steps `Chat` takes each turn, as functions of their inputs so that other
 front ends (the HTTP server) render, encode and reuse caches exactly as `Chat`
 does: `render_conversation` (template + `PromptCodec` escaping),
-`encode_conversation` (ids, per-position cache keys, media), `sync_prefix` (roll a
-cache back to the longest prefix it shares with a new prompt).
+`encode_conversation` (ids, per-position cache keys, media), and
+`cache.prefix.sync_prefix` (roll a cache back to the longest prefix it shares with
+a new prompt).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from gemma4_mlx.media.prepare import media_items, processor_for
 from gemma4_mlx.prompt.template import STOP_STRINGS, render, render_with_checkpoint_template
@@ -57,36 +58,3 @@ def encode_conversation(model, codec: PromptCodec, prompt: str, media: Sequence 
     ids = codec.encode(mp.expand(prompt, list(media)))
     mprompt = mp.prompt(ids, list(media))
     return ids, mprompt.keys(), mprompt
-
-
-def common_prefix(cached: Sequence, keys: Sequence) -> int:
-    """Positions a cache holding `cached` can keep for a prompt `keys`: the shared
-    prefix, leaving at least one token to feed, never ending inside a media run
-    (its rows are prefilled together)."""
-    n = 0
-    limit = min(len(cached), len(keys) - 1)
-    while n < limit and cached[n] == keys[n]:
-        n += 1
-    while (
-        0 < n < len(keys)
-        and isinstance(keys[n], tuple)
-        and isinstance(keys[n - 1], tuple)
-        and keys[n][:2] == keys[n - 1][:2]
-    ):
-        n -= 1
-    return n
-
-
-def sync_prefix(cache, cached: Sequence, keys: Sequence, fresh: Callable[[], object]) -> tuple[object, int]:
-    """Roll `cache` (holding `cached`) back to the longest prefix it shares with
-    `keys` (exact: `LayerCaches.trim`); (cache, where prefilling starts).  A cache
-    that cannot roll back that far (past a sliding window's slack) is replaced by
-    `fresh()` and prefilling starts at 0."""
-    n = common_prefix(cached, keys)
-    drop = len(cached) - n
-    if drop:
-        try:
-            cache.trim(drop)
-        except ValueError:
-            return fresh(), 0
-    return cache, n

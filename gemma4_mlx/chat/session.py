@@ -16,12 +16,12 @@ from typing import Any
 
 import mlx.core as mx
 
+from gemma4_mlx.cache.prefix import sync_prefix
 from gemma4_mlx.chat.conversation import (
     STOP_STRINGS,
     encode_conversation,
     render_conversation,
     stop_ids,
-    sync_prefix,
 )
 from gemma4_mlx.media.prepare import has_media, media_items, processor_for, user_content
 from gemma4_mlx.prompt.parser import Event, ParseResult, ToolCall, parser_for_prompt

@@ -7,7 +7,7 @@ Samplers and logits processors are mlx-lm's (`make_sampler`,
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -37,8 +37,23 @@ def prefill_hidden(
     model: DecodingModel, ids: mx.array, cache: LayerCaches, chunk_size: int = DEFAULT_PREFILL_CHUNK, media=None
 ) -> tuple[mx.array, mx.array]:
     """`prefill`, also returning the final-norm hidden [B, H] of the last position
-    (what an MTP drafter is seeded with).  A chunk never splits an image, frame
-    or audio run: bidirectional image blocks must be seen whole (docs/multimodal.md §3.3)."""
+    (what an MTP drafter is seeded with)."""
+    steps = prefill_steps(model, ids, cache, chunk_size, media)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+def prefill_steps(
+    model: DecodingModel, ids: mx.array, cache: LayerCaches, chunk_size: int = DEFAULT_PREFILL_CHUNK, media=None
+) -> Generator[int, None, tuple[mx.array, mx.array]]:
+    """`prefill_hidden` one chunk at a time: yields the number of positions filled
+    after every chunk but the last, and returns (logits [B, V], hidden [B, H]) of the
+    last position.  A server interleaves these chunks with decode rounds of other
+    requests.  A chunk never splits an image, frame or audio run: bidirectional image
+    blocks must be seen whole (docs/multimodal.md §3.3)."""
     T = ids.shape[1]
     if chunk_size <= 0:
         raise ValueError(f"prefill chunk size must be positive, got {chunk_size}")
@@ -51,6 +66,7 @@ def prefill_hidden(
         model.fill_cache(ids[:, start:end], cache, media=part)
         mx.eval(LayerCaches.of(cache).state)
         start = end
+        yield start
     part = None if media is None else media.window(start, T)
     h = model.hidden(ids[:, start:], cache, keep=1, media=part)
     return model.logits(h)[:, -1], h[:, -1]
@@ -69,6 +85,9 @@ class SamplingOptions:
     min_p: float = 0.0
     repetition_penalty: float | None = None
     repetition_context_size: int = 64
+    presence_penalty: float | None = None  # OpenAI's: subtracted once from every token seen
+    frequency_penalty: float | None = None  # subtracted per occurrence
+    penalty_context_size: int = 256  # how many recent tokens presence / frequency look at
     seed: int | None = None
 
     def sampler(self) -> Callable:
@@ -76,7 +95,12 @@ class SamplingOptions:
 
     def processors(self) -> list:
         return make_logits_processors(
-            repetition_penalty=self.repetition_penalty, repetition_context_size=self.repetition_context_size
+            repetition_penalty=self.repetition_penalty,
+            repetition_context_size=self.repetition_context_size,
+            presence_penalty=self.presence_penalty or None,
+            presence_context_size=self.penalty_context_size,
+            frequency_penalty=self.frequency_penalty or None,
+            frequency_context_size=self.penalty_context_size,
         )
 
 

@@ -1,0 +1,134 @@
+"""One request's token stream in a batch (`Job`) and the per-row pick of a round.
+
+Every row samples with its own options.  Randomness is keyed by (seed, 0, output
+index) — `runtime.sampling.PositionedSampler` with the request as stream 0 — so a
+request draws the same tokens alone or beside others, with or without a drafter,
+as `generate` with the same seed does (docs/serving.md §2).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from gemma4_mlx.runtime.generate import SamplingOptions, apply_processors
+from gemma4_mlx.runtime.sampling import PositionedSampler
+
+
+@dataclass(eq=False)
+class Job:
+    """ids: the prompt; keys: per position the token id or a media key (what a cached
+    prefix must match); media: a `MediaPrompt` for the placeholders; stop_ids: tokens
+    that end it (yielded, then the job leaves); logprobs: None, or how many of the
+    most likely alternatives to report with every token's own log-probability."""
+
+    ids: list[int]
+    keys: list
+    options: SamplingOptions = field(default_factory=SamplingOptions)
+    max_tokens: int = 256
+    stop_ids: frozenset = frozenset()
+    media: Any = None
+    logprobs: int | None = None
+    out: list[int] = field(default_factory=list)  # tokens emitted so far
+    cached: int = 0  # prompt positions reused from the prefix pool
+
+    def __post_init__(self):
+        o = self.options
+        seed = o.seed if o.seed is not None else random.getrandbits(32)
+        self.sampler = PositionedSampler(o.temperature, o.top_p, o.top_k, o.min_p, seed)
+        self.processors = o.processors()
+        self.history = list(self.ids)  # prompt + out: what the processors read
+        self.bonus = 0  # the token the next round feeds first
+
+    @property
+    def simple(self) -> bool:
+        """Greedy without processors or log-probabilities: one batched argmax."""
+        return self.sampler.greedy and not self.processors and self.logprobs is None
+
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - len(self.out)
+
+    def take(self, picks: Sequence[int]) -> list[int]:
+        """Emit picks in order, cut after a stop token or at max_tokens."""
+        new = []
+        for t in picks:
+            if self.remaining - len(new) <= 0:
+                break
+            new.append(t)
+            if t in self.stop_ids:
+                break
+        self.out.extend(new)
+        self.history.extend(new)
+        return new
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.out) and (self.out[-1] in self.stop_ids or self.remaining <= 0)
+
+
+@dataclass
+class Progress:
+    """What one step did for one job: new tokens (stop token included), their
+    log-probabilities when asked — per token (logprob, [(token, logprob), ...]) —,
+    whether the job left the batch, or the error that ended it."""
+
+    job: Job
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list | None = None
+    done: bool = False
+    error: BaseException | None = None
+
+
+def _row_logits(job: Job, logits: mx.array, drafts: list[int] | None) -> mx.array:
+    """logits [T, V] of one row after its processors; position t sees the history
+    plus the drafts before it (docs/speculative.md §8.5)."""
+    if not job.processors:
+        return logits
+    T = logits.shape[0]
+    hists = [mx.array(job.history + (drafts[:t] if drafts else [])) for t in range(T)]
+    return apply_processors(logits, hists, job.processors)
+
+
+def _top(logits: mx.array, toks: mx.array, n: int):
+    lp = logits.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    chosen = mx.take_along_axis(lp, toks[:, None], axis=-1)[:, 0]
+    if not n:
+        return chosen, None, None
+    ids = mx.argsort(-lp, axis=-1)[:, :n]
+    return chosen, ids, mx.take_along_axis(lp, ids, axis=-1)
+
+
+def pick_rows(jobs: Sequence[Job], logits: mx.array, drafts: list[list[int]] | None):
+    """The picks [B][T] at every position of every row, and per row its
+    log-probabilities (None unless the job asked): logits [B, T, V]."""
+    B, T, _ = logits.shape
+    simple = [i for i, j in enumerate(jobs) if j.simple]
+    lazy: dict[int, Any] = {}
+    if simple:
+        greedy = mx.argmax(logits[mx.array(simple)], axis=-1)
+        for n, i in enumerate(simple):
+            lazy[i] = (greedy[n], None)
+    for i, job in enumerate(jobs):
+        if i in lazy:
+            continue
+        x = _row_logits(job, logits[i], drafts[i] if drafts else None)
+        toks = job.sampler(x, [0] * T, [len(job.out) + t for t in range(T)])
+        lazy[i] = (toks, None if job.logprobs is None else _top(x, toks, job.logprobs))
+    mx.eval([a for i in range(B) for a in (lazy[i][0], *(lazy[i][1] or ())) if a is not None])
+    picks = [lazy[i][0].tolist() for i in range(B)]
+    return picks, [_listed(lazy[i][1]) for i in range(B)]
+
+
+def _listed(top):
+    if top is None:
+        return None
+    chosen, ids, lps = (None if a is None else a.tolist() for a in top)
+    if ids is None:
+        return [(c, []) for c in chosen]
+    return [(c, list(zip(i, p))) for c, i, p in zip(chosen, ids, lps)]
