@@ -161,7 +161,7 @@ def test_queue_full_429(server, oa):
 
 def test_500_hides_the_traceback(server, oa, monkeypatch):
     _, api = server
-    prefixes = api.state.server.engine.prefixes
+    prefixes = api.state.server.engine.scheduler.pool
 
     def broken(keys):
         raise RuntimeError("secret detail")
@@ -188,7 +188,7 @@ def test_client_leaving_mid_stream(server, oa):
     while engine.depth and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.depth == 0
-    assert len(engine.prefixes.slots[-1].cached) < 500  # cancelled long before max_tokens
+    assert len(engine.scheduler.pool.entries[-1].keys) < 500  # cancelled long before max_tokens
     serving(oa)
 
 

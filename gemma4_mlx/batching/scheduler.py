@@ -70,6 +70,7 @@ class Scheduler:
         self.hidden: mx.array | None = None  # [B, H]: seeds the drafter
         self._drop: set[Job] = set()
         self.rounds = 0
+        self.peak_batch = 0  # most rows decoded together so far
 
     def fresh(self) -> LayerCaches:
         return LayerCaches.of(self.model.make_cache(max_rollback=MAX_ROLLBACK))
@@ -102,7 +103,11 @@ class Scheduler:
         self._leave_dropped()
         out: list[Progress] = []
         if self.joining is None and self.waiting and len(self.rows) < self.max_batch:
-            self._admit(self.waiting.popleft())
+            job = self.waiting.popleft()
+            try:
+                self._admit(job)
+            except Exception as e:  # only this job fails
+                out.append(Progress(job, done=True, error=e))
         if self.joining is not None:
             out += self._prefill_chunk()
         if self.rows:
@@ -210,6 +215,7 @@ class Scheduler:
         if self.policy is not None:
             self.policy.observe(B, K, accepted, t1 - t0, t2 - t1)
         self.rounds += 1
+        self.peak_batch = max(self.peak_batch, B)
         out, leaving = [], []
         for i, job in enumerate(self.rows):
             new = job.take(picks[i][: accepted[i] + 1])

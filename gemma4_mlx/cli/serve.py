@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from gemma4_mlx.cli.common import MODEL_HELP, DraftModel, Dtype, app, load_draft, load_or_fail
+from gemma4_mlx.cli.common import MODEL_HELP, DraftModel, DraftTokens, Dtype, app, load_draft, load_or_fail
 
 
 @app.command()
@@ -16,12 +16,18 @@ def serve(
         typer.Option("--model", "-m", help=MODEL_HELP + " Default: as `chat` (E2B-it when available, else demo)."),
     ] = None,
     draft_model: DraftModel = "auto",
+    draft_tokens: DraftTokens = "auto",
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
     api_key: Annotated[
         str | None, typer.Option("--api-key", help="Require this key (Authorization: Bearer / x-api-key).")
     ] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests waiting or running before 429.")] = 64,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests decoded together.")] = 8,
+    prefix_cache_gb: Annotated[
+        float,
+        typer.Option("--prefix-cache-gb", min=0, help="Memory for finished requests' KV caches (prefix reuse)."),
+    ] = 2.0,
     max_context: Annotated[
         int | None, typer.Option("--max-context", min=1, help="Longest prompt in tokens (default: the model's).")
     ] = None,
@@ -43,14 +49,17 @@ def serve(
         repo, name = DEFAULT_REPO, "demo" if model == str(DEMO_MODEL) else DEFAULT_SHORT
         typer.echo(banner, err=True)
     m, tokenizer, _ = load_or_fail(model, dtype)
-    drafter, _ = load_draft(draft_model, "auto", model, m, dtype, quiet=False, repo=repo)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False, repo=repo)
     api = server_app(
         m,
         tokenizer,
         model_name=name,
         drafter=drafter,
+        draft_tokens=k,
         api_key=api_key,
         max_queue=max_queue,
+        max_batch=max_batch,
+        prefix_cache_gb=prefix_cache_gb,
         max_context=max_context,
         allow_local_files=allow_local_files,
     )

@@ -28,10 +28,10 @@ _ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/
 class ServerState:
     """What the route modules share: the served name, the prompter, the engine, metrics."""
 
-    def __init__(self, model, tokenizer, *, model_name, drafter, api_key, max_queue, max_context, allow_local_files):
+    def __init__(self, model, tokenizer, *, model_name, api_key, max_context, allow_local_files, engine: dict):
         self.model_name, self.api_key = model_name, api_key
         self.prompter = Prompter(model, tokenizer, max_context=max_context, allow_local_files=allow_local_files)
-        self.engine = Engine(model, tokenizer, drafter=drafter, max_queue=max_queue)
+        self.engine = Engine(model, tokenizer, **engine)
         self.metrics = Metrics(lambda: self.engine.depth)
         self.started = int(time.time())
 
@@ -129,6 +129,9 @@ def app(
     drafter=None,
     api_key: str | None = None,
     max_queue: int = 64,
+    max_batch: int = 8,
+    prefix_cache_gb: float = 2.0,
+    draft_tokens: int | str = "auto",
     max_context: int | None = None,
     allow_local_files: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -136,17 +139,25 @@ def app(
     """The server for one loaded model.  model_name: the name clients send as `model`;
     drafter: an MTP drafter (speculative decoding, same output); api_key: required as
     `Authorization: Bearer KEY` or `x-api-key` (all but /health); max_queue: requests
-    waiting or running before 429; max_context: longest prompt (default the model's);
-    allow_local_files: image parts may name files on this machine."""
+    waiting or running before 429; max_batch: requests decoded together;
+    prefix_cache_gb: memory for KV caches of finished requests that later prompts may
+    continue; draft_tokens: K or "auto"; max_context: longest prompt (default the
+    model's); allow_local_files: image parts may name files on this machine."""
+    engine = dict(
+        drafter=drafter,
+        draft_tokens=draft_tokens,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        prefix_cache_bytes=int(prefix_cache_gb * (1 << 30)),
+    )
     server = ServerState(
         model,
         tokenizer,
         model_name=model_name,
-        drafter=drafter,
         api_key=api_key,
-        max_queue=max_queue,
         max_context=max_context,
         allow_local_files=allow_local_files,
+        engine=engine,
     )
 
     @contextlib.asynccontextmanager

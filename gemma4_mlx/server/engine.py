@@ -4,10 +4,10 @@ reads their `Output`s.
 The HTTP layer only builds a `Request` (prompt ids, cache keys, media, sampling
 options, stop strings, a parser factory), calls `Engine.submit` and iterates the
 returned `RequestHandle` (`async for out in handle`), calling `handle.cancel()` when
-the client goes away.  Everything below `submit` is the scheduler: today one request
-at a time (`_run`), reusing the longest cached prefix from a small LRU of KV caches
-(`PrefixCache`).  A batched scheduler replaces `_loop` / `_run` (and keeps one slot
-per running row) without changing `Request`, `Output` or `RequestHandle`.
+the client goes away.  Below `submit`, the engine thread turns each request into a
+`batching.Job` and steps a `batching.Scheduler` (continuous batching, prefix reuse,
+speculative rounds over the batch); per request it turns tokens into text, parser
+events and stop-string matches (`_Run`).  docs/serving.md.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemma4_mlx.api import SamplingOptions, generate_ids, own_thread, share_with_thread
-from gemma4_mlx.chat.conversation import common_prefix, stop_ids, sync_prefix
+from gemma4_mlx.api import SamplingOptions, own_thread, share_with_thread
+from gemma4_mlx.batching import Job, Progress, Scheduler
+from gemma4_mlx.chat.conversation import stop_ids
 from gemma4_mlx.prompt.parser import Event, StreamParser
 
 log = logging.getLogger("gemma4_mlx.server")
@@ -50,6 +51,7 @@ class Request:
     media: Any = None
     prepare: Callable[[Request], None] | None = None
     ignore_eos: bool = False
+    logprobs: int | None = None  # None, or how many alternatives to report per token
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -73,6 +75,7 @@ class Output:
     stop_string: str | None = None
     usage: Usage | None = None
     error: BaseException | None = None
+    logprobs: list | None = None  # per token of this event: (text, logprob, [(text, logprob), ...])
 
 
 class RequestHandle:
@@ -98,35 +101,6 @@ class RequestHandle:
         if out.kind in ("done", "error"):
             self._queue = None  # the last item
         return out
-
-
-@dataclass
-class _Slot:
-    cache: Any
-    cached: list = field(default_factory=list)
-
-
-class PrefixCache:
-    """A few KV caches with the keys they hold, most recently used last.  `take(keys)`
-    gives the slot sharing the longest prefix with `keys`, rolled back to it (exact,
-    `conversation.sync_prefix`), and where prefilling starts."""
-
-    def __init__(self, fresh: Callable[[], Any], size: int = 4):
-        self.fresh, self.size, self.slots = fresh, max(1, size), []
-
-    def take(self, keys: Sequence) -> tuple[_Slot, int]:
-        shared = [common_prefix(s.cached, keys) for s in self.slots]
-        best = max(range(len(shared)), key=shared.__getitem__, default=None)
-        # a slot is reused when the prompt continues (most of) it; otherwise a new one,
-        # so one conversation does not wipe another's cache
-        if best is None or (2 * shared[best] < len(self.slots[best].cached) and len(self.slots) < self.size):
-            slot = _Slot(self.fresh())  # room for one more (when full, the best slot is reused)
-        else:
-            slot = self.slots.pop(best)
-        self.slots.append(slot)
-        slot.cache, n = sync_prefix(slot.cache, slot.cached, keys, self.fresh)
-        slot.cached = list(keys[:n])
-        return slot, n
 
 
 class _StopScanner:
@@ -159,14 +133,32 @@ class _StopScanner:
 class Engine:
     """Owns the model on one thread (module doc)."""
 
-    def __init__(self, model, tokenizer, *, drafter=None, max_queue: int = 64, cache_slots: int = 4):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        drafter=None,
+        draft_tokens: int | str = "auto",
+        max_queue: int = 64,
+        max_batch: int = 8,
+        prefix_cache_bytes: int = 2 << 30,
+        prefill_chunk: int = 256,
+    ):
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         share_with_thread(model, drafter)
         self.max_queue = max_queue
-        self.stop_ids = stop_ids(model, tokenizer)
-        self.prefixes = PrefixCache(lambda: model.make_cache(max_rollback=2048), cache_slots)
+        self.stop_ids = frozenset(stop_ids(model, tokenizer))
+        self.scheduler = Scheduler(
+            model,
+            drafter=drafter,
+            draft_tokens=draft_tokens,
+            max_batch=max_batch,
+            prefill_chunk=prefill_chunk,
+            prefix_budget_bytes=prefix_cache_bytes,
+        )
         self._inbox: queue.Queue = queue.Queue()
-        self._running = 0
+        self._runs: dict[Job, _Run] = {}
         self._resume = threading.Event()
         self._resume.set()
         self._thread = threading.Thread(target=self._loop, name="gemma4-mlx-engine", daemon=True)
@@ -175,7 +167,7 @@ class Engine:
     @property
     def depth(self) -> int:
         """Requests waiting or running."""
-        return self._inbox.qsize() + self._running
+        return self._inbox.qsize() + len(self._runs)
 
     def submit(self, request: Request) -> RequestHandle:
         """Enqueue (from the event loop); raises QueueFull past `max_queue`."""
@@ -186,7 +178,7 @@ class Engine:
         return handle
 
     def pause(self) -> None:
-        """Stop taking new requests (the running one finishes); `resume()` goes on."""
+        """Stop taking new requests (running ones go on); `resume()` goes on."""
         self._resume.clear()
 
     def resume(self) -> None:
@@ -197,60 +189,102 @@ class Engine:
         self._inbox.put(None)
         self._thread.join(timeout=10)
 
+    # -- the engine thread ----------------------------------------------------
     def _loop(self) -> None:
         own_thread()
         while True:
-            self._resume.wait()
-            handle = self._inbox.get()
-            if handle is None:
+            if not self._admit():
                 return
-            self._running = 1
+            self._notice_cancelled()
             try:
-                self._run(handle)
-            except Exception as e:  # reported to the client as a 500, never its traceback
+                progress = self.scheduler.step()
+            except Exception as e:  # the batch cannot be trusted: every running request fails
                 log.exception("generation failed")
-                handle.put(Output("error", error=e))
-            finally:
-                self._running = 0
+                self.scheduler.abandon()
+                for job in list(self._runs):
+                    self._end(job, error=e)
+                continue
+            for p in progress:
+                self._deliver(p)
 
-    def _run(self, handle: RequestHandle) -> None:
+    def _admit(self) -> bool:
+        """Take new requests: wait for one when idle, else only those already here.
+        False when the engine is closing."""
+        busy = self.scheduler.busy
+        if not busy:
+            self._resume.wait()
+        elif not self._resume.is_set():
+            return True
+        try:
+            handle = self._inbox.get(block=not busy)
+        except queue.Empty:
+            return True
+        while True:
+            if handle is None:
+                return False
+            self._start(handle)
+            try:
+                handle = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _start(self, handle: RequestHandle) -> None:
         req = handle.request
         if req.cancelled.is_set():
             handle.put(Output("done", finish_reason="cancelled", usage=Usage(len(req.ids))))
             return
         if req.prepare is not None:
             try:
-                req.prepare(req)
-            except Exception as e:  # bad input: the HTTP layer says which status
+                req.prepare(req)  # MLX work (media) on this thread; bad input fails only this request
+            except Exception as e:
                 handle.put(Output("error", error=e))
                 return
-        usage = Usage(prompt_tokens=len(req.ids))
-        slot, start = self.prefixes.take(req.keys)
-        usage.cached_tokens = start
-        media = None if req.media is None else req.media.rows(start)
-        run = _Run(self, handle, usage)
-        tokens = None
-        try:
-            tokens = generate_ids(
-                self.model,
-                req.ids[start:],
-                max_tokens=req.max_tokens,
-                options=req.options,
-                stop_ids=() if req.ignore_eos else self.stop_ids,
-                cache=slot.cache,
-                draft_model=self.drafter,
-                media=media,
-            )
-            for tok in tokens:
-                if run.step(tok):
-                    break
+        job = Job(
+            req.ids,
+            req.keys,
+            options=req.options,
+            max_tokens=req.max_tokens,
+            stop_ids=frozenset() if req.ignore_eos else self.stop_ids,
+            media=req.media,
+            logprobs=req.logprobs,
+        )
+        self._runs[job] = _Run(self, handle, Usage(prompt_tokens=len(req.ids)))
+        self.scheduler.add(job)
+
+    def _notice_cancelled(self) -> None:
+        """A client that went away frees its row at this step."""
+        for job, run in list(self._runs.items()):
+            if run.req.cancelled.is_set():
+                run.cancelled = True
+                self.scheduler.drop(job)
+                self._end(job)
+
+    def _deliver(self, p: Progress) -> None:
+        run = self._runs.get(p.job)
+        if run is None:  # ended by the engine side already (stop string, client gone)
+            return
+        if p.error is not None:
+            log.error("request failed", exc_info=p.error)  # the client gets the API's error, not this
+            self._end(p.job, error=p.error)
+            return
+        run.usage.cached_tokens = p.job.cached
+        for n, tok in enumerate(p.tokens):
+            if run.step(tok, None if p.logprobs is None else p.logprobs[n]):
+                if not p.done:
+                    self.scheduler.drop(p.job)
+                self._end(p.job)
+                return
+        if p.done:
+            self._end(p.job)
+
+    def _end(self, job: Job, error: BaseException | None = None) -> None:
+        run = self._runs.pop(job, None)
+        if run is None:
+            return
+        if error is not None:
+            run.handle.put(Output("error", error=error))
+        else:
             run.finish()
-        finally:
-            if tokens is not None:
-                # close the generator first: a speculative one trims the cache back to what
-                # plain decoding would hold only when it is closed
-                tokens.close()
-            slot.cached = (list(req.keys) + run.generated)[: slot.cache.offset]
 
 
 class _Run:
@@ -266,12 +300,16 @@ class _Run:
         self.generated: list[int] = []
         self.stop_string: str | None = None
         self.cancelled = False
+        self.logprobs: list = []  # of the tokens fed since the last content output
 
-    def step(self, tok: int) -> bool:
-        """Take one token; True when generation must end."""
+    def step(self, tok: int, logprob=None) -> bool:
+        """Take one token (and its (logprob, top alternatives) when asked for); True
+        when generation must end."""
         if self.handle.first_token_at is None:
             self.handle.first_token_at = time.perf_counter()
         self.generated.append(tok)
+        if logprob is not None:
+            self.logprobs.append(self._named(tok, logprob))
         if self.req.cancelled.is_set():
             self.cancelled = True
             return True
@@ -293,9 +331,17 @@ class _Run:
             if ev.type == "content":
                 text, self.stop_string = self.scanner.feed(ev.text)
                 if text:
-                    self.handle.put(Output("event", Event("content", text)))
+                    lps, self.logprobs = self.logprobs or None, []
+                    self.handle.put(Output("event", Event("content", text), logprobs=lps))
             elif ev.type in ("reasoning", "tool_call"):
+                self.logprobs = []  # OpenAI reports log-probabilities of content tokens only
                 self.handle.put(Output("event", ev))
+
+    def _named(self, tok: int, logprob) -> tuple:
+        """(token text, logprob, [(text, logprob) of the top alternatives])."""
+        decode = self.engine.tokenizer.decode
+        chosen, top = logprob
+        return decode([tok]), chosen, [(decode([t]), lp) for t, lp in top]
 
     def finish(self) -> None:
         self.usage.completion_tokens = len(self.generated)
