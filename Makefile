@@ -78,6 +78,13 @@ $(VLM_VENV)/.installed: pyproject.toml
 bench-media: $(VLM_VENV)/.installed
 	$(VLM_VENV)/bin/python bench/bench_media.py $(BENCH_MEDIA_ARGS)
 
+# The server under concurrent clients vs mlx_lm.server, same weights (issue #13); ~25 min on 2 CPU cores.
+# BENCH_SERVE_ARGS: e.g. --quick (small shapes, < 5 min) or --out bench/RESULTS-serve-cpu.txt
+.PHONY: bench-serve
+BENCH_SERVE_ARGS ?=
+bench-serve: install-test
+	$(BIN)/python bench/bench_serve.py $(BENCH_SERVE_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info bench/_work
 
@@ -87,3 +94,16 @@ clean:
 BENCH_MEMORY_ARGS ?=
 bench-memory: install-test
 	$(BIN)/python bench/bench_memory.py $(BENCH_MEMORY_ARGS)
+
+# Property-based fuzzing of the parsers and readers (tests/test_fuzz_*.py) with the long
+# hypothesis profile: random seeds, 50x the CI examples (docs/hardening.md §4).
+.PHONY: fuzz
+fuzz: install-test
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz_*.py
+
+# Chat soak on the embedded demo model, with and without its drafter (docs/hardening.md §5).
+# SOAK_ARGS: e.g. --turns 40
+.PHONY: soak
+SOAK_ARGS ?=
+soak: install-test
+	$(BIN)/python bench/soak_chat.py $(SOAK_ARGS)

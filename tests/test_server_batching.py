@@ -30,7 +30,7 @@ def demo():
     return model, tok, gemma4_mlx.load_drafter(DEMO_DRAFTER, target=model)
 
 
-async def _stream(client, question: str, max_tokens: int, leave_after: int | None = None) -> str:
+async def _stream(client, question: str, max_tokens: int) -> str:
     stream = await client.chat.completions.create(
         model=NAME,
         messages=[{"role": "user", "content": question}],
@@ -38,21 +38,31 @@ async def _stream(client, question: str, max_tokens: int, leave_after: int | Non
         temperature=0,
         stream=True,
     )
-    text, chunks = "", 0
+    text = ""
     async for chunk in stream:
-        chunks += 1
         if chunk.choices and chunk.choices[0].delta.content:
             text += chunk.choices[0].delta.content
-        if leave_after is not None and chunks >= leave_after:
-            await stream.close()
-            break
     return text
 
 
+async def _leave_early(client) -> str:
+    """A raw completion that would run for 400 tokens; the client leaves after 3 chunks."""
+    stream = await client.completions.create(
+        model=NAME, prompt="The capital", max_tokens=400, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks = 0
+    async for _ in stream:
+        chunks += 1
+        if chunks >= 3:
+            await stream.close()
+            break
+    return ""
+
+
 async def _all(url: str, requests, leave: int | None = None) -> list[str]:
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
-    jobs = [_stream(client, q, n, 3 if i == leave else None) for i, (q, n) in enumerate(requests)]
-    return await asyncio.gather(*jobs)
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+        jobs = [_leave_early(client) if i == leave else _stream(client, q, n) for i, (q, n) in enumerate(requests)]
+        return await asyncio.gather(*jobs)
 
 
 def _alone(url: str) -> list[str]:
@@ -75,11 +85,10 @@ def test_concurrent_clients_get_what_they_get_alone(demo, with_drafter, monkeypa
         dropped = []
         drop = engine.scheduler.drop
         monkeypatch.setattr(engine.scheduler, "drop", lambda job: (dropped.append(job), drop(job)))
-        long = [(q, 60 if i == 5 else n) for i, (q, n) in enumerate(REQUESTS)]
-        left = asyncio.run(_all(url, long, leave=5))
+        left = asyncio.run(_all(url, REQUESTS, leave=5))
         assert [t for i, t in enumerate(left) if i != 5] == [t for i, t in enumerate(alone) if i != 5]
         deadline = time.monotonic() + 10
         while engine.depth and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.depth == 0 and not engine.scheduler.busy
-        assert len(dropped) == 1 and len(dropped[0].out) < 20  # stopped long before its 60 tokens
+        assert len(dropped) == 1 and len(dropped[0].out) < 200  # long before its 400 tokens

@@ -43,6 +43,7 @@ class _Joining:
     job: Job
     cache: LayerCaches
     steps: Generator
+    left: int  # prompt tokens still to prefill
 
 
 class Scheduler:
@@ -102,13 +103,18 @@ class Scheduler:
         """One scheduling step (module doc); what each touched job got."""
         self._leave_dropped()
         out: list[Progress] = []
-        if self.joining is None and self.waiting and len(self.rows) < self.max_batch:
-            job = self.waiting.popleft()
-            try:
-                self._admit(job)
-            except Exception as e:  # only this job fails
-                out.append(Progress(job, done=True, error=e))
-        if self.joining is not None:
+        budget = self.prefill_chunk  # prompt tokens per step: what bounds a running row's wait
+        while budget > 0:
+            if self.joining is None:
+                if not self.waiting or len(self.rows) >= self.max_batch:
+                    break
+                job = self.waiting.popleft()
+                try:
+                    self._admit(job)
+                except Exception as e:  # only this job fails
+                    out.append(Progress(job, done=True, error=e))
+                    continue
+            budget -= self.joining.left
             out += self._prefill_chunk()
         if self.rows:
             out += self._round()
@@ -121,12 +127,13 @@ class Scheduler:
         media = None if job.media is None else job.media.rows(n)
         ids = mx.array([job.ids[n:]])
         steps = prefill_steps(self.model, ids, cache, self.prefill_chunk, media)
-        self.joining = _Joining(job, cache, steps)
+        self.joining = _Joining(job, cache, steps, len(job.ids) - n)
 
     def _prefill_chunk(self) -> list[Progress]:
         j = self.joining
         try:
-            next(j.steps)
+            done = next(j.steps)  # positions filled so far
+            j.left = len(j.job.ids) - j.job.cached - done
             return []
         except StopIteration as finished:
             logits, h = finished.value

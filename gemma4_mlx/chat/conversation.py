@@ -10,9 +10,12 @@ a new prompt).
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
 
-from gemma4_mlx.media.prepare import media_items, processor_for
+from gemma4_mlx.media.audio import load_audio
+from gemma4_mlx.media.prepare import as_media, media_items, processor_for
 from gemma4_mlx.prompt.template import STOP_STRINGS, render, render_with_checkpoint_template
 from gemma4_mlx.prompt.tokens import PromptCodec
 
@@ -46,6 +49,28 @@ def prepare_media(model, images=(), audio=(), videos=(), image_budget: int | Non
         return []
     mp = processor_for(model)
     return [mp.prepare(m) for m in items]
+
+
+def prepare_in_order(model, items: Sequence[tuple[str, object]]) -> list:
+    """Process media given as (kind, source) pairs — "image", "audio" or "video" — in
+    the order their placeholders appear (an API request's parts can mix kinds)."""
+    if not items:
+        return []
+    mp = processor_for(model)
+    return [mp.prepare(as_media(source, kind)) for kind, source in items]
+
+
+def audio_from_bytes(data: bytes, fmt: str):
+    """A mono 16 kHz waveform from an encoded clip (wav, mp3, flac, ...: the format
+    names the decoder); raises `AudioError` (one line) for what cannot be read."""
+    suffix = "." + "".join(c for c in fmt.lower() if c.isalnum())[:8]
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return load_audio(path)
+    finally:
+        os.unlink(path)
 
 
 def encode_conversation(model, codec: PromptCodec, prompt: str, media: Sequence = ()):

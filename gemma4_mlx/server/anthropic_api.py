@@ -61,7 +61,7 @@ def _assistant(blocks: list, where: str) -> dict:
     return msg
 
 
-def _user(blocks: list, where: str, prompter, images: list, names: dict) -> list[dict]:
+def _user(blocks: list, where: str, prompter, media: list, names: dict) -> list[dict]:
     """Tool results become `tool` messages (first, as the API requires), the rest one user message."""
     tools, parts = [], []
     for j, b in enumerate(blocks):
@@ -73,7 +73,7 @@ def _user(blocks: list, where: str, prompter, images: list, names: dict) -> list
         elif kind == "text":
             parts.append({"type": "text", "text": text_field(b, where)})
         elif kind == "image":
-            images.append(_image(b, f"{where}[{j}]", prompter))
+            media.append(("image", _image(b, f"{where}[{j}]", prompter)))
             parts.append({"type": "image"})
         else:
             raise APIError(400, f"{where}[{j}]: unsupported block type {kind!r} in a user message")
@@ -102,7 +102,7 @@ def _tool_choice(choice):
 
 @malformed_is_400
 def conversation(body: CountTokensRequest, prompter) -> Conversation:
-    msgs, images, names = [], [], {}
+    msgs, media, names = [], [], {}
     if body.system:
         msgs.append({"role": "system", "content": _blocks_text(body.system, "system")})
     for i, m in enumerate(body.messages):
@@ -113,10 +113,10 @@ def conversation(body: CountTokensRequest, prompter) -> Conversation:
             msgs.append(_assistant(m.content, where))
             names.update({c["id"]: c["function"]["name"] for c in msgs[-1].get("tool_calls", [])})
         else:
-            msgs += _user(m.content, where, prompter, images, names)
+            msgs += _user(m.content, where, prompter, media, names)
     check_roles(msgs)
     thinking = body.thinking is not None and body.thinking.type in ("enabled", "adaptive")
-    return Conversation(msgs, images, select_tools(_tools(body.tools), _tool_choice(body.tool_choice)), thinking)
+    return Conversation(msgs, media, select_tools(_tools(body.tools), _tool_choice(body.tool_choice)), thinking)
 
 
 def _event(name: str, data: dict) -> str:

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,14 +80,29 @@ class Output:
 
 
 class RequestHandle:
-    """The asyncio side of a submitted request: `async for out in handle`."""
+    """The asyncio side of a submitted request: `async for out in handle`.
+
+    The engine thread appends outputs and wakes the event loop at most once until
+    they are read; the reader takes everything that arrived, with consecutive text
+    of one kind merged into one output — so a busy server sends fewer, larger
+    stream chunks instead of falling behind one token at a time."""
 
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
-        self.request, self._loop, self._queue = request, loop, asyncio.Queue()
+        self.request, self._loop = request, loop
         self.first_token_at: float | None = None
+        self._items: deque[Output] = deque()
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._signalled = False
+        self._ended = False
 
     def put(self, out: Output) -> None:  # engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        with self._lock:
+            self._items.append(out)
+            if self._signalled:
+                return
+            self._signalled = True
+        self._loop.call_soon_threadsafe(self._ready.set)
 
     def cancel(self) -> None:
         self.request.cancelled.set()
@@ -95,12 +111,34 @@ class RequestHandle:
         return self
 
     async def __anext__(self) -> Output:
-        if self._queue is None:
+        if self._ended:
             raise StopAsyncIteration
-        out = await self._queue.get()
+        while True:
+            with self._lock:
+                if self._items:
+                    out = self._items.popleft()
+                    while _mergeable(out) and self._items and _same_kind(out, self._items[0]):
+                        out = _merged(out, self._items.popleft())
+                    break
+                self._signalled = False
+                self._ready.clear()
+            await self._ready.wait()
         if out.kind in ("done", "error"):
-            self._queue = None  # the last item
+            self._ended = True  # the last item
         return out
+
+
+def _mergeable(out: Output) -> bool:
+    return out.kind == "event" and out.event.type in ("content", "reasoning")
+
+
+def _same_kind(a: Output, b: Output) -> bool:
+    return b.kind == "event" and b.event.type == a.event.type
+
+
+def _merged(a: Output, b: Output) -> Output:
+    lps = (a.logprobs or []) + (b.logprobs or [])
+    return Output("event", Event(a.event.type, a.event.text + b.event.text), logprobs=lps or None)
 
 
 class _StopScanner:

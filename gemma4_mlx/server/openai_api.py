@@ -11,7 +11,17 @@ from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools
-from gemma4_mlx.server.results import Result, arguments_json, collect, new_id, now, opened, ttft
+from gemma4_mlx.server.results import (
+    Result,
+    arguments_json,
+    chat_logprobs,
+    collect,
+    completion_logprobs,
+    new_id,
+    now,
+    opened,
+    ttft,
+)
 from gemma4_mlx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
 _FINISH = {"tool_calls": "tool_calls", "length": "length"}
@@ -29,7 +39,7 @@ def _text(content, where: str) -> str:
     return "".join(parts)
 
 
-def _user_content(content, where: str, prompter, images: list):
+def _user_content(content, where: str, prompter, media: list):
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
@@ -42,18 +52,21 @@ def _user_content(content, where: str, prompter, images: list):
             url = ref.get("url") if isinstance(ref, dict) else ref
             if not isinstance(url, str):
                 raise APIError(400, f"{where}.content[{j}].image_url: no url", param="messages")
-            images.append(prompter.image(url, f"{where}.content[{j}]"))
+            media.append(("image", prompter.image(url, f"{where}.content[{j}]")))
             parts.append({"type": "image"})
+        elif kind == "input_audio":
+            media.append(("audio", prompter.audio(p, f"{where}.content[{j}]")))
+            parts.append({"type": "audio"})
         else:
             raise APIError(400, f"{where}.content[{j}]: unsupported content part type {kind!r}", param="messages")
     return parts
 
 
-def _message(m: ChatMessage, i: int, prompter, images: list, names: dict) -> dict:
+def _message(m: ChatMessage, i: int, prompter, media: list, names: dict) -> dict:
     where = f"messages[{i}]"
     role = "system" if m.role == "developer" else m.role
     if role == "user":
-        return {"role": "user", "content": _user_content(m.content, where, prompter, images)}
+        return {"role": "user", "content": _user_content(m.content, where, prompter, media)}
     out = {"role": role, "content": _text(m.content, where)}
     if role == "assistant":
         if m.reasoning_content or m.reasoning:
@@ -70,15 +83,15 @@ def _message(m: ChatMessage, i: int, prompter, images: list, names: dict) -> dic
 
 @malformed_is_400
 def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
-    images, names = [], {}
-    msgs = [_message(m, i, prompter, images, names) for i, m in enumerate(body.messages)]
+    media, names = [], {}
+    msgs = [_message(m, i, prompter, media, names) for i, m in enumerate(body.messages)]
     check_roles(msgs)
     kw = body.chat_template_kwargs or {}
     if "enable_thinking" in kw:
         thinking = bool(kw["enable_thinking"])
     else:
         thinking = body.reasoning_effort not in (None, "none", "minimal")
-    return Conversation(msgs, images, select_tools(body.tools, body.tool_choice), thinking)
+    return Conversation(msgs, media, select_tools(body.tools, body.tool_choice), thinking)
 
 
 def _tool_calls(result: Result) -> list[dict]:
@@ -112,25 +125,30 @@ def routes(server) -> APIRouter:
         def build():
             conv = conversation(body, server.prompter)
             limit = body.max_completion_tokens or body.max_tokens
-            return server.prompter.chat_request(conv, sampling_options(body), limit, body.stop)
+            lps = (body.top_logprobs or 0) if body.logprobs else None
+            return server.prompter.chat_request(conv, sampling_options(body), limit, body.stop, lps)
 
         handle = server.submit(await run_in_threadpool(build))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             outs = await opened(handle, http)
-            return StreamingResponse(_chat_stream(server, handle, outs, usage), media_type="text/event-stream")
+            stream = _chat_stream(server, handle, outs, usage, body.logprobs)
+            return StreamingResponse(stream, media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
         message = {"role": "assistant", "content": r.content}
         if r.reasoning:
             message["reasoning_content"] = r.reasoning
         if r.tool_calls:
             message["tool_calls"] = _tool_calls(r)
+        choice = {"index": 0, "message": message, "finish_reason": _FINISH.get(r.finish_reason, "stop")}
+        if body.logprobs:
+            choice["logprobs"] = chat_logprobs(r.logprobs)
         return {
             "id": new_id("chatcmpl-"),
             "object": "chat.completion",
             "created": now(),
             "model": server.model_name,
-            "choices": [{"index": 0, "message": message, "finish_reason": _FINISH.get(r.finish_reason, "stop")}],
+            "choices": [choice],
             "usage": _usage(r.usage),
         }
 
@@ -142,16 +160,20 @@ def routes(server) -> APIRouter:
 
         def build():
             options = sampling_options(body)
-            return server.prompter.raw_request(body.prompt, options, body.max_tokens, body.stop, body.ignore_eos)
+            return server.prompter.raw_request(
+                body.prompt, options, body.max_tokens, body.stop, body.ignore_eos, body.logprobs
+            )
 
         handle = server.submit(await run_in_threadpool(build))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             outs = await opened(handle, http)
-            return StreamingResponse(_completion_stream(server, handle, outs, usage), media_type="text/event-stream")
+            stream = _completion_stream(server, handle, outs, usage, body.logprobs is not None)
+            return StreamingResponse(stream, media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
         finish = _FINISH.get(r.finish_reason, "stop")
-        choice = {"index": 0, "text": r.content, "logprobs": None, "finish_reason": finish}
+        lps = completion_logprobs(r.logprobs) if body.logprobs is not None else None
+        choice = {"index": 0, "text": r.content, "logprobs": lps, "finish_reason": finish}
         return {
             "id": new_id("cmpl-"),
             "object": "text_completion",
@@ -164,7 +186,7 @@ def routes(server) -> APIRouter:
     return router
 
 
-async def _chat_stream(server, handle, outs, include_usage: bool):
+async def _chat_stream(server, handle, outs, include_usage: bool, logprobs: bool):
     base = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "created": now(), "model": server.model_name}
 
     def chunk(delta: dict, finish=None) -> str:
@@ -183,7 +205,21 @@ async def _chat_stream(server, handle, outs, include_usage: bool):
                 yield _sse({**base, "choices": [], "usage": _usage(out.usage)})
             break
         ev = out.event
-        if ev.type == "content":
+        if ev.type == "content" and logprobs:
+            yield _sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"content": ev.text},
+                            "finish_reason": None,
+                            "logprobs": chat_logprobs(out.logprobs or []),
+                        }
+                    ],
+                }
+            )
+        elif ev.type == "content":
             yield chunk({"content": ev.text})
         elif ev.type == "reasoning":
             yield chunk({"reasoning_content": ev.text})
@@ -195,11 +231,12 @@ async def _chat_stream(server, handle, outs, include_usage: bool):
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(server, handle, outs, include_usage: bool):
+async def _completion_stream(server, handle, outs, include_usage: bool, logprobs: bool):
     base = {"id": new_id("cmpl-"), "object": "text_completion", "created": now(), "model": server.model_name}
 
-    def chunk(text: str, finish=None) -> str:
-        return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+    def chunk(text: str, finish=None, lps=None) -> str:
+        lp = completion_logprobs(lps or []) if logprobs and not finish else None
+        return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
 
     async for out in outs:
         if out.kind == "error":
@@ -211,5 +248,5 @@ async def _completion_stream(server, handle, outs, include_usage: bool):
             if include_usage:
                 yield _sse({**base, "choices": [], "usage": _usage(out.usage)})
             break
-        yield chunk(out.event.text)
+        yield chunk(out.event.text, lps=out.logprobs)
     yield "data: [DONE]\n\n"

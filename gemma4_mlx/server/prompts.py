@@ -14,7 +14,12 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from gemma4_mlx.api import SamplingOptions
-from gemma4_mlx.chat.conversation import encode_conversation, prepare_media, render_conversation
+from gemma4_mlx.chat.conversation import (
+    audio_from_bytes,
+    encode_conversation,
+    prepare_in_order,
+    render_conversation,
+)
 from gemma4_mlx.prompt.parser import parser_for_prompt
 from gemma4_mlx.prompt.template import ChatTemplateError
 from gemma4_mlx.prompt.tokens import PromptCodec, encode_prompt
@@ -27,10 +32,11 @@ DEFAULT_MAX_TOKENS = 4096
 @dataclass
 class Conversation:
     """An API request's conversation in the shape `Chat` keeps (OpenAI messages, media
-    parts as `{"type": "image"}` placeholders) with its images in placeholder order."""
+    parts as `{"type": "image"}` / `{"type": "audio"}` placeholders) with its media as
+    (kind, source) pairs in placeholder order."""
 
     messages: list[dict]
-    images: list = field(default_factory=list)
+    media: list = field(default_factory=list)
     tools: list[dict] | None = None
     thinking: bool = False
 
@@ -95,6 +101,24 @@ class Prompter:
         return self.decode_image(path.read_bytes(), where)
 
     @staticmethod
+    def audio(part: dict, where: str):
+        """A waveform from an `input_audio` part: {"data": base64, "format": "wav" | "mp3" | ...}."""
+        spec = part.get("input_audio")
+        if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
+            raise APIError(400, f"{where}.input_audio: expected {{'data': base64, 'format': ...}}", param="messages")
+        fmt = spec.get("format") or "wav"
+        if not isinstance(fmt, str):
+            raise APIError(400, f"{where}.input_audio.format: expected a string", param="messages")
+        try:
+            data = base64.b64decode(spec["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{where}.input_audio.data: not valid base64", param="messages") from None
+        try:
+            return audio_from_bytes(data, fmt)
+        except ValueError as e:  # AudioError / DecodeError: one line, without our temp file's name
+            raise APIError(400, f"{where}: undecodable audio ({fmt}): {_line(e).split(': ')[-1]}") from None
+
+    @staticmethod
     def decode_image(data: bytes, where: str) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(data))
@@ -115,18 +139,18 @@ class Prompter:
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, _line(e)) from None
 
-    def encode(self, prompt: str, images: list):
-        """(ids, keys, MediaPrompt or None); with images this is MLX work, for the
+    def encode(self, prompt: str, media: list):
+        """(ids, keys, MediaPrompt or None); with media this is MLX work, for the
         engine thread.  400 (MediaError) for media the model cannot take."""
         try:
-            media = prepare_media(self.model, images=images)
-            return encode_conversation(self.model, self.codec, prompt, media)
+            prepared = prepare_in_order(self.model, media)
+            return encode_conversation(self.model, self.codec, prompt, prepared)
         except ValueError as e:  # MediaError is a ValueError
             raise APIError(400, _line(e)) from None
 
     def count(self, conv: Conversation) -> int:
-        if conv.images:
-            raise APIError(400, "counting the tokens of images is not supported yet")
+        if conv.media:
+            raise APIError(400, "counting the tokens of images or audio is not supported yet")
         return len(self.encode(self.render(conv), [])[0])
 
     def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
@@ -139,24 +163,33 @@ class Prompter:
         room = self.max_context - n_prompt
         return min(room, max_tokens or DEFAULT_MAX_TOKENS)
 
-    def chat_request(self, conv: Conversation, options: SamplingOptions, max_tokens: int | None, stop) -> Request:
-        """The request for a conversation; with images it is encoded on the engine thread."""
+    def chat_request(
+        self, conv: Conversation, options: SamplingOptions, max_tokens: int | None, stop, logprobs: int | None = None
+    ) -> Request:
+        """The request for a conversation; with media it is encoded on the engine thread.
+        logprobs: None, or how many alternatives to report with each token."""
         prompt, tools = self.render(conv), conv.tools
 
         def encode(req: Request) -> None:
-            req.ids, req.keys, req.media = self.encode(prompt, conv.images)
+            req.ids, req.keys, req.media = self.encode(prompt, conv.media)
             req.max_tokens = self._budget(len(req.ids), max_tokens)
 
-        req = Request(ids=[], keys=[], options=options, stop=stop_list(stop))
+        req = Request(ids=[], keys=[], options=options, stop=stop_list(stop), logprobs=logprobs)
         req.parser = lambda: parser_for_prompt(prompt, tools)
-        if conv.images:
+        if conv.media:
             req.prepare = encode
         else:
             encode(req)
         return req
 
     def raw_request(
-        self, prompt, options: SamplingOptions, max_tokens: int | None, stop, ignore_eos: bool = False
+        self,
+        prompt,
+        options: SamplingOptions,
+        max_tokens: int | None,
+        stop,
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
     ) -> Request:
         """A raw completion: the text as the tokenizer reads it (control strings too)."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -175,6 +208,7 @@ class Prompter:
             max_tokens=self._budget(len(ids), max_tokens),
             stop=stop_list(stop),
             ignore_eos=ignore_eos,
+            logprobs=logprobs,
         )
 
 
@@ -200,5 +234,7 @@ def sampling_options(body, default_temperature: float = 1.0) -> SamplingOptions:
         top_k=body.top_k or 0,
         min_p=body.min_p or 0.0,
         repetition_penalty=body.repetition_penalty if body.repetition_penalty not in (None, 1.0) else None,
+        presence_penalty=body.presence_penalty or None,
+        frequency_penalty=body.frequency_penalty or None,
         seed=body.seed,
     )

@@ -21,6 +21,7 @@ class Result:
     finish_reason: str = "stop"
     stop_string: str | None = None
     usage: Usage = field(default_factory=Usage)
+    logprobs: list = field(default_factory=list)  # per content token: (text, logprob, top)
 
 
 def new_id(prefix: str) -> str:
@@ -112,9 +113,33 @@ async def collect(handle: RequestHandle, http, metrics) -> Result:
             r.reasoning += out.event.text
         elif out.event.type == "content":
             r.content += out.event.text
+            r.logprobs += out.logprobs or []
         elif out.event.type == "tool_call":
             r.tool_calls.append(out.event.call)
     return r
+
+
+def chat_logprobs(entries) -> dict:
+    """Chat Completions' `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def one(text, lp):
+        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in entries]}
+
+
+def completion_logprobs(entries) -> dict:
+    """Completions' legacy `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    offsets, at = [], 0
+    for t, _, _ in entries:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": [t for t, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [dict(top) for _, _, top in entries],
+        "text_offset": offsets,
+    }
 
 
 def now() -> int:

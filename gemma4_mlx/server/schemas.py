@@ -18,6 +18,8 @@ class Sampling(_Body):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = None
 
 
@@ -50,6 +52,8 @@ class ChatCompletionRequest(Sampling):
     stop: str | list[str] | None = None
     reasoning_effort: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     n: int = Field(1, ge=1, le=1)
 
 
@@ -62,6 +66,7 @@ class CompletionRequest(Sampling):
     stop: str | list[str] | None = None
     echo: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens
+    logprobs: int | None = Field(None, ge=0, le=20)
     n: int = Field(1, ge=1, le=1)
 
 

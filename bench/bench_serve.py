@@ -1,0 +1,271 @@
+"""`gemma4-mlx serve` vs `mlx_lm.server`: aggregate throughput and time to first token
+under concurrent clients, same weights, same machine, same BLAS.
+
+Each server runs alone as a subprocess on a random float32 checkpoint (bench_text's
+E2B- and MoE-shaped ones, with a 262,144-word tokenizer so that every word is one
+token), with OpenBLAS preloaded for both (`import gemma4_mlx` first).  Clients are
+the real `openai` client, closed loop: C workers each send R streaming
+/v1/completions requests one after another, every prompt different (no prefix cache
+hits for anyone).  Reported per cell: aggregate completion tokens/s over the wall
+time, p50/p95 time to first token, and the check of issue #13's target
+p95 TTFT <= 2 x (unloaded TTFT + one decode round at that load).
+
+The demo model and its trained MTP drafter (real acceptance) show what the drafter
+adds; the random checkpoints' drafter would accept nothing, so they run without one.
+
+    make bench-serve      # or: python bench/bench_serve.py [--quick] [--concurrency 1 4 8 16] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import gemma4_mlx  # noqa: F401  (OpenBLAS first, for the version line)
+
+# isort: split
+import mlx.core as mx
+import openai
+from bench_text import SHAPES, build_checkpoint
+from report import Report
+
+from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
+
+QUICK = dict(hidden_size=256, intermediate_size=512, vocab_size=32768, vocab_size_per_layer_input=32768)
+MLX_LM = "import gemma4_mlx, sys; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
+
+
+def word_tokenizer(folder: Path, vocab: int) -> None:
+    """A WordLevel tokenizer: id i is the word w<i> (0-3 are pad / eos / bos / unk)."""
+    words = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3} | {f"w{i}": i for i in range(4, vocab)}
+    tok = {
+        "version": "1.0",
+        "added_tokens": [
+            {
+                "id": i,
+                "content": s,
+                "special": True,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+            }
+            for s, i in list(words.items())[:4]
+        ],
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": words, "unk_token": "<unk>"},
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """One server subprocess, up until `stop()`."""
+
+    def __init__(self, kind: str, folder: Path, drafter: str | None, max_batch: int):
+        self.port = free_port()
+        if kind == "ours":
+            cmd = [
+                sys.executable,
+                "-m",
+                "gemma4_mlx",
+                "serve",
+                "--model",
+                str(folder),
+                "--port",
+                str(self.port),
+                "--draft-model",
+                drafter or "none",
+                "--max-batch",
+                str(max_batch),
+                "--max-queue",
+                "256",
+            ]
+        else:
+            cmd = [
+                sys.executable,
+                "-c",
+                MLX_LM,
+                "--model",
+                str(folder),
+                "--port",
+                str(self.port),
+                "--decode-concurrency",
+                str(max_batch),
+                "--prompt-concurrency",
+                str(max_batch),
+            ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{kind} server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"{kind} server did not start")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def prompt_text(rng: random.Random, n: int, vocab: int) -> str:
+    return " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(n))
+
+
+async def one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int, str]:
+    """(seconds to the first text, completion tokens, text) of one streamed request."""
+    t0 = time.perf_counter()
+    first, text, usage = None, "", None
+    stream = await client.completions.create(
+        model=model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            first = first or time.perf_counter() - t0
+            text += chunk.choices[0].text
+        if getattr(chunk, "usage", None):
+            usage = chunk.usage.completion_tokens
+    return first or time.perf_counter() - t0, usage or len(text.split()), text
+
+
+async def load(url: str, model: str, C: int, per_worker: int, prompts: list[str], max_tokens: int):
+    queue = list(prompts[: C * per_worker])
+    async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=1800) as client:
+
+        async def worker():
+            out = []
+            while queue:
+                out.append(await one(client, model, queue.pop(), max_tokens))
+            return out
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker() for _ in range(C))) for r in rs]
+        return time.perf_counter() - t0, results
+
+
+def percentile(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
+
+
+def run_server(kind, folder, name, drafter, args, prompts, log) -> dict:
+    server = Server(kind, folder, drafter, max(args.concurrency))
+    model = "default_model" if kind == "mlx_lm" else str(folder)
+    try:
+        asyncio.run(load(server.url, model, 1, 1, prompts[-1:], 4))  # warm-up
+        cells = {}
+        for C in args.concurrency:
+            wall, res = asyncio.run(load(server.url, model, C, args.requests, prompts, args.max_tokens))
+            ttft = [r[0] for r in res]
+            tokens = sum(r[1] for r in res)
+            cells[C] = dict(
+                tps=tokens / wall,
+                p50=statistics.median(ttft),
+                p95=percentile(ttft, 0.95),
+                texts=[r[2] for r in res],
+                n=len(res),
+            )
+        return cells
+    finally:
+        server.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small shapes, short prompts (smoke test, < 3 min)")
+    ap.add_argument("--shapes", nargs="*", default=["e2b-shaped", "moe-shaped", "demo"])
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 8, 16])
+    ap.add_argument("--requests", type=int, default=2, help="requests per client")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.quick:
+        args.concurrency, args.prompt_tokens, args.max_tokens = [1, 8], 32, 16
+    log = Report(args.out)
+    log(
+        f"backend {mx.default_device()}, BLAS {gemma4_mlx._blas.loaded_from or 'MLX default'} for both servers, "
+        f"float32; load: {os.getloadavg()[0]:.2f} (1-min load average at start)"
+    )
+    log(
+        f"closed loop: C clients x {args.requests} streamed /v1/completions each, prompts of "
+        f"{args.prompt_tokens} tokens (all different), max_tokens {args.max_tokens}, greedy\n"
+    )
+    log(
+        f"{'model':<11} {'server':<16} {'C':>3} | {'tok/s':>7} {'x mlx_lm':>8} | {'TTFT p50':>8} {'p95':>6} | "
+        f"p95 <= 2(TTFT1 + round)"
+    )
+    for name in args.shapes:
+        if name == "demo":
+            folder, vocab, variants = DEMO_MODEL, None, [("ours", None), ("ours+drafter", str(DEMO_DRAFTER))]
+        else:
+            spec = dict(SHAPES[name], **(QUICK if args.quick else {}))
+            folder = build_checkpoint(name + ("-quick" if args.quick else ""), spec)
+            vocab = spec["vocab_size"]
+            word_tokenizer(folder, vocab)
+            variants = [("ours", None)]
+        rng = random.Random(0)
+        n = max(args.concurrency) * args.requests + 1
+        if vocab is None:  # the demo model's own tokenizer: English-ish words
+            prompts = [
+                f"Question {i}: what is the capital of country number {i}? " * (args.prompt_tokens // 16)
+                for i in range(n)
+            ]
+        else:
+            prompts = [prompt_text(rng, args.prompt_tokens, vocab) for _ in range(n)]
+        results = {"mlx_lm": run_server("mlx_lm", folder, name, None, args, prompts, log)}
+        for label, drafter in variants:
+            results[label] = run_server("ours", folder, name, drafter, args, prompts, log)
+        base = results["mlx_lm"]
+        for label, cells in results.items():
+            for C, c in cells.items():
+                round_s = C / c["tps"]
+                ok = c["p95"] <= 2 * (cells[1]["p50"] + round_s) if 1 in cells else None
+                log(
+                    f"{name:<11} {label:<16} {C:>3} | {c['tps']:>7.1f} {c['tps'] / base[C]['tps']:>8.2f} | "
+                    f"{c['p50']:>8.3f} {c['p95']:>6.3f} | {ok}"
+                )
+        same = results["ours"][1]["texts"] == base[1]["texts"]
+        log(f"{name}: greedy texts at C = 1 identical between the servers: {same}\n")
+
+
+if __name__ == "__main__":
+    main()

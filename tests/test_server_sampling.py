@@ -1,0 +1,79 @@
+"""Per-request sampling options through the live server (real `openai` client on the
+demo model): log-probabilities equal the model's own, streamed or not; presence /
+frequency penalties give what `generate_tokens` gives with the same options."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import openai
+import pytest
+
+import gemma4_mlx
+from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.prompt.tokens import encode_prompt
+from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
+
+from helpers.live_server import live_server
+
+NAME = "gemma4-demo"
+PROMPT = "<|turn>user\nWhat is the capital of Peru?<turn|>\n<|turn>model\n"
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return gemma4_mlx.load(DEMO_MODEL)
+
+
+@pytest.fixture(scope="module")
+def oa(demo):
+    model, tok = demo
+    with live_server(model, tok, model_name=NAME) as (url, _):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def test_completion_logprobs_are_the_models(demo, oa):
+    model, tok = demo
+    r = oa.completions.create(model=NAME, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and len(lp.tokens) == 6
+    ids = encode_prompt(tok, PROMPT, chat=False)
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        logits = model(mx.array([ids]))[0, -1]
+        want = logits - mx.logsumexp(logits)
+        best = int(mx.argmax(want).item())
+        assert tok.decode([best]) == token
+        assert math.isclose(value, want[best].item(), abs_tol=1e-4)
+        assert len(top) == 3 and math.isclose(max(top.values()), value, abs_tol=1e-6)
+        ids.append(best)
+    assert lp.text_offset[1] == len(lp.tokens[0])
+
+
+def test_chat_logprobs_streamed_equal_whole(oa):
+    msgs = [{"role": "user", "content": "What is the capital of Japan?"}]
+    whole = oa.chat.completions.create(model=NAME, messages=msgs, temperature=0, logprobs=True, top_logprobs=2)
+    entries = whole.choices[0].logprobs.content
+    assert "".join(e.token for e in entries) == whole.choices[0].message.content
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
+    assert all(e.top_logprobs[0].token == e.token for e in entries)  # greedy: the most likely
+    stream = oa.chat.completions.create(
+        model=NAME, messages=msgs, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    plain = oa.chat.completions.create(model=NAME, messages=msgs, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_presence_and_frequency_penalties(demo, oa):
+    """Past the end of its answer (ignore_eos) the demo model repeats itself: there the
+    penalties change the text, exactly as `generate_tokens` with them does."""
+    model, tok = demo
+    options = SamplingOptions(presence_penalty=2.0, frequency_penalty=1.0)
+    kw = dict(model=NAME, prompt=PROMPT, max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
+    r = oa.completions.create(presence_penalty=2.0, frequency_penalty=1.0, **kw)
+    ids = encode_prompt(tok, PROMPT, chat=False)
+    want = list(generate_tokens(model, ids, max_tokens=30, options=options))
+    assert r.choices[0].text == tok.decode(want)
+    assert oa.completions.create(**kw).choices[0].text != r.choices[0].text  # the penalties did something
