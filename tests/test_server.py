@@ -195,7 +195,8 @@ def test_thinking_separated(demo, oa):
 
 def test_prefix_reuse_matches_cold_run(demo, oa):
     model, tok = demo
-    history = [{"role": "user", "content": JAPAN}]
+    system = {"role": "system", "content": "You answer questions about countries. " * 8}
+    history = [system, {"role": "user", "content": JAPAN}]
     first = _chat(oa, history).choices[0].message.content
     history += [{"role": "assistant", "content": first}, {"role": "user", "content": "What is the capital of Peru?"}]
     r = _chat(oa, history)
@@ -203,6 +204,8 @@ def test_prefix_reuse_matches_cold_run(demo, oa):
     cold.messages = [dict(m) for m in history[:-1]]
     assert r.choices[0].message.content == cold.send(history[-1]["content"]).text
     assert 0 < r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+    # the earlier turns, past the sliding window: sliding layers were reused exactly
+    assert r.usage.prompt_tokens_details.cached_tokens > model.config.sliding_window
     assert cold.prefilled_last == r.usage.prompt_tokens  # the cold run prefilled everything
 
 
