@@ -142,7 +142,9 @@ class Server:
 
 
 def prompt_text(rng: random.Random, n: int, vocab: int) -> str:
-    return " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(n))
+    """n tokens; the BOS spelled out, so that both servers feed the same ids (ours
+    adds a missing BOS to raw prompts, mlx_lm.server's tokenizer call would not)."""
+    return "<bos> " + " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(n - 1))
 
 
 async def one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int, str]:

@@ -109,8 +109,11 @@ def test_health_models_metrics(server, oa):
         "gemma4_completion_tokens_total",
         "gemma4_queue_depth",
         "gemma4_time_to_first_token_seconds_count",
+        "gemma4_batch_rows",
     ):
         assert name in text
+    pool = next(line for line in text.splitlines() if line.startswith("gemma4_prefix_cache_bytes "))
+    assert float(pool.split()[1]) > 0  # the finished request's cache is kept for reuse
 
 
 def test_chat_text_equals_generate_and_chat(demo, oa):

@@ -32,7 +32,8 @@ class ServerState:
         self.model_name, self.api_key = model_name, api_key
         self.prompter = Prompter(model, tokenizer, max_context=max_context, allow_local_files=allow_local_files)
         self.engine = Engine(model, tokenizer, **engine)
-        self.metrics = Metrics(lambda: self.engine.depth)
+        sched = self.engine.scheduler
+        self.metrics = Metrics(lambda: self.engine.depth, lambda: len(sched.rows), lambda: sched.pool.nbytes)
         self.started = int(time.time())
 
     def check_model(self, name: str) -> None:

@@ -7,8 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 
 class Metrics:
-    def __init__(self, queue_depth):
-        """queue_depth: a function giving the requests waiting or running."""
+    def __init__(self, queue_depth, batch_rows=lambda: 0, prefix_bytes=lambda: 0):
+        """queue_depth: a function giving the requests waiting or running; batch_rows:
+        the rows decoding now; prefix_bytes: the prefix pool's KV bytes."""
         r = self.registry = CollectorRegistry()
         self.requests = Counter("gemma4_requests", "HTTP requests", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("gemma4_prompt_tokens", "Prompt tokens", registry=r)
@@ -16,6 +17,10 @@ class Metrics:
         self.completion_tokens = Counter("gemma4_completion_tokens", "Generated tokens", registry=r)
         self.queue = Gauge("gemma4_queue_depth", "Requests waiting or running", registry=r)
         self.queue.set_function(queue_depth)
+        self.rows = Gauge("gemma4_batch_rows", "Requests decoding together now", registry=r)
+        self.rows.set_function(batch_rows)
+        self.prefix = Gauge("gemma4_prefix_cache_bytes", "KV cache bytes kept for prefix reuse", registry=r)
+        self.prefix.set_function(prefix_bytes)
         self.ttft = Histogram(
             "gemma4_time_to_first_token_seconds",
             "From the request's arrival to its first generated token",
