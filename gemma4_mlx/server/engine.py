@@ -102,7 +102,10 @@ class RequestHandle:
             if self._signalled:
                 return
             self._signalled = True
-        self._loop.call_soon_threadsafe(self._ready.set)
+        try:
+            self._loop.call_soon_threadsafe(self._ready.set)
+        except RuntimeError:  # the event loop is gone (server shutting down): nobody reads this
+            pass
 
     def cancel(self) -> None:
         self.request.cancelled.set()
