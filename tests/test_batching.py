@@ -11,6 +11,7 @@ import pytest
 from gemma4_mlx.batching import Job, Scheduler
 from gemma4_mlx.batching import scheduler as scheduler_module
 from gemma4_mlx.batching.scheduler import drain
+from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.cache.prefix import PrefixPool
 from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens, prefill
@@ -168,6 +169,7 @@ def test_stop_tokens_and_dropping_a_row(pairs):
         sched.add(j)
     for _ in range(8):
         sched.step()
+    assert jobs[3] in sched.rows and len(jobs[3].out) < 14
     sched.drop(jobs[3])  # a client went away
     sched.step()
     assert jobs[3] not in sched.rows
@@ -204,8 +206,39 @@ def test_prefix_pool_budget_and_copies(pairs):
     one, n1 = pool.take(p + [3])
     two, n2 = pool.take(p[:6] + [9, 9])
     assert (n1, n2) == (12, 6) and len(pool.entries) == 1
+    before = [mx.array(k) for k, _ in pool.entries[0].cache.state]
     model(mx.array([[3]]), one)  # writing into a copy leaves the entry alone
+    one.trim(2)
+    model(mx.array([[7, 8]]), one)  # overwrite slots the entry holds
     assert pool.entries[0].cache.offset == 12
+    assert all(mx.array_equal(a, k) for a, (k, _) in zip(before, pool.entries[0].cache.state))
     small = PrefixPool(fresh, budget_bytes=pool.nbytes - 1)
     small.put(p, c)
     assert small.entries == []  # larger than the budget: not kept
+
+
+def test_compacting_a_batch_after_rows_left(pairs, monkeypatch):
+    """Dead leading slots are dropped (min_slots=1 forces it): every remaining row's
+    cache still gives the logits of its whole sequence, and no token changes."""
+    model, _ = pairs["e2b_like"]
+    ps = prompts(6, seed=31)
+    maxes = [3, 16, 4, 16, 5, 16]
+    jobs = [Job(p, list(p), max_tokens=m) for p, m in zip(ps, maxes)]
+    sched = Scheduler(model, max_batch=6)
+    freed, real = [], LayerCaches.compact
+
+    def eager(self, min_slots=256):
+        before = sum(c.size for c in self.writers())
+        real(self, min_slots=1)
+        freed.append(before - sum(c.size for c in self.writers()))
+        for i, job in enumerate(sched.rows):
+            row = self.take_row(i, sched.fresh())
+            seq = job.ids + job.out
+            got = model(mx.array([seq[-1:]]), row)[0, -1]
+            assert max_diff(got, model(mx.array([seq]))[0, -1]) < 1e-4
+
+    monkeypatch.setattr(LayerCaches, "compact", eager)
+    drain_all(sched, jobs)
+    assert any(freed)  # slots were freed
+    for j, p, m in zip(jobs, ps, maxes):
+        assert j.out == alone(model, p, m)

@@ -153,6 +153,7 @@ def test_tool_call_streamed_then_answered(demo, oa):
     assert calls[0]["name"] == "get_weather" and json.loads(calls[0]["arguments"]) == {"city": "Paris"}
     r = _chat(oa, messages, tools=TOOLS)  # non-streamed: the same call
     call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].message.content is None  # OpenAI's shape for a tool-call-only reply
     assert (r.choices[0].finish_reason, call.function.name, json.loads(call.function.arguments)) == (
         "tool_calls",
         "get_weather",

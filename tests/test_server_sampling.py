@@ -77,3 +77,25 @@ def test_presence_and_frequency_penalties(demo, oa):
     want = list(generate_tokens(model, ids, max_tokens=30, options=options))
     assert r.choices[0].text == tok.decode(want)
     assert oa.completions.create(**kw).choices[0].text != r.choices[0].text  # the penalties did something
+
+
+def test_logprobs_follow_the_text_a_stop_string_cuts(oa):
+    """Tokens after a stop string are not reported; the ones before it all are."""
+    msgs = [{"role": "user", "content": "What is the capital of Peru?"}]
+    full = oa.chat.completions.create(model=NAME, messages=msgs, temperature=0, logprobs=True)
+    text = full.choices[0].message.content
+    stop = text[text.index(" is") :]  # cut after "The capital of Peru"
+    r = oa.chat.completions.create(model=NAME, messages=msgs, temperature=0, logprobs=True, stop=[stop])
+    entries = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == text[: text.index(" is")]
+    assert "".join(e.token for e in entries) == r.choices[0].message.content
+    stream = oa.chat.completions.create(
+        model=NAME, messages=msgs, temperature=0, logprobs=True, stop=[stop], stream=True
+    )
+    streamed = [e.token for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in entries]
+
+
+def test_top_logprobs_without_logprobs_is_a_400(oa):
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        oa.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)

@@ -29,7 +29,7 @@ from gemma4_mlx.batching.job import Job, Progress, pick_rows
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.cache.prefix import PrefixPool
 from gemma4_mlx.contracts import DecodingModel, MTPDrafter
-from gemma4_mlx.runtime.generate import prefill_steps
+from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, prefill_steps
 from gemma4_mlx.speculative.loop import profile
 from gemma4_mlx.speculative.policy import DraftPolicy
 from gemma4_mlx.speculative.round import accepted_counts, draft, verify
@@ -58,8 +58,11 @@ class Scheduler:
         max_batch: int = 8,
         prefill_chunk: int = 256,
         prefix_budget_bytes: int = 2 << 30,
+        kv_bits: int | None = None,
     ):
+        """kv_bits: 8 or 4 keep every row's KV cache quantized (docs/kv-cache.md)."""
         self.model, self.drafter = model, drafter
+        self.kv_bits = None if kv_bits == 16 else kv_bits
         self.max_batch, self.prefill_chunk = max(1, max_batch), prefill_chunk
         self.pool = PrefixPool(self.fresh, prefix_budget_bytes)
         self.policy = DraftPolicy.for_setting(draft_tokens) if drafter is not None else None
@@ -74,7 +77,9 @@ class Scheduler:
         self.peak_batch = 0  # most rows decoded together so far
 
     def fresh(self) -> LayerCaches:
-        return LayerCaches.of(self.model.make_cache(max_rollback=MAX_ROLLBACK))
+        if self.kv_bits is None:
+            return LayerCaches.of(self.model.make_cache(max_rollback=MAX_ROLLBACK))
+        return LayerCaches.of(self.model.make_cache(max_rollback=MAX_ROLLBACK, kv_bits=self.kv_bits))
 
     # -- the engine's side ----------------------------------------------------
     def add(self, job: Job) -> None:
@@ -92,11 +97,11 @@ class Scheduler:
         return len(self.rows) + len(self.waiting) + (self.joining is not None)
 
     def abandon(self) -> list[Job]:
-        """Give up every job (after an error the batch state cannot be trusted)."""
-        jobs = list(self.waiting) + self.rows + ([self.joining.job] if self.joining else [])
-        self.waiting.clear()
+        """Give up the running and joining jobs (after an error in a round the batch
+        state cannot be trusted); waiting jobs stay queued.  Returns the jobs given up."""
+        jobs = self.rows + ([self.joining.job] if self.joining else [])
         self.rows, self.caches, self.hidden, self.joining = [], None, None, None
-        self._drop.clear()
+        self._drop.difference_update(jobs)
         return jobs
 
     def step(self) -> list[Progress]:
@@ -126,10 +131,15 @@ class Scheduler:
         job.cached = n
         media = None if job.media is None else job.media.rows(n)
         ids = mx.array([job.ids[n:]])
-        steps = prefill_steps(self.model, ids, cache, self.prefill_chunk, media)
+        # with no row waiting on it, the prefill takes generate's larger chunks
+        chunk = self.prefill_chunk if self.rows else max(self.prefill_chunk, DEFAULT_PREFILL_CHUNK)
+        steps = prefill_steps(self.model, ids, cache, chunk, media)
         self.joining = _Joining(job, cache, steps, len(job.ids) - n)
 
     def _prefill_chunk(self) -> list[Progress]:
+        """One chunk of the joining job's prompt; after the last, its first token and
+        its row in the batch.  Whatever fails here is this prompt's (its media, its
+        length, its options): only this job fails, the batch is untouched."""
         j = self.joining
         try:
             done = next(j.steps)  # positions filled so far
@@ -137,12 +147,16 @@ class Scheduler:
             return []
         except StopIteration as finished:
             logits, h = finished.value
-        except Exception as e:  # this prompt's fault (its media, its length): only it fails
+        except Exception as e:
             self.joining = None
             return [Progress(j.job, done=True, error=e)]
         self.joining = None
         job = j.job
-        picks, lps = pick_rows([job], logits[:, None], None)
+        try:
+            mx.eval(logits, h)  # the last chunk is computed here
+            picks, lps = pick_rows([job], logits[:, None], None)
+        except Exception as e:
+            return [Progress(job, done=True, error=e)]
         new = job.take(picks[0])
         job.bonus = picks[0][0]
         if job.finished:

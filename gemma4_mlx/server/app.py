@@ -136,6 +136,7 @@ def app(
     max_context: int | None = None,
     allow_local_files: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
+    kv_bits: int | None = None,
 ) -> FastAPI:
     """The server for one loaded model.  model_name: the name clients send as `model`;
     drafter: an MTP drafter (speculative decoding, same output); api_key: required as
@@ -143,8 +144,10 @@ def app(
     waiting or running before 429; max_batch: requests decoded together;
     prefix_cache_gb: memory for KV caches of finished requests that later prompts may
     continue; draft_tokens: K or "auto"; max_context: longest prompt (default the
-    model's); allow_local_files: image parts may name files on this machine."""
+    model's); allow_local_files: image parts may name files on this machine;
+    kv_bits: 16, 8 or 4, the KV cache's width (docs/kv-cache.md)."""
     engine = dict(
+        kv_bits=kv_bits,
         drafter=drafter,
         draft_tokens=draft_tokens,
         max_queue=max_queue,

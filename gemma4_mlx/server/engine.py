@@ -185,6 +185,7 @@ class Engine:
         max_batch: int = 8,
         prefix_cache_bytes: int = 2 << 30,
         prefill_chunk: int = 256,
+        kv_bits: int | None = None,
     ):
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         share_with_thread(model, drafter)
@@ -197,6 +198,7 @@ class Engine:
             max_batch=max_batch,
             prefill_chunk=prefill_chunk,
             prefix_budget_bytes=prefix_cache_bytes,
+            kv_bits=kv_bits,
         )
         self._inbox: queue.Queue = queue.Queue()
         self._runs: dict[Job, _Run] = {}
@@ -239,14 +241,18 @@ class Engine:
             self._notice_cancelled()
             try:
                 progress = self.scheduler.step()
-            except Exception as e:  # the batch cannot be trusted: every running request fails
+            except Exception as e:  # the batch cannot be trusted: the running requests fail
                 log.exception("generation failed")
-                self.scheduler.abandon()
-                for job in list(self._runs):
+                for job in self.scheduler.abandon():
                     self._end(job, error=e)
                 continue
             for p in progress:
-                self._deliver(p)
+                try:
+                    self._deliver(p)
+                except Exception as e:  # this request's text handling (parser, detokenizer)
+                    log.exception("request failed")
+                    self.scheduler.drop(p.job)
+                    self._end(p.job, error=e)
 
     def _admit(self) -> bool:
         """Take new requests: wait for one when idle, else only those already here.
@@ -263,7 +269,11 @@ class Engine:
         while True:
             if handle is None:
                 return False
-            self._start(handle)
+            try:
+                self._start(handle)
+            except Exception as e:  # its sampler / processors / parser could not be made
+                log.exception("request could not start")
+                handle.put(Output("error", error=e))
             try:
                 handle = self._inbox.get_nowait()
             except queue.Empty:
@@ -341,7 +351,11 @@ class _Run:
         self.generated: list[int] = []
         self.stop_string: str | None = None
         self.cancelled = False
-        self.logprobs: list = []  # of the tokens fed since the last content output
+        # log-probabilities wait here with the offset where their text starts in the
+        # content stream; an output carries those whose text it begins (a stop string
+        # cuts the text, and with it the tokens after it)
+        self.pending: deque = deque()
+        self.text_at = self.emitted = 0  # content characters fed / sent
 
     def step(self, tok: int, logprob=None) -> bool:
         """Take one token (and its (logprob, top alternatives) when asked for); True
@@ -350,7 +364,9 @@ class _Run:
             self.handle.first_token_at = time.perf_counter()
         self.generated.append(tok)
         if logprob is not None:
-            self.logprobs.append(self._named(tok, logprob))
+            entry = self._named(tok, logprob)
+            self.pending.append((self.text_at, entry))
+            self.text_at += len(entry[0])
         if self.req.cancelled.is_set():
             self.cancelled = True
             return True
@@ -372,11 +388,19 @@ class _Run:
             if ev.type == "content":
                 text, self.stop_string = self.scanner.feed(ev.text)
                 if text:
-                    lps, self.logprobs = self.logprobs or None, []
-                    self.handle.put(Output("event", Event("content", text), logprobs=lps))
+                    self._send(text)
             elif ev.type in ("reasoning", "tool_call"):
-                self.logprobs = []  # OpenAI reports log-probabilities of content tokens only
+                # OpenAI reports log-probabilities of content tokens only
+                self.pending.clear()
+                self.text_at = self.emitted
                 self.handle.put(Output("event", ev))
+
+    def _send(self, text: str) -> None:
+        self.emitted += len(text)
+        lps = []
+        while self.pending and self.pending[0][0] < self.emitted:
+            lps.append(self.pending.popleft()[1])
+        self.handle.put(Output("event", Event("content", text), logprobs=lps or None))
 
     def _named(self, tok: int, logprob) -> tuple:
         """(token text, logprob, [(text, logprob) of the top alternatives])."""
@@ -397,7 +421,7 @@ class _Run:
         if self.stop_string is None:
             rest = self.scanner.flush()
             if rest:
-                self.handle.put(Output("event", Event("content", rest)))
+                self._send(rest)
         self.handle.put(Output("done", finish_reason=self._reason(), stop_string=self.stop_string, usage=self.usage))
 
     def _reason(self) -> str:

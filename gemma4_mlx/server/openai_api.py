@@ -121,6 +121,8 @@ def routes(server) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         server.check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
 
         def build():
             conv = conversation(body, server.prompter)
@@ -135,7 +137,8 @@ def routes(server) -> APIRouter:
             stream = _chat_stream(server, handle, outs, usage, body.logprobs)
             return StreamingResponse(stream, media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
-        message = {"role": "assistant", "content": r.content}
+        # OpenAI's shape: content is null when the reply is only tool calls
+        message = {"role": "assistant", "content": None if r.tool_calls and not r.content else r.content}
         if r.reasoning:
             message["reasoning_content"] = r.reasoning
         if r.tool_calls:
