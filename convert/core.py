@@ -7,7 +7,8 @@ layout), checked against the config's geometry, encoded tensor by tensor (each
 evaluated at once so its source bytes can go), and written as one output shard.
 Peak memory is about one output shard plus one tensor's working set.
 Everything goes to `DST.partial`, renamed to DST only at the very end; any failure
-removes it, so a DST that exists is always complete.
+removes it, so a DST that exists is always complete (a killed run's is removed by the
+next: `output.staging`).
 
 An audio model always leaves with a `feature_extractor` block in its
 processor_config.json (docs/multimodal.md §6.3: mlx-vlm #903 lost it, and audio was
@@ -38,7 +39,7 @@ from . import codecs, drafter
 from .errors import ConvertError
 from .gguf import import_gguf
 from .hub import resolve_source
-from .output import Progress, Report, write_index, write_shard
+from .output import Progress, Report, check_destination, staging, write_index, write_shard
 from .policy import RECIPES, Policy, classify
 
 log = logging.getLogger(__name__)
@@ -87,28 +88,19 @@ def convert(
     dst = Path(dst).expanduser()
     if dst.exists() and not force:
         raise ConvertError(f"{dst}: already exists (pass force=True / --force to replace it)")
+    check_destination(dst)  # a read-only parent is refused before any work
     gguf_file = Path(src).expanduser() if str(src).endswith(".gguf") else None  # GGUF import
     if gguf_file is not None and not gguf_file.is_file():
         raise ConvertError(f"{gguf_file}: no such GGUF file")
     folder = gguf_file.parent if gguf_file is not None else resolve_source(src)
     if dst.resolve() == folder.resolve():
         raise ConvertError(f"{dst}: destination is the source folder")
-    partial = dst.with_name(dst.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)  # left by a killed run: ours by name, never complete
-    partial.mkdir(parents=True)
-    try:
+    with staging(dst) as partial:  # DST.partial, renamed to DST at the end (docs/hardening.md §2)
         if gguf_file is not None:
             report = import_gguf(gguf_file, partial, policy, progress)
         else:
             report = _convert(folder, partial, policy, progress)
             _copy_through(folder, partial)
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        partial.rename(dst)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     report.dst = dst
     return report
 

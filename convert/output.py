@@ -1,15 +1,32 @@
 """What every conversion writes, shared by the HF converter (`core`) and the GGUF
-importer (`gguf`): the `Report`, output shards, the shard index, the progress bar."""
+importer (`gguf`): the `Report`, output shards, the shard index, the progress bar,
+and the crash-safe staging folder (`staging`, docs/hardening.md §2)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
 
+from .errors import ConvertError
+
+log = logging.getLogger(__name__)
+
 INDEX = "model.safetensors.index.json"
+PARTIAL = ".partial"
+OLD = ".old" + PARTIAL  # DST.old.partial: a DST being replaced, moved aside
+# Inside DST.partial while a conversion writes it: flock-ed by the writer for its whole
+# life, so the kernel releases it the moment the writer dies, SIGKILL included.
+LOCK = ".gemma4-mlx-convert.lock"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass
@@ -33,8 +50,21 @@ class Report:
 
 
 def write_shard(path: Path, tensors: dict[str, mx.array]) -> None:
-    """Write one output shard (a module-level name, so tests can inject failures)."""
-    mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})
+    """Write one output shard (a module-level name, so tests can inject failures).
+    MLX reports a full disk as a RuntimeError: it becomes a one-line ConvertError."""
+    try:
+        mx.save_safetensors(str(path), tensors, metadata={"format": "mlx"})
+    except (RuntimeError, OSError) as e:
+        need = sum(a.nbytes for a in tensors.values())
+        free = shutil.disk_usage(path.parent).free
+        if free < need or getattr(e, "errno", None) in _NO_SPACE:
+            raise ConvertError(no_space(path.parent, free, need)) from None
+        raise ConvertError(f"{path}: cannot write ({' '.join(str(e).split())})") from None
+
+
+def no_space(where: Path, free: int, need: int | None = None) -> str:
+    what = f"{need:,} bytes to write, " if need else ""
+    return f"{where}: no space left on device ({what}{free:,} bytes free); nothing was written"
 
 
 def write_index(out: Path, weight_map: dict[str, str], total_size: int) -> None:
@@ -73,3 +103,162 @@ class Progress:
         if self.enabled:
             self._bar.stop()
         return False
+
+
+# -- crash-safe output: DST.partial, owned through a lock, renamed at the end ------------
+
+
+def check_destination(dst: Path) -> None:
+    """Refuse, before any work, a destination whose nearest existing folder cannot be
+    written (read-only filesystem, no permission)."""
+    parent = dst.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConvertError(f"{dst}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        ro = os.statvfs(parent).f_flag & os.ST_RDONLY
+        why = "is on a read-only filesystem" if ro else "is not writable"
+        raise ConvertError(f"{dst}: cannot write there ({parent} {why})")
+
+
+def _try_lock(partial: Path):
+    """An open, exclusively locked file object of `partial`'s lock, or None while its
+    writer lives.  Raises FileNotFoundError without a lock file."""
+    f = open(partial / LOCK, "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def _owner(partial: Path) -> str:
+    try:
+        return (partial / LOCK).read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def clean_stale(parent: Path, own: tuple[Path, ...]) -> list[Path]:
+    """Remove the `*.partial` folders in `parent` that killed conversions left: those
+    whose lock no live process holds.  `own` (this run's DST.partial and DST.old.partial)
+    are removed even without a lock file (a run killed before it took the lock); another
+    run's folders only with one, so nothing that is not provably ours is touched.  A live
+    writer of `own` is an error."""
+    removed = []
+    for d in sorted(parent.glob("*" + PARTIAL)) if parent.is_dir() else []:
+        if not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            lock = _try_lock(d)
+        except FileNotFoundError:
+            if d in own:
+                shutil.rmtree(d)
+                removed.append(d)
+            continue
+        except OSError:
+            continue  # unreadable: not ours to judge
+        if lock is None:
+            if d in own:
+                raise ConvertError(f"{d}: another conversion (pid {_owner(d)}) is writing it")
+            continue
+        with lock:  # held while deleting: a third run sees a live owner, not a half-deleted folder
+            _restore_replaced(d)
+            shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    for d in removed:
+        log.warning("removed %s, left by a conversion that was killed", d)
+    return removed
+
+
+def _restore_replaced(d: Path) -> None:
+    """A dead run's DST.old.partial still holding the DST it replaced, while DST is gone
+    (killed between the two renames of `staging`): put that DST back."""
+    if not d.name.endswith(OLD):
+        return
+    dst = d.with_name(d.name[: -len(OLD)])
+    if (d / "replaced").exists() and not (dst.exists() or dst.is_symlink()):
+        os.rename(d / "replaced", dst)
+        log.warning("restored %s, which a killed conversion had moved aside", dst)
+
+
+def _take(partial: Path):
+    """Create DST.partial with its lock held; returns the lock's file object."""
+    try:
+        partial.mkdir(parents=True)
+        f = open(partial / LOCK, "w")
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise ConvertError(no_space(partial.parent, shutil.disk_usage(partial.parent).free)) from None
+        raise ConvertError(f"{partial}: cannot create it ({e.strerror or e})") from None
+    fcntl.flock(f, fcntl.LOCK_EX)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file and the folder: a rename that survives a crash publishes data that does too."""
+    for p in folder.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            _fsync(p)
+    _fsync(folder)
+
+
+@contextlib.contextmanager
+def staging(dst: Path):
+    """`with staging(dst) as partial:` write everything into `partial`; on success it
+    becomes `dst` (replacing one that exists) by one rename; on any failure, or a
+    kill, `dst` is untouched and `partial` is gone (now, or removed by the next run
+    through its dead lock: `clean_stale`).  A full disk is one ConvertError line."""
+    partial = dst.with_name(dst.name + PARTIAL)
+    trash = dst.with_name(dst.name + OLD)  # a replaced DST, on its way out
+    clean_stale(dst.parent, (partial, trash))
+    locks = [_take(partial)]
+    try:
+        yield partial
+        _sync_tree(partial)
+        if dst.exists() or dst.is_symlink():
+            # Moved aside whole (one rename) into a locked folder, never deleted in place:
+            # a kill then leaves DST complete or absent, and the folder to the next run.
+            locks.append(_take(trash))
+            os.rename(dst, trash / "replaced")
+        # Unlocked-looking only for the two calls below (the lock itself stays held through
+        # the open file until close): a kill between them leaves a folder only DST's own
+        # next run removes (docs/hardening.md §2).
+        (partial / LOCK).unlink()
+        partial.rename(dst)
+        _fsync(dst.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+    except OSError as e:
+        _undo(partial, trash, dst)
+        if e.errno in _NO_SPACE:
+            raise ConvertError(no_space(dst.parent, shutil.disk_usage(dst.parent).free)) from None
+        raise
+    except BaseException:
+        _undo(partial, trash, dst)
+        raise
+    finally:
+        for lock in locks:
+            lock.close()
+
+
+def _undo(partial: Path, trash: Path, dst: Path) -> None:
+    """After a failure: the previous DST back in place if it was moved aside, and this
+    run's folders gone."""
+    old = trash / "replaced"
+    if old.exists() and not dst.exists():
+        os.rename(old, dst)
+    shutil.rmtree(partial, ignore_errors=True)
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)

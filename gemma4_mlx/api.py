@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from gemma4_mlx.checkpoint.load import LoadError, load, load_drafter
+from gemma4_mlx.constrain import ConstraintError, bind, grammar_from
 from gemma4_mlx.media.prepare import has_media, media_prompt
 from gemma4_mlx.prompt.tokens import encode_prompt
 from gemma4_mlx.runtime.generate import (
@@ -26,6 +27,7 @@ from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate, s
 
 __all__ = [
     "Chunk",
+    "ConstraintError",
     "LoadError",
     "SamplingOptions",
     "Stats",
@@ -39,6 +41,11 @@ __all__ = [
     "speculative_batch_generate",
     "stream_generate",
 ]
+
+
+# sliding-layer rollback slack of a quantized cache made here: what `speculate`
+# would give itself for any draft length its policy picks (docs/speculative.md §9)
+KV_ROLLBACK = 64
 
 
 @dataclass
@@ -72,6 +79,10 @@ def stream_generate(
     videos=(),
     image_budget: int | None = None,
     media_processor=None,
+    json_schema: dict | str | None = None,
+    regex: str | None = None,
+    grammar=None,
+    kv_bits: int | None = None,
 ) -> Iterator[Chunk]:
     """Stream text chunks; stops on the model's end-of-turn / end-of-text ids.
 
@@ -81,8 +92,21 @@ def stream_generate(
     images / audio / videos: media for a text prompt (paths, arrays, PIL images or
     `multimodal.Image/Audio/Video`), placed before the text in the user turn;
     image_budget: soft tokens per image (70, 140, 280, 560, 1120).
+    json_schema / regex / grammar (one at most): the output follows a JSON schema
+    (dict or JSON text), fully matches a regex, or is a sentence of a grammar
+    (llguidance Lark text, or a `constrain.Grammar`, e.g. from
+    `constrain.constraint_from_response_format`); one that cannot be compiled raises
+    `ConstraintError` before anything runs (docs/structured-output.md).
+    kv_bits: 16 (the model's dtype), 8 or 4: store the KV cache quantized
+    (docs/kv-cache.md); about 1.9x / 3.6x less cache memory at long contexts.
     """
-    options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed)
+    # a quantized cache is made here and handed in (plain and speculative decoding
+    # both take one); a bad width is refused before anything runs
+    cache = None if kv_bits in (None, 16) else model.make_cache(max_rollback=KV_ROLLBACK, kv_bits=kv_bits)
+    spec = grammar_from(json_schema=json_schema, regex=regex, grammar=grammar)
+    stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
+    constraint = None if spec is None else bind(spec, tokenizer, model.config.vocab_size, stop)
+    options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed, constraint=constraint)
     media = None
     if has_media(images, audio, videos):
         ids, media = media_prompt(
@@ -98,7 +122,6 @@ def stream_generate(
         )
     else:
         ids = encode_prompt(tokenizer, prompt, chat)
-    stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
     stats = Stats()
     detok = tokenizer.detokenizer
     detok.reset()
@@ -114,6 +137,7 @@ def stream_generate(
         prefill_chunk=prefill_chunk,
         stats=stats,
         media=media,
+        cache=cache,
     )
     for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
@@ -179,6 +203,12 @@ def own_thread() -> None:
     """Give the calling (non-main) thread its own default stream to run models on
     (after `share_with_thread` on the thread that loaded them)."""
     mx.set_default_stream(mx.new_stream(mx.default_device()))
+
+
+def release_thread() -> None:
+    """Free the calling thread's MLX streams before it ends (MLX requires it of every
+    thread that ran MLX work; without it the process may abort at exit)."""
+    mx.clear_streams()
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int], **kwargs) -> str:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gemma4_mlx.config_types import ConfigError, accepts, check_text, check_types
+
 log = logging.getLogger(__name__)
 
 SLIDING = "sliding_attention"
@@ -39,7 +41,23 @@ _CORE_KEYS = (
     "sliding_window",
 )
 
-SUPPORTED_TYPES = ("gemma4", "gemma4_text")
+SUPPORTED_TYPES = ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+UNIFIED = "gemma4_unified"  # Gemma 4 12B: no towers, patches and waveform frames go straight in (docs/unified.md)
+
+# transformers' `Gemma4UnifiedTextConfig` defaults where they differ from `Gemma4TextConfig`'s
+# (docs/unified.md §2).  The unified text config has no PLE and no MoE fields at all: a stray
+# key of that name in its config.json is ignored there, so it is forced off here.
+UNIFIED_TEXT_DEFAULTS = {
+    "use_bidirectional_attention": "vision",
+    "sliding_window": 1024,
+    "max_position_embeddings": 262144,
+}
+UNIFIED_TEXT_FORCED = {"hidden_size_per_layer_input": 0, "enable_moe_block": False}
+
+
+def unified_text(d: dict) -> dict:
+    """A `gemma4_unified_text` dict as `TextConfig.from_dict` reads it."""
+    return {**UNIFIED_TEXT_DEFAULTS, **d, **UNIFIED_TEXT_FORCED}
 
 
 # config.json names them `<name>_token_id` (eoa also `eoa_token_index`).
@@ -52,10 +70,6 @@ MEDIA_TOKEN_IDS = {
     "boa": 256000,
     "eoa": 258883,
 }
-
-
-class ConfigError(ValueError):
-    """A config.json that cannot describe a Gemma 4 text model."""
 
 
 @dataclass
@@ -117,6 +131,8 @@ class TextConfig:
         missing = [k for k in _CORE_KEYS if k not in d]
         if missing:
             log.warning("%s: missing %s; using transformers defaults", source, ", ".join(missing))
+        check_types(cls, d, source)
+        check_text(d, source)
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg.resolve(source, kv_from_target)
         return cfg
@@ -218,10 +234,15 @@ class ModelConfig:
     @property
     def media_ids(self) -> dict[str, int]:
         """Multimodal token ids (docs/multimodal.md §1.1), from the wrapper config."""
-        r = self.raw
+        r = {k: v for k, v in self.raw.items() if v is not None}  # null: the default (parse_config typed the rest)
         out = {k: int(r.get(k + "_token_id", d)) for k, d in MEDIA_TOKEN_IDS.items()}
         out["eoa"] = int(r.get("eoa_token_id", r.get("eoa_token_index", out["eoa"])))
         return out
+
+    @property
+    def unified(self) -> bool:
+        """Gemma 4 12B "unified" (docs/unified.md): media enter through embedders, not towers."""
+        return self.model_type == UNIFIED
 
     @property
     def eos_ids(self) -> list[int]:
@@ -232,14 +253,27 @@ class ModelConfig:
 
 
 def parse_config(d: dict, source: str = "config.json") -> ModelConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    for key in [k for k in d if k.endswith(("_token_id", "_token_index"))] + ["eos_token_id"]:
+        v = d.get(key)
+        if not (
+            v is None
+            or accepts("int", v)
+            or (key == "eos_token_id" and isinstance(v, list) and all(accepts("int", e) for e in v))
+        ):
+            raise ConfigError(f"{source}: {key} must be an integer, got {type(v).__name__}")
+    for key in ("vision_config", "audio_config"):
+        if not isinstance(d.get(key), (dict, type(None))):
+            raise ConfigError(f"{source}: {key} must be an object or null, got {type(d[key]).__name__}")
     model_type = d.get("model_type")
-    if model_type == "gemma4_unified":
-        raise ConfigError(f"{source}: model_type 'gemma4_unified' (Gemma 4 12B unified) is not supported yet")
     if model_type not in SUPPORTED_TYPES:
         raise ConfigError(f"{source}: unknown model_type {model_type!r}; expected one of {SUPPORTED_TYPES}")
-    text = d.get("text_config") if model_type == "gemma4" else d
+    text = d.get("text_config") if model_type in ("gemma4", UNIFIED) else d
     if not isinstance(text, dict):
-        raise ConfigError(f"{source}: model_type 'gemma4' without a text_config")
+        raise ConfigError(f"{source}: model_type {model_type!r} without a text_config")
+    if model_type.startswith(UNIFIED):
+        text = unified_text(text)
     return ModelConfig(TextConfig.from_dict(text, source), model_type, d)
 
 
@@ -250,7 +284,7 @@ def read_config(path: str | Path) -> ModelConfig:
         d = json.loads(file.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{file}: not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
     return parse_config(d, str(file))
 
@@ -280,6 +314,7 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VisionConfig:
         """Read the `vision_config` block of a config.json; unknown keys are ignored."""
+        check_types(cls, {k: v for k, v in d.items() if v is not None}, "vision_config")
         names = {f.name for f in dataclasses.fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
         rope = d.get("rope_parameters") or {}
@@ -324,6 +359,7 @@ class AudioConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AudioConfig:
+        check_types(cls, d, "audio_config")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names}
         cfg = cls(**kw)
@@ -342,6 +378,9 @@ class AudioConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+ASSISTANT_TYPES = ("gemma4_assistant", "gemma4_unified_assistant")
+
+
 @dataclass
 class AssistantConfig:
     text: TextConfig
@@ -353,14 +392,16 @@ class AssistantConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> AssistantConfig:
-        if d.get("model_type") != "gemma4_assistant":
+        kind = d.get("model_type")
+        if kind not in ASSISTANT_TYPES:
             raise ConfigError(
-                f"{source}: model_type {d.get('model_type')!r} is not a Gemma 4 drafter (expected 'gemma4_assistant')"
+                f"{source}: model_type {kind!r} is not a Gemma 4 drafter (expected one of {ASSISTANT_TYPES})"
             )
         text = d.get("text_config")
         if not isinstance(text, dict):
-            raise ConfigError(f"{source}: gemma4_assistant without a text_config")
-        text = dict(text)
+            raise ConfigError(f"{source}: {kind} without a text_config")
+        # the 12B drafter's layers are `gemma4_unified_text` ones (same modules, other defaults)
+        text = unified_text(text) if kind == "gemma4_unified_assistant" else dict(text)
         if not text.get("num_kv_shared_layers"):  # the reference forces "all layers shared"
             text["num_kv_shared_layers"] = text.get("num_hidden_layers", 4)
         t = TextConfig.from_dict(text, source, kv_from_target=True)
@@ -382,3 +423,58 @@ class AssistantConfig:
             int(d.get("centroid_intermediate_top_k", 32)),
             d,
         )
+
+
+# -- Gemma 4 12B "unified": the embedders that replace the towers (docs/unified.md §3) --------
+
+
+@dataclass(frozen=True)
+class UnifiedVisionConfig:
+    """`vision_config` of a gemma4_unified config.json (transformers 5.25 defaults = the 12B's)."""
+
+    patch_size: int = 16
+    pooling_kernel_size: int = 3
+    mm_embed_dim: int = 3840
+    mm_posemb_size: int = 1120
+    output_proj_dims: int = 3840
+    rms_norm_eps: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnifiedVisionConfig:
+        check_types(cls, {k: v for k, v in d.items() if v is not None}, "vision_config")
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        if min(cfg.patch_size, cfg.pooling_kernel_size, cfg.mm_embed_dim, cfg.mm_posemb_size) <= 0:
+            raise ValueError("vision_config: patch_size, pooling_kernel_size, mm_embed_dim, mm_posemb_size must be > 0")
+        if cfg.output_proj_dims != cfg.mm_embed_dim:  # the reference's embedder reads mm_embed_dim rows
+            raise ValueError(
+                f"vision_config: output_proj_dims {cfg.output_proj_dims} must equal mm_embed_dim {cfg.mm_embed_dim}"
+            )
+        return cfg
+
+    @property
+    def model_patch_size(self) -> int:
+        """Side in pixels of one soft token's merged patch (48 on the 12B)."""
+        return self.patch_size * self.pooling_kernel_size
+
+    @property
+    def patch_dim(self) -> int:
+        return self.model_patch_size**2 * 3
+
+
+@dataclass(frozen=True)
+class UnifiedAudioConfig:
+    """`audio_config` of a gemma4_unified config.json: one soft token per raw frame of
+    `audio_embed_dim` samples (640 = 40 ms at 16 kHz on the 12B)."""
+
+    audio_embed_dim: int = 640
+    rms_norm_eps: float = 1e-6
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnifiedAudioConfig:
+        check_types(cls, {k: v for k, v in d.items() if v is not None}, "audio_config")
+        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
+        if cfg.audio_embed_dim <= 0:
+            raise ValueError(f"audio_config: audio_embed_dim must be > 0, got {cfg.audio_embed_dim}")
+        return cfg

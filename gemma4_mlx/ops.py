@@ -1,13 +1,32 @@
 """Numerical building blocks, and the one place for backend-specific choices.
 
-Model code calls these and never asks which backend it runs on.
+Model code calls these and never asks which backend it runs on.  Two kinds of
+choice live here (docs/text-decoder.md §6.1):
+- speed: which of two equal computations a backend runs faster (`cpu_branches`);
+  GEMMA4_MLX_FORCE_GPU_BRANCHES=1 makes the CPU take the Metal/CUDA ones, so that
+  the CPU test suite runs them too;
+- kernels: where MLX's CPU backend lacks one for a dtype (`gather_mm` is float32
+  only), the op is built from ops it has, accumulating in float32 and rounding
+  once, as the GPU kernel does.
 """
+
+import functools
+import os
 
 import mlx.core as mx
 
+FORCE_GPU_BRANCHES = os.environ.get("GEMMA4_MLX_FORCE_GPU_BRANCHES", "") not in ("", "0")
+
 
 def on_cpu() -> bool:
+    """The backend really is the CPU (kernel availability)."""
     return mx.default_device().type == mx.DeviceType.cpu
+
+
+def cpu_branches() -> bool:
+    """Take the CPU-tuned branches: on the CPU backend, unless FORCE_GPU_BRANCHES
+    (read at each call, so a test can flip it)."""
+    return on_cpu() and not FORCE_GPU_BRANCHES
 
 
 def wide(dtype) -> mx.Dtype:
@@ -20,6 +39,25 @@ def const(value: float, dtype) -> mx.array:
     return mx.array(value, wide(dtype))
 
 
+@mx.compile
+def _rms_norm_cpu(x, w, eps):
+    return x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps) * w
+
+
+@mx.compile
+def _rms_norm_cpu_unweighted(x, eps):
+    return x * mx.rsqrt(mx.mean(mx.square(x), axis=-1, keepdims=True) + eps)
+
+
+def _rms_norm(x: mx.array, w: mx.array | None, eps: float) -> mx.array:
+    # MLX's CPU backend runs `fast.rms_norm` as its unfused fallback, 9-11 ops per
+    # norm; compiled, the same formula is 3 kernels (bit-identical on float32 here,
+    # 1.4-2.6x faster at decode sizes; docs/text-decoder.md §6.1).
+    if not cpu_branches():
+        return mx.fast.rms_norm(x, w, eps)
+    return _rms_norm_cpu_unweighted(x, eps) if w is None else _rms_norm_cpu(x, w, eps)
+
+
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     """RMSNorm as Gemma 4 defines it: x_hat * w, no `1 + w`.
 
@@ -27,10 +65,10 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     end: `mx.fast.rms_norm` on bf16 rounds x_hat before the multiply (docs/text-decoder.md §6).
     """
     hi = wide(x.dtype)
-    if x.dtype == hi:
-        return mx.fast.rms_norm(x, None if weight is None else weight.astype(hi), eps)
     w = None if weight is None else weight.astype(hi)
-    return mx.fast.rms_norm(x.astype(hi), w, eps).astype(x.dtype)
+    if x.dtype == hi:
+        return _rms_norm(x, w, eps)
+    return _rms_norm(x.astype(hi), w, eps).astype(x.dtype)
 
 
 @mx.compile
@@ -70,7 +108,7 @@ GEMV_MAX_ROWS = 4
 def linear(x: mx.array, w: mx.array) -> mx.array:
     """x @ w.T for a weight stored [out, in]."""
     rows = x.size // x.shape[-1]
-    if rows <= GEMV_MAX_ROWS and on_cpu():
+    if rows <= GEMV_MAX_ROWS and cpu_branches():
         y = w @ x.reshape(rows, x.shape[-1]).T
         return y.T.reshape(*x.shape[:-1], w.shape[0])
     return x @ w.T
@@ -89,7 +127,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
     broadcastable to [B, 1, T, S] plus its slot geometry).  GQA: query head h
     reads KV head h // (nh / kv).
     """
-    if not on_cpu():
+    if not cpu_branches():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask.array)
     T = q.shape[2]
     if T < 2 * ATTENTION_BLOCK:
@@ -114,6 +152,42 @@ def _matmul_attention(q, k, v, mask):
     return out.reshape(B, nh, T, v.shape[-1])
 
 
+def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, *, group_size: int, bits: int) -> mx.array:
+    """`attention` over K/V stored as `mx.quantize` triples (codes, scales, biases),
+    groups along the head dim (docs/kv-cache.md §3).
+
+    Scores are `quantized_matmul(q, K, transpose=True)` and the output
+    `quantized_matmul(p, V, transpose=False)`: the cache is never dequantized as a
+    whole.  MLX's fused SDPA takes no quantized K/V, so every backend runs this;
+    long query runs go in blocks that skip key blocks the mask rules out (on the
+    CPU for the softmax's exp, on a GPU also to bound the [T, S] score tensor).
+    """
+    T = q.shape[2]
+    if T < 2 * ATTENTION_BLOCK:
+        return _quantized_attention(q, k, v, mask.array, group_size, bits)
+    outs = []
+    for a in range(0, T, ATTENTION_BLOCK):
+        b = min(T, a + ATTENTION_BLOCK)
+        lo, hi = mask.key_range(a, b)
+        kb, vb = (tuple(t[:, :, lo:hi] for t in x) for x in (k, v))
+        outs.append(_quantized_attention(q[:, :, a:b], kb, vb, mask.array[..., a:b, lo:hi], group_size, bits))
+    return mx.concatenate(outs, axis=2)
+
+
+def _quantized_attention(q, k, v, mask, group_size, bits):
+    B, nh, T, d = q.shape
+    kv, S = k[0].shape[1], k[0].shape[2]
+    g = nh // kv
+    # A KV head's whole query group as the rows of one product: no broadcast K/V
+    # (a broadcast operand made MLX's CPU kernel ~1.3x slower at decode).
+    q = q.reshape(B, kv, g * T, d)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
+    scores = mx.where(mask[:, :, None], scores.reshape(B, kv, g, T, S).astype(wide(q.dtype)), -mx.inf)
+    p = mx.softmax(scores, axis=-1, precise=True).astype(q.dtype).reshape(B, kv, g * T, S)
+    out = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, nh, T, out.shape[-1])
+
+
 def moe_strategy(pairs: int, tokens: int = 1) -> str:
     """How to run `pairs` (token, expert) products of `tokens` tokens in an MoE layer.
 
@@ -126,6 +200,45 @@ def moe_strategy(pairs: int, tokens: int = 1) -> str:
         (verify blocks) gather, sorted and segments measured within noise of each
         other on the CPU (bench/RESULTS-speculative-cpu.txt), so gather stays.
     """
-    if on_cpu():
+    if cpu_branches():
         return "gather" if pairs < 64 else "segments"
     return "sorted" if tokens > 1 else "gather"
+
+
+# CPU fallback for `gather_mm` in bf16/f16: widening the gathered experts to float32
+# (BLAS) wins while the float32 copies stay in cache; past ~16 MB of them MLX's
+# bf16/f16 matmul, which reads the stored experts directly, wins (2-3x each side of
+# the cliff, measured at 8 experts of 0.26-2 M weights, docs/text-decoder.md §6.1).
+WIDEN_MAX_ELEMENTS = 1 << 22
+
+
+def gather_mm(x: mx.array, w: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
+    """x @ w[idx] per batch entry (`mx.gather_mm` with rhs_indices only).
+
+    x: [..., M, in] whose batch dims broadcast with idx; w: [E, in, out] (in the
+    model, a transposed view of experts stored [E, out, in]).  Where MLX's CPU
+    backend has no `gather_mm` kernel for the dtype (0.32: float32 only), the
+    selected experts are gathered in their stored layout and multiplied as
+    matrix-vector products, accumulating in float32 and rounding once as the GPU
+    kernel does: widened to float32 when small, else by MLX's bf16/f16 matmul
+    (which accumulates in float32).
+    """
+    if not on_cpu() or _cpu_gather_mm(mx.result_type(x, w)):
+        return mx.gather_mm(x, w, rhs_indices=idx, sorted_indices=sorted_indices)
+    out = mx.result_type(x, w)
+    sel = mx.take(w.swapaxes(-1, -2), idx, axis=0)  # [..., out, in]: the stored rows
+    if idx.size * w.shape[-1] * w.shape[-2] <= WIDEN_MAX_ELEMENTS:
+        hi = wide(out)
+        return (sel.astype(hi) @ x.astype(hi).swapaxes(-1, -2)).swapaxes(-1, -2).astype(out)
+    return (sel @ x.swapaxes(-1, -2)).swapaxes(-1, -2)
+
+
+@functools.cache
+def _cpu_gather_mm(dtype: mx.Dtype) -> bool:
+    """Whether MLX's CPU backend has a `gather_mm` kernel for dtype (asked once)."""
+    try:
+        one = mx.ones((1, 1, 1), dtype)
+        mx.eval(mx.gather_mm(one, one, rhs_indices=mx.zeros((1,), mx.uint32), stream=mx.cpu))
+        return True
+    except (RuntimeError, ValueError):
+        return False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import mlx.core as mx
+
 from gemma4_mlx.cache import rows
 from gemma4_mlx.cache.layer import KVCache, LayerCache, SlidingKVCache
 
@@ -15,16 +17,25 @@ class LayerCaches(list):
 
     @classmethod
     def for_layers(
-        cls, layer_types: Sequence[str], first_shared: int, window: int, *, max_rollback: int = 32, left_pad=None
+        cls,
+        layer_types: Sequence[str],
+        first_shared: int,
+        window: int,
+        *,
+        max_rollback: int = 32,
+        left_pad=None,
+        kv_bits: int | None = None,
     ) -> LayerCaches:
+        """kv_bits: 8 or 4 store every layer's K/V quantized (`cache.quantized`);
+        None or 16 keep the model's float dtype."""
         caches = cls()
         for i, t in enumerate(layer_types):
             if i >= first_shared:
                 caches.append(None)
             elif t == "sliding_attention":
-                caches.append(SlidingKVCache(window, max_rollback, left_pad))
+                caches.append(SlidingKVCache(window, max_rollback, left_pad, kv_bits))
             else:
-                caches.append(KVCache(left_pad))
+                caches.append(KVCache(left_pad, kv_bits))
         return caches
 
     @classmethod
@@ -98,6 +109,7 @@ class LayerCaches(list):
         for mine, out in zip(self, into):
             if mine is not None:
                 out.restore(rows.take_row(mine.snapshot(), row))
+        mx.eval(into.state)  # its own buffers now, not a lazy view of the batch's
         return into
 
     def compact(self, min_slots: int = 256) -> None:

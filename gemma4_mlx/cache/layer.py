@@ -17,6 +17,9 @@ are masked (never zeroed: a zero key still counts in the softmax).
 A model's caches are one `LayerCaches` (a list by layer; KV-shared consumer layers
 hold None) whose methods act on every layer at once: `trim`, `offset`, `commit`,
 `filter`, `snapshot` / `restore`.  `LayerCache` is what one layer's cache offers.
+
+With `kv_bits` 8 or 4 the K/V buffers are quantized triples (docs/kv-cache.md):
+each slot is quantized on its own, so every operation here stays exact on them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Protocol, runtime_checkable
 
 import mlx.core as mx
 
+from gemma4_mlx.cache import quantized as kvs
 from gemma4_mlx.cache.mask import Mask, build_mask
 
 STEP = 256  # buffer growth granularity (slots)
@@ -44,7 +48,7 @@ class LayerCache(Protocol):
     def size(self) -> int: ...  # retained entries
 
     @property
-    def state(self) -> tuple[mx.array | None, mx.array | None]: ...  # retained K, V
+    def state(self) -> tuple: ...  # retained K, V: arrays, quantized triples, or None
 
     def positions(self) -> mx.array | int: ...
     def mask(self, n_new: int) -> Mask: ...
@@ -63,7 +67,10 @@ class _Cache:
 
     window: int | None = None
 
-    def __init__(self, left_pad=None):
+    def __init__(self, left_pad=None, kv_bits: int | None = None):
+        # keys / values: float arrays, or quantized triples with kv_bits 8 / 4
+        # (`cache.quantized`; every slot operation below handles both)
+        self.kv_bits = kvs.check_bits(kv_bits)
         self.keys = self.values = None
         self.offset = 0  # slots written so far (the next token's slot)
         self.left_pad = None if left_pad is None else mx.array(left_pad, dtype=mx.int32)
@@ -93,23 +100,23 @@ class _Cache:
 
     # -- storage -------------------------------------------------------------
     def _write(self, k: mx.array, v: mx.array) -> None:
-        B, H, T, _ = k.shape
-        if self.keys is None or self._end + T > self.keys.shape[2]:
+        T = k.shape[2]
+        if self.kv_bits is not None:  # each slot's entry is quantized on its own
+            k, v = kvs.encode(k, self.kv_bits), kvs.encode(v, self.kv_bits)
+        if self.keys is None or self._end + T > kvs.length(self.keys):
             self._grow(k, v, T)
-        self.keys[..., self._end : self._end + T, :] = k
-        self.values[..., self._end : self._end + T, :] = v
+        kvs.put(self.keys, self._end, k)
+        kvs.put(self.values, self._end, v)
         self._end += T
         self.offset += T
 
     def _grow(self, k, v, T):
         keep = self._retain_on_grow()
         cap = ((keep + T + STEP - 1) // STEP) * STEP
-        B, H, _, dk = k.shape
-        new_k = mx.zeros((B, H, cap, dk), k.dtype)
-        new_v = mx.zeros((B, H, cap, v.shape[-1]), v.dtype)
+        new_k, new_v = kvs.zeros(k, cap), kvs.zeros(v, cap)
         if keep:
-            new_k[..., :keep, :] = self.keys[..., self._end - keep : self._end, :]
-            new_v[..., :keep, :] = self.values[..., self._end - keep : self._end, :]
+            kvs.put(new_k, 0, kvs.slots(self.keys, self._end - keep, self._end))
+            kvs.put(new_v, 0, kvs.slots(self.values, self._end - keep, self._end))
         self.keys, self.values = new_k, new_v
         self._start, self._end = 0, keep
 
@@ -128,7 +135,7 @@ class _Cache:
         """Keep only these batch rows (finished sequences leave the batch)."""
         rows = mx.array(rows, dtype=mx.int32)
         if self.keys is not None:
-            self.keys, self.values = self.keys[rows], self.values[rows]
+            self.keys, self.values = (kvs.tmap(lambda t: t[rows], b) for b in (self.keys, self.values))
         if self.left_pad is not None:
             self.left_pad, self.valid_from = self.left_pad[rows], self.valid_from[rows]
 
@@ -153,10 +160,9 @@ class _Cache:
         if self.keys is not None and self.size:
             n = self.size
             idx = mx.maximum(mx.arange(n)[None, :] - sh[:, None], 0)[:, None, :, None]
-            for name in ("keys", "values"):
-                buf = getattr(self, name)
-                region = buf[..., self._start : self._end, :]
-                buf[..., self._start : self._end, :] = mx.take_along_axis(region, idx, axis=2)
+            for buf in (self.keys, self.values):
+                region = kvs.slots(buf, self._start, self._end)
+                kvs.put(buf, self._start, kvs.tmap(lambda t: mx.take_along_axis(t, idx, axis=2), region))
 
     def check_rows(self) -> None:
         """Refuse a state in which some row lost keys its next query needs."""
@@ -177,10 +183,10 @@ class _Cache:
         The drafter reads every valid retained key (full layers, n_keys None) or the
         newest n_keys of them (sliding layers), docs/speculative.md §4.
         """
-        k, v = self.state
-        if n_keys is not None and k.shape[2] > n_keys:  # read only the window, not the slack
-            k, v = k[..., -n_keys:, :], v[..., -n_keys:, :]
-        start = self.offset - k.shape[2]
+        k, v = self.state  # quantized triples stay quantized: the drafter's attention reads them
+        if n_keys is not None and kvs.length(k) > n_keys:  # read only the window, not the slack
+            k, v = kvs.slots(k, -n_keys), kvs.slots(v, -n_keys)
+        start = self.offset - kvs.length(k)
         slots = mx.arange(start, self.offset)[None, :]
         allowed = slots >= 0 if n_keys is None else slots >= self.offset - n_keys
         if self.valid_from is not None:
@@ -189,11 +195,7 @@ class _Cache:
 
     def snapshot(self) -> dict:
         """A restorable state; cheap (MLX slices share the buffers lazily)."""
-        kv = (
-            None
-            if self.keys is None
-            else (self.keys[..., self._start : self._end, :], self.values[..., self._start : self._end, :])
-        )
+        kv = None if self.keys is None else self.state
         return {"kv": kv, "offset": self.offset, "left_pad": self.left_pad, "valid_from": self.valid_from}
 
     def restore(self, snap: dict) -> None:
@@ -208,17 +210,17 @@ class _Cache:
             # buffers after this never reach the snapshot.  A full buffer regrows
             # (with a copy) on the next write.
             self.keys, self.values = kv
-            self._start, self._end = 0, kv[0].shape[2]
+            self._start, self._end = 0, kvs.length(kv[0])
 
     @property
     def state(self):
         if self.keys is None:
             return None, None
-        return self.keys[..., self._start : self._end, :], self.values[..., self._start : self._end, :]
+        return kvs.slots(self.keys, self._start, self._end), kvs.slots(self.values, self._start, self._end)
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return 0 if self.keys is None else kvs.nbytes(self.keys) + kvs.nbytes(self.values)
 
 
 class KVCache(_Cache):
@@ -226,7 +228,7 @@ class KVCache(_Cache):
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         self._write(k, v)
-        return self.keys[..., : self._end, :], self.values[..., : self._end, :]
+        return kvs.slots(self.keys, 0, self._end), kvs.slots(self.values, 0, self._end)
 
 
 class SlidingKVCache(_Cache):
@@ -235,8 +237,8 @@ class SlidingKVCache(_Cache):
     A query at slot q sees keys q - W < k <= q (W keys including itself).
     """
 
-    def __init__(self, window: int, max_rollback: int = 32, left_pad=None):
-        super().__init__(left_pad)
+    def __init__(self, window: int, max_rollback: int = 32, left_pad=None, kv_bits: int | None = None):
+        super().__init__(left_pad, kv_bits)
         self.window = window
         self.max_rollback = max_rollback
         self.keep = window - 1 + max_rollback
@@ -252,7 +254,7 @@ class SlidingKVCache(_Cache):
         first = self.key_start(k.shape[2])
         self._write(k, v)
         lo = self._end - (self.offset - first)
-        out = self.keys[..., lo : self._end, :], self.values[..., lo : self._end, :]
+        out = kvs.slots(self.keys, lo, self._end), kvs.slots(self.values, lo, self._end)
         self._start = max(self._start, self._end - self.keep)
         return out
 

@@ -11,12 +11,16 @@ padded at the front with keys its mask hides.  RoPE is already applied to cached
 keys, so moving a row between slots changes no number it attends with.
 
 These functions work on snapshots and return snapshots; `LayerCaches.join`,
-`take_row` and `compact` restore them into the live caches.
+`take_row` and `compact` restore them into the live caches.  K and V may be float
+arrays or quantized triples (`cache.quantized`): every component is moved along
+its slot axis alike, so joins and takes stay exact on the quantized entries.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
+
+from gemma4_mlx.cache import quantized as kvs
 
 
 def _rows_meta(snap: dict, batch: int) -> tuple[mx.array, mx.array]:
@@ -30,16 +34,13 @@ def _rows_meta(snap: dict, batch: int) -> tuple[mx.array, mx.array]:
 def _aligned(snap: dict, offset: int, size: int):
     """One side of a join moved to end at `offset` with `size` retained slots."""
     k, v = snap["kv"]
-    B, S = k.shape[0], k.shape[2]
+    B, S = kvs.batch(k), kvs.length(k)
     shift = offset - snap["offset"]
     left, valid = _rows_meta(snap, B)
     oldest = snap["offset"] - S
     left, valid = left + shift, mx.maximum(valid, oldest) + shift
     pad = size - S
-    if pad:
-        k = mx.concatenate([mx.zeros((B, k.shape[1], pad, k.shape[3]), k.dtype), k], axis=2)
-        v = mx.concatenate([mx.zeros((B, v.shape[1], pad, v.shape[3]), v.dtype), v], axis=2)
-    return k, v, left, valid
+    return kvs.pad_front(k, pad), kvs.pad_front(v, pad), left, valid
 
 
 def join_rows(batch: dict, new: dict) -> dict:
@@ -49,11 +50,11 @@ def join_rows(batch: dict, new: dict) -> dict:
     if batch["kv"] is None:
         return new
     offset = max(batch["offset"], new["offset"])
-    size = max(batch["kv"][0].shape[2], new["kv"][0].shape[2])
+    size = max(kvs.length(batch["kv"][0]), kvs.length(new["kv"][0]))
     ka, va, la, fa = _aligned(batch, offset, size)
     kb, vb, lb, fb = _aligned(new, offset, size)
     return {
-        "kv": (mx.concatenate([ka, kb]), mx.concatenate([va, vb])),
+        "kv": (kvs.concat_rows([ka, kb]), kvs.concat_rows([va, vb])),
         "offset": offset,
         "left_pad": mx.concatenate([la, lb]),
         "valid_from": mx.concatenate([fa, fb]),
@@ -64,14 +65,15 @@ def take_row(snap: dict, row: int) -> dict:
     """Row `row` alone, as an unpadded single-row state (slots = positions again):
     its valid keys only, so a prefix cache can keep it."""
     k, v = snap["kv"]
-    left, valid = _rows_meta(snap, k.shape[0])
-    S, offset = k.shape[2], snap["offset"]
+    left, valid = _rows_meta(snap, kvs.batch(k))
+    S, offset = kvs.length(k), snap["offset"]
     oldest = offset - S
     first = max(int(valid[row].item()), oldest)
     pad = int(left[row].item())
     cut = first - oldest
     return {
-        "kv": (k[row : row + 1, :, cut:, :], v[row : row + 1, :, cut:, :]),
+        # a copy: a slice would keep the whole batch buffer alive in the prefix pool
+        "kv": tuple(kvs.tmap(lambda t: mx.contiguous(t[row : row + 1, :, cut:, :]), x) for x in (k, v)),
         "offset": offset - pad,
         "left_pad": None,
         "valid_from": None,
@@ -83,9 +85,9 @@ def dead_slots(snap: dict) -> int:
     if snap["kv"] is None:
         return 0
     k = snap["kv"][0]
-    S = k.shape[2]
+    S = kvs.length(k)
     oldest = snap["offset"] - S
-    _, valid = _rows_meta(snap, k.shape[0])
+    _, valid = _rows_meta(snap, kvs.batch(k))
     return max(0, min(int(mx.min(valid).item()), snap["offset"]) - oldest)
 
 
@@ -94,4 +96,4 @@ def drop_front(snap: dict, n: int) -> dict:
     if not n:
         return snap
     k, v = snap["kv"]
-    return dict(snap, kv=(k[..., n:, :], v[..., n:, :]))
+    return dict(snap, kv=(kvs.slots(k, n), kvs.slots(v, n)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ from gemma4_mlx.chat.conversation import (
     render_conversation,
     stop_ids,
 )
+from gemma4_mlx.constrain import Grammar, bind, constraint_from_response_format
+from gemma4_mlx.constrain.tools import tool_call_grammar
 from gemma4_mlx.media.prepare import has_media, media_items, processor_for, user_content
 from gemma4_mlx.prompt.parser import Event, ParseResult, ToolCall, parser_for_prompt
 from gemma4_mlx.prompt.template import tool_result_content, tool_schema
@@ -87,30 +89,47 @@ class Chat:
         thinking_budget: int | None = None,
         drafter=None,
         draft_tokens: int | str = "auto",
+        strict_tools: bool = False,
+        response_format=None,
+        kv_bits: int | None = None,
     ):
         """thinking_budget: characters of reasoning after which `<channel|>` is
         injected so the model moves on to its answer (None: unlimited).
-        drafter: an MTP drafter (`load_drafter`): speculative decoding, same replies."""
+        drafter: an MTP drafter (`load_drafter`): speculative decoding, same replies.
+        strict_tools: an answer is free text or calls of the declared tools only, whose
+        arguments follow the tools' schemas (docs/structured-output.md §5).
+        response_format: the default of `send`'s (every turn's answer); checked now.
+        kv_bits: 8 or 4 keep the conversation's KV cache quantized (docs/kv-cache.md);
+        turns reuse it exactly as a float one."""
         self.model, self.tokenizer = model, tokenizer
         self.system, self.thinking = system, thinking
         self.functions = {f.__name__: f for f in tools}
         self.max_tokens, self.options = max_tokens, options or SamplingOptions()
         self.max_rollback, self.thinking_budget = max_rollback, thinking_budget
+        self.kv_bits = kv_bits
         self.drafter, self.draft_tokens = drafter, draft_tokens
+        self.strict_tools = strict_tools
         self._policy = None  # the draft-length policy learns across turns
         self.messages: list[dict] = []
         self.prefilled_last = 0  # tokens prefilled by the latest turn (cache reuse is visible here)
         self._stop_ids = stop_ids(model, tokenizer)
         self._close_id = tokenizer.convert_tokens_to_ids("<channel|>")
         self._codec = PromptCodec(tokenizer)  # message text never becomes control tokens
+        self.response_format = response_format
+        self._constraint(response_format)  # a schema the engine refuses: said now
         self.reset()
 
     # -- conversation state --------------------------------------------------
     def reset(self) -> None:
         self.messages = []
         self.media: list = []  # multimodal.Prepared of every medium so far, in prompt order
-        self.cache = self.model.make_cache(max_rollback=self.max_rollback)
+        self.cache = self._fresh_cache()
         self.cached: list = []  # per cached slot: token id, or a media key (`MediaPrompt.keys`)
+
+    def _fresh_cache(self):
+        if self.kv_bits in (None, 16):  # the models' make_cache without the new keyword
+            return self.model.make_cache(max_rollback=self.max_rollback)
+        return self.model.make_cache(max_rollback=self.max_rollback, kv_bits=self.kv_bits)
 
     @property
     def tools(self) -> list[dict] | None:
@@ -131,8 +150,7 @@ class Chat:
         """Roll the cache back to the longest prefix it shares with `keys` (token ids,
         media keys at placeholders: the same ids with another image do not match);
         return where prefilling starts (`conversation.sync_prefix`)."""
-        fresh = lambda: self.model.make_cache(max_rollback=self.max_rollback)  # noqa: E731
-        self.cache, n = sync_prefix(self.cache, self.cached, keys, fresh)
+        self.cache, n = sync_prefix(self.cache, self.cached, keys, self._fresh_cache)
         self.cached = keys[:n]
         return n
 
@@ -152,13 +170,38 @@ class Chat:
         """(ids, cache keys, MediaPrompt or None) of the rendered conversation."""
         return encode_conversation(self.model, self._codec, prompt, self.media)
 
+    def _constraint(self, response_format):
+        """This turn's constraint (None: free), on the answer only when thinking
+        (docs/structured-output.md §4); a bad format raises before the turn starts."""
+        response_format = self.response_format if response_format is None else response_format
+        if isinstance(response_format, Grammar):
+            spec = response_format
+        else:
+            spec = constraint_from_response_format(response_format)
+        if spec is None and self.strict_tools and self.functions:
+            spec = tool_call_grammar(list(self.functions.values()), self.tokenizer.convert_tokens_to_ids)
+        if spec is None:
+            return None
+        c = bind(spec, self.tokenizer, self.model.config.vocab_size, self._stop_ids)
+        return c.answer_only(self._close_id) if self.thinking else c
+
     # -- generation ----------------------------------------------------------
     def stream(
-        self, text: str | None = None, images=None, audio=None, videos=None, image_budget: int | None = None
+        self,
+        text: str | None = None,
+        images=None,
+        audio=None,
+        videos=None,
+        image_budget: int | None = None,
+        response_format=None,
     ) -> Iterator[Event]:
         """images / audio / videos: paths, arrays, PIL images or `multimodal.Image/
         Audio/Video`, placed before the text of this user turn; image_budget: soft
-        tokens per image (70, 140, 280, 560 or 1120; default from the checkpoint)."""
+        tokens per image (70, 140, 280, 560 or 1120; default from the checkpoint).
+        response_format: the answer's shape, an OpenAI-style dict ({"type":
+        "json_schema", "json_schema": {"schema": ...}}, json_object, regex, grammar)
+        or a `constrain.Grammar`."""
+        constraint = self._constraint(response_format)
         n_msgs, n_media = len(self.messages), len(self.media)
         self._add_user_turn(text, images, audio, videos, image_budget)
         try:
@@ -181,7 +224,7 @@ class Chat:
             while pending:
                 close_thought, calls = False, calls + 1
                 part = Stats(speculative=stats.speculative)  # this generate call's
-                for tok in self._tokens(pending, self.max_tokens - len(generated), part, media):
+                for tok in self._tokens(pending, self.max_tokens - len(generated), part, media, constraint):
                     generated.append(tok)
                     detok.add_token(tok)
                     for ev in parser.feed(detok.last_segment):
@@ -199,6 +242,8 @@ class Chat:
                     yield from parser.feed(detok.last_segment)
                     pending = (ids + generated)[self.cache.offset :]
                     media = None  # the continuation holds generated tokens only
+                    # the thought is closed in `pending`: the grammar starts at the output
+                    constraint = None if constraint is None else constraint.answer_only(None)
             detok.finalize()
             yield from parser.feed(detok.last_segment)
         finally:
@@ -214,14 +259,15 @@ class Chat:
         )
         yield ReplyEvent("reply", reply=reply)
 
-    def _tokens(self, pending: list[int], max_tokens: int, stats: Stats, media=None):
+    def _tokens(self, pending: list[int], max_tokens: int, stats: Stats, media=None, constraint=None):
+        options = self.options if constraint is None else replace(self.options, constraint=constraint)
         if self.drafter is None:
             return generate_tokens(
                 self.model,
                 pending,
                 stop_ids=self._stop_ids,
                 max_tokens=max_tokens,
-                options=self.options,
+                options=options,
                 cache=self.cache,
                 stats=stats,
                 media=media,
@@ -237,7 +283,7 @@ class Chat:
             spec_stats=stats.speculative,
             stop_ids=self._stop_ids,
             max_tokens=max_tokens,
-            options=self.options,
+            options=options,
             policy=self._policy,
             media=media,
         )
@@ -254,10 +300,17 @@ class Chat:
         self.messages.append(msg)
 
     def send(
-        self, text: str | None = None, images=None, audio=None, videos=None, image_budget: int | None = None
+        self,
+        text: str | None = None,
+        images=None,
+        audio=None,
+        videos=None,
+        image_budget: int | None = None,
+        response_format=None,
     ) -> Reply:
+        """stream() to its end; response_format: see stream()."""
         reply = None
-        for ev in self.stream(text, images, audio, videos, image_budget):
+        for ev in self.stream(text, images, audio, videos, image_budget, response_format):
             if ev.type == "reply":
                 reply = ev.reply
         return reply

@@ -13,6 +13,7 @@ from pathlib import Path
 from gemma4_mlx.checkpoint.files import LoadError, weight_files
 from gemma4_mlx.checkpoint.keys import rename
 from gemma4_mlx.checkpoint.load import load_model
+from gemma4_mlx.checkpoint.memory import available_bytes, kv_cache_bytes, needed_bytes
 from gemma4_mlx.checkpoint.quantized import QUANT_META, kernel_params, quantization_block
 from gemma4_mlx.config import ConfigError, read_config
 from gemma4_mlx.formats.safetensors import read_header
@@ -41,7 +42,7 @@ _DTYPES = {
     "F8_E4M3": "float8_e4m3",
 }
 _RULES = (  # first match wins; norms before their parent blocks so q_norm is not "attention"
-    ("vision", re.compile(r"(^|\.)(vision_tower|embed_vision|multi_modal_projector)\.")),
+    ("vision", re.compile(r"(^|\.)(vision_tower|vision_embedder|embed_vision|multi_modal_projector)\.")),
     ("audio", re.compile(r"(^|\.)(audio_tower|embed_audio)\.")),
     (
         "per_layer_embeddings",
@@ -75,8 +76,10 @@ def _header(path: Path) -> tuple[int, dict]:
         raise LoadError(f"{path}: unreadable safetensors header ({e})") from None
 
 
-def model_info(path, load: bool = True) -> dict:
-    """Per-component parameters, bytes and formats of the checkpoint folder `path`."""
+def model_info(path, load: bool = True, max_context: int | None = None) -> dict:
+    """Per-component parameters, bytes and formats of the checkpoint folder `path`, and
+    what a default load needs in memory: weights (as the memory guard counts them) and
+    the KV cache for `max_context` tokens (default: the model's longest)."""
     folder = Path(path)
     try:
         config = read_config(folder)
@@ -126,7 +129,24 @@ def model_info(path, load: bool = True) -> dict:
         "resident_bytes": resident_bytes(folder) if load else None,
     }
     out["total_params"] = sum(c["params"] for c in out["components"].values())
+    out["memory"] = _memory(folder, config, max_context)
     return out
+
+
+def _memory(folder: Path, config, max_context: int | None) -> dict:
+    """The memory guard's arithmetic (docs/hardening.md §3) for `load(folder)`."""
+    need = needed_bytes(folder)
+    context = max_context or config.text.max_position_embeddings
+    have = available_bytes()
+    return {
+        "weights_resident": need.resident,
+        "towers": need.towers,
+        "mapped": need.mapped,
+        "kv_context": context,
+        "kv_cache": kv_cache_bytes(config.text, context, need.act_bytes),
+        "available": have[0] if have else None,
+        "available_from": have[1] if have else None,
+    }
 
 
 def resident_bytes(folder: Path) -> int:
@@ -143,6 +163,10 @@ def resident_bytes(folder: Path) -> int:
     del model
     gc.collect()
     return used
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
 def render(info: dict, console) -> None:
@@ -173,6 +197,16 @@ def render(info: dict, console) -> None:
         style="bold",
     )
     console.print(t)
+    m = info.get("memory")
+    if m:
+        have = f"{_size(m['available'])} ({m['available_from']})" if m["available"] is not None else "?"
+        console.print(
+            f"memory for a default load: weights {_size(m['weights_resident'])} resident "
+            f"(towers {_size(m['towers'])} of it), {_size(m['mapped'])} memory-mapped; "
+            f"KV cache for {m['kv_context']:,} tokens: {_size(m['kv_cache'])} ({m['kv_cache']:,} bytes); "
+            f"available: {have}",
+            markup=False,
+        )
     if info["resident_bytes"] is not None:
         console.print(
             f"resident after load (MLX active memory): {info['resident_bytes']:,} bytes "

@@ -40,7 +40,13 @@ _PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "mod
 _SKIP = re.compile(r"^(model\.)?multi_modal_projector\.|rotary_emb|\.v_norm\.")
 # Tower tensors in checkpoint naming (HF `model.vision_tower.*`, mlx-vlm `vision_tower.*`)
 # and in ours (`vision.vision_tower.*`, what `gemma4-mlx convert` writes).
-_TOWER = re.compile(r"^(?:model\.)?(vision_tower|embed_vision|audio_tower|embed_audio)\.")
+_TOWER = re.compile(r"^(?:model\.)?(vision_tower|embed_vision|audio_tower|embed_audio|vision_embedder)\.")
+# The 12B unified's embedders as transformers names them in memory (its save renames them back
+# to the hub layout, which is also ours): docs/unified.md §3.
+_UNIFIED_IN_MEMORY = (
+    ("embed_vision.multimodal_embedder.", "embed_vision."),
+    ("embed_vision.", "vision_embedder."),
+)
 _OURS = re.compile(r"^(vision|audio)\.")
 
 
@@ -66,6 +72,17 @@ def module_path(key: str) -> str:
     return rename(key)
 
 
+def unified_name(key: str) -> str:
+    """A 12B embedder key without `model.` -> the hub layout (`vision_embedder.*`,
+    `embed_vision.embedding_projection`, `embed_audio.*`)."""
+    if key.startswith("embed_vision.embedding_projection."):
+        return key
+    for old, new in _UNIFIED_IN_MEMORY:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
 def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = None) -> dict[str, mx.array]:
     """Map checkpoint keys onto `Model` (docs/text-decoder.md §8.3).
 
@@ -83,6 +100,8 @@ def sanitize(weights: dict[str, mx.array], model: Model, stats: dict | None = No
                 skipped += 1
             elif _OURS.match(key):
                 out[key] = value
+            elif model.unified:  # 12B embedders: hub names kept, owner prefixed (docs/unified.md §3)
+                out[f"{name}.{unified_name(key[tower.start(1) :])}"] = value
             else:
                 towers[name][key] = value
             continue

@@ -28,6 +28,7 @@ from gemma4_mlx.checkpoint.keys import (
     sanitize,
     sanitize_drafter,
 )
+from gemma4_mlx.checkpoint.memory import PLE_KEY, check_memory, needed_bytes
 from gemma4_mlx.checkpoint.quantized import QUANT_META, apply_quantization, quantization_block
 from gemma4_mlx.config import AssistantConfig, ConfigError, ModelConfig, read_config
 from gemma4_mlx.models.assistant import Drafter, check_pair
@@ -84,8 +85,6 @@ def finish(model: nn.Module, weights: dict[str, mx.array], dtype: str | None, fo
 # dtype="float32" and rebuild models from `parameters()` need every tensor there.
 # (`MappedTable(out_dtype=...)` can cast per gathered row, exact, if wanted later.)
 
-PLE_KEY = "model.embed_tokens_per_layer.weight"
-
 
 def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, str], source: str) -> bool:
     """Swap the PLE nn.Embedding for a `MappedTable`; False (nothing changed) if unmappable."""
@@ -107,12 +106,14 @@ def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, s
 
 
 def load_model(
-    path: str | Path, dtype: str | None = None, map_ple: bool = False, text_only: bool = False
+    path: str | Path, dtype: str | None = None, map_ple: bool = False, text_only: bool = False, force: bool = False
 ) -> tuple[Model, ModelConfig]:
     """map_ple: keep an unquantized PLE table memory-mapped (see `map_ple_table`).
     Off here so `info.resident_bytes` and weight-level tooling see every tensor.
     text_only: leave the vision/audio towers out.  (With them, their weights stay
-    lazily mapped until the first image or clip is encoded.)"""
+    lazily mapped until the first image or clip is encoded.)
+    force: load even if the weights need more memory than the machine can give
+    (`memory.check_memory`, docs/hardening.md §3)."""
     folder = Path(path)
     if not folder.is_dir():
         raise LoadError(f"{folder}: not a folder")
@@ -126,6 +127,7 @@ def load_model(
         raise LoadError(f"{folder / 'config.json'}: {e}") from None
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_memory(folder, needed_bytes(folder, dtype, map_ple, text_only), force)
     weights: dict[str, mx.array] = {}
     ple_src = None  # (file, checkpoint key) of the PLE table
     for f in weight_files(folder):
@@ -163,7 +165,9 @@ def load_tokenizer(folder: Path, eos_ids=None):
     return load_wrapper(folder, eos_token_ids=eos_ids)
 
 
-def load(path: str | Path, dtype: str | None = None, map_ple: bool = True, text_only: bool = False):
+def load(
+    path: str | Path, dtype: str | None = None, map_ple: bool = True, text_only: bool = False, force: bool = False
+):
     """Load `(model, tokenizer)` from a checkpoint folder or hub id.
 
     tokenizer is None when the folder ships no tokenizer files.
@@ -171,9 +175,11 @@ def load(path: str | Path, dtype: str | None = None, map_ple: bool = True, text_
     map_ple: with dtype None, serve an unquantized per-layer-embedding table from a
         memory map of its safetensors file instead of MLX memory.
     text_only: do not build the vision/audio towers.
+    force: load even when the weights need more memory than this machine can give
+        (otherwise a one-line LoadError with both numbers).
     """
     folder = resolve_path(str(path))
-    model, config = load_model(folder, dtype, map_ple=map_ple, text_only=text_only)
+    model, config = load_model(folder, dtype, map_ple=map_ple, text_only=text_only, force=force)
     return model, load_tokenizer(folder, config.eos_ids or None)
 
 

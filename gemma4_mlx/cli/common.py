@@ -114,6 +114,22 @@ Seed = Annotated[int | None, typer.Option("--seed")]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="float32 / bfloat16 / float16 (default: as stored).")]
 DraftModel = Annotated[str, typer.Option("--draft-model", help=DRAFT_MODEL_HELP)]
 DraftTokens = Annotated[str, typer.Option("--draft-tokens", help=DRAFT_TOKENS_HELP, callback=_check_draft_tokens)]
+
+
+def _check_kv_bits(value: int) -> int:
+    if value not in (16, 8, 4):
+        raise typer.BadParameter(f"{value} is not one of 16, 8, 4")
+    return value
+
+
+KvBits = Annotated[
+    int,
+    typer.Option(
+        "--kv-bits",
+        help="KV cache width: 16 (the model's dtype), or 8 / 4 quantized for long contexts (docs/kv-cache.md).",
+        callback=_check_kv_bits,
+    ),
+]
 Images = Annotated[list[str] | None, typer.Option("--image", help="Image file for the prompt (repeatable).")]
 AudioFiles = Annotated[
     list[str] | None,
@@ -132,6 +148,10 @@ ImageBudget = Annotated[
 ]
 VideoAudio = Annotated[
     bool, typer.Option("--video-audio", help="Also give the videos' soundtracks to the audio tower (E2B/E4B).")
+]
+Force = Annotated[
+    bool,
+    typer.Option("--force", help="Load even if the weights need more memory than this machine can give."),
 ]
 
 
@@ -152,15 +172,16 @@ def media_options(images, audio, videos, image_budget, video_audio: bool = False
     )
 
 
-def load_or_fail(model: str, dtype: str | None, tools: str | None = None):
-    """(model, tokenizer, tool functions); a bad checkpoint or tools file ends the
-    command with one line."""
+def load_or_fail(model: str, dtype: str | None, tools: str | None = None, force: bool = False):
+    """(model, tokenizer, tool functions); a bad checkpoint or tools file, or weights
+    larger than the memory this machine can give (unless force), end the command with
+    one line."""
     from gemma4_mlx.api import LoadError, load
     from gemma4_mlx.chat.tools import load_tools
 
     try:
         functions = load_tools(tools) if tools else []
-        m, tokenizer = load(model, dtype=dtype)
+        m, tokenizer = load(model, dtype=dtype, force=force)
     except (LoadError, ValueError) as e:
         fail(str(e))
     if tokenizer is None:

@@ -64,8 +64,12 @@ def info(
     model: str = typer.Argument(..., help=MODEL_HELP),
     no_load: bool = typer.Option(False, "--no-load", help="Headers only: skip the resident-memory measurement."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    max_context: int | None = typer.Option(
+        None, "--max-context", min=1, help="Context length for the KV cache estimate (default: the model's)."
+    ),
 ):
-    """Parameters, bytes and formats per component, and resident memory after loading."""
+    """Parameters, bytes and formats per component, memory needed (weights, KV cache for
+    --max-context) and available, and resident memory after loading."""
     import json
 
     from rich.console import Console
@@ -75,7 +79,7 @@ def info(
     from gemma4_mlx.checkpoint.info import model_info, render
 
     try:
-        result = model_info(resolve_path(model), load=not no_load)
+        result = model_info(resolve_path(model), load=not no_load, max_context=max_context)
     except LoadError as e:
         fail(str(e))
     if as_json:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,8 +14,10 @@ from gemma4_mlx.cli.common import (
     DraftModel,
     DraftTokens,
     Dtype,
+    Force,
     ImageBudget,
     Images,
+    KvBits,
     MaxTokens,
     MinP,
     Model,
@@ -30,6 +34,34 @@ from gemma4_mlx.cli.common import (
     media_options,
     read_prompt,
 )
+
+JsonSchemaFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--json-schema", help="JSON schema file: the answer is JSON valid under it (docs/structured-output.md)."
+    ),
+]
+Regex = Annotated[str | None, typer.Option("--regex", help="The answer fully matches this regular expression.")]
+
+
+def output_constraint(schema_file: Path | None, pattern: str | None):
+    """The `Grammar` of --json-schema / --regex (None: free); bad input: one line, exit 1."""
+    from gemma4_mlx.constrain import ConstraintError, json_schema, regex
+
+    if schema_file is not None and pattern is not None:
+        fail("give --json-schema or --regex, not both")
+    try:
+        if pattern is not None:
+            return regex(pattern, what="--regex")
+        if schema_file is None:
+            return None
+        try:
+            schema = json.loads(schema_file.read_text())
+        except (OSError, ValueError) as e:
+            fail(f"--json-schema {schema_file}: {e}")
+        return json_schema(schema, what=f"--json-schema {schema_file}")
+    except ConstraintError as e:
+        fail(str(e))
 
 
 @app.command()
@@ -57,6 +89,7 @@ def generate(
         ),
     ] = False,
     dtype: Dtype = None,
+    force: Force = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No statistics on stderr.")] = False,
     draft_model: DraftModel = "auto",
     draft_tokens: DraftTokens = "auto",
@@ -65,16 +98,20 @@ def generate(
     video: Videos = None,
     image_budget: ImageBudget = None,
     video_audio: VideoAudio = False,
+    json_schema: JsonSchemaFile = None,
+    regex: Regex = None,
+    kv_bits: KvBits = 16,
 ):
     """Generate a completion for one prompt, streamed to stdout."""
     from gemma4_mlx.api import stream_generate
     from gemma4_mlx.media.prepare import MediaError
 
     media = media_options(image, audio, video, image_budget, video_audio)
+    constraint = output_constraint(json_schema, regex)
     prompt = read_prompt(prompt)
     if not quiet:
         typer.echo(f"loading {model} ...", err=True)
-    m, tokenizer, _ = load_or_fail(model, dtype)
+    m, tokenizer, _ = load_or_fail(model, dtype, force=force)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet)
     stats = None
     try:
@@ -93,6 +130,8 @@ def generate(
             prefill_chunk=prefill_chunk,
             draft_model=drafter,
             draft_tokens=k,
+            grammar=constraint,
+            kv_bits=kv_bits,
             **media,
         ):
             sys.stdout.write(chunk.text)
@@ -139,6 +178,7 @@ def chat(
     min_p: MinP = 0.0,
     seed: Seed = None,
     dtype: Dtype = None,
+    force: Force = False,
     draft_model: DraftModel = "auto",
     draft_tokens: DraftTokens = "auto",
     image: Images = None,
@@ -146,6 +186,12 @@ def chat(
     video: Videos = None,
     image_budget: ImageBudget = None,
     video_audio: VideoAudio = False,
+    json_schema: JsonSchemaFile = None,
+    regex: Regex = None,
+    strict_tools: Annotated[
+        bool, typer.Option("--strict-tools", help="Tool calls name declared tools only, arguments per their schemas.")
+    ] = False,
+    kv_bits: KvBits = 16,
 ):
     """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools, images,
     audio, video; /image PATH etc. attach media to the next message).  Media given
@@ -158,6 +204,7 @@ def chat(
     from gemma4_mlx.runtime.generate import SamplingOptions
 
     media = media_options(image, audio, video, image_budget, video_audio)
+    constraint = output_constraint(json_schema, regex)
     repo = None
     if model is None:
         model, banner = default_model()
@@ -165,7 +212,7 @@ def chat(
     else:
         banner = f"model: {model}"
     Console(stderr=True).print(banner, style="dim", markup=False)
-    m, tokenizer, functions = load_or_fail(model, dtype, tools)
+    m, tokenizer, functions = load_or_fail(model, dtype, tools, force=force)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False, repo=repo)
     session = Chat(
         m,
@@ -178,6 +225,9 @@ def chat(
         thinking_budget=thinking_budget,
         drafter=drafter,
         draft_tokens=k,
+        strict_tools=strict_tools,
+        response_format=constraint,
+        kv_bits=kv_bits,
     )
     try:
         check_media(session, media)  # a missing file or tower: said now, before any turn

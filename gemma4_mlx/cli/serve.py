@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from gemma4_mlx.cli.common import MODEL_HELP, DraftModel, DraftTokens, Dtype, app, load_draft, load_or_fail
+from gemma4_mlx.cli.common import (
+    MODEL_HELP,
+    DraftModel,
+    DraftTokens,
+    Dtype,
+    Force,
+    KvBits,
+    app,
+    load_draft,
+    load_or_fail,
+)
 
 
 @app.command()
@@ -35,6 +45,8 @@ def serve(
         bool, typer.Option("--allow-local-files", help="Let image parts name files on this machine.")
     ] = False,
     dtype: Dtype = None,
+    force: Force = False,
+    kv_bits: KvBits = 16,
 ):
     """Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions) and
     Anthropic (/v1/messages) APIs, /health, /v1/models, /metrics."""
@@ -48,7 +60,7 @@ def serve(
         model, banner = default_model()
         repo, name = DEFAULT_REPO, "demo" if model == str(DEMO_MODEL) else DEFAULT_SHORT
         typer.echo(banner, err=True)
-    m, tokenizer, _ = load_or_fail(model, dtype)
+    m, tokenizer, _ = load_or_fail(model, dtype, force=force)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False, repo=repo)
     api = server_app(
         m,
@@ -62,6 +74,7 @@ def serve(
         prefix_cache_gb=prefix_cache_gb,
         max_context=max_context,
         allow_local_files=allow_local_files,
+        kv_bits=kv_bits,
     )
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1", err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")

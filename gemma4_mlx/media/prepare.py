@@ -26,6 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from gemma4_mlx.media import audio as A
+from gemma4_mlx.media import unified as U
 from gemma4_mlx.media.image import ImageProcessor, check_budget
 from gemma4_mlx.media.rows import AUDIO, IMAGE, VIDEO, MediaRows
 from gemma4_mlx.media.video import DEFAULT_NUM_FRAMES, VideoProcessor, read_video_audio
@@ -153,6 +154,11 @@ class MediaProcessor:
             if not isinstance(pc, dict):
                 raise MediaError(f"{f}: expected a JSON object, got {type(pc).__name__}")
             pc = {k: v for k, v in pc.items() if v is not None}  # `"video_processor": null` = absent
+        if getattr(model, "unified", False):
+            try:
+                return cls(model, *U.processors(model, pc, f or "processor_config.json"))
+            except ValueError as e:
+                raise MediaError(str(e)) from None
         vision = getattr(getattr(model, "vision", None), "config", None)
         flat = pc is not None and "patch_size" in pc  # an image processor's own file
         if (pc is None or ("image_processor" not in pc and not flat)) and vision is not None:
@@ -248,11 +254,12 @@ class MediaProcessor:
             wave = A.load_audio(item.source, item.sampling_rate, cfg)
         except (ValueError, TypeError) as e:
             raise MediaError(str(e)) from None
-        n = A.num_audio_tokens(len(wave), cfg)
+        frames = isinstance(cfg, U.FrameConfig)  # the 12B: raw waveform frames (docs/unified.md §5)
+        n = cfg.num_tokens(len(wave)) if frames else A.num_audio_tokens(len(wave), cfg)
         audio = self.model.audio
 
         def encode():
-            feats, mask = A.log_mel([wave], cfg)
+            feats, mask = cfg.frames([wave]) if frames else A.log_mel([wave], cfg)
             return audio.soft_tokens(feats, mask)
 
         return Prepared("audio", _digest("audio", cfg, wave), [n], BOA + PLACEHOLDERS["audio"] * n + EOA, encode)

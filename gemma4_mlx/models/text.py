@@ -15,11 +15,24 @@ from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
 from gemma4_mlx.cache import LayerCaches, build_mask
-from gemma4_mlx.config import FULL, MEDIA_TOKEN_IDS, AudioConfig, LayerSpec, ModelConfig, TextConfig, VisionConfig
+from gemma4_mlx.cache import quantized as kv_quant
+from gemma4_mlx.config import (
+    FULL,
+    MEDIA_TOKEN_IDS,
+    UNIFIED,
+    AudioConfig,
+    LayerSpec,
+    ModelConfig,
+    TextConfig,
+    UnifiedAudioConfig,
+    UnifiedVisionConfig,
+    VisionConfig,
+)
 from gemma4_mlx.models.audio import AudioModel
 from gemma4_mlx.models.layers import CLAMPS, Linear, RMSNorm
 from gemma4_mlx.models.moe import Experts, Router
 from gemma4_mlx.models.quantized import QEmbedding, table_dtype
+from gemma4_mlx.models.unified import UnifiedAudio, UnifiedVision
 from gemma4_mlx.models.vision import VisionModel
 
 
@@ -83,7 +96,7 @@ class Attention(nn.Module):
             k = self.rope(self.k_norm(raw).transpose(0, 2, 1, 3), offset)
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
-        out = ops.attention(q, k, v, mask)
+        out = kv_quant.attention(q, k, v, mask)  # quantized cache entries: docs/kv-cache.md §3
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), (k, v)
 
 
@@ -294,6 +307,7 @@ class Model(nn.Module):
         self.config = cfg
         self.model = TextModel(cfg)
         self.media_ids = dict(media_ids or MEDIA_TOKEN_IDS)
+        self.unified = False  # Gemma 4 12B: `vision` / `audio` are `models.unified` embedders
         if vision is not None:
             self.vision = VisionModel(vision, cfg.hidden_size)
         if audio is not None:
@@ -304,14 +318,21 @@ class Model(nn.Module):
         """The model a config.json describes; text_only leaves the towers out."""
         raw = config.raw
         vision = audio = None
-        if not text_only and raw.get("vision_config"):
+        if not text_only and raw.get("vision_config") and not config.unified:
             vision = VisionConfig.from_dict(raw["vision_config"])
-        if not text_only and raw.get("audio_config"):
+        if not text_only and raw.get("audio_config") and not config.unified:
             audio = AudioConfig.from_dict(raw["audio_config"])
         model = cls(config.text, vision, audio, config.media_ids)
-        if config.model_type == "gemma4":  # the multimodal wrapper, towers loaded or not
+        if config.unified and not text_only:  # embedders in place of towers (docs/unified.md §3)
+            H = config.text.hidden_size
+            if raw.get("vision_config"):
+                model.vision = UnifiedVision(UnifiedVisionConfig.from_dict(raw["vision_config"]), H)
+            if raw.get("audio_config"):
+                model.audio = UnifiedAudio(UnifiedAudioConfig.from_dict(raw["audio_config"]), H)
+        if config.model_type in ("gemma4", UNIFIED):  # the multimodal wrappers, towers loaded or not
             ids = config.media_ids
             model.model.placeholder_ids = (ids["image"], ids["audio"], ids["video"])
+        model.unified = config.unified
         return model
 
     @property
@@ -348,10 +369,16 @@ class Model(nn.Module):
         """Run a prefill chunk only for its cache writes (no logits computed)."""
         self.model.fill_cache(input_ids, cache, media=media)
 
-    def make_cache(self, *, max_rollback: int = 32, left_pad=None) -> LayerCaches:
+    def make_cache(self, *, max_rollback: int = 32, left_pad=None, kv_bits: int | None = None) -> LayerCaches:
+        """Empty caches; kv_bits 8 or 4 quantize every layer's K/V (docs/kv-cache.md)."""
         c = self.config
         return LayerCaches.for_layers(
-            c.layer_types, c.first_shared, c.sliding_window, max_rollback=max_rollback, left_pad=left_pad
+            c.layer_types,
+            c.first_shared,
+            c.sliding_window,
+            max_rollback=max_rollback,
+            left_pad=left_pad,
+            kv_bits=kv_bits,
         )
 
     @property

@@ -89,12 +89,15 @@ class SamplingOptions:
     frequency_penalty: float | None = None  # subtracted per occurrence
     penalty_context_size: int = 256  # how many recent tokens presence / frequency look at
     seed: int | None = None
+    # Structured output: a factory (`constrain.Constraint`) called once per generation;
+    # the processor it returns masks what the grammar forbids, last (docs/structured-output.md §3).
+    constraint: Callable[[], Callable] | None = None
 
     def sampler(self) -> Callable:
         return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
     def processors(self) -> list:
-        return make_logits_processors(
+        procs = make_logits_processors(
             repetition_penalty=self.repetition_penalty,
             repetition_context_size=self.repetition_context_size,
             presence_penalty=self.presence_penalty or None,
@@ -102,6 +105,7 @@ class SamplingOptions:
             frequency_penalty=self.frequency_penalty or None,
             frequency_context_size=self.penalty_context_size,
         )
+        return procs + [self.constraint()] if self.constraint is not None else procs
 
 
 def apply_processors(logits: mx.array, histories, processors) -> mx.array:
@@ -266,8 +270,10 @@ def batch_generate(
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    kv_bits: int | None = None,
 ) -> list[list[int]]:
-    """Generate for several prompts at once (left-padded); finished rows leave the batch."""
+    """Generate for several prompts at once (left-padded); finished rows leave the batch.
+    kv_bits: 8 or 4 quantize the KV cache (docs/kv-cache.md)."""
     options = options or SamplingOptions()
     if options.seed is not None:
         mx.random.seed(options.seed)
@@ -276,7 +282,8 @@ def batch_generate(
     longest = max(len(p) for p in prompts)
     pads = [longest - len(p) for p in prompts]
     ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts)])
-    cache = model.make_cache(left_pad=pads)
+    quant = {} if kv_bits in (None, 16) else {"kv_bits": kv_bits}  # `contracts.DecodingModel` has no kv_bits
+    cache = model.make_cache(left_pad=pads, **quant)
     hist = [list(p) for p in prompts]  # per row, without the padding
 
     def history():

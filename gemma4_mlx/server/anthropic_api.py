@@ -116,7 +116,8 @@ def conversation(body: CountTokensRequest, prompter) -> Conversation:
             msgs += _user(m.content, where, prompter, media, names)
     check_roles(msgs)
     thinking = body.thinking is not None and body.thinking.type in ("enabled", "adaptive")
-    return Conversation(msgs, media, select_tools(_tools(body.tools), _tool_choice(body.tool_choice)), thinking)
+    choice = _tool_choice(body.tool_choice)
+    return Conversation(msgs, media, select_tools(_tools(body.tools), choice), thinking, choice)
 
 
 def _event(name: str, data: dict) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gemma4_mlx.api import SamplingOptions, own_thread, share_with_thread
+from gemma4_mlx.api import SamplingOptions, own_thread, release_thread, share_with_thread
 from gemma4_mlx.batching import Job, Progress, Scheduler
 from gemma4_mlx.chat.conversation import stop_ids
 from gemma4_mlx.prompt.parser import Event, StreamParser
@@ -235,6 +235,12 @@ class Engine:
     # -- the engine thread ----------------------------------------------------
     def _loop(self) -> None:
         own_thread()
+        try:
+            self._serve()
+        finally:
+            release_thread()
+
+    def _serve(self) -> None:
         while True:
             if not self._admit():
                 return

@@ -91,7 +91,8 @@ def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
         thinking = bool(kw["enable_thinking"])
     else:
         thinking = body.reasoning_effort not in (None, "none", "minimal")
-    return Conversation(msgs, media, select_tools(body.tools, body.tool_choice), thinking)
+    tools = select_tools(body.tools, body.tool_choice)
+    return Conversation(msgs, media, tools, thinking, body.tool_choice, body.response_format)
 
 
 def _tool_calls(result: Result) -> list[dict]:

@@ -8,8 +8,9 @@ import base64
 import binascii
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -19,7 +20,10 @@ from gemma4_mlx.chat.conversation import (
     encode_conversation,
     prepare_in_order,
     render_conversation,
+    stop_ids,
 )
+from gemma4_mlx.constrain import Constraint, ConstraintError, bind, constraint_from_response_format
+from gemma4_mlx.constrain.tools import tool_call_grammar
 from gemma4_mlx.prompt.parser import parser_for_prompt
 from gemma4_mlx.prompt.template import ChatTemplateError
 from gemma4_mlx.prompt.tokens import PromptCodec, encode_prompt
@@ -39,6 +43,8 @@ class Conversation:
     media: list = field(default_factory=list)
     tools: list[dict] | None = None
     thinking: bool = False
+    tool_choice: Any = None  # OpenAI's: None, "auto", "none", "required" or a named function
+    response_format: dict | None = None
 
 
 def check_roles(messages: Sequence[dict]) -> None:
@@ -59,7 +65,7 @@ def check_roles(messages: Sequence[dict]) -> None:
 
 def select_tools(tools: list[dict] | None, choice) -> list[dict] | None:
     """The tools the prompt declares for a tool_choice (auto, none, required or a named
-    function; `required` / named are declared, not enforced by constrained decoding)."""
+    function: only that one); `Prompter.constraint` enforces required / named."""
     if not tools or choice == "none":
         return None
     if isinstance(choice, dict):
@@ -78,6 +84,8 @@ class Prompter:
 
     def __init__(self, model, tokenizer, *, max_context: int | None = None, allow_local_files: bool = False):
         self.model, self.tokenizer, self.codec = model, tokenizer, PromptCodec(tokenizer)
+        self.stop_ids = sorted(stop_ids(model, tokenizer))
+        self.close_id = tokenizer.convert_tokens_to_ids("<channel|>")  # the thought channel's end
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 131072
         self.allow_local_files = allow_local_files
 
@@ -153,6 +161,27 @@ class Prompter:
             raise APIError(400, "counting the tokens of images or audio is not supported yet")
         return len(self.encode(self.render(conv), [])[0])
 
+    def constraint(self, conv: Conversation) -> Constraint | None:
+        """What decoding must follow (docs/structured-output.md): the response_format;
+        else, with tool_choice "required" or a named function, calls only of the
+        offered tools with arguments that follow their schemas; else, when a tool is
+        declared `strict`, free text or such calls.  With thinking on, the thought
+        stays free.  400 for what the grammar engine cannot compile."""
+        try:
+            grammar = constraint_from_response_format(conv.response_format)
+            if grammar is None and conv.tools:
+                forced = conv.tool_choice == "required" or isinstance(conv.tool_choice, dict)
+                strict = any((t.get("function") or t).get("strict") for t in conv.tools)
+                if forced or strict:
+                    token_id = self.tokenizer.convert_tokens_to_ids
+                    grammar = tool_call_grammar(conv.tools, token_id, require_call=forced)
+            if grammar is None:
+                return None
+            c = bind(grammar, self.tokenizer, self.model.config.vocab_size, self.stop_ids)
+        except ConstraintError as e:
+            raise APIError(400, _line(e), param="response_format" if conv.response_format else "tools") from None
+        return c.answer_only(self.close_id) if conv.thinking else c
+
     def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
         if n_prompt >= self.max_context:
             raise APIError(
@@ -174,6 +203,9 @@ class Prompter:
             req.ids, req.keys, req.media = self.encode(prompt, conv.media)
             req.max_tokens = self._budget(len(req.ids), max_tokens)
 
+        constraint = self.constraint(conv)
+        if constraint is not None:
+            options = replace(options, constraint=constraint)
         req = Request(ids=[], keys=[], options=options, stop=stop_list(stop), logprobs=logprobs)
         req.parser = lambda: parser_for_prompt(prompt, tools)
         if conv.media:

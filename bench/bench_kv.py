@@ -1,0 +1,235 @@
+"""Quantized KV caches (docs/kv-cache.md): memory, quality and decode speed at 16 / 8 / 4 bits.
+
+1. bytes   KV cache bytes at 8K / 32K / 128K / 256K tokens for every released
+           variant (`presets.PRESETS`, real layer shapes), from the same layout the
+           cache uses (`cache.quantized.layout`); checked against a real cache's
+           nbytes on a shortened copy of each variant.
+2. quality teacher-forced next-token agreement with the 16-bit cache and
+           perplexity change over >= 2,000 tokens of context, on the embedded demo
+           model (a trained, non-chaotic model) and on random weights with small
+           q/k norms (bench-style, real head dims).
+3. speed   decode tokens/s at 8K context (2K with --quick) on a small shape with
+           the real head dims (256 / 512), 16 vs 8 vs 4 bits.
+
+    python bench/bench_kv.py [--quick] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+
+import gemma4_mlx  # noqa: F401  (OpenBLAS first)
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from gemma4_mlx.cache import LayerCaches
+from gemma4_mlx.cache import quantized as kvs
+from gemma4_mlx.config import FULL, SLIDING, TextConfig
+from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.demo.corpus import corpus
+from gemma4_mlx.models.text import Model
+from gemma4_mlx.presets import PRESETS, preset
+from gemma4_mlx.prompt.template import render
+
+CONTEXTS = [8192, 32768, 131072, 262144]
+BITS = [16, 8, 4]
+ROLLBACK = 32  # make_cache's default sliding slack (a Chat keeps 2048: +2016 sliding slots)
+
+
+# -- 1. bytes ---------------------------------------------------------------------------
+def slot_bytes(head_dim: int, kv_heads: int, bits: int, float_bytes: int = 2) -> int:
+    """Bytes of one slot's K or V in one layer: codes + scales + biases (scales and
+    biases in the model's dtype, bf16 for released checkpoints)."""
+    if bits == 16:
+        return kv_heads * head_dim * float_bytes
+    group, padded = kvs.layout(head_dim)
+    return kv_heads * (padded * bits // 8 + 2 * (padded // group) * float_bytes)
+
+
+def kv_bytes(cfg: TextConfig, ctx: int, bits: int, rollback: int = ROLLBACK) -> int:
+    """Retained K and V bytes of every cache-owning layer after `ctx` tokens."""
+    total = 0
+    for s in cfg.layers[: cfg.first_shared]:
+        kept = ctx if s.type == FULL else min(ctx, cfg.sliding_window - 1 + rollback)
+        total += 2 * kept * slot_bytes(s.head_dim, s.kv_heads, bits)
+    return total
+
+
+def check_accounting(name: str, bits: int, ctx: int = 1500) -> None:
+    """kv_bytes against a real cache's retained bytes (bf16) on a 6-layer copy of the variant."""
+    spec = dict(PRESETS[name], num_hidden_layers=6, layer_types=[SLIDING] * 5 + [FULL], num_kv_shared_layers=0)
+    spec.update(sliding_window=64)
+    small = TextConfig.from_dict(spec, name)
+    caches = LayerCaches.for_layers(small.layer_types, small.first_shared, 64, max_rollback=ROLLBACK, kv_bits=bits)
+    for c, s in zip(caches, small.layers):
+        for _ in range(0, ctx, 500):
+            x = mx.random.normal((1, s.kv_heads, 500, s.head_dim)).astype(mx.bfloat16)
+            c.update_and_fetch(x, x)
+    real = sum(kvs.nbytes(k) + kvs.nbytes(v) for k, v in caches.state)
+    want = kv_bytes(small, ctx, bits)
+    assert real == want, (name, bits, real, want)
+
+
+def table_bytes() -> None:
+    print("\n## KV cache bytes (bf16 scales/biases, group 64 along the head dim, sliding slack 32)\n")
+    print("| variant | bits | " + " | ".join(f"{c // 1024}K" for c in CONTEXTS) + " | vs 16 bit at 128K |")
+    print("|---|---|" + "---|" * len(CONTEXTS) + "---|")
+    for name in PRESETS:
+        cfg = preset(name)
+        base = kv_bytes(cfg, 131072, 16)
+        for bits in BITS:
+            if bits != 16:
+                check_accounting(name, bits)
+            row = [kv_bytes(cfg, c, bits) / 2**30 for c in CONTEXTS]
+            mark = ["" if c <= cfg.max_position_embeddings else "*" for c in CONTEXTS]
+            cells = " | ".join(f"{g:.2f} GiB{m}" for g, m in zip(row, mark))
+            print(f"| {name} | {bits} | {cells} | {kv_bytes(cfg, 131072, bits) / base:.3f} |")
+    print("\n(* beyond the variant's max_position_embeddings; accounting checked against real caches)")
+
+
+# -- 2. quality -------------------------------------------------------------------------
+def demo_sequence(tokenizer, n_tokens: int) -> list[int]:
+    """One long conversation of the demo corpus' question/answer turns."""
+    messages = []
+    for conv in corpus(400, seed=7):
+        if conv["tools"] is None:
+            messages += [m for m in conv["messages"] if m["role"] in ("user", "assistant")]
+        ids = tokenizer.encode(render(messages, add_generation_prompt=False), add_special_tokens=False)
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+    raise RuntimeError("corpus too short")
+
+
+def teacher_forced(model, ids: list[int], bits: int, chunk: int) -> mx.array:
+    """Log-probabilities [T, V] of every position, fed through a cache in chunks (as a
+    prefill is): each chunk attends over the (quantized) entries of all before it."""
+    cache = model.make_cache(kv_bits=bits)
+    outs = []
+    for a in range(0, len(ids), chunk):
+        logits = model(mx.array([ids[a : a + chunk]]), cache)[0].astype(mx.float32)
+        outs.append(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+        mx.eval(outs[-1])
+    return mx.concatenate(outs)
+
+
+def quality(model, ids: list[int], label: str, chunk: int) -> None:
+    nxt = mx.array(ids[1:])
+    ref = teacher_forced(model, ids, 16, chunk)[:-1]
+    ref_nll = -mx.take_along_axis(ref, nxt[:, None], axis=1)[:, 0]
+    ref_top = mx.argmax(ref, axis=-1)
+    half = len(ids) // 2
+    for bits in BITS:
+        lp = teacher_forced(model, ids, bits, chunk)[:-1]
+        nll = -mx.take_along_axis(lp, nxt[:, None], axis=1)[:, 0]
+        agree = (mx.argmax(lp, axis=-1) == ref_top).astype(mx.float32)
+        ppl, ppl_ref = math.exp(mx.mean(nll).item()), math.exp(mx.mean(ref_nll).item())
+        late = math.exp(mx.mean(nll[half:]).item()) / math.exp(mx.mean(ref_nll[half:]).item()) - 1
+        kl = mx.mean(mx.sum(mx.exp(ref) * (ref - lp), axis=-1)).item()
+        print(
+            f"| {label} | {len(ids)} | {bits} | {ppl:.4f} | {100 * (ppl / ppl_ref - 1):+.3f} % | "
+            f"{100 * late:+.3f} % | {100 * mx.mean(agree).item():.2f} % | "
+            f"{100 * mx.mean(agree[half:]).item():.2f} % | {kl:.2e} |"
+        )
+
+
+def random_model(dtype, layers: int = 6, vocab: int = 4096, seed: int = 0) -> Model:
+    """Small shape, real head dims (256 sliding / 512 full), GQA; q/k norms scaled by
+    d^-1/4 so that scores are O(1) as in a trained model (not a chaotic one)."""
+    spec = dict(
+        vocab_size=vocab,
+        hidden_size=512,
+        num_hidden_layers=layers,
+        layer_types=([SLIDING] * 5 + [FULL]) * (layers // 6),
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        head_dim=256,
+        global_head_dim=512,
+        attention_k_eq_v=True,
+        sliding_window=512,
+        intermediate_size=1024,
+        final_logit_softcapping=30.0,
+        model_type="gemma4_text",
+        max_position_embeddings=262144,
+    )
+    model = Model(TextConfig.from_dict(spec, "random"))
+    mx.random.seed(seed)
+    new = []
+    for key, value in tree_flatten(model.parameters()):
+        if key.endswith(("q_norm.weight", "k_norm.weight")):
+            v = (0.8 + 0.4 * mx.random.uniform(shape=value.shape)) * value.shape[0] ** -0.25
+        elif key.endswith(("norm.weight", "layer_scalar")):
+            v = 0.8 + 0.4 * mx.random.uniform(shape=value.shape)
+        else:
+            v = 0.02 * mx.random.normal(value.shape)
+        new.append((key, v.astype(dtype)))
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())
+    return model
+
+
+def table_quality(n_tokens: int, dtype, chunk: int) -> None:
+    print(f"\n## Quality: teacher-forced over {n_tokens} tokens, cache fed in chunks of {chunk}\n")
+    print("| model | tokens | bits | perplexity | vs 16 bit | 2nd half vs 16 bit | top-1 agreement | 2nd half | KL |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    demo, tok = gemma4_mlx.load(DEMO_MODEL)
+    quality(demo, demo_sequence(tok, n_tokens), "demo (trained)", chunk)
+    rng = np.random.default_rng(0)
+    rnd = random_model(dtype)
+    # random weights know no language: random tokens still measure how far the
+    # quantized cache moves the distribution (perplexity change, top-1 agreement, KL)
+    quality(rnd, rng.integers(0, 4096, size=n_tokens).tolist(), f"random {dtype}", chunk)
+
+
+# -- 3. speed ---------------------------------------------------------------------------
+def decode_speed(ctx: int, n: int, dtype) -> None:
+    print(f"\n## Decode at {ctx} tokens of context ({dtype}, random small shape, real head dims)\n")
+    print("| bits | KV bytes | decode tok/s (median step) | ms/token |")
+    print("|---|---|---|---|")
+    model = random_model(dtype, layers=12)
+    ids = np.random.default_rng(1).integers(0, 4096, size=ctx).tolist()
+    for bits in BITS:
+        cache = model.make_cache(kv_bits=bits)
+        for a in range(0, ctx, 512):
+            model.fill_cache(mx.array([ids[a : a + 512]]), cache)
+            mx.eval(cache.state)
+        tok = mx.array([[5]])
+        mx.eval(model(tok, cache))  # warm-up
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            out = model(tok, cache)
+            tok = mx.argmax(out[:, -1:], axis=-1)
+            mx.eval(tok)
+            times.append(time.perf_counter() - t)
+        dt = float(np.median(times))  # the median step: robust to a loaded machine's spikes
+        nbytes = sum(c.nbytes for c in cache.writers())
+        label = f"16 ({str(dtype).split('.')[-1]})" if bits == 16 else str(bits)
+        print(f"| {label} | {nbytes / 2**20:.1f} MiB | {1 / dt:.2f} | {1000 * dt:.1f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2,048-token quality runs, decode at 2K context")
+    # float32 by default: MLX's CPU matmul in bf16 is not BLAS and far slower
+    ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "quality", "speed"])
+    args = ap.parse_args()
+    dtype = getattr(mx, args.dtype)
+    print(f"# bench_kv ({'quick' if args.quick else 'full'}) on {platform.machine()}, {mx.default_device()}")
+    if "bytes" not in args.skip:
+        table_bytes()
+    if "quality" not in args.skip:
+        table_quality(2048 if args.quick else 4096, dtype, 256)
+    if "speed" not in args.skip:
+        decode_speed(2048 if args.quick else 8192, 8 if args.quick else 32, dtype)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""A `Grammar` bound to a tokenizer: the factory `SamplingOptions.constraint` calls
+(docs/structured-output.md §3).
+
+`Constraint()` returns a fresh `ConstraintProcessor` (one per generation);
+`RowConstraints` gives each prompt of a batch its own constraint.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import llguidance as llg
+
+from gemma4_mlx.constrain.grammar import ConstraintError, Grammar, constraint_from_response_format
+from gemma4_mlx.constrain.processor import ConstraintProcessor
+
+# Building the engine's token trie reads every piece (about a second for 262,144
+# pieces), so it is done once per tokenizer object and vocabulary size.
+_ENGINE_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _backend(tokenizer):
+    """The `tokenizers.Tokenizer` under an mlx-lm wrapper, an HF fast tokenizer, or itself."""
+    for path in (("_tokenizer", "backend_tokenizer"), ("backend_tokenizer",), ()):
+        obj = tokenizer
+        for name in path:
+            obj = getattr(obj, name, None)
+        if obj is not None and hasattr(obj, "to_str"):
+            return obj
+    raise ConstraintError(f"constrained decoding needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}")
+
+
+def engine_tokenizer(tokenizer, vocab_size: int) -> llg.LLTokenizer:
+    """llguidance's view of `tokenizer`, padded to the model's `vocab_size` rows."""
+    try:
+        per = _ENGINE_TOKENIZERS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: build it every time
+        per = {}
+    if vocab_size not in per:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        per[vocab_size] = llg.LLTokenizer(_backend(tokenizer).to_str(), n_vocab=vocab_size, eos_token=eos)
+    return per[vocab_size]
+
+
+@dataclass
+class Constraint:
+    """grammar bound to `engine` (llguidance tokenizer).  stop_ids: the model's stop
+    tokens — allowed exactly where the grammar accepts.  after: when set (the
+    thought channel's close token with thinking on), the output is free until
+    this token and the grammar applies to what follows it."""
+
+    grammar: Grammar
+    engine: llg.LLTokenizer
+    vocab_size: int
+    stop_ids: tuple[int, ...]
+    after: int | None = None
+    _proto: llg.LLMatcher | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self._proto is None:
+            self.grammar.check(self.engine)
+            proto = llg.LLMatcher(self.engine, self.grammar.source, log_level=0)
+            if proto.is_error():
+                raise ConstraintError(f"{self.grammar.what}: {proto.get_error().splitlines()[0]}")
+            self._proto = proto
+
+    def matcher(self) -> llg.LLMatcher:
+        """A matcher at the grammar's start (a copy of the compiled one)."""
+        return self._proto.deep_copy()
+
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of `tokens` (an output, stop tokens included) the grammar allows."""
+        fed = [self.engine.eos_token if t in self.stop_ids else t for t in tokens]
+        return self.matcher().validate_tokens(fed)
+
+    def answer_only(self, close_id: int | None) -> Constraint:
+        """This constraint applied after `close_id` (the thought channel's end)."""
+        return replace(self, after=close_id)
+
+    def __call__(self) -> ConstraintProcessor:
+        return ConstraintProcessor(lambda prompt: self)
+
+
+def bind(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequence[int], after: int | None = None) -> Constraint:
+    """Tie `grammar` to a tokenizer and a model's vocabulary; raises `ConstraintError`
+    (one line) when the engine cannot compile it for this tokenizer."""
+    if not stop_ids:
+        raise ConstraintError("constrained decoding needs the model's stop token ids")
+    engine = engine_tokenizer(tokenizer, vocab_size)
+    return Constraint(grammar, engine, vocab_size, tuple(sorted(set(stop_ids))), after)
+
+
+def bind_response_format(
+    response_format, tokenizer, vocab_size: int, stop_ids: Sequence[int], after: int | None = None
+) -> Constraint | None:
+    """`constraint_from_response_format` then `bind`, in one call (the server's use):
+    None for free text; after: the thought channel's close id when thinking is on."""
+    grammar = (
+        response_format if isinstance(response_format, Grammar) else constraint_from_response_format(response_format)
+    )
+    return None if grammar is None else bind(grammar, tokenizer, vocab_size, stop_ids, after)
+
+
+class RowConstraints:
+    """One constraint per prompt of a batch (None: that row is free).  Rows are told
+    apart by their prompts, so equal prompts must share a constraint."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]], constraints: Sequence[Constraint | None]):
+        if len(prompts) != len(constraints):
+            raise ValueError(f"{len(prompts)} prompts but {len(constraints)} constraints")
+        self.table: dict[tuple, Constraint | None] = {}
+        for p, c in zip(prompts, constraints):
+            key = tuple(p)
+            if key in self.table and self.table[key] is not c:
+                raise ValueError("rows with the same prompt must have the same constraint")
+            self.table[key] = c
+
+    def __call__(self) -> ConstraintProcessor:
+        return ConstraintProcessor(self.table.get, known_prompts=set(self.table))

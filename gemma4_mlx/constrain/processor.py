@@ -1,0 +1,191 @@
+"""The constraint as a logits processor: `processor(history [T], logits [1, V]) -> logits`
+(docs/structured-output.md §3).
+
+It keeps llguidance matchers ("slots") and syncs one to every history it is shown:
+the slot sharing the longest prefix with the history is rolled back to that prefix
+and fed the rest, then every token the grammar does not allow next is set to -inf.
+The decoding loops need no change: speculative verify shows history + drafts[:j]
+(a draft the grammar refuses is never the pick, so it is rejected), accepted
+drafts advance a slot, rejected ones roll it back; batch rows and equal prompts
+each find their own slot.  A slot another history still needs is copied, not
+rolled back (§3.2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import mlx.core as mx
+import numpy as np
+
+NEG_INF = float("-inf")
+
+
+class _Slot:
+    """tokens: the history this slot has gone through (prompt + output, every output
+    token valid); prompt_len: where the output starts; start: where the grammar starts
+    (None: waiting for the constraint's `after` token); version: bumped on change."""
+
+    __slots__ = ("constraint", "tokens", "prompt_len", "start", "matcher", "used", "version", "mask")
+
+    def __init__(self, constraint, prompt: list[int]):
+        self.constraint, self.tokens, self.prompt_len = constraint, list(prompt), len(prompt)
+        self.start, self.matcher, self.used, self.version, self.mask = None, None, 0, 0, None
+        if constraint is not None and constraint.after is None:
+            self.start, self.matcher = len(self.tokens), constraint.matcher()
+
+    def fork(self) -> _Slot:
+        s = _Slot(None, [])
+        s.constraint, s.tokens, s.prompt_len, s.start = self.constraint, list(self.tokens), self.prompt_len, self.start
+        s.matcher = None if self.matcher is None else self.matcher.deep_copy()
+        return s
+
+    def rewind(self, n: int) -> None:
+        """Drop tokens[n:] (n >= prompt_len)."""
+        if n >= len(self.tokens):
+            return
+        if self.start is not None and n < self.start and self.constraint.after is not None:
+            self.start, self.matcher = None, None  # the `after` token itself went: wait again
+        elif self.matcher is not None:
+            self.matcher.rollback(len(self.tokens) - n)
+        del self.tokens[n:]
+        self.version += 1
+
+    def advance(self, rest: list[int]) -> bool:
+        """Go through `rest`; False when a token of it breaks the grammar (the slot
+        stops before it: the history is one no decoding step will keep, §3.3)."""
+        c = self.constraint
+        if not rest:
+            return True
+        if c is None:
+            self.tokens += rest
+            self.version += 1
+            return True
+        if self.start is None:
+            if c.after not in rest:
+                self.tokens += rest
+                self.version += 1
+                return True
+            i = rest.index(c.after) + 1
+            self.tokens += rest[:i]
+            self.start, self.matcher, rest = len(self.tokens), c.matcher(), rest[i:]
+        # A stop token is refused here too: decoding ends at it, nothing after it is kept.
+        n = self.matcher.validate_tokens(rest)
+        if n:
+            self.matcher.consume_tokens(rest[:n])
+        self.tokens += rest[:n]
+        self.version += 1
+        return n == len(rest)
+
+    def allowed(self, width: int) -> mx.array | None:
+        """[width] bool: the tokens the grammar allows next (stop tokens where it
+        accepts); None when the grammar allows nothing (a finished or broken match)."""
+        if self.mask is not None and self.mask[0] == self.version:
+            return self.mask[1]
+        c = self.constraint
+        words = np.frombuffer(self.matcher.compute_bitmask(), np.uint32).copy()  # bit t of word t // 32
+        eos = c.engine.eos_token
+        accept = (words[eos >> 5] >> (eos & 31)) & 1
+        for s in c.stop_ids:
+            if s >> 5 < len(words):
+                words[s >> 5] = words[s >> 5] | (1 << (s & 31)) if accept else words[s >> 5] & ~np.uint32(1 << (s & 31))
+        out = _unpack(words, width) if words.any() else None
+        self.mask = (self.version, out)
+        return out
+
+
+_IDS: dict[int, mx.array] = {}
+
+
+def _unpack(words: np.ndarray, width: int) -> mx.array:
+    """Bit t of the packed mask as a [width] bool array, expanded by MLX (on the
+    device): the host hands over V / 32 words, not V flags."""
+    if width not in _IDS:
+        _IDS[width] = mx.arange(width, dtype=mx.uint32)
+    ids = _IDS[width]
+    w = mx.array(words)
+    if w.shape[0] * 32 < width:  # the model has more rows than the tokenizer: those stay masked
+        w = mx.concatenate([w, mx.zeros(((width + 31) // 32 - w.shape[0],), mx.uint32)])
+    return ((w[ids >> 5] >> (ids & 31)) & 1).astype(mx.bool_)
+
+
+class ConstraintProcessor:
+    """route(prompt tuple) -> the constraint of a new row (None: free row).
+    known_prompts: the batch's prompts when known — a history equal to one of them
+    starts a row even if another row's history is a prefix of it.
+    max_slots: slots kept (least recently used ones go; speed only, never results)."""
+
+    def __init__(self, route: Callable, known_prompts: set | None = None, max_slots: int = 256):
+        self.route, self.known, self.max_slots = route, known_prompts or set(), max_slots
+        self.slots: list[_Slot] = []
+        self.index: dict[tuple, _Slot] = {}  # tuple(slot.tokens) -> slot
+        self.clock = 0
+
+    def __call__(self, history, logits: mx.array) -> mx.array:
+        h = history.tolist() if isinstance(history, mx.array) else list(history)
+        # On a GPU, start the model's step now: the host computes the mask while it
+        # runs.  On the CPU backend both would fight over the same cores (§6).
+        if mx.default_device() == mx.gpu:
+            mx.async_eval(logits)
+        slot, ok = self.sync(h)
+        if not ok or slot.start is None:
+            return logits
+        allowed = slot.allowed(logits.shape[-1])
+        return logits if allowed is None else mx.where(allowed, logits, NEG_INF)
+
+    # -- finding and syncing a slot -----------------------------------------------
+    def sync(self, h: list[int]) -> tuple[_Slot, bool]:
+        """The slot now at `h` (or at its longest valid prefix) and whether all of `h` is valid."""
+        self.clock += 1
+        slot, lcp = self._find(h)
+        if slot is None:
+            slot, ok = _Slot(self.route(tuple(h)), h), True
+        elif lcp < len(slot.tokens):  # another history may still need this slot: copy it
+            slot = slot.fork()
+            slot.rewind(lcp)
+            ok = slot.advance(h[lcp:])
+        else:
+            old = tuple(slot.tokens)
+            ok = slot.advance(h[lcp:])
+            if self.index.get(old) is slot:
+                del self.index[old]
+            self.index[tuple(slot.tokens)] = slot
+            slot.used = self.clock
+            return slot, ok
+        slot.used = self.clock
+        self._add(slot)
+        return slot, ok
+
+    def _find(self, h: list[int]) -> tuple[_Slot | None, int]:
+        key = tuple(h)
+        s = self.index.get(key)
+        if s is not None:  # the same history again (equal prompts, a repeated position)
+            return s, len(h)
+        if key in self.known:  # a row's prompt: a new row
+            return None, 0
+        s = self.index.get(key[:-1])
+        if s is not None:  # the common case: one token more
+            return s, len(h) - 1
+        best, best_lcp = None, -1
+        for s in self.slots:
+            p = s.prompt_len
+            if len(h) < p or h[:p] != s.tokens[:p]:
+                continue
+            n = p
+            limit = min(len(h), len(s.tokens))
+            while n < limit and h[n] == s.tokens[n]:
+                n += 1
+            if n > best_lcp:
+                best, best_lcp = s, n
+        return best, best_lcp
+
+    def _add(self, slot: _Slot) -> _Slot:
+        self.slots.append(slot)
+        self.index[tuple(slot.tokens)] = slot
+        if len(self.slots) > self.max_slots:
+            old = min(self.slots, key=lambda s: s.used)
+            self.slots.remove(old)
+            key = tuple(old.tokens)
+            if self.index.get(key) is old:
+                del self.index[key]
+        return slot

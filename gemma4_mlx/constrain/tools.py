@@ -1,0 +1,164 @@
+"""Strict tool calls: a grammar for Gemma 4's call syntax over the declared tools
+(docs/structured-output.md §5, docs/chat-format.md §5.3).
+
+    <|tool_call>call:NAME{key:value,...}<tool_call|>
+
+NAME is a declared tool; the keys are its parameters in the order the chat template
+renders them (sorted, case-insensitively), required ones present; each value follows
+the parameter's schema in Gemma's value syntax: strings between `<|"|>` tokens,
+bare numbers, true / false / null, [...] lists, {key:value} maps.  This translates
+the small schema vocabulary `prompt.tool_schema` produces (type, enum, items,
+properties, required, nullable, maxLength, additionalProperties: false); anything
+else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+from gemma4_mlx.constrain.grammar import ConstraintError, Grammar, lark
+from gemma4_mlx.prompt.tool_schema import tool_schema
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# what the grammar enforces, or what does not constrain a value (description, title, default)
+_KNOWN = {"type", "enum", "items", "properties", "required", "nullable", "maxLength", "description", "title", "default"}
+_NUMBER = r"/-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/"
+_INTEGER = r"/-?(0|[1-9][0-9]*)/"
+
+
+def _lit(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+class _Writer:
+    """Lark rules for one declaration set; `q`, `open_`, `close`: the token ids of
+    `<|"|>`, `<|tool_call>`, `<tool_call|>`."""
+
+    def __init__(self, q: int, open_: int, close: int):
+        self.q, self.open, self.close = q, open_, close
+        self.rules: list[str] = []
+        self.n, self.has_any = 0, False
+
+    def rule(self, body: str) -> str:
+        self.n += 1
+        name = f"r{self.n}"
+        self.rules.append(f"{name}: {body}")
+        return name
+
+    def string(self, max_len: int | None = None) -> str:
+        text = "/(?s:.*)/" if max_len is None else f"/(?s:.{{0,{int(max_len)}}})/"
+        return f"<[{self.q}]> {text} <[{self.q}]>"
+
+    def value(self, schema: Mapping, where: str) -> str:
+        if not isinstance(schema, Mapping):
+            raise ConstraintError(f"{where}: a parameter schema must be an object")
+        extra = (
+            set(schema) - _KNOWN - ({"additionalProperties"} if schema.get("additionalProperties") is False else set())
+        )
+        if extra:
+            raise ConstraintError(f"{where}: strict tool calls cannot enforce {sorted(extra)}")
+        kind, nullable = schema.get("type"), bool(schema.get("nullable"))
+        if isinstance(kind, list):
+            nullable |= "null" in kind
+            rest = [k for k in kind if k != "null"]
+            if len(rest) > 1:
+                raise ConstraintError(f"{where}: strict tool calls cannot enforce a union of types {rest}")
+            kind = rest[0] if rest else None
+        if "enum" in schema:
+            alts = [
+                f"<[{self.q}]> {_lit(v)} <[{self.q}]>" if isinstance(v, str) else _lit(json.dumps(v))
+                for v in schema["enum"]
+            ]
+            body = " | ".join(alts)
+        elif kind == "string":
+            body = self.string(schema.get("maxLength"))
+        elif kind == "integer":
+            body = _INTEGER
+        elif kind == "number":
+            body = _NUMBER
+        elif kind == "boolean":
+            body = '"true" | "false"'
+        elif kind == "array":
+            item = self.value(schema.get("items") or {}, f"{where}.items") if schema.get("items") else self.any()
+            body = f'"[" ({item} ("," {item})*)? "]"'
+        elif kind == "object" and schema.get("properties"):
+            body = f'"{{" {self.members(schema, where)} "}}"'
+        elif kind in ("object", None):
+            body = self.any() if kind is None else self.any_map()
+        else:
+            raise ConstraintError(f"{where}: strict tool calls cannot enforce type {kind!r}")
+        return self.rule(f'{body} | "null"' if nullable else body)
+
+    def members(self, schema: Mapping, where: str) -> str:
+        """key:value pairs in the template's order; optional ones may be left out."""
+        props, required = schema.get("properties") or {}, set(schema.get("required") or [])
+        keys = sorted(props, key=str.lower)
+        pairs = []
+        for k in keys:
+            key = _lit(k + ":") if _IDENT.match(k) else f'<[{self.q}]> {_lit(k)} <[{self.q}]> ":"'
+            pairs.append((f"{key} {self.value(props[k], f'{where}.{k}')}", k in required))
+        head, tail = '""', '""'  # members i.. : the first without a comma / each after a comma
+        for pair, req in reversed(pairs):
+            new_head = self.rule(f"{pair} {tail}" + ("" if req else f" | {head}"))
+            tail = self.rule(f'"," {pair} {tail}' + ("" if req else f" | {tail}"))
+            head = new_head
+        return head
+
+    def any(self) -> str:
+        """Any value (a parameter without a schema)."""
+        if not self.has_any:
+            self.has_any = True
+            self.rules += [
+                f'anyval: {self.string()} | {_NUMBER} | "true" | "false" | "null" | "[" (anyval ("," anyval)*)? "]"'
+                " | anymap",
+                'anymap: "{" (anykey ":" anyval ("," anykey ":" anyval)*)? "}"',
+                "anykey: /[A-Za-z_][A-Za-z0-9_]*/",
+            ]
+        return "anyval"
+
+    def any_map(self) -> str:
+        self.any()
+        return "anymap"
+
+
+def _declarations(tools: Sequence) -> list[dict]:
+    out = []
+    for t in tools:
+        t = tool_schema(t) if callable(t) and not isinstance(t, Mapping) else t
+        fn = t.get("function", t) if isinstance(t, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise ConstraintError("tools: each tool needs a function name")
+        out.append(fn)
+    if not out:
+        raise ConstraintError("tools: strict tool calls need at least one declared tool")
+    return out
+
+
+def tool_call_grammar(
+    tools: Sequence[Callable | Mapping], token_id: Callable[[str], int | None], require_call: bool = False
+) -> Grammar:
+    """The answer is free text, or one or more calls of the declared `tools`
+    (functions or OpenAI-style declarations) whose arguments follow their schemas.
+    token_id(text): the id of a control string (`tokenizer.convert_tokens_to_ids`).
+    require_call: calls only, no text (OpenAI's tool_choice "required")."""
+    ids = {}
+    for s in ('<|"|>', "<|tool_call>", "<tool_call|>"):
+        i = token_id(s)
+        if not isinstance(i, int) or i < 0:
+            raise ConstraintError(f"tools: the tokenizer has no {s} token")
+        ids[s] = i
+    w = _Writer(ids['<|"|>'], ids["<|tool_call>"], ids["<tool_call|>"])
+    calls = []
+    for fn in _declarations(tools):
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        where = f"tools.{fn['name']}.parameters"
+        members = w.members(params, where) if params.get("properties") else '""'
+        calls.append(w.rule(f'{_lit(fn["name"])} "{{" {members} "}}"'))
+    head = [
+        "start: call+" if require_call else "start: TEXT | call+",
+        "TEXT: /(?s:.+)/",
+        f'call: <[{w.open}]> "call:" ({" | ".join(calls)}) <[{w.close}]>',
+    ]
+    return lark("\n".join(head + w.rules), what="tools")

@@ -1,0 +1,110 @@
+"""Constrained decoding through the live server (real `openai` / `anthropic` clients,
+demo model): `response_format` JSON schemas validate, `tool_choice` "required" or a
+named function makes the model call a tool it would not have called, and a schema the
+engine cannot compile is a 400 before any generation."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import jsonschema
+import openai
+import pytest
+
+import gemma4_mlx
+from gemma4_mlx.demo import DEMO_MODEL
+
+from helpers.live_server import live_server
+
+NAME = "gemma4-demo"
+JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "country": {"enum": ["Japan", "Peru"]}},
+    "required": ["city", "country"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the current weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Get the local time in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def server():
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    with live_server(model, tok, model_name=NAME) as (url, _):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_json_schema_response_format(oa, seed):
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    r = oa.chat.completions.create(
+        model=NAME, messages=JAPAN, response_format=fmt, temperature=1.0, seed=seed, max_tokens=60
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+def test_json_schema_streamed(oa):
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    stream = oa.chat.completions.create(
+        model=NAME, messages=JAPAN, response_format=fmt, temperature=0, max_tokens=60, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_tool_choice_required_and_named(oa):
+    free = oa.chat.completions.create(model=NAME, messages=JAPAN, tools=TOOLS, temperature=0)
+    assert not free.choices[0].message.tool_calls  # the demo answers this one itself
+    r = oa.chat.completions.create(model=NAME, messages=JAPAN, tools=TOOLS, tool_choice="required", temperature=0)
+    calls = r.choices[0].message.tool_calls
+    assert calls and r.choices[0].finish_reason == "tool_calls"
+    assert calls[0].function.name in ("get_weather", "get_time") and "city" in json.loads(calls[0].function.arguments)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    r = oa.chat.completions.create(model=NAME, messages=JAPAN, tools=TOOLS, tool_choice=named, temperature=0)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
+
+
+def test_anthropic_tool_choice_any(server):
+    an = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0, timeout=60)
+    tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]
+    r = an.messages.create(
+        model=NAME,
+        messages=JAPAN,
+        tools=tools,
+        tool_choice={"type": "any"},
+        max_tokens=60,
+        extra_body={"temperature": 0},
+    )
+    assert r.stop_reason == "tool_use" and any(b.type == "tool_use" for b in r.content)
+
+
+def test_uncompilable_schema_is_a_400(oa):
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=NAME, messages=JAPAN, response_format=bad)
+    assert e.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError):
+        oa.chat.completions.create(model=NAME, messages=JAPAN, response_format={"type": "yaml"})

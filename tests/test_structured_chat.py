@@ -1,0 +1,140 @@
+"""Structured outputs in chat sessions (docs/structured-output.md §4, §5): the
+answer follows `response_format` (after the thought when thinking), and strict tool
+calls name declared tools only, with arguments valid under their schemas."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import jsonschema
+import pytest
+
+import gemma4_mlx
+from gemma4_mlx.chat.session import Chat
+from gemma4_mlx.constrain import ConstraintError, bind
+from gemma4_mlx.constrain.tools import tool_call_grammar
+from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.prompt.parser import parse
+from gemma4_mlx.prompt.tokens import encode_prompt
+from gemma4_mlx.prompt.tool_schema import tool_schema
+from gemma4_mlx.runtime.generate import SamplingOptions, batch_generate
+
+from test_structured import random_model
+
+ANSWER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 10}, "sure": {"type": "boolean"}},
+    "required": ["city", "sure"],
+    "additionalProperties": False,
+}
+RF = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
+
+
+def get_weather(city: str) -> dict:
+    """Get the current weather in a city."""
+    return {"temperature": 20, "condition": "sunny"}
+
+
+def get_time(zone: Literal["utc", "cet", "jst"], seconds: bool = False) -> str:
+    """The time in a zone."""
+    return "12:00"
+
+
+def set_alarm(hour: int, days: list[Literal["mon", "tue", "wed"]], label: Literal["gym", "work"] | None = None) -> str:
+    """Set an alarm."""
+    return "ok"
+
+
+def params(fn) -> dict:
+    """The tool's parameter schema for jsonschema: "nullable" (OpenAPI, what
+    `tool_schema` writes) as JSON Schema's null alternative."""
+
+    def fix(x):
+        if isinstance(x, dict):
+            x = {k: fix(v) for k, v in x.items()}
+            if x.pop("nullable", False):
+                x = {"anyOf": [x, {"type": "null"}]}
+        return x
+
+    return fix(tool_schema(fn)["function"]["parameters"])
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return gemma4_mlx.load(DEMO_MODEL)
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_chat_answer_follows_response_format(demo, thinking):
+    model, tok = demo
+    chat = Chat(model, tok, thinking=thinking, max_tokens=120)
+    reply = chat.send("What is the capital of Japan?", response_format=RF)
+    jsonschema.validate(json.loads(reply.text), ANSWER)
+    if thinking:  # the thought stayed free: words, not JSON
+        assert reply.thinking and not reply.thinking.lstrip().startswith("{")
+    free = chat.send("What is the capital of Peru?")  # the format was for one turn
+    assert not free.text.startswith("{")
+
+
+def test_chat_default_response_format_and_early_refusal(demo):
+    model, tok = demo
+    chat = Chat(model, tok, response_format=RF, max_tokens=60)
+    jsonschema.validate(json.loads(chat.send("Hello!").text), ANSWER)
+    with pytest.raises(ConstraintError, match=r"^response_format.json_schema.schema: "):
+        Chat(model, tok, response_format={"type": "json_schema", "json_schema": {"schema": {"type": 3}}})
+    with pytest.raises(ConstraintError):
+        chat.send("Hi", response_format={"type": "regex", "regex": "("})
+    assert len(chat.messages) == 2  # the refused turn left no trace
+
+
+def test_strict_tools_cannot_call_an_undeclared_tool(demo):
+    """The demo calls get_weather when asked about weather; with only get_time
+    declared, strict mode keeps it from naming get_weather."""
+    model, tok = demo
+    loose = Chat(model, tok, tools=[get_time], max_tokens=60).send("What's the weather in Paris?")
+    assert [c.name for c in loose.tool_calls] == ["get_weather"]  # what strict mode must prevent
+    strict = Chat(model, tok, tools=[get_time], strict_tools=True, max_tokens=60).send("What's the weather in Paris?")
+    assert all(c.name == "get_time" for c in strict.tool_calls)
+    for c in strict.tool_calls:
+        jsonschema.validate(c.arguments, params(get_time))
+
+
+def test_strict_tool_call_of_a_declared_tool_validates(demo):
+    model, tok = demo
+    reply = Chat(model, tok, tools=[get_weather], strict_tools=True, max_tokens=60).send("What's the weather in Paris?")
+    assert [c.name for c in reply.tool_calls] == ["get_weather"]
+    jsonschema.validate(reply.tool_calls[0].arguments, params(get_weather))
+
+
+def test_sampled_strict_calls_parse_and_validate(demo):
+    """A random model made to call (start: call+): every sample is one or more calls
+    of the declared tools, parsed by the chat parser, arguments valid."""
+    model, tok = demo
+    rnd = random_model(model.config.vocab_size, seed=3)
+    tools = [get_time, set_alarm]
+    grammar = tool_call_grammar(tools, tok.convert_tokens_to_ids, require_call=True)
+    stops = sorted(set(model.config.eos_ids) | {tok.convert_tokens_to_ids("<|tool_response>")})
+    c = bind(grammar, tok, model.config.vocab_size, stops)
+    prompts = [encode_prompt(tok, "Call a tool.")] * 48
+    outs = batch_generate(
+        rnd, prompts, max_tokens=64, options=SamplingOptions(1.0, seed=2, constraint=c), stop_ids=stops
+    )
+    schemas = {f.__name__: params(f) for f in tools}
+    finished = [o for o in outs if o[-1] in stops]
+    assert len(finished) >= 36  # calls repeat at random (call+): a few run past max_tokens
+    for out in outs:  # ... and those are prefixes of valid call lists
+        assert c.valid_prefix(out) == len(out)
+    for out in finished:
+        result = parse(tok.decode(out[:-1]), tools=tools)
+        assert result.tool_calls and not result.content.strip()
+        for call in result.tool_calls:
+            assert call.name in schemas and not call.error and not call.truncated, call
+            jsonschema.validate(call.arguments, schemas[call.name])
+
+
+def test_tool_schemas_the_grammar_cannot_enforce_are_refused(demo):
+    _, tok = demo
+    bad = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}
+    with pytest.raises(ConstraintError, match=r"tools.f.parameters.x: strict tool calls cannot enforce \['pattern'\]"):
+        tool_call_grammar([bad], tok.convert_tokens_to_ids)

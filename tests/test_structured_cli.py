@@ -1,0 +1,49 @@
+"""`generate --json-schema FILE` (docs/structured-output.md §7): the printed answer
+follows the schema; a schema the engine refuses is one
+`error:` line naming the file, before the model loads."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+from typer.testing import CliRunner
+
+from gemma4_mlx.cli import app
+from gemma4_mlx.demo import DEMO_MODEL
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "city": {"enum": ["Tokyo", "Lima", "Paris"]},
+        "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+    },
+    "required": ["city", "population"],
+    "additionalProperties": False,
+}
+
+
+def cli(*args):
+    """The CLI in this process (a subprocess would pay the imports again)."""
+    return CliRunner().invoke(app, list(args))
+
+
+BASE = ["generate", "--model", str(DEMO_MODEL), "-p", "What is the capital of Japan?", "-n", "40", "-q"]
+
+
+def test_generate_json_schema(tmp_path):
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps(SCHEMA))
+    r = cli(*BASE, "--draft-model", "none", "--json-schema", str(f))
+    assert r.exit_code == 0, r.output
+    jsonschema.validate(json.loads(r.stdout), SCHEMA)
+
+
+def test_bad_schema_file_is_one_line(tmp_path):
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "strnig"}}}))
+    r = cli(*BASE, "--json-schema", str(f))
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: --json-schema {f}: ") and "strnig" in lines[0]
+    assert "loading" not in r.stderr  # refused before the model loads
