@@ -14,7 +14,10 @@ Method (docs/speculative.md §14 (§14.6: CPU verify cost)):
    with conditional probability a_j (the 26B profile of docs/speculative.md §14.2), else by a wrong token.
    The reference continuation is the same-batch non-speculative run (K = 0), which
    is also the timing baseline.  Every speculative output must equal it.
-3. draft_tokens="auto" (the cost-aware `DraftPolicy`), same acceptance control.
+3. draft_tokens="auto" (the cost-aware `DraftPolicy`, learning from live rounds), same
+   acceptance control, against plain decoding and the best fixed K: at the grid's
+   length (32 tokens per row) and at `long_tokens` (256) per row, where a smaller
+   grid of fixed K runs first (docs/speculative.md §12.2 states the targets).
 
 Times are decode only (first token to last).  The prompt prefill of a given batch
 is computed once and restored from a cache snapshot in every later run of that
@@ -66,6 +69,8 @@ FULL_SETUP = dict(
     batches=[1, 2, 4, 8],
     ks=[1, 2, 3, 5, 7],
     auto_batches=[1, 4, 8],
+    long_tokens=256,  # the second auto table: generations of this many tokens per row
+    long_ks=[1, 2, 3, 5],  # fixed K runs it is compared with
     curve_T=[1, 2, 4, 8, 16, 32, 64],
     moe_T=[1, 2, 4, 6, 8, 12, 16],
     reps=3,
@@ -108,6 +113,8 @@ QUICK_SETUP = dict(
     batches=[1, 2, 4, 8],
     ks=[1, 2, 3, 5, 7],
     auto_batches=[1, 4, 8],
+    long_tokens=48,
+    long_ks=[1, 2, 3, 5],
     curve_T=[1, 2, 4, 8, 16, 32, 64],
     moe_T=[1, 2, 4, 8, 16],
     reps=1,
@@ -553,34 +560,56 @@ def grid(name, target, drafter, setup, prompts, costs, log):
     return results, base, all_same
 
 
-def auto_runs(name, target, drafter, setup, prompts, costs, results, base, log):
-    V, M = target.config.vocab_size, setup["max_tokens"]
+def long_grid(name, target, drafter, setup, prompts, log):
+    """Plain and fixed-K runs of `long_tokens` per row for the auto table (no cost
+    model columns: the grid above has them)."""
+    V, M = target.config.vocab_size, setup["long_tokens"]
+    log(f"Fixed K at {M} tokens per row ({name}), controlled acceptance as in the grid; speed-up vs K = 0:")
+    results, base, ok = {}, {}, True
+    for B in setup["auto_batches"]:
+        ps = prompts[:B]
+        ref, dt, n, _, _ = run(target, drafter, ps, M, 0)
+        base[B] = (n / dt, ref)
+        cells = []
+        for K in setup["long_ks"]:
+            out, dt, n, _, _ = run(target, drafter, ps, M, K, override=controlled(ref, ACCEPT, 2000 * B + K, V))
+            ok &= out == ref
+            results[(B, K)] = n / dt / base[B][0]
+            cells.append(f"K={K}: {results[(B, K)]:.2f}{'' if out == ref else ' (NOT lossless)'}")
+        results[(B, 0)] = 1.0
+        log(f"  B={B}: plain {base[B][0]:.2f} tok/s | " + " | ".join(cells))
+    return results, base, ok
+
+
+def auto_runs(name, target, drafter, setup, prompts, costs, results, base, log, max_tokens, ks):
+    """draft_tokens="auto" against plain (same batch) and the best fixed K in `ks`."""
+    V, M = target.config.vocab_size, max_tokens
     log(
-        f'draft_tokens="auto" ({name}): DraftPolicy(k_max=7) learns acceptance (prior 0.7) and '
-        f"profiles costs itself at start-up (profile time is inside the decode time)"
+        f'draft_tokens="auto" ({name}, {M} tokens per row): DraftPolicy(k_max=7) learns costs and '
+        f"acceptance from its own rounds (no start-up profile; any profile time is inside the decode time)"
     )
     log(
-        f"  {'B':>2} | {'K used (rounds)':<26} | {'tok/round':>9} | {'speed-up':>8} "
-        f"{'excl. profile':>13} | {'best grid K':>11} {'its speed-up':>12} | {'model K*':>8} | lossless"
+        f"  {'B':>2} | {'K used (rounds)':<30} | {'tok/round':>9} | {'auto/plain':>10} | "
+        f"{'best fixed K':>12} {'its speed-up':>12} | {'auto/best':>9} | {'model K*':>8} | lossless"
     )
     ok_all = True
     for B in setup["auto_batches"]:
         ps = prompts[:B]
-        base_tps, ref = base[B]  # the grid's same-batch baseline
+        base_tps, ref = base[B]  # the same-batch plain baseline
         policy = DraftPolicy(k_max=7)
         out, dt, n, st, prof = run(
-            target, drafter, ps, M, "auto", override=controlled(ref, ACCEPT, 77 + B, V), policy=policy
+            target, drafter, ps, M, "auto", override=controlled(ref, ACCEPT, 77 + B + M, V), policy=policy
         )
         ok_all &= out == ref
-        ks = ", ".join(f"{k}:{c}" for k, c in sorted(st.k_used.items()))
-        best = max((k for k in [0] + setup["ks"] if (B, k) in results), key=lambda k: results[(B, k)])
+        used = ", ".join(f"{k}:{c}" for k, c in sorted(st.k_used.items()))
+        best = max((k for k in [0] + ks if (B, k) in results), key=lambda k: results[(B, k)])
+        speed = n / dt / base_tps
         # What the cost model picks from this bench's own cost table and the true profile.
-        cand = [0] + setup["ks"]
-        model_k = max(cand, key=lambda k: predict(costs, B, k, expected_tokens(ACCEPT[:k])) if k else 1.0)
+        model_k = max([0] + setup["ks"], key=lambda k: predict(costs, B, k, expected_tokens(ACCEPT[:k])) if k else 1.0)
         log(
-            f"  {B:>2} | {ks:<26} | {st.tokens_per_round:9.2f} | {n / dt / base_tps:8.2f} "
-            f"{n / (dt - prof) / base_tps:13.2f} | {best:>11} {results[(B, best)]:12.2f} | "
-            f"{model_k:>8} | {'yes' if out == ref else 'NO'}"
+            f"  {B:>2} | {used:<30} | {st.tokens_per_round:9.2f} | {speed:10.2f} | {best:>12} "
+            f"{results[(B, best)]:12.2f} | {speed / results[(B, best)]:9.2f} | {model_k:>8} | "
+            f"{'yes' if out == ref else 'NO'}{f' (profile {prof:.1f} s)' if prof else ''}"
         )
         pv = ", ".join(f"T={T}: {1e3 * t:.0f}" for T, t in sorted(policy.verify_time.items()))
         td = ", ".join(f"B={b}: {1e3 * t:.1f}" for b, t in sorted(policy.draft_time.items()))
@@ -597,6 +626,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run in < 1 min")
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument("--targets", nargs="*", default=["dense", "moe"])
+    ap.add_argument("--no-long", action="store_true", help="skip the long_tokens (256 per row) auto table")
     args = ap.parse_args()
     setup = QUICK_SETUP if args.quick else FULL_SETUP
     log = Report(args.out)
@@ -645,7 +675,14 @@ def main():
         results, base, same = grid(name, target, drafter, setup, prompts, costs, log)
         log("")
         ok &= same
-        ok &= auto_runs(name, target, drafter, setup, prompts, costs, results, base, log)
+        M, ks = setup["max_tokens"], setup["ks"]
+        ok &= auto_runs(name, target, drafter, setup, prompts, costs, results, base, log, M, ks)
+        if not args.no_long:
+            log("")
+            long_results, long_base, same = long_grid(name, target, drafter, setup, prompts, log)
+            ok &= same
+            M, ks = setup["long_tokens"], setup["long_ks"]
+            ok &= auto_runs(name, target, drafter, setup, prompts, costs, long_results, long_base, log, M, ks)
         log(f"({name}: {time.perf_counter() - t0:.0f} s)")
         del target, drafter
         _memo.clear()

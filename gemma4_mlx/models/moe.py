@@ -30,9 +30,9 @@ class Router(nn.Module):
         self._root = hidden**-0.5
 
     def __call__(self, r: mx.array):
-        z = ops.rms_norm(r, None, self.eps)
-        z = z * self.scale.astype(z.dtype) * ops.const(self._root, z.dtype).astype(z.dtype)
-        hi = ops.wide(z.dtype)
+        # scale * H^-1/2 is the norm's weight: one float32 multiply, rounded once.
+        hi = ops.wide(r.dtype)
+        z = ops.rms_norm(r, self.scale.astype(hi) * ops.const(self._root, r.dtype), self.eps)
         probs = mx.softmax(self.proj(z).astype(hi), axis=-1, precise=True)
         k = self.top_k
         idx = mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k]
@@ -51,7 +51,7 @@ class ExpertLinear(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (num_experts, out_dims, in_dims))
 
     def __call__(self, x: mx.array, idx: mx.array, sorted_indices: bool) -> mx.array:
-        return mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+        return ops.gather_mm(x, self.weight.swapaxes(-1, -2), idx, sorted_indices)
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
         return x @ self.weight[expert].T
