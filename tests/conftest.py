@@ -10,6 +10,8 @@ import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 import pytest
 
+from gemma4_mlx.checkpoint.load import load_drafter, load_model
+
 from helpers.checkpoints import FAMILIES, Reference, build_hf
 from helpers.mtp_pairs import PAIRS, hf_drafter
 
@@ -42,4 +44,14 @@ def drafters(tmp_path_factory, checkpoints) -> dict[str, Reference]:
         path = root / name
         hf.save_pretrained(path)
         out[name] = Reference(name, path, hf)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs(checkpoints, drafters):
+    """Per target family of `mtp_pairs.PAIRS`: (target, its MTP drafter), float32."""
+    out = {}
+    for name in PAIRS:
+        target, _ = load_model(checkpoints[name].path, "float32")
+        out[name] = (target, load_drafter(drafters[name].path, "float32", target=target))
     return out

@@ -13,22 +13,12 @@ from gemma4_mlx.batching import scheduler as scheduler_module
 from gemma4_mlx.batching.scheduler import drain
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.cache.prefix import PrefixPool
-from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens, prefill
 
 from helpers.checkpoints import max_diff, random_ids
 from helpers.mtp_pairs import PAIRS
 
 LENGTHS = [5, 13, 3, 9, 17, 7, 11, 4]  # most cross the window W = 4
-
-
-@pytest.fixture(scope="module")
-def pairs(checkpoints, drafters):
-    out = {}
-    for name in PAIRS:
-        target, _ = load_model(checkpoints[name].path, "float32")
-        out[name] = (target, load_drafter(drafters[name].path, "float32", target=target))
-    return out
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:

@@ -29,7 +29,6 @@ from helpers.checkpoints import FAMILIES, W
 from helpers.mtp_pairs import PAIRS
 from test_convert import converted, tempered  # noqa: F401  (fixtures)
 from test_multimodal import inputs  # noqa: F401  (fixture; `case` is narrowed below)
-from test_speculative import pairs  # noqa: F401  (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +95,7 @@ def test_batched_greedy_equals_single(loaded):
 
 # -- speculative decoding (verify blocks: sorted experts, padded fused attention) ---------
 @pytest.mark.parametrize("name", list(PAIRS))
-def test_speculative_lossless(pairs, name):  # noqa: F811
+def test_speculative_lossless(pairs, name):
     test_speculative.test_cache_after_every_round_equals_plain_prefill(pairs, name)
     test_speculative.test_real_drafter_and_auto_draft_length_are_lossless(pairs, name)
 

@@ -17,7 +17,6 @@ from gemma4_mlx.batching import scheduler as scheduler_module
 from gemma4_mlx.cache import KVCache, LayerCaches, SlidingKVCache, build_mask, rows
 from gemma4_mlx.cache import quantized as kvs
 from gemma4_mlx.chat.session import Chat
-from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.runtime.generate import batch_generate, generate_tokens
 from gemma4_mlx.speculative.loop import speculative_generate_tokens
@@ -26,16 +25,6 @@ from helpers.checkpoints import W, max_diff, random_ids
 from helpers.mtp_pairs import PAIRS
 
 BITS = [8, 4]
-
-
-@pytest.fixture(scope="module")
-def pairs(checkpoints, drafters):
-    """dense K = V, PLE + KV sharing, MoE: each with its MTP drafter."""
-    out = {}
-    for name in PAIRS:
-        target, _ = load_model(checkpoints[name].path, "float32")
-        out[name] = (target, load_drafter(drafters[name].path, "float32", target=target))
-    return out
 
 
 def same(a, b) -> bool:

@@ -15,7 +15,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
 from gemma4_mlx.speculative.loop import MTPSettings, SpecStats, speculative_batch_generate
 
@@ -24,15 +23,6 @@ from helpers.mtp_pairs import PAIRS
 
 LENGTHS = [5, 13, 3, 9, 17, 7, 11, 4]  # mixed; most cross the window W = 4
 MAX = 14
-
-
-@pytest.fixture(scope="module")
-def pairs(checkpoints, drafters):
-    out = {}
-    for name in PAIRS:
-        target, _ = load_model(checkpoints[name].path, "float32")
-        out[name] = (target, load_drafter(drafters[name].path, "float32", target=target))
-    return out
 
 
 def prompts_for(B: int, seed: int = 0):
