@@ -101,8 +101,11 @@ def softcap(x: mx.array, cap: float) -> mx.array:
 
 
 # A few rows (decode): the CPU BLAS streams W faster as a matrix-vector product
-# W @ x^T than as x @ W^T (measured 1.1-2.7x on Gemma shapes, bench/bench_text.py).
-GEMV_MAX_ROWS = 4
+# W @ x^T than as x @ W^T (measured 1.1-2.7x on Gemma shapes, bench/bench_text.py)
+# up to 3 rows; at 4 rows OpenBLAS takes a slow path for W @ x^T (W [4096, 1024]:
+# 3.5 ms against 1.9 ms for x @ W^T), which made a server's batch of 4 decode
+# slower than a batch of 8.
+GEMV_MAX_ROWS = 3
 
 
 def linear(x: mx.array, w: mx.array) -> mx.array:
