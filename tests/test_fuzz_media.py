@@ -8,6 +8,7 @@ import io
 import resource
 import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -110,3 +111,19 @@ def test_fuzz_media(samples, tmp_path_factory, kind, data):
         assert one_line(str(e)) and str(f) in str(e), str(e)
     assert time.perf_counter() - t0 < 5
     assert _rss() - rss < 256 * 2**20
+
+
+def test_a_decompression_bomb_header_is_refused_before_decoding(tmp_path):
+    """A PNG whose header claims 12000 x 12000 pixels (144 M: between PIL's warning
+    and error limits, ~430 MB decoded) is refused from its header alone."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", 12000, 12000)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="pixel limit"):
+        load_image(path)

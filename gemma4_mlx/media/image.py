@@ -72,6 +72,13 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"image file not found: {name}")
     try:
         with Image.open(name) as f:
+            # PIL only warns between its limit and twice it (~89M-179M pixels: up to
+            # ~0.5 GB decoded); no Gemma image needs that many, so refuse before decoding
+            if f.width * f.height > Image.MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{f.width}x{f.height} pixels is over the {Image.MAX_IMAGE_PIXELS} pixel limit "
+                    "(a decompression bomb, or far more detail than the model sees); downscale it"
+                )
             f.load()  # decode now: truncated or corrupt data fails here, not later
             return ImageOps.exif_transpose(f).convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, struct/zlib errors, ...
