@@ -28,30 +28,9 @@ from gemma4_mlx.media.prepare import Audio, Image, MediaError, MediaProcessor  #
 from gemma4_mlx.media.rows import MediaRows  # noqa: E402
 from gemma4_mlx.runtime.generate import generate_tokens, prefill  # noqa: E402
 
-from helpers.mm_configs import TOKEN_IDS, build_multimodal  # noqa: E402
+from helpers.mm_configs import TOKEN_IDS, build_multimodal, text_config  # noqa: E402
 
 TOL = 1e-4
-
-
-def text_config(window: int, bidirectional: str | None, shared: int = 0) -> dict:
-    types = ["sliding_attention", "full_attention"] * 2 if shared else ["sliding_attention"] * 3 + ["full_attention"]
-    return dict(
-        vocab_size=300,
-        vocab_size_per_layer_input=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        global_head_dim=64,
-        hidden_size_per_layer_input=8,
-        sliding_window=window,
-        layer_types=types,
-        num_kv_shared_layers=shared,
-        final_logit_softcapping=30.0,
-        use_bidirectional_attention=bidirectional,
-    )
 
 
 # window 16 < image blocks (60, 64 tokens): clipping matters; 128 > blocks.

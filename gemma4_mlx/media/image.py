@@ -140,6 +140,14 @@ def to_rgb(image: Any) -> Image.Image:
         raise ValueError(f"cannot read image {name}: {str(e).splitlines()[0] if str(e) else e!r}") from None
 
 
+def image_list(images) -> list:
+    """One image or a sequence of them, as a non-empty list."""
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not images:
+        raise ValueError("no images given")
+    return images
+
+
 @dataclass
 class ImageBatch:
     """What the vision tower consumes, plus the prompt-side counts."""
@@ -190,10 +198,7 @@ class ImageProcessor:
     def __call__(self, images, image_budget: int | None = None) -> ImageBatch:
         """images: one image or a list (PIL images, numpy arrays, file paths)."""
         budget = self.budget if image_budget is None else check_budget(image_budget)
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
-            raise ValueError("no images given")
+        images = image_list(images)
         p, k = self.patch_size, self.pooling_kernel_size
         max_patches = budget * k * k
         n = len(images)

@@ -19,7 +19,15 @@ import numpy as np
 from PIL import Image
 
 from gemma4_mlx.media.audio import FeatureConfig
-from gemma4_mlx.media.image import DEFAULT_BUDGET, ImageBatch, check_budget, num_soft_tokens, resized_size, to_rgb
+from gemma4_mlx.media.image import (
+    DEFAULT_BUDGET,
+    ImageBatch,
+    check_budget,
+    image_list,
+    num_soft_tokens,
+    resized_size,
+    to_rgb,
+)
 from gemma4_mlx.media.video import DEFAULT_NUM_FRAMES, DEFAULT_VIDEO_BUDGET, VideoProcessor
 
 
@@ -63,10 +71,7 @@ class UnifiedImageProcessor:
     def __call__(self, images, image_budget: int | None = None) -> ImageBatch:
         """images: one image or a list (PIL images, numpy arrays, file paths)."""
         budget = self.budget if image_budget is None else check_budget(image_budget)
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
-            raise ValueError("no images given")
+        images = image_list(images)
         p, k = self.patch_size, self.pooling_kernel_size
         side = p * k
         pixels = np.zeros((len(images), budget, 3 * side * side), np.float32)

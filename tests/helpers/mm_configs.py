@@ -212,11 +212,11 @@ def write_tokenizer(folder) -> None:
     fast.save_pretrained(folder)
 
 
-def write_chat_checkpoint(path, **vision) -> Path:
-    """A tiny E2B-style multimodal checkpoint (vision + audio towers, causal) with a
-    character tokenizer whose special tokens carry its media ids, written to `path`.
-    vision: overrides of VISION_TINY."""
-    text = dict(
+def text_config(window: int, bidirectional: str | None = None, shared: int = 0) -> dict:
+    """The tiny E2B-style text stack of the multimodal tests: window, bidirectional
+    image attention ("vision" or None), KV-shared layers."""
+    types = ["sliding_attention", "full_attention"] * 2 if shared else ["sliding_attention"] * 3 + ["full_attention"]
+    return dict(
         vocab_size=300,
         vocab_size_per_layer_input=300,
         hidden_size=64,
@@ -227,11 +227,19 @@ def write_chat_checkpoint(path, **vision) -> Path:
         head_dim=32,
         global_head_dim=64,
         hidden_size_per_layer_input=8,
-        sliding_window=16,
-        num_kv_shared_layers=0,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        sliding_window=window,
+        layer_types=types,
+        num_kv_shared_layers=shared,
         final_logit_softcapping=30.0,
+        use_bidirectional_attention=bidirectional,
     )
+
+
+def write_chat_checkpoint(path, **vision) -> Path:
+    """A tiny E2B-style multimodal checkpoint (vision + audio towers, causal) with a
+    character tokenizer whose special tokens carry its media ids, written to `path`.
+    vision: overrides of VISION_TINY."""
+    text = text_config(window=16)
     hf = build_multimodal(text, "small", **vision)
     hf.save_pretrained(path)
     write_tokenizer(path)
