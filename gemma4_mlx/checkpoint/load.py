@@ -30,9 +30,11 @@ from gemma4_mlx.checkpoint.keys import (
 )
 from gemma4_mlx.checkpoint.memory import PLE_KEY, check_memory, needed_bytes
 from gemma4_mlx.checkpoint.quantized import QUANT_META, apply_quantization, quantization_block
+from gemma4_mlx.checkpoint.shards import check_same_model, cut_loaded, read_sliced, shard_fraction
 from gemma4_mlx.config import AssistantConfig, ConfigError, ModelConfig, read_config
 from gemma4_mlx.models.assistant import Drafter, check_pair
 from gemma4_mlx.models.layers import CLAMPS
+from gemma4_mlx.models.parallel import Shard, ShardError
 from gemma4_mlx.models.ple_table import MappedTable
 from gemma4_mlx.models.text import Model
 
@@ -106,14 +108,21 @@ def map_ple_table(model: Model, weights: dict[str, mx.array], src: tuple[Path, s
 
 
 def load_model(
-    path: str | Path, dtype: str | None = None, map_ple: bool = False, text_only: bool = False, force: bool = False
+    path: str | Path,
+    dtype: str | None = None,
+    map_ple: bool = False,
+    text_only: bool = False,
+    force: bool = False,
+    group=None,
 ) -> tuple[Model, ModelConfig]:
     """map_ple: keep an unquantized PLE table memory-mapped (see `map_ple_table`).
     Off here so `info.resident_bytes` and weight-level tooling see every tensor.
     text_only: leave the vision/audio towers out.  (With them, their weights stay
     lazily mapped until the first image or clip is encoded.)
     force: load even if the weights need more memory than the machine can give
-    (`memory.check_memory`, docs/hardening.md §3)."""
+    (`memory.check_memory`, docs/hardening.md §3).
+    group: an `mx.distributed` group of more than one process: this rank builds and
+    reads only its shard (docs/distributed.md); every rank must call this together."""
     folder = Path(path)
     if not folder.is_dir():
         raise LoadError(f"{folder}: not a folder")
@@ -127,11 +136,17 @@ def load_model(
         raise LoadError(f"{folder / 'config.json'}: {e}") from None
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    check_memory(folder, needed_bytes(folder, dtype, map_ple, text_only), force)
+    tp = Shard.of(group)
+    check_same_model(folder, tp)
+    try:
+        plan = model.shard(tp)
+    except ShardError as e:
+        raise LoadError(f"{folder / 'config.json'}: cannot split over {tp.size} ranks: {e}") from None
+    check_memory(folder, needed_bytes(folder, dtype, map_ple, text_only, shard_fraction(plan)), force)
     weights: dict[str, mx.array] = {}
     ple_src = None  # (file, checkpoint key) of the PLE table
     for f in weight_files(folder):
-        raw = read_safetensors(f)
+        raw = read_safetensors(f) if not plan else read_sliced(f, plan)
         ple_src = next(((f, k) for k in raw if rename(k) == PLE_KEY), ple_src)
         weights.update(sanitize(raw, model))
         del raw
@@ -166,7 +181,12 @@ def load_tokenizer(folder: Path, eos_ids=None):
 
 
 def load(
-    path: str | Path, dtype: str | None = None, map_ple: bool = True, text_only: bool = False, force: bool = False
+    path: str | Path,
+    dtype: str | None = None,
+    map_ple: bool = True,
+    text_only: bool = False,
+    force: bool = False,
+    group=None,
 ):
     """Load `(model, tokenizer)` from a checkpoint folder or hub id.
 
@@ -177,9 +197,10 @@ def load(
     text_only: do not build the vision/audio towers.
     force: load even when the weights need more memory than this machine can give
         (otherwise a one-line LoadError with both numbers).
+    group: `mx.distributed.init()` to load this rank's shard (docs/distributed.md).
     """
     folder = resolve_path(str(path))
-    model, config = load_model(folder, dtype, map_ple=map_ple, text_only=text_only, force=force)
+    model, config = load_model(folder, dtype, map_ple=map_ple, text_only=text_only, force=force, group=group)
     return model, load_tokenizer(folder, config.eos_ids or None)
 
 
@@ -220,6 +241,8 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
         log.info("%s: centroid head %s by the tensors present", folder, "enabled" if has_centroids else "disabled")
         cfg.use_ordered_embeddings = has_centroids
     model = Drafter(cfg)
+    # A sharded target's drafter follows it; small, so its tensors are cut after a whole read.
+    cut_loaded(weights, model.shard(getattr(target, "tp", None)), str(folder))
     drop_tied_head(weights, folder)
     q = quantization_block(raw, str(cfg_file))
     if q is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from gemma4_mlx.cache.quantized import layout as kv_layout
 from gemma4_mlx.checkpoint.files import LoadError, weight_files
 from gemma4_mlx.checkpoint.keys import rename
 from gemma4_mlx.checkpoint.quantized import QUANT_META
@@ -30,6 +31,7 @@ _CAST = {"float32": 4, "float16": 2, "bfloat16": 2}
 _TOWER = re.compile(r"^(vision|audio)\.|(^|\.)(vision_tower|embed_vision|audio_tower|embed_audio|vision_embedder)\.")
 GIB = 2**30
 MAX_ROLLBACK = 32  # the sliding caches' rollback slack (cache.SlidingKVCache's default)
+CHAT_ROLLBACK = 2048  # a chat session's slack (chat.session.Chat's max_rollback default)
 PREFILL_CHUNK = 512  # runtime.generate's default: a sliding cache briefly holds one chunk beyond its window
 
 
@@ -50,8 +52,11 @@ def _tensor_bytes(key: str, dtype: str, nbytes: int, cast: int | None) -> int:
     return nbytes // _FLOAT[dtype] * cast
 
 
-def needed_bytes(folder: Path, dtype: str | None = None, map_ple: bool = True, text_only: bool = False) -> Need:
-    """What `load(folder, dtype, map_ple, text_only)` will hold, from the headers alone."""
+def needed_bytes(
+    folder: Path, dtype: str | None = None, map_ple: bool = True, text_only: bool = False, parts=None
+) -> Need:
+    """What `load(folder, dtype, map_ple, text_only)` will hold, from the headers alone.
+    parts: key -> in how many pieces a sharded load reads it (`shards.shard_fraction`)."""
     cast = _CAST.get(dtype) if dtype is not None else None
     entries = {}
     for f in weight_files(folder):
@@ -73,7 +78,7 @@ def needed_bytes(folder: Path, dtype: str | None = None, map_ple: bool = True, t
         is_tower = bool(_TOWER.search(key))
         if is_tower and text_only:
             continue
-        n = _tensor_bytes(key, st_dtype, n, cast)
+        n = _tensor_bytes(key, st_dtype, n, cast) // (parts(key) if parts else 1)
         resident += n
         towers += n if is_tower else 0
     norm = entries.get("model.norm.weight")
@@ -92,6 +97,23 @@ def kv_cache_bytes(text: TextConfig, context: int, act_bytes: int = 2, batch: in
         tokens = context if spec.type == FULL else min(context, text.sliding_window - 1 + MAX_ROLLBACK + PREFILL_CHUNK)
         total += 2 * batch * tokens * spec.kv_heads * spec.head_dim * act_bytes
     return total
+
+
+def kv_entry_bytes(spec, act_bytes: int = 2, kv_bits: int | None = None) -> int:
+    """Bytes one token's K and V take in one layer's cache: float in the activation
+    dtype, or with kv_bits 8 / 4 the packed codes plus one scale and bias (activation
+    dtype) per group along the (padded) head dim (docs/kv-cache.md §1-§2)."""
+    if kv_bits in (None, 16):
+        return 2 * spec.kv_heads * spec.head_dim * act_bytes
+    group, padded = kv_layout(spec.head_dim)
+    return 2 * spec.kv_heads * (padded * kv_bits // 8 + 2 * (padded // group) * act_bytes)
+
+
+def rollback_slack_bytes(text: TextConfig, tokens: int, act_bytes: int = 2, kv_bits: int | None = None) -> int:
+    """Bytes that `tokens` of rollback slack (`max_rollback`) add to a long context's
+    cache: every cache-owning sliding layer keeps that many entries beyond its window
+    (a full layer keeps every entry anyway)."""
+    return sum(tokens * kv_entry_bytes(s, act_bytes, kv_bits) for s in text.layers if not s.shared and s.type != FULL)
 
 
 def _meminfo() -> int | None:

@@ -116,6 +116,17 @@ class Drafter(nn.Module):
         # trick): the top clusters are then 32 contiguous blocks of the table.
         self.ordered = False
 
+    def shard(self, tp) -> dict:
+        """Follow a sharded target (docs/distributed.md §4): the drafter's queries read the
+        target's caches, which hold only this rank's KV heads, so its attention keeps the
+        matching query heads (o_proj summed over ranks); everything else stays whole."""
+        if tp is None:
+            return {}
+        plan = {}
+        for i, layer in enumerate(self.model.layers):
+            plan.update({f"model.layers.{i}.{k}": v for k, v in layer.shard(tp, mlp=False).items()})
+        return plan
+
     @property
     def centroid_head(self) -> bool:
         return "masked_embedding" in self

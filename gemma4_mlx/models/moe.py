@@ -15,6 +15,7 @@ import numpy as np
 
 from gemma4_mlx import ops
 from gemma4_mlx.formats import registry
+from gemma4_mlx.models import parallel
 from gemma4_mlx.models.layers import Linear
 from gemma4_mlx.models.quantized import affine_biases, row_biases, scaled
 
@@ -140,26 +141,49 @@ class Experts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, inner: int):
         super().__init__()
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # held by this rank
+        self.first: int | None = None  # expert-parallel: the global id of this rank's first expert
         self.gate_proj = ExpertLinear(num_experts, hidden, inner)
         self.up_proj = ExpertLinear(num_experts, hidden, inner)
         self.down_proj = ExpertLinear(num_experts, inner, hidden)
 
+    def shard(self, tp: parallel.Shard) -> parallel.Plan:
+        """Expert parallel (docs/distributed.md §3): this rank holds E/N whole experts."""
+        n = tp.split(self.num_experts, "experts")
+        self.first, self.num_experts = tp.rank * n, n
+        by_expert = parallel.Slice(0, tp.rank, tp.size)
+        return parallel.apply(self, {name: by_expert for name in ("gate_proj", "up_proj", "down_proj")})
+
+    def _local(self, idx: mx.array, w: mx.array) -> tuple[mx.array, mx.array]:
+        """Expert-parallel: ids made local; pairs routed to another rank's experts get
+        the id E (one past the last, skipped by `_segments`) and weight 0, so this rank's
+        sum holds only its own experts' terms (adding the others' zeros is exact)."""
+        if self.first is None:
+            return idx, w
+        local = idx - self.first
+        mine = (local >= 0) & (local < self.num_experts)
+        return mx.where(mine, local, self.num_experts), mx.where(mine, w.reshape(mine.shape), mx.zeros((), w.dtype))
+
+    def _real(self, ids: mx.array) -> mx.array:
+        """ids for the gather kernels: the id E (another rank's expert, weight 0) reads
+        this rank's last expert instead of out of bounds."""
+        return ids if self.first is None else mx.minimum(ids, self.num_experts - 1)
+
     def __call__(self, h: mx.array, w: mx.array, idx: mx.array) -> mx.array:
         shape = h.shape
         h = h.reshape(-1, shape[-1])
-        idx = idx.reshape(-1, idx.shape[-1])
+        idx, w = self._local(idx.reshape(-1, idx.shape[-1]), w)
         n, k = idx.shape
         strategy = ops.moe_strategy(n * k, n)
         if strategy == "gather":
-            y = self._glu(h[:, None, None, :], idx, False).reshape(n, k, -1)
+            y = self._glu(h[:, None, None, :], self._real(idx), False).reshape(n, k, -1)
         else:
             # Group (token, expert) pairs by expert so each expert's weights are read once.
             flat = idx.flatten()
             order = mx.argsort(flat)
             x = h[order // k]
             if strategy == "sorted":
-                y = self._glu(x[:, None, :], flat[order], True)
+                y = self._glu(x[:, None, :], self._real(flat[order]), True)
             else:
                 y = self._segments(x, flat)
             y = y[mx.argsort(order)].reshape(n, k, -1)
@@ -176,7 +200,9 @@ class Experts(nn.Module):
         counts = np.bincount(np.array(flat), minlength=self.num_experts).tolist()
         outs, start = [], 0
         for e, c in enumerate(counts):
-            if c:
+            if c and e == self.num_experts:  # another rank's experts (`_local`): sorted last
+                outs.append(mx.zeros((c, x.shape[-1]), outs[0].dtype if outs else x.dtype))
+            elif c:
                 xe = x[start : start + c]
                 g = self.gate_proj.segment(xe, e)
                 u = self.up_proj.segment(xe, e)

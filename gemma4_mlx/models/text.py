@@ -28,9 +28,11 @@ from gemma4_mlx.config import (
     UnifiedVisionConfig,
     VisionConfig,
 )
+from gemma4_mlx.models import parallel
 from gemma4_mlx.models.audio import AudioModel
 from gemma4_mlx.models.layers import CLAMPS, Linear, RMSNorm
 from gemma4_mlx.models.moe import Experts, Router
+from gemma4_mlx.models.parallel import Plan, Shard
 from gemma4_mlx.models.quantized import QEmbedding, table_dtype
 from gemma4_mlx.models.unified import UnifiedAudio, UnifiedVision
 from gemma4_mlx.models.vision import VisionModel
@@ -82,6 +84,18 @@ class Attention(nn.Module):
                 self.v_proj = Linear(H, kv * d)
         self.o_proj = Linear(nh * d, H)
         self.rope = rope
+        self.tp: Shard | None = None  # set by `shard`: o_proj's product is then summed over ranks
+
+    def shard(self, tp: Shard, what: str) -> Plan:
+        """Keep this rank's query heads and the KV heads they read (docs/distributed.md §2)."""
+        q, kv, self.n_heads, self.n_kv = parallel.head_slices(self.n_heads, self.n_kv, tp, what)
+        self.tp = tp
+        plan = {"q_proj": q, "o_proj": parallel.rows(tp)}
+        if not self.shared:
+            plan["k_proj"] = kv
+            if not self.k_eq_v:
+                plan["v_proj"] = kv
+        return parallel.apply(self, plan)
 
     def __call__(self, x, mask, offset, cache=None, shared_kv=None):
         B, T, _ = x.shape
@@ -97,7 +111,8 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v = cache.update_and_fetch(k, v)
         out = kv_quant.attention(q, k, v, mask)  # quantized cache entries: docs/kv-cache.md §3
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1)), (k, v)
+        out = self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return parallel.all_sum(out, self.tp), (k, v)
 
 
 class MLP(nn.Module):
@@ -106,6 +121,12 @@ class MLP(nn.Module):
         self.gate_proj = Linear(hidden, inner)
         self.up_proj = Linear(hidden, inner)
         self.down_proj = Linear(inner, hidden)
+
+    def shard(self, tp: Shard) -> Plan:
+        """gate/up keep this rank's inner columns, down its input rows: the product is
+        this rank's part of the sum, completed by the caller's `all_sum`."""
+        plan = {"gate_proj": parallel.columns(tp), "up_proj": parallel.columns(tp), "down_proj": parallel.rows(tp)}
+        return parallel.apply(self, plan)
 
     def __call__(self, x):
         return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x)))
@@ -136,15 +157,36 @@ class DecoderLayer(nn.Module):
             self.per_layer_input_gate = Linear(H, P)
             self.per_layer_projection = Linear(P, H)
             self.post_per_layer_input_norm = RMSNorm(H, eps)
+        self.tp: Shard | None = None
+
+    def shard(self, tp: Shard, mlp: bool = True) -> Plan:
+        """Attention by heads; the MLP by columns (mlp=False: replicated, the drafter's);
+        MoE experts by expert (docs/distributed.md §2-§3).  PLE projections stay whole."""
+        what = f"layer {self.spec.index}"
+        plan = {f"self_attn.{k}": v for k, v in self.self_attn.shard(tp, what).items()}
+        if mlp:
+            self.tp = tp
+            plan.update({f"mlp.{k}": v for k, v in self.mlp.shard(tp).items()})
+            if self.moe:
+                plan.update({f"experts.{k}": v for k, v in self.experts.shard(tp).items()})
+        return plan
+
+    def _feedforward(self, r):
+        """The dense MLP, and beside it on MoE layers the experts: both partial sums
+        on a sharded layer go through one `all_sum` (stacked), then the norms."""
+        m = self.mlp(self.pre_feedforward_layernorm(r))
+        if not self.moe:
+            return parallel.all_sum(m, self.tp)
+        w, idx = self.router(r)  # the router reads the un-normed stream
+        e = self.experts(self.pre_feedforward_layernorm_2(r), w, idx)
+        if self.tp is not None:
+            m, e = parallel.all_sum(mx.stack([m, e]), self.tp)
+        return self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
 
     def __call__(self, x, mask, offset, cache=None, shared_kv=None, ple=None):
         a, kv = self.self_attn(self.input_layernorm(x), mask, offset, cache, shared_kv)
         r = x + self.post_attention_layernorm(a)
-        m = self.mlp(self.pre_feedforward_layernorm(r))
-        if self.moe:
-            w, idx = self.router(r)  # the router reads the un-normed stream
-            e = self.experts(self.pre_feedforward_layernorm_2(r), w, idx)
-            m = self.post_feedforward_layernorm_1(m) + self.post_feedforward_layernorm_2(e)
+        m = self._feedforward(r)
         x = r + self.post_feedforward_layernorm(m)
         if self.ple:
             g = ops.geglu(self.per_layer_input_gate(x), ple)
@@ -171,12 +213,35 @@ class TextModel(nn.Module):
             self.embed_tokens_per_layer = nn.Embedding(cfg.vocab_size_per_layer_input, L * P)
             self.per_layer_model_projection = Linear(H, L * P)
             self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps)
+        self.tp: Shard | None = None
+        self.first_token = 0  # sharded: the first vocabulary row this rank's table holds
+
+    def shard(self, tp: Shard) -> Plan:
+        """The tied table by vocabulary rows, every layer (docs/distributed.md §2); the
+        PLE table and projections stay whole (small, or memory-mapped)."""
+        V = self.cfg.vocab_size
+        self.first_token = tp.rank * tp.split(V, "vocabulary")
+        self.tp = tp
+        plan = parallel.apply(self, {"embed_tokens": parallel.columns(tp)})
+        for i, layer in enumerate(self.layers):
+            plan.update({f"layers.{i}.{k}": v for k, v in layer.shard(tp).items()})
+        return plan
 
     # -- embeddings ----------------------------------------------------------
     def embed(self, ids: mx.array) -> mx.array:
         # sqrt(H) is rounded to the weight dtype first, as the reference does.
         dt = table_dtype(self.embed_tokens)  # a quantized table stores uint32 codes
-        return self.embed_tokens(ids) * mx.array(math.sqrt(self.cfg.hidden_size), dt)
+        return self._rows(ids) * mx.array(math.sqrt(self.cfg.hidden_size), dt)
+
+    def _rows(self, ids: mx.array) -> mx.array:
+        """Table rows of ids; sharded, each rank gives the rows it holds (zeros for the
+        rest) and one `all_sum` completes them (adding zeros is exact)."""
+        if self.tp is None:
+            return self.embed_tokens(ids)
+        local = ids - self.first_token
+        hit = (local >= 0) & (local < self.cfg.vocab_size // self.tp.size)
+        rows = self.embed_tokens(mx.where(hit, local, 0))
+        return parallel.all_sum(mx.where(hit[..., None], rows, mx.zeros((), rows.dtype)), self.tp)
 
     def without_placeholders(self, ids: mx.array) -> mx.array:
         """Media placeholder ids read as the pad id, with or without media (as
@@ -308,6 +373,7 @@ class Model(nn.Module):
         self.model = TextModel(cfg)
         self.media_ids = dict(media_ids or MEDIA_TOKEN_IDS)
         self.unified = False  # Gemma 4 12B: `vision` / `audio` are `models.unified` embedders
+        self.tp: Shard | None = None
         if vision is not None:
             self.vision = VisionModel(vision, cfg.hidden_size)
         if audio is not None:
@@ -334,6 +400,14 @@ class Model(nn.Module):
             model.model.placeholder_ids = (ids["image"], ids["audio"], ids["video"])
         model.unified = config.unified
         return model
+
+    def shard(self, tp: Shard | None) -> Plan:
+        """Keep this rank's part of the text decoder (docs/distributed.md); the towers stay
+        whole.  Returns module path -> `parallel.Slice`, what the loader reads per rank."""
+        if tp is None:
+            return {}
+        self.tp = tp
+        return {f"model.{k}": v for k, v in self.model.shard(tp).items()}
 
     @property
     def has_vision(self) -> bool:
@@ -363,7 +437,8 @@ class Model(nn.Module):
         emb = self.model.embed_tokens  # tied head
         out = emb.as_linear(h) if isinstance(emb, QEmbedding) else ops.linear(h, emb.weight)
         cap = self.config.final_logit_softcapping
-        return ops.softcap(out, cap) if cap else out.astype(mx.float32)
+        out = ops.softcap(out, cap) if cap else out.astype(mx.float32)
+        return parallel.gather_vocab(out, self.tp)  # sharded: this rank's vocabulary columns
 
     def fill_cache(self, input_ids: mx.array, cache: LayerCaches, media=None) -> None:
         """Run a prefill chunk only for its cache writes (no logits computed)."""

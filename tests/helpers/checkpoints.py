@@ -105,8 +105,8 @@ FAMILIES = {
 }
 
 
-def hf_text_config(name: str):
-    return transformers.Gemma4TextConfig(**COMMON, **FAMILIES[name])
+def hf_text_config(name: str, **overrides):
+    return transformers.Gemma4TextConfig(**COMMON, **{**FAMILIES[name], **overrides})
 
 
 def randomize(model, seed: int) -> None:
@@ -122,8 +122,8 @@ def randomize(model, seed: int) -> None:
                 b.copy_(torch.rand(b.shape, generator=g) + 0.3)  # U(0.3, 1.3)
 
 
-def build_hf(name: str, seed: int = 0):
-    text = hf_text_config(name)
+def build_hf(name: str, seed: int = 0, **overrides):
+    text = hf_text_config(name, **overrides)
     cfg = transformers.Gemma4Config(text_config=text.to_dict(), vision_config=None, audio_config=None)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)

@@ -1,0 +1,95 @@
+"""One rank of the sharded-parity check, started by `mlx.launch` (tests/test_distributed.py).
+
+Every rank loads each listed checkpoint twice — sharded over the launch's group and
+whole (group None, no collectives) — runs the same scenarios on both and rank 0 writes
+what it measured (max logit differences, token lists) to the JSON file given as
+argv[2].  The test process asserts on that file.
+"""
+
+from __future__ import annotations
+
+import gemma4_mlx  # noqa: F401  (OpenBLAS before mlx.core)
+
+# isort: split
+
+import json
+import sys
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from gemma4_mlx.checkpoint.load import load_drafter, load_model
+from gemma4_mlx.runtime.generate import batch_generate, decode_step, prefill
+from gemma4_mlx.speculative.loop import speculative_batch_generate
+
+PROMPT_LEN, CHUNK, STEPS = 20, 6, 12
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 256, n).tolist()
+
+
+def diff(a: mx.array, b: mx.array) -> float:
+    return float(mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))))
+
+
+def teacher_forced(model, prompt: list[int], tokens: list[int] | None):
+    """Logits of the whole prompt at once, of a chunked prefill, and of decode steps
+    past the window fed `tokens` (or the model's own greedy tokens when None)."""
+    whole = model(mx.array([prompt]))
+    cache = model.make_cache()
+    last = prefill(model, mx.array([prompt]), cache, chunk_size=CHUNK)
+    steps, fed = [last], []
+    for i in range(STEPS):
+        tok = int(mx.argmax(steps[-1][0])) if tokens is None else tokens[i]
+        fed.append(tok)
+        steps.append(decode_step(model, mx.array([tok]), cache))
+    return whole, mx.stack(steps), fed
+
+
+def param_bytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def scenario(spec: dict, group) -> dict:
+    dtype = spec.get("dtype", "float32")
+    full, _ = load_model(spec["model"], dtype)
+    part, _ = load_model(spec["model"], dtype, group=group)
+    prompt = ids(PROMPT_LEN, spec.get("seed", 0))
+    w_s, steps_s, fed = teacher_forced(part, prompt, None)
+    w_f, steps_f, fed_f = teacher_forced(full, prompt, fed)
+    _, _, greedy_f = teacher_forced(full, prompt, None)
+    rows = [prompt[:7], prompt[:13], prompt]
+    out = {
+        "whole": diff(w_s, w_f),
+        "steps": diff(steps_s, steps_f),
+        "greedy_sharded": fed,
+        "greedy_whole": greedy_f,
+        "batch_sharded": batch_generate(part, rows, max_tokens=8),
+        "batch_whole": batch_generate(full, rows, max_tokens=8),
+        "bytes_sharded": param_bytes(part),
+        "bytes_whole": param_bytes(full),
+        "vocab": int(w_s.shape[-1]),
+    }
+    if spec.get("drafter"):
+        drafter = load_drafter(spec["drafter"], dtype, target=part)
+        out["spec_sharded"] = speculative_batch_generate(part, drafter, rows, max_tokens=10, draft_tokens=3)
+        out["plain_sharded"] = batch_generate(part, rows, max_tokens=10)
+        out["drafter_bytes_sharded"] = param_bytes(drafter)
+        out["drafter_bytes_whole"] = param_bytes(load_drafter(spec["drafter"], dtype, target=full))
+    return out
+
+
+def main() -> None:
+    group = mx.distributed.init()
+    specs = json.loads(open(sys.argv[1]).read())
+    results = {name: scenario(spec, group) for name, spec in specs.items()}
+    results["_size"] = group.size()
+    if group.rank() == 0:
+        with open(sys.argv[2], "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
