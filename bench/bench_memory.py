@@ -19,9 +19,11 @@ parameters evaluated, and MLX active memory is read after load and after a
 4-token prefill plus one decode step, with the process RSS.  Each converted
 folder is deleted after measuring; the source at the end (unless --keep).
 
-26B-A4B, 31B (accounted + a measured depth-reduced check): their bf16 sources
-(50 / 61 GB) do not fit next to their outputs on a 65 GB disk, and their BF16
-and SFP8 forms do not fit in 24 GB of RAM.  Their resident bytes are
+12B, 26B-A4B, 31B (accounted + a measured depth-reduced check): their bf16 sources
+(24 / 50 / 61 GB) do not fit next to their outputs on a 65 GB disk, or their BF16
+forms do not fit in 24 GB of RAM.  The 12B's source is a `gemma4_unified` checkpoint
+of its text decoder (its embedders are the "towers" column; Google published no
+figure for it: docs/unified.md §8).  Their resident bytes are
 *accounted*: the lazily built `Model` (MLX allocates nothing) gives every
 tensor's shape; `convert.policy.Policy(recipe).for_tensor` gives its format, and
 the codecs' stored layouts give its bytes:
@@ -63,11 +65,12 @@ from pathlib import Path
 GB, GiB = 10**9, 2**30
 WORK = Path(__file__).parent / "_work" / "memory"
 SHARD_BYTES = 5 * GB  # transformers' customary max_shard_size="5GB"
-VARIANTS = ("e2b", "e4b", "26b-a4b", "31b")
+VARIANTS = ("e2b", "e4b", "12b", "26b-a4b", "31b")
 FORMATS = ("bf16", "sfp8", "q4_0")
 MEASURED = ("e2b", "e4b")  # full depth fits on this disk and in RAM
 # Google's published weights-only table (docs/quantization.md §10), as printed: "GB"
 GOOGLE = {"e2b": (9.6, 4.6, 3.2), "e4b": (15.0, 7.5, 5.0), "26b-a4b": (48.0, 25.0, 15.6), "31b": (58.3, 30.4, 17.4)}
+# (none published for the 12B, released later: docs/unified.md §2 has its parameter counts)
 # Parameters Google counts and our text-only checkpoints do not: vision (+ audio)
 # towers and their embedders.  E2B/E4B: published total minus text total
 # (docs/text-decoder.md §7.2-§7.3); 26B/31B: large vision tower 569.55 M (docs/multimodal.md §1)
@@ -75,6 +78,7 @@ GOOGLE = {"e2b": (9.6, 4.6, 3.2), "e4b": (15.0, 7.5, 5.0), "26b-a4b": (48.0, 25.
 TOWERS = {
     "e2b": 5_104_297_504 - 4_628_569_344,
     "e4b": 7_941_100_832 - 7_463_013_376,
+    "12b": 49_922_304 + 2_457_600,  # no towers: the vision and audio embedders (docs/unified.md §2)
     "26b-a4b": 569_550_000 + 1152 * 2816,
     "31b": 569_550_000 + 1152 * 5376,
 }
@@ -96,7 +100,8 @@ notes
   forms do not fit in 24 GB of RAM.
 - ours = text decoder only.  Google's table counts the vision (+ audio) towers too: "towers" = their
   parameters (E2B/E4B: published total minus text total, docs/text-decoder.md §7.2-§7.3; 26B/31B: large vision
-  tower 569.55 M + embed_vision, docs/multimodal.md §1) at bf16, which is what our policy would keep them in
+  tower 569.55 M + embed_vision, docs/multimodal.md §1; 12B: its vision and audio embedders, 52.38 M,
+  docs/unified.md §2; Google published no 12B figure) at bf16, which is what our policy would keep them in
   (docs/quantization.md §6); "all" = resident + mapped PLE + towers, i.e. every weight Google counts.  See
   docs/quantization.md §10, which argues Google's figures are really GiB (BF16 column = total params x 2 bytes / 2^30):
   res/G reads them as printed (GB), all/G as GiB.
@@ -126,11 +131,12 @@ notes
 
 
 def config_dict(variant: str, layers: int | None = None) -> dict:
-    """The preset's text config; `layers`: depth-reduced copy (sliding..., full)."""
+    """The preset's text config; `layers`: depth-reduced copy (sliding..., full).  The
+    12B's carries `_unified` (its source is written as a `gemma4_unified` checkpoint)."""
     from gemma4_mlx.config import FULL, SLIDING
-    from gemma4_mlx.presets import PRESETS
+    from gemma4_mlx.presets import PRESETS, UNIFIED_PRESETS
 
-    d = dict(PRESETS[variant])
+    d = dict(PRESETS[variant]) if variant in PRESETS else dict(UNIFIED_PRESETS[variant], _unified=True)
     if layers:
         d.update(num_hidden_layers=layers, layer_types=[SLIDING] * (layers - 1) + [FULL], num_kv_shared_layers=0)
     return d
@@ -172,11 +178,13 @@ def hub_layout(cfg) -> list[tuple[str, tuple]]:
 # -- accounting ---------------------------------------------------------------------
 
 
-def account(cfg, recipe: str, map_ple: bool = True, qat: bool = False) -> dict:
+def account(cfg, recipe: str, map_ple: bool = True, qat: bool = False, parts=None) -> dict:
     """Bytes each tensor is stored (= resident) in after `convert(..., recipe)`, from
     the policy and the codecs' layouts; the PLE table counts as mapped, not resident.
     qat: the source is a QAT checkpoint whose token embedding lies on the Q4_0
-    lattice, which the q4_0 recipe then stores as Q4_0 (convert/core.py `_encode`)."""
+    lattice, which the q4_0 recipe then stores as Q4_0 (convert/core.py `_encode`).
+    parts: key -> in how many pieces one rank of a sharded load holds it
+    (`checkpoint.shards.shard_fraction`, bench/bench_distributed.py)."""
     from gemma4_mlx.convert.policy import RECIPES, Policy, classify
 
     policy = Policy(recipe)
@@ -200,6 +208,8 @@ def account(cfg, recipe: str, map_ple: bool = True, qat: bool = False) -> dict:
             kind, nbytes = fmt.kind, n // 2 + n // fmt.group_size
         else:
             raise ValueError(f"no layout for {fmt.kind}")
+        if parts is not None:
+            nbytes //= parts(key)
         out["params"] += n
         if map_ple and cls == "ple_table" and not fmt.quantized:
             out["mapped"] += nbytes
@@ -292,16 +302,11 @@ def child_build(folder: str, cfg_dict: dict) -> dict:
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
     )
-    text = dict(cfg.to_dict(), model_type="gemma4_text")
+    kind = "gemma4_unified" if cfg_dict.get("_unified") else "gemma4"  # text only: no vision/audio_config
+    text = dict(cfg.to_dict(), model_type=f"{kind}_text")
+    arch = "Gemma4UnifiedForConditionalGeneration" if cfg_dict.get("_unified") else "Gemma4ForConditionalGeneration"
     (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "model_type": "gemma4",
-                "architectures": ["Gemma4ForConditionalGeneration"],
-                "text_config": text,
-                "dtype": "bfloat16",
-            }
-        )
+        json.dumps({"model_type": kind, "architectures": [arch], "text_config": text, "dtype": "bfloat16"})
     )
     return {
         "bytes": total,
@@ -531,7 +536,7 @@ def table(rows: list[dict]) -> list[str]:
     for r in rows:
         v = r["variant"].split("@")[0]
         full = "@" not in r["variant"]
-        g = GOOGLE[v][FORMATS.index(r["fmt"].rstrip("*"))] if full else None
+        g = GOOGLE[v][FORMATS.index(r["fmt"].rstrip("*"))] if full and v in GOOGLE else None
         res = r["resident"]
         tw = 2 * TOWERS[v] if full else None  # our policy keeps the towers bf16 (docs/quantization.md §6)
         total = res + (r["mapped"] or 0) + tw if full else None

@@ -34,6 +34,7 @@ from gemma4_mlx.config import ConfigError, read_config
 from gemma4_mlx.models.assistant import Drafter
 from gemma4_mlx.models.layers import CLAMPS
 from gemma4_mlx.models.text import Model
+from gemma4_mlx.models.unified import UnifiedAudio
 
 from . import codecs, drafter
 from .errors import ConvertError
@@ -74,12 +75,35 @@ FEATURE_EXTRACTOR = {
 }
 
 
+def unified_feature_extractor(samples_per_token: int) -> dict:
+    """transformers 5.25 `Gemma4UnifiedAudioFeatureExtractor(feature_size=n,
+    audio_samples_per_token=n).to_dict()`: the 12B's raw-frame block (docs/unified.md §8),
+    n = the audio embedder's `audio_embed_dim` (640 on the 12B)."""
+    return {
+        "feature_size": samples_per_token,
+        "sampling_rate": 16000,
+        "padding_value": 0.0,
+        "padding_side": "right",
+        "return_attention_mask": True,
+        "audio_samples_per_token": samples_per_token,
+        "feature_extractor_type": "Gemma4UnifiedAudioFeatureExtractor",
+    }
+
+
 def convert(
-    src, dst, quant: str, *, force: bool = False, keep_high_precision: bool = True, progress: bool = True
+    src,
+    dst,
+    quant: str,
+    *,
+    force: bool = False,
+    keep_high_precision: bool = True,
+    progress: bool = True,
+    mmproj=None,
 ) -> Report:
     """Convert the HF Gemma 4 checkpoint at `src` (folder or hub id) into `dst`.
 
     quant: bf16, fp16, q8, q4, mxfp4, nvfp4, q4_0 or sfp8 (see `policy.RECIPES`).
+    mmproj: with a GGUF `src`, the 12B unified model's mmproj GGUF (its embedders).
     """
     try:
         policy = Policy(quant, keep_high_precision)
@@ -92,12 +116,15 @@ def convert(
     gguf_file = Path(src).expanduser() if str(src).endswith(".gguf") else None  # GGUF import
     if gguf_file is not None and not gguf_file.is_file():
         raise ConvertError(f"{gguf_file}: no such GGUF file")
+    mmproj = Path(mmproj).expanduser() if mmproj is not None else None
+    if mmproj is not None and (gguf_file is None or not mmproj.is_file()):
+        raise ConvertError(f"{mmproj}: " + ("no such GGUF file" if gguf_file else "an mmproj goes with a GGUF source"))
     folder = gguf_file.parent if gguf_file is not None else resolve_source(src)
     if dst.resolve() == folder.resolve():
         raise ConvertError(f"{dst}: destination is the source folder")
     with staging(dst) as partial:  # DST.partial, renamed to DST at the end (docs/hardening.md §2)
         if gguf_file is not None:
-            report = import_gguf(gguf_file, partial, policy, progress)
+            report = import_gguf(gguf_file, partial, policy, progress, mmproj)
         else:
             report = _convert(folder, partial, policy, progress)
             _copy_through(folder, partial)
@@ -145,7 +172,7 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
     is_drafter = isinstance(model, Drafter)
     report.converted = ["drafter"] if is_drafter else ["text"] + [t for t in _TOWERS if t in model]
     if "audio" in report.converted:
-        report.processor_config = _feature_extractor(folder, out)
+        report.processor_config = _feature_extractor(folder, out, _audio_block(model))
     if len(files) > 1:
         write_index(out, weight_map, report.bytes_out)
     cfg = _config(raw, policy, report, is_drafter=is_drafter)
@@ -252,10 +279,19 @@ def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, 
     return {f"{module}.{suffix}": a for suffix, a in arrays.items()}
 
 
-def _feature_extractor(src: Path, out: Path) -> str | None:
-    """Write out/processor_config.json with a `feature_extractor` block if the source's
-    (or the source itself) lacks one; the rest of the file is kept.  A source block is
-    never touched (copied through).  Returns what was done, for the conversion record."""
+def _audio_block(model) -> dict:
+    """The `feature_extractor` block an audio model without one gets: the 12B's raw frames
+    of its embedder's width, or the log-mel extractor of the tower-based models."""
+    if isinstance(model.audio, UnifiedAudio):
+        return unified_feature_extractor(model.audio.config.audio_embed_dim)
+    return dict(FEATURE_EXTRACTOR)
+
+
+def _feature_extractor(src: Path, out: Path, block: dict) -> str | None:
+    """Write out/processor_config.json with the `feature_extractor` `block` if the
+    source's (or the source itself) lacks one; the rest of the file is kept.  A source
+    block is never touched (copied through).  Returns what was done, for the conversion
+    record."""
     f = src / "processor_config.json"
     pc = {}
     if f.is_file():
@@ -267,15 +303,12 @@ def _feature_extractor(src: Path, out: Path) -> str | None:
             raise ConvertError(f"{f}: expected a JSON object, got {type(pc).__name__}")
         if isinstance(pc.get("feature_extractor"), dict):
             return None
-    pc["feature_extractor"] = dict(FEATURE_EXTRACTOR)
+    pc["feature_extractor"] = block
     (out / "processor_config.json").write_text(json.dumps(pc, indent=2) + "\n")
     where = "its processor_config.json had none" if f.is_file() else "it had no processor_config.json"
-    log.warning(
-        "%s: audio model without a feature_extractor block (%s): writing Gemma4AudioFeatureExtractor's defaults",
-        src,
-        where,
-    )
-    return f"feature_extractor block written with Gemma4AudioFeatureExtractor defaults (the source: {where})"
+    kind = block["feature_extractor_type"]
+    log.warning("%s: audio model without a feature_extractor block (%s): writing %s's defaults", src, where, kind)
+    return f"feature_extractor block written with {kind} defaults (the source: {where})"
 
 
 def _config(raw: dict, policy: Policy, report: Report, is_drafter: bool = False) -> dict:

@@ -11,7 +11,8 @@ embedding tensor:
 Non-matrix tensors (norms, scalars) in a block type are dequantized exactly to fp32.
 Other ggml types (K-quants but Q6_K, IQ*) are refused, naming the tensor.  The full
 layers' partial-rotary factor comes from llama.cpp's `rope_freqs` tensor (`gguf_rope`).
-Vision/audio live in a separate mmproj GGUF: this writes the text model only.
+Vision/audio live in a separate mmproj GGUF: the text model only, except for the 12B
+unified model, whose embedders are read from its mmproj when given (`gguf_mmproj`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from gemma4_mlx.checkpoint.keys import SHARED_KV_KEY
 from gemma4_mlx.config import ConfigError, ModelConfig, parse_config
 from gemma4_mlx.models.text import Model
 
-from . import codecs, gguf_tokenizer
+from . import codecs, gguf_mmproj, gguf_tokenizer
 from .errors import ConvertError
 from .gguf_blocks import TRANSFER, dequantize, rows_map
 from .gguf_names import EMBED, HEAD, IGNORED, parts, text_config
@@ -48,8 +49,9 @@ _RULE = (
 )
 
 
-def import_gguf(path: Path, out: Path, policy: Policy, progress: bool) -> Report:
-    """Write an MLX checkpoint for the GGUF at `path` into `out`; returns its Report."""
+def import_gguf(path: Path, out: Path, policy: Policy, progress: bool, mmproj: Path | None = None) -> Report:
+    """Write an MLX checkpoint for the GGUF at `path` into `out`; returns its Report.
+    mmproj: the 12B unified model's mmproj GGUF (its embedders), or None (text only)."""
     if policy.recipe != "q4_0":
         raise ConvertError(f"{path}: GGUF import keeps the stored Q4_0 blocks; use --quant q4_0 (got {policy.recipe})")
     g = GGUFFile(path)
@@ -58,27 +60,32 @@ def import_gguf(path: Path, out: Path, policy: Policy, progress: bool) -> Report
     eos = vocab.eos_ids() if vocab is not None else []
     if eos:  # EOS and the end-of-turn ids llama.cpp stops on
         raw_cfg["eos_token_id"] = eos
-    size = path.stat().st_size
-    run = _Tensors(
-        g, _parse(path, raw_cfg), policy, _Shards(out), Report(out, "q4_0", bytes_in=size, largest_shard=size)
-    )
+    mm = GGUFFile(mmproj) if mmproj is not None else None
+    full_cfg = gguf_mmproj.unified_config(mm, raw_cfg, vocab) if mm is not None else raw_cfg
+    config = _parse(path, full_cfg)
+    size = path.stat().st_size + (mmproj.stat().st_size if mm is not None else 0)
+    run = _Tensors(g, config, policy, _Shards(out), Report(out, "q4_0", bytes_in=size, largest_shard=size))
     with Progress(progress, sum(t.nbytes for t in g.tensors.values())) as advance:
         for t in g.tensors.values():
             run.add(t)
             advance(t.nbytes)
+    if mm is not None:  # a few MB: into the last shard
+        arrays, entries = gguf_mmproj.embedders(mm, config)
+        run.shards.add(arrays)
+        run.report.tensors.update(entries)
     report = run.finish()
-    report.converted = ["text"]
+    report.converted = ["text"] + (["vision", "audio"] if mm is not None else [])
     if vocab is not None:
         gguf_tokenizer.write(vocab, out)
         report.converted += ["tokenizer"] + (["chat template"] if vocab.template is not None else [])
-    _write_config(g, out, raw_cfg, vocab, policy, report)
+    _write_config(g, out, raw_cfg, vocab, policy, report, full_cfg if mm is not None else None, mmproj)
     return report
 
 
 def _parse(path: Path, raw_cfg: dict) -> ModelConfig:
     try:
         return parse_config(raw_cfg, str(path))
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:  # ValueError: a 12B embedder config (from its mmproj)
         raise ConvertError(str(e)) from None
 
 
@@ -206,8 +213,11 @@ def _encode(key: str, ttype: str, raw: np.ndarray, policy: Policy):
     return arrays, module, {"class": cls, **entry}
 
 
-def _write_config(g: GGUFFile, out: Path, raw_cfg: dict, vocab, policy: Policy, report: Report) -> None:
-    """config.json: the text config, the conversion record and the quantization block."""
+def _write_config(
+    g: GGUFFile, out: Path, raw_cfg: dict, vocab, policy: Policy, report: Report, unified=None, mmproj=None
+) -> None:
+    """config.json: the text config (inside the 12B's `unified` wrapper when its mmproj
+    was read), the conversion record and the quantization block."""
     factor, factor_from = full_rotary_factor(g, raw_cfg["global_head_dim"])
     raw_cfg["gemma4_mlx_conversion"] = {
         "tool": "gemma4-mlx convert",
@@ -215,7 +225,8 @@ def _write_config(g: GGUFFile, out: Path, raw_cfg: dict, vocab, policy: Policy, 
         "source": "gguf",
         "gguf_file": g.path.name,
         "gguf_types": sorted({t.type for t in g.tensors.values()}),
-        "text_only": True,
+        "text_only": unified is None,
+        **({"mmproj_file": mmproj.name} if mmproj is not None else {}),
         "skipped": report.skipped,
         "partial_rotary_factor": {"full_attention": factor, "from": factor_from},
         "tokenizer": vocab.summary() if vocab is not None else "none (no tokenizer.ggml.tokens in the GGUF)",
@@ -234,4 +245,7 @@ def _write_config(g: GGUFFile, out: Path, raw_cfg: dict, vocab, policy: Policy, 
         },
         "tensors": dict(sorted(report.tensors.items())),
     }
+    if unified is not None:  # the record and the quantization block sit at the top level
+        top = ("gemma4_mlx_conversion", "quantization")
+        raw_cfg = {**unified, **{k: raw_cfg.pop(k) for k in top}}
     (out / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")

@@ -15,7 +15,10 @@ against a real file].  Separate ffn_gate_exps / ffn_up_exps are accepted too.
 
 from __future__ import annotations
 
+import math
 import re
+
+import numpy as np
 
 from .errors import ConvertError
 from .gguf_read import GGUFFile
@@ -219,3 +222,77 @@ def _experts(key: _Keys) -> dict:
         "top_k_experts": int(key("expert_used_count")),
         "moe_intermediate_size": int(key("expert_feed_forward_length")),
     }
+
+
+# -- the 12B unified model's mmproj GGUF (docs/unified.md §9) ------------------------------
+# llama.cpp writes the 12B's decoder as an ordinary `gemma4` GGUF (the names above) and its
+# embedders into a separate `clip` mmproj GGUF with projector types gemma4uv / gemma4ua
+# (convert_hf_to_gguf.py `Gemma4UnifiedVisionAudioModel`, gguf-py's tensor map).  Three of
+# them are rearranged there: patch_dense's columns and patch_ln1 in CHW order (for ggml's
+# im2col), the position table as [axis, position, D]; pos_norm is stored as patch_norm.3.
+MMPROJ_TYPES = {"clip.vision.projector_type": "gemma4uv", "clip.audio.projector_type": "gemma4ua"}
+_V, _A = "vision.vision_embedder.", "vision.embed_vision."
+MMPROJ = {
+    "v.patch_norm.1.weight": _V + "patch_ln1.weight",
+    "v.patch_norm.1.bias": _V + "patch_ln1.bias",
+    "v.patch_embd.weight": _V + "patch_dense.weight",
+    "v.patch_embd.bias": _V + "patch_dense.bias",
+    "v.patch_norm.2.weight": _V + "patch_ln2.weight",
+    "v.patch_norm.2.bias": _V + "patch_ln2.bias",
+    "v.position_embd.weight": _V + "pos_embedding",
+    "v.patch_norm.3.weight": _V + "pos_norm.weight",
+    "v.patch_norm.3.bias": _V + "pos_norm.bias",
+    "mm.input_projection.weight": _A + "embedding_projection.weight",
+    "mm.a.input_projection.weight": "audio.embed_audio.embedding_projection.weight",
+}
+
+
+def chw_to_hwc(side: int) -> np.ndarray:
+    """perm with perm[i] = the (row, column, channel) index of the (channel, row, column)
+    position i of a side x side x 3 patch: llama.cpp stores hf[..., perm]."""
+    i = np.arange(side * side * 3)
+    ch, row, col = i // (side * side), (i % (side * side)) // side, i % side
+    return row * side * 3 + col * 3 + ch
+
+
+def mmproj_tensor(name: str, values: np.ndarray, side: int) -> tuple[str | None, np.ndarray]:
+    """(our key or None if unknown, the values in our layout) for one mmproj tensor;
+    side: the merged patch's side in pixels (48 on the 12B)."""
+    key = MMPROJ.get(name)
+    if name in ("v.patch_embd.weight", "v.patch_norm.1.weight", "v.patch_norm.1.bias"):
+        out = np.empty_like(values)
+        out[..., chw_to_hwc(side)] = values  # undo hf[..., perm]
+        return key, out
+    if name == "v.position_embd.weight":
+        return key, np.ascontiguousarray(values.transpose(1, 0, 2))  # [axis, pos, D] -> [pos, axis, D]
+    return key, values
+
+
+def mmproj_config(mm: GGUFFile, text_hidden: int) -> dict:
+    """`vision_config` and `audio_config` of a gemma4_unified config.json from the mmproj's
+    metadata and tensor shapes (llama.cpp writes no pooling size: the merged patch's side
+    over `clip.vision.patch_size` gives it)."""
+    for k, want in MMPROJ_TYPES.items():
+        if mm.metadata.get(k) != want:
+            raise ConvertError(f"{mm.path}: {k} is {mm.metadata.get(k)!r}, expected {want!r} (a Gemma 4 12B mmproj)")
+    need = [n for n in MMPROJ if n not in mm.tensors]
+    if need:
+        raise ConvertError(f"{mm.path}: tensor {need[0]} is missing")
+    D, pixels = mm.tensors["v.patch_embd.weight"].shape
+    side, p = math.isqrt(pixels // 3), int(mm.metadata.get("clip.vision.patch_size", 0))
+    if 3 * side * side != pixels or p <= 0 or side % p:
+        raise ConvertError(f"{mm.path}: v.patch_embd.weight has {pixels} inputs, not 3 x (k x patch_size {p})^2")
+    eps = float(mm.metadata.get("clip.vision.attention.layer_norm_epsilon", 1e-6))
+    vision = {
+        "patch_size": p,
+        "pooling_kernel_size": side // p,
+        "mm_embed_dim": D,
+        "mm_posemb_size": mm.tensors["v.position_embd.weight"].shape[1],
+        "output_proj_dims": D,
+        "rms_norm_eps": eps,
+    }
+    audio = {"audio_embed_dim": mm.tensors["mm.a.input_projection.weight"].shape[1], "rms_norm_eps": eps}
+    for n in ("mm.input_projection.weight", "mm.a.input_projection.weight"):
+        if mm.tensors[n].shape[0] != text_hidden:
+            raise ConvertError(f"{mm.path}: {n} projects to {mm.tensors[n].shape[0]}, the text model is {text_hidden}")
+    return {"vision_config": vision, "audio_config": audio}

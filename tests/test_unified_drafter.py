@@ -92,3 +92,110 @@ def test_greedy_speculative_equals_plain(pair):
         for k in (1, 3):
             got = list(speculative_generate_tokens(pair.model, pair.drafter, prompt, max_tokens=20, draft_tokens=k))
             assert got == want, (seed, k)
+
+
+# -- reading the 12B drafter's config.json as transformers does (docs/unified.md §6) ---------
+
+_LEGACY = {  # the form of the released assistants' config.json (../shared/reference/configs)
+    "model_type": "gemma4_unified_assistant",
+    "backbone_hidden_size": 3840,
+    "use_ordered_embeddings": False,
+    "text_config": {
+        "model_type": "gemma4_unified_text",
+        "hidden_size": 1024,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "num_global_key_value_heads": 1,
+        "head_dim": 256,
+        "global_head_dim": 512,
+        "attention_k_eq_v": True,
+        "vocab_size": 262144,
+        "layer_types": [SLIDING] * 3 + [FULL],
+    },
+}
+
+
+def _variant(top: dict | None = None, drop=(), **text) -> dict:
+    d = {**_LEGACY, **(top or {}), "text_config": {**_LEGACY["text_config"], **text}}
+    for k in drop:  # a key of the text config, else of the top level
+        del (d["text_config"] if k in d["text_config"] else d)[k]
+    return d
+
+
+def _saved_by_transformers(tmp_path) -> dict:
+    """transformers 5.25's own save of the drafter config: `per_layer_config`, no
+    global_head_dim / num_global_key_value_heads."""
+    import json
+
+    import transformers
+
+    transformers.Gemma4UnifiedAssistantConfig(**_LEGACY).save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+def _geometry_hf(d: dict) -> dict:
+    import copy
+
+    import transformers
+
+    c = transformers.Gemma4UnifiedAssistantConfig(**copy.deepcopy(d))
+    t = c.text_config
+    per = t.per_layer_config if t.is_heterogeneous else [t] * t.num_hidden_layers
+    return dict(
+        layers=[(ty, per[i].head_dim, per[i].num_key_value_heads) for i, ty in enumerate(t.layer_types)],
+        window=t.sliding_window,
+        shared=t.num_kv_shared_layers,
+        backbone=c.backbone_hidden_size,
+        head=(c.use_ordered_embeddings, c.num_centroids, c.centroid_intermediate_top_k),
+        softcap=t.final_logit_softcapping,
+        eps=t.rms_norm_eps,
+        rope={k: t.rope_parameters[k] for k in (SLIDING, FULL)},
+        width=(t.hidden_size, t.intermediate_size, t.num_attention_heads, t.vocab_size),
+    )
+
+
+def _geometry_ours(d: dict) -> dict:
+    from gemma4_mlx.config import AssistantConfig
+
+    a = AssistantConfig.from_dict(d)
+    t = a.text
+    return dict(
+        layers=[(s.type, s.head_dim, s.kv_heads) for s in t.layers],
+        window=t.sliding_window,
+        shared=t.num_kv_shared_layers,
+        backbone=a.backbone_hidden_size,
+        head=(a.use_ordered_embeddings, a.num_centroids, a.centroid_intermediate_top_k),
+        softcap=t.final_logit_softcapping,
+        eps=t.rms_norm_eps,
+        rope={k: t.rope_for(k) for k in (SLIDING, FULL)},
+        width=(t.hidden_size, t.intermediate_size, t.num_attention_heads, t.vocab_size),
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "released_form",
+        "transformers_save",
+        "no_attention_k_eq_v",  # the full layer then has 8 KV heads, as in transformers
+        "no_layer_types",
+        "kv_shared_0",  # forced to "every layer shared"
+        "no_global_head_dim",
+        "defaults",  # window, rope, softcap, centroid fields and eps from gemma4_unified_text's defaults
+        "centroid_head",
+    ],
+)
+def test_drafter_config_read_as_transformers_reads_it(case, tmp_path):
+    d = {
+        "released_form": _LEGACY,
+        "transformers_save": _saved_by_transformers(tmp_path) if case == "transformers_save" else None,
+        "no_attention_k_eq_v": _variant(drop=["attention_k_eq_v"]),
+        "no_layer_types": _variant(drop=["layer_types"], num_hidden_layers=6),
+        "kv_shared_0": _variant(num_kv_shared_layers=0),
+        "no_global_head_dim": _variant(drop=["global_head_dim"]),
+        "defaults": _variant(drop=["use_ordered_embeddings"]),
+        "centroid_head": _variant({"use_ordered_embeddings": True, "num_centroids": 1024}),
+    }[case]
+    assert _geometry_ours(d) == _geometry_hf(d)

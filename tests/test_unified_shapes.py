@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from gemma4_mlx.checkpoint.info import model_info
 from gemma4_mlx.config import AssistantConfig, parse_config
 from gemma4_mlx.convert import convert
 from gemma4_mlx.media.prepare import Audio, Image, media_prompt
+from gemma4_mlx.media.unified import processors
 from gemma4_mlx.models.assistant import Drafter, check_pair
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.presets import UNIFIED_DRAFTERS, preset, unified_config
@@ -85,6 +89,37 @@ def test_convert_and_info(source, tmp_path, quant):
     info = model_info(dst, load=False)["components"]  # from the headers, nothing loaded
     assert info["vision"]["params"] == sum(v.size for _, v in tree_flatten(ours.vision.parameters())) == 13_752
     assert info["audio"]["params"] == 40 * 20
+
+
+def unified_block(n: int) -> dict:
+    """transformers' own feature_extractor block of a unified model with n-sample frames."""
+    fe = transformers.Gemma4UnifiedAudioFeatureExtractor(feature_size=n, audio_samples_per_token=n)
+    return json.loads(json.dumps(fe.to_dict()))
+
+
+@pytest.mark.parametrize("existing", [None, {"processor_class": "Gemma4UnifiedProcessor"}], ids=["none", "no_block"])
+def test_convert_writes_the_unified_audio_block(source, tmp_path, existing):
+    """A unified source without a feature_extractor block leaves with the raw-frame block
+    transformers writes for the 12B (frames of the embedder's width), never the log-mel
+    block of E2B/E4B (docs/unified.md §8); transformers reads it back and frames a clip
+    as we do."""
+    src = source
+    if existing is not None:
+        src = tmp_path / "src"
+        shutil.copytree(source, src)
+        (src / "processor_config.json").write_text(json.dumps(existing))
+    report = convert(src, tmp_path / "out", "bf16", progress=False)
+    pc = json.loads((tmp_path / "out" / "processor_config.json").read_text())
+    assert pc == {**(existing or {}), "feature_extractor": unified_block(20)}
+    assert "Gemma4UnifiedAudioFeatureExtractor" in report.processor_config
+    fe = transformers.Gemma4UnifiedAudioFeatureExtractor.from_pretrained(tmp_path / "out")
+    model, _ = gemma4_mlx.load(tmp_path / "out")
+    _, frames, _ = processors(model, pc, "out")
+    x = np.random.default_rng(2).standard_normal(93).astype(np.float32)
+    ours, mask = frames.frames([x])
+    ref = fe(x, return_tensors="np")
+    assert frames.samples_per_token == 20 and mask.all()
+    assert np.array_equal(ours, ref["input_features"])
 
 
 def test_drafter_shape_pairs_with_the_12b():

@@ -22,6 +22,9 @@ def convert(
         help="Keep the PLE table and projections and the MoE router unquantized and the "
         "token embedding at 8 bits (default); --no-... puts them on the recipe too.",
     ),
+    mmproj: str | None = typer.Option(
+        None, "--mmproj", help="With a GGUF source: the 12B unified model's mmproj GGUF (its vision/audio embedders)."
+    ),
 ):
     """Convert a Hugging Face Gemma 4 checkpoint (text model with its vision/audio towers, or an
     MTP drafter) to an MLX folder."""
@@ -34,7 +37,13 @@ def convert(
     t0 = time.perf_counter()
     try:
         report = run(
-            src, dst, quant, force=force, keep_high_precision=keep_high_precision, progress=sys.stderr.isatty()
+            src,
+            dst,
+            quant,
+            force=force,
+            keep_high_precision=keep_high_precision,
+            progress=sys.stderr.isatty(),
+            mmproj=mmproj,
         )
     except (ConvertError, LoadError) as e:
         fail(str(e))
