@@ -10,13 +10,18 @@
            q/k norms (bench-style, real head dims).
 3. speed   decode tokens/s at 8K context (2K with --quick) on a small shape with
            the real head dims (256 / 512), 16 vs 8 vs 4 bits.
+4. prefill peak MLX memory of a 32K-token chunked prefill (4K and the E2B shape
+           only with --quick) on 2-layer models with each variant's real layer
+           shapes (vocabulary cut to 8,192), split into weights, KV cache, rest.
 
-    python bench/bench_kv.py [--quick] [--dtype bfloat16]
+    python bench/bench_kv.py [--quick] [--dtype bfloat16] [--skip bytes quality speed prefill]
+                             [--prefill-variants e2b 31b] [--prefill-chunk 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import platform
 import time
@@ -36,6 +41,7 @@ from gemma4_mlx.demo.corpus import corpus
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.presets import PRESETS, preset
 from gemma4_mlx.prompt.template import render
+from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, prefill
 
 CONTEXTS = [8192, 32768, 131072, 262144]
 BITS = [16, 8, 4]
@@ -214,12 +220,69 @@ def decode_speed(ctx: int, n: int, dtype) -> None:
         print(f"| {label} | {nbytes / 2**20:.1f} MiB | {1 / dt:.2f} | {1000 * dt:.1f} |")
 
 
+# -- 4. prefill memory -------------------------------------------------------------------
+def two_layer_model(name: str, dtype, vocab: int = 8192, seed: int = 0) -> Model:
+    """The variant's real layer shapes (hidden, heads, head dims, MLP / experts,
+    window), 2 layers (one sliding, one full), random weights as `random_model`; the
+    vocabulary cut to `vocab` (the table is weights, not activations: a prefill's
+    only vocabulary-sized activation is the last position's logits)."""
+    spec = dict(PRESETS[name], num_hidden_layers=2, layer_types=[SLIDING, FULL], num_kv_shared_layers=0)
+    spec.update(vocab_size=vocab, vocab_size_per_layer_input=vocab)
+    model = Model(TextConfig.from_dict(spec, f"{name}-2layer"))
+    mx.random.seed(seed)
+    new = []
+    for key, value in tree_flatten(model.parameters()):
+        if key.endswith(("q_norm.weight", "k_norm.weight")):
+            v = (0.8 + 0.4 * mx.random.uniform(shape=value.shape)) * value.shape[-1] ** -0.25
+        elif key.endswith(("norm.weight", "layer_scalar", "scale")):
+            v = 0.8 + 0.4 * mx.random.uniform(shape=value.shape)
+        else:
+            v = 0.02 * mx.random.normal(value.shape)
+        new.append((key, v.astype(dtype)))
+        mx.eval(new[-1][1])  # one tensor at a time: the build's own peak stays small
+    model.update(tree_unflatten(new))
+    mx.eval(model.parameters())
+    return model
+
+
+def prefill_memory(variants: list[str], ctx: int, chunk: int, bits_list: list[int], dtype) -> None:
+    """Peak MLX memory of a ctx-token chunked prefill (`runtime.generate.prefill`),
+    split into weights, the KV cache it leaves, and the rest (activations of a chunk,
+    the attention scores of its queries over every key before them, allocator slack)."""
+    print(f"\n## Peak memory of a {ctx}-token prefill in chunks of {chunk} (2-layer real shapes, {dtype})\n")
+    print("| variant | kv bits | weights | KV cache | peak | peak - weights - KV | time |")
+    print("|---|---|---|---|---|---|---|")
+    ids = mx.array([np.random.default_rng(2).integers(3, 8192, size=ctx).tolist()])
+    for name in variants:
+        gc.collect()
+        mx.clear_cache()
+        model = two_layer_model(name, dtype)
+        weights = mx.get_active_memory()
+        for bits in bits_list:
+            cache = model.make_cache(kv_bits=bits)
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            t0 = time.perf_counter()
+            mx.eval(prefill(model, ids, cache, chunk))
+            dt = time.perf_counter() - t0
+            peak, kv = mx.get_peak_memory() - base, sum(c.nbytes for c in cache.writers())
+            print(
+                f"| {name} | {bits} | {weights / 2**30:.2f} GiB | {kv / 2**30:.3f} GiB | "
+                f"{(weights + peak) / 2**30:.2f} GiB | {(peak - kv) / 2**30:.3f} GiB | {dt:.0f} s |"
+            )
+            del cache
+        del model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2,048-token quality runs, decode at 2K context")
     # float32 by default: MLX's CPU matmul in bf16 is not BLAS and far slower
     ap.add_argument("--dtype", default="float32", choices=["bfloat16", "float32", "float16"])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "quality", "speed"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "quality", "speed", "prefill"])
+    ap.add_argument("--prefill-variants", nargs="*", default=None, choices=list(PRESETS))
+    ap.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     args = ap.parse_args()
     dtype = getattr(mx, args.dtype)
     print(f"# bench_kv ({'quick' if args.quick else 'full'}) on {platform.machine()}, {mx.default_device()}")
@@ -229,6 +292,9 @@ def main() -> None:
         table_quality(2048 if args.quick else 4096, dtype, 256)
     if "speed" not in args.skip:
         decode_speed(2048 if args.quick else 8192, 8 if args.quick else 32, dtype)
+    if "prefill" not in args.skip:
+        variants = args.prefill_variants or (["e2b"] if args.quick else list(PRESETS))
+        prefill_memory(variants, 4096 if args.quick else 32768, args.prefill_chunk, [16, 8], dtype)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,10 @@ preload_openblas()  # must run before anything imports mlx.core
 
 from gemma4_mlx import media as multimodal  # noqa: E402  (the earlier name of `media`)
 from gemma4_mlx.api import (  # noqa: E402
+    CacheFileError,
     LoadError,
     batch_generate,
+    cache_prompt,
     generate,
     load,
     load_drafter,
@@ -34,6 +36,8 @@ __all__ = [
     "Chat",
     "Reply",
     "speculative_batch_generate",
+    "cache_prompt",
+    "CacheFileError",
     "Image",
     "Audio",
     "Video",

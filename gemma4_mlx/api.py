@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlx.core as mx
 
+from gemma4_mlx.cache.prefix import sync_prefix
 from gemma4_mlx.checkpoint.load import LoadError, load, load_drafter
+from gemma4_mlx.checkpoint.prompt_cache import CacheFileError, load_prompt_cache, save_prompt_cache
 from gemma4_mlx.constrain import ConstraintError, bind, grammar_from
-from gemma4_mlx.media.prepare import has_media, media_prompt
+from gemma4_mlx.media.prepare import has_media, media_prompt_keyed
 from gemma4_mlx.prompt.tokens import encode_prompt
 from gemma4_mlx.runtime.generate import (
     DEFAULT_PREFILL_CHUNK,
@@ -22,16 +25,19 @@ from gemma4_mlx.runtime.generate import (
     Stats,
     batch_generate,
     generate_tokens,
+    prefill,
 )
 from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate, speculative_generate_tokens
 
 __all__ = [
+    "CacheFileError",
     "Chunk",
     "ConstraintError",
     "LoadError",
     "SamplingOptions",
     "Stats",
     "batch_generate",
+    "cache_prompt",
     "generate",
     "generate_ids",
     "load",
@@ -83,6 +89,7 @@ def stream_generate(
     regex: str | None = None,
     grammar=None,
     kv_bits: int | None = None,
+    prompt_cache: str | Path | None = None,
 ) -> Iterator[Chunk]:
     """Stream text chunks; stops on the model's end-of-turn / end-of-text ids.
 
@@ -99,6 +106,9 @@ def stream_generate(
     `ConstraintError` before anything runs (docs/structured-output.md).
     kv_bits: 16 (the model's dtype), 8 or 4: store the KV cache quantized
     (docs/kv-cache.md); about 1.9x / 3.6x less cache memory at long contexts.
+    prompt_cache: a file `cache_prompt` wrote for this model and kv_bits: the longest
+    prefix it shares with this prompt is reused, exactly, and only the rest is
+    prefilled; a file made for another model or kv_bits raises `CacheFileError`.
     """
     # a quantized cache is made here and handed in (plain and speculative decoding
     # both take one); a bad width is refused before anything runs
@@ -107,28 +117,21 @@ def stream_generate(
     stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
     constraint = None if spec is None else bind(spec, tokenizer, model.config.vocab_size, stop)
     options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed, constraint=constraint)
-    media = None
-    if has_media(images, audio, videos):
-        ids, media = media_prompt(
-            model,
-            tokenizer,
-            prompt,
-            images,
-            audio,
-            videos,
-            chat=chat,
-            image_budget=image_budget,
-            processor=media_processor,
+    ids, keys, mprompt = _encode(model, tokenizer, prompt, chat, images, audio, videos, image_budget, media_processor)
+    start = 0
+    if prompt_cache is not None:
+        saved = load_prompt_cache(prompt_cache, model, kv_bits=kv_bits, max_rollback=KV_ROLLBACK)
+        cache, start = sync_prefix(
+            saved.cache, saved.keys, keys, lambda: model.make_cache(max_rollback=KV_ROLLBACK, kv_bits=kv_bits)
         )
-    else:
-        ids = encode_prompt(tokenizer, prompt, chat)
-    stats = Stats()
+    media = None if mprompt is None else mprompt.rows(start)
+    stats = Stats(prompt_cached=start)
     detok = tokenizer.detokenizer
     detok.reset()
     mx.reset_peak_memory()
     tokens = generate_ids(
         model,
-        ids,
+        ids[start:],
         max_tokens=max_tokens,
         options=options,
         stop_ids=stop,
@@ -147,6 +150,45 @@ def stream_generate(
         yield Chunk(detok.last_segment, tok, stats)
     detok.finalize()
     yield Chunk(detok.last_segment, -1, stats, finished=True)
+
+
+def _encode(model, tokenizer, prompt, chat, images, audio, videos, image_budget, processor):
+    """(ids, per-slot cache keys, MediaPrompt or None) of a prompt, text or with media."""
+    if has_media(images, audio, videos):
+        ids, mprompt = media_prompt_keyed(
+            model, tokenizer, prompt, images, audio, videos, chat=chat, image_budget=image_budget, processor=processor
+        )
+        return ids, mprompt.keys(), mprompt
+    ids = encode_prompt(tokenizer, prompt, chat)
+    return ids, list(ids), None
+
+
+def cache_prompt(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    path: str | Path,
+    *,
+    chat: bool = True,
+    kv_bits: int | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    max_rollback: int = KV_ROLLBACK,
+    images=(),
+    audio=(),
+    videos=(),
+    image_budget: int | None = None,
+) -> int:
+    """Prefill `prompt` (encoded as `stream_generate` encodes it) and save the KV
+    cache to `path` (docs/kv-cache.md §8), for `stream_generate(prompt_cache=path)`
+    with the same kv_bits.  max_rollback: tokens the sliding layers keep beyond
+    their window, i.e. how far before the prompt's end a later prompt may diverge
+    and still reuse the cache.  Returns the number of tokens cached."""
+    cache = model.make_cache(max_rollback=max_rollback, kv_bits=kv_bits)
+    ids, keys, mprompt = _encode(model, tokenizer, prompt, chat, images, audio, videos, image_budget, None)
+    media = None if mprompt is None else mprompt.rows(0)
+    mx.eval(prefill(model, mx.array([ids]), cache, prefill_chunk, media))
+    save_prompt_cache(path, model, cache, keys)
+    return len(ids)
 
 
 def generate_ids(

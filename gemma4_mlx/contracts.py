@@ -36,8 +36,9 @@ class DecodingModel(Protocol):
         """Logits [B, T', V] (T' = logits_to_keep or T); writes ids into cache."""
         ...
 
-    def make_cache(self, *, max_rollback: int = 32, left_pad=None) -> LayerCaches:
-        """Empty caches; left_pad: per-row left padding of a batched prompt."""
+    def make_cache(self, *, max_rollback: int = 32, left_pad=None, kv_bits: int | None = None) -> LayerCaches:
+        """Empty caches; left_pad: per-row left padding of a batched prompt; kv_bits 8
+        or 4: K/V stored quantized (docs/kv-cache.md), None or 16: the model's dtype."""
         ...
 
     def embed(self, ids: mx.array) -> mx.array:

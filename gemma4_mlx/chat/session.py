@@ -8,7 +8,6 @@ prefills only the rest — also when the history is longer than the sliding wind
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,6 +22,8 @@ from gemma4_mlx.chat.conversation import (
     render_conversation,
     stop_ids,
 )
+from gemma4_mlx.chat.saved import read_chat, save_chat
+from gemma4_mlx.checkpoint.prompt_cache import load_prompt_cache
 from gemma4_mlx.constrain import Grammar, bind, constraint_from_response_format
 from gemma4_mlx.constrain.tools import tool_call_grammar
 from gemma4_mlx.media.prepare import has_media, media_items, processor_for, user_content
@@ -141,9 +142,42 @@ class Chat:
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
         return render_conversation(self._codec, msgs, tools=self.tools, thinking=self.thinking)
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, with_cache: bool = False) -> None:
+        """The conversation as JSON; with_cache: a safetensors file that also holds the
+        KV cache, so `Chat.load` continues without re-prefilling (docs/kv-cache.md §8).
+        Conversations with media are refused (saved chats keep text only)."""
         data = {"system": self.system, "thinking": self.thinking, "messages": self.messages}
-        Path(path).write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str))
+        if not with_cache:
+            save_chat(path, data)
+            return
+        data["max_rollback"] = self.max_rollback
+        save_chat(path, data, self.model, self.cache, self.cached)
+
+    @classmethod
+    def load(cls, path: str | Path, model, tokenizer, **kwargs) -> Chat:
+        """A chat `save` wrote: its conversation and, when saved with the cache, the
+        cache itself — refused (`CacheFileError`, one line) if made for another model,
+        dtype or kv_bits.  kwargs: Chat's options; system, thinking, kv_bits and
+        max_rollback default to the saved ones."""
+        saved = read_chat(path, model, kwargs.get("kv_bits", "saved"), kwargs.get("max_rollback"))
+        settings = {"system": saved.data.get("system"), "thinking": saved.data.get("thinking", False)}
+        if saved.cache is not None:
+            w = next(iter(saved.cache.writers()))
+            settings.update(kv_bits=w.kv_bits, max_rollback=saved.data.get("max_rollback", 2048))
+        chat = cls(model, tokenizer, **{**settings, **kwargs})
+        chat.messages = list(saved.data["messages"])
+        if saved.cache is not None:
+            chat.cache, chat.cached = saved.cache, saved.keys
+        return chat
+
+    def use_prompt_cache(self, path: str | Path) -> int:
+        """Start from a prompt cache file (`api.cache_prompt`, or a chat saved with its
+        cache): the next turn reuses the longest prefix it shares with the file's
+        tokens.  Returns the tokens the file holds; `CacheFileError` for a file made
+        for another model, dtype or kv_bits."""
+        saved = load_prompt_cache(path, self.model, kv_bits=self.kv_bits, max_rollback=self.max_rollback)
+        self.cache, self.cached = saved.cache, saved.keys
+        return len(saved.keys)
 
     # -- the cache -----------------------------------------------------------
     def _sync(self, keys: list) -> int:

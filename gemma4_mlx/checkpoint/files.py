@@ -3,6 +3,7 @@ and the one error type of checkpoint loading (one line naming the file or tensor
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -53,3 +54,20 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
         return mx.load(str(path))
     except (ValueError, KeyError, TypeError, RuntimeError, OSError) as e:
         raise LoadError(f"{path}: unreadable safetensors ({e})") from None
+
+
+def fingerprint(folder: str | Path) -> str:
+    """A short hash of a checkpoint folder's config.json and weight files' names,
+    sizes and safetensors headers (what a load reads before any tensor): names a
+    model in prompt-cache files, and tells distributed ranks started with different
+    models apart.  The weight bytes are not read (cheap on a 60 GB checkpoint)."""
+    folder = Path(folder)
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in weight_files(folder):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = fh.read(min(n, max(size - 8, 0)))
+        h.update(f"\0{f.name}\0{size}\0".encode())
+        h.update(header)
+    return h.hexdigest()[:32]

@@ -13,7 +13,13 @@ from pathlib import Path
 from gemma4_mlx.checkpoint.files import LoadError, weight_files
 from gemma4_mlx.checkpoint.keys import rename
 from gemma4_mlx.checkpoint.load import load_model
-from gemma4_mlx.checkpoint.memory import available_bytes, kv_cache_bytes, needed_bytes
+from gemma4_mlx.checkpoint.memory import (
+    CHAT_ROLLBACK,
+    available_bytes,
+    kv_cache_bytes,
+    needed_bytes,
+    rollback_slack_bytes,
+)
 from gemma4_mlx.checkpoint.quantized import QUANT_META, kernel_params, quantization_block
 from gemma4_mlx.config import ConfigError, read_config
 from gemma4_mlx.formats.safetensors import read_header
@@ -144,6 +150,11 @@ def _memory(folder: Path, config, max_context: int | None) -> dict:
         "mapped": need.mapped,
         "kv_context": context,
         "kv_cache": kv_cache_bytes(config.text, context, need.act_bytes),
+        # a chat's rollback slack on the sliding layers, at each KV width (docs/kv-cache.md §6)
+        "chat_slack_tokens": CHAT_ROLLBACK,
+        "chat_slack": {
+            bits: rollback_slack_bytes(config.text, CHAT_ROLLBACK, need.act_bytes, bits) for bits in (16, 8, 4)
+        },
         "available": have[0] if have else None,
         "available_from": have[1] if have else None,
     }
@@ -205,6 +216,12 @@ def render(info: dict, console) -> None:
             f"(towers {_size(m['towers'])} of it), {_size(m['mapped'])} memory-mapped; "
             f"KV cache for {m['kv_context']:,} tokens: {_size(m['kv_cache'])} ({m['kv_cache']:,} bytes); "
             f"available: {have}",
+            markup=False,
+        )
+        slack = m["chat_slack"]
+        console.print(
+            f"chat rollback slack ({m['chat_slack_tokens']:,} tokens per sliding layer, Chat(max_rollback=)): "
+            f"{_size(slack[16])} at 16-bit KV, {_size(slack[8])} at 8-bit, {_size(slack[4])} at 4-bit",
             markup=False,
         )
     if info["resident_bytes"] is not None:

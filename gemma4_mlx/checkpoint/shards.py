@@ -6,21 +6,19 @@ tensor; every other tensor stays a lazy `mx.load` array as in a one-process load
 Quantized tensors (packed weights, scales, biases) are cut along the same logical axis
 as their float weight (`models.parallel`), which keeps quantization groups whole.
 
-Before any weight is read the ranks compare a fingerprint of what they are about to
-load (config, tensor names, dtypes, shapes): a rank started with another model or
-quantization is refused with one line naming both.
+Before any weight is read the ranks compare the checkpoint's fingerprint
+(`files.fingerprint`: config, file names, sizes, headers): a rank started with another
+model or quantization is refused with one line.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-from gemma4_mlx.checkpoint.files import LoadError, weight_files
+from gemma4_mlx.checkpoint.files import LoadError, fingerprint
 from gemma4_mlx.checkpoint.keys import rename
 from gemma4_mlx.formats.safetensors import read_header
 from gemma4_mlx.models.parallel import Plan, Shard, ShardError, Slice
@@ -96,18 +94,6 @@ def cut_loaded(weights: dict[str, mx.array], plan: Plan, source: str) -> None:
                 weights[key] = sl.take(value, f"{source}: tensor {key}")
             except ShardError as e:
                 raise LoadError(str(e)) from None
-
-
-def fingerprint(folder: Path) -> str:
-    """A digest of what a load would read: config.json and every tensor's name, dtype
-    and shape (not the bytes: cheap on a 60 GB checkpoint, and enough to tell models
-    and quantizations apart)."""
-    h = hashlib.sha256()
-    h.update((folder / "config.json").read_bytes())
-    for f in weight_files(folder):
-        _, header = read_header(f)
-        h.update(json.dumps({k: (e["dtype"], e["shape"]) for k, e in sorted(header.items())}).encode())
-    return h.hexdigest()
 
 
 def check_same_model(folder: Path, tp: Shard | None) -> None:

@@ -459,7 +459,27 @@ def media_prompt(
     image_budget: int | None = None,
     processor: MediaProcessor | None = None,
 ):
-    """(ids, MediaRows) for one prompt with media.
+    """(ids, MediaRows) for one prompt with media (`media_prompt_keyed`'s rows)."""
+    ids, mprompt = media_prompt_keyed(
+        model, tokenizer, prompt, images, audio, videos, chat=chat, image_budget=image_budget, processor=processor
+    )
+    return ids, mprompt.rows(0)
+
+
+def media_prompt_keyed(
+    model,
+    tokenizer,
+    prompt,
+    images=(),
+    audio=(),
+    videos=(),
+    *,
+    chat: bool = True,
+    image_budget: int | None = None,
+    processor: MediaProcessor | None = None,
+):
+    """(ids, MediaPrompt) for one prompt with media: its `keys()` name each cached
+    slot (a prompt cache reuses a prefix by them), `rows(start)` feed the model.
 
     A text prompt goes through the chat template with the media before the text
     (with chat=False the placeholders are prepended unless the text has them);
@@ -479,4 +499,4 @@ def media_prompt(
             ids = encode_prompt(tokenizer, mp.expand(prompt, prepared), chat=False)  # adds a missing BOS
     else:
         ids = list(prompt)
-    return ids, mp.prompt(ids, prepared).rows(0)
+    return ids, mp.prompt(ids, prepared)

@@ -243,6 +243,7 @@ class Stats:
     generation_time: float = 0.0
     peak_memory_gb: float = field(default_factory=lambda: 0.0)
     speculative: object = None  # a speculative.SpecStats when a drafter ran
+    prompt_cached: int = 0  # prompt tokens taken from a prompt cache (not in prompt_tokens)
 
     @property
     def prompt_tps(self) -> float:
@@ -254,7 +255,9 @@ class Stats:
 
     def line(self) -> str:
         return (
-            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
+            f"prompt: {self.prompt_tokens} tokens"
+            + (f" (+{self.prompt_cached} cached)" if self.prompt_cached else "")
+            + f", {self.prompt_tps:.1f} tok/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
             f"peak memory: {self.peak_memory_gb:.2f} GB"
             + (f"\n{self.speculative.line()}" if self.speculative is not None else "")

@@ -1,0 +1,100 @@
+"""Saved chats: `Chat.save` / `Chat.load` (docs/kv-cache.md §8).
+
+Two forms.  Without the cache, a JSON file: the system prompt, the thinking switch
+and the messages; loading it re-prefills the whole conversation on the next turn.
+With the cache, a prompt-cache file (`checkpoint.prompt_cache`, safetensors) whose
+metadata also holds that JSON: loading restores the KV cache exactly, so the next
+turn prefills only itself — and only for the model (and dtype, kv_bits) that made it.
+
+Media are not saved (only their content keys would be): a conversation holding
+images, audio or video is refused, in both directions, with one line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gemma4_mlx.cache import LayerCaches
+from gemma4_mlx.cache.disk import read_metadata
+from gemma4_mlx.checkpoint.prompt_cache import CacheFileError, load_prompt_cache, save_prompt_cache
+
+MEDIA_PARTS = ("image", "audio", "video")
+
+
+@dataclass
+class SavedChat:
+    data: dict  # system, thinking, messages, max_rollback (when saved with the cache)
+    cache: LayerCaches | None = None
+    keys: list | None = None  # per cached slot (`Chat.cached`)
+
+
+def is_cache_file(path: Path) -> bool:
+    """A safetensors file (an 8-byte header length, then its JSON header), not a
+    JSON conversation (which starts with '{': its first 8 bytes read as a length
+    far beyond any file)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def save_chat(path: str | Path, data: dict, model=None, cache=None, keys=None) -> None:
+    """`data` as JSON, or with `cache` (holding `keys`) as a prompt-cache file."""
+    path = Path(path)
+    _check_no_media(path, data["messages"], "cannot save")
+    if cache is None:
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str))
+        return
+    save_prompt_cache(path, model, cache, keys, extra={"chat": data})
+
+
+def read_chat(path: str | Path, model, kv_bits, max_rollback: int | None) -> SavedChat:
+    """A saved chat; the cache restored for `model` (kv_bits "saved": the file's).
+    ValueError (one line naming the file) for what cannot be loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    if not is_cache_file(path):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{path}: not a saved chat ({' '.join(str(e).split())})") from None
+        return SavedChat(_check(path, data))
+    meta = read_metadata(path)
+    try:
+        extra = json.loads(meta.get("extra", "{}"))
+    except ValueError:
+        raise CacheFileError(f"{path}: malformed saved chat (metadata)") from None
+    data = _check(path, extra.get("chat") if isinstance(extra, dict) else None)
+    saved = load_prompt_cache(path, model, kv_bits=kv_bits, max_rollback=max_rollback or _rollback(path, data))
+    return SavedChat(data, saved.cache, saved.keys)
+
+
+def _rollback(path, data: dict) -> int:
+    """The saved session's sliding-layer rollback slack (Chat's default if absent)."""
+    value = data.get("max_rollback", 2048)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CacheFileError(f"{path}: malformed saved chat (max_rollback {value!r})")
+    return value
+
+
+def _check(path: Path, data) -> dict:
+    """The conversation's fields, checked: one line for what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a saved chat (no conversation in it)")
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ValueError(f"{path}: malformed saved chat (messages)")
+    if not isinstance(data.get("system"), (str, type(None))) or not isinstance(data.get("thinking", False), bool):
+        raise ValueError(f"{path}: malformed saved chat (system / thinking)")
+    _check_no_media(path, messages, "cannot load")
+    return data
+
+
+def _check_no_media(path: Path, messages: list, what: str) -> None:
+    for m in messages:
+        parts = m.get("content") if isinstance(m.get("content"), list) else []
+        kinds = [p.get("type") for p in parts if isinstance(p, dict) and p.get("type") in MEDIA_PARTS]
+        if kinds:
+            raise ValueError(f"{path}: {what} a conversation with media ({kinds[0]}): saved chats keep text only")
