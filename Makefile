@@ -90,6 +90,13 @@ clean:
 
 # Resident memory of E2B/E4B/26B-A4B/31B in BF16, SFP8 and Q4_0 next to Google's table (issue #3);
 # ~37 min on 2 CPU cores, needs ~35 GB free disk.  BENCH_MEMORY_ARGS: e.g. --variants e2b --formats q4_0
+# Distributed (issue #18): traffic, per-rank memory, local-ring latency, N=1 vs N=2, TB5 projection.
+# BENCH_DIST_ARGS: --quick (no 2-layer 31B, < 1 min) or --out bench/RESULTS-distributed-cpu.txt
+.PHONY: bench-distributed
+BENCH_DIST_ARGS ?=
+bench-distributed: install-test
+	$(BIN)/python bench/bench_distributed.py $(BENCH_DIST_ARGS)
+
 .PHONY: bench-memory
 BENCH_MEMORY_ARGS ?=
 bench-memory: install-test

@@ -9,15 +9,18 @@ each with its MTP drafter; quantized: Q4_0 and SFP8 of a dense and an MoE model.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gemma4_mlx.convert.core import convert
 
-from helpers.checkpoints import build_hf
+from helpers.checkpoints import build_hf, write_char_tokenizer
 from helpers.live_server import free_port
 
 FLOAT = ("dense", "e2b_like", "moe")
@@ -49,6 +52,7 @@ def results(checkpoints, drafters, tmp_path_factory) -> dict:
         for q in ("q4_0", "sfp8"):
             convert(src, root / f"{name}_{q}", q, progress=False)
             specs[f"{name}_{q}"] = {"model": str(root / f"{name}_{q}"), "seed": 3}
+    specs["_chat"] = True
     (root / "specs.json").write_text(json.dumps(specs))
     out = root / "out.json"
     r = launch([str(Path(__file__).parent / "helpers" / "dist_worker.py"), str(root / "specs.json"), str(out)])
@@ -82,8 +86,73 @@ def test_speculative_greedy_equals_plain_sharded(results, name):
     assert r["drafter_bytes_sharded"] < r["drafter_bytes_whole"]  # its attention follows the target's heads
 
 
+def test_chat_followers_keep_step_with_rank_0(results):
+    """LeaderChat / FollowerChat (chat --distributed): turns, a tool result, a turn
+    stopped after two events, a reset — the same texts as one process."""
+    r = results["_chat"]
+    assert r["sharded"] == r["whole"]
+    assert all(r["whole"])
+
+
 @pytest.mark.parametrize("name", FLOAT + QUANT)
 def test_each_rank_holds_about_half(results, name):
     """Sharded: attention, MLPs, experts, the tied table; whole: norms, router, PLE parts."""
     r = results[name]
     assert 0.45 * r["bytes_whole"] < r["bytes_sharded"] < 0.65 * r["bytes_whole"]
+
+
+# -- faults: ranks started as mlx.launch starts them (MLX_RANK, MLX_HOSTFILE), so each
+# can be given its own arguments or killed ------------------------------------------
+
+
+def start_two(tmp_path: Path, models: list[Path], extra: list[str]) -> list[subprocess.Popen]:
+    port = free_port()
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
+    cli = Path(sys.executable).parent / "gemma4-mlx"
+    procs = []
+    for rank, model in enumerate(models):
+        env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), MLX_WORLD_SIZE="2")
+        cmd = [str(cli), "generate", "--model", str(model), "--distributed", "--backend", "ring", *extra]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def endless(checkpoints, tmp_path_factory) -> Path:
+    """The dense tiny model with a tokenizer, whose end-of-turn token never wins
+    (its table row is zero, so its logit is 0 while the best of 255 others is not)."""
+    path = tmp_path_factory.mktemp("endless") / "m"
+    hf = build_hf("dense", seed=11)
+    with torch.no_grad():
+        hf.model.language_model.embed_tokens.weight[1] = 0
+    hf.save_pretrained(path)
+    write_char_tokenizer(path)
+    return path
+
+
+def test_a_killed_rank_stops_the_other_with_one_line(endless, tmp_path):
+    r0, r1 = start_two(
+        tmp_path, [endless, endless], ["--raw", "--prompt", "abc", "-n", "1000000", "--draft-model", "none"]
+    )
+    try:
+        assert r0.stdout.read(8)  # generating
+        r1.kill()
+        t0 = time.monotonic()
+        _, err = r0.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in (r0, r1):
+            p.kill()
+    assert r0.returncode not in (0, None)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rank 0: lost the connection to another rank"), err[-2000:]
+    assert elapsed < 10
+
+
+def test_a_rank_with_another_model_is_refused(checkpoints, tmp_path):
+    procs = start_two(tmp_path, [checkpoints["dense"].path, checkpoints["moe"].path], ["--prompt", "x", "-n", "2"])
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 1
+        assert "rank 1 was started with a different model or quantization than rank 0" in err, err[-2000:]

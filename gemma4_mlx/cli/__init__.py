@@ -4,12 +4,32 @@ and errors go to stderr, so the output composes in shell pipelines.
 `common` holds the app and the shared options; each other module registers its
 commands on it when imported (in the order `--help` lists them)."""
 
+import os
+import sys
+
 # isort: off
 from gemma4_mlx.cli.common import app
 from gemma4_mlx.cli import run  # noqa: F401  generate, chat
 from gemma4_mlx.cli import serve  # noqa: F401  serve
 from gemma4_mlx.cli import models  # noqa: F401  convert, info, pull, list, rm
+from gemma4_mlx.cli import cache  # noqa: F401  cache-prompt
 
 # isort: on
 
-__all__ = ["app"]
+
+def main() -> None:
+    """The `gemma4-mlx` entry point: the app, and one line (not a traceback) when
+    another rank of a --distributed run died or its link dropped."""
+    try:
+        app()
+    except RuntimeError as e:
+        from gemma4_mlx import ranks
+
+        if not ranks.lost_peer(e):
+            raise
+        rank = os.environ.get("MLX_RANK", "?")
+        print(f"error: rank {rank}: lost the connection to another rank ({e}); stopping", file=sys.stderr)
+        sys.exit(1)
+
+
+__all__ = ["app", "main"]

@@ -5,6 +5,7 @@ so `gemma4-mlx --help` and option errors answer at once."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -130,6 +131,16 @@ KvBits = Annotated[
         callback=_check_kv_bits,
     ),
 ]
+PromptCacheFile = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt-cache",
+        help=(
+            "A cache-prompt file made for this model and --kv-bits: the longest prefix it shares with "
+            "the prompt is reused, only the rest is prefilled."
+        ),
+    ),
+]
 Images = Annotated[list[str] | None, typer.Option("--image", help="Image file for the prompt (repeatable).")]
 AudioFiles = Annotated[
     list[str] | None,
@@ -153,6 +164,32 @@ Force = Annotated[
     bool,
     typer.Option("--force", help="Load even if the weights need more memory than this machine can give."),
 ]
+Distributed = Annotated[
+    bool,
+    typer.Option(
+        "--distributed",
+        help="Split the model over the processes `mlx.launch` started (rank 0 does the I/O; docs/distributed.md).",
+    ),
+]
+Backend = Annotated[
+    str, typer.Option("--backend", help="With --distributed: any / ring / jaccl / mpi (as given to mlx.launch).")
+]
+
+
+def start_ranks(distributed: bool, backend: str = "any"):
+    """The `mx.distributed` group for --distributed (None without it).  Ranks other
+    than 0 write nothing to stdout: rank 0 alone shows the output."""
+    if not distributed:
+        return None
+    from gemma4_mlx import ranks
+
+    try:
+        group = ranks.start(backend)
+    except ranks.RankError as e:
+        fail(str(e))
+    if not ranks.is_leader(group):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+    return group
 
 
 def media_options(images, audio, videos, image_budget, video_audio: bool = False) -> dict:
@@ -172,7 +209,7 @@ def media_options(images, audio, videos, image_budget, video_audio: bool = False
     )
 
 
-def load_or_fail(model: str, dtype: str | None, tools: str | None = None, force: bool = False):
+def load_or_fail(model: str, dtype: str | None, tools: str | None = None, force: bool = False, group=None):
     """(model, tokenizer, tool functions); a bad checkpoint or tools file, or weights
     larger than the memory this machine can give (unless force), end the command with
     one line."""
@@ -181,7 +218,7 @@ def load_or_fail(model: str, dtype: str | None, tools: str | None = None, force:
 
     try:
         functions = load_tools(tools) if tools else []
-        m, tokenizer = load(model, dtype=dtype, force=force)
+        m, tokenizer = load(model, dtype=dtype, force=force, group=group)
     except (LoadError, ValueError) as e:
         fail(str(e))
     if tokenizer is None:

@@ -11,6 +11,8 @@ import typer
 
 from gemma4_mlx.cli.common import (
     AudioFiles,
+    Backend,
+    Distributed,
     DraftModel,
     DraftTokens,
     Dtype,
@@ -21,6 +23,7 @@ from gemma4_mlx.cli.common import (
     MaxTokens,
     MinP,
     Model,
+    PromptCacheFile,
     Seed,
     Temp,
     TopK,
@@ -33,6 +36,7 @@ from gemma4_mlx.cli.common import (
     load_or_fail,
     media_options,
     read_prompt,
+    start_ranks,
 )
 
 JsonSchemaFile = Annotated[
@@ -101,17 +105,27 @@ def generate(
     json_schema: JsonSchemaFile = None,
     regex: Regex = None,
     kv_bits: KvBits = 16,
+    prompt_cache: PromptCacheFile = None,
+    distributed: Distributed = False,
+    backend: Backend = "any",
 ):
     """Generate a completion for one prompt, streamed to stdout."""
-    from gemma4_mlx.api import stream_generate
+    from gemma4_mlx.api import CacheFileError, stream_generate
     from gemma4_mlx.media.prepare import MediaError
 
     media = media_options(image, audio, video, image_budget, video_audio)
     constraint = output_constraint(json_schema, regex)
-    prompt = read_prompt(prompt)
+    group = start_ranks(distributed, backend)
+    if group is not None:  # rank 0 reads the prompt (stdin too) and passes it on
+        from gemma4_mlx import ranks
+
+        prompt = ranks.broadcast_text(read_prompt(prompt) if ranks.is_leader(group) else None, group)
+        quiet = quiet or not ranks.is_leader(group)
+    else:
+        prompt = read_prompt(prompt)
     if not quiet:
         typer.echo(f"loading {model} ...", err=True)
-    m, tokenizer, _ = load_or_fail(model, dtype, force=force)
+    m, tokenizer, _ = load_or_fail(model, dtype, force=force, group=group)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet)
     stats = None
     try:
@@ -132,12 +146,13 @@ def generate(
             draft_tokens=k,
             grammar=constraint,
             kv_bits=kv_bits,
+            prompt_cache=prompt_cache,
             **media,
         ):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
             stats = chunk.stats
-    except MediaError as e:
+    except (MediaError, CacheFileError) as e:
         fail(str(e))
     sys.stdout.write("\n")
     if stats is not None and not quiet:
@@ -192,14 +207,17 @@ def chat(
         bool, typer.Option("--strict-tools", help="Tool calls name declared tools only, arguments per their schemas.")
     ] = False,
     kv_bits: KvBits = 16,
+    prompt_cache: PromptCacheFile = None,
+    distributed: Distributed = False,
+    backend: Backend = "any",
 ):
     """Chat with a Gemma 4 model in the terminal (multi-turn, thinking, tools, images,
     audio, video; /image PATH etc. attach media to the next message).  Media given
     here are sent with the first turn."""
     from rich.console import Console
 
+    from gemma4_mlx.chat.mirror import FollowerChat, LeaderChat
     from gemma4_mlx.chat.session import Chat
-    from gemma4_mlx.chat.terminal import Terminal, check_media, one_shot
     from gemma4_mlx.demo import DEFAULT_REPO, default_model
     from gemma4_mlx.runtime.generate import SamplingOptions
 
@@ -211,10 +229,16 @@ def chat(
         repo = DEFAULT_REPO  # a cached snapshot path: its drafter is found by repo id
     else:
         banner = f"model: {model}"
-    Console(stderr=True).print(banner, style="dim", markup=False)
-    m, tokenizer, functions = load_or_fail(model, dtype, tools, force=force)
-    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False, repo=repo)
-    session = Chat(
+    group = start_ranks(distributed, backend)
+    leader = group is None or group.rank() == 0
+    if group is not None and prompt_cache is not None:
+        fail("--prompt-cache: not with --distributed (a saved cache holds one process's whole KV heads)")
+    if leader:
+        Console(stderr=True).print(banner, style="dim", markup=False)
+    m, tokenizer, functions = load_or_fail(model, dtype, tools, force=force, group=group)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo)
+    session_type, extra = (Chat, {}) if group is None else (LeaderChat if leader else FollowerChat, {"group": group})
+    session = session_type(
         m,
         tokenizer,
         system=system,
@@ -228,9 +252,28 @@ def chat(
         strict_tools=strict_tools,
         response_format=constraint,
         kv_bits=kv_bits,
+        **extra,
     )
+    if not leader:
+        session.follow()  # does what rank 0's session does, until rank 0 says "exit"
+        return
+    try:
+        _converse(session, media, prompt, prompt_cache, as_json, yes)
+    finally:
+        if group is not None:
+            session.finish()
+
+
+def _converse(session, media: dict, prompt: str | None, prompt_cache: str | None, as_json: bool, yes: bool) -> None:
+    """The chat command's session, once loaded: one turn (--prompt / stdin) or the terminal."""
+    from rich.console import Console
+
+    from gemma4_mlx.chat.terminal import Terminal, check_media, one_shot
+
     try:
         check_media(session, media)  # a missing file or tower: said now, before any turn
+        if prompt_cache is not None:
+            session.use_prompt_cache(prompt_cache)  # CacheFileError: one line
     except ValueError as e:
         fail(str(e))
     if prompt is not None or not sys.stdin.isatty():

@@ -124,6 +124,16 @@ def all_sum(x: mx.array, tp: Shard | None) -> mx.array:
     return x if tp is None else mx.distributed.all_sum(x, group=tp.group)
 
 
+def from_leader(value: int, tp: Shard | None) -> int:
+    """Rank 0's integer on every rank: host-side choices made from timings (the
+    speculative draft length) must not differ between ranks, whose collectives
+    would then stop matching."""
+    if tp is None:
+        return value
+    mine = value if tp.rank == 0 else 0
+    return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=tp.group).item())
+
+
 def gather_vocab(logits: mx.array, tp: Shard | None) -> mx.array:
     """[..., V/N] per rank -> [..., V] on every rank (rank order is vocabulary order)."""
     if tp is None:

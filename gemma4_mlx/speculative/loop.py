@@ -24,6 +24,7 @@ import mlx.core as mx
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.contracts import DecodingModel, MTPDrafter
 from gemma4_mlx.models.assistant import check_pair
+from gemma4_mlx.models.parallel import from_leader
 from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, prefill_hidden
 from gemma4_mlx.runtime.sampling import PositionedSampler
 from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
@@ -44,6 +45,8 @@ class SpecSettings:
     draft_override(rows, index, drafts) -> drafts: replaces the drafter's tokens
         after it ran (controlled-acceptance benchmarks and tests, docs/speculative.md §14).
     on_commit(caches, rows, outputs): called after every round's cache commit.
+    kv_bits: 8 or 4 quantize the caches made here (docs/kv-cache.md); a cache handed
+        in keeps its own.
     """
 
     max_tokens: int = 256
@@ -58,6 +61,7 @@ class SpecSettings:
     stats: SpecStats | None = None
     draft_override: Callable | None = None
     on_commit: Callable | None = None
+    kv_bits: int | None = None
 
 
 @dataclass
@@ -89,7 +93,8 @@ class Speculation:
             caches = LayerCaches.of(cache)
         else:
             rollback = max(32, s.max_rollback or 2 * policy.k_max + 2)
-            caches = target.make_cache(max_rollback=rollback, left_pad=pads if any(pads) else None)
+            quant = {} if s.kv_bits in (None, 16) else {"kv_bits": s.kv_bits}  # test fakes lack the keyword
+            caches = target.make_cache(max_rollback=rollback, left_pad=pads if any(pads) else None, **quant)
         return cls(
             target,
             drafter,
@@ -177,7 +182,9 @@ def speculative_round(run: Speculation, rows: Rows):
     bonus = mx.array(rows.bonus)
     if run.policy.needs_profile(B):
         profile(run.target, run.drafter, run.policy, run.caches, bonus, rows.hidden, run.mtp)
-    K = min(run.policy.choose(B), rows.most_left(run.settings.max_tokens) - 1)
+    K = min(
+        from_leader(run.policy.choose(B), getattr(run.target, "tp", None)), rows.most_left(run.settings.max_tokens) - 1
+    )
     t0 = time.perf_counter()
     block, drafts, listed = propose(run, rows, bonus, K)
     t1 = time.perf_counter()

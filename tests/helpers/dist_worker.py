@@ -14,12 +14,16 @@ import gemma4_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 
 import json
 import sys
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gemma4_mlx.checkpoint.load import load_drafter, load_model
+from gemma4_mlx.chat.mirror import FollowerChat, LeaderChat
+from gemma4_mlx.chat.session import Chat
+from gemma4_mlx.checkpoint.load import load, load_drafter, load_model
+from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.runtime.generate import batch_generate, decode_step, prefill
 from gemma4_mlx.speculative.loop import speculative_batch_generate
 
@@ -81,10 +85,41 @@ def scenario(spec: dict, group) -> dict:
     return out
 
 
+def chat_turns(chat) -> list[str]:
+    """Turns, a tool result, a turn stopped after two events, a reset: the texts."""
+    out = [chat.send("What is the capital of France?").text]
+    chat.add_tool_result(SimpleNamespace(id="call_1", name="lookup"), {"capital": "Paris"})
+    out.append(chat.send("And of Italy?").text)
+    events = chat.stream("What is 2 plus 3?")
+    next(events), next(events)
+    events.close()
+    out.append(chat.send("What is 4 plus 4?").text)
+    chat.reset()
+    out.append(chat.send("What is the capital of Spain?").text)
+    return out
+
+
+def chat_scenario(group) -> dict | None:
+    """`chat --distributed`'s sessions: rank 0 leads, the others follow; rank 0 also
+    runs the same turns on the whole model for the expected texts."""
+    model, tokenizer = load(str(DEMO_MODEL), group=group)
+    if group.rank() != 0:
+        FollowerChat(model, tokenizer, group=group).follow()
+        return None
+    whole, _ = load(str(DEMO_MODEL))
+    leader = LeaderChat(model, tokenizer, group=group)
+    sharded = chat_turns(leader)
+    leader.finish()
+    return {"sharded": sharded, "whole": chat_turns(Chat(whole, tokenizer))}
+
+
 def main() -> None:
     group = mx.distributed.init()
     specs = json.loads(open(sys.argv[1]).read())
+    chat = specs.pop("_chat", False)
     results = {name: scenario(spec, group) for name, spec in specs.items()}
+    if chat:
+        results["_chat"] = chat_scenario(group)
     results["_size"] = group.size()
     if group.rank() == 0:
         with open(sys.argv[2], "w") as f:

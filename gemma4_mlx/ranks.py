@@ -1,0 +1,97 @@
+"""Which process this is in a distributed run, and rank 0's input passed to the others
+(docs/distributed.md §6).
+
+Started by `mlx.launch`, every rank runs the same command; rank 0 alone reads the
+terminal or the network, and what it read reaches the other ranks through the same
+engine the model uses (`mx.distributed`), as JSON data: never code, never pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import threading
+from contextlib import contextmanager
+
+import mlx.core as mx
+
+BACKENDS = ("any", "ring", "jaccl", "mpi")
+# How MLX's backends word a broken link (a peer exited, a cable was pulled).
+_LOST = ("[ring]", "[jaccl]", "[mpi]", "connection to a peer")
+
+
+class RankError(RuntimeError):
+    """A distributed run that cannot start; the message says why in one line."""
+
+
+def start(backend: str = "any"):
+    """The group of this launch (`mx.distributed.init`); RankError when this process
+    was not started by a launcher (a group of one)."""
+    if backend not in BACKENDS:
+        raise RankError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    group = mx.distributed.init(strict=False, backend=backend)
+    if group.size() == 1:
+        raise RankError(
+            "--distributed: this is the only process; start every rank with "
+            "`mlx.launch --hosts mac1,mac2 -- gemma4-mlx ... --distributed` (or `-n 2` on one machine)"
+        )
+    seed_alike(group)
+    return group
+
+
+def seed_alike(group) -> None:
+    """Seed Python's and MLX's generators with rank 0's seed: unseeded sampling and
+    random request seeds then draw the same numbers on every rank (the logits are the
+    same on every rank, so the tokens are too and the caches stay in step)."""
+    seed = int(broadcast_text(str(random.getrandbits(32)) if is_leader(group) else None, group))
+    random.seed(seed)
+    mx.random.seed(seed)
+
+
+def is_leader(group) -> bool:
+    return group is None or group.rank() == 0
+
+
+def broadcast_text(text: str | None, group) -> str:
+    """Rank 0's `text` on every rank (others pass None).  Two sums: the length, then
+    the UTF-8 bytes, which only rank 0 contributes (adding zeros is exact)."""
+    if group is None:
+        return text or ""
+    leader = is_leader(group)
+    data = (text or "").encode("utf-8") if leader else b""
+    n = int(mx.distributed.all_sum(mx.array([len(data)], mx.int32), group=group).item())
+    buf = mx.array(list(data), mx.int32) if leader else mx.zeros((n,), mx.int32)
+    out = mx.distributed.all_sum(buf, group=group) if n else buf
+    return bytes(bytearray(int(b) for b in out.tolist())).decode("utf-8")
+
+
+def broadcast_json(obj, group):
+    """Rank 0's JSON-able `obj` on every rank."""
+    return json.loads(broadcast_text(json.dumps(obj) if is_leader(group) else None, group))
+
+
+def lost_peer(error: BaseException) -> bool:
+    """True for the error MLX raises when another rank died or a link dropped."""
+    return isinstance(error, RuntimeError) and any(s in str(error) for s in _LOST)
+
+
+@contextmanager
+def deferred_interrupt():
+    """Ctrl-C noted, not raised, until the caller checks (`with ... as interrupted:
+    interrupted()`): a rank must not leave a forward pass half-way while the others
+    wait in its collectives.  Only the main thread can own the handler; elsewhere
+    nothing changes."""
+    hits: list[int] = []
+    old = None
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, lambda sig, frame: hits.append(sig))
+    try:
+        yield lambda: bool(hits)
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
+def rank_of(group) -> int:
+    return 0 if group is None else group.rank()
