@@ -20,10 +20,11 @@ import torch
 
 from gemma4_mlx.convert.core import convert
 
+from helpers import unified
 from helpers.checkpoints import build_hf, write_char_tokenizer
 from helpers.live_server import free_port
 
-FLOAT = ("dense", "e2b_like", "moe")
+FLOAT = ("dense", "e2b_like", "moe", "unified")
 QUANT = ("dense_q4_0", "dense_sfp8", "moe_q4_0", "moe_sfp8")
 TOL = 1e-4
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
@@ -39,7 +40,9 @@ def launch(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess
 def results(checkpoints, drafters, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("dist")
     specs = {
-        n: {"model": str(checkpoints[n].path), "drafter": str(drafters[n].path), "seed": i} for i, n in enumerate(FLOAT)
+        n: {"model": str(checkpoints[n].path), "drafter": str(drafters[n].path), "seed": i}
+        for i, n in enumerate(FLOAT)
+        if n in checkpoints
     }
     # Quantized row-sharded products need each rank's inputs on whole groups of 32:
     # MLP widths of 128 / 64 (the float families' 96 splits into 48).
@@ -52,6 +55,10 @@ def results(checkpoints, drafters, tmp_path_factory) -> dict:
         for q in ("q4_0", "sfp8"):
             convert(src, root / f"{name}_{q}", q, progress=False)
             specs[f"{name}_{q}"] = {"model": str(root / f"{name}_{q}"), "seed": 3}
+    # The 12B unified model (its embedders stay whole on every rank) and its drafter.
+    unified.build_hf(seed=4).save_pretrained(root / "unified")
+    unified.hf_drafter(seed=5).save_pretrained(root / "unified_d")
+    specs["unified"] = {"model": str(root / "unified"), "drafter": str(root / "unified_d"), "seed": 4}
     specs["_chat"] = True
     (root / "specs.json").write_text(json.dumps(specs))
     out = root / "out.json"
@@ -67,7 +74,7 @@ def test_two_ranks(results):
 @pytest.mark.parametrize("name", FLOAT + QUANT)
 def test_logits_match_the_whole_model(results, name):
     r = results[name]
-    assert r["vocab"] == 256  # every rank sees the whole vocabulary
+    assert r["vocab"] == (300 if name == "unified" else 256)  # every rank sees the whole vocabulary
     assert r["whole"] < TOL, "one forward over the prompt"
     assert r["steps"] < TOL, "chunked prefill, then decode steps past the window"
 
