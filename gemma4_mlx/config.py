@@ -152,6 +152,9 @@ class TextConfig:
         bad = {t for t in self.layer_types if t not in (SLIDING, FULL)}
         if bad:
             raise ConfigError(f"{source}: unknown layer type(s) {sorted(bad)}")
+        if self.layer_types[-1] != FULL:  # transformers forces it, with a warning: the reference wins
+            log.warning("%s: the last layer must use full attention; reading it as full, as transformers does", source)
+            self.layer_types = [*self.layer_types[:-1], FULL]
         if self.rope_parameters is None:
             self.rope_parameters = {k: dict(v) for k, v in DEFAULT_ROPE.items()}
         if self.use_bidirectional_attention == "all":

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+import transformers
 
 import gemma4_mlx
 from gemma4_mlx.config import FULL, ConfigError, parse_config, read_config
@@ -126,3 +127,14 @@ def test_per_layer_config_form_decides_full_head_dim():
         "layer_types": ["sliding_attention", "full_attention"],
     }
     assert TextConfig.from_dict(legacy).layers[1].head_dim == 512  # transformers' default there too
+
+
+def test_a_last_sliding_layer_reads_as_full_like_transformers():
+    """transformers' Gemma 4 text config forces the last layer to full attention
+    (with a warning); a config.json written by hand that says otherwise is read the same."""
+    types = ["sliding_attention"] * 3
+    hf = transformers.Gemma4TextConfig(num_hidden_layers=3, layer_types=list(types), num_kv_shared_layers=0)
+    ours = parse_config(
+        dict(PRESETS["e2b"], model_type="gemma4_text", num_hidden_layers=3, layer_types=types, num_kv_shared_layers=0)
+    )
+    assert ours.text.layer_types == hf.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
