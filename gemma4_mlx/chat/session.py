@@ -23,6 +23,7 @@ from gemma4_mlx.chat.conversation import (
     stop_ids,
 )
 from gemma4_mlx.chat.saved import read_chat, save_chat
+from gemma4_mlx.checkpoint.memory import slack_tokens
 from gemma4_mlx.checkpoint.prompt_cache import load_prompt_cache
 from gemma4_mlx.constrain import Grammar, bind, constraint_from_response_format
 from gemma4_mlx.constrain.tools import tool_call_grammar
@@ -35,6 +36,11 @@ from gemma4_mlx.speculative.loop import SpecStats, speculative_generate_tokens
 from gemma4_mlx.speculative.policy import DraftPolicy
 
 __all__ = ["STOP_STRINGS", "Chat", "Reply", "ReplyEvent", "ToolRun"]
+
+
+def _act_bytes(model) -> int:
+    """Bytes per activation element: the KV cache's float dtype (the final norm's)."""
+    return model.model.norm.weight.dtype.size
 
 
 @dataclass
@@ -86,7 +92,7 @@ class Chat:
         tools: Sequence[Callable] = (),
         max_tokens: int = 1024,
         options: SamplingOptions | None = None,
-        max_rollback: int = 2048,
+        max_rollback: int | str = 2048,
         thinking_budget: int | None = None,
         drafter=None,
         draft_tokens: int | str = "auto",
@@ -101,13 +107,19 @@ class Chat:
         arguments follow the tools' schemas (docs/structured-output.md §5).
         response_format: the default of `send`'s (every turn's answer); checked now.
         kv_bits: 8 or 4 keep the conversation's KV cache quantized (docs/kv-cache.md);
-        turns reuse it exactly as a float one."""
+        turns reuse it exactly as a float one.
+        max_rollback: the rollback slack every sliding layer keeps so that a turn can go
+        back that far exactly (a regenerated reply, dropped thoughts): tokens, or a
+        memory budget for this model ("256MB", "1GB"; docs/kv-cache.md §5).  Going back
+        further re-prefills the conversation: still exact, slower."""
         self.model, self.tokenizer = model, tokenizer
         self.system, self.thinking = system, thinking
         self.functions = {f.__name__: f for f in tools}
         self.max_tokens, self.options = max_tokens, options or SamplingOptions()
-        self.max_rollback, self.thinking_budget = max_rollback, thinking_budget
         self.kv_bits = kv_bits
+        # tokens, or a byte budget ("512MB") turned into tokens for this model and kv_bits
+        self.max_rollback = slack_tokens(model.config, max_rollback, _act_bytes(model), kv_bits)
+        self.thinking_budget = thinking_budget
         self.drafter, self.draft_tokens = drafter, draft_tokens
         self.strict_tools = strict_tools
         self._policy = None  # the draft-length policy learns across turns

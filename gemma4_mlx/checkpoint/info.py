@@ -220,7 +220,8 @@ def render(info: dict, console) -> None:
         )
         slack = m["chat_slack"]
         console.print(
-            f"chat rollback slack ({m['chat_slack_tokens']:,} tokens per sliding layer, Chat(max_rollback=)): "
+            f"chat rollback slack ({m['chat_slack_tokens']:,} tokens per sliding layer; "
+            "a token count or a byte budget: chat --rollback-slack 256MB, Chat(max_rollback=)): "
             f"{_size(slack[16])} at 16-bit KV, {_size(slack[8])} at 8-bit, {_size(slack[4])} at 4-bit",
             markup=False,
         )

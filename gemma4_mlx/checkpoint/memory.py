@@ -116,6 +116,22 @@ def rollback_slack_bytes(text: TextConfig, tokens: int, act_bytes: int = 2, kv_b
     return sum(tokens * kv_entry_bytes(s, act_bytes, kv_bits) for s in text.layers if not s.shared and s.type != FULL)
 
 
+def slack_tokens(text: TextConfig, slack, act_bytes: int = 2, kv_bits: int | None = None) -> int:
+    """The rollback slack in tokens: `slack` is a token count (int) or a byte budget for
+    this model's sliding layers ("512MB", "1.5GB", "300MiB"), turned into the most tokens
+    whose slack fits it (docs/kv-cache.md §5).  ValueError names a malformed budget."""
+    if isinstance(slack, int):
+        if slack < 0:
+            raise ValueError(f"rollback slack: {slack} tokens is negative")
+        return slack
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(KB|MB|GB|KiB|MiB|GiB)\s*", str(slack))
+    if m is None:
+        raise ValueError(f"rollback slack {slack!r}: expected tokens (2048) or a size (512MB, 1.5GB, 300MiB)")
+    unit = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[m.group(2)]
+    per_token = rollback_slack_bytes(text, 1, act_bytes, kv_bits)
+    return int(float(m.group(1)) * unit // per_token) if per_token else CHAT_ROLLBACK
+
+
 def _meminfo() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -208,6 +208,13 @@ def chat(
     ] = False,
     kv_bits: KvBits = 16,
     prompt_cache: PromptCacheFile = None,
+    rollback_slack: Annotated[
+        str,
+        typer.Option(
+            "--rollback-slack",
+            help="Tokens each sliding layer keeps for exact rollback (2048), or a memory budget for them (256MB).",
+        ),
+    ] = "2048",
     distributed: Distributed = False,
     backend: Backend = "any",
 ):
@@ -238,22 +245,27 @@ def chat(
     m, tokenizer, functions = load_or_fail(model, dtype, tools, force=force, group=group)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo)
     session_type, extra = (Chat, {}) if group is None else (LeaderChat if leader else FollowerChat, {"group": group})
-    session = session_type(
-        m,
-        tokenizer,
-        system=system,
-        thinking=think,
-        tools=functions,
-        max_tokens=max_tokens,
-        options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed),
-        thinking_budget=thinking_budget,
-        drafter=drafter,
-        draft_tokens=k,
-        strict_tools=strict_tools,
-        response_format=constraint,
-        kv_bits=kv_bits,
-        **extra,
-    )
+    slack = int(rollback_slack) if rollback_slack.isdigit() else rollback_slack
+    try:
+        session = session_type(
+            m,
+            tokenizer,
+            system=system,
+            thinking=think,
+            tools=functions,
+            max_tokens=max_tokens,
+            options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed),
+            thinking_budget=thinking_budget,
+            drafter=drafter,
+            draft_tokens=k,
+            strict_tools=strict_tools,
+            response_format=constraint,
+            kv_bits=kv_bits,
+            max_rollback=slack,
+            **extra,
+        )
+    except ValueError as e:  # a malformed --rollback-slack
+        fail(str(e))
     if not leader:
         session.follow()  # does what rank 0's session does, until rank 0 says "exit"
         return
