@@ -45,6 +45,11 @@ from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
 
 QUICK = dict(hidden_size=256, intermediate_size=512, vocab_size=32768, vocab_size_per_layer_input=32768)
 MLX_LM = "import gemma4_mlx, sys; from mlx_lm.server import main; sys.argv[0] = 'mlx_lm.server'; main()"
+# ours with every prompt prefilled alone (no grouped prefill): the A/B of --solo-prefill
+OURS_SOLO = (
+    "import gemma4_mlx.batching.prefill as p; p.fits = lambda *a: False; "
+    "from gemma4_mlx.cli import app; app(prog_name='gemma4-mlx')"
+)
 
 
 def word_tokenizer(folder: Path, vocab: int) -> None:
@@ -89,13 +94,12 @@ def free_port() -> int:
 class Server:
     """One server subprocess, up until `stop()`."""
 
-    def __init__(self, kind: str, folder: Path, drafter: str | None, max_batch: int):
+    def __init__(self, kind: str, folder: Path, drafter: str | None, max_batch: int, solo: bool = False):
         self.port = free_port()
         if kind == "ours":
             cmd = [
                 sys.executable,
-                "-m",
-                "gemma4_mlx",
+                *(["-c", OURS_SOLO] if solo else ["-m", "gemma4_mlx"]),
                 "serve",
                 "--model",
                 str(folder),
@@ -137,6 +141,13 @@ class Server:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    def gauges(self) -> dict[str, float]:
+        """Our scheduler's counters from /metrics (decode rounds, peak batch, peak group)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        names = ("gemma4_decode_rounds", "gemma4_batch_rows_peak", "gemma4_prefill_group_peak")
+        return {n: float(line.split()[1]) for line in lines for n in names if line.startswith(n + " ")}
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -190,14 +201,16 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
-def run_server(kind, folder, name, drafter, args, prompts, log) -> dict:
-    server = Server(kind, folder, drafter, max(args.concurrency))
+def run_server(kind, folder, name, drafter, args, prompts, log, solo=False) -> dict:
+    server = Server(kind, folder, drafter, max(args.concurrency), solo)
     model = "default_model" if kind == "mlx_lm" else str(folder)
     try:
         asyncio.run(load(server.url, model, 1, 1, prompts[-1:], 4))  # warm-up
         cells = {}
         for C in args.concurrency:
+            before = server.gauges() if kind == "ours" else {}
             wall, res = asyncio.run(load(server.url, model, C, args.requests, prompts, args.max_tokens))
+            after = server.gauges() if kind == "ours" else {}
             ttft = [r[0] for r in res]
             steady = [r[0] for r in res if r[3]] or ttft  # each client's later requests: past the start burst
             tokens = sum(r[1] for r in res)
@@ -208,6 +221,9 @@ def run_server(kind, folder, name, drafter, args, prompts, log) -> dict:
                 steady=percentile(steady, 0.95),
                 texts=[r[2] for r in res],
                 n=len(res),
+                rounds=(after["gemma4_decode_rounds"] - before["gemma4_decode_rounds"]) / wall if after else None,
+                peak=after.get("gemma4_batch_rows_peak"),
+                group=after.get("gemma4_prefill_group_peak"),
             )
         return cells
     finally:
@@ -223,6 +239,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--solo-prefill", action="store_true", help="also run ours with every prompt prefilled alone (A/B)")
     args = ap.parse_args()
     if args.quick:
         args.concurrency, args.prompt_tokens, args.max_tokens = [1, 8], 32, 16
@@ -237,7 +254,7 @@ def main():
     )
     log(
         f"{'model':<11} {'server':<16} {'C':>3} | {'tok/s':>7} {'x mlx_lm':>8} | {'TTFT p50':>8} {'p95':>6} "
-        f"{'steady':>6} | steady p95 <= 2 (TTFT1 + round)"
+        f"{'steady':>6} | steady p95 <= 2 (TTFT1 + round) | rounds/s, peak batch, peak prefill group (ours)"
     )
     for name in args.shapes:
         if name == "demo":
@@ -248,6 +265,8 @@ def main():
             vocab = spec["vocab_size"]
             word_tokenizer(folder, vocab)
             variants = [("ours", None)]
+        if args.solo_prefill:
+            variants.append(("ours-solo", None))
         rng = random.Random(0)
         n = max(args.concurrency) * args.requests + 1
         if vocab is None:  # the demo model's own tokenizer: English-ish words
@@ -259,7 +278,7 @@ def main():
             prompts = [prompt_text(rng, args.prompt_tokens, vocab) for _ in range(n)]
         results = {"mlx_lm": run_server("mlx_lm", folder, name, None, args, prompts, log)}
         for label, drafter in variants:
-            results[label] = run_server("ours", folder, name, drafter, args, prompts, log)
+            results[label] = run_server("ours", folder, name, drafter, args, prompts, log, label == "ours-solo")
         base = results["mlx_lm"]
         for label, cells in results.items():
             for C, c in cells.items():
@@ -267,7 +286,8 @@ def main():
                 ok = c["steady"] <= 2 * (cells[1]["p50"] + round_s) if 1 in cells else None
                 log(
                     f"{name:<11} {label:<16} {C:>3} | {c['tps']:>7.1f} {c['tps'] / base[C]['tps']:>8.2f} | "
-                    f"{c['p50']:>8.3f} {c['p95']:>6.3f} {c['steady']:>6.3f} | {ok}"
+                    f"{c['p50']:>8.3f} {c['p95']:>6.3f} {c['steady']:>6.3f} | {str(ok):<5}"
+                    + ("" if c["rounds"] is None else f" | {c['rounds']:.1f}, {c['peak']:.0f}, {c['group']:.0f}")
                 )
         same = results["ours"][1]["texts"] == base[1]["texts"]
         log(f"{name}: greedy texts at C = 1 identical between the servers: {same}\n")

@@ -112,6 +112,9 @@ def test_health_models_metrics(server, oa):
         "gemma4_batch_rows",
     ):
         assert name in text
+    rounds = next(line for line in text.splitlines() if line.startswith("gemma4_decode_rounds "))
+    assert float(rounds.split()[1]) >= 1  # the chat above decoded
+    assert "gemma4_batch_rows_peak " in text and "gemma4_prefill_group_peak " in text
     pool = next(line for line in text.splitlines() if line.startswith("gemma4_prefix_cache_bytes "))
     assert float(pool.split()[1]) > 0  # the finished request's cache is kept for reuse
 

@@ -9,6 +9,7 @@ import io
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import anthropic
 import openai
@@ -171,6 +172,25 @@ def test_500_hides_the_traceback(server, oa, monkeypatch):
         oa.chat.completions.create(model=NAME, messages=JAPAN)
     assert "secret" not in json.dumps(e.value.body) and "Traceback" not in json.dumps(e.value.body)
     monkeypatch.undo()
+    serving(oa)
+
+
+def test_kv_budget_refuses_a_request_too_large_for_it(server, oa):
+    """--kv-cache-gb: a request whose cache cannot fit even alone is a 400 naming the
+    option; smaller ones are served (docs/serving.md §2.2)."""
+    _, api = server
+    kv = api.state.server.engine.scheduler.kv
+    kv.budget = 1 << 40
+    serving(oa)  # the engine reads the bytes per slot
+    try:
+        kv.budget = kv.projected([], 0, [SimpleNamespace(ids=[0] * 600, remaining=0)])
+        r = oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=0, max_tokens=16)
+        assert r.choices[0].message.content == ANSWER
+        with pytest.raises(openai.BadRequestError) as e:  # max_tokens: the context's ~1000 left
+            oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=0)
+        assert "--kv-cache-gb" in e.value.body["message"] and e.value.body["param"] == "max_tokens"
+    finally:
+        kv.budget = None
     serving(oa)
 
 

@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from gemma4_mlx.runtime.generate import SamplingOptions, apply_processors
 from gemma4_mlx.runtime.sampling import PositionedSampler
+from gemma4_mlx.speculative.round import emit
 
 
 @dataclass(eq=False)
@@ -54,14 +55,9 @@ class Job:
         return self.max_tokens - len(self.out)
 
     def take(self, picks: Sequence[int]) -> list[int]:
-        """Emit picks in order, cut after a stop token or at max_tokens."""
-        new = []
-        for t in picks:
-            if self.remaining - len(new) <= 0:
-                break
-            new.append(t)
-            if t in self.stop_ids:
-                break
+        """Emit picks in order, cut after a stop token or at max_tokens (as a
+        speculative round's rows are: `speculative.round.emit`)."""
+        new = emit(picks, self.remaining, self.stop_ids)
         self.out.extend(new)
         self.history.extend(new)
         return new

@@ -5,10 +5,12 @@
            leave the batch; their rows' caches go to the prefix pool;
   admit    while the batch has room, the next waiting job takes the longest cached
            prefix of its prompt from the pool (`cache.prefix.PrefixPool`) and starts
-           prefilling the rest in its own single-row cache;
-  prefill  one chunk of that job's prompt — so a running row waits at most one
-           chunk — and, after the last chunk, its first token; it then joins the
-           batch (`LayerCaches.join`);
+           prefilling the rest in its own single-row cache — or, a fresh text
+           prompt, is prefilled together with the fresh prompts queued behind it
+           in one left-padded cache (`batching.prefill`, docs/serving.md §2.1);
+  prefill  one chunk of those prompts — so a running row waits at most one
+           chunk — and, after the last chunk, their first tokens; their rows then
+           join the batch (`LayerCaches.join`);
   round    one decode round for every row: a plain step (K = 0) or a speculative
            round with the MTP drafter, K chosen by the draft policy for the batch
            size.  Rows accept ragged counts (`LayerCaches.commit`); finished rows
@@ -20,30 +22,24 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import mlx.core as mx
 
 from gemma4_mlx.batching.job import Job, Progress, pick_rows
+from gemma4_mlx.batching.memory import KVBudget
+from gemma4_mlx.batching.prefill import Joining, groupable, pick_group, start_alone, start_group
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.cache.prefix import PrefixPool
 from gemma4_mlx.contracts import DecodingModel, MTPDrafter
-from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, prefill_steps
+from gemma4_mlx.models.parallel import from_leader
+from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK
 from gemma4_mlx.speculative.loop import profile
 from gemma4_mlx.speculative.policy import DraftPolicy
 from gemma4_mlx.speculative.round import accepted_counts, draft, verify
 from gemma4_mlx.speculative.stats import MTPSettings
 
 MAX_ROLLBACK = 2048  # sliding-layer slack of every cache: prefix reuse rolls back this far
-
-
-@dataclass
-class _Joining:
-    job: Job
-    cache: LayerCaches
-    steps: Generator
-    left: int  # prompt tokens still to prefill
 
 
 class Scheduler:
@@ -59,8 +55,10 @@ class Scheduler:
         prefill_chunk: int = 256,
         prefix_budget_bytes: int = 2 << 30,
         kv_bits: int | None = None,
+        kv_budget_bytes: int | None = None,
     ):
-        """kv_bits: 8 or 4 keep every row's KV cache quantized (docs/kv-cache.md)."""
+        """kv_bits: 8 or 4 keep every row's KV cache quantized (docs/kv-cache.md);
+        kv_budget_bytes: the most KV bytes the batch may reach (docs/serving.md §2.2)."""
         self.model, self.drafter = model, drafter
         self.kv_bits = None if kv_bits == 16 else kv_bits
         self.max_batch, self.prefill_chunk = max(1, max_batch), prefill_chunk
@@ -68,18 +66,21 @@ class Scheduler:
         self.policy = DraftPolicy.for_setting(draft_tokens) if drafter is not None else None
         self.mtp = MTPSettings()
         self.waiting: deque[Job] = deque()
-        self.joining: _Joining | None = None
+        self.joining: Joining | None = None
         self.rows: list[Job] = []
         self.caches: LayerCaches | None = None
         self.hidden: mx.array | None = None  # [B, H]: seeds the drafter
         self._drop: set[Job] = set()
+        self._solo: set[Job] = set()  # jobs whose group prefill failed: they go alone
+        self.kv = KVBudget(kv_budget_bytes)
+        self._held = False  # the next job waits for rows to leave (KV budget)
         self.rounds = 0
+        self.largest_group = 0  # most prompts prefilled together so far
         self.peak_batch = 0  # most rows decoded together so far
 
-    def fresh(self) -> LayerCaches:
-        if self.kv_bits is None:
-            return LayerCaches.of(self.model.make_cache(max_rollback=MAX_ROLLBACK))
-        return LayerCaches.of(self.model.make_cache(max_rollback=MAX_ROLLBACK, kv_bits=self.kv_bits))
+    def fresh(self, left_pad=None) -> LayerCaches:
+        quant = {} if self.kv_bits is None else {"kv_bits": self.kv_bits}  # not in the model protocol
+        return LayerCaches.of(self.model.make_cache(max_rollback=MAX_ROLLBACK, left_pad=left_pad, **quant))
 
     # -- the engine's side ----------------------------------------------------
     def add(self, job: Job) -> None:
@@ -94,14 +95,15 @@ class Scheduler:
         return bool(self.rows or self.waiting or self.joining)
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.waiting) + (self.joining is not None)
+        return len(self.rows) + len(self.waiting) + (len(self.joining.jobs) if self.joining else 0)
 
     def abandon(self) -> list[Job]:
         """Give up the running and joining jobs (after an error in a round the batch
         state cannot be trusted); waiting jobs stay queued.  Returns the jobs given up."""
-        jobs = self.rows + ([self.joining.job] if self.joining else [])
+        jobs = self.rows + (self.joining.jobs if self.joining else [])
         self.rows, self.caches, self.hidden, self.joining = [], None, None, None
         self._drop.difference_update(jobs)
+        self._held = False
         return jobs
 
     def step(self) -> list[Progress]:
@@ -111,77 +113,131 @@ class Scheduler:
         budget = self.prefill_chunk  # prompt tokens per step: what bounds a running row's wait
         while budget > 0:
             if self.joining is None:
-                if not self.waiting or len(self.rows) >= self.max_batch:
+                if not self.waiting or len(self.rows) >= self.max_batch or self._held:
                     break
-                job = self.waiting.popleft()
-                try:
-                    self._admit(job)
-                except Exception as e:  # only this job fails
-                    out.append(Progress(job, done=True, error=e))
+                out += self._admit(budget)
+                if self.joining is None:
                     continue
-            budget -= self.joining.left
+            budget -= self.joining.cost
             out += self._prefill_chunk()
         if self.rows:
             out += self._round()
         return out
 
     # -- joining --------------------------------------------------------------
-    def _admit(self, job: Job) -> None:
-        cache, n = self.pool.take(job.keys)
-        job.cached = n
-        media = None if job.media is None else job.media.rows(n)
-        ids = mx.array([job.ids[n:]])
+    def _admit(self, budget: int) -> list[Progress]:
+        """Start prefilling the next waiting job, together with the fresh prompts
+        behind it when it is one too (docs/serving.md §2.1)."""
+        job = self.waiting.popleft()
         # with no row waiting on it, the prefill takes generate's larger chunks
-        chunk = self.prefill_chunk if self.rows else max(self.prefill_chunk, DEFAULT_PREFILL_CHUNK)
-        steps = prefill_steps(self.model, ids, cache, chunk, media)
-        self.joining = _Joining(job, cache, steps, len(job.ids) - n)
+        tokens = self.prefill_chunk if self.rows else max(self.prefill_chunk, DEFAULT_PREFILL_CHUNK)
+        ok = lambda j: groupable(j, self.pool, self._solo)  # noqa: E731
+        group = [job]
+        if ok(job):
+            room = self.max_batch - len(self.rows)
+            group = pick_group(self.waiting, job, room, budget if self.rows else None, ok)
+        self.kv.learn(self.model, self.fresh)
+        slots = self._full_slots()
+        while len(group) > 1 and not self.kv.admits(self.rows, slots, group):
+            self.waiting.appendleft(group.pop())
+        if not self.kv.admits(self.rows, slots, group):
+            if not self.rows:  # it does not fit even alone
+                return [Progress(job, done=True, error=self.kv.refusal(job))]
+            self.waiting.appendleft(job)  # first in line once rows leave
+            self._held = True
+            return []
+        try:
+            if len(group) > 1:
+                self.joining = start_group(self.model, group, self.fresh, tokens)
+                self.largest_group = max(self.largest_group, len(group))
+            else:
+                self._solo.discard(job)
+                self.joining = start_alone(self.model, job, self.pool, tokens)
+        except Exception as e:  # only these prompts fail (a prefix, media, a length)
+            return self._failed(group, e)
+        return []
 
     def _prefill_chunk(self) -> list[Progress]:
-        """One chunk of the joining job's prompt; after the last, its first token and
-        its row in the batch.  Whatever fails here is this prompt's (its media, its
-        length, its options): only this job fails, the batch is untouched."""
+        """One chunk of the joining prompts; after the last, their first tokens and
+        their rows in the batch.  Whatever fails here is these prompts' (media,
+        length, options), never the batch's: a lone job fails, a group's jobs go
+        back to the queue to be prefilled one by one."""
         j = self.joining
+        live = [i for i, job in enumerate(j.jobs) if job not in j.dropped]
         try:
-            done = next(j.steps)  # positions filled so far
-            j.left = len(j.job.ids) - j.job.cached - done
+            j.done = next(j.steps)  # positions filled so far
             return []
         except StopIteration as finished:
             logits, h = finished.value
         except Exception as e:
             self.joining = None
-            return [Progress(j.job, done=True, error=e)]
+            return self._failed([j.jobs[i] for i in live], e)
         self.joining = None
-        job = j.job
         try:
             mx.eval(logits, h)  # the last chunk is computed here
-            picks, lps = pick_rows([job], logits[:, None], None)
+            picks, lps = pick_rows([j.jobs[i] for i in live], logits[mx.array(live)][:, None], None)
         except Exception as e:
-            return [Progress(job, done=True, error=e)]
-        new = job.take(picks[0])
-        job.bonus = picks[0][0]
-        if job.finished:
-            self._file(job, j.cache)
-        elif self.caches is None:
-            self.rows, self.caches, self.hidden = [job], j.cache, h
+            return self._failed([j.jobs[i] for i in live], e)
+        out, keep = [], []
+        for n, i in enumerate(live):
+            job = j.jobs[i]
+            new = job.take(picks[n])
+            job.bonus = picks[n][0]
+            out.append(Progress(job, new, lps[n], job.finished))
+            if not job.finished:
+                keep.append(i)
+            elif len(j.jobs) == 1:
+                self._file(job, j.cache)
+            else:
+                self._file(job, j.cache.take_row(i, self.fresh()))
+        if keep:
+            self._enter([j.jobs[i] for i in keep], j.cache, h, keep, len(j.jobs))
+        return out
+
+    def _failed(self, jobs: list[Job], error: Exception) -> list[Progress]:
+        """A lone job fails; a group's jobs go back to the front of the queue, each
+        to be prefilled alone, so that only the one at fault fails."""
+        if len(jobs) == 1:
+            return [Progress(jobs[0], done=True, error=error)]
+        self._solo.update(jobs)
+        self.waiting.extendleft(reversed(jobs))
+        return []
+
+    def _full_slots(self) -> int:
+        """Slots the batch holds in its full-attention layers (what a new row pays too)."""
+        if self.caches is None:
+            return 0
+        return max((c.size for c in self.caches.writers() if c.window is None), default=self.caches.offset)
+
+    def _enter(self, jobs: list[Job], cache: LayerCaches, h: mx.array, keep: list[int], width: int) -> None:
+        """Rows `keep` of a prefilled cache (of `width` rows) join the batch."""
+        if len(keep) < width:
+            cache.filter(keep)
+            h = h[mx.array(keep)]
+        if self.caches is None:
+            self.rows, self.caches, self.hidden = jobs, cache, h
         else:
-            self.caches.join(j.cache)
-            self.rows.append(job)
+            self.caches.join(cache)
+            self.rows += jobs
             self.hidden = mx.concatenate([self.hidden, h.astype(self.hidden.dtype)])
-        return [Progress(job, new, lps[0], job.finished)]
 
     # -- leaving --------------------------------------------------------------
     def _leave_dropped(self) -> None:
         if not self._drop:
             return
         self.waiting = deque(j for j in self.waiting if j not in self._drop)
-        if self.joining is not None and self.joining.job in self._drop:
-            self.joining = None
+        if self.joining is not None:
+            self.joining.dropped.update(j for j in self.joining.jobs if j in self._drop)
+            if len(self.joining.dropped) == len(self.joining.jobs):
+                self.joining = None
         self._leave([i for i, j in enumerate(self.rows) if j in self._drop])
+        self._solo -= self._drop
         self._drop.clear()
 
     def _leave(self, rows: list[int]) -> None:
         if not rows:
             return
+        self._held = False
         for i in rows:
             self._file(self.rows[i], self.caches.take_row(i, self.fresh()))
         keep = [i for i in range(len(self.rows)) if i not in rows]
@@ -210,7 +266,8 @@ class Scheduler:
         if self.policy.needs_profile(B):
             profile(self.model, self.drafter, self.policy, self.caches, bonus, self.hidden, self.mtp)
         most = max(j.remaining for j in self.rows)
-        return max(0, min(self.policy.choose(B), most - 1))
+        k = from_leader(self.policy.choose(B), getattr(self.model, "tp", None))  # same K on every rank
+        return max(0, min(k, most - 1))
 
     def _round(self) -> list[Progress]:
         B = len(self.rows)

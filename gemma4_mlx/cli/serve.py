@@ -8,6 +8,8 @@ import typer
 
 from gemma4_mlx.cli.common import (
     MODEL_HELP,
+    Backend,
+    Distributed,
     DraftModel,
     DraftTokens,
     Dtype,
@@ -16,6 +18,7 @@ from gemma4_mlx.cli.common import (
     app,
     load_draft,
     load_or_fail,
+    start_ranks,
 )
 
 
@@ -38,6 +41,10 @@ def serve(
         float,
         typer.Option("--prefix-cache-gb", min=0, help="Memory for finished requests' KV caches (prefix reuse)."),
     ] = 2.0,
+    kv_cache_gb: Annotated[
+        float | None,
+        typer.Option("--kv-cache-gb", min=0, help="Most KV-cache memory of the running batch (default: no limit)."),
+    ] = None,
     max_context: Annotated[
         int | None, typer.Option("--max-context", min=1, help="Longest prompt in tokens (default: the model's).")
     ] = None,
@@ -47,6 +54,8 @@ def serve(
     dtype: Dtype = None,
     force: Force = False,
     kv_bits: KvBits = 16,
+    distributed: Distributed = False,
+    backend: Backend = "any",
 ):
     """Serve the model over HTTP: OpenAI (/v1/chat/completions, /v1/completions) and
     Anthropic (/v1/messages) APIs, /health, /v1/models, /metrics."""
@@ -54,27 +63,38 @@ def serve(
 
     from gemma4_mlx.demo import DEFAULT_REPO, DEFAULT_SHORT, DEMO_MODEL, default_model
     from gemma4_mlx.server import app as server_app
+    from gemma4_mlx.server.app import follower
 
     repo, name = None, model
     if model is None:
         model, banner = default_model()
         repo, name = DEFAULT_REPO, "demo" if model == str(DEMO_MODEL) else DEFAULT_SHORT
         typer.echo(banner, err=True)
-    m, tokenizer, _ = load_or_fail(model, dtype, force=force)
-    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=False, repo=repo)
+    group = start_ranks(distributed, backend)
+    leader = group is None or group.rank() == 0
+    m, tokenizer, _ = load_or_fail(model, dtype, force=force, group=group)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo)
+    settings = dict(
+        drafter=drafter,
+        draft_tokens=k,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        prefix_cache_gb=prefix_cache_gb,
+        kv_cache_gb=kv_cache_gb,
+        kv_bits=kv_bits,
+    )
+    if not leader:  # computes its shard of rank 0's batches until rank 0 shuts down
+        follower(m, tokenizer, group=group, **settings)
+        return
     api = server_app(
         m,
         tokenizer,
         model_name=name,
-        drafter=drafter,
-        draft_tokens=k,
         api_key=api_key,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        prefix_cache_gb=prefix_cache_gb,
         max_context=max_context,
         allow_local_files=allow_local_files,
-        kv_bits=kv_bits,
+        group=group,
+        **settings,
     )
     typer.echo(f"serving {name!r} on http://{host}:{port}/v1", err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")

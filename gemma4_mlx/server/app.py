@@ -12,8 +12,10 @@ from fastapi import FastAPI
 from fastapi.responses import Response
 
 from gemma4_mlx.server import anthropic_api, openai_api
-from gemma4_mlx.server.engine import Engine, QueueFull, Request
+from gemma4_mlx.server.engine import Engine, QueueFull
 from gemma4_mlx.server.errors import APIError, error_response, install
+from gemma4_mlx.server.follow import follow
+from gemma4_mlx.server.handle import Request
 from gemma4_mlx.server.metrics import Metrics
 from gemma4_mlx.server.prompts import Prompter
 from gemma4_mlx.server.results import RequestHandle
@@ -33,7 +35,9 @@ class ServerState:
         self.prompter = Prompter(model, tokenizer, max_context=max_context, allow_local_files=allow_local_files)
         self.engine = Engine(model, tokenizer, **engine)
         sched = self.engine.scheduler
-        self.metrics = Metrics(lambda: self.engine.depth, lambda: len(sched.rows), lambda: sched.pool.nbytes)
+        self.metrics = Metrics(
+            lambda: self.engine.depth, lambda: len(sched.rows), lambda: sched.pool.nbytes, scheduler=sched
+        )
         self.started = int(time.time())
 
     def check_model(self, name: str) -> None:
@@ -122,6 +126,38 @@ def _replay(body: bytes, receive):
     return replayed
 
 
+def _engine_settings(drafter, draft_tokens, max_queue, max_batch, prefix_cache_gb, kv_bits, kv_cache_gb) -> dict:
+    return dict(
+        kv_bits=kv_bits,
+        drafter=drafter,
+        draft_tokens=draft_tokens,
+        max_queue=max_queue,
+        max_batch=max_batch,
+        prefix_cache_bytes=int(prefix_cache_gb * (1 << 30)),
+        kv_cache_bytes=None if kv_cache_gb is None else int(kv_cache_gb * (1 << 30)),
+    )
+
+
+def follower(
+    model,
+    tokenizer,
+    *,
+    group,
+    drafter=None,
+    draft_tokens: int | str = "auto",
+    max_queue: int = 64,
+    max_batch: int = 8,
+    prefix_cache_gb: float = 2.0,
+    kv_bits: int | None = None,
+    kv_cache_gb: float | None = None,
+    **_http,  # app()'s HTTP settings: rank 0's business
+) -> None:
+    """serve --distributed on a rank other than 0: the same scheduler as rank 0's
+    engine, driven by it (`follow.follow`), until rank 0 shuts down."""
+    settings = _engine_settings(drafter, draft_tokens, max_queue, max_batch, prefix_cache_gb, kv_bits, kv_cache_gb)
+    follow(Engine.scheduler_for(model, **settings), tokenizer, group)
+
+
 def app(
     model,
     tokenizer,
@@ -137,6 +173,8 @@ def app(
     allow_local_files: bool = False,
     max_body_bytes: int = MAX_BODY_BYTES,
     kv_bits: int | None = None,
+    kv_cache_gb: float | None = None,
+    group=None,
 ) -> FastAPI:
     """The server for one loaded model.  model_name: the name clients send as `model`;
     drafter: an MTP drafter (speculative decoding, same output); api_key: required as
@@ -145,15 +183,12 @@ def app(
     prefix_cache_gb: memory for KV caches of finished requests that later prompts may
     continue; draft_tokens: K or "auto"; max_context: longest prompt (default the
     model's); allow_local_files: image parts may name files on this machine;
-    kv_bits: 16, 8 or 4, the KV cache's width (docs/kv-cache.md)."""
-    engine = dict(
-        kv_bits=kv_bits,
-        drafter=drafter,
-        draft_tokens=draft_tokens,
-        max_queue=max_queue,
-        max_batch=max_batch,
-        prefix_cache_bytes=int(prefix_cache_gb * (1 << 30)),
-    )
+    kv_bits: 16, 8 or 4, the KV cache's width (docs/kv-cache.md); kv_cache_gb: the
+    most KV-cache memory the running batch may reach, None for no limit (a request
+    waits until rows leave, or fails alone when it cannot fit; docs/serving.md §2.2);
+    group: serve --distributed, rank 0 (the other ranks run `follower`)."""
+    engine = _engine_settings(drafter, draft_tokens, max_queue, max_batch, prefix_cache_gb, kv_bits, kv_cache_gb)
+    engine["group"] = group
     server = ServerState(
         model,
         tokenizer,

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# Scheduler counters read at scrape time: (metric, help, attribute of `batching.Scheduler`)
+_SCHEDULER = (
+    ("gemma4_decode_rounds", "Decode rounds run so far (plain or speculative)", "rounds"),
+    ("gemma4_batch_rows_peak", "Most requests decoded together so far", "peak_batch"),
+    ("gemma4_prefill_group_peak", "Most prompts prefilled together in one forward so far", "largest_group"),
+)
+
 
 class Metrics:
-    def __init__(self, queue_depth, batch_rows=lambda: 0, prefix_bytes=lambda: 0):
+    def __init__(self, queue_depth, batch_rows=lambda: 0, prefix_bytes=lambda: 0, scheduler=None):
         """queue_depth: a function giving the requests waiting or running; batch_rows:
-        the rows decoding now; prefix_bytes: the prefix pool's KV bytes."""
+        the rows decoding now; prefix_bytes: the prefix pool's KV bytes; scheduler:
+        the engine's `Scheduler`, whose counters are exported as gauges."""
         r = self.registry = CollectorRegistry()
         self.requests = Counter("gemma4_requests", "HTTP requests", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("gemma4_prompt_tokens", "Prompt tokens", registry=r)
@@ -21,6 +29,8 @@ class Metrics:
         self.rows.set_function(batch_rows)
         self.prefix = Gauge("gemma4_prefix_cache_bytes", "KV cache bytes kept for prefix reuse", registry=r)
         self.prefix.set_function(prefix_bytes)
+        for name, doc, attr in _SCHEDULER:
+            Gauge(name, doc, registry=r).set_function(lambda attr=attr: getattr(scheduler, attr, 0))
         self.ttft = Histogram(
             "gemma4_time_to_first_token_seconds",
             "From the request's arrival to its first generated token",

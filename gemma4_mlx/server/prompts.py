@@ -27,8 +27,8 @@ from gemma4_mlx.constrain.tools import tool_call_grammar
 from gemma4_mlx.prompt.parser import parser_for_prompt
 from gemma4_mlx.prompt.template import ChatTemplateError
 from gemma4_mlx.prompt.tokens import PromptCodec, encode_prompt
-from gemma4_mlx.server.engine import Request
 from gemma4_mlx.server.errors import APIError, malformed_is_400
+from gemma4_mlx.server.handle import Request
 
 DEFAULT_MAX_TOKENS = 4096
 

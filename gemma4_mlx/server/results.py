@@ -9,8 +9,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from gemma4_mlx.server.engine import Output, RequestHandle, Usage
+from gemma4_mlx.batching.memory import KVBudgetExceeded
 from gemma4_mlx.server.errors import APIError
+from gemma4_mlx.server.handle import Output, RequestHandle, Usage
 
 
 @dataclass
@@ -71,6 +72,8 @@ def failure(out: Output) -> APIError:
     else a 500 without details (the engine logged the traceback)."""
     if isinstance(out.error, APIError):
         return out.error
+    if isinstance(out.error, KVBudgetExceeded):  # the request's size, not a fault
+        return APIError(400, str(out.error), "max_tokens")
     return APIError(500, "internal server error (see the server log)")
 
 

@@ -5,7 +5,8 @@
   pick             the target's own token at every verify position (keyed sampler);
   accepted_counts  per row, the drafts before the first disagreement;
   advance_rows     per row: emit the accepted tokens + the target's next pick (cut at
-                   a stop token or max_tokens), reseed the bonus token.
+                   a stop token or max_tokens: `emit`, which the batching
+                   scheduler's `Job.take` shares), reseed the bonus token.
 The cache commit between the last two is `LayerCaches.commit`; `loop` strings them
 together.  `Rows` is the per-row state a round reads and advances.
 """
@@ -132,6 +133,18 @@ class Rows:
         self.live = keep
 
 
+def emit(picks: Sequence[int], room: int, stop) -> list[int]:
+    """What a row emits of its picks this round: in order, ending after the first
+    stop token or at `room` tokens (its max_tokens left).  The batching scheduler's
+    `Job.take` cuts the same way."""
+    new = []
+    for t in picks[: max(room, 0)]:
+        new.append(t)
+        if t in stop:
+            break
+    return new
+
+
 def advance_rows(
     rows: Rows, picks: list[list[int]], accepted: list[int], stop: set, max_tokens: int, caches: LayerCaches
 ) -> tuple[list, list[int]]:
@@ -143,12 +156,7 @@ def advance_rows(
     """
     emitted, keep = [], []
     for i, r in enumerate(rows.live):
-        room = max_tokens - len(rows.out[r])
-        new = []
-        for t in picks[i][: accepted[i] + 1]:
-            new.append(t)
-            if t in stop or len(new) >= room:
-                break
+        new = emit(picks[i][: accepted[i] + 1], max_tokens - len(rows.out[r]), stop)
         if len(new) < accepted[i] + 1 and len(rows.live) == 1:
             # the last row stopped inside the round: keep its cache at exactly
             # what plain decoding would hold (chat sessions reuse it)
@@ -162,4 +170,4 @@ def advance_rows(
     return emitted, keep
 
 
-__all__ = ["draft", "verify", "pick", "accepted_counts", "Rows", "advance_rows"]
+__all__ = ["draft", "verify", "pick", "accepted_counts", "Rows", "advance_rows", "emit"]

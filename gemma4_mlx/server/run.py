@@ -1,0 +1,138 @@
+"""One request's text on the engine thread: tokens to text (detokenizer), parser
+events (reasoning / content / tool calls), stop strings, log-probabilities, and the
+`Output`s that carry them to the request's handle (docs/serving.md §1, §5)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from gemma4_mlx.prompt.parser import Event
+from gemma4_mlx.server.handle import Output, RequestHandle, Usage
+
+
+class StopScanner:
+    """Finds stop strings in streamed text, holding back a possible partial match."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.buf = ""
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """(text safe to emit, the stop string found or None)."""
+        if not self.stops:
+            return text, None
+        self.buf += text
+        hits = [(self.buf.find(s), s) for s in self.stops if s in self.buf]
+        if hits:
+            at, s = min(hits)
+            out, self.buf = self.buf[:at], ""
+            return out, s
+        cut = max(0, len(self.buf) - self.keep)
+        out, self.buf = self.buf[:cut], self.buf[cut:]
+        return out, None
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class Run:
+    """The per-request state of one generation: detokenizing, parsing, stop strings,
+    emitting outputs."""
+
+    def __init__(self, tokenizer, stop_ids: frozenset, handle: RequestHandle, usage: Usage):
+        """tokenizer: the model's (mlx-lm wrapper: `detokenizer`, `decode`); stop_ids:
+        the tokens that end generation unless the request ignores them."""
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
+        self.handle, self.req, self.usage = handle, handle.request, usage
+        self.parser = self.req.parser() if self.req.parser else None
+        self.scanner = StopScanner(self.req.stop)
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.generated: list[int] = []
+        self.stop_string: str | None = None
+        self.cancelled = False
+        # log-probabilities wait here with the offset where their text starts in the
+        # content stream; an output carries those whose text it begins (a stop string
+        # cuts the text, and with it the tokens after it)
+        self.pending: deque = deque()
+        self.text_at = self.emitted = 0  # content characters fed / sent
+
+    def step(self, tok: int, logprob=None) -> bool:
+        """Take one token (and its (logprob, top alternatives) when asked for); True
+        when generation must end."""
+        if self.handle.first_token_at is None:
+            self.handle.first_token_at = time.perf_counter()
+        self.generated.append(tok)
+        if logprob is not None:
+            entry = self._named(tok, logprob)
+            self.pending.append((self.text_at, entry))
+            self.text_at += len(entry[0])
+        if self.req.cancelled.is_set():
+            self.cancelled = True
+            return True
+        stop = tok in self.stop_ids and not self.req.ignore_eos
+        if self.parser is None and stop:
+            return True  # raw text: the stop token is not shown
+        self.detok.add_token(tok)
+        self._feed(self.detok.last_segment)
+        return stop or self.stop_string is not None or (self.parser is not None and self.parser.done)
+
+    def _feed(self, piece: str) -> None:
+        events = self.parser.feed(piece) if self.parser else [Event("content", piece)]
+        self._emit(events)
+
+    def _emit(self, events) -> None:
+        for ev in events:
+            if self.stop_string is not None:
+                return
+            if ev.type == "content":
+                text, self.stop_string = self.scanner.feed(ev.text)
+                if text:
+                    self._send(text)
+            elif ev.type in ("reasoning", "tool_call"):
+                # OpenAI reports log-probabilities of content tokens only
+                self.pending.clear()
+                self.text_at = self.emitted
+                self.handle.put(Output("event", ev))
+
+    def _send(self, text: str) -> None:
+        self.emitted += len(text)
+        lps = []
+        while self.pending and self.pending[0][0] < self.emitted:
+            lps.append(self.pending.popleft()[1])
+        self.handle.put(Output("event", Event("content", text), logprobs=lps or None))
+
+    def _named(self, tok: int, logprob) -> tuple:
+        """(token text, logprob, [(text, logprob) of the top alternatives])."""
+        decode = self.tokenizer.decode
+        chosen, top = logprob
+        return decode([tok]), chosen, [(decode([t]), lp) for t, lp in top]
+
+    def finish(self) -> None:
+        self.usage.completion_tokens = len(self.generated)
+        if self.cancelled:
+            self.handle.put(Output("done", finish_reason="cancelled", usage=self.usage))
+            return
+        if self.stop_string is None:
+            self.detok.finalize()
+            self._feed(self.detok.last_segment)
+            if self.parser is not None:
+                self._emit(self.parser.finish())
+        if self.stop_string is None:
+            rest = self.scanner.flush()
+            if rest:
+                self._send(rest)
+        self.handle.put(Output("done", finish_reason=self._reason(), stop_string=self.stop_string, usage=self.usage))
+
+    def _reason(self) -> str:
+        if self.stop_string is not None:
+            return "stop"
+        if self.parser is None:
+            ended = self.generated and self.generated[-1] in self.stop_ids
+            return "stop" if ended else "length"
+        reason = self.parser.result.finish_reason or "stop"
+        return "stop" if reason == "degenerate_output" else reason
