@@ -10,19 +10,24 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from openai import OpenAI
 
+from gemma4_mlx.api import load
 from gemma4_mlx.convert.core import convert
+from gemma4_mlx.demo import DEMO_MODEL
 
 from helpers import unified
 from helpers.checkpoints import build_hf, write_char_tokenizer
-from helpers.live_server import free_port
+from helpers.live_server import free_port, http, live_server
 
 FLOAT = ("dense", "e2b_like", "moe", "unified")
 QUANT = ("dense_q4_0", "dense_sfp8", "moe_q4_0", "moe_sfp8")
@@ -112,7 +117,9 @@ def test_each_rank_holds_about_half(results, name):
 # can be given its own arguments or killed ------------------------------------------
 
 
-def start_two(tmp_path: Path, models: list[Path], extra: list[str]) -> list[subprocess.Popen]:
+def start_two(
+    tmp_path: Path, models: list[Path], extra: list[str], command: str = "generate"
+) -> list[subprocess.Popen]:
     port = free_port()
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
@@ -120,7 +127,7 @@ def start_two(tmp_path: Path, models: list[Path], extra: list[str]) -> list[subp
     procs = []
     for rank, model in enumerate(models):
         env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), MLX_WORLD_SIZE="2")
-        cmd = [str(cli), "generate", "--model", str(model), "--distributed", "--backend", "ring", *extra]
+        cmd = [str(cli), command, "--model", str(model), "--distributed", "--backend", "ring", *extra]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
@@ -163,3 +170,60 @@ def test_a_rank_with_another_model_is_refused(checkpoints, tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 1
         assert "rank 1 was started with a different model or quantization than rank 0" in err, err[-2000:]
+
+
+# -- serve --distributed: rank 0 serves HTTP, rank 1 follows its scheduler ------------
+
+QUESTIONS = ["What is the capital of France?", "What is 2 plus 3?", "What is the capital of Italy?", "Hello!"]
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
+
+
+def ask_all(base: str) -> list:
+    """Concurrent requests: greedy, seeded sampling, a JSON schema, log-probabilities."""
+    client = OpenAI(base_url=base + "/v1", api_key="unused", timeout=60, max_retries=0)  # a desync hangs
+
+    def ask(job):
+        q, extra = job
+        r = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": q}], max_tokens=32, **extra
+        )
+        c = r.choices[0]
+        lp = None if c.logprobs is None else [round(t.logprob, 3) for t in c.logprobs.content]
+        return c.message.content, lp
+
+    jobs = [(q, {"temperature": 0.0}) for q in QUESTIONS]
+    jobs += [(q, {"temperature": 2.0, "seed": 7}) for q in QUESTIONS[:2]]  # hot: seeds matter
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
+    jobs.append((QUESTIONS[0], {"response_format": schema, "temperature": 0.0}))
+    jobs.append((QUESTIONS[1], {"logprobs": True, "top_logprobs": 2, "temperature": 0.0}))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(ask, jobs))
+
+
+def test_serve_distributed_answers_as_one_process(tmp_path):
+    port = free_port()
+    r0, r1 = start_two(tmp_path, ["demo", "demo"], ["--port", str(port), "--max-batch", "4"], "serve")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if http("GET", base + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and r0.poll() is None, r0.stderr.read() if r0.poll() else "no start"
+            time.sleep(0.5)
+        sharded = ask_all(base)
+        r0.send_signal(signal.SIGINT)  # rank 0 shuts down and tells rank 1
+        r0.wait(timeout=60)
+        r1.wait(timeout=60)
+    finally:
+        for p in (r0, r1):
+            p.kill()
+    assert r1.returncode == 0, r1.stderr.read()[-2000:]
+    model, tokenizer = load(str(DEMO_MODEL))
+    with live_server(model, tokenizer, model_name="demo", max_batch=4) as (base, _):
+        alone = ask_all(base)
+    assert sharded == alone
+    assert sharded[6][0].startswith('{"') and sharded[7][1]  # constrained; log-probabilities came
