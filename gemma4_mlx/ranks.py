@@ -8,9 +8,12 @@ engine the model uses (`mx.distributed`), as JSON data: never code, never pickle
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -18,7 +21,7 @@ import mlx.core as mx
 
 BACKENDS = ("any", "ring", "jaccl", "mpi")
 # How MLX's backends word a broken link (a peer exited, a cable was pulled).
-_LOST = ("[ring]", "[jaccl]", "[mpi]", "connection to a peer")
+_LOST = ("connection to a peer was lost", "send/recv errors", "[jaccl] ", "[mpi] ")
 
 
 class RankError(RuntimeError):
@@ -36,8 +39,37 @@ def start(backend: str = "any"):
             "--distributed: this is the only process; start every rank with "
             "`mlx.launch --hosts mac1,mac2 -- gemma4-mlx ... --distributed` (or `-n 2` on one machine)"
         )
+    agree(mx.__version__, group, "MLX version")  # replicated maths must round alike everywhere
     seed_alike(group)
+    on_termination(group)
     return group
+
+
+def agree(value: str, group, what: str) -> None:
+    """Every rank must hold the same `value`: RankError naming the first odd rank."""
+    mine = mx.array(list(hashlib.sha256(value.encode()).digest()), mx.int32)[None]
+    every = mx.distributed.all_gather(mine, group=group).tolist()
+    odd = [r for r, v in enumerate(every) if v != every[0]]
+    if odd:
+        raise RankError(f"rank {odd[0]} has a different {what} than rank 0; start every rank alike")
+
+
+def on_termination(group) -> None:
+    """One line, not a hang, when the launcher stops this rank: `mlx.launch` sends
+    SIGTERM to every other rank when one exits.  Ranks other than 0 ignore Ctrl-C:
+    rank 0 decides when a reply stops (`chat.mirror`); the launcher's own exit on
+    Ctrl-C reaches them as SIGTERM."""
+    rank = group.rank()
+
+    def stopped(sig, frame):
+        sys.stderr.write(f"error: rank {rank}: stopped: another rank exited or the launcher was stopped\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stopped)
+        if rank != 0:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def seed_alike(group) -> None:

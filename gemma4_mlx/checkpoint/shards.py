@@ -78,7 +78,8 @@ def read_sliced(path: Path, plan: Plan) -> dict[str, mx.array]:
         try:
             piece = np.ascontiguousarray(sl.take(mapped, f"{path}: tensor {key}"))
         except ShardError as e:
-            raise LoadError(str(e)) from None
+            why = " (quantization groups: each rank's piece must hold whole groups)" if key.endswith(".scales") else ""
+            raise LoadError(f"{e}{why}") from None
         del mapped
         arr = mx.array(piece)
         out[key] = arr.view(view) if view is not None else arr

@@ -27,7 +27,7 @@ def main() -> None:
 
         if not ranks.lost_peer(e):
             raise
-        rank = os.environ.get("MLX_RANK", "?")
+        rank = next((os.environ[k] for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "?")
         print(f"error: rank {rank}: lost the connection to another rank ({e}); stopping", file=sys.stderr)
         sys.exit(1)
 

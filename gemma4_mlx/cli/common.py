@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -72,16 +73,40 @@ def _check_draft_tokens(value: str) -> str:
     return value
 
 
-def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, quiet: bool, repo: str | None = None):
+def load_draft(
+    draft_model: str,
+    draft_tokens: str,
+    model: str,
+    target,
+    dtype,
+    quiet: bool,
+    repo: str | None = None,
+    group=None,
+):
     """(drafter or None, draft_tokens setting); errors end the command with one line.
     draft_tokens: already checked by the option's callback (`_check_draft_tokens`).
-    repo: the hub id `model` was resolved from, also searched by 'auto'."""
+    repo: the hub id `model` was resolved from, also searched by 'auto'.
+    group (--distributed): every rank must decide the same (a drafter found next to the
+    model on one Mac only would make the ranks' rounds differ): one line otherwise."""
+    drafter, k, path = _find_draft(draft_model, draft_tokens, model, target, dtype, quiet, repo)
+    if group is not None:
+        from gemma4_mlx import ranks
+        from gemma4_mlx.checkpoint.files import fingerprint
+
+        try:
+            ranks.agree(f"{fingerprint(path) if drafter is not None else 'none'} K={k}", group, "draft model")
+        except ranks.RankError as e:
+            fail(str(e))
+    return drafter, k
+
+
+def _find_draft(draft_model, draft_tokens, model, target, dtype, quiet, repo):
     from gemma4_mlx.checkpoint.hub import find_drafter
     from gemma4_mlx.checkpoint.load import LoadError, load_drafter
 
     k = draft_tokens if draft_tokens == "auto" else int(draft_tokens)
     if draft_model == "none" or k == 0:
-        return None, k
+        return None, k, None
     if draft_model == "auto":
         path = find_drafter(model) or (find_drafter(repo) if repo else None)
     else:
@@ -91,17 +116,17 @@ def load_draft(draft_model: str, draft_tokens: str, model: str, target, dtype, q
             typer.echo(
                 f"note: --draft-tokens {k} ignored: no drafter found next to {model} (give --draft-model)", err=True
             )
-        return None, k
+        return None, k, None
     try:
         drafter = load_drafter(path, dtype=dtype, target=target)
     except LoadError as e:
         if draft_model == "auto":  # a found-but-unusable drafter must not stop generation
             typer.echo(f"note: not using drafter {path}: {e}", err=True)
-            return None, k
+            return None, k, None
         fail(str(e))
     if not quiet:
         typer.echo(f"draft model: {path} (draft tokens: {k})", err=True)
-    return drafter, k
+    return drafter, k, Path(path)
 
 
 # Options shared by `generate` and `chat`, declared once.

@@ -116,6 +116,8 @@ def generate(
     media = media_options(image, audio, video, image_budget, video_audio)
     constraint = output_constraint(json_schema, regex)
     group = start_ranks(distributed, backend)
+    if group is not None and prompt_cache is not None:
+        fail("--prompt-cache: not with --distributed (a saved cache holds one process's whole KV heads)")
     if group is not None:  # rank 0 reads the prompt (stdin too) and passes it on
         from gemma4_mlx import ranks
 
@@ -126,7 +128,7 @@ def generate(
     if not quiet:
         typer.echo(f"loading {model} ...", err=True)
     m, tokenizer, _ = load_or_fail(model, dtype, force=force, group=group)
-    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet, group=group)
     stats = None
     try:
         for chunk in stream_generate(
@@ -243,7 +245,7 @@ def chat(
     if leader:
         Console(stderr=True).print(banner, style="dim", markup=False)
     m, tokenizer, functions = load_or_fail(model, dtype, tools, force=force, group=group)
-    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo, group=group)
     session_type, extra = (Chat, {}) if group is None else (LeaderChat if leader else FollowerChat, {"group": group})
     slack = int(rollback_slack) if rollback_slack.isdigit() else rollback_slack
     try:

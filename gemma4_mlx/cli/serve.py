@@ -73,7 +73,7 @@ def serve(
     group = start_ranks(distributed, backend)
     leader = group is None or group.rank() == 0
     m, tokenizer, _ = load_or_fail(model, dtype, force=force, group=group)
-    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo)
+    drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo, group=group)
     settings = dict(
         drafter=drafter,
         draft_tokens=k,

@@ -142,6 +142,7 @@ class Experts(nn.Module):
     def __init__(self, num_experts: int, hidden: int, inner: int):
         super().__init__()
         self.num_experts = num_experts  # held by this rank
+        self.hidden = hidden
         self.first: int | None = None  # expert-parallel: the global id of this rank's first expert
         self.gate_proj = ExpertLinear(num_experts, hidden, inner)
         self.up_proj = ExpertLinear(num_experts, hidden, inner)
@@ -154,15 +155,17 @@ class Experts(nn.Module):
         by_expert = parallel.Slice(0, tp.rank, tp.size)
         return parallel.apply(self, {name: by_expert for name in ("gate_proj", "up_proj", "down_proj")})
 
-    def _local(self, idx: mx.array, w: mx.array) -> tuple[mx.array, mx.array]:
+    def _local(self, idx: mx.array, w: mx.array) -> tuple[mx.array, mx.array, mx.array | None]:
         """Expert-parallel: ids made local; pairs routed to another rank's experts get
-        the id E (one past the last, skipped by `_segments`) and weight 0, so this rank's
-        sum holds only its own experts' terms (adding the others' zeros is exact)."""
+        the id E (one past the last: sorted last, and skipped by `_sorted` and
+        `_segments`) and weight 0, so this rank's sum holds only its own experts'
+        terms (adding the others' zeros is exact).  Also returns which pairs are mine."""
         if self.first is None:
-            return idx, w
+            return idx, w, None
         local = idx - self.first
         mine = (local >= 0) & (local < self.num_experts)
-        return mx.where(mine, local, self.num_experts), mx.where(mine, w.reshape(mine.shape), mx.zeros((), w.dtype))
+        w = mx.where(mine, w.reshape(mine.shape), mx.zeros((), w.dtype))
+        return mx.where(mine, local, self.num_experts), w, mine
 
     def _real(self, ids: mx.array) -> mx.array:
         """ids for the gather kernels: the id E (another rank's expert, weight 0) reads
@@ -172,7 +175,7 @@ class Experts(nn.Module):
     def __call__(self, h: mx.array, w: mx.array, idx: mx.array) -> mx.array:
         shape = h.shape
         h = h.reshape(-1, shape[-1])
-        idx, w = self._local(idx.reshape(-1, idx.shape[-1]), w)
+        idx, w, mine = self._local(idx.reshape(-1, idx.shape[-1]), w)
         n, k = idx.shape
         strategy = ops.moe_strategy(n * k, n)
         if strategy == "gather":
@@ -183,12 +186,27 @@ class Experts(nn.Module):
             order = mx.argsort(flat)
             x = h[order // k]
             if strategy == "sorted":
-                y = self._glu(x[:, None, :], self._real(flat[order]), True)
+                y = self._sorted(x[:, None, :], flat[order])
             else:
                 y = self._segments(x, flat)
             y = y[mx.argsort(order)].reshape(n, k, -1)
+        if mine is not None:  # another rank's pairs are exactly nothing (a weight of 0 times inf is NaN)
+            y = mx.where(mine[..., None], y, mx.zeros((), y.dtype))
         y = (y.astype(w.dtype) * w.reshape(n, k, 1)).sum(axis=1)
         return y.astype(h.dtype).reshape(shape)
+
+    def _sorted(self, x: mx.array, ids: mx.array) -> mx.array:
+        """The sorted-gather kernel over this rank's pairs only: another rank's pairs
+        (id E) sort last and get zero rows instead of a product (one host read of
+        their count per layer, expert-parallel only)."""
+        if self.first is None:
+            return self._glu(x, ids, True)
+        m = int((ids < self.num_experts).sum().item())
+        y = self._glu(x[:m], ids[:m], True) if m else None
+        if m == x.shape[0]:
+            return y
+        rest = mx.zeros((x.shape[0] - m, *x.shape[1:-1], self.hidden), x.dtype)
+        return rest if y is None else mx.concatenate([y, rest.astype(y.dtype)])
 
     def _glu(self, x, sel, sorted_indices):
         g = self.gate_proj(x, sel, sorted_indices)
