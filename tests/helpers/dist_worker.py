@@ -13,6 +13,7 @@ import gemma4_mlx  # noqa: F401  (OpenBLAS before mlx.core)
 # isort: split
 
 import json
+import random
 import sys
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from gemma4_mlx import ranks
 from gemma4_mlx.chat.mirror import FollowerChat, LeaderChat
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.checkpoint.load import load, load_drafter, load_model
@@ -121,6 +123,9 @@ def main() -> None:
     if chat:
         results["_chat"] = chat_scenario(group)
     results["_size"] = group.size()
+    ranks.seed_alike(group)
+    mine = [random.getrandbits(32) for _ in range(3)] + [int(mx.random.randint(0, 1 << 30, (1,)).item())]
+    results["_draws"] = mx.distributed.all_gather(mx.array(mine, mx.int64)[None], group=group).tolist()
     if group.rank() == 0:
         with open(sys.argv[2], "w") as f:
             json.dump(results, f)
