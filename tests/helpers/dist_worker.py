@@ -28,6 +28,7 @@ from gemma4_mlx.checkpoint.load import load, load_drafter, load_model
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.runtime.generate import batch_generate, decode_step, prefill
 from gemma4_mlx.speculative.loop import speculative_batch_generate
+from gemma4_mlx.speculative.policy import DraftPolicy
 
 PROMPT_LEN, CHUNK, STEPS = 20, 6, 12
 
@@ -58,6 +59,18 @@ def param_bytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+def auto_policy_run(part, drafter, rows, group) -> list:
+    """draft_tokens="auto" with rank 1's policy choosing differently from rank 0's (as
+    its own timings could): rank 0's draft length must be the one both ranks use."""
+    own = DraftPolicy.choose
+    if group.rank() == 1:
+        DraftPolicy.choose = lambda self, B: 1
+    try:
+        return speculative_batch_generate(part, drafter, rows, max_tokens=10, draft_tokens="auto")
+    finally:
+        DraftPolicy.choose = own
+
+
 def scenario(spec: dict, group) -> dict:
     dtype = spec.get("dtype", "float32")
     full, _ = load_model(spec["model"], dtype)
@@ -81,6 +94,7 @@ def scenario(spec: dict, group) -> dict:
     if spec.get("drafter"):
         drafter = load_drafter(spec["drafter"], dtype, target=part)
         out["spec_sharded"] = speculative_batch_generate(part, drafter, rows, max_tokens=10, draft_tokens=3)
+        out["auto_sharded"] = auto_policy_run(part, drafter, rows, group)
         out["plain_sharded"] = batch_generate(part, rows, max_tokens=10)
         out["drafter_bytes_sharded"] = param_bytes(drafter)
         out["drafter_bytes_whole"] = param_bytes(load_drafter(spec["drafter"], dtype, target=full))
