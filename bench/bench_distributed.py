@@ -52,7 +52,7 @@ from gemma4_mlx.models.text import Model  # noqa: E402
 
 GB = 1e9
 VARIANTS = ("e2b", "e4b", "12b", "26b-a4b", "31b")
-RECIPES = ("bf16", "sfp8", "q4_0")
+RECIPES = ("bf16", "sfp8", "q4_0", "q4")  # q4: MLX affine 4-bit, groups of 64 (mlx-community's usual)
 WORK = HERE / "_work" / "distributed"
 # Published link figures (docs/distributed.md §8): JACCL (RDMA over Thunderbolt 5)
 # 5-9 us per operation and 50-60 Gb/s; the TCP ring ~300 us per operation.
@@ -86,12 +86,32 @@ def traffic(cfg, N: int, act_bytes: int = 2) -> dict:
 # -- 2. per-rank memory ---------------------------------------------------------------
 
 
-def per_rank(variant: str, N: int, recipe: str) -> tuple[int, int]:
-    """(resident bytes of one rank, of the whole model) after `convert(recipe)`."""
+def per_rank(variant: str, N: int, recipe: str) -> tuple[int | None, int]:
+    """(resident bytes of one rank, of the whole model) after `convert(recipe)`; None
+    for the rank when the loader refuses the split (`misaligned`)."""
     cfg = bm.text_config(bm.config_dict(variant))
     plan = Model(cfg).shard(Shard(None, 0, N))  # lazy: nothing allocated, no collective
     whole = bm.account(cfg, recipe)["resident"]
+    if misaligned(cfg, plan, recipe):
+        return None, whole
     return bm.account(cfg, recipe, parts=shard_fraction(plan))["resident"], whole
+
+
+def misaligned(cfg, plan, recipe: str) -> str | None:
+    """The first tensor cut by input columns whose piece is not whole quantization
+    groups (the loader refuses such a split: docs/distributed.md §5), or None."""
+    from gemma4_mlx.convert.policy import Policy, classify
+
+    policy = Policy(recipe)
+    for key, shape in bm.lazy_params(cfg):
+        module = key.rpartition(".")[0]
+        sl = plan.get(module)
+        if sl is None or sl.axis != -1 or not key.endswith(".weight") or classify(module) == "other":
+            continue
+        fmt = policy.for_tensor(module, shape[-1])[0]
+        if fmt.quantized and (shape[-1] // sl.parts) % fmt.group_size:
+            return f"{module}: {shape[-1] // sl.parts} inputs per rank, groups of {fmt.group_size}"
+    return None
 
 
 # -- 3. measured (ranks) ----------------------------------------------------------------
@@ -184,13 +204,16 @@ def report(args) -> list[str]:
             say(f"{v:8} {N:>2} {t['collectives']:>11} {sent}")
     say("")
     say("## 2. Resident weights per rank (accounted; whole model in brackets), GB")
+    say("   refused: a tensor cut by input columns would split quantization groups (the loader refuses it)")
     say(f"{'variant':8} {'N':>2} " + " ".join(f"{r:>18}" for r in RECIPES))
     for v in VARIANTS:
         for N in (2, 4):
             cells = []
             for r in RECIPES:
                 rank, whole = per_rank(v, N, r)
-                cells.append(f"{rank / GB:7.2f} [{whole / GB:6.2f}]")
+                cells.append(
+                    f"{'refused':>7} [{whole / GB:6.2f}]" if rank is None else f"{rank / GB:7.2f} [{whole / GB:6.2f}]"
+                )
             say(f"{v:8} {N:>2} " + " ".join(f"{c:>18}" for c in cells))
     say("")
     cfg31 = bm.text_config(bm.config_dict("31b"))

@@ -20,6 +20,7 @@ from gemma4_mlx import ranks
 from gemma4_mlx.api import SamplingOptions
 from gemma4_mlx.batching import Job, Scheduler
 from gemma4_mlx.constrain import Constraint, Grammar, bind
+from gemma4_mlx.server.errors import APIError
 
 log = logging.getLogger("gemma4_mlx.server")
 
@@ -30,12 +31,12 @@ _PLAIN = [f.name for f in fields(SamplingOptions) if f.name != "constraint"]
 def job_spec(job: Job, job_id: int) -> dict:
     """What a follower needs to make the same `Job` (JSON data, never code)."""
     if job.media is not None:
-        raise ValueError("images and audio are not served with --distributed yet (text requests only)")
+        raise APIError(400, "images and audio are not served with --distributed yet (text only)", param="messages")
     options = {name: getattr(job.options, name) for name in _PLAIN}
     options["seed"] = job.sampler.seed  # rank 0's draw for an unseeded request
     c = job.options.constraint
     if c is not None and not isinstance(c, Constraint):
-        raise ValueError("this request's output constraint cannot be sent to the other ranks")
+        raise APIError(400, "this output constraint cannot be sent to the other ranks (--distributed)")
     constraint = None
     if c is not None:
         g = c.grammar
@@ -81,7 +82,7 @@ class LeaderScheduler:
         return getattr(self.scheduler, name)
 
     def add(self, job: Job) -> None:
-        spec = job_spec(job, self.next_id)  # ValueError: this request fails, nothing is sent
+        spec = job_spec(job, self.next_id)  # APIError: this request fails, nothing is sent
         self.ids[job] = self.next_id
         self.next_id += 1
         self.ops.append(["add", spec])
