@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
+from gemma4_mlx import heartbeat
+
 BACKENDS = ("any", "ring", "jaccl", "mpi")
 # How MLX's backends word a broken link (a peer exited, a cable was pulled).
 _LOST = ("connection to a peer was lost", "send/recv errors", "[jaccl] ", "[mpi] ")
@@ -42,6 +44,7 @@ def start(backend: str = "any"):
     agree(mx.__version__, group, "MLX version")  # replicated maths must round alike everywhere
     seed_alike(group)
     on_termination(group)
+    heartbeat.start(group.rank(), group.size())  # no hang on a frozen peer or a dropped link
     return group
 
 

@@ -122,7 +122,7 @@ def test_each_rank_holds_about_half(results, name):
 
 
 def start_two(
-    tmp_path: Path, models: list[Path], extra: list[str], command: str = "generate"
+    tmp_path: Path, models: list, extra: list[str], command: str = "generate", env: dict | None = None
 ) -> list[subprocess.Popen]:
     port = free_port()
     hostfile = tmp_path / "hosts.json"
@@ -130,9 +130,9 @@ def start_two(
     cli = Path(sys.executable).parent / "gemma4-mlx"
     procs = []
     for rank, model in enumerate(models):
-        env = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), MLX_WORLD_SIZE="2")
+        env_r = dict(os.environ, MLX_RANK=str(rank), MLX_HOSTFILE=str(hostfile), MLX_WORLD_SIZE="2", **(env or {}))
         cmd = [str(cli), command, "--model", str(model), "--distributed", "--backend", "ring", *extra]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, env=env_r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return procs
 
 
@@ -185,6 +185,32 @@ def test_a_killed_rank_stops_the_other_with_one_line(endless):
     assert "lost the connection to another rank" in said or "another rank exited" in said, out[-2000:]
     assert "Traceback" not in out
     assert elapsed < 10
+
+
+@pytest.mark.parametrize("fault", ["frozen", "killed"])
+def test_without_the_launcher_the_heartbeat_stops_the_other_rank(endless, tmp_path, fault):
+    """Ranks started by hand (no launcher to stop them): rank 1 is frozen (SIGSTOP: a
+    hung machine or a pulled cable, no socket closes) or killed; rank 0 ends with one
+    line instead of waiting in a collective forever."""
+    args = ["--raw", "--prompt", "abc", "-n", "1000000", "--draft-model", "none"]
+    r0, r1 = start_two(tmp_path, [endless, endless], args, env={"GEMMA4_MLX_HEARTBEAT_S": "3"})
+    try:
+        assert r0.stdout.read(8)  # generating
+        os.kill(r1.pid, signal.SIGSTOP if fault == "frozen" else signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = r0.communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in (r0, r1):
+            p.kill()
+    last = err.strip().splitlines()[-1]
+    if fault == "frozen":
+        assert (
+            last == "error: rank 0: another rank has been silent for 3 s (a frozen machine or a dropped link); stopping"
+        )
+    else:
+        assert last.startswith("error: rank 0: "), err[-2000:]  # the heartbeat's line or MLX's lost peer
+    assert r0.returncode == 1 and elapsed < 15
 
 
 def test_a_rank_with_another_model_is_refused(checkpoints, tmp_path):
