@@ -41,17 +41,21 @@ def address(hostfile: str | None) -> tuple[str, int] | None:
         return None
 
 
-def start(rank: int, size: int, hostfile: str | None = None) -> bool:
-    """Connect this rank to the others' heartbeat; False when there is no host file."""
-    where = address(hostfile if hostfile is not None else os.environ.get("MLX_HOSTFILE"))
-    if where is None or size < 2:
-        return False
+def listen(where: tuple[str, int]) -> socket.socket | None:
+    """Rank 0's heartbeat socket, or None when the port is taken (then no heartbeat)."""
+    try:
+        return socket.create_server(("", where[1]))
+    except OSError:
+        return None
+
+
+def start(rank: int, size: int, where: tuple[str, int], server: socket.socket | None = None) -> None:
+    """Rank 0 (with `listen`'s socket) watches every other rank; the others connect
+    to it and watch it."""
     if rank == 0:
-        server = socket.create_server(("", where[1]))
         threading.Thread(target=_accept, args=(server, size - 1), daemon=True).start()
     else:
         _watch(_connect(where), rank, "rank 0")
-    return True
 
 
 def _accept(server: socket.socket, peers: int) -> None:
@@ -118,6 +122,6 @@ def _goodbye(conn: socket.socket, state: dict) -> None:
 
 def _die(rank: int | None, why: str) -> None:
     who = "" if rank is None else f"rank {rank}: "
-    sys.stderr.write(f"error: {who}{why}; stopping\n")
+    sys.stderr.write(f"\nerror: {who}{why}; stopping\n")  # MLX's own notes may have left a line open
     sys.stderr.flush()
     os._exit(1)

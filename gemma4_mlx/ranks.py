@@ -44,8 +44,21 @@ def start(backend: str = "any"):
     agree(mx.__version__, group, "MLX version")  # replicated maths must round alike everywhere
     seed_alike(group)
     on_termination(group)
-    heartbeat.start(group.rank(), group.size())  # no hang on a frozen peer or a dropped link
+    start_heartbeat(group)
     return group
+
+
+def start_heartbeat(group) -> bool:
+    """The heartbeat beside MLX's ring (`heartbeat`): no hang on a frozen peer or a
+    dropped link.  Needs the ring's host file; all ranks learn from rank 0 whether its
+    heartbeat port could be opened."""
+    where = heartbeat.address(os.environ.get("MLX_HOSTFILE"))
+    server = heartbeat.listen(where) if where is not None and group.rank() == 0 else None
+    mine = 1 if server is not None else 0
+    if not int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item()):
+        return False
+    heartbeat.start(group.rank(), group.size(), where, server)
+    return True
 
 
 def agree(value: str, group, what: str) -> None:
@@ -65,7 +78,7 @@ def on_termination(group) -> None:
     rank = group.rank()
 
     def stopped(sig, frame):
-        sys.stderr.write(f"error: rank {rank}: stopped: another rank exited or the launcher was stopped\n")
+        sys.stderr.write(f"\nerror: rank {rank}: stopped: another rank exited or the launcher was stopped\n")
         sys.stderr.flush()
         os._exit(1)
 

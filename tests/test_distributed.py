@@ -203,13 +203,10 @@ def test_without_the_launcher_the_heartbeat_stops_the_other_rank(endless, tmp_pa
     finally:
         for p in (r0, r1):
             p.kill()
-    last = err.strip().splitlines()[-1]
+    said = [x for x in err.splitlines() if x.startswith("error: rank 0: ")]  # MLX's own notes around it
+    assert said and "Traceback" not in err, err[-2000:]
     if fault == "frozen":
-        assert (
-            last == "error: rank 0: another rank has been silent for 3 s (a frozen machine or a dropped link); stopping"
-        )
-    else:
-        assert last.startswith("error: rank 0: "), err[-2000:]  # the heartbeat's line or MLX's lost peer
+        assert said[-1].endswith("another rank has been silent for 3 s (a frozen machine or a dropped link); stopping")
     assert r0.returncode == 1 and elapsed < 15
 
 

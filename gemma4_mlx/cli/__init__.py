@@ -28,7 +28,8 @@ def main() -> None:
         if not ranks.lost_peer(e):
             raise
         rank = next((os.environ[k] for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "?")
-        print(f"error: rank {rank}: lost the connection to another rank ({e}); stopping", file=sys.stderr)
+        # on a line of its own: MLX's notes about the broken link may have left one open
+        print(f"\nerror: rank {rank}: lost the connection to another rank ({e}); stopping", file=sys.stderr)
         sys.exit(1)
 
 
