@@ -39,7 +39,7 @@ def start(backend: str = "any"):
     if group.size() == 1:
         raise RankError(
             "--distributed: this is the only process; start every rank with "
-            "`mlx.launch --hosts mac1,mac2 -- gemma4-mlx ... --distributed` (or `-n 2` on one machine)"
+            "`mlx.launch --hostfile hosts.json -- gemma4-mlx ... --distributed` (or `-n 2` on one machine)"
         )
     agree(mx.__version__, group, "MLX version")  # replicated maths must round alike everywhere
     seed_alike(group)
