@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
+from typer.testing import CliRunner
 
+from gemma4_mlx.cli import app
 from gemma4_mlx.models import moe
 from gemma4_mlx.models.moe import Experts
 from gemma4_mlx.models.parallel import Shard, ShardError, Slice, head_slices
@@ -85,3 +87,9 @@ def test_the_sorted_kernel_runs_only_this_ranks_pairs(monkeypatch):
     monkeypatch.setattr(moe.ops, "moe_strategy", lambda nk, n: "sorted")
     part(mx.ones((1, 3, 16)), mx.full((1, 3, 2), 0.5), idx)
     assert rows == [2]
+
+
+def test_distributed_without_a_launcher_is_one_line():
+    r = CliRunner().invoke(app, ["generate", "--model", "demo", "--prompt", "hi", "--distributed"])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines()[-1].startswith("error: --distributed: this is the only process;")
