@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import gemma4_mlx
 from gemma4_mlx import LoadError
 from gemma4_mlx.convert import convert
-from gemma4_mlx.models.ple_table import MappedTable
+from gemma4_mlx.models.ple_table import SMALL_GATHER, MappedTable
 from gemma4_mlx.models.quantized import QEmbedding
 
 from helpers.checkpoints import random_ids
@@ -101,6 +101,12 @@ def test_bf16_rows_bit_identical(bf16_ckpt):
     assert wide.dtype == mx.float32 and mx.array_equal(wide, full.astype(mx.float32)[ids]).item()
     with pytest.raises(IndexError):
         table(mx.array([[256]]))
+    many = mx.array([[i % 7 for i in range(40)], [255 - i for i in range(40)]])  # past SMALL_GATHER, repeats
+    assert many.size > SMALL_GATHER
+    assert mx.array_equal(table(many).view(mx.uint16), full[many].view(mx.uint16)).item()
+    assert mx.array_equal(MappedTable(f, key, out_dtype=mx.float32)(many), full.astype(mx.float32)[many]).item()
+    with pytest.raises(IndexError):
+        table(mx.array([[-1] + [0] * 20]))
 
 
 def test_bf16_table_model_identical(bf16_ckpt):

@@ -18,6 +18,9 @@ import numpy as np
 
 from gemma4_mlx.formats.safetensors import read_header
 
+# Up to this many ids are gathered as they come; more are deduplicated first (a long
+# prompt repeats tokens, and each distinct row is then read and copied once).
+SMALL_GATHER = 16
 # safetensors dtype -> (numpy storage dtype, MLX dtype of the rows returned)
 _DTYPES = {
     "F32": (np.float32, mx.float32),
@@ -74,19 +77,24 @@ class MappedTable:
         return self._rows.nbytes
 
     def __call__(self, ids: mx.array) -> mx.array:
-        idx = np.asarray(ids).astype(np.int64)
-        # each distinct row is read (and copied into MLX) once; repeats index into them
-        uniq, inverse = np.unique(idx.reshape(-1), return_inverse=True)
-        if uniq.size and (uniq[0] < 0 or uniq[-1] >= self.shape[0]):
+        idx = np.asarray(ids).astype(np.int64, copy=False)
+        flat = idx.reshape(-1)
+        if flat.size and (flat.min() < 0 or flat.max() >= self.shape[0]):
             raise IndexError(f"{self.name}: token id out of range [0, {self.shape[0]})")
-        rows = np.ascontiguousarray(self._rows[uniq])
+        if flat.size <= SMALL_GATHER:  # decode: a repeat costs less than sorting out repeats
+            return self._to_mlx(self._rows[flat]).reshape(*idx.shape, self.shape[1])
+        # each distinct row is read (and copied into MLX) once; repeats index into them
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        rows = self._to_mlx(self._rows[uniq])
+        return rows[mx.array(inverse.reshape(-1).astype(np.int32))].reshape(*idx.shape, self.shape[1])
+
+    def _to_mlx(self, rows: np.ndarray) -> mx.array:
+        """Gathered rows as an MLX array: the stored bits as they are (bf16 arrives as
+        uint16 and is viewed, not converted), cast only if `out_dtype` asks."""
+        out = mx.array(np.ascontiguousarray(rows))
         if self.stored_dtype == mx.bfloat16:
-            # bf16 is the high half of an fp32: widening is exact, and astype back is too
-            rows = (rows.astype(np.uint32) << 16).view(np.float32)
-        out = mx.array(rows).astype(self.stored_dtype)
-        if self.out_dtype is not None:
-            out = out.astype(self.out_dtype)
-        return out[mx.array(inverse.reshape(-1).astype(np.int32))].reshape(*idx.shape, self.shape[1])
+            out = out.view(mx.bfloat16)
+        return out if self.out_dtype is None else out.astype(self.out_dtype)
 
     def __repr__(self) -> str:
         return f"MappedTable({self.name}, shape={self.shape}, dtype={self.dtype}, file={self.path})"
