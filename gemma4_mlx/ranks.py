@@ -54,20 +54,31 @@ def start_heartbeat(group) -> bool:
     heartbeat port could be opened."""
     where = heartbeat.address(os.environ.get("MLX_HOSTFILE"))
     server = heartbeat.listen(where) if where is not None and group.rank() == 0 else None
-    mine = 1 if server is not None else 0
-    if not int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item()):
+    if not from_rank0(int(server is not None), group):
         return False
     heartbeat.start(group.rank(), group.size(), where, server)
     return True
 
 
-def agree(value: str, group, what: str) -> None:
-    """Every rank must hold the same `value`: RankError naming the first odd rank."""
+def odd_rank(value: str, group) -> int | None:
+    """The first rank whose `value` differs from rank 0's (compared by digest), or None."""
     mine = mx.array(list(hashlib.sha256(value.encode()).digest()), mx.int32)[None]
     every = mx.distributed.all_gather(mine, group=group).tolist()
-    odd = [r for r, v in enumerate(every) if v != every[0]]
-    if odd:
-        raise RankError(f"rank {odd[0]} has a different {what} than rank 0; start every rank alike")
+    return next((r for r, v in enumerate(every) if v != every[0]), None)
+
+
+def agree(value: str, group, what: str) -> None:
+    """Every rank must hold the same `value`: RankError naming the first odd rank."""
+    odd = odd_rank(value, group)
+    if odd is not None:
+        raise RankError(f"rank {odd} has a different {what} than rank 0; start every rank alike")
+
+
+def from_rank0(value: int, group) -> int:
+    """Rank 0's integer on every rank (the others' `value` is ignored): one `all_sum`
+    to which only rank 0 contributes."""
+    mine = value if group.rank() == 0 else 0
+    return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=group).item())
 
 
 def on_termination(group) -> None:
@@ -108,7 +119,7 @@ def broadcast_text(text: str | None, group) -> str:
         return text or ""
     leader = is_leader(group)
     data = (text or "").encode("utf-8") if leader else b""
-    n = int(mx.distributed.all_sum(mx.array([len(data)], mx.int32), group=group).item())
+    n = from_rank0(len(data), group)
     buf = mx.array(list(data), mx.int32) if leader else mx.zeros((n,), mx.int32)
     out = mx.distributed.all_sum(buf, group=group) if n else buf
     return bytes(bytearray(int(b) for b in out.tolist())).decode("utf-8")

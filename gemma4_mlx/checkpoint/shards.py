@@ -18,26 +18,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from gemma4_mlx import ranks
 from gemma4_mlx.checkpoint.files import LoadError, fingerprint
 from gemma4_mlx.checkpoint.keys import rename
 from gemma4_mlx.formats.safetensors import read_header
 from gemma4_mlx.models.parallel import Plan, Shard, ShardError, Slice
+from gemma4_mlx.models.ple_table import STORAGE, stored_to_mlx
 
-# safetensors dtype -> (numpy dtype of the stored bytes, MLX dtype to view them as);
-# F8 types arrive as uint8, as `mx.load` gives them.
-_NUMPY = {
-    "F32": (np.float32, None),
-    "F16": (np.float16, None),
-    "BF16": (np.uint16, mx.bfloat16),
-    "U32": (np.uint32, None),
-    "I32": (np.int32, None),
-    "I64": (np.int64, None),
-    "U8": (np.uint8, None),
-    "I8": (np.int8, None),
-    "F8_E4M3": (np.uint8, None),
-    "F8_E8M0": (np.uint8, None),
-    "BOOL": (np.bool_, None),
-}
 _SUFFIXES = (".weight", ".scales", ".biases")
 
 
@@ -69,20 +56,19 @@ def read_sliced(path: Path, plan: Plan) -> dict[str, mx.array]:
         sl = planned(plan, key)
         if sl is None:
             continue
-        np_dtype, view = _NUMPY.get(entry["dtype"], (None, None))
+        np_dtype, dtype = STORAGE.get(entry["dtype"], (None, None))
         if np_dtype is None:
             raise LoadError(f"{path}: tensor {key}: dtype {entry['dtype']} cannot be read in slices")
         a, _ = entry["data_offsets"]
         shape = tuple(entry["shape"])
         mapped = np.memmap(path, dtype=np_dtype, mode="r", offset=start + a, shape=shape) if shape else None
         try:
-            piece = np.ascontiguousarray(sl.take(mapped, f"{path}: tensor {key}"))
+            piece = sl.take(mapped, f"{path}: tensor {key}")
         except ShardError as e:
             why = " (quantization groups: each rank's piece must hold whole groups)" if key.endswith(".scales") else ""
             raise LoadError(f"{e}{why}") from None
-        del mapped
-        arr = mx.array(piece)
-        out[key] = arr.view(view) if view is not None else arr
+        out[key] = stored_to_mlx(piece, dtype)  # the one copy this rank keeps
+        del mapped, piece
     return out
 
 
@@ -102,12 +88,10 @@ def check_same_model(folder: Path, tp: Shard | None) -> None:
     (A collective: every rank calls it at the same point of loading.)"""
     if tp is None:
         return
-    mine = np.frombuffer(bytes.fromhex(fingerprint(folder)), dtype=np.uint8)
-    every = np.array(mx.distributed.all_gather(mx.array(mine)[None], group=tp.group))
-    odd = [r for r in range(len(every)) if not np.array_equal(every[r], every[0])]
-    if odd:
+    odd = ranks.odd_rank(fingerprint(folder), tp.group)
+    if odd is not None:
         raise LoadError(
-            f"{folder}: rank {odd[0]} was started with a different model or quantization than rank 0 "
+            f"{folder}: rank {odd} was started with a different model or quantization than rank 0 "
             f"(checkpoint fingerprints differ); start every rank with the same --model"
         )
 

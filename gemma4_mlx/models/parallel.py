@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
+from gemma4_mlx import ranks
+
 # A per-tensor SFP8 scale (shape (1,)) is replicated, never cut.
 REPLICATED_ARRAYS = ("tensor_scale",)
 
@@ -128,10 +130,7 @@ def from_leader(value: int, tp: Shard | None) -> int:
     """Rank 0's integer on every rank: host-side choices made from timings (the
     speculative draft length) must not differ between ranks, whose collectives
     would then stop matching."""
-    if tp is None:
-        return value
-    mine = value if tp.rank == 0 else 0
-    return int(mx.distributed.all_sum(mx.array([mine], mx.int32), group=tp.group).item())
+    return value if tp is None else ranks.from_rank0(value, tp.group)
 
 
 def gather_vocab(logits: mx.array, tp: Shard | None) -> mx.array:

@@ -21,12 +21,31 @@ from gemma4_mlx.formats.safetensors import read_header
 # Up to this many ids are gathered as they come; more are deduplicated first (a long
 # prompt repeats tokens, and each distinct row is then read and copied once).
 SMALL_GATHER = 16
-# safetensors dtype -> (numpy storage dtype, MLX dtype of the rows returned)
-_DTYPES = {
+# safetensors dtype -> (numpy dtype of the stored bytes, MLX dtype they are): what a
+# memory map of a tensor reads (also `checkpoint.shards`' per-rank slices).  numpy has
+# no bfloat16: its raw bits are read as uint16; F8 types arrive as uint8, as `mx.load`
+# gives them.
+STORAGE = {
     "F32": (np.float32, mx.float32),
     "F16": (np.float16, mx.float16),
-    "BF16": (np.uint16, mx.bfloat16),  # numpy has no bfloat16: read the raw bits
+    "BF16": (np.uint16, mx.bfloat16),
+    "U32": (np.uint32, mx.uint32),
+    "I32": (np.int32, mx.int32),
+    "I64": (np.int64, mx.int64),
+    "U8": (np.uint8, mx.uint8),
+    "I8": (np.int8, mx.int8),
+    "F8_E4M3": (np.uint8, mx.uint8),
+    "F8_E8M0": (np.uint8, mx.uint8),
+    "BOOL": (np.bool_, mx.bool_),
 }
+TABLE_DTYPES = ("F32", "F16", "BF16")  # what a mapped embedding table may hold
+
+
+def stored_to_mlx(stored: np.ndarray, dtype: mx.Dtype) -> mx.array:
+    """Bytes read from a map as the MLX array of `dtype` they are: copied once, bf16
+    viewed from its uint16 bits (bit-exact, no float conversion)."""
+    out = mx.array(np.ascontiguousarray(stored))
+    return out.view(dtype) if dtype == mx.bfloat16 else out
 
 
 def tensor_header(path: str | Path, name: str) -> tuple[dict, int]:
@@ -49,11 +68,11 @@ class MappedTable:
 
     def __init__(self, path: str | Path, name: str, out_dtype: mx.Dtype | None = None):
         entry, data_start = tensor_header(path, name)
-        if entry["dtype"] not in _DTYPES:
+        if entry["dtype"] not in TABLE_DTYPES:
             raise ValueError(
-                f"{path}: {name}: dtype {entry['dtype']} cannot be mapped (expected one of {', '.join(_DTYPES)})"
+                f"{path}: {name}: dtype {entry['dtype']} cannot be mapped (expected one of {', '.join(TABLE_DTYPES)})"
             )
-        np_dtype, self.stored_dtype = _DTYPES[entry["dtype"]]
+        np_dtype, self.stored_dtype = STORAGE[entry["dtype"]]
         shape = tuple(int(s) for s in entry["shape"])
         if len(shape) != 2:
             raise ValueError(f"{path}: {name}: expected a 2-D table, got shape {shape}")
@@ -89,11 +108,8 @@ class MappedTable:
         return rows[mx.array(inverse.reshape(-1).astype(np.int32))].reshape(*idx.shape, self.shape[1])
 
     def _to_mlx(self, rows: np.ndarray) -> mx.array:
-        """Gathered rows as an MLX array: the stored bits as they are (bf16 arrives as
-        uint16 and is viewed, not converted), cast only if `out_dtype` asks."""
-        out = mx.array(np.ascontiguousarray(rows))
-        if self.stored_dtype == mx.bfloat16:
-            out = out.view(mx.bfloat16)
+        """Gathered rows as an MLX array (`stored_to_mlx`), cast only if `out_dtype` asks."""
+        out = stored_to_mlx(rows, self.stored_dtype)
         return out if self.out_dtype is None else out.astype(self.out_dtype)
 
     def __repr__(self) -> str:
