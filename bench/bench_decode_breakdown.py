@@ -7,7 +7,7 @@ eval), on inputs of the step's shapes:
 
   embed       token (and per-layer) embeddings
   norms       every RMSNorm of every layer (q/k/v norms included) and the final one
-  qkvo        the attention projections (ops.linear)
+  qkvo        the attention projections (ops.linear; q/k/v stacked where the backend stacks them)
   rope        RoPE on q and k
   attention   ops.attention over the cached keys (window-clipped on sliding layers)
   mlp         the dense GeGLU MLP
@@ -48,6 +48,7 @@ QUICK = dict(hidden_size=256, num_hidden_layers=6, intermediate_size=512, head_d
 
 
 def build(shape: str, vocab: int, dtype, quick: bool) -> Model:
+    vocab = min(vocab, SHAPES[shape]["vocab_size"])
     spec = dict(SHAPES[shape], vocab_size=vocab, model_type="gemma4_text")
     if spec.get("vocab_size_per_layer_input"):
         spec["vocab_size_per_layer_input"] = vocab
@@ -73,6 +74,8 @@ def build(shape: str, vocab: int, dtype, quick: bool) -> Model:
         new.append((key, v.astype(dtype)))
         mx.eval(new[-1][1])
     model.update(tree_unflatten(new))
+    if ops.stack_projections():  # as the loader does
+        model.fuse()
     return model
 
 
@@ -125,7 +128,7 @@ def op_classes(model: Model, caches, B: int, dtype) -> dict:
         out = []
         for i, layer in enumerate(layers):
             a = layer.self_attn
-            out += [getattr(a, n)(x) for n in ("q_proj", "k_proj", "v_proj") if n in a]
+            out += [getattr(a, n)(x) for n in ("q_proj", "k_proj", "v_proj", "qkv_proj") if n in a]
             out.append(a.o_proj(heads[i]))
         return out
 
@@ -174,10 +177,10 @@ def breakdown(shape: str, args, log) -> None:
     )
     for B in args.batch:
         caches = model.make_cache()
-        prompt = mx.random.randint(3, args.vocab, (B, args.context))
+        prompt = mx.random.randint(3, model.config.vocab_size, (B, args.context))
         model.fill_cache(prompt, caches)
         mx.eval([c.state for c in caches if c is not None])
-        step_ids = mx.random.randint(3, args.vocab, (B, 1))
+        step_ids = mx.random.randint(3, model.config.vocab_size, (B, 1))
 
         def step():
             out = model(step_ids, caches)

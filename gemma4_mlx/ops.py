@@ -11,6 +11,7 @@ choice live here (docs/text-decoder.md §6.1):
 """
 
 import functools
+import math
 import os
 
 import mlx.core as mx
@@ -27,6 +28,17 @@ def cpu_branches() -> bool:
     """Take the CPU-tuned branches: on the CPU backend, unless FORCE_GPU_BRANCHES
     (read at each call, so a test can flip it)."""
     return on_cpu() and not FORCE_GPU_BRANCHES
+
+
+def stack_projections() -> bool:
+    """Fuse q/k/v and gate/up into one product each at load (`models/fuse.py`).
+
+    Not on the CPU: there it measured no faster (float32 and 4-bit, E2B- and
+    MoE-shaped decode at B = 1 and 4, within 1 % either way: OpenBLAS streams three
+    GEMVs as fast as one) and it changes float32 rounding in the last bits.  On a
+    GPU every product is a kernel dispatch; fewer of them is the usual win there
+    (not measured here: no GPU).  The forced-GPU CI run covers the fused modules."""
+    return not cpu_branches()
 
 
 def wide(dtype) -> mx.Dtype:
@@ -100,6 +112,51 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return mx.tanh(x / cap) * cap
 
 
+# -- RoPE ---------------------------------------------------------------------
+# MLX's CPU backend runs `fast.rope` as its unfused fallback, ~20 ops per call, and
+# recomputes the angles in every layer.  The CPU branch computes cos/sin once per
+# forward and rotation (the caller shares them across layers) and rotates in one
+# compiled kernel: bit-identical to the fallback in float32 (tests/test_rope.py),
+# 46 -> 15 us per decode call.
+
+
+def rope_inv_freqs(dims: int, base: float | None, freqs: mx.array | None) -> mx.array:
+    """Angle per position of each rotated pair, as MLX's rope derives it: 1 / freqs
+    (the periods), or base^(-2i/dims) written as exp(-i * 2 ln(base) / dims)."""
+    if freqs is not None:
+        return 1.0 / freqs
+    i = mx.arange(dims // 2, dtype=mx.float32)
+    return mx.exp(-i * (2 * math.log(base) / dims))
+
+
+def rope_angles(inv_freqs: mx.array, offset, T: int) -> tuple[mx.array, mx.array]:
+    """cos and sin of T positions from `offset` (an int, or [B] per-row offsets):
+    [T, dims/2], or [B, 1, T, dims/2]."""
+    pos = mx.arange(T, dtype=mx.float32)
+    if isinstance(offset, mx.array) and offset.ndim:
+        theta = (pos + offset.astype(mx.float32)[:, None])[:, None, :, None] * inv_freqs
+    else:
+        theta = (pos + offset)[:, None] * inv_freqs
+    return mx.cos(theta), mx.sin(theta)
+
+
+@mx.compile
+def _rotate_half(x, cos, sin):
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rope(x: mx.array, offset, *, base: float | None, freqs: mx.array | None, angles) -> mx.array:
+    """Rotate-half RoPE over all of x's last dim ([B, heads, T, d]) at positions
+    offset.. (`freqs`: periods per pair, or `base`).  angles: a function returning
+    `rope_angles(...)` for these positions, memoized by the caller; only the CPU
+    branch calls it."""
+    if not cpu_branches():
+        return mx.fast.rope(x, x.shape[-1], traditional=False, base=base, scale=1.0, offset=offset, freqs=freqs)
+    return _rotate_half(x, *angles())
+
+
 # A few rows (decode): the CPU BLAS streams W faster as a matrix-vector product
 # W @ x^T than as x @ W^T (measured 1.1-2.7x on Gemma shapes, bench/bench_text.py)
 # up to 3 rows; at 4 rows OpenBLAS takes a slow path for W @ x^T (W [4096, 1024]:
@@ -111,6 +168,8 @@ GEMV_MAX_ROWS = 3
 def linear(x: mx.array, w: mx.array) -> mx.array:
     """x @ w.T for a weight stored [out, in]."""
     rows = x.size // x.shape[-1]
+    if rows == 1 and cpu_branches():  # a column already: no transposes (same product, bit for bit)
+        return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], w.shape[0])
     if rows <= GEMV_MAX_ROWS and cpu_branches():
         y = w @ x.reshape(rows, x.shape[-1]).T
         return y.T.reshape(*x.shape[:-1], w.shape[0])
@@ -145,13 +204,16 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
 
 def _matmul_attention(q, k, v, mask):
     B, nh, T, d = q.shape
-    kv = k.shape[1]
+    kv, S = k.shape[1], k.shape[2]
     g = nh // kv
-    q = q.reshape(B, kv, g, T, d)
-    scores = (q @ k[:, :, None].swapaxes(-1, -2)).astype(wide(q.dtype))
+    # A KV head's query group as the rows of one product: broadcasting K/V over the
+    # group instead makes MLX's CPU matmul copy them per query head (measured at
+    # decode, 8 heads on 512 keys: scores 54 -> 42 us, p @ V 61 -> 31 us).
+    q = q.reshape(B, kv, g * T, d)
+    scores = (q @ k.swapaxes(-1, -2)).astype(wide(q.dtype)).reshape(B, kv, g, T, S)
     scores = mx.where(mask[:, :, None], scores, -mx.inf)  # mask: [B|1, 1, T, S] boolean
-    p = mx.softmax(scores, axis=-1, precise=True).astype(v.dtype)
-    out = p @ v[:, :, None]
+    p = mx.softmax(scores, axis=-1, precise=True).astype(v.dtype).reshape(B, kv, g * T, S)
+    out = p @ v
     return out.reshape(B, nh, T, v.shape[-1])
 
 

@@ -126,11 +126,18 @@ def dequantized(model: Model) -> Model:
             w = mx.dequantize(
                 m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits, mode=m.mode, dtype=mx.float32
             )
-            params[path + ".weight"] = w * m["tensor_scale"] if "tensor_scale" in m else w
+            if "tensor_scale" in m:  # one per tensor, or per output row once stacked (models/fuse.py)
+                s = m["tensor_scale"]
+                w = w * (s[:, None] if s.size > 1 else s)
+            params[path + ".weight"] = w
     for k, v in tree_flatten(model.parameters()):
         if k.rpartition(".")[0] + ".weight" not in params:
             params[k] = v.astype(mx.float32)
     ref = Model(model.config)
+    for mine, theirs in zip(ref.layers, model.layers):  # stacked where the loader stacked
+        for name, stacked in (("self_attn", "qkv_proj"), ("mlp", "gate_up_proj"), ("experts", "gate_up_proj")):
+            if name in theirs and stacked in theirs[name]:
+                mine[name].fuse()
     ref.load_weights(list(params.items()))
     return ref.eval()
 

@@ -18,6 +18,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from gemma4_mlx import ops
 from gemma4_mlx.checkpoint.files import DTYPES, LoadError, missing_tensors, read_safetensors, weight_files
 from gemma4_mlx.checkpoint.hub import resolve_path
 from gemma4_mlx.checkpoint.keys import (
@@ -114,6 +115,7 @@ def load_model(
     text_only: bool = False,
     force: bool = False,
     group=None,
+    fuse: bool = True,
 ) -> tuple[Model, ModelConfig]:
     """map_ple: keep an unquantized PLE table memory-mapped (see `map_ple_table`).
     Off here so `info.resident_bytes` and weight-level tooling see every tensor.
@@ -122,7 +124,9 @@ def load_model(
     force: load even if the weights need more memory than the machine can give
     (`memory.check_memory`, docs/hardening.md §3).
     group: an `mx.distributed` group of more than one process: this rank builds and
-    reads only its shard (docs/distributed.md); every rank must call this together."""
+    reads only its shard (docs/distributed.md); every rank must call this together.
+    fuse: stack q/k/v and gate/up into one product each (`models/fuse.py`); False
+    keeps the checkpoint's modules, for tools that address them by name."""
     folder = Path(path)
     if not folder.is_dir():
         raise LoadError(f"{folder}: not a folder")
@@ -167,6 +171,8 @@ def load_model(
         target = DTYPES[dtype]
         weights = {k: _cast(k, v, target) for k, v in weights.items()}
     finish(model, weights, dtype, folder)
+    if fuse and ops.stack_projections():
+        model.fuse()
     model.folder = folder  # where processor_config.json (image budget, audio front end) lives
     return model, config
 
@@ -187,6 +193,7 @@ def load(
     text_only: bool = False,
     force: bool = False,
     group=None,
+    fuse: bool = True,
 ):
     """Load `(model, tokenizer)` from a checkpoint folder or hub id.
 
@@ -198,9 +205,10 @@ def load(
     force: load even when the weights need more memory than this machine can give
         (otherwise a one-line LoadError with both numbers).
     group: `mx.distributed.init()` to load this rank's shard (docs/distributed.md).
+    fuse: stack projections that share an input (False: the checkpoint's modules).
     """
     folder = resolve_path(str(path))
-    model, config = load_model(folder, dtype, map_ple=map_ple, text_only=text_only, force=force, group=group)
+    model, config = load_model(folder, dtype, map_ple=map_ple, text_only=text_only, force=force, group=group, fuse=fuse)
     return model, load_tokenizer(folder, config.eos_ids or None)
 
 
@@ -270,4 +278,6 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
                 TOKEN_ORDERING_KEY,
             )
     finish(model, weights, dtype, folder)
+    if ops.stack_projections():
+        model.fuse()
     return model

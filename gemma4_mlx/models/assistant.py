@@ -127,6 +127,11 @@ class Drafter(nn.Module):
             plan.update({f"model.layers.{i}.{k}": v for k, v in layer.shard(tp, mlp=False).items()})
         return plan
 
+    def fuse(self) -> None:
+        """Stack the MLPs' gate/up (`models/fuse.py`; the layers' attention is queries only)."""
+        for layer in self.model.layers:
+            layer.fuse()
+
     @property
     def centroid_head(self) -> bool:
         return "masked_embedding" in self

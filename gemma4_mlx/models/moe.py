@@ -15,7 +15,7 @@ import numpy as np
 
 from gemma4_mlx import ops
 from gemma4_mlx.formats import registry
-from gemma4_mlx.models import parallel
+from gemma4_mlx.models import fuse, parallel
 from gemma4_mlx.models.layers import Linear
 from gemma4_mlx.models.quantized import affine_biases, row_biases, scaled
 
@@ -208,10 +208,22 @@ class Experts(nn.Module):
         rest = mx.zeros((x.shape[0] - m, *x.shape[1:-1], self.hidden), x.dtype)
         return rest if y is None else mx.concatenate([y, rest.astype(y.dtype)])
 
+    def fuse(self) -> None:
+        """gate/up experts as one stacked product per expert (`models/fuse.py`):
+        half the gathers per MoE layer, after any `shard`."""
+        fuse.fuse(self, ("gate_proj", "up_proj"), "gate_up_proj", axis=1)
+
+    def _gate_up(self, y: mx.array) -> mx.array:
+        """geglu of a stacked gate/up product."""
+        g, u = mx.split(y, 2, axis=-1)
+        return ops.geglu(g, u)
+
     def _glu(self, x, sel, sorted_indices):
-        g = self.gate_proj(x, sel, sorted_indices)
-        u = self.up_proj(x, sel, sorted_indices)
-        return self.down_proj(ops.geglu(g, u), sel, sorted_indices)
+        if "gate_up_proj" in self:
+            h = self._gate_up(self.gate_up_proj(x, sel, sorted_indices))
+        else:
+            h = ops.geglu(self.gate_proj(x, sel, sorted_indices), self.up_proj(x, sel, sorted_indices))
+        return self.down_proj(h, sel, sorted_indices)
 
     def _segments(self, x, flat):
         """x: rows sorted by expert. One GEMM per expert, sizes read on the host."""
@@ -222,8 +234,10 @@ class Experts(nn.Module):
                 outs.append(mx.zeros((c, x.shape[-1]), outs[0].dtype if outs else x.dtype))
             elif c:
                 xe = x[start : start + c]
-                g = self.gate_proj.segment(xe, e)
-                u = self.up_proj.segment(xe, e)
-                outs.append(self.down_proj.segment(ops.geglu(g, u), e))
+                if "gate_up_proj" in self:
+                    h = self._gate_up(self.gate_up_proj.segment(xe, e))
+                else:
+                    h = ops.geglu(self.gate_proj.segment(xe, e), self.up_proj.segment(xe, e))
+                outs.append(self.down_proj.segment(h, e))
                 start += c
         return mx.concatenate(outs)

@@ -28,7 +28,7 @@ from gemma4_mlx.config import (
     UnifiedVisionConfig,
     VisionConfig,
 )
-from gemma4_mlx.models import parallel
+from gemma4_mlx.models import fuse, parallel
 from gemma4_mlx.models.audio import AudioModel
 from gemma4_mlx.models.layers import CLAMPS, Linear, RMSNorm
 from gemma4_mlx.models.moe import Experts, Router
@@ -60,11 +60,28 @@ class RoPE(nn.Module):
             self._freqs, self.base = None, theta
         else:
             raise ValueError(f"unsupported rope_type {params['rope_type']!r}")
+        self._memo: _Angles | None = None
 
     def __call__(self, x, offset):
-        return mx.fast.rope(
-            x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset, freqs=self._freqs
-        )
+        return ops.rope(x, offset, base=self.base, freqs=self._freqs, angles=lambda: self._angles(offset, x.shape[2]))
+
+    def _angles(self, offset, T: int) -> tuple[mx.array, mx.array]:
+        """cos/sin of T positions from offset, computed once and shared by every layer
+        using this rotation in a forward (they pass the same int, or the same [B] array)."""
+        key = (offset if isinstance(offset, int) else id(offset), T, id(self._freqs), self.base)
+        memo = self._memo
+        if memo is None or memo.key != key:
+            inv = ops.rope_inv_freqs(self.dims, self.base, self._freqs)
+            # `offset` is held so that its id cannot be reused by another array.
+            memo = self._memo = _Angles(key, offset, *ops.rope_angles(inv, offset, T))
+        return memo.cos, memo.sin
+
+
+class _Angles:
+    """RoPE's memo (a plain object: a module attribute that is no parameter)."""
+
+    def __init__(self, key: tuple, offset, cos: mx.array, sin: mx.array):
+        self.key, self.offset, self.cos, self.sin = key, offset, cos, sin
 
 
 class Attention(nn.Module):
@@ -97,15 +114,31 @@ class Attention(nn.Module):
                 plan["v_proj"] = kv
         return parallel.apply(self, plan)
 
+    def fuse(self) -> None:
+        """q/k/v as one product (`models/fuse.py`), after any `shard`."""
+        if not self.shared:
+            fuse.fuse(self, ("q_proj", "k_proj") if self.k_eq_v else ("q_proj", "k_proj", "v_proj"), "qkv_proj")
+
+    def _project(self, x) -> tuple[mx.array, mx.array | None, mx.array | None]:
+        """Raw q, k, v (k and v None on KV consumers, v None on K = V layers)."""
+        if "qkv_proj" in self:
+            nq, nk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q, k, *v = mx.split(self.qkv_proj(x), [nq] if self.k_eq_v else [nq, nq + nk], axis=-1)
+            return q, k, v[0] if v else None
+        if self.shared:
+            return self.q_proj(x), None, None
+        return self.q_proj(x), self.k_proj(x), None if self.k_eq_v else self.v_proj(x)
+
     def __call__(self, x, mask, offset, cache=None, shared_kv=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim))
+        q, raw_k, raw_v = self._project(x)
+        q = self.q_norm(q.reshape(B, T, self.n_heads, self.head_dim))
         q = self.rope(q.transpose(0, 2, 1, 3), offset)
         if self.shared:
             k, v = shared_kv
         else:
-            raw = self.k_proj(x).reshape(B, T, self.n_kv, self.head_dim)
-            v = raw if self.k_eq_v else self.v_proj(x).reshape(B, T, self.n_kv, self.head_dim)
+            raw = raw_k.reshape(B, T, self.n_kv, self.head_dim)
+            v = raw if self.k_eq_v else raw_v.reshape(B, T, self.n_kv, self.head_dim)
             v = ops.rms_norm(v, None, self.eps).transpose(0, 2, 1, 3)  # v_norm: no weight, no RoPE
             k = self.rope(self.k_norm(raw).transpose(0, 2, 1, 3), offset)
             if cache is not None:
@@ -128,8 +161,16 @@ class MLP(nn.Module):
         plan = {"gate_proj": parallel.columns(tp), "up_proj": parallel.columns(tp), "down_proj": parallel.rows(tp)}
         return parallel.apply(self, plan)
 
+    def fuse(self) -> None:
+        """gate/up as one product (`models/fuse.py`), after any `shard`."""
+        fuse.fuse(self, ("gate_proj", "up_proj"), "gate_up_proj")
+
     def __call__(self, x):
-        return self.down_proj(ops.geglu(self.gate_proj(x), self.up_proj(x)))
+        if "gate_up_proj" in self:
+            gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(ops.geglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -170,6 +211,13 @@ class DecoderLayer(nn.Module):
             if self.moe:
                 plan.update({f"experts.{k}": v for k, v in self.experts.shard(tp).items()})
         return plan
+
+    def fuse(self) -> None:
+        """Stack the projections that share an input (`models/fuse.py`)."""
+        self.self_attn.fuse()
+        self.mlp.fuse()
+        if self.moe:
+            self.experts.fuse()
 
     def _feedforward(self, r):
         """The dense MLP, and beside it on MoE layers the experts: both partial sums
@@ -455,6 +503,12 @@ class Model(nn.Module):
             left_pad=left_pad,
             kv_bits=kv_bits,
         )
+
+    def fuse(self) -> None:
+        """Stack each layer's projections that share an input (`models/fuse.py`); the
+        loader calls it once the weights (and a rank's shard) are in place."""
+        for layer in self.layers:
+            layer.fuse()
 
     @property
     def layers(self):

@@ -1,0 +1,143 @@
+"""Stacked projections (`models/fuse.py`): q/k/v and gate/up as one product each.
+
+The loader stacks them where `ops.stack_projections()` says so (GPU backends; the
+forced-GPU-branch switch here).  A stacked module's output must be the
+concatenation of its parts' outputs for every weight format, and a whole model
+must compute what the unstacked one does.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+import gemma4_mlx
+from convert import convert
+from gemma4_mlx import ops
+from gemma4_mlx.models import fuse
+from gemma4_mlx.models.layers import Linear
+from gemma4_mlx.models.moe import ExpertLinear
+from gemma4_mlx.models.quantized import QLinear
+
+from test_convert import tempered  # noqa: F401  (fixture)
+
+RECIPES = ["q4", "q8", "q4_0", "sfp8", "mxfp4"]
+
+
+def _pair(make):
+    mx.random.seed(3)
+    return [make(o) for o in (96, 32)]
+
+
+def _check_stacked(parts, axis, call):
+    fused = fuse.stack_outputs(parts, axis)
+    assert fused is not None
+    want = mx.concatenate([call(p) for p in parts], axis=-1)
+    got = call(fused)
+    assert got.shape == want.shape
+    assert mx.array_equal(got, want), float(mx.abs(got - want).max())
+
+
+def test_float_linears_stack_exactly():
+    parts = _pair(lambda o: Linear(128, o))
+    x = mx.random.normal((3, 128))
+    _check_stacked(parts, 0, lambda m: m(x))
+
+
+@pytest.mark.parametrize("mode,bits,group", [("affine", 4, 64), ("affine", 8, 32), ("mxfp8", 8, 32), ("mxfp4", 4, 32)])
+def test_quantized_linears_stack_exactly(mode, bits, group):
+    def make(out):
+        q = QLinear(128, out, group, bits, mode, tensor_scale=mode == "mxfp8")
+        w = mx.random.normal((out, 128)) * 0.05
+        q.weight, q.scales, *b = mx.quantize(w, group, bits, mode=mode)
+        if b:
+            q.biases = b[0]
+        if "tensor_scale" in q:
+            q.tensor_scale = mx.array([0.5 + out / 100], mx.float32)  # differs per part
+        return q
+
+    parts = _pair(make)
+    x = mx.random.normal((2, 128))
+    _check_stacked(parts, 0, lambda m: m(x))
+
+
+def test_q4_0_derived_biases_stack_exactly():
+    def make(out):
+        q = QLinear(128, out, 32, 4, "affine", derive_biases=True)
+        q.weight, q.scales, _ = mx.quantize(mx.random.normal((out, 128)), 32, 4)
+        return q
+
+    x = mx.random.normal((1, 128))
+    _check_stacked(_pair(make), 0, lambda m: m(x))
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_experts_stack_exactly(quantized):
+    def make(out):
+        e = ExpertLinear(4, 64, out)
+        return e.to_quantized(32, 4) if quantized else e
+
+    parts = _pair(make)
+    x = mx.random.normal((5, 1, 1, 64))
+    idx = mx.array([[0], [3], [1], [3], [2]])
+    _check_stacked(parts, 1, lambda m: m(x, idx, False))
+
+
+def test_unlike_parts_are_left_alone():
+    """A mixed-precision checkpoint (one part kept wider) is not stacked."""
+    four = QLinear(128, 32, 64, 4)
+    eight = QLinear(128, 32, 64, 8)
+    assert fuse.stack_outputs([four, eight], 0) is None
+    assert fuse.stack_outputs([Linear(128, 32), four], 0) is None
+    holder = nn.Module()
+    holder.a, holder.b = four, eight
+    assert not fuse.fuse(holder, ("a", "b"), "ab") and "a" in holder and "ab" not in holder
+
+
+def _logits(model, ids):
+    cache = model.make_cache()
+    first = model(ids, cache)
+    return first, model(ids[:, -1:], cache)  # prefill, then one decode step
+
+
+# float32 for every family; each quantized recipe on the family whose every matrix quantizes
+CASES = [(name, None) for name in ("dense", "e2b_like", "moe", "moe64")] + [("moe64", r) for r in RECIPES]
+
+
+@pytest.mark.parametrize("name,recipe", CASES)
+def test_stacked_model_computes_the_same(tempered, converted_fuse, monkeypatch, name, recipe):  # noqa: F811
+    """Loaded stacked (GPU branches) vs not: the same logits, prefill and decode."""
+    path = tempered[name] if recipe is None else converted_fuse(tempered[name], recipe)
+    monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
+    stacked = gemma4_mlx.load(path, dtype=None if recipe else "float32")[0]
+    plain = gemma4_mlx.load(path, dtype=None if recipe else "float32", fuse=False)[0]
+    layer = stacked.layers[0]
+    assert "gate_up_proj" in layer.mlp and "gate_proj" not in layer.mlp
+    assert "qkv_proj" in layer.self_attn and "q_proj" not in layer.self_attn
+    if stacked.config.enable_moe_block:
+        assert "gate_up_proj" in layer.experts
+    ids = mx.array([[2, 17, 5, 99, 42, 7, 7, 13, 200, 3, 64, 9]])
+    for got, want in zip(_logits(stacked, ids), _logits(plain, ids)):
+        assert mx.allclose(got, want, rtol=1e-5, atol=1e-5), float(mx.abs(got - want).max())
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.fixture(scope="module")
+def converted_fuse(tmp_path_factory):
+    root, cache = tmp_path_factory.mktemp("fuse"), {}
+
+    def get(src, recipe):
+        if recipe not in cache:
+            cache[recipe] = root / recipe
+            convert(src, cache[recipe], recipe, keep_high_precision=False, progress=False)
+        return cache[recipe]
+
+    return get
+
+
+def test_cpu_keeps_separate_products(tempered):  # noqa: F811
+    """On the CPU the loader leaves the checkpoint's modules (measured no faster)."""
+    assert not ops.FORCE_GPU_BRANCHES and ops.stack_projections() == (not ops.on_cpu())
+    model = gemma4_mlx.load(tempered["dense"], dtype="float32")[0]
+    assert "q_proj" in model.layers[0].self_attn and "gate_proj" in model.layers[0].mlp

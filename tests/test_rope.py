@@ -1,0 +1,60 @@
+"""RoPE's CPU branch (`ops.rope`): angles computed once per forward and shared by
+the layers, the rotation in one compiled kernel — bit-identical to MLX's own
+`fast.rope` in float32, which the GPU branch calls."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import pytest
+
+from gemma4_mlx import ops
+from gemma4_mlx.models.text import RoPE
+
+ROPES = {
+    "default": (256, {"rope_type": "default", "rope_theta": 10000.0}),
+    "proportional": (512, {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25}),
+}
+
+
+def _reference(rope: RoPE, x, offset):
+    return mx.fast.rope(x, rope.dims, traditional=False, base=rope.base, scale=1.0, offset=offset, freqs=rope._freqs)
+
+
+@pytest.mark.parametrize("kind", list(ROPES))
+@pytest.mark.parametrize("offset", [0, 37, "rows"])
+@pytest.mark.parametrize("T", [1, 5, 70])
+def test_cpu_rope_equals_mlx_rope(kind, offset, T):
+    assert ops.cpu_branches()
+    d, params = ROPES[kind]
+    rope = RoPE(d, params)
+    offset = mx.array([3, 100, 0]) if offset == "rows" else offset
+    x = mx.random.normal((3, 4, T, d))
+    assert mx.array_equal(rope(x, offset), _reference(rope, x, offset))
+
+
+def test_bf16_rounds_once():
+    """bf16 input: rotated in float32 and rounded once (as the GPU kernels do)."""
+    d, params = ROPES["default"]
+    rope = RoPE(d, params)
+    x = mx.random.normal((1, 2, 3, d)).astype(mx.bfloat16)
+    got = rope(x, 9)
+    assert got.dtype == mx.bfloat16
+    assert mx.array_equal(got, rope(x.astype(mx.float32), 9).astype(mx.bfloat16))
+
+
+def test_angles_shared_within_a_forward_and_renewed_after():
+    d, params = ROPES["proportional"]
+    rope = RoPE(d, params)
+    x = mx.random.normal((2, 4, 1, d))
+    rows = mx.array([5, 8])
+    rope(x, rows)
+    memo = rope._memo
+    rope(x, rows)  # the next layer: same offset object
+    assert rope._memo is memo
+    for offset in (mx.array([5, 8]), 6):  # the next forward: a new offset
+        rope(x, offset)
+        assert rope._memo is not memo
+        assert mx.array_equal(rope(x, offset), _reference(rope, x, offset))
+        memo = rope._memo
+    rope._freqs = rope._freqs * 2  # changed frequencies are noticed
+    assert mx.array_equal(rope(x, 6), _reference(rope, x, 6))
