@@ -8,8 +8,9 @@
            perplexity change over >= 2,000 tokens of context, on the embedded demo
            model (a trained, non-chaotic model) and on random weights with small
            q/k norms (bench-style, real head dims).
-3. speed   decode tokens/s at 8K context (2K with --quick) on a small shape with
-           the real head dims (256 / 512), 16 vs 8 vs 4 bits.
+3. speed   decode tokens/s at 8K and 32K context on the E2B shape (every layer,
+           vocabulary cut; caches filled with random entries), 16 vs 8 vs 4 bits
+           (--quick: 2K context, a 12-layer random model with the real head dims).
 4. prefill peak MLX memory of a 32K-token chunked prefill (4K and the E2B shape
            only with --quick) on 2-layer models with each variant's real layer
            shapes (vocabulary cut to 8,192), split into weights, KV cache, rest.
@@ -194,30 +195,51 @@ def table_quality(n_tokens: int, dtype, chunk: int) -> None:
 
 
 # -- 3. speed ---------------------------------------------------------------------------
-def decode_speed(ctx: int, n: int, dtype) -> None:
-    print(f"\n## Decode at {ctx} tokens of context ({dtype}, random small shape, real head dims)\n")
-    print("| bits | KV bytes | decode tok/s (median step) | ms/token |")
-    print("|---|---|---|---|")
-    model = random_model(dtype, layers=12)
-    ids = np.random.default_rng(1).integers(0, 4096, size=ctx).tolist()
-    for bits in BITS:
-        cache = model.make_cache(kv_bits=bits)
-        for a in range(0, ctx, 512):
-            model.fill_cache(mx.array([ids[a : a + 512]]), cache)
-            mx.eval(cache.state)
-        tok = mx.array([[5]])
-        mx.eval(model(tok, cache))  # warm-up
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            out = model(tok, cache)
-            tok = mx.argmax(out[:, -1:], axis=-1)
-            mx.eval(tok)
-            times.append(time.perf_counter() - t)
-        dt = float(np.median(times))  # the median step: robust to a loaded machine's spikes
-        nbytes = sum(c.nbytes for c in cache.writers())
-        label = f"16 ({str(dtype).split('.')[-1]})" if bits == 16 else str(bits)
-        print(f"| {label} | {nbytes / 2**20:.1f} MiB | {1 / dt:.2f} | {1000 * dt:.1f} |")
+def fill_synthetic(model: Model, cache: LayerCaches, ctx: int, dtype, chunk: int = 2048) -> None:
+    """Write ctx tokens of random K/V into every cache-owning layer, as a prefill
+    would (quantized on the way in at kv_bits < 16), without running the model:
+    decode speed depends on how much cache a step reads, not on its values."""
+    for i, c in enumerate(cache):
+        if c is None:
+            continue
+        a = model.layers[i].self_attn
+        for done in range(0, ctx, chunk):
+            n = min(chunk, ctx - done)
+            k, v = (mx.random.normal((1, a.n_kv, n, a.head_dim)).astype(dtype) for _ in range(2))
+            mx.eval(c.update_and_fetch(k, v))
+
+
+def decode_speed(variant: str | None, contexts: list[int], n: int, dtype) -> None:
+    """Median decode step at each context length for 16 / 8 / 4-bit caches: on the
+    variant's real shape (every layer, vocabulary cut to 8,192), or with variant None
+    the 12-layer random model (--quick)."""
+    what = f"the {variant} shape (all layers, vocabulary 8,192)" if variant else "a 12-layer random model"
+    print(f"\n## Decode with 16 / 8 / 4-bit KV caches ({dtype}, {what}, random weights)\n")
+    print("| context | bits | KV bytes | decode tok/s (median step) | ms/token | vs 16 bit |")
+    print("|---|---|---|---|---|---|")
+    model = full_model(variant, dtype) if variant else random_model(dtype, layers=12)
+    for ctx in contexts:
+        base = None
+        for bits in BITS:
+            cache = model.make_cache(kv_bits=bits)
+            fill_synthetic(model, cache, ctx, dtype)
+            tok = mx.array([[5]])
+            mx.eval(model(tok, cache))  # warm-up
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                out = model(tok, cache)
+                tok = mx.argmax(out[:, -1:], axis=-1)
+                mx.eval(tok)
+                times.append(time.perf_counter() - t)
+            dt = float(np.median(times))  # the median step: robust to a loaded machine's spikes
+            base = base or dt
+            nbytes = sum(c.nbytes for c in cache.writers())
+            label = f"16 ({str(dtype).split('.')[-1]})" if bits == 16 else str(bits)
+            print(f"| {ctx} | {label} | {nbytes / 2**20:.1f} MiB | {1 / dt:.2f} | {1000 * dt:.1f} | {base / dt:.2f} |")
+            del cache
+            gc.collect()
+    del model
 
 
 # -- 4. prefill memory -------------------------------------------------------------------
@@ -228,7 +250,18 @@ def two_layer_model(name: str, dtype, vocab: int = 8192, seed: int = 0) -> Model
     only vocabulary-sized activation is the last position's logits)."""
     spec = dict(PRESETS[name], num_hidden_layers=2, layer_types=[SLIDING, FULL], num_kv_shared_layers=0)
     spec.update(vocab_size=vocab, vocab_size_per_layer_input=vocab)
-    model = Model(TextConfig.from_dict(spec, f"{name}-2layer"))
+    return random_weights(Model(TextConfig.from_dict(spec, f"{name}-2layer")), dtype, seed)
+
+
+def full_model(name: str, dtype, vocab: int = 8192) -> Model:
+    """The variant's real shape with every layer (KV sharing included), random
+    weights as `two_layer_model`; vocabulary cut to `vocab`."""
+    spec = dict(PRESETS[name], vocab_size=vocab, vocab_size_per_layer_input=vocab)
+    return random_weights(Model(TextConfig.from_dict(spec, name)), dtype)
+
+
+def random_weights(model: Model, dtype, seed: int = 0) -> Model:
+    """Random weights as `random_model` (small q/k norms, norms near 1)."""
     mx.random.seed(seed)
     new = []
     for key, value in tree_flatten(model.parameters()):
@@ -291,7 +324,10 @@ def main() -> None:
     if "quality" not in args.skip:
         table_quality(2048 if args.quick else 4096, dtype, 256)
     if "speed" not in args.skip:
-        decode_speed(2048 if args.quick else 8192, 8 if args.quick else 32, dtype)
+        if args.quick:
+            decode_speed(None, [2048], 8, dtype)
+        else:
+            decode_speed("e2b", [8192, 32768], 16, dtype)
     if "prefill" not in args.skip:
         variants = args.prefill_variants or (["e2b"] if args.quick else list(PRESETS))
         prefill_memory(variants, 4096 if args.quick else 32768, args.prefill_chunk, [16, 8], dtype)
