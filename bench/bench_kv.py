@@ -215,7 +215,7 @@ def decode_speed(variant: str | None, contexts: list[int], n: int, dtype) -> Non
     the 12-layer random model (--quick)."""
     what = f"the {variant} shape (all layers, vocabulary 8,192)" if variant else "a 12-layer random model"
     print(f"\n## Decode with 16 / 8 / 4-bit KV caches ({dtype}, {what}, random weights)\n")
-    print("| context | bits | KV bytes | decode tok/s (median step) | ms/token | vs 16 bit |")
+    print("| context | cache | KV bytes | decode tok/s (median step) | ms/token | vs unquantized |")
     print("|---|---|---|---|---|---|")
     model = full_model(variant, dtype) if variant else random_model(dtype, layers=12)
     for ctx in contexts:
@@ -235,7 +235,7 @@ def decode_speed(variant: str | None, contexts: list[int], n: int, dtype) -> Non
             dt = float(np.median(times))  # the median step: robust to a loaded machine's spikes
             base = base or dt
             nbytes = sum(c.nbytes for c in cache.writers())
-            label = f"16 ({str(dtype).split('.')[-1]})" if bits == 16 else str(bits)
+            label = f"unquantized ({str(dtype).split('.')[-1]})" if bits == 16 else f"{bits}-bit"
             print(f"| {ctx} | {label} | {nbytes / 2**20:.1f} MiB | {1 / dt:.2f} | {1000 * dt:.1f} | {base / dt:.2f} |")
             del cache
             gc.collect()

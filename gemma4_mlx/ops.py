@@ -30,15 +30,17 @@ def cpu_branches() -> bool:
     return on_cpu() and not FORCE_GPU_BRANCHES
 
 
-def stack_projections() -> bool:
-    """Fuse q/k/v and gate/up into one product each at load (`models/fuse.py`).
+# Stacking q/k/v and gate/up into one product each at load (`models/fuse.py`) is
+# opt-in: on this CPU it measured no faster (float32 and 4-bit, E2B- and MoE-shaped
+# decode at B = 1 and 4, within 1 % either way: OpenBLAS streams three GEMVs as fast
+# as one) and it moves float32 rounding in the last bits; on a GPU, where every
+# product is a kernel dispatch, it may pay, but it has not been measured there.
+STACK_PROJECTIONS = os.environ.get("GEMMA4_MLX_STACK_PROJECTIONS", "") not in ("", "0")
 
-    Not on the CPU: there it measured no faster (float32 and 4-bit, E2B- and
-    MoE-shaped decode at B = 1 and 4, within 1 % either way: OpenBLAS streams three
-    GEMVs as fast as one) and it changes float32 rounding in the last bits.  On a
-    GPU every product is a kernel dispatch; fewer of them is the usual win there
-    (not measured here: no GPU).  The forced-GPU CI run covers the fused modules."""
-    return not cpu_branches()
+
+def stack_projections() -> bool:
+    """Whether the loader stacks projections that share an input (read at each load)."""
+    return STACK_PROJECTIONS
 
 
 def wide(dtype) -> mx.Dtype:

@@ -31,6 +31,7 @@ from helpers.live_server import free_port, http, live_server
 
 FLOAT = ("dense", "e2b_like", "moe", "unified")
 QUANT = ("dense_q4_0", "dense_sfp8", "moe_q4_0", "moe_sfp8")
+STACKED = ("moe_stacked", "moe_q4_0_stacked")  # each rank stacks its shard's q/k/v, gate/up (GPU branches)
 TOL = 1e-4
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 
@@ -60,6 +61,8 @@ def results(checkpoints, drafters, tmp_path_factory) -> dict:
         for q in ("q4_0", "sfp8"):
             convert(src, root / f"{name}_{q}", q, progress=False)
             specs[f"{name}_{q}"] = {"model": str(root / f"{name}_{q}"), "seed": 3}
+    specs["moe_stacked"] = dict(specs["moe"], stacked=True)
+    specs["moe_q4_0_stacked"] = dict(specs["moe_q4_0"], stacked=True)
     # The 12B unified model (its embedders stay whole on every rank) and its drafter.
     unified.build_hf(seed=4).save_pretrained(root / "unified")
     unified.hf_drafter(seed=5).save_pretrained(root / "unified_d")
@@ -79,22 +82,23 @@ def test_two_ranks_draw_alike_after_seed_alike(results):
     assert first == second and len(set(first)) == len(first)
 
 
-@pytest.mark.parametrize("name", FLOAT + QUANT)
+@pytest.mark.parametrize("name", FLOAT + QUANT + STACKED)
 def test_logits_match_the_whole_model(results, name):
     r = results[name]
     assert r["vocab"] == (300 if name == "unified" else 256)  # every rank sees the whole vocabulary
     assert r["whole"] < TOL, "one forward over the prompt"
     assert r["steps"] < TOL, "chunked prefill, then decode steps past the window"
+    assert r["stacked"] == (name in STACKED)
 
 
-@pytest.mark.parametrize("name", FLOAT + QUANT)
+@pytest.mark.parametrize("name", FLOAT + QUANT + STACKED)
 def test_greedy_and_batched_rows_match(results, name):
     r = results[name]
     assert r["greedy_sharded"] == r["greedy_whole"]
     assert r["batch_sharded"] == r["batch_whole"]
 
 
-@pytest.mark.parametrize("name", FLOAT)
+@pytest.mark.parametrize("name", FLOAT + STACKED[:1])
 def test_speculative_greedy_equals_plain_sharded(results, name):
     r = results[name]
     assert r["spec_sharded"] == r["plain_sharded"]

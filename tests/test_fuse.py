@@ -1,9 +1,10 @@
 """Stacked projections (`models/fuse.py`): q/k/v and gate/up as one product each.
 
-The loader stacks them where `ops.stack_projections()` says so (GPU backends; the
-forced-GPU-branch switch here).  A stacked module's output must be the
+The loader stacks them when `ops.stack_projections()` says so (opt-in:
+GEMMA4_MLX_STACK_PROJECTIONS=1).  A stacked module's output must be the
 concatenation of its parts' outputs for every weight format, and a whole model
-must compute what the unstacked one does.
+must compute what the unstacked one does, on the CPU branches (per-expert GEMMs
+for prefill) and on the GPU ones (sorted gathers, fused attention).
 """
 
 from __future__ import annotations
@@ -85,11 +86,14 @@ def test_experts_stack_exactly(quantized):
 
 
 def test_unlike_parts_are_left_alone():
-    """A mixed-precision checkpoint (one part kept wider) is not stacked."""
+    """A mixed-precision checkpoint (one part kept wider, or in another dtype) is not stacked."""
     four = QLinear(128, 32, 64, 4)
     eight = QLinear(128, 32, 64, 8)
     assert fuse.stack_outputs([four, eight], 0) is None
     assert fuse.stack_outputs([Linear(128, 32), four], 0) is None
+    wide, narrow = Linear(128, 32), Linear(128, 32)
+    narrow.weight = narrow.weight.astype(mx.bfloat16)
+    assert fuse.stack_outputs([wide, narrow], 0) is None
     holder = nn.Module()
     holder.a, holder.b = four, eight
     assert not fuse.fuse(holder, ("a", "b"), "ab") and "a" in holder and "ab" not in holder
@@ -103,13 +107,16 @@ def _logits(model, ids):
 
 # float32 for every family; each quantized recipe on the family whose every matrix quantizes
 CASES = [(name, None) for name in ("dense", "e2b_like", "moe", "moe64")] + [("moe64", r) for r in RECIPES]
+IDS = [(7 * i + 2) % 250 + 3 for i in range(40)]  # MoE: 40 tokens x top-2 = 80 pairs, the CPU's per-expert GEMMs
 
 
+@pytest.mark.parametrize("gpu_branches", [False, True], ids=["cpu", "gpu-branches"])
 @pytest.mark.parametrize("name,recipe", CASES)
-def test_stacked_model_computes_the_same(tempered, converted_fuse, monkeypatch, name, recipe):  # noqa: F811
-    """Loaded stacked (GPU branches) vs not: the same logits, prefill and decode."""
+def test_stacked_model_computes_the_same(tempered, converted_fuse, monkeypatch, name, recipe, gpu_branches):  # noqa: F811
+    """Loaded stacked vs not: the same logits, prefill and decode."""
     path = tempered[name] if recipe is None else converted_fuse(tempered[name], recipe)
-    monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
+    monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", gpu_branches)
+    monkeypatch.setattr(ops, "STACK_PROJECTIONS", True)
     stacked = gemma4_mlx.load(path, dtype=None if recipe else "float32")[0]
     plain = gemma4_mlx.load(path, dtype=None if recipe else "float32", fuse=False)[0]
     layer = stacked.layers[0]
@@ -117,7 +124,7 @@ def test_stacked_model_computes_the_same(tempered, converted_fuse, monkeypatch, 
     assert "qkv_proj" in layer.self_attn and "q_proj" not in layer.self_attn
     if stacked.config.enable_moe_block:
         assert "gate_up_proj" in layer.experts
-    ids = mx.array([[2, 17, 5, 99, 42, 7, 7, 13, 200, 3, 64, 9]])
+    ids = mx.array([IDS])
     for got, want in zip(_logits(stacked, ids), _logits(plain, ids)):
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-5), float(mx.abs(got - want).max())
         assert (got.argmax(-1) == want.argmax(-1)).all()
@@ -136,8 +143,8 @@ def converted_fuse(tmp_path_factory):
     return get
 
 
-def test_cpu_keeps_separate_products(tempered):  # noqa: F811
-    """On the CPU the loader leaves the checkpoint's modules (measured no faster)."""
-    assert not ops.FORCE_GPU_BRANCHES and ops.stack_projections() == (not ops.on_cpu())
+def test_stacking_is_opt_in(tempered):  # noqa: F811
+    """By default the loader keeps the checkpoint's modules (measured no faster here)."""
+    assert not ops.stack_projections()
     model = gemma4_mlx.load(tempered["dense"], dtype="float32")[0]
     assert "q_proj" in model.layers[0].self_attn and "gate_proj" in model.layers[0].mlp

@@ -8,7 +8,7 @@ import mlx.core as mx
 import pytest
 
 from gemma4_mlx import ops
-from gemma4_mlx.models.text import RoPE
+from gemma4_mlx.models.rope import RoPE
 
 ROPES = {
     "default": (256, {"rope_type": "default", "rope_theta": 10000.0}),
@@ -21,25 +21,31 @@ def _reference(rope: RoPE, x, offset):
 
 
 @pytest.mark.parametrize("kind", list(ROPES))
-@pytest.mark.parametrize("offset", [0, 37, "rows"])
+@pytest.mark.parametrize("offset", [0, 37, "scalar", "rows"])
 @pytest.mark.parametrize("T", [1, 5, 70])
 def test_cpu_rope_equals_mlx_rope(kind, offset, T):
     assert ops.cpu_branches()
     d, params = ROPES[kind]
     rope = RoPE(d, params)
-    offset = mx.array([3, 100, 0]) if offset == "rows" else offset
+    offset = {"rows": mx.array([3, 100, 0]), "scalar": mx.array(37)}.get(offset, offset)
     x = mx.random.normal((3, 4, T, d))
     assert mx.array_equal(rope(x, offset), _reference(rope, x, offset))
 
 
-def test_bf16_rounds_once():
-    """bf16 input: rotated in float32 and rounded once (as the GPU kernels do)."""
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_low_precision_rounds_once(dtype):
+    """bf16/f16 input: rotated in float32 and rounded once — equal to the float32
+    rotation rounded, and never further from it than MLX's own CPU fallback (which
+    rounds the angles and products to the input's dtype: up to 0.016 apart in bf16)."""
     d, params = ROPES["default"]
     rope = RoPE(d, params)
-    x = mx.random.normal((1, 2, 3, d)).astype(mx.bfloat16)
-    got = rope(x, 9)
-    assert got.dtype == mx.bfloat16
-    assert mx.array_equal(got, rope(x.astype(mx.float32), 9).astype(mx.bfloat16))
+    x = mx.random.normal((1, 2, 3, d)).astype(dtype)
+    got = rope(x, 1001)
+    exact = rope(x.astype(mx.float32), 1001)
+    assert got.dtype == dtype
+    assert mx.array_equal(got, exact.astype(dtype))
+    theirs = _reference(rope, x, 1001).astype(mx.float32)
+    assert mx.abs(got.astype(mx.float32) - exact).max() <= mx.abs(theirs - exact).max()
 
 
 def test_angles_shared_within_a_forward_and_renewed_after():

@@ -10,13 +10,16 @@ controlled-acceptance method — to exercise every acceptance length.
 from __future__ import annotations
 
 import random
+import time
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
+from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
 from gemma4_mlx.speculative.loop import MTPSettings, SpecStats, speculative_batch_generate
+from gemma4_mlx.speculative.policy import DraftPolicy
 
 from helpers.checkpoints import W, random_ids
 from helpers.mtp_pairs import PAIRS
@@ -83,6 +86,25 @@ def test_real_drafter_and_auto_draft_length_are_lossless(pairs, name):
         assert speculative_batch_generate(target, drafter, prompts, max_tokens=20, draft_tokens=setting) == ref
     for mtp in (MTPSettings("bonus"), MTPSettings(sliding_keys=W + 1)):
         assert speculative_batch_generate(target, drafter, prompts, max_tokens=20, draft_tokens=2, mtp=mtp) == ref
+
+
+def test_auto_times_each_commit_in_its_own_round(pairs, monkeypatch):
+    """draft_tokens="auto": a round's commit (ragged rows rolled in every cache) is
+    timed with the round that caused it — left to the next round, a plain step after
+    a speculative one was charged for both (docs/speculative.md §12.1)."""
+    target, drafter = pairs["dense"]
+    real = LayerCaches.commit
+
+    def slow_commit(self, accepted, drafted):
+        real(self, accepted, drafted)
+        if drafted:
+            time.sleep(0.05)  # stands for a speculative round's cache work
+
+    monkeypatch.setattr(LayerCaches, "commit", slow_commit)
+    policy = DraftPolicy.for_setting("auto")
+    speculative_batch_generate(target, drafter, prompts_for(1, seed=3), max_tokens=12, policy=policy)
+    drafted = [T for T in policy.verify_time if T > 1]  # one row: T = K + 1
+    assert drafted and all(policy.verify_time[T] >= 0.05 for T in drafted), policy.verify_time
 
 
 def _check_against_fresh(target, prompts, seen, max_tokens):

@@ -36,7 +36,7 @@ from gemma4_mlx.models.parallel import from_leader
 from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK
 from gemma4_mlx.speculative.loop import profile
 from gemma4_mlx.speculative.policy import DraftPolicy
-from gemma4_mlx.speculative.round import accepted_counts, draft, verify
+from gemma4_mlx.speculative.round import accepted_counts, commit, draft, verify
 from gemma4_mlx.speculative.stats import MTPSettings
 
 MAX_ROLLBACK = 2048  # sliding-layer slack of every cache: prefix reuse rolls back this far
@@ -284,12 +284,12 @@ class Scheduler:
         t1 = time.perf_counter()
         logits, hidden = verify(self.model, block, self.caches)
         picks, lps = pick_rows(self.rows, logits, listed)
-        t2 = time.perf_counter()
         if K and listed is None:
             listed = drafts.tolist()
         accepted = accepted_counts(listed, picks) if K else [0] * B
-        self.caches.commit(accepted, K)
-        self.hidden = hidden[mx.arange(B), mx.array(accepted)]
+        timed = self.policy is not None and self.policy.fixed is None
+        self.hidden = commit(self.caches, hidden, accepted, K, timed)
+        t2 = time.perf_counter()
         if self.policy is not None:
             self.policy.observe(B, K, accepted, t1 - t0, t2 - t1)
         self.rounds += 1

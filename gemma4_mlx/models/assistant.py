@@ -27,7 +27,8 @@ from gemma4_mlx import ops
 from gemma4_mlx.config import FULL, SLIDING, AssistantConfig, ConfigError, TextConfig
 from gemma4_mlx.models.layers import Linear, RMSNorm
 from gemma4_mlx.models.quantized import QEmbedding
-from gemma4_mlx.models.text import DecoderLayer, RoPE
+from gemma4_mlx.models.rope import RoPE
+from gemma4_mlx.models.text import DecoderLayer
 
 
 def producer_layers(target: TextConfig) -> dict[str, int]:

@@ -8,8 +8,9 @@ weights are concatenated along the output axis, which is exact for every format:
 a float matrix, or quantized codes with their scales and biases (group rows are
 independent), an SFP8 per-tensor scale widened to one scale per output row.
 
-Groups whose members differ in kind or quantization (a mixed-precision
-checkpoint keeping one of them wider) stay as they are.
+Groups whose members differ in kind, quantization or dtype (a mixed-precision
+checkpoint keeping one of them wider) stay as they are.  Opt-in
+(`ops.stack_projections`): on the CPU it measured no faster.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def stack_outputs(parts: list[nn.Module], axis: int) -> nn.Module | None:
     keys = set(first.keys())
     if any(type(m) is not type(first) or set(m.keys()) != keys or _settings(m) != _settings(first) for m in parts):
         return None
+    if any(m[k].dtype != first[k].dtype for m in parts for k in keys if isinstance(first[k], mx.array)):
+        return None  # concatenation would promote (bf16 beside float32 becomes float32)
     if any(isinstance(first[k], (dict, list, nn.Module)) for k in keys):
         return None  # a composite module (e.g. a clippable linear): not ours to stack
     fused = copy.copy(first)

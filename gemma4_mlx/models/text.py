@@ -34,54 +34,9 @@ from gemma4_mlx.models.layers import CLAMPS, Linear, RMSNorm
 from gemma4_mlx.models.moe import Experts, Router
 from gemma4_mlx.models.parallel import Plan, Shard
 from gemma4_mlx.models.quantized import QEmbedding, table_dtype
+from gemma4_mlx.models.rope import RoPE
 from gemma4_mlx.models.unified import UnifiedAudio, UnifiedVision
 from gemma4_mlx.models.vision import VisionModel
-
-
-class RoPE(nn.Module):
-    """Rotate-half RoPE; full layers use Gemma 4's proportional variant.
-
-    Proportional: 64 of d/2 frequency pairs rotate with denominator d (not 128);
-    the rest get an infinite period, i.e. pass through (docs/text-decoder.md §4.6).
-    """
-
-    def __init__(self, head_dim: int, params: dict):
-        super().__init__()
-        self.dims = head_dim
-        theta = params["rope_theta"]
-        factor = params.get("factor") or 1.0
-        if params["rope_type"] == "proportional":
-            n_rot = int(params.get("partial_rotary_factor", 1.0) * head_dim // 2)
-            i = mx.arange(head_dim // 2, dtype=mx.float32)
-            periods = mx.power(theta, 2 * i / head_dim) * factor
-            self._freqs = mx.where(i < n_rot, periods, mx.inf)
-            self.base = None
-        elif params["rope_type"] == "default":
-            self._freqs, self.base = None, theta
-        else:
-            raise ValueError(f"unsupported rope_type {params['rope_type']!r}")
-        self._memo: _Angles | None = None
-
-    def __call__(self, x, offset):
-        return ops.rope(x, offset, base=self.base, freqs=self._freqs, angles=lambda: self._angles(offset, x.shape[2]))
-
-    def _angles(self, offset, T: int) -> tuple[mx.array, mx.array]:
-        """cos/sin of T positions from offset, computed once and shared by every layer
-        using this rotation in a forward (they pass the same int, or the same [B] array)."""
-        key = (offset if isinstance(offset, int) else id(offset), T, id(self._freqs), self.base)
-        memo = self._memo
-        if memo is None or memo.key != key:
-            inv = ops.rope_inv_freqs(self.dims, self.base, self._freqs)
-            # `offset` is held so that its id cannot be reused by another array.
-            memo = self._memo = _Angles(key, offset, *ops.rope_angles(inv, offset, T))
-        return memo.cos, memo.sin
-
-
-class _Angles:
-    """RoPE's memo (a plain object: a module attribute that is no parameter)."""
-
-    def __init__(self, key: tuple, offset, cos: mx.array, sin: mx.array):
-        self.key, self.offset, self.cos, self.sin = key, offset, cos, sin
 
 
 class Attention(nn.Module):

@@ -28,7 +28,7 @@ from gemma4_mlx.models.parallel import from_leader
 from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, prefill_hidden
 from gemma4_mlx.runtime.sampling import PositionedSampler
 from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
-from gemma4_mlx.speculative.round import Rows, accepted_counts, advance_rows, draft, pick, verify
+from gemma4_mlx.speculative.round import Rows, accepted_counts, advance_rows, commit, draft, pick, verify
 from gemma4_mlx.speculative.stats import MTPSettings, SpecStats
 
 # The round's steps are looked up in this module when called: tests and the demo
@@ -175,7 +175,7 @@ def speculative_round(run: Speculation, rows: Rows):
     """Draft, verify, pick, accept and commit for every live row.
 
     Returns (K, the target's picks per row, accepted drafts per row, (draft seconds,
-    verify seconds)); the caches then hold accepted[i] + 1 new entries in row i and
+    verify-and-commit seconds)); the caches then hold accepted[i] + 1 new entries in row i and
     rows.hidden the hidden after row i's last accepted token.
     """
     B = len(rows.live)
@@ -191,12 +191,11 @@ def speculative_round(run: Speculation, rows: Rows):
     logits, hidden = verify(run.target, block, run.caches)
     picks = pick(run.sampler, run.processors, logits, rows.live, rows.index(), rows.histories(), listed)
     mx.eval(picks, hidden)
-    t2 = time.perf_counter()
     listed = drafts.tolist() if listed is None else listed
     picks = picks.tolist()
     accepted = accepted_counts(listed, picks)
-    run.caches.commit(accepted, K)
-    rows.hidden = hidden[mx.arange(B), mx.array(accepted)]
+    rows.hidden = commit(run.caches, hidden, accepted, K, timed=run.policy.fixed is None)
+    t2 = time.perf_counter()
     return K, picks, accepted, (t1 - t0, t2 - t1)
 
 

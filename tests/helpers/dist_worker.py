@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from gemma4_mlx import ranks
+from gemma4_mlx import ops, ranks
 from gemma4_mlx.chat.mirror import FollowerChat, LeaderChat
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.checkpoint.load import load, load_drafter, load_model
@@ -72,6 +72,18 @@ def auto_policy_run(part, drafter, rows, group) -> list:
 
 
 def scenario(spec: dict, group) -> dict:
+    """spec["stacked"]: the loader stacks q/k/v and gate/up (`models/fuse.py`) — after
+    cutting this rank's shard — on the GPU branches (sorted experts, fused SDPA)."""
+    before = ops.STACK_PROJECTIONS, ops.FORCE_GPU_BRANCHES
+    if spec.get("stacked"):
+        ops.STACK_PROJECTIONS = ops.FORCE_GPU_BRANCHES = True
+    try:
+        return _scenario(spec, group)
+    finally:
+        ops.STACK_PROJECTIONS, ops.FORCE_GPU_BRANCHES = before
+
+
+def _scenario(spec: dict, group) -> dict:
     dtype = spec.get("dtype", "float32")
     full, _ = load_model(spec["model"], dtype)
     part, _ = load_model(spec["model"], dtype, group=group)
@@ -90,6 +102,7 @@ def scenario(spec: dict, group) -> dict:
         "bytes_sharded": param_bytes(part),
         "bytes_whole": param_bytes(full),
         "vocab": int(w_s.shape[-1]),
+        "stacked": "qkv_proj" in part.layers[0].self_attn and "gate_up_proj" in part.layers[0].mlp,
     }
     if spec.get("drafter"):
         drafter = load_drafter(spec["drafter"], dtype, target=part)
