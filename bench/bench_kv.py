@@ -165,20 +165,7 @@ def random_model(dtype, layers: int = 6, vocab: int = 4096, seed: int = 0) -> Mo
         model_type="gemma4_text",
         max_position_embeddings=262144,
     )
-    model = Model(TextConfig.from_dict(spec, "random"))
-    mx.random.seed(seed)
-    new = []
-    for key, value in tree_flatten(model.parameters()):
-        if key.endswith(("q_norm.weight", "k_norm.weight")):
-            v = (0.8 + 0.4 * mx.random.uniform(shape=value.shape)) * value.shape[0] ** -0.25
-        elif key.endswith(("norm.weight", "layer_scalar")):
-            v = 0.8 + 0.4 * mx.random.uniform(shape=value.shape)
-        else:
-            v = 0.02 * mx.random.normal(value.shape)
-        new.append((key, v.astype(dtype)))
-    model.update(tree_unflatten(new))
-    mx.eval(model.parameters())
-    return model
+    return random_weights(Model(TextConfig.from_dict(spec, "random")), dtype, seed)
 
 
 def table_quality(n_tokens: int, dtype, chunk: int) -> None:
@@ -245,7 +232,7 @@ def decode_speed(variant: str | None, contexts: list[int], n: int, dtype) -> Non
 # -- 4. prefill memory -------------------------------------------------------------------
 def two_layer_model(name: str, dtype, vocab: int = 8192, seed: int = 0) -> Model:
     """The variant's real layer shapes (hidden, heads, head dims, MLP / experts,
-    window), 2 layers (one sliding, one full), random weights as `random_model`; the
+    window), 2 layers (one sliding, one full), random weights; the
     vocabulary cut to `vocab` (the table is weights, not activations: a prefill's
     only vocabulary-sized activation is the last position's logits)."""
     spec = dict(PRESETS[name], num_hidden_layers=2, layer_types=[SLIDING, FULL], num_kv_shared_layers=0)
@@ -255,13 +242,14 @@ def two_layer_model(name: str, dtype, vocab: int = 8192, seed: int = 0) -> Model
 
 def full_model(name: str, dtype, vocab: int = 8192) -> Model:
     """The variant's real shape with every layer (KV sharing included), random
-    weights as `two_layer_model`; vocabulary cut to `vocab`."""
+    weights; vocabulary cut to `vocab`."""
     spec = dict(PRESETS[name], vocab_size=vocab, vocab_size_per_layer_input=vocab)
     return random_weights(Model(TextConfig.from_dict(spec, name)), dtype)
 
 
 def random_weights(model: Model, dtype, seed: int = 0) -> Model:
-    """Random weights as `random_model` (small q/k norms, norms near 1)."""
+    """Random weights: q/k norms scaled by d^-1/4 (scores O(1), as in a trained model),
+    other norms, scalars and router scales near 1, matrices N(0, 0.02^2)."""
     mx.random.seed(seed)
     new = []
     for key, value in tree_flatten(model.parameters()):
