@@ -22,12 +22,13 @@ import gemma4_mlx
 from gemma4_mlx import LoadError, ops
 from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.models.moe import QuantizedExpertLinear
-from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
+from gemma4_mlx.models.quantized import QEmbedding, QLinear
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.runtime.generate import generate_tokens
 
 from helpers import checkpoints as builders
 from helpers.checkpoints import build_hf, random_ids, read_json, write_char_tokenizer
+from helpers.dequantize import float_weights, stack_like
 from helpers.faults import convert_fails_at_second_shard
 
 QUANTIZED = ["q8", "q4", "mxfp4", "nvfp4", "q4_0", "sfp8"]
@@ -120,24 +121,9 @@ def converted(tmp_path_factory):
 
 def dequantized(model: Model) -> Model:
     """A float32 Model holding the dequantized weights of a loaded (quantized) model."""
-    params = {}
-    for path, m in model.named_modules():
-        if isinstance(m, (QLinear, QEmbedding, QuantizedExpertLinear)):
-            w = mx.dequantize(
-                m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits, mode=m.mode, dtype=mx.float32
-            )
-            if "tensor_scale" in m:  # one per tensor, or per output row once stacked (models/fuse.py)
-                s = m["tensor_scale"]
-                w = w * (s[:, None] if s.size > 1 else s)
-            params[path + ".weight"] = w
-    for k, v in tree_flatten(model.parameters()):
-        if k.rpartition(".")[0] + ".weight" not in params:
-            params[k] = v.astype(mx.float32)
+    params = float_weights(model)
     ref = Model(model.config)
-    for mine, theirs in zip(ref.layers, model.layers):  # stacked where the loader stacked
-        for name, stacked in (("self_attn", "qkv_proj"), ("mlp", "gate_up_proj"), ("experts", "gate_up_proj")):
-            if name in theirs and stacked in theirs[name]:
-                mine[name].fuse()
+    stack_like(ref.layers, model.layers)
     ref.load_weights(list(params.items()))
     return ref.eval()
 

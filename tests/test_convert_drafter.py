@@ -15,18 +15,18 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten
 
 from gemma4_mlx.cache import Mask
 from gemma4_mlx.checkpoint.load import load_drafter, load_model
 from gemma4_mlx.config import FULL, SLIDING
 from gemma4_mlx.convert import ConvertError, convert
 from gemma4_mlx.models.assistant import Drafter
-from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
+from gemma4_mlx.models.quantized import QEmbedding, QLinear
 from gemma4_mlx.runtime.generate import generate_tokens
 from gemma4_mlx.speculative.loop import speculative_batch_generate
 
 from helpers.checkpoints import random_ids
+from helpers.dequantize import float_weights, stack_like
 
 NAMES = ["e2b_like", "dense"]  # centroid head, dense tied head
 MODES = ["bf16", "q8", "q4_0", "sfp8", "mxfp4", "nvfp4"]
@@ -113,17 +113,9 @@ def _rel(a, b) -> float:
 def _dequantized(drafter: Drafter) -> Drafter:
     """A float32 Drafter holding the dequantized weights of a loaded one (head rows
     in the same, possibly reordered, order)."""
-    params = {}
-    for path, m in drafter.named_modules():
-        if isinstance(m, (QLinear, QEmbedding)):
-            w = mx.dequantize(
-                m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits, mode=m.mode, dtype=mx.float32
-            )
-            params[path + ".weight"] = w * m["tensor_scale"] if "tensor_scale" in m else w
-    for k, v in tree_flatten(drafter.parameters()):
-        if k.rpartition(".")[0] + ".weight" not in params:
-            params[k] = v if k.endswith("token_ordering") else v.astype(mx.float32)
+    params = float_weights(drafter, keep=lambda k: k.endswith("token_ordering"))
     ref = Drafter(drafter.config)
+    stack_like(ref.model.layers, drafter.model.layers)
     ref.load_weights(list(params.items()))
     ref.ordered = drafter.ordered
     return ref.eval()

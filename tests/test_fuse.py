@@ -14,14 +14,13 @@ import mlx.nn as nn
 import pytest
 
 import gemma4_mlx
-from convert import convert
 from gemma4_mlx import ops
 from gemma4_mlx.models import fuse
 from gemma4_mlx.models.layers import Linear
 from gemma4_mlx.models.moe import ExpertLinear
 from gemma4_mlx.models.quantized import QLinear
 
-from test_convert import tempered  # noqa: F401  (fixture)
+from test_convert import converted, tempered  # noqa: F401  (fixtures)
 
 RECIPES = ["q4", "q8", "q4_0", "sfp8", "mxfp4"]
 
@@ -112,9 +111,9 @@ IDS = [(7 * i + 2) % 250 + 3 for i in range(40)]  # MoE: 40 tokens x top-2 = 80 
 
 @pytest.mark.parametrize("gpu_branches", [False, True], ids=["cpu", "gpu-branches"])
 @pytest.mark.parametrize("name,recipe", CASES)
-def test_stacked_model_computes_the_same(tempered, converted_fuse, monkeypatch, name, recipe, gpu_branches):  # noqa: F811
+def test_stacked_model_computes_the_same(tempered, converted, monkeypatch, name, recipe, gpu_branches):  # noqa: F811
     """Loaded stacked vs not: the same logits, prefill and decode."""
-    path = tempered[name] if recipe is None else converted_fuse(tempered[name], recipe)
+    path = tempered[name] if recipe is None else converted(tempered[name], recipe, keep=False)[0]
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", gpu_branches)
     monkeypatch.setattr(ops, "STACK_PROJECTIONS", True)
     stacked = gemma4_mlx.load(path, dtype=None if recipe else "float32")[0]
@@ -128,19 +127,6 @@ def test_stacked_model_computes_the_same(tempered, converted_fuse, monkeypatch, 
     for got, want in zip(_logits(stacked, ids), _logits(plain, ids)):
         assert mx.allclose(got, want, rtol=1e-5, atol=1e-5), float(mx.abs(got - want).max())
         assert (got.argmax(-1) == want.argmax(-1)).all()
-
-
-@pytest.fixture(scope="module")
-def converted_fuse(tmp_path_factory):
-    root, cache = tmp_path_factory.mktemp("fuse"), {}
-
-    def get(src, recipe):
-        if recipe not in cache:
-            cache[recipe] = root / recipe
-            convert(src, cache[recipe], recipe, keep_high_precision=False, progress=False)
-        return cache[recipe]
-
-    return get
 
 
 def test_stacking_is_opt_in(tempered):  # noqa: F811

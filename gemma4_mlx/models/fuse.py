@@ -20,8 +20,7 @@ import copy
 import mlx.core as mx
 import mlx.nn as nn
 
-# Per-tensor factors applied after the product, on the output axis (SFP8).
-_PER_OUTPUT = ("tensor_scale",)
+from gemma4_mlx.models.quantized import PER_TENSOR
 
 
 def _settings(m: nn.Module) -> dict:
@@ -44,7 +43,7 @@ def stack_outputs(parts: list[nn.Module], axis: int) -> nn.Module | None:
     fused = copy.copy(first)
     rows = [m["weight"].shape[axis] for m in parts]
     for k in keys:
-        if k in _PER_OUTPUT:
+        if k in PER_TENSOR:
             value = mx.concatenate([mx.broadcast_to(m[k].astype(mx.float32), (n,)) for m, n in zip(parts, rows)])
         else:
             value = mx.concatenate([m[k] for m in parts], axis=axis)

@@ -23,9 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from gemma4_mlx import ranks
-
-# A per-tensor SFP8 scale (shape (1,)) is replicated, never cut.
-REPLICATED_ARRAYS = ("tensor_scale",)
+from gemma4_mlx.models.quantized import PER_TENSOR
 
 
 class ShardError(ValueError):
@@ -116,7 +114,7 @@ def apply(module: nn.Module, plan: Plan, prefix: str = "") -> Plan:
         for part in path.split("."):
             m = m[int(part)] if isinstance(m, list) else m[part]
         for name, value in list(m.items()):
-            if isinstance(value, mx.array) and name not in REPLICATED_ARRAYS:
+            if isinstance(value, mx.array) and name not in PER_TENSOR:  # replicated, never cut
                 setattr(m, name, sl.take(value, f"{prefix}{path}.{name}"))
         out[prefix + path] = sl
     return out

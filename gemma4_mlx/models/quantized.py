@@ -19,6 +19,10 @@ from gemma4_mlx.formats import q4_0
 # Which format a module holds, its kernel and whether its biases are derived, come
 # from `gemma4_mlx.formats.registry` (read by the loader when it builds these modules).
 
+# Factors applied to a whole tensor's product, not per row (SFP8's scale, shape (1,)):
+# a rank's shard keeps them whole, stacked modules widen them to one per output row.
+PER_TENSOR = ("tensor_scale",)
+
 
 def affine_biases(module: nn.Module, scales: mx.array | None = None) -> mx.array | None:
     """The module's affine biases: stored, or for Q4_0 derived from the scales when

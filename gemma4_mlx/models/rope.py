@@ -45,9 +45,9 @@ class RoPE(nn.Module):
             same_offset = isinstance(memo.offset, int) and memo.offset == offset
         else:
             same_offset = memo.offset is offset
-        if not (same_offset and memo.T == T and memo.freqs is self._freqs and memo.base == self.base):
+        if not (same_offset and memo.T == T and memo.freqs is self._freqs):
             inv = ops.rope_inv_freqs(self.dims, self.base, self._freqs)
-            memo = self._memo = _Angles(offset, T, self._freqs, self.base, *ops.rope_angles(inv, offset, T))
+            memo = self._memo = _Angles(offset, T, self._freqs, *ops.rope_angles(inv, offset, T))
         return memo.cos, memo.sin
 
 
@@ -56,5 +56,5 @@ class _Angles:
     the offset and frequencies it was made for, so that identity comparisons are sound;
     a caller must pass a new array for new offsets (the model does: `positions()`)."""
 
-    def __init__(self, offset, T: int, freqs, base, cos: mx.array, sin: mx.array):
-        self.offset, self.T, self.freqs, self.base, self.cos, self.sin = offset, T, freqs, base, cos, sin
+    def __init__(self, offset, T: int, freqs, cos: mx.array, sin: mx.array):
+        self.offset, self.T, self.freqs, self.cos, self.sin = offset, T, freqs, cos, sin
