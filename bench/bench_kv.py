@@ -3,7 +3,8 @@
 1. bytes   KV cache bytes at 8K / 32K / 128K / 256K tokens for every released
            variant (`presets.PRESETS`, real layer shapes), from the same layout the
            cache uses (`cache.quantized.layout`); checked against a real cache's
-           nbytes on a shortened copy of each variant.
+           nbytes on a shortened copy of each variant; then the longest context
+           each variant, weight format and KV width fits on a 16 / 24 / 32 / 64 GB Mac.
 2. quality teacher-forced next-token agreement with the 16-bit cache and
            perplexity change over >= 2,000 tokens of context, on the embedded demo
            model (a trained, non-chaotic model) and on random weights with small
@@ -16,7 +17,7 @@
            shapes (vocabulary cut to 8,192), split into weights, KV cache, rest.
 
     python bench/bench_kv.py [--quick] [--dtype bfloat16] [--skip bytes quality speed prefill]
-                             [--prefill-variants e2b 31b] [--prefill-chunk 512]
+                             [--prefill-variants e2b 31b] [--prefill-chunk 512] [--prefill-bits 16 8]
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from gemma4_mlx.cache import quantized as kvs
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.demo.corpus import corpus
+from gemma4_mlx.models.rope import RoPE
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.presets import PRESETS, preset
 from gemma4_mlx.prompt.template import render
@@ -50,13 +52,21 @@ ROLLBACK = 32  # make_cache's default sliding slack (a Chat keeps 2048: +2016 sl
 
 
 # -- 1. bytes ---------------------------------------------------------------------------
-def slot_bytes(head_dim: int, kv_heads: int, bits: int, float_bytes: int = 2) -> int:
-    """Bytes of one slot's K or V in one layer: codes + scales + biases (scales and
-    biases in the model's dtype, bf16 for released checkpoints)."""
+def slot_bytes(width: int, kv_heads: int, bits: int, float_bytes: int = 2) -> int:
+    """Bytes of one slot's K or V (`width` values per head) in one layer: codes + scales
+    + biases (scales and biases in the model's dtype, bf16 for released checkpoints)."""
     if bits == 16:
-        return kv_heads * head_dim * float_bytes
-    group, padded = kvs.layout(head_dim)
+        return kv_heads * width * float_bytes
+    group, padded = kvs.layout(width)
     return kv_heads * (padded * bits // 8 + 2 * (padded // group) * float_bytes)
+
+
+def key_width(cfg: TextConfig, s, bits: int) -> int:
+    """Values per head a layer's cached keys hold: a quantized K = V layer keeps only the
+    dims RoPE rotates (docs/kv-cache.md §7)."""
+    if bits == 16 or not s.k_eq_v:
+        return s.head_dim
+    return len(RoPE(s.head_dim, cfg.rope_for(s.type)).rotated_dims())
 
 
 def kv_bytes(cfg: TextConfig, ctx: int, bits: int, rollback: int = ROLLBACK) -> int:
@@ -64,7 +74,9 @@ def kv_bytes(cfg: TextConfig, ctx: int, bits: int, rollback: int = ROLLBACK) -> 
     total = 0
     for s in cfg.layers[: cfg.first_shared]:
         kept = ctx if s.type == FULL else min(ctx, cfg.sliding_window - 1 + rollback)
-        total += 2 * kept * slot_bytes(s.head_dim, s.kv_heads, bits)
+        total += kept * (
+            slot_bytes(key_width(cfg, s, bits), s.kv_heads, bits) + slot_bytes(s.head_dim, s.kv_heads, bits)
+        )
     return total
 
 
@@ -73,7 +85,15 @@ def check_accounting(name: str, bits: int, ctx: int = 1500) -> None:
     spec = dict(PRESETS[name], num_hidden_layers=6, layer_types=[SLIDING] * 5 + [FULL], num_kv_shared_layers=0)
     spec.update(sliding_window=64)
     small = TextConfig.from_dict(spec, name)
-    caches = LayerCaches.for_layers(small.layer_types, small.first_shared, 64, max_rollback=ROLLBACK, kv_bits=bits)
+    splits = {}
+    for s in small.layers:
+        if key_width(small, s, bits) != s.head_dim:
+            splits[s.index] = kvs.KeySplit(
+                RoPE(s.head_dim, small.rope_for(s.type)).rotated_dims(), mx.ones((s.head_dim,)), s.head_dim
+            )
+    caches = LayerCaches.for_layers(
+        small.layer_types, small.first_shared, 64, max_rollback=ROLLBACK, kv_bits=bits, key_splits=splits
+    )
     for c, s in zip(caches, small.layers):
         for _ in range(0, ctx, 500):
             x = mx.random.normal((1, s.kv_heads, 500, s.head_dim)).astype(mx.bfloat16)
@@ -98,6 +118,49 @@ def table_bytes() -> None:
             cells = " | ".join(f"{g:.2f} GiB{m}" for g, m in zip(row, mark))
             print(f"| {name} | {bits} | {cells} | {kv_bytes(cfg, 131072, bits) / base:.3f} |")
     print("\n(* beyond the variant's max_position_embeddings; accounting checked against real caches)")
+
+
+# Bits per weight of each checkpoint format: bf16; SFP8 (one byte, a per-tensor scale);
+# MLX affine 8 / 4-bit with group 64 (a bf16 scale and bias per group); Q4_0 (18 bytes per 32).
+WEIGHT_FORMATS = {"bf16": 16.0, "sfp8": 8.0, "mlx 8-bit": 8.5, "q4_0 / mlx 4-bit": 4.5}
+MACS = [16, 24, 32, 64]  # GB of unified memory
+USABLE = 0.70  # share of a Mac's memory a model may take: macOS keeps ~25-30 % for itself and apps
+ACTIVATIONS = 2**30  # a chunked prefill's activations (measured near 1 GiB at 32K, section 4)
+
+
+def weight_bytes(name: str, fmt: str) -> int:
+    """Resident weight bytes of a variant (text decoder) in a format; an unquantized PLE
+    table stays memory-mapped in its file (`checkpoint.load.map_ple_table`)."""
+    total = 0
+    for key, value in tree_flatten(Model(preset(name)).parameters()):  # lazy: nothing allocated
+        if fmt == "bf16" and "embed_tokens_per_layer" in key:
+            continue
+        total += value.size
+    return int(total * WEIGHT_FORMATS[fmt] / 8)
+
+
+def table_fits() -> None:
+    """The longest context (of CONTEXTS) each variant, weight format and KV width fits
+    on a Mac of each size: weights + KV + activations within USABLE of its memory."""
+    print(f"\n## Fits on a Mac: longest context with weights + KV + 1 GiB activations <= {USABLE:.0%} of memory\n")
+    print("| variant | weights | weight GiB | kv bits | " + " | ".join(f"{m} GB Mac" for m in MACS) + " |")
+    print("|---|---|---|---|" + "---|" * len(MACS))
+    for name in PRESETS:
+        cfg = preset(name)
+        contexts = [c for c in CONTEXTS if c <= cfg.max_position_embeddings]
+        for fmt in WEIGHT_FORMATS:
+            w = weight_bytes(name, fmt)
+            for bits in BITS:
+                cells = []
+                for mac in MACS:
+                    room = USABLE * mac * 1e9 - w - ACTIVATIONS
+                    fit = [c for c in contexts if kv_bytes(cfg, c, bits) <= room]
+                    cells.append(f"{fit[-1] // 1024}K" if fit else ("—" if room < 0 else "< 8K"))
+                print(f"| {name} | {fmt} | {w / 2**30:.1f} | {bits} | " + " | ".join(cells) + " |")
+    print(
+        "\n(— : the weights alone do not fit; < 8K: they fit, 8K of context does not. E2B / E4B "
+        "in bf16 keep their PLE table memory-mapped (not counted); the other formats count it at their bits)"
+    )
 
 
 # -- 2. quality -------------------------------------------------------------------------
@@ -304,11 +367,13 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["bytes", "quality", "speed", "prefill"])
     ap.add_argument("--prefill-variants", nargs="*", default=None, choices=list(PRESETS))
     ap.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    ap.add_argument("--prefill-bits", nargs="*", type=int, default=[16, 8], choices=BITS)
     args = ap.parse_args()
     dtype = getattr(mx, args.dtype)
     print(f"# bench_kv ({'quick' if args.quick else 'full'}) on {platform.machine()}, {mx.default_device()}")
     if "bytes" not in args.skip:
         table_bytes()
+        table_fits()
     if "quality" not in args.skip:
         table_quality(2048 if args.quick else 4096, dtype, 256)
     if "speed" not in args.skip:
@@ -318,7 +383,7 @@ def main() -> None:
             decode_speed("e2b", [8192, 32768], 16, dtype)
     if "prefill" not in args.skip:
         variants = args.prefill_variants or (["e2b"] if args.quick else list(PRESETS))
-        prefill_memory(variants, 4096 if args.quick else 32768, args.prefill_chunk, [16, 8], dtype)
+        prefill_memory(variants, 4096 if args.quick else 32768, args.prefill_chunk, args.prefill_bits, dtype)
 
 
 if __name__ == "__main__":

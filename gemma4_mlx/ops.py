@@ -10,6 +10,7 @@ choice live here (docs/text-decoder.md §6.1):
   once, as the GPU kernel does.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -219,39 +220,69 @@ def _matmul_attention(q, k, v, mask):
     return out.reshape(B, nh, T, v.shape[-1])
 
 
-def quantized_attention(q: mx.array, k: tuple, v: tuple, mask, *, group_size: int, bits: int) -> mx.array:
+def quantized_attention(terms: list[tuple], v: tuple, mask) -> mx.array:
     """`attention` over K/V stored as `mx.quantize` triples (codes, scales, biases),
     groups along the head dim (docs/kv-cache.md §3).
 
-    Scores are `quantized_matmul(q, K, transpose=True)` and the output
-    `quantized_matmul(p, V, transpose=False)`: the cache is never dequantized as a
+    terms: the score products, each (queries [B, nh, T, d_i], a quantized triple
+    [B, kv, S, ...] read as keys, group size, bits); one for ordinary keys, two for
+    a K = V layer whose unrotated key dims are read from the values (§7).  v: (triple,
+    group size, bits).  Scores are the sum of `quantized_matmul(q_i, K_i, transpose=True)`
+    and the output `quantized_matmul(p, V)`: the cache is never dequantized as a
     whole.  MLX's fused SDPA takes no quantized K/V, so every backend runs this;
     long query runs go in blocks that skip key blocks the mask rules out (on the
     CPU for the softmax's exp, on a GPU also to bound the [T, S] score tensor).
     """
-    T = q.shape[2]
+    T = terms[0][0].shape[2]
     if T < 2 * ATTENTION_BLOCK:
-        return _quantized_attention(q, k, v, mask.array, group_size, bits)
+        return _quantized_attention(terms, v, mask.array)
+    if cpu_branches():
+        return _dequantized_chunk_attention(terms, v, mask)
     outs = []
     for a in range(0, T, ATTENTION_BLOCK):
         b = min(T, a + ATTENTION_BLOCK)
         lo, hi = mask.key_range(a, b)
-        kb, vb = (tuple(t[:, :, lo:hi] for t in x) for x in (k, v))
-        outs.append(_quantized_attention(q[:, :, a:b], kb, vb, mask.array[..., a:b, lo:hi], group_size, bits))
+
+        def keys(x, lo=lo, hi=hi):
+            return tuple(t[:, :, lo:hi] for t in x)
+
+        block = [(q[:, :, a:b], keys(k), g, n) for q, k, g, n in terms]
+        outs.append(_quantized_attention(block, (keys(v[0]), *v[1:]), mask.array[..., a:b, lo:hi]))
     return mx.concatenate(outs, axis=2)
 
 
-def _quantized_attention(q, k, v, mask, group_size, bits):
-    B, nh, T, d = q.shape
-    kv, S = k[0].shape[1], k[0].shape[2]
+def _dequantized_chunk_attention(terms, v, mask) -> mx.array:
+    """A long query run (a prefill chunk) on the CPU: MLX's CPU `quantized_matmul`
+    dequantizes its matrix once per query row, so the chunk dequantizes the keys it
+    may see once and runs the float path (docs/kv-cache.md §3).  Decode steps and
+    verify blocks (< 2 blocks of queries) keep the quantized products."""
+    lo, hi = mask.key_range(0, terms[0][0].shape[2])
+
+    def floats(buf, group, bits):
+        return mx.dequantize(*(t[:, :, lo:hi] for t in buf), group_size=group, bits=bits)
+
+    q = mx.concatenate([t[0] for t in terms], axis=-1)  # the score terms as one product
+    k = mx.concatenate([floats(*t[1:]) for t in terms], axis=-1)
+    seen = dataclasses.replace(mask, array=mask.array[..., lo:hi], k_start=mask.k_start + lo)
+    return attention(q, k, floats(*v), seen)
+
+
+def _quantized_attention(terms, v, mask):
+    B, nh, T, _ = terms[0][0].shape
+    kv, S = terms[0][1][0].shape[1], terms[0][1][0].shape[2]
     g = nh // kv
-    # A KV head's whole query group as the rows of one product: no broadcast K/V
-    # (a broadcast operand made MLX's CPU kernel ~1.3x slower at decode).
-    q = q.reshape(B, kv, g * T, d)
-    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)
-    scores = mx.where(mask[:, :, None], scores.reshape(B, kv, g, T, S).astype(wide(q.dtype)), -mx.inf)
-    p = mx.softmax(scores, axis=-1, precise=True).astype(q.dtype).reshape(B, kv, g * T, S)
-    out = mx.quantized_matmul(p, *v, transpose=False, group_size=group_size, bits=bits)
+    hi = wide(terms[0][0].dtype)
+    scores = None
+    for q, k, group, bits in terms:
+        # A KV head's whole query group as the rows of one product: no broadcast K/V
+        # (a broadcast operand made MLX's CPU kernel ~1.3x slower at decode).
+        s = mx.quantized_matmul(q.reshape(B, kv, g * T, q.shape[-1]), *k, transpose=True, group_size=group, bits=bits)
+        s = s.astype(hi)  # terms are summed in float32, as the softmax reads them
+        scores = s if scores is None else scores + s
+    scores = mx.where(mask[:, :, None], scores.reshape(B, kv, g, T, S), -mx.inf)
+    p = mx.softmax(scores, axis=-1, precise=True).astype(terms[0][0].dtype).reshape(B, kv, g * T, S)
+    values, group, bits = v
+    out = mx.quantized_matmul(p, *values, transpose=False, group_size=group, bits=bits)
     return out.reshape(B, nh, T, out.shape[-1])
 
 

@@ -22,6 +22,7 @@ import test_batch
 import test_cache
 import test_convert
 import test_dtypes
+import test_kv_quant
 import test_multimodal
 import test_parity
 import test_speculative
@@ -120,3 +121,16 @@ def test_multimodal_logits(case, inputs):  # noqa: F811
 
 def test_multimodal_chunked_prefill_and_greedy(case, inputs):  # noqa: F811
     test_multimodal.test_chunked_prefill_and_greedy(case, inputs)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("d, window", [(256, 8), (512, None), (16, 4)])
+def test_quantized_kv_attention(bits, d, window):
+    """Long query runs over quantized K/V: blocked quantized products (the CPU
+    dequantizes a prefill chunk's keys instead, docs/kv-cache.md §3)."""
+    test_kv_quant.test_quantized_attention_equals_dequantized(bits, d, window)
+
+
+@pytest.mark.parametrize("T", [5, 130])
+def test_quantized_kv_split_keys(T):
+    test_kv_quant.test_split_key_attention_scores_the_unrotated_dims_from_the_values(8, T)

@@ -9,15 +9,19 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten, tree_unflatten
 
 import gemma4_mlx
 from gemma4_mlx import ops
 from gemma4_mlx.batching import Job, Scheduler
 from gemma4_mlx.batching import scheduler as scheduler_module
-from gemma4_mlx.cache import KVCache, LayerCaches, SlidingKVCache, build_mask, rows
+from gemma4_mlx.cache import KVCache, LayerCaches, SlidingKVCache, build_mask, disk, rows
 from gemma4_mlx.cache import quantized as kvs
 from gemma4_mlx.chat.session import Chat
+from gemma4_mlx.config import FULL, SLIDING, TextConfig
 from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.models.rope import RoPE
+from gemma4_mlx.models.text import Attention, Model
 from gemma4_mlx.runtime.generate import batch_generate, generate_tokens
 from gemma4_mlx.speculative.loop import speculative_generate_tokens
 
@@ -148,10 +152,13 @@ def compare_attention(monkeypatch):
     diffs = []
     inner = ops.quantized_attention
 
-    def both(q, k, v, mask, *, group_size, bits):
-        got = inner(q, k, v, mask, group_size=group_size, bits=bits)
-        deq = [mx.dequantize(*x, group_size=group_size, bits=bits) for x in (k, v)]
-        diffs.append(max_diff(got, ops.attention(q, *deq, mask)))
+    def both(terms, v, mask):
+        got = inner(terms, v, mask)
+        # the score terms as one product: queries and dequantized keys side by side
+        q = mx.concatenate([t[0] for t in terms], axis=-1)
+        k = mx.concatenate([mx.dequantize(*t[1], group_size=t[2], bits=t[3]) for t in terms], axis=-1)
+        values = mx.dequantize(*v[0], group_size=v[1], bits=v[2])
+        diffs.append(max_diff(got, ops.attention(q, k, values, mask)))
         return got
 
     monkeypatch.setattr(ops, "quantized_attention", both)
@@ -323,3 +330,103 @@ def test_generate_and_the_cli_take_kv_bits(demo):
     assert bad.exit_code != 0 and "3 is not one of 16, 8, 4" in bad.output
     good = CliRunner().invoke(app, [*base, "--kv-bits", "4"])
     assert good.exit_code == 0, good.output
+
+
+# -- K = V layers: keys stored once (docs/kv-cache.md §7) -------------------------------
+def kv_layers_model() -> Model:
+    """Two sliding layers and a K = V full layer at Gemma 4's real head dims (256, 512
+    with proportional RoPE: 128 rotated dims), random weights whose q/k norms keep
+    scores O(1) as in a trained model (not a chaotic one)."""
+    spec = dict(
+        vocab_size=512,
+        hidden_size=128,
+        num_hidden_layers=3,
+        layer_types=[SLIDING, SLIDING, FULL],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        head_dim=256,
+        global_head_dim=512,
+        attention_k_eq_v=True,
+        sliding_window=16,
+        intermediate_size=128,
+        model_type="gemma4_text",
+    )
+    model = Model(TextConfig.from_dict(spec, "kv-layers"))
+    mx.random.seed(5)
+    new = []
+    for key, value in tree_flatten(model.parameters()):
+        if key.endswith(("q_norm.weight", "k_norm.weight")):
+            new.append((key, (0.5 + mx.random.uniform(shape=value.shape)) * value.shape[-1] ** -0.25))
+        elif key.endswith(("norm.weight", "layer_scalar")):
+            new.append((key, 0.8 + 0.4 * mx.random.uniform(shape=value.shape)))
+        else:
+            new.append((key, 0.05 * mx.random.normal(value.shape)))
+    model.update(tree_unflatten(new))
+    return model
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_k_eq_v_layers_store_only_the_rotated_key_dims(bits):
+    model = kv_layers_model()
+    cache = model.make_cache(kv_bits=bits)
+    model(mx.array([random_ids(40, seed=1)]), cache)
+    sliding, full = cache[0], cache[2]
+    assert sliding.key_split is None and full.key_split.width == 128
+    k, v = full.state
+    assert kvs.nbytes(k) * 4 == kvs.nbytes(v)  # keys: 128 of 512 dims
+    assert kvs.nbytes(sliding.state[0]) == kvs.nbytes(sliding.state[1])
+    assert model.make_cache()[2].key_split is None  # a float cache keeps K and V whole
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("T", [5, 130])  # decode / verify sizes; a prefill chunk (blocked)
+def test_split_key_attention_scores_the_unrotated_dims_from_the_values(bits, T):
+    """q . K with K's unrotated dims read as w * V: equal to float attention over the
+    key that definition gives, built from the dequantized entries."""
+    d, S = 512, 150
+    dims = RoPE(d, {"rope_type": "proportional", "rope_theta": 1e6, "partial_rotary_factor": 0.25}).rotated_dims()
+    assert dims == [*range(64), *range(256, 320)]
+    w = mx.array(np.random.default_rng(6).uniform(0.5, 1.5, d).astype(np.float32))
+    split = kvs.KeySplit(dims, w, d)
+    q = normal((1, 4, T, d), 7) * d**-0.5
+    keys, values = normal((1, 2, S, d), 8), normal((1, 2, S, d), 9)
+    kq, vq = kvs.encode(split.keys(keys), bits), kvs.encode(values, bits)
+    mask = build_mask(S - T, 0, T, None, None)
+    got = kvs.attention(q, kvs.SplitKeys(kq, split), vq, mask)
+    v_deq = kvs.decode(vq, d)
+    k_def = v_deq * w  # unrotated dims: w * V ...
+    k_def[..., split.dims] = kvs.decode(kq, 128)  # ... rotated dims: their own buffer
+    assert max_diff(got, ops.attention(q, k_def, v_deq, mask)) < 1e-5
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_split_keys_cost_no_accuracy(bits, monkeypatch):
+    """A model whose K = V layer keeps its keys once is as close to the float model
+    as one keeping K and V whole (same bits), over a prompt past the window."""
+    model = kv_layers_model()
+    ids = mx.array([random_ids(60, seed=2)])
+    want = model(ids, model.make_cache())
+
+    def error() -> float:
+        return max_diff(model(ids, model.make_cache(kv_bits=bits)), want)
+
+    split = error()
+    monkeypatch.setattr(Attention, "key_split", lambda self: None)
+    whole = error()
+    assert 0 < split < 1.5 * whole, (split, whole)
+
+
+def test_split_keys_round_trip_through_a_cache_file(tmp_path):
+    """Saved and restored at real head dims (keys 128 wide, values 512): the next
+    step's logits are identical (==)."""
+    model = kv_layers_model()
+    ids = random_ids(40, seed=3)
+    cache = model.make_cache(kv_bits=8)
+    model(mx.array([ids]), cache)
+    disk.save(tmp_path / "c.kv", cache)
+    tensors, meta = disk.read(tmp_path / "c.kv")
+    back = model.make_cache(kv_bits=8)
+    disk.restore(tmp_path / "c.kv", tensors, meta, back, [(s.kv_heads, s.head_dim) for s in model.config.layers])
+    step = mx.array([[9]])
+    assert mx.array_equal(model(step, back), model(step, cache)).item()

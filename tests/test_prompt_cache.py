@@ -1,24 +1,29 @@
 """Prompt caches on disk (docs/kv-cache.md §8): a saved and reloaded cache — float or
 quantized, sliding layers past their window included — continues bit for bit as the
 never-saved one; saved chats continue identically; files made for another model,
-dtype or kv_bits, and damaged files, are refused with one line.  Also the batched
+dtype or kv_bits, and damaged files, are refused with one line; the checkpoint
+fingerprint that names the model covers sampled weight bytes.  Also the batched
 speculative entry with kv_bits (§5)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 import gemma4_mlx
 from gemma4_mlx.cache import disk
 from gemma4_mlx.chat.session import Chat
+from gemma4_mlx.checkpoint.files import WHOLE, LoadError, fingerprint, read_safetensors
 from gemma4_mlx.checkpoint.load import load_model
 from gemma4_mlx.checkpoint.prompt_cache import CacheFileError, load_prompt_cache, save_prompt_cache
 from gemma4_mlx.cli import app
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
+from gemma4_mlx.formats.safetensors import read_header
 from gemma4_mlx.runtime.generate import batch_generate, generate_tokens, prefill
 from gemma4_mlx.speculative.loop import speculative_batch_generate
 
@@ -118,6 +123,89 @@ def test_damaged_files_are_refused_in_one_line(pairs, tmp_path):
     refused(other.read_bytes(), "not a gemma4-mlx KV cache file")
     with pytest.raises(CacheFileError, match="no such file"):
         load_prompt_cache(tmp_path / "absent.kv", model, kv_bits=4)
+
+
+def tiny_checkpoint(folder, edit=None):
+    """config.json and one safetensors file: a norm weight (256 B, hashed whole) and a
+    [128, 256] float32 matrix (128 KiB, sampled); `edit(norm, big)` changes values
+    in place (a fine-tune: same config, names, shapes and header)."""
+    norm = np.linspace(0.5, 1.5, 64, dtype=np.float32)
+    big = np.arange(128 * 256, dtype=np.float32).reshape(128, 256) / 1000
+    if edit is not None:
+        edit(norm, big)
+    assert norm.nbytes <= WHOLE < big.nbytes
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "gemma4_text"}')
+    mx.save_safetensors(str(folder / "model.safetensors"), {"norm.weight": mx.array(norm), "big.weight": mx.array(big)})
+    return fingerprint(folder)
+
+
+def test_fingerprint_covers_weight_bytes(tmp_path):
+    """Same config and header, other values: another fingerprint, whether the change is
+    in a small tensor or at the start, middle or end of a large one."""
+    base = tiny_checkpoint(tmp_path / "base")
+    assert len(base) == 32 and int(base, 16) >= 0
+    assert tiny_checkpoint(tmp_path / "copy") == base  # an identical copy elsewhere
+
+    def changed(name, edit):
+        fp = tiny_checkpoint(tmp_path / name, edit)
+        assert read_header(tmp_path / name / "model.safetensors") == read_header(tmp_path / "base/model.safetensors")
+        return fp
+
+    assert changed("norm", lambda n, b: n.__setitem__(37, 1.25)) != base
+    assert changed("middle", lambda n, b: b.__setitem__((64, 0), -1.0)) != base  # element 16384 of 32768
+    assert changed("start", lambda n, b: b.__setitem__((0, 3), -1.0)) != base
+    assert changed("end", lambda n, b: b.__setitem__((127, 250), -1.0)) != base
+    # the documented blind spot (docs/kv-cache.md §8): a change only between samples
+    assert changed("quarter", lambda n, b: b.__setitem__((32, 0), -1.0)) == base
+
+
+def test_fingerprint_of_files_that_are_not_safetensors(tmp_path):
+    """A shard the index names that is not safetensors, or a malformed header: hashed by
+    sampled raw bytes (no traceback); the loader refuses the file in one line."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "weights.bin"}}))
+    raw = bytearray(np.arange(100_000, dtype=np.uint32).tobytes())  # 400 kB
+    (folder / "weights.bin").write_bytes(raw)
+    before = fingerprint(folder)
+    raw[200_000] ^= 1  # the middle of the file
+    (folder / "weights.bin").write_bytes(raw)
+    assert fingerprint(folder) != before
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    (bad / "model.safetensors").write_bytes((12).to_bytes(8, "little") + b'{"x": [[[[[' + bytes(100))
+    assert len(fingerprint(bad)) == 32
+    with pytest.raises(LoadError, match="model.safetensors: unreadable safetensors") as e:
+        read_safetensors(bad / "model.safetensors")
+    assert "\n" not in str(e.value)
+
+
+def test_refused_by_a_model_that_differs_only_in_weight_bytes(pairs, checkpoints, tmp_path):
+    """A fine-tune of the dense checkpoint (one norm weight's values changed in place:
+    config, names and headers identical) does not accept the original's prompt cache."""
+    model, _ = pairs["dense"]
+    tuned = tmp_path / "dense"
+    shutil.copytree(checkpoints["dense"].path, tuned)
+    (weights,) = tuned.glob("*.safetensors")
+    start, entries = read_header(weights)
+    name = next(k for k in entries if k.endswith("layers.2.input_layernorm.weight"))
+    begin, end = entries[name]["data_offsets"]
+    assert end - begin <= WHOLE
+    data = bytearray(weights.read_bytes())
+    data[start + (begin + end) // 2] ^= 0x01  # one bit of one value: a tiny update
+    weights.write_bytes(data)
+    other, _ = load_model(tuned, "float32")
+    ids = random_ids(W + 3, seed=5)
+    path = tmp_path / "orig.kv"
+    save_prompt_cache(path, model, filled(model, ids, 16), ids)
+    with pytest.raises(CacheFileError, match=r"made for another model \('dense', fingerprint .*not 'dense'") as e:
+        load_prompt_cache(path, other)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"{path}: ")
+    load_prompt_cache(path, model)  # the original still loads it
 
 
 def test_shapes_that_do_not_fit_the_model_are_refused(pairs, tmp_path):

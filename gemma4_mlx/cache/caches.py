@@ -25,17 +25,20 @@ class LayerCaches(list):
         max_rollback: int = 32,
         left_pad=None,
         kv_bits: int | None = None,
+        key_splits: dict | None = None,
     ) -> LayerCaches:
         """kv_bits: 8 or 4 store every layer's K/V quantized (`cache.quantized`);
-        None or 16 keep the model's float dtype."""
+        None or 16 keep the model's float dtype.  key_splits: layer index -> the
+        `KeySplit` of a K = V layer (used with kv_bits 8 / 4 only, docs/kv-cache.md §7)."""
         caches = cls()
         for i, t in enumerate(layer_types):
+            split = (key_splits or {}).get(i)
             if i >= first_shared:
                 caches.append(None)
             elif t == "sliding_attention":
-                caches.append(SlidingKVCache(window, max_rollback, left_pad, kv_bits))
+                caches.append(SlidingKVCache(window, max_rollback, left_pad, kv_bits, split))
             else:
-                caches.append(KVCache(left_pad, kv_bits))
+                caches.append(KVCache(left_pad, kv_bits, split))
         return caches
 
     @classmethod

@@ -181,7 +181,11 @@ def _layer_state(path, i: int, info, cache, shape, tensors, dtype) -> dict:
         raise CacheFileError(f"{where}: malformed layer entry")
     if info.get("window") != cache.window:
         raise CacheFileError(f"{where}: sliding window {info.get('window')}, the model's is {cache.window}")
-    bufs = [_buffer(where, w, tensors, i, cache.kv_bits, shape, dtype) for w in ("keys", "values")]
+    # a quantized K = V layer's keys hold only the rotated dims (docs/kv-cache.md §7)
+    key_shape = shape if cache.key_split is None else (shape[0], cache.key_split.width)
+    bufs = [
+        _buffer(where, w, tensors, i, cache.kv_bits, s, dtype) for w, s in zip(("keys", "values"), (key_shape, shape))
+    ]
     if (bufs[0] is None) != (bufs[1] is None):
         raise CacheFileError(f"{where}: keys and values must both be present or both absent")
     size = 0 if bufs[0] is None else kvs.length(bufs[0])

@@ -67,10 +67,12 @@ class _Cache:
 
     window: int | None = None
 
-    def __init__(self, left_pad=None, kv_bits: int | None = None):
+    def __init__(self, left_pad=None, kv_bits: int | None = None, key_split: kvs.KeySplit | None = None):
         # keys / values: float arrays, or quantized triples with kv_bits 8 / 4
         # (`cache.quantized`; every slot operation below handles both)
         self.kv_bits = kvs.check_bits(kv_bits)
+        # a quantized K = V layer keeps only its rotated key dims (docs/kv-cache.md §7)
+        self.key_split = key_split if self.kv_bits is not None else None
         self.keys = self.values = None
         self.offset = 0  # slots written so far (the next token's slot)
         self.left_pad = None if left_pad is None else mx.array(left_pad, dtype=mx.int32)
@@ -101,6 +103,8 @@ class _Cache:
     # -- storage -------------------------------------------------------------
     def _write(self, k: mx.array, v: mx.array) -> None:
         T = k.shape[2]
+        if self.key_split is not None:
+            k = self.key_split.keys(k)
         if self.kv_bits is not None:  # each slot's entry is quantized on its own
             k, v = kvs.encode(k, self.kv_bits), kvs.encode(v, self.kv_bits)
         if self.keys is None or self._end + T > kvs.length(self.keys):
@@ -122,6 +126,10 @@ class _Cache:
 
     def _retain_on_grow(self) -> int:
         return self.size
+
+    def _fetched(self, k, v) -> tuple:
+        """Stored keys as attention reads them (split keys carry how, §7)."""
+        return (k if self.key_split is None else kvs.SplitKeys(k, self.key_split)), v
 
     def trim(self, n: int) -> int:
         """Drop the newest n entries (rejected draft tokens). Returns n."""
@@ -187,6 +195,7 @@ class _Cache:
         if n_keys is not None and kvs.length(k) > n_keys:  # read only the window, not the slack
             k, v = kvs.slots(k, -n_keys), kvs.slots(v, -n_keys)
         start = self.offset - kvs.length(k)
+        k, v = self._fetched(k, v)
         slots = mx.arange(start, self.offset)[None, :]
         allowed = slots >= 0 if n_keys is None else slots >= self.offset - n_keys
         if self.valid_from is not None:
@@ -228,7 +237,7 @@ class KVCache(_Cache):
 
     def update_and_fetch(self, k: mx.array, v: mx.array):
         self._write(k, v)
-        return kvs.slots(self.keys, 0, self._end), kvs.slots(self.values, 0, self._end)
+        return self._fetched(kvs.slots(self.keys, 0, self._end), kvs.slots(self.values, 0, self._end))
 
 
 class SlidingKVCache(_Cache):
@@ -237,8 +246,8 @@ class SlidingKVCache(_Cache):
     A query at slot q sees keys q - W < k <= q (W keys including itself).
     """
 
-    def __init__(self, window: int, max_rollback: int = 32, left_pad=None, kv_bits: int | None = None):
-        super().__init__(left_pad, kv_bits)
+    def __init__(self, window: int, max_rollback: int = 32, left_pad=None, kv_bits: int | None = None, key_split=None):
+        super().__init__(left_pad, kv_bits, key_split)
         self.window = window
         self.max_rollback = max_rollback
         self.keep = window - 1 + max_rollback
@@ -254,7 +263,7 @@ class SlidingKVCache(_Cache):
         first = self.key_start(k.shape[2])
         self._write(k, v)
         lo = self._end - (self.offset - first)
-        out = kvs.slots(self.keys, lo, self._end), kvs.slots(self.values, lo, self._end)
+        out = self._fetched(kvs.slots(self.keys, lo, self._end), kvs.slots(self.values, lo, self._end))
         self._start = max(self._start, self._end - self.keep)
         return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from gemma4_mlx import ops
 
@@ -69,17 +70,61 @@ def decode(buf, head_dim: int) -> mx.array:
     return mx.dequantize(*buf, group_size=group, bits=bits)[..., :head_dim]
 
 
+class KeySplit:
+    """How a quantized cache keeps a K = V layer's keys (docs/kv-cache.md §7).
+
+    There K = rope(raw_hat * w) and V = raw_hat (raw_hat: the RMS-normalised shared
+    projection).  On the dims RoPE leaves alone K is w * V, so only the rotated
+    dims (`dims`, 128 of 512 on Gemma 4's full layers) get a key buffer; scores add
+    q_rot . K_rot and (q * scale) . V, where `scale` is w on the unrotated dims and 0
+    on the rotated ones (whose V must not count twice).
+    """
+
+    def __init__(self, dims: Sequence[int], weight: mx.array, head_dim: int):
+        self.dims = mx.array(list(dims), dtype=mx.int32)
+        self.width = len(dims)
+        rotated = np.zeros(head_dim, dtype=bool)
+        rotated[list(dims)] = True
+        self.scale = mx.where(mx.array(rotated), mx.array(0, weight.dtype), weight)
+
+    def keys(self, k: mx.array) -> mx.array:
+        """The part of full keys [..., head_dim] the cache stores."""
+        return mx.take(k, self.dims, axis=-1)
+
+
+class SplitKeys:
+    """A K = V layer's keys as the cache hands them to attention: the rotated dims'
+    buffer and the `KeySplit` that says how to score the rest from the values.
+    Deliberately not a tuple (a tuple is a quantized triple here)."""
+
+    def __init__(self, rotated, split: KeySplit):
+        self.rotated, self.split = rotated, split
+
+
 def attention(q: mx.array, k, v, mask) -> mx.array:
-    """`ops.attention` for K/V read from a cache: quantized triples go through
-    `ops.quantized_attention` (never dequantizing the cache), floats as before."""
-    if not isinstance(k, tuple):
+    """`ops.attention` for K/V read from a cache: quantized triples (and split keys)
+    go through `ops.quantized_attention` (never dequantizing the cache), floats as before."""
+    if not isinstance(k, (tuple, SplitKeys)):
         return ops.attention(q, k, v, mask)
     d = q.shape[-1]
-    group, bits, padded = params(k, d)
+    if isinstance(k, SplitKeys):
+        s = k.split
+        q_pass = (q.astype(ops.wide(q.dtype)) * s.scale.astype(ops.wide(q.dtype))).astype(q.dtype)
+        terms = [_term(mx.take(q, s.dims, axis=-1), k.rotated), _term(q_pass, v)]
+    else:
+        terms = [_term(q, k)]
+    group, bits, _ = params(v, d)
+    out = ops.quantized_attention(terms, (v, group, bits), mask)
+    return out[..., :d] if out.shape[-1] != d else out
+
+
+def _term(q: mx.array, buf: tuple) -> tuple:
+    """(queries zero-padded to the buffer's stored width, buffer, group size, bits)."""
+    d = q.shape[-1]
+    group, bits, padded = params(buf, d)
     if padded != d:
         q = mx.pad(q, [(0, 0)] * 3 + [(0, padded - d)])
-    out = ops.quantized_attention(q, k, v, mask, group_size=group, bits=bits)
-    return out[..., :d] if padded != d else out
+    return q, buf, group, bits
 
 
 # -- slot operations on a buffer (an array or a quantized triple) --------------------

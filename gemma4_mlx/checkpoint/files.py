@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -56,18 +57,69 @@ def read_safetensors(path: Path) -> dict[str, mx.array]:
         raise LoadError(f"{path}: unreadable safetensors ({e})") from None
 
 
+# -- fingerprint ------------------------------------------------------------
+
+# A tensor of up to WHOLE bytes is hashed whole; a larger one by SAMPLE-byte reads at
+# its start, middle and end, plus two more per further SPREAD bytes (docs/kv-cache.md §8).
+WHOLE = 64 * 1024
+SAMPLE = 4 * 1024
+SPREAD = 32 * 1024 * 1024
+
+
 def fingerprint(folder: str | Path) -> str:
-    """A short hash of a checkpoint folder's config.json and weight files' names,
-    sizes and safetensors headers (what a load reads before any tensor): names a
-    model in prompt-cache files, and tells distributed ranks started with different
-    models apart.  The weight bytes are not read (cheap on a 60 GB checkpoint)."""
+    """A short hash (32 hex digits) of a checkpoint folder's config.json and weights:
+    names a model in prompt-cache files, and tells distributed ranks started with
+    different models apart (docs/kv-cache.md §8).
+
+    Per weight file: its name, size and safetensors header, then, per tensor (its byte
+    range from the header), the bytes of a tensor up to 64 KiB whole and of a larger
+    one 4 KiB samples at its start, middle and end (two more per further 32 MiB).  A
+    fine-tune or LoRA merge changes every tensor it touches across its whole range, so
+    the samples see it; a change confined to bytes between samples is NOT detected.
+    Cost: a few reads per tensor, never the weights (a 60 GB checkpoint: tens of MB).
+    A file whose header is not valid safetensors is hashed by raw samples of its bytes
+    the same way: the loader reports it in one line, and a distributed rank must reach
+    the fingerprint comparison rather than raise before it (others would wait)."""
     folder = Path(folder)
-    h = hashlib.sha256((folder / "config.json").read_bytes())
+    config = folder / "config.json"
+    try:
+        h = hashlib.sha256(config.read_bytes())
+    except OSError as e:
+        raise LoadError(f"{config}: unreadable ({e.strerror or e})") from None
     for f in weight_files(folder):
-        size = f.stat().st_size
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            header = fh.read(min(n, max(size - 8, 0)))
-        h.update(f"\0{f.name}\0{size}\0".encode())
-        h.update(header)
+        h.update(f"\0{f.name}\0".encode())
+        h.update(_file_digest(f))
     return h.hexdigest()[:32]
+
+
+def _file_digest(path: Path) -> bytes:
+    """The hash of one weight file (`fingerprint`)."""
+    try:
+        size = path.stat().st_size
+        try:
+            start, entries = read_header(path)
+            spans = sorted((start + b, start + e) for b, e in (v["data_offsets"] for v in entries.values()))
+        except (ValueError, RecursionError):  # what read_header raises on a malformed header
+            start, spans = 0, [(0, size)]  # not safetensors: the whole file as one range
+        h = hashlib.sha256(f"{size}\0".encode())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            h.update(os.pread(fd, start, 0))  # the header, as read: names, dtypes, shapes, offsets
+            for begin, end in spans:
+                for at, n in _samples(begin, end):
+                    h.update(os.pread(fd, n, at))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise LoadError(f"{path}: unreadable ({e.strerror or e})") from None
+    return h.digest()
+
+
+def _samples(begin: int, end: int) -> list[tuple[int, int]]:
+    """(offset, length) of the reads that stand for the byte range [begin, end)."""
+    size = end - begin
+    if size <= WHOLE:
+        return [(begin, size)]
+    n = 3 + 2 * (size // SPREAD)  # odd: one read sits exactly at the middle
+    step = (size - SAMPLE) / (n - 1)
+    return [(begin + round(i * step), SAMPLE) for i in range(n)]

@@ -2,10 +2,12 @@
 starts from it (docs/kv-cache.md §8).
 
 The file (`cache.disk`) names the model it was made for by a *fingerprint* of its
-checkpoint folder — config.json and every weight file's name, size and safetensors
-header (tensor names, dtypes, shapes, offsets), not the weight bytes: cheap for a
-60 GB checkpoint, and any re-conversion changes it — plus the K/V dtype the model
-ran in, the cache's kv_bits, and per cached slot its key: the token id, or at media
+checkpoint folder (`files.fingerprint`): config.json, every weight file's name, size
+and safetensors header, and samples of the weight bytes — small tensors whole, a few
+KiB at fixed places of each large one — so two fine-tunes of one base model tell
+apart, at a few reads per tensor on a 60 GB checkpoint; a change only between the
+samples goes unseen (docs/kv-cache.md §8).  Beside it: the K/V dtype the model ran
+in, the cache's kv_bits, and per cached slot its key: the token id, or at media
 placeholders the medium's content key (`MediaPrompt.keys`).  A file made for
 another model, dtype or kv_bits is refused with one line saying what differs.
 """

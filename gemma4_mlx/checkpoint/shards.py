@@ -7,7 +7,7 @@ Quantized tensors (packed weights, scales, biases) are cut along the same logica
 as their float weight (`models.parallel`), which keeps quantization groups whole.
 
 Before any weight is read the ranks compare the checkpoint's fingerprint
-(`files.fingerprint`: config, file names, sizes, headers): a rank started with another
+(`files.fingerprint`: config, file names, sizes, headers and sampled weight bytes): a rank started with another
 model or quantization is refused with one line.
 """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -31,6 +33,15 @@ class RoPE(nn.Module):
         else:
             raise ValueError(f"unsupported rope_type {params['rope_type']!r}")
         self._memo: _Angles | None = None
+
+    def rotated_dims(self) -> list[int]:
+        """Head dims this rotation changes (rotate-half pairs i and i + d/2 of every
+        finite period); the others pass through unchanged."""
+        half = self.dims // 2
+        if self._freqs is None:
+            return list(range(self.dims))
+        pairs = [i for i, f in enumerate(self._freqs.tolist()) if math.isfinite(f)]
+        return pairs + [i + half for i in pairs]
 
     def __call__(self, x, offset):
         return ops.rope(x, offset, base=self.base, freqs=self._freqs, angles=lambda: self._angles(offset, x.shape[2]))

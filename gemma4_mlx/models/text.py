@@ -74,6 +74,14 @@ class Attention(nn.Module):
         if not self.shared:
             fuse.fuse(self, ("q_proj", "k_proj") if self.k_eq_v else ("q_proj", "k_proj", "v_proj"), "qkv_proj")
 
+    def key_split(self) -> kv_quant.KeySplit | None:
+        """How a quantized cache may keep this layer's keys: on a K = V layer only the
+        dims RoPE rotates (the rest are k_norm's weight times V, docs/kv-cache.md §7)."""
+        if self.shared or not self.k_eq_v:
+            return None
+        dims = self.rope.rotated_dims()
+        return None if len(dims) == self.head_dim else kv_quant.KeySplit(dims, self.k_norm.weight, self.head_dim)
+
     def _project(self, x) -> tuple[mx.array, mx.array | None, mx.array | None]:
         """Raw q, k, v (k and v None on KV consumers, v None on K = V layers)."""
         if "qkv_proj" in self:
@@ -457,6 +465,7 @@ class Model(nn.Module):
             max_rollback=max_rollback,
             left_pad=left_pad,
             kv_bits=kv_bits,
+            key_splits={i: layer.self_attn.key_split() for i, layer in enumerate(self.layers)},
         )
 
     def fuse(self) -> None:
