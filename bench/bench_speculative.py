@@ -627,8 +627,17 @@ def main():
     ap.add_argument("--out", help="also write the report to this file")
     ap.add_argument("--targets", nargs="*", default=["dense", "moe"])
     ap.add_argument("--no-long", action="store_true", help="skip the long_tokens (256 per row) auto table")
+    ap.add_argument(
+        "--batches",
+        nargs="+",
+        type=int,
+        help="only these batch sizes in the cost table, grid and auto tables (single cells, e.g. "
+        "--targets dense --batches 8 --no-long); the MoE expert strategy table is skipped",
+    )
     args = ap.parse_args()
     setup = QUICK_SETUP if args.quick else FULL_SETUP
+    if args.batches:
+        setup = dict(setup, batches=args.batches, auto_batches=args.batches)
     log = Report(args.out)
     t_start = time.perf_counter()
     rng = random.Random(0)
@@ -668,7 +677,7 @@ def main():
         run(target, drafter, prompts[:2], 6, 3)
         log("")
         costs = cost_curves(name, target, drafter, setup, prompts, log)
-        if target.config.enable_moe_block:
+        if target.config.enable_moe_block and not args.batches:
             log("")
             moe_strategies(target, setup, prompts, log)
         log("")

@@ -106,14 +106,14 @@ def test_probes_back_off_while_they_confirm_the_choice():
 
 
 def test_auto_learns_from_live_rounds_without_a_profile():
-    """Round 1 is a plain step, round 2 drafts start_k(B), then the model decides."""
+    """Round 1 (the cold one) drafts start_k(B), round 2 is a plain step, then the model decides."""
     p = DraftPolicy.for_setting("auto")
     assert not p.needs_profile(1) and DraftPolicy(profile_on_start=True).needs_profile(1)
-    assert p.choose(1) == 0
-    p.observe(1, 0, [0], 0.0, 1.0)
     assert p.choose(1) == start_k(1) == 2
     p.observe(1, 2, [2], 0.2, 1.05)  # memory-bound verify, both drafts accepted
     assert p.acceptance[0] == pytest.approx(0.85)  # the prior weighs as one observation
+    assert p.choose(1) == 0
+    p.observe(1, 0, [0], 0.0, 1.0)
     assert p.choose(1) == 3  # climbs: one draft beyond the deepest block measured
 
 
@@ -124,43 +124,62 @@ def test_compute_bound_verify_turns_speculation_off_at_once():
         K = p.choose(8)
         ks.append(K)
         p.observe(8, K, [min(K, 1)] * 8, 0.01 * K, 0.1 * 8 * (K + 1))  # t_verify proportional to T
-    # plain, start_k, at most one optimistic step deeper, then off but for backed-off probes
-    assert ks[3:19] == [0] * 16 and sum(k > 0 for k in ks) <= 5, ks
+    # start_k (cold), plain, at most one optimistic step deeper and one re-run of each regime
+    # measured in a single round (K = 1 breaks even here), then off but for backed-off probes
+    assert ks[:2] == [1, 0] and ks[5:20] == [0] * 15 and sum(k > 0 for k in ks) <= 5, ks
 
 
 # -- simulated generations on measured costs ------------------------------------------------------
-# In-loop draft and verify times (ms per round) of bench/RESULTS-speculative-cpu.txt's grid,
-# per B, for K + 1 = 1, 2, 3, 4, 6, 8 tokens per row, and ms per draft step.
+# In-loop verify and draft times (ms per round) of the grid of the quiet `make bench-spec` in
+# bench/RESULTS-speculative-cpu.txt (2026-12-05): verify per B for K + 1 = 1, 2, 3, 4, 6, 8
+# tokens per row (K = 0 is the plain baseline); draft per B for K = 1, 2, 3, 5, 7 (a round's
+# first draft step is dearer than the later ones, so it is not K times one step).
 COLS = [1, 2, 3, 4, 6, 8]
 MEASURED = {
     "dense": (
         {
-            1: [83.0, 87.4, 96.2, 108.1, 117.0, 113.6],
-            2: [88.7, 113.5, 117.1, 128.3, 146.1, 141.6],
-            4: [115.4, 143.7, 202.1, 223.5, 234.8, 227.1],
-            8: [136.6, 226.8, 261.6, 282.6, 322.9, 344.8],
+            1: [68.6, 72.8, 83.4, 90.6, 93.5, 97.3],
+            2: [76.4, 97.9, 107.9, 116.1, 136.7, 128.0],
+            4: [96.4, 121.2, 186.2, 216.3, 195.8, 183.3],
+            8: [108.8, 186.4, 229.6, 247.0, 274.7, 311.3],
         },
-        {1: 13.5, 2: 15.3, 4: 26.0, 8: 28.0},
+        {
+            1: [11.2, 20.2, 31.4, 49.7, 75.1],
+            2: [13.5, 27.0, 40.2, 60.7, 80.8],
+            4: [19.9, 46.4, 75.6, 83.6, 99.5],
+            8: [33.1, 54.5, 70.5, 98.8, 124.4],
+        },
     ),
     "moe": (
         {
-            1: [95.4, 132.0, 141.9, 209.4, 183.9, 193.3],
-            2: [117.2, 221.8, 198.5, 244.6, 255.9, 254.9],
-            4: [182.5, 282.4, 374.5, 365.8, 423.1, 415.2],
-            8: [343.6, 445.9, 515.1, 560.2, 529.7, 570.7],
+            1: [78.7, 106.7, 125.2, 136.7, 169.0, 187.9],
+            2: [120.0, 157.9, 197.6, 244.2, 251.3, 283.1],
+            4: [161.0, 238.6, 302.3, 307.8, 379.2, 390.6],
+            8: [298.4, 371.8, 438.1, 451.8, 491.9, 544.5],
         },
-        {1: 13.5, 2: 15.5, 4: 25.0, 8: 28.0},
+        {
+            1: [12.1, 23.4, 33.3, 54.7, 84.3],
+            2: [14.7, 29.6, 46.0, 63.8, 90.9],
+            4: [20.2, 39.4, 56.3, 89.7, 109.7],
+            8: [33.3, 56.1, 69.1, 103.1, 127.3],
+        },
     ),
 }
 ACCEPT = [0.844, 0.71, 0.64, 0.70, 0.7, 0.7, 0.7]  # docs/speculative.md §14.2
+# Cold calls (docs/speculative.md §12.1): a generation's first round costs COLD_FIRST times a
+# later one of the same K (bench targets, B = 4-8: 1.1x when the batch was seen before, up to
+# 1.55x the first time in a process); a new (B, K) shape later on costs COLD_CELL times
+# (measured 1.00-1.03); a first draft call was not measurably dearer.
+COLD_FIRST, COLD_CELL = 1.25, 1.03
 
 
-def simulate(kind, B, N, setting, seed, spikes=False):
+def simulate(kind, B, N, setting, seed, spikes=False, cold=True):
     """Seconds to generate N tokens per row (first from the prefill), rows finishing
     on their own.  Timings carry +-10% noise; with spikes, one round in ten is also
-    slowed 1.5-2x (other processes on a shared machine)."""
+    slowed 1.5-2x (other processes on a shared machine); with cold, the first round
+    and the first call of every (live rows, K) cell are dearer (COLD_FIRST, COLD_CELL)."""
     verify, draft = MEASURED[kind]
-    rng, policy = random.Random(seed), DraftPolicy.for_setting(setting)
+    rng, policy, seen = random.Random(seed), DraftPolicy.for_setting(setting), set()
 
     def noisy(seconds):
         slow = 1.5 + 0.5 * rng.random() if spikes and rng.random() < 0.1 else 1.0
@@ -170,8 +189,13 @@ def simulate(kind, B, N, setting, seed, spikes=False):
     while any(left):
         live = [i for i, n in enumerate(left) if n]
         b = min(verify, key=lambda x: (abs(x - len(live)), x))  # nearest measured batch size
-        K = max(0, min(policy.choose(len(live)), max(left) - 1))
-        t_d, t_v = noisy(K * draft[b]), noisy(float(np.interp(K + 1, COLS, verify[b])))
+        K = max(0, min(policy.choose(len(live), max(left)), max(left) - 1))
+        warmth = 1.0
+        if cold and (len(live), K) not in seen:
+            warmth = COLD_CELL if seen else COLD_FIRST
+            seen.add((len(live), K))
+        t_d = noisy(float(np.interp(K + 1, COLS[1:], draft[b])) if K else 0.0)
+        t_v = noisy(warmth * float(np.interp(K + 1, COLS, verify[b])))
         accepted = []
         for i in live:
             a = 0
@@ -187,10 +211,11 @@ def simulate(kind, B, N, setting, seed, spikes=False):
 @pytest.mark.parametrize("kind", list(MEASURED))
 @pytest.mark.parametrize("B", [1, 2, 4, 8])
 def test_auto_never_loses_and_nears_the_best_fixed_k(kind, B):
-    """Targets of docs/speculative.md §12.2 on the measured costs, mean over 8 seeds:
-    auto >= 0.97x plain decoding and >= 0.9x the best fixed K (in hindsight), for
-    32 and 256 tokens per row.  With contention spikes (one round in ten 1.5-2x
-    slower) the bounds are 0.95x and 0.85x (measured worst cells: 0.97x, 0.86x)."""
+    """Targets of docs/speculative.md §12.2 on the measured costs with cold first calls,
+    mean over 8 seeds: auto >= 0.97x plain decoding and >= 0.9x the best fixed K (in
+    hindsight), for 32 and 256 tokens per row (worst cells: 0.971x, 0.903x).  With
+    contention spikes (one round in ten 1.5-2x slower) the bounds are 0.95x and 0.85x
+    (worst: 0.956x, 0.910x).  Issue #15 asks only 0.9x plain at 32 tokens."""
     for spikes, vs_plain, vs_best in ((False, 0.97, 0.9), (True, 0.95, 0.85)):
         for N in (32, 256):
             mean = {
@@ -199,3 +224,32 @@ def test_auto_never_loses_and_nears_the_best_fixed_k(kind, B):
             best = min(mean[k] for k in range(8))
             assert mean[0] / mean["auto"] >= vs_plain, (spikes, N, mean)
             assert best / mean["auto"] >= vs_best, (spikes, N, mean)
+
+
+def cold_start(kind, B, accepted, rounds=31):
+    """K per round of a fresh auto policy fed the MEASURED costs of (kind, B) without
+    noise, the first round COLD_FIRST times dearer; accepted(K) -> drafts accepted per row."""
+    verify, draft = MEASURED[kind]
+    policy, ks = DraftPolicy.for_setting("auto"), []
+    for r in range(rounds):
+        K = policy.choose(B, rounds - r)
+        t_v = 1e-3 * float(np.interp(K + 1, COLS, verify[B])) * (COLD_FIRST if r == 0 else 1.0)
+        t_d = 1e-3 * float(np.interp(K + 1, COLS[1:], draft[B])) if K else 0.0
+        policy.observe(B, K, accepted(K), t_d, t_v)
+        ks.append(K)
+    return ks
+
+
+def test_a_cold_first_round_does_not_switch_speculation_on():
+    """The dense B = 8 loss of docs/speculative.md §12.3: every K loses to plain decoding
+    (K = 1: 219.5 ms a round for 1.875 tokens per row, plain 108.8 ms), but a plain
+    step measured cold in round 1 (136 ms) made drafting win until the first probe."""
+    ks = cold_start("dense", 8, lambda K: [min(K, 1)] * 7 + [0])
+    assert sum(k > 0 for k in ks) <= 2, ks
+
+
+def test_a_cold_first_round_does_not_switch_speculation_off():
+    """MoE B = 4: K = 1 wins by 9% (258.8 ms for 1.75 tokens per row vs 161 ms), but
+    not as measured in the cold round 1: that single round is re-run once."""
+    ks = cold_start("moe", 4, lambda K: [min(K, 1)] * 3 + [0])
+    assert ks[:3] == [1, 0, 1] and sum(k > 0 for k in ks) >= 26, ks

@@ -107,6 +107,24 @@ def test_auto_times_each_commit_in_its_own_round(pairs, monkeypatch):
     assert drafted and all(policy.verify_time[T] >= 0.05 for T in drafted), policy.verify_time
 
 
+def test_auto_starts_drafting_and_is_told_the_tokens_left(pairs):
+    """Round 1 (cold, docs/speculative.md §12.1) drafts and round 2 is plain; every
+    choice knows the most tokens a row may still emit (no probe near the end)."""
+    target, drafter = pairs["dense"]
+    seen = []
+
+    class Recording(DraftPolicy):
+        def choose(self, B, left=None):
+            K = super().choose(B, left)
+            seen.append((left, K))
+            return K
+
+    speculative_batch_generate(target, drafter, prompts_for(2, seed=5), max_tokens=12, policy=Recording())
+    lefts = [left for left, _ in seen]
+    assert seen[0] == (11, 2) and seen[1][1] == 0  # the first token comes from the prefill
+    assert lefts == sorted(lefts, reverse=True) and lefts[-1] >= 1, seen
+
+
 def _check_against_fresh(target, prompts, seen, max_tokens):
     """on_commit hook: each continuing row's valid K/V equals a fresh prefill."""
 

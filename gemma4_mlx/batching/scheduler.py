@@ -266,7 +266,7 @@ class Scheduler:
         if self.policy.needs_profile(B):
             profile(self.model, self.drafter, self.policy, self.caches, bonus, self.hidden, self.mtp)
         most = max(j.remaining for j in self.rows)
-        k = from_leader(self.policy.choose(B), getattr(self.model, "tp", None))  # same K on every rank
+        k = from_leader(self.policy.choose(B, most), getattr(self.model, "tp", None))  # same K on every rank
         return max(0, min(k, most - 1))
 
     def _round(self) -> list[Progress]:

@@ -182,9 +182,8 @@ def speculative_round(run: Speculation, rows: Rows):
     bonus = mx.array(rows.bonus)
     if run.policy.needs_profile(B):
         profile(run.target, run.drafter, run.policy, run.caches, bonus, rows.hidden, run.mtp)
-    K = min(
-        from_leader(run.policy.choose(B), getattr(run.target, "tp", None)), rows.most_left(run.settings.max_tokens) - 1
-    )
+    left = rows.most_left(run.settings.max_tokens)
+    K = min(from_leader(run.policy.choose(B, left), getattr(run.target, "tp", None)), left - 1)
     t0 = time.perf_counter()
     block, drafts, listed = propose(run, rows, bonus, K)
     t1 = time.perf_counter()

@@ -10,13 +10,16 @@ expert its tokens route to, so t_verify(T) rises much faster than for a dense
 target) and one drafter step — and per-position conditional acceptances.
 
 Every round the policy runs is useful work, so it learns without a start-up
-profile (docs/speculative.md §12.1): the first round is a plain step (t_verify(B)),
-the second drafts a little (t_draft, t_verify(B * (K + 1)), acceptance), and from
-then on the model picks K, climbing at most one draft beyond the deepest block
-measured so far.  K = 0 wins as soon as verification turns out compute-bound.
-The regime not taken is probed now and then (K = 0 while speculating, the best
-K while not), less often each time a probe confirms the choice, and K +- 1 are
-re-measured when the model rates them nearly as good.
+profile (docs/speculative.md §12.1): the first round, which is always measured
+cold, drafts a little (t_draft, t_verify(B * (K + 1)), acceptance), the second is a
+plain step (t_verify(B)), and from then on the model picks K, climbing at most one
+draft beyond the deepest block measured so far.  K = 0 wins as soon as
+verification turns out compute-bound.  A regime (K = 0 or K > 0) measured in a
+single round and beaten by less than a cold round's excess runs once more.  The
+regime not taken is probed now and then (K = 0 while speculating, the best K while
+not), less often each time a probe confirms the choice, and not when too few
+tokens are left to profit; K +- 1 are re-measured when the model rates them nearly
+as good.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ PROBE_MAX = 128  # the probe interval doubles while probes confirm the regime, u
 # the last measured slope: optimistic, so that a cost curve that flattens (memory-bound
 # GPUs, MoE blocks whose experts saturate) is found; one round there measures it.
 OPTIMISM = 0.5
+# A generation's first round is cold: 1.05-1.55x a later round of the same K on the bench
+# targets (docs/speculative.md §12.1).  A regime (K = 0 or K > 0) measured in one round
+# only and beaten by less than this factor runs once more before it is set aside.
+COLD = 1.25
 
 
 def expected_tokens(acceptance) -> float:
@@ -49,10 +56,13 @@ def expected_tokens(acceptance) -> float:
     return total
 
 
-def _average(table: dict, key: int, seconds: float) -> None:
-    old = table.get(key)
+def _average(table: dict, counts: dict, key: int, seconds: float) -> None:
+    n, old = counts.get(key, 0), table.get(key)
+    counts[key] = n + 1
     if old is None:
         table[key] = seconds
+    elif n == 1:  # the first may have been cold: of the first two, believe the faster
+        table[key] = min(old, seconds)
     else:
         table[key] = old + (COST_EMA_DOWN if seconds < old else COST_EMA_UP) * (seconds - old)
 
@@ -70,6 +80,8 @@ class DraftPolicy:
     acceptance: list = field(default_factory=list)  # a_j, j = 1..k_max
     verify_time: dict = field(default_factory=dict)  # T -> seconds (moving average)
     draft_time: dict = field(default_factory=dict)  # B -> seconds per draft step
+    verify_n: dict = field(default_factory=dict)  # T -> live rounds measured (profiles: 0)
+    draft_n: dict = field(default_factory=dict)  # B -> live rounds that drafted
     current: int = 0
     rounds: int = 0
     profiled: bool = False
@@ -151,14 +163,14 @@ class DraftPolicy:
         deepest verify block measured (extrapolating further is a guess)."""
         return min(self.k_max, max(1, max(self.verify_time) // B))
 
-    def choose(self, B: int) -> int:
+    def choose(self, B: int, left: int | None = None) -> int:
         if self.fixed is not None:
             return self.fixed
         self.rounds += 1
-        if not self.verify_time:
-            return 0  # a plain step: the cost every other choice is compared with
-        if not self.draft_time:
+        if not self.draft_time:  # round 1, the cold one (docs/speculative.md §12.1): better drafting
             return min(start_k(B), self.k_max)  # drafting's cost and first acceptances
+        if self.rounds == 2 and B not in self.verify_time:
+            return 0  # a warm plain step: the cost every other choice is compared with
         ks = range(1, self.deepest(B) + 1)
         spec = max(ks, key=lambda k: self.throughput(B, k))
         best = spec if self.throughput(B, spec) > self.throughput(B, 0) else 0
@@ -168,14 +180,28 @@ class DraftPolicy:
                 self.probe_every, self.next_probe = PROBE_EVERY, self.rounds + PROBE_EVERY
             cur = best
         self.current = cur
+        alt = self.unconfirmed(B, cur)
+        if alt is not None:
+            return alt
         # Probe the road not taken now and then, so neither estimate goes stale:
         # acceptance and drafting cost while speculation is off, the plain step's
-        # cost while it is on (a noisy moment would otherwise stick).
-        if self.rounds >= self.next_probe:
+        # cost while it is on (a noisy moment would otherwise stick).  Not with
+        # `left` (the most tokens a row may still emit) this short: too few rounds
+        # would remain to profit from what a probe finds (a 32-token generation).
+        if self.rounds >= self.next_probe and (left is None or left > PROBE_EVERY):
             self.probe_every = min(2 * self.probe_every, PROBE_MAX)
             self.next_probe = self.rounds + self.probe_every
             return spec if cur == 0 else 0
         return self.neighbour(B, cur) if cur and self.rounds % NEIGHBOUR_EVERY == 0 else cur
+
+    def unconfirmed(self, B: int, cur: int) -> int | None:
+        """The other regime's best K, if its cost rests on one round (maybe the cold
+        first one) and it loses to `cur` by less than a cold round's excess."""
+        once = [k for k in range(self.deepest(B) + 1) if (k == 0) != (cur == 0) and self.verify_n.get(B * (k + 1)) == 1]
+        alt = max(once, key=lambda k: self.throughput(B, k), default=None)
+        if alt is not None and COLD * self.throughput(B, alt) > self.throughput(B, cur):
+            return alt
+        return None
 
     def neighbour(self, B: int, cur: int) -> int:
         """K + 1 and K - 1 in turn, when the model rates it nearly as good: one noisy
@@ -194,9 +220,9 @@ class DraftPolicy:
                 self.acceptance[j] += w * ((1.0 if j < a else 0.0) - self.acceptance[j])
         if self.fixed is not None:
             return
-        _average(self.verify_time, B * (K + 1), t_verify)
+        _average(self.verify_time, self.verify_n, B * (K + 1), t_verify)
         if K:
-            _average(self.draft_time, B, t_draft / K)
+            _average(self.draft_time, self.draft_n, B, t_draft / K)
 
     def record_profile(self, T: int, seconds: float) -> None:
         self.verify_time[T] = seconds
