@@ -35,7 +35,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from gemma4_mlx.cache import LayerCaches
+from gemma4_mlx.cache import KVCache, LayerCaches
 from gemma4_mlx.cache import quantized as kvs
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
 from gemma4_mlx.demo import DEMO_MODEL
@@ -123,8 +123,10 @@ def table_bytes() -> None:
 # Bits per weight of each checkpoint format: bf16; SFP8 (one byte, a per-tensor scale);
 # MLX affine 8 / 4-bit with group 64 (a bf16 scale and bias per group); Q4_0 (18 bytes per 32).
 WEIGHT_FORMATS = {"bf16": 16.0, "sfp8": 8.0, "mlx 8-bit": 8.5, "q4_0 / mlx 4-bit": 4.5}
-MACS = [16, 24, 32, 64]  # GB of unified memory
-USABLE = 0.70  # share of a Mac's memory a model may take: macOS keeps ~25-30 % for itself and apps
+MACS = [16, 24, 32, 64]  # "GB" of unified memory, as Apple sells it: GiB
+# The share of a Mac's memory a model may take: an assumption (macOS and the apps beside
+# the model keep the rest; GPU memory is wired up to a default limit of about this share)
+USABLE = 0.70
 ACTIVATIONS = 2**30  # a chunked prefill's activations (measured near 1 GiB at 32K, section 4)
 
 
@@ -153,13 +155,14 @@ def table_fits() -> None:
             for bits in BITS:
                 cells = []
                 for mac in MACS:
-                    room = USABLE * mac * 1e9 - w - ACTIVATIONS
+                    room = USABLE * mac * 2**30 - w - ACTIVATIONS
                     fit = [c for c in contexts if kv_bytes(cfg, c, bits) <= room]
                     cells.append(f"{fit[-1] // 1024}K" if fit else ("—" if room < 0 else "< 8K"))
                 print(f"| {name} | {fmt} | {w / 2**30:.1f} | {bits} | " + " | ".join(cells) + " |")
     print(
         "\n(— : the weights alone do not fit; < 8K: they fit, 8K of context does not. E2B / E4B "
-        "in bf16 keep their PLE table memory-mapped (not counted); the other formats count it at their bits)"
+        "in bf16 keep their PLE table memory-mapped (not counted); the other formats count it at their bits. "
+        "Sliding slack 32 tokens (generate's); a Chat's 2,048 add up to 1.5 GiB (31B, bf16), see slack in `info`)"
     )
 
 
@@ -176,10 +179,17 @@ def demo_sequence(tokenizer, n_tokens: int) -> list[int]:
     raise RuntimeError("corpus too short")
 
 
-def teacher_forced(model, ids: list[int], bits: int, chunk: int) -> mx.array:
+def teacher_forced(model, ids: list[int], bits: int, chunk: int, full_only: bool = False) -> mx.array:
     """Log-probabilities [T, V] of every position, fed through a cache in chunks (as a
-    prefill is): each chunk attends over the (quantized) entries of all before it."""
-    cache = model.make_cache(kv_bits=bits)
+    prefill is): each chunk attends over the (quantized) entries of all before it.
+    full_only: only the full-attention layers quantized, K and V whole, the sliding
+    layers keeping float entries — the scheme issue #17 describes for mlx-vlm (not
+    installed here to check against)."""
+    cache = model.make_cache(kv_bits=None if full_only else bits)
+    if full_only:
+        for i, c in enumerate(cache):
+            if c is not None and c.window is None:
+                cache[i] = KVCache(kv_bits=bits)  # K and V whole
     outs = []
     for a in range(0, len(ids), chunk):
         logits = model(mx.array([ids[a : a + chunk]]), cache)[0].astype(mx.float32)
@@ -194,17 +204,20 @@ def quality(model, ids: list[int], label: str, chunk: int) -> None:
     ref_nll = -mx.take_along_axis(ref, nxt[:, None], axis=1)[:, 0]
     ref_top = mx.argmax(ref, axis=-1)
     half = len(ids) // 2
-    for bits in BITS:
-        lp = teacher_forced(model, ids, bits, chunk)[:-1]
+    runs = [(bits, False) for bits in BITS] + [(bits, True) for bits in BITS if bits != 16]
+    for bits, full_only in runs:
+        lp = teacher_forced(model, ids, bits, chunk, full_only)[:-1]
         nll = -mx.take_along_axis(lp, nxt[:, None], axis=1)[:, 0]
         agree = (mx.argmax(lp, axis=-1) == ref_top).astype(mx.float32)
         ppl, ppl_ref = math.exp(mx.mean(nll).item()), math.exp(mx.mean(ref_nll).item())
         late = math.exp(mx.mean(nll[half:]).item()) / math.exp(mx.mean(ref_nll[half:]).item()) - 1
         kl = mx.mean(mx.sum(mx.exp(ref) * (ref - lp), axis=-1)).item()
+        scheme = f"{bits}, full layers only" if full_only else str(bits)
         print(
-            f"| {label} | {len(ids)} | {bits} | {ppl:.4f} | {100 * (ppl / ppl_ref - 1):+.3f} % | "
+            f"| {label} | {len(ids)} | {scheme} | {ppl:.4f} | {100 * (ppl / ppl_ref - 1):+.3f} % | "
             f"{100 * late:+.3f} % | {100 * mx.mean(agree).item():.2f} % | "
-            f"{100 * mx.mean(agree[half:]).item():.2f} % | {kl:.2e} |"
+            f"{100 * mx.mean(agree[half:]).item():.2f} % | {kl:.2e} |",
+            flush=True,
         )
 
 

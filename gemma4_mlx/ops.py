@@ -194,30 +194,54 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
     """
     if not cpu_branches():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask.array)
-    T = q.shape[2]
+    return _float_attention([q], [k], v, mask)
+
+
+def _float_attention(qs: list, ks: list, v: mx.array, mask) -> mx.array:
+    """The CPU's attention with scores summed over terms q_i k_i^T (one term, or two
+    for split K = V keys, docs/kv-cache.md §7).  Long query runs go in blocks of 64
+    that skip key blocks the mask rules out (the softmax's exp is the cost there)."""
+    T = qs[0].shape[2]
     if T < 2 * ATTENTION_BLOCK:
-        return _matmul_attention(q, k, v, mask.array)
+        return _matmul_attention(qs, ks, v, mask.array)
     outs = []
     for a in range(0, T, ATTENTION_BLOCK):
         b = min(T, a + ATTENTION_BLOCK)
         lo, hi = mask.key_range(a, b)
-        outs.append(_matmul_attention(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], mask.array[..., a:b, lo:hi]))
+        qb = [after(q[:, :, a:b], outs) for q in qs]
+        outs.append(_matmul_attention(qb, [k[:, :, lo:hi] for k in ks], v[:, :, lo:hi], mask.array[..., a:b, lo:hi]))
     return mx.concatenate(outs, axis=2)
 
 
-def _matmul_attention(q, k, v, mask):
-    B, nh, T, d = q.shape
-    kv, S = k.shape[1], k.shape[2]
+def after(q_block: mx.array, outs: list[mx.array]) -> mx.array:
+    """A block's queries, made to wait for the previous block's output: MLX would
+    otherwise evaluate the independent blocks side by side, holding every block's
+    [heads, 64, S] scores at once (a prefill chunk's whole score tensor: 2 GiB for
+    the 31B shape at 32K in float32); chained, one block's scores are alive at a time."""
+    return mx.depends(q_block, outs[-1]) if outs else q_block
+
+
+def _matmul_attention(qs: list, ks: list, v, mask):
+    B, nh, T, _ = qs[0].shape
+    kv, S = ks[0].shape[1], ks[0].shape[2]
     g = nh // kv
-    # A KV head's query group as the rows of one product: broadcasting K/V over the
-    # group instead makes MLX's CPU matmul copy them per query head (measured at
-    # decode, 8 heads on 512 keys: scores 54 -> 42 us, p @ V 61 -> 31 us).
-    q = q.reshape(B, kv, g * T, d)
-    scores = (q @ k.swapaxes(-1, -2)).astype(wide(q.dtype)).reshape(B, kv, g, T, S)
-    scores = mx.where(mask[:, :, None], scores, -mx.inf)  # mask: [B|1, 1, T, S] boolean
+    scores = None
+    for q, k in zip(qs, ks):
+        # A KV head's query group as the rows of one product: broadcasting K/V over the
+        # group instead makes MLX's CPU matmul copy them per query head (measured at
+        # decode, 8 heads on 512 keys: scores 54 -> 42 us, p @ V 61 -> 31 us).
+        s = (q.reshape(B, kv, g * T, q.shape[-1]) @ k.swapaxes(-1, -2)).astype(wide(q.dtype))
+        scores = s if scores is None else scores + s  # terms summed in float32
+    scores = mx.where(mask[:, :, None], scores.reshape(B, kv, g, T, S), -mx.inf)  # mask: [B|1, 1, T, S]
     p = mx.softmax(scores, axis=-1, precise=True).astype(v.dtype).reshape(B, kv, g * T, S)
     out = p @ v
     return out.reshape(B, nh, T, v.shape[-1])
+
+
+# On the CPU, query runs longer than this over quantized K/V dequantize what they read
+# (`_dequantized_run_attention`): above any verify block of the auto draft length
+# (k_max 7: 8 queries), so decode steps and verify blocks keep the quantized products.
+CPU_DEQUANT_QUERIES = 16
 
 
 def quantized_attention(terms: list[tuple], v: tuple, mask) -> mx.array:
@@ -228,16 +252,17 @@ def quantized_attention(terms: list[tuple], v: tuple, mask) -> mx.array:
     [B, kv, S, ...] read as keys, group size, bits); one for ordinary keys, two for
     a K = V layer whose unrotated key dims are read from the values (§7).  v: (triple,
     group size, bits).  Scores are the sum of `quantized_matmul(q_i, K_i, transpose=True)`
-    and the output `quantized_matmul(p, V)`: the cache is never dequantized as a
-    whole.  MLX's fused SDPA takes no quantized K/V, so every backend runs this;
-    long query runs go in blocks that skip key blocks the mask rules out (on the
-    CPU for the softmax's exp, on a GPU also to bound the [T, S] score tensor).
+    and the output `quantized_matmul(p, V)`: a decode step never dequantizes the
+    cache.  MLX's fused SDPA takes no quantized K/V, so every backend runs this; long
+    query runs go in blocks that skip key blocks the mask rules out (on a GPU also
+    to bound the [T, S] score tensor).  The CPU's exception: runs of more than
+    CPU_DEQUANT_QUERIES queries (prefill chunks) dequantize the keys they may see.
     """
     T = terms[0][0].shape[2]
+    if cpu_branches() and T > CPU_DEQUANT_QUERIES:
+        return _dequantized_run_attention(terms, v, mask)
     if T < 2 * ATTENTION_BLOCK:
         return _quantized_attention(terms, v, mask.array)
-    if cpu_branches():
-        return _dequantized_chunk_attention(terms, v, mask)
     outs = []
     for a in range(0, T, ATTENTION_BLOCK):
         b = min(T, a + ATTENTION_BLOCK)
@@ -246,25 +271,25 @@ def quantized_attention(terms: list[tuple], v: tuple, mask) -> mx.array:
         def keys(x, lo=lo, hi=hi):
             return tuple(t[:, :, lo:hi] for t in x)
 
-        block = [(q[:, :, a:b], keys(k), g, n) for q, k, g, n in terms]
+        block = [(after(q[:, :, a:b], outs), keys(k), g, n) for q, k, g, n in terms]
         outs.append(_quantized_attention(block, (keys(v[0]), *v[1:]), mask.array[..., a:b, lo:hi]))
     return mx.concatenate(outs, axis=2)
 
 
-def _dequantized_chunk_attention(terms, v, mask) -> mx.array:
+def _dequantized_run_attention(terms, v, mask) -> mx.array:
     """A long query run (a prefill chunk) on the CPU: MLX's CPU `quantized_matmul`
-    dequantizes its matrix once per query row, so the chunk dequantizes the keys it
-    may see once and runs the float path (docs/kv-cache.md §3).  Decode steps and
-    verify blocks (< 2 blocks of queries) keep the quantized products."""
+    costs about a dequantization of its matrix per query row, so the run dequantizes
+    the keys and values it may see once and takes the float path (docs/kv-cache.md
+    §3).  Values read as keys too (split K = V keys) are dequantized once."""
     lo, hi = mask.key_range(0, terms[0][0].shape[2])
 
     def floats(buf, group, bits):
         return mx.dequantize(*(t[:, :, lo:hi] for t in buf), group_size=group, bits=bits)
 
-    q = mx.concatenate([t[0] for t in terms], axis=-1)  # the score terms as one product
-    k = mx.concatenate([floats(*t[1:]) for t in terms], axis=-1)
+    values = floats(*v)
+    keys = [values if buf is v[0] else floats(buf, group, bits) for _, buf, group, bits in terms]
     seen = dataclasses.replace(mask, array=mask.array[..., lo:hi], k_start=mask.k_start + lo)
-    return attention(q, k, floats(*v), seen)
+    return _float_attention([t[0] for t in terms], keys, values, seen)
 
 
 def _quantized_attention(terms, v, mask):

@@ -380,7 +380,7 @@ def test_k_eq_v_layers_store_only_the_rotated_key_dims(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("T", [5, 130])  # decode / verify sizes; a prefill chunk (blocked)
+@pytest.mark.parametrize("T", [5, 20, 130])  # verify-sized (quantized products); runs the CPU dequantizes
 def test_split_key_attention_scores_the_unrotated_dims_from_the_values(bits, T):
     """q . K with K's unrotated dims read as w * V: equal to float attention over the
     key that definition gives, built from the dequantized entries."""
@@ -417,9 +417,9 @@ def test_split_keys_cost_no_accuracy(bits, monkeypatch):
     assert 0 < split < 1.5 * whole, (split, whole)
 
 
-def test_split_keys_round_trip_through_a_cache_file(tmp_path):
+def test_split_keys_round_trip_through_a_cache_file(tmp_path, monkeypatch):
     """Saved and restored at real head dims (keys 128 wide, values 512): the next
-    step's logits are identical (==)."""
+    step's logits are identical (==); caches keeping keys whole refuse the file."""
     model = kv_layers_model()
     ids = random_ids(40, seed=3)
     cache = model.make_cache(kv_bits=8)
@@ -427,6 +427,10 @@ def test_split_keys_round_trip_through_a_cache_file(tmp_path):
     disk.save(tmp_path / "c.kv", cache)
     tensors, meta = disk.read(tmp_path / "c.kv")
     back = model.make_cache(kv_bits=8)
-    disk.restore(tmp_path / "c.kv", tensors, meta, back, [(s.kv_heads, s.head_dim) for s in model.config.layers])
+    shapes = [(s.kv_heads, s.head_dim) for s in model.config.layers]
+    disk.restore(tmp_path / "c.kv", tensors, meta, back, shapes)
     step = mx.array([[9]])
     assert mx.array_equal(model(step, back), model(step, cache)).item()
+    monkeypatch.setattr(Attention, "key_split", lambda self: None)
+    with pytest.raises(disk.CacheFileError, match=r"c.kv: layer 2: keys stored 128 rotated dims, .* keeps them whole"):
+        disk.restore(tmp_path / "c.kv", tensors, meta, model.make_cache(kv_bits=8), shapes)

@@ -67,7 +67,10 @@ def to_tensors(caches: LayerCaches) -> tuple[dict[str, mx.array], dict[str, str]
             continue
         if c.left_pad is not None or (c.keys is not None and kvs.batch(c.keys) != 1):
             raise ValueError("only a single unpadded row's cache can be saved (not a batch)")
-        layers.append({"offset": c.offset, "window": c.window})
+        info = {"offset": c.offset, "window": c.window}
+        if c.key_split is not None:  # the keys' rotated dims only (docs/kv-cache.md §7)
+            info["split_keys"] = c.key_split.width
+        layers.append(info)
         bits.add(c.kv_bits or 16)
         for which, buf in zip(("keys", "values"), c.state):
             if buf is None:
@@ -182,7 +185,11 @@ def _layer_state(path, i: int, info, cache, shape, tensors, dtype) -> dict:
     if info.get("window") != cache.window:
         raise CacheFileError(f"{where}: sliding window {info.get('window')}, the model's is {cache.window}")
     # a quantized K = V layer's keys hold only the rotated dims (docs/kv-cache.md §7)
-    key_shape = shape if cache.key_split is None else (shape[0], cache.key_split.width)
+    split = None if cache.key_split is None else cache.key_split.width
+    if info.get("split_keys") != split:
+        have, want = (f"{n} rotated dims" if n else "whole" for n in (info.get("split_keys"), split))
+        raise CacheFileError(f"{where}: keys stored {have}, this model's cache keeps them {want}")
+    key_shape = shape if split is None else (shape[0], split)
     bufs = [
         _buffer(where, w, tensors, i, cache.kv_bits, s, dtype) for w, s in zip(("keys", "values"), (key_shape, shape))
     ]

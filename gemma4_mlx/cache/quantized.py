@@ -103,7 +103,8 @@ class SplitKeys:
 
 def attention(q: mx.array, k, v, mask) -> mx.array:
     """`ops.attention` for K/V read from a cache: quantized triples (and split keys)
-    go through `ops.quantized_attention` (never dequantizing the cache), floats as before."""
+    go through `ops.quantized_attention` (a decode step never dequantizes the cache;
+    docs/kv-cache.md §3 for the CPU's long runs), floats as before."""
     if not isinstance(k, (tuple, SplitKeys)):
         return ops.attention(q, k, v, mask)
     d = q.shape[-1]

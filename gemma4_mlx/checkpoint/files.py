@@ -78,8 +78,9 @@ def fingerprint(folder: str | Path) -> str:
     the samples see it; a change confined to bytes between samples is NOT detected.
     Cost: a few reads per tensor, never the weights (a 60 GB checkpoint: tens of MB).
     A file whose header is not valid safetensors is hashed by raw samples of its bytes
-    the same way: the loader reports it in one line, and a distributed rank must reach
-    the fingerprint comparison rather than raise before it (others would wait)."""
+    the same way (the loader reports it in one line): a distributed rank with such a
+    file still reaches the fingerprint comparison.  An unreadable or missing file
+    raises LoadError here, before the comparison."""
     folder = Path(folder)
     config = folder / "config.json"
     try:

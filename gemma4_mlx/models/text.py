@@ -465,8 +465,12 @@ class Model(nn.Module):
             max_rollback=max_rollback,
             left_pad=left_pad,
             kv_bits=kv_bits,
-            key_splits={i: layer.self_attn.key_split() for i, layer in enumerate(self.layers)},
+            key_splits=self._key_splits() if kv_quant.check_bits(kv_bits) else None,
         )
+
+    def _key_splits(self) -> dict:
+        """Layer index -> how a quantized cache keeps a K = V layer's keys (§7 of docs/kv-cache.md)."""
+        return {i: layer.self_attn.key_split() for i, layer in enumerate(self.layers)}
 
     def fuse(self) -> None:
         """Stack each layer's projections that share an input (`models/fuse.py`); the
