@@ -85,6 +85,20 @@ BENCH_SERVE_ARGS ?=
 bench-serve: install-test
 	$(BIN)/python bench/bench_serve.py $(BENCH_SERVE_ARGS)
 
+# Quantized KV caches (issue #17): bytes, fits-on-a-Mac, quality, decode speed, 32K prefill peaks
+# (~2 h on 2 CPU cores in full).  BENCH_KV_ARGS: e.g. --quick, or --skip speed prefill
+.PHONY: bench-kv
+BENCH_KV_ARGS ?=
+bench-kv: install-test
+	$(BIN)/python bench/bench_kv.py $(BENCH_KV_ARGS)
+
+# One batched decode step (B = 1/4/8) on bench-serve's checkpoints vs mlx-lm, with its FLOP rate
+# against the best GEMM rate: what bounds a server's throughput at concurrency B (~10 min).
+.PHONY: bench-batch
+BENCH_BATCH_ARGS ?=
+bench-batch: install-test
+	$(BIN)/python bench/bench_batch_decode.py $(BENCH_BATCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info bench/_work
 
