@@ -64,7 +64,7 @@ def auto_policy_run(part, drafter, rows, group) -> list:
     its own timings could): rank 0's draft length must be the one both ranks use."""
     own = DraftPolicy.choose
     if group.rank() == 1:
-        DraftPolicy.choose = lambda self, B: 1
+        DraftPolicy.choose = lambda self, B, left=None: 1
     try:
         return speculative_batch_generate(part, drafter, rows, max_tokens=10, draft_tokens="auto")
     finally:
