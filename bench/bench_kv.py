@@ -81,19 +81,13 @@ def kv_bytes(cfg: TextConfig, ctx: int, bits: int, rollback: int = ROLLBACK) -> 
 
 
 def check_accounting(name: str, bits: int, ctx: int = 1500) -> None:
-    """kv_bytes against a real cache's retained bytes (bf16) on a 6-layer copy of the variant."""
+    """kv_bytes against a real cache's retained bytes (bf16) on a 6-layer copy of the
+    variant: the model's own `make_cache` (split K = V keys included); the model is
+    never evaluated (lazy weights), only its caches are written."""
     spec = dict(PRESETS[name], num_hidden_layers=6, layer_types=[SLIDING] * 5 + [FULL], num_kv_shared_layers=0)
     spec.update(sliding_window=64)
     small = TextConfig.from_dict(spec, name)
-    splits = {}
-    for s in small.layers:
-        if key_width(small, s, bits) != s.head_dim:
-            splits[s.index] = kvs.KeySplit(
-                RoPE(s.head_dim, small.rope_for(s.type)).rotated_dims(), mx.ones((s.head_dim,)), s.head_dim
-            )
-    caches = LayerCaches.for_layers(
-        small.layer_types, small.first_shared, 64, max_rollback=ROLLBACK, kv_bits=bits, key_splits=splits
-    )
+    caches = Model(small).make_cache(max_rollback=ROLLBACK, kv_bits=bits)
     for c, s in zip(caches, small.layers):
         for _ in range(0, ctx, 500):
             x = mx.random.normal((1, s.kv_heads, 500, s.head_dim)).astype(mx.bfloat16)

@@ -204,21 +204,30 @@ def _float_attention(qs: list, ks: list, v: mx.array, mask) -> mx.array:
     T = qs[0].shape[2]
     if T < 2 * ATTENTION_BLOCK:
         return _matmul_attention(qs, ks, v, mask.array)
+
+    def block(a, b, lo, hi, wait):
+        qb = [wait(q[:, :, a:b]) for q in qs]
+        return _matmul_attention(qb, [k[:, :, lo:hi] for k in ks], v[:, :, lo:hi], mask.array[..., a:b, lo:hi])
+
+    return _in_blocks(T, mask, block)
+
+
+def _in_blocks(T: int, mask, block) -> mx.array:
+    """A long query run in blocks of ATTENTION_BLOCK queries, each over the keys
+    [lo, hi) the mask lets it see: `block(a, b, lo, hi, wait)` for queries a..b-1,
+    which passes its queries through `wait`.  That makes a block wait for the
+    previous block's output: MLX would otherwise evaluate the independent blocks side
+    by side, holding every block's [heads, 64, S] scores at once (a prefill chunk's
+    whole score tensor: 2 GiB for the 31B shape at 32K in float32)."""
     outs = []
+
+    def wait(q_block: mx.array) -> mx.array:
+        return mx.depends(q_block, outs[-1]) if outs else q_block
+
     for a in range(0, T, ATTENTION_BLOCK):
         b = min(T, a + ATTENTION_BLOCK)
-        lo, hi = mask.key_range(a, b)
-        qb = [after(q[:, :, a:b], outs) for q in qs]
-        outs.append(_matmul_attention(qb, [k[:, :, lo:hi] for k in ks], v[:, :, lo:hi], mask.array[..., a:b, lo:hi]))
+        outs.append(block(a, b, *mask.key_range(a, b), wait))
     return mx.concatenate(outs, axis=2)
-
-
-def after(q_block: mx.array, outs: list[mx.array]) -> mx.array:
-    """A block's queries, made to wait for the previous block's output: MLX would
-    otherwise evaluate the independent blocks side by side, holding every block's
-    [heads, 64, S] scores at once (a prefill chunk's whole score tensor: 2 GiB for
-    the 31B shape at 32K in float32); chained, one block's scores are alive at a time."""
-    return mx.depends(q_block, outs[-1]) if outs else q_block
 
 
 def _matmul_attention(qs: list, ks: list, v, mask):
@@ -263,17 +272,15 @@ def quantized_attention(terms: list[tuple], v: tuple, mask) -> mx.array:
         return _dequantized_run_attention(terms, v, mask)
     if T < 2 * ATTENTION_BLOCK:
         return _quantized_attention(terms, v, mask.array)
-    outs = []
-    for a in range(0, T, ATTENTION_BLOCK):
-        b = min(T, a + ATTENTION_BLOCK)
-        lo, hi = mask.key_range(a, b)
 
-        def keys(x, lo=lo, hi=hi):
+    def block(a, b, lo, hi, wait):
+        def keys(x):
             return tuple(t[:, :, lo:hi] for t in x)
 
-        block = [(after(q[:, :, a:b], outs), keys(k), g, n) for q, k, g, n in terms]
-        outs.append(_quantized_attention(block, (keys(v[0]), *v[1:]), mask.array[..., a:b, lo:hi]))
-    return mx.concatenate(outs, axis=2)
+        cut = [(wait(q[:, :, a:b]), keys(k), g, n) for q, k, g, n in terms]
+        return _quantized_attention(cut, (keys(v[0]), *v[1:]), mask.array[..., a:b, lo:hi])
+
+    return _in_blocks(T, mask, block)
 
 
 def _dequantized_run_attention(terms, v, mask) -> mx.array:

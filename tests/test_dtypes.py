@@ -21,12 +21,14 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from gemma4_mlx import ops
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
 from gemma4_mlx.models.moe import Experts
 from gemma4_mlx.models.text import Model
+
+from helpers.random_net import random_weights
 
 UNIT_ROUNDOFF = {mx.bfloat16: 2.0**-8, mx.float16: 2.0**-11}
 LOW = list(UNIT_ROUNDOFF)
@@ -58,28 +60,6 @@ MOE = dict(DENSE, intermediate_size=64, enable_moe_block=True, num_experts=8, to
 def rel_rms(a, b) -> float:
     a, b = np.asarray(a.astype(mx.float32), np.float64), np.asarray(b.astype(mx.float32), np.float64)
     return float(np.sqrt(((a - b) ** 2).mean() / (b**2).mean()))
-
-
-def random_weights(model, seed: int) -> list:
-    """A well-conditioned random net: small q/k norms, decisive routers, embeddings
-    and matrices small enough that logits stay far from the softcap.  (The parity
-    families' weights make bf16 rounding flip routes and argmaxes: transformers'
-    own bf16 model is 50% off its float32 twin there, too noisy to test a kernel.)"""
-    mx.random.seed(seed)
-    out = []
-    for k, v in tree_flatten(model.parameters()):
-        if k.endswith(("q_norm.weight", "k_norm.weight")):
-            w = (0.8 + 0.4 * mx.random.uniform(shape=v.shape)) * v.shape[0] ** -0.25
-        elif k.endswith("router.proj.weight"):
-            w = mx.random.normal(v.shape)
-        elif k.endswith(("norm.weight", ".scale", "per_expert_scale")):
-            w = 0.8 + 0.4 * mx.random.uniform(shape=v.shape)
-        elif k.endswith("layer_scalar"):
-            w = 0.5 + 0.5 * mx.random.uniform(shape=v.shape)
-        else:
-            w = (0.1 if k.endswith("embed_tokens.weight") else 0.05) * mx.random.normal(v.shape)
-        out.append((k, w))
-    return out
 
 
 def twins(make, weights, dtype):

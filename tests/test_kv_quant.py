@@ -9,7 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
 import gemma4_mlx
 from gemma4_mlx import ops
@@ -27,6 +27,7 @@ from gemma4_mlx.speculative.loop import speculative_generate_tokens
 
 from helpers.checkpoints import W, max_diff, random_ids
 from helpers.mtp_pairs import PAIRS
+from helpers.random_net import random_weights
 
 BITS = [8, 4]
 
@@ -335,8 +336,7 @@ def test_generate_and_the_cli_take_kv_bits(demo):
 # -- K = V layers: keys stored once (docs/kv-cache.md §7) -------------------------------
 def kv_layers_model() -> Model:
     """Two sliding layers and a K = V full layer at Gemma 4's real head dims (256, 512
-    with proportional RoPE: 128 rotated dims), random weights whose q/k norms keep
-    scores O(1) as in a trained model (not a chaotic one)."""
+    with proportional RoPE: 128 rotated dims), well-conditioned random weights."""
     spec = dict(
         vocab_size=512,
         hidden_size=128,
@@ -353,16 +353,7 @@ def kv_layers_model() -> Model:
         model_type="gemma4_text",
     )
     model = Model(TextConfig.from_dict(spec, "kv-layers"))
-    mx.random.seed(5)
-    new = []
-    for key, value in tree_flatten(model.parameters()):
-        if key.endswith(("q_norm.weight", "k_norm.weight")):
-            new.append((key, (0.5 + mx.random.uniform(shape=value.shape)) * value.shape[-1] ** -0.25))
-        elif key.endswith(("norm.weight", "layer_scalar")):
-            new.append((key, 0.8 + 0.4 * mx.random.uniform(shape=value.shape)))
-        else:
-            new.append((key, 0.05 * mx.random.normal(value.shape)))
-    model.update(tree_unflatten(new))
+    model.update(tree_unflatten(random_weights(model, seed=5)))
     return model
 
 
