@@ -92,6 +92,12 @@ BENCH_KV_ARGS ?=
 bench-kv: install-test
 	$(BIN)/python bench/bench_kv.py $(BENCH_KV_ARGS)
 
+# Quantized products on the CPU: MLX's kernel vs the dequantized path, per mode and row count
+.PHONY: bench-qlinear
+BENCH_QLINEAR_ARGS ?=
+bench-qlinear: install-test
+	$(BIN)/python bench/bench_quantized_linear.py $(BENCH_QLINEAR_ARGS)
+
 # One batched decode step (B = 1/4/8) on bench-serve's checkpoints vs mlx-lm, with its FLOP rate
 # against the best GEMM rate: what bounds a server's throughput at concurrency B (~10 min).
 .PHONY: bench-batch

@@ -179,6 +179,43 @@ def linear(x: mx.array, w: mx.array) -> mx.array:
     return x @ w.T
 
 
+# MLX's CPU `quantized_matmul` costs about one dequantization of its matrix per
+# input row (mxfp4/nvfp4 excepted: a fast kernel and a slow dequantize).  From this
+# many rows on (prefill, batched decode, verify blocks) the CPU dequantizes the
+# weight to float32 in blocks of rows and multiplies with BLAS: the crossovers were
+# measured at [4096, 1024] (bench/bench_quantized_linear.py); a mode not listed
+# keeps the kernel.
+CPU_DEQUANT_ROWS = {"affine": 6, "mxfp8": 3, "mxfp4": 24, "nvfp4": 24}
+DEQUANT_BLOCK = 1 << 23  # weights dequantized at a time: 32 MiB of float32
+
+
+def quantized_linear(x: mx.array, w: mx.array, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
+    """x @ W.T for a quantized [out, in] weight: codes `w`, `scales`, affine `biases`
+    (or None).  On the CPU's dequantized path the result is float32 whatever x's
+    dtype (BLAS; MLX's CPU kernel accumulates bf16 inputs in bf16): callers cast."""
+    rows = x.size // x.shape[-1]
+    if cpu_branches() and rows >= CPU_DEQUANT_ROWS.get(mode, math.inf):
+        return _dequantized_linear(x.astype(mx.float32), w, scales, biases, group_size, bits, mode)
+    return mx.quantized_matmul(
+        x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits, mode=mode
+    )
+
+
+def _dequantized_linear(x, w, scales, biases, group_size, bits, mode) -> mx.array:
+    """The weight's rows in blocks of DEQUANT_BLOCK weights, each dequantized only
+    after the previous block's product (`mx.depends`): one block's float32 copy is
+    alive at a time, not the whole matrix (a 262K-row head is 1 GiB in float32)."""
+    step = max(1, DEQUANT_BLOCK // x.shape[-1])
+    outs = []
+    for lo in range(0, w.shape[0], step):
+        parts = [t if t is None else t[lo : lo + step] for t in (w, scales, biases)]
+        if outs:
+            parts[0] = mx.depends(parts[0], outs[-1])
+        wf = mx.dequantize(*parts, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
+        outs.append(linear(x, wf))
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+
 # On the CPU, attention is dominated by the softmax's exp: split long query runs
 # into blocks and skip key blocks the mask rules out (sliding windows, causality).
 # Metal/CUDA use the fused kernel.  Measured in bench/bench_text.py.

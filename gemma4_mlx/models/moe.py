@@ -123,16 +123,8 @@ class QuantizedExpertLinear(nn.Module):
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
         scales = self["scales"][expert]
-        y = mx.quantized_matmul(
-            x,
-            self["weight"][expert],
-            scales,
-            row_biases(self, expert, scales),
-            transpose=True,
-            group_size=self.group_size,
-            bits=self.bits,
-            mode=self.mode,
-        )
+        biases = row_biases(self, expert, scales)
+        y = ops.quantized_linear(x, self["weight"][expert], scales, biases, self.group_size, self.bits, self.mode)
         return scaled(y, self, x.dtype)
 
 

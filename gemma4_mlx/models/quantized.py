@@ -14,6 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from gemma4_mlx import ops
 from gemma4_mlx.formats import q4_0
 
 # Which format a module holds, its kernel and whether its biases are derived, come
@@ -51,16 +52,8 @@ def scaled(y: mx.array, module: nn.Module, dtype: mx.Dtype) -> mx.array:
 
 def quantized_linear(module: nn.Module, x: mx.array) -> mx.array:
     """x @ W.T for a quantized [out, in] weight: `QLinear` and the tied head `QEmbedding.as_linear`."""
-    y = mx.quantized_matmul(
-        x,
-        module["weight"],
-        scales=module["scales"],
-        biases=affine_biases(module),
-        transpose=True,
-        group_size=module.group_size,
-        bits=module.bits,
-        mode=module.mode,
-    )
+    w, scales, biases = module["weight"], module["scales"], affine_biases(module)
+    y = ops.quantized_linear(x, w, scales, biases, module.group_size, module.bits, module.mode)
     return scaled(y, module, x.dtype)
 
 
