@@ -185,7 +185,7 @@ def linear(x: mx.array, w: mx.array) -> mx.array:
 # weight to float32 in blocks of rows and multiplies with BLAS: the crossovers were
 # measured at [4096, 1024] (bench/bench_quantized_linear.py); a mode not listed
 # keeps the kernel.
-CPU_DEQUANT_ROWS = {"affine": 6, "mxfp8": 3, "mxfp4": 24, "nvfp4": 24}
+CPU_DEQUANT_ROWS = {"affine": 6, "mxfp8": 2, "mxfp4": 28, "nvfp4": 28}
 DEQUANT_BLOCK = 1 << 23  # weights dequantized at a time: 32 MiB of float32
 
 
