@@ -160,23 +160,32 @@ def rope(x: mx.array, offset, *, base: float | None, freqs: mx.array | None, ang
     return _rotate_half(x, *angles())
 
 
-# A few rows (decode): the CPU BLAS streams W faster as a matrix-vector product
-# W @ x^T than as x @ W^T (measured 1.1-2.7x on Gemma shapes, bench/bench_text.py)
-# up to 3 rows; at 4 rows OpenBLAS takes a slow path for W @ x^T (W [4096, 1024]:
-# 3.5 ms against 1.9 ms for x @ W^T), which made a server's batch of 4 decode
-# slower than a batch of 8.
+# A few rows (decode, batched decode, verify blocks): the CPU BLAS streams W faster
+# as W @ x^T than as x @ W^T (measured 1.1-2.7x on Gemma shapes at 1-3 rows,
+# bench/bench_text.py).  From 4 rows OpenBLAS takes a slow path when that x^T is a
+# transposed view (W [4096, 1024]: 3.5 ms against 1.9 ms for x @ W^T), so there
+# x^T is first copied contiguous (a few rows): in the model, E2B-shaped decode
+# steps went 393 -> 328 ms at B = 4 and 419 -> 370 ms at B = 8, MoE-shaped 330 ->
+# 308 and 457 -> 440 (bench/RESULTS-batch-cpu.txt).  A vocabulary-sized head (far
+# taller than wide) measured slower that way, so it keeps x @ W^T from 4 rows.
 GEMV_MAX_ROWS = 3
+FEW_ROWS_MAX = 8
+FEW_ROWS_MAX_ASPECT = 16  # out / in above this: a head, not a layer
 
 
 def linear(x: mx.array, w: mx.array) -> mx.array:
     """x @ w.T for a weight stored [out, in]."""
     rows = x.size // x.shape[-1]
-    if rows == 1 and cpu_branches():  # a column already: no transposes (same product, bit for bit)
+    if rows > FEW_ROWS_MAX or not cpu_branches():
+        return x @ w.T
+    if rows == 1:  # a column already: no transposes (same product, bit for bit)
         return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], w.shape[0])
-    if rows <= GEMV_MAX_ROWS and cpu_branches():
-        y = w @ x.reshape(rows, x.shape[-1]).T
-        return y.T.reshape(*x.shape[:-1], w.shape[0])
-    return x @ w.T
+    xt = x.reshape(rows, x.shape[-1]).T
+    if rows > GEMV_MAX_ROWS:
+        if w.shape[0] > FEW_ROWS_MAX_ASPECT * w.shape[1]:
+            return x @ w.T
+        xt = mx.contiguous(xt)
+    return (w @ xt).T.reshape(*x.shape[:-1], w.shape[0])
 
 
 # MLX's CPU `quantized_matmul` costs about one dequantization of its matrix per
