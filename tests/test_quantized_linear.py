@@ -37,13 +37,16 @@ def test_equals_the_product_of_the_dequantized_weight(monkeypatch, mode, group, 
     np.testing.assert_allclose(got, np.array(kernel, np.float64), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode,group,bits", MODES)
-def test_the_row_count_picks_the_path(monkeypatch, mode, group, bits):
+@pytest.mark.parametrize("mode,group,bits,scales", [(*m, mx.float32) for m in MODES] + [("affine", 64, 4, mx.bfloat16)])
+def test_the_row_count_picks_the_path(monkeypatch, mode, group, bits, scales):
     calls = []
     real = ops._dequantized_linear
     monkeypatch.setattr(ops, "_dequantized_linear", lambda *a: calls.append(a[0].shape) or real(*a))
     q = quantized(mode, group, bits)
-    first = ops.CPU_DEQUANT_ROWS[mode]
+    if scales != mx.float32 and mode == "affine":  # bf16 scales: mx.dequantize, the later crossover
+        q = (q[0], q[1].astype(scales), q[2].astype(scales))
+    unpacked = mode == "affine" and scales == mx.float32
+    first = ops.UNPACKED_DEQUANT_ROWS if unpacked else ops.CPU_DEQUANT_ROWS[mode]
     for rows in (first - 1, first):
         ops.quantized_linear(mx.ones((rows, IN)), *q, group, bits, mode)
     assert calls == [(first, IN)]
@@ -72,3 +75,17 @@ def test_blocks_are_dequantized_one_after_another(monkeypatch):
     q = quantized("affine", 64, 4)
     ops.quantized_linear(mx.ones((8, IN)), *q, 64, 4, "affine")
     assert waits == [(8, 5)] * 7  # 8 blocks of <= 5 rows: every block after the first waits
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_unpacked_affine_weights_equal_mlx_dequantize(bits, group, dtype):
+    """The whole-array unpack of affine codes gives mx.dequantize's float32 values bit
+    for bit (float32 scales); other scale dtypes go through mx.dequantize itself."""
+    w = mx.random.normal((OUT, 256), key=mx.random.key(3)).astype(dtype)
+    codes, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+    got = ops._dequantize_f32(codes, scales, biases, group, bits, "affine")
+    want = mx.dequantize(codes, scales, biases, group_size=group, bits=bits, dtype=mx.float32)
+    assert got.dtype == mx.float32 and got.shape == want.shape == (OUT, 256)
+    assert mx.array_equal(got, want).item()
