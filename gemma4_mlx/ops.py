@@ -204,26 +204,36 @@ def quantized_linear(x: mx.array, w: mx.array, scales, biases, group_size: int, 
     (or None).  On the CPU's dequantized path the result is float32 whatever x's
     dtype (BLAS; MLX's CPU kernel accumulates bf16 inputs in bf16): callers cast."""
     rows = x.size // x.shape[-1]
-    first = UNPACKED_DEQUANT_ROWS if _unpackable(scales, biases, bits, mode) else CPU_DEQUANT_ROWS.get(mode, math.inf)
-    if cpu_branches() and rows >= first:
+    if cpu_branches() and rows >= _first_dequantized_row(scales, biases, bits, mode):
         return _dequantized_linear(x.astype(mx.float32), w, scales, biases, group_size, bits, mode)
     return mx.quantized_matmul(
         x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits, mode=mode
     )
 
 
+def _first_dequantized_row(scales, biases, bits: int, mode: str) -> float:
+    """The row count from which the CPU takes the dequantized path for this weight."""
+    return UNPACKED_DEQUANT_ROWS if _unpackable(scales, biases, bits, mode) else CPU_DEQUANT_ROWS.get(mode, math.inf)
+
+
 def _dequantized_linear(x, w, scales, biases, group_size, bits, mode) -> mx.array:
     """The weight's rows in blocks of DEQUANT_BLOCK weights, each dequantized only
-    after the previous block's product (`mx.depends`): one block's float32 copy is
+    after the previous block's product (`_after`): one block's float32 copy is
     alive at a time, not the whole matrix (a 262K-row head is 1 GiB in float32)."""
     step = max(1, DEQUANT_BLOCK // x.shape[-1])
     outs = []
     for lo in range(0, w.shape[0], step):
-        parts = [t if t is None else t[lo : lo + step] for t in (w, scales, biases)]
-        if outs:
-            parts[0] = mx.depends(parts[0], outs[-1])
-        outs.append(linear(x, _dequantize_f32(*parts, group_size, bits, mode)))
+        codes, scale_rows, bias_rows = (t if t is None else t[lo : lo + step] for t in (w, scales, biases))
+        wf = _dequantize_f32(_after(codes, outs), scale_rows, bias_rows, group_size, bits, mode)
+        outs.append(linear(x, wf))
     return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+
+def _after(x: mx.array, outs: list) -> mx.array:
+    """x, made to wait for the last of `outs` (the previous block's output), if any.
+    MLX evaluates independent blocks side by side; chained, one block's temporaries
+    (a dequantized weight block, an attention block's scores) are alive at a time."""
+    return mx.depends(x, outs[-1]) if outs else x
 
 
 def _unpackable(scales, biases, bits: int, mode: str) -> bool:
@@ -288,7 +298,7 @@ def _in_blocks(T: int, mask, block) -> mx.array:
     outs = []
 
     def wait(q_block: mx.array) -> mx.array:
-        return mx.depends(q_block, outs[-1]) if outs else q_block
+        return _after(q_block, outs)
 
     for a in range(0, T, ATTENTION_BLOCK):
         b = min(T, a + ATTENTION_BLOCK)
