@@ -205,7 +205,8 @@ def breakdown(shape: str, args, log) -> None:
         log(f"    {'rest':<10} {1e3 * rest:8.2f} ms {100 * rest / total:5.1f}%  (adds, scalars, cache writes, graph)")
         k = model.config.top_k_experts
         if model.config.enable_moe_block:
-            log(f"    expert strategy at this B: {ops.moe_strategy(B * k, B)!r} ({B * k} (token, expert) pairs)")
+            pick = ops.moe_strategy(B * k, B, model.config.num_experts)
+            log(f"    expert strategy at this B: {pick!r} ({B * k} (token, expert) pairs)")
 
 
 def main():

@@ -386,7 +386,7 @@ def cost_curves(name, target, drafter, setup, prompts, log):
 def moe_strategies(target, setup, prompts, log):
     """t_verify(T) at B = 1 with each expert strategy forced (this process only)."""
     reps, rng = setup["reps"], np.random.default_rng(1)
-    k = target.config.top_k_experts
+    k, E = target.config.top_k_experts, target.config.num_experts
     caches, _ = batch_caches(target, prompts[:1])
     real = ops.moe_strategy
     names = ["gather", "segments", "sorted"]
@@ -396,15 +396,19 @@ def moe_strategies(target, setup, prompts, log):
         for T in setup["moe_T"]:
             res = {}
             for n in names:
-                ops.moe_strategy = lambda pairs, tokens=1, n=n: n
+                ops.moe_strategy = lambda pairs, tokens=1, experts=16, n=n: n
                 res[n] = time_verify(target, caches, 1, T, reps, rng)
             ops.moe_strategy = real
             best = min(res, key=res.get)
             log(
                 f"  {T:>3} {T * k:>5} | "
                 + " ".join(f"{1e3 * res[n]:9.1f}" for n in names)
-                + f" | {real(T * k):<9} | {best}"
-                + ("" if best == real(T * k) else f" ({res[real(T * k)] / res[best]:.2f}x faster than default)")
+                + f" | {real(T * k, T, E):<9} | {best}"
+                + (
+                    ""
+                    if best == real(T * k, T, E)
+                    else f" ({res[real(T * k, T, E)] / res[best]:.2f}x faster than default)"
+                )
             )
     finally:
         ops.moe_strategy = real

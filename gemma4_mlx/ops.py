@@ -394,20 +394,28 @@ def _quantized_attention(terms, v, mask):
     return out.reshape(B, nh, T, out.shape[-1])
 
 
-def moe_strategy(pairs: int, tokens: int = 1) -> str:
-    """How to run `pairs` (token, expert) products of `tokens` tokens in an MoE layer.
+CPU_GATHER_PAIRS_PER_EXPERT = 4
 
-    "gather": one gather_mm per pair (a single token: its experts are distinct).
+
+def moe_strategy(pairs: int, tokens: int = 1, experts: int = 16) -> str:
+    """How to run `pairs` (token, expert) products of `tokens` tokens in an MoE layer
+    of `experts` experts.
+
+    "gather": one gather_mm per pair (a single token: its experts are distinct); on
+        the CPU one GEMV per pair (`_gather_columns`).
     "sorted": pairs sorted by expert, gather_mm reads each expert once.  On a GPU
         every multi-token block (prefill, batched decode, speculative verify) takes
         it: an expert chosen by several tokens is read once (docs/speculative.md §11.4).
     "segments": CPU prefill: group on the host, one BLAS GEMM per expert; MLX's CPU
-        gather_mm runs per row and is ~6x slower at prefill sizes.  Below 64 pairs
-        (verify blocks) gather, sorted and segments measured within noise of each
-        other on the CPU (bench/RESULTS-speculative-cpu.txt), so gather stays.
+        gather_mm runs per row and is ~6x slower at prefill sizes.  Per-pair GEMVs
+        win while experts get few rows each (the host read, the sorts and E small
+        GEMMs cost more than reading an expert twice or thrice): the crossover
+        measured at 2-4 pairs per expert, 12 layers (E 32, H 512: 64-128 pairs;
+        E 64, H 1024: past 256; E 128, H 2816: 256-512), so segments from 4 per
+        expert (docs/text-decoder.md §6.1).
     """
     if cpu_branches():
-        return "gather" if pairs < 64 else "segments"
+        return "gather" if pairs < CPU_GATHER_PAIRS_PER_EXPERT * experts else "segments"
     return "sorted" if tokens > 1 else "gather"
 
 
@@ -430,6 +438,8 @@ def gather_mm(x: mx.array, w: mx.array, idx: mx.array, sorted_indices: bool) -> 
     (which accumulates in float32).
     """
     if not on_cpu() or _cpu_gather_mm(mx.result_type(x, w)):
+        if cpu_branches() and x.shape[-2] == 1:
+            return _gather_columns(x, w, idx)
         return mx.gather_mm(x, w, rhs_indices=idx, sorted_indices=sorted_indices)
     out = mx.result_type(x, w)
     sel = mx.take(w.swapaxes(-1, -2), idx, axis=0)  # [..., out, in]: the stored rows
@@ -437,6 +447,14 @@ def gather_mm(x: mx.array, w: mx.array, idx: mx.array, sorted_indices: bool) -> 
         hi = wide(out)
         return (sel.astype(hi) @ x.astype(hi).swapaxes(-1, -2)).swapaxes(-1, -2).astype(out)
     return (sel @ x.swapaxes(-1, -2)).swapaxes(-1, -2)
+
+
+def _gather_columns(x: mx.array, w: mx.array, idx: mx.array) -> mx.array:
+    """One row per pair on the CPU: each expert as the left operand, stored [out, in],
+    times its row as a column (`linear`'s one-row rule, per pair).  The same product
+    up to float32 summation order, and the expert GEMVs of 12 MoE layers at 1-8
+    tokens ran 1.26-1.48x faster than row @ w[e] (docs/text-decoder.md §6.1)."""
+    return mx.gather_mm(w.swapaxes(-1, -2), x.swapaxes(-1, -2), lhs_indices=idx).swapaxes(-1, -2)
 
 
 @functools.cache

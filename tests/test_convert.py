@@ -184,7 +184,7 @@ def test_quantized_experts_all_strategies(tempered, converted, monkeypatch, stra
     assert isinstance(experts.down_proj, QuantizedExpertLinear)  # every expert matrix quantized
     ids = random_ids(24, seed=3)
     want = logits(dequantized(model), ids)
-    monkeypatch.setattr(ops, "moe_strategy", lambda pairs, tokens=1: strategy)
+    monkeypatch.setattr(ops, "moe_strategy", lambda pairs, tokens=1, experts=16: strategy)
     assert np.abs(logits(model, ids) - want).max() < EXACT
 
 

@@ -76,7 +76,7 @@ def test_expert_block_matches_float32(monkeypatch, dtype, strategy):
     if strategy == "gather-unwidened":  # large experts: MLX's low-precision matmul
         monkeypatch.setattr(ops, "WIDEN_MAX_ELEMENTS", 0)
         strategy = "gather"
-    monkeypatch.setattr(ops, "moe_strategy", lambda pairs, tokens=1: strategy)
+    monkeypatch.setattr(ops, "moe_strategy", lambda pairs, tokens=1, experts=16: strategy)
     E, H, inner, n, k = 8, 64, 32, 5, 2
 
     def make():

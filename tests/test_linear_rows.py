@@ -35,3 +35,44 @@ def test_four_to_eight_rows_copy_x_transposed_contiguous(monkeypatch):
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
     ops.linear(mx.ones((5, 64)), layer)
     assert len(copies) == ops.FEW_ROWS_MAX - ops.GEMV_MAX_ROWS
+
+
+# -- MoE experts: one GEMV per (token, expert) pair ---------------------------------
+@pytest.mark.parametrize("tokens, k", [(1, 4), (3, 2)])
+@pytest.mark.parametrize("rows_per_pair", [True, False])
+def test_expert_columns_equal_the_gather_kernel(tokens, k, rows_per_pair):
+    """`ops.gather_mm` of one row per pair (x broadcast over a token's experts, or one
+    row per pair as the down projection reads it) equals MLX's kernel and float64."""
+    E, d_in, d_out = 6, 48, 40
+    stored = mx.random.normal((E, d_out, d_in), key=mx.random.key(2))
+    idx = mx.random.randint(0, E, (tokens, k), key=mx.random.key(3)).astype(mx.uint32)
+    x = mx.random.normal((tokens, k if rows_per_pair else 1, 1, d_in), key=mx.random.key(4))
+    got = ops.gather_mm(x, stored.swapaxes(-1, -2), idx, False)
+    kernel = mx.gather_mm(x, stored.swapaxes(-1, -2), rhs_indices=idx)
+    assert got.shape == kernel.shape == (tokens, k, 1, d_out)
+    want = np.einsum(
+        "tkri,tkoi->tkro",
+        np.array(mx.broadcast_to(x, (tokens, k, 1, d_in)), np.float64),
+        np.array(stored, np.float64)[np.array(idx)],
+    )
+    np.testing.assert_allclose(np.array(got, np.float64), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(got), np.array(kernel), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_columns_run_on_cpu_branches_only(monkeypatch):
+    calls = []
+    real = mx.gather_mm
+    monkeypatch.setattr(ops.mx, "gather_mm", lambda a, b, **kw: calls.append(sorted(kw)) or real(a, b, **kw))
+    w, idx = mx.zeros((4, 8, 6)), mx.zeros((1, 2), mx.uint32)
+    ops.gather_mm(mx.ones((1, 1, 1, 8)), w, idx, False)
+    ops.gather_mm(mx.ones((1, 1, 3, 8)), w, idx, False)  # several rows per pair: the kernel
+    monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
+    ops.gather_mm(mx.ones((1, 1, 1, 8)), w, idx, False)
+    assert calls == [["lhs_indices"], ["rhs_indices", "sorted_indices"], ["rhs_indices", "sorted_indices"]]
+
+
+def test_cpu_expert_strategy_switches_at_pairs_per_expert():
+    n = ops.CPU_GATHER_PAIRS_PER_EXPERT
+    for experts in (8, 32, 128):
+        assert ops.moe_strategy(n * experts - 1, experts, experts) == "gather"
+        assert ops.moe_strategy(n * experts, experts, experts) == "segments"

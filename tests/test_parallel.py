@@ -26,7 +26,7 @@ def test_expert_parallel_parts_sum_to_the_whole(monkeypatch, strategy, quantized
     h = mx.random.normal((3, 7, H))
     idx = mx.random.randint(0, E, (3, 7, 2))
     w = mx.random.uniform(shape=(3, 7, 2))
-    monkeypatch.setattr(moe.ops, "moe_strategy", lambda nk, n: strategy)
+    monkeypatch.setattr(moe.ops, "moe_strategy", lambda nk, n, experts: strategy)
     expected = whole(h, w, idx)
     parts = []
     for rank in range(2):
@@ -52,7 +52,7 @@ def test_another_ranks_expert_contributes_exactly_nothing(monkeypatch):
     part.shard(Shard(None, 0, 2))  # holds experts 0 and 1
     part.down_proj.weight = mx.full(part.down_proj.weight.shape, mx.inf)  # only rank 1's would be read...
     part.down_proj.weight[0] = 0.1  # ...but this rank's own expert 0 is finite
-    monkeypatch.setattr(moe.ops, "moe_strategy", lambda nk, n: "gather")
+    monkeypatch.setattr(moe.ops, "moe_strategy", lambda nk, n, experts: "gather")
     out = part(mx.ones((1, 1, 16)), mx.array([[[0.5, 0.5]]]), mx.array([[[0, 3]]]))
     assert mx.isfinite(out).all().item()
 
@@ -84,7 +84,7 @@ def test_the_sorted_kernel_runs_only_this_ranks_pairs(monkeypatch):
     rows = []
     glu = Experts._glu
     monkeypatch.setattr(Experts, "_glu", lambda self, x, sel, s: rows.append(x.shape[0]) or glu(self, x, sel, s))
-    monkeypatch.setattr(moe.ops, "moe_strategy", lambda nk, n: "sorted")
+    monkeypatch.setattr(moe.ops, "moe_strategy", lambda nk, n, experts: "sorted")
     part(mx.ones((1, 3, 16)), mx.full((1, 3, 2), 0.5), idx)
     assert rows == [2]
 

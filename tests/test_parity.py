@@ -80,7 +80,7 @@ def test_every_kernel_path(loaded, monkeypatch, strategy):
 
     ref, model = loaded
     monkeypatch.setattr(ops, "ATTENTION_BLOCK", 3)
-    monkeypatch.setattr(ops, "moe_strategy", lambda pairs, tokens=1: strategy)
+    monkeypatch.setattr(ops, "moe_strategy", lambda pairs, tokens=1, experts=16: strategy)
     ids = random_ids(20, seed=6)
     expected = ref.logits(ids)[0]
     assert max_diff(model(mx.array([ids]))[0], expected) < TOL

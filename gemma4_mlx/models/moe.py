@@ -169,7 +169,7 @@ class Experts(nn.Module):
         h = h.reshape(-1, shape[-1])
         idx, w, mine = self._local(idx.reshape(-1, idx.shape[-1]), w)
         n, k = idx.shape
-        strategy = ops.moe_strategy(n * k, n)
+        strategy = ops.moe_strategy(n * k, n, self.num_experts)
         if strategy == "gather":
             y = self._glu(h[:, None, None, :], self._real(idx), False).reshape(n, k, -1)
         else:
