@@ -57,6 +57,12 @@ class LayerCaches(list):
         return next(c.offset for c in self if c is not None)
 
     @property
+    def rollback_room(self) -> float:
+        """How many of the newest tokens `trim` can always take back: a sliding layer's
+        slack beyond its window (`max_rollback`); unbounded without sliding layers."""
+        return min((c.max_rollback for c in self.writers() if isinstance(c, SlidingKVCache)), default=float("inf"))
+
+    @property
     def state(self) -> list:
         """(K, V) of every writing layer: what `mx.eval` needs to materialise them."""
         return [c.state for c in self.writers()]
