@@ -394,7 +394,7 @@ def _quantized_attention(terms, v, mask):
     return out.reshape(B, nh, T, out.shape[-1])
 
 
-CPU_GATHER_PAIRS_PER_EXPERT = 4
+CPU_SEGMENTS_PAIRS_PER_EXPERT = 8
 
 
 def moe_strategy(pairs: int, tokens: int = 1, experts: int = 16) -> str:
@@ -406,16 +406,17 @@ def moe_strategy(pairs: int, tokens: int = 1, experts: int = 16) -> str:
     "sorted": pairs sorted by expert, gather_mm reads each expert once.  On a GPU
         every multi-token block (prefill, batched decode, speculative verify) takes
         it: an expert chosen by several tokens is read once (docs/speculative.md §11.4).
+        On the CPU too below CPU_SEGMENTS_PAIRS_PER_EXPERT pairs per expert: one GEMV
+        per pair, an expert's pairs in a row, so its weights are still in cache for
+        the next (gather took 1.1-2.5x as long at 8-64 tokens; docs/text-decoder.md §6.2).
     "segments": CPU prefill: group on the host, one BLAS GEMM per expert; MLX's CPU
-        gather_mm runs per row and is ~6x slower at prefill sizes.  Per-pair GEMVs
-        win while experts get few rows each (the host read, the sorts and E small
-        GEMMs cost more than reading an expert twice or thrice): the crossover
-        measured at 2-4 pairs per expert, 12 layers (E 32, H 512: 64-128 pairs;
-        E 64, H 1024: past 256; E 128, H 2816: 256-512), so segments from 4 per
-        expert (docs/text-decoder.md §6.1).
+        gather_mm runs per row and is ~6x slower at prefill sizes.  Sorted GEMVs
+        win while experts get few rows each: the crossover measured at 8-16 pairs
+        per expert (E 32: about equal at 16; E 64: GEMVs ahead at 8; E 128 / H 2816:
+        GEMVs ahead at 4, GEMMs 2.3x ahead at 16).
     """
-    if cpu_branches():
-        return "gather" if pairs < CPU_GATHER_PAIRS_PER_EXPERT * experts else "segments"
+    if cpu_branches() and pairs >= CPU_SEGMENTS_PAIRS_PER_EXPERT * experts:
+        return "segments"
     return "sorted" if tokens > 1 else "gather"
 
 

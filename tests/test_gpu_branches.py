@@ -60,7 +60,7 @@ def test_switch_takes_the_gpu_branches(monkeypatch):
     ops.attention(q, kv, kv, build_mask(2, 0, 3, None, None))
     assert calls == [1]
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", False)
-    assert ops.cpu_branches() and ops.moe_strategy(2 * 8, 2) == "gather"
+    assert ops.cpu_branches() and ops.moe_strategy(200, 25) == "segments"
 
 
 # -- parity with transformers ------------------------------------------------------
