@@ -209,7 +209,8 @@ def generate_tokens(
     step n + 1's graph on the host overlaps computing step n (3-4 ms of a 60 ms
     4-bit MoE step on the CPU).  A step queued for a token that ends the generation
     is taken back (`trim(1)`), so this needs a cache that can roll back one token
-    (`rollback_room`); with none to spare, the token is read first.
+    (`rollback_room`); with none to spare, or with a grammar constraint, the token
+    is read first.
     """
     options = options or SamplingOptions()
     sampler, processors = _sampler(options, [0]), options.processors()
@@ -226,7 +227,9 @@ def generate_tokens(
     if stats is not None:
         stats.prompt_tokens, stats.prompt_time = len(prompt), time.perf_counter() - t0
     t1 = time.perf_counter()
-    ahead = cache.rollback_room >= 1  # may feed a token before reading it (_next_step)
+    # Queue ahead (docstring) unless a grammar constrains the output: its processor
+    # reads the token on the host while the step is built, so nothing would overlap.
+    ahead = cache.rollback_room >= 1 and options.constraint is None
 
     def step(token):
         nonlocal history
