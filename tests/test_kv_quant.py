@@ -204,10 +204,28 @@ def test_rollback_past_the_window_equals_the_cache_built_directly(pairs, name, b
             model(mx.array([drafts[: len(drafts) - j]]), b)
         want = model(mx.array([[7]]), b)[0, -1]
         assert max_diff(got, want) < 1e-4, j
+        new = len(drafts) - j + 1  # the newest entries: kept drafts and token 7; older: the prompt
         for ca, cb in zip(a.writers(), b.writers()):
             n = min(ca.size, cb.size)
             assert n >= min(W - 1, ca.offset)
-            assert all(same(tail(x, n), tail(y, n)) for x, y in zip(ca.state, cb.state)), j
+            for x, y in zip(ca.state, cb.state):
+                x, y = tail(x, n), tail(y, n)
+                assert same(kvs.slots(x, 0, n - new), kvs.slots(y, 0, n - new)), j  # restored exactly
+                assert within_a_step(kvs.slots(x, n - new), kvs.slots(y, n - new), bits), j
+
+
+def within_a_step(a, b, bits: int) -> bool:
+    """Entries that came from products of different row counts (a draft block of 4
+    against the 4 - j drafts kept, and what attends to them): the BLAS may round a
+    row differently by the block's height (OpenBLAS's small-matrix kernels on one
+    AVX-512 machine do), so a value may land one quantization step away.  Any
+    rollback error is far larger."""
+    if not isinstance(a, tuple):
+        return max_diff(a, b) < 1e-5
+    group = a[0].shape[-1] * 32 // bits // a[1].shape[-1]
+    da, db = (mx.dequantize(*t, group_size=group, bits=bits) for t in (a, b))
+    step = mx.repeat(mx.maximum(mx.abs(a[1]), mx.abs(b[1])), group, axis=-1)  # MLX's scales may be negative
+    return bool(mx.all(mx.abs(da - db) <= 1.01 * step + 1e-5).item())
 
 
 def oracle(reference: list[int], every: int):
