@@ -31,6 +31,48 @@ def cpu_branches() -> bool:
     return on_cpu() and not FORCE_GPU_BRANCHES
 
 
+# A weight times a few rows has two BLAS forms: x @ W^T ("rows", what MLX programs
+# write) and W @ x^T ("columns": the weight as the left operand).  Which streams the
+# weight faster depends on the machine, not the model: on one 2-core x86 VM columns
+# ran 1.1-2.7x faster per product (MoE experts 1.26-1.48x); on another (AVX-512,
+# 300 MB L3) rows ran 1.1-1.6x faster, and columns made E2B-/MoE-small decode 0.92x /
+# 0.86x mlx-lm's instead of 1.32x / 1.03x.  So loading a checkpoint big enough to
+# matter times both forms on its own weights (checkpoint/cpu_forms.py) and keeps the
+# faster; GEMMA4_MLX_CPU_FORM=rows|columns fixes the form instead.  Until then: rows.
+CPU_FORMS = ("rows", "columns")
+CPU_FORM_ENV = "GEMMA4_MLX_CPU_FORM"
+
+
+def _form_from_env() -> str | None:
+    value = os.environ.get(CPU_FORM_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in CPU_FORMS:
+        raise ValueError(f"{CPU_FORM_ENV}={value!r}: expected rows, columns or auto")
+    return value
+
+
+FIXED_CPU_FORM = _form_from_env()
+_cpu_form = FIXED_CPU_FORM or "rows"
+
+
+def cpu_form() -> str:
+    """The few-row product form the CPU branches take now: "rows" or "columns"."""
+    return _cpu_form
+
+
+def set_cpu_form(form: str) -> None:
+    """Take `form` from now on (a measured choice; tests flip it)."""
+    global _cpu_form
+    if form not in CPU_FORMS:
+        raise ValueError(f"CPU product form {form!r}: expected one of {', '.join(CPU_FORMS)}")
+    _cpu_form = form
+
+
+def _columns() -> bool:
+    return cpu_branches() and _cpu_form == "columns"
+
+
 # Stacking q/k/v and gate/up into one product each at load (`models/fuse.py`) is
 # opt-in: on this CPU it measured no faster (float32 and 4-bit, E2B- and MoE-shaped
 # decode at B = 1 and 4, within 1 % either way: OpenBLAS streams three GEMVs as fast
@@ -160,14 +202,13 @@ def rope(x: mx.array, offset, *, base: float | None, freqs: mx.array | None, ang
     return _rotate_half(x, *angles())
 
 
-# A few rows (decode, batched decode, verify blocks): the CPU BLAS streams W faster
-# as W @ x^T than as x @ W^T (measured 1.1-2.7x on Gemma shapes at 1-3 rows,
-# bench/bench_text.py).  From 4 rows OpenBLAS takes a slow path when that x^T is a
-# transposed view (W [4096, 1024]: 3.5 ms against 1.9 ms for x @ W^T), so there
-# x^T is first copied contiguous (a few rows): in the model, E2B-shaped decode
-# steps went 393 -> 328 ms at B = 4 and 419 -> 370 ms at B = 8, MoE-shaped 330 ->
-# 308 and 457 -> 440 (bench/RESULTS-batch-cpu.txt).  A vocabulary-sized head (far
-# taller than wide) measured slower that way, so it keeps x @ W^T from 4 rows.
+# A few rows (decode, batched decode, verify blocks) in the "columns" form (see
+# CPU_FORMS): W @ x^T.  Where that form wins, from 4 rows OpenBLAS took a slow path
+# when x^T was a transposed view (W [4096, 1024]: 3.5 ms against 1.9 ms for x @ W^T),
+# so there x^T is first copied contiguous (a few rows): in the model, E2B-shaped
+# decode steps went 393 -> 328 ms at B = 4 and 419 -> 370 ms at B = 8, MoE-shaped
+# 330 -> 308 and 457 -> 440 (bench/RESULTS-batch-cpu.txt).  A vocabulary-sized head
+# (far taller than wide) measured slower that way, so it keeps x @ W^T from 4 rows.
 GEMV_MAX_ROWS = 3
 FEW_ROWS_MAX = 8
 FEW_ROWS_MAX_ASPECT = 16  # out / in above this: a head, not a layer
@@ -176,7 +217,7 @@ FEW_ROWS_MAX_ASPECT = 16  # out / in above this: a head, not a layer
 def linear(x: mx.array, w: mx.array) -> mx.array:
     """x @ w.T for a weight stored [out, in]."""
     rows = x.size // x.shape[-1]
-    if rows > FEW_ROWS_MAX or not cpu_branches():
+    if rows > FEW_ROWS_MAX or not _columns():
         return x @ w.T
     if rows == 1:  # a column already: no transposes (same product, bit for bit)
         return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], w.shape[0])
@@ -401,8 +442,8 @@ def moe_strategy(pairs: int, tokens: int = 1, experts: int = 16) -> str:
     """How to run `pairs` (token, expert) products of `tokens` tokens in an MoE layer
     of `experts` experts.
 
-    "gather": one gather_mm per pair (a single token: its experts are distinct); on
-        the CPU one GEMV per pair (`_gather_columns`).
+    "gather": one gather_mm per pair (a single token: its experts are distinct); in
+        the CPU's "columns" form one GEMV per pair (`_gather_columns`).
     "sorted": pairs sorted by expert, gather_mm reads each expert once.  On a GPU
         every multi-token block (prefill, batched decode, speculative verify) takes
         it: an expert chosen by several tokens is read once (docs/speculative.md §11.4).
@@ -439,7 +480,7 @@ def gather_mm(x: mx.array, w: mx.array, idx: mx.array, sorted_indices: bool) -> 
     (which accumulates in float32).
     """
     if not on_cpu() or _cpu_gather_mm(mx.result_type(x, w)):
-        if cpu_branches() and x.shape[-2] == 1:
+        if _columns() and x.shape[-2] == 1:
             return _gather_columns(x, w, idx)
         return mx.gather_mm(x, w, rhs_indices=idx, sorted_indices=sorted_indices)
     out = mx.result_type(x, w)
@@ -451,10 +492,11 @@ def gather_mm(x: mx.array, w: mx.array, idx: mx.array, sorted_indices: bool) -> 
 
 
 def _gather_columns(x: mx.array, w: mx.array, idx: mx.array) -> mx.array:
-    """One row per pair on the CPU: each expert as the left operand, stored [out, in],
-    times its row as a column (`linear`'s one-row rule, per pair).  The same product
-    up to float32 summation order, and the expert GEMVs of 12 MoE layers at 1-8
-    tokens ran 1.26-1.48x faster than row @ w[e] (docs/text-decoder.md §6.2)."""
+    """One row per pair in the CPU's "columns" form: each expert as the left operand,
+    stored [out, in], times its row as a column (`linear`'s one-row rule, per pair).
+    The same product up to float32 summation order; where columns win, the expert
+    GEMVs of 12 MoE layers at 1-8 tokens ran 1.26-1.48x faster than row @ w[e]
+    (docs/text-decoder.md §6.2)."""
     return mx.gather_mm(w.swapaxes(-1, -2), x.swapaxes(-1, -2), lhs_indices=idx).swapaxes(-1, -2)
 
 

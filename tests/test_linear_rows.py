@@ -1,5 +1,6 @@
-"""ops.linear's CPU branches by row count: one row as a column, a few rows as
-W @ x^T (contiguous from 4 rows, except for head-shaped matrices), more as x @ W^T."""
+"""ops.linear's CPU branches by row count, in the "columns" form (ops.CPU_FORMS): one
+row as a column, a few rows as W @ x^T (contiguous from 4 rows, except for
+head-shaped matrices), more as x @ W^T; in the "rows" form always x @ W^T."""
 
 import mlx.core as mx
 import numpy as np
@@ -11,10 +12,21 @@ LAYER = (96, 64)  # out, in
 HEAD = (64 * (ops.FEW_ROWS_MAX_ASPECT + 1), 64)  # far taller than wide: a vocabulary head
 
 
+@pytest.fixture(params=ops.CPU_FORMS)
+def form(request, monkeypatch):
+    monkeypatch.setattr(ops, "_cpu_form", request.param)
+    return request.param
+
+
+@pytest.fixture
+def columns(monkeypatch):
+    monkeypatch.setattr(ops, "_cpu_form", "columns")
+
+
 @pytest.mark.parametrize("shape", [LAYER, HEAD])
 @pytest.mark.parametrize("lead", [(), (2,)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9])
-def test_equals_x_times_w_transposed(shape, lead, rows):
+def test_equals_x_times_w_transposed(form, shape, lead, rows):
     w = mx.random.normal(shape, key=mx.random.key(0))
     x = mx.random.normal((*lead, rows, shape[1]), key=mx.random.key(1))
     got = ops.linear(x, w)
@@ -23,7 +35,7 @@ def test_equals_x_times_w_transposed(shape, lead, rows):
     np.testing.assert_allclose(np.array(got, np.float64), want, rtol=1e-5, atol=1e-5)
 
 
-def test_four_to_eight_rows_copy_x_transposed_contiguous(monkeypatch):
+def test_four_to_eight_rows_copy_x_transposed_contiguous(columns, monkeypatch):
     copies = []
     real = mx.contiguous
     monkeypatch.setattr(ops.mx, "contiguous", lambda a, *k: copies.append(a.shape) or real(a, *k))
@@ -34,13 +46,16 @@ def test_four_to_eight_rows_copy_x_transposed_contiguous(monkeypatch):
     assert copies == [(64, rows) for rows in range(ops.GEMV_MAX_ROWS + 1, ops.FEW_ROWS_MAX + 1)]
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
     ops.linear(mx.ones((5, 64)), layer)
+    monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", False)
+    monkeypatch.setattr(ops, "_cpu_form", "rows")
+    ops.linear(mx.ones((5, 64)), layer)
     assert len(copies) == ops.FEW_ROWS_MAX - ops.GEMV_MAX_ROWS
 
 
 # -- MoE experts: one GEMV per (token, expert) pair ---------------------------------
 @pytest.mark.parametrize("tokens, k", [(1, 4), (3, 2)])
 @pytest.mark.parametrize("rows_per_pair", [True, False])
-def test_expert_columns_equal_the_gather_kernel(tokens, k, rows_per_pair):
+def test_expert_columns_equal_the_gather_kernel(form, tokens, k, rows_per_pair):
     """`ops.gather_mm` of one row per pair (x broadcast over a token's experts, or one
     row per pair as the down projection reads it) equals MLX's kernel and float64."""
     E, d_in, d_out = 6, 48, 40
@@ -59,7 +74,7 @@ def test_expert_columns_equal_the_gather_kernel(tokens, k, rows_per_pair):
     np.testing.assert_allclose(np.array(got), np.array(kernel), rtol=1e-5, atol=1e-6)
 
 
-def test_expert_columns_run_on_cpu_branches_only(monkeypatch):
+def test_expert_columns_run_on_cpu_branches_only(columns, monkeypatch):
     calls = []
     real = mx.gather_mm
     monkeypatch.setattr(ops.mx, "gather_mm", lambda a, b, **kw: calls.append(sorted(kw)) or real(a, b, **kw))

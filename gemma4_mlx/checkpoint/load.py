@@ -19,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
+from gemma4_mlx.checkpoint.cpu_forms import choose_cpu_form
 from gemma4_mlx.checkpoint.files import DTYPES, LoadError, missing_tensors, read_safetensors, weight_files
 from gemma4_mlx.checkpoint.hub import resolve_path
 from gemma4_mlx.checkpoint.keys import (
@@ -173,6 +174,7 @@ def load_model(
     finish(model, weights, dtype, folder)
     if fuse and ops.stack_projections():
         model.fuse()
+    choose_cpu_form(model)
     model.folder = folder  # where processor_config.json (image budget, audio front end) lives
     return model, config
 

@@ -1,0 +1,146 @@
+"""The CPU's two few-row product forms, and the load-time choice between them
+(`ops.CPU_FORMS`, `checkpoint/cpu_forms.py`).
+
+The suite's tiny checkpoints stay below the timing threshold, so everything else
+runs the default "rows" form; here the "columns" form (W @ x^T, experts as
+left operands) runs a selection of the parity, rollback, batching and speculative
+tests, and the choice itself is checked on timings we control.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import gemma4_mlx
+from gemma4_mlx import ops
+from gemma4_mlx.checkpoint import cpu_forms
+
+import test_batch
+import test_cache
+import test_parity
+import test_speculative
+from helpers.checkpoints import FAMILIES, W
+from helpers.mtp_pairs import PAIRS
+
+
+@pytest.fixture
+def columns(monkeypatch):
+    monkeypatch.setattr(ops, "_cpu_form", "columns")
+
+
+@pytest.fixture
+def undecided(monkeypatch):
+    """A process that has not timed the forms yet; the form restored afterwards."""
+    monkeypatch.setattr(cpu_forms, "_decided", None)
+    monkeypatch.setattr(ops, "FIXED_CPU_FORM", None)
+    monkeypatch.setattr(ops, "_cpu_form", "rows")
+
+
+@pytest.fixture(params=list(FAMILIES))
+def loaded(request, checkpoints):
+    ref = checkpoints[request.param]
+    return ref, gemma4_mlx.load(ref.path, dtype="float32")[0]
+
+
+# -- the "columns" form through the model ------------------------------------------------
+def test_columns_form_is_taken(columns, monkeypatch):
+    calls = []
+    real = mx.gather_mm
+    monkeypatch.setattr(ops.mx, "gather_mm", lambda a, b, **kw: calls.append(sorted(kw)) or real(a, b, **kw))
+    ops.gather_mm(mx.ones((1, 1, 1, 8)), mx.zeros((4, 8, 6)), mx.zeros((1, 2), mx.uint32), False)
+    monkeypatch.setattr(ops, "_cpu_form", "rows")
+    ops.gather_mm(mx.ones((1, 1, 1, 8)), mx.zeros((4, 8, 6)), mx.zeros((1, 2), mx.uint32), False)
+    assert calls == [["lhs_indices"], ["rhs_indices", "sorted_indices"]]
+
+
+def test_full_forward(columns, loaded):
+    test_parity.test_full_forward(loaded)
+
+
+def test_prefill_then_decode_past_window(columns, loaded):
+    test_parity.test_prefill_then_decode_past_window(loaded)
+
+
+def test_draft_trim_decode(columns, loaded):
+    test_cache.test_draft_trim_decode(loaded[1], 3 * W + 2, 3)
+
+
+def test_batched_greedy_equals_single(columns, loaded):
+    test_batch.test_batched_greedy_equals_single(loaded[1])
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_speculative_lossless(columns, pairs, name):
+    test_speculative.test_real_drafter_and_auto_draft_length_are_lossless(pairs, name)
+
+
+def test_forms_give_the_same_logits(loaded, monkeypatch):
+    """One model, one prompt: decode-step logits of both forms agree to float32 rounding."""
+    _, model = loaded
+    prompt = mx.array([[2, 5, 9, 14, 3, 7]])
+    got = {}
+    for form in ops.CPU_FORMS:
+        monkeypatch.setattr(ops, "_cpu_form", form)
+        cache = model.make_cache()
+        model(prompt[:, :-1], cache=cache)
+        got[form] = np.array(model(prompt[:, -1:], cache=cache), np.float64)
+    np.testing.assert_allclose(got["columns"], got["rows"], rtol=1e-4, atol=1e-4)
+
+
+# -- the choice -----------------------------------------------------------------------
+def _big_enough(monkeypatch, times):
+    monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "time_forms", lambda weights: dict(times))
+
+
+@pytest.mark.parametrize(
+    "rows, columns_, want",
+    [(1.0, 0.5, "columns"), (0.5, 1.0, "rows"), (1.0, 0.98, "rows")],  # a 2 % lead is a tie: rows
+)
+def test_the_faster_form_is_kept(undecided, monkeypatch, checkpoints, rows, columns_, want):
+    _big_enough(monkeypatch, {"rows": rows, "columns": columns_})
+    model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]  # load() decides
+    assert ops.cpu_form() == want
+    assert cpu_forms._decided == {"rows": rows, "columns": columns_}
+    assert cpu_forms.choose_cpu_form(model) is None  # once per process
+    assert ops.cpu_form() == want
+
+
+def test_nothing_timed_when_small_fixed_or_on_gpu_branches(undecided, monkeypatch, checkpoints):
+    model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]
+    assert cpu_forms._decided is None and ops.cpu_form() == "rows"  # below MIN_BYTES
+    _big_enough(monkeypatch, {"rows": 1.0, "columns": 0.5})
+    monkeypatch.setattr(ops, "FIXED_CPU_FORM", "rows")
+    assert cpu_forms.choose_cpu_form(model) is None and ops.cpu_form() == "rows"
+    monkeypatch.setattr(ops, "FIXED_CPU_FORM", None)
+    monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
+    assert cpu_forms.choose_cpu_form(model) is None and ops.cpu_form() == "rows"
+    monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", False)
+    assert cpu_forms.choose_cpu_form(model) == {"rows": 1.0, "columns": 0.5}
+    assert ops.cpu_form() == "columns"
+
+
+def test_timing_runs_both_forms_and_restores_the_form(undecided, checkpoints, monkeypatch):
+    model = gemma4_mlx.load(checkpoints["moe"].path, dtype="float32")[0]
+    weights = cpu_forms.layer_weights(model)
+    assert weights and all(w.ndim == 2 for w in weights)
+    seen = []
+    real = ops.linear
+    monkeypatch.setattr(ops, "linear", lambda x, w: seen.append((ops.cpu_form(), x.shape[0])) or real(x, w))
+    times = cpu_forms.time_forms(weights[:3])
+    assert set(times) == set(ops.CPU_FORMS) and all(0 < t < 10 for t in times.values())
+    assert {(f, r) for f, r in seen} == {(f, r) for f in ops.CPU_FORMS for r in cpu_forms.ROW_COUNTS}
+    assert ops.cpu_form() == "rows"
+
+
+def test_the_environment_fixes_the_form(monkeypatch):
+    for value, want in (("columns", "columns"), ("ROWS", "rows"), ("auto", None), ("", None)):
+        monkeypatch.setenv(ops.CPU_FORM_ENV, value)
+        assert ops._form_from_env() == want
+    monkeypatch.setenv(ops.CPU_FORM_ENV, "diagonal")
+    with pytest.raises(ValueError, match="GEMMA4_MLX_CPU_FORM='diagonal': expected rows, columns or auto"):
+        ops._form_from_env()
+    with pytest.raises(ValueError, match="expected one of rows, columns"):
+        ops.set_cpu_form("diagonal")
