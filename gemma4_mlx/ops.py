@@ -435,7 +435,10 @@ def _quantized_attention(terms, v, mask):
     return out.reshape(B, nh, T, out.shape[-1])
 
 
-CPU_SEGMENTS_PAIRS_PER_EXPERT = 8
+# Pairs per expert from which the CPU runs one GEMM per expert, by product form: in
+# "columns" the sorted GEMVs kept up to 8 (below); in "rows" MLX's per-row kernel
+# lost to the GEMMs from 2 (16-token blocks: E 32 184 -> 142 ms, E 64 1465 -> 1165).
+CPU_SEGMENTS_PAIRS_PER_EXPERT = {"rows": 2, "columns": 8}
 
 
 def moe_strategy(pairs: int, tokens: int = 1, experts: int = 16) -> str:
@@ -447,16 +450,17 @@ def moe_strategy(pairs: int, tokens: int = 1, experts: int = 16) -> str:
     "sorted": pairs sorted by expert, gather_mm reads each expert once.  On a GPU
         every multi-token block (prefill, batched decode, speculative verify) takes
         it: an expert chosen by several tokens is read once (docs/speculative.md §11.4).
-        On the CPU too below CPU_SEGMENTS_PAIRS_PER_EXPERT pairs per expert: one GEMV
-        per pair, an expert's pairs in a row, so its weights are still in cache for
-        the next (gather took 1.1-2.5x as long at 8-64 tokens; docs/text-decoder.md §6.2).
+        On the CPU too below CPU_SEGMENTS_PAIRS_PER_EXPERT pairs per expert: in the
+        columns form one GEMV per pair, an expert's pairs in a row, so its weights are
+        still in cache for the next (gather took 1.1-2.5x as long at 8-64 tokens;
+        docs/text-decoder.md §6.2).
     "segments": CPU prefill: group on the host, one BLAS GEMM per expert; MLX's CPU
         gather_mm runs per row and is ~6x slower at prefill sizes.  Sorted GEMVs
         win while experts get few rows each: the crossover measured at 8-16 pairs
         per expert (E 32: about equal at 16; E 64: GEMVs ahead at 8; E 128 / H 2816:
         GEMVs ahead at 4, GEMMs 2.3x ahead at 16).
     """
-    if cpu_branches() and pairs >= CPU_SEGMENTS_PAIRS_PER_EXPERT * experts:
+    if cpu_branches() and pairs >= CPU_SEGMENTS_PAIRS_PER_EXPERT[_cpu_form] * experts:
         return "segments"
     return "sorted" if tokens > 1 else "gather"
 

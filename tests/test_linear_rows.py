@@ -86,10 +86,10 @@ def test_expert_columns_run_on_cpu_branches_only(columns, monkeypatch):
     assert calls == [["lhs_indices"], ["rhs_indices", "sorted_indices"], ["rhs_indices", "sorted_indices"]]
 
 
-def test_cpu_expert_strategy_by_tokens_and_pairs_per_expert():
-    n = ops.CPU_SEGMENTS_PAIRS_PER_EXPERT
+def test_cpu_expert_strategy_by_tokens_and_pairs_per_expert(form):
+    n = ops.CPU_SEGMENTS_PAIRS_PER_EXPERT[form]
     for experts in (8, 32, 128):
         assert ops.moe_strategy(8, 1, experts) == "gather"  # one token: distinct experts
-        assert ops.moe_strategy(16, 2, experts) == "sorted"
+        assert ops.moe_strategy(experts, 2, experts) == "sorted"  # a pair per expert
         assert ops.moe_strategy(n * experts - 1, n * experts, experts) == "sorted"
         assert ops.moe_strategy(n * experts, n * experts, experts) == "segments"
