@@ -29,6 +29,7 @@ import gemma4_mlx  # noqa: F401  (OpenBLAS first)
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from gemma4_mlx import ops
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.runtime.generate import generate_tokens
@@ -262,6 +263,7 @@ def measure(name: str, folder: Path, args, quantized: bool) -> list:
     V = SHAPES[name]["vocab_size"]
     prompts = {n: [2] + [(7 * i) % (V - 3) + 3 for i in range(n - 1)] for n in args.prompts}
     mine, theirs = load_both(folder, quantized)
+    print(f"{name}{' (mlx-lm q4)' if quantized else ''}: CPU product form {ops.cpu_form()} (docs/text-decoder.md §6.3)")
     best = {(who, n): (float("inf"), float("inf")) for who in ("ours", "mlx-lm") for n in prompts}
     for _ in range(args.rounds):
         for n, p in prompts.items():
