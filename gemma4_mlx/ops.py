@@ -35,8 +35,8 @@ def cpu_branches() -> bool:
 # write) and W @ x^T ("columns": the weight as the left operand).  Which streams the
 # weight faster depends on the machine, not the model: on one 2-core x86 VM columns
 # ran 1.1-2.7x faster per product (MoE experts 1.26-1.48x); on another (AVX-512,
-# 300 MB L3) rows ran 1.1-1.6x faster, and columns made E2B-/MoE-small decode 0.92x /
-# 0.86x mlx-lm's instead of 1.32x / 1.03x.  So loading a checkpoint big enough to
+# 300 MB L3) rows ran 1.1-1.6x faster, and columns made E2B-/MoE-small decode 0.97x /
+# 0.82x mlx-lm's instead of 1.35x / 1.45x (docs/text-decoder.md §6.3).  So loading a checkpoint big enough to
 # matter times both forms on its own weights (checkpoint/cpu_forms.py) and keeps the
 # faster; GEMMA4_MLX_CPU_FORM=rows|columns fixes the form instead.  Until then: rows.
 CPU_FORMS = ("rows", "columns")
