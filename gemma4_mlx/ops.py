@@ -52,8 +52,17 @@ def _form_from_env() -> str | None:
     return value
 
 
-FIXED_CPU_FORM = _form_from_env()
+try:
+    FIXED_CPU_FORM, CPU_FORM_ENV_ERROR = _form_from_env(), None
+except ValueError as e:  # raised where a model loads: one line from the CLI, not an import traceback
+    FIXED_CPU_FORM, CPU_FORM_ENV_ERROR = None, str(e)
 _cpu_form = FIXED_CPU_FORM or "rows"
+
+
+def check_cpu_form_setting() -> None:
+    """Raise the environment setting's error, if it had one (the loaders call this)."""
+    if CPU_FORM_ENV_ERROR:
+        raise ValueError(CPU_FORM_ENV_ERROR)
 
 
 def cpu_form() -> str:

@@ -33,6 +33,14 @@ def ref(request, checkpoints) -> Reference:
     return checkpoints[request.param]
 
 
+@pytest.fixture(params=list(FAMILIES))
+def loaded(request, checkpoints) -> tuple[Reference, object]:
+    """Per family: (its reference, our float32 model loaded from it), loaded afresh
+    for each test (tests that switch `ops` branches get no model built under another)."""
+    ref = checkpoints[request.param]
+    return ref, gemma4_mlx.load(ref.path, dtype="float32")[0]
+
+
 @pytest.fixture(scope="session")
 def drafters(tmp_path_factory, checkpoints) -> dict[str, Reference]:
     """One HF-written MTP drafter per target family of `mtp_pairs.PAIRS`."""

@@ -1,6 +1,7 @@
 """Broken checkpoints give one clear line naming the file or tensor."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -100,9 +101,9 @@ def test_not_a_folder(tmp_path):
         gemma4_mlx.load(tmp_path / "nope")
 
 
-def cli(*args, stdin=None):
+def cli(*args, stdin=None, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "gemma4_mlx", *args], capture_output=True, text=True, input=stdin, timeout=300
+        [sys.executable, "-m", "gemma4_mlx", *args], capture_output=True, text=True, input=stdin, timeout=300, env=env
     )
 
 
@@ -114,6 +115,18 @@ def test_cli_error_is_one_line(copy):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f.name in lines[0], r.stderr
+
+
+def test_cli_bad_setting_is_one_line(copy):
+    """An invalid GEMMA4_MLX_CPU_FORM is one line where the model loads, not an import traceback."""
+    d = copy()
+    write_char_tokenizer(d)
+    r = cli(
+        "generate", "--model", str(d), "--prompt", "hi", "--quiet", env={**os.environ, "GEMMA4_MLX_CPU_FORM": "diag"}
+    )
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert lines == ["error: GEMMA4_MLX_CPU_FORM='diag': expected rows, columns or auto"], r.stderr
 
 
 def test_cli_generate_streams_to_stdout(copy):

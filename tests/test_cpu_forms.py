@@ -21,7 +21,7 @@ import test_batch
 import test_cache
 import test_parity
 import test_speculative
-from helpers.checkpoints import FAMILIES, W
+from helpers.checkpoints import W
 from helpers.mtp_pairs import PAIRS
 
 
@@ -36,12 +36,6 @@ def undecided(monkeypatch):
     monkeypatch.setattr(cpu_forms, "_decided", None)
     monkeypatch.setattr(ops, "FIXED_CPU_FORM", None)
     monkeypatch.setattr(ops, "_cpu_form", "rows")
-
-
-@pytest.fixture(params=list(FAMILIES))
-def loaded(request, checkpoints):
-    ref = checkpoints[request.param]
-    return ref, gemma4_mlx.load(ref.path, dtype="float32")[0]
 
 
 # -- the "columns" form through the model ------------------------------------------------
@@ -145,3 +139,9 @@ def test_the_environment_fixes_the_form(monkeypatch):
         ops._form_from_env()
     with pytest.raises(ValueError, match="expected one of rows, columns"):
         ops.set_cpu_form("diagonal")
+
+
+def test_a_bad_setting_stops_the_load_not_the_import(monkeypatch, checkpoints):
+    monkeypatch.setattr(ops, "CPU_FORM_ENV_ERROR", "GEMMA4_MLX_CPU_FORM='diagonal': expected rows, columns or auto")
+    with pytest.raises(gemma4_mlx.LoadError, match="^GEMMA4_MLX_CPU_FORM='diagonal': expected rows, columns or auto$"):
+        gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-import gemma4_mlx
 from gemma4_mlx import ops
 from gemma4_mlx.cache import build_mask
 
@@ -26,7 +25,7 @@ import test_kv_quant
 import test_multimodal
 import test_parity
 import test_speculative
-from helpers.checkpoints import FAMILIES, W
+from helpers.checkpoints import W
 from helpers.mtp_pairs import PAIRS
 from test_convert import converted, tempered  # noqa: F401  (fixtures)
 from test_multimodal import inputs  # noqa: F401  (fixture; `case` is narrowed below)
@@ -35,12 +34,6 @@ from test_multimodal import inputs  # noqa: F401  (fixture; `case` is narrowed b
 @pytest.fixture(autouse=True)
 def gpu_branches(monkeypatch):
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
-
-
-@pytest.fixture(params=list(FAMILIES))
-def loaded(request, checkpoints):
-    ref = checkpoints[request.param]
-    return ref, gemma4_mlx.load(ref.path, dtype="float32")[0]
 
 
 @pytest.fixture(scope="module", params=["bidir_w16", "causal_shared"])

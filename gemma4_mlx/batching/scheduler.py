@@ -253,9 +253,7 @@ class Scheduler:
         """Put a finished row's cache in the prefix pool, holding exactly the prompt
         and the tokens it emitted but the last (as after plain decoding)."""
         seq = list(job.keys) + job.out
-        extra = cache.offset - (len(seq) - 1 if job.out else len(seq))
-        if extra > 0:
-            cache.trim(extra)  # drafts accepted after the stop token
+        cache.trim_to(len(seq) - 1 if job.out else len(seq))  # drafts accepted after the stop token
         self.pool.put(seq[: cache.offset], cache)
 
     # -- decoding -------------------------------------------------------------

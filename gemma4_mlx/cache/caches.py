@@ -72,6 +72,12 @@ class LayerCaches(list):
         for c in self.writers():
             c.trim(n)
 
+    def trim_to(self, offset: int) -> None:
+        """Drop every entry past `offset`, if any: what a stopped generation keeps of
+        the steps it queued ahead or the drafts it accepted past its end."""
+        if self.offset > offset:
+            self.trim(self.offset - offset)
+
     def filter(self, rows: Sequence[int]) -> None:
         """Keep only these batch rows (finished sequences leave the batch)."""
         for c in self.writers():

@@ -129,6 +129,10 @@ def load_model(
     fuse: stack q/k/v and gate/up into one product each (`models/fuse.py`); False
     keeps the checkpoint's modules, for tools that address them by name."""
     folder = Path(path)
+    try:
+        ops.check_cpu_form_setting()
+    except ValueError as e:
+        raise LoadError(str(e)) from None
     if not folder.is_dir():
         raise LoadError(f"{folder}: not a folder")
     try:

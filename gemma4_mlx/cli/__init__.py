@@ -8,6 +8,7 @@ import os
 import sys
 
 # isort: off
+from gemma4_mlx import ranks
 from gemma4_mlx.cli.common import app
 from gemma4_mlx.cli import run  # noqa: F401  generate, chat
 from gemma4_mlx.cli import serve  # noqa: F401  serve
@@ -23,8 +24,6 @@ def main() -> None:
     try:
         app()
     except RuntimeError as e:
-        from gemma4_mlx import ranks
-
         if not ranks.lost_peer(e):
             raise
         rank = next((os.environ[k] for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK") if k in os.environ), "?")

@@ -254,8 +254,8 @@ def generate_tokens(
                 break
             token = nxt
     finally:
-        if ahead and cache.offset > fed:  # a step queued for a token that ended it, or the caller left
-            cache.trim(cache.offset - fed)
+        if ahead:  # a step queued for a token that ended it, or the caller left
+            cache.trim_to(fed)
 
 
 @dataclass

@@ -276,9 +276,7 @@ def speculative_generate_tokens(
                 yield tok
     finally:
         if cache is not None:  # stopped early: drop what the caller never saw
-            extra = cache.offset - (start + len(prompt) + max(n - 1, 0))
-            if extra > 0:
-                cache.trim(extra)
+            cache.trim_to(start + len(prompt) + max(n - 1, 0))
 
 
 def speculative_batch_generate(
