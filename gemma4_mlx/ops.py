@@ -82,12 +82,14 @@ def _columns() -> bool:
     return cpu_branches() and _cpu_form == "columns"
 
 
-# Stacking q/k/v and gate/up into one product each at load (`models/fuse.py`) is
-# opt-in: on this CPU it measured no faster (float32 and 4-bit, E2B- and MoE-shaped
-# decode at B = 1 and 4, within 1 % either way: OpenBLAS streams three GEMVs as fast
-# as one) and it moves float32 rounding in the last bits; on a GPU, where every
-# product is a kernel dispatch, it may pay, but it has not been measured there.
-STACK_PROJECTIONS = os.environ.get("GEMMA4_MLX_STACK_PROJECTIONS", "") not in ("", "0")
+# Stacking q/k/v and gate/up into one product each at load (`models/fuse.py`): one
+# product instead of three (or two) per layer.  On the AVX-512 VM, rows form, decode
+# ran 4.6-7.3 % faster stacked (E2B-/MoE-small, float32 and 4-bit; best of 6
+# interleaved rounds); on the earlier VM, columns form, it was within 1 % (OpenBLAS
+# streamed three GEMVs as fast as one) — never slower, so it is the default.  It
+# moves float32 rounding in the last bits (one BLAS call of another shape);
+# GEMMA4_MLX_STACK_PROJECTIONS=0 keeps the checkpoint's modules.
+STACK_PROJECTIONS = os.environ.get("GEMMA4_MLX_STACK_PROJECTIONS", "1").strip() != "0"
 
 
 def stack_projections() -> bool:

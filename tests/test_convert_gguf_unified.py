@@ -75,7 +75,7 @@ def _finish(w):
 def text_gguf(src, path):
     """The decoder as llama.cpp writes the 12B's: arch gemma4, K = V full layers without
     attn_v, per-layer KV heads, no PLE, F32 tensors, rope_freqs for factor 0.25."""
-    model, _ = gemma4_mlx.load(src, dtype="float32", text_only=True)
+    model, _ = gemma4_mlx.load(src, dtype="float32", text_only=True, fuse=False)  # named as in the checkpoint
     types = TEXT["layer_types"]
     w = gguf.GGUFWriter(path, "gemma4")
     w.add_uint32("gemma4.block_count", len(types))

@@ -34,6 +34,7 @@ from gemma4_mlx.models.layers import CLAMPS, Linear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 from gemma4_mlx.models.text import Model
 
+from helpers.dequantize import stack_like
 from helpers.faults import convert_fails_at_second_shard
 from helpers.mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
 
@@ -157,12 +158,14 @@ def dequantized(model, config):
             w = mx.dequantize(
                 m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits, mode=m.mode, dtype=mx.float32
             )
-            params[path + ".weight"] = w * m["tensor_scale"] if "tensor_scale" in m else w
+            s = m["tensor_scale"] if "tensor_scale" in m else mx.ones((1,))
+            params[path + ".weight"] = w * (s[:, None] if s.size > 1 else s)  # one per row once stacked
     quantized = {k.rpartition(".")[0] for k in params}
     for k, v in tree_flatten(model.parameters()):
         if k.rpartition(".")[0] not in quantized:
             params[k] = v.astype(mx.float32)
     ref = Model.from_config(config)
+    stack_like(ref.layers, model.layers)
     ref.load_weights(list(params.items()))
     return ref.eval()
 

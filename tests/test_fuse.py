@@ -1,7 +1,7 @@
 """Stacked projections (`models/fuse.py`): q/k/v and gate/up as one product each.
 
-The loader stacks them when `ops.stack_projections()` says so (opt-in:
-GEMMA4_MLX_STACK_PROJECTIONS=1).  A stacked module's output must be the
+The loader stacks them when `ops.stack_projections()` says so (the default;
+GEMMA4_MLX_STACK_PROJECTIONS=0 turns it off).  A stacked module's output must be the
 concatenation of its parts' outputs for every weight format, and a whole model
 must compute what the unstacked one does, on the CPU branches (per-expert GEMMs
 for prefill) and on the GPU ones (sorted gathers, fused attention).
@@ -129,8 +129,12 @@ def test_stacked_model_computes_the_same(tempered, converted, monkeypatch, name,
         assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
-def test_stacking_is_opt_in(tempered):  # noqa: F811
-    """By default the loader keeps the checkpoint's modules (measured no faster here)."""
-    assert not ops.stack_projections()
+def test_stacking_is_the_default(tempered, monkeypatch):  # noqa: F811
+    """By default the loader stacks (measured faster or equal on the CPU); turned off,
+    and with fuse=False, it keeps the checkpoint's modules."""
+    assert ops.stack_projections()
+    model = gemma4_mlx.load(tempered["dense"], dtype="float32")[0]
+    assert "qkv_proj" in model.layers[0].self_attn and "gate_up_proj" in model.layers[0].mlp
+    monkeypatch.setattr(ops, "STACK_PROJECTIONS", False)
     model = gemma4_mlx.load(tempered["dense"], dtype="float32")[0]
     assert "q_proj" in model.layers[0].self_attn and "gate_proj" in model.layers[0].mlp

@@ -184,7 +184,7 @@ def llama_cpp_gguf(hf_dir, path, factor: float = 0.25, vocab: bool = True, edit=
     """Write the GGUF of the HF checkpoint at hf_dir: gguf-py's writer, names and
     vocabulary; F32 tensors (loaded exactly by our HF loader); rope_freqs for `factor`
     (or `freqs` as given).  edit(writer) may change metadata after everything is added."""
-    model, _ = gemma4_mlx.load(hf_dir, dtype="float32", text_only=True)
+    model, _ = gemma4_mlx.load(hf_dir, dtype="float32", text_only=True, fuse=False)  # checkpoint names
     w = gguf.GGUFWriter(path, "gemma4")
     md = metadata(
         **{

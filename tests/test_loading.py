@@ -18,13 +18,17 @@ from gemma4_mlx.models.text import Model
 from helpers.checkpoints import max_diff, random_ids
 
 
-def test_peak_memory_is_one_copy(tmp_path):
-    """Loading maps the safetensors lazily and assigns them: no second copy."""
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "unstacked"])
+def test_peak_memory_is_one_copy(tmp_path, monkeypatch, stacked):
+    """Loading maps the safetensors lazily and assigns them: no second copy.  Stacking
+    q/k/v and gate/up frees each layer's parts as it goes (it once kept every part
+    alive to the end: 1.17x the weights at 4 layers, 1.6x at 16; 12 layers here)."""
+    monkeypatch.setattr(gemma4_mlx.ops, "STACK_PROJECTIONS", stacked)
     cfg = dict(
         model_type="gemma4_text",
         vocab_size=4096,
         hidden_size=512,
-        num_hidden_layers=4,
+        num_hidden_layers=12,
         intermediate_size=2048,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -47,6 +51,7 @@ def test_peak_memory_is_one_copy(tmp_path):
     base = mx.get_active_memory()
     loaded, _ = gemma4_mlx.load(tmp_path, dtype="float32")
     mx.eval(loaded.parameters())
+    assert ("qkv_proj" in loaded.layers[0].self_attn) == stacked
     assert size > 30e6
     assert mx.get_peak_memory() - base < 1.15 * size
 

@@ -65,7 +65,7 @@ def test_layer_scalar_ignored(pair):
 def test_k_eq_v_value_from_normed_k(checkpoints):
     """K = V must take V from the *raw* k_proj output (dense family has K = V full layers)."""
     ref = checkpoints["dense"]
-    model = gemma4_mlx.load(ref.path, dtype="float32")[0]
+    model = gemma4_mlx.load(ref.path, dtype="float32", fuse=False)[0]  # k_proj on its own, to break
     for layer in model.layers:
         attn = layer.self_attn
         if attn.k_eq_v:

@@ -176,6 +176,7 @@ def load_model(
         target = DTYPES[dtype]
         weights = {k: _cast(k, v, target) for k, v in weights.items()}
     finish(model, weights, dtype, folder)
+    del weights  # the model holds them now; stacking frees each part as it goes (`models/fuse.py`)
     if fuse and ops.stack_projections():
         model.fuse()
     choose_cpu_form(model)
@@ -284,6 +285,7 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
                 TOKEN_ORDERING_KEY,
             )
     finish(model, weights, dtype, folder)
+    del weights  # as in load_model: stacking frees each part as it goes
     if ops.stack_projections():
         model.fuse()
     return model

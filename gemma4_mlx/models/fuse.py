@@ -9,8 +9,8 @@ a float matrix, or quantized codes with their scales and biases (group rows are
 independent), an SFP8 per-tensor scale widened to one scale per output row.
 
 Groups whose members differ in kind, quantization or dtype (a mixed-precision
-checkpoint keeping one of them wider) stay as they are.  Opt-in
-(`ops.stack_projections`): on the CPU it measured no faster.
+checkpoint keeping one of them wider) stay as they are.  On by default
+(`ops.stack_projections`; docs/text-decoder.md §6.3 has the CPU measurements).
 """
 
 from __future__ import annotations

@@ -72,8 +72,9 @@ def auto_policy_run(part, drafter, rows, group) -> list:
 
 
 def scenario(spec: dict, group) -> dict:
-    """spec["stacked"]: the loader stacks q/k/v and gate/up (`models/fuse.py`) — after
-    cutting this rank's shard — on the GPU branches (sorted experts, fused SDPA)."""
+    """spec["stacked"]: the loader stacks q/k/v and gate/up (`models/fuse.py`; the
+    default anyway) after cutting this rank's shard, and the GPU branches run (sorted
+    experts, fused SDPA)."""
     before = ops.STACK_PROJECTIONS, ops.FORCE_GPU_BRANCHES
     if spec.get("stacked"):
         ops.STACK_PROJECTIONS = ops.FORCE_GPU_BRANCHES = True
