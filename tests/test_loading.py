@@ -1,6 +1,7 @@
 """Loading details: one copy of the weights, tied head, OpenBLAS preload."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -74,6 +75,45 @@ def test_tied_lm_head_accepted_untied_rejected(checkpoints, tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_openblas_kernels_follow_the_cpu_flags(tmp_path):
+    from gemma4_mlx import _blas
+
+    assert _blas.coretype_for(set(_blas.AVX512 | _blas.AVX2)) == "SkylakeX"
+    assert _blas.coretype_for(set(_blas.AVX2) | {"avx512f"}) == "Haswell"  # AVX-512 only in part
+    assert _blas.coretype_for({"sse3", "avx"}) is None
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma sse3\nbugs\t: none\n")
+    assert _blas.cpu_flags(str(cpuinfo)) == {"fpu", "avx2", "fma", "sse3"}
+    assert _blas.cpu_flags(str(tmp_path / "absent")) == set()
+
+
+def test_openblas_coretype_is_set_unless_chosen():
+    """The loaded OpenBLAS runs the kernels the CPU's flags allow (its own detection
+    fell back to SSE3 on an AVX-512 VM); a user's OPENBLAS_CORETYPE is kept."""
+    from gemma4_mlx import _blas
+
+    code = (
+        "import ctypes, os, gemma4_mlx, gemma4_mlx._blas as b\n"
+        "name = None\n"
+        "if b.loaded_from:\n"
+        "    f = ctypes.CDLL(b.loaded_from).openblas_get_corename\n"
+        "    f.restype = ctypes.c_char_p\n"
+        "    name = f().decode()\n"
+        "print(os.environ.get('OPENBLAS_CORETYPE'), b.coretype_set, name)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    auto = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    chosen = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**env, "OPENBLAS_CORETYPE": "Haswell"}
+    )
+    assert chosen.stdout.split()[:2] == ["Haswell", "None"], chosen.stderr
+    want = _blas.coretype_for(_blas.cpu_flags()) if platform.machine() == "x86_64" else None
+    env_value, ours, name = auto.stdout.split()
+    assert (env_value, ours) == (str(want), str(want)), auto.stderr
+    if want and name != "None":
+        assert name == want  # the library took it (not its SSE3 fallback)
+
+
 def test_openblas_preload_and_switch():
     from gemma4_mlx import _blas
 
