@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -131,11 +132,14 @@ class Server:
                 "--prompt-concurrency",
                 str(max_batch),
             ]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # The log goes to a file, not a pipe: nobody reads a pipe while the clients
+        # run, and a server blocks (or drops connections) once 64 KB of log fill it.
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-serve-{kind}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{kind} server exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{kind} server exited: {self.tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/models", timeout=2):
                     return
@@ -154,9 +158,16 @@ class Server:
         names = ("gemma4_decode_rounds", "gemma4_batch_rows_peak", "gemma4_prefill_group_peak")
         return {n: float(line.split()[1]) for line in lines for n in names if line.startswith(n + " ")}
 
+    def tail(self) -> str:
+        """The end of the server's log (its file is kept: the path is in the text)."""
+        self.log.flush()
+        return f"{self.log.name}: " + Path(self.log.name).read_text(errors="replace")[-2000:]
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.log.close()
+        os.unlink(self.log.name)
 
 
 def prompt_text(rng: random.Random, n: int, vocab: int) -> str:
@@ -231,6 +242,8 @@ def run_server(kind, folder, name, drafter, args, prompts, log, solo=False) -> d
                 group=after.get("gemma4_prefill_group_peak"),
             )
         return cells
+    except openai.APIConnectionError as e:  # the server dropped a client: say what it logged
+        raise RuntimeError(f"{kind} server on {name}: {e}; its log: {server.tail()}") from e
     finally:
         server.stop()
 

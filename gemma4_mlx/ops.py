@@ -85,9 +85,10 @@ def _columns() -> bool:
 # Stacking q/k/v and gate/up into one product each at load (`models/fuse.py`): one
 # product instead of three (or two) per layer.  On the AVX-512 VM, rows form, decode
 # ran 1.5-15 % faster stacked (E2B-/MoE-small and -shaped, float32 and 4-bit; best of
-# interleaved rounds, on OpenBLAS' SSE3 kernels, before `_blas` chose the CPU's own:
-# not re-measured since); on the earlier VM, columns form, it was within 1 % (OpenBLAS
-# streamed three GEMVs as fast as one) — never slower, so it is the default.  It
+# interleaved rounds, on OpenBLAS' SSE3 kernels; with its AVX-512 ones, which `_blas`
+# now picks, within +-5 % either way, the noise there); on the earlier VM, columns form,
+# within 1 % (OpenBLAS streamed three GEMVs as fast as one) — never slower beyond noise,
+# and one dispatch instead of three on a GPU, so it is the default.  It
 # moves float32 rounding in the last bits (one BLAS call of another shape);
 # GEMMA4_MLX_STACK_PROJECTIONS=0 keeps the checkpoint's modules.
 STACK_PROJECTIONS = os.environ.get("GEMMA4_MLX_STACK_PROJECTIONS", "1").strip() != "0"

@@ -31,10 +31,10 @@ from gemma4_mlx.formats.safetensors import read_header
 from gemma4_mlx.media.audio import FeatureConfig, log_mel
 from gemma4_mlx.media.image import ImageProcessor
 from gemma4_mlx.models.layers import CLAMPS, Linear
-from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
+from gemma4_mlx.models.quantized import QLinear
 from gemma4_mlx.models.text import Model
 
-from helpers.dequantize import stack_like
+from helpers.dequantize import float_weights, stack_like
 from helpers.faults import convert_fails_at_second_shard
 from helpers.mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
 
@@ -152,21 +152,9 @@ def rounded(model, dtype):
 
 def dequantized(model, config):
     """A float32 model of the same config holding the dequantized weights of `model`."""
-    params = {}
-    for path, m in model.named_modules():
-        if isinstance(m, (QLinear, QEmbedding)):
-            w = mx.dequantize(
-                m["weight"], m["scales"], affine_biases(m), m.group_size, m.bits, mode=m.mode, dtype=mx.float32
-            )
-            s = m["tensor_scale"] if "tensor_scale" in m else mx.ones((1,))
-            params[path + ".weight"] = w * (s[:, None] if s.size > 1 else s)  # one per row once stacked
-    quantized = {k.rpartition(".")[0] for k in params}
-    for k, v in tree_flatten(model.parameters()):
-        if k.rpartition(".")[0] not in quantized:
-            params[k] = v.astype(mx.float32)
     ref = Model.from_config(config)
     stack_like(ref.layers, model.layers)
-    ref.load_weights(list(params.items()))
+    ref.load_weights(list(float_weights(model).items()))
     return ref.eval()
 
 

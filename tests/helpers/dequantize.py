@@ -12,6 +12,7 @@ from gemma4_mlx.models.moe import QuantizedExpertLinear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear, affine_biases
 
 QUANTIZED = (QLinear, QEmbedding, QuantizedExpertLinear)
+_PACKING = ("weight", "scales", "biases", "tensor_scale")  # what dequantizing replaces
 STACKED = (("self_attn", "qkv_proj"), ("mlp", "gate_up_proj"), ("experts", "gate_up_proj"))
 
 
@@ -28,7 +29,8 @@ def float_weights(model: nn.Module, keep=lambda key: False) -> dict[str, mx.arra
                 w = w * (s[:, None] if s.size > 1 else s)
             params[path + ".weight"] = w
     for k, v in tree_flatten(model.parameters()):
-        if k.rpartition(".")[0] + ".weight" not in params:
+        path, _, leaf = k.rpartition(".")
+        if path + ".weight" not in params or leaf not in _PACKING:  # a quantized linear's `.bias` stays
             params[k] = v if keep(k) else v.astype(mx.float32)
     return params
 
