@@ -53,8 +53,9 @@ test: install-test lint
 bench: install-test
 	$(BIN)/python bench/bench_text.py
 
-# Speculative decoding (MTP drafter): cost curves, B x K grid, "auto"; ~10 min on 2 CPU cores.
-# BENCH_SPEC_ARGS: e.g. --quick (tiny shapes, < 1 min) or --out bench/RESULTS-speculative-cpu.txt
+# Speculative decoding (MTP drafter): cost curves, B x K grid, "auto"; ~60 min on 2 CPU cores (every timed
+# cell the fastest of 2 runs; 34 min with --runs 1). BENCH_SPEC_ARGS: e.g. --quick (tiny shapes, < 1 min),
+# --runs 1, or --out bench/RESULTS-speculative-cpu.txt
 .PHONY: bench-spec
 BENCH_SPEC_ARGS ?=
 bench-spec: install-test
