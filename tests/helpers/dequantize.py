@@ -28,9 +28,10 @@ def float_weights(model: nn.Module, keep=lambda key: False) -> dict[str, mx.arra
                 s = m["tensor_scale"]
                 w = w * (s[:, None] if s.size > 1 else s)
             params[path + ".weight"] = w
+    quantized = {k.rpartition(".")[0] for k in params}
     for k, v in tree_flatten(model.parameters()):
         path, _, leaf = k.rpartition(".")
-        if path + ".weight" not in params or leaf not in _PACKING:  # a quantized linear's `.bias` stays
+        if path not in quantized or leaf not in _PACKING:  # a quantized linear's `.bias` stays
             params[k] = v if keep(k) else v.astype(mx.float32)
     return params
 
