@@ -28,7 +28,7 @@ from gemma4_mlx.runtime.generate import generate_tokens
 
 from helpers import checkpoints as builders
 from helpers.checkpoints import build_hf, random_ids, read_json, write_char_tokenizer
-from helpers.dequantize import float_weights, stack_like
+from helpers.dequantize import float_twin
 from helpers.faults import convert_fails_at_second_shard
 
 QUANTIZED = ["q8", "q4", "mxfp4", "nvfp4", "q4_0", "sfp8"]
@@ -121,11 +121,7 @@ def converted(tmp_path_factory):
 
 def dequantized(model: Model) -> Model:
     """A float32 Model holding the dequantized weights of a loaded (quantized) model."""
-    params = float_weights(model)
-    ref = Model(model.config)
-    stack_like(ref.layers, model.layers)
-    ref.load_weights(list(params.items()))
-    return ref.eval()
+    return float_twin(model, Model(model.config))
 
 
 def logits(model, ids) -> np.ndarray:

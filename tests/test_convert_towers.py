@@ -34,7 +34,7 @@ from gemma4_mlx.models.layers import CLAMPS, Linear
 from gemma4_mlx.models.quantized import QLinear
 from gemma4_mlx.models.text import Model
 
-from helpers.dequantize import float_weights, stack_like
+from helpers.dequantize import float_twin
 from helpers.faults import convert_fails_at_second_shard
 from helpers.mm_configs import AUDIO_TINY, VISION_TINY, build_multimodal
 
@@ -152,10 +152,7 @@ def rounded(model, dtype):
 
 def dequantized(model, config):
     """A float32 model of the same config holding the dequantized weights of `model`."""
-    ref = Model.from_config(config)
-    stack_like(ref.layers, model.layers)
-    ref.load_weights(list(float_weights(model).items()))
-    return ref.eval()
+    return float_twin(model, Model.from_config(config))
 
 
 def module(model, path):

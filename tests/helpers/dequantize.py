@@ -43,3 +43,11 @@ def stack_like(fresh_layers, loaded_layers) -> None:
         for name, stacked in STACKED:
             if name in theirs and stacked in theirs[name]:
                 mine[name].fuse()
+
+
+def float_twin(model: nn.Module, fresh: nn.Module) -> nn.Module:
+    """`fresh` (a new model of `model`'s architecture) holding `model`'s weights as
+    float32 (`float_weights`), stacked like it: what its quantized runtime must compute."""
+    stack_like(fresh.layers, model.layers)
+    fresh.load_weights(list(float_weights(model).items()))
+    return fresh.eval()
