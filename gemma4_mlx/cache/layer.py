@@ -168,11 +168,27 @@ class _Cache:
         self.left_pad = self.left_pad + sh
         self.valid_from = mx.maximum(self.valid_from, oldest) + sh
         if self.keys is not None and self.size:
-            n = self.size
-            idx = mx.maximum(mx.arange(n)[None, :] - sh[:, None], 0)[:, None, :, None]
-            for buf in (self.keys, self.values):
-                region = kvs.slots(buf, self._start, self._end)
-                kvs.put(buf, self._start, kvs.tmap(lambda t: mx.take_along_axis(t, idx, axis=2), region))
+            self._shift_rows(shifts)
+
+    def _shift_rows(self, shifts: list[int]) -> None:
+        """Row b's retained entries `shifts[b]` slots later, in place.  Only moved rows
+        are copied, each out and back once: a shifted slice of a buffer written into
+        that same buffer aliases it, and MLX then copies the whole buffer (every row,
+        every slot) per write; a gather over all rows measured no better.  The
+        copies are evaluated first so that the writes find the buffers unshared (dense
+        bench target, B = 4: a ragged commit 120-160 ms before, docs/speculative.md §10.3)."""
+        a, end = self._start, self._end
+        moved = [(b, s) for b, s in enumerate(shifts) if 0 < s < end - a]  # s >= size: all fall off
+        if not moved:
+            return
+        saved = [
+            [(b, s, kvs.tmap(lambda t, b=b, s=s: mx.contiguous(t[b : b + 1, :, a : end - s]), buf)) for b, s in moved]
+            for buf in (self.keys, self.values)
+        ]
+        mx.eval(saved)
+        for buf, rows in zip((self.keys, self.values), saved):
+            for b, s, x in rows:
+                kvs.put_row(buf, b, a + s, x)
 
     def check_rows(self) -> None:
         """Refuse a state in which some row lost keys its next query needs."""

@@ -161,6 +161,12 @@ def put(buf, a: int, x) -> None:
         buf[..., a : a + x.shape[2], :] = x
 
 
+def put_row(buf, row: int, a: int, x) -> None:
+    """Write x (one row) into slots a.. of row `row` of buf, in place."""
+    for t, y in zip(buf, x) if isinstance(buf, tuple) else ((buf, x),):
+        t[row : row + 1, :, a : a + y.shape[2], :] = y
+
+
 def zeros(like, cap: int):
     """An all-zero buffer of `cap` slots shaped like `like` on every other axis."""
     return tmap(lambda t: mx.zeros((t.shape[0], t.shape[1], cap, t.shape[3]), t.dtype), like)
