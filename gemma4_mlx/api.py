@@ -28,6 +28,7 @@ from gemma4_mlx.runtime.generate import (
     prefill,
 )
 from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate, speculative_generate_tokens
+from gemma4_mlx.speculative.policy import pair_policy
 
 __all__ = [
     "CacheFileError",
@@ -95,7 +96,8 @@ def stream_generate(
 
     draft_model: an MTP drafter (`load_drafter`) for speculative decoding; the
     output is unchanged (greedy, or sampling with the same seed), only faster.
-    draft_tokens: tokens drafted per round, or "auto" (cost-aware).
+    draft_tokens: tokens drafted per round, or "auto" (cost-aware; what it learns
+    about the pair carries over to the next call with the same model and drafter).
     images / audio / videos: media for a text prompt (paths, arrays, PIL images or
     `multimodal.Image/Audio/Video`), placed before the text in the user turn;
     image_budget: soft tokens per image (70, 140, 280, 560, 1120).
@@ -217,6 +219,8 @@ def generate_ids(
     if stats is not None and stats.speculative is None:
         stats.speculative = SpecStats()
     spec = None if stats is None else stats.speculative
+    if draft_tokens in ("auto", None):  # the pair's policy goes on learning across calls
+        kw["policy"] = pair_policy(model, draft_model)
     return speculative_generate_tokens(model, draft_model, ids, spec_stats=spec, draft_tokens=draft_tokens, **kw)
 
 

@@ -9,6 +9,7 @@ controlled-acceptance method — to exercise every acceptance length.
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 
@@ -16,10 +17,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from gemma4_mlx import api
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
+from gemma4_mlx.speculative import policy as policy_module
 from gemma4_mlx.speculative.loop import MTPSettings, SpecStats, speculative_batch_generate
-from gemma4_mlx.speculative.policy import DraftPolicy
+from gemma4_mlx.speculative.policy import DraftPolicy, pair_policy
 
 from helpers.checkpoints import W, random_ids
 from helpers.mtp_pairs import PAIRS
@@ -323,3 +326,40 @@ def test_seeded_batch_generate_equals_speculative_batch(pairs):
     assert spec == base
     alone = [list(generate_tokens(target, p, max_tokens=14, options=opts)) for p in prompts[:1]]
     assert alone[0] == base[0]  # row 0 of a batch samples what it samples alone
+
+
+def test_auto_policy_of_a_pair_carries_over_between_api_calls(pairs):
+    """`api.generate_ids` with draft_tokens="auto": the second call with the same
+    (target, drafter) goes on with what the first learned (no second warm start);
+    a fixed K leaves it alone; another pair, or the drafter with a new target, gets
+    its own.  Output stays plain greedy."""
+    target, drafter = pairs["dense"]
+    prompt = prompts_for(1, seed=6)[0]
+    ref = plain(target, [prompt], 10)[0]
+    policy = pair_policy(target, drafter)
+    assert policy.rounds == 0 and not policy.verify_time
+    assert list(api.generate_ids(target, prompt, max_tokens=10, draft_model=drafter)) == ref
+    learned = policy.rounds
+    assert learned > 0 and policy.draft_time and pair_policy(target, drafter) is policy
+    assert list(api.generate_ids(target, prompt, max_tokens=10, draft_model=drafter)) == ref
+    assert policy.rounds > learned
+    learned = policy.rounds
+    assert list(api.generate_ids(target, prompt, max_tokens=10, draft_model=drafter, draft_tokens=2)) == ref
+    assert pair_policy(target, drafter) is policy and policy.rounds == learned
+
+    other_target, other = pairs["e2b_like"]
+    assert pair_policy(other_target, other) is not policy
+    assert pair_policy(other_target, drafter) is not policy  # a new target starts over
+    assert pair_policy(target, drafter).rounds == 0
+
+
+def test_pair_policies_do_not_keep_drafters_alive():
+    class Drafter:
+        pass
+
+    target, gone = Drafter(), Drafter()
+    pair_policy(target, gone)
+    held = len(policy_module._PAIR_POLICIES)
+    del gone
+    gc.collect()
+    assert len(policy_module._PAIR_POLICIES) == held - 1

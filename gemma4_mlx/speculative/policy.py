@@ -24,6 +24,7 @@ as good.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 PROFILE_KS = (0, 1, 3, 7)  # verify sizes of the optional start-up profile (T = B * (K + 1))
@@ -226,3 +227,27 @@ class DraftPolicy:
 
     def record_profile(self, T: int, seconds: float) -> None:
         self.verify_time[T] = seconds
+
+
+# id(drafter) -> (drafter, target as weak references, the pair's "auto" policy)
+_PAIR_POLICIES: dict[int, tuple] = {}
+
+
+def pair_policy(target, drafter) -> DraftPolicy:
+    """The "auto" policy of a (target, drafter) pair, kept while the drafter lives.
+
+    Calls of `api.generate` / `stream_generate` with the same pair go on learning
+    where the last one stopped, as chat turns and the server's rounds do, instead of
+    paying the cold first round and the first rounds' exploration again: a short
+    generation is too short to learn in (docs/speculative.md §12.3).  Keyed by
+    identity, not kept alive by this table; a new target for the drafter starts over."""
+    key = id(drafter)
+    held = _PAIR_POLICIES.get(key)
+    if held is None or held[0]() is not drafter or held[1]() is not target:
+
+        def forget(_ref, key=key):
+            _PAIR_POLICIES.pop(key, None)
+
+        held = (weakref.ref(drafter, forget), weakref.ref(target), DraftPolicy())
+        _PAIR_POLICIES[key] = held
+    return held[2]
