@@ -86,6 +86,11 @@ BENCH_SERVE_ARGS ?=
 bench-serve: install-test
 	$(BIN)/python bench/bench_serve.py $(BENCH_SERVE_ARGS)
 
+# The ragged speculative commit: in-place row copies vs the gather they replaced; ~1 min
+.PHONY: bench-commit
+bench-commit: install-test
+	$(BIN)/python bench/bench_commit.py
+
 # Quantized KV caches (issue #17): bytes, fits-on-a-Mac, quality, decode speed, 32K prefill peaks
 # (~2 h on 2 CPU cores in full).  BENCH_KV_ARGS: e.g. --quick, or --skip speed prefill
 .PHONY: bench-kv

@@ -64,6 +64,13 @@ class LayerCache(Protocol):
     def restore(self, snap: dict) -> None: ...
 
 
+def _own_copy(t: mx.array) -> mx.array:
+    """t in a buffer of its own.  `mx.contiguous` returns an already contiguous slice
+    (one row of a one-head cache) as a view of its buffer; a product by 1 always
+    writes a new one, bit for bit (-0.0 and every code included)."""
+    return t * 1
+
+
 class _Cache:
     """Shared slot bookkeeping of both cache kinds."""
 
@@ -182,7 +189,7 @@ class _Cache:
         if not moved:
             return
         saved = [
-            [(b, s, kvs.tmap(lambda t, b=b, s=s: mx.contiguous(t[b : b + 1, :, a : end - s]), buf)) for b, s in moved]
+            [(b, s, kvs.tmap(lambda t, b=b, s=s: _own_copy(t[b : b + 1, :, a : end - s]), buf)) for b, s in moved]
             for buf in (self.keys, self.values)
         ]
         mx.eval(saved)
