@@ -294,9 +294,9 @@ def main():
             variants.append(("ours-solo", None))
         rng = random.Random(0)
         n = max(args.concurrency) * args.requests + 1
-        if vocab is None:  # the demo model's own tokenizer: English-ish words
+        if vocab is None:  # the demo model's own tokenizer: English-ish words (BOS spelled out as above)
             prompts = [
-                f"Question {i}: what is the capital of country number {i}? " * (args.prompt_tokens // 16)
+                "<bos>" + f"Question {i}: what is the capital of country number {i}? " * (args.prompt_tokens // 16)
                 for i in range(n)
             ]
         else:
