@@ -86,6 +86,11 @@ BENCH_SERVE_ARGS ?=
 bench-serve: install-test
 	$(BIN)/python bench/bench_serve.py $(BENCH_SERVE_ARGS)
 
+# The batching scheduler with and without the drafter, in process (no HTTP): K chosen per round, tok/s; ~1 min
+.PHONY: bench-sched-drafter
+bench-sched-drafter: install-test
+	$(BIN)/python bench/bench_sched_drafter.py
+
 # The ragged speculative commit: in-place row copies vs the gather they replaced; ~1 min
 .PHONY: bench-commit
 bench-commit: install-test
