@@ -64,11 +64,16 @@ class LayerCache(Protocol):
     def restore(self, snap: dict) -> None: ...
 
 
+_UINT = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32, 8: mx.uint64}  # same-width bit patterns
+
+
 def _own_copy(t: mx.array) -> mx.array:
     """t in a buffer of its own.  `mx.contiguous` returns an already contiguous slice
     (one row of a one-head cache) as a view of its buffer; a product by 1 always
-    writes a new one, bit for bit (-0.0 and every code included)."""
-    return t * 1
+    writes a new one.  It multiplies the bit patterns as unsigned integers, so that no
+    backend's float arithmetic (a GPU flushing subnormals) can change a value."""
+    bits = _UINT[t.dtype.size]
+    return (t.view(bits) * 1).view(t.dtype)
 
 
 class _Cache:
