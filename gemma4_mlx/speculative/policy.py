@@ -238,9 +238,10 @@ def pair_policy(target, drafter) -> DraftPolicy:
 
     Calls of `api.generate` / `stream_generate` with the same pair go on learning
     where the last one stopped, as chat turns and the server's rounds do, instead of
-    paying the cold first round and the first rounds' exploration again: a short
-    generation is too short to learn in (docs/speculative.md §12.3).  Keyed by
-    identity, not kept alive by this table; a new target for the drafter starts over."""
+    paying the warm start (a drafting round, then a plain one) and the first rounds'
+    exploration again: a short generation is too short to learn in
+    (docs/speculative.md §12.1).  Keyed by identity, not kept alive by this table; a
+    new target for the drafter starts over."""
     key = id(drafter)
     held = _PAIR_POLICIES.get(key)
     if held is None or held[0]() is not drafter or held[1]() is not target:
