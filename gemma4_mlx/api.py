@@ -28,7 +28,7 @@ from gemma4_mlx.runtime.generate import (
     prefill,
 )
 from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate, speculative_generate_tokens
-from gemma4_mlx.speculative.policy import pair_policy
+from gemma4_mlx.speculative.policy import is_auto, pair_policy
 
 __all__ = [
     "CacheFileError",
@@ -219,7 +219,7 @@ def generate_ids(
     if stats is not None and stats.speculative is None:
         stats.speculative = SpecStats()
     spec = None if stats is None else stats.speculative
-    if draft_tokens in ("auto", None):  # the pair's policy goes on learning across calls
+    if is_auto(draft_tokens):  # the pair's policy goes on learning across calls
         kw["policy"] = pair_policy(model, draft_model)
     return speculative_generate_tokens(model, draft_model, ids, spec_stats=spec, draft_tokens=draft_tokens, **kw)
 

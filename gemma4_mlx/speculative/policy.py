@@ -68,6 +68,11 @@ def _average(table: dict, counts: dict, key: int, seconds: float) -> None:
         table[key] = old + (COST_EMA_DOWN if seconds < old else COST_EMA_UP) * (seconds - old)
 
 
+def is_auto(setting) -> bool:
+    """Whether a `draft_tokens` setting asks for the cost-aware policy."""
+    return setting == "auto" or setting is None
+
+
 def start_k(B: int) -> int:
     """The first speculative round's depth: small, so that a losing setting costs
     little; larger batches verify B * (K + 1) tokens, so they start shallower."""
@@ -100,7 +105,7 @@ class DraftPolicy:
     @classmethod
     def for_setting(cls, setting, k_max: int = 7) -> DraftPolicy:
         """`draft_tokens` as users give it: an int K (0 = off) or "auto"."""
-        if setting == "auto" or setting is None:
+        if is_auto(setting):
             return cls(k_max=k_max)
         try:
             k = int(setting)
