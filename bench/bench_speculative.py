@@ -512,7 +512,11 @@ def fastest(make_run, runs: int | None = None):
     """The fastest of `runs` calls of make_run() (a `run` tuple, extras allowed after it):
     contention on a shared machine only slows a run, so every compared cell gets the
     same number of tries.  Their outputs must agree."""
-    tries = [make_run() for _ in range(runs or RUNS)]
+    return fastest_of([make_run() for _ in range(runs or RUNS)])
+
+
+def fastest_of(tries: list):
+    """The fastest of a cell's `run` tuples; their outputs must agree."""
     assert all(t[0] == tries[0][0] for t in tries), "runs of one cell gave different outputs"
     return min(tries, key=lambda t: t[1])
 
@@ -520,6 +524,11 @@ def fastest(make_run, runs: int | None = None):
 def predict(costs, B, K, e):
     tv = costs["verify"]
     return e * tv[(B, 1)] / (K * costs["draft"][B] + tv[(B, K + 1)])
+
+
+def predict_k(costs, B, K):
+    """The cost tables' speed-up for K drafts at the controlled acceptance (K = 0: 1)."""
+    return predict(costs, B, K, expected_tokens(ACCEPT[:K])) if K else 1.0
 
 
 def grid(name, target, drafter, setup, prompts, costs, log):
@@ -594,30 +603,53 @@ def grid(name, target, drafter, setup, prompts, costs, log):
 
 
 def long_grid(name, target, drafter, setup, prompts, log):
-    """Plain and fixed-K runs of `long_tokens` per row for the auto table (no cost
-    model columns: the grid above has them)."""
+    """Plain, fixed-K and auto runs of `long_tokens` per row for the auto table (no
+    cost model columns: the grid above has them), interleaved: each of the runs goes
+    plain, K = 1.., auto in turn and every cell keeps its fastest, so that this
+    machine's drift (10-20 % over minutes) falls on all of them alike.  Run one
+    after the other, a cell measured in a slow minute made auto look 0.85x the best
+    K where interleaved runs of the same cell gave 0.95-1.01x (docs/speculative.md §12.2).
+    Returns (speed-ups, plain baselines, auto runs per B, all lossless)."""
     V, M = target.config.vocab_size, setup["long_tokens"]
-    log(f"Fixed K at {M} tokens per row ({name}), controlled acceptance as in the grid; speed-up vs K = 0:")
-    results, base, ok = {}, {}, True
+    log(
+        f"Fixed K at {M} tokens per row ({name}), controlled acceptance as in the grid, interleaved with "
+        f"plain and auto runs ({max(2, RUNS)} of each); speed-up vs K = 0:"
+    )
+    results, base, autos, ok = {}, {}, {}, True
     for B in setup["auto_batches"]:
         ps = prompts[:B]
-        ref, dt, n, _, _ = fastest(lambda: run(target, drafter, ps, M, 0))
-        base[B] = (n / dt, ref)
+        tries: dict = {}
+        for _ in range(max(2, RUNS)):
+            tries.setdefault(0, []).append(run(target, drafter, ps, M, 0))
+            ref = tries[0][0][0]
+            for K in setup["long_ks"]:
+                override = controlled(ref, ACCEPT, 2000 * B + K, V)
+                tries.setdefault(K, []).append(run(target, drafter, ps, M, K, override=override))
+            tries.setdefault("auto", []).append(_auto_run(target, drafter, ps, M, ref, B, V))
+        best = {k: fastest_of(ts) for k, ts in tries.items()}
+        base[B] = (best[0][2] / best[0][1], ref)
         cells = []
         for K in setup["long_ks"]:
-            out, dt, n, _, _ = fastest(
-                lambda: run(target, drafter, ps, M, K, override=controlled(ref, ACCEPT, 2000 * B + K, V))
-            )
+            out, dt, n = best[K][:3]
             ok &= out == ref
             results[(B, K)] = n / dt / base[B][0]
             cells.append(f"K={K}: {results[(B, K)]:.2f}{'' if out == ref else ' (NOT lossless)'}")
         results[(B, 0)] = 1.0
+        autos[B] = best["auto"]
         log(f"  B={B}: plain {base[B][0]:.2f} tok/s | " + " | ".join(cells))
-    return results, base, ok
+    return results, base, autos, ok
 
 
-def auto_runs(name, target, drafter, setup, prompts, costs, results, base, log, max_tokens, ks):
-    """draft_tokens="auto" against plain (same batch) and the best fixed K in `ks`."""
+def _auto_run(target, drafter, ps, M, ref, B, V):
+    """One generation with a fresh "auto" policy: a `run` tuple plus the policy."""
+    policy = DraftPolicy(k_max=7)
+    override = controlled(ref, ACCEPT, 77 + B + M, V)
+    return (*run(target, drafter, ps, M, "auto", override=override, policy=policy), policy)
+
+
+def auto_runs(name, target, drafter, setup, prompts, costs, results, base, log, max_tokens, ks, autos=None):
+    """draft_tokens="auto" against plain (same batch) and the best fixed K in `ks`;
+    autos: auto runs per B already made (`long_grid`), else they run here."""
     V, M = target.config.vocab_size, max_tokens
     log(
         f'draft_tokens="auto" ({name}, {M} tokens per row): DraftPolicy(k_max=7) learns costs and '
@@ -632,18 +664,16 @@ def auto_runs(name, target, drafter, setup, prompts, costs, results, base, log, 
         ps = prompts[:B]
         base_tps, ref = base[B]  # the same-batch plain baseline
 
-        def auto_run():  # a fresh policy per run
-            policy = DraftPolicy(k_max=7)
-            override = controlled(ref, ACCEPT, 77 + B + M, V)
-            return (*run(target, drafter, ps, M, "auto", override=override, policy=policy), policy)
-
-        out, dt, n, st, prof, policy = fastest(auto_run)
+        if autos is not None:
+            out, dt, n, st, prof, policy = autos[B]
+        else:
+            out, dt, n, st, prof, policy = fastest(lambda: _auto_run(target, drafter, ps, M, ref, B, V))
         ok_all &= out == ref
         used = ", ".join(f"{k}:{c}" for k, c in sorted(st.k_used.items()))
         best = max((k for k in [0] + ks if (B, k) in results), key=lambda k: results[(B, k)])
         speed = n / dt / base_tps
         # What the cost model picks from this bench's own cost table and the true profile.
-        model_k = max([0] + setup["ks"], key=lambda k: predict(costs, B, k, expected_tokens(ACCEPT[:k])) if k else 1.0)
+        model_k = "-" if costs is None else max([0] + setup["ks"], key=lambda k: predict_k(costs, B, k))
         log(
             f"  {B:>2} | {used:<30} | {st.tokens_per_round:9.2f} | {speed:10.2f} | {best:>12} "
             f"{results[(B, best)]:12.2f} | {speed / results[(B, best)]:9.2f} | {model_k:>8} | "
@@ -672,6 +702,11 @@ def main():
     )
     ap.add_argument("--targets", nargs="*", default=["dense", "moe"])
     ap.add_argument("--no-long", action="store_true", help="skip the long_tokens (256 per row) auto table")
+    ap.add_argument(
+        "--long-only",
+        action="store_true",
+        help="only the long_tokens table: fixed K, plain and auto interleaved (no cost curves or grid)",
+    )
     ap.add_argument(
         "--batches",
         nargs="+",
@@ -721,23 +756,25 @@ def main():
         # warm-up (discarded): plain and speculative, batched, short
         run(target, drafter, prompts[:2], 6, 0)
         run(target, drafter, prompts[:2], 6, 3)
-        log("")
-        costs = cost_curves(name, target, drafter, setup, prompts, log)
-        if target.config.enable_moe_block and not args.batches:
+        costs = None
+        if not args.long_only:
             log("")
-            moe_strategies(target, setup, prompts, log)
-        log("")
-        results, base, same = grid(name, target, drafter, setup, prompts, costs, log)
-        log("")
-        ok &= same
-        M, ks = setup["max_tokens"], setup["ks"]
-        ok &= auto_runs(name, target, drafter, setup, prompts, costs, results, base, log, M, ks)
+            costs = cost_curves(name, target, drafter, setup, prompts, log)
+            if target.config.enable_moe_block and not args.batches:
+                log("")
+                moe_strategies(target, setup, prompts, log)
+            log("")
+            results, base, same = grid(name, target, drafter, setup, prompts, costs, log)
+            log("")
+            ok &= same
+            M, ks = setup["max_tokens"], setup["ks"]
+            ok &= auto_runs(name, target, drafter, setup, prompts, costs, results, base, log, M, ks)
         if not args.no_long:
             log("")
-            long_results, long_base, same = long_grid(name, target, drafter, setup, prompts, log)
+            long_results, long_base, autos, same = long_grid(name, target, drafter, setup, prompts, log)
             ok &= same
             M, ks = setup["long_tokens"], setup["long_ks"]
-            ok &= auto_runs(name, target, drafter, setup, prompts, costs, long_results, long_base, log, M, ks)
+            ok &= auto_runs(name, target, drafter, setup, prompts, costs, long_results, long_base, log, M, ks, autos)
         log(f"({name}: {time.perf_counter() - t0:.0f} s)")
         del target, drafter
         _memo.clear()

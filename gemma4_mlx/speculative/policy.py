@@ -29,7 +29,12 @@ from dataclasses import dataclass, field
 
 PROFILE_KS = (0, 1, 3, 7)  # verify sizes of the optional start-up profile (T = B * (K + 1))
 PRIOR_ACCEPTANCE = 0.7  # per position, before anything was observed (weighs as one observation)
-EMA = 0.1  # weight of one observation in the acceptance averages, once past the first few
+# Weight of one observation in the acceptance averages once past the first 1/EMA (a running
+# mean until then).  At 0.1 the estimate of a 0.7 acceptance swung by +-0.1 (one standard
+# deviation), enough to move K between near-tied choices every few rounds on the bench's dense
+# target (a_2 read 0.42-0.80 within 20 rounds of one generation); at 0.03 it is +-0.06 and still
+# follows a change of text within ~30 observations (rows x rounds).
+EMA = 0.03
 # Weights of one live round in the cost averages: contention on a shared machine only
 # ever slows a round, so a faster measurement is believed more than a slower one.
 COST_EMA_DOWN, COST_EMA_UP = 0.5, 0.2
