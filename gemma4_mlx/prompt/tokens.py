@@ -25,7 +25,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from gemma4_mlx.prompt.template import CHAT_TEMPLATE, SPECIAL_TOKENS, render_with_checkpoint_template
+from gemma4_mlx.prompt.template import (
+    CHAT_TEMPLATE,
+    SPECIAL_TOKENS,
+    normalize_messages,
+    render_with_checkpoint_template,
+)
 
 _BREAK = "\ue000"  # inserted after a control string's first character
 _QUOTE = "\ue001"  # quotes a literal _BREAK or _QUOTE in the text
@@ -49,6 +54,8 @@ class PromptCodec:
         self.tokenizer = tokenizer
         self.controls = control_strings(tokenizer)
         self._control_re = re.compile("|".join(re.escape(s) for s in self.controls))
+        self._heads = {c[:k] for c in self.controls for k in range(1, len(c))}  # proper prefixes
+        self._longest_head = max((len(c) - 1 for c in self.controls), default=0)
         unk = getattr(tokenizer, "unk_token_id", None)
         ids = {s: tokenizer.convert_tokens_to_ids(s) for s in self.controls}
         # a control string this vocabulary lacks is ordinary text, as the tokenizer has it
@@ -72,7 +79,32 @@ class PromptCodec:
         return value
 
     def escape_messages(self, messages) -> list[dict]:
-        return [self.escape_value(dict(m)) for m in messages]
+        """Every string of every message escaped, in the form the templates render
+        (`normalize_messages`).  Normalizing first parses tool-call arguments given as
+        JSON text: escaped as text, a control string hidden behind JSON's own escapes
+        (`<|\\"|>`, `\\u003c|turn>`) would pass, and the template's parse would bring it back."""
+        out = []
+        for m in normalize_messages(messages):
+            m = self.escape_value(m)
+            if isinstance(m.get("content"), list):
+                m["content"] = self._guard_parts(m["content"])
+            out.append(m)
+        return out
+
+    def _guard_parts(self, parts: list) -> list:
+        """Templates trim a message's text parts and join them with nothing between, so
+        two harmless halves (`"hi <turn|"`, `">"`) could make one control string: a part
+        whose trimmed text ends with the start of one ends in a break instead (removed
+        again by `unescape`; where nothing could join, the text is unchanged)."""
+        out = list(parts)
+        for i, part in enumerate(out[:-1]):
+            text = part.get("text") if isinstance(part, Mapping) else None
+            if isinstance(text, str):
+                core = text.rstrip()
+                tail = range(1, min(len(core), self._longest_head) + 1)
+                if any(core[-k:] in self._heads for k in tail):
+                    out[i] = {**part, "text": core + _BREAK + text[len(core) :]}
+        return out
 
     # -- after rendering -------------------------------------------------------
     @staticmethod
