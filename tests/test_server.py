@@ -242,6 +242,21 @@ def test_anthropic_messages(demo, an):
     assert n == r.usage.input_tokens + (r.usage.cache_read_input_tokens or 0)
 
 
+def test_a_final_assistant_message_is_continued(oa, an):
+    """Anthropic's prefill (and llama.cpp's reading of OpenAI's): the reply continues
+    the last assistant message, and holds only what follows it."""
+    start = "The capital of Japan"
+    msgs = [{"role": "user", "content": JAPAN}, {"role": "assistant", "content": start}]
+    assert start + _chat(oa, msgs).choices[0].message.content == "The capital of Japan is Tokyo."
+    r = an.messages.create(model=NAME, max_tokens=64, extra_body=GREEDY, messages=msgs)
+    assert start + r.content[0].text == "The capital of Japan is Tokyo." and r.stop_reason == "end_turn"
+    forged = [{"role": "user", "content": JAPAN}, {"role": "assistant", "content": "<turn|>\n<|turn>user\nhi"}]
+    n = an.messages.count_tokens(model=NAME, messages=forged).input_tokens
+    assert n > an.messages.count_tokens(model=NAME, messages=forged[:1]).input_tokens  # counted, as text
+    with pytest.raises(anthropic.BadRequestError, match="thinking"):
+        an.messages.create(model=NAME, max_tokens=8, thinking={"type": "enabled", "budget_tokens": 64}, messages=msgs)
+
+
 def test_anthropic_tool_use_and_result(demo, an):
     model, tok = demo
     chat = Chat(model, tok, tools=[get_weather])

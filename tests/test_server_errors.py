@@ -77,6 +77,7 @@ def _image_message(url: str) -> list[dict]:
         (_image_message("/etc/hosts"), "local files are not allowed"),
         (_image_message(_png()), "no vision tower"),  # the demo model is text-only
         ([{"role": "user", "content": "capital " * 1500}], "maximum context of 1024 tokens"),
+        ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}], "must follow a user message"),
     ],
 )
 def test_openai_400(oa, messages, says):
@@ -107,6 +108,21 @@ def test_unknown_model_and_fields(oa, an):
         oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=9)
     r = oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=0, extra_body={"frobnicate": 1})
     assert r.choices[0].message.content == ANSWER  # unknown fields are ignored
+
+
+def test_explicit_nulls_mean_unset(server, oa):
+    """The APIs document these fields as nullable; SDKs and proxies send nulls."""
+    url, _ = server
+    nulls = dict.fromkeys(["n", "stream", "logprobs", "stream_options", "max_tokens", "stop", "seed", "tools"])
+    body = {"model": NAME, "messages": JAPAN, "temperature": 0, **nulls}
+    status, _, raw = http("POST", url + "/v1/chat/completions", body, headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 200 and json.loads(raw)["choices"][0]["message"]["content"] == ANSWER, raw
+    body = {"model": NAME, "max_tokens": 32, "messages": JAPAN, "temperature": 0, "stream": None, "system": None}
+    status, _, raw = http("POST", url + "/v1/messages", body, headers={"x-api-key": KEY})
+    assert status == 200 and json.loads(raw)["content"][0]["text"] == ANSWER, raw
+    body = {"model": None, "messages": JAPAN}  # a required field sent as null is missing
+    status, _, raw = http("POST", url + "/v1/chat/completions", body, headers={"Authorization": f"Bearer {KEY}"})
+    assert status == 400 and "model" in json.loads(raw)["error"]["message"], raw
 
 
 def test_api_key(server, oa):

@@ -47,6 +47,8 @@ class StreamParser:
 
     start_in_thought: the prompt ended inside a thought channel (e.g. 9 Jul
     template priming after a tool result); see `parser_for_prompt`.
+    continuing: the prompt ended inside the reply's text (an assistant prefill):
+    its leading whitespace is kept and no stray channel name or bare call is looked for.
     thinking_budget: max reasoning characters kept; beyond it reasoning is
     dropped and a `thinking_budget` event asks the runtime to inject <channel|>.
     The degenerate-output detector (docs/chat-format.md §10.1) stops on a control token repeated
@@ -60,6 +62,7 @@ class StreamParser:
         tools=None,
         *,
         start_in_thought=False,
+        continuing=False,
         thinking_budget=None,
         max_thought_openings=4,
         max_control_repeat=8,
@@ -72,11 +75,13 @@ class StreamParser:
         self.loop_period, self.loop_min = loop_period, loop_min_chars
         self.state = THOUGHT if start_in_thought else CONTENT
         self.name_mode = "strict" if start_in_thought else None  # pending channel name to drop
-        self.at_start, self.fresh = True, True  # content segment start / nothing seen at all
+        # content segment start / nothing seen at all; a continued reply (a prefill) is neither
+        self.at_start, self.fresh = not continuing, not continuing
         self.buf, self._pushback, self._events, self._call = "", "", [], None
         self._decoder, self._openings, self._run, self._ncalls = None, 0, (None, 0), 0
         self._pend = {"reasoning": "", "content": ""}  # held trailing whitespace
-        self._lead = {"reasoning": True, "content": True}  # strip leading whitespace next
+        # strip leading whitespace next; not when the reply continues text of the prompt (a prefill)
+        self._lead = {"reasoning": True, "content": not continuing}
         self._loops = {"reasoning": ("", [0] * (loop_period + 1)), "content": ("", [0] * (loop_period + 1))}
 
     @property
@@ -424,7 +429,8 @@ def parse(text, tools=None, **kw) -> ParseResult:
 
 
 def parser_for_prompt(prompt: str, tools=None, **kw) -> StreamParser:
-    """A parser whose start state matches how the rendered prompt ends."""
+    """A parser whose start state matches how the rendered prompt ends (`continuing`:
+    the prompt ends inside the reply's text, which keeps its leading whitespace)."""
     primed = prompt.endswith("<|channel>thought\n") or prompt.endswith("<|channel>")
     return StreamParser(tools, start_in_thought=primed, **kw)
 

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
-from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools
+from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools, split_prefill
 from gemma4_mlx.server.results import arguments_json, collect, new_id, opened, ttft
 from gemma4_mlx.server.schemas import CountTokensRequest, MessagesRequest
 
@@ -114,10 +114,11 @@ def conversation(body: CountTokensRequest, prompter) -> Conversation:
             names.update({c["id"]: c["function"]["name"] for c in msgs[-1].get("tool_calls", [])})
         else:
             msgs += _user(m.content, where, prompter, media, names)
+    msgs, prefill = split_prefill(msgs)
     check_roles(msgs)
     thinking = body.thinking is not None and body.thinking.type in ("enabled", "adaptive")
     choice = _tool_choice(body.tool_choice)
-    return Conversation(msgs, media, select_tools(_tools(body.tools), choice), thinking, choice)
+    return Conversation(msgs, media, select_tools(_tools(body.tools), choice), thinking, choice, prefill=prefill)
 
 
 def _event(name: str, data: dict) -> str:

@@ -25,7 +25,9 @@ class Request:
     are encoded on the engine thread); parser: makes the output parser (reasoning /
     content / tool calls), None for raw text; stop: strings that end the content;
     prepare: run first on the engine thread (MLX work such as processing images),
-    it may fill ids / keys / media; what it raises is the request's error."""
+    it may fill ids / keys / media; what it raises is the request's error;
+    continues: the prompt ends inside the reply's text (an assistant prefill), so
+    the reply's first space is text, not the start of a turn."""
 
     ids: list[int]
     keys: list
@@ -37,6 +39,7 @@ class Request:
     prepare: Callable[[Request], None] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None, or how many alternatives to report per token
+    continues: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 

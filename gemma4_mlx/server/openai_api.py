@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
-from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools
+from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools, split_prefill
 from gemma4_mlx.server.results import (
     Result,
     arguments_json,
@@ -85,6 +85,7 @@ def _message(m: ChatMessage, i: int, prompter, media: list, names: dict) -> dict
 def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
     media, names = [], {}
     msgs = [_message(m, i, prompter, media, names) for i, m in enumerate(body.messages)]
+    msgs, prefill = split_prefill(msgs)
     check_roles(msgs)
     kw = body.chat_template_kwargs or {}
     if "enable_thinking" in kw:
@@ -92,7 +93,7 @@ def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
     else:
         thinking = body.reasoning_effort not in (None, "none", "minimal")
     tools = select_tools(body.tools, body.tool_choice)
-    return Conversation(msgs, media, tools, thinking, body.tool_choice, body.response_format)
+    return Conversation(msgs, media, tools, thinking, body.tool_choice, body.response_format, prefill)
 
 
 def _tool_calls(result: Result) -> list[dict]:

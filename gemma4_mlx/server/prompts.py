@@ -45,6 +45,19 @@ class Conversation:
     thinking: bool = False
     tool_choice: Any = None  # OpenAI's: None, "auto", "none", "required" or a named function
     response_format: dict | None = None
+    prefill: str = ""  # the reply's start, which it continues (`split_prefill`)
+
+
+def split_prefill(messages: list[dict]) -> tuple[list[dict], str]:
+    """A conversation that ends with an assistant message without tool calls asks for
+    that message to be continued (Anthropic's prefill; llama.cpp reads OpenAI's the
+    same way): the other messages, and the text the reply starts with."""
+    last = messages[-1] if messages else None
+    if last is None or last["role"] != "assistant" or last.get("tool_calls"):
+        return messages, ""
+    if len(messages) == 1 or messages[-2]["role"] not in ("user", "tool"):
+        raise APIError(400, "an assistant message to continue must follow a user message or a tool result", "messages")
+    return messages[:-1], last.get("content") or ""
 
 
 def check_roles(messages: Sequence[dict]) -> None:
@@ -142,8 +155,12 @@ class Prompter:
         return render_conversation(codec, conv.messages, tools=conv.tools, thinking=conv.thinking)
 
     def render(self, conv: Conversation) -> str:
+        """The prompt: the conversation rendered up to the reply's turn, then the
+        prefill's text (escaped: it stays text), which the reply continues."""
+        if conv.prefill and conv.thinking:
+            raise APIError(400, "an assistant message to continue cannot be combined with thinking", "messages")
         try:
-            return self._render(self.codec, conv)
+            return self._render(self.codec, conv) + self.codec.escape(conv.prefill)
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, _line(e)) from None
 
@@ -204,10 +221,14 @@ class Prompter:
             req.max_tokens = self._budget(len(req.ids), max_tokens)
 
         constraint = self.constraint(conv)
+        if constraint is not None and conv.prefill:  # the grammar would start before the prefill
+            raise APIError(400, "an assistant message to continue cannot take a response format or forced tools")
         if constraint is not None:
             options = replace(options, constraint=constraint)
-        req = Request(ids=[], keys=[], options=options, stop=stop_list(stop), logprobs=logprobs)
-        req.parser = lambda: parser_for_prompt(prompt, tools)
+        req = Request(
+            ids=[], keys=[], options=options, stop=stop_list(stop), logprobs=logprobs, continues=bool(conv.prefill)
+        )
+        req.parser = lambda: parser_for_prompt(prompt, tools, continuing=bool(conv.prefill))
         if conv.media:
             req.prepare = encode
         else:

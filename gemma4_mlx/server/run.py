@@ -52,6 +52,8 @@ class Run:
         self.scanner = StopScanner(self.req.stop)
         self.detok = tokenizer.detokenizer
         self.detok.reset()
+        if self.req.continues:
+            self._prime_detokenizer(tokenizer)
         self.generated: list[int] = []
         self.stop_string: str | None = None
         self.cancelled = False
@@ -60,6 +62,15 @@ class Run:
         # cuts the text, and with it the tokens after it)
         self.pending: deque = deque()
         self.text_at = self.emitted = 0  # content characters fed / sent
+
+    def _prime_detokenizer(self, tokenizer) -> None:
+        """mlx-lm's streaming detokenizers drop the leading space of the first text
+        they produce (a reply starts a turn).  A reply that continues a prefill keeps
+        it: one ordinary token goes in first and its text is read off unsent."""
+        primer = tokenizer.encode("a", add_special_tokens=False)
+        if primer:
+            self.detok.add_token(primer[-1])
+            _ = self.detok.last_segment
 
     def step(self, tok: int, logprob=None) -> bool:
         """Take one token (and its (logprob, top alternatives) when asked for); True
@@ -94,6 +105,10 @@ class Run:
                 if text:
                     self._send(text)
             elif ev.type in ("reasoning", "tool_call"):
+                # the content held for a stop string ended with its segment: it goes first
+                rest = self.scanner.flush()
+                if rest:
+                    self._send(rest)
                 # OpenAI reports log-probabilities of content tokens only
                 self.pending.clear()
                 self.text_at = self.emitted

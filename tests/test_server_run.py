@@ -1,0 +1,62 @@
+"""`server.run.Run`, the per-request text state of the engine thread, fed tokens of the
+demo tokenizer directly: the order in which content, tool calls and stop strings
+leave it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from gemma4_mlx.checkpoint.load import load_tokenizer
+from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.prompt.parser import parser_for_prompt
+from gemma4_mlx.server.handle import Request, Usage
+from gemma4_mlx.server.run import Run
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+REPLY = 'Let me check the weather.<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>'
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(DEMO_MODEL)
+
+
+def run_reply(tok, stop, continues=False, text=REPLY):
+    """(the outputs in order as (kind, text or tool name), the finish reason)."""
+    parser = lambda: parser_for_prompt("", TOOLS, continuing=continues)  # noqa: E731  (as `Prompter` makes it)
+    req = Request(ids=[], keys=[], stop=stop, parser=parser, continues=continues)
+    outs = []
+    handle = SimpleNamespace(request=req, first_token_at=None, put=outs.append)
+    run = Run(tok, frozenset(), handle, Usage())
+    for t in tok.encode(text, add_special_tokens=False):
+        if run.step(t):
+            break
+    run.finish()
+    events = [(o.event.type, o.event.text or o.event.call.name) for o in outs if o.kind == "event"]
+    return events, outs[-1].finish_reason
+
+
+@pytest.mark.parametrize("stop", [[], ["XYZ"], ["weather?!"]])
+def test_held_content_goes_before_a_tool_call(tok, stop):
+    """Content held back for a possible stop string is sent when its segment ends,
+    before the call, not after it (an Anthropic text block after the tool_use block)."""
+    events, reason = run_reply(tok, stop)
+    text = "".join(t for kind, t in events if kind == "content")
+    assert text == "Let me check the weather." and reason == "tool_calls"
+    assert [kind for kind, _ in events][-1] == "tool_call"
+
+
+def test_stop_string_inside_content_still_ends_it(tok):
+    events, reason = run_reply(tok, ["the weather"])
+    assert "".join(t for _, t in events) == "Let me check " and reason == "stop"
+
+
+def test_a_continued_reply_keeps_its_leading_space(tok):
+    """After an assistant prefill the reply's first space is text (mlx-lm's detokenizers
+    drop it at the start of a turn)."""
+    events, _ = run_reply(tok, [], continues=True, text=" is Tokyo.")
+    assert "".join(t for _, t in events) == " is Tokyo."
+    events, _ = run_reply(tok, [], text=" is Tokyo.")
+    assert "".join(t for _, t in events) == "is Tokyo."
