@@ -20,7 +20,7 @@ from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.cache.disk import read_metadata
 from gemma4_mlx.checkpoint.prompt_cache import CacheFileError, load_prompt_cache, save_prompt_cache
 
-MEDIA_PARTS = ("image", "audio", "video")
+MEDIA_PARTS = ("image", "image_url", "audio", "input_audio", "video")  # every part a template renders as media
 
 
 @dataclass

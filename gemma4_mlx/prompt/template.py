@@ -185,13 +185,15 @@ def _is_content_parts(value) -> bool:
 
 
 def tool_result_content(value) -> str | list:
-    """A tool's return value as `role: tool` content: strings and content parts as
-    they are, anything else as JSON (the OpenAI convention).  Checkpoint templates
-    accept only a string or parts there (a mapping crashes them), so both render
-    paths see this same form and print `response:NAME{value:<|"|>JSON<|"|>}`."""
+    """A tool's return value as `role: tool` content: strings and text parts as they
+    are, anything else as JSON (the OpenAI convention).  Checkpoint templates accept
+    only a string or parts there (a mapping crashes them), so both render paths see
+    this same form and print `response:NAME{value:<|"|>JSON<|"|>}`.  Media parts are
+    JSON too: nothing prepares media for a tool result, and a placeholder rendered
+    for one would bind no media (or the next message's)."""
     if isinstance(value, str):
         return value
-    if _is_content_parts(value):
+    if _is_content_parts(value) and all(p.get("type") == "text" for p in value):
         return [dict(p) for p in value]
     return json.dumps(value, ensure_ascii=False, default=str)
 

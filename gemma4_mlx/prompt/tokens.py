@@ -82,29 +82,35 @@ class PromptCodec:
         """Every string of every message escaped, in the form the templates render
         (`normalize_messages`).  Normalizing first parses tool-call arguments given as
         JSON text: escaped as text, a control string hidden behind JSON's own escapes
-        (`<|\\"|>`, `\\u003c|turn>`) would pass, and the template's parse would bring it back."""
+        (`<|\\"|>`, `\\u003c|turn>`) would pass, and the template's parse would bring it back.
+        Then every text a template may put right before other untrusted text is guarded
+        (`_guard_end`): a message's text parts are joined with nothing between, and so
+        are consecutive assistant messages in one model turn."""
         out = []
         for m in normalize_messages(messages):
             m = self.escape_value(m)
-            if isinstance(m.get("content"), list):
-                m["content"] = self._guard_parts(m["content"])
+            content = m.get("content")
+            if isinstance(content, str):
+                m["content"] = self._guard_end(content)
+            elif isinstance(content, list):
+                m["content"] = [self._guard_part(p) for p in content]
             out.append(m)
         return out
 
-    def _guard_parts(self, parts: list) -> list:
-        """Templates trim a message's text parts and join them with nothing between, so
-        two harmless halves (`"hi <turn|"`, `">"`) could make one control string: a part
-        whose trimmed text ends with the start of one ends in a break instead (removed
-        again by `unescape`; where nothing could join, the text is unchanged)."""
-        out = list(parts)
-        for i, part in enumerate(out[:-1]):
-            text = part.get("text") if isinstance(part, Mapping) else None
-            if isinstance(text, str):
-                core = text.rstrip()
-                tail = range(1, min(len(core), self._longest_head) + 1)
-                if any(core[-k:] in self._heads for k in tail):
-                    out[i] = {**part, "text": core + _BREAK + text[len(core) :]}
-        return out
+    def _guard_part(self, part):
+        text = part.get("text") if isinstance(part, Mapping) else None
+        return {**part, "text": self._guard_end(text)} if isinstance(text, str) else part
+
+    def _guard_end(self, text: str) -> str:
+        """`text` ending in a break when its trimmed end could start a control string,
+        so that whatever untrusted text follows it once rendered (`"hi <turn|"`, then
+        `">"`) cannot complete one.  `unescape` removes the break; where nothing could
+        join, the text is unchanged."""
+        core = text.rstrip()
+        tail = range(1, min(len(core), self._longest_head) + 1)
+        if any(core[-k:] in self._heads for k in tail):
+            return core + _BREAK + text[len(core) :]
+        return text
 
     # -- after rendering -------------------------------------------------------
     @staticmethod
