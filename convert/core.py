@@ -120,8 +120,7 @@ def convert(
     if mmproj is not None and (gguf_file is None or not mmproj.is_file()):
         raise ConvertError(f"{mmproj}: " + ("no such GGUF file" if gguf_file else "an mmproj goes with a GGUF source"))
     folder = gguf_file.parent if gguf_file is not None else resolve_source(src)
-    if dst.resolve() == folder.resolve():
-        raise ConvertError(f"{dst}: destination is the source folder")
+    _refuse_destination_over_inputs(dst, [folder, *([mmproj] if mmproj is not None else [])])
     with staging(dst) as partial:  # DST.partial, renamed to DST at the end (docs/hardening.md §2)
         if gguf_file is not None:
             report = import_gguf(gguf_file, partial, policy, progress, mmproj)
@@ -130,6 +129,18 @@ def convert(
             _copy_through(folder, partial)
     report.dst = dst
     return report
+
+
+def _refuse_destination_over_inputs(dst: Path, inputs: list[Path]) -> None:
+    """With --force the old DST is removed at the end: DST must neither be nor hold
+    what is being converted (`convert anc/src anc --force` removed anc/src)."""
+    target = dst.resolve()
+    for path in inputs:
+        where = path.resolve()
+        if where == target:
+            raise ConvertError(f"{dst}: destination is the source folder")
+        if where.is_relative_to(target):
+            raise ConvertError(f"{dst}: destination holds the source {path}; choose a folder outside it")
 
 
 def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:

@@ -370,6 +370,19 @@ def test_existing_dst_refused_without_force(checkpoints, tmp_path):
     assert not (dst / "old.txt").exists() and (dst / "config.json").exists()
 
 
+def test_force_never_replaces_a_folder_holding_the_source(checkpoints, tmp_path):
+    """--force removes the old DST at the end: a DST that is, or holds, the source is
+    refused before anything is written (it removed the source once)."""
+    src = tmp_path / "anc" / "src"
+    shutil.copytree(checkpoints["dense"].path, src)
+    (tmp_path / "anc" / "important.txt").write_text("keep")
+    with pytest.raises(ConvertError, match=r"anc: destination holds the source"):
+        convert(src, tmp_path / "anc", "q8", force=True, progress=False)
+    with pytest.raises(ConvertError, match=r"destination is the source folder"):
+        convert(src, src, "q8", force=True, progress=False)
+    assert (src / "config.json").exists() and (tmp_path / "anc" / "important.txt").read_text() == "keep"
+
+
 def test_bad_arguments(checkpoints, tmp_path):
     with pytest.raises(ConvertError, match=r"quant 'q3': expected one of"):
         convert(checkpoints["dense"].path, tmp_path / "o", "q3")

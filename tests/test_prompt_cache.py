@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import gemma4_mlx
 from gemma4_mlx.cache import disk
+from gemma4_mlx.chat import saved
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.checkpoint.files import WHOLE, LoadError, fingerprint, read_safetensors
 from gemma4_mlx.checkpoint.load import load_model
@@ -284,6 +285,27 @@ def test_saved_chat_continues_identically(demo, bits, tmp_path):
     live.messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "this?"}]})
     with pytest.raises(ValueError, match="cannot save a conversation with media"):
         live.save(tmp_path / "media.kv", with_cache=True)
+
+
+def test_a_failed_save_keeps_the_previous_one(demo, tmp_path, monkeypatch):
+    """A saved chat is written to a temporary file and renamed: a write that fails
+    (a full disk) leaves the earlier save readable, and says which file."""
+    model, tok = demo
+    chat = Chat(model, tok)
+    chat.messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = tmp_path / "chat.json"
+    chat.save(path)
+    before = path.read_text()
+    chat.messages.append({"role": "user", "content": "more " * 100})
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saved.os, "fsync", full_disk)
+    with pytest.raises(OSError, match=r"chat.json: cannot write the saved chat .*No space left"):
+        chat.save(path)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["chat.json"]
+    assert Chat.load(path, model, tok).messages == chat.messages[:2]
 
 
 def cli(*args) -> str:

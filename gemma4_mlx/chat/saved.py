@@ -13,6 +13,7 @@ images, audio or video is refused, in both directions, with one line.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +45,25 @@ def save_chat(path: str | Path, data: dict, model=None, cache=None, keys=None) -
     path = Path(path)
     _check_no_media(path, data["messages"], "cannot save")
     if cache is None:
-        path.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=str))
+        _write_atomically(path, json.dumps(data, indent=1, ensure_ascii=False, default=str))
         return
     save_prompt_cache(path, model, cache, keys, extra={"chat": data})
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """`text` in `path` through a temporary file and a rename: a failed write (a
+    full disk) leaves the previous save as it was.  OSError names the file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"{path}: cannot write the saved chat ({' '.join(str(e).split())})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_chat(path: str | Path, model, kv_bits, max_rollback: int | None) -> SavedChat:
