@@ -92,6 +92,8 @@ def parts(g: GGUFFile, name: str):
     m = _FUSED.match(name)
     if not m:
         return [(hf_name(name), t.shape, lambda: g.raw(name))]
+    if len(t.shape) != 3 or t.shape[1] % 2:
+        raise ConvertError(f"{g.path}: tensor {name} has shape {t.shape}, expected [experts, 2 x width, hidden]")
     E, rows, H = t.shape
     half = rows // 2
     base = f"model.layers.{m.group(1)}.experts."
@@ -107,24 +109,38 @@ S, F = "sliding_attention", "full_attention"
 
 
 class _Keys:
-    """`gemma4.*` metadata by short key; a missing required key fails in one line."""
+    """`gemma4.*` metadata by short key; a missing required key, or a value that is
+    not of the `kind` asked for (a number, or a non-empty list of numbers where
+    llama.cpp writes one per layer), fails in one line naming the key."""
 
     def __init__(self, g: GGUFFile):
         self.g = g
 
-    def __call__(self, k: str, default=_REQUIRED):
-        md = self.g.metadata
-        if f"gemma4.{k}" in md:
-            return md[f"gemma4.{k}"]
-        if default is _REQUIRED:
-            raise ConvertError(f"{self.g.path}: metadata key gemma4.{k} is missing")
-        return default
+    def __call__(self, k: str, default=_REQUIRED, kind=None, per_layer: bool = False):
+        md, name = self.g.metadata, f"gemma4.{k}"
+        if name not in md:
+            if default is _REQUIRED:
+                raise ConvertError(f"{self.g.path}: metadata key {name} is missing")
+            return default
+        value = md[name]
+        if kind is None:
+            return value
+        try:
+            if isinstance(value, list) and per_layer and value:
+                return [kind(v) for v in value]
+            if isinstance(value, (list, dict)):
+                raise TypeError
+            return kind(value)
+        except (TypeError, ValueError):
+            shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+            want = f"{kind.__name__}{' (or one per layer)' if per_layer else ''}"
+            raise ConvertError(f"{self.g.path}: metadata key {name} is {shown}, expected {want}") from None
 
 
 def _layer_types(g: GGUFFile, key: _Keys) -> list[str]:
     """Sliding / full per layer: llama.cpp writes the pattern per layer, True = sliding
     [uncertain for gemma4]."""
-    L = int(key("block_count"))
+    L = key("block_count", kind=int)
     pattern = key("attention.sliding_window_pattern")
     if not isinstance(pattern, list) or len(pattern) != L:
         raise ConvertError(f"{g.path}: metadata key gemma4.attention.sliding_window_pattern must list {L} booleans")
@@ -151,21 +167,22 @@ def text_config(g: GGUFFile) -> dict:
         raise ConvertError(f"{g.path}: tensor {EMBED} is missing")
     full = [i for i, t in enumerate(types) if t == F]
     k_eq_v = bool(full) and f"blk.{full[0]}.attn_v.weight" not in g.tensors
-    kv, ff = key("attention.head_count_kv"), key("feed_forward_length")
-    n_shared = int(key("attention.shared_kv_layers", 0))
+    kv = key("attention.head_count_kv", kind=int, per_layer=True)
+    ff = key("feed_forward_length", kind=int, per_layer=True)
+    n_shared = key("attention.shared_kv_layers", 0, int)
     cfg = {
         "model_type": "gemma4_text",
         "vocab_size": g.tensors[EMBED].shape[0],
-        "hidden_size": int(key("embedding_length")),
+        "hidden_size": key("embedding_length", kind=int),
         "num_hidden_layers": len(types),
         "intermediate_size": int(_of_type(ff, types, S)),
         **_attention(key, types, kv),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        "final_logit_softcapping": key("final_logit_softcapping", None),
+        "rms_norm_eps": key("attention.layer_norm_rms_epsilon", 1e-6, float),
+        "final_logit_softcapping": key("final_logit_softcapping", None, float),
         "tie_word_embeddings": True,
         "attention_k_eq_v": k_eq_v,
         "num_kv_shared_layers": n_shared,
-        "rope_parameters": _rope(g, key, head_dim=int(key("attention.key_length"))),
+        "rope_parameters": _rope(g, key, head_dim=key("attention.key_length", kind=int)),
     }
     if k_eq_v:
         cfg["num_global_key_value_heads"] = int(_of_type(kv, types, F))
@@ -180,11 +197,11 @@ def text_config(g: GGUFFile) -> dict:
 def _attention(key: _Keys, types: list[str], kv) -> dict:
     """Heads (of the sliding layers where llama.cpp lists them per layer), head dims, window."""
     return {
-        "num_attention_heads": int(_of_type(key("attention.head_count"), types, S)),
+        "num_attention_heads": int(_of_type(key("attention.head_count", kind=int, per_layer=True), types, S)),
         "num_key_value_heads": int(_of_type(kv, types, S)),
-        "head_dim": int(key("attention.key_length_swa", key("attention.key_length"))),
-        "global_head_dim": int(key("attention.key_length")),
-        "sliding_window": int(key("attention.sliding_window")),
+        "head_dim": key("attention.key_length_swa", key("attention.key_length", kind=int), int),
+        "global_head_dim": key("attention.key_length", kind=int),
+        "sliding_window": key("attention.sliding_window", kind=int),
         "layer_types": types,
     }
 
@@ -193,12 +210,12 @@ def _rope(g: GGUFFile, key: _Keys, head_dim: int) -> dict:
     """RoPE per layer type; the full layers' partial rotation is llama.cpp's rope_freqs
     tensor (gguf_rope.py)."""
     rope = {
-        S: {"rope_type": "default", "rope_theta": float(key("rope.freq_base_swa"))},
-        F: {"rope_type": "proportional", "rope_theta": float(key("rope.freq_base"))},
+        S: {"rope_type": "default", "rope_theta": key("rope.freq_base_swa", kind=float)},
+        F: {"rope_type": "proportional", "rope_theta": key("rope.freq_base", kind=float)},
     }
-    check_rotary_dims(g, key, head_dim, int(key("attention.key_length_swa", head_dim)))
+    check_rotary_dims(g, key, head_dim, key("attention.key_length_swa", head_dim, int))
     rope[F]["partial_rotary_factor"] = full_rotary_factor(g, head_dim)[0]
-    if key("attention.value_length", head_dim) != head_dim:
+    if key("attention.value_length", head_dim, int) != head_dim:
         raise ConvertError(f"{g.path}: metadata key gemma4.attention.value_length differs from key_length")
     return rope
 
@@ -208,19 +225,19 @@ def _per_layer_inputs(g: GGUFFile, key: _Keys) -> dict:
     if ple is None:
         return {"hidden_size_per_layer_input": 0}
     return {
-        "hidden_size_per_layer_input": int(key("embedding_length_per_layer_input")),
+        "hidden_size_per_layer_input": key("embedding_length_per_layer_input", kind=int),
         "vocab_size_per_layer_input": ple.shape[0],
     }
 
 
 def _experts(key: _Keys) -> dict:
-    if not key("expert_count", 0):
+    if not key("expert_count", 0, int):
         return {}
     return {
         "enable_moe_block": True,
-        "num_experts": int(key("expert_count")),
-        "top_k_experts": int(key("expert_used_count")),
-        "moe_intermediate_size": int(key("expert_feed_forward_length")),
+        "num_experts": key("expert_count", kind=int),
+        "top_k_experts": key("expert_used_count", kind=int),
+        "moe_intermediate_size": key("expert_feed_forward_length", kind=int),
     }
 
 

@@ -5,6 +5,7 @@ expected codes, scales and dequantized weights are known exactly.
 """
 
 import json
+import re
 import struct
 
 import mlx.core as mx
@@ -232,6 +233,26 @@ def test_missing_metadata_key_and_wrong_recipe(tiny, tmp_path):
         convert(tmp_path / "m.gguf", tmp_path / "o", "q4_0", progress=False)
     with pytest.raises(ConvertError, match=r"use --quant q4_0"):
         convert(tiny[0], tmp_path / "o", "q8", progress=False)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("block_count", "four"),
+        ("embedding_length", "x"),
+        ("feed_forward_length", []),
+        ("attention.head_count", []),
+        ("rope.freq_base", "big"),
+        ("attention.sliding_window", [4, 4]),
+    ],
+)
+def test_metadata_values_of_the_wrong_type_are_named(tiny, tmp_path, key, value):
+    """A value llama.cpp would not write (a string for a count, an empty per-layer
+    list, a list for a scalar) is one line naming the key, not a traceback."""
+    write_gguf(tmp_path / "m.gguf", metadata(**{f"gemma4.{key}": value}), tiny[3])
+    with pytest.raises(ConvertError, match=rf"m\.gguf: metadata key gemma4\.{re.escape(key)} is .*, expected"):
+        convert(tmp_path / "m.gguf", tmp_path / "o", "q4_0", progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_reader_metadata_types(tmp_path):

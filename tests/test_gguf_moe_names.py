@@ -44,7 +44,7 @@ def gguf_names(key: str) -> str:
     raise AssertionError(f"gguf-py has no gemma4 name for {key}")
 
 
-def build(tmp_path, output_copy=True):
+def build(tmp_path, output_copy=True, flat_experts=False):
     rng = np.random.default_rng(3)
     ref = Model(TextConfig.from_dict(dict(MOE)))
     params = {}
@@ -59,6 +59,7 @@ def build(tmp_path, output_copy=True):
             continue
         if key.endswith("experts.gate_proj.weight"):  # HF's gate_up_proj: gate rows first
             w = np.concatenate([w, params[key.replace("gate_proj", "up_proj")]], axis=1)
+            w = w.reshape(-1, w.shape[-1]) if flat_experts else w
             name = gguf_names(key.replace("experts.gate_proj.weight", "experts.gate_up_proj"))
         else:
             name = gguf_names(key)
@@ -95,5 +96,12 @@ def test_moe_gguf_names_import_exactly(tmp_path):
 def test_untied_output_is_refused(tmp_path):
     path, _ = build(tmp_path, output_copy=False)
     with pytest.raises(ConvertError, match="output.weight differs"):
+        convert(path, tmp_path / "out", "q4_0", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_fused_expert_tensor_of_the_wrong_rank_is_named(tmp_path):
+    path, _ = build(tmp_path, flat_experts=True)
+    with pytest.raises(ConvertError, match=r"moe\.gguf: tensor blk\.\d+\.ffn_gate_up_exps\.weight has shape"):
         convert(path, tmp_path / "out", "q4_0", progress=False)
     assert not (tmp_path / "out").exists()
