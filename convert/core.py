@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from gemma4_mlx.checkpoint.files import LoadError, missing_tensors, read_safetensors, weight_files
+from gemma4_mlx.checkpoint.files import LoadError, claim_tensors, missing_tensors, read_safetensors, weight_files
 from gemma4_mlx.checkpoint.keys import sanitize
 from gemma4_mlx.checkpoint.quantized import quantization_block
 from gemma4_mlx.config import ConfigError, read_config
@@ -158,13 +158,14 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
         if len(files) == 1
         else [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     )
-    weight_map, seen, stats = {}, set(), {}
+    weight_map, seen, stats, owners = {}, set(), {}, {}
     head = embed_file = None
     mx.reset_peak_memory()
     in_use = mx.get_active_memory()  # the caller's arrays are not the converter's
     with Progress(progress, sum(f.stat().st_size for f in files)) as advance:
         for f, name in zip(files, names):
             shard, keys, lm_head = _encode_file(f, map_keys, expected, policy, report, stats, advance)
+            _checked(lambda f, keys=keys: claim_tensors(owners, f, keys), f)  # a tensor in two shards
             head = lm_head if lm_head is not None else head
             embed_file = f if "model.embed_tokens.weight" in keys else embed_file
             seen |= keys

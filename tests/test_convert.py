@@ -359,6 +359,38 @@ def test_failure_half_way_leaves_nothing(sharded, tmp_path, monkeypatch):
     assert (dst / "keep.txt").read_text() == "old" and not (tmp_path / "out.partial").exists()
 
 
+@pytest.mark.parametrize(
+    "index",
+    ["[1, 2]", '{"weight_map": []}', '{"weight_map": {"a": 3}}', '{"weight_map": {"a": "../x.safetensors"}}', b"\xff"],
+)
+def test_malformed_shard_index_is_named(sharded, tmp_path, index):
+    src = tmp_path / "src"
+    shutil.copytree(sharded, src)
+    path = src / "model.safetensors.index.json"
+    path.write_bytes(index if isinstance(index, bytes) else index.encode())
+    with pytest.raises(LoadError, match=r"model\.safetensors\.index\.json: malformed index"):
+        gemma4_mlx.load(src)
+    with pytest.raises(ConvertError, match=r"model\.safetensors\.index\.json: malformed index"):
+        convert(src, tmp_path / "out", "q8", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tensor_in_two_shards_is_refused(sharded, tmp_path):
+    """Read one shard after another, the later copy of a tensor silently won."""
+    src = tmp_path / "src"
+    shutil.copytree(sharded, src)
+    first, second = sorted(src.glob("*.safetensors"))[:2]
+    name, value = next(iter(mx.load(str(first)).items()))
+    extra = dict(mx.load(str(second)))
+    extra[name] = value + 1
+    mx.save_safetensors(str(second), extra, metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=rf"{second.name}: tensor {name} is also stored in {first.name}"):
+        gemma4_mlx.load(src)
+    with pytest.raises(ConvertError, match=rf"{second.name}: tensor .* is also stored in {first.name}"):
+        convert(src, tmp_path / "out", "q8", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_dst_refused_without_force(checkpoints, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()

@@ -32,11 +32,7 @@ def missing_tensors(source: str, missing: list[str]) -> str:
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise LoadError(f"{index}: malformed index ({e})") from None
-        files = [folder / n for n in names]
+        files = [folder / n for n in _shard_names(index)]
         for f in files:
             if not f.exists():
                 raise LoadError(f"{f}: shard listed in {index.name} is missing")
@@ -45,6 +41,28 @@ def weight_files(folder: Path) -> list[Path]:
     if not files:
         raise LoadError(f"{folder}: no *.safetensors files")
     return files
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The shard files an index's weight_map names (sorted, once each); LoadError
+    naming the index for anything else than {"weight_map": {tensor: file name}}."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise LoadError(f"{index}: malformed index ({' '.join(str(e).split()) or type(e).__name__})") from None
+    names = weight_map.values() if isinstance(weight_map, dict) else None
+    if names is None or not all(isinstance(n, str) and n and "/" not in n and n != ".." for n in names):
+        raise LoadError(f"{index}: malformed index (weight_map must map tensor names to shard file names)")
+    return sorted(set(names))
+
+
+def claim_tensors(owners: dict, path: Path, names) -> None:
+    """Record the shard `path` as holding `names`; LoadError naming both files for a
+    tensor stored twice (read one after the other, the later copy silently won)."""
+    for name in names:
+        first = owners.setdefault(name, path)
+        if first != path:
+            raise LoadError(f"{path}: tensor {name} is also stored in {first.name}; a checkpoint holds each once")
 
 
 def read_safetensors(path: Path) -> dict[str, mx.array]:

@@ -20,7 +20,14 @@ from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
 from gemma4_mlx.checkpoint.cpu_forms import choose_cpu_form
-from gemma4_mlx.checkpoint.files import DTYPES, LoadError, missing_tensors, read_safetensors, weight_files
+from gemma4_mlx.checkpoint.files import (
+    DTYPES,
+    LoadError,
+    claim_tensors,
+    missing_tensors,
+    read_safetensors,
+    weight_files,
+)
 from gemma4_mlx.checkpoint.hub import resolve_path
 from gemma4_mlx.checkpoint.keys import (
     TOKEN_ORDERING_KEY,
@@ -153,9 +160,10 @@ def load_model(
         raise LoadError(f"{folder / 'config.json'}: cannot split over {tp.size} ranks: {e}") from None
     check_memory(folder, needed_bytes(folder, dtype, map_ple, text_only, shard_fraction(plan)), force)
     weights: dict[str, mx.array] = {}
-    ple_src = None  # (file, checkpoint key) of the PLE table
+    ple_src, owners = None, {}  # (file, checkpoint key) of the PLE table; tensor -> shard
     for f in weight_files(folder):
         raw = read_safetensors(f) if not plan else read_sliced(f, plan)
+        claim_tensors(owners, f, raw)
         ple_src = next(((f, k) for k in raw if rename(k) == PLE_KEY), ple_src)
         weights.update(sanitize(raw, model))
         del raw
@@ -247,8 +255,11 @@ def load_drafter(path: str | Path, dtype: str | None = None, target: Model | Non
     if dtype is not None and dtype not in DTYPES:
         raise LoadError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     weights: dict[str, mx.array] = {}
+    owners: dict = {}
     for f in weight_files(folder):
-        weights.update(sanitize_drafter(read_safetensors(f)))  # the reference ignores its K/V too
+        tensors = read_safetensors(f)
+        claim_tensors(owners, f, tensors)
+        weights.update(sanitize_drafter(tensors))  # the reference ignores its K/V too
     # Trust the tensors, not the config (docs/speculative.md §1): some configs declare centroids
     # that the files do not carry.
     has_centroids = TOKEN_ORDERING_KEY in weights
