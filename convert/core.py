@@ -27,7 +27,14 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from gemma4_mlx.checkpoint.files import LoadError, claim_tensors, missing_tensors, read_safetensors, weight_files
+from gemma4_mlx.checkpoint.files import (
+    LoadError,
+    claim_tensors,
+    kind_of,
+    missing_tensors,
+    read_safetensors,
+    weight_files,
+)
 from gemma4_mlx.checkpoint.keys import sanitize
 from gemma4_mlx.checkpoint.quantized import quantization_block
 from gemma4_mlx.config import ConfigError, read_config
@@ -150,7 +157,7 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
             f"{folder / 'config.json'}: the source is already quantized; "
             "convert from an unquantized (bf16/fp32) checkpoint"
         )
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    expected = {k: (tuple(v.shape), kind_of(v.dtype)) for k, v in tree_flatten(model.parameters())}
     files = _checked(weight_files, folder)
     report = Report(out, policy.recipe, largest_shard=max(f.stat().st_size for f in files))
     names = (
@@ -207,8 +214,11 @@ def _encode_file(f: Path, map_keys, expected: dict, policy: Policy, report: Repo
             continue
         if key not in expected:
             raise ConvertError(f"{f}: unexpected tensor {key} {tuple(w.shape)}")
-        if tuple(w.shape) != expected[key]:
-            raise ConvertError(f"{f}: tensor {key} has shape {tuple(w.shape)}, config says {expected[key]}")
+        shape, kind = expected[key]
+        if tuple(w.shape) != shape:
+            raise ConvertError(f"{f}: tensor {key} has shape {tuple(w.shape)}, config says {shape}")
+        if kind_of(w.dtype) != kind:
+            raise ConvertError(f"{f}: tensor {key} is {w.dtype}, expected {kind}")
         keys.add(key)
         try:
             arrays = _encode(key, w, policy, report)

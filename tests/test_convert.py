@@ -391,6 +391,24 @@ def test_a_tensor_in_two_shards_is_refused(sharded, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("dtype", [mx.int32, mx.bool_])
+def test_a_float_weight_stored_as_integers_is_refused(checkpoints, tmp_path, dtype):
+    """Shapes alone were checked: an integer or bool tensor for a float weight loaded,
+    ran, and was copied through the converter unquantized."""
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints["dense"].path, src)
+    (shard,) = src.glob("*.safetensors")
+    tensors = dict(mx.load(str(shard)))
+    name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name].astype(dtype)
+    mx.save_safetensors(str(shard), tensors, metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=rf"tensor \S*q_proj\.weight is {dtype}, expected floating point"):
+        gemma4_mlx.load(src)
+    with pytest.raises(ConvertError, match=rf"tensor \S*q_proj\.weight is {dtype}, expected floating point"):
+        convert(src, tmp_path / "out", "q4", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_dst_refused_without_force(checkpoints, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()

@@ -56,6 +56,14 @@ def _shard_names(index: Path) -> list[str]:
     return sorted(set(names))
 
 
+def kind_of(dtype) -> str:
+    """floating / integer / bool: what a stored tensor must share with its parameter
+    (an integer or bool tensor for a float weight loaded and ran, silently)."""
+    if mx.issubdtype(dtype, mx.floating):
+        return "floating point"
+    return "bool" if dtype == mx.bool_ else "integer"
+
+
 def claim_tensors(owners: dict, path: Path, names) -> None:
     """Record the shard `path` as holding `names`; LoadError naming both files for a
     tensor stored twice (read one after the other, the later copy silently won)."""

@@ -24,6 +24,7 @@ from gemma4_mlx.checkpoint.files import (
     DTYPES,
     LoadError,
     claim_tensors,
+    kind_of,
     missing_tensors,
     read_safetensors,
     weight_files,
@@ -69,6 +70,8 @@ def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) ->
             raise LoadError(
                 f"{source}: tensor {key} has shape {tuple(value.shape)}, config says {tuple(expected[key].shape)}"
             )
+        if kind_of(value.dtype) != kind_of(expected[key].dtype):
+            raise LoadError(f"{source}: tensor {key} is {value.dtype}, expected {kind_of(expected[key].dtype)}")
     # Clamp bounds absent from a checkpoint keep their default (+-inf: no clamp).
     missing = [k for k in expected if k not in weights and not k.endswith(CLAMPS)]
     if missing:
