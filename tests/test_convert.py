@@ -567,6 +567,33 @@ def test_hf_quantization_config_refused(checkpoints, tmp_path):
         convert(src, tmp_path / "out", "q8", progress=False)
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda q: q.update(tensors=["x"]),
+        lambda q: q["tensors"].update({k: "affine" for k in q["tensors"]}),
+    ],
+    ids=["tensors-a-list", "entry-a-string"],
+)
+def test_malformed_quantization_block_is_named(checkpoints, tmp_path, edit):
+    dst = tmp_path / "q"
+    convert(checkpoints["dense"].path, dst, "q8", progress=False)
+    cfg = json.loads((dst / "config.json").read_text())
+    edit(cfg["quantization"])
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"quantization\.tensors.* must be an object"):
+        gemma4_mlx.load(dst)
+
+
+def test_text_config_of_the_wrong_type_is_named(checkpoints, tmp_path):
+    src = _copy(checkpoints["dense"].path, tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"] = "x"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"config\.json"):
+        gemma4_mlx.load(src)
+
+
 # -- command line ---------------------------------------------------------------------
 
 

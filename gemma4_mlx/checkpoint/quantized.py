@@ -29,7 +29,8 @@ QUANT_META = (".scales", ".biases", ".tensor_scale")  # metadata tensors beside 
 def quantization_block(raw: dict, source: str) -> dict | None:
     q = raw.get("quantization")
     if q is None:
-        qc = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+        text = raw.get("text_config")
+        qc = raw.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
         if not qc:
             return None
         if not isinstance(qc, dict) or not ("bits" in qc or "group_size" in qc):
@@ -46,8 +47,13 @@ def quantization_block(raw: dict, source: str) -> dict | None:
 
 def kernel_params(path: str, q: dict, overrides: dict, source: str) -> dict | None:
     """MLX kernel parameters (format, mode, bits, group_size) for module `path`."""
-    entry = (q.get("tensors") or {}).get(path)
+    tensors = q.get("tensors") or {}
+    if not isinstance(tensors, dict):
+        raise LoadError(f"{source}: quantization.tensors must be an object, got {type(tensors).__name__}")
+    entry = tensors.get(path)
     if entry is not None:  # ours: every entry names its format
+        if not isinstance(entry, dict):
+            raise LoadError(f"{source}: quantization.tensors[{path!r}] must be an object, got {entry!r:.40}")
         fmt = entry.get("format")
     else:
         entry = overrides.get(path)
