@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 import gemma4_mlx
-from gemma4_mlx.chat.saved import read_chat
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.prompt.template import SPECIAL_TOKENS
@@ -216,11 +215,3 @@ def test_media_parts_in_a_tool_result_stay_text(demo):
     ids = chat._prompt_ids(chat.prompt_text())[0]
     media = {tok.convert_tokens_to_ids(s) for s in ("<|image|>", "<|audio|>", "<|video|>")}
     assert not media & set(ids) and "sunny" in tok.decode(ids)
-
-
-def test_saved_chat_with_image_url_parts_is_refused(tmp_path):
-    path = tmp_path / "chat.json"
-    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
-    path.write_text(json.dumps({"system": None, "messages": [{"role": "user", "content": [part]}]}))
-    with pytest.raises(ValueError, match="media"):
-        read_chat(path, None, None, None)

@@ -101,12 +101,35 @@ def _check(path: Path, data) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not a saved chat (no conversation in it)")
     messages = data.get("messages")
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+    if not isinstance(messages, list):
         raise ValueError(f"{path}: malformed saved chat (messages)")
+    for i, m in enumerate(messages):
+        bad = _bad_field(m)
+        if bad:
+            raise ValueError(f"{path}: malformed saved chat (messages[{i}]{bad})")
     if not isinstance(data.get("system"), (str, type(None))) or not isinstance(data.get("thinking", False), bool):
         raise ValueError(f"{path}: malformed saved chat (system / thinking)")
     _check_no_media(path, messages, "cannot load")
     return data
+
+
+ROLES = ("system", "developer", "user", "assistant", "model", "tool")
+
+
+def _bad_field(m) -> str:
+    """'' for a message `Chat` can render, else the part of it that is wrong."""
+    if not isinstance(m, dict):
+        return " is not an object"
+    if m.get("role") not in ROLES:
+        return ".role"
+    content = m.get("content")
+    is_part = lambda p: isinstance(p, dict) and isinstance(p.get("type"), str)  # noqa: E731
+    parts_ok = isinstance(content, list) and all(map(is_part, content))
+    if not (content is None or isinstance(content, str) or parts_ok):
+        return ".content"
+    if not isinstance(m.get("tool_calls") or [], list):
+        return ".tool_calls"
+    return ""
 
 
 def _check_no_media(path: Path, messages: list, what: str) -> None:
