@@ -116,7 +116,7 @@ def convert(
         policy = Policy(quant, keep_high_precision)
     except ValueError as e:
         raise ConvertError(str(e)) from None
-    dst = Path(dst).expanduser()
+    dst = Path(dst).expanduser().absolute()  # "." names the folder it is (its staging sits beside it)
     if dst.exists() and not force:
         raise ConvertError(f"{dst}: already exists (pass force=True / --force to replace it)")
     check_destination(dst)  # a read-only parent is refused before any work

@@ -244,7 +244,7 @@ def staging(dst: Path):
         _undo(partial, trash, dst)
         if e.errno in _NO_SPACE:
             raise ConvertError(no_space(dst.parent, shutil.disk_usage(dst.parent).free)) from None
-        raise
+        raise ConvertError(f"{e.filename or dst}: {e.strerror or e}") from None
     except BaseException:
         _undo(partial, trash, dst)
         raise

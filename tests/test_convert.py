@@ -636,3 +636,11 @@ def test_q4_0_keeps_4_5_bits_per_weight_resident(converted, checkpoints):
         n = m["weight"].size * 32 // m.bits  # weights in the matrix
         bits = (m["weight"].nbytes + m["scales"].nbytes) * 8 / n
         assert bits == 4 + 8 * m["scales"].itemsize / 32, path  # 4.5 with fp16 scales
+
+
+def test_dot_as_destination_is_the_current_folder(checkpoints, tmp_path, monkeypatch):
+    """`convert SRC .` named a folder without a name (a raw ValueError from its staging
+    path); it is the current folder, which exists, so --force is asked for."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConvertError, match=r"already exists .*force"):
+        convert(checkpoints["dense"].path, ".", "q8", progress=False)
