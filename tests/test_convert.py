@@ -639,8 +639,12 @@ def test_q4_0_keeps_4_5_bits_per_weight_resident(converted, checkpoints):
 
 
 def test_dot_as_destination_is_the_current_folder(checkpoints, tmp_path, monkeypatch):
-    """`convert SRC .` named a folder without a name (a raw ValueError from its staging
-    path); it is the current folder, which exists, so --force is asked for."""
-    monkeypatch.chdir(tmp_path)
+    """`convert SRC . --force` named a folder without a name (a raw ValueError from its
+    staging path); it is the current folder, which exists, so --force is asked for."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
     with pytest.raises(ConvertError, match=r"already exists .*force"):
         convert(checkpoints["dense"].path, ".", "q8", progress=False)
+    report = convert(checkpoints["dense"].path, ".", "q8", force=True, progress=False)
+    assert report.dst == here and (here / "config.json").exists()
