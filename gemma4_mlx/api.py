@@ -24,6 +24,7 @@ from gemma4_mlx.runtime.generate import (
     SamplingOptions,
     Stats,
     batch_generate,
+    check_ids,
     generate_tokens,
     prefill,
 )
@@ -162,6 +163,7 @@ def _encode(model, tokenizer, prompt, chat, images, audio, videos, image_budget,
         )
         return ids, mprompt.keys(), mprompt
     ids = encode_prompt(tokenizer, prompt, chat)
+    check_ids(ids, model.config.vocab_size)
     return ids, list(ids), None
 
 

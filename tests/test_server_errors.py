@@ -125,6 +125,13 @@ def test_explicit_nulls_mean_unset(server, oa):
     assert status == 400 and "model" in json.loads(raw)["error"]["message"], raw
 
 
+def test_a_negative_seed_is_400(oa):
+    with pytest.raises(openai.BadRequestError, match="seed -1: expected an integer") as e:
+        oa.chat.completions.create(model=NAME, messages=JAPAN, seed=-1)
+    assert e.value.body["param"] == "seed"
+    serving(oa)
+
+
 def test_api_key(server, oa):
     url, _ = server
     bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0)

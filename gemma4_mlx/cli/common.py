@@ -5,6 +5,7 @@ so `gemma4-mlx --help` and option errors answer at once."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -129,14 +130,28 @@ def _find_draft(draft_model, draft_tokens, model, target, dtype, quiet, repo):
     return drafter, k, Path(path)
 
 
+def finite(value: float | None) -> float | None:
+    """click's float ranges let `nan` and `inf` through (`--temp inf` is uniform noise,
+    `--temp nan` NaN logits)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _check_seed(value: int | None) -> int | None:
+    if value is not None and not 0 <= value < 1 << 64:
+        raise typer.BadParameter(f"{value} is not in 0 .. 2**64 - 1")
+    return value
+
+
 # Options shared by `generate` and `chat`, declared once.
 Model = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1)]
-Temp = Annotated[float, typer.Option("--temp", min=0.0, help="0 = greedy.")]
-TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+Temp = Annotated[float, typer.Option("--temp", min=0.0, help="0 = greedy.", callback=finite)]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finite)]
 TopK = Annotated[int, typer.Option("--top-k", min=0)]
-MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0)]
-Seed = Annotated[int | None, typer.Option("--seed")]
+MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, callback=finite)]
+Seed = Annotated[int | None, typer.Option("--seed", callback=_check_seed)]
 Dtype = Annotated[str | None, typer.Option("--dtype", help="float32 / bfloat16 / float16 (default: as stored).")]
 DraftModel = Annotated[str, typer.Option("--draft-model", help=DRAFT_MODEL_HELP)]
 DraftTokens = Annotated[str, typer.Option("--draft-tokens", help=DRAFT_TOKENS_HELP, callback=_check_draft_tokens)]
@@ -255,5 +270,8 @@ def read_prompt(prompt: str | None) -> str:
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             fail("no --prompt given and nothing on stdin")
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError as e:
+            fail(f"stdin: not UTF-8 text ({e.reason} at byte {e.start})")
     return prompt

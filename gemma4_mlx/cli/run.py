@@ -32,6 +32,7 @@ from gemma4_mlx.cli.common import (
     Videos,
     app,
     fail,
+    finite,
     load_draft,
     load_or_fail,
     media_options,
@@ -79,7 +80,7 @@ def generate(
     top_p: TopP = 0.0,
     top_k: TopK = 0,
     min_p: MinP = 0.0,
-    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty", min=0.0)] = None,
+    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty", min=0.0, callback=finite)] = None,
     seed: Seed = None,
     prefill_chunk: Annotated[int, typer.Option("--prefill-chunk", min=1, help="Prompt tokens per prefill step.")] = 512,
     raw: Annotated[

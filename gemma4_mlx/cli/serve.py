@@ -16,10 +16,18 @@ from gemma4_mlx.cli.common import (
     Force,
     KvBits,
     app,
+    finite,
     load_draft,
     load_or_fail,
     start_ranks,
 )
+
+
+def _check_api_key(value: str | None) -> str | None:
+    """An empty key (`--api-key "$KEY"` with KEY unset) would switch authentication off."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("empty: give the key clients must send, or leave --api-key out")
+    return value
 
 
 @app.command()
@@ -33,17 +41,27 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
     api_key: Annotated[
-        str | None, typer.Option("--api-key", help="Require this key (Authorization: Bearer / x-api-key).")
+        str | None,
+        typer.Option(
+            "--api-key", help="Require this key (Authorization: Bearer / x-api-key).", callback=_check_api_key
+        ),
     ] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests waiting or running before 429.")] = 64,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests decoded together.")] = 8,
     prefix_cache_gb: Annotated[
         float,
-        typer.Option("--prefix-cache-gb", min=0, help="Memory for finished requests' KV caches (prefix reuse)."),
+        typer.Option(
+            "--prefix-cache-gb", min=0, callback=finite, help="Memory for finished requests' KV caches (prefix reuse)."
+        ),
     ] = 2.0,
     kv_cache_gb: Annotated[
         float | None,
-        typer.Option("--kv-cache-gb", min=0, help="Most KV-cache memory of the running batch (default: no limit)."),
+        typer.Option(
+            "--kv-cache-gb",
+            min=0,
+            callback=finite,
+            help="Most KV-cache memory of the running batch (default: no limit).",
+        ),
     ] = None,
     max_context: Annotated[
         int | None, typer.Option("--max-context", min=1, help="Longest prompt in tokens (default: the model's).")

@@ -6,9 +6,11 @@ Samplers and logits processors are mlx-lm's (`make_sampler`,
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import mlx.core as mx
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
@@ -93,6 +95,23 @@ class SamplingOptions:
     # the processor it returns masks what the grammar forbids, last (docs/structured-output.md §3).
     constraint: Callable[[], Callable] | None = None
 
+    def __post_init__(self):
+        """Refuse, at the call, values mlx-lm's samplers would misread: a negative
+        temperature inverts the distribution, a top_p above 1 or a negative top_k is
+        silently off, NaN poisons the logits, a negative seed fails inside MLX."""
+        _number("temperature", self.temperature, 0.0, None)
+        _number("top_p", self.top_p, 0.0, 1.0)
+        _number("min_p", self.min_p, 0.0, 1.0)
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is not None:
+                _number(name, getattr(self, name), 0.0 if name == "repetition_penalty" else None, None)
+        for name in ("top_k", "repetition_context_size", "penalty_context_size", "seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, Integral) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} {value!r}: expected an integer >= 0")
+        if self.seed is not None and self.seed >= 1 << 64:
+            raise ValueError(f"seed {self.seed}: expected an integer below 2**64")
+
     def sampler(self) -> Callable:
         return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
@@ -106,6 +125,14 @@ class SamplingOptions:
             frequency_context_size=self.penalty_context_size,
         )
         return procs + [self.constraint()] if self.constraint is not None else procs
+
+
+def _number(name: str, value, lo: float | None, hi: float | None) -> None:
+    """ValueError naming `name` unless value is a finite real number in [lo, hi]."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]" if lo is not None else ""
+        raise ValueError(f"{name} {value!r}: expected a finite number {bounds}".rstrip())
 
 
 def apply_processors(logits: mx.array, histories, processors) -> mx.array:
@@ -287,6 +314,16 @@ class Stats:
         )
 
 
+def check_ids(ids: Sequence, vocab_size: int) -> None:
+    """A prompt of token ids must hold at least one id, each an integer of the
+    vocabulary (outside it MLX gathers garbage or fails deep in a forward)."""
+    if not ids:
+        raise ValueError("prompt: empty (no token ids)")
+    bad = next((t for t in ids if not isinstance(t, Integral) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"prompt: token id {bad!r} is not in the vocabulary (0 .. {vocab_size - 1})")
+
+
 def batch_generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -300,6 +337,10 @@ def batch_generate(
 ) -> list[list[int]]:
     """Generate for several prompts at once (left-padded); finished rows leave the batch.
     kv_bits: 8 or 4 quantize the KV cache (docs/kv-cache.md)."""
+    if not prompts or isinstance(prompts, str) or any(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts: expected a non-empty list of token id lists (encode text first)")
+    for p in prompts:
+        check_ids(p, model.config.vocab_size)
     options = options or SamplingOptions()
     if options.seed is not None:
         mx.random.seed(options.seed)

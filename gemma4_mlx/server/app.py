@@ -187,6 +187,8 @@ def app(
     most KV-cache memory the running batch may reach, None for no limit (a request
     waits until rows leave, or fails alone when it cannot fit; docs/serving.md §2.2);
     group: serve --distributed, rank 0 (the other ranks run `follower`)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key is empty: give the key clients must send, or None for no key")
     engine = _engine_settings(drafter, draft_tokens, max_queue, max_batch, prefix_cache_gb, kv_bits, kv_cache_gb)
     engine["group"] = group
     server = ServerState(

@@ -281,13 +281,16 @@ def stop_list(stop) -> list[str]:
 def sampling_options(body, default_temperature: float = 1.0) -> SamplingOptions:
     """SamplingOptions from a request body's fields (OpenAI semantics: top_p 1 = off)."""
     t = body.temperature if body.temperature is not None else default_temperature
-    return SamplingOptions(
-        temperature=t,
-        top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 else 0.0,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
-        repetition_penalty=body.repetition_penalty if body.repetition_penalty not in (None, 1.0) else None,
-        presence_penalty=body.presence_penalty or None,
-        frequency_penalty=body.frequency_penalty or None,
-        seed=body.seed,
-    )
+    try:
+        return SamplingOptions(
+            temperature=t,
+            top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 else 0.0,
+            top_k=body.top_k or 0,
+            min_p=body.min_p or 0.0,
+            repetition_penalty=body.repetition_penalty if body.repetition_penalty not in (None, 1.0) else None,
+            presence_penalty=body.presence_penalty or None,
+            frequency_penalty=body.frequency_penalty or None,
+            seed=body.seed,
+        )
+    except ValueError as e:  # what the schema's ranges leave (a negative seed): the field is named first
+        raise APIError(400, str(e), param=str(e).split()[0]) from None

@@ -1,0 +1,91 @@
+"""Bad arguments are refused at the call, in one line naming them: the sampling options
+of the Python API, and the CLI's options (before any model is loaded)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import gemma4_mlx
+from gemma4_mlx.cli import app
+from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.runtime.generate import SamplingOptions
+from gemma4_mlx.server import app as server_app
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", -1.0),  # inverts the distribution in mlx-lm's sampler
+        ("temperature", math.nan),
+        ("temperature", math.inf),  # every token equally likely
+        ("top_p", 1.5),  # silently off in mlx-lm's sampler
+        ("min_p", -0.1),
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("repetition_penalty", math.nan),
+        ("presence_penalty", math.inf),
+        ("seed", -1),  # a TypeError inside MLX
+        ("seed", 1 << 64),
+    ],
+)
+def test_sampling_options_refuse_what_the_samplers_would_misread(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} {value!r}: expected"):
+        SamplingOptions(**{field: value})
+
+
+def test_sampling_options_take_what_users_send():
+    o = SamplingOptions(temperature=np.float32(0.7), top_p=1.0, top_k=np.int64(40), min_p=0.0, seed=(1 << 64) - 1)
+    assert o.top_k == 40 and SamplingOptions(presence_penalty=-1.5, repetition_penalty=1.1).presence_penalty == -1.5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "-m", "demo", "-p", "hi", "--temp", "nan"],
+        ["generate", "-m", "demo", "-p", "hi", "--temp", "inf"],
+        ["generate", "-m", "demo", "-p", "hi", "--top-p", "nan"],
+        ["generate", "-m", "demo", "-p", "hi", "--repetition-penalty", "nan"],
+        ["generate", "-m", "demo", "-p", "hi", "--seed", "-1"],
+        ["chat", "-m", "demo", "-p", "hi", "--min-p", "nan"],
+        ["serve", "--api-key", ""],
+        ["serve", "--prefix-cache-gb", "inf"],
+    ],
+)
+def test_cli_refuses_before_loading(args):
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "Invalid value for" in r.output and "Traceback" not in r.output, r.output
+    assert "loading" not in r.output
+
+
+def test_cli_stdin_that_is_not_utf8_is_one_line():
+    r = CliRunner().invoke(app, ["generate", "-m", "demo"], input=b"\xffhello")
+    assert r.exit_code == 1 and r.output.strip().startswith("error: stdin: not UTF-8 text"), r.output
+
+
+def test_embedded_server_refuses_an_empty_key():
+    with pytest.raises(ValueError, match="api_key is empty"):
+        server_app(None, None, model_name="x", api_key=" ")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return gemma4_mlx.load(DEMO_MODEL)
+
+
+def test_token_id_prompts_are_checked_at_the_call(demo):
+    """Ids outside the vocabulary reached an MLX gather; an empty list a float array."""
+    model, tok = demo
+    with pytest.raises(ValueError, match=r"prompt: empty"):
+        gemma4_mlx.generate(model, tok, [])
+    with pytest.raises(ValueError, match=rf"prompt: token id {model.config.vocab_size} is not in the vocabulary"):
+        gemma4_mlx.generate(model, tok, [2, model.config.vocab_size])
+    with pytest.raises(ValueError, match=r"prompt: token id -1"):
+        gemma4_mlx.batch_generate(model, [[2, 5], [-1]])
+    for prompts in ([], ["hi"], "hi"):
+        with pytest.raises(ValueError, match=r"prompts: expected a non-empty list of token id lists"):
+            gemma4_mlx.batch_generate(model, prompts)
+    assert len(gemma4_mlx.batch_generate(model, [[2, 5], [2]], max_tokens=2)[1]) == 2
