@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -116,7 +117,7 @@ def convert(
         policy = Policy(quant, keep_high_precision)
     except ValueError as e:
         raise ConvertError(str(e)) from None
-    dst = Path(dst).expanduser().absolute()  # "." names the folder it is (its staging sits beside it)
+    dst = Path(os.path.abspath(Path(dst).expanduser()))  # "." / ".." name the folder they are (staging sits beside)
     if dst.exists() and not force:
         raise ConvertError(f"{dst}: already exists (pass force=True / --force to replace it)")
     check_destination(dst)  # a read-only parent is refused before any work

@@ -108,6 +108,12 @@ _REQUIRED = object()
 S, F = "sliding_attention", "full_attention"
 
 
+def _finite(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(v)
+    return v
+
+
 class _Keys:
     """`gemma4.*` metadata by short key; a missing required key, or a value that is
     not of the `kind` asked for (a number, or a non-empty list of numbers where
@@ -127,11 +133,11 @@ class _Keys:
             return value
         try:
             if isinstance(value, list) and per_layer and value:
-                return [kind(v) for v in value]
+                return [_finite(kind(v)) for v in value]
             if isinstance(value, (list, dict)):
                 raise TypeError
-            return kind(value)
-        except (TypeError, ValueError):
+            return _finite(kind(value))
+        except (TypeError, ValueError, OverflowError):
             shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
             want = f"{kind.__name__}{' (or one per layer)' if per_layer else ''}"
             raise ConvertError(f"{self.g.path}: metadata key {name} is {shown}, expected {want}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import mlx.core as mx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -89,3 +90,14 @@ def test_token_id_prompts_are_checked_at_the_call(demo):
         with pytest.raises(ValueError, match=r"prompts: expected a non-empty list of token id lists"):
             gemma4_mlx.batch_generate(model, prompts)
     assert len(gemma4_mlx.batch_generate(model, [[2, 5], [2]], max_tokens=2)[1]) == 2
+
+
+def test_token_ids_as_arrays_are_taken(demo):
+    model, tok = demo
+    ids = [2, 100, 200, 300]
+    text = gemma4_mlx.generate(model, tok, ids, max_tokens=6)
+    assert gemma4_mlx.generate(model, tok, mx.array(ids), max_tokens=6) == text
+    assert gemma4_mlx.generate(model, tok, np.array(ids), max_tokens=6) == text
+    rows = gemma4_mlx.batch_generate(model, [ids, ids], max_tokens=3)
+    assert gemma4_mlx.batch_generate(model, np.array([ids, ids]), max_tokens=3) == rows
+    assert gemma4_mlx.batch_generate(model, [mx.array(ids), np.array(ids)], max_tokens=3) == rows

@@ -647,3 +647,8 @@ def test_dot_as_destination_is_the_current_folder(checkpoints, tmp_path, monkeyp
         convert(checkpoints["dense"].path, ".", "q8", progress=False)
     report = convert(checkpoints["dense"].path, ".", "q8", force=True, progress=False)
     assert report.dst == here and (here / "config.json").exists()
+    inner = here / "inner"
+    inner.mkdir()
+    monkeypatch.chdir(inner)  # ".." is `here`: its staging folder sits beside it, not inside
+    report = convert(checkpoints["dense"].path, "..", "q8", force=True, progress=False)
+    assert report.dst == here and (here / "config.json").exists() and not inner.exists()

@@ -244,6 +244,8 @@ def test_missing_metadata_key_and_wrong_recipe(tiny, tmp_path):
         ("attention.head_count", []),
         ("rope.freq_base", "big"),
         ("attention.sliding_window", [4, 4]),
+        ("block_count", float("inf")),  # int(inf) is an OverflowError
+        ("rope.freq_base", float("nan")),
     ],
 )
 def test_metadata_values_of_the_wrong_type_are_named(tiny, tmp_path, key, value):

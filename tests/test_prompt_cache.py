@@ -306,6 +306,13 @@ def test_a_failed_save_keeps_the_previous_one(demo, tmp_path, monkeypatch):
         chat.save(path)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["chat.json"]
     assert Chat.load(path, model, tok).messages == chat.messages[:2]
+    monkeypatch.undo()
+    path.chmod(0o600)  # a rename keeps what the user set, and follows a link to its file
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    chat.save(link)
+    assert link.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+    assert Chat.load(path, model, tok).messages == chat.messages
 
 
 def cli(*args) -> str:

@@ -52,12 +52,16 @@ def save_chat(path: str | Path, data: dict, model=None, cache=None, keys=None) -
 
 def _write_atomically(path: Path, text: str) -> None:
     """`text` in `path` through a temporary file and a rename: a failed write (a
-    full disk) leaves the previous save as it was.  OSError names the file."""
+    full disk) leaves the previous save as it was.  A symlink is followed (its target
+    is replaced) and the old file's permissions are kept.  OSError names the file."""
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
+            if path.exists():
+                os.chmod(f.fileno(), path.stat().st_mode & 0o7777)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:

@@ -161,8 +161,8 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool = True) -> 
     control strings typed in it stay text.  With chat=False, or a tokenizer without
     Gemma 4's turn tokens, the raw text, control strings included, as the tokenizer
     reads it."""
-    if not isinstance(prompt, str):
-        return list(prompt)
+    if not isinstance(prompt, str):  # token ids: a list, or an mx / numpy array
+        return prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
     template = chat_template_for(tokenizer) if chat else None
     if template:
         codec = PromptCodec(tokenizer)

@@ -317,7 +317,7 @@ class Stats:
 def check_ids(ids: Sequence, vocab_size: int) -> None:
     """A prompt of token ids must hold at least one id, each an integer of the
     vocabulary (outside it MLX gathers garbage or fails deep in a forward)."""
-    if not ids:
+    if len(ids) == 0:
         raise ValueError("prompt: empty (no token ids)")
     bad = next((t for t in ids if not isinstance(t, Integral) or isinstance(t, bool) or not 0 <= t < vocab_size), None)
     if bad is not None:
@@ -337,8 +337,9 @@ def batch_generate(
 ) -> list[list[int]]:
     """Generate for several prompts at once (left-padded); finished rows leave the batch.
     kv_bits: 8 or 4 quantize the KV cache (docs/kv-cache.md)."""
-    if not prompts or isinstance(prompts, str) or any(isinstance(p, str) for p in prompts):
+    if isinstance(prompts, str) or len(prompts) == 0 or any(isinstance(p, str) for p in prompts):
         raise ValueError("prompts: expected a non-empty list of token id lists (encode text first)")
+    prompts = [p.tolist() if hasattr(p, "tolist") else list(p) for p in prompts]  # mx / numpy rows too
     for p in prompts:
         check_ids(p, model.config.vocab_size)
     options = options or SamplingOptions()

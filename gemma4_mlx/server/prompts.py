@@ -290,7 +290,9 @@ def sampling_options(body, default_temperature: float = 1.0) -> SamplingOptions:
             repetition_penalty=body.repetition_penalty if body.repetition_penalty not in (None, 1.0) else None,
             presence_penalty=body.presence_penalty or None,
             frequency_penalty=body.frequency_penalty or None,
-            seed=body.seed,
+            # any integer (-1 is "random" to llama.cpp-style clients): the keyed sampler
+            # reads its low bits only, so a 64-bit pattern keeps every seed's stream
+            seed=None if body.seed is None else body.seed & 0xFFFF_FFFF_FFFF_FFFF,
         )
     except ValueError as e:  # what the schema's ranges leave (a negative seed): the field is named first
         raise APIError(400, str(e), param=str(e).split()[0]) from None
