@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 import gemma4_mlx
 from gemma4_mlx import LoadError
@@ -63,10 +63,10 @@ def test_garbage_header(copy):
 
 def test_wrong_shape(copy):
     d = copy()
-    save_file(
-        {"model.language_model.layers.1.self_attn.q_proj.weight": np.zeros((7, 64), np.float32)},
-        str(d / "zz-extra.safetensors"),
-    )
+    f = shard(d)  # replaced in its own shard: a second copy in another file is refused as such
+    tensors = load_file(str(f))
+    tensors["model.language_model.layers.1.self_attn.q_proj.weight"] = np.zeros((7, 64), np.float32)
+    save_file(tensors, str(f))
     with pytest.raises(
         LoadError,
         match=r"layers\.1\.self_attn\.q_proj\.weight has shape \(7, 64\), "
@@ -77,8 +77,6 @@ def test_wrong_shape(copy):
 
 def test_missing_tensor(copy, checkpoints):
     d = copy()
-    from safetensors.numpy import load_file
-
     f = shard(d)
     tensors = load_file(str(f))
     tensors.pop("model.language_model.layers.2.self_attn.k_norm.weight")

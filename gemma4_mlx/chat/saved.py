@@ -53,7 +53,7 @@ def save_chat(path: str | Path, data: dict, model=None, cache=None, keys=None) -
 def _write_atomically(path: Path, text: str) -> None:
     """`text` in `path` through a temporary file and a rename: a failed write (a
     full disk) leaves the previous save as it was.  A symlink is followed (its target
-    is replaced) and the old file's permissions are kept.  OSError names the file."""
+    is replaced) and the old file's permissions are kept.  OSError names `path`."""
     path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -64,8 +64,8 @@ def _write_atomically(path: Path, text: str) -> None:
                 os.chmod(f.fileno(), path.stat().st_mode & 0o7777)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"{path}: cannot write the saved chat ({' '.join(str(e).split())})") from None
+    except OSError as e:  # named by the file asked for, not the temporary one
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
 
