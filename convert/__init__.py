@@ -12,8 +12,8 @@ names and config, `gguf_blocks` lossless block transfer, `gguf_requant` Q6_K,
 """
 
 from .core import convert
-from .errors import ConvertError
+from .errors import ConvertError, InterruptedAfterPublishing
 from .output import Report
 from .policy import RECIPES, Policy
 
-__all__ = ["convert", "ConvertError", "Report", "RECIPES", "Policy"]
+__all__ = ["convert", "ConvertError", "InterruptedAfterPublishing", "Report", "RECIPES", "Policy"]

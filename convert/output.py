@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .errors import ConvertError
+from .errors import ConvertError, InterruptedAfterPublishing
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +143,10 @@ def _owner(partial: Path) -> str:
 
 def clean_stale(parent: Path, own: tuple[Path, ...]) -> list[Path]:
     """Remove the `*.partial` folders in `parent` that killed conversions left: those
-    whose lock no live process holds.  `own` (this run's DST.partial and DST.old.partial)
-    are removed even without a lock file (a run killed before it took the lock); another
-    run's folders only with one, so nothing that is not provably ours is touched.  A live
-    writer of `own` is an error."""
+    whose lock no live process holds.  Only folders holding our lock file are touched,
+    except an empty one of `own` (this run's DST.partial and DST.old.partial: a run
+    killed between its mkdir and its lock).  A non-empty `own` folder without the lock
+    is somebody's data, and an error; so is a live writer of `own`."""
     removed = []
     for d in sorted(parent.glob("*" + PARTIAL)) if parent.is_dir() else []:
         if not d.is_dir() or d.is_symlink():
@@ -155,7 +155,7 @@ def clean_stale(parent: Path, own: tuple[Path, ...]) -> list[Path]:
             lock = _try_lock(d)
         except FileNotFoundError:
             if d in own:
-                shutil.rmtree(d)
+                _remove_if_empty(d)
                 removed.append(d)
             continue
         except OSError:
@@ -171,6 +171,18 @@ def clean_stale(parent: Path, own: tuple[Path, ...]) -> list[Path]:
     for d in removed:
         log.warning("removed %s, left by a conversion that was killed", d)
     return removed
+
+
+def _remove_if_empty(d: Path) -> None:
+    """rmdir a lock-less staging folder of this run, which only a kill between mkdir and
+    taking the lock leaves (empty); anything else there is not ours to delete."""
+    try:
+        d.rmdir()
+    except OSError:
+        raise ConvertError(
+            f"{d}: a folder of that name is in the way of the conversion's staging folder and is not one "
+            "(no lock file); move or rename it"
+        ) from None
 
 
 def _restore_replaced(d: Path) -> None:
@@ -226,31 +238,58 @@ def staging(dst: Path):
     clean_stale(dst.parent, (partial, trash))
     locks = [_take(partial)]
     try:
-        yield partial
-        _sync_tree(partial)
-        if dst.exists() or dst.is_symlink():
-            # Moved aside whole (one rename) into a locked folder, never deleted in place:
-            # a kill then leaves DST complete or absent, and the folder to the next run.
-            locks.append(_take(trash))
-            os.rename(dst, trash / "replaced")
-        # Unlocked-looking only for the two calls below (the lock itself stays held through
-        # the open file until close): a kill between them leaves a folder only DST's own
-        # next run removes (docs/hardening.md §2).
-        (partial / LOCK).unlink()
-        partial.rename(dst)
-        _fsync(dst.parent)
-        shutil.rmtree(trash, ignore_errors=True)
-    except OSError as e:
-        _undo(partial, trash, dst)
-        if e.errno in _NO_SPACE:
-            raise ConvertError(no_space(dst.parent, shutil.disk_usage(dst.parent).free)) from None
-        raise ConvertError(f"{e.filename or dst}: {e.strerror or e}") from None
-    except BaseException:
-        _undo(partial, trash, dst)
-        raise
+        interrupted = None
+        try:
+            yield partial
+            _sync_tree(partial)
+            if dst.exists() or dst.is_symlink():
+                # Moved aside whole (one rename) into a locked folder, never deleted in place:
+                # a kill then leaves DST complete or absent, and the folder to the next run.
+                locks.append(_take(trash))
+                os.rename(dst, trash / "replaced")
+            # The lock file goes with the folder, unlinked from DST afterwards: a kill between
+            # the two leaves a stray lock file in a complete DST, never a lock-less DST.partial
+            # (which the next run could not tell from a user's own folder).
+            partial.rename(dst)
+        except KeyboardInterrupt as e:
+            if not _published(partial, dst):
+                _undo(partial, trash, dst)
+                raise
+            interrupted = e  # landed just after the rename: DST is complete
+        except OSError as e:
+            _undo(partial, trash, dst)
+            if e.errno in _NO_SPACE:
+                raise ConvertError(no_space(dst.parent, shutil.disk_usage(dst.parent).free)) from None
+            raise ConvertError(f"{e.filename or dst}: {e.strerror or e}") from None
+        except BaseException:
+            _undo(partial, trash, dst)
+            raise
+        _finish_publishing(dst, trash, interrupted)
     finally:
         for lock in locks:
             lock.close()
+
+
+def _finish_publishing(dst: Path, trash: Path, interrupted: BaseException | None) -> None:
+    """After the rename: the lock file out of DST, the rename made durable, the old DST
+    deleted.  DST is complete whatever happens here, so an interrupt says so
+    (`InterruptedAfterPublishing`) and an OSError is a warning, not a failure."""
+    try:
+        (dst / LOCK).unlink(missing_ok=True)
+        _fsync(dst.parent)
+    except KeyboardInterrupt as e:
+        interrupted = e
+    except OSError as e:
+        log.warning("%s: written, but finishing up failed (%s)", dst, e.strerror or e)
+    shutil.rmtree(trash, ignore_errors=True)
+    if interrupted is not None:
+        raise InterruptedAfterPublishing(dst) from interrupted
+
+
+def _published(partial: Path, dst: Path) -> bool:
+    """The rename to DST happened (read from the disk, not a flag: an interrupt can
+    land between the rename and any assignment after it)."""
+    return not partial.exists() and dst.is_dir()
 
 
 def _undo(partial: Path, trash: Path, dst: Path) -> None:

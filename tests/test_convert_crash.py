@@ -16,9 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 import gemma4_mlx
-from gemma4_mlx.convert import ConvertError, convert
+from gemma4_mlx.cli import app as cli_app
+from gemma4_mlx.convert import ConvertError, InterruptedAfterPublishing, convert, output
 from gemma4_mlx.convert import core as convert_core
 from gemma4_mlx.convert.output import LOCK
 
@@ -208,3 +210,71 @@ def test_dead_replacement_is_undone(source, reference, tmp_path):
     (trash / LOCK).write_text("4242\n")  # its writer is dead: nobody holds the lock
     convert(source, tmp_path / "other", "q8", progress=False)
     assert _files(tmp_path / "out") == reference and not trash.exists()
+
+
+def test_users_folder_named_like_the_staging_folder_is_kept(source, tmp_path):
+    """`out.partial` without our lock and not empty is somebody's data: one line, kept."""
+    mine = tmp_path / "out.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConvertError) as e:
+        convert(source, tmp_path / "out", "q8", progress=False)
+    msg = str(e.value)
+    assert one_line(msg) and "out.partial" in msg and "move or rename it" in msg, msg
+    assert (mine / "notes.txt").read_text() == "keep me" and not (tmp_path / "out").exists()
+
+
+def test_empty_lockless_staging_folder_is_taken(source, reference, tmp_path):
+    """What a run killed between its mkdir and its lock leaves: empty, removed by the next."""
+    (tmp_path / "out.partial").mkdir()
+    convert(source, tmp_path / "out", "q8", progress=False)
+    assert _files(tmp_path / "out") == reference and not (tmp_path / "out.partial").exists()
+
+
+def _interrupt_after(monkeypatch, name: str, when) -> None:
+    """Make output.`name` do its work, then raise KeyboardInterrupt where `when(args)`."""
+    real = getattr(output, name)
+
+    def interrupted(*args):
+        out = real(*args)
+        if when(args):
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(output, name, interrupted)
+
+
+@pytest.mark.parametrize("where", ["just after the rename", "while finishing"])
+def test_interrupt_after_publishing_says_the_output_is_complete(source, reference, tmp_path, monkeypatch, where):
+    dst = tmp_path / "out"
+    convert(source, dst, "q8", progress=False)
+    (dst / "old-only.txt").write_text("from the replaced DST")
+    if where == "while finishing":  # the fsync of DST's parent, after the rename
+        _interrupt_after(monkeypatch, "_fsync", lambda args: Path(args[0]) == tmp_path)
+    else:
+        real = Path.rename
+
+        def rename(self, target):
+            out = real(self, target)
+            if Path(target) == dst:
+                raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(InterruptedAfterPublishing) as e:
+        convert(source, dst, "q8", progress=False, force=True)
+    assert isinstance(e.value, KeyboardInterrupt) and "it is complete" in str(e.value)
+    assert _files(dst) == reference  # the new DST, whole, without the lock file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # old DST and staging gone
+
+
+def test_cli_reports_an_interrupt_after_publishing(tmp_path, monkeypatch):
+    def published_then_interrupted(src, dst, *a, **k):
+        raise InterruptedAfterPublishing(dst)
+
+    monkeypatch.setattr(convert_core, "convert", published_then_interrupted)
+    monkeypatch.setattr(gemma4_mlx.convert, "convert", published_then_interrupted)
+    r = CliRunner().invoke(cli_app, ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "-q", "q8"])
+    assert r.exit_code != 0
+    assert "interrupted after the conversion was written (it is complete)" in r.output
+    assert "nothing was written" not in r.output

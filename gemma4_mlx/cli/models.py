@@ -31,7 +31,7 @@ def convert(
     import time
 
     from gemma4_mlx.checkpoint.files import LoadError
-    from gemma4_mlx.convert import ConvertError
+    from gemma4_mlx.convert import ConvertError, InterruptedAfterPublishing
     from gemma4_mlx.convert import convert as run
 
     t0 = time.perf_counter()
@@ -45,7 +45,7 @@ def convert(
             progress=sys.stderr.isatty(),
             mmproj=mmproj,
         )
-    except (ConvertError, LoadError) as e:
+    except (ConvertError, LoadError, InterruptedAfterPublishing) as e:
         fail(str(e))
     except KeyboardInterrupt:
         fail(f"{dst}: interrupted; nothing was written")
@@ -133,7 +133,7 @@ def pull(
     from gemma4_mlx.checkpoint.files import LoadError
     from gemma4_mlx.checkpoint.hub import REPO_ID, SHORT_NAMES, models_dir, repo_of
     from gemma4_mlx.checkpoint.store import converted_name, download, record_pull, short_name
-    from gemma4_mlx.convert import ConvertError
+    from gemma4_mlx.convert import ConvertError, InterruptedAfterPublishing
     from gemma4_mlx.convert import convert as run
     from gemma4_mlx.convert.policy import RECIPES
 
@@ -161,6 +161,9 @@ def pull(
         try:
             run(folder, dst, quant, force=force, progress=sys.stderr.isatty())
         except (ConvertError, LoadError) as e:
+            fail(str(e))
+        except InterruptedAfterPublishing as e:
+            record_pull(dst, r, folder.name, quant)
             fail(str(e))
         except KeyboardInterrupt:
             fail(f"{dst}: interrupted; nothing was written")
