@@ -101,6 +101,10 @@ def test_health_models_metrics(server, oa):
     url, _ = server
     assert json.loads(http("GET", url + "/health")[2])["status"] == "ok"  # open without the key
     assert [m.id for m in oa.models.list()] == [NAME]
+    assert oa.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError) as e:
+        oa.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found" and NAME in e.value.message
     _chat(oa, [{"role": "user", "content": JAPAN}])
     text = http("GET", url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})[2].decode()
     for name in (
@@ -216,6 +220,13 @@ def test_prefix_reuse_matches_cold_run(demo, oa):
     assert cold.prefilled_last == r.usage.prompt_tokens  # the cold run prefilled everything
 
 
+def test_anthropic_models(an):
+    """The same model cards read by Anthropic's client (its own fields)."""
+    listed = an.models.list()
+    assert [(m.id, m.type, m.display_name) for m in listed.data] == [(NAME, "model", NAME)]
+    assert an.models.retrieve(NAME).created_at.year >= 2026
+
+
 def test_anthropic_messages(demo, an):
     model, tok = demo
     r = an.messages.create(model=NAME, max_tokens=64, extra_body=GREEDY, messages=[{"role": "user", "content": JAPAN}])
@@ -234,9 +245,13 @@ def test_anthropic_messages(demo, an):
     with an.messages.stream(
         model=NAME, max_tokens=128, extra_body=GREEDY, thinking=thinking, messages=[{"role": "user", "content": JAPAN}]
     ) as s:
+        raw = [e for e in s if e.type.startswith("content_block_")]
         final = s.get_final_message()
     expected = Chat(model, tok, thinking=True).send(JAPAN)
     assert [b.type for b in final.content] == ["thinking", "text"]
+    # the thinking block ends as Anthropic's do: a signature_delta, then its stop
+    stop = next(i for i, e in enumerate(raw) if e.type == "content_block_stop")
+    assert raw[stop].index == 0 and raw[stop - 1].delta.type == "signature_delta"
     assert (final.content[0].thinking, final.content[1].text) == (expected.thinking, expected.text)
     n = an.messages.count_tokens(model=NAME, messages=[{"role": "user", "content": JAPAN}]).input_tokens
     assert n == r.usage.input_tokens + (r.usage.cache_read_input_tokens or 0)

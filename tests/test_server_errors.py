@@ -140,7 +140,8 @@ def test_api_key(server, oa):
     with pytest.raises(openai.AuthenticationError):
         bad.chat.completions.create(model=NAME, messages=JAPAN)
     status, _, body = http("POST", url + "/v1/chat/completions", {"model": NAME, "messages": JAPAN})
-    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    error = json.loads(body)["error"]  # OpenAI's own shape for a bad key
+    assert status == 401 and (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
     status, _, body = http("POST", url + "/v1/messages", {"model": NAME, "max_tokens": 8, "messages": JAPAN})
     assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
     assert http("GET", url + "/v1/models")[0] == 401

@@ -195,8 +195,8 @@ async def _stream(server, handle, outs):
             return
         if out.kind == "done":
             server.metrics.record(out.usage, ttft(handle))
-            if open_kind is not None:
-                yield _event("content_block_stop", {"index": index})
+            for e in _close_block(index, open_kind):
+                yield e
             stop = "stop_sequence" if out.stop_string else _STOP.get(out.finish_reason, "end_turn")
             delta = {"stop_reason": stop, "stop_sequence": out.stop_string}
             yield _event("message_delta", {"delta": delta, "usage": _usage(out.usage)})
@@ -204,8 +204,8 @@ async def _stream(server, handle, outs):
             return
         ev = out.event
         if ev.type != open_kind or ev.type == "tool_call":
-            if open_kind is not None:
-                yield _event("content_block_stop", {"index": index})
+            for e in _close_block(index, open_kind):
+                yield e
             index, open_kind = index + 1, ev.type
             if ev.type == "tool_call":
                 block = {"type": "tool_use", "id": new_id("toolu_"), "name": ev.call.name, "input": {}}
@@ -216,3 +216,12 @@ async def _stream(server, handle, outs):
             yield _event("content_block_start", {"index": index, "content_block": _BLOCKS[ev.type][0]})
         _, kind, key = _BLOCKS[ev.type]
         yield _event("content_block_delta", {"index": index, "delta": {"type": kind, key: ev.text}})
+
+
+def _close_block(index: int, kind: str | None) -> list[str]:
+    """The events that end the open block, if any.  A thinking block ends with its
+    `signature_delta`, as Anthropic's do (empty: local thinking is not signed)."""
+    if kind is None:
+        return []
+    signature = [{"index": index, "delta": {"type": "signature_delta", "signature": ""}}] if kind == "reasoning" else []
+    return [*(_event("content_block_delta", d) for d in signature), _event("content_block_stop", {"index": index})]

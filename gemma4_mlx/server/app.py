@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hmac
 import logging
 import time
@@ -112,6 +113,14 @@ class _Guard:
                 return b"".join(chunks)
 
 
+def model_card(name: str, created: int) -> dict:
+    """The served model as both APIs list it: OpenAI's fields (object, created,
+    owned_by) and Anthropic's (type, display_name, created_at), one card for either client."""
+    when = datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    openai = {"id": name, "object": "model", "created": created, "owned_by": "gemma4-mlx"}
+    return openai | {"type": "model", "display_name": name, "created_at": when}
+
+
 def _replay(body: bytes, receive):
     """An ASGI receive that hands out the already-read `body` once, then the real
     receive's messages (a disconnect)."""
@@ -218,8 +227,15 @@ def app(
 
     @api.get("/v1/models")
     async def models():
-        card = {"id": server.model_name, "object": "model", "created": server.started, "owned_by": "gemma4-mlx"}
-        return {"object": "list", "data": [card]}
+        card = model_card(server.model_name, server.started)
+        return {"object": "list", "data": [card], "has_more": False, "first_id": card["id"], "last_id": card["id"]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != server.model_name:
+            message = f"model {model_id!r} not found: this server serves {server.model_name!r}"
+            raise APIError(404, message, "model", code="model_not_found")
+        return model_card(server.model_name, server.started)
 
     @api.get("/metrics")
     async def metrics():

@@ -12,14 +12,16 @@ from starlette.exceptions import HTTPException
 
 log = logging.getLogger("gemma4_mlx.server")
 
+# OpenAI reports a bad key and an unknown model as invalid requests, told apart by `code`.
 _OPENAI_TYPES = {
     400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
 }
+_OPENAI_CODES = {401: "invalid_api_key"}
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -33,9 +35,10 @@ _ANTHROPIC_TYPES = {
 class APIError(Exception):
     """An HTTP error with a one-line message for the client."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, *, headers: dict | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, *, headers=None, code=None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers or {}
+        self.code = code  # OpenAI's machine-readable `code` (e.g. "model_not_found"), if any
 
 
 def malformed_is_400(build):
@@ -67,19 +70,19 @@ def is_anthropic(path: str) -> bool:
     return path.startswith("/v1/messages")
 
 
-def error_body(path: str, status: int, message: str, param: str | None = None) -> dict:
+def error_body(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     if is_anthropic(path):
         return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
     kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": code or _OPENAI_CODES.get(status)}}
 
 
-def error_response(path: str, status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
-    return JSONResponse(error_body(path, status, message, param), status_code=status, headers=headers)
+def error_response(path: str, status: int, message: str, param=None, headers=None, code=None) -> JSONResponse:
+    return JSONResponse(error_body(path, status, message, param, code), status_code=status, headers=headers)
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(request.url.path, exc.status, exc.message, exc.param, exc.headers)
+    return error_response(request.url.path, exc.status, exc.message, exc.param, exc.headers, exc.code)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
