@@ -31,9 +31,9 @@ from mlx.utils import tree_flatten
 from gemma4_mlx.checkpoint.files import (
     LoadError,
     claim_tensors,
-    kind_of,
     missing_tensors,
     read_safetensors,
+    tensor_mismatch,
     weight_files,
 )
 from gemma4_mlx.checkpoint.keys import sanitize
@@ -158,7 +158,7 @@ def _convert(folder: Path, out: Path, policy: Policy, progress: bool) -> Report:
             f"{folder / 'config.json'}: the source is already quantized; "
             "convert from an unquantized (bf16/fp32) checkpoint"
         )
-    expected = {k: (tuple(v.shape), kind_of(v.dtype)) for k, v in tree_flatten(model.parameters())}
+    expected = dict(tree_flatten(model.parameters()))  # parameters, lazily allocated: shapes and dtypes
     files = _checked(weight_files, folder)
     report = Report(out, policy.recipe, largest_shard=max(f.stat().st_size for f in files))
     names = (
@@ -215,11 +215,9 @@ def _encode_file(f: Path, map_keys, expected: dict, policy: Policy, report: Repo
             continue
         if key not in expected:
             raise ConvertError(f"{f}: unexpected tensor {key} {tuple(w.shape)}")
-        shape, kind = expected[key]
-        if tuple(w.shape) != shape:
-            raise ConvertError(f"{f}: tensor {key} has shape {tuple(w.shape)}, config says {shape}")
-        if kind_of(w.dtype) != kind:
-            raise ConvertError(f"{f}: tensor {key} is {w.dtype}, expected {kind}")
+        mismatch = tensor_mismatch(key, w, expected[key])
+        if mismatch:
+            raise ConvertError(f"{f}: {mismatch}")
         keys.add(key)
         try:
             arrays = _encode(key, w, policy, report)

@@ -112,6 +112,9 @@ def stream_generate(
     prompt_cache: a file `cache_prompt` wrote for this model and kv_bits: the longest
     prefix it shares with this prompt is reused, exactly, and only the rest is
     prefilled; a file made for another model or kv_bits raises `CacheFileError`.
+
+    Everything is checked at the call (prompt, options, constraint, cache file), not
+    at the first `next()`: a plain function that returns the streaming generator.
     """
     # a quantized cache is made here and handed in (plain and speculative decoding
     # both take one); a bad width is refused before anything runs
@@ -129,10 +132,7 @@ def stream_generate(
         )
     media = None if mprompt is None else mprompt.rows(start)
     stats = Stats(prompt_cached=start)
-    detok = tokenizer.detokenizer
-    detok.reset()
-    mx.reset_peak_memory()
-    tokens = generate_ids(
+    tokens = generate_ids(  # lazy: nothing runs before the first next()
         model,
         ids[start:],
         max_tokens=max_tokens,
@@ -145,6 +145,13 @@ def stream_generate(
         media=media,
         cache=cache,
     )
+    return _chunks(tokenizer.detokenizer, tokens, stop, stats)
+
+
+def _chunks(detok, tokens: Iterator[int], stop: set, stats: Stats) -> Iterator[Chunk]:
+    """`stream_generate`'s text chunks of the generated `tokens`, up to a stop id."""
+    detok.reset()
+    mx.reset_peak_memory()
     for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         if tok in stop:

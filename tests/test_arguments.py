@@ -92,6 +92,19 @@ def test_token_id_prompts_are_checked_at_the_call(demo):
     assert len(gemma4_mlx.batch_generate(model, [[2, 5], [2]], max_tokens=2)[1]) == 2
 
 
+def test_stream_generate_checks_at_the_call(demo):
+    """Before anything is iterated, as its docstring promises (it was a generator
+    function, so errors waited for the first next())."""
+    model, tok = demo
+    with pytest.raises(ValueError, match=r"prompt: token id -1"):
+        gemma4_mlx.stream_generate(model, tok, [2, -1])
+    with pytest.raises(ValueError, match=r"temperature"):
+        gemma4_mlx.stream_generate(model, tok, "hi", temperature=-1.0)
+    chunks = list(gemma4_mlx.stream_generate(model, tok, [2, 100, 200], max_tokens=3))
+    text = gemma4_mlx.generate(model, tok, [2, 100, 200], max_tokens=3)
+    assert chunks[-1].finished and "".join(c.text for c in chunks) == text
+
+
 def test_token_ids_as_arrays_are_taken(demo):
     model, tok = demo
     ids = [2, 100, 200, 300]

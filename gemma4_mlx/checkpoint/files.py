@@ -64,6 +64,16 @@ def kind_of(dtype) -> str:
     return "bool" if dtype == mx.bool_ else "integer"
 
 
+def tensor_mismatch(key: str, value: mx.array, param: mx.array) -> str | None:
+    """Why a stored tensor cannot be the parameter `key` (shape, then kind), or None;
+    the loader and the converter put their source in front."""
+    if tuple(value.shape) != tuple(param.shape):
+        return f"tensor {key} has shape {tuple(value.shape)}, config says {tuple(param.shape)}"
+    if kind_of(value.dtype) != kind_of(param.dtype):
+        return f"tensor {key} is {value.dtype}, expected {kind_of(param.dtype)}"
+    return None
+
+
 def claim_tensors(owners: dict, path: Path, names) -> None:
     """Record the shard `path` as holding `names`; LoadError naming both files for a
     tensor stored twice (read one after the other, the later copy silently won)."""

@@ -24,9 +24,9 @@ from gemma4_mlx.checkpoint.files import (
     DTYPES,
     LoadError,
     claim_tensors,
-    kind_of,
     missing_tensors,
     read_safetensors,
+    tensor_mismatch,
     weight_files,
 )
 from gemma4_mlx.checkpoint.hub import resolve_path
@@ -66,12 +66,9 @@ def check_and_assign(model: Model, weights: dict[str, mx.array], source: str) ->
     for key, value in weights.items():
         if key not in expected:
             raise LoadError(f"{source}: unexpected tensor {key} {tuple(value.shape)}")
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise LoadError(
-                f"{source}: tensor {key} has shape {tuple(value.shape)}, config says {tuple(expected[key].shape)}"
-            )
-        if kind_of(value.dtype) != kind_of(expected[key].dtype):
-            raise LoadError(f"{source}: tensor {key} is {value.dtype}, expected {kind_of(expected[key].dtype)}")
+        mismatch = tensor_mismatch(key, value, expected[key])
+        if mismatch:
+            raise LoadError(f"{source}: {mismatch}")
     # Clamp bounds absent from a checkpoint keep their default (+-inf: no clamp).
     missing = [k for k in expected if k not in weights and not k.endswith(CLAMPS)]
     if missing:
