@@ -602,15 +602,15 @@ def grid(name, target, drafter, setup, prompts, costs, log):
     return results, base, all_same
 
 
-def long_grid(name, target, drafter, setup, prompts, log):
-    """Plain, fixed-K and auto runs of `long_tokens` per row for the auto table (no
+def long_grid(name, target, drafter, setup, prompts, log, M=None, ks=None):
+    """Plain, fixed-K and auto runs of M (default `long_tokens`) per row for the auto table (no
     cost model columns: the grid above has them), interleaved: each of the runs goes
     plain, K = 1.., auto in turn and every cell keeps its fastest, so that this
     machine's drift (10-20 % over minutes) falls on all of them alike.  Run one
     after the other, a cell measured in a slow minute made auto look 0.85x the best
     K where interleaved runs of the same cell gave 0.95-1.01x (docs/speculative.md §12.2).
     Returns (speed-ups, plain baselines, auto runs per B, all lossless)."""
-    V, M = target.config.vocab_size, setup["long_tokens"]
+    V, M, ks = target.config.vocab_size, M or setup["long_tokens"], ks or setup["long_ks"]
     log(
         f"Fixed K at {M} tokens per row ({name}), controlled acceptance as in the grid, interleaved with "
         f"plain and auto runs ({max(2, RUNS)} of each); speed-up vs K = 0:"
@@ -622,14 +622,14 @@ def long_grid(name, target, drafter, setup, prompts, log):
         for _ in range(max(2, RUNS)):
             tries.setdefault(0, []).append(run(target, drafter, ps, M, 0))
             ref = tries[0][0][0]
-            for K in setup["long_ks"]:
+            for K in ks:
                 override = controlled(ref, ACCEPT, 2000 * B + K, V)
                 tries.setdefault(K, []).append(run(target, drafter, ps, M, K, override=override))
             tries.setdefault("auto", []).append(_auto_run(target, drafter, ps, M, ref, B, V))
         best = {k: fastest_of(ts) for k, ts in tries.items()}
         base[B] = (best[0][2] / best[0][1], ref)
         cells = []
-        for K in setup["long_ks"]:
+        for K in ks:
             out, dt, n = best[K][:3]
             ok &= out == ref
             results[(B, K)] = n / dt / base[B][0]
@@ -708,6 +708,11 @@ def main():
         help="only the long_tokens table: fixed K, plain and auto interleaved (no cost curves or grid)",
     )
     ap.add_argument(
+        "--short-only",
+        action="store_true",
+        help="only the max_tokens (32 per row) auto table, interleaved as --long-only's (no cost curves or grid)",
+    )
+    ap.add_argument(
         "--batches",
         nargs="+",
         type=int,
@@ -757,7 +762,13 @@ def main():
         run(target, drafter, prompts[:2], 6, 0)
         run(target, drafter, prompts[:2], 6, 3)
         costs = None
-        if not args.long_only:
+        if args.short_only:
+            log("")
+            M, ks = setup["max_tokens"], setup["ks"]
+            short_results, short_base, autos, same = long_grid(name, target, drafter, setup, prompts, log, M, ks)
+            ok &= same
+            ok &= auto_runs(name, target, drafter, setup, prompts, costs, short_results, short_base, log, M, ks, autos)
+        elif not args.long_only:
             log("")
             costs = cost_curves(name, target, drafter, setup, prompts, log)
             if target.config.enable_moe_block and not args.batches:
@@ -769,7 +780,7 @@ def main():
             ok &= same
             M, ks = setup["max_tokens"], setup["ks"]
             ok &= auto_runs(name, target, drafter, setup, prompts, costs, results, base, log, M, ks)
-        if not args.no_long:
+        if not (args.no_long or args.short_only):
             log("")
             long_results, long_base, autos, same = long_grid(name, target, drafter, setup, prompts, log)
             ok &= same
