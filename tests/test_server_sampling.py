@@ -57,6 +57,7 @@ def test_chat_logprobs_streamed_equal_whole(oa):
     assert "".join(e.token for e in entries) == whole.choices[0].message.content
     assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
     assert all(e.top_logprobs[0].token == e.token for e in entries)  # greedy: the most likely
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == whole.choices[0].message.content
     stream = oa.chat.completions.create(
         model=NAME, messages=msgs, temperature=0, logprobs=True, top_logprobs=2, stream=True
     )

@@ -125,22 +125,22 @@ async def collect(handle: RequestHandle, http, metrics) -> Result:
 def chat_logprobs(entries) -> dict:
     """Chat Completions' `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
 
-    def one(text, lp):
-        return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+    def one(text, raw, lp):  # raw: the token's own bytes (part of a character for some tokens)
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
 
-    return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in entries]}
+    return {"content": [{**one(t, raw, lp), "top_logprobs": [one(*a) for a in top]} for t, raw, lp, top in entries]}
 
 
 def completion_logprobs(entries) -> dict:
     """Completions' legacy `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
     offsets, at = [], 0
-    for t, _, _ in entries:
+    for t, *_ in entries:
         offsets.append(at)
         at += len(t)
     return {
-        "tokens": [t for t, _, _ in entries],
-        "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [dict(top) for _, _, top in entries],
+        "tokens": [t for t, *_ in entries],
+        "token_logprobs": [lp for _, _, lp, _ in entries],
+        "top_logprobs": [{text: lp for text, _, lp in top} for *_, top in entries],
         "text_offset": offsets,
     }
 

@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from gemma4_mlx.prompt.parser import Event
+from gemma4_mlx.prompt.token_bytes import token_bytes
 from gemma4_mlx.server.handle import Output, RequestHandle, Usage
 
 
@@ -122,10 +123,15 @@ class Run:
         self.handle.put(Output("event", Event("content", text), logprobs=lps or None))
 
     def _named(self, tok: int, logprob) -> tuple:
-        """(token text, logprob, [(text, logprob) of the top alternatives])."""
-        decode = self.tokenizer.decode
+        """(token text, its bytes, logprob, [(text, bytes, logprob) of the top alternatives])."""
+        decode, tokenizer = self.tokenizer.decode, self.tokenizer
         chosen, top = logprob
-        return decode([tok]), chosen, [(decode([t]), lp) for t, lp in top]
+        return (
+            decode([tok]),
+            token_bytes(tokenizer, tok),
+            chosen,
+            [(decode([t]), token_bytes(tokenizer, t), lp) for t, lp in top],
+        )
 
     def finish(self) -> None:
         self.usage.completion_tokens = len(self.generated)
