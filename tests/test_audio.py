@@ -18,6 +18,7 @@ import gemma4_mlx  # noqa: F401  (loads OpenBLAS before mlx.core)
 
 import math
 import struct
+import time
 import types
 import wave
 from pathlib import Path
@@ -654,3 +655,32 @@ def test_compressed_without_pyav(tmp_path, monkeypatch):
         A.load_audio(tmp_path / "song.flac")
     write_pcm(tmp_path / "ok.wav", make_clip(3200), 16000)
     assert len(A.load_audio(tmp_path / "ok.wav")) == 3200  # WAV never needs PyAV
+
+
+# -- rates and lengths from untrusted headers ------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [1, 999, 384_001, 2_000_000_000])
+def test_header_rate_out_of_range_is_one_line_and_quick(tmp_path, rate):
+    """A 1 Hz WAV of 200 samples took 25 s to resample (x16000); 4 GHz took 1.4 GB."""
+    write_pcm(tmp_path / "odd.wav", make_clip(200), rate, 2)
+    t0 = time.perf_counter()
+    with pytest.raises(A.AudioError, match=rf"odd.wav: sampling rate {rate} Hz is outside the 1000..384000 Hz"):
+        A.load_audio(tmp_path / "odd.wav")
+    with pytest.raises(A.AudioError, match=r"audio array: sampling rate"):
+        A.load_audio(make_clip(200), sampling_rate=rate)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_wav_longer_than_30_s_is_refused_from_its_header(tmp_path, monkeypatch):
+    write_pcm(tmp_path / "long.wav", np.zeros(31 * 8000), 8000, 2)
+    monkeypatch.setattr(A, "_pcm_to_float", lambda *a: pytest.fail("the samples were read"))
+    with pytest.raises(A.AudioError, match=r"long.wav: 31.00 s of audio; Gemma 4 takes at most 30 s"):
+        A.load_audio(tmp_path / "long.wav")
+
+
+def test_compressed_file_at_a_huge_rate_is_refused_while_decoding(tmp_path):
+    """A 15 KB FLAC at 655 kHz decoded and resampled for 18 s and 1.5 GB."""
+    write_encoded(tmp_path / "hi.flac", np.zeros(4096), 655_350, "flac")
+    with pytest.raises(A.AudioError, match=r"hi.flac: .*sampling rate 655350 Hz is outside"):
+        A.load_audio(tmp_path / "hi.flac")

@@ -284,7 +284,7 @@ def read_audio(path: str | os.PathLike, cfg: FeatureConfig | None = None) -> tup
     path = os.fspath(path)
     kind = _file_kind(path)
     if kind in ("wav", "corrupt"):
-        return read_wav(path)
+        return read_wav(path, cfg)
     try:
         got = decode.decode_audio(path, None if cfg is None else cfg.max_samples / cfg.sampling_rate)
     except decode.MissingPyAV:
@@ -300,9 +300,11 @@ def read_audio(path: str | os.PathLike, cfg: FeatureConfig | None = None) -> tup
     return got.samples, got.rate
 
 
-def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
+def read_wav(path: str | os.PathLike, cfg: FeatureConfig | None = None) -> tuple[np.ndarray, int]:
     """Decode a WAV file -> (mono float32 waveform in [-1, 1], sampling rate).
-    Other formats are refused here; `read_audio` / `load_audio` decode them."""
+    Other formats are refused here; `read_audio` / `load_audio` decode them.  The
+    header's rate must be in `decode.AUDIO_RATES`; with `cfg`, a file longer than its
+    30 s is refused from the header, before its samples are read."""
     path = os.fspath(path)
     kind = _file_kind(path)
     if kind == "corrupt":
@@ -317,12 +319,14 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
         try:
             with wave.open(path, "rb") as w:
                 ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+                _check_wav_header(path, rate, n, cfg)
                 data = w.readframes(n)
             fmt = 1
         except wave.Error as e:
             if "unknown format" not in str(e):
                 raise
             fmt, ch, width, rate, data, n = _read_riff(path)  # IEEE float / EXTENSIBLE
+            _check_wav_header(path, rate, n, cfg)
     except AudioError:
         raise
     except (wave.Error, EOFError, struct.error, RuntimeError, ValueError, OSError) as e:  # wave's own failures
@@ -330,6 +334,15 @@ def read_wav(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     if len(data) < n * ch * width:
         raise AudioError(f"{path}: corrupt WAV file (data chunk truncated: {len(data)} of {n * ch * width} bytes)")
     return _pcm_to_float(data[: n * ch * width], fmt, width, ch, path), rate
+
+
+def _check_wav_header(path: str, rate: int, frames: int, cfg: FeatureConfig | None) -> None:
+    try:
+        decode.check_rate(rate)
+    except decode.DecodeError as e:
+        raise AudioError(f"{path}: {e}") from None
+    if cfg is not None and frames * cfg.sampling_rate > cfg.max_samples * rate:
+        raise _too_long(path, frames / rate, cfg)
 
 
 def _read_riff(path: str):
@@ -407,15 +420,15 @@ def resample(
     pad = len(taps) + 1
     xp = np.pad(x, (pad, pad))
     out = np.empty(n_out, dtype=np.float64)
+    # One kernel row per output phase, built once (at most `up` rows: 160 for 44.1 kHz)
+    tau = np.arange(up)[:, None] / up - taps[None, :]  # t_n - k, in input samples
+    u = np.clip(tau / half, -1.0, 1.0)
+    kern = fc * np.sinc(fc * tau) * np.i0(beta * np.sqrt(1.0 - u * u)) / np.i0(beta)
+    kern[np.abs(tau) >= half] = 0.0
     for a in range(0, n_out, 16384):
         n = np.arange(a, min(n_out, a + 16384), dtype=np.int64)
         base, phase = (n * down) // up, (n * down) % up
-        uniq, inv = np.unique(phase, return_inverse=True)
-        tau = uniq[:, None] / up - taps[None, :]  # t_n - k, in input samples
-        u = np.clip(tau / half, -1.0, 1.0)
-        kern = fc * np.sinc(fc * tau) * np.i0(beta * np.sqrt(1.0 - u * u)) / np.i0(beta)
-        kern[np.abs(tau) >= half] = 0.0
-        out[a : a + len(n)] = np.einsum("nk,nk->n", kern[inv], xp[base[:, None] + taps[None, :] + pad])
+        out[a : a + len(n)] = np.einsum("nk,nk->n", kern[phase], xp[base[:, None] + taps[None, :] + pad])
     return out.astype(np.float32)
 
 
@@ -444,6 +457,12 @@ def load_audio(source, sampling_rate: int | None = None, cfg: FeatureConfig = Fe
             raise AudioError(f"{name}: waveform contains NaN or infinite samples")
     if len(x) == 0:
         raise AudioError(f"{name}: empty audio (0 samples)")
+    try:
+        decode.check_rate(rate)
+    except decode.DecodeError as e:
+        raise AudioError(f"{name}: {e}") from None
+    if len(x) * cfg.sampling_rate > cfg.max_samples * rate:  # before resampling, which costs in proportion
+        raise _too_long(name, len(x) / rate, cfg)
     x = resample(x, int(rate), cfg.sampling_rate)
     if len(x) > cfg.max_samples:
         raise _too_long(name, len(x) / cfg.sampling_rate, cfg)
