@@ -7,8 +7,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import struct
 import threading
 import time
+import zlib
 from types import SimpleNamespace
 
 import anthropic
@@ -57,6 +59,16 @@ def _png() -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _declared_huge_png() -> str:
+    """A 4x4 PNG whose header says 12000x12000 (1.4 GB decoded, from a few hundred bytes)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", 12000, 12000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return "data:image/png;base64," + base64.b64encode(bytes(data)).decode()
+
+
 def _image_message(url: str) -> list[dict]:
     return [
         {
@@ -73,6 +85,7 @@ def _image_message(url: str) -> list[dict]:
         ([{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}], "system message"),
         (_image_message("data:image/png;base64,aGVsbG8gd29ybGQ="), "undecodable image"),
         (_image_message("data:image/png;base64,@@@"), "not valid base64"),
+        (_image_message(_declared_huge_png()), "12000x12000 pixels is over the 89478485 pixel limit"),
         (_image_message("https://example.com/cat.png"), "not fetched"),
         (_image_message("/etc/hosts"), "local files are not allowed"),
         (_image_message(_png()), "no vision tower"),  # the demo model is text-only

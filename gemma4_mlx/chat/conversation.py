@@ -10,11 +10,13 @@ a new prompt).
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Sequence
 
 from gemma4_mlx.media.audio import load_audio
+from gemma4_mlx.media.image import decode_image
 from gemma4_mlx.media.prepare import as_media, media_items, processor_for
 from gemma4_mlx.prompt.template import STOP_STRINGS, render, render_with_checkpoint_template
 from gemma4_mlx.prompt.tokens import PromptCodec
@@ -71,6 +73,12 @@ def audio_from_bytes(data: bytes, fmt: str):
         return load_audio(path)
     finally:
         os.unlink(path)
+
+
+def image_from_bytes(data: bytes, name: str, max_pixels: int | None = None):
+    """An upright RGB PIL image from an encoded one (PNG, JPEG, ...), as a file path
+    would be read (`media.image.decode_image`); ValueError (one line) naming `name`."""
+    return decode_image(io.BytesIO(data), name, max_pixels)
 
 
 def encode_conversation(model, codec: PromptCodec, prompt: str, media: Sequence = ()):

@@ -70,20 +70,28 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise ValueError(f"image file not found: {name}")
+    return decode_image(name, f"image file {name}")
+
+
+def decode_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
+    """An encoded image (a path or a binary file object) as upright RGB, as `load_image`.
+    Images over `max_pixels` (default PIL's limit, ~89M) are refused from the header,
+    before decoding; any failure is one ValueError line "cannot read {name}: ..."."""
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
     try:
-        with Image.open(name) as f:
+        with Image.open(source) as f:
             # PIL only warns between its limit and twice it (~89M-179M pixels: up to
             # ~0.5 GB decoded); no Gemma image needs that many, so refuse before decoding
-            if f.width * f.height > Image.MAX_IMAGE_PIXELS:
+            if f.width * f.height > limit:
                 raise ValueError(
-                    f"{f.width}x{f.height} pixels is over the {Image.MAX_IMAGE_PIXELS} pixel limit "
+                    f"{f.width}x{f.height} pixels is over the {limit} pixel limit "
                     "(a decompression bomb, or far more detail than the model sees); downscale it"
                 )
             f.load()  # decode now: truncated or corrupt data fails here, not later
             return ImageOps.exif_transpose(f).convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, struct/zlib errors, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot read image file {name}: {reason}") from None
+        raise ValueError(f"cannot read {name}: {reason}") from None
 
 
 def _array_to_rgb(a: np.ndarray) -> np.ndarray:

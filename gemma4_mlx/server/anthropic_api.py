@@ -29,13 +29,15 @@ def _blocks_text(content, where: str) -> str:
     return "\n".join(out)
 
 
-def _image(block: dict, where: str, prompter):
+def _image(block: dict, where: str, prompter, media: list) -> None:
     src = block.get("source") or {}
     if src.get("type") == "base64":
-        return prompter.image(f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}", where)
-    if src.get("type") == "url":
-        return prompter.image(src.get("url", ""), where)
-    raise APIError(400, f"{where}: unsupported image source {src.get('type')!r}")
+        url = f"data:{src.get('media_type', 'image/png')};base64,{src.get('data', '')}"
+    elif src.get("type") == "url":
+        url = src.get("url", "")
+    else:
+        raise APIError(400, f"{where}: unsupported image source {src.get('type')!r}")
+    prompter.add_image(media, url, where)
 
 
 def _assistant(blocks: list, where: str) -> dict:
@@ -73,7 +75,7 @@ def _user(blocks: list, where: str, prompter, media: list, names: dict) -> list[
         elif kind == "text":
             parts.append({"type": "text", "text": text_field(b, where)})
         elif kind == "image":
-            media.append(("image", _image(b, f"{where}[{j}]", prompter)))
+            _image(b, f"{where}[{j}]", prompter, media)
             parts.append({"type": "image"})
         else:
             raise APIError(400, f"{where}[{j}]: unsupported block type {kind!r} in a user message")

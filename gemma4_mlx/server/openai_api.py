@@ -52,10 +52,10 @@ def _user_content(content, where: str, prompter, media: list):
             url = ref.get("url") if isinstance(ref, dict) else ref
             if not isinstance(url, str):
                 raise APIError(400, f"{where}.content[{j}].image_url: no url", param="messages")
-            media.append(("image", prompter.image(url, f"{where}.content[{j}]")))
+            prompter.add_image(media, url, f"{where}.content[{j}]")
             parts.append({"type": "image"})
         elif kind == "input_audio":
-            media.append(("audio", prompter.audio(p, f"{where}.content[{j}]")))
+            prompter.add_audio(media, p, f"{where}.content[{j}]")
             parts.append({"type": "audio"})
         else:
             raise APIError(400, f"{where}.content[{j}]: unsupported content part type {kind!r}", param="messages")

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from gemma4_mlx.api import SamplingOptions
 from gemma4_mlx.chat.conversation import (
     audio_from_bytes,
     encode_conversation,
+    image_from_bytes,
     prepare_in_order,
     render_conversation,
     stop_ids,
@@ -92,6 +92,14 @@ def select_tools(tools: list[dict] | None, choice) -> list[dict] | None:
     return tools
 
 
+# Media per request.  A 13 KB PNG can declare 9000x9000 pixels (243 MB decoded) and the
+# body limit allows thousands of them: images are refused from their headers once a
+# request's decoded pixels would pass MAX_REQUEST_PIXELS (~0.8 GB as RGB; a Gemma 4 image
+# is resized to at most ~2.6 M pixels anyway).
+MAX_MEDIA = 256
+MAX_REQUEST_PIXELS = 1 << 28
+
+
 class Prompter:
     """Builds engine requests for one model."""
 
@@ -102,8 +110,25 @@ class Prompter:
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 131072
         self.allow_local_files = allow_local_files
 
-    # -- images --------------------------------------------------------------------
-    def image(self, url: str, where: str) -> Image.Image:
+    # -- media -----------------------------------------------------------------------
+    def add_image(self, media: list, url: str, where: str) -> None:
+        """Decode an image part into the request's `media`, within its budget: at most
+        MAX_MEDIA items and MAX_REQUEST_PIXELS decoded pixels per request, each image
+        refused from its header before decoding (small files can declare huge images)."""
+        self._room(media, where)
+        used = sum(m.width * m.height for kind, m in media if kind == "image")
+        media.append(("image", self.image(url, where, MAX_REQUEST_PIXELS - used)))
+
+    def add_audio(self, media: list, part: dict, where: str) -> None:
+        self._room(media, where)
+        media.append(("audio", self.audio(part, where)))
+
+    @staticmethod
+    def _room(media: list, where: str) -> None:
+        if len(media) >= MAX_MEDIA:
+            raise APIError(400, f"{where}: more than {MAX_MEDIA} images and audio clips in one request", "messages")
+
+    def image(self, url: str, where: str, max_pixels: int | None = None) -> Image.Image:
         """A PIL image from a `data:` URI or, with allow_local_files, a local path."""
         if url.startswith(("http://", "https://")):
             raise APIError(400, f"{where}: image URLs are not fetched; send the image as a data: URI", param=where)
@@ -113,13 +138,13 @@ class Prompter:
                 data = base64.b64decode(payload, validate=True) if head.endswith(";base64") else payload.encode()
             except (binascii.Error, ValueError):
                 raise APIError(400, f"{where}: the data: URI is not valid base64", param=where) from None
-            return self.decode_image(data, where)
+            return self.decode_image(data, where, max_pixels)
         if not self.allow_local_files:
             raise APIError(400, f"{where}: local files are not allowed (start the server with --allow-local-files)")
         path = Path(url.removeprefix("file://"))
         if not path.is_file():
             raise APIError(400, f"{where}: no such file: {path}", param=where)
-        return self.decode_image(path.read_bytes(), where)
+        return self.decode_image(path.read_bytes(), where, max_pixels)
 
     @staticmethod
     def audio(part: dict, where: str):
@@ -140,13 +165,13 @@ class Prompter:
             raise APIError(400, f"{where}: undecodable audio ({fmt}): {_line(e).split(': ')[-1]}") from None
 
     @staticmethod
-    def decode_image(data: bytes, where: str) -> Image.Image:
+    def decode_image(data: bytes, where: str, max_pixels: int | None = None) -> Image.Image:
         try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            return img.convert("RGB")
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
-            raise APIError(400, f"{where}: undecodable image ({type(e).__name__})", param=where) from None
+            return image_from_bytes(data, "the image", max_pixels)
+        except ValueError as e:  # one line: "cannot read the image: <why>"
+            raise APIError(
+                400, f"{where}: undecodable image ({_line(e).removeprefix('cannot read the image: ')})", where
+            ) from None
 
     # -- requests ------------------------------------------------------------------
     @staticmethod
