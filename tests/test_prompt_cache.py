@@ -424,3 +424,50 @@ def test_media_keys_decide_what_a_prompt_cache_serves(multimodal, tmp_path):
         text, stats = run("look closely, then describe", seed, prompt_cache=file)
         assert stats.prompt_cached >= reused and (seed == 1 or stats.prompt_cached == reused), (seed, stats)
         assert text == run("look closely, then describe", seed)[0]
+
+
+def _raw_safetensors(path, header: dict, data: bytes) -> None:
+    """A safetensors file written byte for byte (headers MLX's writer would not make)."""
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_crafted_files_are_refused_in_one_line(pairs, tmp_path):
+    """Reviews found these escaping as tracebacks or loading silently: a tensor of
+    negative shape (MLX takes it: the byte count matches), metadata that is not a
+    string or is 100,000 levels deep, K/V of another dtype than the model's, token ids
+    outside the vocabulary (the checksum covers tensors, not metadata)."""
+    model, _ = pairs["dense"]
+    ids = random_ids(W + 3, seed=5)
+    good = tmp_path / "good.kv"
+    save_prompt_cache(good, model, filled(model, ids, None), ids)
+    tensors, meta = disk.read(good)
+
+    def refused(path, match):
+        with pytest.raises(CacheFileError, match=match) as e:
+            load_prompt_cache(path, model)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+    neg = tmp_path / "neg.kv"
+    _raw_safetensors(
+        neg,
+        {"__metadata__": meta, "layers.0.keys": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}},
+        bytes(16),
+    )
+    refused(neg, r"malformed tensor layers.0.keys \(shape \[-1, -4\]\)")
+    odd = tmp_path / "odd.kv"
+    _raw_safetensors(odd, {"__metadata__": {**meta, "extra": {"chat": 1}}}, b"")
+    with pytest.raises(CacheFileError, match="extra is not a string|unreadable"):
+        disk.read_metadata(odd)
+
+    def resaved(name, tensors=tensors, **edits):
+        path = tmp_path / f"{name}.safetensors"
+        mx.save_safetensors(str(path), tensors, metadata={**meta, **edits, "checksum": disk._checksum(tensors)})
+        return path
+
+    refused(resaved("deep", extra="[" * 100_000), r"malformed cache metadata \(extra\)")
+    half = {n: t.astype(mx.float16) for n, t in tensors.items()}
+    refused(resaved("half", half, dtype="float16"), "K/V stored as float16 for a float32 model")
+    vocab = model.config.vocab_size
+    refused(resaved("vocab", tokens=json.dumps([*ids[:-1], vocab])), rf"malformed cache metadata \(token {vocab}\)")
+    assert load_prompt_cache(resaved("same"), model).keys == list(ids)  # the untouched file loads

@@ -115,11 +115,18 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             if not 2 <= n <= min(MAX_HEADER, path.stat().st_size - 8):
                 raise ValueError(f"header length {n}")
             meta = json.loads(f.read(n)).get("__metadata__", {})
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError, AttributeError, RecursionError) as e:
         raise CacheFileError(f"{path}: unreadable or truncated cache file ({' '.join(str(e).split())})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CacheFileError(f"{path}: not a gemma4-mlx KV cache file (no format tag {FORMAT!r})")
+    _check_strings(path, meta)
     return meta
+
+
+def _check_strings(path, meta: dict) -> None:
+    """Safetensors metadata maps strings to strings; a crafted header may not."""
+    if bad := next((k for k, v in meta.items() if not isinstance(v, str)), None):
+        raise CacheFileError(f"{path}: malformed cache metadata ({bad} is not a string)")
 
 
 def read(path: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
@@ -135,7 +142,14 @@ def read(path: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
         raise CacheFileError(f"{path}: not a gemma4-mlx KV cache file (no format tag {FORMAT!r})")
     if meta.get("version") != VERSION:
         raise CacheFileError(f"{path}: cache file version {meta.get('version')!r}, this gemma4-mlx reads {VERSION}")
-    if _checksum(tensors) != meta.get("checksum"):
+    _check_strings(path, meta)
+    if bad := next((n for n, t in tensors.items() if any(d < 0 for d in t.shape)), None):
+        raise CacheFileError(f"{path}: malformed tensor {bad} (shape {list(tensors[bad].shape)})")
+    try:
+        intact = _checksum(tensors) == meta.get("checksum")
+    except (RuntimeError, ValueError, OSError) as e:  # the tensors' bytes are read here
+        raise CacheFileError(f"{path}: unreadable or truncated cache file ({' '.join(str(e).split())})") from None
+    if not intact:
         raise CacheFileError(f"{path}: corrupt cache file (its tensors do not match their checksum)")
     return tensors, meta
 
@@ -153,8 +167,10 @@ def restore(
     try:
         layers = json.loads(meta["layers"])
         dtype = _FLOATS[meta["dtype"]]
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, RecursionError):
         raise CacheFileError(f"{path}: malformed cache metadata (layers / dtype)") from None
+    if _FLOATS.get(meta.get("model_dtype"), dtype) != dtype:  # K/V are stored in the model's dtype
+        raise CacheFileError(f"{path}: K/V stored as {meta['dtype']} for a {meta['model_dtype']} model")
     bits = {c.kv_bits or 16 for c in into.writers()}
     if meta.get("kv_bits") != str(min(bits)) or len(bits) != 1:
         raise CacheFileError(f"{path}: its KV cache is {meta.get('kv_bits')}-bit, these caches are {min(bits)}-bit")

@@ -91,7 +91,7 @@ def load_prompt_cache(
     if meta.get("kv_bits") != str(want):
         have = meta.get("kv_bits")
         raise CacheFileError(f"{path}: its KV cache is {have}-bit, this run uses {want}-bit (--kv-bits {have})")
-    keys, extra = _keys(path, meta), _json(path, meta, "extra", dict)
+    keys, extra = _keys(path, meta, model.config.vocab_size), _json(path, meta, "extra", dict)
     cache = model.make_cache(max_rollback=max_rollback, kv_bits=kv_bits)
     shapes = [None if s.shared else (s.kv_heads, s.head_dim) for s in model.config.layers]
     disk.restore(path, tensors, meta, cache, shapes)
@@ -103,18 +103,18 @@ def load_prompt_cache(
 def _json(path, meta: dict, name: str, kind: type):
     try:
         value = json.loads(meta[name])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError, RecursionError):
         raise CacheFileError(f"{path}: malformed cache metadata ({name})") from None
     if not isinstance(value, kind):
         raise CacheFileError(f"{path}: malformed cache metadata ({name} is not a {kind.__name__})")
     return value
 
 
-def _keys(path, meta: dict) -> list:
+def _keys(path, meta: dict, vocab_size: int) -> list:
     """The cached slots' keys: token ids, and (content hash, run, index) at media."""
     keys = []
     for k in _json(path, meta, "tokens", list):
-        if isinstance(k, int) and not isinstance(k, bool) and k >= 0:
+        if isinstance(k, int) and not isinstance(k, bool) and 0 <= k < vocab_size:
             keys.append(k)
         elif (
             isinstance(k, list)
