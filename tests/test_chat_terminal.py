@@ -113,7 +113,7 @@ def one_shot(*args, stdin=None):
 def test_line_editor_edits_recalls_pastes_and_completes(tmp_path):
     history = tmp_path / "history"
     target = tmp_path / "conversation_target.json"
-    target.write_text("{}")
+    target.write_text('{"messages": []}')  # an earlier save (a file that is not a chat is not overwritten)
     child = spawn(history)
     keys(child, "What is the capital of Frace?", LEFT * 3, "n", "\r")  # Left arrows fix the typo
     answer(child)
@@ -205,6 +205,10 @@ def test_load_tools_names_function_and_parameter(tmp_path):
     ok = tmp_path / "ok.py"
     ok.write_text(TOOLS)
     assert [f.__name__ for f in load_tools(str(ok))] == ["get_weather"]
+    text = tmp_path / "tools.txt"  # Python has no loader for the suffix: was an AttributeError
+    text.write_text(TOOLS)
+    with pytest.raises(ValueError, match=r"tools.txt: not a Python file"):
+        load_tools(str(text))
 
 
 # -- item 5: every tool call's outcome, in --json and on screen --------------------

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from gemma4_mlx.chat.saved import read_chat
+from gemma4_mlx.chat.saved import read_chat, save_chat
+from gemma4_mlx.prompt.template import tool_result_content
 
 
 def test_saved_chat_with_image_url_parts_is_refused(tmp_path):
@@ -34,3 +35,26 @@ def test_saved_chat_with_malformed_messages_is_refused(tmp_path, message, field)
     path.write_text(json.dumps({"system": None, "messages": [message]}))
     with pytest.raises(ValueError, match=rf"chat\.json: malformed saved chat \({field}"):
         read_chat(path, None, None, None)
+
+
+def test_saving_over_a_file_that_is_not_a_chat_is_refused(tmp_path):
+    """`/save notes.txt` replaced the user's notes with chat JSON, silently."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my precious notes")
+    data = {"system": None, "thinking": False, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValueError, match=r"notes.txt: exists and is not a saved chat; not overwritten"):
+        save_chat(notes, data)
+    assert notes.read_text() == "my precious notes"
+    chat = tmp_path / "chat.json"
+    save_chat(chat, data)
+    save_chat(chat, dict(data, messages=[*data["messages"], {"role": "assistant", "content": "hello"}]))
+    assert len(read_chat(chat, None, None, None).data["messages"]) == 2  # a chat is replaced, as before
+
+
+def test_tool_results_json_cannot_hold_are_written_as_text():
+    """A tool returning {("paris", "today"): "sunny"} crashed the chat (json.dumps)."""
+    assert tool_result_content({("paris", "today"): "sunny"}) == "{('paris', 'today'): 'sunny'}"
+    loop = []
+    loop.append(loop)
+    assert tool_result_content(loop) == "[[...]]"
+    assert tool_result_content({"ok": 1}) == '{"ok": 1}'

@@ -21,6 +21,7 @@ from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.cache.disk import read_metadata
 from gemma4_mlx.checkpoint.prompt_cache import CacheFileError, load_prompt_cache, save_prompt_cache
 
+MAX_JSON_CHAT_BYTES = 256 << 20  # a larger file is not a JSON chat we wrote: never read whole to check
 MEDIA_PARTS = ("image", "image_url", "audio", "input_audio", "video")  # every part a template renders as media
 
 
@@ -44,10 +45,29 @@ def save_chat(path: str | Path, data: dict, model=None, cache=None, keys=None) -
     """`data` as JSON, or with `cache` (holding `keys`) as a prompt-cache file."""
     path = Path(path)
     _check_no_media(path, data["messages"], "cannot save")
+    if path.exists() and not _holds_a_chat(path):
+        raise ValueError(f"{path}: exists and is not a saved chat; not overwritten (remove it or pick another name)")
     if cache is None:
         _write_atomically(path, json.dumps(data, indent=1, ensure_ascii=False, default=str))
         return
     save_prompt_cache(path, model, cache, keys, extra={"chat": data})
+
+
+def _holds_a_chat(path: Path) -> bool:
+    """Whether `path` is a chat this module saved (JSON or a cache file), so that
+    saving over it loses nothing the user did not ask to replace."""
+    try:
+        if not path.is_file():
+            return False
+        if is_cache_file(path):
+            extra = json.loads(read_metadata(path).get("extra", "{}"))
+            return isinstance(extra, dict) and isinstance(extra.get("chat"), dict)
+        if path.stat().st_size > MAX_JSON_CHAT_BYTES:
+            return False
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, CacheFileError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("messages"), list)
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -21,6 +21,8 @@ def load_tools(path: str) -> list:
     if not file.is_file():
         raise ValueError(f"{path}: no such tools file")
     spec = importlib.util.spec_from_file_location(file.stem, file)
+    if spec is None:  # a suffix Python cannot import (.txt, none)
+        raise ValueError(f"{path}: not a Python file (a tools file is a .py module)")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

@@ -195,7 +195,10 @@ def tool_result_content(value) -> str | list:
         return value
     if _is_content_parts(value) and all(p.get("type") == "text" for p in value):
         return [dict(p) for p in value]
-    return json.dumps(value, ensure_ascii=False, default=str)
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError):  # non-string keys, cycles, deep nesting
+        return repr(value)
 
 
 def normalize_messages(messages) -> list[dict]:
