@@ -108,3 +108,26 @@ def test_uncompilable_schema_is_a_400(oa):
     assert e.value.body["param"] == "response_format"
     with pytest.raises(openai.BadRequestError):
         oa.chat.completions.create(model=NAME, messages=JAPAN, response_format={"type": "yaml"})
+
+
+def test_malformed_tool_declarations_are_a_400(oa):
+    """A string for `parameters` crashed the chat template (a 500); a strict tool's bad
+    maxLength escaped the grammar writer as a TypeError (a 500)."""
+    for tool, says in (
+        ({"type": "function", "function": {"name": "f", "parameters": "x"}}, "tools[0].parameters: expected an object"),
+        ({"type": "function", "function": {"parameters": {}}}, "tools[0]: expected a function with a name"),
+        (
+            {
+                "type": "function",
+                "function": {
+                    "name": "f",
+                    "strict": True,
+                    "parameters": {"type": "object", "properties": {"x": {"type": "string", "maxLength": [1]}}},
+                },
+            },
+            "maxLength: expected an integer",
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.chat.completions.create(model=NAME, messages=JAPAN, tools=[tool])
+        assert says in e.value.body["message"], e.value.body

@@ -138,3 +138,47 @@ def test_tool_schemas_the_grammar_cannot_enforce_are_refused(demo):
     bad = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}
     with pytest.raises(ConstraintError, match=r"tools.f.parameters.x: strict tool calls cannot enforce \['pattern'\]"):
         tool_call_grammar([bad], tok.convert_tokens_to_ids)
+
+
+def _fn(parameters, name="f") -> dict:
+    return {"name": name, "parameters": parameters}
+
+
+def _obj(x: dict, **kw) -> dict:
+    return {"type": "object", "properties": {"x": x}, **kw}
+
+
+@pytest.mark.parametrize(
+    ("tool", "says"),
+    [  # each escaped as a TypeError / ValueError / OverflowError (a 500 over HTTP) or compiled wrongly
+        (_fn(_obj({"type": "string", "maxLength": "abc"})), r"tools.f.parameters.x.maxLength: expected an integer"),
+        (_fn(_obj({"type": "string", "maxLength": [1]})), r"x.maxLength: expected an integer"),
+        (_fn(_obj({"type": "string", "maxLength": float("inf")})), r"x.maxLength: expected an integer"),
+        (_fn(_obj({"enum": None})), r"tools.f.parameters.x.enum: expected a non-empty list"),
+        (_fn(_obj({"enum": []})), r"x.enum: expected a non-empty list"),
+        (_fn(_obj({"enum": "abc"})), r"x.enum: expected a non-empty list"),  # was the alternatives a, b, c
+        (_fn(_obj({"type": "string"}, required=[{}])), r"tools.f.parameters.required: expected a list of names"),
+        (_fn(_obj({"type": "string"}, required=["y"])), r"required: expected a list of names from properties"),
+        (_fn({"type": "object", "properties": ["x"]}), r"tools.f.parameters.properties: expected an object"),
+        (_fn("x"), r"tools.f.parameters: expected an object"),
+        (_fn(_obj({"type": "string"}), name="get weather"), r"'get weather' is not a name a tool call can carry"),
+    ],
+)
+def test_malformed_strict_tool_schemas_are_one_line(demo, tool, says):
+    _, tok = demo
+    with pytest.raises(ConstraintError, match=says):
+        tool_call_grammar([tool], tok.convert_tokens_to_ids)
+
+
+def test_strict_text_answers_cannot_spell_a_bare_call(demo):
+    """The free-text branch took `call:get_weather{city:12345,evil:"x"}` as text, which the
+    parser then read as a call (a bare call, docs/chat-format.md §10 #1) no schema checked."""
+    model, tok = demo
+    stops = sorted(set(model.config.eos_ids))
+    c = bind(tool_call_grammar([get_weather], tok.convert_tokens_to_ids), tok, model.config.vocab_size, stops)
+    for text in ('call:get_weather{city:12345,evil:"x"}', "  call:get_weather{city:1}", "call:x"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert c.valid_prefix(ids) < len(ids), text
+    for text in ("It is sunny.", "calling you later", "cal", "  c", "\n"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert c.valid_prefix(ids) == len(ids), text

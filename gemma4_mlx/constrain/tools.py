@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 
 from gemma4_mlx.constrain.grammar import ConstraintError, Grammar, lark
+from gemma4_mlx.prompt.arguments import _NAME
 from gemma4_mlx.prompt.tool_schema import tool_schema
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -26,6 +27,11 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KNOWN = {"type", "enum", "items", "properties", "required", "nullable", "maxLength", "description", "title", "default"}
 _NUMBER = r"/-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/"
 _INTEGER = r"/-?(0|[1-9][0-9]*)/"
+MAX_STRING = 1 << 20  # maxLength the grammar engine is asked to count to
+# A text answer: anything that does not begin (after whitespace) with "call:", which the
+# parser reads as a call written without its <|tool_call> token (docs/chat-format.md
+# §10 #1): such a "text" would be a call whose arguments no schema checked.
+TEXT = r"TEXT: /(?s:\s*([^\sc].*|c([^a].*)?|ca([^l].*)?|cal([^l].*)?|call([^:].*)?)|\s+)/"
 
 
 def _lit(s: str) -> str:
@@ -67,13 +73,15 @@ class _Writer:
                 raise ConstraintError(f"{where}: strict tool calls cannot enforce a union of types {rest}")
             kind = rest[0] if rest else None
         if "enum" in schema:
+            if not isinstance(schema["enum"], list) or not schema["enum"]:
+                raise ConstraintError(f"{where}.enum: expected a non-empty list")
             alts = [
                 f"<[{self.q}]> {_lit(v)} <[{self.q}]>" if isinstance(v, str) else _lit(json.dumps(v))
                 for v in schema["enum"]
             ]
             body = " | ".join(alts)
         elif kind == "string":
-            body = self.string(schema.get("maxLength"))
+            body = self.string(_max_length(schema.get("maxLength"), where))
         elif kind == "integer":
             body = _INTEGER
         elif kind == "number":
@@ -93,8 +101,12 @@ class _Writer:
 
     def members(self, schema: Mapping, where: str) -> str:
         """key:value pairs in the template's order; optional ones may be left out."""
-        props, required = schema.get("properties") or {}, set(schema.get("required") or [])
-        keys = sorted(props, key=str.lower)
+        props, required = schema.get("properties") or {}, schema.get("required") or []
+        if not isinstance(props, Mapping) or not all(isinstance(k, str) for k in props):
+            raise ConstraintError(f"{where}.properties: expected an object of parameter schemas")
+        if not isinstance(required, list) or not all(isinstance(k, str) and k in props for k in required):
+            raise ConstraintError(f"{where}.required: expected a list of names from properties")
+        required, keys = set(required), sorted(props, key=str.lower)
         pairs = []
         for k in keys:
             key = _lit(k + ":") if _IDENT.match(k) else f'<[{self.q}]> {_lit(k)} <[{self.q}]> ":"'
@@ -123,6 +135,14 @@ class _Writer:
         return "anymap"
 
 
+def _max_length(value, where: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STRING:
+        raise ConstraintError(f"{where}.maxLength: expected an integer from 0 to {MAX_STRING}, got {value!r}")
+    return value
+
+
 def _declarations(tools: Sequence) -> list[dict]:
     out = []
     for t in tools:
@@ -130,6 +150,10 @@ def _declarations(tools: Sequence) -> list[dict]:
         fn = t.get("function", t) if isinstance(t, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
             raise ConstraintError("tools: each tool needs a function name")
+        if not re.fullmatch(_NAME, fn["name"]):  # the parser would read another name back
+            raise ConstraintError(f"tools: {fn['name']!r} is not a name a tool call can carry")
+        if not isinstance(fn.get("parameters") or {}, Mapping):
+            raise ConstraintError(f"tools.{fn['name']}.parameters: expected an object (a JSON schema)")
         out.append(fn)
     if not out:
         raise ConstraintError("tools: strict tool calls need at least one declared tool")
@@ -158,7 +182,7 @@ def tool_call_grammar(
         calls.append(w.rule(f'{_lit(fn["name"])} "{{" {members} "}}"'))
     head = [
         "start: call+" if require_call else "start: TEXT | call+",
-        "TEXT: /(?s:.+)/",
+        TEXT,
         f'call: <[{w.open}]> "call:" ({" | ".join(calls)}) <[{w.close}]>',
     ]
     return lark("\n".join(head + w.rules), what="tools")

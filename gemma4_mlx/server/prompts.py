@@ -81,6 +81,12 @@ def select_tools(tools: list[dict] | None, choice) -> list[dict] | None:
     function: only that one); `Prompter.constraint` enforces required / named."""
     if not tools or choice == "none":
         return None
+    for i, t in enumerate(tools):  # what the template reads of a declaration (a string crashed it: a 500)
+        fn = (t.get("function") or t) if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise APIError(400, f"tools[{i}]: expected a function with a name", param="tools")
+        if not isinstance(fn.get("parameters") or {}, dict):
+            raise APIError(400, f"tools[{i}].parameters: expected an object (a JSON schema)", param="tools")
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") or choice.get("name")
         picked = [t for t in tools if (t.get("function") or t).get("name") == name]
