@@ -131,3 +131,20 @@ def test_malformed_tool_declarations_are_a_400(oa):
         with pytest.raises(openai.BadRequestError) as e:
             oa.chat.completions.create(model=NAME, messages=JAPAN, tools=[tool])
         assert says in e.value.body["message"], e.value.body
+
+
+def test_grammar_engine_failures_are_a_400_not_a_finished_answer(oa):
+    """A `$ref` loop fails at the engine's first mask (now before anything runs); a
+    pattern past the engine's limits failed only mid-output, and the reply used to end
+    as a normal "stop" with broken JSON."""
+    loop = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=NAME, messages=JAPAN, response_format=loop)
+    assert e.value.body["param"] == "response_format"
+    code = {"type": "string", "pattern": "^(ab{1000}){1000}$"}
+    schema = {"type": "object", "properties": {"code": code}, "required": ["code"]}
+    huge = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=NAME, messages=JAPAN, response_format=huge, max_tokens=40)
+    assert "the output grammar failed while decoding" in e.value.body["message"], e.value.body
+    assert oa.chat.completions.create(model=NAME, messages=JAPAN, max_tokens=8).choices[0].message.content

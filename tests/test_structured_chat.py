@@ -182,3 +182,18 @@ def test_strict_text_answers_cannot_spell_a_bare_call(demo):
     for text in ("It is sunny.", "calling you later", "cal", "  c", "\n"):
         ids = tok.encode(text, add_special_tokens=False)
         assert c.valid_prefix(ids) == len(ids), text
+
+
+def test_grammar_engine_failure_mid_output_raises(demo):
+    """The engine hits a limit only while decoding this pattern; the reply used to end
+    as "stop" with text no schema accepts."""
+    model, tok = demo
+    code = {"type": "string", "pattern": "^(ab{1000}){1000}$"}
+    schema = {"type": "object", "properties": {"code": code}, "required": ["code"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    with pytest.raises(ValueError, match=r"the output grammar failed while decoding \(.*too many"):
+        Chat(model, tok, max_tokens=40).send("Give JSON.", response_format=fmt)
+    with pytest.raises(ConstraintError, match=r"json_schema.schema"):  # a `$ref` loop: at bind, nothing runs
+        Chat(model, tok, max_tokens=40).send(
+            "Give JSON.", response_format={**fmt, "json_schema": {"schema": {"$ref": "#"}}}
+        )

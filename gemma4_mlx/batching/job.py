@@ -15,6 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from gemma4_mlx.constrain import ConstraintError
 from gemma4_mlx.runtime.generate import SamplingOptions, apply_processors
 from gemma4_mlx.runtime.sampling import PositionedSampler
 from gemma4_mlx.speculative.round import emit
@@ -64,7 +65,14 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return bool(self.out) and (self.out[-1] in self.stop_ids or self.remaining <= 0)
+        ended = bool(self.out) and (self.out[-1] in self.stop_ids or self.remaining <= 0)
+        return ended or self.grammar_failure() is not None
+
+    def grammar_failure(self) -> ConstraintError | None:
+        """The grammar engine's error if it failed mid-output (the job ends with it:
+        the text so far is not an answer the grammar accepts)."""
+        why = next((p.failure for p in self.processors if getattr(p, "failure", None)), None)
+        return None if why is None else ConstraintError(f"the output grammar failed while decoding ({why})")
 
 
 @dataclass

@@ -183,7 +183,7 @@ class Scheduler:
             job = j.jobs[i]
             new = job.take(picks[n])
             job.bonus = picks[n][0]
-            out.append(Progress(job, new, lps[n], job.finished))
+            out.append(Progress(job, new, lps[n], job.finished, job.grammar_failure()))
             if not job.finished:
                 keep.append(i)
             elif len(j.jobs) == 1:
@@ -296,7 +296,8 @@ class Scheduler:
         for i, job in enumerate(self.rows):
             new = job.take(picks[i][: accepted[i] + 1])
             job.bonus = picks[i][accepted[i]]
-            out.append(Progress(job, new, None if lps[i] is None else lps[i][: len(new)], job.finished))
+            lp = None if lps[i] is None else lps[i][: len(new)]
+            out.append(Progress(job, new, lp, job.finished, job.grammar_failure()))
             if job.finished:
                 leaving.append(i)
         self._leave(leaving)

@@ -62,8 +62,12 @@ class Constraint:
         if self._proto is None:
             self.grammar.check(self.engine)
             proto = llg.LLMatcher(self.engine, self.grammar.source, log_level=0)
-            if proto.is_error():
-                raise ConstraintError(f"{self.grammar.what}: {proto.get_error().splitlines()[0]}")
+            first = proto.deep_copy()
+            if not proto.is_error():
+                first.compute_bitmask()  # the first mask: some grammars (a `$ref` loop) fail only here
+            for m in (proto, first):
+                if m.is_error():
+                    raise ConstraintError(f"{self.grammar.what}: {m.get_error().splitlines()[0]}")
             self._proto = proto
 
     def matcher(self) -> llg.LLMatcher:

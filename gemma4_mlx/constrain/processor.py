@@ -117,6 +117,10 @@ class ConstraintProcessor:
 
     def __init__(self, route: Callable, known_prompts: set | None = None, max_slots: int = 256):
         self.route, self.known, self.max_slots = route, known_prompts or set(), max_slots
+        # The grammar engine's error, once a matcher hit one of its limits mid-output
+        # (its mask then allows only the end: the text stops; callers must not take it
+        # for a finished answer).  Raising here would abandon the whole batch.
+        self.failure: str | None = None
         self.slots: list[_Slot] = []
         self.index: dict[tuple, _Slot] = {}  # tuple(slot.tokens) -> slot
         self.clock = 0
@@ -131,6 +135,8 @@ class ConstraintProcessor:
         if not ok or slot.start is None:
             return logits
         allowed = slot.allowed(logits.shape[-1])
+        if self.failure is None and slot.matcher.is_error():
+            self.failure = slot.matcher.get_error().splitlines()[0]
         return logits if allowed is None else mx.where(allowed, logits, NEG_INF)
 
     # -- finding and syncing a slot -----------------------------------------------

@@ -147,6 +147,14 @@ def apply_processors(logits: mx.array, histories, processors) -> mx.array:
     return mx.concatenate(rows)
 
 
+def _check_grammar(processors) -> None:
+    """Raise when a grammar processor's engine failed mid-output (`failure`): its mask
+    then allows only the end, and the text would pass for a finished answer."""
+    why = next((p.failure for p in processors if getattr(p, "failure", None)), None)
+    if why is not None:
+        raise ValueError(f"the output grammar failed while decoding ({why})")
+
+
 def _pick(logits, history, sampler, processors):
     if processors:
         logits = apply_processors(logits, history, processors)
@@ -270,6 +278,7 @@ def generate_tokens(
         for n in range(1, max_tokens + 1):
             nxt = step(token) if ahead and n < max_tokens else None
             tok = token.item()
+            _check_grammar(processors)
             if nxt is None and n < max_tokens and tok not in stop:
                 nxt = step(token)  # (overlaps the caller's work with this step)
             if stats is not None:

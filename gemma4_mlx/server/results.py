@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from gemma4_mlx.batching.memory import KVBudgetExceeded
+from gemma4_mlx.constrain import ConstraintError
 from gemma4_mlx.server.errors import APIError
 from gemma4_mlx.server.handle import Output, RequestHandle, Usage
 
@@ -74,6 +75,8 @@ def failure(out: Output) -> APIError:
         return out.error
     if isinstance(out.error, KVBudgetExceeded):  # the request's size, not a fault
         return APIError(400, str(out.error), "max_tokens")
+    if isinstance(out.error, ConstraintError):  # the request's schema or grammar outgrew the engine's limits
+        return APIError(400, str(out.error), "response_format")
     return APIError(500, "internal server error (see the server log)")
 
 
