@@ -394,3 +394,17 @@ def test_without_pyav(tmp_path, monkeypatch):
         V.read_video(path)
     with pytest.raises(V.VideoError, match="file not found"):
         V.read_video(tmp_path / "missing.mp4")
+
+
+def test_frames_too_large_to_hold_or_decode_are_refused_from_the_header(tmp_path, monkeypatch):
+    """A 52 KB file of black 4096x4096 frames held 1.5 GiB of sampled frames; the bounds
+    are checked before decoding (here scaled down to a small file's frames)."""
+    write_video(tmp_path / "v.mp4", n=40, h=64, w=80)
+    assert len(V.read_video(tmp_path / "v.mp4", num_frames=8).frames) == 8
+    monkeypatch.setattr(V, "MAX_KEPT_BYTES", 8 * 64 * 80 * 3 - 1)
+    with pytest.raises(V.VideoError, match=r"v.mp4: 8 sampled frames of 80x64 \(out of 36 to decode\) is more"):
+        V.read_video(tmp_path / "v.mp4", num_frames=8)
+    assert len(V.read_video(tmp_path / "v.mp4", num_frames=7).frames) == 7
+    monkeypatch.setattr(V, "MAX_DECODED_PIXELS", 30 * 64 * 80)
+    with pytest.raises(V.VideoError, match=r"out of 35 to decode\) is more than this reader holds"):
+        V.read_video(tmp_path / "v.mp4", num_frames=7)

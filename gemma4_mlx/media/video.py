@@ -38,6 +38,13 @@ log = logging.getLogger(__name__)
 DEFAULT_NUM_FRAMES = 32  # Gemma4VideoProcessor.num_frames
 DEFAULT_VIDEO_BUDGET = 70  # Gemma4VideoProcessor.max_soft_tokens, per frame
 MAX_SECONDS = 60.0
+# What a video file may make us hold and decode.  A 52 KB H.264 file of black 4096x4096
+# frames held 1.5 GiB of sampled RGB frames (3.8 GB peak), and a high declared frame rate
+# let a short file ask for tens of thousands of full frames.  Limits: the sampled frames
+# as RGB (32 frames of 4K UHD are 0.8 GB) and the pixels decoded to reach them (a minute
+# of 4K at 30 fps is 1.5e10).
+MAX_KEPT_BYTES = 1 << 30
+MAX_DECODED_PIXELS = 16_000_000_000
 FALLBACK_FPS = 24.0  # what transformers assumes when a video has no frame rate
 AUDIO_RATE = 16_000
 
@@ -161,18 +168,34 @@ def read_video(
             stream = c.streams.video[0]
             src_fps = _source_fps(stream, name)
             total = int(stream.frames or 0)
+            size = (stream.codec_context.width, stream.codec_context.height)
         total = total or _count_frames(name)
         if total == 0:
             raise VideoError(f"{name}: no video frames in this file")
         duration = _check_length(name, total, src_fps, max_seconds)
         indices = sample_indices(total, num_frames, fps, src_fps, name)
-        frames = _decode_frames(name, indices, total)
+        if all(size):  # else the first frame tells (`_decode_frames`)
+            _check_size(name, size, len(indices), int(indices[-1]) + 1)
+        frames = _decode_frames(name, indices, total, size if all(size) else None)
     except decode.DecodeError as e:
         raise VideoError(f"{name}: cannot read video ({e})") from None
     return Video(name, frames, indices, src_fps, total, duration)
 
 
-def _decode_frames(name: str, indices: np.ndarray, total: int) -> np.ndarray:
+def _check_size(name: str, size: tuple[int, int], kept: int, decoded: int) -> None:
+    """Refuse, from the header, frames too large to hold or too many pixels to decode."""
+    w, h = size
+    if kept * w * h * 3 > MAX_KEPT_BYTES or decoded * w * h > MAX_DECODED_PIXELS:
+        raise VideoError(
+            f"{name}: {kept} sampled frames of {w}x{h} (out of {decoded} to decode) is more than this reader "
+            f"holds ({MAX_KEPT_BYTES >> 20} MiB of frames, {MAX_DECODED_PIXELS:.1e} pixels decoded); downscale it "
+            "(e.g. `ffmpeg -vf scale=-2:1080`) or sample fewer frames (num_frames / fps)"
+        )
+
+
+def _decode_frames(name: str, indices: np.ndarray, total: int, size: tuple[int, int] | None) -> np.ndarray:
+    """The sampled frames as RGB; size: the header's frame size (None: unknown there, the
+    first frame's is checked instead), which every frame must keep: it bounds what is held."""
     wanted, last = set(indices.tolist()), int(indices[-1])
     kept, i = [], -1
     with decode.open_container(name) as c:
@@ -180,18 +203,23 @@ def _decode_frames(name: str, indices: np.ndarray, total: int) -> np.ndarray:
         stream.thread_type = "AUTO"
         try:
             for i, frame in enumerate(c.decode(stream)):
+                if size is None:
+                    size = (frame.width, frame.height)
+                    _check_size(name, size, len(indices), last + 1)
+                if (frame.width, frame.height) != size:
+                    raise VideoError(f"{name}: the frame size changes mid-stream; re-encode the video")
                 if i in wanted:
                     kept.append(frame.to_ndarray(format="rgb24"))
                 if i >= last:
                     break
+        except VideoError:
+            raise
         except Exception as e:  # corrupt or truncated packets surface here, from inside FFmpeg
             raise VideoError(
                 f"{name}: truncated or corrupt video after frame {i + 1} of {total} ({decode.reason(e)})"
             ) from None
     if len(kept) < len(indices):
         raise VideoError(f"{name}: truncated or corrupt video: decoded {i + 1} of its {total} frames")
-    if len({f.shape for f in kept}) > 1:
-        raise VideoError(f"{name}: the frame size changes mid-stream; re-encode the video")
     return np.stack(kept)
 
 
