@@ -351,3 +351,20 @@ def test_ctrl_c_in_a_tool_keeps_the_session(tmp_path):
     messages = json.loads((tmp_path / "c.json").read_text())["messages"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["What's the weather in Paris?", Q]
     assert any(m["role"] == "tool" and "interrupted" in m["content"] for m in messages)
+
+
+def test_command_arguments_that_are_not_one_value(demo, tmp_path):
+    """A paste starting with `/save a` saved to a file named "a\\nb"; `/budget ²` (a
+    Unicode digit) gave int()'s message without naming /budget."""
+    from rich.console import Console
+
+    from gemma4_mlx.chat.session import Chat
+    from gemma4_mlx.chat.terminal import Terminal
+
+    out = io.StringIO()
+    term = Terminal(Chat(*demo, max_tokens=4), Console(file=out, width=200))
+    assert term.command(f"/save {tmp_path}/a\nb")
+    assert term.command("/budget ²")
+    shown = out.getvalue()
+    assert "error: /save: the argument must fit on one line" in shown and not list(tmp_path.iterdir())
+    assert "error: /budget must be one of" in shown

@@ -47,6 +47,9 @@ class Commands:
         """Handle a /command; False means quit."""
         name, arg = (line.split(maxsplit=1) + [""])[:2]
         arg = arg.strip()
+        if "\n" in arg or "\r" in arg:  # a paste that began with a command: not a path or a value
+            self.error(f"{name}: the argument must fit on one line")
+            return True
         if name in ("/exit", "/quit"):
             return False
         handler = getattr(self, "cmd_" + name[1:], None) if name in USAGE else None
@@ -102,7 +105,7 @@ class Commands:
     def cmd_budget(self, arg: str) -> None:
         if not arg:
             raise UsageError
-        self.image_budget = check_budget(int(arg) if arg.isdigit() else arg, "/budget")
+        self.image_budget = check_budget(int(arg) if arg.isdecimal() else arg, "/budget")  # "²" is a digit
         self.note(f"image budget {self.image_budget}")
 
     def _attach(self, name: str, arg: str) -> None:
