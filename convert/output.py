@@ -166,7 +166,7 @@ def clean_stale(parent: Path, own: tuple[Path, ...]) -> list[Path]:
             continue
         with lock:  # held while deleting: a third run sees a live owner, not a half-deleted folder
             _restore_replaced(d)
-            shutil.rmtree(d, ignore_errors=True)
+            remove_staging(d)
         removed.append(d)
     for d in removed:
         log.warning("removed %s, left by a conversion that was killed", d)
@@ -281,9 +281,27 @@ def _finish_publishing(dst: Path, trash: Path, interrupted: BaseException | None
         interrupted = e
     except OSError as e:
         log.warning("%s: written, but finishing up failed (%s)", dst, e.strerror or e)
-    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        remove_staging(trash)
+    except KeyboardInterrupt as e:  # its lock goes last: a next run removes what is left
+        interrupted = interrupted or e
     if interrupted is not None:
         raise InterruptedAfterPublishing(dst) from interrupted
+
+
+def remove_staging(d: Path) -> None:
+    """Delete a staging folder with its lock file last, so that a folder left half
+    deleted (a second Ctrl-C, a kill) still holds the lock that proves it ours."""
+    if not d.is_dir() or d.is_symlink():
+        return
+    lock = d / LOCK
+    with contextlib.suppress(OSError):  # as rmtree(ignore_errors=True): what cannot go stays
+        for p in [p for p in d.iterdir() if p != lock] + [lock]:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        d.rmdir()
 
 
 def _published(partial: Path, dst: Path) -> bool:
@@ -298,6 +316,5 @@ def _undo(partial: Path, trash: Path, dst: Path) -> None:
     old = trash / "replaced"
     if old.exists() and not dst.exists():
         os.rename(old, dst)
-    shutil.rmtree(partial, ignore_errors=True)
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
+    remove_staging(partial)
+    remove_staging(trash)

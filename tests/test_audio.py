@@ -679,6 +679,15 @@ def test_wav_longer_than_30_s_is_refused_from_its_header(tmp_path, monkeypatch):
         A.load_audio(tmp_path / "long.wav")
 
 
+def test_truncated_wav_is_named_so_even_when_its_header_is_long(tmp_path):
+    """A header claiming 40 s over 1 s of data is a truncated file, not a long clip."""
+    write_pcm(tmp_path / "cut.wav", np.zeros(40 * 8000), 8000, 2)
+    data = (tmp_path / "cut.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: 44 + 2 * 8000])
+    with pytest.raises(A.AudioError, match=r"cut.wav: corrupt WAV file \(data chunk truncated"):
+        A.load_audio(tmp_path / "cut.wav")
+
+
 def test_compressed_file_at_a_huge_rate_is_refused_while_decoding(tmp_path):
     """A 15 KB FLAC at 655 kHz decoded and resampled for 18 s and 1.5 GB."""
     write_encoded(tmp_path / "hi.flac", np.zeros(4096), 655_350, "flac")

@@ -365,6 +365,8 @@ def test_command_arguments_that_are_not_one_value(demo, tmp_path):
     term = Terminal(Chat(*demo, max_tokens=4), Console(file=out, width=200))
     assert term.command(f"/save {tmp_path}/a\nb")
     assert term.command("/budget ²")
+    assert term.command("/system Be terse.\nAnswer in French.")  # a prompt may span lines (Alt-Enter)
+    assert term.chat.system == "Be terse.\nAnswer in French."
     shown = out.getvalue()
     assert "error: /save: the argument must fit on one line" in shown and not list(tmp_path.iterdir())
     assert "error: /budget must be one of" in shown

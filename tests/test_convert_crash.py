@@ -278,3 +278,28 @@ def test_cli_reports_an_interrupt_after_publishing(tmp_path, monkeypatch):
     assert r.exit_code != 0
     assert "interrupted after the conversion was written (it is complete)" in r.output
     assert "nothing was written" not in r.output
+
+
+def test_a_staging_folder_half_deleted_keeps_its_lock(tmp_path, monkeypatch):
+    """Deleted in rmtree's order, the lock file could go first: a second Ctrl-C left a
+    lock-less folder that the next run had to refuse as somebody's.  The lock goes last."""
+    d = tmp_path / "out.partial"
+    d.mkdir()
+    for name in ("a", LOCK, "b", "c"):
+        (d / name).write_text(name)
+    real = Path.unlink
+    seen = []
+
+    def unlink(self, missing_ok=False):
+        seen.append(self.name)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        output.remove_staging(d)
+    assert (d / LOCK).exists() and LOCK not in seen
+    monkeypatch.setattr(Path, "unlink", real)
+    output.remove_staging(d)
+    assert not d.exists()

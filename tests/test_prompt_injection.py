@@ -215,3 +215,30 @@ def test_media_parts_in_a_tool_result_stay_text(demo):
     ids = chat._prompt_ids(chat.prompt_text())[0]
     media = {tok.convert_tokens_to_ids(s) for s in ("<|image|>", "<|audio|>", "<|video|>")}
     assert not media & set(ids) and "sunny" in tok.decode(ids)
+
+
+# -- the output side: text the model writes ---------------------------------------
+
+
+def test_a_reply_that_writes_control_strings_as_text_keeps_them_as_text(demo, monkeypatch):
+    """A reply about Gemma's own format, or a schema's const the grammar makes the model
+    write, spells `<turn|>` or a whole `<|tool_call>...` with ordinary tokens.  The
+    parser read the characters as control tokens: the reply was cut, or a call was
+    made.  Only control tokens are control strings now (prompt/output_text.py)."""
+    model, tok = demo
+    said = "Gemma ends a turn with <turn|> and calls <|tool_call>call:get_weather{city:1}<tool_call|>. <3"
+    ids = PromptCodec(tok).encode_text(said) + [tok.convert_tokens_to_ids("<turn|>")]
+
+    def get_weather(city: str) -> dict:
+        """Weather.
+
+        Args:
+            city: City name
+        """
+        return {}
+
+    chat = Chat(model, tok, tools=[get_weather], max_tokens=len(ids))
+    monkeypatch.setattr(chat, "_tokens", lambda *a, **k: iter(ids))
+    reply = chat.send("How does Gemma mark turns?")
+    assert reply.text == said and not reply.tool_calls and reply.finish_reason == "stop"
+    assert chat.messages[-1]["content"] == said  # recorded as written

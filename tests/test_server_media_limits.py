@@ -37,7 +37,7 @@ def test_request_pixel_budget(prompter, monkeypatch):
     with pytest.raises(APIError) as e:  # 800 used, 200 left
         prompter.add_image(media, _uri(Image.new("RGB", (20, 20))), "m[2]")
     assert e.value.status == 400 and e.value.message.startswith("m[2]: undecodable image")
-    assert "20x20 pixels is over the 200 pixel limit" in e.value.message
+    assert "20x20 pixels is more than the 200 left of this request's 1000 image pixels" in e.value.message
     assert len(media) == 2
 
 

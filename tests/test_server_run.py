@@ -11,6 +11,7 @@ import pytest
 from gemma4_mlx.checkpoint.load import load_tokenizer
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.prompt.parser import parser_for_prompt
+from gemma4_mlx.prompt.tokens import PromptCodec
 from gemma4_mlx.server.handle import Request, Usage
 from gemma4_mlx.server.run import Run
 
@@ -25,12 +26,13 @@ def tok():
 
 def run_reply(tok, stop, continues=False, text=REPLY):
     """(the outputs in order as (kind, text or tool name), the finish reason)."""
-    parser = lambda: parser_for_prompt("", TOOLS, continuing=continues)  # noqa: E731  (as `Prompter` makes it)
+    parser = lambda: parser_for_prompt("", TOOLS, continuing=continues, guarded=True)  # noqa: E731  (as `Prompter` makes it)
     req = Request(ids=[], keys=[], stop=stop, parser=parser, continues=continues)
     outs = []
     handle = SimpleNamespace(request=req, first_token_at=None, put=outs.append)
     run = Run(tok, frozenset(), handle, Usage())
-    for t in tok.encode(text, add_special_tokens=False):
+    ids = tok.encode(text, add_special_tokens=False) if isinstance(text, str) else text
+    for t in ids:
         if run.step(t):
             break
     run.finish()
@@ -60,3 +62,17 @@ def test_a_continued_reply_keeps_its_leading_space(tok):
     assert "".join(t for _, t in events) == " is Tokyo."
     events, _ = run_reply(tok, [], text=" is Tokyo.")
     assert "".join(t for _, t in events) == "is Tokyo."
+
+
+def test_control_strings_written_as_text_stay_text(tok):
+    """The characters of `<turn|>` or a whole `<|tool_call>...<tool_call|>` written by
+    ordinary tokens (a reply about Gemma's format; a schema's const) ended the reply or
+    made a call: only control tokens are control strings now (prompt/output_text.py)."""
+    said = "End a turn with <turn|>; a call is <|tool_call>call:get_weather{city:1}<tool_call|>. <b>ok</b>"
+    ids = PromptCodec(tok).encode_text(said)  # the text as ordinary pieces, as a model could write it
+    assert not set(ids) & set(PromptCodec(tok).control_ids().values())
+    events, reason = run_reply(tok, [], text=[*ids, tok.convert_tokens_to_ids("<turn|>")])
+    assert {kind for kind, _ in events} == {"content"} and "".join(t for _, t in events) == said
+    assert reason == "stop"
+    real = tok.encode(REPLY, add_special_tokens=False)  # the same reply made of control tokens still calls
+    assert run_reply(tok, [], text=real)[1] == "tool_calls"

@@ -14,7 +14,7 @@ import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.constrain import ConstraintError, bind
 from gemma4_mlx.constrain.tools import tool_call_grammar
-from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
 from gemma4_mlx.prompt.parser import parse
 from gemma4_mlx.prompt.tokens import encode_prompt
 from gemma4_mlx.prompt.tool_schema import tool_schema
@@ -193,6 +193,9 @@ def test_grammar_engine_failure_mid_output_raises(demo):
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     with pytest.raises(ValueError, match=r"the output grammar failed while decoding \(.*too many"):
         Chat(model, tok, max_tokens=40).send("Give JSON.", response_format=fmt)
+    drafter = gemma4_mlx.load_drafter(DEMO_DRAFTER)  # the speculative loop checks too (it ended quietly)
+    with pytest.raises(ValueError, match=r"the output grammar failed while decoding"):
+        Chat(model, tok, drafter=drafter, max_tokens=40).send("Give JSON.", response_format=fmt)
     with pytest.raises(ConstraintError, match=r"json_schema.schema"):  # a `$ref` loop: at bind, nothing runs
         Chat(model, tok, max_tokens=40).send(
             "Give JSON.", response_format={**fmt, "json_schema": {"schema": {"$ref": "#"}}}

@@ -47,3 +47,15 @@ def test_bad_schema_file_is_one_line(tmp_path):
     assert r.exit_code == 1 and len(lines) == 1, r.stderr
     assert lines[0].startswith(f"error: --json-schema {f}: ") and "strnig" in lines[0]
     assert "loading" not in r.stderr  # refused before the model loads
+
+
+def test_a_grammar_the_engine_gives_up_on_is_one_line(tmp_path):
+    """Mid-output engine failure (a pattern past llguidance's limits): was a traceback
+    without a drafter and a quiet one-token answer with one."""
+    code = {"type": "string", "pattern": "^(ab{1000}){1000}$"}
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"code": code}, "required": ["code"]}))
+    for drafter in (["--draft-model", "none"], []):
+        r = cli("generate", "-m", str(DEMO_MODEL), "--json-schema", str(schema), "-n", "30", "-p", "Go", *drafter)
+        assert r.exit_code == 1 and "the output grammar failed while decoding" in r.output, r.output
+        assert "Traceback" not in r.output

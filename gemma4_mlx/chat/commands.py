@@ -33,6 +33,7 @@ USAGE = {
 }
 MEDIA = {"/image": ("image", "images"), "/audio": ("audio", "audio"), "/video": ("video", "videos")}
 PATH_COMMANDS = ("/image", "/audio", "/video", "/save")  # their argument completes as a path
+ONE_LINE = (*PATH_COMMANDS, "/budget")  # a path or a value: a line break in it is a paste gone wrong
 
 
 class UsageError(Exception):
@@ -47,7 +48,7 @@ class Commands:
         """Handle a /command; False means quit."""
         name, arg = (line.split(maxsplit=1) + [""])[:2]
         arg = arg.strip()
-        if "\n" in arg or "\r" in arg:  # a paste that began with a command: not a path or a value
+        if name in ONE_LINE and ("\n" in arg or "\r" in arg):  # a paste that began with `/save a`
             self.error(f"{name}: the argument must fit on one line")
             return True
         if name in ("/exit", "/quit"):

@@ -75,10 +75,10 @@ def audio_from_bytes(data: bytes, fmt: str):
         os.unlink(path)
 
 
-def image_from_bytes(data: bytes, name: str, max_pixels: int | None = None):
+def image_from_bytes(data: bytes, name: str, max_pixels: int | None = None, budget: str = ""):
     """An upright RGB PIL image from an encoded one (PNG, JPEG, ...), as a file path
     would be read (`media.image.decode_image`); ValueError (one line) naming `name`."""
-    return decode_image(io.BytesIO(data), name, max_pixels)
+    return decode_image(io.BytesIO(data), name, max_pixels, budget)
 
 
 def encode_conversation(model, codec: PromptCodec, prompt: str, media: Sequence = ()):

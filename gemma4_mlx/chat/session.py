@@ -28,6 +28,7 @@ from gemma4_mlx.checkpoint.prompt_cache import load_prompt_cache
 from gemma4_mlx.constrain import Grammar, bind, constraint_from_response_format
 from gemma4_mlx.constrain.tools import tool_call_grammar
 from gemma4_mlx.media.prepare import has_media, media_items, processor_for, user_content
+from gemma4_mlx.prompt.output_text import OutputText
 from gemma4_mlx.prompt.parser import Event, ParseResult, ToolCall, parser_for_prompt
 from gemma4_mlx.prompt.template import tool_result_content, tool_schema
 from gemma4_mlx.prompt.tokens import PromptCodec
@@ -260,10 +261,9 @@ class Chat:
             raise
         new = ids[start:]
         self.prefilled_last = len(new)
-        parser = parser_for_prompt(prompt, self.tools, thinking_budget=self.thinking_budget)
+        parser = parser_for_prompt(prompt, self.tools, thinking_budget=self.thinking_budget, guarded=True)
         stats, generated = Stats(speculative=SpecStats() if self.drafter is not None else None), []
-        detok = self.tokenizer.detokenizer
-        detok.reset()
+        text = OutputText(self.tokenizer)  # a fresh detokenizer; control tokens only read as control strings
         mx.reset_peak_memory()
         try:
             pending, calls = new, 0
@@ -272,8 +272,7 @@ class Chat:
                 part = Stats(speculative=stats.speculative)  # this generate call's
                 for tok in self._tokens(pending, self.max_tokens - len(generated), part, media, constraint):
                     generated.append(tok)
-                    detok.add_token(tok)
-                    for ev in parser.feed(detok.last_segment):
+                    for ev in parser.feed(text.add(tok)):
                         close_thought |= ev.type == "thinking_budget"
                         yield ev
                     if parser.done or tok in self._stop_ids or close_thought:
@@ -284,14 +283,12 @@ class Chat:
                     # Thinking budget spent: close the thought channel ourselves and
                     # let the model go on with its answer in the same turn.
                     generated.append(self._close_id)
-                    detok.add_token(self._close_id)
-                    yield from parser.feed(detok.last_segment)
+                    yield from parser.feed(text.add(self._close_id))
                     pending = (ids + generated)[self.cache.offset :]
                     media = None  # the continuation holds generated tokens only
                     # the thought is closed in `pending`: the grammar starts at the output
                     constraint = None if constraint is None else constraint.answer_only(None)
-            detok.finalize()
-            yield from parser.feed(detok.last_segment)
+            yield from parser.feed(text.finalize())
         finally:
             # The cache holds exactly `offset` slots of ids + generated (the newest
             # sampled token is not fed yet; an interrupt may leave one queued step).

@@ -155,7 +155,7 @@ def generate(
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
             stats = chunk.stats
-    except (MediaError, CacheFileError) as e:
+    except (MediaError, CacheFileError, ValueError) as e:  # ValueError: bad input, a grammar the engine gave up on
         fail(str(e))
     sys.stdout.write("\n")
     if stats is not None and not quiet:

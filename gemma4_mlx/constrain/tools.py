@@ -73,7 +73,7 @@ class _Writer:
                 raise ConstraintError(f"{where}: strict tool calls cannot enforce a union of types {rest}")
             kind = rest[0] if rest else None
         if "enum" in schema:
-            if not isinstance(schema["enum"], list) or not schema["enum"]:
+            if not isinstance(schema["enum"], (list, tuple)) or not schema["enum"]:
                 raise ConstraintError(f"{where}.enum: expected a non-empty list")
             alts = [
                 f"<[{self.q}]> {_lit(v)} <[{self.q}]>" if isinstance(v, str) else _lit(json.dumps(v))
@@ -138,9 +138,10 @@ class _Writer:
 def _max_length(value, where: str) -> int | None:
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STRING:
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 100.0 from some encoders
+    if not whole or isinstance(value, bool) or not 0 <= value <= MAX_STRING:
         raise ConstraintError(f"{where}.maxLength: expected an integer from 0 to {MAX_STRING}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _declarations(tools: Sequence) -> list[dict]:

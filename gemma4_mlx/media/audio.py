@@ -319,14 +319,15 @@ def read_wav(path: str | os.PathLike, cfg: FeatureConfig | None = None) -> tuple
         try:
             with wave.open(path, "rb") as w:
                 ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-                _check_wav_header(path, rate, n, cfg)
+                # frames the file can hold: a truncated file is named as such, below
+                _check_wav_header(path, rate, min(n, os.path.getsize(path) // max(1, ch * width)), cfg)
                 data = w.readframes(n)
             fmt = 1
         except wave.Error as e:
             if "unknown format" not in str(e):
                 raise
             fmt, ch, width, rate, data, n = _read_riff(path)  # IEEE float / EXTENSIBLE
-            _check_wav_header(path, rate, n, cfg)
+            _check_wav_header(path, rate, min(n, len(data) // (ch * width)), cfg)
     except AudioError:
         raise
     except (wave.Error, EOFError, struct.error, RuntimeError, ValueError, OSError) as e:  # wave's own failures

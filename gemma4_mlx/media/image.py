@@ -73,20 +73,23 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return decode_image(name, f"image file {name}")
 
 
-def decode_image(source, name: str, max_pixels: int | None = None) -> Image.Image:
+def decode_image(source, name: str, max_pixels: int | None = None, budget: str = "") -> Image.Image:
     """An encoded image (a path or a binary file object) as upright RGB, as `load_image`.
-    Images over `max_pixels` (default PIL's limit, ~89M) are refused from the header,
-    before decoding; any failure is one ValueError line "cannot read {name}: ..."."""
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else min(max_pixels, Image.MAX_IMAGE_PIXELS)
+    Images over PIL's limit (~89M pixels) or `max_pixels` (what is left of `budget`,
+    named in the message) are refused from the header, before decoding; any failure
+    is one ValueError line "cannot read {name}: ..."."""
     try:
         with Image.open(source) as f:
             # PIL only warns between its limit and twice it (~89M-179M pixels: up to
             # ~0.5 GB decoded); no Gemma image needs that many, so refuse before decoding
-            if f.width * f.height > limit:
+            pil = Image.MAX_IMAGE_PIXELS
+            if pil is not None and f.width * f.height > pil:
                 raise ValueError(
-                    f"{f.width}x{f.height} pixels is over the {limit} pixel limit "
+                    f"{f.width}x{f.height} pixels is over the {pil} pixel limit "
                     "(a decompression bomb, or far more detail than the model sees); downscale it"
                 )
+            if max_pixels is not None and f.width * f.height > max_pixels:
+                raise ValueError(f"{f.width}x{f.height} pixels is more than the {max_pixels} left of {budget}")
             f.load()  # decode now: truncated or corrupt data fails here, not later
             return ImageOps.exif_transpose(f).convert("RGB")
     except Exception as e:  # PIL raises OSError, SyntaxError, struct/zlib errors, ...

@@ -42,9 +42,9 @@ MAX_SECONDS = 60.0
 # frames held 1.5 GiB of sampled RGB frames (3.8 GB peak), and a high declared frame rate
 # let a short file ask for tens of thousands of full frames.  Limits: the sampled frames
 # as RGB (32 frames of 4K UHD are 0.8 GB) and the pixels decoded to reach them (a minute
-# of 4K at 30 fps is 1.5e10).
+# of 4K at 60 fps, or of 1080p at 240 fps, is 3.0e10).
 MAX_KEPT_BYTES = 1 << 30
-MAX_DECODED_PIXELS = 16_000_000_000
+MAX_DECODED_PIXELS = 32_000_000_000
 FALLBACK_FPS = 24.0  # what transformers assumes when a video has no frame rate
 AUDIO_RATE = 16_000
 
@@ -189,7 +189,7 @@ def _check_size(name: str, size: tuple[int, int], kept: int, decoded: int) -> No
         raise VideoError(
             f"{name}: {kept} sampled frames of {w}x{h} (out of {decoded} to decode) is more than this reader "
             f"holds ({MAX_KEPT_BYTES >> 20} MiB of frames, {MAX_DECODED_PIXELS:.1e} pixels decoded); downscale it "
-            "(e.g. `ffmpeg -vf scale=-2:1080`) or sample fewer frames (num_frames / fps)"
+            "(e.g. `ffmpeg -vf scale=-2:1080`), trim it, or sample fewer frames (num_frames / fps)"
         )
 
 

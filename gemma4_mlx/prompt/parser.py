@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from gemma4_mlx.prompt.arguments import _NAME, Q, ToolCall, _Tools, parse_call_block
+from gemma4_mlx.prompt.guard import unguard, unguard_call
 
 # Any control token: <|x>, <|x|>, <x|>, and the named/unused pieces (docs/chat-format.md §1).
 CTRL_RE = re.compile(r'<\|[a-z_"]{1,24}\|?>|<[a-z_]{1,24}\|>|<(?:pad|eos|bos|unk|mask|unused\d{1,4})>')
@@ -55,6 +56,8 @@ class StreamParser:
     more than max_control_repeat times, more than max_thought_openings
     channel openings, or a text loop of period <= loop_period covering
     loop_min_chars characters (loop_min_chars=None turns it off).
+    guarded: the pieces come from `output_text.OutputText` (ordinary text guarded, so
+    only control tokens read as control strings); what comes out is unguarded.
     """
 
     def __init__(
@@ -68,7 +71,14 @@ class StreamParser:
         max_control_repeat=8,
         loop_period=64,
         loop_min_chars=800,
+        guarded=False,
     ):
+        # guarded: the text comes from `output_text.OutputText` (a "<" of ordinary text
+        # stands guarded, so only control tokens read as control strings); what this
+        # parser hands out is unguarded, as the model wrote it
+        self.guarded = guarded
+        self._out = unguard if guarded else str
+        self._call_out = unguard_call if guarded else (lambda call: call)
         self.tools = tools if isinstance(tools, _Tools) else _Tools(tools)
         self.result = ParseResult()
         self.budget, self.max_open, self.max_repeat = thinking_budget, max_thought_openings, max_control_repeat
@@ -93,7 +103,7 @@ class StreamParser:
             self._decoder = self._decoder or codecs.getincrementaldecoder("utf-8")("replace")
             piece = self._decoder.decode(bytes(piece))
         if self.state == DONE:
-            self.result.trailing += piece
+            self.result.trailing += self._out(piece)
         else:
             self.buf += piece
             self._pump(final=False)
@@ -134,7 +144,7 @@ class StreamParser:
             if (len(self.buf), self.state, self.at_start, self.name_mode, self.fresh) == before:
                 break  # waiting for more text
         if self.state == DONE:
-            self.result.trailing += self.buf
+            self.result.trailing += self._out(self.buf)
             self.buf = ""
 
     def _safe_len(self) -> int:
@@ -347,7 +357,7 @@ class StreamParser:
 
     def _end_call(self, closed: bool):
         c, self._call = self._call, None
-        for call in parse_call_block(c["body"], self.tools):
+        for call in map(self._call_out, parse_call_block(c["body"], self.tools)):
             call.truncated |= not closed
             call.id = f"call_{self._ncalls}"
             self._ncalls += 1
@@ -377,13 +387,14 @@ class StreamParser:
         hit = self._loop_check(kind, vis)  # index just past a detected loop, else None
         cut = len(vis) if hit is None else hit
         if vis[:cut]:
-            setattr(self.result, kind, getattr(self.result, kind) + vis[:cut])
-            self._events.append(Event(kind, vis[:cut]))
+            text = self._out(vis[:cut])
+            setattr(self.result, kind, getattr(self.result, kind) + text)
+            self._events.append(Event(kind, text))
         if over and not self.result.thinking_truncated:  # runtime should inject <channel|>
             self.result.thinking_truncated = True
             self._events.append(Event("thinking_budget"))
         if hit is not None:
-            self.result.trailing += vis[cut:] + self._pend[kind]
+            self.result.trailing += self._out(vis[cut:] + self._pend[kind])
             self._degenerate(f"repetition loop in {kind}")
 
     def _loop_check(self, kind: str, s: str):

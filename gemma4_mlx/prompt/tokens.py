@@ -61,6 +61,10 @@ class PromptCodec:
         # a control string this vocabulary lacks is ordinary text, as the tokenizer has it
         self._ids = {s: i for s, i in ids.items() if isinstance(i, int) and (i != unk or s == "<unk>")}
 
+    def control_ids(self) -> dict[str, int]:
+        """Every control string this vocabulary has as one token, with its id."""
+        return dict(self._ids)
+
     # -- before rendering ------------------------------------------------------
     def escape(self, text: str) -> str:
         text = text.replace(_QUOTE, _QUOTE + _QUOTE).replace(_BREAK, _QUOTE + _BREAK)

@@ -147,7 +147,7 @@ def apply_processors(logits: mx.array, histories, processors) -> mx.array:
     return mx.concatenate(rows)
 
 
-def _check_grammar(processors) -> None:
+def check_grammar(processors) -> None:
     """Raise when a grammar processor's engine failed mid-output (`failure`): its mask
     then allows only the end, and the text would pass for a finished answer."""
     why = next((p.failure for p in processors if getattr(p, "failure", None)), None)
@@ -278,7 +278,7 @@ def generate_tokens(
         for n in range(1, max_tokens + 1):
             nxt = step(token) if ahead and n < max_tokens else None
             tok = token.item()
-            _check_grammar(processors)
+            check_grammar(processors)
             if nxt is None and n < max_tokens and tok not in stop:
                 nxt = step(token)  # (overlaps the caller's work with this step)
             if stats is not None:
@@ -371,6 +371,7 @@ def batch_generate(
     stop = set(stop_ids)
     for _ in range(max_tokens):
         toks = token.tolist()
+        check_grammar(processors)  # one processor serves every row: the batch fails as a whole
         keep = []
         for row, tok in enumerate(toks):
             out[live[row]].append(tok)

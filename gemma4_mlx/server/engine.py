@@ -20,12 +20,15 @@ import threading
 
 from gemma4_mlx.api import own_thread, release_thread, share_with_thread
 from gemma4_mlx.batching import Job, Progress, Scheduler
+from gemma4_mlx.batching.memory import KVBudgetExceeded
 from gemma4_mlx.chat.conversation import stop_ids
+from gemma4_mlx.constrain import ConstraintError
 from gemma4_mlx.server.follow import LeaderScheduler
 from gemma4_mlx.server.handle import Output, Request, RequestHandle, Usage
 from gemma4_mlx.server.run import Run
 
 log = logging.getLogger("gemma4_mlx.server")
+CLIENT_ERRORS = (ConstraintError, KVBudgetExceeded)  # a request's schema or size: 400s, not faults
 
 
 class QueueFull(Exception):
@@ -216,7 +219,10 @@ class Engine:
         if run is None:  # ended by the engine side already (stop string, client gone)
             return
         if p.error is not None:
-            log.error("request failed", exc_info=p.error)  # the client gets the API's error, not this
+            if isinstance(p.error, CLIENT_ERRORS):  # the request's own doing: a line, no traceback
+                log.info("request refused: %s", p.error)
+            else:
+                log.error("request failed", exc_info=p.error)  # the client gets the API's error, not this
             self._end(p.job, error=p.error)
             return
         run.usage.cached_tokens = p.job.cached

@@ -173,7 +173,8 @@ class Prompter:
     @staticmethod
     def decode_image(data: bytes, where: str, max_pixels: int | None = None) -> Image.Image:
         try:
-            return image_from_bytes(data, "the image", max_pixels)
+            budget = f"this request's {MAX_REQUEST_PIXELS} image pixels"
+            return image_from_bytes(data, "the image", max_pixels, budget)
         except ValueError as e:  # one line: "cannot read the image: <why>"
             raise APIError(
                 400, f"{where}: undecodable image ({_line(e).removeprefix('cannot read the image: ')})", where
@@ -259,7 +260,7 @@ class Prompter:
         req = Request(
             ids=[], keys=[], options=options, stop=stop_list(stop), logprobs=logprobs, continues=bool(conv.prefill)
         )
-        req.parser = lambda: parser_for_prompt(prompt, tools, continuing=bool(conv.prefill))
+        req.parser = lambda: parser_for_prompt(prompt, tools, continuing=bool(conv.prefill), guarded=True)
         if conv.media:
             req.prepare = encode
         else:

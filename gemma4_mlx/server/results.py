@@ -75,8 +75,8 @@ def failure(out: Output) -> APIError:
         return out.error
     if isinstance(out.error, KVBudgetExceeded):  # the request's size, not a fault
         return APIError(400, str(out.error), "max_tokens")
-    if isinstance(out.error, ConstraintError):  # the request's schema or grammar outgrew the engine's limits
-        return APIError(400, str(out.error), "response_format")
+    if isinstance(out.error, ConstraintError):  # the request's schema or tools outgrew the engine's limits
+        return APIError(400, str(out.error))
     return APIError(500, "internal server error (see the server log)")
 
 

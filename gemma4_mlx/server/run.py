@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from gemma4_mlx.prompt.output_text import OutputText
 from gemma4_mlx.prompt.parser import Event
 from gemma4_mlx.prompt.token_bytes import token_bytes
 from gemma4_mlx.server.handle import Output, RequestHandle, Usage
@@ -55,6 +56,8 @@ class Run:
         self.detok.reset()
         if self.req.continues:
             self._prime_detokenizer(tokenizer)
+        # for the parser, control tokens only are control strings (prompt/output_text.py)
+        self.text = OutputText(tokenizer, self.detok) if getattr(self.parser, "guarded", False) else None
         self.generated: list[int] = []
         self.stop_string: str | None = None
         self.cancelled = False
@@ -89,8 +92,11 @@ class Run:
         stop = tok in self.stop_ids and not self.req.ignore_eos
         if self.parser is None and stop:
             return True  # raw text: the stop token is not shown
-        self.detok.add_token(tok)
-        self._feed(self.detok.last_segment)
+        if self.text is not None:
+            self._feed(self.text.add(tok))
+        else:
+            self.detok.add_token(tok)
+            self._feed(self.detok.last_segment)
         return stop or self.stop_string is not None or (self.parser is not None and self.parser.done)
 
     def _feed(self, piece: str) -> None:
@@ -139,8 +145,11 @@ class Run:
             self.handle.put(Output("done", finish_reason="cancelled", usage=self.usage))
             return
         if self.stop_string is None:
-            self.detok.finalize()
-            self._feed(self.detok.last_segment)
+            if self.text is not None:
+                self._feed(self.text.finalize())
+            else:
+                self.detok.finalize()
+                self._feed(self.detok.last_segment)
             if self.parser is not None:
                 self._emit(self.parser.finish())
         if self.stop_string is None:

@@ -25,7 +25,13 @@ from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.contracts import DecodingModel, MTPDrafter
 from gemma4_mlx.models.assistant import check_pair
 from gemma4_mlx.models.parallel import from_leader
-from gemma4_mlx.runtime.generate import DEFAULT_PREFILL_CHUNK, SamplingOptions, Stats, prefill_hidden
+from gemma4_mlx.runtime.generate import (
+    DEFAULT_PREFILL_CHUNK,
+    SamplingOptions,
+    Stats,
+    check_grammar,
+    prefill_hidden,
+)
 from gemma4_mlx.runtime.sampling import PositionedSampler
 from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
 from gemma4_mlx.speculative.round import Rows, accepted_counts, advance_rows, commit, draft, pick, verify
@@ -233,11 +239,13 @@ def speculate(
     rows = Rows.start(prompts, h)
     first = pick(run.sampler, run.processors, logits[:, None], rows.live, rows.index(), rows.histories())
     emitted, keep = advance_rows(rows, first.tolist(), [0] * len(prompts), run.stop, s.max_tokens, run.caches)
+    check_grammar(run.processors)
     yield from emitted
     while keep:
         rows.keep_only(keep, run.caches)
         K, picks, accepted, times = speculative_round(run, rows)
         emitted, keep = advance_rows(rows, picks, accepted, run.stop, s.max_tokens, run.caches)
+        check_grammar(run.processors)
         yield from emitted
         run.finish_round(rows, K, accepted, emitted, times)
 
