@@ -35,7 +35,8 @@ def _controls(tokenizer) -> dict[int, str]:
     except (KeyError, TypeError):  # TypeError: not weak-referenceable, built every time
         pass
     found = {i: s for s, i in PromptCodec(tokenizer).control_ids().items()}
-    found.update({i: p for p, i in tokenizer.get_vocab().items() if CTRL_RE.fullmatch(p)})
+    vocab = getattr(tokenizer, "get_vocab", dict)()
+    found.update({i: p for p, i in vocab.items() if isinstance(p, str) and CTRL_RE.fullmatch(p)})
     try:
         _CONTROLS[tokenizer] = found
     except TypeError:
