@@ -33,3 +33,20 @@ def test_strings_with_lt_inside_a_real_tool_call_come_back_whole():
     [call] = parser.result.tool_calls
     assert parser.result.content == "Sure." and call.arguments == {"city": "a<b <c> d"}
     assert "\ue002" not in call.raw and "a<b" in call.raw
+
+
+def test_tool_call_warnings_read_as_the_model_wrote():
+    """Warnings quote slices with repr, where a guarded "<" reads `\\ue002`."""
+    tok = load_tokenizer(DEMO_MODEL)
+    for args in (" <b>x</b>", "{a:x<y}"):
+        text = f"<|tool_call>call:get_weather{args}<tool_call|>"
+        out, guarded = OutputText(tok), StreamParser(TOOLS, guarded=True)
+        for i in tok.encode(text, add_special_tokens=False):
+            guarded.feed(out.add(i))
+        guarded.feed(out.finalize())
+        guarded.finish()
+        plain = StreamParser(TOOLS)
+        plain.feed(text)
+        plain.finish()
+        got, want = ([c.warnings for c in p.result.tool_calls] for p in (guarded, plain))
+        assert got == want and any("<" in w for ws in got for w in ws), (got, want)

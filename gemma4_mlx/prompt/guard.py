@@ -31,11 +31,19 @@ def unguard_value(value):
 
 
 def unguard_call(call):
-    """A `ToolCall` parsed from guarded text, with its strings as the model wrote them."""
+    """A `ToolCall` parsed from guarded text, with its strings as the model wrote them.
+    Its warnings quote slices with repr, which spells a guarded "<" as the escape
+    text `\\ue002`: that is put back too (a diagnostic, so a literal U+E001 / U+E002
+    the model wrote may read differently there)."""
     return dataclasses.replace(
         call,
         name=unguard(call.name),
         raw_name=unguard(call.raw_name),
         raw=unguard(call.raw),
         arguments=unguard_value(call.arguments),
+        warnings=[_unguard_repr(w) if isinstance(w, str) else w for w in call.warnings],
     )
+
+
+def _unguard_repr(text: str) -> str:
+    return unguard(text).replace("\\ue002", "<").replace("\\ue001", "")

@@ -12,7 +12,9 @@ kinds of pieces (docs/chat-format.md §1):
 The parser built with `guarded=True` reads these pieces and hands out the text
 unguarded (`unguard`), so callers see exactly what the model wrote.  Guarding keeps
 lengths (one character for one), so the parser's budgets and loop checks count the
-same.
+same — except for the private-use U+E001 / U+E002 themselves, two characters each
+(a thinking budget then counts them twice; a tool-call string that spells them as
+JSON escapes reads them as guarded).
 """
 
 from __future__ import annotations
