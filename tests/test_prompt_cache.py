@@ -470,4 +470,8 @@ def test_crafted_files_are_refused_in_one_line(pairs, tmp_path):
     refused(resaved("half", half, dtype="float16"), "K/V stored as float16 for a float32 model")
     vocab = model.config.vocab_size
     refused(resaved("vocab", tokens=json.dumps([*ids[:-1], vocab])), rf"malformed cache metadata \(token {vocab}\)")
+    layers = json.loads(meta["layers"])
+    sliding = max(i for i, info in enumerate(layers) if info is not None and info["window"] is not None)
+    layers[sliding]["offset"] += 1 << 40  # a sliding layer's slots fit any offset: this loaded
+    refused(resaved("offsets", layers=json.dumps(layers)), "its layers disagree on the tokens they hold")
     assert load_prompt_cache(resaved("same"), model).keys == list(ids)  # the untouched file loads

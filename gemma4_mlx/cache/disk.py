@@ -181,6 +181,9 @@ def restore(
         if (info is None) != (c is None):
             raise CacheFileError(f"{path}: layer {i}: {'no' if info is None else 'a'} cache, the model has the other")
         states.append(None if c is None else _layer_state(path, i, info, c, shape, tensors, dtype))
+    offsets = sorted({s["offset"] for s in states if s is not None})
+    if len(offsets) > 1:  # every layer has seen the same tokens; `cache.offset` reads one of them
+        raise CacheFileError(f"{path}: its layers disagree on the tokens they hold ({offsets[0]} .. {offsets[-1]})")
     used = {_name(i, w, p) for i in range(len(into)) for w in ("keys", "values") for p in (None, *PARTS)}
     if extra := sorted(set(tensors) - used):
         raise CacheFileError(f"{path}: unexpected tensor {extra[0]}")
