@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from gemma4_mlx.cache.disk import FORMAT, CacheFileError
 from gemma4_mlx.chat.saved import read_chat, save_chat
 from gemma4_mlx.prompt.template import tool_result_content
 
@@ -58,3 +59,18 @@ def test_tool_results_json_cannot_hold_are_written_as_text():
     loop.append(loop)
     assert tool_result_content(loop) == "[[...]]"
     assert tool_result_content({"ok": 1}) == '{"ok": 1}'
+
+
+def test_deeply_nested_saved_chats_are_one_line(tmp_path):
+    """100,000 nested lists raised RecursionError out of json.loads (JSON chat, or a
+    cache file's chat metadata)."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    with pytest.raises(ValueError, match=r"deep.json: not a saved chat \(") as e:
+        read_chat(deep, None, None, None)
+    assert "\n" not in str(e.value)
+    header = json.dumps({"__metadata__": {"format": FORMAT, "extra": "[" * 100_000}}).encode()
+    cached = tmp_path / "deep.kv"
+    cached.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CacheFileError, match=r"deep.kv: malformed saved chat \(metadata\)"):
+        read_chat(cached, None, None, None)

@@ -59,15 +59,28 @@ def _holds_a_chat(path: Path) -> bool:
     try:
         if not path.is_file():
             return False
-        if is_cache_file(path):
-            extra = json.loads(read_metadata(path).get("extra", "{}"))
-            return isinstance(extra, dict) and isinstance(extra.get("chat"), dict)
-        if path.stat().st_size > MAX_JSON_CHAT_BYTES:
+        cached = is_cache_file(path)
+        if not cached and path.stat().st_size > MAX_JSON_CHAT_BYTES:
             return False
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError, CacheFileError):
+        data = _stored_chat(path, cached)
+    except (OSError, ValueError):  # CacheFileError is a ValueError
         return False
-    return isinstance(data, dict) and isinstance(data.get("messages"), list)
+    return isinstance(data, dict) and (cached or isinstance(data.get("messages"), list))
+
+
+def _stored_chat(path: Path, cached: bool):
+    """The conversation a saved chat holds, unchecked: the JSON file, or a cache file's
+    `chat` metadata.  ValueError (or CacheFileError) naming the file if it cannot be read."""
+    if cached:
+        try:
+            extra = json.loads(read_metadata(path).get("extra", "{}"))
+        except (ValueError, RecursionError):
+            raise CacheFileError(f"{path}: malformed saved chat (metadata)") from None
+        return extra.get("chat") if isinstance(extra, dict) else None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a saved chat ({' '.join(str(e).split()) or type(e).__name__})") from None
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -96,18 +109,10 @@ def read_chat(path: str | Path, model, kv_bits, max_rollback: int | None) -> Sav
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    if not is_cache_file(path):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ValueError(f"{path}: not a saved chat ({' '.join(str(e).split())})") from None
-        return SavedChat(_check(path, data))
-    meta = read_metadata(path)
-    try:
-        extra = json.loads(meta.get("extra", "{}"))
-    except ValueError:
-        raise CacheFileError(f"{path}: malformed saved chat (metadata)") from None
-    data = _check(path, extra.get("chat") if isinstance(extra, dict) else None)
+    cached = is_cache_file(path)
+    data = _check(path, _stored_chat(path, cached))
+    if not cached:
+        return SavedChat(data)
     saved = load_prompt_cache(path, model, kv_bits=kv_bits, max_rollback=max_rollback or _rollback(path, data))
     return SavedChat(data, saved.cache, saved.keys)
 
