@@ -16,7 +16,7 @@ from typing import Any
 import mlx.core as mx
 
 from gemma4_mlx.constrain import ConstraintError
-from gemma4_mlx.runtime.generate import SamplingOptions, apply_processors
+from gemma4_mlx.runtime.generate import SamplingOptions, apply_processors, grammar_failure
 from gemma4_mlx.runtime.sampling import PositionedSampler
 from gemma4_mlx.speculative.round import emit
 
@@ -71,8 +71,8 @@ class Job:
     def grammar_failure(self) -> ConstraintError | None:
         """The grammar engine's error if it failed mid-output (the job ends with it:
         the text so far is not an answer the grammar accepts)."""
-        why = next((p.failure for p in self.processors if getattr(p, "failure", None)), None)
-        return None if why is None else ConstraintError(f"the output grammar failed while decoding ({why})")
+        why = grammar_failure(self.processors)
+        return None if why is None else ConstraintError(why)
 
 
 @dataclass

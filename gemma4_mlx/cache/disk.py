@@ -142,7 +142,6 @@ def read(path: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
         raise CacheFileError(f"{path}: not a gemma4-mlx KV cache file (no format tag {FORMAT!r})")
     if meta.get("version") != VERSION:
         raise CacheFileError(f"{path}: cache file version {meta.get('version')!r}, this gemma4-mlx reads {VERSION}")
-    _check_strings(path, meta)
     if bad := next((n for n, t in tensors.items() if any(d < 0 for d in t.shape)), None):
         raise CacheFileError(f"{path}: malformed tensor {bad} (shape {list(tensors[bad].shape)})")
     try:

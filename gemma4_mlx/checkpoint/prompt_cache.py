@@ -103,7 +103,7 @@ def load_prompt_cache(
 def _json(path, meta: dict, name: str, kind: type):
     try:
         value = json.loads(meta[name])
-    except (KeyError, ValueError, TypeError, RecursionError):
+    except (KeyError, ValueError, RecursionError):  # values are strings: mx.load refuses others
         raise CacheFileError(f"{path}: malformed cache metadata ({name})") from None
     if not isinstance(value, kind):
         raise CacheFileError(f"{path}: malformed cache metadata ({name} is not a {kind.__name__})")

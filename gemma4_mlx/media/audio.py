@@ -337,11 +337,16 @@ def read_wav(path: str | os.PathLike, cfg: FeatureConfig | None = None) -> tuple
     return _pcm_to_float(data[: n * ch * width], fmt, width, ch, path), rate
 
 
-def _check_wav_header(path: str, rate: int, frames: int, cfg: FeatureConfig | None) -> None:
+def _check_rate(name: str, rate) -> None:
+    """AudioError naming `name` for a rate outside `decode.AUDIO_RATES`."""
     try:
         decode.check_rate(rate)
     except decode.DecodeError as e:
-        raise AudioError(f"{path}: {e}") from None
+        raise AudioError(f"{name}: {e}") from None
+
+
+def _check_wav_header(path: str, rate: int, frames: int, cfg: FeatureConfig | None) -> None:
+    _check_rate(path, rate)
     if cfg is not None and frames * cfg.sampling_rate > cfg.max_samples * rate:
         raise _too_long(path, frames / rate, cfg)
 
@@ -458,10 +463,7 @@ def load_audio(source, sampling_rate: int | None = None, cfg: FeatureConfig = Fe
             raise AudioError(f"{name}: waveform contains NaN or infinite samples")
     if len(x) == 0:
         raise AudioError(f"{name}: empty audio (0 samples)")
-    try:
-        decode.check_rate(rate)
-    except decode.DecodeError as e:
-        raise AudioError(f"{name}: {e}") from None
+    _check_rate(name, rate)
     if len(x) * cfg.sampling_rate > cfg.max_samples * rate:  # before resampling, which costs in proportion
         raise _too_long(name, len(x) / rate, cfg)
     x = resample(x, int(rate), cfg.sampling_rate)

@@ -168,15 +168,13 @@ def read_video(
             stream = c.streams.video[0]
             src_fps = _source_fps(stream, name)
             total = int(stream.frames or 0)
-            size = (stream.codec_context.width, stream.codec_context.height)
+            w, h = stream.codec_context.width, stream.codec_context.height
         total = total or _count_frames(name)
         if total == 0:
             raise VideoError(f"{name}: no video frames in this file")
         duration = _check_length(name, total, src_fps, max_seconds)
         indices = sample_indices(total, num_frames, fps, src_fps, name)
-        if all(size):  # else the first frame tells (`_decode_frames`)
-            _check_size(name, size, len(indices), int(indices[-1]) + 1)
-        frames = _decode_frames(name, indices, total, size if all(size) else None)
+        frames = _decode_frames(name, indices, total, (w, h) if w and h else None)
     except decode.DecodeError as e:
         raise VideoError(f"{name}: cannot read video ({e})") from None
     return Video(name, frames, indices, src_fps, total, duration)
@@ -197,13 +195,15 @@ def _decode_frames(name: str, indices: np.ndarray, total: int, size: tuple[int, 
     """The sampled frames as RGB; size: the header's frame size (None: unknown there, the
     first frame's is checked instead), which every frame must keep: it bounds what is held."""
     wanted, last = set(indices.tolist()), int(indices[-1])
+    if size is not None:  # from the header, before anything is decoded
+        _check_size(name, size, len(indices), last + 1)
     kept, i = [], -1
     with decode.open_container(name) as c:
         stream = c.streams.video[0]
         stream.thread_type = "AUTO"
         try:
             for i, frame in enumerate(c.decode(stream)):
-                if size is None:
+                if size is None:  # the header did not say: the first frame does
                     size = (frame.width, frame.height)
                     _check_size(name, size, len(indices), last + 1)
                 if (frame.width, frame.height) != size:

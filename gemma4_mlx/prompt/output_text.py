@@ -50,16 +50,18 @@ class OutputText:
     """Streams generated ids as guarded text for a `guarded=True` parser, through the
     tokenizer's own streaming detokenizer (mlx-lm's: it holds partial characters)."""
 
-    def __init__(self, tokenizer, detok=None):
+    def __init__(self, tokenizer, detok=None, guarded: bool = True):
         """detok: the streaming detokenizer to go on with (primed, say); else a fresh one
-        (mlx-lm's wrapper hands out a new copy on every `tokenizer.detokenizer`)."""
+        (mlx-lm's wrapper hands out a new copy on every `tokenizer.detokenizer`).
+        guarded=False: the plain decoded text (raw completions: no parser reads it)."""
         self.detok = tokenizer.detokenizer if detok is None else detok
-        self.controls = _controls(tokenizer)
+        self.controls = _controls(tokenizer) if guarded else {}
+        self._guard = guard if guarded else str
 
     def add(self, token: int) -> str:
         if token not in self.controls:
             self.detok.add_token(token)
-            return guard(self.detok.last_segment)
+            return self._guard(self.detok.last_segment)
         self.detok.finalize()  # the ordinary text before it, whole (held spaces, partial bytes)
         before = guard(self.detok.last_segment)
         self.detok.add_token(token)  # keeps the detokenizer's own state in step
@@ -69,4 +71,4 @@ class OutputText:
 
     def finalize(self) -> str:
         self.detok.finalize()
-        return guard(self.detok.last_segment)
+        return self._guard(self.detok.last_segment)

@@ -147,12 +147,18 @@ def apply_processors(logits: mx.array, histories, processors) -> mx.array:
     return mx.concatenate(rows)
 
 
-def check_grammar(processors) -> None:
-    """Raise when a grammar processor's engine failed mid-output (`failure`): its mask
-    then allows only the end, and the text would pass for a finished answer."""
+def grammar_failure(processors) -> str | None:
+    """Why a grammar processor's engine failed mid-output (its `failure`), if one did:
+    its mask then allows only the end, and the text would pass for a finished answer."""
     why = next((p.failure for p in processors if getattr(p, "failure", None)), None)
+    return None if why is None else f"the output grammar failed while decoding ({why})"
+
+
+def check_grammar(processors) -> None:
+    """ValueError when `grammar_failure` says the grammar engine failed."""
+    why = grammar_failure(processors)
     if why is not None:
-        raise ValueError(f"the output grammar failed while decoding ({why})")
+        raise ValueError(why)
 
 
 def _pick(logits, history, sampler, processors):

@@ -20,15 +20,13 @@ import threading
 
 from gemma4_mlx.api import own_thread, release_thread, share_with_thread
 from gemma4_mlx.batching import Job, Progress, Scheduler
-from gemma4_mlx.batching.memory import KVBudgetExceeded
 from gemma4_mlx.chat.conversation import stop_ids
-from gemma4_mlx.constrain import ConstraintError
 from gemma4_mlx.server.follow import LeaderScheduler
 from gemma4_mlx.server.handle import Output, Request, RequestHandle, Usage
+from gemma4_mlx.server.results import CLIENT_ERRORS
 from gemma4_mlx.server.run import Run
 
 log = logging.getLogger("gemma4_mlx.server")
-CLIENT_ERRORS = (ConstraintError, KVBudgetExceeded)  # a request's schema or size: 400s, not faults
 
 
 class QueueFull(Exception):

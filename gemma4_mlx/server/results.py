@@ -68,6 +68,10 @@ async def outputs(handle: RequestHandle, http=None, poll: float = 0.5):
         handle.cancel()  # a no-op once finished
 
 
+# Errors a request brings on itself (its size, its schema or tools): 400s, not faults.
+CLIENT_ERRORS = (KVBudgetExceeded, ConstraintError)
+
+
 def failure(out: Output) -> APIError:
     """The client's error for an "error" output: bad input as it was raised, anything
     else a 500 without details (the engine logged the traceback)."""

@@ -57,7 +57,7 @@ class Run:
         if self.req.continues:
             self._prime_detokenizer(tokenizer)
         # for the parser, control tokens only are control strings (prompt/output_text.py)
-        self.text = OutputText(tokenizer, self.detok) if getattr(self.parser, "guarded", False) else None
+        self.text = OutputText(tokenizer, self.detok, guarded=getattr(self.parser, "guarded", False))
         self.generated: list[int] = []
         self.stop_string: str | None = None
         self.cancelled = False
@@ -92,11 +92,7 @@ class Run:
         stop = tok in self.stop_ids and not self.req.ignore_eos
         if self.parser is None and stop:
             return True  # raw text: the stop token is not shown
-        if self.text is not None:
-            self._feed(self.text.add(tok))
-        else:
-            self.detok.add_token(tok)
-            self._feed(self.detok.last_segment)
+        self._feed(self.text.add(tok))
         return stop or self.stop_string is not None or (self.parser is not None and self.parser.done)
 
     def _feed(self, piece: str) -> None:
@@ -145,11 +141,7 @@ class Run:
             self.handle.put(Output("done", finish_reason="cancelled", usage=self.usage))
             return
         if self.stop_string is None:
-            if self.text is not None:
-                self._feed(self.text.finalize())
-            else:
-                self.detok.finalize()
-                self._feed(self.detok.last_segment)
+            self._feed(self.text.finalize())
             if self.parser is not None:
                 self._emit(self.parser.finish())
         if self.stop_string is None:
