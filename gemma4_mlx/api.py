@@ -21,6 +21,7 @@ from gemma4_mlx.media.prepare import has_media, media_prompt_keyed
 from gemma4_mlx.prompt.tokens import encode_prompt
 from gemma4_mlx.runtime.generate import (
     DEFAULT_PREFILL_CHUNK,
+    LogitBias,
     SamplingOptions,
     Stats,
     batch_generate,
@@ -78,6 +79,7 @@ def stream_generate(
     min_p: float = 0.0,
     repetition_penalty: float | None = None,
     seed: int | None = None,
+    logit_bias: dict[int, float] | None = None,
     chat: bool = True,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     draft_model=None,
@@ -95,6 +97,7 @@ def stream_generate(
 ) -> Iterator[Chunk]:
     """Stream text chunks; stops on the model's end-of-turn / end-of-text ids.
 
+    logit_bias: {token id: number added to its logit} (OpenAI's; -100 bans a token).
     draft_model: an MTP drafter (`load_drafter`) for speculative decoding; the
     output is unchanged (greedy, or sampling with the same seed), only faster.
     draft_tokens: tokens drafted per round, or "auto" (cost-aware; what it learns
@@ -122,7 +125,10 @@ def stream_generate(
     spec = grammar_from(json_schema=json_schema, regex=regex, grammar=grammar)
     stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
     constraint = None if spec is None else bind(spec, tokenizer, model.config.vocab_size, stop)
-    options = SamplingOptions(temperature, top_p, top_k, min_p, repetition_penalty, seed=seed, constraint=constraint)
+    options = SamplingOptions(
+        temperature, top_p, top_k, min_p, repetition_penalty, seed=seed, logit_bias=logit_bias, constraint=constraint
+    )
+    LogitBias.check(options.logit_bias, model.config.vocab_size)
     ids, keys, mprompt = _encode(model, tokenizer, prompt, chat, images, audio, videos, image_budget, media_processor)
     start = 0
     if prompt_cache is not None:

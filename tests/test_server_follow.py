@@ -26,14 +26,16 @@ def test_a_job_travels_as_json_and_comes_back_the_same(demo):
     model, tokenizer = demo
     grammar = json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
     constraint = bind(grammar, tokenizer, model.config.vocab_size, stop_ids(model, tokenizer))
-    options = SamplingOptions(temperature=0.7, top_k=20, presence_penalty=0.5, constraint=constraint)
+    options = SamplingOptions(
+        temperature=0.7, top_k=20, presence_penalty=0.5, logit_bias={5: -2.5}, constraint=constraint
+    )
     job = Job([5, 6, 7], [5, 6, 7], options=options, max_tokens=9, stop_ids=frozenset({1}), logprobs=2)
     spec = json.loads(json.dumps(job_spec(job, 3)))
     again = job_from_spec(spec, tokenizer)
     assert spec["id"] == 3 and again.ids == job.ids and again.keys == job.keys
     assert again.sampler.seed == job.sampler.seed  # rank 0's draw for an unseeded request
     assert (again.max_tokens, again.stop_ids, again.logprobs) == (9, frozenset({1}), 2)
-    for name in ("temperature", "top_k", "presence_penalty"):
+    for name in ("temperature", "top_k", "presence_penalty", "logit_bias"):
         assert getattr(again.options, name) == getattr(options, name)
     assert again.options.constraint.grammar == grammar
     assert again.options.constraint.stop_ids == constraint.stop_ids

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -91,6 +91,10 @@ class SamplingOptions:
     frequency_penalty: float | None = None  # subtracted per occurrence
     penalty_context_size: int = 256  # how many recent tokens presence / frequency look at
     seed: int | None = None
+    # OpenAI's logit_bias: token id -> a number added to its logit before sampling
+    # (-100 bans a token, 100 all but forces it).  Token ids are checked against the
+    # vocabulary at the first step (`LogitBias`).
+    logit_bias: Mapping[int, float] | None = None
     # Structured output: a factory (`constrain.Constraint`) called once per generation;
     # the processor it returns masks what the grammar forbids, last (docs/structured-output.md §3).
     constraint: Callable[[], Callable] | None = None
@@ -111,6 +115,8 @@ class SamplingOptions:
                 raise ValueError(f"{name} {value!r}: expected an integer >= 0")
         if self.seed is not None and self.seed >= 1 << 64:
             raise ValueError(f"seed {self.seed}: expected an integer below 2**64")
+        if self.logit_bias is not None:
+            self.logit_bias = _bias_table(self.logit_bias)
 
     def sampler(self) -> Callable:
         return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
@@ -124,6 +130,8 @@ class SamplingOptions:
             frequency_penalty=self.frequency_penalty or None,
             frequency_context_size=self.penalty_context_size,
         )
+        if self.logit_bias:  # before the penalties, as OpenAI and mlx-lm apply them
+            procs.insert(0, LogitBias(self.logit_bias))
         return procs + [self.constraint()] if self.constraint is not None else procs
 
 
@@ -131,8 +139,43 @@ def _number(name: str, value, lo: float | None, hi: float | None) -> None:
     """ValueError naming `name` unless value is a finite real number in [lo, hi]."""
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
     if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]" if lo is not None else ""
+        bounds = {(True, True): "", (False, True): f">= {lo}", (True, False): f"<= {hi}"}.get(
+            (lo is None, hi is None), f"in [{lo}, {hi}]"
+        )
         raise ValueError(f"{name} {value!r}: expected a finite number {bounds}".rstrip())
+
+
+def _bias_table(bias) -> dict[int, float]:
+    """A logit_bias mapping as {token id: finite float}; ValueError naming the entry."""
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias {bias!r}: expected a mapping of token ids to numbers")
+    table = {}
+    for token, value in bias.items():
+        if not isinstance(token, Integral) or isinstance(token, bool) or token < 0:
+            raise ValueError(f"logit_bias: key {token!r} is not a token id (an integer >= 0)")
+        _number(f"logit_bias[{token}]", value, None, None)
+        table[int(token)] = float(value)
+    return table
+
+
+class LogitBias:
+    """The processor of `SamplingOptions.logit_bias`: adds each bias to its token's
+    logit (stateless, so one instance may serve every row of a batch)."""
+
+    def __init__(self, bias: Mapping[int, float]):
+        self.bias = bias
+        self.ids = mx.array(list(bias), dtype=mx.int32)
+        self.values = mx.array(list(bias.values()), dtype=mx.float32)
+
+    @staticmethod
+    def check(bias: Mapping[int, float] | None, vocab_size: int) -> None:
+        """ValueError unless every biased token id is in the vocabulary."""
+        if bias and max(bias) >= vocab_size:  # MLX would scatter outside the row
+            raise ValueError(f"logit_bias: token id {max(bias)} is not in the vocabulary (0 .. {vocab_size - 1})")
+
+    def __call__(self, history, logits: mx.array) -> mx.array:
+        self.check(self.bias, logits.shape[-1])
+        return logits.at[:, self.ids].add(self.values.astype(logits.dtype))
 
 
 def apply_processors(logits: mx.array, histories, processors) -> mx.array:

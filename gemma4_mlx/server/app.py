@@ -51,6 +51,19 @@ class ServerState:
         except QueueFull as e:
             raise APIError(429, f"server busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
 
+    def submit_all(self, requests: list[Request]) -> list[RequestHandle]:
+        """Submit a request's choices together: if the queue refuses one, those already
+        queued are cancelled and the request gets the 429."""
+        handles: list[RequestHandle] = []
+        try:
+            for r in requests:
+                handles.append(self.submit(r))
+        except APIError:
+            for h in handles:
+                h.cancel()
+            raise
+        return handles
+
 
 class _Guard:
     """ASGI middleware: API key (401), body size (413), request counting."""

@@ -59,10 +59,13 @@ def job_from_spec(spec: dict, tokenizer) -> Job:
     constraint = None
     if c is not None:
         constraint = bind(Grammar(c["kind"], c["source"], c["what"]), tokenizer, c["vocab"], c["stop"], c["after"])
+    options = dict(spec["options"])
+    if options.get("logit_bias"):  # JSON made its token ids strings
+        options["logit_bias"] = {int(k): v for k, v in options["logit_bias"].items()}
     return Job(
         spec["ids"],
         spec["keys"],
-        options=SamplingOptions(**spec["options"], constraint=constraint),
+        options=SamplingOptions(**options, constraint=constraint),
         max_tokens=spec["max_tokens"],
         stop_ids=frozenset(spec["stop_ids"]),
         logprobs=spec["logprobs"],

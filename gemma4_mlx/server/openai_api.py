@@ -10,16 +10,25 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
-from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools, split_prefill
+from gemma4_mlx.server.prompts import (
+    Conversation,
+    check_roles,
+    choices,
+    sampling_options,
+    select_tools,
+    split_prefill,
+)
 from gemma4_mlx.server.results import (
     Result,
     arguments_json,
     chat_logprobs,
-    collect,
+    collect_all,
     completion_logprobs,
+    merged,
     new_id,
     now,
-    opened,
+    opened_all,
+    total_usage,
     ttft,
 )
 from gemma4_mlx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
@@ -119,6 +128,7 @@ def _sse(data) -> str:
 def routes(server) -> APIRouter:
     """server: the app's `ServerState` (model name, prompter, engine, metrics)."""
     router = APIRouter()
+    vocab = server.prompter.model.config.vocab_size
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
@@ -130,31 +140,23 @@ def routes(server) -> APIRouter:
             conv = conversation(body, server.prompter)
             limit = body.max_completion_tokens or body.max_tokens
             lps = (body.top_logprobs or 0) if body.logprobs else None
-            return server.prompter.chat_request(conv, sampling_options(body), limit, body.stop, lps)
+            options = sampling_options(body, vocab_size=vocab)
+            return server.prompter.chat_request(conv, options, limit, body.stop, lps)
 
-        handle = server.submit(await run_in_threadpool(build))
+        handles = server.submit_all(choices(await run_in_threadpool(build), body.n))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            outs = await opened(handle, http)
-            stream = _chat_stream(server, handle, outs, usage, body.logprobs)
+            streams = await opened_all(handles, http)
+            stream = _chat_stream(server, handles, streams, usage, body.logprobs)
             return StreamingResponse(stream, media_type="text/event-stream")
-        r = await collect(handle, http, server.metrics)
-        # OpenAI's shape: content is null when the reply is only tool calls
-        message = {"role": "assistant", "content": None if r.tool_calls and not r.content else r.content}
-        if r.reasoning:
-            message["reasoning_content"] = r.reasoning
-        if r.tool_calls:
-            message["tool_calls"] = _tool_calls(r)
-        choice = {"index": 0, "message": message, "finish_reason": _FINISH.get(r.finish_reason, "stop")}
-        if body.logprobs:
-            choice["logprobs"] = chat_logprobs(r.logprobs)
+        results = await collect_all(handles, http, server.metrics)
         return {
             "id": new_id("chatcmpl-"),
             "object": "chat.completion",
             "created": now(),
             "model": server.model_name,
-            "choices": [choice],
-            "usage": _usage(r.usage),
+            "choices": [_chat_choice(i, r, body.logprobs) for i, r in enumerate(results)],
+            "usage": _usage(total_usage([r.usage for r in results])),
         }
 
     @router.post("/v1/completions")
@@ -164,94 +166,102 @@ def routes(server) -> APIRouter:
             raise APIError(400, "echo is not supported", param="echo")
 
         def build():
-            options = sampling_options(body)
+            options = sampling_options(body, vocab_size=vocab)
             return server.prompter.raw_request(
                 body.prompt, options, body.max_tokens, body.stop, body.ignore_eos, body.logprobs
             )
 
-        handle = server.submit(await run_in_threadpool(build))
+        handles = server.submit_all(choices(await run_in_threadpool(build), body.n))
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            outs = await opened(handle, http)
-            stream = _completion_stream(server, handle, outs, usage, body.logprobs is not None)
+            streams = await opened_all(handles, http)
+            stream = _completion_stream(server, handles, streams, usage, body.logprobs is not None)
             return StreamingResponse(stream, media_type="text/event-stream")
-        r = await collect(handle, http, server.metrics)
-        finish = _FINISH.get(r.finish_reason, "stop")
-        lps = completion_logprobs(r.logprobs) if body.logprobs is not None else None
-        choice = {"index": 0, "text": r.content, "logprobs": lps, "finish_reason": finish}
+        results = await collect_all(handles, http, server.metrics)
         return {
             "id": new_id("cmpl-"),
             "object": "text_completion",
             "created": now(),
             "model": server.model_name,
-            "choices": [choice],
-            "usage": _usage(r.usage),
+            "choices": [_completion_choice(i, r, body.logprobs is not None) for i, r in enumerate(results)],
+            "usage": _usage(total_usage([r.usage for r in results])),
         }
 
     return router
 
 
-async def _chat_stream(server, handle, outs, include_usage: bool, logprobs: bool):
+def _chat_choice(index: int, r: Result, logprobs: bool) -> dict:
+    # OpenAI's shape: content is null when the reply is only tool calls
+    message = {"role": "assistant", "content": None if r.tool_calls and not r.content else r.content}
+    if r.reasoning:
+        message["reasoning_content"] = r.reasoning
+    if r.tool_calls:
+        message["tool_calls"] = _tool_calls(r)
+    choice = {"index": index, "message": message, "finish_reason": _FINISH.get(r.finish_reason, "stop")}
+    if logprobs:
+        choice["logprobs"] = chat_logprobs(r.logprobs)
+    return choice
+
+
+def _completion_choice(index: int, r: Result, logprobs: bool) -> dict:
+    lps = completion_logprobs(r.logprobs) if logprobs else None
+    return {"index": index, "text": r.content, "logprobs": lps, "finish_reason": _FINISH.get(r.finish_reason, "stop")}
+
+
+async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: bool):
     base = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "created": now(), "model": server.model_name}
 
-    def chunk(delta: dict, finish=None) -> str:
-        return _sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    def chunk(i: int, delta: dict, finish=None, lps=None) -> str:
+        choice = {"index": i, "delta": delta, "finish_reason": finish}
+        if lps is not None:
+            choice["logprobs"] = chat_logprobs(lps)
+        return _sse({**base, "choices": [choice]})
 
-    yield chunk({"role": "assistant", "content": ""})
-    n_calls = 0
-    async for out in outs:
+    for i in range(len(streams)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    calls, usages = [0] * len(streams), []
+    async for i, out in merged(streams, handles):
         if out.kind == "error":
             yield _sse(error_body("/v1/chat/completions", 500, "internal server error (see the server log)"))
             return
         if out.kind == "done":
-            server.metrics.record(out.usage, ttft(handle))
-            yield chunk({}, _FINISH.get(out.finish_reason, "stop"))
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(out.usage)})
-            break
+            server.metrics.record(out.usage, ttft(handles[i]))
+            usages.append(out.usage)
+            yield chunk(i, {}, _FINISH.get(out.finish_reason, "stop"))
+            continue
         ev = out.event
-        if ev.type == "content" and logprobs:
-            yield _sse(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "delta": {"content": ev.text},
-                            "finish_reason": None,
-                            "logprobs": chat_logprobs(out.logprobs or []),
-                        }
-                    ],
-                }
-            )
-        elif ev.type == "content":
-            yield chunk({"content": ev.text})
+        if ev.type == "content":
+            yield chunk(i, {"content": ev.text}, lps=(out.logprobs or []) if logprobs else None)
         elif ev.type == "reasoning":
-            yield chunk({"reasoning_content": ev.text})
+            yield chunk(i, {"reasoning_content": ev.text})
         elif ev.type == "tool_call":
-            head = {"index": n_calls, "id": new_id("call_"), "type": "function"}
-            yield chunk({"tool_calls": [{**head, "function": {"name": ev.call.name, "arguments": ""}}]})
-            yield chunk({"tool_calls": [{"index": n_calls, "function": {"arguments": arguments_json(ev.call)}}]})
-            n_calls += 1
+            head = {"index": calls[i], "id": new_id("call_"), "type": "function"}
+            yield chunk(i, {"tool_calls": [{**head, "function": {"name": ev.call.name, "arguments": ""}}]})
+            yield chunk(i, {"tool_calls": [{"index": calls[i], "function": {"arguments": arguments_json(ev.call)}}]})
+            calls[i] += 1
+    if include_usage and len(usages) == len(streams):
+        yield _sse({**base, "choices": [], "usage": _usage(total_usage(usages))})
     yield "data: [DONE]\n\n"
 
 
-async def _completion_stream(server, handle, outs, include_usage: bool, logprobs: bool):
+async def _completion_stream(server, handles, streams, include_usage: bool, logprobs: bool):
     base = {"id": new_id("cmpl-"), "object": "text_completion", "created": now(), "model": server.model_name}
 
-    def chunk(text: str, finish=None, lps=None) -> str:
+    def chunk(i: int, text: str, finish=None, lps=None) -> str:
         lp = completion_logprobs(lps or []) if logprobs and not finish else None
-        return _sse({**base, "choices": [{"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}]})
+        return _sse({**base, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
 
-    async for out in outs:
+    usages = []
+    async for i, out in merged(streams, handles):
         if out.kind == "error":
             yield _sse(error_body("/v1/completions", 500, "internal server error (see the server log)"))
             return
         if out.kind == "done":
-            server.metrics.record(out.usage, ttft(handle))
-            yield chunk("", _FINISH.get(out.finish_reason, "stop"))
-            if include_usage:
-                yield _sse({**base, "choices": [], "usage": _usage(out.usage)})
-            break
-        yield chunk(out.event.text, lps=out.logprobs)
+            server.metrics.record(out.usage, ttft(handles[i]))
+            usages.append(out.usage)
+            yield chunk(i, "", _FINISH.get(out.finish_reason, "stop"))
+            continue
+        yield chunk(i, out.event.text, lps=out.logprobs)
+    if include_usage and len(usages) == len(streams):
+        yield _sse({**base, "choices": [], "usage": _usage(total_usage(usages))})
     yield "data: [DONE]\n\n"

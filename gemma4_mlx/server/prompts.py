@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -297,6 +299,19 @@ class Prompter:
         )
 
 
+def choices(request: Request, n: int) -> list[Request]:
+    """OpenAI's `n`: the request and n - 1 copies, each a generation of its own (own
+    cancel flag; with a seed, choice i samples with seed + i, so seeded choices differ
+    and choice 0 is what n = 1 gives)."""
+    out = [request]
+    for i in range(1, n):
+        seed = request.options.seed
+        options = request.options if seed is None else replace(request.options, seed=(seed + i) & 0xFFFF_FFFF_FFFF_FFFF)
+        fresh = dict(cancelled=threading.Event(), submitted=time.perf_counter())
+        out.append(replace(request, ids=list(request.ids), keys=list(request.keys), options=options, **fresh))
+    return out
+
+
 def _line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -310,8 +325,26 @@ def stop_list(stop) -> list[str]:
     return [s for s in stops if s]
 
 
-def sampling_options(body, default_temperature: float = 1.0) -> SamplingOptions:
-    """SamplingOptions from a request body's fields (OpenAI semantics: top_p 1 = off)."""
+def logit_bias(body, vocab_size: int) -> dict[int, float] | None:
+    """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) as {id: bias}; 400 naming
+    the entry that is not a token id of the vocabulary or whose bias is out of range."""
+    bias = getattr(body, "logit_bias", None)
+    if not bias:
+        return None
+    table = {}
+    for key, value in bias.items():
+        token = int(key) if key.strip().isdigit() and key.isascii() else None
+        if token is None or token >= vocab_size:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id (0 .. {vocab_size - 1})", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise APIError(400, f"logit_bias[{key!r}]: {value} is outside [-100, 100]", param="logit_bias")
+        table[token] = value
+    return table
+
+
+def sampling_options(body, default_temperature: float = 1.0, vocab_size: int | None = None) -> SamplingOptions:
+    """SamplingOptions from a request body's fields (OpenAI semantics: top_p 1 = off);
+    vocab_size: the model's, to check OpenAI's logit_bias against."""
     t = body.temperature if body.temperature is not None else default_temperature
     try:
         return SamplingOptions(
@@ -325,6 +358,7 @@ def sampling_options(body, default_temperature: float = 1.0) -> SamplingOptions:
             # any integer (-1 is "random" to llama.cpp-style clients): the keyed sampler
             # reads its low bits only, so a 64-bit pattern keeps every seed's stream
             seed=None if body.seed is None else body.seed & 0xFFFF_FFFF_FFFF_FFFF,
+            logit_bias=None if vocab_size is None else logit_bias(body, vocab_size),
         )
     except ValueError as e:  # what the schema's ranges leave (a negative seed): the field is named first
         raise APIError(400, str(e), param=str(e).split()[0]) from None

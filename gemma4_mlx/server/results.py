@@ -110,6 +110,69 @@ async def opened(handle: RequestHandle, http):
     return rest()
 
 
+async def opened_all(handles: list[RequestHandle], http) -> list:
+    """`opened` for each of a request's choices; if one fails, all are cancelled."""
+    streams = []
+    try:
+        for h in handles:
+            streams.append(await opened(h, http))
+    except BaseException:
+        for h in handles:
+            h.cancel()
+        for s in streams:
+            await s.aclose()
+        raise
+    return streams
+
+
+async def merged(streams: list, handles: list[RequestHandle]):
+    """(choice index, output) from several choices' output streams as they come.
+    Leaving early (the response ended, the client left) cancels every choice."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, out = await queue.get()
+            if out is None:
+                running -= 1
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for h in handles:
+            h.cancel()  # a no-op once finished
+
+
+def total_usage(usages: list[Usage]) -> Usage:
+    """The usage of a request with several choices: its prompt once, every choice's output."""
+    first = usages[0]
+    return Usage(first.prompt_tokens, sum(u.completion_tokens for u in usages), first.cached_tokens)
+
+
+async def collect_all(handles: list[RequestHandle], http, metrics) -> list[Result]:
+    """`collect` for each of a request's choices, together; if one fails, all stop."""
+    tasks = [asyncio.ensure_future(collect(h, http, metrics)) for h in handles]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for h in handles:
+            h.cancel()
+
+
 async def collect(handle: RequestHandle, http, metrics) -> Result:
     """The whole result; 500 (message only; the traceback is logged) on failure."""
     r = Result()

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+MAX_CHOICES = 16  # `n`: each choice is a row of the batch, and counts against the queue
+
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -33,6 +35,13 @@ class Sampling(_Body):
     seed: int | None = None
 
 
+class OpenAISampling(Sampling):
+    # token id (as a JSON key: a string) -> bias added to its logit, as OpenAI's
+    logit_bias: dict[str, float] | None = None
+    # choices per request: each its own generation (its own row in the batch)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+
+
 # -- OpenAI -----------------------------------------------------------------------
 
 
@@ -50,7 +59,7 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(Sampling):
+class ChatCompletionRequest(OpenAISampling):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
@@ -65,10 +74,9 @@ class ChatCompletionRequest(Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
-    n: int = Field(1, ge=1, le=1)
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(OpenAISampling):
     model: str
     prompt: str | list[str] | list[int]
     stream: bool = False
@@ -78,7 +86,6 @@ class CompletionRequest(Sampling):
     echo: bool = False
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens
     logprobs: int | None = Field(None, ge=0, le=20)
-    n: int = Field(1, ge=1, le=1)
 
 
 # -- Anthropic --------------------------------------------------------------------
