@@ -97,6 +97,8 @@ def _q4_0(w: mx.array):
     words, scales = [], []
     for _, _, x in _rows(w):
         d, q = q4_0.quantize(x)
+        if not np.isfinite(d).all():  # ggml's fp16 d overflows too: every weight of the block would be inf
+            raise CodecError("has values beyond Q4_0's range (|w| up to 524,032: fp16 scales); keep it in q8 or bf16")
         wq, s, _ = q4_0.to_mlx_affine(d, q, "float16")  # ggml's d is fp16 by definition
         words.append(wq)
         scales.append(s)
@@ -128,7 +130,9 @@ def _recover_q4_0(w: mx.array) -> tuple[dict[str, mx.array] | None, dict]:
         return None, info
     info["provenance"] = "qat-lattice"
     s = mx.concatenate(scales)
-    # fp16 when every d is exact in it (half the metadata), else fp32; never bf16 (docs/quantization.md §3.3).
+    # fp16 when every d (and its bias -8d) is exact in it (half the metadata), else fp32;
+    # never bf16 (docs/quantization.md §3.3).
+    fits16 = fits16 and q4_0.bias_fits_fp16(s)
     return _q4_0_arrays(w.shape, words, s.astype(mx.float16) if fits16 else s, info), info
 
 

@@ -281,11 +281,12 @@ def _encode(key: str, w: mx.array, policy: Policy, report: Report) -> dict[str, 
     arrays = None
     if policy.qat_embedding(cls) and w.shape[-1] % 32 == 0:
         # A QAT checkpoint's tied embedding sits on the Q4_0 lattice too: storing it as
-        # Q4_0 is lossless (and is what Google's Q4_0 memory figures assume); any other
-        # embedding keeps the 8-bit rule.
+        # Q4_0 keeps the lattice's values (what the bf16 source rounds; docs/quantization.md
+        # §4.3), which Google's Q4_0 memory figures assume; any other embedding keeps the
+        # 8-bit rule.
         q, info = codecs.q4_0_lattice(w)
         if q is not None:
-            arrays, fmt, note = q, RECIPES["q4_0"], "on the Q4_0 QAT lattice: stored as Q4_0, lossless"
+            arrays, fmt, note = q, RECIPES["q4_0"], "on the Q4_0 QAT lattice: stored as Q4_0 (its lattice values)"
     if arrays is None:
         arrays, info = codecs.encode(w, fmt)
     entry = {"class": cls, **fmt.entry(), **info}

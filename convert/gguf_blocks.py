@@ -120,7 +120,7 @@ def q4_0_transfer(module: str, raw: np.ndarray) -> tuple[dict[str, mx.array], di
         scales.append(s)
     arrays = {
         f"{module}.weight": mx.concatenate(words).reshape(*lead, -1),
-        f"{module}.scales": mx.concatenate(scales).reshape(*lead, -1),
+        f"{module}.scales": mx.concatenate(scales).reshape(*lead, -1),  # float32 where -8d overflows fp16
     }
     entry = {
         "format": "q4_0",
@@ -128,7 +128,7 @@ def q4_0_transfer(module: str, raw: np.ndarray) -> tuple[dict[str, mx.array], di
         "bits": 4,
         "group_size": 32,
         "provenance": "gguf-q4_0",
-        "scale_dtype": "float16",
+        "scale_dtype": str(arrays[f"{module}.scales"].dtype).replace("mlx.core.", ""),
         "biases": "derived at load: -8 * scales",
     }
     return arrays, entry

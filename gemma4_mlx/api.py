@@ -18,6 +18,7 @@ from gemma4_mlx.checkpoint.load import LoadError, load, load_drafter
 from gemma4_mlx.checkpoint.prompt_cache import CacheFileError, load_prompt_cache, save_prompt_cache
 from gemma4_mlx.constrain import ConstraintError, bind, grammar_from
 from gemma4_mlx.media.prepare import has_media, media_prompt_keyed
+from gemma4_mlx.prompt.output_text import primed_detokenizer
 from gemma4_mlx.prompt.tokens import encode_prompt
 from gemma4_mlx.runtime.generate import (
     DEFAULT_PREFILL_CHUNK,
@@ -151,12 +152,13 @@ def stream_generate(
         media=media,
         cache=cache,
     )
-    return _chunks(tokenizer.detokenizer, tokens, stop, stats)
+    # a reply starts a turn (its first space is dropped); a raw prompt's output goes on from its text
+    detok = primed_detokenizer(tokenizer, prime=not chat)
+    return _chunks(detok, tokens, stop, stats)
 
 
 def _chunks(detok, tokens: Iterator[int], stop: set, stats: Stats) -> Iterator[Chunk]:
     """`stream_generate`'s text chunks of the generated `tokens`, up to a stop id."""
-    detok.reset()
     mx.reset_peak_memory()
     for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9

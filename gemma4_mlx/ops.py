@@ -290,6 +290,14 @@ def _after(x: mx.array, outs: list) -> mx.array:
     return mx.depends(x, outs[-1]) if outs else x
 
 
+def float32_affine(scales: mx.array, biases, mode: str):
+    """Affine scales and biases in float32 (the values they hold, exactly): what
+    dequantizing to float32 multiplies with."""
+    if mode != "affine":
+        return scales, biases
+    return tuple(t if t is None or t.dtype == mx.float32 else t.astype(mx.float32) for t in (scales, biases))
+
+
 def _unpackable(scales, biases, bits: int, mode: str) -> bool:
     """Affine 4- or 8-bit codes with float32 scales and biases (`_dequantize_f32`)."""
     f32 = scales.dtype == mx.float32 and getattr(biases, "dtype", None) == mx.float32
@@ -301,7 +309,11 @@ def _dequantize_f32(w, scales, biases, group_size: int, bits: int, mode: str) ->
     unpacked with whole-array shifts instead: the same values (q * scale + bias in
     float32, bit for bit) at less than half the time of MLX's CPU dequantize, which
     moves the crossover from 6 rows to 3 (bench/RESULTS-qlinear-cpu.txt).  bf16/fp16
-    scales keep `mx.dequantize`, which rounds each weight to the scales' dtype first."""
+    affine scales and biases are widened first: `mx.dequantize` would round each
+    weight to their dtype, where the one-row kernel (`quantized_matmul`) computes
+    q * scale + bias in float32 — so a prompt and its decode read the same weights
+    (GGUF's fp16 d and m are exact values of ggml's, docs/quantization.md §4)."""
+    scales, biases = float32_affine(scales, biases, mode)
     if not _unpackable(scales, biases, bits, mode):
         return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
     codes = (w[..., None] >> mx.arange(0, 32, bits, dtype=mx.uint32)) & ((1 << bits) - 1)

@@ -301,12 +301,12 @@ def test_qat_lattice_recovered_exactly(tmp_path, dtype):
 
 def test_qat_embedding_stored_as_q4_0(tmp_path):
     """The q4_0 recipe keeps a tied embedding that sits on the QAT lattice as Q4_0
-    (lossless, 4.5 bits: what Google's Q4_0 figures assume); off the lattice it keeps
+    (its lattice values, 4.5 bits: what Google's Q4_0 figures assume); off the lattice it keeps
     the 8-bit rule (test below)."""
     src = _lattice_checkpoint(tmp_path / "qat", torch.bfloat16, embedding=True)
     report = convert(src, tmp_path / "q4_0", "q4_0", progress=False)
     e = report.tensors["model.embed_tokens"]
-    assert e["format"] == "q4_0" and e["provenance"] == "qat-lattice" and "lossless" in e["note"]
+    assert e["format"] == "q4_0" and e["provenance"] == "qat-lattice" and "lattice values" in e["note"]
     cfg = read_json(tmp_path / "q4_0" / "config.json")["quantization"]
     assert cfg["tensors"]["model.embed_tokens"]["format"] == "q4_0"
     assert cfg["policy"]["classes"]["embedding"]["if_on_qat_lattice"]["format"] == "q4_0"

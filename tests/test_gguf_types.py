@@ -232,17 +232,20 @@ def test_q6_k_embedding_requantization_error_bounded(mixed, mixed_imported):
     assert rel < 0.01  # 8-bit g64 on Q6_K data: ~1/4 of a Q6_K step (docs/quantization.md §5: 0.8% on Gaussians)
 
 
-def test_mixed_model_logits(mixed, mixed_imported):
+@pytest.mark.parametrize("dtype", ["float32", None])
+def test_mixed_model_logits(mixed, mixed_imported, dtype):
     """(a) With the imported embedding's own dequantized values and the fp16 PLE table
     substituted, the float32 reference must match to arithmetic noise: every other
-    tensor is exact.  (b) Against gguf-py's exact values everywhere the difference is
-    the embedding's re-quantization.  This random model amplifies embedding noise
+    tensor is exact — also loaded as stored (dtype None: fp16 scales, whose prompt
+    rows and embedding lookups are dequantized in float32 as the one-row kernel is).
+    (b) Against gguf-py's exact values everywhere the difference is the embedding's
+    re-quantization.  This random model amplifies embedding noise
     (several x in relative logit error), so the bound is relative to a control: the
     same model with Gaussian noise of the recorded relative RMS error added to the
     exact embedding must move the logits about as much (within 2x)."""
     _, _, values, _ = mixed
     dst, _, entries = mixed_imported
-    model, _ = gemma4_mlx.load(dst, dtype="float32")
+    model, _ = gemma4_mlx.load(dst, dtype=dtype)
     stored = mx.load(str(dst / "model.safetensors"))
     as_imported = dict(values)
     as_imported[EMBED] = np.array(

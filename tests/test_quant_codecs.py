@@ -16,8 +16,15 @@ import struct
 import mlx.core as mx
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as ref_dequantize
+from gguf.quants import quantize as ref_quantize
 
+from convert import codecs
+from convert.gguf_blocks import q4_0_transfer
+from convert.policy import RECIPES
 from gemma4_mlx.formats import q4_0, sfp8
+from gemma4_mlx.models.quantized import QLinear
 
 F32 = np.float32
 
@@ -68,6 +75,8 @@ def test_sfp8_crafted_values():
     cases = [
         (0.0, 0x00),
         (-0.0, 0x00),  # -0 never becomes the reserved 0x80
+        (-(2.0**-25), 0x00),  # nor does a negative that flushes to zero
+        (-1e-30, 0x00),
         (1.875, 0x7F),
         (-1.875, 0xFF),
         (1.87, 0x7F),
@@ -474,3 +483,33 @@ def test_q4_0_rejects_bad_input():
         q4_0.quantize(np.full((1, 32), np.nan, F32))
     with pytest.raises(ValueError, match="NaN or Inf"):
         q4_0.recover_lattice(np.full((1, 32), np.inf, F32))
+
+
+def _q4_0_product(arrays) -> np.ndarray:
+    m = QLinear(32, arrays["weight"].shape[0], 32, 4, derive_biases=True)
+    m.update({"weight": arrays["weight"], "scales": arrays["scales"]})
+    return np.array(m(mx.ones((1, 32))))
+
+
+def test_q4_0_scales_whose_bias_overflows_fp16_are_kept_in_float32():
+    """A valid fp16 d above 8188 has a derived bias -8d beyond fp16: ggml decodes it
+    (in fp32), so must we — on the GGUF import, the QAT lattice and ggml's rule."""
+    w = np.full((1, 32), 1000.0, np.float32)
+    w[0, 0] = -80000.0  # d = 10000
+    raw = ref_quantize(w, T.Q4_0).reshape(1, 1, 18)
+    arrays, entry = q4_0_transfer("m", raw)
+    assert entry["scale_dtype"] == "float32" and arrays["m.scales"].dtype == mx.float32
+    got = _q4_0_product({"weight": arrays["m.weight"], "scales": arrays["m.scales"]})
+    assert np.isfinite(got).all() and got[0, 0] == ref_dequantize(raw.reshape(1, -1), T.Q4_0).sum()
+    q = np.arange(32) % 16
+    on_lattice = (10000.0 * (q - 8)).astype(np.float32)[None]
+    for source in (on_lattice, w):  # QAT lattice; off it (ggml's rule, d = -8750)
+        arrays, info = codecs.encode(mx.array(source), RECIPES["q4_0"])
+        assert info["scale_dtype"] == "float32" and np.isfinite(_q4_0_product(arrays)).all(), info
+
+
+def test_q4_0_refuses_values_beyond_its_range():
+    w = (np.random.default_rng(0).standard_normal((1, 32)) * 0.02).astype(np.float32)  # off any lattice
+    w[0, 0] = 6e5  # d = -75000: not an fp16 number, ggml's block would be inf
+    with pytest.raises(codecs.CodecError, match="beyond Q4_0's range"):
+        codecs.encode(mx.array(w), RECIPES["q4_0"])

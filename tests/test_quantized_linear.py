@@ -82,10 +82,12 @@ def test_blocks_are_dequantized_one_after_another(monkeypatch):
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
 def test_unpacked_affine_weights_equal_mlx_dequantize(bits, group, dtype):
     """The whole-array unpack of affine codes gives mx.dequantize's float32 values bit
-    for bit (float32 scales); other scale dtypes go through mx.dequantize itself."""
+    for bit; bf16/fp16 scales and biases are widened first (the values q * s + b in
+    float32, as the one-row kernel computes them, not each weight rounded to their dtype)."""
     w = mx.random.normal((OUT, 256), key=mx.random.key(3)).astype(dtype)
     codes, scales, biases = mx.quantize(w, group_size=group, bits=bits)
     got = ops._dequantize_f32(codes, scales, biases, group, bits, "affine")
-    want = mx.dequantize(codes, scales, biases, group_size=group, bits=bits, dtype=mx.float32)
+    s, b = scales.astype(mx.float32), biases.astype(mx.float32)
+    want = mx.dequantize(codes, s, b, group_size=group, bits=bits, dtype=mx.float32)
     assert got.dtype == mx.float32 and got.shape == want.shape == (OUT, 256)
     assert mx.array_equal(got, want).item()

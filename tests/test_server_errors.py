@@ -139,11 +139,14 @@ def test_explicit_nulls_mean_unset(server, oa):
 
 
 def test_any_integer_seed_is_taken(oa):
-    """-1 means "random" to llama.cpp-style clients; the keyed sampler reads a seed's
-    low 64 bits, so -1 and 2**64 - 1 are one stream."""
-    kw = dict(model=NAME, messages=JAPAN, temperature=1.0, max_tokens=12)
-    a = oa.chat.completions.create(seed=-1, **kw).choices[0].message.content
-    assert a == oa.chat.completions.create(seed=(1 << 64) - 1, **kw).choices[0].message.content
+    """The keyed sampler reads a seed's low 64 bits, so -2 and 2**64 - 2 are one
+    stream; -1 means "random" to llama.cpp-style clients (their "regenerate" sends it)."""
+    kw = dict(model=NAME, messages=JAPAN, temperature=1.5, max_tokens=12)
+    a = oa.chat.completions.create(seed=-2, **kw).choices[0].message.content
+    assert a == oa.chat.completions.create(seed=(1 << 64) - 2, **kw).choices[0].message.content
+    raw = dict(model=NAME, prompt="The capital", temperature=1.5, max_tokens=24, extra_body={"ignore_eos": True})
+    randoms = {oa.completions.create(seed=-1, **raw).choices[0].text for _ in range(3)}
+    assert len(randoms) > 1
     serving(oa)
 
 

@@ -76,3 +76,29 @@ def test_control_strings_written_as_text_stay_text(tok):
     assert reason == "stop"
     real = tok.encode(REPLY, add_special_tokens=False)  # the same reply made of control tokens still calls
     assert run_reply(tok, [], text=real)[1] == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "<|channel>thought\n<channel|>The answer is 4.",  # an empty thought: no reasoning event clears markup
+        "<|channel>thought\nTwo and two.\n<channel|>The answer is 4.",
+        "The answer is 4.",
+    ],
+)
+def test_logprobs_are_the_contents_tokens_only(tok, reply):
+    """Every content token has its log-probability entry, each starting where its text
+    starts in the content; thought and channel markup have none."""
+    parser = lambda: parser_for_prompt("", None, guarded=True)  # noqa: E731
+    req = Request(ids=[], keys=[], parser=parser, logprobs=0)
+    outs = []
+    handle = SimpleNamespace(request=req, first_token_at=None, put=outs.append)
+    run = Run(tok, frozenset(), handle, Usage())
+    for t in tok.encode(reply, add_special_tokens=False):
+        run.step(t, (-0.5, []))
+    run.finish()
+    content = "".join(o.event.text for o in outs if o.kind == "event" and o.event.type == "content")
+    entries = [e for o in outs if o.kind == "event" and o.logprobs for e in o.logprobs]
+    assert content == "The answer is 4."
+    assert "".join(e.text for e in entries) == content
+    assert all(content.startswith(e.text, e.offset) for e in entries)

@@ -4,6 +4,7 @@ frequency penalties give what `generate_tokens` gives with the same options."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import mlx.core as mx
@@ -12,10 +13,11 @@ import pytest
 
 import gemma4_mlx
 from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.prompt import output_text
 from gemma4_mlx.prompt.tokens import encode_prompt
 from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
 
-from helpers.live_server import live_server
+from helpers.live_server import http, live_server
 
 NAME = "gemma4-demo"
 PROMPT = "<|turn>user\nWhat is the capital of Peru?<turn|>\n<|turn>model\n"
@@ -27,10 +29,20 @@ def demo():
 
 
 @pytest.fixture(scope="module")
-def oa(demo):
+def live(demo):
     model, tok = demo
     with live_server(model, tok, model_name=NAME) as (url, _):
-        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server_url(live):
+    return live
+
+
+@pytest.fixture(scope="module")
+def oa(live):
+    return openai.OpenAI(base_url=live + "/v1", api_key="x", max_retries=0, timeout=30)
 
 
 def test_completion_logprobs_are_the_models(demo, oa):
@@ -100,3 +112,79 @@ def test_logprobs_follow_the_text_a_stop_string_cuts(oa):
 def test_top_logprobs_without_logprobs_is_a_400(oa):
     with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
         oa.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], top_logprobs=2)
+
+
+def test_chat_logprobs_after_a_thought_are_the_contents(oa):
+    """The thought's markup (its close, the newline before it) is not content: every
+    content token has its entry, and nothing else does."""
+    msgs = [{"role": "user", "content": "What is 11 plus 11?"}]
+    r = oa.chat.completions.create(
+        model=NAME, messages=msgs, temperature=0, logprobs=True, reasoning_effort="high", max_tokens=40
+    )
+    choice = r.choices[0]
+    assert choice.message.reasoning_content  # the demo thinks first
+    assert "".join(e.token for e in choice.logprobs.content) == choice.message.content
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_top_logprobs_under_a_grammar_are_finite(oa, server_url):
+    """Fewer tokens than top_logprobs asks for are allowed by the schema: the masked
+    ones are left out (JSON has no -Infinity), streamed or not."""
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    body = {
+        "model": NAME,
+        "messages": [{"role": "user", "content": "Give me a JSON object with the capital of Japan."}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+    }
+    status, _, raw = http("POST", server_url + "/v1/chat/completions", body)
+    assert status == 200
+    entries = _strict_json(raw)["choices"][0]["logprobs"]["content"]
+    assert entries[0]["token"].startswith("{") and len(entries[0]["top_logprobs"]) < 20
+    status, _, raw = http("POST", server_url + "/v1/chat/completions", dict(body, stream=True))
+    chunks = [line[6:] for line in raw.decode().splitlines() if line.startswith("data: {")]
+    assert status == 200 and chunks and all(_strict_json(c) for c in chunks)
+
+
+def test_raw_completion_keeps_its_first_space(demo, oa):
+    """A raw completion goes on from its prompt's text: " Paris", not "Paris" (the
+    first space is dropped only where a reply starts a turn); its log-probabilities
+    cover every token and their offsets are where each token's text starts."""
+    r = oa.completions.create(model=NAME, prompt="The capital of France is", max_tokens=8, temperature=0, logprobs=0)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    assert text.startswith(" Paris")
+    assert gemma4_mlx.generate(*demo, "The capital of France is", chat=False, max_tokens=8) == text
+    assert "".join(lp.tokens) == text
+    assert all(text.startswith(t, at) for t, at in zip(lp.tokens, lp.text_offset))
+
+
+def test_streamed_text_offsets_count_from_the_completions_start(oa):
+    kw = dict(model=NAME, prompt="Hello", max_tokens=8, temperature=0, logprobs=0, extra_body={"ignore_eos": True})
+    whole = oa.completions.create(**kw).choices[0].logprobs.text_offset
+    streamed = [
+        o
+        for c in oa.completions.create(stream=True, **kw)
+        if c.choices[0].logprobs
+        for o in c.choices[0].logprobs.text_offset
+    ]
+    assert streamed == whole and whole == sorted(whole) and whole[-1] > 0
+
+
+def test_a_failure_finishing_the_text_is_a_500_not_a_hang(oa, monkeypatch):
+    def broken(self):
+        raise RuntimeError("finalize failed")
+
+    monkeypatch.setattr(output_text.OutputText, "finalize", broken)
+    with pytest.raises(openai.InternalServerError):
+        oa.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, timeout=20)
+    monkeypatch.undo()
+    assert oa.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0).choices[0].text

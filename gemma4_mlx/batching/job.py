@@ -8,6 +8,7 @@ as `generate` with the same seed does (docs/serving.md §2).
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -135,4 +136,6 @@ def _listed(top):
     chosen, ids, lps = (None if a is None else a.tolist() for a in top)
     if ids is None:
         return [(c, []) for c in chosen]
-    return [(c, list(zip(i, p))) for c, i, p in zip(chosen, ids, lps)]
+    # alternatives a grammar masked to -inf are not alternatives (and JSON
+    # has no -inf): fewer than asked are reported when fewer tokens were allowed
+    return [(c, [(t, v) for t, v in zip(i, p) if math.isfinite(v)]) for c, i, p in zip(chosen, ids, lps)]

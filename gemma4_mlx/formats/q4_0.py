@@ -102,6 +102,8 @@ def to_mlx_affine(d, q, scale_dtype="float32"):
     reproduces the ggml decoder bit for bit; "float16" stores half the metadata but MLX
     then computes in fp16 (d*q can need 15 significant bits); "auto" = float16 if d fits
     exactly, else float32.  bf16 is refused: it rounds fp16 d (10 -> 7 mantissa bits).
+    float16 becomes float32 (the same values) when a bias -8d would overflow fp16
+    (|d| > 8188: valid fp16 d that ggml decodes in fp32; the bias would be -inf).
     """
     import mlx.core as mx
 
@@ -112,6 +114,8 @@ def to_mlx_affine(d, q, scale_dtype="float32"):
     name = str(scale_dtype).replace("mlx.core.", "")
     if name == "auto":
         name = "float16" if _fits_fp16(d32).all() else "float32"
+    if name == "float16" and not bias_fits_fp16(d32):
+        name = "float32"
     if name == "bfloat16":
         raise ValueError("q4_0.to_mlx_affine: bfloat16 scales are lossy for Q4_0 (fp16 d); use float16 or float32")
     if name not in ("float16", "float32"):
@@ -123,6 +127,11 @@ def to_mlx_affine(d, q, scale_dtype="float32"):
         words |= flat[..., i] << np.uint32(4 * i)  # element 0 in the lowest nibble
     scales = mx.array(d32).astype(dt)
     return mx.array(words), scales, (scales * BIAS_PER_SCALE).astype(dt)
+
+
+def bias_fits_fp16(d) -> bool:
+    """Whether every derived bias -8 d is finite in fp16."""
+    return bool(np.all(np.abs(np.asarray(d, np.float32)) * -BIAS_PER_SCALE <= np.finfo(np.float16).max))
 
 
 def _fits_fp16(d32: np.ndarray) -> np.ndarray:

@@ -90,7 +90,7 @@ def _scale_of(x: np.ndarray) -> float:
 
 def _encode_unit(x: np.ndarray, rounding: str) -> np.ndarray:
     """Codes of fp32 values with |x| <= 1.875 (already scaled)."""
-    sign = np.signbit(x) & (x != 0)  # -0 -> +0, never 0x80
+    sign = np.signbit(x)
     bits = np.abs(x).view(np.uint32).astype(np.int64)
     if rounding == "gemma":
         bits &= ~np.int64((1 << 17) - 1)  # keep the exponent and the top 6 of 23 mantissa bits
@@ -110,7 +110,8 @@ def _encode_unit(x: np.ndarray, rounding: str) -> np.ndarray:
     code = np.where(e < -23, 0, code)
     if np.any(code > 127):
         raise ValueError("sfp8: magnitude above 1.875 reached the unit encoder (scale first)")
-    return (code | (sign.astype(np.int64) << 7)).astype(np.uint8)
+    # the sign only on non-zero codes: -0 and negatives that flush to zero are +0, never 0x80
+    return (code | ((sign & (code != 0)).astype(np.int64) << 7)).astype(np.uint8)
 
 
 def encode(w, rounding: str = "nearest") -> tuple[np.ndarray, float]:

@@ -117,11 +117,14 @@ class QEmbedding(nn.QuantizedEmbedding):
         return s if mx.issubdtype(s, mx.floating) else mx.bfloat16
 
     def __call__(self, ids: mx.array) -> mx.array:
-        scales = self["scales"][ids]
+        # in float32: fp16 scales would round each looked-up weight to fp16 (and a Q4_0
+        # bias -8 d derived in fp16 overflows for |d| > 8188)
+        scales, _ = ops.float32_affine(self["scales"][ids], None, self.mode)
+        _, biases = ops.float32_affine(scales, row_biases(self, ids, scales), self.mode)
         rows = mx.dequantize(
             self["weight"][ids],
             scales=scales,
-            biases=row_biases(self, ids, scales),
+            biases=biases,
             group_size=self.group_size,
             bits=self.bits,
             mode=self.mode,

@@ -46,6 +46,20 @@ def _controls(tokenizer) -> dict[int, str]:
     return found
 
 
+def primed_detokenizer(tokenizer, prime: bool = True):
+    """A fresh streaming detokenizer; primed, it keeps the leading space of the first
+    text.  mlx-lm's drop it (a reply starts a turn); text that goes on from its prompt
+    (an assistant prefill, a raw completion) keeps it: one ordinary token goes in
+    first and its text is read off, unsent."""
+    detok = tokenizer.detokenizer
+    detok.reset()
+    primer = tokenizer.encode("a", add_special_tokens=False) if prime else None
+    if primer:
+        detok.add_token(primer[-1])
+        _ = detok.last_segment
+    return detok
+
+
 class OutputText:
     """Streams generated ids as guarded text for a `guarded=True` parser, through the
     tokenizer's own streaming detokenizer (mlx-lm's: it holds partial characters)."""

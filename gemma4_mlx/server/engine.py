@@ -237,10 +237,14 @@ class Engine:
         run = self._runs.pop(job, None)
         if run is None:
             return
-        if error is not None:
-            run.handle.put(Output("error", error=error))
-        else:
-            run.finish()
+        if error is None:
+            try:
+                run.finish()  # the text's end: detokenizer, parser, stop strings
+                return
+            except Exception as e:  # the client must still hear of its end: a 500
+                log.exception("request failed")
+                error = e
+        run.handle.put(Output("error", error=error))
 
 
 __all__ = ["Engine", "QueueFull", "Request", "RequestHandle", "Output", "Usage"]

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from gemma4_mlx.api import SamplingOptions
 from gemma4_mlx.prompt.parser import Event, StreamParser
@@ -26,8 +26,8 @@ class Request:
     content / tool calls), None for raw text; stop: strings that end the content;
     prepare: run first on the engine thread (MLX work such as processing images),
     it may fill ids / keys / media; what it raises is the request's error;
-    continues: the prompt ends inside the reply's text (an assistant prefill), so
-    the reply's first space is text, not the start of a turn."""
+    continues: the output goes on from the prompt's text (an assistant prefill, a
+    raw completion), so its first space is text, not the start of a turn."""
 
     ids: list[int]
     keys: list
@@ -42,6 +42,16 @@ class Request:
     continues: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+
+
+class TokenLogprob(NamedTuple):
+    """One generated content token's log-probability as the APIs report it."""
+
+    text: str  # the token's text
+    raw: bytes  # its own bytes (part of a character for some tokens)
+    logprob: float
+    top: list  # the most likely alternatives: (text, bytes, logprob)
+    offset: int  # where its text starts in the reply's content
 
 
 @dataclass
@@ -63,7 +73,7 @@ class Output:
     stop_string: str | None = None
     usage: Usage | None = None
     error: BaseException | None = None
-    logprobs: list | None = None  # per token of this event: (text, logprob, [(text, logprob), ...])
+    logprobs: list | None = None  # per token of this event: a `TokenLogprob`
 
 
 class RequestHandle:

@@ -296,6 +296,7 @@ class Prompter:
             stop=stop_list(stop),
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            continues=True,  # the completion goes on from the prompt's text (its first space is text)
         )
 
 
@@ -355,9 +356,9 @@ def sampling_options(body, default_temperature: float = 1.0, vocab_size: int | N
             repetition_penalty=body.repetition_penalty if body.repetition_penalty not in (None, 1.0) else None,
             presence_penalty=body.presence_penalty or None,
             frequency_penalty=body.frequency_penalty or None,
-            # any integer (-1 is "random" to llama.cpp-style clients): the keyed sampler
-            # reads its low bits only, so a 64-bit pattern keeps every seed's stream
-            seed=None if body.seed is None else body.seed & 0xFFFF_FFFF_FFFF_FFFF,
+            # -1 is "random" to llama.cpp-style clients (a chat UI's "regenerate" must
+            # differ); any other integer: the keyed sampler reads its low 64 bits
+            seed=None if body.seed in (None, -1) else body.seed & 0xFFFF_FFFF_FFFF_FFFF,
             logit_bias=None if vocab_size is None else logit_bias(body, vocab_size),
         )
     except ValueError as e:  # what the schema's ranges leave (a negative seed): the field is named first

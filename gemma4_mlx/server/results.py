@@ -23,7 +23,7 @@ class Result:
     finish_reason: str = "stop"
     stop_string: str | None = None
     usage: Usage = field(default_factory=Usage)
-    logprobs: list = field(default_factory=list)  # per content token: (text, logprob, top)
+    logprobs: list = field(default_factory=list)  # per content token: a `TokenLogprob`
 
 
 def new_id(prefix: str) -> str:
@@ -198,20 +198,17 @@ def chat_logprobs(entries) -> dict:
     def one(text, raw, lp):  # raw: the token's own bytes (part of a character for some tokens)
         return {"token": text, "logprob": lp, "bytes": list(raw)}
 
-    return {"content": [{**one(t, raw, lp), "top_logprobs": [one(*a) for a in top]} for t, raw, lp, top in entries]}
+    return {"content": [{**one(e.text, e.raw, e.logprob), "top_logprobs": [one(*a) for a in e.top]} for e in entries]}
 
 
 def completion_logprobs(entries) -> dict:
-    """Completions' legacy `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
-    offsets, at = [], 0
-    for t, *_ in entries:
-        offsets.append(at)
-        at += len(t)
+    """Completions' legacy `logprobs`: tokens, token_logprobs, top_logprobs, text_offset
+    (where each token's text starts in the completion, also in a streamed chunk)."""
     return {
-        "tokens": [t for t, *_ in entries],
-        "token_logprobs": [lp for _, _, lp, _ in entries],
-        "top_logprobs": [{text: lp for text, _, lp in top} for *_, top in entries],
-        "text_offset": offsets,
+        "tokens": [e.text for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{text: lp for text, _, lp in e.top} for e in entries],
+        "text_offset": [e.offset for e in entries],
     }
 
 

@@ -8,10 +8,10 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
-from gemma4_mlx.prompt.output_text import OutputText
-from gemma4_mlx.prompt.parser import Event
+from gemma4_mlx.prompt.output_text import OutputText, primed_detokenizer
+from gemma4_mlx.prompt.parser import CONTENT, Event
 from gemma4_mlx.prompt.token_bytes import token_bytes
-from gemma4_mlx.server.handle import Output, RequestHandle, Usage
+from gemma4_mlx.server.handle import Output, RequestHandle, TokenLogprob, Usage
 
 
 class StopScanner:
@@ -52,29 +52,19 @@ class Run:
         self.handle, self.req, self.usage = handle, handle.request, usage
         self.parser = self.req.parser() if self.req.parser else None
         self.scanner = StopScanner(self.req.stop)
-        self.detok = tokenizer.detokenizer
-        self.detok.reset()
-        if self.req.continues:
-            self._prime_detokenizer(tokenizer)
+        # a reply starts a turn: the detokenizer drops its first space; text that goes
+        # on from the prompt (a prefill, a raw completion) keeps it
+        self.detok = primed_detokenizer(tokenizer, prime=self.req.continues)
         # for the parser, control tokens only are control strings (prompt/output_text.py)
         self.text = OutputText(tokenizer, self.detok, guarded=getattr(self.parser, "guarded", False))
         self.generated: list[int] = []
         self.stop_string: str | None = None
         self.cancelled = False
-        # log-probabilities wait here with the offset where their text starts in the
-        # content stream; an output carries those whose text it begins (a stop string
-        # cuts the text, and with it the tokens after it)
-        self.pending: deque = deque()
-        self.text_at = self.emitted = 0  # content characters fed / sent
-
-    def _prime_detokenizer(self, tokenizer) -> None:
-        """mlx-lm's streaming detokenizers drop the leading space of the first text
-        they produce (a reply starts a turn).  A reply that continues a prefill keeps
-        it: one ordinary token goes in first and its text is read off unsent."""
-        primer = tokenizer.encode("a", add_special_tokens=False)
-        if primer:
-            self.detok.add_token(primer[-1])
-            _ = self.detok.last_segment
+        # log-probabilities of content tokens wait here, each with the offset where its
+        # text starts in the content; an output carries those whose text it begins (a
+        # stop string cuts the text, and with it the tokens after it)
+        self.pending: deque[TokenLogprob] = deque()
+        self.content_at = self.emitted = 0  # content characters out of the parser / sent
 
     def step(self, tok: int, logprob=None) -> bool:
         """Take one token (and its (logprob, top alternatives) when asked for); True
@@ -82,18 +72,27 @@ class Run:
         if self.handle.first_token_at is None:
             self.handle.first_token_at = time.perf_counter()
         self.generated.append(tok)
-        if logprob is not None:
-            entry = self._named(tok, logprob)
-            self.pending.append((self.text_at, entry))
-            self.text_at += len(entry[0])
         if self.req.cancelled.is_set():
             self.cancelled = True
             return True
         stop = tok in self.stop_ids and not self.req.ignore_eos
         if self.parser is None and stop:
             return True  # raw text: the stop token is not shown
-        self._feed(self.text.add(tok))
+        # a token read in the content state may be content (thought and call markup are not)
+        entry = None
+        if logprob is not None and (self.parser is None or self.parser.state == CONTENT):
+            entry = self._named(tok, logprob, self.content_at)
+            self.pending.append(entry)
+        before, piece = self.content_at, self.text.add(tok)
+        self._feed(piece)
+        if entry is not None and self.pending and self.pending[-1] is entry and self._swallowed(piece, before):
+            self.pending.pop()  # markup the parser consumed (an end-of-turn, a channel's close)
         return stop or self.stop_string is not None or (self.parser is not None and self.parser.done)
+
+    def _swallowed(self, piece: str, before: int) -> bool:
+        """The token's text went into the parser and left no content, and nothing
+        waits there to become content later."""
+        return bool(piece) and self.content_at == before and self.parser is not None and not self.parser.buf
 
     def _feed(self, piece: str) -> None:
         events = self.parser.feed(piece) if self.parser else [Event("content", piece)]
@@ -104,6 +103,7 @@ class Run:
             if self.stop_string is not None:
                 return
             if ev.type == "content":
+                self.content_at += len(ev.text)
                 text, self.stop_string = self.scanner.feed(ev.text)
                 if text:
                     self._send(text)
@@ -114,26 +114,20 @@ class Run:
                     self._send(rest)
                 # OpenAI reports log-probabilities of content tokens only
                 self.pending.clear()
-                self.text_at = self.emitted
                 self.handle.put(Output("event", ev))
 
     def _send(self, text: str) -> None:
         self.emitted += len(text)
         lps = []
-        while self.pending and self.pending[0][0] < self.emitted:
-            lps.append(self.pending.popleft()[1])
+        while self.pending and self.pending[0].offset < self.emitted:
+            lps.append(self.pending.popleft())
         self.handle.put(Output("event", Event("content", text), logprobs=lps or None))
 
-    def _named(self, tok: int, logprob) -> tuple:
-        """(token text, its bytes, logprob, [(text, bytes, logprob) of the top alternatives])."""
+    def _named(self, tok: int, logprob, offset: int) -> TokenLogprob:
         decode, tokenizer = self.tokenizer.decode, self.tokenizer
         chosen, top = logprob
-        return (
-            decode([tok]),
-            token_bytes(tokenizer, tok),
-            chosen,
-            [(decode([t]), token_bytes(tokenizer, t), lp) for t, lp in top],
-        )
+        alternatives = [(decode([t]), token_bytes(tokenizer, t), lp) for t, lp in top]
+        return TokenLogprob(decode([tok]), token_bytes(tokenizer, tok), chosen, alternatives, offset)
 
     def finish(self) -> None:
         self.usage.completion_tokens = len(self.generated)
