@@ -12,7 +12,7 @@ import time
 from fastapi import FastAPI
 from fastapi.responses import Response
 
-from gemma4_mlx.server import anthropic_api, openai_api
+from gemma4_mlx.server import anthropic_api, openai_api, responses_api
 from gemma4_mlx.server.engine import Engine, QueueFull
 from gemma4_mlx.server.errors import APIError, error_response, install
 from gemma4_mlx.server.follow import follow
@@ -25,7 +25,15 @@ log = logging.getLogger("gemma4_mlx.server")
 
 MAX_BODY_BYTES = 64 << 20
 OPEN_PATHS = ("/health",)  # answered without the API key
-_ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/messages")
+_ENDPOINTS = (
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/messages",
+    "/v1/responses",
+)
 
 
 class ServerState:
@@ -233,6 +241,7 @@ def app(
     install(api)
     api.include_router(openai_api.routes(server))
     api.include_router(anthropic_api.routes(server))
+    api.include_router(responses_api.routes(server))
 
     @api.get("/health")
     async def health():

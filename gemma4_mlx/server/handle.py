@@ -59,6 +59,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    reasoning_tokens: int = 0  # of the completion's, those read inside a thought
 
 
 @dataclass

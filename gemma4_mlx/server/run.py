@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from gemma4_mlx.prompt.output_text import OutputText, primed_detokenizer
-from gemma4_mlx.prompt.parser import CONTENT, Event
+from gemma4_mlx.prompt.parser import CONTENT, THOUGHT, Event
 from gemma4_mlx.prompt.token_bytes import token_bytes
 from gemma4_mlx.server.handle import Output, RequestHandle, TokenLogprob, Usage
 
@@ -78,6 +78,8 @@ class Run:
         stop = tok in self.stop_ids and not self.req.ignore_eos
         if self.parser is None and stop:
             return True  # raw text: the stop token is not shown
+        if self.parser is not None and self.parser.state == THOUGHT:
+            self.usage.reasoning_tokens += 1
         # a token read in the content state may be content (thought and call markup are not)
         entry = None
         if logprob is not None and (self.parser is None or self.parser.state == CONTENT):

@@ -88,6 +88,22 @@ class CompletionRequest(OpenAISampling):
     logprobs: int | None = Field(None, ge=0, le=20)
 
 
+class ResponsesRequest(Sampling):
+    """OpenAI's Responses API (stateless: `previous_response_id` is refused)."""
+
+    model: str
+    input: str | list[dict[str, Any]] = Field(min_length=1)
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    reasoning: dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    previous_response_id: str | None = None
+
+
 # -- Anthropic --------------------------------------------------------------------
 
 

@@ -1,0 +1,338 @@
+"""OpenAI's Responses API: POST /v1/responses (plain and streamed), stateless.
+
+A request's `input` (a string, or items: messages, `function_call`s, their
+`function_call_output`s, `reasoning`) becomes the same conversation the Chat
+Completions endpoint builds, so it renders, batches, caches and parses the same way.
+Nothing is stored: `previous_response_id` is refused (send the whole input, as
+`store: false` clients do). docs/serving.md §5.2.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from gemma4_mlx.server.errors import APIError, malformed_is_400, text_field
+from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools, split_prefill
+from gemma4_mlx.server.results import Result, arguments_json, collect, new_id, now, opened, ttft
+from gemma4_mlx.server.schemas import ResponsesRequest
+
+_ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+
+
+def _parts(content, where: str, prompter, media: list, user: bool):
+    """A message's content: text, or (user) parts with images as placeholders."""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for j, p in enumerate(content or []):
+        kind, at = p.get("type"), f"{where}.content[{j}]"
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": text_field(p, at)})
+        elif kind == "input_image" and user:
+            url = p.get("image_url")
+            if not isinstance(url, str):
+                raise APIError(400, f"{at}: an input_image needs an image_url (a data: URI)", param="input")
+            prompter.add_image(media, url, at)
+            parts.append({"type": "image"})
+        else:
+            raise APIError(400, f"{at}: unsupported content part type {kind!r}", param="input")
+    if user:
+        return parts
+    return "".join(p["text"] for p in parts)
+
+
+def _call(item: dict, where: str) -> dict:
+    name, args = item.get("name"), item.get("arguments") or "{}"
+    if not isinstance(name, str) or not isinstance(args, str):
+        raise APIError(400, f"{where}: a function_call needs a name and arguments (a JSON string)", param="input")
+    return {"id": item.get("call_id"), "type": "function", "function": {"name": name, "arguments": args}}
+
+
+def _messages(items: list, prompter, media: list) -> list[dict]:
+    """Input items -> Chat Completions messages (calls of one turn on one assistant message)."""
+    msgs, names, thought = [], {}, None
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = _ROLES.get(item.get("role"))
+            if role is None:
+                raise APIError(400, f"{where}.role: expected user, system, developer or assistant", param="input")
+            content = _parts(item.get("content"), where, prompter, media, role == "user")
+            msgs.append({"role": role, "content": content})
+        elif kind == "function_call":
+            call = _call(item, where)
+            names[call["id"]] = call["function"]["name"]
+            if not (msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]):
+                msgs.append({"role": "assistant", "content": ""})
+            msgs[-1].setdefault("tool_calls", []).append(call)
+        elif kind == "function_call_output":
+            out = item.get("output")
+            text = out if isinstance(out, str) else _parts(out, where, prompter, media, False)
+            uid = item.get("call_id")
+            msgs.append({"role": "tool", "tool_call_id": uid, "name": names.get(uid, ""), "content": text})
+        elif kind == "reasoning":
+            thought = "".join(c.get("text") or "" for c in item.get("content") or [] if isinstance(c, dict))
+            continue
+        else:
+            raise APIError(400, f"{where}: unsupported input item type {kind!r}", param="input")
+        if thought and msgs[-1]["role"] == "assistant":  # a reasoning item goes with the reply after it
+            msgs[-1]["reasoning_content"], thought = thought, None
+    return msgs
+
+
+def _tools(tools) -> list[dict] | None:
+    if not tools:
+        return None
+    out = []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict) or t.get("type") != "function":
+            kind = t.get("type") if isinstance(t, dict) else t
+            raise APIError(400, f"tools[{i}]: only function tools are served here (got {kind!r})", param="tools")
+        fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(choice):
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    if isinstance(choice, dict):
+        raise APIError(400, f"tool_choice: unsupported type {choice.get('type')!r}", param="tool_choice")
+    return choice
+
+
+def _response_format(text: dict | None) -> dict | None:
+    """`text.format` as Chat Completions' `response_format`."""
+    fmt = (text or {}).get("format") or {}
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}
+        return {"type": "json_schema", "json_schema": spec}
+    raise APIError(400, f"text.format: unsupported type {kind!r}", param="text")
+
+
+@malformed_is_400
+def conversation(body: ResponsesRequest, prompter) -> Conversation:
+    if body.previous_response_id:
+        raise APIError(
+            400, "previous_response_id: responses are not stored here; send the whole input", "previous_response_id"
+        )
+    media: list = []
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    msgs = _messages(items, prompter, media)
+    if body.instructions:  # the system prompt, before the input's own (one system turn)
+        first = msgs[0] if msgs and msgs[0]["role"] == "system" else None
+        joined = body.instructions + ("\n\n" + first["content"] if first else "")
+        msgs = [{"role": "system", "content": joined}, *(msgs[1:] if first else msgs)]
+    msgs, prefill = split_prefill(msgs)
+    check_roles(msgs)
+    effort = (body.reasoning or {}).get("effort")
+    choice = _tool_choice(body.tool_choice)
+    tools = select_tools(_tools(body.tools), choice)
+    fmt = _response_format(body.text)
+    return Conversation(msgs, media, tools, effort not in (None, "none", "minimal"), choice, fmt, prefill)
+
+
+# -- the response ------------------------------------------------------------------
+
+
+def _usage(u) -> dict:
+    return {
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+    }
+
+
+def _reasoning_item(text: str, item_id: str | None = None) -> dict:
+    content = [{"type": "reasoning_text", "text": text}] if text else []
+    return {"type": "reasoning", "id": item_id or new_id("rs_"), "summary": [], "content": content}
+
+
+def _message_item(text: str, item_id: str | None = None, status: str = "completed") -> dict:
+    content = [] if text is None else [_text_part(text)]
+    return {
+        "type": "message",
+        "id": item_id or new_id("msg_"),
+        "role": "assistant",
+        "status": status,
+        "content": content,
+    }
+
+
+def _text_part(text: str) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _call_item(call, item_id: str | None = None, arguments: str | None = None, status: str = "completed") -> dict:
+    args = arguments_json(call) if arguments is None else arguments
+    item = {"type": "function_call", "id": item_id or new_id("fc_"), "call_id": new_id("call_"), "name": call.name}
+    return item | {"arguments": args, "status": status}
+
+
+def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:
+    """The response object without output and usage (as `response.created` shows it)."""
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": created,
+        "status": "in_progress",
+        "model": server.model_name,
+        "output": [],
+        "instructions": body.instructions,
+        "max_output_tokens": body.max_output_tokens,
+        "metadata": body.metadata or {},
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": body.reasoning,
+        "store": False,
+        "temperature": body.temperature,
+        "text": body.text or {"format": {"type": "text"}},
+        "tool_choice": body.tool_choice or "auto",
+        "tools": body.tools or [],
+        "top_p": body.top_p,
+        "truncation": "disabled",
+        "usage": None,
+        "error": None,
+        "incomplete_details": None,
+    }
+
+
+def _finished(envelope: dict, output: list, usage, finish_reason: str) -> dict:
+    done = dict(envelope, output=output, usage=_usage(usage), completed_at=now())
+    if finish_reason == "length":
+        return done | {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
+    return done | {"status": "completed"}
+
+
+def _output(r: Result) -> list[dict]:
+    out = [_reasoning_item(r.reasoning)] if r.reasoning else []
+    if r.content or not r.tool_calls:
+        out.append(_message_item(r.content))
+    return out + [_call_item(c) for c in r.tool_calls]
+
+
+def routes(server) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/responses")
+    async def responses(body: ResponsesRequest, http: HTTPRequest):
+        server.check_model(body.model)
+
+        def build():
+            conv = conversation(body, server.prompter)
+            options = sampling_options(body)
+            return server.prompter.chat_request(conv, options, body.max_output_tokens, None)
+
+        handle = server.submit(await run_in_threadpool(build))
+        envelope = _envelope(server, body, new_id("resp_"), now())
+        if body.stream:
+            outs = await opened(handle, http)
+            return StreamingResponse(_stream(server, handle, outs, envelope), media_type="text/event-stream")
+        r = await collect(handle, http, server.metrics)
+        return _finished(envelope, _output(r), r.usage, r.finish_reason)
+
+    return router
+
+
+class _Events:
+    """Numbered server-sent events."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, kind: str, **data: Any) -> str:
+        self.n += 1
+        payload = {"type": kind, "sequence_number": self.n, **data}
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream(server, handle, outs, envelope: dict):
+    """Responses' event stream: each reasoning, message or function-call segment is an
+    output item opened, filled by deltas and closed; then the whole response."""
+    ev, output, item = _Events(), [], None  # item: the open segment (kind, id, text)
+    yield ev("response.created", response=envelope)
+    yield ev("response.in_progress", response=envelope)
+    async for out in outs:
+        if out.kind == "error":
+            yield ev("error", code="server_error", message="internal server error (see the server log)", param=None)
+            return
+        if out.kind == "done":
+            server.metrics.record(out.usage, ttft(handle))
+            for e in _close(ev, item, output):
+                yield e
+            final = _finished(envelope, output, out.usage, out.finish_reason)
+            yield ev("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
+            return
+        e = out.event
+        if item is not None and (e.type != item[0] or e.type == "tool_call"):
+            for x in _close(ev, item, output):
+                yield x
+            item = None
+        if e.type == "tool_call":
+            for x in _call_events(ev, e.call, len(output), output):
+                yield x
+            continue
+        if item is None:
+            item = [e.type, new_id("rs_" if e.type == "reasoning" else "msg_"), ""]
+            for x in _open(ev, item, len(output)):
+                yield x
+        item[2] += e.text
+        kind = "response.reasoning_text.delta" if e.type == "reasoning" else "response.output_text.delta"
+        extra = {} if e.type == "reasoning" else {"logprobs": []}
+        yield ev(kind, item_id=item[1], output_index=len(output), content_index=0, delta=e.text, **extra)
+
+
+def _open(ev, item, index: int) -> list[str]:
+    kind, item_id, _ = item
+    if kind == "reasoning":
+        return [ev("response.output_item.added", output_index=index, item=_reasoning_item("", item_id))]
+    added = ev("response.output_item.added", output_index=index, item=_message_item(None, item_id, "in_progress"))
+    part = ev("response.content_part.added", item_id=item_id, output_index=index, content_index=0, part=_text_part(""))
+    return [added, part]
+
+
+def _close(ev, item, output: list) -> list[str]:
+    """The events that end the open segment, which joins `output`."""
+    if item is None:
+        return []
+    kind, item_id, text = item
+    at = dict(item_id=item_id, output_index=len(output), content_index=0)
+    if kind == "reasoning":
+        done = _reasoning_item(text, item_id)
+        events = [ev("response.reasoning_text.done", text=text, **at)]
+    else:
+        done = _message_item(text, item_id)
+        events = [
+            ev("response.output_text.done", text=text, logprobs=[], **at),
+            ev("response.content_part.done", part=_text_part(text), **at),
+        ]
+    output.append(done)
+    return [*events, ev("response.output_item.done", output_index=at["output_index"], item=done)]
+
+
+def _call_events(ev, call, index: int, output: list) -> list[str]:
+    """A function call: added with empty arguments, one delta, done (OpenAI's order)."""
+    done = _call_item(call)
+    opened_item = dict(done, arguments="", status="in_progress")
+    at = dict(item_id=done["id"], output_index=index)
+    output.append(done)
+    return [
+        ev("response.output_item.added", output_index=index, item=opened_item),
+        ev("response.function_call_arguments.delta", delta=done["arguments"], **at),
+        ev("response.function_call_arguments.done", arguments=done["arguments"], name=done["name"], **at),
+        ev("response.output_item.done", output_index=index, item=done),
+    ]

@@ -1,0 +1,153 @@
+"""OpenAI's Responses API (`/v1/responses`) against a live server, driven by the real
+`openai` client on the demo model: each answer equals the Chat Completions answer to
+the same conversation (text, thinking, tool calls and results, JSON schemas), streamed
+events build the same response in the SDK's own accumulator, and what is not served
+is a 400 naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+import gemma4_mlx
+from gemma4_mlx.demo import DEMO_MODEL
+
+from helpers.live_server import live_server
+
+NAME = "gemma4-demo"
+JAPAN = "What is the capital of Japan?"
+WEATHER = "What is the weather in Paris?"
+TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CHAT_TOOL = {"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}
+MARKUP = ("<|channel>", "<channel|>", "<|turn>", "<turn|>", "<|tool_call>", "<tool_call|>")
+
+
+@pytest.fixture(scope="module")
+def oa():
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    with live_server(model, tok, model_name=NAME) as (url, _):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def _streamed(oa, **kw):
+    """(the event types in order, their sequence numbers, the SDK's final response)."""
+    with oa.responses.stream(model=NAME, temperature=0, **kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    return [e.type for e in events], [e.sequence_number for e in events], final
+
+
+def test_text_equals_chat_completions(oa):
+    chat = oa.chat.completions.create(model=NAME, messages=[{"role": "user", "content": JAPAN}], temperature=0)
+    r = oa.responses.create(model=NAME, input=JAPAN, temperature=0)
+    assert r.status == "completed" and r.output_text == chat.choices[0].message.content
+    assert [o.type for o in r.output] == ["message"] and r.output[0].role == "assistant"
+    assert r.usage.input_tokens == chat.usage.prompt_tokens and r.usage.output_tokens == chat.usage.completion_tokens
+    kinds, numbers, final = _streamed(oa, input=JAPAN)
+    assert final.output_text == r.output_text and final.status == "completed"
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds and numbers == list(range(1, len(numbers) + 1))
+
+
+def test_instructions_are_the_system_prompt(oa):
+    system = "Answer in one word."
+    chat = oa.chat.completions.create(
+        model=NAME, messages=[{"role": "system", "content": system}, {"role": "user", "content": JAPAN}], temperature=0
+    )
+    r = oa.responses.create(model=NAME, instructions=system, input=JAPAN, temperature=0)
+    assert r.output_text == chat.choices[0].message.content
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_thinking_is_a_reasoning_item(oa):
+    msgs = [{"role": "user", "content": JAPAN}]
+    chat = oa.chat.completions.create(model=NAME, messages=msgs, temperature=0, reasoning_effort="high")
+    thought = chat.choices[0].message.model_extra["reasoning_content"]
+    for r in (
+        oa.responses.create(model=NAME, input=JAPAN, temperature=0, reasoning={"effort": "high"}),
+        _streamed(oa, input=JAPAN, reasoning={"effort": "high"})[2],
+    ):
+        assert [o.type for o in r.output] == ["reasoning", "message"]
+        assert r.output[0].content[0].text == thought and r.output_text == chat.choices[0].message.content
+        assert not any(m in r.output_text for m in MARKUP)
+        assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+
+
+def test_tool_call_then_its_output_answered(oa):
+    r = oa.responses.create(model=NAME, input=WEATHER, tools=[TOOL], temperature=0)
+    assert [o.type for o in r.output] == ["function_call"]
+    call = r.output[0]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    kinds, _, final = _streamed(oa, input=WEATHER, tools=[TOOL])
+    assert "response.function_call_arguments.delta" in kinds
+    assert [(o.type, o.name, o.arguments) for o in final.output] == [("function_call", call.name, call.arguments)]
+    result = json.dumps({"temperature": 21, "condition": "sunny"})
+    items = [
+        {"role": "user", "content": WEATHER},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": result},
+    ]
+    answer = oa.responses.create(model=NAME, input=items, tools=[TOOL], temperature=0)
+    function = {"name": call.name, "arguments": call.arguments}
+    messages = [
+        {"role": "user", "content": WEATHER},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": function}]},
+        {"role": "tool", "tool_call_id": "c1", "content": result},
+    ]
+    chat = oa.chat.completions.create(model=NAME, messages=messages, tools=[CHAT_TOOL], temperature=0)
+    assert answer.output_text == chat.choices[0].message.content and "Paris" in answer.output_text
+    assert answer.usage.input_tokens_details.cached_tokens > 0  # the call's turn was cached
+
+
+def test_json_schema_text_format(oa):
+    capital = {"type": "string", "enum": ["Tokyo", "Kyoto"]}
+    schema = {"type": "object", "properties": {"capital": capital}, "required": ["capital"]}
+    fmt = {"format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}}
+    r = oa.responses.create(model=NAME, input=JAPAN, text=fmt, temperature=0, max_output_tokens=40)
+    assert json.loads(r.output_text) == {"capital": "Tokyo"}
+    chat = oa.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": JAPAN}],
+        temperature=0,
+        max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}},
+    )
+    assert r.output_text == chat.choices[0].message.content
+
+
+def test_max_output_tokens_is_incomplete(oa):
+    r = oa.responses.create(model=NAME, input=JAPAN, temperature=0, max_output_tokens=2)
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    # (the SDK's stream helper waits for response.completed, as it does with OpenAI's)
+    events = list(oa.responses.create(model=NAME, input=JAPAN, temperature=0, max_output_tokens=2, stream=True))
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+    assert events[-1].response.output_text == r.output_text
+
+
+@pytest.mark.parametrize(
+    ("kw", "says"),
+    [
+        ({"previous_response_id": "resp_1"}, "not stored here"),
+        ({"tools": [{"type": "web_search"}]}, "only function tools"),
+        ({"input": [{"type": "file_search_call", "id": "x"}]}, "unsupported input item type"),
+        ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+            "not fetched",
+        ),
+        ({"text": {"format": {"type": "yaml"}}}, "text.format"),
+        ({"model": "gpt-9"}, "not served here"),
+    ],
+)
+def test_what_is_not_served_is_a_400(oa, kw, says):
+    args = {"model": NAME, "input": JAPAN} | kw
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.create(**args)
+    assert says in e.value.body["message"]
