@@ -95,6 +95,9 @@ def test_tool_call_then_its_output_answered(oa):
         {"type": "function_call_output", "call_id": call.call_id, "output": result},
     ]
     answer = oa.responses.create(model=NAME, input=items, tools=[TOOL], temperature=0)
+    output = {"type": "function_call_output", "call_id": call.call_id, "output": result}
+    continued = oa.responses.create(model=NAME, previous_response_id=r.id, input=[output], tools=[TOOL], temperature=0)
+    assert continued.output_text == answer.output_text  # the kept call, then its output
     function = {"name": call.name, "arguments": call.arguments}
     messages = [
         {"role": "user", "content": WEATHER},
@@ -134,7 +137,7 @@ def test_max_output_tokens_is_incomplete(oa):
 @pytest.mark.parametrize(
     ("kw", "says"),
     [
-        ({"previous_response_id": "resp_1"}, "not stored here"),
+        ({"previous_response_id": "resp_1"}, "no response 'resp_1' is kept here"),
         ({"tools": [{"type": "web_search"}]}, "only function tools"),
         ({"input": [{"type": "file_search_call", "id": "x"}]}, "unsupported input item type"),
         ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
@@ -151,3 +154,24 @@ def test_what_is_not_served_is_a_400(oa, kw, says):
     with pytest.raises(openai.BadRequestError) as e:
         oa.responses.create(**args)
     assert says in e.value.body["message"]
+
+
+def test_previous_response_id_continues_the_conversation(oa):
+    first = oa.responses.create(model=NAME, input=JAPAN, temperature=0, instructions="Be brief.")
+    again = "And what is the capital of France?"
+    second = oa.responses.create(model=NAME, previous_response_id=first.id, input=again, temperature=0)
+    messages = [
+        {"role": "user", "content": JAPAN},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": again},
+    ]
+    chat = oa.chat.completions.create(model=NAME, messages=messages, temperature=0)
+    assert second.output_text == chat.choices[0].message.content  # instructions are not carried over
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.usage.input_tokens_details.cached_tokens > 0
+    _, _, streamed = _streamed(oa, previous_response_id=second.id, input="Thanks!")
+    third = oa.responses.create(model=NAME, previous_response_id=second.id, input="Thanks!", temperature=0)
+    assert streamed.output_text == third.output_text
+    unkept = oa.responses.create(model=NAME, input=JAPAN, temperature=0, store=False)
+    with pytest.raises(openai.BadRequestError, match="is kept here"):
+        oa.responses.create(model=NAME, previous_response_id=unkept.id, input=again)

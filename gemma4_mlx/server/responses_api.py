@@ -1,15 +1,18 @@
-"""OpenAI's Responses API: POST /v1/responses (plain and streamed), stateless.
+"""OpenAI's Responses API: POST /v1/responses (plain and streamed).
 
 A request's `input` (a string, or items: messages, `function_call`s, their
 `function_call_output`s, `reasoning`) becomes the same conversation the Chat
 Completions endpoint builds, so it renders, batches, caches and parses the same way.
-Nothing is stored: `previous_response_id` is refused (send the whole input, as
-`store: false` clients do). docs/serving.md §5.2.
+Responses are kept in memory (the last `KEPT_RESPONSES`, unless `store: false`) for
+`previous_response_id`: the earlier conversation and its reply go before the new
+input, whose cached prefix the engine then reuses. docs/serving.md §5.2.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from typing import Any
 
 from fastapi import APIRouter
@@ -23,6 +26,31 @@ from gemma4_mlx.server.results import Result, arguments_json, collect, new_id, n
 from gemma4_mlx.server.schemas import ResponsesRequest
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+KEPT_RESPONSES = 256
+
+
+class Kept:
+    """The last responses' conversations (messages without the instructions, the
+    reply included, and their media), for `previous_response_id`; least recently
+    used first out."""
+
+    def __init__(self, size: int = KEPT_RESPONSES):
+        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, rid: str) -> tuple[list, list]:
+        with self.lock:
+            if rid not in self.items:
+                why = f"previous_response_id: no response {rid!r} is kept here (the last {self.size}, in memory)"
+                raise APIError(400, why, param="previous_response_id")
+            self.items.move_to_end(rid)
+            msgs, media = self.items[rid]
+        return list(msgs), list(media)
+
+    def put(self, rid: str, msgs: list, media: list) -> None:
+        with self.lock:
+            self.items[rid] = (msgs, media)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
 
 
 def _parts(content, where: str, prompter, media: list, user: bool):
@@ -123,14 +151,13 @@ def _response_format(text: dict | None) -> dict | None:
 
 
 @malformed_is_400
-def conversation(body: ResponsesRequest, prompter) -> Conversation:
-    if body.previous_response_id:
-        raise APIError(
-            400, "previous_response_id: responses are not stored here; send the whole input", "previous_response_id"
-        )
-    media: list = []
+def conversation(body: ResponsesRequest, prompter, past: tuple[list, list] | None = None):
+    """(the conversation without instructions, for `Kept`; the `Conversation` to answer).
+    past: a kept response's (messages, media), which the input continues."""
+    msgs, media = past or ([], [])
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
-    msgs = _messages(items, prompter, media)
+    msgs += _messages(items, prompter, media)
+    history = list(msgs)
     if body.instructions:  # the system prompt, before the input's own (one system turn)
         first = msgs[0] if msgs and msgs[0]["role"] == "system" else None
         joined = body.instructions + ("\n\n" + first["content"] if first else "")
@@ -141,7 +168,21 @@ def conversation(body: ResponsesRequest, prompter) -> Conversation:
     choice = _tool_choice(body.tool_choice)
     tools = select_tools(_tools(body.tools), choice)
     fmt = _response_format(body.text)
-    return Conversation(msgs, media, tools, effort not in (None, "none", "minimal"), choice, fmt, prefill)
+    return history, Conversation(msgs, media, tools, effort not in (None, "none", "minimal"), choice, fmt, prefill)
+
+
+def _kept_reply(history: list, prefill: str, output: list[dict]) -> list[dict]:
+    """The conversation with the reply (its output items) as an assistant message."""
+    reply = {"role": "assistant", "content": prefill}
+    for item in output:
+        if item["type"] == "message":
+            reply["content"] += "".join(p["text"] for p in item["content"])
+        elif item["type"] == "reasoning":
+            reply["reasoning_content"] = "".join(p["text"] for p in item["content"])
+        else:
+            fn = {"name": item["name"], "arguments": item["arguments"]}
+            reply.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": fn})
+    return (history[:-1] if prefill else history) + [reply]  # a prefill is the reply's start
 
 
 # -- the response ------------------------------------------------------------------
@@ -198,7 +239,7 @@ def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:
         "parallel_tool_calls": True,
         "previous_response_id": None,
         "reasoning": body.reasoning,
-        "store": False,
+        "store": body.store is not False,
         "temperature": body.temperature,
         "text": body.text or {"format": {"type": "text"}},
         "tool_choice": body.tool_choice or "auto",
@@ -227,23 +268,33 @@ def _output(r: Result) -> list[dict]:
 
 def routes(server) -> APIRouter:
     router = APIRouter()
+    kept = Kept()
 
     @router.post("/v1/responses")
     async def responses(body: ResponsesRequest, http: HTTPRequest):
         server.check_model(body.model)
+        past = kept.get(body.previous_response_id) if body.previous_response_id else None
+        built = {}
 
         def build():
-            conv = conversation(body, server.prompter)
-            options = sampling_options(body)
-            return server.prompter.chat_request(conv, options, body.max_output_tokens, None)
+            built["history"], conv = conversation(body, server.prompter, past)
+            built["prefill"], built["media"] = conv.prefill, conv.media
+            return server.prompter.chat_request(conv, sampling_options(body), body.max_output_tokens, None)
 
         handle = server.submit(await run_in_threadpool(build))
         envelope = _envelope(server, body, new_id("resp_"), now())
+
+        def keep(output: list[dict]) -> None:
+            if body.store is not False:
+                kept.put(envelope["id"], _kept_reply(built["history"], built["prefill"], output), built["media"])
+
         if body.stream:
             outs = await opened(handle, http)
-            return StreamingResponse(_stream(server, handle, outs, envelope), media_type="text/event-stream")
+            return StreamingResponse(_stream(server, handle, outs, envelope, keep), media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
-        return _finished(envelope, _output(r), r.usage, r.finish_reason)
+        output = _output(r)
+        keep(output)
+        return _finished(envelope, output, r.usage, r.finish_reason)
 
     return router
 
@@ -260,7 +311,7 @@ class _Events:
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-async def _stream(server, handle, outs, envelope: dict):
+async def _stream(server, handle, outs, envelope: dict, keep):
     """Responses' event stream: each reasoning, message or function-call segment is an
     output item opened, filled by deltas and closed; then the whole response."""
     ev, output, item = _Events(), [], None  # item: the open segment (kind, id, text)
@@ -275,6 +326,7 @@ async def _stream(server, handle, outs, envelope: dict):
             for e in _close(ev, item, output):
                 yield e
             final = _finished(envelope, output, out.usage, out.finish_reason)
+            keep(output)
             yield ev("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
             return
         e = out.event

@@ -89,7 +89,7 @@ class CompletionRequest(OpenAISampling):
 
 
 class ResponsesRequest(Sampling):
-    """OpenAI's Responses API (stateless: `previous_response_id` is refused)."""
+    """OpenAI's Responses API (responses kept in memory for `previous_response_id`)."""
 
     model: str
     input: str | list[dict[str, Any]] = Field(min_length=1)
@@ -102,6 +102,7 @@ class ResponsesRequest(Sampling):
     text: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     previous_response_id: str | None = None
+    store: bool | None = None
 
 
 # -- Anthropic --------------------------------------------------------------------
