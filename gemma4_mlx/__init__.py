@@ -11,37 +11,46 @@ from gemma4_mlx._blas import preload_openblas
 
 preload_openblas()  # must run before anything imports mlx.core
 
-from gemma4_mlx import media as multimodal  # noqa: E402  (the earlier name of `media`)
-from gemma4_mlx.api import (  # noqa: E402
-    CacheFileError,
-    LoadError,
-    batch_generate,
-    cache_prompt,
-    generate,
-    load,
-    load_drafter,
-    speculative_batch_generate,
-    stream_generate,
-)
-from gemma4_mlx.chat.session import Chat, Reply  # noqa: E402
-from gemma4_mlx.media.prepare import Audio, Image, MediaError, Video  # noqa: E402
+import importlib  # noqa: E402
 
-__all__ = [
-    "load",
-    "load_drafter",
-    "LoadError",
-    "generate",
-    "stream_generate",
-    "batch_generate",
-    "Chat",
-    "Reply",
-    "speculative_batch_generate",
-    "cache_prompt",
-    "CacheFileError",
-    "Image",
-    "Audio",
-    "Video",
-    "MediaError",
-    "multimodal",
-]
+# The public names, imported on first use (PEP 562): `import gemma4_mlx` stays light,
+# so `gemma4-mlx --help` does not wait seconds for mlx-lm, transformers and torch.
+_EXPORTS = {
+    "load": "gemma4_mlx.api",
+    "load_drafter": "gemma4_mlx.api",
+    "LoadError": "gemma4_mlx.api",
+    "CacheFileError": "gemma4_mlx.api",
+    "generate": "gemma4_mlx.api",
+    "stream_generate": "gemma4_mlx.api",
+    "batch_generate": "gemma4_mlx.api",
+    "speculative_batch_generate": "gemma4_mlx.api",
+    "cache_prompt": "gemma4_mlx.api",
+    "share_with_thread": "gemma4_mlx.api",
+    "own_thread": "gemma4_mlx.api",
+    "SamplingOptions": "gemma4_mlx.api",
+    "encode_prompt": "gemma4_mlx.prompt.tokens",
+    "Chat": "gemma4_mlx.chat.session",
+    "Reply": "gemma4_mlx.chat.session",
+    "Image": "gemma4_mlx.media.prepare",
+    "Audio": "gemma4_mlx.media.prepare",
+    "Video": "gemma4_mlx.media.prepare",
+    "MediaError": "gemma4_mlx.media.prepare",
+}
+
+
+def __getattr__(name: str):
+    if name == "multimodal":  # the earlier name of `media`
+        return importlib.import_module("gemma4_mlx.media")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gemma4_mlx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS, "multimodal"])
+
+
+__all__ = [*_EXPORTS, "multimodal"]
 __version__ = "0.1.0"

@@ -66,6 +66,7 @@ class Chunk:
     token: int
     stats: Stats
     finished: bool = False
+    finish_reason: str | None = None  # on the finished chunk: "stop" (a stop token) or "length"
 
 
 def stream_generate(
@@ -160,14 +161,16 @@ def stream_generate(
 def _chunks(detok, tokens: Iterator[int], stop: set, stats: Stats) -> Iterator[Chunk]:
     """`stream_generate`'s text chunks of the generated `tokens`, up to a stop id."""
     mx.reset_peak_memory()
+    reason = "length"
     for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         if tok in stop:
+            reason = "stop"
             break
         detok.add_token(tok)
         yield Chunk(detok.last_segment, tok, stats)
     detok.finalize()
-    yield Chunk(detok.last_segment, -1, stats, finished=True)
+    yield Chunk(detok.last_segment, -1, stats, finished=True, finish_reason=reason)
 
 
 def _encode(model, tokenizer, prompt, chat, images, audio, videos, image_budget, processor):

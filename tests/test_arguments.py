@@ -4,6 +4,8 @@ of the Python API, and the CLI's options (before any model is loaded)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -114,3 +116,28 @@ def test_token_ids_as_arrays_are_taken(demo):
     rows = gemma4_mlx.batch_generate(model, [ids, ids], max_tokens=3)
     assert gemma4_mlx.batch_generate(model, np.array([ids, ids]), max_tokens=3) == rows
     assert gemma4_mlx.batch_generate(model, [mx.array(ids), np.array(ids)], max_tokens=3) == rows
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "-m", str(DEMO_MODEL), "-p", ""],
+        ["generate", "-m", str(DEMO_MODEL)],  # an empty stdin (cron, CI)
+        ["chat", "-m", str(DEMO_MODEL), "--draft-model", "none"],
+        ["chat", "-m", str(DEMO_MODEL), "-p", "  \n", "--draft-model", "none"],
+    ],
+)
+def test_an_empty_prompt_is_refused(args):
+    r = CliRunner().invoke(app, args, input="")
+    assert r.exit_code == 1 and "error: empty prompt" in r.stderr, r.output
+    assert "loading" not in r.stderr or args[0] == "chat"
+
+
+def test_import_is_light():
+    """`import gemma4_mlx` (and so `gemma4-mlx --help`) does not pull in mlx-lm,
+    transformers or torch: its public names load on first use."""
+    heavy = "('mlx_lm', 'transformers', 'torch')"
+    code = f"import gemma4_mlx.cli, sys; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert gemma4_mlx.share_with_thread and gemma4_mlx.SamplingOptions is SamplingOptions

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 
 import openai
+import pytest
+import typer
 
-from helpers.live_server import free_port, http
+import gemma4_mlx
+from gemma4_mlx.cli.serve import check_address, served_names
+from gemma4_mlx.demo import DEMO_MODEL
+
+from helpers.live_server import free_port, http, live_server
 
 
 def test_serve_command_with_drafter():
@@ -41,3 +48,36 @@ def test_serve_command_with_drafter():
         proc.terminate()
         out = proc.communicate(timeout=20)[0]
     assert "draft model:" in out  # the demo's drafter was found and used
+
+
+def test_served_names(tmp_path):
+    folder = tmp_path / "out_q4"
+    folder.mkdir()
+    assert served_names(str(folder) + "/", None) == ["out_q4", str(folder) + "/"]  # the folder's name, the path too
+    assert served_names("google/gemma-4-E2B-it", None) == ["google/gemma-4-E2B-it"]
+    assert served_names(str(folder), ["gpt-4o", "gemma", "gpt-4o"]) == ["gpt-4o", "gemma"]
+
+
+def test_check_address_before_loading(capsys):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        with pytest.raises(typer.Exit):
+            check_address("127.0.0.1", port, None)
+    assert f"--port {port}: cannot listen there" in capsys.readouterr().err
+    check_address("127.0.0.1", free_port(), None)
+    assert capsys.readouterr().err == ""
+    check_address("0.0.0.0", free_port(), None)
+    assert "without --api-key" in capsys.readouterr().err
+    check_address("0.0.0.0", free_port(), "k")
+    assert capsys.readouterr().err == ""
+
+
+def test_aliases_are_served_and_listed():
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    with live_server(model, tok, model_name="out_q4", aliases=["./out_q4", "gpt-4o"]) as (url, _):
+        oa = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+        assert [m.id for m in oa.models.list()] == ["out_q4", "./out_q4", "gpt-4o"]
+        r = oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+        assert r.model == "out_q4" and oa.models.retrieve("gpt-4o").id == "gpt-4o"
+        with pytest.raises(openai.BadRequestError, match="serves 'out_q4' or './out_q4' or 'gpt-4o'"):
+            oa.chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}])

@@ -43,8 +43,10 @@ def test_drafter_next_to_the_model_is_found(tmp_path, checkpoints, drafters):
 def test_bad_drafter_arguments_are_one_line_errors(tmp_path, checkpoints, drafters):
     target, _ = _pair(tmp_path, checkpoints, drafters)
     wrong = drafters["dense"].path  # made for another target: K/V layout differs
-    for extra, needle in (
+    for extra, needle in (  # a drafter's error names --draft-model (not to be read as --model's)
+        (["--draft-model", str(wrong)], "--draft-model: "),
         (["--draft-model", str(wrong)], "KV heads"),
+        (["--draft-model", str(tmp_path / "missing")], "error: --draft-model: "),
         (["--draft-model", str(tmp_path / "missing")], "no such folder"),
         (["--draft-tokens", "lots"], "--draft-tokens"),
     ):

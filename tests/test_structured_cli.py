@@ -59,3 +59,19 @@ def test_a_grammar_the_engine_gives_up_on_is_one_line(tmp_path):
         r = cli("generate", "-m", str(DEMO_MODEL), "--json-schema", str(schema), "-n", "30", "-p", "Go", *drafter)
         assert r.exit_code == 1 and "the output grammar failed while decoding" in r.output, r.output
         assert "Traceback" not in r.output
+
+
+def test_a_schema_cut_at_max_tokens_is_an_error(tmp_path):
+    """Text cut at --max-tokens is not JSON the schema accepts: it used to print and
+    exit 0 as if it were the answer."""
+    f = tmp_path / "schema.json"
+    f.write_text(json.dumps({"type": "object", "properties": {"note": {"type": "string"}}, "required": ["note"]}))
+    r = cli(*BASE[:-3], "-n", "4", "--draft-model", "none", "--json-schema", str(f))
+    assert r.exit_code == 1 and "reached --max-tokens 4 before it was complete under --json-schema" in r.stderr
+
+
+def test_plain_text_cut_at_max_tokens_says_so():
+    r = cli("generate", "--model", str(DEMO_MODEL), "-p", "Hello", "-n", "3", "--draft-model", "none")
+    assert r.exit_code == 0 and "(stopped at --max-tokens 3)" in r.stderr
+    r = cli("generate", "--model", str(DEMO_MODEL), "-p", "Hello", "-n", "200", "--draft-model", "none")
+    assert r.exit_code == 0 and "stopped at" not in r.stderr

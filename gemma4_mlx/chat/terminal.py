@@ -176,6 +176,8 @@ def one_shot(chat: Chat, text: str, *, as_json: bool, assume_yes: bool, media: d
         print(f"thinking: {reply.thinking}", file=sys.stderr)
     print(reply.text)
     print(reply.stats.line(), file=sys.stderr)
+    if reply.finish_reason == "length":  # a cut reply must not pass for a whole one
+        print(f"(stopped at the token limit, --max-tokens {chat.max_tokens})", file=sys.stderr)
     return 0
 
 

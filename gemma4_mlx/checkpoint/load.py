@@ -29,6 +29,7 @@ from gemma4_mlx.checkpoint.files import (
     tensor_mismatch,
     weight_files,
 )
+from gemma4_mlx.checkpoint.generation import read_generation_defaults
 from gemma4_mlx.checkpoint.hub import resolve_path
 from gemma4_mlx.checkpoint.keys import (
     TOKEN_ORDERING_KEY,
@@ -224,6 +225,7 @@ def load(
     """
     folder = resolve_path(str(path))
     model, config = load_model(folder, dtype, map_ple=map_ple, text_only=text_only, force=force, group=group, fuse=fuse)
+    model.generation_defaults = read_generation_defaults(folder)  # what a server uses when a request is silent
     return model, load_tokenizer(folder, config.eos_ids or None)
 
 

@@ -124,7 +124,7 @@ def _find_draft(draft_model, draft_tokens, model, target, dtype, quiet, repo):
         if draft_model == "auto":  # a found-but-unusable drafter must not stop generation
             typer.echo(f"note: not using drafter {path}: {e}", err=True)
             return None, k, None
-        fail(str(e))
+        fail(f"--draft-model: {e}")  # not to be read as a problem of --model
     if not quiet:
         typer.echo(f"draft model: {path} (draft tokens: {k})", err=True)
     return drafter, k, Path(path)
@@ -247,6 +247,14 @@ def media_options(images, audio, videos, image_budget, video_audio: bool = False
         videos=[Video(v, with_audio=video_audio) for v in videos or []],
         image_budget=image_budget,
     )
+
+
+def require_text(text: str, media: dict) -> str:
+    """The prompt, unless it is empty with no media to talk about (an empty stdin from
+    a script or cron would otherwise be answered as if something had been asked)."""
+    if not text.strip() and not any(media.get(k) for k in ("images", "audio", "videos")):
+        fail("empty prompt: give --prompt TEXT or text on stdin")
+    return text
 
 
 def load_or_fail(model: str, dtype: str | None, tools: str | None = None, force: bool = False, group=None):

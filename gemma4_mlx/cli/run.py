@@ -37,6 +37,7 @@ from gemma4_mlx.cli.common import (
     load_or_fail,
     media_options,
     read_prompt,
+    require_text,
     start_ranks,
 )
 
@@ -126,11 +127,12 @@ def generate(
         quiet = quiet or not ranks.is_leader(group)
     else:
         prompt = read_prompt(prompt)
+    require_text(prompt, media)
     if not quiet:
         typer.echo(f"loading {model} ...", err=True)
     m, tokenizer, _ = load_or_fail(model, dtype, force=force, group=group)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet, group=group)
-    stats = None
+    stats = finish = None
     try:
         for chunk in stream_generate(
             m,
@@ -154,12 +156,17 @@ def generate(
         ):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
-            stats = chunk.stats
+            stats, finish = chunk.stats, chunk.finish_reason
     except (MediaError, CacheFileError, ValueError) as e:  # ValueError: bad input, a grammar the engine gave up on
         fail(str(e))
     sys.stdout.write("\n")
     if stats is not None and not quiet:
         typer.echo(stats.line(), err=True)
+    if finish == "length" and constraint is not None:  # cut text is not an answer the schema / regex accepts
+        what = "--json-schema" if json_schema else "--regex"
+        fail(f"the output reached --max-tokens {max_tokens} before it was complete under {what}")
+    if finish == "length" and not quiet:
+        typer.echo(f"(stopped at --max-tokens {max_tokens})", err=True)
 
 
 @app.command()
@@ -292,7 +299,7 @@ def _converse(session, media: dict, prompt: str | None, prompt_cache: str | None
     except ValueError as e:
         fail(str(e))
     if prompt is not None or not sys.stdin.isatty():
-        text = sys.stdin.read() if prompt in (None, "-") else prompt
+        text = require_text(sys.stdin.read() if prompt in (None, "-") else prompt, media)
         try:
             raise typer.Exit(one_shot(session, text, as_json=as_json, assume_yes=yes, media=media))
         except ValueError as e:  # MediaError and other bad input: one line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -16,6 +18,7 @@ from gemma4_mlx.cli.common import (
     Force,
     KvBits,
     app,
+    fail,
     finite,
     load_draft,
     load_or_fail,
@@ -28,6 +31,32 @@ def _check_api_key(value: str | None) -> str | None:
     if value is not None and not value.strip():
         raise typer.BadParameter("empty: give the key clients must send, or leave --api-key out")
     return value
+
+
+def check_address(host: str, port: int, api_key: str | None) -> None:
+    """One line if the address cannot be listened on; a warning when the server would
+    answer anyone on the network without a key."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as e:
+        fail(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})")
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host} without --api-key: anyone who can reach it can use it", err=True)
+
+
+def served_names(given: str, chosen: list[str] | None) -> list[str]:
+    """The names clients may send as `model`, the listed one first: --served-model-name's,
+    else a local folder's own name — with the path as typed also accepted."""
+    if chosen:
+        if any(not n.strip() for n in chosen):
+            raise typer.BadParameter("empty name", param_hint="--served-model-name")
+        return list(dict.fromkeys(chosen))
+    folder = Path(given).expanduser()
+    if folder.is_dir():
+        return list(dict.fromkeys([folder.resolve().name, given]))
+    return [given]
 
 
 @app.command()
@@ -69,6 +98,13 @@ def serve(
     allow_local_files: Annotated[
         bool, typer.Option("--allow-local-files", help="Let image parts name files on this machine.")
     ] = False,
+    served_model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--served-model-name",
+            help="Name clients send as `model` (repeat for aliases). Default: the folder's name, or the id given.",
+        ),
+    ] = None,
     dtype: Dtype = None,
     force: Force = False,
     kv_bits: KvBits = 16,
@@ -83,6 +119,7 @@ def serve(
     from gemma4_mlx.server import app as server_app
     from gemma4_mlx.server.app import follower
 
+    check_address(host, port, api_key)  # before minutes of loading
     repo, name = None, model
     if model is None:
         model, banner = default_model()
@@ -104,15 +141,18 @@ def serve(
     if not leader:  # computes its shard of rank 0's batches until rank 0 shuts down
         follower(m, tokenizer, group=group, **settings)
         return
+    names = served_names(name, served_model_name)
     api = server_app(
         m,
         tokenizer,
-        model_name=name,
+        model_name=names[0],
+        aliases=names[1:],
         api_key=api_key,
         max_context=max_context,
         allow_local_files=allow_local_files,
         group=group,
         **settings,
     )
-    typer.echo(f"serving {name!r} on http://{host}:{port}/v1", err=True)
+    shown = " / ".join(map(repr, names))
+    typer.echo(f"serving {shown} on http://{host}:{port}/v1 (clients send it as `model`)", err=True)
     uvicorn.run(api, host=host, port=port, log_level="info")

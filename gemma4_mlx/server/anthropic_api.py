@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
-from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools, split_prefill
+from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
 from gemma4_mlx.server.results import arguments_json, collect, new_id, opened, ttft
 from gemma4_mlx.server.schemas import CountTokensRequest, MessagesRequest
 
@@ -142,7 +142,9 @@ def routes(server) -> APIRouter:
 
         def build():
             conv = conversation(body, server.prompter)
-            return server.prompter.chat_request(conv, sampling_options(body), body.max_tokens, body.stop_sequences)
+            return server.prompter.chat_request(
+                conv, server.prompter.sampling(body), body.max_tokens, body.stop_sequences
+            )
 
         handle = server.submit(await run_in_threadpool(build))
         if body.stream:

@@ -8,6 +8,7 @@ import datetime
 import hmac
 import logging
 import time
+from collections.abc import Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -39,8 +40,11 @@ _ENDPOINTS = (
 class ServerState:
     """What the route modules share: the served name, the prompter, the engine, metrics."""
 
-    def __init__(self, model, tokenizer, *, model_name, api_key, max_context, allow_local_files, engine: dict):
+    def __init__(
+        self, model, tokenizer, *, model_name, api_key, max_context, allow_local_files, engine: dict, aliases=()
+    ):
         self.model_name, self.api_key = model_name, api_key
+        self.names = list(dict.fromkeys([model_name, *aliases]))  # what clients may send as `model`
         self.prompter = Prompter(model, tokenizer, max_context=max_context, allow_local_files=allow_local_files)
         self.engine = Engine(model, tokenizer, **engine)
         sched = self.engine.scheduler
@@ -50,8 +54,9 @@ class ServerState:
         self.started = int(time.time())
 
     def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(400, f"model {name!r} is not served here; this server serves {self.model_name!r}", "model")
+        if name not in self.names:
+            served = " or ".join(repr(n) for n in self.names)
+            raise APIError(400, f"model {name!r} is not served here; this server serves {served}", "model")
 
     def submit(self, request: Request) -> RequestHandle:
         try:
@@ -193,6 +198,7 @@ def app(
     tokenizer,
     *,
     model_name: str,
+    aliases: Sequence[str] = (),
     drafter=None,
     api_key: str | None = None,
     max_queue: int = 64,
@@ -206,7 +212,8 @@ def app(
     kv_cache_gb: float | None = None,
     group=None,
 ) -> FastAPI:
-    """The server for one loaded model.  model_name: the name clients send as `model`;
+    """The server for one loaded model.  model_name: the name clients send as `model`
+    (aliases: other names they may send, all listed by /v1/models);
     drafter: an MTP drafter (speculative decoding, same output); api_key: required as
     `Authorization: Bearer KEY` or `x-api-key` (all but /health); max_queue: requests
     waiting or running before 429; max_batch: requests decoded together;
@@ -229,6 +236,7 @@ def app(
         max_context=max_context,
         allow_local_files=allow_local_files,
         engine=engine,
+        aliases=aliases,
     )
 
     @contextlib.asynccontextmanager
@@ -249,15 +257,21 @@ def app(
 
     @api.get("/v1/models")
     async def models():
-        card = model_card(server.model_name, server.started)
-        return {"object": "list", "data": [card], "has_more": False, "first_id": card["id"], "last_id": card["id"]}
+        cards = [model_card(name, server.started) for name in server.names]
+        return {
+            "object": "list",
+            "data": cards,
+            "has_more": False,
+            "first_id": cards[0]["id"],
+            "last_id": cards[-1]["id"],
+        }
 
     @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != server.model_name:
-            message = f"model {model_id!r} not found: this server serves {server.model_name!r}"
+        if model_id not in server.names:
+            message = f"model {model_id!r} not found: this server serves {' or '.join(map(repr, server.names))}"
             raise APIError(404, message, "model", code="model_not_found")
-        return model_card(server.model_name, server.started)
+        return model_card(model_id, server.started)
 
     @api.get("/metrics")
     async def metrics():

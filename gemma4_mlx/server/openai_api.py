@@ -14,7 +14,6 @@ from gemma4_mlx.server.prompts import (
     Conversation,
     check_roles,
     choices,
-    sampling_options,
     select_tools,
     split_prefill,
 )
@@ -128,7 +127,6 @@ def _sse(data) -> str:
 def routes(server) -> APIRouter:
     """server: the app's `ServerState` (model name, prompter, engine, metrics)."""
     router = APIRouter()
-    vocab = server.prompter.model.config.vocab_size
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
@@ -140,7 +138,7 @@ def routes(server) -> APIRouter:
             conv = conversation(body, server.prompter)
             limit = body.max_completion_tokens or body.max_tokens
             lps = (body.top_logprobs or 0) if body.logprobs else None
-            options = sampling_options(body, vocab_size=vocab)
+            options = server.prompter.sampling(body)
             return server.prompter.chat_request(conv, options, limit, body.stop, lps)
 
         handles = server.submit_all(choices(await run_in_threadpool(build), body.n))
@@ -166,7 +164,7 @@ def routes(server) -> APIRouter:
             raise APIError(400, "echo is not supported", param="echo")
 
         def build():
-            options = sampling_options(body, vocab_size=vocab)
+            options = server.prompter.sampling(body)
             return server.prompter.raw_request(
                 body.prompt, options, body.max_tokens, body.stop, body.ignore_eos, body.logprobs
             )

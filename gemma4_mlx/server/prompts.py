@@ -207,6 +207,11 @@ class Prompter:
         except ValueError as e:  # MediaError is a ValueError
             raise APIError(400, _line(e)) from None
 
+    def sampling(self, body) -> SamplingOptions:
+        """The request's sampling, the checkpoint's defaults where it is silent."""
+        defaults = getattr(self.model, "generation_defaults", None)
+        return sampling_options(body, self.model.config.vocab_size, defaults)
+
     def count(self, conv: Conversation) -> int:
         if conv.media:
             raise APIError(400, "counting the tokens of images or audio is not supported yet")
@@ -343,17 +348,26 @@ def logit_bias(body, vocab_size: int) -> dict[int, float] | None:
     return table
 
 
-def sampling_options(body, default_temperature: float = 1.0, vocab_size: int | None = None) -> SamplingOptions:
+def sampling_options(body, vocab_size: int | None = None, defaults=None) -> SamplingOptions:
     """SamplingOptions from a request body's fields (OpenAI semantics: top_p 1 = off);
-    vocab_size: the model's, to check OpenAI's logit_bias against."""
-    t = body.temperature if body.temperature is not None else default_temperature
+    vocab_size: the model's, to check OpenAI's logit_bias against; defaults: the
+    checkpoint's recommended sampling (`model.generation_defaults`) for the fields the
+    request leaves out (temperature otherwise 1, as both APIs define it)."""
+
+    def given(name: str, otherwise):
+        value = getattr(body, name)
+        if value is None:
+            value = getattr(defaults, name, None)
+        return otherwise if value is None else value
+
+    top_p, penalty = given("top_p", 1.0), given("repetition_penalty", 1.0)
     try:
         return SamplingOptions(
-            temperature=t,
-            top_p=body.top_p if body.top_p is not None and body.top_p < 1.0 else 0.0,
-            top_k=body.top_k or 0,
-            min_p=body.min_p or 0.0,
-            repetition_penalty=body.repetition_penalty if body.repetition_penalty not in (None, 1.0) else None,
+            temperature=given("temperature", 1.0),
+            top_p=top_p if top_p < 1.0 else 0.0,
+            top_k=given("top_k", 0),
+            min_p=given("min_p", 0.0),
+            repetition_penalty=None if penalty == 1.0 else penalty,
             presence_penalty=body.presence_penalty or None,
             frequency_penalty=body.frequency_penalty or None,
             # -1 is "random" to llama.cpp-style clients (a chat UI's "regenerate" must

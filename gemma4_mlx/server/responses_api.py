@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, malformed_is_400, text_field
-from gemma4_mlx.server.prompts import Conversation, check_roles, sampling_options, select_tools, split_prefill
+from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
 from gemma4_mlx.server.results import Result, arguments_json, collect, new_id, now, opened, ttft
 from gemma4_mlx.server.schemas import ResponsesRequest
 
@@ -279,7 +279,7 @@ def routes(server) -> APIRouter:
         def build():
             built["history"], conv = conversation(body, server.prompter, past)
             built["prefill"], built["media"] = conv.prefill, conv.media
-            return server.prompter.chat_request(conv, sampling_options(body), body.max_output_tokens, None)
+            return server.prompter.chat_request(conv, server.prompter.sampling(body), body.max_output_tokens, None)
 
         handle = server.submit(await run_in_threadpool(build))
         envelope = _envelope(server, body, new_id("resp_"), now())
