@@ -119,7 +119,7 @@ def convert(
         raise ConvertError(str(e)) from None
     dst = Path(os.path.abspath(Path(dst).expanduser()))  # "." / ".." name the folder they are (staging sits beside)
     if dst.exists() and not force:
-        raise ConvertError(f"{dst}: already exists (pass force=True / --force to replace it)")
+        raise ConvertError(f"{dst}: already exists (replace it with --force; force=True in Python)")
     check_destination(dst)  # a read-only parent is refused before any work
     gguf_file = Path(src).expanduser() if str(src).endswith(".gguf") else None  # GGUF import
     if gguf_file is not None and not gguf_file.is_file():

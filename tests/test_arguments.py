@@ -56,6 +56,12 @@ def test_sampling_options_take_what_users_send():
         ["chat", "-m", "demo", "-p", "hi", "--min-p", "nan"],
         ["serve", "--api-key", ""],
         ["serve", "--prefix-cache-gb", "inf"],
+        ["generate", "-m", "demo", "-p", "hi", "--dtype", "float64"],
+        ["generate", "-m", "demo", "-p", "hi", "--prompt-cache", "no-such.kv"],
+        ["generate", "-m", "demo", "-p", "hi", "--image", "no-such.png"],
+        ["chat", "-m", "demo", "-p", "hi", "--audio", "no-such.wav"],
+        ["cache-prompt", "-m", "demo", "-f", "-", "--video", "no-such.mp4", "out.kv"],
+        ["serve", "--dtype", "fp16"],
     ],
 )
 def test_cli_refuses_before_loading(args):

@@ -278,8 +278,13 @@ def test_malformed_tool_call_is_named_and_not_run(demo):
 # -- item 6: start-up media -------------------------------------------------------
 def test_missing_start_up_image_is_named(tmp_path):
     r = one_shot("--image", str(tmp_path / "nope.png"), "-p", "What is this?")
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope.png'}: no such file"
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    # named by its option, before the model loads
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == f"Error: Invalid value for '--image': {tmp_path / 'nope.png'}: no such file"
+    )
+    assert "loading" not in r.stderr
 
 
 # -- item 8: one-shot thoughts and statistics ------------------------------------

@@ -608,7 +608,7 @@ def test_cli_convert(checkpoints, tmp_path, monkeypatch):
     assert q["policy"]["keep_high_precision"] is False and q["recipe"] == "q4_0"
     r = run(app, ["convert", src, dst, "--quant", "q8"])
     assert r.exit_code == 1 and r.output.strip().splitlines() == [
-        f"error: {dst}: already exists (pass force=True / --force to replace it)"
+        f"error: {dst}: already exists (replace it with --force; force=True in Python)"
     ]
     assert run(app, ["convert", src, dst, "--quant", "q8", "--force"]).exit_code == 0
     r = run(app, ["convert", src, str(tmp_path / "x"), "--quant", "int3"])

@@ -152,7 +152,27 @@ TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, callback=finit
 TopK = Annotated[int, typer.Option("--top-k", min=0)]
 MinP = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, callback=finite)]
 Seed = Annotated[int | None, typer.Option("--seed", callback=_check_seed)]
-Dtype = Annotated[str | None, typer.Option("--dtype", help="float32 / bfloat16 / float16 (default: as stored).")]
+
+
+def _check_dtype(value: str | None) -> str | None:
+    if value is not None and value not in ("float32", "bfloat16", "float16"):
+        raise typer.BadParameter(f"{value!r} is not one of float32, bfloat16, float16")
+    return value
+
+
+def _existing_files(value):
+    """Files named on the command line (one or a list) must exist before minutes of
+    loading a model (whether the model can take them is checked once it is loaded)."""
+    for name in [value] if isinstance(value, str) else value or []:
+        if not Path(name).expanduser().is_file():
+            raise typer.BadParameter(f"{name}: no such file")
+    return value
+
+
+Dtype = Annotated[
+    str | None,
+    typer.Option("--dtype", help="float32 / bfloat16 / float16 (default: as stored).", callback=_check_dtype),
+]
 DraftModel = Annotated[str, typer.Option("--draft-model", help=DRAFT_MODEL_HELP)]
 DraftTokens = Annotated[str, typer.Option("--draft-tokens", help=DRAFT_TOKENS_HELP, callback=_check_draft_tokens)]
 
@@ -179,16 +199,28 @@ PromptCacheFile = Annotated[
             "A cache-prompt file made for this model and --kv-bits: the longest prefix it shares with "
             "the prompt is reused, only the rest is prefilled."
         ),
+        callback=_existing_files,
     ),
 ]
-Images = Annotated[list[str] | None, typer.Option("--image", help="Image file for the prompt (repeatable).")]
+Images = Annotated[
+    list[str] | None,
+    typer.Option("--image", help="Image file for the prompt (repeatable).", callback=_existing_files),
+]
 AudioFiles = Annotated[
     list[str] | None,
-    typer.Option("--audio", help="Audio file, up to 30 s: WAV, FLAC, MP3, M4A, Ogg (repeatable; E2B/E4B)."),
+    typer.Option(
+        "--audio",
+        help="Audio file, up to 30 s: WAV, FLAC, MP3, M4A, Ogg (repeatable; E2B/E4B).",
+        callback=_existing_files,
+    ),
 ]
 Videos = Annotated[
     list[str] | None,
-    typer.Option("--video", help="Video file, up to 60 s; frames sampled as transformers does (repeatable)."),
+    typer.Option(
+        "--video",
+        help="Video file, up to 60 s; frames sampled as transformers does (repeatable).",
+        callback=_existing_files,
+    ),
 ]
 ImageBudget = Annotated[
     int | None,

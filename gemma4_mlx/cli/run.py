@@ -251,7 +251,7 @@ def chat(
     if group is not None and prompt_cache is not None:
         fail("--prompt-cache: not with --distributed (a saved cache holds one process's whole KV heads)")
     if leader:
-        Console(stderr=True).print(banner, style="dim", markup=False)
+        Console(stderr=True).print(banner, style="dim", markup=False, soft_wrap=True)  # a log keeps whole lines
     m, tokenizer, functions = load_or_fail(model, dtype, tools, force=force, group=group)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo, group=group)
     session_type, extra = (Chat, {}) if group is None else (LeaderChat if leader else FollowerChat, {"group": group})
