@@ -6,9 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from typer.testing import CliRunner
 
+import gemma4_mlx
 from gemma4_mlx.cache.disk import FORMAT, CacheFileError
 from gemma4_mlx.chat.saved import read_chat, save_chat
+from gemma4_mlx.cli import app
+from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.prompt.template import tool_result_content
 
 
@@ -74,3 +78,20 @@ def test_deeply_nested_saved_chats_are_one_line(tmp_path):
     cached.write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(CacheFileError, match=r"deep.kv: malformed saved chat \(metadata\)"):
         read_chat(cached, None, None, None)
+
+
+def test_chat_resume_goes_on_with_a_saved_conversation(tmp_path):
+    """`chat --resume FILE` answers as `Chat.load(FILE)` does: the saved turns and
+    system prompt come back; a file that is not a saved chat is one line."""
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    first = gemma4_mlx.Chat(model, tok, system="Be brief.")
+    first.send("What is the capital of Japan?")
+    first.save(tmp_path / "c.json")
+    want = gemma4_mlx.Chat.load(tmp_path / "c.json", model, tok).send("And of Peru?").text
+    args = ["chat", "-m", str(DEMO_MODEL), "--draft-model", "none", "--resume", str(tmp_path / "c.json")]
+    r = CliRunner().invoke(app, args, input="And of Peru?")
+    assert r.exit_code == 0 and r.stdout.strip() == want, r.output
+    assert "resumed" in r.stderr and "2 messages" in r.stderr
+    (tmp_path / "bad.json").write_text('{"messages": 3}')
+    r = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "bad.json")], input="hi")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "bad.json" in r.stderr

@@ -160,7 +160,7 @@ def _check_dtype(value: str | None) -> str | None:
     return value
 
 
-def _existing_files(value):
+def existing_files(value):
     """Files named on the command line (one or a list) must exist before minutes of
     loading a model (whether the model can take them is checked once it is loaded)."""
     for name in [value] if isinstance(value, str) else value or []:
@@ -199,19 +199,19 @@ PromptCacheFile = Annotated[
             "A cache-prompt file made for this model and --kv-bits: the longest prefix it shares with "
             "the prompt is reused, only the rest is prefilled."
         ),
-        callback=_existing_files,
+        callback=existing_files,
     ),
 ]
 Images = Annotated[
     list[str] | None,
-    typer.Option("--image", help="Image file for the prompt (repeatable).", callback=_existing_files),
+    typer.Option("--image", help="Image file for the prompt (repeatable).", callback=existing_files),
 ]
 AudioFiles = Annotated[
     list[str] | None,
     typer.Option(
         "--audio",
         help="Audio file, up to 30 s: WAV, FLAC, MP3, M4A, Ogg (repeatable; E2B/E4B).",
-        callback=_existing_files,
+        callback=existing_files,
     ),
 ]
 Videos = Annotated[
@@ -219,7 +219,7 @@ Videos = Annotated[
     typer.Option(
         "--video",
         help="Video file, up to 60 s; frames sampled as transformers does (repeatable).",
-        callback=_existing_files,
+        callback=existing_files,
     ),
 ]
 ImageBudget = Annotated[

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +32,7 @@ from gemma4_mlx.cli.common import (
     VideoAudio,
     Videos,
     app,
+    existing_files,
     fail,
     finite,
     load_draft,
@@ -183,7 +185,13 @@ def chat(
         ),
     ] = None,
     system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
-    think: Annotated[bool, typer.Option("--think/--no-think", help="Thinking mode (default off).")] = False,
+    think: Annotated[
+        bool | None, typer.Option("--think/--no-think", help="Thinking mode (default off, or as --resume saved it).")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option("--resume", help="Go on with a chat saved by /save FILE.", callback=existing_files),
+    ] = None,
     thinking_budget: Annotated[
         int | None,
         typer.Option("--thinking-budget", min=1, help="Characters of thought before the model is made to answer."),
@@ -256,12 +264,13 @@ def chat(
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo, group=group)
     session_type, extra = (Chat, {}) if group is None else (LeaderChat if leader else FollowerChat, {"group": group})
     slack = int(rollback_slack) if rollback_slack.isdigit() else rollback_slack
+    if resume is not None and group is not None:
+        fail("--resume: not with --distributed yet")
     try:
-        session = session_type(
+        fresh = partial(session_type, system=system, thinking=bool(think))
+        session = (_resumed(resume, system, think) if resume else fresh)(
             m,
             tokenizer,
-            system=system,
-            thinking=think,
             tools=functions,
             max_tokens=max_tokens,
             options=SamplingOptions(temp, top_p, top_k, min_p, seed=seed),
@@ -274,7 +283,7 @@ def chat(
             max_rollback=slack,
             **extra,
         )
-    except ValueError as e:  # a malformed --rollback-slack
+    except ValueError as e:  # a malformed --rollback-slack; a saved chat that cannot go on here
         fail(str(e))
     if not leader:
         session.follow()  # does what rank 0's session does, until rank 0 says "exit"
@@ -284,6 +293,21 @@ def chat(
     finally:
         if group is not None:
             session.finish()
+
+
+def _resumed(path: str, system: str | None, think: bool | None):
+    """`Chat.load` of a saved chat, with the system prompt and thinking it was saved
+    with unless given again."""
+    from gemma4_mlx.chat.session import Chat
+
+    given = {k: v for k, v in (("system", system), ("thinking", think)) if v is not None}
+
+    def load(model, tokenizer, **kwargs):
+        chat = Chat.load(path, model, tokenizer, **kwargs, **given)
+        typer.echo(f"resumed {path}: {len(chat.messages)} messages", err=True)
+        return chat
+
+    return load
 
 
 def _converse(session, media: dict, prompt: str | None, prompt_cache: str | None, as_json: bool, yes: bool) -> None:
