@@ -41,11 +41,16 @@ _EXPORTS = {
 def __getattr__(name: str):
     if name == "multimodal":  # the earlier name of `media`
         return importlib.import_module("gemma4_mlx.media")
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'gemma4_mlx' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    try:  # a subpackage (`gemma4_mlx.media`, `.api`, ...), as an eager package made them reachable
+        return importlib.import_module(f"gemma4_mlx.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"gemma4_mlx.{name}":
+            raise
+        raise AttributeError(f"module 'gemma4_mlx' has no attribute {name!r}") from None
 
 
 def __dir__() -> list[str]:

@@ -66,7 +66,9 @@ class Chunk:
     token: int
     stats: Stats
     finished: bool = False
-    finish_reason: str | None = None  # on the finished chunk: "stop" (a stop token) or "length"
+    # on the finished chunk: "stop" (a stop token, or a constrained output the grammar
+    # accepts whole) or "length" (cut at max_tokens)
+    finish_reason: str | None = None
 
 
 def stream_generate(
@@ -155,20 +157,24 @@ def stream_generate(
     )
     # a reply starts a turn (its first space is dropped); a raw prompt's output goes on from its text
     detok = primed_detokenizer(tokenizer, prime=not chat)
-    return _chunks(detok, tokens, stop, stats)
+    return _chunks(detok, tokens, stop, stats, None if constraint is None else constraint.accepts)
 
 
-def _chunks(detok, tokens: Iterator[int], stop: set, stats: Stats) -> Iterator[Chunk]:
-    """`stream_generate`'s text chunks of the generated `tokens`, up to a stop id."""
+def _chunks(detok, tokens: Iterator[int], stop: set, stats: Stats, accepts=None) -> Iterator[Chunk]:
+    """`stream_generate`'s text chunks of the generated `tokens`, up to a stop id.
+    accepts: whether a constrained output cut at max_tokens is a whole sentence anyway."""
     mx.reset_peak_memory()
-    reason = "length"
+    reason, out = "length", []
     for tok in tokens:
         stats.peak_memory_gb = mx.get_peak_memory() / 1e9
         if tok in stop:
             reason = "stop"
             break
+        out.append(tok)
         detok.add_token(tok)
         yield Chunk(detok.last_segment, tok, stats)
+    if reason == "length" and accepts is not None and accepts(out):
+        reason = "stop"
     detok.finalize()
     yield Chunk(detok.last_segment, -1, stats, finished=True, finish_reason=reason)
 

@@ -6,6 +6,7 @@ with n = 1 (and the choice's seed) gives; a bias moves the text exactly as
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -85,15 +86,28 @@ def test_n_out_of_range_is_400(oa):
             oa.chat.completions.create(model=NAME, messages=PERU, n=n)
 
 
-def test_n_over_the_queue_is_429(server):
+def test_n_more_than_the_queue_holds_is_400(oa):
+    with pytest.raises(openai.BadRequestError) as e:  # a 429 would be retried forever
+        oa.chat.completions.create(model=NAME, messages=PERU, n=5, max_tokens=4)  # max_queue is 4
+    assert e.value.body["param"] == "n"
+
+
+def test_n_over_the_free_queue_is_429(server):
     oa, api = server
     engine = api.state.server.engine
-    engine.pause()
+    busy = oa.completions.create(
+        model=NAME, prompt=PROMPT, max_tokens=2000, n=2, stream=True, extra_body={"ignore_eos": True}
+    )  # two rows generating until closed
+    next(iter(busy))
     try:
         with pytest.raises(openai.RateLimitError):
-            oa.chat.completions.create(model=NAME, messages=PERU, n=5, max_tokens=4)  # max_queue is 4
+            oa.chat.completions.create(model=NAME, messages=PERU, n=3, max_tokens=4)  # 2 + 3 > max_queue 4
     finally:
-        engine.resume()
+        busy.close()
+    deadline = time.monotonic() + 10
+    while engine.depth and time.monotonic() < deadline:  # the refused request's queued choices leave too
+        time.sleep(0.01)
+    assert engine.depth == 0
     r = oa.chat.completions.create(model=NAME, messages=PERU, n=4, max_tokens=4, temperature=0)
     assert len(r.choices) == 4
 
@@ -101,7 +115,7 @@ def test_n_over_the_queue_is_429(server):
 def test_submit_all_cancels_what_it_queued_when_one_is_refused():
     class Engine:
         def __init__(self):
-            self.handles = []
+            self.handles, self.engine = [], SimpleNamespace(max_queue=10)
 
         def submit(self, request):
             if len(self.handles) == 2:
@@ -188,3 +202,22 @@ def test_stream_generate_takes_logit_bias_and_checks_it_at_the_call(demo):
     assert biased != plain and not biased.startswith(tok.decode([first]))
     with pytest.raises(ValueError, match="is not in the vocabulary"):
         gemma4_mlx.stream_generate(model, tok, "hi", logit_bias={model.config.vocab_size: 1.0})  # no next()
+
+
+def test_streamed_choices_start_before_all_have_rows(demo):
+    """With more choices than batch rows, the stream starts with the first choice's
+    tokens: later choices join when earlier ones free their rows (they used to hold
+    back the whole stream until then)."""
+    model, tok = demo
+    with live_server(model, tok, model_name=NAME, max_batch=2) as (url, _):
+        oa = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        kw = dict(model=NAME, prompt=PROMPT, max_tokens=300, temperature=0, extra_body={"ignore_eos": True})
+        start = time.monotonic()
+        stream = oa.completions.create(n=3, stream=True, **kw)
+        first = next(iter(stream))
+        waited = time.monotonic() - start
+        seen = {first.choices[0].index} | {c.choices[0].index for c in stream if c.choices}
+        alone = time.monotonic()
+        oa.completions.create(**kw)
+        one_choice = time.monotonic() - alone
+    assert seen == {0, 1, 2} and waited < one_choice / 2, (waited, one_choice)

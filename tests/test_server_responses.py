@@ -6,13 +6,19 @@ is a 400 naming the field."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import openai
 import pytest
+from PIL import Image
 
 import gemma4_mlx
 from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.server.errors import APIError
+from gemma4_mlx.server.prompts import Prompter
+from gemma4_mlx.server.responses_api import Kept, _messages
 
 from helpers.live_server import live_server
 
@@ -175,3 +181,99 @@ def test_previous_response_id_continues_the_conversation(oa):
     unkept = oa.responses.create(model=NAME, input=JAPAN, temperature=0, store=False)
     with pytest.raises(openai.BadRequestError, match="is kept here"):
         oa.responses.create(model=NAME, previous_response_id=unkept.id, input=again)
+
+
+def _png_uri() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_input_items_as_clients_send_them():
+    """Shapes real clients send: llm's empty user turn before a tool result, the Agents
+    SDK's image returned by a tool (a user turn after the results: tool results are
+    text), an assistant refusal part from OpenAI history."""
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    prompter, media = Prompter(model, tok), []
+    call = {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
+    image_output = [{"type": "input_text", "text": "a chart"}, {"type": "input_image", "image_url": _png_uri()}]
+    items = [
+        {"role": "user", "content": WEATHER},
+        call,
+        {"role": "user", "content": ""},
+        {"type": "function_call_output", "call_id": "c1", "output": image_output},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+    ]
+    msgs = _messages(items, prompter, media)
+    assert [m["role"] for m in msgs] == ["user", "assistant", "tool", "user", "assistant"]
+    assert msgs[2]["content"] == "a chart" and msgs[3]["content"] == [{"type": "image"}] and len(media) == 1
+    assert msgs[4]["content"] == "I cannot."
+
+
+def test_llm_style_tool_loop_is_answered(oa):
+    r = oa.responses.create(model=NAME, input=WEATHER, tools=[TOOL], temperature=0)
+    call = r.output[0]
+    items = [
+        {"role": "user", "content": WEATHER},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"role": "user", "content": ""},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 22C in Paris"},
+    ]
+    assert "Paris" in oa.responses.create(model=NAME, input=items, tools=[TOOL], temperature=0).output_text
+
+
+def test_reasoning_summary_when_asked(oa):
+    kw = dict(model=NAME, input=JAPAN, temperature=0, reasoning={"effort": "high", "summary": "auto"})
+    r = oa.responses.create(**kw)
+    assert r.output[0].summary[0].text == r.output[0].content[0].text
+    assert _streamed(oa, input=JAPAN, reasoning={"effort": "high", "summary": "auto"})[2].output[0].summary
+    plain = oa.responses.create(**(kw | {"reasoning": {"effort": "high"}}))
+    assert plain.output[0].summary == []
+
+
+@pytest.mark.parametrize(
+    ("kw", "says", "param"),
+    [
+        ({"extra_body": {"conversation": "conv_1"}}, "Conversations API is not served", "conversation"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "x", "output": "1"}]},
+            "read as a conversation",
+            "input",
+        ),
+    ],
+)
+def test_what_cannot_be_followed_names_its_field(oa, kw, says, param):
+    args = {"model": NAME, "input": JAPAN} | kw
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.responses.create(**args)
+    assert says in e.value.body["message"] and e.value.body["param"] == param
+
+
+def test_only_reasoning_items_is_400_and_the_chain_is_echoed(oa):
+    thought = {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text", "text": "x"}]}
+    with pytest.raises(openai.BadRequestError, match="no message to answer"):
+        oa.responses.create(model=NAME, input=[thought])
+    first = oa.responses.create(model=NAME, input=JAPAN, temperature=0)
+    assert (
+        oa.responses.create(model=NAME, previous_response_id=first.id, input="Thanks").previous_response_id == first.id
+    )
+
+
+def test_logit_bias_is_openai_chat_and_completions_only(oa):
+    """Other bodies accept unknown fields: a logit_bias there is ignored, never a 500."""
+    for bias in ([1, 2], "x", {"5": "a"}, {"5": 50}):
+        r = oa.responses.create(model=NAME, input=JAPAN, temperature=0, extra_body={"logit_bias": bias})
+        assert r.output_text == oa.responses.create(model=NAME, input=JAPAN, temperature=0).output_text
+
+
+def test_kept_media_is_bounded():
+    """Kept conversations hold decoded images: they leave, oldest first, past the byte budget."""
+    kept = Kept(size=8, media_bytes=3 * 100 * 100 * 3)
+    image = ("image", Image.new("RGB", (100, 100)))
+    for i in range(5):
+        kept.put(f"r{i}", [{"role": "user", "content": "hi"}], [image])
+    assert list(kept.items) == ["r2", "r3", "r4"]
+    kept.put("big", [], [("image", Image.new("RGB", (200, 200)))])  # over the whole budget: not kept
+    assert "big" not in kept.items and list(kept.items) == ["r2", "r3", "r4"]
+    with pytest.raises(APIError, match="no response 'r0' is kept here"):
+        kept.get("r0")

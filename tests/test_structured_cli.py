@@ -75,3 +75,10 @@ def test_plain_text_cut_at_max_tokens_says_so():
     assert r.exit_code == 0 and "(stopped at --max-tokens 3)" in r.stderr
     r = cli("generate", "--model", str(DEMO_MODEL), "-p", "Hello", "-n", "200", "--draft-model", "none")
     assert r.exit_code == 0 and "stopped at" not in r.stderr
+
+
+def test_a_constrained_output_complete_at_max_tokens_is_not_cut():
+    r = cli(
+        "generate", "-m", str(DEMO_MODEL), "-p", "Pick a digit", "--regex", "[0-9]", "-n", "1", "--draft-model", "none"
+    )
+    assert r.exit_code == 0 and r.stdout.strip().isdigit() and "stopped at" not in r.stderr, r.output

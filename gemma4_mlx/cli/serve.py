@@ -119,7 +119,6 @@ def serve(
     from gemma4_mlx.server import app as server_app
     from gemma4_mlx.server.app import follower
 
-    check_address(host, port, api_key)  # before minutes of loading
     repo, name = None, model
     if model is None:
         model, banner = default_model()
@@ -127,6 +126,8 @@ def serve(
         typer.echo(banner, err=True)
     group = start_ranks(distributed, backend)
     leader = group is None or group.rank() == 0
+    if leader:  # only rank 0 listens
+        check_address(host, port, api_key)  # before minutes of loading
     m, tokenizer, _ = load_or_fail(model, dtype, force=force, group=group)
     drafter, k = load_draft(draft_model, draft_tokens, model, m, dtype, quiet=not leader, repo=repo, group=group)
     settings = dict(

@@ -79,6 +79,12 @@ class Constraint:
         fed = [self.engine.eos_token if t in self.stop_ids else t for t in tokens]
         return self.matcher().validate_tokens(fed)
 
+    def accepts(self, tokens: Sequence[int]) -> bool:
+        """Whether `tokens` (an output without its stop token) is a whole sentence of the
+        grammar: one whose end the grammar would take now."""
+        m = self.matcher()
+        return bool(m.consume_tokens(list(tokens))) and m.is_accepting()
+
     def answer_only(self, close_id: int | None) -> Constraint:
         """This constraint applied after `close_id` (the thought channel's end)."""
         return replace(self, after=close_id)

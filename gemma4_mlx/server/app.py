@@ -67,6 +67,9 @@ class ServerState:
     def submit_all(self, requests: list[Request]) -> list[RequestHandle]:
         """Submit a request's choices together: if the queue refuses one, those already
         queued are cancelled and the request gets the 429."""
+        if len(requests) > self.engine.max_queue:  # a 429 would be retried forever
+            n, most = len(requests), self.engine.max_queue
+            raise APIError(400, f"n: {n} choices are more than this server queues at once ({most})", param="n")
         handles: list[RequestHandle] = []
         try:
             for r in requests:

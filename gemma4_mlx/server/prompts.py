@@ -334,7 +334,8 @@ def stop_list(stop) -> list[str]:
 def logit_bias(body, vocab_size: int) -> dict[int, float] | None:
     """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) as {id: bias}; 400 naming
     the entry that is not a token id of the vocabulary or whose bias is out of range."""
-    bias = getattr(body, "logit_bias", None)
+    # OpenAI's field only: other APIs' bodies accept unknown fields, and must ignore this one
+    bias = body.logit_bias if "logit_bias" in type(body).model_fields else None
     if not bias:
         return None
     table = {}

@@ -27,15 +27,27 @@ from gemma4_mlx.server.schemas import ResponsesRequest
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 KEPT_RESPONSES = 256
+KEPT_MEDIA_BYTES = 1 << 30  # decoded images / audio the kept responses may hold, all together
+# how input items become the messages check_roles counts
+_ORDER = "instructions first, a turn's function_calls one assistant message, empty user messages left out"
+
+
+def _media_bytes(media: list) -> int:
+    """Memory the decoded media of a conversation hold (images as RGB)."""
+    total = 0
+    for _, item in media:
+        size = getattr(item, "size", None)
+        total += size[0] * size[1] * 3 if isinstance(size, tuple) else int(getattr(item, "nbytes", 0))
+    return total
 
 
 class Kept:
     """The last responses' conversations (messages without the instructions, the
-    reply included, and their media), for `previous_response_id`; least recently
-    used first out."""
+    reply included, and their decoded media), for `previous_response_id`; least
+    recently used first out, at most `size` of them and `media_bytes` of media."""
 
-    def __init__(self, size: int = KEPT_RESPONSES):
-        self.size, self.items, self.lock = size, OrderedDict(), threading.Lock()
+    def __init__(self, size: int = KEPT_RESPONSES, media_bytes: int = KEPT_MEDIA_BYTES):
+        self.size, self.media_bytes, self.items, self.lock = size, media_bytes, OrderedDict(), threading.Lock()
 
     def get(self, rid: str) -> tuple[list, list]:
         with self.lock:
@@ -43,25 +55,30 @@ class Kept:
                 why = f"previous_response_id: no response {rid!r} is kept here (the last {self.size}, in memory)"
                 raise APIError(400, why, param="previous_response_id")
             self.items.move_to_end(rid)
-            msgs, media = self.items[rid]
+            msgs, media, _ = self.items[rid]
         return list(msgs), list(media)
 
     def put(self, rid: str, msgs: list, media: list) -> None:
+        weight = _media_bytes(media)
+        if weight > self.media_bytes:  # not kept: a later previous_response_id is told so
+            return
         with self.lock:
-            self.items[rid] = (msgs, media)
-            while len(self.items) > self.size:
+            self.items[rid] = (msgs, media, weight)
+            while len(self.items) > self.size or sum(w for *_, w in self.items.values()) > self.media_bytes:
                 self.items.popitem(last=False)
 
 
-def _parts(content, where: str, prompter, media: list, user: bool):
+def _parts(content, where: str, prompter, media: list, user: bool, field: str = "content"):
     """A message's content: text, or (user) parts with images as placeholders."""
     if isinstance(content, str):
         return content
     parts = []
     for j, p in enumerate(content or []):
-        kind, at = p.get("type"), f"{where}.content[{j}]"
+        kind, at = p.get("type"), f"{where}.{field}[{j}]"
         if kind in ("input_text", "output_text", "text"):
             parts.append({"type": "text", "text": text_field(p, at)})
+        elif kind == "refusal":  # history from OpenAI's own models: what the assistant said
+            parts.append({"type": "text", "text": text_field({"text": p.get("refusal")}, at)})
         elif kind == "input_image" and user:
             url = p.get("image_url")
             if not isinstance(url, str):
@@ -82,17 +99,37 @@ def _call(item: dict, where: str) -> dict:
     return {"id": item.get("call_id"), "type": "function", "function": {"name": name, "arguments": args}}
 
 
+def _empty(content) -> bool:
+    return not content or (isinstance(content, list) and all(p == {"type": "text", "text": ""} for p in content))
+
+
+def _tool_output(out, where: str, prompter, media: list) -> tuple[str, list]:
+    """A function_call_output's text, and the images it returned (placeholders)."""
+    if isinstance(out, str):
+        return out, []
+    parts = _parts(out, where, prompter, media, True, field="output")
+    return "".join(p["text"] for p in parts if p["type"] == "text"), [p for p in parts if p["type"] == "image"]
+
+
 def _messages(items: list, prompter, media: list) -> list[dict]:
-    """Input items -> Chat Completions messages (calls of one turn on one assistant message)."""
-    msgs, names, thought = [], {}, None
+    """Input items -> Chat Completions messages (calls of one turn on one assistant
+    message).  Images a tool returned follow its results as a user turn, since tool
+    results are text.  Empty user turns (some clients put one before tool results)
+    are left out."""
+    msgs, names, thought, shown = [], {}, None, []
     for i, item in enumerate(items):
         where = f"input[{i}]"
         kind = item.get("type", "message")
+        if kind not in ("function_call_output", "reasoning") and shown:
+            msgs.append({"role": "user", "content": shown})
+            shown = []
         if kind == "message":
             role = _ROLES.get(item.get("role"))
             if role is None:
                 raise APIError(400, f"{where}.role: expected user, system, developer or assistant", param="input")
             content = _parts(item.get("content"), where, prompter, media, role == "user")
+            if role == "user" and _empty(content):
+                continue
             msgs.append({"role": role, "content": content})
         elif kind == "function_call":
             call = _call(item, where)
@@ -101,10 +138,10 @@ def _messages(items: list, prompter, media: list) -> list[dict]:
                 msgs.append({"role": "assistant", "content": ""})
             msgs[-1].setdefault("tool_calls", []).append(call)
         elif kind == "function_call_output":
-            out = item.get("output")
-            text = out if isinstance(out, str) else _parts(out, where, prompter, media, False)
+            text, images = _tool_output(item.get("output"), where, prompter, media)
             uid = item.get("call_id")
             msgs.append({"role": "tool", "tool_call_id": uid, "name": names.get(uid, ""), "content": text})
+            shown += images
         elif kind == "reasoning":
             thought = "".join(c.get("text") or "" for c in item.get("content") or [] if isinstance(c, dict))
             continue
@@ -112,7 +149,7 @@ def _messages(items: list, prompter, media: list) -> list[dict]:
             raise APIError(400, f"{where}: unsupported input item type {kind!r}", param="input")
         if thought and msgs[-1]["role"] == "assistant":  # a reasoning item goes with the reply after it
             msgs[-1]["reasoning_content"], thought = thought, None
-    return msgs
+    return msgs + ([{"role": "user", "content": shown}] if shown else [])
 
 
 def _tools(tools) -> list[dict] | None:
@@ -154,16 +191,24 @@ def _response_format(text: dict | None) -> dict | None:
 def conversation(body: ResponsesRequest, prompter, past: tuple[list, list] | None = None):
     """(the conversation without instructions, for `Kept`; the `Conversation` to answer).
     past: a kept response's (messages, media), which the input continues."""
+    if (body.model_extra or {}).get("conversation"):  # would silently lose the earlier turns
+        why = "conversation: the Conversations API is not served here; send the whole input or use previous_response_id"
+        raise APIError(400, why, param="conversation")
     msgs, media = past or ([], [])
     items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
     msgs += _messages(items, prompter, media)
+    if not msgs:
+        raise APIError(400, "input: no message to answer (only reasoning items?)", param="input")
     history = list(msgs)
     if body.instructions:  # the system prompt, before the input's own (one system turn)
         first = msgs[0] if msgs and msgs[0]["role"] == "system" else None
         joined = body.instructions + ("\n\n" + first["content"] if first else "")
         msgs = [{"role": "system", "content": joined}, *(msgs[1:] if first else msgs)]
     msgs, prefill = split_prefill(msgs)
-    check_roles(msgs)
+    try:
+        check_roles(msgs)
+    except APIError as e:  # it counts Chat Completions messages: say what they are here
+        raise APIError(400, f"input, read as a conversation ({_ORDER}): {e.message}", param="input") from None
     effort = (body.reasoning or {}).get("effort")
     choice = _tool_choice(body.tool_choice)
     tools = select_tools(_tools(body.tools), choice)
@@ -198,9 +243,17 @@ def _usage(u) -> dict:
     }
 
 
-def _reasoning_item(text: str, item_id: str | None = None) -> dict:
+def _reasoning_item(text: str, item_id: str | None = None, summarize: bool = False) -> dict:
+    """summarize: the request asked for `reasoning.summary`; the whole thought is its
+    summary (clients that read only summaries see it too)."""
     content = [{"type": "reasoning_text", "text": text}] if text else []
-    return {"type": "reasoning", "id": item_id or new_id("rs_"), "summary": [], "content": content}
+    summary = [{"type": "summary_text", "text": text}] if text and summarize else []
+    return {"type": "reasoning", "id": item_id or new_id("rs_"), "summary": summary, "content": content}
+
+
+def _summarize(reasoning: dict | None) -> bool:
+    """Whether a request's `reasoning` asks for a summary."""
+    return bool((reasoning or {}).get("summary"))
 
 
 def _message_item(text: str, item_id: str | None = None, status: str = "completed") -> dict:
@@ -237,7 +290,7 @@ def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:
         "max_output_tokens": body.max_output_tokens,
         "metadata": body.metadata or {},
         "parallel_tool_calls": True,
-        "previous_response_id": None,
+        "previous_response_id": body.previous_response_id,
         "reasoning": body.reasoning,
         "store": body.store is not False,
         "temperature": body.temperature,
@@ -259,8 +312,8 @@ def _finished(envelope: dict, output: list, usage, finish_reason: str) -> dict:
     return done | {"status": "completed"}
 
 
-def _output(r: Result) -> list[dict]:
-    out = [_reasoning_item(r.reasoning)] if r.reasoning else []
+def _output(r: Result, summarize: bool) -> list[dict]:
+    out = [_reasoning_item(r.reasoning, summarize=summarize)] if r.reasoning else []
     if r.content or not r.tool_calls:
         out.append(_message_item(r.content))
     return out + [_call_item(c) for c in r.tool_calls]
@@ -292,7 +345,7 @@ def routes(server) -> APIRouter:
             outs = await opened(handle, http)
             return StreamingResponse(_stream(server, handle, outs, envelope, keep), media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
-        output = _output(r)
+        output = _output(r, _summarize(body.reasoning))
         keep(output)
         return _finished(envelope, output, r.usage, r.finish_reason)
 
@@ -315,6 +368,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
     """Responses' event stream: each reasoning, message or function-call segment is an
     output item opened, filled by deltas and closed; then the whole response."""
     ev, output, item = _Events(), [], None  # item: the open segment (kind, id, text)
+    summarize = _summarize(envelope["reasoning"])
     yield ev("response.created", response=envelope)
     yield ev("response.in_progress", response=envelope)
     async for out in outs:
@@ -323,7 +377,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
             return
         if out.kind == "done":
             server.metrics.record(out.usage, ttft(handle))
-            for e in _close(ev, item, output):
+            for e in _close(ev, item, output, summarize):
                 yield e
             final = _finished(envelope, output, out.usage, out.finish_reason)
             keep(output)
@@ -331,7 +385,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
             return
         e = out.event
         if item is not None and (e.type != item[0] or e.type == "tool_call"):
-            for x in _close(ev, item, output):
+            for x in _close(ev, item, output, summarize):
                 yield x
             item = None
         if e.type == "tool_call":
@@ -357,14 +411,14 @@ def _open(ev, item, index: int) -> list[str]:
     return [added, part]
 
 
-def _close(ev, item, output: list) -> list[str]:
+def _close(ev, item, output: list, summarize: bool) -> list[str]:
     """The events that end the open segment, which joins `output`."""
     if item is None:
         return []
     kind, item_id, text = item
     at = dict(item_id=item_id, output_index=len(output), content_index=0)
     if kind == "reasoning":
-        done = _reasoning_item(text, item_id)
+        done = _reasoning_item(text, item_id, summarize)
         events = [ev("response.reasoning_text.done", text=text, **at)]
     else:
         done = _message_item(text, item_id)

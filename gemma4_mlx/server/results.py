@@ -111,18 +111,17 @@ async def opened(handle: RequestHandle, http):
 
 
 async def opened_all(handles: list[RequestHandle], http) -> list:
-    """`opened` for each of a request's choices; if one fails, all are cancelled."""
-    streams = []
+    """The output streams of a request's choices once the first has started: its
+    error (bad media, a prompt too long: every choice has the same) answers with its
+    status.  The others are not waited for: they may need rows that only earlier
+    choices free; an error of theirs comes inside the stream."""
     try:
-        for h in handles:
-            streams.append(await opened(h, http))
+        first = await opened(handles[0], http)
     except BaseException:
         for h in handles:
             h.cancel()
-        for s in streams:
-            await s.aclose()
         raise
-    return streams
+    return [first, *(outputs(h, http) for h in handles[1:])]
 
 
 async def merged(streams: list, handles: list[RequestHandle]):
