@@ -12,6 +12,7 @@ from gemma4_mlx._blas import preload_openblas
 preload_openblas()  # must run before anything imports mlx.core
 
 import importlib  # noqa: E402
+import pkgutil  # noqa: E402
 
 # The public names, imported on first use (PEP 562): `import gemma4_mlx` stays light,
 # so `gemma4-mlx --help` does not wait seconds for mlx-lm, transformers and torch.
@@ -38,6 +39,10 @@ _EXPORTS = {
 }
 
 
+# public submodules only: `__main__` (the CLI) must not run on a `hasattr`
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def __getattr__(name: str):
     if name == "multimodal":  # the earlier name of `media`
         return importlib.import_module("gemma4_mlx.media")
@@ -45,12 +50,9 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    try:  # a subpackage (`gemma4_mlx.media`, `.api`, ...), as an eager package made them reachable
+    if name in _SUBMODULES:  # `gemma4_mlx.media`, `.api`, ...: reachable, as an eager package made them
         return importlib.import_module(f"gemma4_mlx.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"gemma4_mlx.{name}":
-            raise
-        raise AttributeError(f"module 'gemma4_mlx' has no attribute {name!r}") from None
+    raise AttributeError(f"module 'gemma4_mlx' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

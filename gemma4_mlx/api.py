@@ -66,8 +66,8 @@ class Chunk:
     token: int
     stats: Stats
     finished: bool = False
-    # on the finished chunk: "stop" (a stop token, or a constrained output the grammar
-    # accepts whole) or "length" (cut at max_tokens)
+    # on the finished chunk: "stop" (a stop token, or a constrained output whose grammar
+    # allows nothing more) or "length" (cut at max_tokens)
     finish_reason: str | None = None
 
 
@@ -157,12 +157,12 @@ def stream_generate(
     )
     # a reply starts a turn (its first space is dropped); a raw prompt's output goes on from its text
     detok = primed_detokenizer(tokenizer, prime=not chat)
-    return _chunks(detok, tokens, stop, stats, None if constraint is None else constraint.accepts)
+    return _chunks(detok, tokens, stop, stats, None if constraint is None else constraint.finished)
 
 
-def _chunks(detok, tokens: Iterator[int], stop: set, stats: Stats, accepts=None) -> Iterator[Chunk]:
+def _chunks(detok, tokens: Iterator[int], stop: set, stats: Stats, finished=None) -> Iterator[Chunk]:
     """`stream_generate`'s text chunks of the generated `tokens`, up to a stop id.
-    accepts: whether a constrained output cut at max_tokens is a whole sentence anyway."""
+    finished: whether a constrained output cut at max_tokens has ended its grammar anyway."""
     mx.reset_peak_memory()
     reason, out = "length", []
     for tok in tokens:
@@ -173,7 +173,7 @@ def _chunks(detok, tokens: Iterator[int], stop: set, stats: Stats, accepts=None)
         out.append(tok)
         detok.add_token(tok)
         yield Chunk(detok.last_segment, tok, stats)
-    if reason == "length" and accepts is not None and accepts(out):
+    if reason == "length" and finished is not None and finished(out):
         reason = "stop"
     detok.finalize()
     yield Chunk(detok.last_segment, -1, stats, finished=True, finish_reason=reason)

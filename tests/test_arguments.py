@@ -147,8 +147,8 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert gemma4_mlx.share_with_thread and gemma4_mlx.SamplingOptions is SamplingOptions
-    fresh = "import gemma4_mlx; print(gemma4_mlx.media.__name__, gemma4_mlx.checkpoint.__name__)"  # subpackages too
+    fresh = "import gemma4_mlx as g; print(g.media.__name__, g.checkpoint.__name__, hasattr(g, '__main__'))"
     out = subprocess.run([sys.executable, "-c", fresh], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["gemma4_mlx.media", "gemma4_mlx.checkpoint"]
+    assert out.split() == ["gemma4_mlx.media", "gemma4_mlx.checkpoint", "False"]  # subpackages; the CLI does not run
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         gemma4_mlx.nothing  # noqa: B018

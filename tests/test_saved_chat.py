@@ -95,3 +95,17 @@ def test_chat_resume_goes_on_with_a_saved_conversation(tmp_path):
     (tmp_path / "bad.json").write_text('{"messages": 3}')
     r = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "bad.json")], input="hi")
     assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "bad.json" in r.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--rollback-slack", "256MB"], ["--kv-bits", "8"]])
+def test_chat_resume_keeps_the_saved_cache_settings(tmp_path, extra):
+    """A chat saved with its 8-bit cache resumes as saved (its width is the default
+    when --kv-bits is not given); a slack given as a memory budget is turned into
+    tokens; a file given as `--resume=~/...` is found in HOME."""
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    first = gemma4_mlx.Chat(model, tok, kv_bits=8, max_tokens=8)
+    first.send("What is the capital of Japan?")
+    first.save(tmp_path / "c.safetensors", with_cache=True)
+    args = ["chat", "-m", str(DEMO_MODEL), "--draft-model", "none", "--resume=~/c.safetensors", "-n", "8", *extra]
+    r = CliRunner(env={"HOME": str(tmp_path)}).invoke(app, args, input="And of Peru?")
+    assert r.exit_code == 0 and "resumed" in r.stderr and r.stdout.strip(), r.output

@@ -81,3 +81,9 @@ def test_aliases_are_served_and_listed():
         assert r.model == "out_q4" and oa.models.retrieve("gpt-4o").id == "gpt-4o"
         with pytest.raises(openai.BadRequestError, match="serves 'out_q4' or './out_q4' or 'gpt-4o'"):
             oa.chat.completions.create(model="other", messages=[{"role": "user", "content": "Hi"}])
+
+
+def test_a_hub_snapshot_is_served_by_its_repo_id(tmp_path):
+    snapshot = tmp_path / "hub" / "models--google--gemma-4-E2B-it" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    assert served_names(str(snapshot), None) == ["google/gemma-4-E2B-it", str(snapshot)]

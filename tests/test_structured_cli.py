@@ -82,3 +82,24 @@ def test_a_constrained_output_complete_at_max_tokens_is_not_cut():
         "generate", "-m", str(DEMO_MODEL), "-p", "Pick a digit", "--regex", "[0-9]", "-n", "1", "--draft-model", "none"
     )
     assert r.exit_code == 0 and r.stdout.strip().isdigit() and "stopped at" not in r.stderr, r.output
+
+
+def test_a_constrained_output_that_could_go_on_is_cut(tmp_path):
+    """An integer (or an optional tail) may stop anywhere yet go on: cut at --max-tokens
+    it is not the answer, even though the text so far is valid."""
+    f = tmp_path / "int.json"
+    f.write_text(json.dumps({"type": "integer"}))
+    r = cli(
+        "generate",
+        "-m",
+        str(DEMO_MODEL),
+        "-p",
+        "What is 12 plus 5?",
+        "--json-schema",
+        str(f),
+        "-n",
+        "2",
+        "--draft-model",
+        "none",
+    )
+    assert r.exit_code == 1 and "before it was complete" in r.stderr, r.output

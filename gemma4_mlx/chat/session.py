@@ -172,7 +172,12 @@ class Chat:
         cache itself — refused (`CacheFileError`, one line) if made for another model,
         dtype or kv_bits.  kwargs: Chat's options; system, thinking, kv_bits and
         max_rollback default to the saved ones."""
-        saved = read_chat(path, model, kwargs.get("kv_bits", "saved"), kwargs.get("max_rollback"))
+        rollback = kwargs.get("max_rollback")
+        if isinstance(rollback, str):  # a memory budget ("256MB"): the cache is read with its tokens
+            rollback = kwargs["max_rollback"] = slack_tokens(
+                model.config, rollback, _act_bytes(model), kwargs.get("kv_bits")
+            )
+        saved = read_chat(path, model, kwargs.get("kv_bits", "saved"), rollback)
         settings = {"system": saved.data.get("system"), "thinking": saved.data.get("thinking", False)}
         if saved.cache is not None:
             w = next(iter(saved.cache.writers()))

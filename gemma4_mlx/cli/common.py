@@ -162,11 +162,14 @@ def _check_dtype(value: str | None) -> str | None:
 
 def existing_files(value):
     """Files named on the command line (one or a list) must exist before minutes of
-    loading a model (whether the model can take them is checked once it is loaded)."""
-    for name in [value] if isinstance(value, str) else value or []:
-        if not Path(name).expanduser().is_file():
+    loading a model (whether the model can take them is checked once it is loaded);
+    given as `--opt=~/f` (the shell leaves that `~`), they are used expanded, as checked."""
+    names = [value] if isinstance(value, str) else value or []
+    expanded = [str(Path(name).expanduser()) for name in names]
+    for name, path in zip(names, expanded):
+        if not Path(path).is_file():
             raise typer.BadParameter(f"{name}: no such file")
-    return value
+    return expanded[0] if isinstance(value, str) else (expanded if value is not None else None)
 
 
 Dtype = Annotated[

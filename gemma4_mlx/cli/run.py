@@ -173,6 +173,7 @@ def generate(
 
 @app.command()
 def chat(
+    ctx: typer.Context,
     model: Annotated[
         str | None,
         typer.Option(
@@ -268,7 +269,7 @@ def chat(
         fail("--resume: not with --distributed yet")
     try:
         fresh = partial(session_type, system=system, thinking=bool(think))
-        session = (_resumed(resume, system, think) if resume else fresh)(
+        session = (_resumed(resume, system, think, _left_unset(ctx)) if resume else fresh)(
             m,
             tokenizer,
             tools=functions,
@@ -295,14 +296,22 @@ def chat(
             session.finish()
 
 
-def _resumed(path: str, system: str | None, think: bool | None):
-    """`Chat.load` of a saved chat, with the system prompt and thinking it was saved
-    with unless given again."""
+def _left_unset(ctx) -> set[str]:
+    """Chat's keywords whose options this command line left at their defaults: a
+    resumed chat keeps its saved cache width and slack for those."""
+    options = {"kv_bits": "kv_bits", "max_rollback": "rollback_slack"}
+    return {kw for kw, name in options.items() if ctx.get_parameter_source(name).name in ("DEFAULT", "DEFAULT_MAP")}
+
+
+def _resumed(path: str, system: str | None, think: bool | None, unset: set[str]):
+    """`Chat.load` of a saved chat, with the system prompt, thinking, cache width and
+    slack it was saved with unless given again."""
     from gemma4_mlx.chat.session import Chat
 
     given = {k: v for k, v in (("system", system), ("thinking", think)) if v is not None}
 
     def load(model, tokenizer, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in unset}
         chat = Chat.load(path, model, tokenizer, **kwargs, **given)
         typer.echo(f"resumed {path}: {len(chat.messages)} messages", err=True)
         return chat

@@ -53,9 +53,12 @@ def served_names(given: str, chosen: list[str] | None) -> list[str]:
         if any(not n.strip() for n in chosen):
             raise typer.BadParameter("empty name", param_hint="--served-model-name")
         return list(dict.fromkeys(chosen))
+    from gemma4_mlx.checkpoint.hub import hub_repo  # heavy parts load lazily: --help stays instant
+
     folder = Path(given).expanduser()
-    if folder.is_dir():
-        return list(dict.fromkeys([folder.resolve().name, given]))
+    if folder.is_dir():  # a hub cache snapshot is named by its repo id, not its commit hash
+        own = hub_repo(folder) or folder.resolve().name
+        return list(dict.fromkeys([own, given] if own else [given]))
     return [given]
 
 

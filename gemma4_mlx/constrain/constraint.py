@@ -79,11 +79,12 @@ class Constraint:
         fed = [self.engine.eos_token if t in self.stop_ids else t for t in tokens]
         return self.matcher().validate_tokens(fed)
 
-    def accepts(self, tokens: Sequence[int]) -> bool:
-        """Whether `tokens` (an output without its stop token) is a whole sentence of the
-        grammar: one whose end the grammar would take now."""
+    def finished(self, tokens: Sequence[int]) -> bool:
+        """Whether `tokens` (an output without its stop token) end the grammar's sentence:
+        nothing but the end may follow (a sentence that could go on — a number, an
+        optional tail — is not finished, even where it could stop)."""
         m = self.matcher()
-        return bool(m.consume_tokens(list(tokens))) and m.is_accepting()
+        return bool(m.consume_tokens(list(tokens))) and m.is_stopped()
 
     def answer_only(self, close_id: int | None) -> Constraint:
         """This constraint applied after `close_id` (the thought channel's end)."""
