@@ -12,6 +12,7 @@ All quantized CPU matmuls run with float32 activations (docs/quantization.md §9
 import json
 import shutil
 
+import huggingface_hub
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ import gemma4_mlx
 from gemma4_mlx import LoadError, ops
 from gemma4_mlx.checkpoint.quantized import quantization_block
 from gemma4_mlx.convert import ConvertError, convert
+from gemma4_mlx.convert.hub import resolve_source
 from gemma4_mlx.models.moe import QuantizedExpertLinear
 from gemma4_mlx.models.quantized import QEmbedding, QLinear
 from gemma4_mlx.models.text import Model
@@ -652,3 +654,19 @@ def test_dot_as_destination_is_the_current_folder(checkpoints, tmp_path, monkeyp
     monkeypatch.chdir(inner)  # ".." is `here`: its staging folder sits beside it, not inside
     report = convert(checkpoints["dense"].path, "..", "q8", force=True, progress=False)
     assert report.dst == here and (here / "config.json").exists() and not inner.exists()
+
+
+def test_short_names_resolve_as_other_commands_read_them(checkpoints, tmp_path, monkeypatch):
+    """`convert e2b-it ...` takes the short name every other command takes: its repo id,
+    found in the Hugging Face cache (it used to say "no such folder")."""
+    cache = tmp_path / "hf"
+    snapshot = cache / "models--google--gemma-4-E2B-it" / "snapshots" / "0123abcd"
+    shutil.copytree(checkpoints["dense"].path, snapshot)
+    (cache / "models--google--gemma-4-E2B-it" / "refs").mkdir()
+    (cache / "models--google--gemma-4-E2B-it" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert resolve_source("e2b-it") == snapshot
+    with pytest.raises(ConvertError, match=r"e4b-it: not a local folder .*not in the local cache"):
+        resolve_source("e4b-it")
