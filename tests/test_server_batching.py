@@ -6,7 +6,6 @@ frees its row while the others finish unchanged (docs/serving.md)."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import openai
 import pytest
@@ -14,7 +13,7 @@ import pytest
 import gemma4_mlx
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
 
-from helpers.live_server import live_server
+from helpers.live_server import live_server, wait_idle
 
 NAME = "gemma4-demo"
 PLACES = ["Japan", "Peru", "France", "Kenya", "Chile", "Egypt", "Italy", "Spain"]
@@ -87,8 +86,5 @@ def test_concurrent_clients_get_what_they_get_alone(demo, with_drafter, monkeypa
         monkeypatch.setattr(engine.scheduler, "drop", lambda job: (dropped.append(job), drop(job)))
         left = asyncio.run(_all(url, REQUESTS, leave=5))
         assert [t for i, t in enumerate(left) if i != 5] == [t for i, t in enumerate(alone) if i != 5]
-        deadline = time.monotonic() + 10
-        while engine.depth and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.depth == 0 and not engine.scheduler.busy
+        assert wait_idle(engine) == 0 and not engine.scheduler.busy
         assert len(dropped) == 1 and len(dropped[0].out) < 200  # long before its 400 tokens

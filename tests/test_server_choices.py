@@ -20,7 +20,7 @@ from gemma4_mlx.server.errors import APIError
 from gemma4_mlx.server.handle import Request, RequestHandle
 from gemma4_mlx.server.prompts import choices
 
-from helpers.live_server import live_server
+from helpers.live_server import live_server, wait_idle
 
 NAME = "gemma4-demo"
 PROMPT = "<|turn>user\nWhat is the capital of Peru?<turn|>\n<|turn>model\n"
@@ -104,10 +104,7 @@ def test_n_over_the_free_queue_is_429(server):
             oa.chat.completions.create(model=NAME, messages=PERU, n=3, max_tokens=4)  # 2 + 3 > max_queue 4
     finally:
         busy.close()
-    deadline = time.monotonic() + 10
-    while engine.depth and time.monotonic() < deadline:  # the refused request's queued choices leave too
-        time.sleep(0.01)
-    assert engine.depth == 0
+    assert wait_idle(engine) == 0  # the refused request's queued choices leave too
     r = oa.chat.completions.create(model=NAME, messages=PERU, n=4, max_tokens=4, temperature=0)
     assert len(r.choices) == 4
 
@@ -149,10 +146,7 @@ def test_a_client_leaving_cancels_every_choice(server):
     for _ in range(6):
         next(chunks)
     stream.close()
-    deadline = time.monotonic() + 10
-    while engine.depth and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.depth == 0
+    assert wait_idle(engine) == 0
     assert all(len(e.keys) < 1000 for e in engine.scheduler.pool.entries[-3:])
 
 

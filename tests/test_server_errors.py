@@ -21,7 +21,7 @@ from PIL import Image
 import gemma4_mlx
 from gemma4_mlx.demo import DEMO_MODEL
 
-from helpers.live_server import http, live_server
+from helpers.live_server import http, live_server, wait_idle
 
 KEY = "sk-test"
 NAME = "gemma4-demo"
@@ -246,10 +246,7 @@ def test_client_leaving_mid_stream(server, oa):
     for _ in range(3):
         next(chunks)
     stream.close()
-    deadline = time.monotonic() + 10
-    while engine.depth and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.depth == 0
+    assert wait_idle(engine) == 0
     assert len(engine.scheduler.pool.entries[-1].keys) < 500  # cancelled long before max_tokens
     serving(oa)
 

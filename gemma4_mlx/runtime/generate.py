@@ -139,9 +139,14 @@ def _number(name: str, value, lo: float | None, hi: float | None) -> None:
     """ValueError naming `name` unless value is a finite real number in [lo, hi]."""
     ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
     if not ok or (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = {(True, True): "", (False, True): f">= {lo}", (True, False): f"<= {hi}"}.get(
-            (lo is None, hi is None), f"in [{lo}, {hi}]"
-        )
+        if lo is not None and hi is not None:
+            bounds = f"in [{lo}, {hi}]"
+        elif lo is not None:
+            bounds = f">= {lo}"
+        elif hi is not None:
+            bounds = f"<= {hi}"
+        else:
+            bounds = ""
         raise ValueError(f"{name} {value!r}: expected a finite number {bounds}".rstrip())
 
 
@@ -163,7 +168,7 @@ class LogitBias:
     logit (stateless, so one instance may serve every row of a batch)."""
 
     def __init__(self, bias: Mapping[int, float]):
-        self.bias = bias
+        self.bias, self.top = bias, max(bias)
         self.ids = mx.array(list(bias), dtype=mx.int32)
         self.values = mx.array(list(bias.values()), dtype=mx.float32)
 
@@ -174,7 +179,8 @@ class LogitBias:
             raise ValueError(f"logit_bias: token id {max(bias)} is not in the vocabulary (0 .. {vocab_size - 1})")
 
     def __call__(self, history, logits: mx.array) -> mx.array:
-        self.check(self.bias, logits.shape[-1])
+        if self.top >= logits.shape[-1]:  # every step, every row: compared, not searched again
+            self.check(self.bias, logits.shape[-1])
         return logits.at[:, self.ids].add(self.values.astype(logits.dtype))
 
 

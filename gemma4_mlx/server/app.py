@@ -55,8 +55,12 @@ class ServerState:
 
     def check_model(self, name: str) -> None:
         if name not in self.names:
-            served = " or ".join(repr(n) for n in self.names)
-            raise APIError(400, f"model {name!r} is not served here; this server serves {served}", "model")
+            raise APIError(400, f"model {name!r} is not served here; this server serves {self.served}", "model")
+
+    @property
+    def served(self) -> str:
+        """The names clients may send, for messages."""
+        return " or ".join(map(repr, self.names))
 
     def submit(self, request: Request) -> RequestHandle:
         try:
@@ -272,7 +276,7 @@ def app(
     @api.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id not in server.names:
-            message = f"model {model_id!r} not found: this server serves {' or '.join(map(repr, server.names))}"
+            message = f"model {model_id!r} not found: this server serves {server.served}"
             raise APIError(404, message, "model", code="model_not_found")
         return model_card(model_id, server.started)
 

@@ -33,6 +33,7 @@ from gemma4_mlx.server.errors import APIError, malformed_is_400
 from gemma4_mlx.server.handle import Request
 
 DEFAULT_MAX_TOKENS = 4096
+SEED_BITS = (1 << 64) - 1  # the keyed sampler reads a seed's low 64 bits
 
 
 @dataclass
@@ -312,7 +313,7 @@ def choices(request: Request, n: int) -> list[Request]:
     out = [request]
     for i in range(1, n):
         seed = request.options.seed
-        options = request.options if seed is None else replace(request.options, seed=(seed + i) & 0xFFFF_FFFF_FFFF_FFFF)
+        options = request.options if seed is None else replace(request.options, seed=(seed + i) & SEED_BITS)
         fresh = dict(cancelled=threading.Event(), submitted=time.perf_counter())
         out.append(replace(request, ids=list(request.ids), keys=list(request.keys), options=options, **fresh))
     return out
@@ -373,7 +374,7 @@ def sampling_options(body, vocab_size: int | None = None, defaults=None) -> Samp
             frequency_penalty=body.frequency_penalty or None,
             # -1 is "random" to llama.cpp-style clients (a chat UI's "regenerate" must
             # differ); any other integer: the keyed sampler reads its low 64 bits
-            seed=None if body.seed in (None, -1) else body.seed & 0xFFFF_FFFF_FFFF_FFFF,
+            seed=None if body.seed in (None, -1) else body.seed & SEED_BITS,
             logit_bias=None if vocab_size is None else logit_bias(body, vocab_size),
         )
     except ValueError as e:  # what the schema's ranges leave (a negative seed): the field is named first

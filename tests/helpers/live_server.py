@@ -41,6 +41,15 @@ def live_server(model, tokenizer, **options):
         thread.join(timeout=20)
 
 
+def wait_idle(engine, timeout: float = 10.0) -> int:
+    """Wait until the engine has no request waiting or running (a client that left
+    frees its row within a round); its depth then (0 unless it timed out)."""
+    deadline = time.monotonic() + timeout
+    while engine.depth and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return engine.depth
+
+
 def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None):
     """(status, headers, body bytes) of one plain HTTP request (stdlib only)."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
