@@ -14,11 +14,11 @@ from gemma4_mlx.batching import prefill as prefill_module
 from gemma4_mlx.batching import scheduler as scheduler_module
 from gemma4_mlx.batching.prefill import fits, start_group
 from gemma4_mlx.batching.scheduler import drain
-from gemma4_mlx.runtime.generate import prefill_hidden
+from gemma4_mlx.runtime.generate import SamplingOptions, prefill_hidden
 
 from helpers.checkpoints import max_diff, random_ids
 from helpers.mtp_pairs import PAIRS
-from test_batching import alone, oracle_draft, prompts, run_jobs
+from test_batching import alone, drain_all, oracle_draft, prompts, run_jobs
 
 
 def finish(steps):
@@ -154,3 +154,73 @@ def test_which_prompts_are_grouped(pairs, monkeypatch):
     monkeypatch.setattr(scheduler_module, "start_group", lambda *a: seen.append(a) or 1 / 0)
     run_jobs(sched, long)  # the shared head is long enough to be reused: alone
     assert seen == [] and all(j.cached >= prefill_module.SHORT_HIT for j in long)
+
+
+def _prefill_rows(monkeypatch) -> list[int]:
+    """Records the rows of every prefill the scheduler starts."""
+    rows = []
+    real = prefill_module.prefill_steps
+
+    def counted(model, ids, *a, **k):
+        rows.append(ids.shape[0])
+        return real(model, ids, *a, **k)
+
+    monkeypatch.setattr(prefill_module, "prefill_steps", counted)
+    return rows
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
+def test_twins_are_prefilled_once(pairs, name, monkeypatch):
+    """Equal prompts (the n choices of a request) take one row of a group's prefill;
+    each twin still decodes with its own sampler and seed, as it would alone."""
+    model, _ = pairs[name]
+    a, b = prompts(2, seed=60)
+    opts = [SamplingOptions(), SamplingOptions(temperature=1.0, seed=61), SamplingOptions(temperature=1.0, seed=62)]
+    jobs = [Job(a, list(a), options=o, max_tokens=8) for o in opts] + [Job(b, list(b), max_tokens=8) for _ in range(2)]
+    rows = _prefill_rows(monkeypatch)
+    sched = Scheduler(model, max_batch=8)
+    drain_all(sched, jobs)
+    assert rows == [2] and sched.largest_group == 5
+    assert [j.out for j in jobs[:3]] == [alone(model, a, 8, o) for o in opts]
+    assert jobs[1].out != jobs[2].out  # the seeds still differ
+    assert jobs[3].out == jobs[4].out == alone(model, b, 8)
+
+
+def test_twins_with_a_cached_prefix_are_prefilled_once(pairs, monkeypatch):
+    """Twins that reuse a cached prefix (a conversation's next turn, n > 1) are
+    prefilled alone, once, after it; all report the reused tokens."""
+    model, _ = pairs["dense"]
+    sched = Scheduler(model, max_batch=8)
+    head = random_ids(prefill_module.SHORT_HIT + 8, seed=63)
+    run_jobs(sched, [Job(head, list(head), max_tokens=2)])
+    p = head + prompts(1, seed=64)[0]
+    jobs = [Job(p, list(p), options=SamplingOptions(temperature=1.0, seed=s), max_tokens=6) for s in (1, 2, 3)]
+    rows = _prefill_rows(monkeypatch)
+    drain_all(sched, jobs)
+    assert rows == [1]
+    assert all(j.cached >= prefill_module.SHORT_HIT for j in jobs)
+    assert [j.out for j in jobs] == [alone(model, p, 6, j.options) for j in jobs]
+
+
+def test_twins_whose_prefill_fails_are_retried_one_by_one(pairs, monkeypatch):
+    """A failed shared prefill sends the twins back to be prefilled one at a time,
+    not again together (which would fail again, forever)."""
+    model, _ = pairs["dense"]
+    sched = Scheduler(model, max_batch=8)
+    head = random_ids(prefill_module.SHORT_HIT + 4, seed=65)
+    run_jobs(sched, [Job(head, list(head), max_tokens=2)])
+    jobs = [Job(head + [1, 2], head + [1, 2], max_tokens=3) for _ in range(3)]
+    real, calls = scheduler_module.start_alone, []
+
+    def fail_when_shared(model, group, *a):
+        calls.append(len(group))
+        if len(calls) > 8:  # pytest.fail is no Exception: the scheduler cannot catch it
+            pytest.fail(f"prefills retried in a loop: {calls}")
+        if len(group) > 1:
+            raise ValueError("shared prefill failed")
+        return real(model, group, *a)
+
+    monkeypatch.setattr(scheduler_module, "start_alone", fail_when_shared)
+    drain_all(sched, jobs)
+    assert calls == [3, 1, 1, 1]
+    assert [j.out for j in jobs] == [alone(model, head + [1, 2], 3)] * 3

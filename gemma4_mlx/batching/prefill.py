@@ -9,6 +9,10 @@ masked and RoPE uses each row's own positions, so every row's keys and logits ar
 those of its prompt prefilled alone, up to the rounding of the larger matmuls.
 A prompt with media, or with a long enough cached prefix in the pool, is
 prefilled alone in its own single-row cache.
+
+Twins — jobs whose keys (token ids and media keys) are equal, such as the `n`
+choices of one request — are prefilled once: their prompt takes one row of the
+prefill, and that row is copied for each of them when it ends (`Joining.rows`).
 """
 
 from __future__ import annotations
@@ -40,13 +44,23 @@ class Joining:
     cache: LayerCaches
     steps: Generator
     width: int  # positions to prefill per row (the longest prompt's, padding included)
+    rows: list[int]  # per job, its prompt's row in the prefill (twins share one)
     done: int = 0  # positions filled so far
     dropped: set = field(default_factory=set)  # jobs that left while prefilling
 
     @property
     def cost(self) -> int:
         """Prompt-token slots the rest of this prefill computes."""
-        return len(self.jobs) * (self.width - self.done)
+        return (max(self.rows) + 1) * (self.width - self.done)
+
+    def one_row_per_job(self, logits: mx.array, h: mx.array) -> tuple[mx.array, mx.array]:
+        """After the last chunk: the cache, logits and hidden states with row i
+        holding job i's prompt (twins' rows copied)."""
+        if self.rows == list(range(len(self.jobs))):
+            return logits, h
+        self.cache.filter(self.rows)
+        index = mx.array(self.rows)
+        return logits[index], h[index]
 
 
 def groupable(job: Job, pool: PrefixPool, solo: set) -> bool:
@@ -56,6 +70,29 @@ def groupable(job: Job, pool: PrefixPool, solo: set) -> bool:
         return False
     head = job.keys[: SHORT_HIT + 1]  # only whether a match reaches SHORT_HIT matters (+1: one is fed)
     return max((common_prefix(e.keys[:SHORT_HIT], head) for e in pool.entries), default=0) < SHORT_HIT
+
+
+def twin_rows(jobs: Sequence[Job]) -> list[int]:
+    """Per job, the prefill row of its prompt: twins (equal keys) share the row of
+    the first of them; rows are numbered in order of first appearance."""
+    first: dict[tuple, int] = {}
+    return [first.setdefault(tuple(j.keys), len(first)) for j in jobs]
+
+
+def distinct_prompts(jobs: Sequence[Job]) -> list[Job]:
+    """The first job of each set of twins, in order: row r of the prefill is
+    `distinct_prompts(jobs)[r]`'s prompt."""
+    rows = twin_rows(jobs)
+    return [j for i, (j, r) in enumerate(zip(jobs, rows)) if r not in rows[:i]]
+
+
+def take_twins(waiting, first: Job, room: int, ok: Callable[[Job], bool]) -> list[Job]:
+    """The jobs right behind `first` in `waiting` (popped) that are its twins and
+    `ok`, at most `room` of them."""
+    twins = []
+    while len(twins) < room and waiting and waiting[0].keys == first.keys and ok(waiting[0]):
+        twins.append(waiting.popleft())
+    return twins
 
 
 def fits(lengths: Sequence[int], limit: int | None) -> bool:
@@ -72,7 +109,7 @@ def pick_group(waiting, first: Job, room: int, limit: int | None, ok: Callable[[
     `ok` or does not fit."""
     group = [first]
     while len(group) < room and waiting and ok(waiting[0]):
-        if not fits([len(j.ids) for j in group] + [len(waiting[0].ids)], limit):
+        if not fits([len(j.ids) for j in distinct_prompts(group + [waiting[0]])], limit):
             break
         group.append(waiting.popleft())
     return group
@@ -81,21 +118,24 @@ def pick_group(waiting, first: Job, room: int, limit: int | None, ok: Callable[[
 def start_group(model: DecodingModel, jobs: list[Job], fresh: Callable, tokens_per_chunk: int) -> Joining:
     """The left-padded prefill of several fresh prompts in one cache; each chunk
     spends about `tokens_per_chunk` slots over all rows."""
-    lengths = [len(j.ids) for j in jobs]
-    width = max(lengths)
-    pads = [width - n for n in lengths]
-    ids = mx.array([[0] * p + list(j.ids) for p, j in zip(pads, jobs)])  # pad ids are masked
+    prompts = distinct_prompts(jobs)
+    width = max(len(j.ids) for j in prompts)
+    pads = [width - len(j.ids) for j in prompts]
+    ids = mx.array([[0] * p + list(j.ids) for p, j in zip(pads, prompts)])  # pad ids are masked
     cache = fresh(left_pad=pads)
-    chunk = max(1, tokens_per_chunk // len(jobs))
+    chunk = max(1, tokens_per_chunk // len(prompts))
     for j in jobs:
         j.cached = 0
-    return Joining(jobs, cache, prefill_steps(model, ids, cache, chunk), width)
+    return Joining(jobs, cache, prefill_steps(model, ids, cache, chunk), width, twin_rows(jobs))
 
 
-def start_alone(model: DecodingModel, job: Job, pool: PrefixPool, tokens_per_chunk: int) -> Joining:
-    """One prompt in its own single-row cache, after the longest cached prefix."""
+def start_alone(model: DecodingModel, jobs: list[Job], pool: PrefixPool, tokens_per_chunk: int) -> Joining:
+    """One prompt (of `jobs`, twins) in its own single-row cache, after the longest
+    cached prefix."""
+    job = jobs[0]
     cache, n = pool.take(job.keys)
-    job.cached = n
+    for j in jobs:
+        j.cached = n
     media = None if job.media is None else job.media.rows(n)
     steps = prefill_steps(model, mx.array([job.ids[n:]]), cache, tokens_per_chunk, media)
-    return Joining([job], cache, steps, len(job.ids) - n)
+    return Joining(jobs, cache, steps, len(job.ids) - n, [0] * len(jobs))

@@ -28,7 +28,15 @@ import mlx.core as mx
 
 from gemma4_mlx.batching.job import Job, Progress, pick_rows
 from gemma4_mlx.batching.memory import KVBudget
-from gemma4_mlx.batching.prefill import Joining, groupable, pick_group, start_alone, start_group
+from gemma4_mlx.batching.prefill import (
+    Joining,
+    groupable,
+    pick_group,
+    start_alone,
+    start_group,
+    take_twins,
+    twin_rows,
+)
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.cache.prefix import PrefixPool
 from gemma4_mlx.contracts import DecodingModel, MTPDrafter
@@ -132,10 +140,13 @@ class Scheduler:
         # with no row waiting on it, the prefill takes generate's larger chunks
         tokens = self.prefill_chunk if self.rows else max(self.prefill_chunk, DEFAULT_PREFILL_CHUNK)
         ok = lambda j: groupable(j, self.pool, self._solo)  # noqa: E731
-        group = [job]
+        room = self.max_batch - len(self.rows)
         if ok(job):
-            room = self.max_batch - len(self.rows)
             group = pick_group(self.waiting, job, room, budget if self.rows else None, ok)
+        else:  # prefilled alone, once for it and its twins (not for jobs sent back alone)
+            group = [job] + take_twins(
+                self.waiting, job, room - 1, lambda j: job not in self._solo and j not in self._solo
+            )
         self.kv.learn(self.model, self.fresh)
         slots = self._full_slots()
         while len(group) > 1 and not self.kv.admits(self.rows, slots, group):
@@ -147,12 +158,12 @@ class Scheduler:
             self._held = True
             return []
         try:
-            if len(group) > 1:
+            if max(twin_rows(group)) > 0:
                 self.joining = start_group(self.model, group, self.fresh, tokens)
                 self.largest_group = max(self.largest_group, len(group))
             else:
-                self._solo.discard(job)
-                self.joining = start_alone(self.model, job, self.pool, tokens)
+                self._solo.difference_update(group)
+                self.joining = start_alone(self.model, group, self.pool, tokens)
         except Exception as e:  # only these prompts fail (a prefix, media, a length)
             return self._failed(group, e)
         return []
@@ -174,6 +185,7 @@ class Scheduler:
             return self._failed([j.jobs[i] for i in live], e)
         self.joining = None
         try:
+            logits, h = j.one_row_per_job(logits, h)
             mx.eval(logits, h)  # the last chunk is computed here
             picks, lps = pick_rows([j.jobs[i] for i in live], logits[mx.array(live)][:, None], None)
         except Exception as e:
@@ -186,7 +198,7 @@ class Scheduler:
             out.append(Progress(job, new, lps[n], job.finished, job.grammar_failure()))
             if not job.finished:
                 keep.append(i)
-            elif len(j.jobs) == 1:
+            elif len(j.jobs) == 1:  # its cache is the prefill's own
                 self._file(job, j.cache)
             else:
                 self._file(job, j.cache.take_row(i, self.fresh()))
