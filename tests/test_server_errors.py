@@ -82,7 +82,6 @@ def _image_message(url: str) -> list[dict]:
     ("messages", "says"),
     [
         ([{"role": "tool", "tool_call_id": "x", "content": "{}"}], "tool message must follow"),
-        ([{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}], "system message"),
         (_image_message("data:image/png;base64,aGVsbG8gd29ybGQ="), "undecodable image"),
         (_image_message("data:image/png;base64,@@@"), "not valid base64"),
         (_image_message(_declared_huge_png()), "12000x12000 pixels is over the 89478485 pixel limit"),

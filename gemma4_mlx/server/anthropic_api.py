@@ -109,7 +109,9 @@ def conversation(body: CountTokensRequest, prompter) -> Conversation:
         msgs.append({"role": "system", "content": _blocks_text(body.system, "system")})
     for i, m in enumerate(body.messages):
         where = f"messages[{i}].content"
-        if isinstance(m.content, str):
+        if m.role == "system":
+            msgs.append({"role": "system", "content": _blocks_text(m.content, where)})
+        elif isinstance(m.content, str):
             msgs.append({"role": m.role, "content": m.content})
         elif m.role == "assistant":
             msgs.append(_assistant(m.content, where))

@@ -64,19 +64,21 @@ def split_prefill(messages: list[dict]) -> tuple[list[dict], str]:
 
 
 def check_roles(messages: Sequence[dict]) -> None:
-    """400 for an order the chat format cannot express."""
+    """400 for an order the chat format cannot express.  A system message anywhere is
+    fine: the first is hoisted, a later one is a system turn in place (Google's
+    template; docs/chat-format.md), which agents such as Claude Code send."""
     for i, m in enumerate(messages):
-        role = m["role"]
-        if role == "system" and i > 0 and messages[i - 1]["role"] != "system":
-            raise APIError(400, f"messages[{i}]: a system message may only open the conversation", param="messages")
-        if role == "tool":
+        if m["role"] == "tool":
             prev = messages[i - 1] if i else None
             if prev is None or not (prev["role"] == "tool" or (prev["role"] == "assistant" and prev.get("tool_calls"))):
                 raise APIError(
                     400, f"messages[{i}]: a tool message must follow an assistant message with tool_calls", "messages"
                 )
-    if messages and messages[-1]["role"] not in ("user", "tool"):
-        raise APIError(400, "the last message must be from the user or a tool result", param="messages")
+    turns = [m for m in messages if m["role"] not in ("system", "developer")]
+    if messages and (not turns or turns[-1]["role"] not in ("user", "tool")):
+        raise APIError(
+            400, "the last message (system messages aside) must be from the user or a tool result", param="messages"
+        )
 
 
 def select_tools(tools: list[dict] | None, choice) -> list[dict] | None:

@@ -109,7 +109,7 @@ class ResponsesRequest(Sampling):
 
 
 class AnthropicMessage(_Body):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: the mid-conversation-system beta
     content: str | list[dict[str, Any]]
 
 
