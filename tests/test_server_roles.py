@@ -79,7 +79,7 @@ def test_responses_developer_items_between_turns(prompter):
     "messages",
     [
         [{"role": "system", "content": "Only a system prompt."}],
-        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}, {"role": "system", "content": "x"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}, {"role": "system", "content": ""}],
     ],
 )
 def test_a_reply_still_needs_a_user_turn_or_tool_result_last(prompter, messages):
