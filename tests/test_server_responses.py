@@ -144,7 +144,7 @@ def test_max_output_tokens_is_incomplete(oa):
     ("kw", "says"),
     [
         ({"previous_response_id": "resp_1"}, "no response 'resp_1' is kept here"),
-        ({"tools": [{"type": "web_search"}]}, "only function tools"),
+        ({"tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search"}}, "tool_choice: unsupported type"),
         ({"input": [{"type": "file_search_call", "id": "x"}]}, "unsupported input item type"),
         ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
         (
@@ -160,6 +160,41 @@ def test_what_is_not_served_is_a_400(oa, kw, says):
     with pytest.raises(openai.BadRequestError) as e:
         oa.responses.create(**args)
     assert says in e.value.body["message"]
+
+
+NAMESPACE = {"type": "namespace", "name": "weather", "description": "Weather tools.", "tools": [TOOL]}
+HOSTED = {"type": "web_search", "external_web_access": False}  # Codex sends one in every request
+
+
+def test_namespace_functions_and_hosted_tools_as_codex_sends_them(oa):
+    """A namespace's functions are declared as `namespace.name` and their calls name
+    the namespace apart; hosted tools, which nothing here runs, are left out."""
+    plain = oa.responses.create(model=NAME, input=JAPAN, temperature=0)
+    r = oa.responses.create(model=NAME, input=JAPAN, tools=[HOSTED], temperature=0)
+    assert r.output_text == plain.output_text and r.usage.input_tokens == plain.usage.input_tokens
+    forced = dict(model=NAME, input=WEATHER, tools=[NAMESPACE, HOSTED], tool_choice="required", temperature=0)
+    r = oa.responses.create(**forced)
+    (call,) = r.output
+    assert (call.type, call.namespace, call.name) == ("function_call", "weather", "get_weather")
+    kinds, _, final = _streamed(oa, **{k: v for k, v in forced.items() if k not in ("model", "temperature")})
+    assert [(o.namespace, o.name) for o in final.output] == [("weather", "get_weather")]
+    echoed = {"type": "function_call", "call_id": call.call_id, "namespace": "weather", "name": call.name}
+    items = [{"role": "user", "content": WEATHER}, echoed | {"arguments": call.arguments}]
+    items.append({"type": "function_call_output", "call_id": call.call_id, "output": "21 C"})
+    answer = oa.responses.create(model=NAME, input=items, tools=[NAMESPACE, HOSTED], temperature=0)
+    kept = oa.responses.create(model=NAME, previous_response_id=r.id, input=items[2:], tools=[NAMESPACE], temperature=0)
+    assert answer.output_text == kept.output_text and answer.usage.input_tokens == kept.usage.input_tokens
+    qualified = {"type": "function", "function": {k: v for k, v in TOOL.items() if k != "type"}}
+    qualified["function"]["name"] = "weather.get_weather"
+    function = {"name": "weather.get_weather", "arguments": call.arguments}
+    messages = [
+        {"role": "user", "content": WEATHER},
+        {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": function}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21 C"},
+    ]
+    chat = oa.chat.completions.create(model=NAME, messages=messages, tools=[qualified], temperature=0)
+    assert answer.output_text == chat.choices[0].message.content
+    assert answer.usage.input_tokens == chat.usage.prompt_tokens
 
 
 def test_previous_response_id_continues_the_conversation(oa):

@@ -1,6 +1,6 @@
 """A checkpoint's recommended sampling: `generation_config.json` (transformers' file,
 copied by `convert`).  The server uses it for the fields a request leaves out, as
-other OpenAI-compatible servers do (docs/serving.md §5.3); the CLI and the Python API
+other OpenAI-compatible servers do (docs/serving.md §5.4); the CLI and the Python API
 stay greedy unless asked.
 """
 

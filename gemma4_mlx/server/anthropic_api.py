@@ -102,8 +102,16 @@ def _tool_choice(choice):
     return {"auto": "auto", "any": "required", "none": "none"}.get(kind, kind)
 
 
+# Anthropic's SDKs (tool runners) open a server-side thread and then send only the
+# new turn; this error code makes them fall back to sending the whole conversation.
+_NO_THREADS = {"error_code": "thread_unsupported_request"}
+
+
 @malformed_is_400
 def conversation(body: CountTokensRequest, prompter) -> Conversation:
+    if (body.model_extra or {}).get("thread"):  # a continued thread's turn alone would lose the history
+        why = "thread: message threads are not served here; send the whole conversation"
+        raise APIError(400, why, param="thread", details=_NO_THREADS)
     msgs, media, names = [], [], {}
     if body.system:
         msgs.append({"role": "system", "content": _blocks_text(body.system, "system")})

@@ -35,10 +35,11 @@ _ANTHROPIC_TYPES = {
 class APIError(Exception):
     """An HTTP error with a one-line message for the client."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, *, headers=None, code=None):
+    def __init__(self, status: int, message: str, param: str | None = None, *, headers=None, code=None, details=None):
         super().__init__(message)
         self.status, self.message, self.param, self.headers = status, message, param, headers or {}
         self.code = code  # OpenAI's machine-readable `code` (e.g. "model_not_found"), if any
+        self.details = details  # Anthropic's `error.details` (e.g. {"error_code": ...}), if any
 
 
 def malformed_is_400(build):
@@ -70,19 +71,21 @@ def is_anthropic(path: str) -> bool:
     return path.startswith("/v1/messages")
 
 
-def error_body(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+def error_body(path: str, status: int, message: str, param=None, code=None, details=None) -> dict:
     if is_anthropic(path):
-        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+        error = {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}
+        return {"type": "error", "error": error | ({"details": details} if details else {})}
     kind = _OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code or _OPENAI_CODES.get(status)}}
 
 
-def error_response(path: str, status: int, message: str, param=None, headers=None, code=None) -> JSONResponse:
-    return JSONResponse(error_body(path, status, message, param, code), status_code=status, headers=headers)
+def error_response(path: str, status: int, message: str, param=None, headers=None, code=None, details=None):
+    body = error_body(path, status, message, param, code, details)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(request.url.path, exc.status, exc.message, exc.param, exc.headers, exc.code)
+    return error_response(request.url.path, exc.status, exc.message, exc.param, exc.headers, exc.code, exc.details)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

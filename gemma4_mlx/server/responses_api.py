@@ -96,6 +96,8 @@ def _call(item: dict, where: str) -> dict:
     name, args = item.get("name"), item.get("arguments") or "{}"
     if not isinstance(name, str) or not isinstance(args, str):
         raise APIError(400, f"{where}: a function_call needs a name and arguments (a JSON string)", param="input")
+    if isinstance(item.get("namespace"), str):  # a namespace's function: declared as `namespace.name`
+        name = f"{item['namespace']}.{name}"
     return {"id": item.get("call_id"), "type": "function", "function": {"name": name, "arguments": args}}
 
 
@@ -152,17 +154,32 @@ def _messages(items: list, prompter, media: list) -> list[dict]:
     return msgs + ([{"role": "user", "content": shown}] if shown else [])
 
 
+def _function(t: dict, prefix: str = "") -> dict:
+    fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
+    if prefix and isinstance(fn.get("name"), str):
+        fn["name"] = prefix + fn["name"]
+    return {"type": "function", "function": fn}
+
+
 def _tools(tools) -> list[dict] | None:
-    if not tools:
-        return None
+    """Function tools as Chat Completions declarations.  A namespace's functions are
+    declared as `namespace.name` (their calls carry `namespace` again, `_call_item`).
+    OpenAI's hosted tools (web search, file search, code interpreter, ...) are left
+    out: nothing here runs them, and clients such as Codex always send one."""
     out = []
-    for i, t in enumerate(tools):
-        if not isinstance(t, dict) or t.get("type") != "function":
-            kind = t.get("type") if isinstance(t, dict) else t
-            raise APIError(400, f"tools[{i}]: only function tools are served here (got {kind!r})", param="tools")
-        fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
-        out.append({"type": "function", "function": fn})
-    return out
+    for i, t in enumerate(tools or []):
+        if not isinstance(t, dict):
+            raise APIError(400, f"tools[{i}]: expected a tool object", param="tools")
+        if t.get("type") == "function":
+            out.append(_function(t))
+        elif t.get("type") == "namespace" and isinstance(t.get("name"), str):
+            inner = t.get("tools") or []
+            out += [_function(f, t["name"] + ".") for f in inner if isinstance(f, dict) and f.get("type") == "function"]
+    return out or None
+
+
+def _namespaces(tools) -> list[str]:
+    return [t["name"] for t in tools or [] if isinstance(t, dict) and t.get("type") == "namespace" and t.get("name")]
 
 
 def _tool_choice(choice):
@@ -225,8 +242,7 @@ def _kept_reply(history: list, prefill: str, output: list[dict]) -> list[dict]:
         elif item["type"] == "reasoning":
             reply["reasoning_content"] = "".join(p["text"] for p in item["content"])
         else:
-            fn = {"name": item["name"], "arguments": item["arguments"]}
-            reply.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": fn})
+            reply.setdefault("tool_calls", []).append(_call(item, "output"))
     return (history[:-1] if prefill else history) + [reply]  # a prefill is the reply's start
 
 
@@ -271,10 +287,12 @@ def _text_part(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def _call_item(call, item_id: str | None = None, arguments: str | None = None, status: str = "completed") -> dict:
-    args = arguments_json(call) if arguments is None else arguments
-    item = {"type": "function_call", "id": item_id or new_id("fc_"), "call_id": new_id("call_"), "name": call.name}
-    return item | {"arguments": args, "status": status}
+def _call_item(call, namespaces=(), item_id: str | None = None) -> dict:
+    """A function_call item; a call of `namespace.name` names its namespace apart."""
+    name, space = call.name, next((n for n in namespaces if call.name.startswith(n + ".")), None)
+    item = {"type": "function_call", "id": item_id or new_id("fc_"), "call_id": new_id("call_")}
+    item |= {"name": name[len(space) + 1 :], "namespace": space} if space else {"name": name}
+    return item | {"arguments": arguments_json(call), "status": "completed"}
 
 
 def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:
@@ -312,11 +330,11 @@ def _finished(envelope: dict, output: list, usage, finish_reason: str) -> dict:
     return done | {"status": "completed"}
 
 
-def _output(r: Result, summarize: bool) -> list[dict]:
+def _output(r: Result, summarize: bool, namespaces: list[str]) -> list[dict]:
     out = [_reasoning_item(r.reasoning, summarize=summarize)] if r.reasoning else []
     if r.content or not r.tool_calls:
         out.append(_message_item(r.content))
-    return out + [_call_item(c) for c in r.tool_calls]
+    return out + [_call_item(c, namespaces) for c in r.tool_calls]
 
 
 def routes(server) -> APIRouter:
@@ -345,7 +363,7 @@ def routes(server) -> APIRouter:
             outs = await opened(handle, http)
             return StreamingResponse(_stream(server, handle, outs, envelope, keep), media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
-        output = _output(r, _summarize(body.reasoning))
+        output = _output(r, _summarize(body.reasoning), _namespaces(body.tools))
         keep(output)
         return _finished(envelope, output, r.usage, r.finish_reason)
 
@@ -389,7 +407,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
                 yield x
             item = None
         if e.type == "tool_call":
-            for x in _call_events(ev, e.call, len(output), output):
+            for x in _call_events(ev, _call_item(e.call, _namespaces(envelope["tools"])), len(output), output):
                 yield x
             continue
         if item is None:
@@ -430,9 +448,8 @@ def _close(ev, item, output: list, summarize: bool) -> list[str]:
     return [*events, ev("response.output_item.done", output_index=at["output_index"], item=done)]
 
 
-def _call_events(ev, call, index: int, output: list) -> list[str]:
-    """A function call: added with empty arguments, one delta, done (OpenAI's order)."""
-    done = _call_item(call)
+def _call_events(ev, done: dict, index: int, output: list) -> list[str]:
+    """A function call item: added with empty arguments, one delta, done (OpenAI's order)."""
     opened_item = dict(done, arguments="", status="in_progress")
     at = dict(item_id=done["id"], output_index=index)
     output.append(done)

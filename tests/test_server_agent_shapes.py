@@ -1,12 +1,19 @@
-"""System messages where agents put them: a system (or developer) message after the
+"""Request shapes that agent clients send.
+
+System messages where agents put them: a system (or developer) message after the
 first renders in place as its own system turn, as Google's template renders it —
 Claude Code sends one after the user's turn (Anthropic's mid-conversation-system
-beta), Codex and others send developer messages between turns — on all three APIs."""
+beta), Codex and others send developer messages between turns — on all three APIs.
+Anthropic's SDK tool runners open a server-side message thread, which is refused
+with the error code that makes them send whole conversations instead."""
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import pytest
+from anthropic import beta_tool
 
 import gemma4_mlx
 from gemma4_mlx.demo import DEMO_MODEL
@@ -99,3 +106,39 @@ def test_claude_code_shaped_request_is_served():
         counted = client.messages.count_tokens(model=NAME, messages=messages).input_tokens
         rendered = render([{"role": "user", "content": "Hi"}, {"role": "system", "content": LATE}])
         assert counted == r.usage.input_tokens == len(tok.encode(rendered, add_special_tokens=False))
+
+
+def test_anthropic_tool_runner_falls_back_from_threads():
+    """The SDK's tool runner (threads on by default) runs its loop to the end: the
+    thread request is refused as `thread_unsupported_request`, then whole
+    conversations are sent."""
+    ran = []
+
+    @beta_tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city.
+
+        Args:
+            city: City name
+        """
+        ran.append(city)
+        return json.dumps({"temperature": 21, "condition": "sunny"})
+
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    with live_server(model, tok, model_name=NAME) as (url, _):
+        client = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+        runner = client.beta.messages.tool_runner(
+            model=NAME,
+            max_tokens=64,
+            tools=[get_weather],
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            extra_body={"temperature": 0},
+        )
+        final = runner.until_done()
+        assert ran == ["Paris"] and final.stop_reason == "end_turn" and "Paris" in final.content[-1].text
+        threaded = {"thread": {"type": "create"}}
+        with pytest.raises(anthropic.BadRequestError) as e:
+            client.messages.create(
+                model=NAME, max_tokens=8, messages=[{"role": "user", "content": "Hi"}], extra_body=threaded
+            )
+        assert e.value.body["error"]["details"] == {"error_code": "thread_unsupported_request"}
