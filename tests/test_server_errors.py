@@ -11,6 +11,7 @@ import struct
 import threading
 import time
 import zlib
+from http.client import HTTPConnection
 from types import SimpleNamespace
 
 import anthropic
@@ -89,6 +90,7 @@ def _image_message(url: str) -> list[dict]:
         (_image_message("/etc/hosts"), "local files are not allowed"),
         (_image_message(_png()), "no vision tower"),  # the demo model is text-only
         ([{"role": "user", "content": "capital " * 1500}], "maximum context of 1024 tokens"),
+        ([{"role": "user", "content": "capital " * 2100}], "characters, more than the maximum context of 1024"),
         ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "x"}], "must follow a user message"),
     ],
 )
@@ -214,6 +216,89 @@ def test_500_hides_the_traceback(server, oa, monkeypatch):
     assert "secret" not in json.dumps(e.value.body) and "Traceback" not in json.dumps(e.value.body)
     monkeypatch.undo()
     serving(oa)
+
+
+def test_an_unexpected_error_keeps_the_connection(server, monkeypatch):
+    """A bug's 500 is JSON, and the client's next request on the same keep-alive
+    connection is served (the server used to drop the connection after it)."""
+    url, api = server
+    prompter = api.state.server.prompter
+
+    def broken(body):
+        raise RuntimeError("secret detail")
+
+    body = json.dumps({"model": NAME, "messages": JAPAN, "temperature": 0})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    connection = HTTPConnection(url.removeprefix("http://"), timeout=30)  # one keep-alive connection
+    try:
+        monkeypatch.setattr(prompter, "sampling", broken)
+        connection.request("POST", "/v1/chat/completions", body, headers)
+        r = connection.getresponse()
+        error = json.loads(r.read())["error"]
+        assert r.status == 500 and error["type"] == "server_error" and "secret" not in json.dumps(error)
+        monkeypatch.undo()
+        connection.request("POST", "/v1/chat/completions", body, headers)
+        r = connection.getresponse()
+        assert r.status == 200 and json.loads(r.read())["choices"][0]["message"]["content"] == ANSWER
+    finally:
+        connection.close()
+
+
+def _nested(depth: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("parameters", "says"),
+    [
+        ({"type": "object", "properties": {"city": "string"}}, "parameters.properties: expected an object of"),
+        ({"type": "object", "properties": {}, "required": [5, None]}, "parameters.required: expected a list"),
+        ({"type": "object", "properties": {"a": _nested(400)}}, "nested too deeply"),
+    ],
+)
+def test_malformed_tool_declarations_are_400(oa, parameters, says):
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.chat.completions.create(model=NAME, messages=JAPAN, tools=[tool], stream=stream)
+        assert says in e.value.body["message"] and e.value.body["param"] in ("tools", None)
+    serving(oa)
+
+
+def test_lone_surrogates_are_400_on_every_endpoint(server, oa):
+    """JSON may escape half a UTF-16 pair ("\\ud800"); such text is not Unicode and
+    the tokenizer raised (a 500).  The SDKs cannot send one; other clients can."""
+    url, _ = server
+    text = "hi \ud800"
+    bodies = {
+        "/v1/chat/completions": {"messages": [{"role": "user", "content": text}]},
+        "/v1/completions": {"prompt": text},
+        "/v1/messages": {"max_tokens": 4, "messages": [{"role": "user", "content": text}]},
+        "/v1/messages/count_tokens": {"messages": [{"role": "user", "content": text}]},
+        "/v1/responses": {"input": text},
+    }
+    for path, body in bodies.items():
+        status, _, raw = http("POST", url + path, {"model": NAME, **body}, headers={"x-api-key": KEY})
+        assert status == 400 and b"lone UTF-16 surrogate (\\\\ud800)" in raw, (path, raw)
+    serving(oa)
+
+
+def test_raw_completion_errors_name_the_prompt(oa):
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.completions.create(model=NAME, prompt="capital " * 1500, max_tokens=4)
+    assert "maximum context" in e.value.body["message"] and e.value.body["param"] == "prompt"
+
+
+def test_sampling_edges_are_served(oa):
+    """top_k beyond the vocabulary keeps all tokens (mlx-lm's top-k raised: a 500); a
+    temperature so small that 1/T overflows is greedy (it sampled NaN: garbage)."""
+    r = oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=1.0, extra_body={"top_k": 1 << 40})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    r = oa.chat.completions.create(model=NAME, messages=JAPAN, temperature=1e-300)
+    assert r.choices[0].message.content == ANSWER
 
 
 def test_kv_budget_refuses_a_request_too_large_for_it(server, oa):

@@ -301,14 +301,18 @@ def test_logit_bias_is_openai_chat_and_completions_only(oa):
         assert r.output_text == oa.responses.create(model=NAME, input=JAPAN, temperature=0).output_text
 
 
-def test_kept_media_is_bounded():
-    """Kept conversations hold decoded images: they leave, oldest first, past the byte budget."""
-    kept = Kept(size=8, media_bytes=3 * 100 * 100 * 3)
+def test_kept_media_and_text_are_bounded():
+    """Kept conversations hold decoded images and text (reasoning items too, which the
+    prompt never shows): they leave, oldest first, past the byte budget."""
+    kept = Kept(size=8, budget=3 * (100 * 100 * 3 + 100))
     image = ("image", Image.new("RGB", (100, 100)))
     for i in range(5):
         kept.put(f"r{i}", [{"role": "user", "content": "hi"}], [image])
     assert list(kept.items) == ["r2", "r3", "r4"]
     kept.put("big", [], [("image", Image.new("RGB", (200, 200)))])  # over the whole budget: not kept
     assert "big" not in kept.items and list(kept.items) == ["r2", "r3", "r4"]
+    thought = {"role": "assistant", "content": "A", "reasoning_content": "x" * (100 * 100 * 3)}
+    kept.put("long", [{"role": "user", "content": "hi"}, thought], [])
+    assert list(kept.items) == ["r3", "r4", "long"]
     with pytest.raises(APIError, match="no response 'r0' is kept here"):
         kept.get("r0")

@@ -57,12 +57,17 @@ def uniforms(keys: list[int], vocab: int) -> mx.array:
 class PositionedSampler:
     """`sampler(logits [N, V], rows, indices) -> tokens [N]` with keyed randomness.
 
-    temperature 0 is greedy (argmax) and ignores the keys.
+    temperature 0 is greedy (argmax) and ignores the keys; so is a temperature below
+    GREEDY_BELOW, whose 1/T would overflow float32 (inf * a log-probability of 0 is NaN),
+    and which picks the argmax anyway.  top_k at or above the vocabulary keeps all.
     """
+
+    GREEDY_BELOW = 1e-30
 
     def __init__(
         self, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None
     ):
+        temperature = 0.0 if temperature < self.GREEDY_BELOW else temperature
         self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
         self.seed = 0 if seed is None else int(seed)
 
@@ -77,7 +82,7 @@ class PositionedSampler:
             x = apply_top_p(x, self.top_p)
         if self.min_p:
             x = apply_min_p(x, self.min_p)
-        if self.top_k > 0:
+        if 0 < self.top_k < x.shape[-1]:  # mlx-lm's raises when k reaches the vocabulary
             x = apply_top_k(x, self.top_k)
         return x
 

@@ -100,13 +100,37 @@ async def _http_error(request: Request, exc) -> JSONResponse:
     return error_response(request.url.path, status, str(getattr(exc, "detail", "error")))
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("internal error on %s", request.url.path)
-    return error_response(request.url.path, 500, "internal server error (see the server log)")
+class _Unexpected:
+    """ASGI middleware: any other exception is a JSON 500 (the traceback goes to the
+    log).  Not an exception handler for `Exception`: Starlette runs that one in its
+    outermost layer and re-raises after it, so the server closed the connection and
+    the client's next request on it failed."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.inner(scope, receive, tracked)
+        except Exception:
+            log.exception("internal error on %s", scope["path"])
+            if not started:  # a response under way cannot change its status; it just ends
+                message = "internal server error (see the server log)"
+                await error_response(scope["path"], 500, message)(scope, receive, send)
 
 
 def install(app) -> None:
+    """Error handlers; call before adding other middleware (this one sits inside them)."""
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(_Unexpected)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ from gemma4_mlx.server.handle import Request
 
 DEFAULT_MAX_TOKENS = 4096
 SEED_BITS = (1 << 64) - 1  # the keyed sampler reads a seed's low 64 bits
+_SURROGATE = re.compile("[\ud800-\udfff]")  # JSON's "\ud800" escapes: not Unicode, the tokenizer fails
 
 
 @dataclass
@@ -81,17 +84,29 @@ def check_roles(messages: Sequence[dict]) -> None:
         )
 
 
+def _check_declaration(tool, where: str) -> None:
+    """400 for a declaration of a shape the template and the call parser cannot read
+    (each of these was a 500: a string for a tool, for its parameters, for a property)."""
+    fn = (tool.get("function") or tool) if isinstance(tool, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise APIError(400, f"{where}: expected a function with a name", param="tools")
+    params = fn.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise APIError(400, f"{where}.parameters: expected an object (a JSON schema)", param="tools")
+    props, required = params.get("properties") or {}, params.get("required") or []
+    if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
+        raise APIError(400, f"{where}.parameters.properties: expected an object of JSON schemas", param="tools")
+    if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+        raise APIError(400, f"{where}.parameters.required: expected a list of property names", param="tools")
+
+
 def select_tools(tools: list[dict] | None, choice) -> list[dict] | None:
     """The tools the prompt declares for a tool_choice (auto, none, required or a named
     function: only that one); `Prompter.constraint` enforces required / named."""
     if not tools or choice == "none":
         return None
-    for i, t in enumerate(tools):  # what the template reads of a declaration (a string crashed it: a 500)
-        fn = (t.get("function") or t) if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise APIError(400, f"tools[{i}]: expected a function with a name", param="tools")
-        if not isinstance(fn.get("parameters") or {}, dict):
-            raise APIError(400, f"tools[{i}].parameters: expected an object (a JSON schema)", param="tools")
+    for i, t in enumerate(tools):
+        _check_declaration(t, f"tools[{i}]")
     if isinstance(choice, dict):
         name = (choice.get("function") or {}).get("name") or choice.get("name")
         picked = [t for t in tools if (t.get("function") or t).get("name") == name]
@@ -197,9 +212,34 @@ class Prompter:
         if conv.prefill and conv.thinking:
             raise APIError(400, "an assistant message to continue cannot be combined with thinking", "messages")
         try:
-            return self._render(self.codec, conv) + self.codec.escape(conv.prefill)
+            prompt = self._render(self.codec, conv) + self.codec.escape(conv.prefill)
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, _line(e)) from None
+        except RecursionError:  # a schema or arguments nested hundreds deep
+            raise APIError(400, "messages or tools nested too deeply to render") from None
+        self.check_text(prompt, "messages")
+        return prompt
+
+    @functools.cached_property
+    def _max_token_chars(self) -> int:
+        return max((len(piece) for piece in self.tokenizer.get_vocab()), default=1)
+
+    def check_text(self, text: str, param: str) -> None:
+        """400 before tokenizing: for text with lone surrogates, and for text longer
+        than the context could hold even at the vocabulary's longest token (tokenizing
+        a 60 MB body first took minutes and gigabytes)."""
+        most = self.max_context * self._max_token_chars
+        if len(text) > most:
+            raise APIError(
+                400,
+                f"the prompt is {len(text)} characters, more than the maximum context of {self.max_context} "
+                f"tokens can hold ({self._max_token_chars} characters or fewer per token)",
+                param=param,
+            )
+        bad = _SURROGATE.search(text)
+        if bad:
+            why = f"the text holds a lone UTF-16 surrogate (\\u{ord(bad.group()):04x}), which is not valid Unicode"
+            raise APIError(400, why, param=param)
 
     def encode(self, prompt: str, media: list):
         """(ids, keys, MediaPrompt or None); with media this is MLX work, for the
@@ -241,12 +281,12 @@ class Prompter:
             raise APIError(400, _line(e), param="response_format" if conv.response_format else "tools") from None
         return c.answer_only(self.close_id) if conv.thinking else c
 
-    def _budget(self, n_prompt: int, max_tokens: int | None) -> int:
+    def _budget(self, n_prompt: int, max_tokens: int | None, param: str = "messages") -> int:
         if n_prompt >= self.max_context:
             raise APIError(
                 400,
                 f"the prompt is {n_prompt} tokens, longer than the maximum context of {self.max_context} tokens",
-                param="messages",
+                param=param,
             )
         room = self.max_context - n_prompt
         return min(room, max_tokens or DEFAULT_MAX_TOKENS)
@@ -293,6 +333,8 @@ class Prompter:
             prompt = prompt[0]
         if isinstance(prompt, list) and any(not 0 <= t < self.model.config.vocab_size for t in prompt):
             raise APIError(400, "prompt: token ids out of the vocabulary's range", param="prompt")
+        if isinstance(prompt, str):
+            self.check_text(prompt, "prompt")
         ids = encode_prompt(self.tokenizer, prompt, chat=False)
         if not ids:
             raise APIError(400, "prompt: empty", param="prompt")
@@ -300,7 +342,7 @@ class Prompter:
             ids=ids,
             keys=list(ids),
             options=options,
-            max_tokens=self._budget(len(ids), max_tokens),
+            max_tokens=self._budget(len(ids), max_tokens, "prompt"),
             stop=stop_list(stop),
             ignore_eos=ignore_eos,
             logprobs=logprobs,

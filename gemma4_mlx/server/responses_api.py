@@ -27,14 +27,16 @@ from gemma4_mlx.server.schemas import ResponsesRequest
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 KEPT_RESPONSES = 256
-KEPT_MEDIA_BYTES = 1 << 30  # decoded images / audio the kept responses may hold, all together
+KEPT_BYTES = 1 << 30  # text and decoded images / audio the kept responses may hold, all together
 # how input items become the messages check_roles counts
 _ORDER = "instructions first, a turn's function_calls one assistant message, empty user messages left out"
 
 
-def _media_bytes(media: list) -> int:
-    """Memory the decoded media of a conversation hold (images as RGB)."""
-    total = 0
+def _weight(msgs: list, media: list) -> int:
+    """Memory a kept conversation holds: its text (as JSON: reasoning items and call
+    ids count too, though they never reach the prompt) and its decoded media (images
+    as RGB)."""
+    total = len(json.dumps(msgs, ensure_ascii=False, default=str))
     for _, item in media:
         size = getattr(item, "size", None)
         total += size[0] * size[1] * 3 if isinstance(size, tuple) else int(getattr(item, "nbytes", 0))
@@ -44,10 +46,11 @@ def _media_bytes(media: list) -> int:
 class Kept:
     """The last responses' conversations (messages without the instructions, the
     reply included, and their decoded media), for `previous_response_id`; least
-    recently used first out, at most `size` of them and `media_bytes` of media."""
+    recently used first out, at most `size` of them and `budget` bytes of text and
+    media."""
 
-    def __init__(self, size: int = KEPT_RESPONSES, media_bytes: int = KEPT_MEDIA_BYTES):
-        self.size, self.media_bytes, self.items, self.lock = size, media_bytes, OrderedDict(), threading.Lock()
+    def __init__(self, size: int = KEPT_RESPONSES, budget: int = KEPT_BYTES):
+        self.size, self.budget, self.items, self.lock = size, budget, OrderedDict(), threading.Lock()
 
     def get(self, rid: str) -> tuple[list, list]:
         with self.lock:
@@ -59,12 +62,12 @@ class Kept:
         return list(msgs), list(media)
 
     def put(self, rid: str, msgs: list, media: list) -> None:
-        weight = _media_bytes(media)
-        if weight > self.media_bytes:  # not kept: a later previous_response_id is told so
+        weight = _weight(msgs, media)
+        if weight > self.budget:  # not kept: a later previous_response_id is told so
             return
         with self.lock:
             self.items[rid] = (msgs, media, weight)
-            while len(self.items) > self.size or sum(w for *_, w in self.items.values()) > self.media_bytes:
+            while len(self.items) > self.size or sum(w for *_, w in self.items.values()) > self.budget:
                 self.items.popitem(last=False)
 
 
