@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -48,9 +49,12 @@ class RoPE(nn.Module):
 
     def _angles(self, offset, T: int) -> tuple[mx.array, mx.array]:
         """cos/sin of T positions from offset, computed once and shared by every layer
-        using this rotation in a forward (they pass the same int, or the same [B] array)."""
+        using this rotation in a forward (they pass the same int, or the same [B] array).
+        Only within one thread: a memo's arrays are lazy on the stream of the thread
+        that made them, and another thread's forward (a model shared between chats on
+        two threads) must not evaluate them (it crashed MLX)."""
         memo = self._memo
-        if memo is None:
+        if memo is None or memo.thread != threading.get_ident():
             same_offset = False
         elif isinstance(offset, int):
             same_offset = isinstance(memo.offset, int) and memo.offset == offset
@@ -58,7 +62,8 @@ class RoPE(nn.Module):
             same_offset = memo.offset is offset
         if not (same_offset and memo.T == T and memo.freqs is self._freqs):
             inv = ops.rope_inv_freqs(self.dims, self.base, self._freqs)
-            memo = self._memo = _Angles(offset, T, self._freqs, *ops.rope_angles(inv, offset, T))
+            angles = ops.rope_angles(inv, offset, T)
+            memo = self._memo = _Angles(offset, T, self._freqs, *angles, threading.get_ident())
         return memo.cos, memo.sin
 
 
@@ -67,5 +72,6 @@ class _Angles:
     the offset and frequencies it was made for, so that identity comparisons are sound;
     a caller must pass a new array for new offsets (the model does: `positions()`)."""
 
-    def __init__(self, offset, T: int, freqs, cos: mx.array, sin: mx.array):
+    def __init__(self, offset, T: int, freqs, cos: mx.array, sin: mx.array, thread: int):
         self.offset, self.T, self.freqs, self.cos, self.sin = offset, T, freqs, cos, sin
+        self.thread = thread
