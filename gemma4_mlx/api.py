@@ -82,6 +82,10 @@ def stream_generate(
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float | None = None,
+    repetition_context_size: int = 64,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    penalty_context_size: int = 256,
     seed: int | None = None,
     logit_bias: dict[int, float] | None = None,
     chat: bool = True,
@@ -101,13 +105,14 @@ def stream_generate(
 ) -> Iterator[Chunk]:
     """Stream text chunks; stops on the model's end-of-turn / end-of-text ids.
 
+    The sampling keywords are `SamplingOptions`'s fields (greedy by default).
     logit_bias: {token id: number added to its logit} (OpenAI's; -100 bans a token).
     draft_model: an MTP drafter (`load_drafter`) for speculative decoding; the
     output is unchanged (greedy, or sampling with the same seed), only faster.
     draft_tokens: tokens drafted per round, or "auto" (cost-aware; what it learns
     about the pair carries over to the next call with the same model and drafter).
     images / audio / videos: media for a text prompt (paths, arrays, PIL images or
-    `multimodal.Image/Audio/Video`), placed before the text in the user turn;
+    `gemma4_mlx.Image/Audio/Video`), placed before the text in the user turn;
     image_budget: soft tokens per image (70, 140, 280, 560, 1120).
     json_schema / regex / grammar (one at most): the output follows a JSON schema
     (dict or JSON text), fully matches a regex, or is a sentence of a grammar
@@ -130,7 +135,18 @@ def stream_generate(
     stop = set(getattr(tokenizer, "eos_token_ids", None) or []) | set(model.config.eos_ids)
     constraint = None if spec is None else bind(spec, tokenizer, model.config.vocab_size, stop)
     options = SamplingOptions(
-        temperature, top_p, top_k, min_p, repetition_penalty, seed=seed, logit_bias=logit_bias, constraint=constraint
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        repetition_context_size,
+        presence_penalty,
+        frequency_penalty,
+        penalty_context_size,
+        seed=seed,
+        logit_bias=logit_bias,
+        constraint=constraint,
     )
     LogitBias.check(options.logit_bias, model.config.vocab_size)
     ids, keys, mprompt = _encode(model, tokenizer, prompt, chat, images, audio, videos, image_budget, media_processor)

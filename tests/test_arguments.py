@@ -3,6 +3,8 @@ of the Python API, and the CLI's options (before any model is loaded)."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import gemma4_mlx
+from gemma4_mlx.api import generate_ids
 from gemma4_mlx.cli import app
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.runtime.generate import SamplingOptions
@@ -152,3 +155,19 @@ def test_import_is_light():
     assert out.split() == ["gemma4_mlx.media", "gemma4_mlx.checkpoint", "False"]  # subpackages; the CLI does not run
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         gemma4_mlx.nothing  # noqa: B018
+
+
+def test_stream_generate_takes_every_sampling_field_as_a_keyword(demo):
+    """README: `stream_generate` takes SamplingOptions' fields as keywords (the
+    penalties were missing: a TypeError); they reach the sampler."""
+    taken = inspect.signature(gemma4_mlx.stream_generate).parameters
+    fields = [f.name for f in dataclasses.fields(SamplingOptions) if f.name != "constraint"]  # json_schema etc.
+    assert [f for f in fields if f not in taken] == []
+    model, tok = demo
+    prompt = "Say hello hello hello hello"
+    plain = gemma4_mlx.generate(model, tok, prompt, max_tokens=24)
+    ids = gemma4_mlx.encode_prompt(tok, prompt)
+    for penalty in ({"frequency_penalty": 30.0}, {"presence_penalty": 30.0}):
+        penalised = gemma4_mlx.generate(model, tok, prompt, max_tokens=24, **penalty)
+        out = generate_ids(model, ids, max_tokens=24, options=SamplingOptions(**penalty), stop_ids=model.config.eos_ids)
+        assert penalised != plain and penalised == tok.decode([t for t in out if t not in model.config.eos_ids])

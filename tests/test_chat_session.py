@@ -158,3 +158,32 @@ def test_chat_with_the_demo_drafter_gives_the_same_replies(demo, demo_drafter, t
         assert spec.cached == plain.cached
         assert_cache_is_exact(spec)
         assert b.stats.speculative.tokens_per_round > 2.0  # the drafter really helps
+
+
+def test_an_unfinished_stream_ends_when_the_next_turn_starts(demo):
+    """An app that keeps a stream's iterator and sends the next turn (or presses stop)
+    gets the partial reply recorded in order, not after the next turn's reply."""
+    model, tok = demo
+    chat = Chat(model, tok)
+    kept = chat.stream("What is the capital of Spain?")
+    partial = next(kept).text + next(kept).text
+    chat.send("What is the capital of Japan?")
+    roles = [(m["role"], m["content"]) for m in chat.messages]
+    assert roles[:3] == [("user", "What is the capital of Spain?"), ("assistant", partial), ("user", roles[2][1])]
+    assert roles[3] == ("assistant", "The capital of Japan is Tokyo.") and list(kept) == []
+    stopped = chat.stream("What is the capital of Peru?")
+    first = next(stopped).text
+    chat.stop()
+    assert chat.messages[-1] == {"role": "assistant", "content": first} and list(stopped) == []
+    assert chat.prompt_text().count("<|turn>model\n") == 4  # each reply its own turn, then the next
+
+
+def test_reused_prompt_tokens_are_reported(demo):
+    """A turn's stats count the prompt tokens its cache already held (earlier turns),
+    as stream_generate counts a prompt cache file's."""
+    model, tok = demo
+    chat = Chat(model, tok)
+    first = chat.send("What is the capital of Japan?").stats
+    second = chat.send("And of France?").stats
+    assert first.prompt_cached == 0 and second.prompt_cached > first.prompt_tokens
+    assert second.prompt_tokens == chat.prefilled_last  # and only the new turn was prefilled

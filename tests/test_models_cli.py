@@ -73,6 +73,8 @@ def test_short_names_name_the_released_repos(home, tmp_path, monkeypatch):
     for short, repo in RELEASED.items():
         assert hub.lookup(short) == repo and hub.lookup(short.upper()) == repo
     assert hub.lookup("demo") == hub.resolve_path("demo") == DEMO_MODEL.resolve()
+    assert hub.lookup("demo-assistant") == DEMO_DRAFTER.resolve()
+    assert type(gemma4_mlx.load_drafter("demo-assistant")).__name__ == "Drafter"
     assert hub.find_drafter("demo") == DEMO_DRAFTER.resolve()
     snap, drafter = released_e2b(home)
     assert hub.resolve_path("e2b-it") == hub.resolve_path(REPO) == snap

@@ -124,6 +124,7 @@ class Chat:
         self.drafter, self.draft_tokens = drafter, draft_tokens
         self.strict_tools = strict_tools
         self._policy = None  # the draft-length policy learns across turns
+        self._streaming: Iterator[Event] | None = None  # the last stream(), until the next turn
         self.messages: list[dict] = []
         self.prefilled_last = 0  # tokens prefilled by the latest turn (cache reuse is visible here)
         self._stop_ids = stop_ids(model, tokenizer)
@@ -247,12 +248,27 @@ class Chat:
         image_budget: int | None = None,
         response_format=None,
     ) -> Iterator[Event]:
-        """images / audio / videos: paths, arrays, PIL images or `multimodal.Image/
+        """images / audio / videos: paths, arrays, PIL images or `gemma4_mlx.Image/
         Audio/Video`, placed before the text of this user turn; image_budget: soft
         tokens per image (70, 140, 280, 560 or 1120; default from the checkpoint).
         response_format: the answer's shape, an OpenAI-style dict ({"type":
         "json_schema", "json_schema": {"schema": ...}}, json_object, regex, grammar)
-        or a `constrain.Grammar`."""
+        or a `constrain.Grammar`.
+
+        A reply left unfinished (an app kept the iterator and stopped reading) ends
+        when the next turn starts, as `stop()` ends it."""
+        self.stop()
+        self._streaming = self._turn(text, images, audio, videos, image_budget, response_format)
+        return self._streaming
+
+    def stop(self) -> None:
+        """End the reply being streamed, if any (a stop button): what it said so far
+        stays in the conversation as the assistant's turn, and its iterator ends."""
+        if self._streaming is not None:
+            self._streaming.close()
+            self._streaming = None
+
+    def _turn(self, text, images, audio, videos, image_budget, response_format) -> Iterator[Event]:
         constraint = self._constraint(response_format)
         n_msgs, n_media = len(self.messages), len(self.media)
         self._add_user_turn(text, images, audio, videos, image_budget)
@@ -267,7 +283,8 @@ class Chat:
         new = ids[start:]
         self.prefilled_last = len(new)
         parser = parser_for_prompt(prompt, self.tools, thinking_budget=self.thinking_budget, guarded=True)
-        stats, generated = Stats(speculative=SpecStats() if self.drafter is not None else None), []
+        spec = SpecStats() if self.drafter is not None else None
+        stats, generated = Stats(speculative=spec, prompt_cached=start), []  # cached: earlier turns or a file
         text = OutputText(self.tokenizer)  # a fresh detokenizer; control tokens only read as control strings
         mx.reset_peak_memory()
         try:

@@ -3,6 +3,7 @@
 A model is named by (first match wins):
   a path            an existing folder, as is;
   `demo`            the embedded demo model (`gemma4_mlx.demo.DEMO_MODEL`);
+  `demo-assistant`  its MTP drafter (`gemma4_mlx.demo.DEMO_DRAFTER`);
   a pulled name     a folder `gemma4-mlx pull --quant` wrote under `models_dir()`, e.g.
                     `gemma-4-E2B-it-q4_0`, also as short name + quant (`e2b-it-q4_0`);
   a short name      `e2b`, `e2b-it`, `e4b(-it)`, `26b(-it)`, `31b(-it)` (`SHORT_NAMES`),
@@ -92,6 +93,8 @@ def lookup(name: str | Path) -> Path | str:
     name = str(name)
     if name.lower() == DEMO_NAME:
         return DEMO_PATH
+    if name.lower() == DEMO_NAME + "-assistant":  # the demo's MTP drafter, beside it
+        return DEMO_PATH.with_name(DEMO_PATH.name + "-assistant")
     folder = pulled(name)
     if folder is not None:
         return folder
