@@ -171,3 +171,17 @@ def test_stream_generate_takes_every_sampling_field_as_a_keyword(demo):
         penalised = gemma4_mlx.generate(model, tok, prompt, max_tokens=24, **penalty)
         out = generate_ids(model, ids, max_tokens=24, options=SamplingOptions(**penalty), stop_ids=model.config.eos_ids)
         assert penalised != plain and penalised == tok.decode([t for t in out if t not in model.config.eos_ids])
+
+
+def test_sampling_edges_with_and_without_a_seed(demo):
+    """top_k at the vocabulary keeps every token, and a temperature whose 1/T
+    overflows float32 is greedy, on both samplers (seeded: ours; unseeded: mlx-lm's,
+    which raised for both)."""
+    model, tok = demo
+    prompt, vocab = "What is the capital of Japan?", model.config.vocab_size
+    greedy = gemma4_mlx.generate(model, tok, prompt, max_tokens=12)
+    for seed in (None, 7):
+        assert gemma4_mlx.generate(model, tok, prompt, max_tokens=12, temperature=1e-300, seed=seed) == greedy
+        everything = gemma4_mlx.generate(model, tok, prompt, max_tokens=12, temperature=1.0, top_k=vocab, seed=7)
+        assert everything == gemma4_mlx.generate(model, tok, prompt, max_tokens=12, temperature=1.0, seed=7)
+        assert gemma4_mlx.generate(model, tok, prompt, max_tokens=12, temperature=1.0, top_k=vocab, seed=seed)

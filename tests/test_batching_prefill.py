@@ -186,6 +186,23 @@ def test_twins_are_prefilled_once(pairs, name, monkeypatch):
     assert jobs[3].out == jobs[4].out == alone(model, b, 8)
 
 
+def test_twins_join_while_rows_decode(pairs, monkeypatch):
+    """With rows decoding, a step's prefill budget bounds a group's padded size; a twin
+    adds nothing to it, so twins of a prompt longer than the budget still share."""
+    model, _ = pairs["dense"]
+    sched = Scheduler(model, max_batch=8, prefill_chunk=16)
+    runner = Job(*[prompts(1, seed=66)[0]] * 2, max_tokens=40)
+    sched.add(runner)
+    sched.step()
+    assert sched.rows == [runner]
+    p = random_ids(40, seed=67)  # longer than the budget
+    jobs = [Job(p, list(p), max_tokens=5) for _ in range(3)]
+    rows = _prefill_rows(monkeypatch)
+    drain_all(sched, jobs)
+    assert rows == [1]
+    assert [j.out for j in jobs] == [alone(model, p, 5)] * 3
+
+
 def test_twins_with_a_cached_prefix_are_prefilled_once(pairs, monkeypatch):
     """Twins that reuse a cached prefix (a conversation's next turn, n > 1) are
     prefilled alone, once, after it; all report the reused tokens."""

@@ -1,6 +1,8 @@
 """Chat sessions: KV cache reused across turns (exactly), thinking, the tool loop,
 on the embedded demo model."""
 
+import threading
+
 import mlx.core as mx
 import pytest
 
@@ -187,3 +189,21 @@ def test_reused_prompt_tokens_are_reported(demo):
     second = chat.send("And of France?").stats
     assert first.prompt_cached == 0 and second.prompt_cached > first.prompt_tokens
     assert second.prompt_tokens == chat.prefilled_last  # and only the new turn was prefilled
+
+
+def test_stop_from_another_thread_ends_the_reply_where_it_is_read(demo):
+    """A UI's stop button runs on another thread than the loop reading the stream: it
+    asks, and the reading thread ends the reply after the token it is on (closing the
+    generator from there raised or ran MLX work on the UI thread)."""
+    model, tok = demo
+    full = Chat(model, tok).send("Hello").text
+    chat = Chat(model, tok)
+    stream, seen = chat.stream("Hello"), []
+    seen.append(next(stream))
+    button = threading.Thread(target=chat.stop)  # does no MLX work: it only asks
+    button.start()
+    button.join()
+    seen += list(stream)
+    text = "".join(e.text for e in seen if e.type == "content")
+    assert seen[-1].type == "reply" and seen[-1].reply.text == text == chat.messages[-1]["content"]
+    assert 0 < len(text) < len(full) and full.startswith(text)

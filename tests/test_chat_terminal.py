@@ -31,7 +31,10 @@ ENV = dict(
     TERM="xterm",
     PROMPT_TOOLKIT_NO_CPR="1",  # nothing in pexpect answers a cursor-position request
 )
-STATS = r"prompt: \d+ tokens(?: \(\+\d+ cached\))?, [\d.]+ tok/s \| generation: \d+ tokens, [\d.]+ tok/s \| peak memory: [\d.]+ GB"
+STATS = (
+    r"prompt: \d+ tokens(?: \(\+\d+ cached\))?, [\d.]+ tok/s \| "  # later turns: tokens reused from earlier ones
+    r"generation: \d+ tokens, [\d.]+ tok/s \| peak memory: [\d.]+ GB"
+)
 LEFT, UP, CTRL_R, CTRL_D = "\x1b[D", "\x1b[A", "\x12", "\x04"
 PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 Q = "What is the capital of France?"

@@ -260,11 +260,16 @@ def _nested(depth: int) -> dict:
     ],
 )
 def test_malformed_tool_declarations_are_400(oa, parameters, says):
+    """Each was a 500.  (A boolean property schema is valid JSON Schema: served.)"""
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": parameters}}
     for stream in (False, True):
         with pytest.raises(openai.BadRequestError) as e:
             oa.chat.completions.create(model=NAME, messages=JAPAN, tools=[tool], stream=stream)
         assert says in e.value.body["message"] and e.value.body["param"] in ("tools", None)
+    boolean = {"type": "object", "properties": {"city": True}}
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": boolean}}
+    r = oa.chat.completions.create(model=NAME, messages=JAPAN, tools=[tool], temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "tool_calls")
     serving(oa)
 
 

@@ -109,7 +109,8 @@ def pick_group(waiting, first: Job, room: int, limit: int | None, ok: Callable[[
     `ok` or does not fit."""
     group = [first]
     while len(group) < room and waiting and ok(waiting[0]):
-        if not fits([len(j.ids) for j in distinct_prompts(group + [waiting[0]])], limit):
+        twin = any(waiting[0].keys == j.keys for j in group)  # costs no prefill: joins whatever the budget
+        if not twin and not fits([len(j.ids) for j in distinct_prompts(group + [waiting[0]])], limit):
             break
         group.append(waiting.popleft())
     return group

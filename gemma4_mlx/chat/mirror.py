@@ -16,6 +16,8 @@ deterministic given the same logits, which every rank has (docs/distributed.md Â
 
 from __future__ import annotations
 
+import threading
+
 from gemma4_mlx import ranks
 from gemma4_mlx.chat.session import Chat
 
@@ -39,6 +41,7 @@ class LeaderChat(Chat):
 
     def __init__(self, *args, group, **kwargs):
         self._group, self._ready = group, False
+        self._stop_paced = threading.Event()  # stop() from another thread: ends at an event, on every rank
         super().__init__(*args, **kwargs)
         self._ready = True
 
@@ -58,6 +61,8 @@ class LeaderChat(Chat):
         media = {k: _paths(v, k) for k, v in zip(MEDIA_ARGS, (images, audio, videos))}
         if response_format is not None and not isinstance(response_format, dict):
             raise ValueError("response_format: a distributed chat takes it as a dict (sent to every rank)")
+        self.stop()  # an unfinished turn ends on every rank before the next is announced
+        self._stop_paced.clear()
         self._tell(
             {
                 "op": "stream",
@@ -65,7 +70,18 @@ class LeaderChat(Chat):
                 "settings": {k: getattr(self, k) for k in SETTINGS},
             }
         )
-        return self._paced(super().stream(text, response_format=response_format, image_budget=image_budget, **media))
+        turn = super().stream(text, response_format=response_format, image_budget=image_budget, **media)
+        self._streaming = self._paced(turn)  # what stop() closes: the followers are told
+        return self._streaming
+
+    def stop(self) -> None:
+        """`Chat.stop` on every rank.  From another thread than the reader's it asks
+        `_paced` to end the turn at the next event, where the followers stop too (the
+        turn's own token-level stop would leave them a token apart)."""
+        if self._streaming is not None and not self._closable_here(self._streaming):
+            self._stop_paced.set()
+            return
+        super().stop()
 
     def _paced(self, events):
         """The turn's events, each announced to the followers before it is pulled.
@@ -74,6 +90,9 @@ class LeaderChat(Chat):
         with ranks.deferred_interrupt() as interrupted:
             try:
                 while not interrupted():
+                    if self._stop_paced.is_set():
+                        self._stop(events)
+                        return
                     self._tell({"op": "next"})
                     try:
                         event = next(events)

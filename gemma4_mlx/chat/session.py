@@ -8,6 +8,8 @@ prefills only the rest — also when the history is longer than the sliding wind
 
 from __future__ import annotations
 
+import inspect
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -125,6 +127,8 @@ class Chat:
         self.strict_tools = strict_tools
         self._policy = None  # the draft-length policy learns across turns
         self._streaming: Iterator[Event] | None = None  # the last stream(), until the next turn
+        self._reader: int | None = None  # the thread reading it
+        self._stop_asked = threading.Event()  # stop() from another thread: the reader ends the reply
         self.messages: list[dict] = []
         self.prefilled_last = 0  # tokens prefilled by the latest turn (cache reuse is visible here)
         self._stop_ids = stop_ids(model, tokenizer)
@@ -258,17 +262,33 @@ class Chat:
         A reply left unfinished (an app kept the iterator and stopped reading) ends
         when the next turn starts, as `stop()` ends it."""
         self.stop()
+        self._stop_asked.clear()
         self._streaming = self._turn(text, images, audio, videos, image_budget, response_format)
         return self._streaming
 
     def stop(self) -> None:
         """End the reply being streamed, if any (a stop button): what it said so far
-        stays in the conversation as the assistant's turn, and its iterator ends."""
-        if self._streaming is not None:
+        stays in the conversation as the assistant's turn, and its iterator ends.
+        Called from another thread than the one reading the stream (a UI's button), it
+        asks: the reading thread ends the reply after the token it is on (MLX work
+        stays on that thread)."""
+        if self._streaming is None:
+            return
+        if self._closable_here(self._streaming):
             self._streaming.close()
             self._streaming = None
+        else:
+            self._stop_asked.set()
+
+    def _closable_here(self, stream) -> bool:
+        """Whether this thread may end `stream` now: not started, or paused between
+        events on this very thread."""
+        state = inspect.getgeneratorstate(stream)
+        mine = self._reader == threading.get_ident() and state == inspect.GEN_SUSPENDED
+        return state in (inspect.GEN_CREATED, inspect.GEN_CLOSED) or mine
 
     def _turn(self, text, images, audio, videos, image_budget, response_format) -> Iterator[Event]:
+        self._reader = threading.get_ident()
         constraint = self._constraint(response_format)
         n_msgs, n_media = len(self.messages), len(self.media)
         self._add_user_turn(text, images, audio, videos, image_budget)
@@ -297,11 +317,12 @@ class Chat:
                     for ev in parser.feed(text.add(tok)):
                         close_thought |= ev.type == "thinking_budget"
                         yield ev
-                    if parser.done or tok in self._stop_ids or close_thought:
+                    if parser.done or tok in self._stop_ids or close_thought or self._stop_asked.is_set():
                         break
                 _add_stats(stats, part, continuation=calls > 1)
                 pending = []
-                if close_thought and self._close_id is not None and len(generated) < self.max_tokens:
+                more = len(generated) < self.max_tokens and not self._stop_asked.is_set()
+                if close_thought and self._close_id is not None and more:
                     # Thinking budget spent: close the thought channel ourselves and
                     # let the model go on with its answer in the same turn.
                     generated.append(self._close_id)

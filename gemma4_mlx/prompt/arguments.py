@@ -55,7 +55,7 @@ class _Tools:
             p = fn.get("parameters") or {}
             props, req = dict(p.get("properties") or {}), list(p.get("required") or [])
             self.params[fn["name"]] = req + [k for k in props if k not in req]
-            self.types[fn["name"]] = {k: (v or {}).get("type") for k, v in props.items()}
+            self.types[fn["name"]] = {k: v.get("type") if isinstance(v, dict) else None for k, v in props.items()}
 
     def resolve(self, name: str) -> tuple[str, bool]:
         if not self.known or name in self.params:

@@ -118,8 +118,11 @@ class SamplingOptions:
         if self.logit_bias is not None:
             self.logit_bias = _bias_table(self.logit_bias)
 
-    def sampler(self) -> Callable:
-        return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+    def sampler(self, vocab_size: int | None = None) -> Callable:
+        """mlx-lm's sampler; a top_k at or past `vocab_size` keeps every token (mlx-lm
+        refuses it), as `PositionedSampler` does."""
+        top_k = self.top_k if vocab_size is None or self.top_k < vocab_size else 0
+        return make_sampler(self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=top_k)
 
     def processors(self) -> list:
         procs = make_logits_processors(
@@ -237,9 +240,11 @@ class _MlxLm:
     raw = False
 
     def __init__(self, options: SamplingOptions):
-        self.sample = options.sampler()
+        self.options, self.sample = options, None
 
     def __call__(self, logprobs):
+        if self.sample is None:  # made at the first step, when the vocabulary's size is known
+            self.sample = self.options.sampler(logprobs.shape[-1])
         return self.sample(logprobs)
 
     def keep(self, rows: list[int]) -> None:
@@ -269,7 +274,7 @@ def _sampler(options: SamplingOptions, rows: list[int]):
     """Greedy: argmax of the processed logits.  Seeded sampling: keyed by (seed, row,
     output index) — the randomness speculative decoding uses, so a seed gives the
     same text with or without a drafter, alone or in a batch.  Unseeded: mlx-lm's."""
-    if options.temperature == 0:
+    if options.temperature < PositionedSampler.GREEDY_BELOW:  # 1/T would overflow: the argmax anyway
         return _Greedy()
     if options.seed is not None:
         return _Keyed(options, rows)

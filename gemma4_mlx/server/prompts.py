@@ -94,7 +94,7 @@ def _check_declaration(tool, where: str) -> None:
     if not isinstance(params, dict):
         raise APIError(400, f"{where}.parameters: expected an object (a JSON schema)", param="tools")
     props, required = params.get("properties") or {}, params.get("required") or []
-    if not isinstance(props, dict) or not all(isinstance(v, dict) for v in props.values()):
+    if not isinstance(props, dict) or not all(isinstance(v, (dict, bool)) for v in props.values()):
         raise APIError(400, f"{where}.parameters.properties: expected an object of JSON schemas", param="tools")
     if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
         raise APIError(400, f"{where}.parameters.required: expected a list of property names", param="tools")

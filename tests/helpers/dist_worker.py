@@ -116,7 +116,8 @@ def _scenario(spec: dict, group) -> dict:
 
 
 def chat_turns(chat) -> list[str]:
-    """Turns, a tool result, a turn stopped after two events, a reset: the texts."""
+    """Turns, a tool result, turns stopped after some events (closed, left for the next
+    turn to end, `stop()`), a reset: the texts, and the history before the reset."""
     out = [chat.send("What is the capital of France?").text]
     chat.add_tool_result(SimpleNamespace(id="call_1", name="lookup"), {"capital": "Paris"})
     out.append(chat.send("And of Italy?").text)
@@ -124,6 +125,14 @@ def chat_turns(chat) -> list[str]:
     next(events), next(events)
     events.close()
     out.append(chat.send("What is 4 plus 4?").text)
+    kept = chat.stream("What is 2 plus 2?")  # left unfinished: the next turn ends it
+    next(kept)
+    out.append(chat.send("Hello").text)
+    stopped = chat.stream("What is 5 plus 1?")
+    next(stopped), next(stopped)
+    chat.stop()
+    out.append(chat.send("And 1 plus 1?").text)
+    out.append(str([m["content"] for m in chat.messages]))
     chat.reset()
     out.append(chat.send("What is the capital of Spain?").text)
     return out
