@@ -134,10 +134,14 @@ def test_json_schema_text_format(oa):
 def test_max_output_tokens_is_incomplete(oa):
     r = oa.responses.create(model=NAME, input=JAPAN, temperature=0, max_output_tokens=2)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert [(o.type, o.status) for o in r.output] == [("message", "incomplete")]  # the item too, as OpenAI's
     # (the SDK's stream helper waits for response.completed, as it does with OpenAI's)
     events = list(oa.responses.create(model=NAME, input=JAPAN, temperature=0, max_output_tokens=2, stream=True))
     assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
     assert events[-1].response.output_text == r.output_text
+    assert events[-1].response.output[0].status == "incomplete"
+    done = [e.item.status for e in events if e.type == "response.output_item.done"]
+    assert done == ["incomplete"]
 
 
 @pytest.mark.parametrize(

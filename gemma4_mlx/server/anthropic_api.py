@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
-from gemma4_mlx.server.results import arguments_json, collect, new_id, opened, ttft
+from gemma4_mlx.server.results import arguments_json, collect, failure, new_id, opened, ttft, with_heartbeats
 from gemma4_mlx.server.schemas import CountTokensRequest, MessagesRequest
 
 _STOP = {"tool_calls": "tool_use", "length": "max_tokens"}
@@ -159,7 +159,8 @@ def routes(server) -> APIRouter:
         handle = server.submit(await run_in_threadpool(build))
         if body.stream:
             outs = await opened(handle, http)
-            return StreamingResponse(_stream(server, handle, outs), media_type="text/event-stream")
+            stream = with_heartbeats(_stream(server, handle, outs), _event("ping", {}))
+            return StreamingResponse(stream, media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
         content = [{"type": "thinking", "thinking": r.reasoning, "signature": ""}] if r.reasoning else []
         if r.content or not r.tool_calls:
@@ -204,8 +205,9 @@ async def _stream(server, handle, outs):
     yield _event("message_start", {"message": message})
     index, open_kind = -1, None
     async for out in outs:
-        if out.kind == "error":
-            yield _event("error", error_body("/v1/messages", 500, "internal server error (see the server log)"))
+        if out.kind == "error":  # after the stream started: a late client error keeps its status
+            e = failure(out)
+            yield _event("error", error_body("/v1/messages", e.status, e.message))
             return
         if out.kind == "done":
             server.metrics.record(out.usage, ttft(handle))

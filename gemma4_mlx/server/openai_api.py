@@ -18,17 +18,20 @@ from gemma4_mlx.server.prompts import (
     split_prefill,
 )
 from gemma4_mlx.server.results import (
+    KEEP_ALIVE,
     Result,
     arguments_json,
     chat_logprobs,
     collect_all,
     completion_logprobs,
+    failure,
     merged,
     new_id,
     now,
     opened_all,
     total_usage,
     ttft,
+    with_heartbeats,
 )
 from gemma4_mlx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
 
@@ -146,7 +149,7 @@ def routes(server) -> APIRouter:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             streams = await opened_all(handles, http)
             stream = _chat_stream(server, handles, streams, usage, body.logprobs)
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return StreamingResponse(with_heartbeats(stream, KEEP_ALIVE), media_type="text/event-stream")
         results = await collect_all(handles, http, server.metrics)
         return {
             "id": new_id("chatcmpl-"),
@@ -174,7 +177,7 @@ def routes(server) -> APIRouter:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             streams = await opened_all(handles, http)
             stream = _completion_stream(server, handles, streams, usage, body.logprobs is not None)
-            return StreamingResponse(stream, media_type="text/event-stream")
+            return StreamingResponse(with_heartbeats(stream, KEEP_ALIVE), media_type="text/event-stream")
         results = await collect_all(handles, http, server.metrics)
         return {
             "id": new_id("cmpl-"),
@@ -219,8 +222,9 @@ async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: 
         yield chunk(i, {"role": "assistant", "content": ""})
     calls, usages = [0] * len(streams), []
     async for i, out in merged(streams, handles):
-        if out.kind == "error":
-            yield _sse(error_body("/v1/chat/completions", 500, "internal server error (see the server log)"))
+        if out.kind == "error":  # after the stream started: a late client error keeps its status
+            e = failure(out)
+            yield _sse(error_body("/v1/chat/completions", e.status, e.message, e.param))
             return
         if out.kind == "done":
             server.metrics.record(out.usage, ttft(handles[i]))
@@ -252,7 +256,8 @@ async def _completion_stream(server, handles, streams, include_usage: bool, logp
     usages = []
     async for i, out in merged(streams, handles):
         if out.kind == "error":
-            yield _sse(error_body("/v1/completions", 500, "internal server error (see the server log)"))
+            e = failure(out)
+            yield _sse(error_body("/v1/completions", e.status, e.message, e.param))
             return
         if out.kind == "done":
             server.metrics.record(out.usage, ttft(handles[i]))

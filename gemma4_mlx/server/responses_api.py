@@ -22,7 +22,18 @@ from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
-from gemma4_mlx.server.results import Result, arguments_json, collect, new_id, now, opened, ttft
+from gemma4_mlx.server.results import (
+    KEEP_ALIVE,
+    Result,
+    arguments_json,
+    collect,
+    failure,
+    new_id,
+    now,
+    opened,
+    ttft,
+    with_heartbeats,
+)
 from gemma4_mlx.server.schemas import ResponsesRequest
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -335,8 +346,8 @@ def _finished(envelope: dict, output: list, usage, finish_reason: str) -> dict:
 
 def _output(r: Result, summarize: bool, namespaces: list[str]) -> list[dict]:
     out = [_reasoning_item(r.reasoning, summarize=summarize)] if r.reasoning else []
-    if r.content or not r.tool_calls:
-        out.append(_message_item(r.content))
+    if r.content or not r.tool_calls:  # a message cut at max_output_tokens is incomplete, as OpenAI's
+        out.append(_message_item(r.content, status="incomplete" if r.finish_reason == "length" else "completed"))
     return out + [_call_item(c, namespaces) for c in r.tool_calls]
 
 
@@ -364,7 +375,8 @@ def routes(server) -> APIRouter:
 
         if body.stream:
             outs = await opened(handle, http)
-            return StreamingResponse(_stream(server, handle, outs, envelope, keep), media_type="text/event-stream")
+            stream = with_heartbeats(_stream(server, handle, outs, envelope, keep), KEEP_ALIVE)
+            return StreamingResponse(stream, media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
         output = _output(r, _summarize(body.reasoning), _namespaces(body.tools))
         keep(output)
@@ -393,12 +405,14 @@ async def _stream(server, handle, outs, envelope: dict, keep):
     yield ev("response.created", response=envelope)
     yield ev("response.in_progress", response=envelope)
     async for out in outs:
-        if out.kind == "error":
-            yield ev("error", code="server_error", message="internal server error (see the server log)", param=None)
+        if out.kind == "error":  # after the stream started: a late client error keeps its message
+            e = failure(out)
+            code = "server_error" if e.status >= 500 else "invalid_request_error"
+            yield ev("error", code=code, message=e.message, param=e.param)
             return
         if out.kind == "done":
             server.metrics.record(out.usage, ttft(handle))
-            for e in _close(ev, item, output, summarize):
+            for e in _close(ev, item, output, summarize, out.finish_reason == "length"):
                 yield e
             final = _finished(envelope, output, out.usage, out.finish_reason)
             keep(output)
@@ -432,8 +446,9 @@ def _open(ev, item, index: int) -> list[str]:
     return [added, part]
 
 
-def _close(ev, item, output: list, summarize: bool) -> list[str]:
-    """The events that end the open segment, which joins `output`."""
+def _close(ev, item, output: list, summarize: bool, cut: bool = False) -> list[str]:
+    """The events that end the open segment, which joins `output` (cut: by
+    max_output_tokens, a message then being incomplete)."""
     if item is None:
         return []
     kind, item_id, text = item
@@ -442,7 +457,7 @@ def _close(ev, item, output: list, summarize: bool) -> list[str]:
         done = _reasoning_item(text, item_id, summarize)
         events = [ev("response.reasoning_text.done", text=text, **at)]
     else:
-        done = _message_item(text, item_id)
+        done = _message_item(text, item_id, "incomplete" if cut else "completed")
         events = [
             ev("response.output_text.done", text=text, logprobs=[], **at),
             ev("response.content_part.done", part=_text_part(text), **at),

@@ -68,6 +68,14 @@ async def outputs(handle: RequestHandle, http=None, poll: float = 0.5):
         handle.cancel()  # a no-op once finished
 
 
+# A stream waits this long for its first output (so that an early error answers with
+# its status); a longer prefill starts the stream anyway, and a stream silent for
+# HEARTBEAT s sends a keep-alive (an agent's 50k-token prompt can prefill for minutes,
+# and clients give up on a connection that sends nothing: Claude Code retried at 5 min).
+OPEN_WAIT = 10.0
+HEARTBEAT = 10.0
+KEEP_ALIVE = ": keep-alive\n\n"  # an SSE comment (OpenAI-style streams)
+
 # Errors a request brings on itself (its size, its schema or tools): 400s, not faults.
 CLIENT_ERRORS = (KVBudgetExceeded, ConstraintError)
 
@@ -86,28 +94,55 @@ def failure(out: Output) -> APIError:
 
 async def opened(handle: RequestHandle, http):
     """The outputs of a request once its first has come, so that an error preparing
-    it (bad media, prompt too long) answers with its status before a stream starts."""
+    it (bad media, prompt too long) answers with its status before a stream starts;
+    after OPEN_WAIT s the stream starts anyway (a later error comes inside it)."""
     it = outputs(handle, http)
-    try:
-        first = await it.__anext__()
-    except StopAsyncIteration:  # the client left while waiting
-        first = None
-    if first is not None and first.kind == "error":
+    head = asyncio.ensure_future(it.__anext__())
+    await asyncio.wait({head}, timeout=OPEN_WAIT)
+    if head.done() and head.exception() is None and head.result().kind == "error":
         await it.aclose()
-        raise failure(first)
+        raise failure(head.result())
 
     async def rest():
         try:
-            if first is None:
+            try:
+                yield await head
+            except StopAsyncIteration:  # the client left while waiting
                 return
-            yield first
             async for out in it:
                 yield out
         finally:  # the response ended or the client left: stop generating
             handle.cancel()
+            if not head.done():
+                head.cancel()
+                await asyncio.gather(head, return_exceptions=True)
             await it.aclose()
 
     return rest()
+
+
+async def with_heartbeats(body, ping: str, every: float | None = None):
+    """`body`'s chunks, and `ping` whenever it has been silent for `every` s
+    (HEARTBEAT): a keep-alive the SSE parsers skip (a comment, or Anthropic's ping)."""
+    it = body.__aiter__()
+    nxt = asyncio.ensure_future(it.__anext__())
+    try:
+        while True:
+            await asyncio.wait({nxt}, timeout=every or HEARTBEAT)
+            if not nxt.done():
+                yield ping
+                continue
+            try:
+                chunk = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+            nxt = asyncio.ensure_future(it.__anext__())
+    finally:
+        if not nxt.done():
+            nxt.cancel()
+        await asyncio.gather(nxt, return_exceptions=True)
+        await it.aclose()
 
 
 async def opened_all(handles: list[RequestHandle], http) -> list:
