@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 
 import mlx.core as mx
@@ -128,6 +129,10 @@ def stream_generate(
     Everything is checked at the call (prompt, options, constraint, cache file), not
     at the first `next()`: a plain function that returns the streaming generator.
     """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral) or max_tokens < 1:
+        raise TypeError(f"max_tokens: expected a positive integer, got {max_tokens!r:.60}")
+    if draft_model is not None and not hasattr(draft_model, "config"):
+        raise TypeError(f"draft_model: expected a drafter from gemma4_mlx.load_drafter, got {draft_model!r:.60}")
     # a quantized cache is made here and handed in (plain and speculative decoding
     # both take one); a bad width is refused before anything runs
     cache = None if kv_bits in (None, 16) else model.make_cache(max_rollback=KV_ROLLBACK, kv_bits=kv_bits)

@@ -185,3 +185,24 @@ def test_sampling_edges_with_and_without_a_seed(demo):
         everything = gemma4_mlx.generate(model, tok, prompt, max_tokens=12, temperature=1.0, top_k=vocab, seed=7)
         assert everything == gemma4_mlx.generate(model, tok, prompt, max_tokens=12, temperature=1.0, seed=7)
         assert gemma4_mlx.generate(model, tok, prompt, max_tokens=12, temperature=1.0, top_k=vocab, seed=seed)
+
+
+@pytest.mark.parametrize(
+    ("call", "says"),
+    [
+        (lambda m, t: gemma4_mlx.Chat(m, None), "tokenizer: expected the tokenizer gemma4_mlx.load returns"),
+        (lambda m, t: gemma4_mlx.Chat("demo", t), "model: expected a model from gemma4_mlx.load"),
+        (lambda m, t: gemma4_mlx.Chat(m, t, options={"temperature": 0.5}), "options: expected gemma4_mlx.Sampling"),
+        (lambda m, t: gemma4_mlx.Chat(m, t, tools=["get_weather"]), "tools: expected Python functions"),
+        (lambda m, t: gemma4_mlx.Chat(m, t, drafter="demo-assistant"), "drafter: expected a drafter from"),
+        (lambda m, t: gemma4_mlx.generate(m, t, "Hi", draft_model="demo"), "draft_model: expected a drafter"),
+        (lambda m, t: gemma4_mlx.generate(m, t, "Hi", max_tokens="5"), "max_tokens: expected a positive integer"),
+        (lambda m, t: gemma4_mlx.generate(m, t, "Hi", max_tokens=-1), "max_tokens: expected a positive integer"),
+    ],
+)
+def test_wrong_python_arguments_are_named(demo, call, says):
+    """A wrong argument is one line naming it (they failed deep inside, e.g.
+    `'NoneType' object has no attribute 'unk_token_id'`)."""
+    with pytest.raises(TypeError, match=says):
+        call(*demo)
+    assert gemma4_mlx.generate(*demo, "Hi", max_tokens=np.int64(3))  # a numpy integer is an integer

@@ -115,6 +115,7 @@ class Chat:
         back that far exactly (a regenerated reply, dropped thoughts): tokens, or a
         memory budget for this model ("256MB", "1GB"; docs/kv-cache.md §5).  Going back
         further re-prefills the conversation: still exact, slower."""
+        _check_arguments(model, tokenizer, tools, options, drafter)
         self.model, self.tokenizer = model, tokenizer
         self.system, self.thinking = system, thinking
         self.functions = {f.__name__: f for f in tools}
@@ -451,6 +452,26 @@ class Chat:
             reply = self.send(None)
         reply.tool_runs = runs + [ToolRun(c, "round_limit") for c in reply.tool_calls]
         return reply
+
+
+def _check_arguments(model, tokenizer, tools, options, drafter) -> None:
+    """One line naming the argument for what `Chat` would otherwise fail on deep
+    inside (`'NoneType' object has no attribute 'unk_token_id'`)."""
+
+    def wrong(name: str, expected: str, value) -> TypeError:
+        return TypeError(f"{name}: expected {expected}, got {type(value).__name__} {value!r:.60}")
+
+    if not hasattr(model, "config") or not hasattr(model, "make_cache"):
+        raise wrong("model", "a model from gemma4_mlx.load (load it first)", model)
+    if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "convert_tokens_to_ids"):
+        raise wrong("tokenizer", "the tokenizer gemma4_mlx.load returns", tokenizer)
+    for f in tools:
+        if not callable(f) or not hasattr(f, "__name__"):
+            raise wrong("tools", "Python functions (type hints and a docstring declare them)", f)
+    if options is not None and not isinstance(options, SamplingOptions):
+        raise wrong("options", "gemma4_mlx.SamplingOptions(...)", options)
+    if drafter is not None and not hasattr(drafter, "config"):
+        raise wrong("drafter", "a drafter from gemma4_mlx.load_drafter (load it first)", drafter)
 
 
 def _add_stats(total: Stats, part: Stats, continuation: bool) -> None:
