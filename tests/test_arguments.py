@@ -194,6 +194,7 @@ def test_sampling_edges_with_and_without_a_seed(demo):
         (lambda m, t: gemma4_mlx.Chat("demo", t), "model: expected a model from gemma4_mlx.load"),
         (lambda m, t: gemma4_mlx.Chat(m, t, options={"temperature": 0.5}), "options: expected gemma4_mlx.Sampling"),
         (lambda m, t: gemma4_mlx.Chat(m, t, tools=["get_weather"]), "tools: expected Python functions"),
+        (lambda m, t: gemma4_mlx.Chat(m, t, tools=[lambda city: city]), "parameter 'city' needs a type hint"),
         (lambda m, t: gemma4_mlx.Chat(m, t, drafter="demo-assistant"), "drafter: expected a drafter from"),
         (lambda m, t: gemma4_mlx.generate(m, t, "Hi", draft_model="demo"), "draft_model: expected a drafter"),
         (lambda m, t: gemma4_mlx.generate(m, t, "Hi", max_tokens="5"), "max_tokens: expected a positive integer"),

@@ -468,6 +468,7 @@ def _check_arguments(model, tokenizer, tools, options, drafter) -> None:
     for f in tools:
         if not callable(f) or not hasattr(f, "__name__"):
             raise wrong("tools", "Python functions (type hints and a docstring declare them)", f)
+        tool_schema(f)  # a parameter without a type hint is refused now, not at the first send
     if options is not None and not isinstance(options, SamplingOptions):
         raise wrong("options", "gemma4_mlx.SamplingOptions(...)", options)
     if drafter is not None and not hasattr(drafter, "config"):
