@@ -81,9 +81,11 @@ def twin_rows(jobs: Sequence[Job]) -> list[int]:
 
 def distinct_prompts(jobs: Sequence[Job]) -> list[Job]:
     """The first job of each set of twins, in order: row r of the prefill is
-    `distinct_prompts(jobs)[r]`'s prompt."""
-    rows = twin_rows(jobs)
-    return [j for i, (j, r) in enumerate(zip(jobs, rows)) if r not in rows[:i]]
+    `distinct_prompts(jobs)[r]`'s prompt (the order `twin_rows` numbers them in)."""
+    first: dict[tuple, Job] = {}
+    for j in jobs:
+        first.setdefault(tuple(j.keys), j)
+    return list(first.values())
 
 
 def take_twins(waiting, first: Job, room: int, ok: Callable[[Job], bool]) -> list[Job]:

@@ -30,12 +30,12 @@ from gemma4_mlx.batching.job import Job, Progress, pick_rows
 from gemma4_mlx.batching.memory import KVBudget
 from gemma4_mlx.batching.prefill import (
     Joining,
+    distinct_prompts,
     groupable,
     pick_group,
     start_alone,
     start_group,
     take_twins,
-    twin_rows,
 )
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.cache.prefix import PrefixPool
@@ -158,7 +158,7 @@ class Scheduler:
             self._held = True
             return []
         try:
-            if max(twin_rows(group)) > 0:
+            if len(distinct_prompts(group)) > 1:
                 self.joining = start_group(self.model, group, self.fresh, tokens)
                 self.largest_group = max(self.largest_group, len(group))
             else:

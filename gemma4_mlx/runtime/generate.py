@@ -17,7 +17,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.contracts import DecodingModel
-from gemma4_mlx.runtime.sampling import PositionedSampler
+from gemma4_mlx.runtime.sampling import GREEDY_BELOW, PositionedSampler
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -104,6 +104,8 @@ class SamplingOptions:
         temperature inverts the distribution, a top_p above 1 or a negative top_k is
         silently off, NaN poisons the logits, a negative seed fails inside MLX."""
         _number("temperature", self.temperature, 0.0, None)
+        if self.temperature < GREEDY_BELOW:  # every sampler then takes the argmax
+            self.temperature = 0.0
         _number("top_p", self.top_p, 0.0, 1.0)
         _number("min_p", self.min_p, 0.0, 1.0)
         for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -274,7 +276,7 @@ def _sampler(options: SamplingOptions, rows: list[int]):
     """Greedy: argmax of the processed logits.  Seeded sampling: keyed by (seed, row,
     output index) — the randomness speculative decoding uses, so a seed gives the
     same text with or without a drafter, alone or in a batch.  Unseeded: mlx-lm's."""
-    if options.temperature < PositionedSampler.GREEDY_BELOW:  # 1/T would overflow: the argmax anyway
+    if options.temperature == 0:
         return _Greedy()
     if options.seed is not None:
         return _Keyed(options, rows)

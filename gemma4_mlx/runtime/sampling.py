@@ -54,20 +54,21 @@ def uniforms(keys: list[int], vocab: int) -> mx.array:
     return ((h >> 8).astype(mx.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+# A temperature below this is greedy: its 1/T would overflow float32 (inf times a
+# log-probability of 0 is NaN), and it picks the argmax anyway.
+GREEDY_BELOW = 1e-30
+
+
 class PositionedSampler:
     """`sampler(logits [N, V], rows, indices) -> tokens [N]` with keyed randomness.
 
-    temperature 0 is greedy (argmax) and ignores the keys; so is a temperature below
-    GREEDY_BELOW, whose 1/T would overflow float32 (inf * a log-probability of 0 is NaN),
-    and which picks the argmax anyway.  top_k at or above the vocabulary keeps all.
+    temperature 0 is greedy (argmax) and ignores the keys (`SamplingOptions` makes
+    any temperature below GREEDY_BELOW 0).  top_k at or above the vocabulary keeps all.
     """
-
-    GREEDY_BELOW = 1e-30
 
     def __init__(
         self, temperature: float = 0.0, top_p: float = 0.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None
     ):
-        temperature = 0.0 if temperature < self.GREEDY_BELOW else temperature
         self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
         self.seed = 0 if seed is None else int(seed)
 

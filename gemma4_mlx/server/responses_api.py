@@ -62,6 +62,7 @@ class Kept:
 
     def __init__(self, size: int = KEPT_RESPONSES, budget: int = KEPT_BYTES):
         self.size, self.budget, self.items, self.lock = size, budget, OrderedDict(), threading.Lock()
+        self.held = 0  # the weight of what is kept
 
     def get(self, rid: str) -> tuple[list, list]:
         with self.lock:
@@ -77,9 +78,10 @@ class Kept:
         if weight > self.budget:  # not kept: a later previous_response_id is told so
             return
         with self.lock:
-            self.items[rid] = (msgs, media, weight)
-            while len(self.items) > self.size or sum(w for *_, w in self.items.values()) > self.budget:
-                self.items.popitem(last=False)
+            self.items[rid] = (msgs, media, weight)  # response ids are new: never a replacement
+            self.held += weight
+            while len(self.items) > self.size or self.held > self.budget:
+                self.held -= self.items.popitem(last=False)[1][2]
 
 
 def _parts(content, where: str, prompter, media: list, user: bool, field: str = "content"):
