@@ -5,6 +5,7 @@ results, thinking, greedy parity with `generate` / `Chat`, prefix reuse."""
 from __future__ import annotations
 
 import json
+import time
 
 import anthropic
 import openai
@@ -13,6 +14,7 @@ import pytest
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
+from gemma4_mlx.server.handle import RequestHandle
 
 from helpers.live_server import http, live_server
 
@@ -186,6 +188,47 @@ def test_tool_call_streamed_then_answered(demo, oa):
     with_tools = _chat(oa, [{"role": "user", "content": WEATHER}], tools=TOOLS).usage.prompt_tokens
     r = _chat(oa, [{"role": "user", "content": WEATHER}], tools=TOOLS, tool_choice="none")
     assert r.usage.prompt_tokens < with_tools  # rendered without the tools
+
+
+@pytest.fixture
+def one_output_per_chunk(monkeypatch):
+    """The engine waits until each output is read before it goes on, so no two outputs
+    merge into one chunk (a busy server merges them): every delta stays its own."""
+    put = RequestHandle.put
+
+    def paced(self, out):
+        put(self, out)
+        deadline = time.monotonic() + 5
+        while self._items and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    monkeypatch.setattr(RequestHandle, "put", paced)
+
+
+def test_tool_call_arguments_stream_as_written(oa, an, one_output_per_chunk):
+    """The call's arguments arrive in pieces as the model writes them (name first, then
+    `{`, the key, the string's quote, its text...), on all three APIs."""
+    messages = [{"role": "user", "content": WEATHER}]
+    pieces = [
+        tc.function.arguments
+        for chunk in _chat(oa, messages, tools=TOOLS, stream=True)
+        for choice in chunk.choices
+        for tc in choice.delta.tool_calls or []
+        if tc.function.arguments
+    ]
+    assert len(pieces) >= 4 and pieces[0] == "{" and json.loads("".join(pieces)) == {"city": "Paris"}
+    with an.messages.stream(
+        model=NAME, max_tokens=64, extra_body=GREEDY, tools=ANTHROPIC_TOOLS, messages=messages
+    ) as s:
+        events = list(s)
+        final = s.get_final_message()
+    partial = [e.delta.partial_json for e in events if e.type == "content_block_delta"]
+    assert partial == pieces and final.content[0].input == {"city": "Paris"}
+    stream = oa.responses.create(
+        model=NAME, input=WEATHER, tools=[TOOLS[0]["function"] | {"type": "function"}], temperature=0, stream=True
+    )
+    deltas = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+    assert deltas == pieces
 
 
 def test_thinking_separated(demo, oa):

@@ -157,10 +157,14 @@ class _Reader:
             key, quoted = s[i : self.i], False
         if not self._at_end() and s[self.i] in ":=":  # key=value: parenthesised form (docs/chat-format.md §10 #4)
             self.i += 1
-            out[key] = self.value()
+            value = self.value()
+            if key in out:  # the first value stays: it may already have been streamed (§9.4)
+                self.warnings.append(f"repeated key {key!r}: its first value kept")
+            else:
+                out[key] = value
         elif self.i >= len(s) and not quoted:
             self.truncated = True
-            out[key] = None
+            out.setdefault(key, None)
         else:  # a value with no key: positional argument
             self.positional.append(key if quoted else self._literal(key))
             if not top:

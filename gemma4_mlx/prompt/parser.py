@@ -12,6 +12,7 @@ import codecs
 import re
 from dataclasses import dataclass, field
 
+from gemma4_mlx.prompt.argument_stream import ArgumentStream
 from gemma4_mlx.prompt.arguments import _NAME, Q, ToolCall, _Tools, parse_call_block
 from gemma4_mlx.prompt.guard import unguard, unguard_call
 
@@ -25,7 +26,10 @@ CONTENT, THOUGHT, CALL, DONE = "content", "thought", "call", "done"
 
 @dataclass
 class Event:
-    type: str  # reasoning | content | tool_call | thinking_budget | degenerate | done
+    # reasoning | content | tool_call | thinking_budget | degenerate | done; with
+    # stream_arguments also tool_call_start (call: its name, no arguments yet) and
+    # tool_call_delta (text: the next piece of its arguments' JSON)
+    type: str
     text: str = ""
     call: ToolCall | None = None
 
@@ -58,6 +62,10 @@ class StreamParser:
     loop_min_chars characters (loop_min_chars=None turns it off).
     guarded: the pieces come from `output_text.OutputText` (ordinary text guarded, so
     only control tokens read as control strings); what comes out is unguarded.
+    stream_arguments: a call's arguments also come while it is written: a
+    `tool_call_start` event once its name is read, `tool_call_delta` events whose
+    texts join into exactly its `arguments_json`, the last just before its
+    `tool_call` event (docs/chat-format.md §9.4).
     """
 
     def __init__(
@@ -72,11 +80,13 @@ class StreamParser:
         loop_period=64,
         loop_min_chars=800,
         guarded=False,
+        stream_arguments=False,
     ):
         # guarded: the text comes from `output_text.OutputText` (a "<" of ordinary text
         # stands guarded, so only control tokens read as control strings); what this
         # parser hands out is unguarded, as the model wrote it
-        self.guarded = guarded
+        self.guarded, self.stream_arguments = guarded, stream_arguments
+        self._args: ArgumentStream | None = None  # the open call's arguments as they come
         self._out = unguard if guarded else str
         self._call_out = unguard_call if guarded else (lambda call: call)
         self.tools = tools if isinstance(tools, _Tools) else _Tools(tools)
@@ -231,7 +241,9 @@ class StreamParser:
             end = self._bare_end(c)
             if end is not None:
                 self._pushback, c["body"] = c["body"][end:], c["body"][:end]
-                self._end_call(True)
+                self._end_call(True)  # what the cut body adds comes with the call
+                return len(s)
+        self._stream_arguments()
         return len(s)
 
     def _bare_end(self, c):
@@ -317,6 +329,7 @@ class StreamParser:
         if tok == Q:
             if not c["skip"]:
                 c["body"] += tok
+                self._stream_arguments()
         elif tok == "<|channel>":
             if c["bare"] and self._begin_closed():  # a bare BEGIN_ARG call is over
                 self._end_call(True)
@@ -354,13 +367,31 @@ class StreamParser:
             "prev": "",
             "skip": False,
         }
+        self._args = ArgumentStream(self.tools, self.guarded) if self.stream_arguments else None
+
+    def _stream_arguments(self):
+        a = self._args
+        if a is None or a.stopped:
+            return
+        started = a.name is not None
+        piece = a.update(self._call["body"])
+        if a.name is not None and not started:
+            head = ToolCall(name=a.name, arguments={}, raw_name=a.raw_name, unknown_tool=a.unknown_tool)
+            self._events.append(Event("tool_call_start", call=self._call_out(head)))
+        if piece:
+            self._events.append(Event("tool_call_delta", piece))
 
     def _end_call(self, closed: bool):
         c, self._call = self._call, None
+        streamed, self._args = self._args, None
         for call in map(self._call_out, parse_call_block(c["body"], self.tools)):
             call.truncated |= not closed
             call.id = f"call_{self._ncalls}"
             self._ncalls += 1
+            if streamed is not None and streamed.name is not None:  # the streamed call is the first
+                rest, streamed = streamed.finish(call), None
+                if rest:
+                    self._events.append(Event("tool_call_delta", rest))
             self.result.tool_calls.append(call)
             self._events.append(Event("tool_call", call=call))
         self.state, self.at_start = CONTENT, True

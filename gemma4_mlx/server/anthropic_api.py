@@ -203,7 +203,7 @@ async def _stream(server, handle, outs):
     message.update(content=[], stop_reason=None, stop_sequence=None)
     message["usage"] = {"input_tokens": len(handle.request.ids), "output_tokens": 0}
     yield _event("message_start", {"message": message})
-    index, open_kind = -1, None
+    blocks = _Blocks()
     async for out in outs:
         if out.kind == "error":  # after the stream started: a late client error keeps its status
             e = failure(out)
@@ -211,33 +211,58 @@ async def _stream(server, handle, outs):
             return
         if out.kind == "done":
             server.metrics.record(out.usage, ttft(handle))
-            for e in _close_block(index, open_kind):
+            for e in blocks.close():
                 yield e
             stop = "stop_sequence" if out.stop_string else _STOP.get(out.finish_reason, "end_turn")
             delta = {"stop_reason": stop, "stop_sequence": out.stop_string}
             yield _event("message_delta", {"delta": delta, "usage": _usage(out.usage)})
             yield _event("message_stop", {})
             return
-        ev = out.event
-        if ev.type != open_kind or ev.type == "tool_call":
-            for e in _close_block(index, open_kind):
-                yield e
-            index, open_kind = index + 1, ev.type
+        for e in blocks.events(out.event):
+            yield e
+
+
+class _Blocks:
+    """A streamed message's content blocks: thinking, text, tool_use. `kind` says which
+    is open: reasoning, content, tool_use (a call whose arguments are still coming) or
+    tool_call (a complete call, closed by whatever comes next)."""
+
+    def __init__(self):
+        self.index, self.kind = -1, None
+
+    def events(self, ev) -> list[str]:
+        if self.kind == "tool_use" and ev.type in ("tool_call_delta", "tool_call"):  # the open call's arguments
             if ev.type == "tool_call":
-                block = {"type": "tool_use", "id": new_id("toolu_"), "name": ev.call.name, "input": {}}
-                yield _event("content_block_start", {"index": index, "content_block": block})
-                delta = {"type": "input_json_delta", "partial_json": arguments_json(ev.call)}
-                yield _event("content_block_delta", {"index": index, "delta": delta})
-                continue
-            yield _event("content_block_start", {"index": index, "content_block": _BLOCKS[ev.type][0]})
-        _, kind, key = _BLOCKS[ev.type]
-        yield _event("content_block_delta", {"index": index, "delta": {"type": kind, key: ev.text}})
+                self.kind = "tool_call"
+                return []
+            return [self._delta({"type": "input_json_delta", "partial_json": ev.text})]
+        out = []
+        if ev.type != self.kind or ev.type == "tool_call":
+            out += self.close()
+            self.index += 1
+            out.append(self._start(ev))
+        if ev.type == "tool_call":  # a call that could not stream comes whole
+            out.append(self._delta({"type": "input_json_delta", "partial_json": arguments_json(ev.call)}))
+        elif ev.type in _BLOCKS:
+            _, kind, key = _BLOCKS[ev.type]
+            out.append(self._delta({"type": kind, key: ev.text}))
+        return out
 
+    def _start(self, ev) -> str:
+        if ev.type in ("tool_call_start", "tool_call"):
+            block = {"type": "tool_use", "id": new_id("toolu_"), "name": ev.call.name, "input": {}}
+        else:
+            block = _BLOCKS[ev.type][0]
+        self.kind = "tool_use" if ev.type == "tool_call_start" else ev.type
+        return _event("content_block_start", {"index": self.index, "content_block": block})
 
-def _close_block(index: int, kind: str | None) -> list[str]:
-    """The events that end the open block, if any.  A thinking block ends with its
-    `signature_delta`, as Anthropic's do (empty: local thinking is not signed)."""
-    if kind is None:
-        return []
-    signature = [{"index": index, "delta": {"type": "signature_delta", "signature": ""}}] if kind == "reasoning" else []
-    return [*(_event("content_block_delta", d) for d in signature), _event("content_block_stop", {"index": index})]
+    def _delta(self, delta: dict) -> str:
+        return _event("content_block_delta", {"index": self.index, "delta": delta})
+
+    def close(self) -> list[str]:
+        """The events that end the open block, if any.  A thinking block ends with its
+        `signature_delta`, as Anthropic's do (empty: local thinking is not signed)."""
+        if self.kind is None:
+            return []
+        signature = [self._delta({"type": "signature_delta", "signature": ""})] if self.kind == "reasoning" else []
+        return [*signature, _event("content_block_stop", {"index": self.index})]

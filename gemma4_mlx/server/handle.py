@@ -64,7 +64,8 @@ class Usage:
 
 @dataclass
 class Output:
-    """kind: "event" (a parser `Event`: reasoning, content or tool_call), "done"
+    """kind: "event" (a parser `Event`: reasoning, content, tool_call_start,
+    tool_call_delta or tool_call), "done"
     (finish_reason: stop / length / tool_calls / cancelled; stop_string when a stop
     string ended it) or "error" (error: the exception)."""
 
@@ -130,7 +131,7 @@ class RequestHandle:
 
 
 def _mergeable(out: Output) -> bool:
-    return out.kind == "event" and out.event.type in ("content", "reasoning")
+    return out.kind == "event" and out.event.type in ("content", "reasoning", "tool_call_delta")
 
 
 def _same_kind(a: Output, b: Output) -> bool:

@@ -310,7 +310,9 @@ class Prompter:
         req = Request(
             ids=[], keys=[], options=options, stop=stop_list(stop), logprobs=logprobs, continues=bool(conv.prefill)
         )
-        req.parser = lambda: parser_for_prompt(prompt, tools, continuing=bool(conv.prefill), guarded=True)
+        req.parser = lambda: parser_for_prompt(
+            prompt, tools, continuing=bool(conv.prefill), guarded=True, stream_arguments=True
+        )
         if conv.media:
             req.prepare = encode
         else:

@@ -403,6 +403,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
     """Responses' event stream: each reasoning, message or function-call segment is an
     output item opened, filled by deltas and closed; then the whole response."""
     ev, output, item = _Events(), [], None  # item: the open segment (kind, id, text)
+    call = None  # the function_call item whose arguments are streaming
     summarize = _summarize(envelope["reasoning"])
     yield ev("response.created", response=envelope)
     yield ev("response.in_progress", response=envelope)
@@ -421,12 +422,13 @@ async def _stream(server, handle, outs, envelope: dict, keep):
             yield ev("response.incomplete" if final["status"] == "incomplete" else "response.completed", response=final)
             return
         e = out.event
-        if item is not None and (e.type != item[0] or e.type == "tool_call"):
+        if item is not None and (e.type != item[0] or e.type.startswith("tool_call")):
             for x in _close(ev, item, output, summarize):
                 yield x
             item = None
-        if e.type == "tool_call":
-            for x in _call_events(ev, _call_item(e.call, _namespaces(envelope["tools"])), len(output), output):
+        if e.type.startswith("tool_call"):
+            events, call = _function_call(ev, e, call, output, _namespaces(envelope["tools"]))
+            for x in events:
                 yield x
             continue
         if item is None:
@@ -468,14 +470,31 @@ def _close(ev, item, output: list, summarize: bool, cut: bool = False) -> list[s
     return [*events, ev("response.output_item.done", output_index=at["output_index"], item=done)]
 
 
-def _call_events(ev, done: dict, index: int, output: list) -> list[str]:
-    """A function call item: added with empty arguments, one delta, done (OpenAI's order)."""
-    opened_item = dict(done, arguments="", status="in_progress")
-    at = dict(item_id=done["id"], output_index=index)
+def _function_call(ev, e, call: dict | None, output: list, namespaces) -> tuple[list[str], dict | None]:
+    """The events of a parser's tool_call_start / _delta / tool_call event `e`, and the
+    function_call item whose arguments are still streaming (`call`, before and after)."""
+    if call is not None:  # the streaming call's arguments come, then the call itself
+        if e.type == "tool_call_delta":
+            return [_arguments_delta(ev, call, len(output), e.text)], call
+        done = _call_item(e.call, namespaces) | {"id": call["id"], "call_id": call["call_id"]}
+        return _call_done(ev, done, output), None
+    opened = _call_item(e.call, namespaces) | {"arguments": "", "status": "in_progress"}
+    added = ev("response.output_item.added", output_index=len(output), item=opened)
+    if e.type == "tool_call_start":
+        return [added], opened
+    done = opened | {"arguments": arguments_json(e.call), "status": "completed"}  # a call that could not stream
+    return [added, _arguments_delta(ev, done, len(output), done["arguments"]), *_call_done(ev, done, output)], None
+
+
+def _arguments_delta(ev, item: dict, index: int, text: str) -> str:
+    return ev("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=text)
+
+
+def _call_done(ev, done: dict, output: list) -> list[str]:
+    """The end of a function call item, whose arguments were sent (OpenAI's order)."""
+    at = dict(item_id=done["id"], output_index=len(output))
     output.append(done)
     return [
-        ev("response.output_item.added", output_index=index, item=opened_item),
-        ev("response.function_call_arguments.delta", delta=done["arguments"], **at),
         ev("response.function_call_arguments.done", arguments=done["arguments"], name=done["name"], **at),
-        ev("response.output_item.done", output_index=index, item=done),
+        ev("response.output_item.done", output_index=at["output_index"], item=done),
     ]

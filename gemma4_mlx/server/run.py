@@ -109,7 +109,7 @@ class Run:
                 text, self.stop_string = self.scanner.feed(ev.text)
                 if text:
                     self._send(text)
-            elif ev.type in ("reasoning", "tool_call"):
+            elif ev.type in ("reasoning", "tool_call_start", "tool_call_delta", "tool_call"):
                 # the content held for a stop string ended with its segment: it goes first
                 rest = self.scanner.flush()
                 if rest:
