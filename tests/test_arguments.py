@@ -187,6 +187,13 @@ def test_sampling_edges_with_and_without_a_seed(demo):
         assert gemma4_mlx.generate(model, tok, prompt, max_tokens=12, temperature=1.0, top_k=vocab, seed=seed)
 
 
+def test_wrong_draft_tokens_refused_when_the_chat_is_built(demo):
+    with pytest.raises(ValueError, match="draft tokens 'lots': expected a number or 'auto'"):
+        gemma4_mlx.Chat(*demo, draft_tokens="lots")
+    with pytest.raises(ValueError, match="draft tokens 99: expected 0..32"):
+        gemma4_mlx.Chat(*demo, draft_tokens=99)
+
+
 @pytest.mark.parametrize(
     ("call", "says"),
     [

@@ -125,6 +125,7 @@ class Chat:
         self.max_rollback = slack_tokens(model.config, max_rollback, _act_bytes(model), kv_bits)
         self.thinking_budget = thinking_budget
         self.drafter, self.draft_tokens = drafter, draft_tokens
+        DraftPolicy.for_setting(draft_tokens)  # a wrong value is refused now, not at the first send
         self.strict_tools = strict_tools
         self._policy = None  # the draft-length policy learns across turns
         self._streaming: Iterator[Event] | None = None  # the last stream(), until the next turn
