@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 
 import pytest
 
@@ -133,7 +134,46 @@ def test_a_repeated_key_keeps_its_first_value():
 
 
 def test_forms_that_cannot_stream_come_whole():
+    """The parenthesised and BEGIN_ARG forms: nothing until the call ends, then its
+    start, all of its arguments in one delta, and the call."""
     for text in (f"<|tool_call>call:get_x({Q}Oslo{Q})<tool_call|>", "<|tool_call>call:get_x: BEGIN_ARG\nOslo\nEND_ARG"):
-        result, started, events = _streamed(text, list(text))
-        assert started == [] and result.tool_calls[0].arguments == {"city": "Oslo"}
-        assert not any(e.type == "tool_call_delta" for e in events)
+        p = StreamParser(tools=[GET_X], stream_arguments=True)
+        early = [e for ch in text[:-1] for e in p.feed(ch) if e.type.startswith("tool_call")]
+        last = [e for e in p.feed(text[-1]) + p.finish() if e.type.startswith("tool_call")]
+        assert early == [] and [e.type for e in last] == ["tool_call_start", "tool_call_delta", "tool_call"]
+        assert (
+            (last[0].call.name, last[1].text)
+            == ("get_x", '{"city": "Oslo"}')
+            == (last[2].call.name, last[2].call.arguments_json)
+        )
+
+
+def test_a_call_cut_inside_a_string_keeps_what_was_sent():
+    """Cut by the end of the reply (max_tokens, a stop) right after a newline or a
+    space inside a string: the value keeps them, streamed or not."""
+    for cut in ("line one\n", "Oslo ", "a \t\n "):
+        text = f"<|tool_call>call:get_x{{city:{Q}{cut}"
+        for guarded in (False, True):
+            t = _guarded(text) if guarded else text
+            assert _check(t, list(t), guarded=guarded) == [["get_x", json.dumps({"city": cut})]]
+            assert _check(t + "<turn|>", [t + "<turn|>"], guarded=guarded) == [["get_x", json.dumps({"city": cut})]]
+
+
+def test_a_key_named_like_the_positional_fallback_is_kept():
+    text = "<|tool_call>call:nope{_positional:1,foo}<tool_call|>"
+    assert _check(text, list(text)) == [["nope", '{"_positional": 1}']]
+
+
+def test_a_long_value_is_read_once_not_once_per_piece():
+    """A quoted or bare value that is not yet complete is looked at from where the last
+    look stopped: 100k characters in 4-character pieces took minutes when each piece
+    rescanned the value from its start (the engine thread, every request stalled)."""
+    content = "some words, and more " * 5000
+    for value in (json.dumps(content), content.replace(",", ";")):
+        text = "<|tool_call>call:get_x{city:" + value + "}<tool_call|>"
+        p = StreamParser(tools=[GET_X], stream_arguments=True)
+        start = time.perf_counter()
+        for i in range(0, len(text), 4):
+            p.feed(text[i : i + 4])
+        p.finish()
+        assert time.perf_counter() - start < 10 and p.result.tool_calls[0].arguments["city"].startswith("some words")

@@ -219,7 +219,7 @@ def _parse_one(text: str, tools: _Tools) -> tuple[ToolCall, str]:
             call.arguments.update((k, _coerce(v, types.get(k))) for k, v in zip(order, positional))
             call.warnings.append("positional arguments mapped in declaration order")
         else:
-            call.arguments["_positional"] = positional
+            call.arguments.setdefault("_positional", positional)  # nothing read is replaced (§9.4)
             call.error = "malformed_tool_call"
     return call, rest
 
@@ -227,7 +227,7 @@ def _parse_one(text: str, tools: _Tools) -> tuple[ToolCall, str]:
 def parse_call_block(body: str, tools=None) -> list[ToolCall]:
     """Parse the text between <|tool_call> and <tool_call|> (may hold several calls)."""
     tools = tools if isinstance(tools, _Tools) else _Tools(tools)
-    calls, rest = [], body.strip()
+    calls, rest = [], body.lstrip()  # not the end: an unclosed string keeps its trailing spaces (§9.4)
     while True:
         call, rest = _parse_one(rest, tools)
         calls.append(call)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gemma4_mlx.prompt.argument_stream import ArgumentStream
 from gemma4_mlx.prompt.arguments import _NAME, Q, ToolCall, _Tools, parse_call_block
@@ -65,7 +65,8 @@ class StreamParser:
     stream_arguments: a call's arguments also come while it is written: a
     `tool_call_start` event once its name is read, `tool_call_delta` events whose
     texts join into exactly its `arguments_json`, the last just before its
-    `tool_call` event (docs/chat-format.md §9.4).
+    `tool_call` event (docs/chat-format.md §9.4). A call in a form that cannot
+    stream gets its start and one delta when it ends, so every call has all three.
     """
 
     def __init__(
@@ -243,7 +244,7 @@ class StreamParser:
                 self._pushback, c["body"] = c["body"][end:], c["body"][:end]
                 self._end_call(True)  # what the cut body adds comes with the call
                 return len(s)
-        self._stream_arguments()
+        self._feed_arguments()
         return len(s)
 
     def _bare_end(self, c):
@@ -329,7 +330,7 @@ class StreamParser:
         if tok == Q:
             if not c["skip"]:
                 c["body"] += tok
-                self._stream_arguments()
+                self._feed_arguments()
         elif tok == "<|channel>":
             if c["bare"] and self._begin_closed():  # a bare BEGIN_ARG call is over
                 self._end_call(True)
@@ -369,7 +370,7 @@ class StreamParser:
         }
         self._args = ArgumentStream(self.tools, self.guarded) if self.stream_arguments else None
 
-    def _stream_arguments(self):
+    def _feed_arguments(self):
         a = self._args
         if a is None or a.stopped:
             return
@@ -384,17 +385,24 @@ class StreamParser:
     def _end_call(self, closed: bool):
         c, self._call = self._call, None
         streamed, self._args = self._args, None
-        for call in map(self._call_out, parse_call_block(c["body"], self.tools)):
+        for k, call in enumerate(map(self._call_out, parse_call_block(c["body"], self.tools))):
             call.truncated |= not closed
             call.id = f"call_{self._ncalls}"
             self._ncalls += 1
-            if streamed is not None and streamed.name is not None:  # the streamed call is the first
-                rest, streamed = streamed.finish(call), None
-                if rest:
-                    self._events.append(Event("tool_call_delta", rest))
+            if streamed is not None:  # the stream, if it started, was the block's first call
+                self._owed_deltas(call, streamed if k == 0 and streamed.name is not None else None)
             self.result.tool_calls.append(call)
             self._events.append(Event("tool_call", call=call))
         self.state, self.at_start = CONTENT, True
+
+    def _owed_deltas(self, call: ToolCall, started: ArgumentStream | None):
+        """What a call's stream still owes before its `tool_call` event: the rest of its
+        arguments, or (a call that could not stream) its start and all of them."""
+        if started is None:
+            self._events.append(Event("tool_call_start", call=replace(call, arguments={})))
+        rest = call.arguments_json if started is None else started.finish(call)
+        if rest:
+            self._events.append(Event("tool_call_delta", rest))
 
     def _close_segment(self):
         self._pend = {"reasoning": "", "content": ""}

@@ -224,36 +224,33 @@ async def _stream(server, handle, outs):
 
 class _Blocks:
     """A streamed message's content blocks: thinking, text, tool_use. `kind` says which
-    is open: reasoning, content, tool_use (a call whose arguments are still coming) or
-    tool_call (a complete call, closed by whatever comes next)."""
+    is open: reasoning, content or tool_use (a call: its start, its arguments' pieces,
+    then its end; the block closes when the next one starts)."""
 
     def __init__(self):
         self.index, self.kind = -1, None
 
     def events(self, ev) -> list[str]:
-        if self.kind == "tool_use" and ev.type in ("tool_call_delta", "tool_call"):  # the open call's arguments
-            if ev.type == "tool_call":
-                self.kind = "tool_call"
-                return []
+        if ev.type == "tool_call_delta":
             return [self._delta({"type": "input_json_delta", "partial_json": ev.text})]
+        if ev.type == "tool_call":
+            return []
         out = []
-        if ev.type != self.kind or ev.type == "tool_call":
+        if ev.type != self.kind or ev.type == "tool_call_start":
             out += self.close()
             self.index += 1
             out.append(self._start(ev))
-        if ev.type == "tool_call":  # a call that could not stream comes whole
-            out.append(self._delta({"type": "input_json_delta", "partial_json": arguments_json(ev.call)}))
-        elif ev.type in _BLOCKS:
+        if ev.type in _BLOCKS:
             _, kind, key = _BLOCKS[ev.type]
             out.append(self._delta({"type": kind, key: ev.text}))
         return out
 
     def _start(self, ev) -> str:
-        if ev.type in ("tool_call_start", "tool_call"):
+        if ev.type == "tool_call_start":
             block = {"type": "tool_use", "id": new_id("toolu_"), "name": ev.call.name, "input": {}}
         else:
             block = _BLOCKS[ev.type][0]
-        self.kind = "tool_use" if ev.type == "tool_call_start" else ev.type
+        self.kind = ev.type
         return _event("content_block_start", {"index": self.index, "content_block": block})
 
     def _delta(self, delta: dict) -> str:

@@ -220,8 +220,7 @@ async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: 
 
     for i in range(len(streams)):
         yield chunk(i, {"role": "assistant", "content": ""})
-    calls, usages = [0] * len(streams), []
-    streaming = [False] * len(streams)  # a call whose arguments are coming as deltas is open
+    calls, usages = [0] * len(streams), []  # calls: each choice's calls ended so far
     async for i, out in merged(streams, handles):
         if out.kind == "error":  # after the stream started: a late client error keeps its status
             e = failure(out)
@@ -237,25 +236,16 @@ async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: 
             yield chunk(i, {"content": ev.text}, lps=(out.logprobs or []) if logprobs else None)
         elif ev.type == "reasoning":
             yield chunk(i, {"reasoning_content": ev.text})
-        elif ev.type in ("tool_call_start", "tool_call") and not streaming[i]:
+        elif ev.type == "tool_call_start":  # its name; then its arguments' pieces; then it ends
             head = {"index": calls[i], "id": new_id("call_"), "type": "function"}
             yield chunk(i, {"tool_calls": [{**head, "function": {"name": ev.call.name, "arguments": ""}}]})
-            streaming[i] = ev.type == "tool_call_start"
-            if ev.type == "tool_call":  # a call that could not stream comes whole
-                yield chunk(i, _arguments(calls[i], arguments_json(ev.call)))
-                calls[i] += 1
         elif ev.type == "tool_call_delta":
-            yield chunk(i, _arguments(calls[i], ev.text))
+            yield chunk(i, {"tool_calls": [{"index": calls[i], "function": {"arguments": ev.text}}]})
         elif ev.type == "tool_call":
-            streaming[i], calls[i] = False, calls[i] + 1
+            calls[i] += 1
     if include_usage and len(usages) == len(streams):
         yield _sse({**base, "choices": [], "usage": _usage(total_usage(usages))})
     yield "data: [DONE]\n\n"
-
-
-def _arguments(index: int, text: str) -> dict:
-    """A chunk's delta with the next piece of a tool call's arguments."""
-    return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}
 
 
 async def _completion_stream(server, handles, streams, include_usage: bool, logprobs: bool):

@@ -404,7 +404,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
     output item opened, filled by deltas and closed; then the whole response."""
     ev, output, item = _Events(), [], None  # item: the open segment (kind, id, text)
     call = None  # the function_call item whose arguments are streaming
-    summarize = _summarize(envelope["reasoning"])
+    summarize, namespaces = _summarize(envelope["reasoning"]), _namespaces(envelope["tools"])
     yield ev("response.created", response=envelope)
     yield ev("response.in_progress", response=envelope)
     async for out in outs:
@@ -427,7 +427,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
                 yield x
             item = None
         if e.type.startswith("tool_call"):
-            events, call = _function_call(ev, e, call, output, _namespaces(envelope["tools"]))
+            events, call = _function_call(ev, e, call, output, namespaces)
             for x in events:
                 yield x
             continue
@@ -471,30 +471,17 @@ def _close(ev, item, output: list, summarize: bool, cut: bool = False) -> list[s
 
 
 def _function_call(ev, e, call: dict | None, output: list, namespaces) -> tuple[list[str], dict | None]:
-    """The events of a parser's tool_call_start / _delta / tool_call event `e`, and the
-    function_call item whose arguments are still streaming (`call`, before and after)."""
-    if call is not None:  # the streaming call's arguments come, then the call itself
-        if e.type == "tool_call_delta":
-            return [_arguments_delta(ev, call, len(output), e.text)], call
-        done = _call_item(e.call, namespaces) | {"id": call["id"], "call_id": call["call_id"]}
-        return _call_done(ev, done, output), None
-    opened = _call_item(e.call, namespaces) | {"arguments": "", "status": "in_progress"}
-    added = ev("response.output_item.added", output_index=len(output), item=opened)
+    """The events of a parser's tool_call_start / _delta / tool_call event `e` (a call's
+    start, its arguments' pieces, its end), and the function_call item open after it."""
     if e.type == "tool_call_start":
-        return [added], opened
-    done = opened | {"arguments": arguments_json(e.call), "status": "completed"}  # a call that could not stream
-    return [added, _arguments_delta(ev, done, len(output), done["arguments"]), *_call_done(ev, done, output)], None
-
-
-def _arguments_delta(ev, item: dict, index: int, text: str) -> str:
-    return ev("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=text)
-
-
-def _call_done(ev, done: dict, output: list) -> list[str]:
-    """The end of a function call item, whose arguments were sent (OpenAI's order)."""
-    at = dict(item_id=done["id"], output_index=len(output))
+        opened = _call_item(e.call, namespaces) | {"arguments": "", "status": "in_progress"}
+        return [ev("response.output_item.added", output_index=len(output), item=opened)], opened
+    at = dict(item_id=call["id"], output_index=len(output))
+    if e.type == "tool_call_delta":
+        return [ev("response.function_call_arguments.delta", delta=e.text, **at)], call
+    done = _call_item(e.call, namespaces) | {"id": call["id"], "call_id": call["call_id"]}
     output.append(done)
     return [
         ev("response.function_call_arguments.done", arguments=done["arguments"], name=done["name"], **at),
         ev("response.output_item.done", output_index=at["output_index"], item=done),
-    ]
+    ], None
