@@ -231,6 +231,24 @@ def test_tool_call_arguments_stream_as_written(oa, an, one_output_per_chunk):
     assert deltas == pieces
 
 
+def test_a_tool_call_cut_by_max_tokens_is_not_finished(oa, an):
+    """A call that max_tokens cuts is still returned (repaired), but the reply says it
+    was cut: `length`, `max_tokens`, an incomplete response and call item."""
+    messages = [{"role": "user", "content": WEATHER}]
+    whole = _chat(oa, messages, tools=TOOLS)
+    assert whole.choices[0].finish_reason == "tool_calls"
+    cut = whole.usage.completion_tokens - 3  # inside the call's arguments
+    r = _chat(oa, messages, tools=TOOLS, max_tokens=cut)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.tool_calls
+    a = an.messages.create(model=NAME, max_tokens=cut, extra_body=GREEDY, tools=ANTHROPIC_TOOLS, messages=messages)
+    assert a.stop_reason == "max_tokens" and a.content[-1].type == "tool_use"
+    tool = TOOLS[0]["function"] | {"type": "function"}
+    resp = oa.responses.create(model=NAME, input=WEATHER, tools=[tool], temperature=0, max_output_tokens=cut)
+    assert resp.status == "incomplete" and [(o.type, o.status) for o in resp.output] == [
+        ("function_call", "incomplete")
+    ]
+
+
 def test_thinking_separated(demo, oa):
     model, tok = demo
     expected = Chat(model, tok, thinking=True).send(JAPAN)

@@ -26,7 +26,7 @@ def tok():
 
 def run_reply(tok, stop, continues=False, text=REPLY):
     """(the outputs in order as (kind, text or tool name), the finish reason)."""
-    parser = lambda: parser_for_prompt("", TOOLS, continuing=continues, guarded=True)  # noqa: E731  (as `Prompter` makes it)
+    parser = lambda: parser_for_prompt("", TOOLS, continuing=continues, guarded=True, stream_arguments=True)  # noqa: E731  (as `Prompter` makes it)
     req = Request(ids=[], keys=[], stop=stop, parser=parser, continues=continues)
     outs = []
     handle = SimpleNamespace(request=req, first_token_at=None, put=outs.append)
@@ -48,6 +48,18 @@ def test_held_content_goes_before_a_tool_call(tok, stop):
     text = "".join(t for kind, t in events if kind == "content")
     assert text == "Let me check the weather." and reason == "tool_calls"
     assert [kind for kind, _ in events][-1] == "tool_call"
+
+
+def test_a_call_without_a_name_is_not_sent(tok):
+    """`call:{...}` names no tool: no client can answer it, so none of its events leave,
+    and with no other call the reply is a plain `stop`."""
+    events, reason = run_reply(tok, [], text='Hi.<|tool_call>call:{city:<|"|>Paris<|"|>}<tool_call|>')
+    assert ([kind for kind, _ in events], "".join(t for _, t in events), reason) == (["content"] * 2, "Hi.", "stop")
+    both = '<|tool_call>call:{city:<|"|>Oslo<|"|>}<tool_call|>' + REPLY.split("weather.")[1]
+    events, reason = run_reply(tok, [], text=both)
+    assert [kind for kind, _ in events] == ["tool_call_start"] + ["tool_call_delta"] * (len(events) - 2) + ["tool_call"]
+    assert events[0] == ("tool_call_start", "get_weather") and reason == "tool_calls"
+    assert "".join(t for kind, t in events if kind == "tool_call_delta") == '{"city": "Paris"}'
 
 
 def test_stop_string_inside_content_still_ends_it(tok):

@@ -177,3 +177,20 @@ def test_a_long_value_is_read_once_not_once_per_piece():
             p.feed(text[i : i + 4])
         p.finish()
         assert time.perf_counter() - start < 10 and p.result.tool_calls[0].arguments["city"].startswith("some words")
+
+
+def test_a_call_cut_by_the_end_of_the_text_is_not_a_finished_one():
+    """max_tokens ending the reply inside a call gives `length`, not `tool_calls`: a
+    client must not take the cut call for one the model finished."""
+    whole = f"<|tool_call>call:get_x{{city:{Q}Rome{Q}}}<tool_call|>"
+    for text, reason in (
+        (whole[:-14], "length"),  # cut inside its string
+        (whole[:-12], "length"),  # its body complete, its end marker not written
+        (whole, "tool_calls"),  # ended, though nothing came after it
+        (whole + "<|tool_response>", "tool_calls"),
+        (f"<|tool_call>call:get_x{{city:{Q}Ro<turn|>", "tool_calls"),  # the model ended it
+    ):
+        p = StreamParser(tools=[GET_X], stream_arguments=True)
+        p.feed(text)
+        p.finish()
+        assert (p.result.finish_reason, len(p.result.tool_calls)) == (reason, 1), text

@@ -461,8 +461,10 @@ class StreamParser:
         self._close_segment()
         r = self.result
         r.stop_token, self.state = stop, DONE
+        # the text ran out (max_tokens) with no call, or inside one: a cut call is not a finished one
+        cut = stop is None and (not r.tool_calls or r.tool_calls[-1].truncated)
         r.finish_reason = (
-            "degenerate_output" if r.degenerate else "tool_calls" if r.tool_calls else "stop" if stop else "length"
+            "degenerate_output" if r.degenerate else "length" if cut else "tool_calls" if r.tool_calls else "stop"
         )
         self._events.append(Event("done", r.finish_reason))
 

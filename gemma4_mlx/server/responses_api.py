@@ -308,7 +308,7 @@ def _call_item(call, namespaces=(), item_id: str | None = None) -> dict:
     name, space = call.name, next((n for n in namespaces if call.name.startswith(n + ".")), None)
     item = {"type": "function_call", "id": item_id or new_id("fc_"), "call_id": new_id("call_")}
     item |= {"name": name[len(space) + 1 :], "namespace": space} if space else {"name": name}
-    return item | {"arguments": arguments_json(call), "status": "completed"}
+    return item | {"arguments": arguments_json(call), "status": "incomplete" if call.truncated else "completed"}
 
 
 def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:

@@ -58,6 +58,7 @@ class Run:
         # for the parser, control tokens only are control strings (prompt/output_text.py)
         self.text = OutputText(tokenizer, self.detok, guarded=getattr(self.parser, "guarded", False))
         self.generated: list[int] = []
+        self.nameless = False  # the call being sent has no name: it is not sent at all
         self.stop_string: str | None = None
         self.cancelled = False
         # log-probabilities of content tokens wait here, each with the offset where its
@@ -109,7 +110,7 @@ class Run:
                 text, self.stop_string = self.scanner.feed(ev.text)
                 if text:
                     self._send(text)
-            elif ev.type in ("reasoning", "tool_call_start", "tool_call_delta", "tool_call"):
+            elif ev.type in ("reasoning", "tool_call_start", "tool_call_delta", "tool_call") and not self._nameless(ev):
                 # the content held for a stop string ended with its segment: it goes first
                 rest = self.scanner.flush()
                 if rest:
@@ -117,6 +118,16 @@ class Run:
                 # OpenAI reports log-probabilities of content tokens only
                 self.pending.clear()
                 self.handle.put(Output("event", ev))
+
+    def _nameless(self, ev) -> bool:
+        """Whether `ev` belongs to a call without a name (`call:{...}`): no client can
+        answer one (Claude Code replies "No such tool available: "), so it is left out."""
+        if ev.type == "tool_call_start":
+            self.nameless = not ev.call.name
+        nameless = self.nameless
+        if ev.type == "tool_call":
+            self.nameless = False
+        return nameless
 
     def _send(self, text: str) -> None:
         self.emitted += len(text)
@@ -153,4 +164,6 @@ class Run:
             ended = self.generated and self.generated[-1] in self.stop_ids
             return "stop" if ended else "length"
         reason = self.parser.result.finish_reason or "stop"
+        if reason == "tool_calls" and not any(c.name for c in self.parser.result.tool_calls):
+            return "stop"  # its calls had no name, and were not sent (`_nameless`)
         return "stop" if reason == "degenerate_output" else reason
