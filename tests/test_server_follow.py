@@ -10,6 +10,7 @@ import pytest
 
 from gemma4_mlx.api import SamplingOptions, load
 from gemma4_mlx.batching import Job
+from gemma4_mlx.batching.thinking import ThinkingBudget
 from gemma4_mlx.chat.conversation import stop_ids
 from gemma4_mlx.constrain import bind, json_schema
 from gemma4_mlx.demo import DEMO_MODEL
@@ -29,12 +30,15 @@ def test_a_job_travels_as_json_and_comes_back_the_same(demo):
     options = SamplingOptions(
         temperature=0.7, top_k=20, presence_penalty=0.5, logit_bias={5: -2.5}, constraint=constraint
     )
-    job = Job([5, 6, 7], [5, 6, 7], options=options, max_tokens=9, stop_ids=frozenset({1}), logprobs=2)
+    thinking = ThinkingBudget(12, 4, 8)
+    job = Job(
+        [5, 6, 7], [5, 6, 7], options=options, max_tokens=9, stop_ids=frozenset({1}), logprobs=2, thinking=thinking
+    )
     spec = json.loads(json.dumps(job_spec(job, 3)))
     again = job_from_spec(spec, tokenizer)
     assert spec["id"] == 3 and again.ids == job.ids and again.keys == job.keys
     assert again.sampler.seed == job.sampler.seed  # rank 0's draw for an unseeded request
-    assert (again.max_tokens, again.stop_ids, again.logprobs) == (9, frozenset({1}), 2)
+    assert (again.max_tokens, again.stop_ids, again.logprobs, again.thinking) == (9, frozenset({1}), 2, thinking)
     for name in ("temperature", "top_k", "presence_penalty", "logit_bias"):
         assert getattr(again.options, name) == getattr(options, name)
     assert again.options.constraint.grammar == grammar

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from gemma4_mlx.batching.thinking import ThinkingBudget
 from gemma4_mlx.constrain import ConstraintError
 from gemma4_mlx.runtime.generate import SamplingOptions, apply_processors, grammar_failure
 from gemma4_mlx.runtime.sampling import PositionedSampler
@@ -27,7 +28,8 @@ class Job:
     """ids: the prompt; keys: per position the token id or a media key (what a cached
     prefix must match); media: a `MediaPrompt` for the placeholders; stop_ids: tokens
     that end it (yielded, then the job leaves); logprobs: None, or how many of the
-    most likely alternatives to report with every token's own log-probability."""
+    most likely alternatives to report with every token's own log-probability;
+    thinking: a budget of thinking tokens (`batching.thinking`)."""
 
     ids: list[int]
     keys: list
@@ -36,6 +38,7 @@ class Job:
     stop_ids: frozenset = frozenset()
     media: Any = None
     logprobs: int | None = None
+    thinking: ThinkingBudget | None = None
     out: list[int] = field(default_factory=list)  # tokens emitted so far
     cached: int = 0  # prompt positions reused from the prefix pool
 
@@ -46,6 +49,7 @@ class Job:
         self.processors = o.processors()
         self.history = list(self.ids)  # prompt + out: what the processors read
         self.bonus = 0  # the token the next round feeds first
+        self.thought = self.thinking.at_start(self.ids) if self.thinking else None  # after `out`
 
     @property
     def simple(self) -> bool:
@@ -62,6 +66,8 @@ class Job:
         new = emit(picks, self.remaining, self.stop_ids)
         self.out.extend(new)
         self.history.extend(new)
+        if self.thinking:
+            self.thought = self.thinking.after(self.thought, new)
         return new
 
     @property
@@ -109,11 +115,18 @@ def _top(logits: mx.array, toks: mx.array, n: int):
     return chosen, ids, mx.take_along_axis(lp, ids, axis=-1)
 
 
+def _budget_masks(job: Job, drafts: list[int] | None, T: int, V: int) -> mx.array | None:
+    if job.thinking is None:
+        return None
+    return job.thinking.masks(job.thought, drafts or [], T, V)
+
+
 def pick_rows(jobs: Sequence[Job], logits: mx.array, drafts: list[list[int]] | None):
     """The picks [B][T] at every position of every row, and per row its
     log-probabilities (None unless the job asked): logits [B, T, V]."""
-    B, T, _ = logits.shape
-    simple = [i for i, j in enumerate(jobs) if j.simple]
+    B, T, V = logits.shape
+    masks = [_budget_masks(j, drafts[i] if drafts else None, T, V) for i, j in enumerate(jobs)]
+    simple = [i for i, j in enumerate(jobs) if j.simple and masks[i] is None]
     lazy: dict[int, Any] = {}
     if simple:
         greedy = mx.argmax(logits[mx.array(simple)], axis=-1)
@@ -123,6 +136,8 @@ def pick_rows(jobs: Sequence[Job], logits: mx.array, drafts: list[list[int]] | N
         if i in lazy:
             continue
         x = _row_logits(job, logits[i], drafts[i] if drafts else None)
+        if masks[i] is not None:  # the thinking budget is spent at some position
+            x = x + masks[i].astype(x.dtype)
         toks = job.sampler(x, [0] * T, [len(job.out) + t for t in range(T)])
         lazy[i] = (toks, None if job.logprobs is None else _top(x, toks, job.logprobs))
     mx.eval([a for i in range(B) for a in (lazy[i][0], *(lazy[i][1] or ())) if a is not None])

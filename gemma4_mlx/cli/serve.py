@@ -101,6 +101,15 @@ def serve(
     allow_local_files: Annotated[
         bool, typer.Option("--allow-local-files", help="Let image parts name files on this machine.")
     ] = False,
+    thinking_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--thinking-tokens",
+            min=0,
+            help="Most thinking tokens of a reply; then the thought is closed and the answer follows "
+            "(default: no limit; a request's thinking.budget_tokens may ask for fewer).",
+        ),
+    ] = None,
     served_model_name: Annotated[
         list[str] | None,
         typer.Option(
@@ -154,6 +163,7 @@ def serve(
         api_key=api_key,
         max_context=max_context,
         allow_local_files=allow_local_files,
+        thinking_tokens=thinking_tokens,
         group=group,
         **settings,
     )

@@ -129,8 +129,10 @@ def conversation(body: CountTokensRequest, prompter) -> Conversation:
     msgs, prefill = split_prefill(msgs)
     check_roles(msgs)
     thinking = body.thinking is not None and body.thinking.type in ("enabled", "adaptive")
+    budget = body.thinking.budget_tokens if thinking else None
     choice = _tool_choice(body.tool_choice)
-    return Conversation(msgs, media, select_tools(_tools(body.tools), choice), thinking, choice, prefill=prefill)
+    tools = select_tools(_tools(body.tools), choice)
+    return Conversation(msgs, media, tools, thinking, choice, prefill=prefill, thinking_budget=budget)
 
 
 def _event(name: str, data: dict) -> str:

@@ -40,12 +40,11 @@ _ENDPOINTS = (
 class ServerState:
     """What the route modules share: the served name, the prompter, the engine, metrics."""
 
-    def __init__(
-        self, model, tokenizer, *, model_name, api_key, max_context, allow_local_files, engine: dict, aliases=()
-    ):
+    def __init__(self, model, tokenizer, *, model_name, api_key, prompting: dict, engine: dict, aliases=()):
+        """prompting: the `Prompter`'s settings (max_context, allow_local_files, thinking_tokens)."""
         self.model_name, self.api_key = model_name, api_key
         self.names = list(dict.fromkeys([model_name, *aliases]))  # what clients may send as `model`
-        self.prompter = Prompter(model, tokenizer, max_context=max_context, allow_local_files=allow_local_files)
+        self.prompter = Prompter(model, tokenizer, **prompting)
         self.engine = Engine(model, tokenizer, **engine)
         sched = self.engine.scheduler
         self.metrics = Metrics(
@@ -217,6 +216,7 @@ def app(
     max_body_bytes: int = MAX_BODY_BYTES,
     kv_bits: int | None = None,
     kv_cache_gb: float | None = None,
+    thinking_tokens: int | None = None,
     group=None,
 ) -> FastAPI:
     """The server for one loaded model.  model_name: the name clients send as `model`
@@ -230,7 +230,9 @@ def app(
     kv_bits: 16, 8 or 4, the KV cache's width (docs/kv-cache.md); kv_cache_gb: the
     most KV-cache memory the running batch may reach, None for no limit (a request
     waits until rows leave, or fails alone when it cannot fit; docs/serving.md §2.2);
-    group: serve --distributed, rank 0 (the other ranks run `follower`)."""
+    thinking_tokens: the most thinking tokens of a reply, None for no limit (a
+    request may ask for fewer; docs/serving.md §2.3); group: serve --distributed,
+    rank 0 (the other ranks run `follower`)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: give the key clients must send, or None for no key")
     engine = _engine_settings(drafter, draft_tokens, max_queue, max_batch, prefix_cache_gb, kv_bits, kv_cache_gb)
@@ -240,8 +242,7 @@ def app(
         tokenizer,
         model_name=model_name,
         api_key=api_key,
-        max_context=max_context,
-        allow_local_files=allow_local_files,
+        prompting=dict(max_context=max_context, allow_local_files=allow_local_files, thinking_tokens=thinking_tokens),
         engine=engine,
         aliases=aliases,
     )

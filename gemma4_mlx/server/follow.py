@@ -14,11 +14,12 @@ here at the next step, which is when a drop takes effect anyway.
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 from gemma4_mlx import ranks
 from gemma4_mlx.api import SamplingOptions
 from gemma4_mlx.batching import Job, Scheduler
+from gemma4_mlx.batching.thinking import ThinkingBudget
 from gemma4_mlx.constrain import Constraint, Grammar, bind
 from gemma4_mlx.server.errors import APIError
 
@@ -51,6 +52,7 @@ def job_spec(job: Job, job_id: int) -> dict:
         "max_tokens": job.max_tokens,
         "stop_ids": sorted(job.stop_ids),
         "logprobs": job.logprobs,
+        "thinking": None if job.thinking is None else asdict(job.thinking),
     }
 
 
@@ -69,6 +71,7 @@ def job_from_spec(spec: dict, tokenizer) -> Job:
         max_tokens=spec["max_tokens"],
         stop_ids=frozenset(spec["stop_ids"]),
         logprobs=spec["logprobs"],
+        thinking=None if spec["thinking"] is None else ThinkingBudget(**spec["thinking"]),
     )
 
 

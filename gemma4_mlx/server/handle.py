@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from gemma4_mlx.api import SamplingOptions
+from gemma4_mlx.batching.thinking import ThinkingBudget
 from gemma4_mlx.prompt.parser import Event, StreamParser
 
 
@@ -40,6 +41,7 @@ class Request:
     ignore_eos: bool = False
     logprobs: int | None = None  # None, or how many alternatives to report per token
     continues: bool = False
+    thinking_budget: ThinkingBudget | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 

@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from gemma4_mlx.api import SamplingOptions
+from gemma4_mlx.batching.thinking import ThinkingBudget
 from gemma4_mlx.chat.conversation import (
     audio_from_bytes,
     encode_conversation,
@@ -52,6 +53,7 @@ class Conversation:
     tool_choice: Any = None  # OpenAI's: None, "auto", "none", "required" or a named function
     response_format: dict | None = None
     prefill: str = ""  # the reply's start, which it continues (`split_prefill`)
+    thinking_budget: int | None = None  # the request's own limit on thinking tokens
 
 
 def split_prefill(messages: list[dict]) -> tuple[list[dict], str]:
@@ -129,10 +131,22 @@ MAX_REQUEST_PIXELS = 1 << 28
 class Prompter:
     """Builds engine requests for one model."""
 
-    def __init__(self, model, tokenizer, *, max_context: int | None = None, allow_local_files: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_context: int | None = None,
+        allow_local_files: bool = False,
+        thinking_tokens: int | None = None,
+    ):
+        """thinking_tokens: the most thinking tokens of any reply (a request may ask
+        for fewer), None for no limit."""
         self.model, self.tokenizer, self.codec = model, tokenizer, PromptCodec(tokenizer)
         self.stop_ids = sorted(stop_ids(model, tokenizer))
-        self.close_id = tokenizer.convert_tokens_to_ids("<channel|>")  # the thought channel's end
+        self.open_id = tokenizer.convert_tokens_to_ids("<|channel>")  # the thought channel's start
+        self.close_id = tokenizer.convert_tokens_to_ids("<channel|>")  # and its end
+        self.thinking_tokens = thinking_tokens
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 131072
         self.allow_local_files = allow_local_files
 
@@ -291,6 +305,11 @@ class Prompter:
         room = self.max_context - n_prompt
         return min(room, max_tokens or DEFAULT_MAX_TOKENS)
 
+    def budget(self, conv: Conversation) -> ThinkingBudget | None:
+        """The reply's thinking budget: the lower of the server's and the request's."""
+        limits = [b for b in (self.thinking_tokens, conv.thinking_budget) if b is not None]
+        return ThinkingBudget(min(limits), self.open_id, self.close_id) if conv.thinking and limits else None
+
     def chat_request(
         self, conv: Conversation, options: SamplingOptions, max_tokens: int | None, stop, logprobs: int | None = None
     ) -> Request:
@@ -310,6 +329,7 @@ class Prompter:
         req = Request(
             ids=[], keys=[], options=options, stop=stop_list(stop), logprobs=logprobs, continues=bool(conv.prefill)
         )
+        req.thinking_budget = self.budget(conv)
         req.parser = lambda: parser_for_prompt(
             prompt, tools, continuing=bool(conv.prefill), guarded=True, stream_arguments=True
         )

@@ -1,0 +1,82 @@
+"""Thinking budgets in tokens (docs/serving.md §2.3, `batching.thinking`): Anthropic's
+`thinking.budget_tokens` and the server's `thinking_tokens` close the thought after
+that many tokens and the answer follows in the same reply; the cut thought is the
+start of the uncut one; alone, batched and with the drafter the output is the same."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import anthropic
+import pytest
+
+import gemma4_mlx
+from gemma4_mlx.batching.thinking import ThinkingBudget, ThoughtCount
+from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
+
+from helpers.live_server import live_server
+
+NAME = "gemma4-demo"
+JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
+OPEN, CLOSE = 5, 6
+
+
+def test_counts_and_rules():
+    b = ThinkingBudget(3, OPEN, CLOSE)
+    assert b.at_start([1, OPEN, 2, CLOSE, 9]) == ThoughtCount(False, 0)
+    assert b.at_start([1, OPEN, 2, CLOSE, OPEN, 7]) == ThoughtCount(True, 0)  # the template opened it
+    count = b.after(ThoughtCount(), [9, OPEN, 1, 2, CLOSE, 3, OPEN, 4])
+    assert count == ThoughtCount(True, 3) and b.rule(count) == "close"
+    assert b.rule(b.after(count, [CLOSE])) == "no_open" and b.rule(ThoughtCount(True, 2)) is None
+    # a verified row: position t follows drafts[:t]; only bound positions are masked
+    masks = b.masks(ThoughtCount(True, 1), [1, 2, CLOSE], 4, 8)
+    allowed = [[i for i, v in enumerate(row) if v == 0] for row in masks.tolist()]
+    assert allowed == [list(range(8)), list(range(8)), [CLOSE], [i for i in range(8) if i != OPEN]]
+    assert b.masks(ThoughtCount(True, 0), [1], 2, 8) is None
+    with pytest.raises(ValueError, match="thinking budget -1"):
+        ThinkingBudget(-1, OPEN, CLOSE)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return gemma4_mlx.load(DEMO_MODEL)
+
+
+@pytest.fixture(scope="module")
+def an(demo):
+    with live_server(*demo, model_name=NAME) as (url, _):
+        yield anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
+
+
+def _ask(client, budget: int | None = None, **kw):
+    """(thinking, text) of a greedy reply with thinking on."""
+    thinking = {"type": "enabled", "budget_tokens": budget} if budget is not None else {"type": "enabled"}
+    r = client.messages.create(
+        model=NAME, max_tokens=120, messages=JAPAN, thinking=thinking, extra_body={"temperature": 0}, **kw
+    )
+    return (
+        "".join(b.thinking for b in r.content if b.type == "thinking"),
+        "".join(b.text for b in r.content if b.type == "text"),
+    )
+
+
+def test_budget_tokens_cut_the_thought_and_the_answer_follows(an):
+    whole, answer = _ask(an)
+    assert len(whole) > 30 and "Tokyo" in answer
+    short, after = _ask(an, 8)
+    assert 0 < len(short) < len(whole) and whole.startswith(short) and after  # the start of the same thought
+    assert _ask(an, 100000) == (whole, answer)  # a budget it does not reach changes nothing
+    none, direct = _ask(an, 0)
+    assert none == "" and "Tokyo" in direct  # no thought opens at all
+
+
+def test_batched_and_speculative_replies_keep_their_budgets(demo, an):
+    budgets = [3, 8, 20, None]
+    alone = [_ask(an, b) for b in budgets]
+    with ThreadPoolExecutor(len(budgets)) as pool:
+        assert list(pool.map(lambda b: _ask(an, b), budgets)) == alone
+    drafter = gemma4_mlx.load_drafter(DEMO_DRAFTER)
+    with live_server(*demo, model_name=NAME, drafter=drafter, thinking_tokens=8) as (url, _):
+        capped = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
+        assert _ask(capped) == _ask(capped, 1000) == alone[1]  # the server's 8 is the lower
+        assert _ask(capped, 3) == alone[0]  # the request's lower budget wins
