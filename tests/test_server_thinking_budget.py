@@ -8,6 +8,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import anthropic
+import openai
 import pytest
 
 import gemma4_mlx
@@ -80,3 +81,11 @@ def test_batched_and_speculative_replies_keep_their_budgets(demo, an):
         capped = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
         assert _ask(capped) == _ask(capped, 1000) == alone[1]  # the server's 8 is the lower
         assert _ask(capped, 3) == alone[0]  # the request's lower budget wins
+        oa = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        ask = dict(model=NAME, messages=JAPAN, reasoning_effort="high", max_tokens=120)
+        greedy = oa.chat.completions.create(temperature=0, **ask)
+        # counted while the thought is open: its 8 tokens, then the forced <channel|>
+        assert greedy.usage.completion_tokens_details.reasoning_tokens == 8 + 1
+        assert greedy.choices[0].message.model_extra["reasoning_content"] == alone[1][0]
+        sampled = oa.chat.completions.create(temperature=1.0, seed=5, n=2, **ask)
+        assert sampled.usage.completion_tokens_details.reasoning_tokens == 2 * (8 + 1)  # both choices, each cut

@@ -135,8 +135,11 @@ def pick_rows(jobs: Sequence[Job], logits: mx.array, drafts: list[list[int]] | N
     for i, job in enumerate(jobs):
         if i in lazy:
             continue
+        if job.simple:  # greedy, its thinking budget binding at some position: one masked argmax
+            lazy[i] = (mx.argmax(logits[i] + masks[i].astype(logits.dtype), axis=-1), None)
+            continue
         x = _row_logits(job, logits[i], drafts[i] if drafts else None)
-        if masks[i] is not None:  # the thinking budget is spent at some position
+        if masks[i] is not None:  # the thinking budget binds at some position
             x = x + masks[i].astype(x.dtype)
         toks = job.sampler(x, [0] * T, [len(job.out) + t for t in range(T)])
         lazy[i] = (toks, None if job.logprobs is None else _top(x, toks, job.logprobs))

@@ -191,7 +191,8 @@ async def merged(streams: list, handles: list[RequestHandle]):
 def total_usage(usages: list[Usage]) -> Usage:
     """The usage of a request with several choices: its prompt once, every choice's output."""
     first = usages[0]
-    return Usage(first.prompt_tokens, sum(u.completion_tokens for u in usages), first.cached_tokens)
+    completion, reasoning = (sum(getattr(u, k) for u in usages) for k in ("completion_tokens", "reasoning_tokens"))
+    return Usage(first.prompt_tokens, completion, first.cached_tokens, reasoning)
 
 
 async def collect_all(handles: list[RequestHandle], http, metrics) -> list[Result]:
