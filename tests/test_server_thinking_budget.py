@@ -27,15 +27,18 @@ def test_counts_and_rules():
     assert b.at_start([1, OPEN, 2, CLOSE, 9]) == ThoughtCount(False, 0)
     assert b.at_start([1, OPEN, 2, CLOSE, OPEN, 7]) == ThoughtCount(True, 0)  # the template opened it
     count = b.after(ThoughtCount(), [9, OPEN, 1, 2, CLOSE, 3, OPEN, 4])
-    assert count == ThoughtCount(True, 3) and b.rule(count) == "close"
-    assert b.rule(b.after(count, [CLOSE])) == "no_open" and b.rule(ThoughtCount(True, 2)) is None
+    assert count == ThoughtCount(True, 3) and b.binds(count)
+    assert not b.binds(b.after(count, [CLOSE])) and not b.binds(ThoughtCount(True, 2))
+    assert b.binds(b.after(count, [CLOSE, OPEN]))  # a thought opened once it is spent closes at once
     # a verified row: position t follows drafts[:t]; only bound positions are masked
-    masks = b.masks(ThoughtCount(True, 1), [1, 2, CLOSE], 4, 8)
+    masks = b.masks(ThoughtCount(True, 1), [1, 2, CLOSE, OPEN], 5, 8)
     allowed = [[i for i, v in enumerate(row) if v == 0] for row in masks.tolist()]
-    assert allowed == [list(range(8)), list(range(8)), [CLOSE], [i for i in range(8) if i != OPEN]]
+    assert allowed == [list(range(8)), list(range(8)), [CLOSE], list(range(8)), [CLOSE]]
     assert b.masks(ThoughtCount(True, 0), [1], 2, 8) is None
-    with pytest.raises(ValueError, match="thinking budget -1"):
+    with pytest.raises(ValueError, match="thinking budget tokens -1"):
         ThinkingBudget(-1, OPEN, CLOSE)
+    with pytest.raises(ValueError, match="thinking budget open_id None"):
+        ThinkingBudget(3, None, CLOSE)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +74,38 @@ def test_budget_tokens_cut_the_thought_and_the_answer_follows(an):
     assert none == "" and "Tokyo" in direct  # no thought opens at all
 
 
+def test_a_zero_budget_keeps_forced_tools_and_formats(an):
+    """Budget 0 is thinking off: a grammar that would start after the thought (forced
+    tools, a response format) starts with the reply instead of never."""
+    weather = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    off = an.messages.create(model=NAME, max_tokens=1, messages=JAPAN, tools=[weather], tool_choice={"type": "any"})
+    off = off.usage.input_tokens + off.usage.cache_read_input_tokens
+    for budget in (None, 0, 5):
+        thinking = {"type": "enabled"} | ({} if budget is None else {"budget_tokens": budget})
+        r = an.messages.create(
+            model=NAME,
+            max_tokens=120,
+            messages=JAPAN,
+            thinking=thinking,
+            tools=[weather],
+            tool_choice={"type": "any"},
+            extra_body={"temperature": 0},
+        )
+        assert r.stop_reason == "tool_use" and r.content[-1].type == "tool_use", budget
+        assert any(b.type == "thinking" for b in r.content) == (budget != 0)
+        prompt = r.usage.input_tokens + r.usage.cache_read_input_tokens
+        assert (prompt == off) == (budget == 0)  # rendered with thinking off: no <|think|> in the prompt
+
+
 def test_batched_and_speculative_replies_keep_their_budgets(demo, an):
     budgets = [3, 8, 20, None]
     alone = [_ask(an, b) for b in budgets]
     with ThreadPoolExecutor(len(budgets)) as pool:
         assert list(pool.map(lambda b: _ask(an, b), budgets)) == alone
     drafter = gemma4_mlx.load_drafter(DEMO_DRAFTER)
+    with live_server(*demo, model_name=NAME, drafter=drafter, draft_tokens=4) as (url, _):
+        fixed = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
+        assert [_ask(fixed, b) for b in budgets] == alone  # a fixed K: drafts past the budget are rejected
     with live_server(*demo, model_name=NAME, drafter=drafter, thinking_tokens=8) as (url, _):
         capped = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0, timeout=60)
         assert _ask(capped) == _ask(capped, 1000) == alone[1]  # the server's 8 is the lower

@@ -57,6 +57,12 @@ class Job:
         return self.sampler.greedy and not self.processors and self.logprobs is None
 
     @property
+    def reads_drafts(self) -> bool:
+        """Whether picking its tokens reads a round's drafts on the host: processors
+        and the thinking budget see each position's history."""
+        return bool(self.processors) or self.thinking is not None
+
+    @property
     def remaining(self) -> int:
         return self.max_tokens - len(self.out)
 
@@ -123,7 +129,9 @@ def _budget_masks(job: Job, drafts: list[int] | None, T: int, V: int) -> mx.arra
 
 def pick_rows(jobs: Sequence[Job], logits: mx.array, drafts: list[list[int]] | None):
     """The picks [B][T] at every position of every row, and per row its
-    log-probabilities (None unless the job asked): logits [B, T, V]."""
+    log-probabilities (None unless the job asked): logits [B, T, V]; drafts: the
+    round's drafts per row (position t follows drafts[:t]), given whenever a row
+    `reads_drafts`. A thinking budget that binds masks its row at those positions."""
     B, T, V = logits.shape
     masks = [_budget_masks(j, drafts[i] if drafts else None, T, V) for i, j in enumerate(jobs)]
     simple = [i for i, j in enumerate(jobs) if j.simple and masks[i] is None]

@@ -287,8 +287,8 @@ class Scheduler:
         block, listed = bonus[:, None], None
         if K:
             drafts = draft(self.drafter, self.model, bonus, self.hidden, self.caches, K, self.mtp)
-            if self.policy.fixed is None or any(j.processors for j in self.rows):
-                mx.eval(drafts)  # timed apart for the policy; processors read them
+            if self.policy.fixed is None or any(j.reads_drafts for j in self.rows):
+                mx.eval(drafts)  # timed apart for the policy; processors and budgets read them
                 listed = drafts.tolist()
             block = mx.concatenate([block, drafts], axis=1)
         t1 = time.perf_counter()

@@ -1,12 +1,14 @@
-"""A thinking budget in tokens: once a reply has written `tokens` tokens inside thought
-channels, the open thought is closed (`<channel|>` is the only token allowed) and no
-new one opens (`<|channel>` is banned), so the model goes on with its answer in the
-same turn (docs/serving.md §2.3; Anthropic's `thinking.budget_tokens`).
+"""A thinking budget in tokens: once a reply has written `tokens` tokens inside a
+thought channel, the thought is closed (`<channel|>` is the only token allowed), so
+the model goes on with its answer in the same turn (docs/serving.md §2.3;
+Anthropic's `thinking.budget_tokens`). A thought opened after that is closed at once;
+a budget of 0 is thinking off, which the server renders as such (no thought opens).
 
 It acts on the picks, not on the text: each row and each verified position gets its
 own count (the job's accepted tokens, then the drafts before that position), so plain,
-batched and speculative decoding close the thought at the same token, and a row whose
-budget is not spent keeps the one-argmax path of greedy rows.
+batched and speculative decoding close the thought at the same token. A row is masked
+only at positions where the budget binds; otherwise it keeps the one-argmax path of
+greedy rows.
 """
 
 from __future__ import annotations
@@ -37,17 +39,21 @@ class ThinkingBudget:
     close_id: int
 
     def __post_init__(self):
-        if not isinstance(self.tokens, int) or isinstance(self.tokens, bool) or self.tokens < 0:
-            raise ValueError(f"thinking budget {self.tokens!r}: expected an integer >= 0")
+        for name in ("tokens", "open_id", "close_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"thinking budget {name} {value!r}: expected an integer >= 0")
 
     def at_start(self, prompt: Sequence[int]) -> ThoughtCount:
         """The count where the reply starts: inside when the prompt ends in an open
-        thought (a template that opens the channel for the model)."""
-        opened = max((i for i, t in enumerate(prompt) if t == self.open_id), default=-1)
-        closed = max((i for i, t in enumerate(prompt) if t == self.close_id), default=-1)
-        return ThoughtCount(inside=opened > closed)
+        thought (the template opens one for the model after a tool result)."""
+        for t in reversed(prompt):
+            if t in (self.open_id, self.close_id):
+                return ThoughtCount(inside=t == self.open_id)
+        return ThoughtCount()
 
     def after(self, count: ThoughtCount, tokens: Sequence[int]) -> ThoughtCount:
+        """The count once `tokens` follow."""
         inside, used = count.inside, count.used
         for t in tokens:
             if t == self.open_id:
@@ -58,28 +64,20 @@ class ThinkingBudget:
                 used += 1
         return ThoughtCount(inside, used)
 
-    def rule(self, count: ThoughtCount) -> str | None:
-        """What the next pick must obey: "close" (only `<channel|>`), "no_open" (not
-        `<|channel>`), or None while the budget lasts."""
-        if count.used < self.tokens:
-            return None
-        return "close" if count.inside else "no_open"
+    def binds(self, count: ThoughtCount) -> bool:
+        """Whether the next pick must be `<channel|>`."""
+        return count.inside and count.used >= self.tokens
 
     def masks(self, count: ThoughtCount, drafts: Sequence[int], positions: int, vocab: int) -> mx.array | None:
         """Additive masks [positions, vocab] for a row whose position t follows
-        `drafts[:t]`; None when no position is bound by the budget."""
-        rules = []
+        `drafts[:t]`: only `<channel|>` where the budget binds, nothing elsewhere;
+        None when it binds at no position."""
+        bound = []
         for t in range(positions):
-            rules.append(self.rule(count))
+            bound.append(self.binds(count))
             if t < len(drafts):
                 count = self.after(count, drafts[t : t + 1])
-        if not any(rules):
+        if not any(bound):
             return None
-        ids = mx.arange(vocab)
-        free = mx.zeros((vocab,))
-        rows = {
-            "close": mx.where(ids == self.close_id, 0.0, NEG_INF),
-            "no_open": mx.where(ids == self.open_id, NEG_INF, 0.0),
-            None: free,
-        }
-        return mx.stack([rows[r] for r in rules])
+        only_close = mx.where(mx.arange(vocab) == self.close_id, 0.0, NEG_INF)
+        return mx.where(mx.array(bound)[:, None], only_close[None], 0.0)

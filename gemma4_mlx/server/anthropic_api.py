@@ -132,7 +132,7 @@ def conversation(body: CountTokensRequest, prompter) -> Conversation:
     budget = body.thinking.budget_tokens if thinking else None
     choice = _tool_choice(body.tool_choice)
     tools = select_tools(_tools(body.tools), choice)
-    return Conversation(msgs, media, tools, thinking, choice, prefill=prefill, thinking_budget=budget)
+    return Conversation(msgs, media, tools, thinking, choice, prefill=prefill, thinking_tokens=budget)
 
 
 def _event(name: str, data: dict) -> str:

@@ -200,7 +200,7 @@ class Engine:
             stop_ids=frozenset() if req.ignore_eos else self.stop_ids,
             media=req.media,
             logprobs=req.logprobs,
-            thinking=req.thinking_budget,
+            thinking=req.thinking,
         )
         self._runs[job] = Run(self.tokenizer, self.stop_ids, handle, Usage(prompt_tokens=len(req.ids)))
         self.scheduler.add(job)

@@ -41,7 +41,7 @@ class Request:
     ignore_eos: bool = False
     logprobs: int | None = None  # None, or how many alternatives to report per token
     continues: bool = False
-    thinking_budget: ThinkingBudget | None = None
+    thinking: ThinkingBudget | None = None  # the reply's thinking budget in tokens
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 

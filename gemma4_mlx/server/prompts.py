@@ -53,7 +53,7 @@ class Conversation:
     tool_choice: Any = None  # OpenAI's: None, "auto", "none", "required" or a named function
     response_format: dict | None = None
     prefill: str = ""  # the reply's start, which it continues (`split_prefill`)
-    thinking_budget: int | None = None  # the request's own limit on thinking tokens
+    thinking_tokens: int | None = None  # the request's own limit on thinking tokens
 
 
 def split_prefill(messages: list[dict]) -> tuple[list[dict], str]:
@@ -146,6 +146,9 @@ class Prompter:
         self.stop_ids = sorted(stop_ids(model, tokenizer))
         self.open_id = tokenizer.convert_tokens_to_ids("<|channel>")  # the thought channel's start
         self.close_id = tokenizer.convert_tokens_to_ids("<channel|>")  # and its end
+        # budgets need both as tokens of their own (every Gemma 4 vocabulary has them)
+        known = [i for i in (self.open_id, self.close_id) if isinstance(i, int) and i != tokenizer.unk_token_id]
+        self.channel_ids = (self.open_id, self.close_id) if len(known) == 2 else None
         self.thinking_tokens = thinking_tokens
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 131072
         self.allow_local_files = allow_local_files
@@ -305,16 +308,20 @@ class Prompter:
         room = self.max_context - n_prompt
         return min(room, max_tokens or DEFAULT_MAX_TOKENS)
 
-    def budget(self, conv: Conversation) -> ThinkingBudget | None:
-        """The reply's thinking budget: the lower of the server's and the request's."""
-        limits = [b for b in (self.thinking_tokens, conv.thinking_budget) if b is not None]
-        return ThinkingBudget(min(limits), self.open_id, self.close_id) if conv.thinking and limits else None
+    def thought_limit(self, conv: Conversation) -> int | None:
+        """The most thinking tokens of the reply: the lower of the server's and the
+        request's limits; None for none (or thinking off)."""
+        limits = [n for n in (self.thinking_tokens, conv.thinking_tokens) if n is not None]
+        return min(limits) if conv.thinking and limits and self.channel_ids else None
 
     def chat_request(
         self, conv: Conversation, options: SamplingOptions, max_tokens: int | None, stop, logprobs: int | None = None
     ) -> Request:
         """The request for a conversation; with media it is encoded on the engine thread.
         logprobs: None, or how many alternatives to report with each token."""
+        limit = self.thought_limit(conv)
+        if limit == 0:  # no thought may open: thinking off, so a grammar starts with the reply
+            conv, limit = replace(conv, thinking=False), None
         prompt, tools = self.render(conv), conv.tools
 
         def encode(req: Request) -> None:
@@ -327,9 +334,14 @@ class Prompter:
         if constraint is not None:
             options = replace(options, constraint=constraint)
         req = Request(
-            ids=[], keys=[], options=options, stop=stop_list(stop), logprobs=logprobs, continues=bool(conv.prefill)
+            ids=[],
+            keys=[],
+            options=options,
+            stop=stop_list(stop),
+            logprobs=logprobs,
+            continues=bool(conv.prefill),
+            thinking=None if limit is None else ThinkingBudget(limit, *self.channel_ids),
         )
-        req.thinking_budget = self.budget(conv)
         req.parser = lambda: parser_for_prompt(
             prompt, tools, continuing=bool(conv.prefill), guarded=True, stream_arguments=True
         )

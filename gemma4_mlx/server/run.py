@@ -110,7 +110,9 @@ class Run:
                 text, self.stop_string = self.scanner.feed(ev.text)
                 if text:
                     self._send(text)
-            elif ev.type in ("reasoning", "tool_call_start", "tool_call_delta", "tool_call") and not self._nameless(ev):
+            elif ev.type.startswith("tool_call") and self._nameless(ev):
+                continue
+            elif ev.type in ("reasoning", "tool_call_start", "tool_call_delta", "tool_call"):
                 # the content held for a stop string ended with its segment: it goes first
                 rest = self.scanner.flush()
                 if rest:
@@ -120,14 +122,13 @@ class Run:
                 self.handle.put(Output("event", ev))
 
     def _nameless(self, ev) -> bool:
-        """Whether `ev` belongs to a call without a name (`call:{...}`): no client can
-        answer one (Claude Code replies "No such tool available: "), so it is left out."""
-        if ev.type == "tool_call_start":
+        """Whether a tool-call event (a call's start, its arguments' pieces, the call)
+        belongs to a call without a name (`call:{...}`): no client can answer one
+        (Claude Code replies "No such tool available: "), so it is left out. A piece
+        belongs to the call whose start came last."""
+        if ev.type != "tool_call_delta":
             self.nameless = not ev.call.name
-        nameless = self.nameless
-        if ev.type == "tool_call":
-            self.nameless = False
-        return nameless
+        return self.nameless
 
     def _send(self, text: str) -> None:
         self.emitted += len(text)

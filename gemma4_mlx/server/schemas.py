@@ -115,7 +115,7 @@ class AnthropicMessage(_Body):
 
 class ThinkingConfig(_Body):
     type: Literal["enabled", "disabled", "adaptive"] = "disabled"
-    budget_tokens: int | None = Field(default=None, ge=0)  # thinking tokens, at most (lower than Anthropic's 1,024 too)
+    budget_tokens: int | None = Field(default=None, ge=0)  # any budget: Anthropic's own API wants >= 1,024
 
 
 class CountTokensRequest(_Body):
