@@ -95,6 +95,8 @@ def test_a_zero_budget_keeps_forced_tools_and_formats(an):
         assert any(b.type == "thinking" for b in r.content) == (budget != 0)
         prompt = r.usage.input_tokens + r.usage.cache_read_input_tokens
         assert (prompt == off) == (budget == 0)  # rendered with thinking off: no <|think|> in the prompt
+        counted = an.messages.count_tokens(model=NAME, messages=JAPAN, thinking=thinking, tools=[weather])
+        assert counted.input_tokens == prompt  # counted as it is rendered
 
 
 def test_batched_and_speculative_replies_keep_their_budgets(demo, an):

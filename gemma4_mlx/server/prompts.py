@@ -275,7 +275,7 @@ class Prompter:
     def count(self, conv: Conversation) -> int:
         if conv.media:
             raise APIError(400, "counting the tokens of images or audio is not supported yet")
-        return len(self.encode(self.render(conv), [])[0])
+        return len(self.encode(self.render(self.settled(conv)), [])[0])
 
     def constraint(self, conv: Conversation) -> Constraint | None:
         """What decoding must follow (docs/structured-output.md): the response_format;
@@ -308,6 +308,11 @@ class Prompter:
         room = self.max_context - n_prompt
         return min(room, max_tokens or DEFAULT_MAX_TOKENS)
 
+    def settled(self, conv: Conversation) -> Conversation:
+        """The conversation as it is rendered: a thinking budget of 0 is thinking off
+        (no thought may open, so a grammar starts with the reply, not after a thought)."""
+        return replace(conv, thinking=False) if self.thought_limit(conv) == 0 else conv
+
     def thought_limit(self, conv: Conversation) -> int | None:
         """The most thinking tokens of the reply: the lower of the server's and the
         request's limits; None for none (or thinking off)."""
@@ -319,9 +324,8 @@ class Prompter:
     ) -> Request:
         """The request for a conversation; with media it is encoded on the engine thread.
         logprobs: None, or how many alternatives to report with each token."""
+        conv = self.settled(conv)
         limit = self.thought_limit(conv)
-        if limit == 0:  # no thought may open: thinking off, so a grammar starts with the reply
-            conv, limit = replace(conv, thinking=False), None
         prompt, tools = self.render(conv), conv.tools
 
         def encode(req: Request) -> None:
