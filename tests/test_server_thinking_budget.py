@@ -12,8 +12,10 @@ import openai
 import pytest
 
 import gemma4_mlx
+from gemma4_mlx.api import SamplingOptions
 from gemma4_mlx.batching.thinking import ThinkingBudget, ThoughtCount
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
+from gemma4_mlx.server.prompts import Conversation, Prompter
 
 from helpers.live_server import live_server
 
@@ -72,6 +74,16 @@ def test_budget_tokens_cut_the_thought_and_the_answer_follows(an):
     assert _ask(an, 100000) == (whole, answer)  # a budget it does not reach changes nothing
     none, direct = _ask(an, 0)
     assert none == "" and "Tokyo" in direct  # no thought opens at all
+
+
+def test_the_server_limit_holds_with_thinking_off_too(demo):
+    """A model may open a thought on its own with thinking off: the server's limit
+    (and a request's budget of 0) still bounds it."""
+    prompter = Prompter(*demo, thinking_tokens=8)
+    off = prompter.chat_request(Conversation(JAPAN), SamplingOptions(), 50, None)
+    on = prompter.chat_request(Conversation(JAPAN, thinking=True, thinking_tokens=3), SamplingOptions(), 50, None)
+    assert (off.thinking.tokens, on.thinking.tokens) == (8, 3)
+    assert Prompter(*demo).chat_request(Conversation(JAPAN), SamplingOptions(), 50, None).thinking is None
 
 
 def test_a_zero_budget_keeps_forced_tools_and_formats(an):

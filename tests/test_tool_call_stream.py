@@ -194,3 +194,23 @@ def test_a_call_cut_by_the_end_of_the_text_is_not_a_finished_one():
         p.feed(text)
         p.finish()
         assert (p.result.finish_reason, len(p.result.tool_calls)) == (reason, 1), text
+
+
+def test_a_call_cut_within_its_name_is_not_a_call():
+    """`get_` may be the start of `get_weather` or of nothing: a call the end cut
+    before its arguments is dropped (real clients failed on the unknown tool `get_`).
+    Ended by the model, a call of a name alone stays (a call with no arguments)."""
+    for cut in ("c", "call", "call:", "call:get_", "call:get_x", "call:get_x  "):
+        p = StreamParser(tools=[GET_X], stream_arguments=True)
+        events = p.feed("Hi.<|tool_call>" + cut) + p.finish()
+        assert (p.result.finish_reason, p.result.tool_calls, p.result.content) == ("length", [], "Hi."), cut
+        assert not any(e.type.startswith("tool_call") for e in events)
+    for ended in ("<|tool_call>call:get_x<tool_call|>", "<|tool_call>call:get_x<turn|>"):
+        p = StreamParser(tools=[GET_X], stream_arguments=True)
+        p.feed(ended)
+        p.finish()
+        assert [(c.name, c.arguments) for c in p.result.tool_calls] == [("get_x", {})], ended
+    p = StreamParser(tools=[GET_X])  # the block's earlier calls stay
+    p.feed(f"<|tool_call>call:get_x{{city:{Q}Oslo{Q}}},call:ge")
+    p.finish()
+    assert [c.arguments for c in p.result.tool_calls] == [{"city": "Oslo"}]

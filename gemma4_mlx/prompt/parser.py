@@ -125,7 +125,7 @@ class StreamParser:
             self.buf += self._decoder.decode(b"", final=True)
         self._pump(final=True)
         if self.state == CALL:
-            self._end_call(self._begin_closed())
+            self._end_call(self._begin_closed(), cut=True)
         if self.state != DONE:
             self._done(None)
         return self._take()
@@ -382,10 +382,16 @@ class StreamParser:
         if piece:
             self._events.append(Event("tool_call_delta", piece))
 
-    def _end_call(self, closed: bool):
+    def _end_call(self, closed: bool, cut: bool = False):
+        """cut: the text ended inside the call (max_tokens); a call cut within its name
+        is not one (its name may be a piece of another: `get_` of `get_weather`)."""
         c, self._call = self._call, None
         streamed, self._args = self._args, None
-        for k, call in enumerate(map(self._call_out, parse_call_block(c["body"], self.tools))):
+        calls = list(map(self._call_out, parse_call_block(c["body"], self.tools)))
+        if cut and _name_only(calls[-1]):
+            self._warn(f"a tool call cut within its name ({calls[-1].raw.strip()[:40]!r}) dropped")
+            calls.pop()
+        for k, call in enumerate(calls):
             call.truncated |= not closed
             call.id = f"call_{self._ncalls}"
             self._ncalls += 1
@@ -470,6 +476,12 @@ class StreamParser:
 
     def _warn(self, msg: str):
         self.result.warnings.append(msg)
+
+
+def _name_only(call: ToolCall) -> bool:
+    """Whether a call's text ends with its name (nothing of its arguments written)."""
+    rest = call.raw.strip()
+    return (rest[5:] if rest.startswith("call:") else rest) == call.raw_name
 
 
 def parse(text, tools=None, **kw) -> ParseResult:

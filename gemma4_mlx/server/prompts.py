@@ -311,13 +311,14 @@ class Prompter:
     def settled(self, conv: Conversation) -> Conversation:
         """The conversation as it is rendered: a thinking budget of 0 is thinking off
         (no thought may open, so a grammar starts with the reply, not after a thought)."""
-        return replace(conv, thinking=False) if self.thought_limit(conv) == 0 else conv
+        return replace(conv, thinking=False) if conv.thinking and self.thought_limit(conv) == 0 else conv
 
     def thought_limit(self, conv: Conversation) -> int | None:
         """The most thinking tokens of the reply: the lower of the server's and the
-        request's limits; None for none (or thinking off)."""
+        request's limits; None for none. It holds with thinking off too: a model may
+        open a thought on its own, and a limit of 0 then closes it at once."""
         limits = [n for n in (self.thinking_tokens, conv.thinking_tokens) if n is not None]
-        return min(limits) if conv.thinking and limits and self.channel_ids else None
+        return min(limits) if limits and self.channel_ids else None
 
     def chat_request(
         self, conv: Conversation, options: SamplingOptions, max_tokens: int | None, stop, logprobs: int | None = None
