@@ -13,6 +13,7 @@ import pytest
 
 import gemma4_mlx
 from gemma4_mlx.api import SamplingOptions
+from gemma4_mlx.batching import Job, Scheduler
 from gemma4_mlx.batching.thinking import ThinkingBudget, ThoughtCount
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
 from gemma4_mlx.server.prompts import Conversation, Prompter
@@ -30,6 +31,7 @@ def test_counts_and_rules():
     assert b.at_start([1, OPEN, 2, CLOSE, OPEN, 7]) == ThoughtCount(True, 0)  # the template opened it
     count = b.after(ThoughtCount(), [9, OPEN, 1, 2, CLOSE, 3, OPEN, 4])
     assert count == ThoughtCount(True, 3) and b.binds(count)
+    assert b.after(ThoughtCount(), [OPEN, OPEN, OPEN]) == ThoughtCount(True, 2)  # an opening inside one counts
     assert not b.binds(b.after(count, [CLOSE])) and not b.binds(ThoughtCount(True, 2))
     assert b.binds(b.after(count, [CLOSE, OPEN]))  # a thought opened once it is spent closes at once
     # a verified row: position t follows drafts[:t]; only bound positions are masked
@@ -84,6 +86,32 @@ def test_the_server_limit_holds_with_thinking_off_too(demo):
     on = prompter.chat_request(Conversation(JAPAN, thinking=True, thinking_tokens=3), SamplingOptions(), 50, None)
     assert (off.thinking.tokens, on.thinking.tokens) == (8, 3)
     assert Prompter(*demo).chat_request(Conversation(JAPAN), SamplingOptions(), 50, None).thinking is None
+    for bad in (-1, 2.5, "8", True):
+        with pytest.raises(ValueError, match="thinking_tokens"):  # at start, not a 500 on every request
+            Prompter(*demo, thinking_tokens=bad)
+
+
+def test_a_thought_the_model_opens_itself_is_bounded(demo):
+    """The budget does not depend on the prompt asking for thoughts: a row whose model
+    keeps opening them (a bias on `<|channel>` here) gets at most N tokens in each."""
+    model, tok = demo
+    open_id, close_id = (tok.convert_tokens_to_ids(t) for t in ("<|channel>", "<channel|>"))
+    ids = tok.encode("Hi", add_special_tokens=False)
+    options = SamplingOptions(logit_bias={open_id: 40.0})
+    job = Job(ids, list(ids), options=options, max_tokens=12, thinking=ThinkingBudget(2, open_id, close_id))
+    scheduler = Scheduler(model)
+    scheduler.add(job)
+    while scheduler.busy:
+        scheduler.step()
+    inside, runs = False, []  # the tokens of each thought after its opening (more openings count)
+    for t in job.out:
+        if t == open_id and not inside:
+            inside, runs = True, runs + [0]
+        elif t == close_id:
+            inside = False
+        elif inside:
+            runs[-1] += 1
+    assert job.out[:4] == [open_id, open_id, open_id, close_id] and runs and max(runs) == 2
 
 
 def test_a_zero_budget_keeps_forced_tools_and_formats(an):

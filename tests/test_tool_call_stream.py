@@ -200,7 +200,7 @@ def test_a_call_cut_within_its_name_is_not_a_call():
     """`get_` may be the start of `get_weather` or of nothing: a call the end cut
     before its arguments is dropped (real clients failed on the unknown tool `get_`).
     Ended by the model, a call of a name alone stays (a call with no arguments)."""
-    for cut in ("c", "call", "call:", "call:get_", "call:get_x", "call:get_x  "):
+    for cut in ("c", "call", "call:", "call:get_", "call:get_x", "call:get_x  ", "call:get_x:", "call:ns:"):
         p = StreamParser(tools=[GET_X], stream_arguments=True)
         events = p.feed("Hi.<|tool_call>" + cut) + p.finish()
         assert (p.result.finish_reason, p.result.tool_calls, p.result.content) == ("length", [], "Hi."), cut
@@ -210,7 +210,15 @@ def test_a_call_cut_within_its_name_is_not_a_call():
         p.feed(ended)
         p.finish()
         assert [(c.name, c.arguments) for c in p.result.tool_calls] == [("get_x", {})], ended
-    p = StreamParser(tools=[GET_X])  # the block's earlier calls stay
+    p = StreamParser(tools=[GET_X])  # the block's earlier calls stay, whole; the reply was cut
     p.feed(f"<|tool_call>call:get_x{{city:{Q}Oslo{Q}}},call:ge")
     p.finish()
-    assert [c.arguments for c in p.result.tool_calls] == [{"city": "Oslo"}]
+    assert [(c.arguments, c.truncated) for c in p.result.tool_calls] == [({"city": "Oslo"}, False)]
+    assert p.result.finish_reason == "length"
+
+
+def test_a_number_json_cannot_hold_stays_text():
+    """`1e999` read as a float is infinity, which JSON has no token for (`Infinity` is
+    not JSON; a client's parser fails): what the model wrote stays, as a string."""
+    text = "<|tool_call>call:get_x{city:1e999,unit:[-1e999, 2.5]}<tool_call|>"
+    assert _check(text, list(text)) == [["get_x", '{"city": "1e999", "unit": ["-1e999", 2.5]}']]

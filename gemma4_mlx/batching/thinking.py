@@ -56,8 +56,8 @@ class ThinkingBudget:
         """The count once `tokens` follow."""
         inside, used = count.inside, count.used
         for t in tokens:
-            if t == self.open_id:
-                inside = True
+            if t == self.open_id:  # inside a thought already, it is one more of its tokens
+                used, inside = used + inside, True
             elif t == self.close_id:
                 inside = False
             elif inside:

@@ -106,7 +106,11 @@ class _Reader:
         if low in ("null", "none"):
             return None
         if _NUM.fullmatch(tok):
-            return float(tok) if any(c in tok for c in ".eE") else int(tok)
+            number = float(tok) if any(c in tok for c in ".eE") else int(tok)
+            if number in (float("inf"), float("-inf")):  # JSON has no infinity: what was written stays
+                self.warnings.append(f"number {tok!r} out of range kept as a string")
+                return tok
+            return number
         self.warnings.append(f"bare value {tok!r} kept as a string" if tok else "missing value")
         return tok or None
 
@@ -222,6 +226,13 @@ def _parse_one(text: str, tools: _Tools) -> tuple[ToolCall, str]:
             call.arguments.setdefault("_positional", positional)  # nothing read is replaced (§9.4)
             call.error = "malformed_tool_call"
     return call, rest
+
+
+def name_only(call: ToolCall) -> bool:
+    """Whether a call's text ends with its name, or a namespace's `:` after it (nothing
+    of its arguments written: cut there, the name itself may be a piece of another)."""
+    rest = call.raw.strip()
+    return (rest[5:] if rest.startswith("call:") else rest).rstrip(":") == call.raw_name
 
 
 def parse_call_block(body: str, tools=None) -> list[ToolCall]:

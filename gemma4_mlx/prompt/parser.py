@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from gemma4_mlx.prompt.argument_stream import ArgumentStream
-from gemma4_mlx.prompt.arguments import _NAME, Q, ToolCall, _Tools, parse_call_block
+from gemma4_mlx.prompt.arguments import _NAME, Q, ToolCall, _Tools, name_only, parse_call_block
 from gemma4_mlx.prompt.guard import unguard, unguard_call
 
 # Any control token: <|x>, <|x|>, <x|>, and the named/unused pieces (docs/chat-format.md §1).
@@ -124,10 +124,11 @@ class StreamParser:
         if self._decoder and self.state != DONE:
             self.buf += self._decoder.decode(b"", final=True)
         self._pump(final=True)
-        if self.state == CALL:
+        cut = self.state == CALL  # the text ended inside a call (max_tokens)
+        if cut:
             self._end_call(self._begin_closed(), cut=True)
         if self.state != DONE:
-            self._done(None)
+            self._done(None, cut)
         return self._take()
 
     def _take(self):
@@ -388,11 +389,11 @@ class StreamParser:
         c, self._call = self._call, None
         streamed, self._args = self._args, None
         calls = list(map(self._call_out, parse_call_block(c["body"], self.tools)))
-        if cut and _name_only(calls[-1]):
+        calls[-1].truncated |= not closed  # the block's last call is the one its end reached
+        if cut and name_only(calls[-1]):
             self._warn(f"a tool call cut within its name ({calls[-1].raw.strip()[:40]!r}) dropped")
             calls.pop()
         for k, call in enumerate(calls):
-            call.truncated |= not closed
             call.id = f"call_{self._ncalls}"
             self._ncalls += 1
             if streamed is not None:  # the stream, if it started, was the block's first call
@@ -463,25 +464,19 @@ class StreamParser:
         self._events.append(Event("degenerate", reason))
         self._done(None)
 
-    def _done(self, stop):
+    def _done(self, stop, cut: bool = False):
+        """cut: the text ended inside a call: the reply is not a finished one."""
         self._close_segment()
         r = self.result
         r.stop_token, self.state = stop, DONE
-        # the text ran out (max_tokens) with no call, or inside one: a cut call is not a finished one
-        cut = stop is None and (not r.tool_calls or r.tool_calls[-1].truncated)
+        length = stop is None and (cut or not r.tool_calls)  # the text ran out (max_tokens)
         r.finish_reason = (
-            "degenerate_output" if r.degenerate else "length" if cut else "tool_calls" if r.tool_calls else "stop"
+            "degenerate_output" if r.degenerate else "length" if length else "tool_calls" if r.tool_calls else "stop"
         )
         self._events.append(Event("done", r.finish_reason))
 
     def _warn(self, msg: str):
         self.result.warnings.append(msg)
-
-
-def _name_only(call: ToolCall) -> bool:
-    """Whether a call's text ends with its name (nothing of its arguments written)."""
-    rest = call.raw.strip()
-    return (rest[5:] if rest.startswith("call:") else rest) == call.raw_name
 
 
 def parse(text, tools=None, **kw) -> ParseResult:

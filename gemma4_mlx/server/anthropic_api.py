@@ -226,8 +226,8 @@ async def _stream(server, handle, outs):
 
 class _Blocks:
     """A streamed message's content blocks: thinking, text, tool_use. `kind` says which
-    is open: reasoning, content or tool_use (a call: its start, its arguments' pieces,
-    then its end; the block closes when the next one starts)."""
+    is open: reasoning, content or tool_call_start (a tool_use block: the call's start,
+    its arguments' pieces, then its end; the block closes when the next one starts)."""
 
     def __init__(self):
         self.index, self.kind = -1, None

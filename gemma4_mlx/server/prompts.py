@@ -149,6 +149,8 @@ class Prompter:
         # budgets need both as tokens of their own (every Gemma 4 vocabulary has them)
         known = [i for i in (self.open_id, self.close_id) if isinstance(i, int) and i != tokenizer.unk_token_id]
         self.channel_ids = (self.open_id, self.close_id) if len(known) == 2 else None
+        if thinking_tokens is not None and not (type(thinking_tokens) is int and thinking_tokens >= 0):
+            raise ValueError(f"thinking_tokens {thinking_tokens!r}: expected an integer >= 0, or None for no limit")
         self.thinking_tokens = thinking_tokens
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 131072
         self.allow_local_files = allow_local_files
