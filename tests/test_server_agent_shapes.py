@@ -18,7 +18,7 @@ from anthropic import beta_tool
 import gemma4_mlx
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.prompt.template import render
-from gemma4_mlx.server import anthropic_api, openai_api, responses_api
+from gemma4_mlx.server import anthropic_api, openai_api, responses_input
 from gemma4_mlx.server.errors import APIError
 from gemma4_mlx.server.prompts import Prompter
 from gemma4_mlx.server.schemas import ChatCompletionRequest, MessagesRequest, ResponsesRequest
@@ -79,7 +79,7 @@ def test_responses_developer_items_between_turns(prompter):
         {"role": "developer", "content": [{"type": "input_text", "text": LATE}]},
     ]
     body = ResponsesRequest(model=NAME, input=items)
-    assert prompter.render(responses_api.conversation(body, prompter)[1]) == render(EXPECTED)
+    assert prompter.render(responses_input.conversation(body, prompter)[1]) == render(EXPECTED)
 
 
 @pytest.mark.parametrize(

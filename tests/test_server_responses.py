@@ -18,7 +18,8 @@ import gemma4_mlx
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.server.errors import APIError
 from gemma4_mlx.server.prompts import Prompter
-from gemma4_mlx.server.responses_api import Kept, _messages
+from gemma4_mlx.server.responses_api import Kept
+from gemma4_mlx.server.responses_input import _messages
 
 from helpers.live_server import live_server
 

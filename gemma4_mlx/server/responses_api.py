@@ -1,8 +1,7 @@
 """OpenAI's Responses API: POST /v1/responses (plain and streamed).
 
-A request's `input` (a string, or items: messages, `function_call`s, their
-`function_call_output`s, `reasoning`) becomes the same conversation the Chat
-Completions endpoint builds, so it renders, batches, caches and parses the same way.
+A request's `input` becomes the same conversation the Chat Completions endpoint
+builds (`responses_input`), so it renders, batches, caches and parses the same way.
 Responses are kept in memory (the last `KEPT_RESPONSES`, unless `store: false`) for
 `previous_response_id`: the earlier conversation and its reply go before the new
 input, whose cached prefix the engine then reuses. docs/serving.md §5.2.
@@ -20,8 +19,8 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from gemma4_mlx.server.errors import APIError, malformed_is_400, text_field
-from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
+from gemma4_mlx.server.errors import APIError
+from gemma4_mlx.server.responses_input import conversation, kept_reply, namespace_names
 from gemma4_mlx.server.results import (
     KEEP_ALIVE,
     Result,
@@ -36,11 +35,8 @@ from gemma4_mlx.server.results import (
 )
 from gemma4_mlx.server.schemas import ResponsesRequest
 
-_ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 KEPT_RESPONSES = 256
 KEPT_BYTES = 1 << 30  # text and decoded images / audio the kept responses may hold, all together
-# how input items become the messages check_roles counts
-_ORDER = "instructions first, a turn's function_calls one assistant message, empty user messages left out"
 
 
 def _weight(msgs: list, media: list) -> int:
@@ -82,184 +78,6 @@ class Kept:
             self.held += weight
             while len(self.items) > self.size or self.held > self.budget:
                 self.held -= self.items.popitem(last=False)[1][2]
-
-
-def _parts(content, where: str, prompter, media: list, user: bool, field: str = "content"):
-    """A message's content: text, or (user) parts with images as placeholders."""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for j, p in enumerate(content or []):
-        kind, at = p.get("type"), f"{where}.{field}[{j}]"
-        if kind in ("input_text", "output_text", "text"):
-            parts.append({"type": "text", "text": text_field(p, at)})
-        elif kind == "refusal":  # history from OpenAI's own models: what the assistant said
-            parts.append({"type": "text", "text": text_field({"text": p.get("refusal")}, at)})
-        elif kind == "input_image" and user:
-            url = p.get("image_url")
-            if not isinstance(url, str):
-                raise APIError(400, f"{at}: an input_image needs an image_url (a data: URI)", param="input")
-            prompter.add_image(media, url, at)
-            parts.append({"type": "image"})
-        else:
-            raise APIError(400, f"{at}: unsupported content part type {kind!r}", param="input")
-    if user:
-        return parts
-    return "".join(p["text"] for p in parts)
-
-
-def _call(item: dict, where: str) -> dict:
-    name, args = item.get("name"), item.get("arguments") or "{}"
-    if not isinstance(name, str) or not isinstance(args, str):
-        raise APIError(400, f"{where}: a function_call needs a name and arguments (a JSON string)", param="input")
-    if isinstance(item.get("namespace"), str):  # a namespace's function: declared as `namespace.name`
-        name = f"{item['namespace']}.{name}"
-    return {"id": item.get("call_id"), "type": "function", "function": {"name": name, "arguments": args}}
-
-
-def _empty(content) -> bool:
-    return not content or (isinstance(content, list) and all(p == {"type": "text", "text": ""} for p in content))
-
-
-def _tool_output(out, where: str, prompter, media: list) -> tuple[str, list]:
-    """A function_call_output's text, and the images it returned (placeholders)."""
-    if isinstance(out, str):
-        return out, []
-    parts = _parts(out, where, prompter, media, True, field="output")
-    return "".join(p["text"] for p in parts if p["type"] == "text"), [p for p in parts if p["type"] == "image"]
-
-
-def _messages(items: list, prompter, media: list) -> list[dict]:
-    """Input items -> Chat Completions messages (calls of one turn on one assistant
-    message).  Images a tool returned follow its results as a user turn, since tool
-    results are text.  Empty user turns (some clients put one before tool results)
-    are left out."""
-    msgs, names, thought, shown = [], {}, None, []
-    for i, item in enumerate(items):
-        where = f"input[{i}]"
-        kind = item.get("type", "message")
-        if kind not in ("function_call_output", "reasoning") and shown:
-            msgs.append({"role": "user", "content": shown})
-            shown = []
-        if kind == "message":
-            role = _ROLES.get(item.get("role"))
-            if role is None:
-                raise APIError(400, f"{where}.role: expected user, system, developer or assistant", param="input")
-            content = _parts(item.get("content"), where, prompter, media, role == "user")
-            if role == "user" and _empty(content):
-                continue
-            msgs.append({"role": role, "content": content})
-        elif kind == "function_call":
-            call = _call(item, where)
-            names[call["id"]] = call["function"]["name"]
-            if not (msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]):
-                msgs.append({"role": "assistant", "content": ""})
-            msgs[-1].setdefault("tool_calls", []).append(call)
-        elif kind == "function_call_output":
-            text, images = _tool_output(item.get("output"), where, prompter, media)
-            uid = item.get("call_id")
-            msgs.append({"role": "tool", "tool_call_id": uid, "name": names.get(uid, ""), "content": text})
-            shown += images
-        elif kind == "reasoning":
-            thought = "".join(c.get("text") or "" for c in item.get("content") or [] if isinstance(c, dict))
-            continue
-        else:
-            raise APIError(400, f"{where}: unsupported input item type {kind!r}", param="input")
-        if thought and msgs[-1]["role"] == "assistant":  # a reasoning item goes with the reply after it
-            msgs[-1]["reasoning_content"], thought = thought, None
-    return msgs + ([{"role": "user", "content": shown}] if shown else [])
-
-
-def _function(t: dict, prefix: str = "") -> dict:
-    fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if t.get(k) is not None}
-    if prefix and isinstance(fn.get("name"), str):
-        fn["name"] = prefix + fn["name"]
-    return {"type": "function", "function": fn}
-
-
-def _tools(tools) -> list[dict] | None:
-    """Function tools as Chat Completions declarations.  A namespace's functions are
-    declared as `namespace.name` (their calls carry `namespace` again, `_call_item`).
-    OpenAI's hosted tools (web search, file search, code interpreter, ...) are left
-    out: nothing here runs them, and clients such as Codex always send one."""
-    out = []
-    for i, t in enumerate(tools or []):
-        if not isinstance(t, dict):
-            raise APIError(400, f"tools[{i}]: expected a tool object", param="tools")
-        if t.get("type") == "function":
-            out.append(_function(t))
-        elif t.get("type") == "namespace" and isinstance(t.get("name"), str):
-            inner = t.get("tools") or []
-            out += [_function(f, t["name"] + ".") for f in inner if isinstance(f, dict) and f.get("type") == "function"]
-    return out or None
-
-
-def _namespaces(tools) -> list[str]:
-    return [t["name"] for t in tools or [] if isinstance(t, dict) and t.get("type") == "namespace" and t.get("name")]
-
-
-def _tool_choice(choice):
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"type": "function", "function": {"name": choice.get("name")}}
-    if isinstance(choice, dict):
-        raise APIError(400, f"tool_choice: unsupported type {choice.get('type')!r}", param="tool_choice")
-    return choice
-
-
-def _response_format(text: dict | None) -> dict | None:
-    """`text.format` as Chat Completions' `response_format`."""
-    fmt = (text or {}).get("format") or {}
-    kind = fmt.get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "json_object"}
-    if kind == "json_schema":
-        spec = {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}
-        return {"type": "json_schema", "json_schema": spec}
-    raise APIError(400, f"text.format: unsupported type {kind!r}", param="text")
-
-
-@malformed_is_400
-def conversation(body: ResponsesRequest, prompter, past: tuple[list, list] | None = None):
-    """(the conversation without instructions, for `Kept`; the `Conversation` to answer).
-    past: a kept response's (messages, media), which the input continues."""
-    if (body.model_extra or {}).get("conversation"):  # would silently lose the earlier turns
-        why = "conversation: the Conversations API is not served here; send the whole input or use previous_response_id"
-        raise APIError(400, why, param="conversation")
-    msgs, media = past or ([], [])
-    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
-    msgs += _messages(items, prompter, media)
-    if not msgs:
-        raise APIError(400, "input: no message to answer (only reasoning items?)", param="input")
-    history = list(msgs)
-    if body.instructions:  # the system prompt, before the input's own (one system turn)
-        first = msgs[0] if msgs and msgs[0]["role"] == "system" else None
-        joined = body.instructions + ("\n\n" + first["content"] if first else "")
-        msgs = [{"role": "system", "content": joined}, *(msgs[1:] if first else msgs)]
-    msgs, prefill = split_prefill(msgs)
-    try:
-        check_roles(msgs)
-    except APIError as e:  # it counts Chat Completions messages: say what they are here
-        raise APIError(400, f"input, read as a conversation ({_ORDER}): {e.message}", param="input") from None
-    effort = (body.reasoning or {}).get("effort")
-    choice = _tool_choice(body.tool_choice)
-    tools = select_tools(_tools(body.tools), choice)
-    fmt = _response_format(body.text)
-    return history, Conversation(msgs, media, tools, effort not in (None, "none", "minimal"), choice, fmt, prefill)
-
-
-def _kept_reply(history: list, prefill: str, output: list[dict]) -> list[dict]:
-    """The conversation with the reply (its output items) as an assistant message."""
-    reply = {"role": "assistant", "content": prefill}
-    for item in output:
-        if item["type"] == "message":
-            reply["content"] += "".join(p["text"] for p in item["content"])
-        elif item["type"] == "reasoning":
-            reply["reasoning_content"] = "".join(p["text"] for p in item["content"])
-        else:
-            reply.setdefault("tool_calls", []).append(_call(item, "output"))
-    return (history[:-1] if prefill else history) + [reply]  # a prefill is the reply's start
 
 
 # -- the response ------------------------------------------------------------------
@@ -373,14 +191,14 @@ def routes(server) -> APIRouter:
 
         def keep(output: list[dict]) -> None:
             if body.store is not False:
-                kept.put(envelope["id"], _kept_reply(built["history"], built["prefill"], output), built["media"])
+                kept.put(envelope["id"], kept_reply(built["history"], built["prefill"], output), built["media"])
 
         if body.stream:
             outs = await opened(handle, http)
             stream = with_heartbeats(_stream(server, handle, outs, envelope, keep), KEEP_ALIVE)
             return StreamingResponse(stream, media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
-        output = _output(r, _summarize(body.reasoning), _namespaces(body.tools))
+        output = _output(r, _summarize(body.reasoning), namespace_names(body.tools))
         keep(output)
         return _finished(envelope, output, r.usage, r.finish_reason)
 
@@ -404,7 +222,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
     output item opened, filled by deltas and closed; then the whole response."""
     ev, output, item = _Events(), [], None  # item: the open segment (kind, id, text)
     call = None  # the function_call item whose arguments are streaming
-    summarize, namespaces = _summarize(envelope["reasoning"]), _namespaces(envelope["tools"])
+    summarize, namespaces = _summarize(envelope["reasoning"]), namespace_names(envelope["tools"])
     yield ev("response.created", response=envelope)
     yield ev("response.in_progress", response=envelope)
     async for out in outs:
