@@ -202,6 +202,39 @@ def test_namespace_functions_and_hosted_tools_as_codex_sends_them(oa):
     assert answer.usage.input_tokens == chat.usage.prompt_tokens
 
 
+CUSTOM = {  # a freeform tool, as Codex declares `apply_patch`
+    "type": "custom",
+    "name": "note",
+    "description": "Write a note about the weather.",
+    "format": {"type": "grammar", "syntax": "lark", "definition": 'start: "Note: " /[^\\n]+/'},
+}
+
+
+def test_custom_tools_take_free_text(oa):
+    """A custom tool is declared as a function of one string (`input`; its grammar is
+    told to the model, not enforced); its call comes back as a custom_tool_call whose
+    input is that string, streamed as custom_tool_call_input events, and a
+    custom_tool_call with its output continues the conversation (also kept)."""
+    forced = dict(input=WEATHER, tools=[CUSTOM], tool_choice={"type": "custom", "name": "note"}, max_output_tokens=60)
+    r = oa.responses.create(model=NAME, temperature=0, **forced)
+    call = r.output[-1]
+    assert (call.type, call.name, r.status) == ("custom_tool_call", "note", "completed")
+    assert isinstance(call.input, str) and call.input and not call.input.startswith("{")
+    kinds, _, final = _streamed(oa, **forced)
+    assert (
+        kinds.count("response.custom_tool_call_input.delta") == 1
+        and "response.function_call_arguments.delta" not in kinds
+    )
+    assert [(o.type, o.input) for o in final.output] == [("custom_tool_call", call.input)]
+    result = {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "saved"}
+    echoed = {"type": "custom_tool_call", "call_id": call.call_id, "name": "note", "input": call.input}
+    answer = oa.responses.create(
+        model=NAME, input=[{"role": "user", "content": WEATHER}, echoed, result], tools=[CUSTOM], temperature=0
+    )
+    kept = oa.responses.create(model=NAME, previous_response_id=r.id, input=[result], tools=[CUSTOM], temperature=0)
+    assert answer.output_text == kept.output_text and answer.usage.input_tokens == kept.usage.input_tokens
+
+
 def test_previous_response_id_continues_the_conversation(oa):
     first = oa.responses.create(model=NAME, input=JAPAN, temperature=0, instructions="Be brief.")
     again = "And what is the capital of France?"

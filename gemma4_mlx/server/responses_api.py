@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError
-from gemma4_mlx.server.responses_input import conversation, kept_reply, namespace_names
+from gemma4_mlx.server.responses_input import conversation, kept_reply, tool_names
 from gemma4_mlx.server.results import (
     KEEP_ALIVE,
     Result,
@@ -121,12 +121,21 @@ def _text_part(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def _call_item(call, namespaces=(), item_id: str | None = None) -> dict:
-    """A function_call item; a call of `namespace.name` names its namespace apart."""
-    name, space = call.name, next((n for n in namespaces if call.name.startswith(n + ".")), None)
-    item = {"type": "function_call", "id": item_id or new_id("fc_"), "call_id": new_id("call_")}
+def _call_item(call, tools) -> dict:
+    """A function_call item (a call of `namespace.name` names its namespace apart), or
+    for a custom tool (`tools`: the request's) a custom_tool_call whose input is the
+    call's one `input` argument (the whole arguments' JSON if the model wrote others)."""
+    status = "incomplete" if call.truncated else "completed"
+    args = call.arguments
+    if call.name in tool_names(tools, "custom"):
+        text = args["input"] if set(args) == {"input"} and isinstance(args["input"], str) else arguments_json(call)
+        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": new_id("call_"), "name": call.name}
+        return item | {"input": text, "status": status}
+    name = call.name
+    space = next((n for n in tool_names(tools, "namespace") if name.startswith(n + ".")), None)
+    item = {"type": "function_call", "id": new_id("fc_"), "call_id": new_id("call_")}
     item |= {"name": name[len(space) + 1 :], "namespace": space} if space else {"name": name}
-    return item | {"arguments": arguments_json(call), "status": "incomplete" if call.truncated else "completed"}
+    return item | {"arguments": arguments_json(call), "status": status}
 
 
 def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:
@@ -164,11 +173,11 @@ def _finished(envelope: dict, output: list, usage, finish_reason: str) -> dict:
     return done | {"status": "completed"}
 
 
-def _output(r: Result, summarize: bool, namespaces: list[str]) -> list[dict]:
+def _output(r: Result, summarize: bool, tools) -> list[dict]:
     out = [_reasoning_item(r.reasoning, summarize=summarize)] if r.reasoning else []
     if r.content or not r.tool_calls:  # a message cut at max_output_tokens is incomplete, as OpenAI's
         out.append(_message_item(r.content, status="incomplete" if r.finish_reason == "length" else "completed"))
-    return out + [_call_item(c, namespaces) for c in r.tool_calls]
+    return out + [_call_item(c, tools) for c in r.tool_calls]
 
 
 def routes(server) -> APIRouter:
@@ -198,7 +207,7 @@ def routes(server) -> APIRouter:
             stream = with_heartbeats(_stream(server, handle, outs, envelope, keep), KEEP_ALIVE)
             return StreamingResponse(stream, media_type="text/event-stream")
         r = await collect(handle, http, server.metrics)
-        output = _output(r, _summarize(body.reasoning), namespace_names(body.tools))
+        output = _output(r, _summarize(body.reasoning), body.tools)
         keep(output)
         return _finished(envelope, output, r.usage, r.finish_reason)
 
@@ -222,7 +231,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
     output item opened, filled by deltas and closed; then the whole response."""
     ev, output, item = _Events(), [], None  # item: the open segment (kind, id, text)
     call = None  # the function_call item whose arguments are streaming
-    summarize, namespaces = _summarize(envelope["reasoning"]), namespace_names(envelope["tools"])
+    summarize = _summarize(envelope["reasoning"])
     yield ev("response.created", response=envelope)
     yield ev("response.in_progress", response=envelope)
     async for out in outs:
@@ -245,7 +254,7 @@ async def _stream(server, handle, outs, envelope: dict, keep):
                 yield x
             item = None
         if e.type.startswith("tool_call"):
-            events, call = _function_call(ev, e, call, output, namespaces)
+            events, call = _function_call(ev, e, call, output, envelope["tools"])
             for x in events:
                 yield x
             continue
@@ -288,18 +297,24 @@ def _close(ev, item, output: list, summarize: bool, cut: bool = False) -> list[s
     return [*events, ev("response.output_item.done", output_index=at["output_index"], item=done)]
 
 
-def _function_call(ev, e, call: dict | None, output: list, namespaces) -> tuple[list[str], dict | None]:
+def _function_call(ev, e, call: dict | None, output: list, tools) -> tuple[list[str], dict | None]:
     """The events of a parser's tool_call_start / _delta / tool_call event `e` (a call's
-    start, its arguments' pieces, its end), and the function_call item open after it."""
+    start, its arguments' pieces, its end), and the call item open after it. A custom
+    tool's input is text, not the JSON the pieces are of: it comes whole at the end."""
     if e.type == "tool_call_start":
-        opened = _call_item(e.call, namespaces) | {"arguments": "", "status": "in_progress"}
+        opened = _call_item(e.call, tools)
+        opened |= {"status": "in_progress", "input" if opened["type"] == "custom_tool_call" else "arguments": ""}
         return [ev("response.output_item.added", output_index=len(output), item=opened)], opened
-    at = dict(item_id=call["id"], output_index=len(output))
+    at, custom = dict(item_id=call["id"], output_index=len(output)), call["type"] == "custom_tool_call"
     if e.type == "tool_call_delta":
-        return [ev("response.function_call_arguments.delta", delta=e.text, **at)], call
-    done = _call_item(e.call, namespaces) | {"id": call["id"], "call_id": call["call_id"]}
+        return ([] if custom else [ev("response.function_call_arguments.delta", delta=e.text, **at)]), call
+    done = _call_item(e.call, tools) | {"id": call["id"], "call_id": call["call_id"]}
     output.append(done)
-    return [
-        ev("response.function_call_arguments.done", arguments=done["arguments"], name=done["name"], **at),
-        ev("response.output_item.done", output_index=at["output_index"], item=done),
-    ], None
+    if custom:
+        events = [
+            ev("response.custom_tool_call_input.delta", delta=done["input"], **at),
+            ev("response.custom_tool_call_input.done", input=done["input"], **at),
+        ]
+    else:
+        events = [ev("response.function_call_arguments.done", arguments=done["arguments"], name=done["name"], **at)]
+    return [*events, ev("response.output_item.done", output_index=at["output_index"], item=done)], None

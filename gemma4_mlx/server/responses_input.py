@@ -7,6 +7,8 @@ and parses the same way; and a finished response as history for
 
 from __future__ import annotations
 
+import json
+
 from gemma4_mlx.server.errors import APIError, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
 from gemma4_mlx.server.schemas import ResponsesRequest
@@ -41,7 +43,15 @@ def _parts(content, where: str, prompter, media: list, user: bool, field: str = 
 
 
 def _call(item: dict, where: str) -> dict:
-    name, args = item.get("name"), item.get("arguments") or "{}"
+    """A function_call or custom_tool_call item as a Chat Completions tool call (a
+    custom tool's input as the one argument `input`, as it is declared: `_custom`)."""
+    if item.get("type") == "custom_tool_call":
+        name, text = item.get("name"), item.get("input")
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise APIError(400, f"{where}: a custom_tool_call needs a name and an input (a string)", param="input")
+        args = json.dumps({"input": text}, ensure_ascii=False)
+    else:
+        name, args = item.get("name"), item.get("arguments") or "{}"
     if not isinstance(name, str) or not isinstance(args, str):
         raise APIError(400, f"{where}: a function_call needs a name and arguments (a JSON string)", param="input")
     if isinstance(item.get("namespace"), str):  # a namespace's function: declared as `namespace.name`
@@ -70,7 +80,7 @@ def _messages(items: list, prompter, media: list) -> list[dict]:
     for i, item in enumerate(items):
         where = f"input[{i}]"
         kind = item.get("type", "message")
-        if kind not in ("function_call_output", "reasoning") and shown:
+        if kind not in ("function_call_output", "custom_tool_call_output", "reasoning") and shown:
             msgs.append({"role": "user", "content": shown})
             shown = []
         if kind == "message":
@@ -81,13 +91,13 @@ def _messages(items: list, prompter, media: list) -> list[dict]:
             if role == "user" and _empty(content):
                 continue
             msgs.append({"role": role, "content": content})
-        elif kind == "function_call":
+        elif kind in ("function_call", "custom_tool_call"):
             call = _call(item, where)
             names[call["id"]] = call["function"]["name"]
             if not (msgs and msgs[-1]["role"] == "assistant" and not msgs[-1]["content"]):
                 msgs.append({"role": "assistant", "content": ""})
             msgs[-1].setdefault("tool_calls", []).append(call)
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             text, images = _tool_output(item.get("output"), where, prompter, media)
             uid = item.get("call_id")
             msgs.append({"role": "tool", "tool_call_id": uid, "name": names.get(uid, ""), "content": text})
@@ -109,29 +119,44 @@ def _function(t: dict, prefix: str = "") -> dict:
     return {"type": "function", "function": fn}
 
 
+def _custom(t: dict) -> dict:
+    """A custom (freeform) tool as a function of one string, `input`; its format (a
+    Lark or regex grammar, or plain text) is told to the model, not enforced."""
+    fmt = t.get("format") if isinstance(t.get("format"), dict) else {}
+    how = "The tool's whole input, as free text."
+    if fmt.get("type") == "grammar" and isinstance(fmt.get("definition"), str):
+        how = f"The tool's whole input, text following this {fmt.get('syntax') or ''} grammar:\n{fmt['definition']}"
+    params = {"type": "object", "properties": {"input": {"type": "string", "description": how}}, "required": ["input"]}
+    return _function({"name": t.get("name"), "description": t.get("description"), "parameters": params})
+
+
 def _tools(tools) -> list[dict] | None:
-    """Function tools as Chat Completions declarations.  A namespace's functions are
-    declared as `namespace.name` (their calls carry `namespace` again, `_call_item`).
-    OpenAI's hosted tools (web search, file search, code interpreter, ...) are left
-    out: nothing here runs them, and clients such as Codex always send one."""
+    """Function and custom tools as Chat Completions declarations.  A namespace's
+    functions are declared as `namespace.name` (their calls carry `namespace` again,
+    `_call_item`); a custom tool as a function of one string (`_custom`). OpenAI's
+    hosted tools (web search, file search, code interpreter, ...) are left out:
+    nothing here runs them, and clients such as Codex always send one."""
     out = []
     for i, t in enumerate(tools or []):
         if not isinstance(t, dict):
             raise APIError(400, f"tools[{i}]: expected a tool object", param="tools")
         if t.get("type") == "function":
             out.append(_function(t))
+        elif t.get("type") == "custom":
+            out.append(_custom(t))
         elif t.get("type") == "namespace" and isinstance(t.get("name"), str):
             inner = t.get("tools") or []
             out += [_function(f, t["name"] + ".") for f in inner if isinstance(f, dict) and f.get("type") == "function"]
     return out or None
 
 
-def namespace_names(tools) -> list[str]:
-    return [t["name"] for t in tools or [] if isinstance(t, dict) and t.get("type") == "namespace" and t.get("name")]
+def tool_names(tools, kind: str) -> list[str]:
+    """The names of a request's tools of one type (namespace, custom)."""
+    return [t["name"] for t in tools or [] if isinstance(t, dict) and t.get("type") == kind and t.get("name")]
 
 
 def _tool_choice(choice):
-    if isinstance(choice, dict) and choice.get("type") == "function":
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
         return {"type": "function", "function": {"name": choice.get("name")}}
     if isinstance(choice, dict):
         raise APIError(400, f"tool_choice: unsupported type {choice.get('type')!r}", param="tool_choice")
