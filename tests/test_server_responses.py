@@ -16,9 +16,10 @@ from PIL import Image
 
 import gemma4_mlx
 from gemma4_mlx.demo import DEMO_MODEL
+from gemma4_mlx.prompt.arguments import ToolCall
 from gemma4_mlx.server.errors import APIError
 from gemma4_mlx.server.prompts import Prompter
-from gemma4_mlx.server.responses_api import Kept
+from gemma4_mlx.server.responses_api import Kept, _call_item
 from gemma4_mlx.server.responses_input import _messages
 
 from helpers.live_server import live_server
@@ -233,6 +234,43 @@ def test_custom_tools_take_free_text(oa):
     )
     kept = oa.responses.create(model=NAME, previous_response_id=r.id, input=[result], tools=[CUSTOM], temperature=0)
     assert answer.output_text == kept.output_text and answer.usage.input_tokens == kept.usage.input_tokens
+
+
+def test_custom_tools_in_namespaces_and_what_is_refused(oa):
+    """A namespace's custom tool is declared `namespace.name` and its call names the
+    namespace apart; a name declared twice, a forced tool no one declared and a tool
+    output of the wrong type are one-line 400s naming the field."""
+    spaced = {"type": "namespace", "name": "ns", "description": "Notes.", "tools": [CUSTOM]}
+    r = oa.responses.create(
+        model=NAME, input=WEATHER, tools=[spaced], tool_choice={"type": "custom", "name": "ns.note"}, temperature=0
+    )
+    assert [(o.type, o.namespace, o.name) for o in r.output] == [("custom_tool_call", "ns", "note")]
+    twice = [CUSTOM, {"type": "function", "name": "note", "parameters": {"type": "object"}}]
+    cases = [
+        (dict(tools=twice), "tools[1]: the name 'note' is declared twice (also tools[0])"),
+        (dict(tool_choice={"type": "custom", "name": "note"}), "tool_choice names 'note', but the request declares no"),
+        (dict(input=[{"type": "custom_tool_call_output", "call_id": "c", "output": 5}]), "input[0].output: expected"),
+        (dict(input=[{"type": "function_call_output", "call_id": ["c"], "output": "x"}]), "input[0].call_id: expected"),
+    ]
+    for args, says in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.responses.create(**({"model": NAME, "input": WEATHER} | args))
+        assert says in e.value.body["message"], args
+
+
+def test_a_custom_call_s_input_when_the_model_strays():
+    """The one string argument is the input whatever the model named it; nothing
+    written yet is empty; anything else stays as its JSON."""
+    tools = [CUSTOM]
+    for arguments, expected in (
+        ({"input": "Note: sunny"}, "Note: sunny"),
+        ({"text": "Note: rain"}, "Note: rain"),
+        ({}, ""),
+        ({"in": None}, ""),
+        ({"input": 5}, '{"input": 5}'),
+    ):
+        item = _call_item(ToolCall("note", arguments), tools)
+        assert (item["type"], item["input"]) == ("custom_tool_call", expected), arguments
 
 
 def test_previous_response_id_continues_the_conversation(oa):

@@ -105,12 +105,21 @@ def _check_declaration(tool, where: str) -> None:
 def select_tools(tools: list[dict] | None, choice) -> list[dict] | None:
     """The tools the prompt declares for a tool_choice (auto, none, required or a named
     function: only that one); `Prompter.constraint` enforces required / named."""
-    if not tools or choice == "none":
+    if choice == "none":
         return None
+    name = (choice.get("function") or {}).get("name") or choice.get("name") if isinstance(choice, dict) else None
+    if not tools:
+        if isinstance(choice, dict):  # forcing a tool no one declared would be ignored
+            raise APIError(400, f"tool_choice names {name!r}, but the request declares no tools", param="tool_choice")
+        return None
+    seen: dict = {}
     for i, t in enumerate(tools):
         _check_declaration(t, f"tools[{i}]")
+        own = (t.get("function") or t).get("name")
+        if own in seen:  # a call of it could not say which one it is
+            raise APIError(400, f"tools[{i}]: the name {own!r} is declared twice (also tools[{seen[own]}])", "tools")
+        seen[own] = i
     if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name") or choice.get("name")
         picked = [t for t in tools if (t.get("function") or t).get("name") == name]
         if not picked:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")

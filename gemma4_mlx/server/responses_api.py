@@ -122,20 +122,26 @@ def _text_part(text: str) -> dict:
 
 
 def _call_item(call, tools) -> dict:
-    """A function_call item (a call of `namespace.name` names its namespace apart), or
-    for a custom tool (`tools`: the request's) a custom_tool_call whose input is the
-    call's one `input` argument (the whole arguments' JSON if the model wrote others)."""
-    status = "incomplete" if call.truncated else "completed"
-    args = call.arguments
-    if call.name in tool_names(tools, "custom"):
-        text = args["input"] if set(args) == {"input"} and isinstance(args["input"], str) else arguments_json(call)
-        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": new_id("call_"), "name": call.name}
-        return item | {"input": text, "status": status}
-    name = call.name
+    """A function_call item, or for a custom tool (`tools`: the request's) a
+    custom_tool_call; a call of `namespace.name` names its namespace apart."""
+    status, name = "incomplete" if call.truncated else "completed", call.name
     space = next((n for n in tool_names(tools, "namespace") if name.startswith(n + ".")), None)
+    named = {"name": name[len(space) + 1 :], "namespace": space} if space else {"name": name}
+    if name in tool_names(tools, "custom"):
+        item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": new_id("call_")}
+        return item | named | {"input": _custom_input(call), "status": status}
     item = {"type": "function_call", "id": new_id("fc_"), "call_id": new_id("call_")}
-    item |= {"name": name[len(space) + 1 :], "namespace": space} if space else {"name": name}
-    return item | {"arguments": arguments_json(call), "status": status}
+    return item | named | {"arguments": arguments_json(call), "status": status}
+
+
+def _custom_input(call) -> str:
+    """A custom tool's input: its one string argument (`input` as declared, or however
+    the model named it); nothing written yet (`{}`, a call cut within its key) is
+    empty; anything else is the arguments' JSON."""
+    values = list(call.arguments.values())
+    if len(values) == 1 and isinstance(values[0], str):
+        return values[0]
+    return "" if all(v is None for v in values) else arguments_json(call)
 
 
 def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:

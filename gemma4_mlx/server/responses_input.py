@@ -67,6 +67,8 @@ def _tool_output(out, where: str, prompter, media: list) -> tuple[str, list]:
     """A function_call_output's text, and the images it returned (placeholders)."""
     if isinstance(out, str):
         return out, []
+    if not isinstance(out, list):
+        raise APIError(400, f"{where}.output: expected a string or a list of content parts", param="input")
     parts = _parts(out, where, prompter, media, True, field="output")
     return "".join(p["text"] for p in parts if p["type"] == "text"), [p for p in parts if p["type"] == "image"]
 
@@ -100,6 +102,8 @@ def _messages(items: list, prompter, media: list) -> list[dict]:
         elif kind in ("function_call_output", "custom_tool_call_output"):
             text, images = _tool_output(item.get("output"), where, prompter, media)
             uid = item.get("call_id")
+            if not isinstance(uid, (str, type(None))):
+                raise APIError(400, f"{where}.call_id: expected a string", param="input")
             msgs.append({"role": "tool", "tool_call_id": uid, "name": names.get(uid, ""), "content": text})
             shown += images
         elif kind == "reasoning":
@@ -119,15 +123,16 @@ def _function(t: dict, prefix: str = "") -> dict:
     return {"type": "function", "function": fn}
 
 
-def _custom(t: dict) -> dict:
+def _custom(t: dict, prefix: str = "") -> dict:
     """A custom (freeform) tool as a function of one string, `input`; its format (a
     Lark or regex grammar, or plain text) is told to the model, not enforced."""
     fmt = t.get("format") if isinstance(t.get("format"), dict) else {}
     how = "The tool's whole input, as free text."
     if fmt.get("type") == "grammar" and isinstance(fmt.get("definition"), str):
-        how = f"The tool's whole input, text following this {fmt.get('syntax') or ''} grammar:\n{fmt['definition']}"
+        syntax = fmt.get("syntax") if isinstance(fmt.get("syntax"), str) else "formal"
+        how = f"The tool's whole input, text following this {syntax} grammar:\n{fmt['definition']}"
     params = {"type": "object", "properties": {"input": {"type": "string", "description": how}}, "required": ["input"]}
-    return _function({"name": t.get("name"), "description": t.get("description"), "parameters": params})
+    return _function({"name": t.get("name"), "description": t.get("description"), "parameters": params}, prefix)
 
 
 def _tools(tools) -> list[dict] | None:
@@ -145,14 +150,22 @@ def _tools(tools) -> list[dict] | None:
         elif t.get("type") == "custom":
             out.append(_custom(t))
         elif t.get("type") == "namespace" and isinstance(t.get("name"), str):
-            inner = t.get("tools") or []
-            out += [_function(f, t["name"] + ".") for f in inner if isinstance(f, dict) and f.get("type") == "function"]
+            for f in t.get("tools") or []:
+                if isinstance(f, dict) and f.get("type") in ("function", "custom"):
+                    out.append((_function if f["type"] == "function" else _custom)(f, t["name"] + "."))
     return out or None
 
 
 def tool_names(tools, kind: str) -> list[str]:
-    """The names of a request's tools of one type (namespace, custom)."""
-    return [t["name"] for t in tools or [] if isinstance(t, dict) and t.get("type") == kind and t.get("name")]
+    """The names of a request's tools of one type (namespace, custom) as declared: a
+    namespace's own as `namespace.name`."""
+    names = []
+    for t in tools or []:
+        if isinstance(t, dict) and t.get("type") == kind and isinstance(t.get("name"), str):
+            names.append(t["name"])
+        if isinstance(t, dict) and t.get("type") == "namespace" and isinstance(t.get("name"), str):
+            names += [f"{t['name']}.{n}" for n in tool_names(t.get("tools"), kind)]
+    return names
 
 
 def _tool_choice(choice):
