@@ -160,3 +160,12 @@ def test_batched_and_speculative_replies_keep_their_budgets(demo, an):
         assert greedy.choices[0].message.model_extra["reasoning_content"] == alone[1][0]
         sampled = oa.chat.completions.create(temperature=1.0, seed=5, n=2, **ask)
         assert sampled.usage.completion_tokens_details.reasoning_tokens == 2 * (8 + 1)  # both choices, each cut
+    plain = openai.OpenAI(base_url=str(an.base_url).rstrip("/") + "/v1", api_key="x", max_retries=0, timeout=60)
+    ask = dict(model=NAME, messages=JAPAN, reasoning_effort="high", max_tokens=120, temperature=0)
+    for budget, (thought, answer) in ((3, alone[0]), (8, alone[1])):  # vLLM's thinking_token_budget
+        r = plain.chat.completions.create(extra_body={"thinking_token_budget": budget}, **ask)
+        message = r.choices[0].message
+        assert (message.model_extra["reasoning_content"], message.content) == (thought, answer)
+        effort, extra = {"effort": "high"}, {"thinking_token_budget": budget}
+        r = plain.responses.create(model=NAME, input=JAPAN, reasoning=effort, temperature=0, extra_body=extra)
+        assert (r.output[0].content[0].text, r.output_text) == (thought, answer)

@@ -104,7 +104,8 @@ def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
     else:
         thinking = body.reasoning_effort not in (None, "none", "minimal")
     tools = select_tools(body.tools, body.tool_choice)
-    return Conversation(msgs, media, tools, thinking, body.tool_choice, body.response_format, prefill)
+    budget = body.thinking_token_budget
+    return Conversation(msgs, media, tools, thinking, body.tool_choice, body.response_format, prefill, budget)
 
 
 def _tool_calls(result: Result) -> list[dict]:

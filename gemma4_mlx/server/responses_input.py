@@ -216,7 +216,8 @@ def conversation(body: ResponsesRequest, prompter, past: tuple[list, list] | Non
     choice = _tool_choice(body.tool_choice)
     tools = select_tools(_tools(body.tools), choice)
     fmt = _response_format(body.text)
-    return history, Conversation(msgs, media, tools, effort not in (None, "none", "minimal"), choice, fmt, prefill)
+    thinking = effort not in (None, "none", "minimal")
+    return history, Conversation(msgs, media, tools, thinking, choice, fmt, prefill, body.thinking_token_budget)
 
 
 def kept_reply(history: list, prefill: str, output: list[dict]) -> list[dict]:

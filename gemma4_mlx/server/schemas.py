@@ -71,6 +71,7 @@ class ChatCompletionRequest(OpenAISampling):
     stop: str | list[str] | None = None
     reasoning_effort: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    thinking_token_budget: int | None = Field(None, ge=0)  # vLLM's extension: most thinking tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
@@ -103,6 +104,7 @@ class ResponsesRequest(Sampling):
     metadata: dict[str, Any] | None = None
     previous_response_id: str | None = None
     store: bool | None = None
+    thinking_token_budget: int | None = Field(None, ge=0)  # as in Chat Completions (vLLM's extension)
 
 
 # -- Anthropic --------------------------------------------------------------------
