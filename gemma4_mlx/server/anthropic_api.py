@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
-from gemma4_mlx.server.results import arguments_json, collect, failure, new_id, opened, ttft, with_heartbeats
+from gemma4_mlx.server.results import collect, failure, new_id, opened, ttft, with_heartbeats
 from gemma4_mlx.server.schemas import CountTokensRequest, MessagesRequest
 
 _STOP = {"tool_calls": "tool_use", "length": "max_tokens"}
@@ -168,7 +168,7 @@ def routes(server) -> APIRouter:
         if r.content or not r.tool_calls:
             content.append({"type": "text", "text": r.content})
         content += [
-            {"type": "tool_use", "id": new_id("toolu_"), "name": c.name, "input": json.loads(arguments_json(c))}
+            {"type": "tool_use", "id": new_id("toolu_"), "name": c.name, "input": json.loads(c.arguments_json)}
             for c in r.tool_calls
         ]
         return {

@@ -20,7 +20,6 @@ from gemma4_mlx.server.prompts import (
 from gemma4_mlx.server.results import (
     KEEP_ALIVE,
     Result,
-    arguments_json,
     chat_logprobs,
     collect_all,
     completion_logprobs,
@@ -110,7 +109,7 @@ def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
 
 def _tool_calls(result: Result) -> list[dict]:
     return [
-        {"id": new_id("call_"), "type": "function", "function": {"name": c.name, "arguments": arguments_json(c)}}
+        {"id": new_id("call_"), "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
         for c in result.tool_calls
     ]
 

@@ -24,7 +24,6 @@ from gemma4_mlx.server.responses_input import conversation, kept_reply, tool_nam
 from gemma4_mlx.server.results import (
     KEEP_ALIVE,
     Result,
-    arguments_json,
     collect,
     failure,
     new_id,
@@ -131,7 +130,7 @@ def _call_item(call, tools) -> dict:
         item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": new_id("call_")}
         return item | named | {"input": _custom_input(call), "status": status}
     item = {"type": "function_call", "id": new_id("fc_"), "call_id": new_id("call_")}
-    return item | named | {"arguments": arguments_json(call), "status": status}
+    return item | named | {"arguments": call.arguments_json, "status": status}
 
 
 def _custom_input(call) -> str:
@@ -141,7 +140,7 @@ def _custom_input(call) -> str:
     values = list(call.arguments.values())
     if len(values) == 1 and isinstance(values[0], str):
         return values[0]
-    return "" if all(v is None for v in values) else arguments_json(call)
+    return "" if all(v is None for v in values) else call.arguments_json
 
 
 def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:

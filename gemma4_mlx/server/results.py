@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -28,12 +27,6 @@ class Result:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:24]}"
-
-
-def arguments_json(call) -> str:
-    """A parsed tool call's arguments as a JSON object string."""
-    args = call.arguments if isinstance(call.arguments, dict) else {}
-    return json.dumps(args, ensure_ascii=False)
 
 
 def ttft(handle: RequestHandle) -> float | None:
