@@ -125,9 +125,9 @@ class Chat:
         self.max_rollback = slack_tokens(model.config, max_rollback, _act_bytes(model), kv_bits)
         self.thinking_budget = thinking_budget
         self.drafter, self.draft_tokens = drafter, draft_tokens
-        DraftPolicy.for_setting(draft_tokens)  # a wrong value is refused now, not at the first send
         self.strict_tools = strict_tools
-        self._policy = None  # the draft-length policy learns across turns
+        # the draft-length policy learns across turns; a wrong value is refused now, not at the first send
+        self._policy = DraftPolicy.for_setting(draft_tokens)
         self._streaming: Iterator[Event] | None = None  # the last stream(), until the next turn
         self._reader: int | None = None  # the thread reading it
         self._stop_asked = threading.Event()  # stop() from another thread: the reader ends the reply
@@ -360,8 +360,6 @@ class Chat:
                 stats=stats,
                 media=media,
             )
-        if self._policy is None:
-            self._policy = DraftPolicy.for_setting(self.draft_tokens)
         return speculative_generate_tokens(
             self.model,
             self.drafter,
