@@ -133,6 +133,31 @@ def test_malformed_tool_declarations_are_a_400(oa):
         assert says in e.value.body["message"], e.value.body
 
 
+def test_a_schema_the_grammar_cannot_enforce_frees_only_a_tool_that_is_not_strict(oa):
+    """A forced tool whose schema has keywords the call grammar cannot enforce
+    (`minimum`, `pattern`) is still called, its arguments free (this was a 400 that
+    OpenAI does not give); declared `strict`, the same tool is a 400 naming them."""
+    props = {"city": {"type": "string", "pattern": "^[A-Z]"}, "days": {"type": "integer", "minimum": 1}}
+    fn = {"name": "forecast", "description": "Forecast a city's weather.", "parameters": {"type": "object"}}
+    fn["parameters"]["properties"] = props
+    named = {"type": "function", "function": {"name": "forecast"}}
+    for choice in (named, "required"):
+        r = oa.chat.completions.create(
+            model=NAME, messages=JAPAN, tools=[{"type": "function", "function": fn}], tool_choice=choice, temperature=0
+        )
+        calls = r.choices[0].message.tool_calls
+        assert calls and {c.function.name for c in calls} == {"forecast"}, choice
+        assert all(isinstance(json.loads(c.function.arguments), dict) for c in calls)
+    strict = [{"type": "function", "function": fn | {"strict": True}}]
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=NAME, messages=JAPAN, tools=strict, tool_choice=named)
+    assert "tools.forecast.parameters.city: strict tool calls cannot enforce ['pattern']" in e.value.body["message"]
+    # a strict tool beside it constrains the request; the loose one is still callable
+    beside = [{"type": "function", "function": fn}, TOOLS[0] | {"function": TOOLS[0]["function"] | {"strict": True}}]
+    r = oa.chat.completions.create(model=NAME, messages=JAPAN, tools=beside, tool_choice=named, temperature=0)
+    assert [c.function.name for c in r.choices[0].message.tool_calls] == ["forecast"]
+
+
 def test_grammar_engine_failures_are_a_400_not_a_finished_answer(oa):
     """A `$ref` loop fails at the engine's first mask (now before anything runs); a
     pattern past the engine's limits failed only mid-output, and the reply used to end

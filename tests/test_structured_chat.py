@@ -13,7 +13,7 @@ import pytest
 import gemma4_mlx
 from gemma4_mlx.chat.session import Chat
 from gemma4_mlx.constrain import ConstraintError, bind
-from gemma4_mlx.constrain.tools import tool_call_grammar
+from gemma4_mlx.constrain.tools import INPUT_FORMAT, tool_call_grammar
 from gemma4_mlx.demo import DEMO_DRAFTER, DEMO_MODEL
 from gemma4_mlx.prompt.parser import parse
 from gemma4_mlx.prompt.tokens import encode_prompt
@@ -138,6 +138,36 @@ def test_tool_schemas_the_grammar_cannot_enforce_are_refused(demo):
     bad = {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}
     with pytest.raises(ConstraintError, match=r"tools.f.parameters.x: strict tool calls cannot enforce \['pattern'\]"):
         tool_call_grammar([bad], tok.convert_tokens_to_ids)
+
+
+def test_a_custom_input_grammar_and_loose_schemas(demo):
+    """A declaration's INPUT_FORMAT makes its `input` string a sentence of that Lark or
+    regex grammar; `loose` frees the arguments of a tool not declared strict whose
+    schema has what the grammar cannot enforce (and only then)."""
+    model, tok = demo
+    string = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
+    note = {"name": "note", "parameters": string}
+    loose = _fn(_obj({"type": "integer", "minimum": 0}))
+    stops = sorted(set(model.config.eos_ids))
+
+    def allowed(fmt, text) -> bool:
+        g = tool_call_grammar([note | {INPUT_FORMAT: fmt}, loose], tok.convert_tokens_to_ids, loose=True)
+        ids = tok.encode(f"<|tool_call>call:{text}<tool_call|>", add_special_tokens=False)
+        return bind(g, tok, model.config.vocab_size, stops).valid_prefix(ids) == len(ids)
+
+    lark = {"syntax": "lark", "definition": 'start: "Note: " /[a-z]+/'}
+    assert allowed(lark, 'note{input:<|"|>Note: sunny<|"|>}')
+    assert not allowed(lark, 'note{input:<|"|>Note: Sunny<|"|>}')
+    assert not allowed(lark, 'note{text:<|"|>Note: sunny<|"|>}')
+    regex = {"syntax": "regex", "definition": "[0-9]{2} degrees"}
+    assert allowed(regex, 'note{input:<|"|>21 degrees<|"|>}')
+    assert not allowed(regex, 'note{input:<|"|>210 degrees<|"|>}')
+    assert allowed(lark, 'f{x:-5,y:<|"|>free<|"|>}')  # `minimum` is not enforced: the arguments are free
+    with pytest.raises(ConstraintError, match=r"tools.f.parameters.x: strict tool calls cannot enforce \['minimum'\]"):
+        tool_call_grammar([loose | {"strict": True}], tok.convert_tokens_to_ids, loose=True)
+    with pytest.raises(ConstraintError, match=r"tools.note.format: at 1\(8\): unknown name"):
+        bad = {"syntax": "lark", "definition": "start: x"}
+        tool_call_grammar([note | {INPUT_FORMAT: bad}], tok.convert_tokens_to_ids)
 
 
 def _fn(parameters, name="f") -> dict:

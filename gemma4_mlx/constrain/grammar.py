@@ -68,10 +68,15 @@ def json_object() -> Grammar:
 def regex(pattern: str, what: str = "regex") -> Grammar:
     """Output: a string that fully matches `pattern` (Rust `regex` syntax; `\\d` is
     [0-9] as in JSON Schema and most users' reading, `\\w` / `\\s` stay Unicode)."""
+    source = llg.LLMatcher.grammar_from_lark(regex_lark(pattern, what))
+    return Grammar("regex", source, what).check()
+
+
+def regex_lark(pattern: str, what: str = "regex") -> str:
+    """The Lark text of `regex`'s grammar (also a custom tool's input, `nested`)."""
     if not isinstance(pattern, str) or not pattern:
         raise ConstraintError(f"{what}: expected a non-empty pattern")
-    source = llg.LLMatcher.grammar_from_lark(f"start: /{llg.regex_to_lark(pattern, use_ascii='d')}/")
-    return Grammar("regex", source, what).check()
+    return f"start: /{llg.regex_to_lark(pattern, use_ascii='d')}/"
 
 
 def lark(text: str, what: str = "grammar") -> Grammar:
@@ -80,6 +85,17 @@ def lark(text: str, what: str = "grammar") -> Grammar:
     if not isinstance(text, str) or not text.strip():
         raise ConstraintError(f"{what}: expected grammar text")
     return Grammar("lark", llg.LLMatcher.grammar_from_lark(text), what).check()
+
+
+def nested(main: str, subgrammars: dict[str, str], what: str) -> Grammar:
+    """`main` (Lark text) whose `@NAME` items are sentences of `subgrammars[NAME]`
+    (Lark text, `start` its root).  Each runs with its own lexer, so its tokens and
+    main's never clash: a custom tool's input grammar inside a tool call.  (Check
+    each alone first with `lark`, so that an error names where it came from.)"""
+    if not subgrammars:
+        return lark(main, what)
+    grammars = [{"lark_grammar": main}] + [{"name": n, "lark_grammar": t} for n, t in subgrammars.items()]
+    return Grammar("lark", json.dumps({"grammars": grammars}), what).check()
 
 
 def constraint_from_response_format(response_format: dict | None) -> Grammar | None:

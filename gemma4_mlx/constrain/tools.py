@@ -9,7 +9,10 @@ the parameter's schema in Gemma's value syntax: strings between `<|"|>` tokens,
 bare numbers, true / false / null, [...] lists, {key:value} maps.  This translates
 the small schema vocabulary `prompt.tool_schema` produces (type, enum, items,
 properties, required, nullable, maxLength, additionalProperties: false); anything
-else is refused.
+else is refused, unless the grammar is `loose` (the server's): then only for a tool
+declared `strict`, and another tool's calls take any arguments.  A declaration with
+an `input_format` (INPUT_FORMAT: a custom tool, one string argument `input`) has
+that string follow its own Lark or regex grammar.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from gemma4_mlx.constrain.grammar import ConstraintError, Grammar, lark
+from gemma4_mlx.constrain.grammar import ConstraintError, Grammar, lark, nested, regex_lark
 from gemma4_mlx.prompt.arguments import _NAME
 from gemma4_mlx.prompt.tool_schema import tool_schema
 
@@ -32,6 +35,10 @@ MAX_STRING = 1 << 20  # maxLength the grammar engine is asked to count to
 # parser reads as a call written without its <|tool_call> token (docs/chat-format.md
 # §10 #1): such a "text" would be a call whose arguments no schema checked.
 TEXT = r"TEXT: /(?s:\s*([^\sc].*|c([^a].*)?|ca([^l].*)?|cal([^l].*)?|call([^:].*)?)|\s+)/"
+# A declaration's key for its one string argument's grammar, {"syntax": "lark" or
+# "regex", "definition": text}: what the server makes of OpenAI's custom tools.  The
+# prompt does not render it (the server tells the model the grammar in the description).
+INPUT_FORMAT = "input_format"
 
 
 def _lit(s: str) -> str:
@@ -134,6 +141,34 @@ class _Writer:
         self.any()
         return "anymap"
 
+    def any_members(self) -> str:
+        """Any key:value pairs (a call of a tool whose schema is not enforced)."""
+        self.any()
+        return '(anykey ":" anyval ("," anykey ":" anyval)*)?'
+
+    def arguments(self, fn: Mapping, subgrammars: dict[str, str], loose: bool) -> str:
+        """One call's arguments: a custom tool's `input` in its own grammar (added to
+        `subgrammars`); else the schema's members; else, when `loose`, for a tool
+        not declared strict whose schema has what the grammar cannot enforce, any
+        arguments."""
+        where = f"tools.{fn['name']}"
+        if fn.get(INPUT_FORMAT) is not None:
+            name = f"input{len(subgrammars) + 1}"
+            subgrammars[name] = _input_grammar(fn[INPUT_FORMAT], f"{where}.format")
+            return f'"input:" <[{self.q}]> @{name} <[{self.q}]>'
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        if not params.get("properties"):
+            return '""'
+        mark = len(self.rules), self.n, self.has_any
+        try:
+            return self.members(params, f"{where}.parameters")
+        except ConstraintError:
+            if not loose or fn.get("strict"):
+                raise
+            del self.rules[mark[0] :]
+            self.n, self.has_any = mark[1], mark[2]
+            return self.any_members()
+
 
 def _max_length(value, where: str) -> int | None:
     if value is None:
@@ -142,6 +177,21 @@ def _max_length(value, where: str) -> int | None:
     if not whole or isinstance(value, bool) or not 0 <= value <= MAX_STRING:
         raise ConstraintError(f"{where}.maxLength: expected an integer from 0 to {MAX_STRING}, got {value!r}")
     return int(value)
+
+
+def _input_grammar(fmt, where: str) -> str:
+    """The Lark text of a custom tool's input format, checked on its own."""
+    if not isinstance(fmt, Mapping) or not isinstance(fmt.get("definition"), str):
+        raise ConstraintError(f"{where}: expected a grammar definition (text)")
+    syntax = fmt.get("syntax")
+    if syntax == "regex":
+        text = regex_lark(fmt["definition"], where)
+    elif syntax == "lark":
+        text = fmt["definition"]
+    else:
+        raise ConstraintError(f"{where}.syntax: expected 'lark' or 'regex', got {syntax!r}")
+    lark(text, what=where)
+    return text
 
 
 def _declarations(tools: Sequence) -> list[dict]:
@@ -162,12 +212,18 @@ def _declarations(tools: Sequence) -> list[dict]:
 
 
 def tool_call_grammar(
-    tools: Sequence[Callable | Mapping], token_id: Callable[[str], int | None], require_call: bool = False
+    tools: Sequence[Callable | Mapping],
+    token_id: Callable[[str], int | None],
+    require_call: bool = False,
+    loose: bool = False,
 ) -> Grammar:
     """The answer is free text, or one or more calls of the declared `tools`
     (functions or OpenAI-style declarations) whose arguments follow their schemas.
     token_id(text): the id of a control string (`tokenizer.convert_tokens_to_ids`).
-    require_call: calls only, no text (OpenAI's tool_choice "required")."""
+    require_call: calls only, no text (OpenAI's tool_choice "required").
+    loose: a schema the grammar cannot enforce is refused only for a tool declared
+    `strict`; another such tool's calls take any arguments (a request constrained
+    for another tool's sake must not fail for this one)."""
     ids = {}
     for s in ('<|"|>', "<|tool_call>", "<tool_call|>"):
         i = token_id(s)
@@ -175,15 +231,12 @@ def tool_call_grammar(
             raise ConstraintError(f"tools: the tokenizer has no {s} token")
         ids[s] = i
     w = _Writer(ids['<|"|>'], ids["<|tool_call>"], ids["<tool_call|>"])
-    calls = []
+    calls, subgrammars = [], {}
     for fn in _declarations(tools):
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        where = f"tools.{fn['name']}.parameters"
-        members = w.members(params, where) if params.get("properties") else '""'
-        calls.append(w.rule(f'{_lit(fn["name"])} "{{" {members} "}}"'))
+        calls.append(w.rule(f'{_lit(fn["name"])} "{{" {w.arguments(fn, subgrammars, loose)} "}}"'))
     head = [
         "start: call+" if require_call else "start: TEXT | call+",
         TEXT,
         f'call: <[{w.open}]> "call:" ({" | ".join(calls)}) <[{w.close}]>',
     ]
-    return lark("\n".join(head + w.rules), what="tools")
+    return nested("\n".join(head + w.rules), subgrammars, what="tools")

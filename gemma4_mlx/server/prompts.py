@@ -28,7 +28,7 @@ from gemma4_mlx.chat.conversation import (
     stop_ids,
 )
 from gemma4_mlx.constrain import Constraint, ConstraintError, bind, constraint_from_response_format
-from gemma4_mlx.constrain.tools import tool_call_grammar
+from gemma4_mlx.constrain.tools import INPUT_FORMAT, tool_call_grammar
 from gemma4_mlx.prompt.parser import parser_for_prompt
 from gemma4_mlx.prompt.template import ChatTemplateError
 from gemma4_mlx.prompt.tokens import PromptCodec, encode_prompt
@@ -292,16 +292,19 @@ class Prompter:
         """What decoding must follow (docs/structured-output.md): the response_format;
         else, with tool_choice "required" or a named function, calls only of the
         offered tools with arguments that follow their schemas; else, when a tool is
-        declared `strict`, free text or such calls.  With thinking on, the thought
-        stays free.  400 for what the grammar engine cannot compile."""
+        declared `strict` or is a custom tool with a grammar, free text or such calls.
+        A schema the grammar cannot enforce frees that tool's arguments, unless it is
+        declared `strict`.  With thinking on, the thought stays free.  400 for what
+        the grammar engine cannot compile (a strict schema, a custom grammar)."""
         try:
             grammar = constraint_from_response_format(conv.response_format)
             if grammar is None and conv.tools:
                 forced = conv.tool_choice == "required" or isinstance(conv.tool_choice, dict)
-                strict = any((t.get("function") or t).get("strict") for t in conv.tools)
+                fns = [t.get("function") or t for t in conv.tools]
+                strict = any(fn.get("strict") or fn.get(INPUT_FORMAT) is not None for fn in fns)
                 if forced or strict:
                     token_id = self.tokenizer.convert_tokens_to_ids
-                    grammar = tool_call_grammar(conv.tools, token_id, require_call=forced)
+                    grammar = tool_call_grammar(conv.tools, token_id, require_call=forced, loose=True)
             if grammar is None:
                 return None
             c = bind(grammar, self.tokenizer, self.model.config.vocab_size, self.stop_ids)
