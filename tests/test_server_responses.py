@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 
 import openai
 import pytest
@@ -213,7 +214,7 @@ CUSTOM = {  # a freeform tool, as Codex declares `apply_patch`
 
 def test_custom_tools_take_free_text(oa):
     """A custom tool is declared as a function of one string (`input`; its grammar is
-    told to the model, not enforced); its call comes back as a custom_tool_call whose
+    told to the model too); its call comes back as a custom_tool_call whose
     input is that string, streamed as custom_tool_call_input events, and a
     custom_tool_call with its output continues the conversation (also kept)."""
     forced = dict(input=WEATHER, tools=[CUSTOM], tool_choice={"type": "custom", "name": "note"}, max_output_tokens=60)
@@ -234,6 +235,79 @@ def test_custom_tools_take_free_text(oa):
     )
     kept = oa.responses.create(model=NAME, previous_response_id=r.id, input=[result], tools=[CUSTOM], temperature=0)
     assert answer.output_text == kept.output_text and answer.usage.input_tokens == kept.usage.input_tokens
+
+
+CITY_SKY = 'start: city ": " sky\ncity: "Paris" | "Rome"\nsky: "sun" | "rain"'
+
+
+@pytest.mark.parametrize(
+    ("fmt", "pattern"),
+    [
+        ({"syntax": "lark", "definition": CITY_SKY}, r"(Paris|Rome): (sun|rain)"),
+        ({"syntax": "regex", "definition": r"(sunny|rainy), [0-9]{1,2} degrees"}, r"(sunny|rainy), [0-9]{1,2} degrees"),
+    ],
+)
+def test_custom_tool_grammars_are_enforced(oa, fmt, pattern):
+    """A custom tool's Lark or regex grammar is what its input follows, forced or not
+    (left free, the demo model writes `}_ 16 degrees and 10. ...`); a grammar the
+    engine cannot compile, or another syntax, is a 400 naming the tool's format."""
+    tool = CUSTOM | {"format": {"type": "grammar", **fmt}}
+    for choice in ({"type": "custom", "name": "note"}, "auto"):
+        r = oa.responses.create(
+            model=NAME, input=WEATHER, tools=[tool], tool_choice=choice, temperature=0, max_output_tokens=60
+        )
+        calls = [o for o in r.output if o.type == "custom_tool_call"]
+        assert calls and all(re.fullmatch(pattern, c.input) for c in calls), (choice, r.output)
+    for bad, says in (
+        ({"syntax": "lark", "definition": "start: x y"}, 'tools.note.format: at 1(8): unknown name: "x"'),
+        ({"syntax": "ebnf", "definition": "x"}, "tools.note.format.syntax: expected 'lark' or 'regex', got 'ebnf'"),
+        ({"syntax": "regex"}, "tools.note.format: expected a grammar definition (text)"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.responses.create(model=NAME, input=WEATHER, tools=[CUSTOM | {"format": {"type": "grammar", **bad}}])
+        assert says in e.value.body["message"] and e.value.body["param"] == "tools"
+
+
+def test_custom_tools_on_chat_completions(oa):
+    """Chat Completions' custom tools (their format nested as `grammar`): the call is a
+    `custom` tool call whose input follows the grammar and equals the Responses call,
+    streamed as a start and the whole input at its end; a past custom call and its
+    result continue the conversation as on Responses; malformed ones are a 400."""
+    grammar = {"type": "grammar", "grammar": {"syntax": "lark", "definition": CITY_SKY}}
+    chat_tool = {"type": "custom", "custom": {"name": "note", "description": CUSTOM["description"], "format": grammar}}
+    tool = CUSTOM | {"format": {"type": "grammar", "syntax": "lark", "definition": CITY_SKY}}
+    ask = dict(model=NAME, messages=[{"role": "user", "content": WEATHER}], tools=[chat_tool], temperature=0)
+    forced = ask | dict(tool_choice={"type": "custom", "custom": {"name": "note"}})
+    r = oa.chat.completions.create(**forced)
+    (call,) = r.choices[0].message.tool_calls
+    assert (call.type, call.custom.name, r.choices[0].finish_reason) == ("custom", "note", "tool_calls")
+    assert re.fullmatch(r"(Paris|Rome): (sun|rain)", call.custom.input)
+    resp = oa.responses.create(
+        model=NAME, input=WEATHER, tools=[tool], tool_choice={"type": "custom", "name": "note"}, temperature=0
+    )
+    assert resp.output[-1].input == call.custom.input and resp.usage.input_tokens == r.usage.prompt_tokens
+    pieces = [c.choices[0].delta.tool_calls for c in oa.chat.completions.create(**forced, stream=True) if c.choices]
+    pieces = [p.model_dump(exclude_none=True) for ps in pieces if ps for p in ps]
+    assert pieces[0] == {"index": 0, "id": pieces[0]["id"], "type": "custom", "custom": {"name": "note", "input": ""}}
+    assert pieces[1:] == [{"index": 0, "custom": {"input": call.custom.input}}]
+    past = {"role": "assistant", "content": None, "tool_calls": [call.model_dump(exclude_none=True)]}
+    result = {"role": "tool", "tool_call_id": call.id, "content": "saved"}
+    answer = oa.chat.completions.create(**ask | {"messages": ask["messages"] + [past, result]})
+    echoed = {"type": "custom_tool_call", "call_id": call.id, "name": "note", "input": call.custom.input}
+    output = {"type": "custom_tool_call_output", "call_id": call.id, "output": "saved"}
+    again = oa.responses.create(
+        model=NAME, input=[{"role": "user", "content": WEATHER}, echoed, output], tools=[tool], temperature=0
+    )
+    assert answer.choices[0].message.content == again.output_text
+    assert answer.usage.prompt_tokens == again.usage.input_tokens
+    bad_past = past | {"tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "note", "input": 5}}]}
+    for args, says in (
+        (dict(tools=[{"type": "custom", "custom": {"description": "x"}}]), "tools[0].custom: expected an object with"),
+        (dict(messages=ask["messages"] + [bad_past, result]), "messages[1].tool_calls[0].custom: expected a name"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.chat.completions.create(**ask | args)
+        assert says in e.value.body["message"], args
 
 
 def test_custom_tools_in_namespaces_and_what_is_refused(oa):

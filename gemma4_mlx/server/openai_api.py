@@ -9,6 +9,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from gemma4_mlx.server.custom_tools import arguments, chat_format, declaration, input_text
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import (
     Conversation,
@@ -82,13 +83,53 @@ def _message(m: ChatMessage, i: int, prompter, media: list, names: dict) -> dict
         if m.reasoning_content or m.reasoning:
             out["reasoning_content"] = m.reasoning_content or m.reasoning
         if m.tool_calls:
-            out["tool_calls"] = m.tool_calls
-            for c in m.tool_calls:
+            out["tool_calls"] = [_past_call(c, f"{where}.tool_calls[{k}]") for k, c in enumerate(m.tool_calls)]
+            for c in out["tool_calls"]:
                 names[c.get("id")] = (c.get("function") or {}).get("name")
     elif role == "tool":
         out["tool_call_id"] = m.tool_call_id
         out["name"] = m.name or names.get(m.tool_call_id) or ""
     return out
+
+
+def _past_call(call, where: str):
+    """A custom tool's past call as a call of the function it is declared as."""
+    if not isinstance(call, dict) or call.get("type") != "custom":
+        return call
+    custom = call.get("custom") if isinstance(call.get("custom"), dict) else {}
+    name, text = custom.get("name"), custom.get("input")
+    if not isinstance(name, str) or not isinstance(text, str):
+        raise APIError(400, f"{where}.custom: expected a name and an input (a string)", param="messages")
+    return {"id": call.get("id"), "type": "function", "function": {"name": name, "arguments": arguments(text)}}
+
+
+def _tools(tools) -> list | None:
+    """Custom tools as the functions they are declared as (`custom_tools`)."""
+    out = []
+    for i, t in enumerate(tools or []):
+        if isinstance(t, dict) and t.get("type") == "custom":
+            custom = t.get("custom")
+            if not isinstance(custom, dict) or not isinstance(custom.get("name"), str):
+                raise APIError(400, f"tools[{i}].custom: expected an object with a name", param="tools")
+            t = declaration(custom["name"], custom.get("description"), chat_format(custom.get("format")))
+        out.append(t)
+    return out if tools is not None else None
+
+
+def _tool_choice(choice):
+    if isinstance(choice, dict) and choice.get("type") == "custom":
+        name = (choice.get("custom") or {}).get("name") if isinstance(choice.get("custom"), dict) else None
+        return {"type": "function", "function": {"name": name}}
+    return choice
+
+
+def custom_names(tools) -> set[str]:
+    """The names of a request's custom tools (their calls are answered as such)."""
+    return {
+        t["custom"]["name"]
+        for t in tools or []
+        if isinstance(t, dict) and t.get("type") == "custom" and isinstance(t.get("custom"), dict)
+    }
 
 
 @malformed_is_400
@@ -102,16 +143,17 @@ def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
         thinking = bool(kw["enable_thinking"])
     else:
         thinking = body.reasoning_effort not in (None, "none", "minimal")
-    tools = select_tools(body.tools, body.tool_choice)
+    choice = _tool_choice(body.tool_choice)
+    tools = select_tools(_tools(body.tools), choice)
     budget = body.thinking_token_budget
-    return Conversation(msgs, media, tools, thinking, body.tool_choice, body.response_format, prefill, budget)
+    return Conversation(msgs, media, tools, thinking, choice, body.response_format, prefill, budget)
 
 
-def _tool_calls(result: Result) -> list[dict]:
-    return [
-        {"id": new_id("call_"), "type": "function", "function": {"name": c.name, "arguments": c.arguments_json}}
-        for c in result.tool_calls
-    ]
+def _tool_call(call, custom: set[str]) -> dict:
+    if call.name in custom:
+        return {"id": new_id("call_"), "type": "custom", "custom": {"name": call.name, "input": input_text(call)}}
+    fn = {"name": call.name, "arguments": call.arguments_json}
+    return {"id": new_id("call_"), "type": "function", "function": fn}
 
 
 def _usage(u) -> dict:
@@ -149,7 +191,7 @@ def routes(server) -> APIRouter:
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             streams = await opened_all(handles, http)
-            stream = _chat_stream(server, handles, streams, usage, body.logprobs)
+            stream = _chat_stream(server, handles, streams, usage, body.logprobs, custom_names(body.tools))
             return StreamingResponse(with_heartbeats(stream, KEEP_ALIVE), media_type="text/event-stream")
         results = await collect_all(handles, http, server.metrics)
         return {
@@ -157,7 +199,7 @@ def routes(server) -> APIRouter:
             "object": "chat.completion",
             "created": now(),
             "model": server.model_name,
-            "choices": [_chat_choice(i, r, body.logprobs) for i, r in enumerate(results)],
+            "choices": [_chat_choice(i, r, body.logprobs, custom_names(body.tools)) for i, r in enumerate(results)],
             "usage": _usage(total_usage([r.usage for r in results])),
         }
 
@@ -192,13 +234,13 @@ def routes(server) -> APIRouter:
     return router
 
 
-def _chat_choice(index: int, r: Result, logprobs: bool) -> dict:
+def _chat_choice(index: int, r: Result, logprobs: bool, custom: set[str]) -> dict:
     # OpenAI's shape: content is null when the reply is only tool calls
     message = {"role": "assistant", "content": None if r.tool_calls and not r.content else r.content}
     if r.reasoning:
         message["reasoning_content"] = r.reasoning
     if r.tool_calls:
-        message["tool_calls"] = _tool_calls(r)
+        message["tool_calls"] = [_tool_call(c, custom) for c in r.tool_calls]
     choice = {"index": index, "message": message, "finish_reason": _FINISH.get(r.finish_reason, "stop")}
     if logprobs:
         choice["logprobs"] = chat_logprobs(r.logprobs)
@@ -210,7 +252,9 @@ def _completion_choice(index: int, r: Result, logprobs: bool) -> dict:
     return {"index": index, "text": r.content, "logprobs": lps, "finish_reason": _FINISH.get(r.finish_reason, "stop")}
 
 
-async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: bool):
+async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: bool, custom: set[str]):
+    """custom: the custom tools' names; a call of one streams its input whole when it
+    ends (the parser's pieces are the arguments' JSON, not the input's text)."""
     base = {"id": new_id("chatcmpl-"), "object": "chat.completion.chunk", "created": now(), "model": server.model_name}
 
     def chunk(i: int, delta: dict, finish=None, lps=None) -> str:
@@ -222,6 +266,7 @@ async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: 
     for i in range(len(streams)):
         yield chunk(i, {"role": "assistant", "content": ""})
     calls, usages = [0] * len(streams), []  # calls: each choice's calls ended so far
+    opened = [False] * len(streams)  # whether each choice's open call is a custom tool's
     async for i, out in merged(streams, handles):
         if out.kind == "error":  # after the stream started: a late client error keeps its status
             e = failure(out)
@@ -238,11 +283,17 @@ async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: 
         elif ev.type == "reasoning":
             yield chunk(i, {"reasoning_content": ev.text})
         elif ev.type == "tool_call_start":  # its name; then its arguments' pieces; then it ends
-            head = {"index": calls[i], "id": new_id("call_"), "type": "function"}
-            yield chunk(i, {"tool_calls": [{**head, "function": {"name": ev.call.name, "arguments": ""}}]})
-        elif ev.type == "tool_call_delta":
+            head, opened[i] = {"index": calls[i], "id": new_id("call_")}, ev.call.name in custom
+            if opened[i]:
+                yield chunk(i, {"tool_calls": [{**head, "type": "custom", "custom": {"name": ev.call.name, "input": ""}}]})
+            else:
+                fn = {"name": ev.call.name, "arguments": ""}
+                yield chunk(i, {"tool_calls": [{**head, "type": "function", "function": fn}]})
+        elif ev.type == "tool_call_delta" and not opened[i]:
             yield chunk(i, {"tool_calls": [{"index": calls[i], "function": {"arguments": ev.text}}]})
         elif ev.type == "tool_call":
+            if opened[i]:
+                yield chunk(i, {"tool_calls": [{"index": calls[i], "custom": {"input": input_text(ev.call)}}]})
             calls[i] += 1
     if include_usage and len(usages) == len(streams):
         yield _sse({**base, "choices": [], "usage": _usage(total_usage(usages))})

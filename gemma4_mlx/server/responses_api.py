@@ -19,6 +19,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from gemma4_mlx.server import custom_tools
 from gemma4_mlx.server.errors import APIError
 from gemma4_mlx.server.responses_input import conversation, kept_reply, tool_names
 from gemma4_mlx.server.results import (
@@ -128,19 +129,9 @@ def _call_item(call, tools) -> dict:
     named = {"name": name[len(space) + 1 :], "namespace": space} if space else {"name": name}
     if name in tool_names(tools, "custom"):
         item = {"type": "custom_tool_call", "id": new_id("ctc_"), "call_id": new_id("call_")}
-        return item | named | {"input": _custom_input(call), "status": status}
+        return item | named | {"input": custom_tools.input_text(call), "status": status}
     item = {"type": "function_call", "id": new_id("fc_"), "call_id": new_id("call_")}
     return item | named | {"arguments": call.arguments_json, "status": status}
-
-
-def _custom_input(call) -> str:
-    """A custom tool's input: its one string argument (`input` as declared, or however
-    the model named it); nothing written yet (`{}`, a call cut within its key) is
-    empty; anything else is the arguments' JSON."""
-    values = list(call.arguments.values())
-    if len(values) == 1 and isinstance(values[0], str):
-        return values[0]
-    return "" if all(v is None for v in values) else call.arguments_json
 
 
 def _envelope(server, body: ResponsesRequest, rid: str, created: int) -> dict:

@@ -7,8 +7,7 @@ and parses the same way; and a finished response as history for
 
 from __future__ import annotations
 
-import json
-
+from gemma4_mlx.server import custom_tools
 from gemma4_mlx.server.errors import APIError, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
 from gemma4_mlx.server.schemas import ResponsesRequest
@@ -44,12 +43,12 @@ def _parts(content, where: str, prompter, media: list, user: bool, field: str = 
 
 def _call(item: dict, where: str) -> dict:
     """A function_call or custom_tool_call item as a Chat Completions tool call (a
-    custom tool's input as the one argument `input`, as it is declared: `_custom`)."""
+    custom tool's input as the one argument `input`, as it is declared)."""
     if item.get("type") == "custom_tool_call":
         name, text = item.get("name"), item.get("input")
         if not isinstance(name, str) or not isinstance(text, str):
             raise APIError(400, f"{where}: a custom_tool_call needs a name and an input (a string)", param="input")
-        args = json.dumps({"input": text}, ensure_ascii=False)
+        args = custom_tools.arguments(text)
     else:
         name, args = item.get("name"), item.get("arguments") or "{}"
     if not isinstance(name, str) or not isinstance(args, str):
@@ -124,15 +123,9 @@ def _function(t: dict, prefix: str = "") -> dict:
 
 
 def _custom(t: dict, prefix: str = "") -> dict:
-    """A custom (freeform) tool as a function of one string, `input`; its format (a
-    Lark or regex grammar, or plain text) is told to the model, not enforced."""
-    fmt = t.get("format") if isinstance(t.get("format"), dict) else {}
-    how = "The tool's whole input, as free text."
-    if fmt.get("type") == "grammar" and isinstance(fmt.get("definition"), str):
-        syntax = fmt.get("syntax") if isinstance(fmt.get("syntax"), str) else "formal"
-        how = f"The tool's whole input, text following this {syntax} grammar:\n{fmt['definition']}"
-    params = {"type": "object", "properties": {"input": {"type": "string", "description": how}}, "required": ["input"]}
-    return _function({"name": t.get("name"), "description": t.get("description"), "parameters": params}, prefix)
+    """A custom (freeform) tool as a function of one string (`custom_tools`)."""
+    name = prefix + t["name"] if isinstance(t.get("name"), str) else None
+    return custom_tools.declaration(name, t.get("description"), t.get("format"))
 
 
 def _tools(tools) -> list[dict] | None:
