@@ -766,6 +766,18 @@ FIXTURES = [
         lambda r: len(r.tool_calls) == 1 and r.tool_calls[0].error == "malformed_tool_call",
     ),
     (
+        "nameless_call_keeps_the_calls_after_it",  # the whole block was one malformed call
+        '<|tool_call>call:{city:<|"|>}x<|"|>}call:get_x{city:<|"|>Oslo<|"|>}<tool_call|>'
+        '<|tool_call>call:(1),call:get_x{city:<|"|>Rome<|"|>}<tool_call|>',
+        {"tools": [GET_X]},
+        lambda r: (
+            [(c.name, c.error) for c in r.tool_calls]
+            == [("", "malformed_tool_call"), ("get_x", None), ("", "malformed_tool_call"), ("get_x", None)]
+            and args(r, 1) == {"city": "Oslo"}
+            and args(r, 3) == {"city": "Rome"}
+        ),
+    ),
+    (
         "text_then_call",
         "Let me check. " + FENCE + "<|tool_response>",
         {"tools": [GET_X]},

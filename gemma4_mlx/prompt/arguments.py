@@ -193,7 +193,12 @@ def _parse_one(text: str, tools: _Tools) -> tuple[ToolCall, str]:
     m = re.match(_NAME, t)
     if not m:
         call.error = "malformed_tool_call"
-        return call, ""
+        if t[:1] not in ("{", "("):
+            return call, ""
+        r = _Reader(t)  # a nameless call: read past its arguments, so that the calls after it survive
+        call.arguments = r.container("}" if t[0] == "{" else ")", top=True)
+        call.truncated = r.truncated
+        return call, t[r.i :]
     call.raw_name, after = m.group(), t[m.end() :]
     call.name, known = tools.resolve(call.raw_name)
     call.unknown_tool = not known
@@ -243,7 +248,7 @@ def parse_call_block(body: str, tools=None) -> list[ToolCall]:
         call, rest = _parse_one(rest, tools)
         calls.append(call)
         rest = rest.strip().lstrip(",").strip()
-        if not rest.startswith("call:") or call.error:
+        if not rest.startswith("call:"):
             if rest:
                 call.warnings.append(f"ignored trailing text {rest[:40]!r}")
             return calls
