@@ -285,7 +285,8 @@ async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: 
         elif ev.type == "tool_call_start":  # its name; then its arguments' pieces; then it ends
             head, opened[i] = {"index": calls[i], "id": new_id("call_")}, ev.call.name in custom
             if opened[i]:
-                yield chunk(i, {"tool_calls": [{**head, "type": "custom", "custom": {"name": ev.call.name, "input": ""}}]})
+                custom_call = {"name": ev.call.name, "input": ""}
+                yield chunk(i, {"tool_calls": [{**head, "type": "custom", "custom": custom_call}]})
             else:
                 fn = {"name": ev.call.name, "arguments": ""}
                 yield chunk(i, {"tool_calls": [{**head, "type": "function", "function": fn}]})
