@@ -33,6 +33,17 @@ def _check_api_key(value: str | None) -> str | None:
     return value
 
 
+def _check_cors(value: list[str] | None) -> list[str] | None:
+    """Origins are checked before minutes of loading (a trailing slash is the usual slip)."""
+    from gemma4_mlx.server.origins import Origins  # the server package loads FastAPI: --help stays instant
+
+    try:
+        Origins(value or ["local"])
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value
+
+
 def check_address(host: str, port: int, api_key: str | None) -> None:
     """One line if the address cannot be listened on; a warning when the server would
     answer anyone on the network without a key."""
@@ -110,6 +121,16 @@ def serve(
             "(default: no limit; a request's thinking.budget_tokens may ask for fewer).",
         ),
     ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="Web pages that may call the server (repeat): an origin such as https://chat.example.com, "
+            "a glob such as chrome-extension://*, 'local' (the default: localhost pages and desktop web views), "
+            "'*' for any page, 'none' for no CORS.",
+            callback=_check_cors,
+        ),
+    ] = None,
     served_model_name: Annotated[
         list[str] | None,
         typer.Option(
@@ -164,6 +185,7 @@ def serve(
         max_context=max_context,
         allow_local_files=allow_local_files,
         thinking_tokens=thinking_tokens,
+        cors_origins=cors_origin or ["local"],
         group=group,
         **settings,
     )

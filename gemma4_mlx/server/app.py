@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import Response
+from starlette.middleware.cors import CORSMiddleware
 
 from gemma4_mlx.server import anthropic_api, openai_api, responses_api
 from gemma4_mlx.server.engine import Engine, QueueFull
@@ -19,6 +20,7 @@ from gemma4_mlx.server.errors import APIError, error_response, install
 from gemma4_mlx.server.follow import follow
 from gemma4_mlx.server.handle import Request
 from gemma4_mlx.server.metrics import Metrics
+from gemma4_mlx.server.origins import LOCAL, Origins
 from gemma4_mlx.server.prompts import Prompter
 from gemma4_mlx.server.results import RequestHandle
 
@@ -85,10 +87,11 @@ class ServerState:
 
 
 class _Guard:
-    """ASGI middleware: API key (401), body size (413), request counting."""
+    """ASGI middleware: pages not allowed (403), API key (401), body size (413),
+    request counting."""
 
-    def __init__(self, inner, server: ServerState, max_body: int):
-        self.inner, self.server, self.max_body = inner, server, max_body
+    def __init__(self, inner, server: ServerState, max_body: int, origins: Origins):
+        self.inner, self.server, self.max_body, self.origins = inner, server, max_body, origins
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -119,6 +122,15 @@ class _Guard:
             self.server.metrics.requests.labels(endpoint, str(status[0])).inc()
 
     def _refusal(self, path: str, headers: dict):
+        origin = headers.get(b"origin")
+        if origin is not None and not self.origins.allows(origin.decode("latin-1")):
+            page = origin.decode("latin-1")[:200]
+            how = (
+                f"start the server with --cors-origin {page}"
+                if self.origins.enabled
+                else "CORS is off (--cors-origin none)"
+            )
+            return error_response(path, 403, f"requests from the web page origin {page!r} are not allowed: {how}")
         key = self.server.api_key
         if key and path not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -217,6 +229,7 @@ def app(
     kv_bits: int | None = None,
     kv_cache_gb: float | None = None,
     thinking_tokens: int | None = None,
+    cors_origins: Sequence[str] = (LOCAL,),
     group=None,
 ) -> FastAPI:
     """The server for one loaded model.  model_name: the name clients send as `model`
@@ -231,10 +244,12 @@ def app(
     most KV-cache memory the running batch may reach, None for no limit (a request
     waits until rows leave, or fails alone when it cannot fit; docs/serving.md §2.2);
     thinking_tokens: the most thinking tokens of a reply, None for no limit (a
-    request may ask for fewer; docs/serving.md §2.3); group: serve --distributed,
-    rank 0 (the other ranks run `follower`)."""
+    request may ask for fewer; docs/serving.md §2.3); cors_origins: the web pages
+    that may call the server ("local", origins, globs, "*" or "none"; `origins.py`);
+    group: serve --distributed, rank 0 (the other ranks run `follower`)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: give the key clients must send, or None for no key")
+    origins = Origins(cors_origins)
     engine = _engine_settings(drafter, draft_tokens, max_queue, max_batch, prefix_cache_gb, kv_bits, kv_cache_gb)
     engine["group"] = group
     server = ServerState(
@@ -285,5 +300,7 @@ def app(
     async def metrics():
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    api.add_middleware(_Guard, server=server, max_body=max_body_bytes)
+    api.add_middleware(_Guard, server=server, max_body=max_body_bytes, origins=origins)
+    if origins.enabled:  # outermost: a preflight is answered before the key is asked for
+        api.add_middleware(CORSMiddleware, **origins.middleware_options())
     return api
