@@ -59,18 +59,19 @@ def test_local_pages_may_call_by_default(demo):
 
 
 def test_other_pages_are_refused(demo):
-    """A page elsewhere fails its preflight, and a request that carries its Origin
-    anyway is a 403 that says how to allow it (it is not served blind)."""
+    """A page elsewhere fails its preflight with a 403 that says how to allow it, and
+    a request that carries its Origin anyway gets the same (it is not served blind)."""
     with live_server(*demo, model_name=NAME) as (url, _):
         for origin in ("https://evil.example", "http://localhost.evil.example", "null"):
-            status, headers, _ = _preflight(url, origin)
-            assert status == 400 and "access-control-allow-origin" not in _lower(headers), origin
+            status, headers, body = _preflight(url, origin)
+            assert status == 403 and "access-control-allow-origin" not in _lower(headers), origin
+            assert f"start the server with --cors-origin {origin}" in json.loads(body)["error"]["message"]
             status, headers, body = http("POST", url + "/v1/chat/completions", CHAT, {"Origin": origin})
             error = json.loads(body)["error"]
             assert status == 403 and "access-control-allow-origin" not in _lower(headers), origin
             assert f"start the server with --cors-origin {origin}" in error["message"]
         status, _, body = http("POST", url + "/v1/messages", CHAT | {"max_tokens": 2}, {"Origin": "null"})
-        assert status == 403 and json.loads(body)["type"] == "error"  # in the Anthropic API's error shape
+        assert status == 403 and json.loads(body)["error"]["type"] == "permission_error"  # Anthropic's shape
 
 
 def test_origins_given_any_and_none(demo):
@@ -84,7 +85,7 @@ def test_origins_given_any_and_none(demo):
         h = _lower(headers)
         assert status == 200 and h["access-control-allow-private-network"] == "true"
         assert _preflight(url, "chrome-extension://abcdefgh")[0] == 200
-        assert _preflight(url, "http://localhost:5173")[0] == 400  # "local" was not given
+        assert _preflight(url, "http://localhost:5173")[0] == 403  # "local" was not given
     with live_server(*demo, model_name=NAME, cors_origins=["*"]) as (url, _):
         status, headers, _ = http("POST", url + "/v1/chat/completions", CHAT, {"Origin": "https://any.example"})
         assert status == 200 and _lower(headers)["access-control-allow-origin"] == "*"

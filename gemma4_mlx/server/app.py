@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from fastapi import FastAPI
 from fastapi.responses import Response
+from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 
 from gemma4_mlx.server import anthropic_api, openai_api, responses_api
@@ -124,13 +125,7 @@ class _Guard:
     def _refusal(self, path: str, headers: dict):
         origin = headers.get(b"origin")
         if origin is not None and not self.origins.allows(origin.decode("latin-1")):
-            page = origin.decode("latin-1")[:200]
-            how = (
-                f"start the server with --cors-origin {page}"
-                if self.origins.enabled
-                else "CORS is off (--cors-origin none)"
-            )
-            return error_response(path, 403, f"requests from the web page origin {page!r} are not allowed: {how}")
+            return _page_refused(path, origin.decode("latin-1"), self.origins)
         key = self.server.api_key
         if key and path not in OPEN_PATHS:
             auth = headers.get(b"authorization", b"").decode("latin-1")
@@ -155,6 +150,32 @@ class _Guard:
                 return None
             if not message.get("more_body"):
                 return b"".join(chunks)
+
+
+def _page_refused(path: str, origin: str, origins: Origins):
+    """The 403 for a web page whose origin the server does not allow, naming the flag."""
+    page = origin[:200]
+    how = f"start the server with --cors-origin {page}" if origins.enabled else "CORS is off (--cors-origin none)"
+    return error_response(path, 403, f"requests from the web page origin {page!r} are not allowed: {how}")
+
+
+class _Cors(CORSMiddleware):
+    """Starlette's CORS, except that a preflight from a page not allowed gets the 403
+    its request would get (`_page_refused`), not a bare 400: a browser never sends
+    the request itself, so the preflight is what the server's log and a developer's
+    network panel show."""
+
+    def __init__(self, inner, origins: Origins):
+        super().__init__(inner, **origins.middleware_options())
+        self.origins = origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            headers = Headers(scope=scope)
+            origin = headers.get("origin")
+            if origin is not None and "access-control-request-method" in headers and not self.origins.allows(origin):
+                return await _page_refused(scope["path"], origin, self.origins)(scope, receive, send)
+        await super().__call__(scope, receive, send)
 
 
 def model_card(name: str, created: int) -> dict:
@@ -302,5 +323,5 @@ def app(
 
     api.add_middleware(_Guard, server=server, max_body=max_body_bytes, origins=origins)
     if origins.enabled:  # outermost: a preflight is answered before the key is asked for
-        api.add_middleware(CORSMiddleware, **origins.middleware_options())
+        api.add_middleware(_Cors, origins=origins)
     return api

@@ -25,6 +25,7 @@ _OPENAI_CODES = {401: "invalid_api_key"}
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",

@@ -55,8 +55,8 @@ class Origins:
         """Keyword arguments of Starlette's `CORSMiddleware` for these origins: any
         method and header a client library sends (the SDKs add their own
         `x-stainless-*` and `anthropic-*` headers); the key travels in a header, never
-        a cookie, so no credentials; a public page allowed on purpose may reach a
-        server on a private address (Chrome's Private Network Access preflight)."""
+        a cookie, so no credentials; the Private Network Access preflight header is
+        answered for browsers that send it (a public page allowed on purpose)."""
         return dict(
             allow_origins=[ANY] if self.any else [],
             allow_origin_regex=None if self.any or self.regex is None else self.regex.pattern,
