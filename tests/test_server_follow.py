@@ -26,7 +26,7 @@ def demo():
 def test_a_job_travels_as_json_and_comes_back_the_same(demo):
     model, tokenizer = demo
     grammar = json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
-    constraint = bind(grammar, tokenizer, model.config.vocab_size, stop_ids(model, tokenizer))
+    constraint = bind(grammar, tokenizer, model.config.vocab_size, stop_ids(model, tokenizer)).thought_optional(7, 8)
     options = SamplingOptions(
         temperature=0.7, top_k=20, presence_penalty=0.5, logit_bias={5: -2.5}, constraint=constraint
     )
@@ -43,6 +43,7 @@ def test_a_job_travels_as_json_and_comes_back_the_same(demo):
         assert getattr(again.options, name) == getattr(options, name)
     assert again.options.constraint.grammar == grammar
     assert again.options.constraint.stop_ids == constraint.stop_ids
+    assert (again.options.constraint.after, again.options.constraint.opener) == (8, 7)  # an optional thought
 
 
 def test_media_requests_are_refused_with_a_400():

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import re
+from pathlib import Path
 
 import openai
 import pytest
@@ -266,6 +267,23 @@ def test_custom_tool_grammars_are_enforced(oa, fmt, pattern):
         with pytest.raises(openai.BadRequestError) as e:
             oa.responses.create(model=NAME, input=WEATHER, tools=[CUSTOM | {"format": {"type": "grammar", **bad}}])
         assert says in e.value.body["message"] and e.value.body["param"] == "tools"
+
+
+# Codex CLI 0.171.0's own `apply_patch` declaration, captured from its request
+CODEX_APPLY_PATCH = json.loads((Path(__file__).parent / "captured" / "codex_apply_patch_tool.json").read_text())
+
+
+def test_a_thought_the_model_opens_itself_stays_free_beside_a_custom_grammar(oa):
+    """With thinking off, a request with a custom grammar tool is constrained from the
+    first token; the demo model still opens a thought on its own for Codex's
+    `apply_patch` beside a function. The grammar allows that thought and applies
+    after it (it used to mask `<|channel>`, and the reply became
+    `_weather{city:get_weather{city: 10 degrees ...`)."""
+    r = oa.responses.create(
+        model=NAME, input="Weather in Paris?", tools=[CODEX_APPLY_PATCH, TOOL], temperature=0, max_output_tokens=60
+    )
+    assert [o.type for o in r.output] == ["reasoning", "function_call"], r.output
+    assert (r.output[1].name, json.loads(r.output[1].arguments)) == ("get_weather", {"city": "Paris"})
 
 
 def test_custom_tools_on_chat_completions(oa):

@@ -272,6 +272,29 @@ def test_stop_tokens_only_where_the_grammar_accepts(demo):
     assert all(after_ab[s] == 0 for s in stops) and sum(x == 0 for x in after_ab) == len(stops)
 
 
+def test_an_optional_thought_before_the_grammar(demo):
+    """thought_optional: the grammar applies from the first output token, which may
+    instead open a thought (free until its close; the grammar after it). Going back
+    before the thought restores the grammar at the start; inside it, waits again."""
+    model, tok = demo
+    stops = _stops(model, tok)
+    open_, close = tok.convert_tokens_to_ids("<|channel>"), tok.convert_tokens_to_ids("<channel|>")
+    proc = bind(regex("ab?"), tok, model.config.vocab_size, stops).thought_optional(open_, close)()
+    prompt = encode_prompt(tok, "x")
+    a, b, z = (tok.convert_tokens_to_ids(c) for c in "abz")
+    logits = mx.zeros((1, model.config.vocab_size))
+    row = lambda h: proc(mx.array(prompt + h), logits)[0].tolist()  # noqa: E731
+    start = row([])
+    assert start[a] == 0 and start[open_] == 0 and start[z] == float("-inf") and start[close] == float("-inf")
+    inside = row([open_, z])
+    assert inside[z] == 0 and inside[close] == 0  # free text in the thought
+    after = row([open_, z, close])
+    assert after[a] == 0 and after[z] == float("-inf") and after[open_] == float("-inf")  # the grammar, once
+    assert row([a])[open_] == float("-inf") and row([a])[b] == 0  # no thought once the answer began
+    assert row([open_, z])[z] == 0 and row([])[z] == float("-inf")  # back inside, then back at the start
+    assert row([open_, z, close, a])[b] == 0
+
+
 def test_a_prompt_that_extends_another_rows_prompt_is_its_own_row(demo):
     """Raw prompts P and P + [t] in one batch, each with its own pattern: the longer
     prompt is a row of its own (known prompts), not P's row with t as output."""

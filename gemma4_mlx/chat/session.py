@@ -135,6 +135,8 @@ class Chat:
         self.prefilled_last = 0  # tokens prefilled by the latest turn (cache reuse is visible here)
         self._stop_ids = stop_ids(model, tokenizer)
         self._close_id = tokenizer.convert_tokens_to_ids("<channel|>")
+        opener = tokenizer.convert_tokens_to_ids("<|channel>")  # with the close: an optional thought (no grammar)
+        self._channel = (opener, self._close_id) if tokenizer.unk_token_id not in (opener, self._close_id) else None
         self._codec = PromptCodec(tokenizer)  # message text never becomes control tokens
         self.response_format = response_format
         self._constraint(response_format)  # a schema the engine refuses: said now
@@ -242,7 +244,9 @@ class Chat:
         if spec is None:
             return None
         c = bind(spec, self.tokenizer, self.model.config.vocab_size, self._stop_ids)
-        return c.answer_only(self._close_id) if self.thinking else c
+        if self.thinking:
+            return c.answer_only(self._close_id)
+        return c.thought_optional(*self._channel) if self._channel else c
 
     # -- generation ----------------------------------------------------------
     def stream(

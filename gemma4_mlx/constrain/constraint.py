@@ -49,13 +49,17 @@ class Constraint:
     """grammar bound to `engine` (llguidance tokenizer).  stop_ids: the model's stop
     tokens — allowed exactly where the grammar accepts.  after: when set (the
     thought channel's close token with thinking on), the output is free until
-    this token and the grammar applies to what follows it."""
+    this token and the grammar applies to what follows it.  opener: when set too
+    (the channel's open token, thinking off), the grammar applies from the start,
+    but the output may open with this token: a thought the model opens on its own
+    is then free until `after`, and the grammar applies after it."""
 
     grammar: Grammar
     engine: llg.LLTokenizer
     vocab_size: int
     stop_ids: tuple[int, ...]
     after: int | None = None
+    opener: int | None = None
     _proto: llg.LLMatcher | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -88,7 +92,15 @@ class Constraint:
 
     def answer_only(self, close_id: int | None) -> Constraint:
         """This constraint applied after `close_id` (the thought channel's end)."""
-        return replace(self, after=close_id)
+        return replace(self, after=close_id, opener=None)
+
+    def thought_optional(self, open_id: int | None, close_id: int | None) -> Constraint:
+        """This constraint from the start, or after a thought the output opens with
+        (`open_id` ... `close_id`): thinking off, where a model may still open one
+        (docs/structured-output.md §4).  Unchanged without both ids."""
+        if open_id is None or close_id is None:
+            return self
+        return replace(self, after=close_id, opener=open_id)
 
     def __call__(self) -> ConstraintProcessor:
         return ConstraintProcessor(lambda prompt: self)

@@ -24,14 +24,16 @@ NEG_INF = float("-inf")
 class _Slot:
     """tokens: the history this slot has gone through (prompt + output, every output
     token valid); prompt_len: where the output starts; start: where the grammar starts
-    (None: waiting for the constraint's `after` token); version: bumped on change."""
+    (None: waiting for the constraint's `after` token); version: bumped on change.
+    With the constraint's `opener`, the grammar starts at the output, and an output
+    that opens with `opener` waits for `after` instead."""
 
     __slots__ = ("constraint", "tokens", "prompt_len", "start", "matcher", "used", "version", "mask")
 
     def __init__(self, constraint, prompt: list[int]):
         self.constraint, self.tokens, self.prompt_len = constraint, list(prompt), len(prompt)
         self.start, self.matcher, self.used, self.version, self.mask = None, None, 0, 0, None
-        if constraint is not None and constraint.after is None:
+        if constraint is not None and (constraint.after is None or constraint.opener is not None):
             self.start, self.matcher = len(self.tokens), constraint.matcher()
 
     def fork(self) -> _Slot:
@@ -44,11 +46,14 @@ class _Slot:
         """Drop tokens[n:] (n >= prompt_len)."""
         if n >= len(self.tokens):
             return
-        if self.start is not None and n < self.start and self.constraint.after is not None:
-            self.start, self.matcher = None, None  # the `after` token itself went: wait again
+        if self.start is not None and n < self.start:  # (after a thought) the `after` token went: wait again
+            self.start, self.matcher = None, None
         elif self.matcher is not None:
             self.matcher.rollback(len(self.tokens) - n)
         del self.tokens[n:]
+        c = self.constraint
+        if self.start is None and c is not None and c.opener is not None and n == self.prompt_len:
+            self.start, self.matcher = n, c.matcher()  # back before the optional thought
         self.version += 1
 
     def advance(self, rest: list[int]) -> bool:
@@ -61,6 +66,8 @@ class _Slot:
             self.tokens += rest
             self.version += 1
             return True
+        if c.opener is not None and len(self.tokens) == self.prompt_len and rest[0] == c.opener:
+            self.start, self.matcher = None, None  # a thought opened: free until `after`
         if self.start is None:
             if c.after not in rest:
                 self.tokens += rest
@@ -89,6 +96,8 @@ class _Slot:
         for s in c.stop_ids:
             if s >> 5 < len(words):
                 words[s >> 5] = words[s >> 5] | (1 << (s & 31)) if accept else words[s >> 5] & ~np.uint32(1 << (s & 31))
+        if c.opener is not None and len(self.tokens) == self.prompt_len and c.opener >> 5 < len(words):
+            words[c.opener >> 5] |= np.uint32(1 << (c.opener & 31))  # the output may open a thought
         out = _unpack(words, width) if words.any() else None
         self.mask = (self.version, out)
         return out

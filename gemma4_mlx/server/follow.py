@@ -14,7 +14,7 @@ here at the next step, which is when a drop takes effect anyway.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 from gemma4_mlx import ranks
 from gemma4_mlx.api import SamplingOptions
@@ -42,7 +42,7 @@ def job_spec(job: Job, job_id: int) -> dict:
     if c is not None:
         g = c.grammar
         constraint = dict(kind=g.kind, source=g.source, what=g.what, vocab=c.vocab_size, stop=list(c.stop_ids))
-        constraint["after"] = c.after
+        constraint["after"], constraint["opener"] = c.after, c.opener
     return {
         "id": job_id,
         "ids": list(job.ids),
@@ -60,7 +60,8 @@ def job_from_spec(spec: dict, tokenizer) -> Job:
     c = spec["constraint"]
     constraint = None
     if c is not None:
-        constraint = bind(Grammar(c["kind"], c["source"], c["what"]), tokenizer, c["vocab"], c["stop"], c["after"])
+        grammar = Grammar(c["kind"], c["source"], c["what"])
+        constraint = replace(bind(grammar, tokenizer, c["vocab"], c["stop"], c["after"]), opener=c["opener"])
     options = dict(spec["options"])
     if options.get("logit_bias"):  # JSON made its token ids strings
         options["logit_bias"] = {int(k): v for k, v in options["logit_bias"].items()}

@@ -102,6 +102,15 @@ def _check_declaration(tool, where: str) -> None:
         raise APIError(400, f"{where}.parameters.required: expected a list of property names", param="tools")
 
 
+def _constrained_by(conv: Conversation) -> str:
+    """What made a conversation's output constrained (`Prompter.constraint`), for messages."""
+    if conv.response_format is not None:
+        return "a response format"
+    if conv.tool_choice == "required" or isinstance(conv.tool_choice, dict):
+        return "a forced tool choice"
+    return "a strict tool or a custom tool's grammar"
+
+
 def select_tools(tools: list[dict] | None, choice) -> list[dict] | None:
     """The tools the prompt declares for a tool_choice (auto, none, required or a named
     function: only that one); `Prompter.constraint` enforces required / named."""
@@ -310,7 +319,9 @@ class Prompter:
             c = bind(grammar, self.tokenizer, self.model.config.vocab_size, self.stop_ids)
         except ConstraintError as e:
             raise APIError(400, _line(e), param="response_format" if conv.response_format else "tools") from None
-        return c.answer_only(self.close_id) if conv.thinking else c
+        if conv.thinking:
+            return c.answer_only(self.close_id)
+        return c.thought_optional(*self.channel_ids) if self.channel_ids else c
 
     def _budget(self, n_prompt: int, max_tokens: int | None, param: str = "messages") -> int:
         if n_prompt >= self.max_context:
@@ -349,7 +360,7 @@ class Prompter:
 
         constraint = self.constraint(conv)
         if constraint is not None and conv.prefill:  # the grammar would start before the prefill
-            raise APIError(400, "an assistant message to continue cannot take a response format or forced tools")
+            raise APIError(400, f"an assistant message to continue cannot take {_constrained_by(conv)}")
         if constraint is not None:
             options = replace(options, constraint=constraint)
         req = Request(
