@@ -263,6 +263,8 @@ def test_custom_tool_grammars_are_enforced(oa, fmt, pattern):
         ({"syntax": "lark", "definition": "start: x y"}, 'tools.note.format: at 1(8): unknown name: "x"'),
         ({"syntax": "ebnf", "definition": "x"}, "tools.note.format.syntax: expected 'lark' or 'regex', got 'ebnf'"),
         ({"syntax": "regex"}, "tools.note.format: expected a grammar definition (text)"),
+        ({"syntax": "lark", "definition": "start: start"}, "tools.note.format: "),  # found at the first mask
+        ({"type": "json"}, "tools.note.format.type: expected 'text' or 'grammar', got 'json'"),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             oa.responses.create(model=NAME, input=WEATHER, tools=[CUSTOM | {"format": {"type": "grammar", **bad}}])

@@ -295,6 +295,19 @@ def test_an_optional_thought_before_the_grammar(demo):
     assert row([open_, z, close, a])[b] == 0
 
 
+def test_a_grammar_that_spells_a_control_token_fails_loudly(demo):
+    """A grammar forcing the text `<|"|>` made the engine offer the `<|"|>` token (its
+    tokenizer's reading of that text) and then refuse it: the model wrote it, and
+    the output went on unconstrained (a custom tool's input ended early with status
+    completed). Such a control token is now taken out of the mask, and a mask left
+    empty is a grammar failure, not a silently free output."""
+    model, tok = demo
+    with pytest.raises(ValueError, match="the grammar needs a control token's text here"):
+        gemma4_mlx.generate(model, tok, "Hi", grammar='start: "a" "<|\\"|>" "b"', max_tokens=10)
+    q = tok.convert_tokens_to_ids('<|"|>')  # the same token named as a token is still allowed
+    assert gemma4_mlx.generate(model, tok, "Hi", grammar=f"start: \"a\" <[{q}]> \"b\"", max_tokens=10) == "a<|\"|>b"
+
+
 def test_a_prompt_that_extends_another_rows_prompt_is_its_own_row(demo):
     """Raw prompts P and P + [t] in one batch, each with its own pattern: the longer
     prompt is a row of its own (known prompts), not P's row with t as output."""

@@ -165,6 +165,16 @@ def test_a_custom_input_grammar_and_loose_schemas(demo):
     assert allowed(lark, 'f{x:-5,y:<|"|>free<|"|>}')  # `minimum` is not enforced: the arguments are free
     with pytest.raises(ConstraintError, match=r"tools.f.parameters.x: strict tool calls cannot enforce \['minimum'\]"):
         tool_call_grammar([loose | {"strict": True}], tok.convert_tokens_to_ids, loose=True)
+    quoted = _fn({"type": "object", "properties": {"first-name": {"type": "string", "pattern": "^A"}}})
+    g = tool_call_grammar([quoted], tok.convert_tokens_to_ids, loose=True)  # free arguments, keys quoted or not
+    ids = tok.encode('<|tool_call>call:f{<|"|>first-name<|"|>:<|"|>Al<|"|>}<tool_call|>', add_special_tokens=False)
+    assert bind(g, tok, model.config.vocab_size, stops).valid_prefix(ids) == len(ids)
+    # a value without a schema writes the "any value" rules before the next one fails: they are written once
+    first_any = _fn({"type": "object", "properties": {"a": {}, "z": {"type": "integer", "minimum": 1}}})
+    bind(tool_call_grammar([first_any], tok.convert_tokens_to_ids, loose=True), tok, model.config.vocab_size, stops)
+    looping = note | {INPUT_FORMAT: {"syntax": "lark", "definition": "start: start"}}
+    with pytest.raises(ConstraintError, match=r"tools.note.format: "):  # found at the first mask, not mid-output
+        bind(tool_call_grammar([looping], tok.convert_tokens_to_ids), tok, model.config.vocab_size, stops)
     with pytest.raises(ConstraintError, match=r"tools.note.format: at 1\(8\): unknown name"):
         bad = {"syntax": "lark", "definition": "start: x"}
         tool_call_grammar([note | {INPUT_FORMAT: bad}], tok.convert_tokens_to_ids)

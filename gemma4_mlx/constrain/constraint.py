@@ -32,6 +32,18 @@ def _backend(tokenizer):
     raise ConstraintError(f"constrained decoding needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}")
 
 
+def _special_ids(tokenizer, engine: llg.LLTokenizer, vocab_size: int) -> tuple[int, ...]:
+    """The engine's special (control) token ids, found once per tokenizer and size."""
+    try:
+        per = _ENGINE_TOKENIZERS.setdefault(tokenizer, {})
+    except TypeError:
+        per = {}
+    key = ("special", vocab_size)
+    if key not in per:
+        per[key] = tuple(i for i in range(min(vocab_size, engine.vocab_size)) if engine.is_special_token(i))
+    return per[key]
+
+
 def engine_tokenizer(tokenizer, vocab_size: int) -> llg.LLTokenizer:
     """llguidance's view of `tokenizer`, padded to the model's `vocab_size` rows."""
     try:
@@ -49,7 +61,10 @@ class Constraint:
     """grammar bound to `engine` (llguidance tokenizer).  stop_ids: the model's stop
     tokens — allowed exactly where the grammar accepts.  after: when set (the
     thought channel's close token with thinking on), the output is free until
-    this token and the grammar applies to what follows it.  opener: when set too
+    this token and the grammar applies to what follows it.  controls: the
+    vocabulary's control (special) tokens other than the stop tokens, which the
+    mask offers only where the grammar takes them as tokens (`_Slot.allowed`).
+    opener: when set too
     (the channel's open token, thinking off), the grammar applies from the start,
     but the output may open with this token: a thought the model opens on its own
     is then free until `after`, and the grammar applies after it."""
@@ -60,6 +75,7 @@ class Constraint:
     stop_ids: tuple[int, ...]
     after: int | None = None
     opener: int | None = None
+    controls: tuple[int, ...] = ()
     _proto: llg.LLMatcher | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -72,6 +88,8 @@ class Constraint:
             for m in (proto, first):
                 if m.is_error():
                     raise ConstraintError(f"{self.grammar.what}: {m.get_error().splitlines()[0]}")
+            for part in self.grammar.parts:  # a nested grammar's first mask would come mid-output: check it now
+                Constraint(part, self.engine, self.vocab_size, self.stop_ids)
             self._proto = proto
 
     def matcher(self) -> llg.LLMatcher:
@@ -112,7 +130,9 @@ def bind(grammar: Grammar, tokenizer, vocab_size: int, stop_ids: Sequence[int], 
     if not stop_ids:
         raise ConstraintError("constrained decoding needs the model's stop token ids")
     engine = engine_tokenizer(tokenizer, vocab_size)
-    return Constraint(grammar, engine, vocab_size, tuple(sorted(set(stop_ids))), after)
+    stops = tuple(sorted(set(stop_ids)))
+    controls = tuple(i for i in _special_ids(tokenizer, engine, vocab_size) if i not in stops)
+    return Constraint(grammar, engine, vocab_size, stops, after, controls=controls)
 
 
 def bind_response_format(

@@ -24,11 +24,15 @@ class ConstraintError(ValueError):
 @dataclass(frozen=True)
 class Grammar:
     """kind: "json_object", "json_schema", "regex", "lark" or "tool_calls";
-    source: the llguidance grammar; what: how errors name it."""
+    source: the llguidance grammar; what: how errors name it; parts: the grammars
+    nested in it (`nested`), each checked on its own when bound: the engine finds
+    some errors only at a grammar's first mask, which for a nested one would come
+    mid-output."""
 
     kind: str
     source: str
     what: str
+    parts: tuple[Grammar, ...] = ()
 
     def check(self, tokenizer: llg.LLTokenizer | None = None) -> Grammar:
         """Raise `ConstraintError` when the engine refuses the grammar."""
@@ -87,15 +91,16 @@ def lark(text: str, what: str = "grammar") -> Grammar:
     return Grammar("lark", llg.LLMatcher.grammar_from_lark(text), what).check()
 
 
-def nested(main: str, subgrammars: dict[str, str], what: str) -> Grammar:
-    """`main` (Lark text) whose `@NAME` items are sentences of `subgrammars[NAME]`
-    (Lark text, `start` its root).  Each runs with its own lexer, so its tokens and
-    main's never clash: a custom tool's input grammar inside a tool call.  (Check
-    each alone first with `lark`, so that an error names where it came from.)"""
+def nested(main: str, subgrammars: dict[str, tuple[str, str]], what: str) -> Grammar:
+    """`main` (Lark text) whose `@NAME` items are sentences of the Lark text of
+    `subgrammars[NAME]` = (text, how errors name it; `start` its root).  Each runs
+    with its own lexer, so its tokens and main's never clash: a custom tool's input
+    grammar inside a tool call.  Each is checked alone first, so that an error names it."""
     if not subgrammars:
         return lark(main, what)
-    grammars = [{"lark_grammar": main}] + [{"name": n, "lark_grammar": t} for n, t in subgrammars.items()]
-    return Grammar("lark", json.dumps({"grammars": grammars}), what).check()
+    parts = tuple(lark(text, what=label) for text, label in subgrammars.values())
+    grammars = [{"lark_grammar": main}] + [{"name": n, "lark_grammar": t} for n, (t, _) in subgrammars.items()]
+    return Grammar("lark", json.dumps({"grammars": grammars}), what, parts).check()
 
 
 def constraint_from_response_format(response_format: dict | None) -> Grammar | None:

@@ -28,11 +28,12 @@ class _Slot:
     With the constraint's `opener`, the grammar starts at the output, and an output
     that opens with `opener` waits for `after` instead."""
 
-    __slots__ = ("constraint", "tokens", "prompt_len", "start", "matcher", "used", "version", "mask")
+    __slots__ = ("constraint", "tokens", "prompt_len", "start", "matcher", "used", "version", "mask", "broken")
 
     def __init__(self, constraint, prompt: list[int]):
         self.constraint, self.tokens, self.prompt_len = constraint, list(prompt), len(prompt)
         self.start, self.matcher, self.used, self.version, self.mask = None, None, 0, 0, None
+        self.broken: str | None = None  # why the grammar allows nothing here, when the engine does not say
         if constraint is not None and (constraint.after is None or constraint.opener is not None):
             self.start, self.matcher = len(self.tokens), constraint.matcher()
 
@@ -84,6 +85,19 @@ class _Slot:
         self.version += 1
         return n == len(rest)
 
+    def _drop_spelled_controls(self, words: np.ndarray) -> bool:
+        """Clear the control tokens the mask offers but the grammar does not take as
+        tokens; whether any was.  Where a grammar forces text that spells a control
+        token (`<|"|>` as text), the engine offers that token, its tokenizer's
+        reading of the text, and then refuses it: picked, it would end a string or a
+        call early and leave the rest of the output unconstrained."""
+        dropped = False
+        for t in self.constraint.controls:
+            if t >> 5 < len(words) and (words[t >> 5] >> (t & 31)) & 1 and not self.matcher.validate_tokens([t]):
+                words[t >> 5] &= ~np.uint32(1 << (t & 31))
+                dropped = True
+        return dropped
+
     def allowed(self, width: int) -> mx.array | None:
         """[width] bool: the tokens the grammar allows next (stop tokens where it
         accepts); None when the grammar allows nothing (a finished or broken match)."""
@@ -96,6 +110,8 @@ class _Slot:
         for s in c.stop_ids:
             if s >> 5 < len(words):
                 words[s >> 5] = words[s >> 5] | (1 << (s & 31)) if accept else words[s >> 5] & ~np.uint32(1 << (s & 31))
+        if self._drop_spelled_controls(words) and not words.any():
+            self.broken = "the grammar needs a control token's text here, which the model writes only as that token"
         if c.opener is not None and len(self.tokens) == self.prompt_len and c.opener >> 5 < len(words):
             words[c.opener >> 5] |= np.uint32(1 << (c.opener & 31))  # the output may open a thought
         out = _unpack(words, width) if words.any() else None
@@ -146,6 +162,8 @@ class ConstraintProcessor:
         allowed = slot.allowed(logits.shape[-1])
         if self.failure is None and slot.matcher.is_error():
             self.failure = slot.matcher.get_error().splitlines()[0]
+        elif self.failure is None and slot.broken is not None:
+            self.failure = slot.broken
         return logits if allowed is None else mx.where(allowed, logits, NEG_INF)
 
     # -- finding and syncing a slot -----------------------------------------------

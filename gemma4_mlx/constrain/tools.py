@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from gemma4_mlx.constrain.grammar import ConstraintError, Grammar, lark, nested, regex_lark
+from gemma4_mlx.constrain.grammar import ConstraintError, Grammar, nested, regex_lark
 from gemma4_mlx.prompt.arguments import _NAME
 from gemma4_mlx.prompt.tool_schema import tool_schema
 
@@ -133,7 +133,7 @@ class _Writer:
                 f'anyval: {self.string()} | {_NUMBER} | "true" | "false" | "null" | "[" (anyval ("," anyval)*)? "]"'
                 " | anymap",
                 'anymap: "{" (anykey ":" anyval ("," anykey ":" anyval)*)? "}"',
-                "anykey: /[A-Za-z_][A-Za-z0-9_]*/",
+                f"anykey: /[A-Za-z_][A-Za-z0-9_]*/ | <[{self.q}]> /(?s:.+)/ <[{self.q}]>",
             ]
         return "anyval"
 
@@ -146,7 +146,7 @@ class _Writer:
         self.any()
         return '(anykey ":" anyval ("," anykey ":" anyval)*)?'
 
-    def arguments(self, fn: Mapping, subgrammars: dict[str, str], loose: bool) -> str:
+    def arguments(self, fn: Mapping, subgrammars: dict[str, tuple[str, str]], loose: bool) -> str:
         """One call's arguments: a custom tool's `input` in its own grammar (added to
         `subgrammars`); else the schema's members; else, when `loose`, for a tool
         not declared strict whose schema has what the grammar cannot enforce, any
@@ -154,7 +154,7 @@ class _Writer:
         where = f"tools.{fn['name']}"
         if fn.get(INPUT_FORMAT) is not None:
             name = f"input{len(subgrammars) + 1}"
-            subgrammars[name] = _input_grammar(fn[INPUT_FORMAT], f"{where}.format")
+            subgrammars[name] = _input_grammar(fn[INPUT_FORMAT], f"{where}.format"), f"{where}.format"
             return f'"input:" <[{self.q}]> @{name} <[{self.q}]>'
         params = fn.get("parameters") or {"type": "object", "properties": {}}
         if not params.get("properties"):
@@ -180,7 +180,7 @@ def _max_length(value, where: str) -> int | None:
 
 
 def _input_grammar(fmt, where: str) -> str:
-    """The Lark text of a custom tool's input format, checked on its own."""
+    """The Lark text of a custom tool's input format (checked by `nested`)."""
     if not isinstance(fmt, Mapping) or not isinstance(fmt.get("definition"), str):
         raise ConstraintError(f"{where}: expected a grammar definition (text)")
     syntax = fmt.get("syntax")
@@ -190,7 +190,6 @@ def _input_grammar(fmt, where: str) -> str:
         text = fmt["definition"]
     else:
         raise ConstraintError(f"{where}.syntax: expected 'lark' or 'regex', got {syntax!r}")
-    lark(text, what=where)
     return text
 
 

@@ -13,11 +13,15 @@ from __future__ import annotations
 import json
 
 from gemma4_mlx.constrain.tools import INPUT_FORMAT
+from gemma4_mlx.server.errors import APIError
 
 
 def declaration(name, description, fmt) -> dict:
-    """The function declaration (Chat Completions' shape) of a custom tool."""
+    """The function declaration (Chat Completions' shape) of a custom tool; a format
+    of another type than text or grammar is a 400."""
     fmt = fmt if isinstance(fmt, dict) else {}
+    if fmt.get("type") not in (None, "text", "grammar"):
+        raise APIError(400, f"tools.{name}.format.type: expected 'text' or 'grammar', got {fmt['type']!r}", "tools")
     how, grammar = "The tool's whole input, as free text.", None
     if fmt.get("type") == "grammar":
         grammar = {"syntax": fmt.get("syntax"), "definition": fmt.get("definition")}
@@ -36,6 +40,16 @@ def chat_format(fmt):
         inner = fmt.get("grammar") if isinstance(fmt.get("grammar"), dict) else {}
         return {"type": "grammar", "syntax": inner.get("syntax"), "definition": inner.get("definition")}
     return fmt
+
+
+def chat_names(tools) -> set[str]:
+    """The names of a Chat Completions request's custom tools (their calls are
+    answered as custom calls)."""
+    return {
+        t["custom"]["name"]
+        for t in tools or []
+        if isinstance(t, dict) and t.get("type") == "custom" and isinstance(t.get("custom"), dict)
+    }
 
 
 def arguments(text: str) -> str:

@@ -9,7 +9,8 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from gemma4_mlx.server.custom_tools import arguments, chat_format, declaration, input_text
+from gemma4_mlx.constrain.tools import INPUT_FORMAT
+from gemma4_mlx.server import custom_tools
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
 from gemma4_mlx.server.prompts import (
     Conversation,
@@ -100,18 +101,27 @@ def _past_call(call, where: str):
     name, text = custom.get("name"), custom.get("input")
     if not isinstance(name, str) or not isinstance(text, str):
         raise APIError(400, f"{where}.custom: expected a name and an input (a string)", param="messages")
-    return {"id": call.get("id"), "type": "function", "function": {"name": name, "arguments": arguments(text)}}
+    return {
+        "id": call.get("id"),
+        "type": "function",
+        "function": {"name": name, "arguments": custom_tools.arguments(text)},
+    }
 
 
 def _tools(tools) -> list | None:
-    """Custom tools as the functions they are declared as (`custom_tools`)."""
+    """Custom tools as the functions they are declared as (`custom_tools`); a
+    function's own `input_format` is dropped (only a custom tool's format sets it)."""
     out = []
     for i, t in enumerate(tools or []):
         if isinstance(t, dict) and t.get("type") == "custom":
             custom = t.get("custom")
             if not isinstance(custom, dict) or not isinstance(custom.get("name"), str):
                 raise APIError(400, f"tools[{i}].custom: expected an object with a name", param="tools")
-            t = declaration(custom["name"], custom.get("description"), chat_format(custom.get("format")))
+            t = custom_tools.declaration(
+                custom["name"], custom.get("description"), custom_tools.chat_format(custom.get("format"))
+            )
+        elif isinstance(t, dict) and isinstance(t.get("function"), dict) and INPUT_FORMAT in t["function"]:
+            t = t | {"function": {k: v for k, v in t["function"].items() if k != INPUT_FORMAT}}
         out.append(t)
     return out if tools is not None else None
 
@@ -121,15 +131,6 @@ def _tool_choice(choice):
         name = (choice.get("custom") or {}).get("name") if isinstance(choice.get("custom"), dict) else None
         return {"type": "function", "function": {"name": name}}
     return choice
-
-
-def custom_names(tools) -> set[str]:
-    """The names of a request's custom tools (their calls are answered as such)."""
-    return {
-        t["custom"]["name"]
-        for t in tools or []
-        if isinstance(t, dict) and t.get("type") == "custom" and isinstance(t.get("custom"), dict)
-    }
 
 
 @malformed_is_400
@@ -151,7 +152,11 @@ def conversation(body: ChatCompletionRequest, prompter) -> Conversation:
 
 def _tool_call(call, custom: set[str]) -> dict:
     if call.name in custom:
-        return {"id": new_id("call_"), "type": "custom", "custom": {"name": call.name, "input": input_text(call)}}
+        return {
+            "id": new_id("call_"),
+            "type": "custom",
+            "custom": {"name": call.name, "input": custom_tools.input_text(call)},
+        }
     fn = {"name": call.name, "arguments": call.arguments_json}
     return {"id": new_id("call_"), "type": "function", "function": fn}
 
@@ -191,7 +196,7 @@ def routes(server) -> APIRouter:
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             streams = await opened_all(handles, http)
-            stream = _chat_stream(server, handles, streams, usage, body.logprobs, custom_names(body.tools))
+            stream = _chat_stream(server, handles, streams, usage, body.logprobs, custom_tools.chat_names(body.tools))
             return StreamingResponse(with_heartbeats(stream, KEEP_ALIVE), media_type="text/event-stream")
         results = await collect_all(handles, http, server.metrics)
         return {
@@ -199,7 +204,9 @@ def routes(server) -> APIRouter:
             "object": "chat.completion",
             "created": now(),
             "model": server.model_name,
-            "choices": [_chat_choice(i, r, body.logprobs, custom_names(body.tools)) for i, r in enumerate(results)],
+            "choices": [
+                _chat_choice(i, r, body.logprobs, custom_tools.chat_names(body.tools)) for i, r in enumerate(results)
+            ],
             "usage": _usage(total_usage([r.usage for r in results])),
         }
 
@@ -294,7 +301,9 @@ async def _chat_stream(server, handles, streams, include_usage: bool, logprobs: 
             yield chunk(i, {"tool_calls": [{"index": calls[i], "function": {"arguments": ev.text}}]})
         elif ev.type == "tool_call":
             if opened[i]:
-                yield chunk(i, {"tool_calls": [{"index": calls[i], "custom": {"input": input_text(ev.call)}}]})
+                yield chunk(
+                    i, {"tool_calls": [{"index": calls[i], "custom": {"input": custom_tools.input_text(ev.call)}}]}
+                )
             calls[i] += 1
     if include_usage and len(usages) == len(streams):
         yield _sse({**base, "choices": [], "usage": _usage(total_usage(usages))})

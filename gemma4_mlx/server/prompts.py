@@ -310,8 +310,8 @@ class Prompter:
             if grammar is None and conv.tools:
                 forced = conv.tool_choice == "required" or isinstance(conv.tool_choice, dict)
                 fns = [t.get("function") or t for t in conv.tools]
-                strict = any(fn.get("strict") or fn.get(INPUT_FORMAT) is not None for fn in fns)
-                if forced or strict:
+                enforced = any(fn.get("strict") or fn.get(INPUT_FORMAT) is not None for fn in fns)
+                if forced or enforced:
                     token_id = self.tokenizer.convert_tokens_to_ids
                     grammar = tool_call_grammar(conv.tools, token_id, require_call=forced, loose=True)
             if grammar is None:
