@@ -87,6 +87,26 @@ def test_tool_choice_required_and_named(oa):
     assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
 
 
+def test_a_forced_call_is_made_even_when_the_model_would_end_inside_its_thought(oa):
+    """With thinking on the grammar waits for the thought to close; a model that ended
+    its turn inside the thought finished with no call although one was forced
+    (Codex saw it once). There the model's score for ending now closes the thought,
+    and the grammar then has its call. The end token is boosted to force the case."""
+    end = str(gemma4_mlx.load(DEMO_MODEL)[1].convert_tokens_to_ids("<turn|>"))
+    r = oa.chat.completions.create(
+        model=NAME,
+        messages=JAPAN,
+        tools=TOOLS,
+        tool_choice="required",
+        reasoning_effort="high",
+        temperature=0,
+        logit_bias={end: 30},
+        max_tokens=60,
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+
+
 def test_anthropic_tool_choice_any(server):
     an = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0, timeout=60)
     tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]

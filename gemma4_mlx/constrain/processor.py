@@ -120,14 +120,36 @@ class _Slot:
 
 
 _IDS: dict[int, mx.array] = {}
+_STOPS: dict[tuple, mx.array] = {}
+
+
+def _close_instead_of_stop(logits: mx.array, c) -> mx.array:
+    """Inside the thought a grammar waits for (`after`), the model's score for ending
+    goes to closing the thought, and the stop tokens are masked: a reply that ended
+    in its thought would skip all the grammar requires (a forced call, a schema's
+    JSON), and the reply would finish without it."""
+    width = logits.shape[-1]
+    key = (c.stop_ids, width)
+    if key not in _STOPS:
+        mask = np.zeros(width, bool)
+        mask[[s for s in c.stop_ids if s < width]] = True
+        _STOPS[key] = mx.array(mask)
+    is_stop = _STOPS[key]
+    end = mx.where(is_stop, logits, NEG_INF).max(axis=-1, keepdims=True)
+    logits = mx.where(_token_ids(width) == c.after, mx.maximum(logits, end), logits)
+    return mx.where(is_stop, NEG_INF, logits)
+
+
+def _token_ids(width: int) -> mx.array:
+    if width not in _IDS:
+        _IDS[width] = mx.arange(width, dtype=mx.uint32)
+    return _IDS[width]
 
 
 def _unpack(words: np.ndarray, width: int) -> mx.array:
     """Bit t of the packed mask as a [width] bool array, expanded by MLX (on the
     device): the host hands over V / 32 words, not V flags."""
-    if width not in _IDS:
-        _IDS[width] = mx.arange(width, dtype=mx.uint32)
-    ids = _IDS[width]
+    ids = _token_ids(width)
     w = mx.array(words)
     if w.shape[0] * 32 < width:  # the model has more rows than the tokenizer: those stay masked
         w = mx.concatenate([w, mx.zeros(((width + 31) // 32 - w.shape[0],), mx.uint32)])
@@ -157,8 +179,10 @@ class ConstraintProcessor:
         if mx.default_device() == mx.gpu:
             mx.async_eval(logits)
         slot, ok = self.sync(h)
-        if not ok or slot.start is None:
+        if not ok or slot.constraint is None:
             return logits
+        if slot.start is None:
+            return _close_instead_of_stop(logits, slot.constraint)
         allowed = slot.allowed(logits.shape[-1])
         if self.failure is None and slot.matcher.is_error():
             self.failure = slot.matcher.get_error().splitlines()[0]
