@@ -305,7 +305,7 @@ def test_a_grammar_that_spells_a_control_token_fails_loudly(demo):
     with pytest.raises(ValueError, match="the grammar needs a control token's text here"):
         gemma4_mlx.generate(model, tok, "Hi", grammar='start: "a" "<|\\"|>" "b"', max_tokens=10)
     q = tok.convert_tokens_to_ids('<|"|>')  # the same token named as a token is still allowed
-    assert gemma4_mlx.generate(model, tok, "Hi", grammar=f"start: \"a\" <[{q}]> \"b\"", max_tokens=10) == "a<|\"|>b"
+    assert gemma4_mlx.generate(model, tok, "Hi", grammar=f'start: "a" <[{q}]> "b"', max_tokens=10) == 'a<|"|>b'
 
 
 def test_a_prompt_that_extends_another_rows_prompt_is_its_own_row(demo):
