@@ -24,6 +24,7 @@ from helpers.live_server import free_port, http, live_server
 def test_serve_command_with_drafter():
     port = free_port()
     cmd = [sys.executable, "-m", "gemma4_mlx", "serve", "--model", "demo", "--port", str(port), "--api-key", "k"]
+    cmd += ["--default-max-tokens", "3", "--cors-origin", "https://chat.example.com"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
@@ -40,10 +41,16 @@ def test_serve_command_with_drafter():
             time.sleep(0.1)
         assert json.loads(http("GET", url + "/health")[2])["model"] == "demo"
         oa = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0, timeout=30)
-        r = oa.chat.completions.create(
-            model="demo", temperature=0, messages=[{"role": "user", "content": "What is the capital of Japan?"}]
-        )
+        japan = [{"role": "user", "content": "What is the capital of Japan?"}]
+        r = oa.chat.completions.create(model="demo", temperature=0, messages=japan, max_tokens=20)
         assert r.choices[0].message.content == "The capital of Japan is Tokyo."
+        r = oa.chat.completions.create(model="demo", temperature=0, messages=japan)  # no limit: --default-max-tokens
+        assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (3, "length")
+        key = {"Authorization": "Bearer k"}
+        body = {"model": "demo", "messages": japan, "max_tokens": 2}
+        assert http("POST", url + "/v1/chat/completions", body, key | {"Origin": "https://chat.example.com"})[0] == 200
+        status, _, said = http("POST", url + "/v1/chat/completions", body, key | {"Origin": "http://localhost:3000"})
+        assert status == 403 and b"--cors-origin http://localhost:3000" in said  # `local` was not given
     finally:
         proc.terminate()
         out = proc.communicate(timeout=20)[0]

@@ -121,6 +121,15 @@ def serve(
             "(default: no limit; a request's thinking.budget_tokens may ask for fewer).",
         ),
     ] = None,
+    default_max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--default-max-tokens",
+            min=1,
+            help="Most tokens of a reply whose request sets no limit (default 4096; Codex sends none); "
+            "the context left caps it either way.",
+        ),
+    ] = None,
     cors_origin: Annotated[
         list[str] | None,
         typer.Option(
@@ -186,6 +195,7 @@ def serve(
         allow_local_files=allow_local_files,
         thinking_tokens=thinking_tokens,
         cors_origins=cors_origin or ["local"],
+        **({} if default_max_tokens is None else {"default_max_tokens": default_max_tokens}),
         group=group,
         **settings,
     )

@@ -22,7 +22,7 @@ from gemma4_mlx.server.follow import follow
 from gemma4_mlx.server.handle import Request
 from gemma4_mlx.server.metrics import Metrics
 from gemma4_mlx.server.origins import LOCAL, Origins
-from gemma4_mlx.server.prompts import Prompter
+from gemma4_mlx.server.prompts import DEFAULT_MAX_TOKENS, Prompter
 from gemma4_mlx.server.results import RequestHandle
 
 log = logging.getLogger("gemma4_mlx.server")
@@ -44,7 +44,8 @@ class ServerState:
     """What the route modules share: the served name, the prompter, the engine, metrics."""
 
     def __init__(self, model, tokenizer, *, model_name, api_key, prompting: dict, engine: dict, aliases=()):
-        """prompting: the `Prompter`'s settings (max_context, allow_local_files, thinking_tokens)."""
+        """prompting: the `Prompter`'s settings (max_context, allow_local_files,
+        thinking_tokens, default_max_tokens)."""
         self.model_name, self.api_key = model_name, api_key
         self.names = list(dict.fromkeys([model_name, *aliases]))  # what clients may send as `model`
         self.prompter = Prompter(model, tokenizer, **prompting)
@@ -250,6 +251,7 @@ def app(
     kv_bits: int | None = None,
     kv_cache_gb: float | None = None,
     thinking_tokens: int | None = None,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
     cors_origins: Sequence[str] = (LOCAL,),
     group=None,
 ) -> FastAPI:
@@ -265,7 +267,9 @@ def app(
     most KV-cache memory the running batch may reach, None for no limit (a request
     waits until rows leave, or fails alone when it cannot fit; docs/serving.md §2.2);
     thinking_tokens: the most thinking tokens of a reply, None for no limit (a
-    request may ask for fewer; docs/serving.md §2.3); cors_origins: the web pages
+    request may ask for fewer; docs/serving.md §2.3); default_max_tokens: the most
+    tokens of a reply whose request sets no limit (capped by the context left);
+    cors_origins: the web pages
     that may call the server ("local", origins, globs, "*" or "none"; `origins.py`);
     group: serve --distributed, rank 0 (the other ranks run `follower`)."""
     if api_key is not None and not api_key.strip():
@@ -278,7 +282,12 @@ def app(
         tokenizer,
         model_name=model_name,
         api_key=api_key,
-        prompting=dict(max_context=max_context, allow_local_files=allow_local_files, thinking_tokens=thinking_tokens),
+        prompting=dict(
+            max_context=max_context,
+            allow_local_files=allow_local_files,
+            thinking_tokens=thinking_tokens,
+            default_max_tokens=default_max_tokens,
+        ),
         engine=engine,
         aliases=aliases,
     )

@@ -157,9 +157,11 @@ class Prompter:
         max_context: int | None = None,
         allow_local_files: bool = False,
         thinking_tokens: int | None = None,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
     ):
         """thinking_tokens: the most thinking tokens of any reply (a request may ask
-        for fewer), None for no limit."""
+        for fewer), None for no limit; default_max_tokens: the most tokens of a reply
+        whose request sets no limit (Codex sends none)."""
         self.model, self.tokenizer, self.codec = model, tokenizer, PromptCodec(tokenizer)
         self.stop_ids = sorted(stop_ids(model, tokenizer))
         self.open_id = tokenizer.convert_tokens_to_ids("<|channel>")  # the thought channel's start
@@ -170,6 +172,9 @@ class Prompter:
         if thinking_tokens is not None and not (type(thinking_tokens) is int and thinking_tokens >= 0):
             raise ValueError(f"thinking_tokens {thinking_tokens!r}: expected an integer >= 0, or None for no limit")
         self.thinking_tokens = thinking_tokens
+        if not (type(default_max_tokens) is int and default_max_tokens >= 1):
+            raise ValueError(f"default_max_tokens {default_max_tokens!r}: expected an integer >= 1")
+        self.default_max_tokens = default_max_tokens
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 131072
         self.allow_local_files = allow_local_files
 
@@ -331,7 +336,7 @@ class Prompter:
                 param=param,
             )
         room = self.max_context - n_prompt
-        return min(room, max_tokens or DEFAULT_MAX_TOKENS)
+        return min(room, max_tokens or self.default_max_tokens)
 
     def settled(self, conv: Conversation) -> Conversation:
         """The conversation as it is rendered: a thinking budget of 0 is thinking off
