@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import llguidance as llg
+import numpy as np
 
 from gemma4_mlx.constrain.grammar import ConstraintError, Grammar, constraint_from_response_format
 from gemma4_mlx.constrain.processor import ConstraintProcessor
@@ -91,6 +93,11 @@ class Constraint:
             for part in self.grammar.parts:  # a nested grammar's first mask would come mid-output: check it now
                 Constraint(part, self.engine, self.vocab_size, self.stop_ids)
             self._proto = proto
+
+    @functools.cached_property
+    def control_array(self) -> np.ndarray:
+        """`controls` as an array (the processor tests them against each mask)."""
+        return np.array(self.controls, dtype=np.uint32)
 
     def matcher(self) -> llg.LLMatcher:
         """A matcher at the grammar's start (a copy of the compiled one)."""

@@ -91,9 +91,12 @@ class _Slot:
         token (`<|"|>` as text), the engine offers that token, its tokenizer's
         reading of the text, and then refuses it: picked, it would end a string or a
         call early and leave the rest of the output unconstrained."""
+        controls = self.constraint.control_array
+        controls = controls[(controls >> 5) < len(words)]
+        offered = controls[(words[controls >> 5] >> (controls & 31)) & 1 == 1]  # a few at most: one test each
         dropped = False
-        for t in self.constraint.controls:
-            if t >> 5 < len(words) and (words[t >> 5] >> (t & 31)) & 1 and not self.matcher.validate_tokens([t]):
+        for t in offered.tolist():
+            if not self.matcher.validate_tokens([t]):
                 words[t >> 5] &= ~np.uint32(1 << (t & 31))
                 dropped = True
         return dropped
