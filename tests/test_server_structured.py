@@ -107,6 +107,30 @@ def test_a_forced_call_is_made_even_when_the_model_would_end_inside_its_thought(
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
 
 
+def test_a_reply_that_skips_its_thought_still_follows_the_format(oa):
+    """With thinking on the grammar used to wait for the thought's close, so a reply
+    that opened no thought was never constrained (`The capital of Japan is Tokyo.`
+    for a JSON format). The grammar now applies from the first token unless that
+    token opens a thought. Banning `<|channel>` forces the case."""
+    channel = str(gemma4_mlx.load(DEMO_MODEL)[1].convert_tokens_to_ids("<|channel>"))
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    r = oa.chat.completions.create(
+        model=NAME,
+        messages=JAPAN,
+        response_format=fmt,
+        reasoning_effort="high",
+        temperature=0,
+        logit_bias={channel: -100},
+        max_tokens=60,
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    thought = oa.chat.completions.create(
+        model=NAME, messages=JAPAN, response_format=fmt, reasoning_effort="high", temperature=0, max_tokens=120
+    )
+    assert thought.choices[0].message.reasoning_content
+    jsonschema.validate(json.loads(thought.choices[0].message.content), SCHEMA)  # and after a thought
+
+
 def test_anthropic_tool_choice_any(server):
     an = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0, timeout=60)
     tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]

@@ -302,8 +302,9 @@ def test_a_grammar_that_spells_a_control_token_fails_loudly(demo):
     completed). Such a control token is now taken out of the mask, and a mask left
     empty is a grammar failure, not a silently free output."""
     model, tok = demo
-    with pytest.raises(ValueError, match="the grammar needs a control token's text here"):
-        gemma4_mlx.generate(model, tok, "Hi", grammar='start: "a" "<|\\"|>" "b"', max_tokens=10)
+    for spelled in ('<|\\"|>', "<turn|>", "<eos>"):  # a string delimiter, and two stop tokens
+        with pytest.raises(ValueError, match="the grammar needs a control token's text here"):
+            gemma4_mlx.generate(model, tok, "Hi", grammar=f'start: "a" "{spelled}" "b"', max_tokens=10)
     q = tok.convert_tokens_to_ids('<|"|>')  # the same token named as a token is still allowed
     assert gemma4_mlx.generate(model, tok, "Hi", grammar=f'start: "a" <[{q}]> "b"', max_tokens=10) == 'a<|"|>b'
 

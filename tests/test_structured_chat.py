@@ -77,6 +77,19 @@ def test_chat_answer_follows_response_format(demo, thinking):
     assert not free.text.startswith("{")
 
 
+def test_chat_reply_that_skips_its_thought_still_follows_the_format(demo):
+    """Chat with thinking on: a reply that opens no thought (`<|channel>` banned here)
+    is constrained from its first token (it was free text: the grammar waited for a
+    close that never came)."""
+    model, tok = demo
+    ban = SamplingOptions(logit_bias={tok.convert_tokens_to_ids("<|channel>"): -100})
+    reply = Chat(model, tok, thinking=True, max_tokens=60, options=ban).send(
+        "What is the capital of Japan?", response_format=RF
+    )
+    assert not reply.thinking
+    jsonschema.validate(json.loads(reply.text), ANSWER)
+
+
 def test_chat_default_response_format_and_early_refusal(demo):
     model, tok = demo
     chat = Chat(model, tok, response_format=RF, max_tokens=60)

@@ -244,9 +244,9 @@ class Chat:
         if spec is None:
             return None
         c = bind(spec, self.tokenizer, self.model.config.vocab_size, self._stop_ids)
-        if self.thinking:
-            return c.answer_only(self._close_id)
-        return c.thought_optional(*self._channel) if self._channel else c
+        if self._channel:  # thinking on or off, a thought the reply opens with stays free
+            return c.thought_optional(*self._channel)
+        return c.answer_only(self._close_id) if self.thinking else c
 
     # -- generation ----------------------------------------------------------
     def stream(

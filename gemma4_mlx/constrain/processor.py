@@ -108,12 +108,14 @@ class _Slot:
             return self.mask[1]
         c = self.constraint
         words = np.frombuffer(self.matcher.compute_bitmask(), np.uint32).copy()  # bit t of word t // 32
-        eos = c.engine.eos_token
-        accept = (words[eos >> 5] >> (eos & 31)) & 1
+        # the matcher says whether the grammar may end here: the mask's eos bit may be the
+        # engine's reading of text that spells `<eos>` (`_drop_spelled_controls`)
+        accept = self.matcher.is_accepting()
         for s in c.stop_ids:
             if s >> 5 < len(words):
                 words[s >> 5] = words[s >> 5] | (1 << (s & 31)) if accept else words[s >> 5] & ~np.uint32(1 << (s & 31))
-        if self._drop_spelled_controls(words) and not words.any():
+        dropped = self._drop_spelled_controls(words)
+        if not words.any() and (dropped or not accept):  # the engine offered only a spelled control token
             self.broken = "the grammar needs a control token's text here, which the model writes only as that token"
         if c.opener is not None and len(self.tokens) == self.prompt_len and c.opener >> 5 < len(words):
             words[c.opener >> 5] |= np.uint32(1 << (c.opener & 31))  # the output may open a thought

@@ -308,7 +308,8 @@ class Prompter:
         offered tools with arguments that follow their schemas; else, when a tool is
         declared `strict` or is a custom tool with a grammar, free text or such calls.
         A schema the grammar cannot enforce frees that tool's arguments, unless it is
-        declared `strict`.  With thinking on, the thought stays free.  400 for what
+        declared `strict`.  A thought the reply opens with stays free (thinking on
+        or off); the grammar applies after it, or from the first token.  400 for what
         the grammar engine cannot compile (a strict schema, a custom grammar)."""
         try:
             grammar = constraint_from_response_format(conv.response_format)
@@ -324,9 +325,9 @@ class Prompter:
             c = bind(grammar, self.tokenizer, self.model.config.vocab_size, self.stop_ids)
         except ConstraintError as e:
             raise APIError(400, _line(e), param="response_format" if conv.response_format else "tools") from None
-        if conv.thinking:
-            return c.answer_only(self.close_id)
-        return c.thought_optional(*self.channel_ids) if self.channel_ids else c
+        if self.channel_ids:  # thinking on or off, a thought the reply opens with stays free
+            return c.thought_optional(*self.channel_ids)
+        return c.answer_only(self.close_id) if conv.thinking else c
 
     def _budget(self, n_prompt: int, max_tokens: int | None, param: str = "messages") -> int:
         if n_prompt >= self.max_context:
