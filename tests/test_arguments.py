@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,19 @@ def test_cli_stdin_that_is_not_utf8_is_one_line():
 def test_embedded_server_refuses_an_empty_key():
     with pytest.raises(ValueError, match="api_key is empty"):
         server_app(None, None, model_name="x", api_key=" ")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        (dict(default_max_tokens=0), "default_max_tokens 0: expected an integer >= 1"),
+        (dict(default_max_tokens=2.5), "default_max_tokens 2.5: expected an integer >= 1"),
+        (dict(cors_origins=["http://localhost:3000/"]), "no path, no trailing slash"),
+    ],
+)
+def test_embedded_server_refuses_bad_settings(demo, kwargs, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        server_app(*demo, model_name="x", **kwargs)
 
 
 @pytest.fixture(scope="module")

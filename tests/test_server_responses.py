@@ -320,9 +320,15 @@ def test_custom_tools_on_chat_completions(oa):
     )
     assert answer.choices[0].message.content == again.output_text
     assert answer.usage.prompt_tokens == again.usage.input_tokens
+    # a function's own `input_format` (what the server sets for custom tools) is not the client's to set
+    smuggled = TOOL | {"input_format": {"syntax": "regex", "definition": "ZZZ[0-9]+"}}
+    for tool in (smuggled, {"type": "function", "function": {k: v for k, v in smuggled.items() if k != "type"}}):
+        r = oa.chat.completions.create(**ask | {"tools": [tool], "tool_choice": "required"})
+        assert all("ZZZ" not in c.function.arguments for c in r.choices[0].message.tool_calls), tool
     bad_past = past | {"tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "note", "input": 5}}]}
     for args, says in (
         (dict(tools=[{"type": "custom", "custom": {"description": "x"}}]), "tools[0].custom: expected an object with"),
+        (dict(tools=[{"type": "custom", "custom": {"name": "n", "format": "lark"}}]), "tools.n.format: expected an"),
         (dict(messages=ask["messages"] + [bad_past, result]), "messages[1].tool_calls[0].custom: expected a name"),
     ):
         with pytest.raises(openai.BadRequestError) as e:

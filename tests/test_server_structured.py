@@ -131,6 +131,22 @@ def test_a_reply_that_skips_its_thought_still_follows_the_format(oa):
     jsonschema.validate(json.loads(thought.choices[0].message.content), SCHEMA)  # and after a thought
 
 
+def test_a_prefill_names_what_constrains_the_reply(oa):
+    """A reply that continues an assistant message cannot start a grammar; the 400
+    names the cause (a strict tool was refused as "a response format or forced tools")."""
+    prefilled = JAPAN + [{"role": "assistant", "content": "The capital"}]
+    strict = [TOOLS[0] | {"function": TOOLS[0]["function"] | {"strict": True}}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    for args, says in (
+        (dict(tools=strict), "cannot take a strict tool or a custom tool's grammar"),
+        (dict(response_format=fmt), "cannot take a response format"),
+        (dict(tools=TOOLS, tool_choice="required"), "cannot take a forced tool choice"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            oa.chat.completions.create(model=NAME, messages=prefilled, **args)
+        assert says in e.value.body["message"], args
+
+
 def test_anthropic_tool_choice_any(server):
     an = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0, timeout=60)
     tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]

@@ -34,13 +34,18 @@ def _backend(tokenizer):
     raise ConstraintError(f"constrained decoding needs a fast (tokenizers) tokenizer, got {type(tokenizer).__name__}")
 
 
+def _cached(tokenizer) -> dict:
+    """What is kept for one tokenizer object (an empty dict for one that is not
+    weak-referenceable: built every time)."""
+    try:
+        return _ENGINE_TOKENIZERS.setdefault(tokenizer, {})
+    except TypeError:
+        return {}
+
+
 def _special_ids(tokenizer, engine: llg.LLTokenizer, vocab_size: int) -> tuple[int, ...]:
     """The engine's special (control) token ids, found once per tokenizer and size."""
-    try:
-        per = _ENGINE_TOKENIZERS.setdefault(tokenizer, {})
-    except TypeError:
-        per = {}
-    key = ("special", vocab_size)
+    per, key = _cached(tokenizer), ("special", vocab_size)
     if key not in per:
         per[key] = tuple(i for i in range(min(vocab_size, engine.vocab_size)) if engine.is_special_token(i))
     return per[key]
@@ -48,10 +53,7 @@ def _special_ids(tokenizer, engine: llg.LLTokenizer, vocab_size: int) -> tuple[i
 
 def engine_tokenizer(tokenizer, vocab_size: int) -> llg.LLTokenizer:
     """llguidance's view of `tokenizer`, padded to the model's `vocab_size` rows."""
-    try:
-        per = _ENGINE_TOKENIZERS.setdefault(tokenizer, {})
-    except TypeError:  # not weak-referenceable: build it every time
-        per = {}
+    per = _cached(tokenizer)
     if vocab_size not in per:
         eos = getattr(tokenizer, "eos_token_id", None)
         per[vocab_size] = llg.LLTokenizer(_backend(tokenizer).to_str(), n_vocab=vocab_size, eos_token=eos)

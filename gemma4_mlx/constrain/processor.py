@@ -125,7 +125,7 @@ class _Slot:
 
 
 _IDS: dict[int, mx.array] = {}
-_STOPS: dict[tuple, mx.array] = {}
+_STOPS: dict[tuple, tuple[mx.array, mx.array]] = {}
 
 
 def _close_instead_of_stop(logits: mx.array, c) -> mx.array:
@@ -134,15 +134,15 @@ def _close_instead_of_stop(logits: mx.array, c) -> mx.array:
     in its thought would skip all the grammar requires (a forced call, a schema's
     JSON), and the reply would finish without it."""
     width = logits.shape[-1]
-    key = (c.stop_ids, width)
-    if key not in _STOPS:
-        mask = np.zeros(width, bool)
-        mask[[s for s in c.stop_ids if s < width]] = True
-        _STOPS[key] = mx.array(mask)
-    is_stop = _STOPS[key]
+    key = (c.stop_ids, c.after, width)
+    if key not in _STOPS:  # (stop tokens, the close token) as [width] flags, made once
+        stop, close = np.zeros(width, bool), np.zeros(width, bool)
+        stop[[s for s in c.stop_ids if s < width]] = True
+        close[[c.after] if c.after < width else []] = True
+        _STOPS[key] = (mx.array(stop), mx.array(close))
+    is_stop, is_close = _STOPS[key]
     end = mx.where(is_stop, logits, NEG_INF).max(axis=-1, keepdims=True)
-    logits = mx.where(_token_ids(width) == c.after, mx.maximum(logits, end), logits)
-    return mx.where(is_stop, NEG_INF, logits)
+    return mx.where(is_stop, NEG_INF, mx.where(is_close, mx.maximum(logits, end), logits))
 
 
 def _token_ids(width: int) -> mx.array:

@@ -21,7 +21,7 @@ from gemma4_mlx.server.errors import APIError, error_response, install
 from gemma4_mlx.server.follow import follow
 from gemma4_mlx.server.handle import Request
 from gemma4_mlx.server.metrics import Metrics
-from gemma4_mlx.server.origins import LOCAL, Origins
+from gemma4_mlx.server.origins import LOCAL, Origins, is_origin
 from gemma4_mlx.server.prompts import DEFAULT_MAX_TOKENS, Prompter
 from gemma4_mlx.server.results import RequestHandle
 
@@ -88,17 +88,17 @@ class ServerState:
         return handles
 
 
-class _Guard:
-    """ASGI middleware: pages not allowed (403), API key (401), body size (413),
-    request counting."""
+class _Counted:
+    """ASGI middleware, outermost: every response counted by endpoint and status
+    (CORS preflights too, which the CORS middleware answers itself)."""
 
-    def __init__(self, inner, server: ServerState, max_body: int, origins: Origins):
-        self.inner, self.server, self.max_body, self.origins = inner, server, max_body, origins
+    def __init__(self, inner, server: ServerState):
+        self.inner, self.server = inner, server
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.inner(scope, receive, send)
-        path, headers = scope["path"], dict(scope["headers"])
+        path = scope["path"]
         endpoint = next((e for e in _ENDPOINTS if path == e or path.startswith(e + "/")), "other")
         status = [500]
 
@@ -108,20 +108,33 @@ class _Guard:
             await send(message)
 
         try:
-            refusal = self._refusal(path, headers)
-            if refusal is not None:
-                return await refusal(scope, receive, counted_send)
-            if scope.get("method") in ("POST", "PUT", "PATCH") and b"content-length" not in headers:
-                # a chunked body: read it here (up to the limit) so an oversized one is a 413,
-                # not a parse error of the framework's
-                body = await self._read_limited(receive)
-                if body is None:
-                    too_big = f"request body exceeds {self.max_body} bytes"
-                    return await error_response(path, 413, too_big)(scope, receive, counted_send)
-                receive = _replay(body, receive)
             await self.inner(scope, receive, counted_send)
         finally:
             self.server.metrics.requests.labels(endpoint, str(status[0])).inc()
+
+
+class _Guard:
+    """ASGI middleware: pages not allowed (403), API key (401), body size (413)."""
+
+    def __init__(self, inner, server: ServerState, max_body: int, origins: Origins):
+        self.inner, self.server, self.max_body, self.origins = inner, server, max_body, origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        path, headers = scope["path"], dict(scope["headers"])
+        refusal = self._refusal(path, headers)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        if scope.get("method") in ("POST", "PUT", "PATCH") and b"content-length" not in headers:
+            # a chunked body: read it here (up to the limit) so an oversized one is a 413,
+            # not a parse error of the framework's
+            body = await self._read_limited(receive)
+            if body is None:
+                too_big = f"request body exceeds {self.max_body} bytes"
+                return await error_response(path, 413, too_big)(scope, receive, send)
+            receive = _replay(body, receive)
+        await self.inner(scope, receive, send)
 
     def _refusal(self, path: str, headers: dict):
         origin = headers.get(b"origin")
@@ -156,7 +169,12 @@ class _Guard:
 def _page_refused(path: str, origin: str, origins: Origins):
     """The 403 for a web page whose origin the server does not allow, naming the flag."""
     page = origin[:200]
-    how = f"start the server with --cors-origin {page}" if origins.enabled else "CORS is off (--cors-origin none)"
+    if not origins.enabled:
+        how = "CORS is off (--cors-origin none)"
+    elif is_origin(origin):
+        how = f"start the server with --cors-origin {page}"
+    else:
+        how = "it is not an origin (scheme://host[:port])"
     return error_response(path, 403, f"requests from the web page origin {page!r} are not allowed: {how}")
 
 
@@ -169,6 +187,9 @@ class _Cors(CORSMiddleware):
     def __init__(self, inner, origins: Origins):
         super().__init__(inner, **origins.middleware_options())
         self.origins = origins
+
+    def is_allowed_origin(self, origin: str) -> bool:  # ours: bounded before any pattern runs
+        return self.origins.allows(origin)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
@@ -331,6 +352,7 @@ def app(
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
     api.add_middleware(_Guard, server=server, max_body=max_body_bytes, origins=origins)
-    if origins.enabled:  # outermost: a preflight is answered before the key is asked for
+    if origins.enabled:  # outside the guard: a preflight is answered before the key is asked for
         api.add_middleware(_Cors, origins=origins)
+    api.add_middleware(_Counted, server=server)
     return api

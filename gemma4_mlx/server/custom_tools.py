@@ -19,7 +19,11 @@ from gemma4_mlx.server.errors import APIError
 def declaration(name, description, fmt) -> dict:
     """The function declaration (Chat Completions' shape) of a custom tool; a format
     of another type than text or grammar is a 400."""
-    fmt = fmt if isinstance(fmt, dict) else {}
+    if not isinstance(name, str):
+        raise APIError(400, "tools: a custom tool needs a name (a string)", "tools")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise APIError(400, f"tools.{name}.format: expected an object", "tools")
+    fmt = fmt or {}
     if fmt.get("type") not in (None, "text", "grammar"):
         raise APIError(400, f"tools.{name}.format.type: expected 'text' or 'grammar', got {fmt['type']!r}", "tools")
     how, grammar = "The tool's whole input, as free text.", None

@@ -120,8 +120,10 @@ def _tools(tools) -> list | None:
             t = custom_tools.declaration(
                 custom["name"], custom.get("description"), custom_tools.chat_format(custom.get("format"))
             )
-        elif isinstance(t, dict) and isinstance(t.get("function"), dict) and INPUT_FORMAT in t["function"]:
+        elif isinstance(t, dict) and isinstance(t.get("function"), dict):
             t = t | {"function": {k: v for k, v in t["function"].items() if k != INPUT_FORMAT}}
+        elif isinstance(t, dict):  # a flat declaration, as some clients send
+            t = {k: v for k, v in t.items() if k != INPUT_FORMAT}
         out.append(t)
     return out if tools is not None else None
 

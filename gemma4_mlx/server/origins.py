@@ -22,11 +22,15 @@ from collections.abc import Sequence
 LOCAL = "local"
 ANY = "*"
 NONE = "none"
-_LOCAL_REGEX = (
+_LOCAL = re.compile(
     r"https?://(localhost|127\.0\.0\.1|\[::1\]|0\.0\.0\.0)(:[0-9]+)?|(app|tauri|vscode-webview|vscode-file)://[^/]*"
 )
-# an origin is scheme://host[:port]; `*` in a pattern stands for any run of those characters
-_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://[^/\s?#]+|null")
+# an origin is scheme://host[:port] (lower case, as browsers send it); `*` in a pattern
+# stands for any run of characters but `/`
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://(\[[0-9a-f:.*]+\]|[^/\s?#:\[\]@]+)(:([0-9]+|\*))?|null")
+# A host name has at most 253 characters: a longer Origin is never allowed (nor
+# matched: matching runs on the event loop, before the key is checked).
+MAX_ORIGIN = 300
 # the headers the browser lets a page read beyond the safelisted ones (a 429's wait)
 EXPOSED = ("Retry-After",)
 
@@ -42,14 +46,15 @@ class Origins:
             raise ValueError(f"cors origins {given}: 'none' cannot be combined with other origins")
         self.enabled = NONE not in given and bool(given)
         self.any = ANY in given
-        patterns = [_LOCAL_REGEX if g == LOCAL else _pattern(g) for g in given if g not in (ANY, NONE)]
-        self.regex = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-        self.given = given
+        self.local = LOCAL in given
+        self.patterns = [_checked(g.lower()) for g in given if g not in (ANY, NONE, LOCAL)]
 
     def allows(self, origin: str) -> bool:
-        if not self.enabled:
-            return False
-        return self.any or (self.regex is not None and self.regex.fullmatch(origin) is not None)
+        if not self.enabled or len(origin) > MAX_ORIGIN:
+            return self.enabled and self.any
+        if self.any or (self.local and _LOCAL.fullmatch(origin)):
+            return True
+        return any(_glob_match(p, origin) for p in self.patterns)
 
     def middleware_options(self) -> dict:
         """Keyword arguments of Starlette's `CORSMiddleware` for these origins: any
@@ -58,8 +63,7 @@ class Origins:
         a cookie, so no credentials; the Private Network Access preflight header is
         answered for browsers that send it (a public page allowed on purpose)."""
         return dict(
-            allow_origins=[ANY] if self.any else [],
-            allow_origin_regex=None if self.any or self.regex is None else self.regex.pattern,
+            allow_origins=[ANY] if self.any else [],  # else the middleware asks `allows`
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=[ANY],
             allow_private_network=True,
@@ -68,13 +72,38 @@ class Origins:
         )
 
 
-def _pattern(origin: str) -> str:
-    """One given origin (or glob) as a regular expression, checked for the usual
-    mistakes (a path or a trailing slash: browsers never send one)."""
-    concrete = origin.replace("*", "x")
-    if not _ORIGIN.fullmatch(concrete):
+def is_origin(text: str) -> bool:
+    """Whether `text` has an origin's form (what `--cors-origin` takes)."""
+    return len(text) <= MAX_ORIGIN and _ORIGIN.fullmatch(text) is not None
+
+
+def _checked(origin: str) -> str:
+    """A given origin (or glob), checked for the usual mistakes (a path or a trailing
+    slash: browsers never send one)."""
+    if not is_origin(origin):
         raise ValueError(
             f"cors origin {origin!r}: expected scheme://host[:port] (no path, no trailing slash), "
             "a glob such as chrome-extension://*, 'local', '*' or 'none'"
         )
-    return "[^/]*".join(re.escape(part) for part in origin.split("*"))
+    return origin
+
+
+def _glob_match(pattern: str, text: str) -> bool:
+    """Whether `text` matches `pattern`, whose `*` stands for any run of characters
+    but `/`. Only the latest `*` is ever retried (no regular expression, so no
+    backtracking blow-up on long input: at most len(pattern) x len(text) steps)."""
+    p = t = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if p < len(pattern) and pattern[p] == "*":
+            star, mark, p = p, t, p + 1
+        elif p < len(pattern) and pattern[p] == text[t]:
+            p, t = p + 1, t + 1
+        elif star >= 0 and text[mark] != "/":
+            mark += 1
+            p, t = star + 1, mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
