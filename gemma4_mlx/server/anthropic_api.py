@@ -11,9 +11,10 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
-from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
+from gemma4_mlx.server.prompts import Conversation, check_roles, split_prefill
 from gemma4_mlx.server.results import collect, failure, new_id, opened, ttft, with_heartbeats
 from gemma4_mlx.server.schemas import CountTokensRequest, MessagesRequest
+from gemma4_mlx.server.tool_choice import select_tools
 
 _STOP = {"tool_calls": "tool_use", "length": "max_tokens"}
 

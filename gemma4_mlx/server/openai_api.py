@@ -16,7 +16,6 @@ from gemma4_mlx.server.prompts import (
     Conversation,
     check_roles,
     choices,
-    select_tools,
     split_prefill,
 )
 from gemma4_mlx.server.results import (
@@ -35,6 +34,7 @@ from gemma4_mlx.server.results import (
     with_heartbeats,
 )
 from gemma4_mlx.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest
+from gemma4_mlx.server.tool_choice import select_tools
 
 _FINISH = {"tool_calls": "tool_calls", "length": "length"}
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from gemma4_mlx.server import custom_tools
 from gemma4_mlx.server.errors import APIError, malformed_is_400, text_field
-from gemma4_mlx.server.prompts import Conversation, check_roles, select_tools, split_prefill
+from gemma4_mlx.server.prompts import Conversation, check_roles, split_prefill
 from gemma4_mlx.server.schemas import ResponsesRequest
+from gemma4_mlx.server.tool_choice import select_tools
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 # how input items become the messages check_roles counts
