@@ -147,6 +147,44 @@ def test_a_prefill_names_what_constrains_the_reply(oa):
         assert says in e.value.body["message"], args
 
 
+AFTER_A_TOOL = JAPAN + [
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Tokyo"}'}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": '{"time": "10:00"}'},
+]
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_after_a_tool_result_the_thought_the_template_opened_stays_free(oa, budget):
+    """With thinking on, the prompt after a tool result ends inside a thought the
+    template opened (`<|channel>thought`). The grammar must wait for its close: it
+    was applied at once, so the JSON went into the reasoning and the content was
+    empty, and with a thinking budget the forced close broke the grammar and the
+    answer came back unconstrained. `<|channel>` is banned so that the model does
+    not open a second thought inside the first."""
+    channel = str(gemma4_mlx.load(DEMO_MODEL)[1].convert_tokens_to_ids("<|channel>"))
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    r = oa.chat.completions.create(
+        model=NAME,
+        messages=AFTER_A_TOOL,
+        tools=TOOLS,
+        response_format=fmt,
+        reasoning_effort="high",
+        temperature=0,
+        logit_bias={channel: -100},
+        max_tokens=80,
+        extra_body={} if budget is None else {"thinking_token_budget": budget},
+    )
+    message = r.choices[0].message
+    assert message.reasoning_content and not message.reasoning_content.lstrip().startswith("{")
+    jsonschema.validate(json.loads(message.content), SCHEMA)
+
+
 def test_anthropic_tool_choice_any(server):
     an = anthropic.Anthropic(base_url=server, api_key="x", max_retries=0, timeout=60)
     tools = [{"name": t["function"]["name"], "input_schema": t["function"]["parameters"]} for t in TOOLS]

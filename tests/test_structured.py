@@ -293,6 +293,12 @@ def test_an_optional_thought_before_the_grammar(demo):
     assert row([a])[open_] == float("-inf") and row([a])[b] == 0  # no thought once the answer began
     assert row([open_, z])[z] == 0 and row([])[z] == float("-inf")  # back inside, then back at the start
     assert row([open_, z, close, a])[b] == 0
+    primed = encode_prompt(tok, "x") + [open_]  # the prompt itself opened the thought (after a tool result)
+    fresh = bind(regex("ab?"), tok, model.config.vocab_size, stops).thought_optional(open_, close)()
+    row = lambda h: fresh(mx.array(primed + h), logits)[0].tolist()  # noqa: E731
+    assert row([])[z] == 0 and row([z])[close] == 0  # free until the close
+    assert row([z, close])[a] == 0 and row([z, close])[z] == float("-inf")  # then the grammar
+    assert row([])[z] == 0  # back at the start: still inside the prompt's thought
 
 
 def test_a_grammar_that_spells_a_control_token_fails_loudly(demo):

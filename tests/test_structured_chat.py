@@ -90,6 +90,24 @@ def test_chat_reply_that_skips_its_thought_still_follows_the_format(demo):
     jsonschema.validate(json.loads(reply.text), ANSWER)
 
 
+def test_chat_after_a_tool_result_keeps_the_primed_thought_free(demo):
+    """After a tool result with thinking on, the prompt ends in a thought the template
+    opened; the format applies after its close (it was applied at once: the JSON went
+    into the thought and the answer was free text)."""
+    model, tok = demo
+    ban = SamplingOptions(logit_bias={tok.convert_tokens_to_ids("<|channel>"): -100})  # no second thought inside
+    chat = Chat(model, tok, thinking=True, tools=[get_weather], max_tokens=80, options=ban)
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    chat.messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "name": "get_weather", "content": json.dumps({"temperature": 20})},
+    ]
+    reply = chat.send(None, response_format=RF)
+    assert reply.thinking and not reply.thinking.lstrip().startswith("{")
+    jsonschema.validate(json.loads(reply.text), ANSWER)
+
+
 def test_chat_default_response_format_and_early_refusal(demo):
     model, tok = demo
     chat = Chat(model, tok, response_format=RF, max_tokens=60)

@@ -26,20 +26,35 @@ class _Slot:
     token valid); prompt_len: where the output starts; start: where the grammar starts
     (None: waiting for the constraint's `after` token); version: bumped on change.
     With the constraint's `opener`, the grammar starts at the output, and an output
-    that opens with `opener` waits for `after` instead."""
+    that opens with `opener` waits for `after` instead; so does an output whose
+    prompt ends inside an open thought (`primed`: with thinking on, the template
+    opens one for the model after a tool result)."""
 
-    __slots__ = ("constraint", "tokens", "prompt_len", "start", "matcher", "used", "version", "mask", "broken")
+    __slots__ = (
+        "constraint",
+        "tokens",
+        "prompt_len",
+        "start",
+        "matcher",
+        "used",
+        "version",
+        "mask",
+        "broken",
+        "primed",
+    )
 
     def __init__(self, constraint, prompt: list[int]):
         self.constraint, self.tokens, self.prompt_len = constraint, list(prompt), len(prompt)
         self.start, self.matcher, self.used, self.version, self.mask = None, None, 0, 0, None
         self.broken: str | None = None  # why the grammar allows nothing here, when the engine does not say
-        if constraint is not None and (constraint.after is None or constraint.opener is not None):
+        self.primed = constraint is not None and constraint.opener is not None and _in_thought(prompt, constraint)
+        if constraint is not None and (constraint.after is None or constraint.opener is not None) and not self.primed:
             self.start, self.matcher = len(self.tokens), constraint.matcher()
 
     def fork(self) -> _Slot:
         s = _Slot(None, [])
         s.constraint, s.tokens, s.prompt_len, s.start = self.constraint, list(self.tokens), self.prompt_len, self.start
+        s.primed = self.primed
         s.matcher = None if self.matcher is None else self.matcher.deep_copy()
         return s
 
@@ -53,7 +68,7 @@ class _Slot:
             self.matcher.rollback(len(self.tokens) - n)
         del self.tokens[n:]
         c = self.constraint
-        if self.start is None and c is not None and c.opener is not None and n == self.prompt_len:
+        if self.start is None and c is not None and c.opener is not None and n == self.prompt_len and not self.primed:
             self.start, self.matcher = n, c.matcher()  # back before the optional thought
         self.version += 1
 
@@ -67,7 +82,7 @@ class _Slot:
             self.tokens += rest
             self.version += 1
             return True
-        if c.opener is not None and len(self.tokens) == self.prompt_len and rest[0] == c.opener:
+        if c.opener is not None and len(self.tokens) == self.prompt_len and rest[0] == c.opener and not self.primed:
             self.start, self.matcher = None, None  # a thought opened: free until `after`
         if self.start is None:
             if c.after not in rest:
@@ -122,6 +137,15 @@ class _Slot:
         out = _unpack(words, width) if words.any() else None
         self.mask = (self.version, out)
         return out
+
+
+def _in_thought(prompt: list[int], c) -> bool:
+    """Whether `prompt` ends inside an open thought: of the thought's open and close
+    tokens, the open one comes last (as `batching.thinking.ThinkingBudget.at_start`)."""
+    for t in reversed(prompt):
+        if t == c.opener or t == c.after:
+            return t == c.opener
+    return False
 
 
 _IDS: dict[int, mx.array] = {}
