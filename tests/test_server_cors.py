@@ -120,6 +120,7 @@ def test_globs_stay_within_the_host():
     assert o.allows("https://a.example.com") and o.allows("https://a.b.example.com")
     assert not o.allows("https://evil.com/.example.com") and not o.allows("https://example.com")
     assert o.allows("http://192.168.1.5:3000") and not o.allows("http://192.168.1.5/x:3000")
+    assert o.allows("https://A.Example.com")  # scheme and host are case-blind
     assert not Origins().allows("http://localhost.evil.example") and Origins().allows("http://[::1]:8080")
 
 

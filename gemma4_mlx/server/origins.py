@@ -52,6 +52,7 @@ class Origins:
     def allows(self, origin: str) -> bool:
         if not self.enabled or len(origin) > MAX_ORIGIN:
             return self.enabled and self.any
+        origin = origin.lower()  # scheme and host are case-blind (browsers send lower case)
         if self.any or (self.local and _LOCAL.fullmatch(origin)):
             return True
         return any(_glob_match(p, origin) for p in self.patterns)
