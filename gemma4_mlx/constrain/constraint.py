@@ -91,7 +91,10 @@ class Constraint:
                 first.compute_bitmask()  # the first mask: some grammars (a `$ref` loop) fail only here
             for m in (proto, first):
                 if m.is_error():
-                    raise ConstraintError(f"{self.grammar.what}: {m.get_error().splitlines()[0]}")
+                    why = m.get_error().splitlines()[0]
+                    if why == "NoExtensionBias":  # the engine's name for it; say what it means
+                        why = "no text can start a sentence of this grammar (a rule that only refers to itself?)"
+                    raise ConstraintError(f"{self.grammar.what}: {why}")
             for part in self.grammar.parts:  # a nested grammar's first mask would come mid-output: check it now
                 Constraint(part, self.engine, self.vocab_size, self.stop_ids)
             self._proto = proto
