@@ -87,12 +87,12 @@ def test_tool_choice_required_and_named(oa):
     assert [c.function.name for c in r.choices[0].message.tool_calls] == ["get_time"]
 
 
-def test_a_forced_call_is_made_even_when_the_model_would_end_inside_its_thought(oa):
+def test_a_forced_call_is_made_even_when_the_model_would_end_inside_its_thought(oa, token_id):
     """With thinking on the grammar waits for the thought to close; a model that ended
     its turn inside the thought finished with no call although one was forced
     (Codex saw it once). There the model's score for ending now closes the thought,
     and the grammar then has its call. The end token is boosted to force the case."""
-    end = str(gemma4_mlx.load(DEMO_MODEL)[1].convert_tokens_to_ids("<turn|>"))
+    end = token_id("<turn|>")
     r = oa.chat.completions.create(
         model=NAME,
         messages=JAPAN,
@@ -107,26 +107,30 @@ def test_a_forced_call_is_made_even_when_the_model_would_end_inside_its_thought(
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
 
 
-def test_a_reply_that_skips_its_thought_still_follows_the_format(oa):
+@pytest.fixture(scope="module")
+def token_id():
+    tok = gemma4_mlx.load(DEMO_MODEL)[1]
+    return lambda text: str(tok.convert_tokens_to_ids(text))
+
+
+def _json_with_thinking(oa, token_id, messages, ban_thought: bool, **kw):
+    """A JSON-schema reply with thinking on, greedy; ban_thought: `<|channel>` banned,
+    so that the model opens no thought of its own."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+    bias = {"logit_bias": {token_id("<|channel>"): -100}} if ban_thought else {}
+    return oa.chat.completions.create(
+        model=NAME, messages=messages, response_format=fmt, reasoning_effort="high", temperature=0, **bias, **kw
+    )
+
+
+def test_a_reply_that_skips_its_thought_still_follows_the_format(oa, token_id):
     """With thinking on the grammar used to wait for the thought's close, so a reply
     that opened no thought was never constrained (`The capital of Japan is Tokyo.`
     for a JSON format). The grammar now applies from the first token unless that
     token opens a thought. Banning `<|channel>` forces the case."""
-    channel = str(gemma4_mlx.load(DEMO_MODEL)[1].convert_tokens_to_ids("<|channel>"))
-    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
-    r = oa.chat.completions.create(
-        model=NAME,
-        messages=JAPAN,
-        response_format=fmt,
-        reasoning_effort="high",
-        temperature=0,
-        logit_bias={channel: -100},
-        max_tokens=60,
-    )
+    r = _json_with_thinking(oa, token_id, JAPAN, ban_thought=True, max_tokens=60)
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
-    thought = oa.chat.completions.create(
-        model=NAME, messages=JAPAN, response_format=fmt, reasoning_effort="high", temperature=0, max_tokens=120
-    )
+    thought = _json_with_thinking(oa, token_id, JAPAN, ban_thought=False, max_tokens=120)
     assert thought.choices[0].message.reasoning_content
     jsonschema.validate(json.loads(thought.choices[0].message.content), SCHEMA)  # and after a thought
 
@@ -160,26 +164,15 @@ AFTER_A_TOOL = JAPAN + [
 
 
 @pytest.mark.parametrize("budget", [None, 3])
-def test_after_a_tool_result_the_thought_the_template_opened_stays_free(oa, budget):
+def test_after_a_tool_result_the_thought_the_template_opened_stays_free(oa, token_id, budget):
     """With thinking on, the prompt after a tool result ends inside a thought the
     template opened (`<|channel>thought`). The grammar must wait for its close: it
     was applied at once, so the JSON went into the reasoning and the content was
     empty, and with a thinking budget the forced close broke the grammar and the
     answer came back unconstrained. `<|channel>` is banned so that the model does
     not open a second thought inside the first."""
-    channel = str(gemma4_mlx.load(DEMO_MODEL)[1].convert_tokens_to_ids("<|channel>"))
-    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
-    r = oa.chat.completions.create(
-        model=NAME,
-        messages=AFTER_A_TOOL,
-        tools=TOOLS,
-        response_format=fmt,
-        reasoning_effort="high",
-        temperature=0,
-        logit_bias={channel: -100},
-        max_tokens=80,
-        extra_body={} if budget is None else {"thinking_token_budget": budget},
-    )
+    extra = {} if budget is None else {"thinking_token_budget": budget}
+    r = _json_with_thinking(oa, token_id, AFTER_A_TOOL, ban_thought=True, tools=TOOLS, max_tokens=80, extra_body=extra)
     message = r.choices[0].message
     assert message.reasoning_content and not message.reasoning_content.lstrip().startswith("{")
     jsonschema.validate(json.loads(message.content), SCHEMA)
