@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from gemma4_mlx.prompt.tokens import ends_in_open_thought
+
 NEG_INF = float("-inf")
 
 
@@ -47,10 +49,7 @@ class ThinkingBudget:
     def at_start(self, prompt: Sequence[int]) -> ThoughtCount:
         """The count where the reply starts: inside when the prompt ends in an open
         thought (the template opens one for the model after a tool result)."""
-        for t in reversed(prompt):
-            if t in (self.open_id, self.close_id):
-                return ThoughtCount(inside=t == self.open_id)
-        return ThoughtCount()
+        return ThoughtCount(inside=ends_in_open_thought(prompt, self.open_id, self.close_id))
 
     def after(self, count: ThoughtCount, tokens: Sequence[int]) -> ThoughtCount:
         """The count once `tokens` follow."""

@@ -30,6 +30,14 @@ def stop_ids(model, tokenizer) -> set[int]:
     return ids | set(model.config.eos_ids)
 
 
+def channel_ids(tokenizer) -> tuple[int, int] | None:
+    """The thought channel's (`<|channel>`, `<channel|>`) token ids; None unless the
+    vocabulary has both as tokens of their own (every Gemma 4 vocabulary does)."""
+    ids = tuple(tokenizer.convert_tokens_to_ids(s) for s in ("<|channel>", "<channel|>"))
+    known = all(isinstance(i, int) and i != tokenizer.unk_token_id for i in ids)
+    return ids if known else None
+
+
 def render_conversation(
     codec: PromptCodec, messages: Sequence[dict], *, tools: list[dict] | None = None, thinking: bool = False
 ) -> str:

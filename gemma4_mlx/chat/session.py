@@ -20,6 +20,7 @@ import mlx.core as mx
 from gemma4_mlx.cache.prefix import sync_prefix
 from gemma4_mlx.chat.conversation import (
     STOP_STRINGS,
+    channel_ids,
     encode_conversation,
     render_conversation,
     stop_ids,
@@ -135,8 +136,7 @@ class Chat:
         self.prefilled_last = 0  # tokens prefilled by the latest turn (cache reuse is visible here)
         self._stop_ids = stop_ids(model, tokenizer)
         self._close_id = tokenizer.convert_tokens_to_ids("<channel|>")
-        opener = tokenizer.convert_tokens_to_ids("<|channel>")  # with the close: an optional thought (no grammar)
-        self._channel = (opener, self._close_id) if tokenizer.unk_token_id not in (opener, self._close_id) else None
+        self._channel = channel_ids(tokenizer)  # (open, close): a thought the reply opens stays free of a grammar
         self._codec = PromptCodec(tokenizer)  # message text never becomes control tokens
         self.response_format = response_format
         self._constraint(response_format)  # a schema the engine refuses: said now

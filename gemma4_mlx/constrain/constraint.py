@@ -64,14 +64,14 @@ def engine_tokenizer(tokenizer, vocab_size: int) -> llg.LLTokenizer:
 class Constraint:
     """grammar bound to `engine` (llguidance tokenizer).  stop_ids: the model's stop
     tokens — allowed exactly where the grammar accepts.  after: when set (the
-    thought channel's close token with thinking on), the output is free until
-    this token and the grammar applies to what follows it.  controls: the
-    vocabulary's control (special) tokens other than the stop tokens, which the
-    mask offers only where the grammar takes them as tokens (`_Slot.allowed`).
-    opener: when set too
-    (the channel's open token, thinking off), the grammar applies from the start,
-    but the output may open with this token: a thought the model opens on its own
-    is then free until `after`, and the grammar applies after it."""
+    thought channel's close token), the output is free until this token and the
+    grammar applies to what follows it.  opener: when set too (the channel's open
+    token, `thought_optional`), the grammar applies from the start instead, but the
+    output may open with this token (or its prompt end inside an open thought):
+    that thought is free until `after`, and the grammar applies after it.
+    controls: the vocabulary's control (special) tokens other than the stop tokens,
+    which the mask offers only where the grammar takes them as tokens
+    (`_Slot.allowed`)."""
 
     grammar: Grammar
     engine: llg.LLTokenizer
@@ -126,8 +126,8 @@ class Constraint:
 
     def thought_optional(self, open_id: int | None, close_id: int | None) -> Constraint:
         """This constraint from the start, or after a thought the output opens with
-        (`open_id` ... `close_id`): thinking off, where a model may still open one
-        (docs/structured-output.md §4).  Unchanged without both ids."""
+        (`open_id` ... `close_id`), thinking on or off: a model may open one, or not,
+        either way (docs/structured-output.md §4).  Unchanged without both ids."""
         if open_id is None or close_id is None:
             return self
         return replace(self, after=close_id, opener=open_id)

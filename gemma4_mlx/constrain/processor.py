@@ -18,6 +18,8 @@ from collections.abc import Callable
 import mlx.core as mx
 import numpy as np
 
+from gemma4_mlx.prompt.tokens import ends_in_open_thought
+
 NEG_INF = float("-inf")
 
 
@@ -47,7 +49,11 @@ class _Slot:
         self.constraint, self.tokens, self.prompt_len = constraint, list(prompt), len(prompt)
         self.start, self.matcher, self.used, self.version, self.mask = None, None, 0, 0, None
         self.broken: str | None = None  # why the grammar allows nothing here, when the engine does not say
-        self.primed = constraint is not None and constraint.opener is not None and _in_thought(prompt, constraint)
+        self.primed = (
+            constraint is not None
+            and constraint.opener is not None
+            and ends_in_open_thought(prompt, constraint.opener, constraint.after)
+        )
         if constraint is not None and (constraint.after is None or constraint.opener is not None) and not self.primed:
             self.start, self.matcher = len(self.tokens), constraint.matcher()
 
@@ -137,15 +143,6 @@ class _Slot:
         out = _unpack(words, width) if words.any() else None
         self.mask = (self.version, out)
         return out
-
-
-def _in_thought(prompt: list[int], c) -> bool:
-    """Whether `prompt` ends inside an open thought: of the thought's open and close
-    tokens, the open one comes last (as `batching.thinking.ThinkingBudget.at_start`)."""
-    for t in reversed(prompt):
-        if t == c.opener or t == c.after:
-            return t == c.opener
-    return False
 
 
 _IDS: dict[int, mx.array] = {}

@@ -159,6 +159,16 @@ def render_user_turn(codec: PromptCodec, template: str, content) -> str:
     return render_with_checkpoint_template(template, [{"role": "user", "content": codec.escape_value(content)}])
 
 
+def ends_in_open_thought(ids: Sequence[int], open_id: int, close_id: int) -> bool:
+    """Whether token ids end inside an open thought: of the thought channel's open and
+    close tokens, the open one comes last (with thinking on, the template opens one
+    for the model after a tool result)."""
+    for t in reversed(ids):
+        if t == open_id or t == close_id:
+            return t == open_id
+    return False
+
+
 def encode_prompt(tokenizer, prompt: str | Sequence[int], chat: bool = True) -> list[int]:
     """Token ids for a prompt: a user turn of the chat template (`chat_template_for`:
     the checkpoint's, else ours for a Gemma 4 vocabulary); the prompt is user text, so

@@ -290,9 +290,8 @@ def app(
     thinking_tokens: the most thinking tokens of a reply, None for no limit (a
     request may ask for fewer; docs/serving.md §2.3); default_max_tokens: the most
     tokens of a reply whose request sets no limit (capped by the context left);
-    cors_origins: the web pages
-    that may call the server ("local", origins, globs, "*" or "none"; `origins.py`);
-    group: serve --distributed, rank 0 (the other ranks run `follower`)."""
+    cors_origins: the web pages that may call the server ("local", origins, globs,
+    "*" or "none"; `origins.py`); group: serve --distributed, rank 0 (the other ranks run `follower`)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key is empty: give the key clients must send, or None for no key")
     origins = Origins(cors_origins)

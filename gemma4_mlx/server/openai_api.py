@@ -195,10 +195,11 @@ def routes(server) -> APIRouter:
             return server.prompter.chat_request(conv, options, limit, body.stop, lps)
 
         handles = server.submit_all(choices(await run_in_threadpool(build), body.n))
+        custom = custom_tools.chat_names(body.tools)  # their calls are answered as custom calls
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             streams = await opened_all(handles, http)
-            stream = _chat_stream(server, handles, streams, usage, body.logprobs, custom_tools.chat_names(body.tools))
+            stream = _chat_stream(server, handles, streams, usage, body.logprobs, custom)
             return StreamingResponse(with_heartbeats(stream, KEEP_ALIVE), media_type="text/event-stream")
         results = await collect_all(handles, http, server.metrics)
         return {
@@ -206,9 +207,7 @@ def routes(server) -> APIRouter:
             "object": "chat.completion",
             "created": now(),
             "model": server.model_name,
-            "choices": [
-                _chat_choice(i, r, body.logprobs, custom_tools.chat_names(body.tools)) for i, r in enumerate(results)
-            ],
+            "choices": [_chat_choice(i, r, body.logprobs, custom) for i, r in enumerate(results)],
             "usage": _usage(total_usage([r.usage for r in results])),
         }
 

@@ -21,6 +21,7 @@ from gemma4_mlx.api import SamplingOptions
 from gemma4_mlx.batching.thinking import ThinkingBudget
 from gemma4_mlx.chat.conversation import (
     audio_from_bytes,
+    channel_ids,
     encode_conversation,
     image_from_bytes,
     prepare_in_order,
@@ -121,11 +122,8 @@ class Prompter:
         whose request sets no limit (Codex sends none)."""
         self.model, self.tokenizer, self.codec = model, tokenizer, PromptCodec(tokenizer)
         self.stop_ids = sorted(stop_ids(model, tokenizer))
-        self.open_id = tokenizer.convert_tokens_to_ids("<|channel>")  # the thought channel's start
-        self.close_id = tokenizer.convert_tokens_to_ids("<channel|>")  # and its end
-        # budgets need both as tokens of their own (every Gemma 4 vocabulary has them)
-        known = [i for i in (self.open_id, self.close_id) if isinstance(i, int) and i != tokenizer.unk_token_id]
-        self.channel_ids = (self.open_id, self.close_id) if len(known) == 2 else None
+        self.close_id = tokenizer.convert_tokens_to_ids("<channel|>")  # the thought channel's end
+        self.channel_ids = channel_ids(tokenizer)  # budgets and optional thoughts need both
         if thinking_tokens is not None and not (type(thinking_tokens) is int and thinking_tokens >= 0):
             raise ValueError(f"thinking_tokens {thinking_tokens!r}: expected an integer >= 0, or None for no limit")
         self.thinking_tokens = thinking_tokens
