@@ -109,6 +109,11 @@ BENCH_QLINEAR_ARGS ?=
 bench-qlinear: install-test
 	$(BIN)/python bench/bench_quantized_linear.py $(BENCH_QLINEAR_ARGS)
 
+# One constrained row's cost per step under an agent's tool grammar (Codex's apply_patch), ~1 min
+.PHONY: bench-agent-steps
+bench-agent-steps: install-test
+	$(BIN)/python bench/bench_agent_steps.py
+
 # One batched decode step (B = 1/4/8) on bench-serve's checkpoints vs mlx-lm, with its FLOP rate
 # against the best GEMM rate: what bounds a server's throughput at concurrency B (~10 min).
 .PHONY: bench-batch

@@ -91,6 +91,7 @@ def synthetic_pieces(n: int, seed: int = 0) -> list[bytes]:
             seen.add(b)
             out.append(b)
 
+    add(b" ")  # Gemma has the lone "▁": without it a space a grammar forces falls back to bytes
     printable = [chr(c) for c in range(33, 127)]
     for a in printable:
         add(a.encode())
@@ -121,7 +122,7 @@ def gemma_shaped_tokenizer(work: Path) -> tuple[str, list[bytes | None]]:
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
-    path = work / "gemma-262k-synthetic.json"
+    path = work / "gemma-262k-synthetic-v2.json"  # v2: with the lone space piece
     controls = dict(SPECIAL_TOKENS)
     free = [i for i in range(V) if i not in controls.values()]
     pieces = [f"<0x{b:02X}>".encode() for b in range(256)] + synthetic_pieces(len(free) - 256)

@@ -10,6 +10,7 @@ import re
 
 import jsonschema
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
@@ -24,6 +25,7 @@ from gemma4_mlx.constrain import (
     json_schema,
     regex,
 )
+from gemma4_mlx.constrain.processor import NEG_INF, _close_instead_of_stop, _unpack
 from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.prompt.tokens import encode_prompt
@@ -337,3 +339,47 @@ def test_lark_grammar_with_embedded_schema(demo):
         text = gemma4_mlx.generate(model, tok, "Well?", max_tokens=24, grammar=grammar, temperature=1.0, seed=seed)
         word, arr = text.split(" ", 1)
         assert word in ("yes", "no") and set(json.loads(arr)) <= {1, 2}
+
+
+def test_rows_alike_in_length_and_last_token_keep_their_own_grammar(demo):
+    """The processor finds a row's matcher by its history's length and last token,
+    then compares the whole history: two prompts equal in both, with different
+    patterns, each keep their own at every step (list histories, as batches pass)."""
+    model, tok = demo
+    stops = _stops(model, tok)
+    p0, p1 = encode_prompt(tok, "Say A:", chat=False), encode_prompt(tok, "Say B:", chat=False)
+    assert len(p0) == len(p1) and p0[-1] == p1[-1] and p0 != p1
+    cs = [bind(regex(p), tok, model.config.vocab_size, stops) for p in ("ab{0,3}", "ac{0,3}")]
+    opts = SamplingOptions(temperature=1.0, seed=0, constraint=RowConstraints([p0, p1], cs))
+    outs = batch_generate(model, [p0, p1, p0, p1], max_tokens=6, options=opts, stop_ids=stops)
+    assert [re.fullmatch(p, tok.decode(o[:-1])) is not None for o, p in zip(outs, ["ab*", "ac*"] * 2)] == [True] * 4
+    proc = RowConstraints([p0, p1], cs)()
+    a, b, c = (tok.convert_tokens_to_ids(x) for x in "abc")
+    logits = mx.zeros((1, model.config.vocab_size))
+    assert proc(list(p0), logits)[0, a].item() == 0 and proc(list(p1), logits)[0, a].item() == 0
+    for h, allowed, refused in ((p0 + [a], b, c), (p1 + [a], c, b), (p0 + [a, b], b, c), (p1 + [a, c], c, b)):
+        row = proc(list(h), logits)[0].tolist()
+        assert row[allowed] == 0 and row[refused] == float("-inf"), tok.decode(h)
+
+
+def test_the_packed_mask_expands_bit_for_bit():
+    """Bit t of word t // 32 allows token t; rows past the packed words stay masked."""
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 1 << 32, 9, dtype=np.uint64).astype(np.uint32)
+    for width in (9 * 32, 9 * 32 - 5, 9 * 32 + 40):
+        want = [t < 9 * 32 and bool((int(words[t // 32]) >> (t % 32)) & 1) for t in range(width)]
+        assert _unpack(words, width).tolist() == want
+
+
+def test_inside_the_awaited_thought_ending_becomes_closing():
+    """The close token takes the best stop score when that is higher; the stop tokens
+    are masked; every other logit is untouched (stop ids past the row are skipped)."""
+
+    class C:
+        stop_ids, after = (1, 6, 99), 4
+
+    logits = mx.array([[0.5, 3.0, -1.0, 2.0, 1.0, 7.0, 2.5, 0.0]])
+    want = [0.5, NEG_INF, -1.0, 2.0, 3.0, 7.0, NEG_INF, 0.0]
+    assert _close_instead_of_stop(logits, C)[0].tolist() == want
+    C.stop_ids, C.after = (6,), 2
+    assert _close_instead_of_stop(logits, C)[0].tolist() == [0.5, 3.0, 2.5, 2.0, 1.0, 7.0, NEG_INF, 0.0]

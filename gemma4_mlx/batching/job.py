@@ -107,7 +107,7 @@ def _row_logits(job: Job, logits: mx.array, drafts: list[int] | None) -> mx.arra
     if not job.processors:
         return logits
     T = logits.shape[0]
-    hists = [mx.array(job.history + (drafts[:t] if drafts else [])) for t in range(T)]
+    hists = [job.history + (drafts[:t] if drafts else []) for t in range(T)]
     return apply_processors(logits, hists, job.processors)
 
 

@@ -172,6 +172,8 @@ class LogitBias:
     """The processor of `SamplingOptions.logit_bias`: adds each bias to its token's
     logit (stateless, so one instance may serve every row of a batch)."""
 
+    reads_lists = True  # (it reads no history at all: `apply_processors`)
+
     def __init__(self, bias: Mapping[int, float]):
         self.bias, self.top = bias, max(bias)
         self.ids = mx.array(list(bias), dtype=mx.int32)
@@ -190,13 +192,19 @@ class LogitBias:
 
 
 def apply_processors(logits: mx.array, histories, processors) -> mx.array:
-    """logits [N, V], one 1-D token history per row (mlx-lm's processors read one
-    row's history, so rows are processed one at a time)."""
+    """logits [N, V], one token history per row: a 1-D array or a list (mlx-lm's
+    processors read one row's history, so rows are processed one at a time).  A
+    list goes as it is to a processor that `reads_lists` (ours) and as an array to
+    the others: a 20k-token list costs ~0.3 ms each way, per row and step."""
     rows = []
     for b in range(logits.shape[0]):
-        row = logits[b : b + 1]
+        row, h, array = logits[b : b + 1], histories[b], None
         for p in processors:
-            row = p(histories[b], row)
+            if isinstance(h, list) and not getattr(p, "reads_lists", False):
+                array = mx.array(h) if array is None else array
+                row = p(array, row)
+            else:
+                row = p(h, row)
         rows.append(row)
     return mx.concatenate(rows)
 
@@ -426,7 +434,7 @@ def batch_generate(
     hist = [list(p) for p in prompts]  # per row, without the padding
 
     def history():
-        return [mx.array(hist[r]) for r in live] if processors else None
+        return [hist[r] for r in live] if processors else None
 
     token = _pick(prefill(model, ids, cache, prefill_chunk), history(), sampler, processors)
     out: list[list[int]] = [[] for _ in prompts]

@@ -77,7 +77,7 @@ def pick(
     B, T, V = logits.shape
     logits = logits.reshape(B * T, V)
     if processors:
-        hists = [mx.array(histories[b] + (drafts[b][:j] if drafts else [])) for b in range(B) for j in range(T)]
+        hists = [histories[b] + (drafts[b][:j] if drafts else []) for b in range(B) for j in range(T)]
         logits = apply_processors(logits, hists, processors)
     flat_rows = [r for r in rows for _ in range(T)]
     flat_index = [i + j for i in index for j in range(T)]
