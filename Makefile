@@ -109,6 +109,11 @@ BENCH_QLINEAR_ARGS ?=
 bench-qlinear: install-test
 	$(BIN)/python bench/bench_quantized_linear.py $(BENCH_QLINEAR_ARGS)
 
+# One sampled row's cost on a 262,144-token vocabulary, ours vs mlx-lm's sampler (~1 min)
+.PHONY: bench-sampling
+bench-sampling: install-test
+	$(BIN)/python bench/bench_sampling.py
+
 # One constrained row's cost per step under an agent's tool grammar (Codex's apply_patch), ~1 min
 .PHONY: bench-agent-steps
 bench-agent-steps: install-test

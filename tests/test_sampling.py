@@ -1,0 +1,57 @@
+"""The keyed sampler (`runtime.sampling`) on Gemma's 262,144-token vocabulary:
+its uniforms stay inside (0, 1), so a masked token is never drawn, and a top-k
+draw among the k candidates picks what the draw over the whole vocabulary picks."""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from gemma4_mlx.runtime.sampling import PositionedSampler, stream_key, unit_floats
+
+V = 262144
+
+
+def test_unit_floats_stay_strictly_inside_zero_and_one():
+    """The extreme hashes map inside (0, 1), so the Gumbel noise is finite."""
+    u = unit_floats(mx.array([0, 1, 0x1FF, 0x200, 0xFFFFFE00, 0xFFFFFFFF], mx.uint32))
+    g = -mx.log(-mx.log(u))
+    assert mx.all((u > 0) & (u < 1)).item() and mx.all(mx.isfinite(g)).item()
+    assert u.tolist()[0] < u.tolist()[3] and u.tolist()[-1] == u.tolist()[-2]  # 23 bits: the low 9 do not count
+
+
+@pytest.mark.parametrize("top_k", [0, 64], ids=["whole vocabulary", "top-k shortlist"])
+def test_a_masked_token_is_never_drawn(top_k):
+    """Three tokens allowed (as a grammar's mask leaves them), 400 draws at
+    temperature 1: each pick is one of them.  With 24-bit uniforms ~1.7 % of draws
+    over this vocabulary had a u of exactly 1.0, and picked a masked token."""
+    allowed = [7, 131072, V - 1]
+    row = np.full(V, -math.inf, np.float32)
+    row[allowed] = [0.0, 1.0, -0.5]
+    sampler = PositionedSampler(temperature=1.0, top_k=top_k, seed=0)
+    picks = []
+    for start in range(0, 400, 50):
+        logits = mx.broadcast_to(mx.array(row), (50, V))
+        picks += sampler(logits, [0] * 50, range(start, start + 50)).tolist()
+    assert set(picks) <= set(allowed), sorted(set(picks) - set(allowed))
+    assert set(picks) == set(allowed)  # and each is drawn
+
+
+@pytest.mark.parametrize(
+    "temperature, top_p, top_k, min_p",
+    [(1.0, 0.95, 64, 0.0), (0.7, 0.9, 40, 0.05), (1.3, 0.0, 64, 0.0), (1.0, 0.5, 200, 0.1), (1.0, 1.0, 5, 0.0)],
+)
+def test_a_top_k_draw_among_its_candidates_is_the_whole_vocabularys_draw(temperature, top_p, top_k, min_p):
+    """`_shortlist` (the k candidates, their own noise) picks exactly what `_full`
+    (every filter and the noise over the whole vocabulary) picks, on flat and on
+    peaked rows, where top-p and min-p cut inside the k."""
+    rng = np.random.default_rng(1)
+    sampler = PositionedSampler(temperature, top_p, top_k, min_p, seed=3)
+    for width, rows in ((1000, 300), (V, 6)):
+        for scale in (0.5, 3.0, 8.0):
+            logits = mx.array(rng.normal(size=(rows, width)).astype(np.float32) * scale)
+            keys = [stream_key(3, r, 11) for r in range(rows)]
+            assert sampler._shortlist(logits, keys).tolist() == sampler._full(logits, keys).tolist(), (width, scale)
