@@ -58,6 +58,8 @@ def test_completion_logprobs_are_the_models(demo, oa):
         assert tok.decode([best]) == token
         assert math.isclose(value, want[best].item(), abs_tol=1e-4)
         assert len(top) == 3 and math.isclose(max(top.values()), value, abs_tol=1e-6)
+        best3 = sorted(want.tolist(), reverse=True)[:3]  # the three most likely, not any three
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(sorted(top.values(), reverse=True), best3))
         ids.append(best)
     assert lp.text_offset[1] == len(lp.tokens[0])
 
@@ -69,6 +71,7 @@ def test_chat_logprobs_streamed_equal_whole(oa):
     assert "".join(e.token for e in entries) == whole.choices[0].message.content
     assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
     assert all(e.top_logprobs[0].token == e.token for e in entries)  # greedy: the most likely
+    assert all(e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob for e in entries)  # best first
     assert b"".join(bytes(e.bytes) for e in entries).decode() == whole.choices[0].message.content
     stream = oa.chat.completions.create(
         model=NAME, messages=msgs, temperature=0, logprobs=True, top_logprobs=2, stream=True

@@ -117,8 +117,12 @@ def _top(logits: mx.array, toks: mx.array, n: int):
     chosen = mx.take_along_axis(lp, toks[:, None], axis=-1)[:, 0]
     if not n:
         return chosen, None, None
-    ids = mx.argsort(-lp, axis=-1)[:, :n]
-    return chosen, ids, mx.take_along_axis(lp, ids, axis=-1)
+    # the n best, then their order: sorting the whole vocabulary took ~30 ms a row
+    # for 262,144 tokens on the CPU, this ~3 ms
+    ids = mx.argpartition(-lp, kth=n - 1, axis=-1)[:, :n] if n < lp.shape[-1] else mx.argsort(-lp, axis=-1)
+    top = mx.take_along_axis(lp, ids, axis=-1)
+    order = mx.argsort(-top, axis=-1)
+    return chosen, mx.take_along_axis(ids, order, axis=-1), mx.take_along_axis(top, order, axis=-1)
 
 
 def _budget_masks(job: Job, drafts: list[int] | None, T: int, V: int) -> mx.array | None:
