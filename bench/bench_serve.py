@@ -21,6 +21,9 @@ seconds at a time (docs/serving.md §8), which one run per server cannot tell fr
 difference between the servers.
 
     make bench-serve      # or: python bench/bench_serve.py [--quick] [--rounds N] [--concurrency 1 4 8 16] [--out FILE]
+
+--sampled sends Gemma's recommended sampling (temperature 1, top-k 64, top-p 0.95)
+with every request, to both servers, instead of greedy decoding.
 """
 
 from __future__ import annotations
@@ -176,7 +179,12 @@ def prompt_text(rng: random.Random, n: int, vocab: int) -> str:
     return "<bos> " + " ".join(f"w{rng.randrange(4, vocab)}" for _ in range(n - 1))
 
 
-async def one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, int, str]:
+# --sampled: Gemma's recommended settings, sent by every request to both servers
+SAMPLED = dict(temperature=1.0, top_p=0.95, extra_body={"top_k": 64})
+GREEDY = dict(temperature=0)
+
+
+async def one(client, model: str, prompt: str, max_tokens: int, sampling: dict) -> tuple[float, int, str]:
     """(seconds to the first text, completion tokens, text) of one streamed request."""
     t0 = time.perf_counter()
     first, text, usage = None, "", None
@@ -184,9 +192,9 @@ async def one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, 
         model=model,
         prompt=prompt,
         max_tokens=max_tokens,
-        temperature=0,
         stream=True,
         stream_options={"include_usage": True},
+        **sampling,
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
@@ -197,14 +205,14 @@ async def one(client, model: str, prompt: str, max_tokens: int) -> tuple[float, 
     return first or time.perf_counter() - t0, usage or len(text.split()), text
 
 
-async def load(url: str, model: str, C: int, per_worker: int, prompts: list[str], max_tokens: int):
+async def load(url: str, model: str, C: int, per_worker: int, prompts: list[str], max_tokens: int, sampling: dict):
     queue = list(prompts[: C * per_worker])
     async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=1800) as client:
 
         async def worker():
             out = []
             while queue:
-                out.append((*await one(client, model, queue.pop(), max_tokens), bool(out)))
+                out.append((*await one(client, model, queue.pop(), max_tokens, sampling), bool(out)))
             return out
 
         t0 = time.perf_counter()
@@ -221,11 +229,12 @@ def run_server(kind, folder, name, drafter, args, prompts, log, solo=False) -> d
     server = Server(kind, folder, drafter, max(args.concurrency), solo)
     model = "default_model" if kind == "mlx_lm" else str(folder)
     try:
-        asyncio.run(load(server.url, model, 1, 1, prompts[-1:], 4))  # warm-up
+        sampling = SAMPLED if args.sampled else GREEDY
+        asyncio.run(load(server.url, model, 1, 1, prompts[-1:], 4, sampling))  # warm-up
         cells = {}
         for C in args.concurrency:
             before = server.gauges() if kind == "ours" else {}
-            wall, res = asyncio.run(load(server.url, model, C, args.requests, prompts, args.max_tokens))
+            wall, res = asyncio.run(load(server.url, model, C, args.requests, prompts, args.max_tokens, sampling))
             after = server.gauges() if kind == "ours" else {}
             ttft = [r[0] for r in res]
             steady = [r[0] for r in res if r[3]] or ttft  # each client's later requests: past the start burst
@@ -265,6 +274,7 @@ def main():
         "by up to 1.7x for tens of seconds at a time)",
     )
     ap.add_argument("--solo-prefill", action="store_true", help="also run ours with every prompt prefilled alone (A/B)")
+    ap.add_argument("--sampled", action="store_true", help="temperature 1, top-k 64, top-p 0.95 (Gemma's), not greedy")
     args = ap.parse_args()
     if args.quick:
         args.concurrency, args.prompt_tokens, args.max_tokens = [1, 8], 32, 16
@@ -275,7 +285,8 @@ def main():
     )
     log(
         f"closed loop: C clients x {args.requests} streamed /v1/completions each, prompts of "
-        f"{args.prompt_tokens} tokens (all different), max_tokens {args.max_tokens}, greedy\n"
+        f"{args.prompt_tokens} tokens (all different), max_tokens {args.max_tokens}, "
+        f"{'sampled: temperature 1, top-k 64, top-p 0.95' if args.sampled else 'greedy'}\n"
     )
     log(
         f"{'model':<11} {'server':<16} {'C':>3} | {'tok/s':>7} {'x mlx_lm':>8} | {'TTFT p50':>8} {'p95':>6} "
@@ -321,7 +332,7 @@ def main():
                     f"{c['p50']:>8.3f} {c['p95']:>6.3f} {c['steady']:>6.3f} | {str(ok):<5}"
                     + ("" if c["rounds"] is None else f" | {c['rounds']:.1f}, {c['peak']:.0f}, {c['group']:.0f}")
                 )
-        if 1 in base and 1 in results["ours"]:  # the texts are compared at concurrency 1 only
+        if 1 in base and 1 in results["ours"] and not args.sampled:  # greedy texts, at concurrency 1 only
             same = results["ours"][1]["texts"] == base[1]["texts"]
             log(f"{name}: greedy texts at C = 1 identical between the servers: {same}\n")
 

@@ -45,13 +45,24 @@ def test_a_masked_token_is_never_drawn(top_k):
     [(1.0, 0.95, 64, 0.0), (0.7, 0.9, 40, 0.05), (1.3, 0.0, 64, 0.0), (1.0, 0.5, 200, 0.1), (1.0, 1.0, 5, 0.0)],
 )
 def test_a_top_k_draw_among_its_candidates_is_the_whole_vocabularys_draw(temperature, top_p, top_k, min_p):
-    """`_shortlist` (the k candidates, their own noise) picks exactly what `_full`
-    (every filter and the noise over the whole vocabulary) picks, on flat and on
-    peaked rows, where top-p and min-p cut inside the k."""
+    """`_shortlist` (the k candidates, their own noise) picks what `_full` (every
+    filter and the noise over the whole vocabulary) picks: on flat and on peaked
+    rows, where top-p and min-p cut inside the k; on rows a grammar masked to a few
+    tokens (fewer or more than k); and on bfloat16 rows, full of ties.  (The two
+    can differ only where the mass above a token is within float rounding of
+    top-p: `_full` sums the whole vocabulary's mass, `_shortlist` takes it as 1.)"""
     rng = np.random.default_rng(1)
     sampler = PositionedSampler(temperature, top_p, top_k, min_p, seed=3)
-    for width, rows in ((1000, 300), (V, 6)):
+    rows_of = {}
+    for width, n in ((1000, 300), (V, 6)):
         for scale in (0.5, 3.0, 8.0):
-            logits = mx.array(rng.normal(size=(rows, width)).astype(np.float32) * scale)
-            keys = [stream_key(3, r, 11) for r in range(rows)]
-            assert sampler._shortlist(logits, keys).tolist() == sampler._full(logits, keys).tolist(), (width, scale)
+            rows_of[width, scale] = mx.array(rng.normal(size=(n, width)).astype(np.float32) * scale)
+    for allowed in (3, 64, 65, 500):  # the rest -inf, as a grammar's mask leaves a row
+        x = np.full((40, 1000), -np.inf, np.float32)
+        for r in range(40):
+            x[r, rng.choice(1000, allowed, replace=False)] = rng.normal(size=allowed) * 3
+        rows_of["masked", allowed] = mx.array(x)
+    rows_of["bfloat16", 2.0] = (mx.array(rng.normal(size=(300, 1000)).astype(np.float32)) * 2).astype(mx.bfloat16)
+    for what, logits in rows_of.items():
+        keys = [stream_key(3, r, 11) for r in range(logits.shape[0])]
+        assert sampler._shortlist(logits, keys).tolist() == sampler._full(logits, keys).tolist(), what

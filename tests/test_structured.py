@@ -383,3 +383,5 @@ def test_inside_the_awaited_thought_ending_becomes_closing():
     assert _close_instead_of_stop(logits, C)[0].tolist() == want
     C.stop_ids, C.after = (6,), 2
     assert _close_instead_of_stop(logits, C)[0].tolist() == [0.5, 3.0, 2.5, 2.0, 1.0, 7.0, NEG_INF, 0.0]
+    C.stop_ids, C.after = (1, 4), 4  # a close that is also a stop stays masked
+    assert _close_instead_of_stop(logits, C)[0].tolist() == [0.5, NEG_INF, -1.0, 2.0, NEG_INF, 7.0, 2.5, 0.0]

@@ -163,8 +163,8 @@ def _close_instead_of_stop(logits: mx.array, c) -> mx.array:
     if not stops.size:
         return logits
     end = logits[..., stops].max(axis=-1, keepdims=True)
-    masked = logits.at[..., stops].minimum(mx.array(NEG_INF, logits.dtype))
-    return masked.at[..., close].maximum(end) if close.size else masked
+    raised = logits.at[..., close].maximum(end) if close.size else logits
+    return raised.at[..., stops].minimum(mx.array(NEG_INF, logits.dtype))  # last: a stop stays masked
 
 
 def _unpack(words: np.ndarray, width: int) -> mx.array:
@@ -238,19 +238,19 @@ class ConstraintProcessor:
         return slot, ok
 
     def _lookup(self, h: list[int], n: int) -> _Slot | None:
-        """The slot whose history is h[:n] (n >= 1)."""
-        for s in self.index.get((n, h[n - 1]), ()):
+        """The slot whose history is h[:n]."""
+        for s in self.index.get((n, h[n - 1] if n else -1), ()):
             if s.tokens == (h if n == len(h) else h[:n]):
                 return s
         return None
 
     def _find(self, h: list[int]) -> tuple[_Slot | None, int]:
-        s = self._lookup(h, len(h)) if h else None
+        s = self._lookup(h, len(h))
         if s is not None:  # the same history again (equal prompts, a repeated position)
             return s, len(h)
         if _key(h) in self.known_keys and tuple(h) in self.known:  # a row's prompt: a new row
             return None, 0
-        s = self._lookup(h, len(h) - 1) if len(h) > 1 else None
+        s = self._lookup(h, len(h) - 1) if h else None
         if s is not None:  # the common case: one token more
             return s, len(h) - 1
         best, best_lcp = None, -1
@@ -268,7 +268,7 @@ class ConstraintProcessor:
 
     def _index(self, slot: _Slot) -> None:
         """Index `slot` under its history, in place of another slot with the same one."""
-        same = self._lookup(slot.tokens, len(slot.tokens)) if slot.tokens else None
+        same = self._lookup(slot.tokens, len(slot.tokens))
         if same is not None:
             self._unindex(same)
         self.index.setdefault(_key(slot.tokens), []).append(slot)

@@ -122,10 +122,12 @@ class PositionedSampler:
     def _shortlist(self, logits: mx.array, keys: list[int]) -> mx.array:
         """`_full`'s draw when top_k is set, among the k candidates only.  Top-p and
         min-p each keep a prefix of the ranking, and every token above a candidate
-        is a candidate, so they are decided on the k values (top-p counting the
-        whole vocabulary's mass, 1); the noise is hashed for those ids alone.  On a
-        262,144-token vocabulary this skips the full sort top-p needs and the
-        noise over every token: ~7 ms, not ~36 ms, a row on the CPU."""
+        is a candidate, so they are decided on the k values; the noise is hashed for
+        those ids alone.  On a 262,144-token vocabulary this skips the full sort
+        top-p needs and the noise over every token: ~7 ms, not ~36 ms, a row on the
+        CPU.  Top-p takes the total mass as 1 where `_full` (mlx-lm's filter) sums
+        it over the vocabulary (~0.9998 in float32): a token whose mass above falls
+        in that gap is kept by one and not the other."""
         lp = logits.astype(mx.float32)
         lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
         ids = mx.argpartition(-lp, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
