@@ -10,6 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+import gemma4_mlx
+from gemma4_mlx.demo import DEMO_MODEL
 from gemma4_mlx.runtime.sampling import PositionedSampler, stream_key, unit_floats
 
 V = 262144
@@ -66,3 +68,15 @@ def test_a_top_k_draw_among_its_candidates_is_the_whole_vocabularys_draw(tempera
     for what, logits in rows_of.items():
         keys = [stream_key(3, r, 11) for r in range(logits.shape[0])]
         assert sampler._shortlist(logits, keys).tolist() == sampler._full(logits, keys).tolist(), what
+
+
+def test_unseeded_sampling_draws_a_seed_mlx_can_repeat():
+    """Sampling without a seed is keyed too, with a seed drawn from MLX's generator:
+    `mx.random.seed` repeats a run, and two runs without it differ."""
+    model, tok = gemma4_mlx.load(DEMO_MODEL)
+    run = lambda: gemma4_mlx.generate(model, tok, "Once upon a time", temperature=1.5, max_tokens=24)  # noqa: E731
+    mx.random.seed(5)
+    first = run()
+    mx.random.seed(5)
+    assert run() == first
+    assert len({run() for _ in range(3)}) > 1
