@@ -265,6 +265,7 @@ def test_custom_tool_grammars_are_enforced(oa, fmt, pattern):
         ({"syntax": "regex"}, "tools.note.format: expected a grammar definition (text)"),
         ({"syntax": "lark", "definition": "start: start"}, "tools.note.format: "),  # found at the first mask
         ({"type": "json"}, "tools.note.format.type: expected 'text' or 'grammar', got 'json'"),
+        ({"syntax": "lark", "definition": 'start: "a" <[49]>'}, "tools.note.format: the grammar names a token"),
     ):
         with pytest.raises(openai.BadRequestError) as e:
             oa.responses.create(model=NAME, input=WEATHER, tools=[CUSTOM | {"format": {"type": "grammar", **bad}}])

@@ -188,9 +188,21 @@ def _input_grammar(fmt, where: str) -> str:
         text = regex_lark(fmt["definition"], where)
     elif syntax == "lark":
         text = fmt["definition"]
+        if _names_a_token(text):
+            raise ConstraintError(f"{where}: the grammar names a token (<...>); a custom tool's input is text")
     else:
         raise ConstraintError(f"{where}.syntax: expected 'lark' or 'regex', got {syntax!r}")
     return text
+
+
+_LARK_SKIPPED = re.compile(r'"(?:[^"\\\n]|\\.)*"|/(?:[^/\\\n]|\\.)+/|//[^\n]*')
+
+
+def _names_a_token(text: str) -> bool:
+    """Whether Lark `text` has a `<...>` item (a token, by id or by name) outside its
+    strings, regular expressions and comments.  Inside a call's input such a token
+    (`<tool_call|>`, `<|"|>`) would end the input or the call early."""
+    return "<" in _LARK_SKIPPED.sub("", text)
 
 
 def _declarations(tools: Sequence) -> list[dict]:
