@@ -26,10 +26,10 @@ from gemma4_mlx.server import app as server_app
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("temperature", -1.0),  # inverts the distribution in mlx-lm's sampler
+        ("temperature", -1.0),  # inverts the distribution
         ("temperature", math.nan),
         ("temperature", math.inf),  # every token equally likely
-        ("top_p", 1.5),  # silently off in mlx-lm's sampler
+        ("top_p", 1.5),  # silently off in mlx-lm's filter
         ("min_p", -0.1),
         ("top_k", -1),
         ("top_k", 2.5),
@@ -189,8 +189,8 @@ def test_stream_generate_takes_every_sampling_field_as_a_keyword(demo):
 
 def test_sampling_edges_with_and_without_a_seed(demo):
     """top_k at the vocabulary keeps every token, and a temperature whose 1/T
-    overflows float32 is greedy, on both samplers (seeded: ours; unseeded: mlx-lm's,
-    which raised for both)."""
+    overflows float32 is greedy, seeded or not (unseeded runs used mlx-lm's sampler,
+    which raised for both; they are keyed now, with a drawn seed)."""
     model, tok = demo
     prompt, vocab = "What is the capital of Japan?", model.config.vocab_size
     greedy = gemma4_mlx.generate(model, tok, prompt, max_tokens=12)

@@ -209,11 +209,12 @@ def test_a_custom_input_grammar_and_loose_schemas(demo):
     with pytest.raises(ConstraintError, match=r"tools.note.format: at 1\(8\): unknown name"):
         bad = {"syntax": "lark", "definition": "start: x"}
         tool_call_grammar([note | {INPUT_FORMAT: bad}], tok.convert_tokens_to_ids)
-    for named in ('start: "a" <[8]> "b"', 'start: "a" <tool_call|>', "start: !<[3]>+"):  # tokens would end the call
+    named_ones = ('start: "a" <[8]> "b"', 'start: "a" <tool_call|>', "start: !<[3]>+", 'start: /a\n"/ <[8]> /"/')
+    for named in named_ones:  # such tokens would end the call (the last: a regex spans lines, as llguidance reads it)
         with pytest.raises(ConstraintError, match=r"tools.note.format: the grammar names a token \(<...>\)"):
             fmt = {"syntax": "lark", "definition": named}
             tool_call_grammar([note | {INPUT_FORMAT: fmt}], tok.convert_tokens_to_ids)
-    angles = {"syntax": "lark", "definition": 'start: "<" /[<>]+/ x  // <not a token>\nx: "\\"<"'}
+    angles = {"syntax": "lark", "definition": 'start: "<" /[<>]+/ x  // <not a token>\nx: "\\"<" # <nor this>'}
     assert allowed(angles, 'note{input:<|"|><<>"<<|"|>}')  # "<" in strings, regexes and comments is text
 
 

@@ -195,13 +195,16 @@ def _input_grammar(fmt, where: str) -> str:
     return text
 
 
-_LARK_SKIPPED = re.compile(r'"(?:[^"\\\n]|\\.)*"|/(?:[^/\\\n]|\\.)+/|//[^\n]*')
+# llguidance's own lexemes: strings stop at control characters, regexes may span
+# lines, comments start with `//` or `#`
+_LARK_SKIPPED = re.compile(r'"(?:\\[^\n]|[^"\\\x00-\x1f\x7f])*"|/(?:\\[^\n]|[^/\\])+/|(?:#|//)[^\n]*')
 
 
 def _names_a_token(text: str) -> bool:
     """Whether Lark `text` has a `<...>` item (a token, by id or by name) outside its
-    strings, regular expressions and comments.  Inside a call's input such a token
-    (`<tool_call|>`, `<|"|>`) would end the input or the call early."""
+    strings, regular expressions and comments (read as llguidance's lexer reads
+    them).  Inside a call's input such a token (`<tool_call|>`, `<|"|>`) would end
+    the input or the call early."""
     return "<" in _LARK_SKIPPED.sub("", text)
 
 

@@ -18,7 +18,7 @@ from mlx_lm.sample_utils import make_logits_processors
 
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.contracts import DecodingModel
-from gemma4_mlx.runtime.sampling import GREEDY_BELOW, PositionedSampler
+from gemma4_mlx.runtime.sampling import GREEDY_BELOW, PositionedSampler, fresh_seed
 
 DEFAULT_PREFILL_CHUNK = 512
 
@@ -101,7 +101,7 @@ class SamplingOptions:
     constraint: Callable[[], Callable] | None = None
 
     def __post_init__(self):
-        """Refuse, at the call, values mlx-lm's samplers would misread: a negative
+        """Refuse, at the call, values mlx-lm's filters would misread: a negative
         temperature inverts the distribution, a top_p above 1 or a negative top_k is
         silently off, NaN poisons the logits, a negative seed fails inside MLX."""
         _number("temperature", self.temperature, 0.0, None)
@@ -221,16 +221,11 @@ def check_grammar(processors) -> None:
 def _pick(logits, history, sampler, processors):
     if processors:
         logits = apply_processors(logits, history, processors)
-    if sampler.raw:  # ours: argmax / keyed, on the processed logits
-        return sampler(logits)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return sampler(logprobs)
+    return sampler(logits)
 
 
 class _Greedy:
     """Argmax of the processed logits."""
-
-    raw = True  # reads logits, not log-probabilities
 
     def __call__(self, logits):
         return mx.argmax(logits, axis=-1)
@@ -244,10 +239,8 @@ class _Keyed:
     (`keep` tells it which rows are still live).  Without a seed, one is drawn
     from MLX's generator (so `mx.random.seed` still makes a run repeatable)."""
 
-    raw = True
-
     def __init__(self, options: SamplingOptions, rows: list[int]):
-        seed = options.seed if options.seed is not None else int(mx.random.randint(0, 1 << 31, ()).item())
+        seed = options.seed if options.seed is not None else fresh_seed()
         self.keyed = PositionedSampler(options.temperature, options.top_p, options.top_k, options.min_p, seed)
         self.rows, self.step = list(rows), 0
 

@@ -44,6 +44,15 @@ def _mix_mx(x: mx.array) -> mx.array:
     return x ^ (x >> 16)
 
 
+def fresh_seed() -> int:
+    """A 32-bit seed for a run given none, from MLX's generator (so `mx.random.seed`
+    repeats it, and ranks seeded alike draw alike): two exact 16-bit draws.  One
+    `randint` below 2**31 goes through a float32 uniform: ~2**24.7 distinct values,
+    so equal seeds would come within a few thousand runs."""
+    hi, lo = mx.random.randint(0, 1 << 16, (2,)).tolist()
+    return (hi << 16) | lo
+
+
 def stream_key(seed: int, row: int, index: int) -> int:
     return _mix(_mix(_mix(seed) ^ (row * 0x9E3779B1)) ^ (index * 0x85EBCA77))
 

@@ -14,7 +14,6 @@ K = 0 is plain decoding through the same code.  K comes from a `DraftPolicy`.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -32,7 +31,7 @@ from gemma4_mlx.runtime.generate import (
     check_grammar,
     prefill_hidden,
 )
-from gemma4_mlx.runtime.sampling import PositionedSampler
+from gemma4_mlx.runtime.sampling import PositionedSampler, fresh_seed
 from gemma4_mlx.speculative.policy import DraftPolicy, expected_tokens
 from gemma4_mlx.speculative.round import Rows, accepted_counts, advance_rows, commit, draft, pick, verify
 from gemma4_mlx.speculative.stats import MTPSettings, SpecStats
@@ -90,8 +89,8 @@ class Speculation:
     def start(cls, target, drafter, pads: list[int], s: SpecSettings, cache) -> Speculation:
         options = s.options or SamplingOptions()
         policy = s.policy or DraftPolicy.for_setting(s.draft_tokens)
-        # No seed: a fresh one per call (plain sampling is random then too).
-        seed = options.seed if options.seed is not None else random.getrandbits(32)
+        # No seed: a fresh one per call, as plain sampling draws it (`mx.random.seed` repeats both).
+        seed = options.seed if options.seed is not None else fresh_seed()
         sampler = PositionedSampler(options.temperature, options.top_p, options.top_k, options.min_p, seed)
         if cache is not None:
             if len(pads) != 1:
