@@ -23,7 +23,6 @@ from gemma4_mlx.prompt.output_text import primed_detokenizer
 from gemma4_mlx.prompt.tokens import encode_prompt
 from gemma4_mlx.runtime.generate import (
     DEFAULT_PREFILL_CHUNK,
-    LogitBias,
     SamplingOptions,
     Stats,
     batch_generate,
@@ -31,6 +30,7 @@ from gemma4_mlx.runtime.generate import (
     generate_tokens,
     prefill,
 )
+from gemma4_mlx.runtime.processors import LogitBias
 from gemma4_mlx.speculative.loop import SpecStats, speculative_batch_generate, speculative_generate_tokens
 from gemma4_mlx.speculative.policy import is_auto, pair_policy
 
@@ -86,7 +86,7 @@ def stream_generate(
     repetition_context_size: int = 64,
     presence_penalty: float | None = None,
     frequency_penalty: float | None = None,
-    penalty_context_size: int = 256,
+    penalty_context_size: int | None = None,
     seed: int | None = None,
     logit_bias: dict[int, float] | None = None,
     chat: bool = True,

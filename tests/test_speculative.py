@@ -214,8 +214,13 @@ def test_stop_tokens_and_max_tokens_end_rows(pairs):
 def test_a_seed_gives_the_same_text_with_or_without_a_drafter(pairs):
     target, drafter = pairs["moe"]
     prompt = prompts_for(1, seed=21)[0]
-    opts = SamplingOptions(temperature=0.8, top_k=30, repetition_penalty=1.3, seed=5)
+    # A negative presence penalty makes the output repeat itself (the penalties then
+    # matter: without them this prompt's 16 tokens are all different).
+    opts = SamplingOptions(
+        temperature=0.8, top_k=30, repetition_penalty=1.3, presence_penalty=-0.7, frequency_penalty=0.3, seed=5
+    )
     plain_run = list(generate_tokens(target, prompt, max_tokens=16, options=opts))
+    assert len(set(plain_run)) < len(plain_run)
     spec = speculative_batch_generate(
         target,
         drafter,

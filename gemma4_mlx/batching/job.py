@@ -18,7 +18,8 @@ import mlx.core as mx
 
 from gemma4_mlx.batching.thinking import ThinkingBudget
 from gemma4_mlx.constrain import ConstraintError
-from gemma4_mlx.runtime.generate import SamplingOptions, apply_processors, grammar_failure
+from gemma4_mlx.runtime.generate import SamplingOptions, grammar_failure
+from gemma4_mlx.runtime.processors import History, apply_processors
 from gemma4_mlx.runtime.sampling import PositionedSampler
 from gemma4_mlx.speculative.round import emit
 
@@ -47,7 +48,7 @@ class Job:
         seed = o.seed if o.seed is not None else random.getrandbits(32)
         self.sampler = PositionedSampler(o.temperature, o.top_p, o.top_k, o.min_p, seed)
         self.processors = o.processors()
-        self.history = list(self.ids)  # prompt + out: what the processors read
+        self.history = History(self.ids)  # prompt + out: what the processors read
         self.bonus = 0  # the token the next round feeds first
         self.thought = self.thinking.at_start(self.ids) if self.thinking else None  # after `out`
 

@@ -185,8 +185,6 @@ class ConstraintProcessor:
     Histories are found by (length, last token), then compared whole: hashing a
     20k-token tuple costs ~0.07 ms, and a step looked one up several times."""
 
-    reads_lists = True  # a history may come as a list (`runtime.generate.apply_processors`)
-
     def __init__(self, route: Callable, known_prompts: set | None = None, max_slots: int = 256):
         self.route, self.known, self.max_slots = route, known_prompts or set(), max_slots
         self.known_keys = {_key(p) for p in self.known}

@@ -1,8 +1,8 @@
 """Generation: `prefill`, `decode_step`, and the loops built from them.
 
-Logits processors are mlx-lm's (`make_logits_processors`); sampling is keyed
-(`runtime.sampling.PositionedSampler`, with mlx-lm's filters); the caches and the
-prefill are ours.
+Logits processors are ours (`runtime.processors`: penalties, logit bias; the grammar
+mask from `constrain`); sampling is keyed (`runtime.sampling.PositionedSampler`, with
+mlx-lm's filters); the caches and the prefill are ours.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import mlx.core as mx
-from mlx_lm.sample_utils import make_logits_processors
 
 from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.contracts import DecodingModel
+from gemma4_mlx.runtime.processors import History, LogitBias, Penalties, apply_processors
 from gemma4_mlx.runtime.sampling import GREEDY_BELOW, PositionedSampler, fresh_seed
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -88,9 +88,11 @@ class SamplingOptions:
     min_p: float = 0.0
     repetition_penalty: float | None = None
     repetition_context_size: int = 64
-    presence_penalty: float | None = None  # OpenAI's: subtracted once from every token seen
-    frequency_penalty: float | None = None  # subtracted per occurrence
-    penalty_context_size: int = 256  # how many recent tokens presence / frequency look at
+    # OpenAI's: subtracted once from every token the output holds / once per occurrence
+    # there (the prompt's tokens are not counted: `runtime.processors`)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    penalty_context_size: int | None = None  # only the output's last N tokens count (None: all)
     seed: int | None = None
     # OpenAI's logit_bias: token id -> a number added to its logit before sampling
     # (-100 bans a token, 100 all but forces it).  Token ids are checked against the
@@ -122,16 +124,17 @@ class SamplingOptions:
             self.logit_bias = _bias_table(self.logit_bias)
 
     def processors(self) -> list:
-        procs = make_logits_processors(
-            repetition_penalty=self.repetition_penalty,
-            repetition_context_size=self.repetition_context_size,
-            presence_penalty=self.presence_penalty or None,
-            presence_context_size=self.penalty_context_size,
-            frequency_penalty=self.frequency_penalty or None,
-            frequency_context_size=self.penalty_context_size,
+        """This generation's processors, in order: logit bias (before the penalties,
+        as OpenAI and mlx-lm apply it), penalties, then the grammar's mask."""
+        penalties = Penalties(
+            self.repetition_penalty,
+            self.repetition_context_size,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.penalty_context_size,
         )
-        if self.logit_bias:  # before the penalties, as OpenAI and mlx-lm apply them
-            procs.insert(0, LogitBias(self.logit_bias))
+        procs = [LogitBias(self.logit_bias)] if self.logit_bias else []
+        procs += [penalties] if penalties else []
         return procs + [self.constraint()] if self.constraint is not None else procs
 
 
@@ -161,47 +164,6 @@ def _bias_table(bias) -> dict[int, float]:
         _number(f"logit_bias[{token}]", value, None, None)
         table[int(token)] = float(value)
     return table
-
-
-class LogitBias:
-    """The processor of `SamplingOptions.logit_bias`: adds each bias to its token's
-    logit (stateless, so one instance may serve every row of a batch)."""
-
-    reads_lists = True  # (it reads no history at all: `apply_processors`)
-
-    def __init__(self, bias: Mapping[int, float]):
-        self.bias, self.top = bias, max(bias)
-        self.ids = mx.array(list(bias), dtype=mx.int32)
-        self.values = mx.array(list(bias.values()), dtype=mx.float32)
-
-    @staticmethod
-    def check(bias: Mapping[int, float] | None, vocab_size: int) -> None:
-        """ValueError unless every biased token id is in the vocabulary."""
-        if bias and max(bias) >= vocab_size:  # MLX would scatter outside the row
-            raise ValueError(f"logit_bias: token id {max(bias)} is not in the vocabulary (0 .. {vocab_size - 1})")
-
-    def __call__(self, history, logits: mx.array) -> mx.array:
-        if self.top >= logits.shape[-1]:  # every step, every row: compared, not searched again
-            self.check(self.bias, logits.shape[-1])
-        return logits.at[:, self.ids].add(self.values.astype(logits.dtype))
-
-
-def apply_processors(logits: mx.array, histories, processors) -> mx.array:
-    """logits [N, V], one token history per row: a 1-D array or a list (mlx-lm's
-    processors read one row's history, so rows are processed one at a time).  A
-    list goes as it is to a processor that `reads_lists` (ours) and as an array to
-    the others: a 20k-token list costs ~0.3 ms each way, per row and step."""
-    rows = []
-    for b in range(logits.shape[0]):
-        row, h, array = logits[b : b + 1], histories[b], None
-        for p in processors:
-            if isinstance(h, list) and not getattr(p, "reads_lists", False):
-                array = mx.array(h) if array is None else array
-                row = p(array, row)
-            else:
-                row = p(h, row)
-        rows.append(row)
-    return mx.concatenate(rows)
 
 
 def grammar_failure(processors) -> str | None:
@@ -287,8 +249,8 @@ def generate_tokens(
     step n + 1's graph on the host overlaps computing step n (3-4 ms of a 60 ms
     4-bit MoE step on the CPU).  A step queued for a token that ends the generation
     is taken back (`trim(1)`), so this needs a cache that can roll back one token
-    (`rollback_room`); with none to spare, or with a grammar constraint, the token
-    is read first.
+    (`rollback_room`); with none to spare, or with processors (penalties, logit
+    bias, a grammar: they read the history on the host), the token is read first.
     """
     options = options or SamplingOptions()
     sampler, processors = _sampler(options, [0]), options.processors()
@@ -297,23 +259,22 @@ def generate_tokens(
     cache = LayerCaches.of(model.make_cache() if cache is None else cache)
     stop, fed = set(stop_ids), cache.offset + len(prompt)  # fed: slots the yielded tokens account for
     ids = mx.array([list(prompt)])
-    history = ids
+    history = History(prompt)
     t0 = time.perf_counter()
     logits = prefill(model, ids, cache, prefill_chunk, media)
-    token = _pick(logits, history, sampler, processors)
+    token = _pick(logits, [history], sampler, processors)
     mx.eval(token)
     if stats is not None:
         stats.prompt_tokens, stats.prompt_time = len(prompt), time.perf_counter() - t0
     t1 = time.perf_counter()
-    # Queue ahead (docstring) unless a grammar constrains the output: its processor
-    # reads the token on the host while the step is built, so nothing would overlap.
-    ahead = cache.rollback_room >= 1 and options.constraint is None
+    # Queue ahead (docstring) unless processors read each token on the host while
+    # the next step is built: nothing would overlap.
+    ahead = cache.rollback_room >= 1 and not processors
 
     def step(token):
-        nonlocal history
         if processors:
-            history = mx.concatenate([history, token[:, None]], axis=1)
-        nxt = _pick(decode_step(model, token, cache), history, sampler, processors)
+            history.append(token.item())
+        nxt = _pick(decode_step(model, token, cache), [history], sampler, processors)
         mx.async_eval(nxt)
         return nxt
 
@@ -404,7 +365,7 @@ def batch_generate(
     ids = mx.array([[pad_id] * n + list(p) for n, p in zip(pads, prompts)])
     quant = {} if kv_bits in (None, 16) else {"kv_bits": kv_bits}  # `contracts.DecodingModel` has no kv_bits
     cache = model.make_cache(left_pad=pads, **quant)
-    hist = [list(p) for p in prompts]  # per row, without the padding
+    hist = [History(p) for p in prompts]  # per row, without the padding
 
     def history():
         return [hist[r] for r in live] if processors else None

@@ -22,7 +22,7 @@ from gemma4_mlx.cache import LayerCaches
 from gemma4_mlx.config import FULL
 from gemma4_mlx.contracts import DecodingModel, MTPDrafter
 from gemma4_mlx.models.assistant import producer_layers
-from gemma4_mlx.runtime.generate import apply_processors
+from gemma4_mlx.runtime.processors import History, apply_processors
 from gemma4_mlx.runtime.sampling import PositionedSampler
 from gemma4_mlx.speculative.stats import MTPSettings
 
@@ -102,20 +102,20 @@ class Rows:
 
     live: list[int]  # stream of each batch row
     out: list[list[int]]  # per stream: the tokens emitted so far
-    history: list[list[int]]  # per stream: prompt + out (what processors read)
+    history: list[History]  # per stream: prompt + out (what processors read)
     bonus: list[int]  # per batch row: the token the next round verifies first
     hidden: mx.array  # [B, H] per batch row: the target hidden that seeds the drafter
 
     @classmethod
     def start(cls, prompts: Sequence[Sequence[int]], hidden: mx.array) -> Rows:
         n = len(prompts)
-        return cls(list(range(n)), [[] for _ in prompts], [list(p) for p in prompts], [0] * n, hidden)
+        return cls(list(range(n)), [[] for _ in prompts], [History(p) for p in prompts], [0] * n, hidden)
 
     def index(self) -> list[int]:
         """Per batch row, the output index of its next token."""
         return [len(self.out[r]) for r in self.live]
 
-    def histories(self) -> list[list[int]]:
+    def histories(self) -> list[History]:
         return [self.history[r] for r in self.live]
 
     def most_left(self, max_tokens: int) -> int:
