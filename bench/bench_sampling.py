@@ -27,11 +27,12 @@ from mlx_lm.sample_utils import make_sampler
 from gemma4_mlx.runtime.sampling import PositionedSampler
 
 V = 262144
-SETTINGS = [  # (name, temperature, top_p, top_k, min_p)
-    ("Gemma's defaults: T 1, top-k 64, top-p 0.95", 1.0, 0.95, 64, 0.0),
-    ("top-k 40, min-p 0.05", 0.8, 0.0, 40, 0.05),
-    ("T 1, no filter", 1.0, 0.0, 0, 0.0),
-    ("top-p 0.9 alone", 0.7, 0.9, 0, 0.0),
+SETTINGS = [  # (name, temperature, top_p, top_k, min_p, spread of the logits)
+    ("Gemma's defaults: T 1, top-k 64, top-p 0.95", 1.0, 0.95, 64, 0.0, 3.0),
+    ("top-k 40, min-p 0.05", 0.8, 0.0, 40, 0.05, 3.0),
+    ("T 1, no filter", 1.0, 0.0, 0, 0.0, 3.0),
+    ("top-p 0.9 alone", 0.7, 0.9, 0, 0.0, 3.0),
+    ("top-p 0.9 alone, a peaked row", 0.7, 0.9, 0, 0.0, 5.0),
 ]
 
 
@@ -51,10 +52,13 @@ def main():
     args = ap.parse_args()
     print(f"mlx {mx.__version__}, {mx.default_device()}, {os.cpu_count()} CPU cores ({platform.machine()})")
     print(f"load average {os.getloadavg()[0]:.2f}; V = {V:,}, {args.rows} row(s) a draw, float32 logits")
-    logits = mx.array(np.random.default_rng(0).normal(size=(args.rows, V)).astype(np.float32) * 3)
+    normal = np.random.default_rng(0).normal(size=(args.rows, V)).astype(np.float32)
+    print("logits: standard normal times a spread. At 3 a top-p 0.9 nucleus is ~11,300 tokens (the whole vocabulary")
+    print("is sorted); at 5 (peaked, as a trained model's rows mostly are) it is 99 tokens, the top one at p = 0.50.")
     rows = list(range(args.rows))
     print(f"\n{'settings':46s} | {'ours':>9s} | {'mlx-lm':>9s} | mlx-lm / ours")
-    for name, t, p, k, m in SETTINGS:
+    for name, t, p, k, m, spread in SETTINGS:
+        logits = mx.array(normal * spread)
         ours = PositionedSampler(t, p, k, m, seed=0)
         theirs = make_sampler(temp=t, top_p=p, min_p=m, top_k=k)
         draws = {

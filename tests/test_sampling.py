@@ -1,6 +1,7 @@
 """The keyed sampler (`runtime.sampling`) on Gemma's 262,144-token vocabulary:
-its uniforms stay inside (0, 1), so a masked token is never drawn, and a top-k
-draw among the k candidates picks what the draw over the whole vocabulary picks."""
+its uniforms stay inside (0, 1), so a masked token is never drawn, and a draw among
+the top-k candidates or among a top-p nucleus's picks what the draw over the whole
+vocabulary picks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 import gemma4_mlx
 from gemma4_mlx.demo import DEMO_MODEL
-from gemma4_mlx.runtime.sampling import PositionedSampler, stream_key, unit_floats
+from gemma4_mlx.runtime.sampling import SHORTLIST_MAX, PositionedSampler, _best, _normalised, stream_key, unit_floats
 
 V = 262144
 
@@ -66,8 +67,40 @@ def test_a_top_k_draw_among_its_candidates_is_the_whole_vocabularys_draw(tempera
         rows_of["masked", allowed] = mx.array(x)
     rows_of["bfloat16", 2.0] = (mx.array(rng.normal(size=(300, 1000)).astype(np.float32)) * 2).astype(mx.bfloat16)
     for what, logits in rows_of.items():
-        keys = [stream_key(3, r, 11) for r in range(logits.shape[0])]
-        assert sampler._shortlist(logits, keys).tolist() == sampler._full(logits, keys).tolist(), what
+        keys, lp = [stream_key(3, r, 11) for r in range(logits.shape[0])], _normalised(logits)
+        assert sampler._shortlist(keys, *_best(lp, top_k)).tolist() == sampler._full(lp, keys).tolist(), what
+
+
+@pytest.mark.parametrize("temperature, top_p, min_p", [(1.0, 0.95, 0.0), (0.7, 0.9, 0.0), (1.0, 0.5, 0.05)])
+def test_a_top_p_draw_within_its_nucleus_is_the_whole_vocabularys_draw(temperature, top_p, min_p):
+    """Top-p without top-k: where the nucleus lies within the SHORTLIST_MAX best
+    tokens (peaked rows, masked rows), the draw among those picks what `_full`
+    picks; where it does not (flat rows), `_full` draws, row by row in a batch that
+    holds both.  Both ways are taken."""
+    rng = np.random.default_rng(2)
+    sampler = PositionedSampler(temperature, top_p, 0, min_p, seed=3)
+    shortlisted = []
+    shortlist = sampler._shortlist
+    sampler._shortlist = lambda *a: shortlisted.append(True) or shortlist(*a)
+    masked = np.full((20, 8192), -np.inf, np.float32)
+    for r in range(20):
+        masked[r, rng.choice(8192, 300, replace=False)] = rng.normal(size=300) * 3
+    flat = mx.array(rng.normal(size=(6, V)).astype(np.float32) * 0.5)
+    peaked = mx.array(rng.normal(size=(6, V)).astype(np.float32) * 8)
+    taken = {}
+    for what, logits in {
+        "flat": flat,
+        "peaked": peaked,
+        "both in one batch": mx.concatenate([flat[:2], peaked[:3], flat[2:3]]),
+        "peaked, 8192": mx.array(rng.normal(size=(200, 8192)).astype(np.float32) * 6),
+        "masked": mx.array(masked),
+    }.items():
+        n, before = logits.shape[0], len(shortlisted)
+        want = sampler._full(_normalised(logits), [stream_key(3, r, 11) for r in range(n)])
+        assert sampler(logits, range(n), [11] * n).tolist() == want.tolist(), what
+        taken[what] = len(shortlisted) > before
+    assert taken == {"flat": False, "peaked": True, "both in one batch": True, "peaked, 8192": True, "masked": True}
+    assert SHORTLIST_MAX < 8192
 
 
 def test_unseeded_sampling_draws_a_seed_mlx_can_repeat():
