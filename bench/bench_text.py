@@ -263,7 +263,8 @@ def measure(name: str, folder: Path, args, quantized: bool) -> list:
     V = SHAPES[name]["vocab_size"]
     prompts = {n: [2] + [(7 * i) % (V - 3) + 3 for i in range(n - 1)] for n in args.prompts}
     mine, theirs = load_both(folder, quantized)
-    print(f"{name}{' (mlx-lm q4)' if quantized else ''}: CPU product form {ops.cpu_form()} (docs/text-decoder.md §6.3)")
+    forms = f"{ops.cpu_form(1)} (one row), {ops.cpu_form(4)} (a few)"
+    print(f"{name}{' (mlx-lm q4)' if quantized else ''}: CPU product forms {forms} (docs/text-decoder.md §6.3)")
     best = {(who, n): (float("inf"), float("inf")) for who in ("ours", "mlx-lm") for n in prompts}
     for _ in range(args.rounds):
         for n, p in prompts.items():

@@ -39,7 +39,16 @@ def cpu_branches() -> bool:
 # 0.82x mlx-lm's instead of 1.35x / 1.45x (docs/text-decoder.md §6.3).  So loading a checkpoint big enough to
 # matter times both forms on its own weights (checkpoint/cpu_forms.py) and keeps the
 # faster; GEMMA4_MLX_CPU_FORM=rows|columns fixes the form instead.  Until then: rows.
+# One row (decode of one sequence, each expert pair) and a few rows (2 to
+# FEW_ROWS_MAX: batched decode, verify blocks) are timed and chosen apart: on a third
+# VM (AMD EPYC, AVX-512) columns streamed 17 GB/s at 1-3 rows and rows 8-11, while
+# from 4 rows columns with x^T copied contiguous fell to 4 GB/s -- and with x^T left
+# a transposed view ran 12-13 GB/s, ahead of rows again.  A few rows therefore have
+# a third form, "columns-copied" (the view up to GEMV_MAX_ROWS rows, a contiguous
+# copy beyond: what "columns" meant on the first VM, where the view was the slow one).
 CPU_FORMS = ("rows", "columns")
+FEW_ROW_FORMS = ("rows", "columns", "columns-copied")
+FEW_ROWS_LIKE = {"rows": "rows", "columns": "columns-copied"}  # a one-row form's few-row twin
 CPU_FORM_ENV = "GEMMA4_MLX_CPU_FORM"
 
 
@@ -57,6 +66,7 @@ try:
 except ValueError as e:  # raised where a model loads: one line from the CLI, not an import traceback
     FIXED_CPU_FORM, CPU_FORM_ENV_ERROR = None, str(e)
 _cpu_form = FIXED_CPU_FORM or "rows"
+_few_form = FEW_ROWS_LIKE[_cpu_form]
 
 
 def check_cpu_form_setting() -> None:
@@ -65,20 +75,26 @@ def check_cpu_form_setting() -> None:
         raise ValueError(CPU_FORM_ENV_ERROR)
 
 
-def cpu_form() -> str:
-    """The few-row product form the CPU branches take now: "rows" or "columns"."""
-    return _cpu_form
+def cpu_form(rows: int = 1) -> str:
+    """The product form the CPU branches take now for `rows` rows: "rows" or
+    "columns" for one row, one of FEW_ROW_FORMS for a few."""
+    return _cpu_form if rows <= 1 else _few_form
 
 
-def set_cpu_form(form: str) -> None:
-    """Take `form` from now on (a measured choice; tests flip it)."""
-    global _cpu_form
+def set_cpu_form(form: str, few: str | None = None) -> None:
+    """Take `form` for one row and `few` (default: its twin in FEW_ROWS_LIKE) for a
+    few rows from now on (a measured choice; tests flip it)."""
+    global _cpu_form, _few_form
+    few = FEW_ROWS_LIKE.get(form) if few is None else few
     if form not in CPU_FORMS:
         raise ValueError(f"CPU product form {form!r}: expected one of {', '.join(CPU_FORMS)}")
-    _cpu_form = form
+    if few not in FEW_ROW_FORMS:
+        raise ValueError(f"CPU few-row product form {few!r}: expected one of {', '.join(FEW_ROW_FORMS)}")
+    _cpu_form, _few_form = form, few
 
 
 def _columns() -> bool:
+    """One row (an expert pair's GEMV too) in the columns form."""
     return cpu_branches() and _cpu_form == "columns"
 
 
@@ -215,13 +231,13 @@ def rope(x: mx.array, offset, *, base: float | None, freqs: mx.array | None, ang
     return _rotate_half(x, *angles())
 
 
-# A few rows (decode, batched decode, verify blocks) in the "columns" form (see
-# CPU_FORMS): W @ x^T.  Where that form wins, from 4 rows OpenBLAS took a slow path
-# when x^T was a transposed view (W [4096, 1024]: 3.5 ms against 1.9 ms for x @ W^T),
-# so there x^T is first copied contiguous (a few rows): in the model, E2B-shaped
-# decode steps went 393 -> 328 ms at B = 4 and 419 -> 370 ms at B = 8, MoE-shaped
-# 330 -> 308 and 457 -> 440 (bench/RESULTS-batch-cpu.txt).  A vocabulary-sized head
-# (far taller than wide) measured slower that way, so it keeps x @ W^T from 4 rows.
+# A few rows (batched decode, verify blocks) in a "columns" form (see CPU_FORMS):
+# W @ x^T.  On the first VM, from 4 rows OpenBLAS took a slow path when x^T was a
+# transposed view (W [4096, 1024]: 3.5 ms against 1.9 ms for x @ W^T), so there x^T
+# is first copied contiguous ("columns-copied"): in the model, E2B-shaped decode steps
+# went 393 -> 328 ms at B = 4 and 419 -> 370 ms at B = 8, MoE-shaped 330 -> 308 and
+# 457 -> 440 (bench/RESULTS-batch-cpu.txt).  A vocabulary-sized head (far taller than
+# wide) measured slower in either columns form, so it keeps x @ W^T from 4 rows.
 GEMV_MAX_ROWS = 3
 FEW_ROWS_MAX = 8
 FEW_ROWS_MAX_ASPECT = 16  # out / in above this: a head, not a layer
@@ -230,7 +246,7 @@ FEW_ROWS_MAX_ASPECT = 16  # out / in above this: a head, not a layer
 def linear(x: mx.array, w: mx.array) -> mx.array:
     """x @ w.T for a weight stored [out, in]."""
     rows = x.size // x.shape[-1]
-    if rows > FEW_ROWS_MAX or not _columns():
+    if rows > FEW_ROWS_MAX or not cpu_branches() or cpu_form(rows) == "rows":
         return x @ w.T
     if rows == 1:  # a column already: no transposes (same product, bit for bit)
         return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], w.shape[0])
@@ -238,7 +254,8 @@ def linear(x: mx.array, w: mx.array) -> mx.array:
     if rows > GEMV_MAX_ROWS:
         if w.shape[0] > FEW_ROWS_MAX_ASPECT * w.shape[1]:
             return x @ w.T
-        xt = mx.contiguous(xt)
+        if _few_form == "columns-copied":
+            xt = mx.contiguous(xt)
     return (w @ xt).T.reshape(*x.shape[:-1], w.shape[0])
 
 

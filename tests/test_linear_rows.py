@@ -1,6 +1,8 @@
-"""ops.linear's CPU branches by row count, in the "columns" form (ops.CPU_FORMS): one
-row as a column, a few rows as W @ x^T (contiguous from 4 rows, except for
-head-shaped matrices), more as x @ W^T; in the "rows" form always x @ W^T."""
+"""ops.linear's CPU branches by row count and form (ops.CPU_FORMS for one row,
+ops.FEW_ROW_FORMS for a few): one row as a column in "columns"; a few rows as
+W @ x^T in "columns" (x^T a transposed view) and "columns-copied" (x^T copied
+contiguous from 4 rows), except for head-shaped matrices; more rows, and the "rows"
+form, as x @ W^T."""
 
 import mlx.core as mx
 import numpy as np
@@ -12,15 +14,21 @@ LAYER = (96, 64)  # out, in
 HEAD = (64 * (ops.FEW_ROWS_MAX_ASPECT + 1), 64)  # far taller than wide: a vocabulary head
 
 
-@pytest.fixture(params=ops.CPU_FORMS)
+FORM_PAIRS = [("rows", "rows"), ("columns", "columns-copied"), ("columns", "columns"), ("columns", "rows")]
+
+
+@pytest.fixture(params=FORM_PAIRS, ids=["/".join(p) for p in FORM_PAIRS])
 def form(request, monkeypatch):
-    monkeypatch.setattr(ops, "_cpu_form", request.param)
-    return request.param
+    """The one-row form, with the few-row form of the pair set too."""
+    monkeypatch.setattr(ops, "_cpu_form", request.param[0])
+    monkeypatch.setattr(ops, "_few_form", request.param[1])
+    return request.param[0]
 
 
 @pytest.fixture
 def columns(monkeypatch):
     monkeypatch.setattr(ops, "_cpu_form", "columns")
+    monkeypatch.setattr(ops, "_few_form", "columns-copied")
 
 
 @pytest.mark.parametrize("shape", [LAYER, HEAD])
@@ -47,9 +55,33 @@ def test_four_to_eight_rows_copy_x_transposed_contiguous(columns, monkeypatch):
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
     ops.linear(mx.ones((5, 64)), layer)
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", False)
-    monkeypatch.setattr(ops, "_cpu_form", "rows")
-    ops.linear(mx.ones((5, 64)), layer)
+    for few in ("rows", "columns"):  # x @ W^T, and W @ x^T with the transposed view
+        monkeypatch.setattr(ops, "_few_form", few)
+        ops.linear(mx.ones((5, 64)), layer)
     assert len(copies) == ops.FEW_ROWS_MAX - ops.GEMV_MAX_ROWS
+
+
+def test_each_row_count_takes_its_own_form(monkeypatch):
+    """One row follows the one-row form, 2 to FEW_ROWS_MAX the few-row form."""
+    products = []
+    real = ops.mx.matmul
+
+    def matmul(a, b):
+        products.append("W @ x" if a.shape == LAYER else "x @ W^T")
+        return real(a, b)
+
+    monkeypatch.setattr(ops.mx, "matmul", matmul)
+    monkeypatch.setattr(mx.array, "__matmul__", lambda a, b: matmul(a, b))
+    layer = mx.zeros(LAYER)
+    for one, few in (("columns", "rows"), ("rows", "columns"), ("rows", "columns-copied")):
+        monkeypatch.setattr(ops, "_cpu_form", one)
+        monkeypatch.setattr(ops, "_few_form", few)
+        products.clear()
+        for rows in (1, 2, 4, ops.FEW_ROWS_MAX, ops.FEW_ROWS_MAX + 1):
+            ops.linear(mx.ones((rows, 64)), layer)
+        as_few = "x @ W^T" if few == "rows" else "W @ x"
+        want = ["W @ x" if one == "columns" else "x @ W^T"] + [as_few] * 3 + ["x @ W^T"]
+        assert products == want, (one, few)
 
 
 # -- MoE experts: one GEMV per (token, expert) pair ---------------------------------
