@@ -37,36 +37,38 @@ def cpu_branches() -> bool:
 # ran 1.1-2.7x faster per product (MoE experts 1.26-1.48x); on another (AVX-512,
 # 300 MB L3) rows ran 1.1-1.6x faster, and columns made E2B-/MoE-small decode 0.97x /
 # 0.82x mlx-lm's instead of 1.35x / 1.45x (docs/text-decoder.md §6.3).  So loading a checkpoint big enough to
-# matter times both forms on its own weights (checkpoint/cpu_forms.py) and keeps the
-# faster; GEMMA4_MLX_CPU_FORM=rows|columns fixes the form instead.  Until then: rows.
-# One row (decode of one sequence, each expert pair) and a few rows (2 to
-# FEW_ROWS_MAX: batched decode, verify blocks) are timed and chosen apart: on a third
-# VM (AMD EPYC, AVX-512) columns streamed 17 GB/s at 1-3 rows and rows 8-11, while
-# from 4 rows columns with x^T copied contiguous fell to 4 GB/s -- and with x^T left
-# a transposed view ran 12-13 GB/s, ahead of rows again.  A few rows therefore have
-# a third form, "columns-copied" (the view up to GEMV_MAX_ROWS rows, a contiguous
-# copy beyond: what "columns" meant on the first VM, where the view was the slow one).
+# matter times both forms on its own weights at one row (checkpoint/cpu_forms.py) and
+# keeps the faster for one row (decode of one sequence, each expert pair).  A few rows
+# (2 to FEW_ROWS_MAX: batched decode, verify blocks) take rows unless
+# GEMMA4_MLX_CPU_FORM=ONE,FEW says otherwise: on a third VM (AMD EPYC, AVX-512) their
+# columns forms ran 1.3-1.5x ahead of rows, then 2.5-3x behind in spells a load-time
+# timing cannot foresee.  Their forms: "columns" (x^T a transposed view) and
+# "columns-copied" (x^T copied contiguous from GEMV_MAX_ROWS + 1 rows: what "columns"
+# meant on the first VM, where the view was the slow one).  Until a load decides: rows.
 CPU_FORMS = ("rows", "columns")
 FEW_ROW_FORMS = ("rows", "columns", "columns-copied")
 FEW_ROWS_LIKE = {"rows": "rows", "columns": "columns-copied"}  # a one-row form's few-row twin
 CPU_FORM_ENV = "GEMMA4_MLX_CPU_FORM"
 
 
-def _form_from_env() -> str | None:
+def _form_from_env() -> tuple[str, str] | None:
+    """(one-row form, few-row form) fixed by the environment: "rows", "columns" (the
+    pair columns, columns-copied) or ONE,FEW (e.g. "columns,rows"); None for auto."""
     value = os.environ.get(CPU_FORM_ENV, "").strip().lower()
     if value in ("", "auto"):
         return None
-    if value not in CPU_FORMS:
-        raise ValueError(f"{CPU_FORM_ENV}={value!r}: expected rows, columns or auto")
-    return value
+    one, _, few = value.partition(",")
+    few = few.strip() or FEW_ROWS_LIKE.get(one.strip())
+    if one.strip() not in CPU_FORMS or few not in FEW_ROW_FORMS:
+        raise ValueError(f"{CPU_FORM_ENV}={value!r}: expected rows, columns, ONE,FEW (e.g. columns,rows) or auto")
+    return one.strip(), few
 
 
 try:
     FIXED_CPU_FORM, CPU_FORM_ENV_ERROR = _form_from_env(), None
 except ValueError as e:  # raised where a model loads: one line from the CLI, not an import traceback
     FIXED_CPU_FORM, CPU_FORM_ENV_ERROR = None, str(e)
-_cpu_form = FIXED_CPU_FORM or "rows"
-_few_form = FEW_ROWS_LIKE[_cpu_form]
+_cpu_form, _few_form = FIXED_CPU_FORM or ("rows", "rows")
 
 
 def check_cpu_form_setting() -> None:

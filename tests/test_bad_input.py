@@ -124,7 +124,8 @@ def test_cli_bad_setting_is_one_line(copy):
     )
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
-    assert lines == ["error: GEMMA4_MLX_CPU_FORM='diag': expected rows, columns or auto"], r.stderr
+    said = "GEMMA4_MLX_CPU_FORM='diag': expected rows, columns, ONE,FEW (e.g. columns,rows) or auto"
+    assert lines == [f"error: {said}"], r.stderr
 
 
 def test_cli_generate_streams_to_stdout(copy):

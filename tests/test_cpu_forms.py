@@ -92,50 +92,38 @@ def test_forms_give_the_same_logits(loaded, monkeypatch):
 
 
 # -- the choice -----------------------------------------------------------------------
-def _big_enough(monkeypatch, one, few=None):
-    """time_forms answers `one` at one row and `few` (default: rows, 1.0) at four."""
+def _big_enough(monkeypatch, times):
     monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
-    few = few or {"rows": 1.0, "columns": 1.0, "columns-copied": 1.0}
-    monkeypatch.setattr(cpu_forms, "time_forms", lambda weights: {1: dict(one), cpu_forms.FEW_ROWS: dict(few)})
+    monkeypatch.setattr(cpu_forms, "time_forms", lambda weights: dict(times))
 
 
 @pytest.mark.parametrize(
-    "one, few, want",
-    [
-        ({"rows": 1.0, "columns": 0.5}, None, ("columns", "rows")),
-        ({"rows": 0.5, "columns": 1.0}, None, ("rows", "rows")),
-        ({"rows": 1.0, "columns": 0.98}, None, ("rows", "rows")),  # a 2 % lead is a tie: rows
-        # On the AMD VM: columns ahead at one row; at four the view ahead, or (its slow spells) both behind.
-        ({"rows": 1.0, "columns": 0.7}, {"rows": 1.0, "columns": 0.8, "columns-copied": 2.0}, ("columns", "columns")),
-        ({"rows": 1.0, "columns": 0.7}, {"rows": 1.0, "columns": 2.1, "columns-copied": 2.0}, ("columns", "rows")),
-        (
-            {"rows": 0.7, "columns": 1.0},
-            {"rows": 1.0, "columns": 0.9, "columns-copied": 0.8},
-            ("rows", "columns-copied"),
-        ),
-    ],
+    "rows, columns_, want",
+    [(1.0, 0.5, "columns"), (0.5, 1.0, "rows"), (1.0, 0.98, "rows")],  # a 2 % lead is a tie: rows
 )
-def test_the_faster_form_is_kept(undecided, monkeypatch, checkpoints, one, few, want):
-    _big_enough(monkeypatch, one, few)
+def test_the_faster_form_is_kept_for_one_row(undecided, monkeypatch, checkpoints, rows, columns_, want):
+    """One row takes the faster form; a few rows keep rows either way (the columns
+    forms' spells, docs/text-decoder.md §6.3)."""
+    _big_enough(monkeypatch, {"rows": rows, "columns": columns_})
+    monkeypatch.setattr(ops, "_few_form", "columns")  # (what a choice must reset)
     model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]  # load() decides
-    assert (ops.cpu_form(1), ops.cpu_form(4)) == want
-    assert cpu_forms._decided[1] == one
+    assert (ops.cpu_form(1), ops.cpu_form(4)) == (want, "rows")
+    assert cpu_forms._decided == {"rows": rows, "columns": columns_}
     assert cpu_forms.choose_cpu_form(model) is None  # once per process
-    assert (ops.cpu_form(1), ops.cpu_form(4)) == want
+    assert (ops.cpu_form(1), ops.cpu_form(4)) == (want, "rows")
 
 
 def test_nothing_timed_when_small_fixed_or_on_gpu_branches(undecided, monkeypatch, checkpoints):
     model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]
     assert cpu_forms._decided is None and ops.cpu_form() == "rows"  # below MIN_BYTES
     _big_enough(monkeypatch, {"rows": 1.0, "columns": 0.5})
-    decided = {1: {"rows": 1.0, "columns": 0.5}, 4: {"rows": 1.0, "columns": 1.0, "columns-copied": 1.0}}
-    monkeypatch.setattr(ops, "FIXED_CPU_FORM", "rows")
+    monkeypatch.setattr(ops, "FIXED_CPU_FORM", ("rows", "rows"))
     assert cpu_forms.choose_cpu_form(model) is None and ops.cpu_form() == "rows"
     monkeypatch.setattr(ops, "FIXED_CPU_FORM", None)
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
     assert cpu_forms.choose_cpu_form(model) is None and ops.cpu_form() == "rows"
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", False)
-    assert cpu_forms.choose_cpu_form(model) == decided
+    assert cpu_forms.choose_cpu_form(model) == {"rows": 1.0, "columns": 0.5}
     assert ops.cpu_form() == "columns" and ops.cpu_form(4) == "rows"
 
 
@@ -147,24 +135,33 @@ def test_timing_runs_both_forms_and_restores_the_form(undecided, checkpoints, mo
     real = ops.linear
     monkeypatch.setattr(ops, "linear", lambda x, w: seen.append((ops.cpu_form(x.shape[0]), x.shape[0])) or real(x, w))
     times = cpu_forms.time_forms(weights[:3])
-    assert set(times[1]) == set(ops.CPU_FORMS) and set(times[4]) == set(ops.FEW_ROW_FORMS)
-    assert all(0 < t < 10 for by_form in times.values() for t in by_form.values())
-    assert set(seen) == {(f, 1) for f in ops.CPU_FORMS} | {(f, 4) for f in ops.FEW_ROW_FORMS}
+    assert set(times) == set(ops.CPU_FORMS) and all(0 < t < 10 for t in times.values())
+    assert set(seen) == {(f, 1) for f in ops.CPU_FORMS}
     assert ops.cpu_form(1) == ops.cpu_form(4) == "rows"
 
 
 def test_the_environment_fixes_the_form(monkeypatch):
-    for value, want in (("columns", "columns"), ("ROWS", "rows"), ("auto", None), ("", None)):
+    for value, want in (
+        ("columns", ("columns", "columns-copied")),
+        ("ROWS", ("rows", "rows")),
+        ("columns, rows", ("columns", "rows")),
+        ("rows,columns", ("rows", "columns")),
+        ("auto", None),
+        ("", None),
+    ):
         monkeypatch.setenv(ops.CPU_FORM_ENV, value)
         assert ops._form_from_env() == want
-    monkeypatch.setenv(ops.CPU_FORM_ENV, "diagonal")
-    with pytest.raises(ValueError, match="GEMMA4_MLX_CPU_FORM='diagonal': expected rows, columns or auto"):
-        ops._form_from_env()
+    for value in ("diagonal", "columns,diagonal", "columns-copied"):
+        monkeypatch.setenv(ops.CPU_FORM_ENV, value)
+        with pytest.raises(ValueError, match=f"GEMMA4_MLX_CPU_FORM='{value}': expected rows, columns, ONE,FEW"):
+            ops._form_from_env()
     with pytest.raises(ValueError, match="expected one of rows, columns"):
         ops.set_cpu_form("diagonal")
 
 
 def test_a_bad_setting_stops_the_load_not_the_import(monkeypatch, checkpoints):
-    monkeypatch.setattr(ops, "CPU_FORM_ENV_ERROR", "GEMMA4_MLX_CPU_FORM='diagonal': expected rows, columns or auto")
-    with pytest.raises(gemma4_mlx.LoadError, match="^GEMMA4_MLX_CPU_FORM='diagonal': expected rows, columns or auto$"):
+    said = "GEMMA4_MLX_CPU_FORM='diagonal': expected rows, columns, ONE,FEW (e.g. columns,rows) or auto"
+    monkeypatch.setattr(ops, "CPU_FORM_ENV_ERROR", said)
+    with pytest.raises(gemma4_mlx.LoadError) as e:
         gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")
+    assert str(e.value) == said

@@ -3,16 +3,22 @@
 `ops.linear` can multiply a weight by a few rows as x @ W^T ("rows") or as
 W @ x^T ("columns"); both are the same product up to float32 summation order, and
 which one the BLAS streams faster depends on the machine (ops.CPU_FORMS).  Decode
-speed on the CPU is that streaming speed, so after a checkpoint loads we time the
-forms on the checkpoint's own float32 layer weights, at one row (decode, expert
-pairs) and at four (batched decode, verify blocks: `ops.FEW_ROW_FORMS`), and keep
-the fastest of each for this process.  The two are chosen apart: on one VM the
-columns form won at one row and lost 2x at four.
+speed on the CPU is that streaming speed, so after a checkpoint loads we time both
+forms on the checkpoint's own float32 layer weights at one row (decode, expert
+pairs) and keep the faster for this process.
+
+A few rows (batched decode, verify blocks) keep "rows" whatever one row chose
+(docs/text-decoder.md §6.3): on an AMD VM the columns forms of 4-8 rows, 1.3-1.5x
+faster than rows most of the time, fell 2.5-3x behind in spells that started at
+random within a process and lasted (our server at 8 clients: 0.82-0.94x
+mlx_lm.server's throughput in three runs, 1.14x with rows), and a timing at load
+cannot see a spell to come.  GEMMA4_MLX_CPU_FORM=ONE,FEW sets both
+(`ops.FEW_ROW_FORMS`).
 
 Only once per process, only on the CPU, and only for checkpoints whose float32
 layer weights reach MIN_BYTES: below that they sit in cache and the choice costs
 more than it can save (the test suite's tiny models, the embedded demo).  Ties go
-to "rows", the form every other MLX program uses: another form must be MARGIN faster.  GEMMA4_MLX_CPU_FORM=rows|columns
+to "rows", the form every other MLX program uses.  GEMMA4_MLX_CPU_FORM=rows|columns
 skips the timing.
 """
 
@@ -31,20 +37,19 @@ log = logging.getLogger(__name__)
 
 MIN_BYTES = 64 << 20  # float32 layer weights below this: keep the default form
 SAMPLE_BYTES = 256 << 20  # timed per pass: larger than most caches, ~0.1 s of streaming
-FEW_ROWS = 4  # the row count a few-row form is timed at
 ROUNDS = 2  # interleaved; the best pass of each form counts
-MARGIN = 0.03  # another form must be this much faster to replace "rows"
+MARGIN = 0.03  # "columns" must be this much faster to replace "rows"
 _SKIPPED = ("embed", "vision", "audio")  # gathered tables and towers only prefill uses
 
 _decided: dict | None = None
 
 
 def choose_cpu_form(model: nn.Module) -> dict | None:
-    """Time the forms on `model`'s weights and set the fastest (once per process).
+    """Time both one-row forms on `model`'s weights and set the faster (once per
+    process); a few rows keep "rows" (module docstring).
 
-    Returns {rows: {form: seconds per pass}} as measured (rows 1 and FEW_ROWS), or
-    None when nothing was timed (not the CPU, form fixed by the environment, too few
-    weights, decided before).
+    Returns {form: seconds per pass} as measured, or None when nothing was timed
+    (not the CPU, form fixed by the environment, too few weights, decided before).
     """
     global _decided
     if _decided is not None or ops.FIXED_CPU_FORM or not ops.cpu_branches():
@@ -53,18 +58,12 @@ def choose_cpu_form(model: nn.Module) -> dict | None:
     if sum(w.nbytes for w in sample) < MIN_BYTES:
         return None
     times = time_forms(sample[: _prefix_count(sample)])
-    one, few = fastest(times[1]), fastest(times[FEW_ROWS])
-    ops.set_cpu_form(one, few)
+    best = "columns" if times["columns"] < (1 - MARGIN) * times["rows"] else "rows"
+    ops.set_cpu_form(best, "rows")
     _decided = times
-    said = "; ".join(f"{n} row(s): " + ", ".join(f"{f} {1e3 * t:.1f}" for f, t in times[n].items()) for n in times)
-    log.info("CPU product forms: %s for one row, %s for a few (ms per pass: %s)", one, few, said)
+    ms = (1e3 * times[f] for f in ops.CPU_FORMS)
+    log.info("CPU product form for one row: %s (rows %.1f ms, columns %.1f ms per pass)", best, *ms)
     return times
-
-
-def fastest(times: dict[str, float]) -> str:
-    """The fastest form, if MARGIN faster than "rows"; else "rows"."""
-    best = min(times, key=times.get)
-    return best if times[best] < (1 - MARGIN) * times["rows"] else "rows"
 
 
 def layer_weights(model: nn.Module) -> list[mx.array]:
@@ -86,24 +85,20 @@ def _prefix_count(weights: list[mx.array]) -> int:
     return len(weights)
 
 
-def time_forms(weights: list[mx.array]) -> dict[int, dict[str, float]]:
-    """Best seconds per pass (every weight times one row, or FEW_ROWS rows) per form:
-    {1: {form: s} over ops.CPU_FORMS, FEW_ROWS: {form: s} over ops.FEW_ROW_FORMS}."""
-    cases = [(1, form) for form in ops.CPU_FORMS] + [(FEW_ROWS, form) for form in ops.FEW_ROW_FORMS]
-    widths = _widths(weights)
-    xs = {(rows, n): mx.random.normal((rows, n), key=mx.random.key(rows)) for rows in (1, FEW_ROWS) for n in widths}
+def time_forms(weights: list[mx.array]) -> dict[str, float]:
+    """Best seconds per pass (every weight times one row) per one-row form."""
+    xs = {n: mx.random.normal((1, n), key=mx.random.key(n)) for n in _widths(weights)}
     mx.eval(weights, xs)
-    before = ops.cpu_form(1), ops.cpu_form(FEW_ROWS)
-    best = {rows: {} for rows in (1, FEW_ROWS)}
+    before = ops.cpu_form(1), ops.cpu_form(2)
+    best = dict.fromkeys(ops.CPU_FORMS, float("inf"))
     try:
         for round_ in range(ROUNDS + 1):
-            for rows, form in cases:
-                ops.set_cpu_form(form if rows == 1 else before[0], form if rows > 1 else before[1])
+            for form in ops.CPU_FORMS:
+                ops.set_cpu_form(form, before[1])
                 start = time.perf_counter()
-                mx.eval([ops.linear(xs[rows, w.shape[1]], w) for w in weights])
-                if round_:  # round 0 warms every form (pages in the weights)
-                    took = time.perf_counter() - start
-                    best[rows][form] = min(best[rows].get(form, took), took)
+                mx.eval([ops.linear(xs[w.shape[1]], w) for w in weights])
+                if round_:  # round 0 warms both forms (pages in the weights)
+                    best[form] = min(best[form], time.perf_counter() - start)
     finally:
         ops.set_cpu_form(*before)
     return best
