@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gemma4_mlx.checkpoint.load import load_model
-from gemma4_mlx.runtime.generate import generate_tokens
+from gemma4_mlx.runtime.generate import SamplingOptions, generate_tokens
 
 from helpers.checkpoints import W, random_ids
 
@@ -40,9 +40,16 @@ def run(model, cache, stop_after: int | None = None, **kw) -> list[int]:
 
 @pytest.mark.parametrize("ending", ["stop token", "max_tokens", "caller leaves"])
 @pytest.mark.parametrize("rollback", [32, 0])
-def test_cache_holds_prompt_and_yielded_but_last(model, ending, rollback):
-    plain = run(model, model.make_cache(), max_tokens=2 * W + 2)
-    kw = {"max_tokens": 2 * W + 2}
+@pytest.mark.parametrize(
+    "extra", [{}, {"repetition_penalty": 1.1}, {"logit_bias": {5: 0.5}}], ids=["plain", "penalty", "logit bias"]
+)
+def test_cache_holds_prompt_and_yielded_but_last(model, ending, rollback, extra):
+    """With a processor that reads the history (a penalty) each token is read before
+    its step is built; a logit bias reads none and queues ahead as plain decoding
+    does; without rollback room the step waits for the caller to ask for more."""
+    options = SamplingOptions(**extra)
+    plain = run(model, model.make_cache(), max_tokens=2 * W + 2, options=options)
+    kw = {"max_tokens": 2 * W + 2, "options": options}
     if ending == "stop token":
         kw["stop_ids"] = [plain[W + 1]]  # a token past the window
     elif ending == "max_tokens":
@@ -52,8 +59,6 @@ def test_cache_holds_prompt_and_yielded_but_last(model, ending, rollback):
     assert got == plain[: len(got)] and len(got) > W
     assert got[-1] in kw.get("stop_ids", [got[-1]])
     held = len(PROMPT) + len(got) - 1
-    if rollback == 0 and ending == "caller leaves":  # no slack to take a queued step back
-        held += 1
     assert cache.offset == held
     # What the cache holds is exact: the next logits equal a fresh run over the same tokens.
     seq = PROMPT + plain  # got is its prefix

@@ -42,6 +42,9 @@ def test_penalties_follow_their_definitions(repetition, rep_window, presence, fr
     got = Penalties(repetition, rep_window, presence, frequency, window)(history, mx.array(logits[None]))
     want = _reference(logits, prompt + output, len(prompt), repetition, rep_window, presence, frequency, window)
     np.testing.assert_allclose(np.array(got[0]), want, rtol=1e-6, atol=1e-6)
+    # A repetition penalty of 0 is off (mlx-lm reads it so); it used to divide by 0.
+    off = Penalties(0.0, 64, 0.0, 0.0)(History(prompt) + output, mx.array(logits[None]))
+    np.testing.assert_array_equal(np.array(off[0]), logits)
     # With no output yet, presence and frequency leave every logit alone.
     untouched = Penalties(None, 64, presence, frequency, window)(History(prompt), mx.array(logits[None]))
     np.testing.assert_array_equal(np.array(untouched[0]), logits)

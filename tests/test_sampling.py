@@ -82,6 +82,12 @@ def test_a_top_p_draw_within_its_nucleus_is_the_whole_vocabularys_draw(temperatu
     shortlisted = []
     shortlist = sampler._shortlist
     sampler._shortlist = lambda *a: shortlisted.append(True) or shortlist(*a)
+    # Tied at the cut: one token at top_p - 0.03, the other 8,191 alike; the best
+    # 4,096 hold top_p, but the mass strictly above their lowest value does not, so
+    # every copy of that value is kept, most of them outside the candidates.
+    p0 = top_p - 0.03
+    tied = np.zeros((64, 8192), np.float32)
+    tied[:, 0] = math.log(8191 * p0 / (1 - p0))
     masked = np.full((20, 8192), -np.inf, np.float32)
     for r in range(20):
         masked[r, rng.choice(8192, 300, replace=False)] = rng.normal(size=300) * 3
@@ -94,12 +100,20 @@ def test_a_top_p_draw_within_its_nucleus_is_the_whole_vocabularys_draw(temperatu
         "both in one batch": mx.concatenate([flat[:2], peaked[:3], flat[2:3]]),
         "peaked, 8192": mx.array(rng.normal(size=(200, 8192)).astype(np.float32) * 6),
         "masked": mx.array(masked),
+        "tied at the cut": mx.array(tied),
     }.items():
         n, before = logits.shape[0], len(shortlisted)
         want = sampler._full(_normalised(logits), [stream_key(3, r, 11) for r in range(n)])
         assert sampler(logits, range(n), [11] * n).tolist() == want.tolist(), what
         taken[what] = len(shortlisted) > before
-    assert taken == {"flat": False, "peaked": True, "both in one batch": True, "peaked, 8192": True, "masked": True}
+    assert taken == {
+        "flat": False,
+        "peaked": True,
+        "both in one batch": True,
+        "peaked, 8192": True,
+        "masked": True,
+        "tied at the cut": False,
+    }
     assert SHORTLIST_MAX < 8192
 
 

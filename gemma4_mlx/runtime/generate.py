@@ -250,7 +250,8 @@ def generate_tokens(
     4-bit MoE step on the CPU).  A step queued for a token that ends the generation
     is taken back (`trim(1)`), so this needs a cache that can roll back one token
     (`rollback_room`); with none to spare, or with processors (penalties, logit
-    bias, a grammar: they read the history on the host), the token is read first.
+    bias, a grammar: they read the history on the host), the token is read first
+    (and with none to spare, the step is built only once the caller asks for more).
     """
     options = options or SamplingOptions()
     sampler, processors = _sampler(options, [0]), options.processors()
@@ -268,11 +269,14 @@ def generate_tokens(
         stats.prompt_tokens, stats.prompt_time = len(prompt), time.perf_counter() - t0
     t1 = time.perf_counter()
     # Queue ahead (docstring) unless processors read each token on the host while
-    # the next step is built: nothing would overlap.
-    ahead = cache.rollback_room >= 1 and not processors
+    # the next step is built: nothing would overlap.  Then the step is built before
+    # the token is yielded (it overlaps the caller's work) if it can be taken back.
+    reads = any(getattr(p, "reads_history", True) for p in processors)
+    undoable = cache.rollback_room >= 1
+    ahead = undoable and not reads
 
     def step(token):
-        if processors:
+        if reads:
             history.append(token.item())
         nxt = _pick(decode_step(model, token, cache), [history], sampler, processors)
         mx.async_eval(nxt)
@@ -283,18 +287,19 @@ def generate_tokens(
             nxt = step(token) if ahead and n < max_tokens else None
             tok = token.item()
             check_grammar(processors)
-            if nxt is None and n < max_tokens and tok not in stop:
-                nxt = step(token)  # (overlaps the caller's work with this step)
+            more = n < max_tokens and tok not in stop
+            if nxt is None and more and undoable:
+                nxt = step(token)
             if stats is not None:
                 stats.generation_tokens = n
                 stats.generation_time = time.perf_counter() - t1
             fed += n > 1
             yield tok
-            if tok in stop or n >= max_tokens:
+            if not more:
                 break
-            token = nxt
+            token = nxt if nxt is not None else step(token)
     finally:
-        if ahead:  # a step queued for a token that ended it, or the caller left
+        if undoable:  # a step queued for a token that ended it, or the caller left
             cache.trim_to(fed)
 
 

@@ -57,7 +57,9 @@ class Penalties:
         frequency: float | None = None,
         window: int | None = None,
     ):
-        self.repetition, self.repetition_window = repetition, repetition_window
+        # 0 is off, as mlx-lm's processors read it (dividing by it would make every
+        # seen token's logit infinite)
+        self.repetition, self.repetition_window = repetition or None, repetition_window
         self.presence, self.frequency, self.window = presence or 0.0, frequency or 0.0, window
 
     def __bool__(self) -> bool:
@@ -81,6 +83,8 @@ class Penalties:
 class LogitBias:
     """OpenAI's `logit_bias`: adds each bias to its token's logit (stateless, so one
     instance may serve every row of a batch)."""
+
+    reads_history = False  # (`generate_tokens` may then queue a step before its token is read)
 
     def __init__(self, bias: Mapping[int, float]):
         self.bias, self.top = bias, max(bias)

@@ -134,9 +134,12 @@ class PositionedSampler:
         vocabulary.  Decided per row (one host sync, ~5x cheaper than the sort), so
         a row takes the same path alone, batched or at a verify position."""
         ids, vals = _best(lp, SHORTLIST_MAX)
-        # The nucleus lies among the candidates when the mass of all but the last of
-        # them reaches top_p: that last one (and every token below it) is dropped.
-        inside = (mx.exp(vals).sum(axis=-1) - mx.exp(vals.min(axis=-1)) >= self.top_p).tolist()
+        # The nucleus lies among the candidates when the mass strictly above the
+        # lowest of them reaches top_p: that value (every copy of it, some perhaps
+        # outside the candidates) and all below are dropped.
+        lowest = vals.min(axis=-1, keepdims=True)
+        above = mx.where(vals > lowest, mx.exp(vals), 0.0).sum(axis=-1)
+        inside = (above >= self.top_p).tolist()
         near = [r for r, ok in enumerate(inside) if ok]
         if len(near) == len(inside):
             return self._shortlist(keys, ids, vals)
