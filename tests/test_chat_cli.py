@@ -1,5 +1,6 @@
 """`gemma4-mlx chat` driven as a person would, in a pseudo-terminal (pexpect)."""
 
+import io
 import json
 import os
 import shutil
@@ -41,8 +42,20 @@ def _own_history(tmp_path, monkeypatch):
     monkeypatch.setitem(ENV, "GEMMA4_MLX_HISTORY", str(tmp_path / "history"))
 
 
+class _Chat(pexpect.spawn):
+    """A spawned chat whose failed `expect` shows all it printed (pexpect's own
+    message shows the last 100 characters only)."""
+
+    def expect(self, pattern, *args, **kwargs):
+        try:
+            return super().expect(pattern, *args, **kwargs)
+        except (pexpect.TIMEOUT, pexpect.EOF) as e:
+            said = self.logfile_read.getvalue()[-4000:]
+            raise AssertionError(f"expected {pattern!r} ({type(e).__name__}); the chat printed:\n{said}") from e
+
+
 def spawn(*args):
-    child = pexpect.spawn(
+    child = _Chat(
         sys.executable,
         ["-m", "gemma4_mlx", "chat", *args],
         env=ENV,
@@ -51,6 +64,7 @@ def spawn(*args):
         dimensions=(50, 200),
         preexec_fn=_sigint_default,
     )
+    child.logfile_read = io.StringIO()
     return child
 
 
