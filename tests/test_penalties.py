@@ -71,3 +71,13 @@ def test_a_token_of_the_prompt_is_not_penalised(demo):
     assert alone[0] == first and batched[0] == alone
     for out in (alone, *batched):
         assert len(set(out)) == len(out), out
+
+
+def test_a_prompt_as_an_array_is_read_as_its_ids(demo):
+    """`generate_tokens` takes a list, an mx.array or a NumPy row alike (the penalties
+    count Python ints; a NumPy row used to fail where the ids became an array)."""
+    model, _ = demo
+    ids, options = [2, 5, 9, 14, 3, 7], SamplingOptions(frequency_penalty=1.0, repetition_penalty=1.1)
+    want = list(generate_tokens(model, ids, max_tokens=8, options=options))
+    for prompt in (mx.array(ids), np.array(ids)):
+        assert list(generate_tokens(model, prompt, max_tokens=8, options=options)) == want

@@ -249,9 +249,9 @@ def generate_tokens(
     step n + 1's graph on the host overlaps computing step n (3-4 ms of a 60 ms
     4-bit MoE step on the CPU).  A step queued for a token that ends the generation
     is taken back (`trim(1)`), so this needs a cache that can roll back one token
-    (`rollback_room`); with none to spare, or with processors (penalties, logit
-    bias, a grammar: they read the history on the host), the token is read first
-    (and with none to spare, the step is built only once the caller asks for more).
+    (`rollback_room`); with none to spare, or with processors that read the history
+    on the host (penalties, a grammar), the token is read first (and with none to
+    spare, the step is built only once the caller asks for more).
     """
     options = options or SamplingOptions()
     sampler, processors = _sampler(options, [0]), options.processors()
@@ -259,8 +259,8 @@ def generate_tokens(
         mx.random.seed(options.seed)
     cache = LayerCaches.of(model.make_cache() if cache is None else cache)
     stop, fed = set(stop_ids), cache.offset + len(prompt)  # fed: slots the yielded tokens account for
-    ids = mx.array([list(prompt)])
-    history = History(prompt)
+    prompt = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)  # mx / numpy rows too
+    ids, history = mx.array([prompt]), History(prompt)
     t0 = time.perf_counter()
     logits = prefill(model, ids, cache, prefill_chunk, media)
     token = _pick(logits, [history], sampler, processors)
