@@ -57,11 +57,11 @@ def _form_from_env() -> tuple[str, str] | None:
     value = os.environ.get(CPU_FORM_ENV, "").strip().lower()
     if value in ("", "auto"):
         return None
-    one, _, few = value.partition(",")
-    few = few.strip() or FEW_ROWS_LIKE.get(one.strip())
-    if one.strip() not in CPU_FORMS or few not in FEW_ROW_FORMS:
+    one, _, few = (part.strip() for part in value.partition(","))
+    few = few or FEW_ROWS_LIKE.get(one)
+    if one not in CPU_FORMS or few not in FEW_ROW_FORMS:
         raise ValueError(f"{CPU_FORM_ENV}={value!r}: expected rows, columns, ONE,FEW (e.g. columns,rows) or auto")
-    return one.strip(), few
+    return one, few
 
 
 try:

@@ -104,9 +104,6 @@ class PositionedSampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def logprobs(self, logits: mx.array) -> mx.array:
-        return self._filtered(_normalised(logits))
-
     def _filtered(self, x: mx.array) -> mx.array:
         """mlx-lm's filters over log-probabilities x [N, V], in its sampler's order."""
         if 0 < self.top_p < 1.0:
