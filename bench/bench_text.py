@@ -30,6 +30,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
+from gemma4_mlx.checkpoint import cpu_forms
 from gemma4_mlx.config import FULL, SLIDING, TextConfig
 from gemma4_mlx.models.text import Model
 from gemma4_mlx.runtime.generate import generate_tokens
@@ -262,8 +263,10 @@ def measure(name: str, folder: Path, args, quantized: bool) -> list:
 
     V = SHAPES[name]["vocab_size"]
     prompts = {n: [2] + [(7 * i) % (V - 3) + 3 for i in range(n - 1)] for n in args.prompts}
+    cpu_forms.forget()  # each checkpoint's load times its own forms, as in a process of its own
     mine, theirs = load_both(folder, quantized)
-    forms = f"{ops.cpu_form(1)} (one row), {ops.cpu_form(4)} (a few)"
+    own = ", ".join(f"{form} for {list(shape)}" for shape, form in sorted(ops.cpu_shape_forms().items()))
+    forms = f"{ops.cpu_form(1)} (one row{'; ' + own if own else ''}), {ops.cpu_form(4)} (a few)"
     print(f"{name}{' (mlx-lm q4)' if quantized else ''}: CPU product forms {forms} (docs/text-decoder.md §6.3)")
     best = {(who, n): (float("inf"), float("inf")) for who in ("ours", "mlx-lm") for n in prompts}
     for _ in range(args.rounds):

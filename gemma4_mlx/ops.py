@@ -38,7 +38,9 @@ def cpu_branches() -> bool:
 # 300 MB L3) rows ran 1.1-1.6x faster, and columns made E2B-/MoE-small decode 0.97x /
 # 0.82x mlx-lm's instead of 1.35x / 1.45x (docs/text-decoder.md §6.3).  So loading a checkpoint big enough to
 # matter times both forms on its own weights at one row (checkpoint/cpu_forms.py) and
-# keeps the faster for one row (decode of one sequence, each expert pair).  A few rows
+# keeps the faster for one row (decode of one sequence, each expert pair), per weight
+# shape where a shape's weights are big enough to time apart (on the third VM below a
+# wide [512, 2048] streamed 1.5x faster as columns, a tall [4096, 512] alike).  A few rows
 # (2 to FEW_ROWS_MAX: batched decode, verify blocks) take rows unless
 # GEMMA4_MLX_CPU_FORM=ONE,FEW says otherwise: on a third VM (AMD EPYC, AVX-512) their
 # columns forms ran 1.3-1.5x ahead of rows, then 2.5-3x behind in spells a load-time
@@ -69,6 +71,7 @@ try:
 except ValueError as e:  # raised where a model loads: one line from the CLI, not an import traceback
     FIXED_CPU_FORM, CPU_FORM_ENV_ERROR = None, str(e)
 _cpu_form, _few_form = FIXED_CPU_FORM or ("rows", "rows")
+_shape_forms: dict[tuple[int, ...], str] = {}  # one-row forms of weight shapes timed apart
 
 
 def check_cpu_form_setting() -> None:
@@ -77,22 +80,30 @@ def check_cpu_form_setting() -> None:
         raise ValueError(CPU_FORM_ENV_ERROR)
 
 
-def cpu_form(rows: int = 1) -> str:
-    """The product form the CPU branches take now for `rows` rows: "rows" or
-    "columns" for one row, one of FEW_ROW_FORMS for a few."""
-    return _cpu_form if rows <= 1 else _few_form
+def cpu_form(rows: int = 1, shape: tuple[int, ...] | None = None) -> str:
+    """The product form the CPU branches take now for `rows` rows of a weight of
+    `shape` [out, in]: "rows" or "columns" for one row (the shape's own form where
+    the load timed its weights apart), one of FEW_ROW_FORMS for a few."""
+    return _shape_forms.get(shape, _cpu_form) if rows <= 1 else _few_form
 
 
-def set_cpu_form(form: str, few: str | None = None) -> None:
+def cpu_shape_forms() -> dict[tuple[int, ...], str]:
+    """The weight shapes with a one-row form of their own, and that form."""
+    return dict(_shape_forms)
+
+
+def set_cpu_form(form: str, few: str | None = None, shapes: dict | None = None) -> None:
     """Take `form` for one row and `few` (default: its twin in FEW_ROWS_LIKE) for a
-    few rows from now on (a measured choice; tests flip it)."""
-    global _cpu_form, _few_form
+    few rows from now on (a measured choice; tests flip it); `shapes` maps weight
+    shapes to a one-row form of their own, and a call without it clears them."""
+    global _cpu_form, _few_form, _shape_forms
     few = FEW_ROWS_LIKE.get(form) if few is None else few
-    if form not in CPU_FORMS:
-        raise ValueError(f"CPU product form {form!r}: expected one of {', '.join(CPU_FORMS)}")
+    for f in (form, *(shapes or {}).values()):
+        if f not in CPU_FORMS:
+            raise ValueError(f"CPU product form {f!r}: expected one of {', '.join(CPU_FORMS)}")
     if few not in FEW_ROW_FORMS:
         raise ValueError(f"CPU few-row product form {few!r}: expected one of {', '.join(FEW_ROW_FORMS)}")
-    _cpu_form, _few_form = form, few
+    _cpu_form, _few_form, _shape_forms = form, few, {tuple(k): f for k, f in (shapes or {}).items()}
 
 
 def _columns() -> bool:
@@ -248,7 +259,7 @@ FEW_ROWS_MAX_ASPECT = 16  # out / in above this: a head, not a layer
 def linear(x: mx.array, w: mx.array) -> mx.array:
     """x @ w.T for a weight stored [out, in]."""
     rows = x.size // x.shape[-1]
-    if rows > FEW_ROWS_MAX or not cpu_branches() or cpu_form(rows) == "rows":
+    if rows > FEW_ROWS_MAX or not cpu_branches() or cpu_form(rows, w.shape) == "rows":
         return x @ w.T
     if rows == 1:  # a column already: no transposes (same product, bit for bit)
         return (w @ x.reshape(-1, 1)).reshape(*x.shape[:-1], w.shape[0])

@@ -39,6 +39,7 @@ def undecided(monkeypatch):
     monkeypatch.setattr(ops, "FIXED_CPU_FORM", None)
     monkeypatch.setattr(ops, "_cpu_form", "rows")
     monkeypatch.setattr(ops, "_few_form", "rows")
+    monkeypatch.setattr(ops, "_shape_forms", {})
 
 
 # -- the "columns" form through the model ------------------------------------------------
@@ -111,6 +112,55 @@ def test_the_faster_form_is_kept_for_one_row(undecided, monkeypatch, checkpoints
     assert cpu_forms._decided == {"rows": rows, "columns": columns_}
     assert cpu_forms.choose_cpu_form(model) is None  # once per process
     assert (ops.cpu_form(1), ops.cpu_form(4)) == (want, "rows")
+    cpu_forms.forget()  # unless told to time again
+    assert cpu_forms.choose_cpu_form(model) == {"rows": rows, "columns": columns_}
+
+
+def test_each_big_shape_keeps_its_own_one_row_form(undecided, monkeypatch, checkpoints):
+    """Shapes with SHAPE_MIN_BYTES of weights are timed apart; a shape whose faster
+    form differs from the model's keeps its own for one row (a few rows: rows)."""
+    model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]  # small: nothing decided
+    shapes = sorted({tuple(w.shape) for w in cpu_forms.layer_weights(model)})
+    assert len(shapes) > 2
+    wide, tall = shapes[0], shapes[-1]
+    timed = []
+
+    def time_forms(weights):
+        timed.append({tuple(w.shape) for w in weights})
+        if len(timed[-1]) > 1:  # the model's sample: rows
+            return {"rows": 1.0, "columns": 2.0}
+        return {"rows": 1.0, "columns": 0.5 if timed[-1] == {wide} else 0.99}
+
+    monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "time_forms", time_forms)
+    assert cpu_forms.choose_cpu_form(model) == {"rows": 1.0, "columns": 2.0}
+    assert len(timed) == 1 + len(shapes) and all(len(t) == 1 for t in timed[1:])
+    assert ops.cpu_shape_forms() == {wide: "columns"}
+    assert ops.cpu_form(1, wide) == "columns" and ops.cpu_form(4, wide) == "rows"
+    assert ops.cpu_form(1, tall) == ops.cpu_form(1) == "rows"
+    ops.set_cpu_form("rows", "rows")  # a form set without shapes clears theirs
+    assert ops.cpu_form(1, wide) == "rows"
+
+    def time_forms(weights):  # now the model's sample runs faster as columns: a tie keeps columns
+        shapes = {tuple(w.shape) for w in weights}
+        if len(shapes) > 1:
+            return {"rows": 2.0, "columns": 1.0}
+        return {"rows": 0.5 if shapes == {tall} else 0.99, "columns": 1.0}
+
+    monkeypatch.setattr(cpu_forms, "time_forms", time_forms)
+    cpu_forms.forget()
+    cpu_forms.choose_cpu_form(model)
+    assert ops.cpu_form(1) == "columns" and ops.cpu_shape_forms() == {tall: "rows"}
+
+
+def test_small_shapes_are_not_timed_apart(undecided, monkeypatch, checkpoints):
+    model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]
+    timed = []
+    monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "time_forms", lambda ws: timed.append(ws) or {"rows": 2.0, "columns": 1.0})
+    cpu_forms.choose_cpu_form(model)
+    assert len(timed) == 1 and ops.cpu_shape_forms() == {} and ops.cpu_form(1) == "columns"
 
 
 def test_nothing_timed_when_small_fixed_or_on_gpu_branches(undecided, monkeypatch, checkpoints):

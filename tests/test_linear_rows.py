@@ -84,6 +84,34 @@ def test_each_row_count_takes_its_own_form(monkeypatch):
         assert products == want, (one, few)
 
 
+def test_a_shape_timed_apart_takes_its_own_one_row_form(monkeypatch):
+    """A weight shape the load timed on its own (ops.set_cpu_form's `shapes`) takes
+    its form for one row; other shapes, and a few rows of it, do not."""
+    products = []
+    real = ops.mx.matmul
+    other = (LAYER[0] + 8, LAYER[1])
+
+    def matmul(a, b):
+        products.append("W @ x" if a.shape in (LAYER, other) else "x @ W^T")
+        return real(a, b)
+
+    monkeypatch.setattr(ops.mx, "matmul", matmul)
+    monkeypatch.setattr(mx.array, "__matmul__", lambda a, b: matmul(a, b))
+    monkeypatch.setattr(ops, "_cpu_form", "rows")
+    monkeypatch.setattr(ops, "_few_form", "rows")
+    monkeypatch.setattr(ops, "_shape_forms", {LAYER: "columns"})
+    for shape in (LAYER, other):
+        for rows in (1, 2):
+            ops.linear(mx.ones((rows, 64)), mx.zeros(shape))
+    assert products == ["W @ x", "x @ W^T", "x @ W^T", "x @ W^T"]
+    monkeypatch.setattr(ops, "_cpu_form", "columns")
+    monkeypatch.setattr(ops, "_shape_forms", {LAYER: "rows"})
+    products.clear()
+    for shape in (LAYER, other):
+        ops.linear(mx.ones((1, 64)), mx.zeros(shape))
+    assert products == ["x @ W^T", "W @ x"]
+
+
 # -- MoE experts: one GEMV per (token, expert) pair ---------------------------------
 @pytest.mark.parametrize("tokens, k", [(1, 4), (3, 2)])
 @pytest.mark.parametrize("rows_per_pair", [True, False])

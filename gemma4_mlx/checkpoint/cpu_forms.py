@@ -15,6 +15,16 @@ mlx_lm.server's throughput in three runs, 1.14x with rows), and a timing at load
 cannot see a spell to come.  GEMMA4_MLX_CPU_FORM=ONE,FEW sets both
 (`ops.FEW_ROW_FORMS`).
 
+Per weight shape too: on that AMD VM one row streamed a wide weight ([512,
+2048], [512, 4096]: the MLP's down projection) at 16-17 GB/s as columns and 11 as
+rows, while tall ones ([4096, 512]) ran the same either way, so a choice for the
+whole model was a near tie (rows one run, columns the next) that left the wide
+products slow in either case.  Each shape with at least SHAPE_MIN_BYTES of
+weights is timed on its own and keeps its faster form (a tie: the model's; the
+tall [8192, 1024] and [16384, 1024] of the E2B shape timed within 1 % either way,
+and decoded faster in the columns the model took); smaller groups (timed alone
+they would sit in cache), the experts and the head take the model's form.
+
 Only once per process, only on the CPU, and only for checkpoints whose float32
 layer weights reach MIN_BYTES: below that they sit in cache and the choice costs
 more than it can save (the test suite's tiny models, the embedded demo).  Ties go
@@ -39,6 +49,8 @@ MIN_BYTES = 64 << 20  # float32 layer weights below this: keep the default form
 SAMPLE_BYTES = 256 << 20  # timed per pass: larger than most caches, ~0.1 s of streaming
 ROUNDS = 2  # interleaved; the best pass of each form counts
 MARGIN = 0.03  # "columns" must be this much faster to replace "rows"
+SHAPE_MIN_BYTES = 32 << 20  # a shape's weights timed apart: past a 32 MB L3, as in decode
+SHAPE_SAMPLE_BYTES = 64 << 20  # of them timed per pass
 _SKIPPED = ("embed", "vision", "audio")  # gathered tables and towers only prefill uses
 
 _decided: dict | None = None
@@ -57,13 +69,41 @@ def choose_cpu_form(model: nn.Module) -> dict | None:
     sample = layer_weights(model)
     if sum(w.nbytes for w in sample) < MIN_BYTES:
         return None
-    times = time_forms(sample[: _prefix_count(sample)])
-    best = "columns" if times["columns"] < (1 - MARGIN) * times["rows"] else "rows"
-    ops.set_cpu_form(best, "rows")
+    times = time_forms(sample[: _prefix_count(sample, SAMPLE_BYTES)])
+    best = _faster(times)
+    shapes = {}
+    for shape, weights in _by_shape(sample).items():
+        if sum(w.nbytes for w in weights) >= SHAPE_MIN_BYTES:
+            form = _faster(time_forms(weights[: _prefix_count(weights, SHAPE_SAMPLE_BYTES)]), best)
+            if form != best:
+                shapes[shape] = form
+    ops.set_cpu_form(best, "rows", shapes)
     _decided = times
     ms = (1e3 * times[f] for f in ops.CPU_FORMS)
     log.info("CPU product form for one row: %s (rows %.1f ms, columns %.1f ms per pass)", best, *ms)
+    for shape, form in shapes.items():
+        log.info("CPU product form for one row of a %s weight: %s", list(shape), form)
     return times
+
+
+def forget() -> None:
+    """Let the next load time the forms again, as a fresh process would (a benchmark
+    that loads several checkpoints in one process)."""
+    global _decided
+    _decided = None
+
+
+def _faster(times: dict[str, float], tie: str = "rows") -> str:
+    """The form MARGIN faster than the `tie` form, else that one."""
+    other = "columns" if tie == "rows" else "rows"
+    return other if times[other] < (1 - MARGIN) * times[tie] else tie
+
+
+def _by_shape(weights: list[mx.array]) -> dict[tuple[int, ...], list[mx.array]]:
+    groups: dict[tuple[int, ...], list[mx.array]] = {}
+    for w in weights:
+        groups.setdefault(tuple(w.shape), []).append(w)
+    return groups
 
 
 def layer_weights(model: nn.Module) -> list[mx.array]:
@@ -75,12 +115,12 @@ def layer_weights(model: nn.Module) -> list[mx.array]:
     ]
 
 
-def _prefix_count(weights: list[mx.array]) -> int:
-    """How many leading weights make up SAMPLE_BYTES (at least one)."""
+def _prefix_count(weights: list[mx.array], budget: int) -> int:
+    """How many leading weights make up `budget` bytes (at least one)."""
     total = 0
     for n, w in enumerate(weights, 1):
         total += w.nbytes
-        if total >= SAMPLE_BYTES:
+        if total >= budget:
             return n
     return len(weights)
 
