@@ -5,12 +5,12 @@ For each quantization mode and row count, times x @ W.T for a pool of distinct
 ways, interleaved, best of --rounds:
 
   kernel     mx.quantized_matmul (what a GPU runs, and the CPU below the crossover)
-  dequant    ops._dequantized_linear: the weight dequantized to float32 in row blocks,
-             multiplied by BLAS (what the CPU runs from ops.CPU_DEQUANT_ROWS[mode] rows)
+  dequant    ops_quantized._dequantized_linear: the weight dequantized to float32 in row blocks,
+             multiplied by BLAS (what the CPU runs from ops_quantized.CPU_DEQUANT_ROWS[mode] rows)
 
 and prints the ratio kernel / dequant (> 1: the dequantized path is faster) beside
-the row count ops.quantized_linear picks.  These are the measurements behind
-ops.CPU_DEQUANT_ROWS.
+the row count ops_quantized.quantized_linear picks.  These are the measurements behind
+ops_quantized.CPU_DEQUANT_ROWS.
 
     python bench/bench_quantized_linear.py [--shape 4096 1024] [--rows 1 4 8 ...] [--out FILE]
 """
@@ -27,7 +27,7 @@ import gemma4_mlx  # noqa: F401  (OpenBLAS first)
 import mlx.core as mx
 from report import Report
 
-from gemma4_mlx import ops
+from gemma4_mlx import ops_quantized
 
 MODES = [("affine", 64, 4), ("affine", 64, 8), ("affine", 32, 4), ("mxfp8", 32, 8), ("mxfp4", 32, 4), ("nvfp4", 16, 4)]
 POOL_BYTES = 256 << 20  # float32 bytes of distinct weights per product round
@@ -58,7 +58,7 @@ def measure(shape, mode, group, bits, rows, rounds):
         ]
 
     def dequant():
-        return [ops._dequantized_linear(x, w, s, b, group, bits, mode) for w, s, b in weights]
+        return [ops_quantized._dequantized_linear(x, w, s, b, group, bits, mode) for w, s, b in weights]
 
     best = {"kernel": float("inf"), "dequant": float("inf")}
     for _ in range(rounds):
@@ -86,7 +86,7 @@ def main() -> None:
     for mode, group, bits in modes:
         for rows in args.rows:
             t = measure(tuple(args.shape), mode, group, bits, rows, args.rounds)
-            picks = "dequant" if rows >= ops.CPU_DEQUANT_ROWS.get(mode, float("inf")) else "kernel"
+            picks = "dequant" if rows >= ops_quantized.CPU_DEQUANT_ROWS.get(mode, float("inf")) else "kernel"
             report(
                 f"| {mode} | {group} | {bits} | {rows} | {t['kernel'] * 1e3:.2f} | {t['dequant'] * 1e3:.2f} "
                 f"| {t['kernel'] / t['dequant']:.2f} | {picks} |"

@@ -1,4 +1,5 @@
-"""Numerical building blocks, and the one place for backend-specific choices.
+"""Numerical building blocks, and the one place for backend-specific choices
+(with `ops_quantized`, their quantized-weight and quantized-cache twins).
 
 Model code calls these and never asks which backend it runs on.  Two kinds of
 choice live here (docs/text-decoder.md §6.1):
@@ -10,7 +11,6 @@ choice live here (docs/text-decoder.md §6.1):
   once, as the GPU kernel does.
 """
 
-import dataclasses
 import functools
 import math
 import os
@@ -272,83 +272,11 @@ def linear(x: mx.array, w: mx.array) -> mx.array:
     return (w @ xt).T.reshape(*x.shape[:-1], w.shape[0])
 
 
-# MLX's CPU `quantized_matmul` costs about one dequantization of its matrix per
-# input row (mxfp4/nvfp4 excepted: a fast kernel and a slow dequantize).  From this
-# many rows on (prefill, batched decode, verify blocks) the CPU dequantizes the
-# weight to float32 in blocks of rows and multiplies with BLAS: the crossovers were
-# measured at [4096, 1024] (bench/bench_quantized_linear.py); a mode not listed
-# keeps the kernel.
-CPU_DEQUANT_ROWS = {"affine": 6, "mxfp8": 2, "mxfp4": 28, "nvfp4": 28}
-UNPACKED_DEQUANT_ROWS = 3  # affine 4/8-bit, float32 scales: the cheaper `_dequantize_f32` unpack
-DEQUANT_BLOCK = 1 << 23  # weights dequantized at a time: 32 MiB of float32
-
-
-def quantized_linear(x: mx.array, w: mx.array, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
-    """x @ W.T for a quantized [out, in] weight: codes `w`, `scales`, affine `biases`
-    (or None).  On the CPU's dequantized path the result is float32 whatever x's
-    dtype (BLAS; MLX's CPU kernel accumulates bf16 inputs in bf16): callers cast."""
-    rows = x.size // x.shape[-1]
-    if cpu_branches() and rows >= _first_dequantized_row(scales, biases, bits, mode):
-        return _dequantized_linear(x.astype(mx.float32), w, scales, biases, group_size, bits, mode)
-    return mx.quantized_matmul(
-        x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits, mode=mode
-    )
-
-
-def _first_dequantized_row(scales, biases, bits: int, mode: str) -> float:
-    """The row count from which the CPU takes the dequantized path for this weight."""
-    return UNPACKED_DEQUANT_ROWS if _unpackable(scales, biases, bits, mode) else CPU_DEQUANT_ROWS.get(mode, math.inf)
-
-
-def _dequantized_linear(x, w, scales, biases, group_size, bits, mode) -> mx.array:
-    """The weight's rows in blocks of DEQUANT_BLOCK weights, each dequantized only
-    after the previous block's product (`_after`): one block's float32 copy is
-    alive at a time, not the whole matrix (a 262K-row head is 1 GiB in float32)."""
-    step = max(1, DEQUANT_BLOCK // x.shape[-1])
-    outs = []
-    for lo in range(0, w.shape[0], step):
-        codes, scale_rows, bias_rows = (t if t is None else t[lo : lo + step] for t in (w, scales, biases))
-        wf = _dequantize_f32(_after(codes, outs), scale_rows, bias_rows, group_size, bits, mode)
-        outs.append(linear(x, wf))
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
-
-
-def _after(x: mx.array, outs: list) -> mx.array:
+def after(x: mx.array, outs: list) -> mx.array:
     """x, made to wait for the last of `outs` (the previous block's output), if any.
     MLX evaluates independent blocks side by side; chained, one block's temporaries
     (a dequantized weight block, an attention block's scores) are alive at a time."""
     return mx.depends(x, outs[-1]) if outs else x
-
-
-def float32_affine(scales: mx.array, biases, mode: str):
-    """Affine scales and biases in float32 (the values they hold, exactly): what
-    dequantizing to float32 multiplies with."""
-    if mode != "affine":
-        return scales, biases
-    return tuple(t if t is None or t.dtype == mx.float32 else t.astype(mx.float32) for t in (scales, biases))
-
-
-def _unpackable(scales, biases, bits: int, mode: str) -> bool:
-    """Affine 4- or 8-bit codes with float32 scales and biases (`_dequantize_f32`)."""
-    f32 = scales.dtype == mx.float32 and getattr(biases, "dtype", None) == mx.float32
-    return mode == "affine" and bits in (4, 8) and f32
-
-
-def _dequantize_f32(w, scales, biases, group_size: int, bits: int, mode: str) -> mx.array:
-    """`mx.dequantize` to float32.  Affine 4- and 8-bit codes with float32 scales are
-    unpacked with whole-array shifts instead: the same values (q * scale + bias in
-    float32, bit for bit) at less than half the time of MLX's CPU dequantize, which
-    moves the crossover from 6 rows to 3 (bench/RESULTS-qlinear-cpu.txt).  bf16/fp16
-    affine scales and biases are widened first: `mx.dequantize` would round each
-    weight to their dtype, where the one-row kernel (`quantized_matmul`) computes
-    q * scale + bias in float32 — so a prompt and its decode read the same weights
-    (GGUF's fp16 d and m are exact values of ggml's, docs/quantization.md §4)."""
-    scales, biases = float32_affine(scales, biases, mode)
-    if not _unpackable(scales, biases, bits, mode):
-        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode, dtype=mx.float32)
-    codes = (w[..., None] >> mx.arange(0, 32, bits, dtype=mx.uint32)) & ((1 << bits) - 1)
-    q = codes.reshape(*w.shape[:-1], -1, group_size).astype(mx.float32)
-    return (q * scales[..., None] + biases[..., None]).reshape(*w.shape[:-1], -1)
 
 
 # On the CPU, attention is dominated by the softmax's exp: split long query runs
@@ -366,10 +294,10 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
     """
     if not cpu_branches():
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask.array)
-    return _float_attention([q], [k], v, mask)
+    return float_attention([q], [k], v, mask)
 
 
-def _float_attention(qs: list, ks: list, v: mx.array, mask) -> mx.array:
+def float_attention(qs: list, ks: list, v: mx.array, mask) -> mx.array:
     """The CPU's attention with scores summed over terms q_i k_i^T (one term, or two
     for split K = V keys, docs/kv-cache.md §7).  Long query runs go in blocks of 64
     that skip key blocks the mask rules out (the softmax's exp is the cost there)."""
@@ -381,10 +309,10 @@ def _float_attention(qs: list, ks: list, v: mx.array, mask) -> mx.array:
         qb = [wait(q[:, :, a:b]) for q in qs]
         return _matmul_attention(qb, [k[:, :, lo:hi] for k in ks], v[:, :, lo:hi], mask.array[..., a:b, lo:hi])
 
-    return _in_blocks(T, mask, block)
+    return in_blocks(T, mask, block)
 
 
-def _in_blocks(T: int, mask, block) -> mx.array:
+def in_blocks(T: int, mask, block) -> mx.array:
     """A long query run in blocks of ATTENTION_BLOCK queries, each over the keys
     [lo, hi) the mask lets it see: `block(a, b, lo, hi, wait)` for queries a..b-1,
     which passes its queries through `wait`.  That makes a block wait for the
@@ -394,7 +322,7 @@ def _in_blocks(T: int, mask, block) -> mx.array:
     outs = []
 
     def wait(q_block: mx.array) -> mx.array:
-        return _after(q_block, outs)
+        return after(q_block, outs)
 
     for a in range(0, T, ATTENTION_BLOCK):
         b = min(T, a + ATTENTION_BLOCK)
@@ -417,77 +345,6 @@ def _matmul_attention(qs: list, ks: list, v, mask):
     p = mx.softmax(scores, axis=-1, precise=True).astype(v.dtype).reshape(B, kv, g * T, S)
     out = p @ v
     return out.reshape(B, nh, T, v.shape[-1])
-
-
-# On the CPU, query runs longer than this over quantized K/V dequantize what they read
-# (`_dequantized_run_attention`): above any verify block of the auto draft length
-# (k_max 7: 8 queries), so decode steps and verify blocks keep the quantized products.
-CPU_DEQUANT_QUERIES = 16
-
-
-def quantized_attention(terms: list[tuple], v: tuple, mask) -> mx.array:
-    """`attention` over K/V stored as `mx.quantize` triples (codes, scales, biases),
-    groups along the head dim (docs/kv-cache.md §3).
-
-    terms: the score products, each (queries [B, nh, T, d_i], a quantized triple
-    [B, kv, S, ...] read as keys, group size, bits); one for ordinary keys, two for
-    a K = V layer whose unrotated key dims are read from the values (§7).  v: (triple,
-    group size, bits).  Scores are the sum of `quantized_matmul(q_i, K_i, transpose=True)`
-    and the output `quantized_matmul(p, V)`: a decode step never dequantizes the
-    cache.  MLX's fused SDPA takes no quantized K/V, so every backend runs this; long
-    query runs go in blocks that skip key blocks the mask rules out (on a GPU also
-    to bound the [T, S] score tensor).  The CPU's exception: runs of more than
-    CPU_DEQUANT_QUERIES queries (prefill chunks) dequantize the keys they may see.
-    """
-    T = terms[0][0].shape[2]
-    if cpu_branches() and T > CPU_DEQUANT_QUERIES:
-        return _dequantized_run_attention(terms, v, mask)
-    if T < 2 * ATTENTION_BLOCK:
-        return _quantized_attention(terms, v, mask.array)
-
-    def block(a, b, lo, hi, wait):
-        def keys(x):
-            return tuple(t[:, :, lo:hi] for t in x)
-
-        cut = [(wait(q[:, :, a:b]), keys(k), g, n) for q, k, g, n in terms]
-        return _quantized_attention(cut, (keys(v[0]), *v[1:]), mask.array[..., a:b, lo:hi])
-
-    return _in_blocks(T, mask, block)
-
-
-def _dequantized_run_attention(terms, v, mask) -> mx.array:
-    """A long query run (a prefill chunk) on the CPU: MLX's CPU `quantized_matmul`
-    costs about a dequantization of its matrix per query row, so the run dequantizes
-    the keys and values it may see once and takes the float path (docs/kv-cache.md
-    §3).  Values read as keys too (split K = V keys) are dequantized once."""
-    lo, hi = mask.key_range(0, terms[0][0].shape[2])
-
-    def floats(buf, group, bits):
-        return mx.dequantize(*(t[:, :, lo:hi] for t in buf), group_size=group, bits=bits)
-
-    values = floats(*v)
-    keys = [values if buf is v[0] else floats(buf, group, bits) for _, buf, group, bits in terms]
-    seen = dataclasses.replace(mask, array=mask.array[..., lo:hi], k_start=mask.k_start + lo)
-    return _float_attention([t[0] for t in terms], keys, values, seen)
-
-
-def _quantized_attention(terms, v, mask):
-    B, nh, T, _ = terms[0][0].shape
-    kv, S = terms[0][1][0].shape[1], terms[0][1][0].shape[2]
-    g = nh // kv
-    hi = wide(terms[0][0].dtype)
-    scores = None
-    for q, k, group, bits in terms:
-        # A KV head's whole query group as the rows of one product: no broadcast K/V
-        # (a broadcast operand made MLX's CPU kernel ~1.3x slower at decode).
-        s = mx.quantized_matmul(q.reshape(B, kv, g * T, q.shape[-1]), *k, transpose=True, group_size=group, bits=bits)
-        s = s.astype(hi)  # terms are summed in float32, as the softmax reads them
-        scores = s if scores is None else scores + s
-    scores = mx.where(mask[:, :, None], scores.reshape(B, kv, g, T, S), -mx.inf)
-    p = mx.softmax(scores, axis=-1, precise=True).astype(terms[0][0].dtype).reshape(B, kv, g * T, S)
-    values, group, bits = v
-    out = mx.quantized_matmul(p, *values, transpose=False, group_size=group, bits=bits)
-    return out.reshape(B, nh, T, out.shape[-1])
 
 
 # Pairs per expert from which the CPU runs one GEMM per expert, by product form: in

@@ -12,7 +12,7 @@ import pytest
 from mlx.utils import tree_unflatten
 
 import gemma4_mlx
-from gemma4_mlx import ops
+from gemma4_mlx import ops, ops_quantized
 from gemma4_mlx.batching import Job, Scheduler
 from gemma4_mlx.batching import scheduler as scheduler_module
 from gemma4_mlx.cache import KVCache, LayerCaches, SlidingKVCache, build_mask, disk, rows
@@ -151,7 +151,7 @@ def compare_attention(monkeypatch):
     """Every quantized attention call of a model also run over the dequantized
     entries; returns the per-call differences."""
     diffs = []
-    inner = ops.quantized_attention
+    inner = ops_quantized.quantized_attention
 
     def both(terms, v, mask):
         got = inner(terms, v, mask)
@@ -162,7 +162,7 @@ def compare_attention(monkeypatch):
         diffs.append(max_diff(got, ops.attention(q, k, values, mask)))
         return got
 
-    monkeypatch.setattr(ops, "quantized_attention", both)
+    monkeypatch.setattr(ops_quantized, "quantized_attention", both)
     return diffs
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from gemma4_mlx import ops
+from gemma4_mlx import ops, ops_quantized
 
 KV_BITS = (16, 8, 4)  # 16: the model's float dtype (no quantization)
 MIN_GROUP = 32  # the smallest group `mx.quantize` supports
@@ -103,7 +103,7 @@ class SplitKeys:
 
 def attention(q: mx.array, k, v, mask) -> mx.array:
     """`ops.attention` for K/V read from a cache: quantized triples (and split keys)
-    go through `ops.quantized_attention` (a decode step never dequantizes the cache;
+    go through `ops_quantized.quantized_attention` (a decode step never dequantizes the cache;
     docs/kv-cache.md §3 for the CPU's long runs), floats as before."""
     if not isinstance(k, (tuple, SplitKeys)):
         return ops.attention(q, k, v, mask)
@@ -115,7 +115,7 @@ def attention(q: mx.array, k, v, mask) -> mx.array:
     else:
         terms = [_term(q, k)]
     group, bits, _ = params(v, d)
-    out = ops.quantized_attention(terms, (v, group, bits), mask)
+    out = ops_quantized.quantized_attention(terms, (v, group, bits), mask)
     return out[..., :d] if out.shape[-1] != d else out
 
 

@@ -23,7 +23,10 @@ products slow in either case.  Each shape with at least SHAPE_MIN_BYTES of
 weights is timed on its own and keeps its faster form (a tie: the model's; the
 tall [8192, 1024] and [16384, 1024] of the E2B shape timed within 1 % either way,
 and decoded faster in the columns the model took); smaller groups (timed alone
-they would sit in cache), the experts and the head take the model's form.
+they would sit in cache) and the experts take the model's form.  The tied head
+is timed apart too, on its leading rows: at a 262K vocabulary it is a third of
+a decode step's bytes, and there [262144, 1024] streamed at 11.1 GB/s as
+columns, 8.9 as rows (at [32768, 512] 9.8 / 11.0).
 
 Only once per process, only on the CPU, and only for checkpoints whose float32
 layer weights reach MIN_BYTES: below that they sit in cache and the choice costs
@@ -51,7 +54,8 @@ ROUNDS = 2  # interleaved; the best pass of each form counts
 MARGIN = 0.03  # "columns" must be this much faster to replace "rows"
 SHAPE_MIN_BYTES = 32 << 20  # a shape's weights timed apart: past a 32 MB L3, as in decode
 SHAPE_SAMPLE_BYTES = 64 << 20  # of them timed per pass
-_SKIPPED = ("embed", "vision", "audio")  # gathered tables and towers only prefill uses
+_TOWERS = ("vision", "audio")  # run by prefill only
+_SKIPPED = ("embed", *_TOWERS)  # gathered tables too
 
 _decided: dict | None = None
 
@@ -72,11 +76,10 @@ def choose_cpu_form(model: nn.Module) -> dict | None:
     times = time_forms(sample[: _prefix_count(sample, SAMPLE_BYTES)])
     best = _faster(times)
     shapes = {}
-    for shape, weights in _by_shape(sample).items():
-        if sum(w.nbytes for w in weights) >= SHAPE_MIN_BYTES:
-            form = _faster(time_forms(weights[: _prefix_count(weights, SHAPE_SAMPLE_BYTES)]), best)
-            if form != best:
-                shapes[shape] = form
+    for shape, weights in _timed_apart(model, sample).items():
+        form = _faster(time_forms(weights), best)
+        if form != best:
+            shapes[shape] = form
     ops.set_cpu_form(best, "rows", shapes)
     _decided = times
     ms = (1e3 * times[f] for f in ops.CPU_FORMS)
@@ -104,6 +107,31 @@ def _by_shape(weights: list[mx.array]) -> dict[tuple[int, ...], list[mx.array]]:
     for w in weights:
         groups.setdefault(tuple(w.shape), []).append(w)
     return groups
+
+
+def _timed_apart(model: nn.Module, sample: list[mx.array]) -> dict[tuple[int, ...], list[mx.array]]:
+    """What to time per shape: each layer shape with SHAPE_MIN_BYTES of weights (up
+    to SHAPE_SAMPLE_BYTES of them), and the tied head's leading rows (one table, the
+    largest single product of a decode step at a 262K vocabulary)."""
+    groups = {
+        shape: weights[: _prefix_count(weights, SHAPE_SAMPLE_BYTES)]
+        for shape, weights in _by_shape(sample).items()
+        if sum(w.nbytes for w in weights) >= SHAPE_MIN_BYTES
+    }
+    head = head_weight(model)
+    if head is not None and head.nbytes >= SHAPE_MIN_BYTES and tuple(head.shape) not in groups:
+        rows = max(1, SHAPE_SAMPLE_BYTES // (head.shape[1] * head.itemsize))
+        groups[tuple(head.shape)] = [mx.contiguous(head[:rows])]
+    return groups
+
+
+def head_weight(model: nn.Module) -> mx.array | None:
+    """The float32 token table the tied head multiplies by (None if quantized)."""
+    for key, w in tree_flatten(model.parameters()):
+        if key.endswith("embed_tokens.weight") and w.ndim == 2 and w.dtype == mx.float32:
+            if not any(s in key for s in _TOWERS):
+                return w
+    return None
 
 
 def layer_weights(model: nn.Module) -> list[mx.array]:

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from gemma4_mlx import ops
+from gemma4_mlx import ops, ops_quantized
 from gemma4_mlx.formats import registry
 from gemma4_mlx.models import fuse, parallel
 from gemma4_mlx.models.layers import Linear
@@ -124,7 +124,9 @@ class QuantizedExpertLinear(nn.Module):
     def segment(self, x: mx.array, expert: int) -> mx.array:
         scales = self["scales"][expert]
         biases = row_biases(self, expert, scales)
-        y = ops.quantized_linear(x, self["weight"][expert], scales, biases, self.group_size, self.bits, self.mode)
+        y = ops_quantized.quantized_linear(
+            x, self["weight"][expert], scales, biases, self.group_size, self.bits, self.mode
+        )
         return scaled(y, self, x.dtype)
 
 

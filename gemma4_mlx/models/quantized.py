@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from gemma4_mlx import ops
+from gemma4_mlx import ops_quantized
 from gemma4_mlx.formats import q4_0
 
 # Which format a module holds, its kernel and whether its biases are derived, come
@@ -53,7 +53,7 @@ def scaled(y: mx.array, module: nn.Module, dtype: mx.Dtype) -> mx.array:
 def quantized_linear(module: nn.Module, x: mx.array) -> mx.array:
     """x @ W.T for a quantized [out, in] weight: `QLinear` and the tied head `QEmbedding.as_linear`."""
     w, scales, biases = module["weight"], module["scales"], affine_biases(module)
-    y = ops.quantized_linear(x, w, scales, biases, module.group_size, module.bits, module.mode)
+    y = ops_quantized.quantized_linear(x, w, scales, biases, module.group_size, module.bits, module.mode)
     return scaled(y, module, x.dtype)
 
 
@@ -119,8 +119,8 @@ class QEmbedding(nn.QuantizedEmbedding):
     def __call__(self, ids: mx.array) -> mx.array:
         # in float32: fp16 scales would round each looked-up weight to fp16 (and a Q4_0
         # bias -8 d derived in fp16 overflows for |d| > 8188)
-        scales, _ = ops.float32_affine(self["scales"][ids], None, self.mode)
-        _, biases = ops.float32_affine(scales, row_biases(self, ids, scales), self.mode)
+        scales, _ = ops_quantized.float32_affine(self["scales"][ids], None, self.mode)
+        _, biases = ops_quantized.float32_affine(scales, row_biases(self, ids, scales), self.mode)
         rows = mx.dequantize(
             self["weight"][ids],
             scales=scales,
