@@ -30,16 +30,17 @@ def columns(request, monkeypatch):
     """The columns form for one row, and each columns form for a few rows."""
     monkeypatch.setattr(ops, "_cpu_form", "columns")
     monkeypatch.setattr(ops, "_few_form", request.param)
+    monkeypatch.setattr(ops, "_shape_forms", {})
 
 
 @pytest.fixture
 def undecided(monkeypatch):
     """A process that has not timed the forms yet; the form restored afterwards."""
     monkeypatch.setattr(cpu_forms, "_decided", None)
+    monkeypatch.setattr(ops, "_shape_forms", {})
     monkeypatch.setattr(ops, "FIXED_CPU_FORM", None)
     monkeypatch.setattr(ops, "_cpu_form", "rows")
     monkeypatch.setattr(ops, "_few_form", "rows")
-    monkeypatch.setattr(ops, "_shape_forms", {})
 
 
 # -- the "columns" form through the model ------------------------------------------------
@@ -85,6 +86,7 @@ def test_forms_give_the_same_logits(loaded, monkeypatch):
         for form in ops.FEW_ROW_FORMS:
             monkeypatch.setattr(ops, "_cpu_form", "columns" if form.startswith("columns") else "rows")
             monkeypatch.setattr(ops, "_few_form", form)
+            monkeypatch.setattr(ops, "_shape_forms", {})
             cache = model.make_cache()
             model(prompt[:rows, :-1], cache=cache)
             got[form] = np.array(model(prompt[:rows, -1:], cache=cache), np.float64)
@@ -135,7 +137,8 @@ def test_each_big_shape_keeps_its_own_one_row_form(undecided, monkeypatch, check
 
     monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
     monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_forms, "SHAPE_SAMPLE_BYTES", 24 * head[1] * 4)
+    monkeypatch.setattr(cpu_forms, "_l3_bytes", lambda: 0)
+    monkeypatch.setattr(cpu_forms, "HEAD_SAMPLE_BYTES", 24 * head[1] * 4)
     monkeypatch.setattr(cpu_forms, "time_forms", time_forms)
     assert cpu_forms.choose_cpu_form(model) == {"rows": 1.0, "columns": 2.0}
     assert all(len(t) == 1 for t in timed[1:])  # the head: its 24 leading rows
@@ -158,13 +161,60 @@ def test_each_big_shape_keeps_its_own_one_row_form(undecided, monkeypatch, check
     assert ops.cpu_form(1) == "columns" and ops.cpu_shape_forms() == {tall: "rows"}
 
 
-def test_small_shapes_are_not_timed_apart(undecided, monkeypatch, checkpoints):
+@pytest.mark.parametrize("floor, l3", [(32 << 20, 0), (0, 32 << 20)])
+def test_small_shapes_are_not_timed_apart(undecided, monkeypatch, checkpoints, floor, l3):
+    """Below SHAPE_MIN_BYTES, or below the L3's size, a shape takes the model's form."""
     model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]
     timed = []
     monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", floor)
+    monkeypatch.setattr(cpu_forms, "_l3_bytes", lambda: l3)
     monkeypatch.setattr(cpu_forms, "time_forms", lambda ws: timed.append(ws) or {"rows": 2.0, "columns": 1.0})
     cpu_forms.choose_cpu_form(model)
     assert len(timed) == 1 and ops.cpu_shape_forms() == {} and ops.cpu_form(1) == "columns"
+
+
+def test_a_sharded_model_takes_rank_0s_forms(undecided, monkeypatch, checkpoints):
+    """Every choice travels as one bit of one integer from rank 0: here rank 0 chose
+    the opposite of this rank everywhere."""
+    model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]
+    shapes = sorted({tuple(w.shape) for w in cpu_forms.layer_weights(model)})
+    wide = shapes[0]
+    sent = []
+
+    def from_leader(word, tp):
+        sent.append((word, tp))
+        return ~word & ((1 << (2 + len(shapes))) - 1)  # every bit flipped (head included)
+
+    monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "_l3_bytes", lambda: 0)
+    monkeypatch.setattr(cpu_forms.parallel, "from_leader", from_leader)
+
+    def time_forms(weights):  # this rank: rows for the model and every shape but the wide one
+        one = len({tuple(w.shape) for w in weights}) == 1
+        return {"rows": 1.0, "columns": 0.5 if one and weights[0].shape == wide else 2.0}
+
+    monkeypatch.setattr(cpu_forms, "time_forms", time_forms)
+    monkeypatch.setattr(model, "tp", "a group", raising=False)
+    cpu_forms.choose_cpu_form(model)
+    assert len(sent) == 1 and sent[0][1] == "a group"
+    assert ops.cpu_form(1) == "columns"  # rank 0: columns for the model,
+    assert ops.cpu_shape_forms() == {wide: "rows"}  # rows for the wide shape, columns (its form) elsewhere
+    cpu_forms.forget()
+    monkeypatch.setattr(model, "tp", None)
+    cpu_forms.choose_cpu_form(model)  # unsharded: this process's own choices, nothing sent
+    assert len(sent) == 1 and ops.cpu_form(1) == "rows" and ops.cpu_shape_forms() == {wide: "columns"}
+
+
+def test_forget_restores_the_default_forms(undecided, monkeypatch):
+    ops.set_cpu_form("columns", "columns", {(4, 8): "rows"})
+    cpu_forms.forget()
+    assert cpu_forms._decided is None
+    assert (ops.cpu_form(1), ops.cpu_form(4), ops.cpu_shape_forms()) == ("rows", "rows", {})
+    monkeypatch.setattr(ops, "FIXED_CPU_FORM", ("columns", "rows"))
+    cpu_forms.forget()
+    assert (ops.cpu_form(1), ops.cpu_form(4)) == ("columns", "rows")
 
 
 def test_nothing_timed_when_small_fixed_or_on_gpu_branches(undecided, monkeypatch, checkpoints):
@@ -188,10 +238,12 @@ def test_timing_runs_both_forms_and_restores_the_form(undecided, checkpoints, mo
     seen = []
     real = ops.linear
     monkeypatch.setattr(ops, "linear", lambda x, w: seen.append((ops.cpu_form(x.shape[0]), x.shape[0])) or real(x, w))
+    ops.set_cpu_form("rows", "rows", {tuple(weights[0].shape): "columns"})
     times = cpu_forms.time_forms(weights[:3])
     assert set(times) == set(ops.CPU_FORMS) and all(0 < t < 10 for t in times.values())
     assert set(seen) == {(f, 1) for f in ops.CPU_FORMS}
     assert ops.cpu_form(1) == ops.cpu_form(4) == "rows"
+    assert ops.cpu_shape_forms() == {tuple(weights[0].shape): "columns"}  # the table too
 
 
 def test_the_environment_fixes_the_form(monkeypatch):

@@ -1,4 +1,4 @@
-"""The Metal/CUDA branches of `ops`, run by the CPU test suite (docs/text-decoder.md §6.1).
+"""The Metal/CUDA branches of `ops` and `ops_quantized`, run by the CPU test suite (docs/text-decoder.md §6.1).
 
 With `ops.FORCE_GPU_BRANCHES` on (GEMMA4_MLX_FORCE_GPU_BRANCHES=1 in a shell; the
 autouse fixture below here) the CPU takes what a GPU takes: fused

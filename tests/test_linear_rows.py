@@ -22,6 +22,7 @@ def form(request, monkeypatch):
     """The one-row form, with the few-row form of the pair set too."""
     monkeypatch.setattr(ops, "_cpu_form", request.param[0])
     monkeypatch.setattr(ops, "_few_form", request.param[1])
+    monkeypatch.setattr(ops, "_shape_forms", {})
     return request.param[0]
 
 
@@ -29,6 +30,7 @@ def form(request, monkeypatch):
 def columns(monkeypatch):
     monkeypatch.setattr(ops, "_cpu_form", "columns")
     monkeypatch.setattr(ops, "_few_form", "columns-copied")
+    monkeypatch.setattr(ops, "_shape_forms", {})
 
 
 @pytest.mark.parametrize("shape", [LAYER, HEAD])
@@ -72,6 +74,7 @@ def test_each_row_count_takes_its_own_form(monkeypatch):
 
     monkeypatch.setattr(ops.mx, "matmul", matmul)
     monkeypatch.setattr(mx.array, "__matmul__", lambda a, b: matmul(a, b))
+    monkeypatch.setattr(ops, "_shape_forms", {})
     layer = mx.zeros(LAYER)
     for one, few in (("columns", "rows"), ("rows", "columns"), ("rows", "columns-copied")):
         monkeypatch.setattr(ops, "_cpu_form", one)

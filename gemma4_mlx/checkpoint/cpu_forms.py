@@ -23,10 +23,11 @@ products slow in either case.  Each shape with at least SHAPE_MIN_BYTES of
 weights is timed on its own and keeps its faster form (a tie: the model's; the
 tall [8192, 1024] and [16384, 1024] of the E2B shape timed within 1 % either way,
 and decoded faster in the columns the model took); smaller groups (timed alone
-they would sit in cache) and the experts take the model's form.  The tied head
-is timed apart too, on its leading rows: at a 262K vocabulary it is a third of
-a decode step's bytes, and there [262144, 1024] streamed at 11.1 GB/s as
-columns, 8.9 as rows (at [32768, 512] 9.8 / 11.0).
+they would sit in cache; the floor and the sample grow with a larger L3) and the
+gathered experts take the model's form.  The tied head is timed apart too, whole
+up to 1 GB: at a 262K vocabulary it is a third of a decode step's bytes, and there
+[262144, 1024] streamed at 11.1 GB/s as columns, 8.9 as rows (at [32768, 512] 9.8
+/ 11.0).  A sharded model takes rank 0's forms on every rank.
 
 Only once per process, only on the CPU, and only for checkpoints whose float32
 layer weights reach MIN_BYTES: below that they sit in cache and the choice costs
@@ -39,12 +40,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from gemma4_mlx import ops
+from gemma4_mlx.models import parallel
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,10 @@ MIN_BYTES = 64 << 20  # float32 layer weights below this: keep the default form
 SAMPLE_BYTES = 256 << 20  # timed per pass: larger than most caches, ~0.1 s of streaming
 ROUNDS = 2  # interleaved; the best pass of each form counts
 MARGIN = 0.03  # "columns" must be this much faster to replace "rows"
-SHAPE_MIN_BYTES = 32 << 20  # a shape's weights timed apart: past a 32 MB L3, as in decode
-SHAPE_SAMPLE_BYTES = 64 << 20  # of them timed per pass
+SHAPE_MIN_BYTES = 32 << 20  # a shape's weights timed apart from this (or the L3's size) on
+SHAPE_SAMPLE_BYTES = 64 << 20  # of them timed per pass (or twice the L3): out of cache, as in decode
+HEAD_SAMPLE_BYTES = 1 << 30  # the tied head is timed whole up to this (its height matters)
+LEADER_SHAPES = 30  # sharded: rank 0's forms for this many shapes fit one int32
 _TOWERS = ("vision", "audio")  # run by prefill only
 _SKIPPED = ("embed", *_TOWERS)  # gathered tables too
 
@@ -75,11 +80,9 @@ def choose_cpu_form(model: nn.Module) -> dict | None:
         return None
     times = time_forms(sample[: _prefix_count(sample, SAMPLE_BYTES)])
     best = _faster(times)
-    shapes = {}
-    for shape, weights in _timed_apart(model, sample).items():
-        form = _faster(time_forms(weights), best)
-        if form != best:
-            shapes[shape] = form
+    own = {shape: _faster(time_forms(weights), best) for shape, weights in _timed_apart(model, sample).items()}
+    best, own = _rank0s(best, own, getattr(model, "tp", None))
+    shapes = {shape: form for shape, form in own.items() if form != best}
     ops.set_cpu_form(best, "rows", shapes)
     _decided = times
     ms = (1e3 * times[f] for f in ops.CPU_FORMS)
@@ -94,6 +97,7 @@ def forget() -> None:
     that loads several checkpoints in one process)."""
     global _decided
     _decided = None
+    ops.set_cpu_form(*(ops.FIXED_CPU_FORM or ("rows", "rows")))  # a load that times nothing keeps the default
 
 
 def _faster(times: dict[str, float], tie: str = "rows") -> str:
@@ -109,20 +113,47 @@ def _by_shape(weights: list[mx.array]) -> dict[tuple[int, ...], list[mx.array]]:
     return groups
 
 
+def _rank0s(best: str, own: dict, tp) -> tuple[str, dict]:
+    """Rank 0's choices on every rank of a sharded model: replicated products (the
+    router, the drafter) must round alike on every rank (docs/distributed.md §2),
+    and a timing can fall either way of a near tie.  One int32, a bit a choice."""
+    if tp is None:
+        return best, own
+    keys = sorted(own)[:LEADER_SHAPES]
+    bits = [best] + [own[k] for k in keys]
+    word = parallel.from_leader(sum(1 << i for i, form in enumerate(bits) if form == "columns"), tp)
+    forms = ["columns" if word >> i & 1 else "rows" for i in range(len(bits))]
+    return forms[0], dict(zip(keys, forms[1:]))
+
+
 def _timed_apart(model: nn.Module, sample: list[mx.array]) -> dict[tuple[int, ...], list[mx.array]]:
-    """What to time per shape: each layer shape with SHAPE_MIN_BYTES of weights (up
-    to SHAPE_SAMPLE_BYTES of them), and the tied head's leading rows (one table, the
-    largest single product of a decode step at a 262K vocabulary)."""
+    """What to time per shape: each layer shape with at least SHAPE_MIN_BYTES (or
+    the L3's size) of weights, up to SHAPE_SAMPLE_BYTES (or twice the L3) of them;
+    and the tied head whole up to HEAD_SAMPLE_BYTES: the largest single product of
+    a decode step at a 262K vocabulary, whose form a shorter slice of it would not
+    tell (a [16384, 1024] block timed as a tie, the [262144, 1024] head did not)."""
+    l3 = _l3_bytes()
+    least, budget = max(SHAPE_MIN_BYTES, l3), max(SHAPE_SAMPLE_BYTES, 2 * l3)
     groups = {
-        shape: weights[: _prefix_count(weights, SHAPE_SAMPLE_BYTES)]
+        shape: weights[: _prefix_count(weights, budget)]
         for shape, weights in _by_shape(sample).items()
-        if sum(w.nbytes for w in weights) >= SHAPE_MIN_BYTES
+        if sum(w.nbytes for w in weights) >= least
     }
     head = head_weight(model)
-    if head is not None and head.nbytes >= SHAPE_MIN_BYTES and tuple(head.shape) not in groups:
-        rows = max(1, SHAPE_SAMPLE_BYTES // (head.shape[1] * head.itemsize))
-        groups[tuple(head.shape)] = [mx.contiguous(head[:rows])]
+    if head is not None and head.nbytes >= least and tuple(head.shape) not in groups:
+        rows = max(1, HEAD_SAMPLE_BYTES // (head.shape[1] * head.itemsize))
+        groups[tuple(head.shape)] = [head if rows >= head.shape[0] else mx.contiguous(head[:rows])]
     return groups
+
+
+def _l3_bytes() -> int:
+    """The last-level cache's size where Linux says (0 elsewhere)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+        return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
+    except (OSError, ValueError):
+        return 0
 
 
 def head_weight(model: nn.Module) -> mx.array | None:
@@ -157,7 +188,7 @@ def time_forms(weights: list[mx.array]) -> dict[str, float]:
     """Best seconds per pass (every weight times one row) per one-row form."""
     xs = {n: mx.random.normal((1, n), key=mx.random.key(n)) for n in _widths(weights)}
     mx.eval(weights, xs)
-    before = ops.cpu_form(1), ops.cpu_form(2)
+    before = ops.cpu_form(1), ops.cpu_form(2), ops.cpu_shape_forms()
     best = dict.fromkeys(ops.CPU_FORMS, float("inf"))
     try:
         for round_ in range(ROUNDS + 1):
