@@ -123,9 +123,7 @@ def test_each_big_shape_keeps_its_own_one_row_form(undecided, monkeypatch, check
     form differs from the model's keeps its own for one row (a few rows: rows)."""
     model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]  # small: nothing decided
     shapes = sorted({tuple(w.shape) for w in cpu_forms.layer_weights(model)})
-    head = tuple(cpu_forms.head_weight(model).shape)
-    assert len(shapes) > 2 and head not in shapes and (24, head[1]) not in shapes
-    assert head == tuple(model.model.embed_tokens.weight.shape)
+    assert len(shapes) > 2
     wide, tall = shapes[0], shapes[-1]
     timed = []
 
@@ -133,17 +131,16 @@ def test_each_big_shape_keeps_its_own_one_row_form(undecided, monkeypatch, check
         timed.append({tuple(w.shape) for w in weights})
         if len(timed[-1]) > 1:  # the model's sample: rows
             return {"rows": 1.0, "columns": 2.0}
-        return {"rows": 1.0, "columns": 0.5 if timed[-1] in ({wide}, {(24, head[1])}) else 0.99}
+        return {"rows": 1.0, "columns": 0.5 if timed[-1] == {wide} else 0.91}  # a 9 % lead: a tie
 
     monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
     monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", 0)
     monkeypatch.setattr(cpu_forms, "_l3_bytes", lambda: 0)
-    monkeypatch.setattr(cpu_forms, "HEAD_SAMPLE_BYTES", 24 * head[1] * 4)
     monkeypatch.setattr(cpu_forms, "time_forms", time_forms)
     assert cpu_forms.choose_cpu_form(model) == {"rows": 1.0, "columns": 2.0}
-    assert all(len(t) == 1 for t in timed[1:])  # the head: its 24 leading rows
-    assert sorted(t.pop() for t in timed[1:]) == sorted([*shapes, (24, head[1])])
-    assert ops.cpu_shape_forms() == {wide: "columns", head: "columns"}  # the head's form: for its whole shape
+    assert all(len(t) == 1 for t in timed[1:])
+    assert sorted(t.pop() for t in timed[1:]) == shapes  # not the head (embed_tokens)
+    assert ops.cpu_shape_forms() == {wide: "columns"}
     assert ops.cpu_form(1, wide) == "columns" and ops.cpu_form(4, wide) == "rows"
     assert ops.cpu_form(1, tall) == ops.cpu_form(1) == "rows"
     ops.set_cpu_form("rows", "rows")  # a form set without shapes clears theirs
@@ -153,7 +150,7 @@ def test_each_big_shape_keeps_its_own_one_row_form(undecided, monkeypatch, check
         shapes = {tuple(w.shape) for w in weights}
         if len(shapes) > 1:
             return {"rows": 2.0, "columns": 1.0}
-        return {"rows": 0.5 if shapes == {tall} else 0.99, "columns": 1.0}
+        return {"rows": 0.5 if shapes == {tall} else 0.91, "columns": 1.0}
 
     monkeypatch.setattr(cpu_forms, "time_forms", time_forms)
     cpu_forms.forget()
@@ -184,7 +181,7 @@ def test_a_sharded_model_takes_rank_0s_forms(undecided, monkeypatch, checkpoints
 
     def from_leader(word, tp):
         sent.append((word, tp))
-        return ~word & ((1 << (2 + len(shapes))) - 1)  # every bit flipped (head included)
+        return ~word & ((1 << (1 + len(shapes))) - 1)  # every bit flipped
 
     monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
     monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", 0)

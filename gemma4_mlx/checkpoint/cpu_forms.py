@@ -15,19 +15,18 @@ mlx_lm.server's throughput in three runs, 1.14x with rows), and a timing at load
 cannot see a spell to come.  GEMMA4_MLX_CPU_FORM=ONE,FEW sets both
 (`ops.FEW_ROW_FORMS`).
 
-Per weight shape too: on that AMD VM one row streamed a wide weight ([512,
-2048], [512, 4096]: the MLP's down projection) at 16-17 GB/s as columns and 11 as
-rows, while tall ones ([4096, 512]) ran the same either way, so a choice for the
-whole model was a near tie (rows one run, columns the next) that left the wide
-products slow in either case.  Each shape with at least SHAPE_MIN_BYTES of
-weights is timed on its own and keeps its faster form (a tie: the model's; the
-tall [8192, 1024] and [16384, 1024] of the E2B shape timed within 1 % either way,
-and decoded faster in the columns the model took); smaller groups (timed alone
-they would sit in cache; the floor and the sample grow with a larger L3) and the
-gathered experts take the model's form.  The tied head is timed apart too, whole
-up to 1 GB: at a 262K vocabulary it is a third of a decode step's bytes, and there
-[262144, 1024] streamed at 11.1 GB/s as columns, 8.9 as rows (at [32768, 512] 9.8
-/ 11.0).  A sharded model takes rank 0's forms on every rank.
+Per weight shape too.  On that AMD VM one row streamed a wide weight ([512, 2048],
+[512, 4096]: the MLP's down projections) at 16-17 GB/s as columns and 11 as rows,
+while tall ones ([4096, 512]) ran alike either way, so one choice for the whole
+model was a near tie that could leave the wide products in their slow form.  Each
+shape with at least SHAPE_MIN_BYTES of weights (or the L3's size: a smaller group
+would be timed in cache) is also timed on its own, and keeps its own form where
+that is SHAPE_MARGIN faster than the model's: wide shapes led by 30-60 %, tall
+ones by 3-6 % either way from load to load, which changed nothing in decode.
+Smaller groups, the gathered experts and the tied head take the model's form (the
+head timed whole was a tie at [262144, 1024]; at [32768, 512] its 12 % lead alone
+moved e2b-small's decode by under 1 %).  A sharded model takes rank 0's forms on
+every rank.
 
 Only once per process, only on the CPU, and only for checkpoints whose float32
 layer weights reach MIN_BYTES: below that they sit in cache and the choice costs
@@ -57,10 +56,9 @@ ROUNDS = 2  # interleaved; the best pass of each form counts
 MARGIN = 0.03  # "columns" must be this much faster to replace "rows"
 SHAPE_MIN_BYTES = 32 << 20  # a shape's weights timed apart from this (or the L3's size) on
 SHAPE_SAMPLE_BYTES = 64 << 20  # of them timed per pass (or twice the L3): out of cache, as in decode
-HEAD_SAMPLE_BYTES = 1 << 30  # the tied head is timed whole up to this (its height matters)
+SHAPE_MARGIN = 0.10  # a shape's own form must be this much faster than the model's
 LEADER_SHAPES = 30  # sharded: rank 0's forms for this many shapes fit one int32
-_TOWERS = ("vision", "audio")  # run by prefill only
-_SKIPPED = ("embed", *_TOWERS)  # gathered tables too
+_SKIPPED = ("embed", "vision", "audio")  # gathered tables and towers only prefill uses
 
 _decided: dict | None = None
 
@@ -80,7 +78,7 @@ def choose_cpu_form(model: nn.Module) -> dict | None:
         return None
     times = time_forms(sample[: _prefix_count(sample, SAMPLE_BYTES)])
     best = _faster(times)
-    own = {shape: _faster(time_forms(weights), best) for shape, weights in _timed_apart(model, sample).items()}
+    own = {shape: _faster(time_forms(ws), best, SHAPE_MARGIN) for shape, ws in _timed_apart(sample).items()}
     best, own = _rank0s(best, own, getattr(model, "tp", None))
     shapes = {shape: form for shape, form in own.items() if form != best}
     ops.set_cpu_form(best, "rows", shapes)
@@ -100,10 +98,10 @@ def forget() -> None:
     ops.set_cpu_form(*(ops.FIXED_CPU_FORM or ("rows", "rows")))  # a load that times nothing keeps the default
 
 
-def _faster(times: dict[str, float], tie: str = "rows") -> str:
-    """The form MARGIN faster than the `tie` form, else that one."""
+def _faster(times: dict[str, float], tie: str = "rows", margin: float = MARGIN) -> str:
+    """The form `margin` faster than the `tie` form, else that one."""
     other = "columns" if tie == "rows" else "rows"
-    return other if times[other] < (1 - MARGIN) * times[tie] else tie
+    return other if times[other] < (1 - margin) * times[tie] else tie
 
 
 def _by_shape(weights: list[mx.array]) -> dict[tuple[int, ...], list[mx.array]]:
@@ -126,24 +124,16 @@ def _rank0s(best: str, own: dict, tp) -> tuple[str, dict]:
     return forms[0], dict(zip(keys, forms[1:]))
 
 
-def _timed_apart(model: nn.Module, sample: list[mx.array]) -> dict[tuple[int, ...], list[mx.array]]:
+def _timed_apart(sample: list[mx.array]) -> dict[tuple[int, ...], list[mx.array]]:
     """What to time per shape: each layer shape with at least SHAPE_MIN_BYTES (or
-    the L3's size) of weights, up to SHAPE_SAMPLE_BYTES (or twice the L3) of them;
-    and the tied head whole up to HEAD_SAMPLE_BYTES: the largest single product of
-    a decode step at a 262K vocabulary, whose form a shorter slice of it would not
-    tell (a [16384, 1024] block timed as a tie, the [262144, 1024] head did not)."""
+    the L3's size) of weights, up to SHAPE_SAMPLE_BYTES (or twice the L3) of them."""
     l3 = _l3_bytes()
     least, budget = max(SHAPE_MIN_BYTES, l3), max(SHAPE_SAMPLE_BYTES, 2 * l3)
-    groups = {
+    return {
         shape: weights[: _prefix_count(weights, budget)]
         for shape, weights in _by_shape(sample).items()
         if sum(w.nbytes for w in weights) >= least
     }
-    head = head_weight(model)
-    if head is not None and head.nbytes >= least and tuple(head.shape) not in groups:
-        rows = max(1, HEAD_SAMPLE_BYTES // (head.shape[1] * head.itemsize))
-        groups[tuple(head.shape)] = [head if rows >= head.shape[0] else mx.contiguous(head[:rows])]
-    return groups
 
 
 def _l3_bytes() -> int:
@@ -154,15 +144,6 @@ def _l3_bytes() -> int:
         return int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text)
     except (OSError, ValueError):
         return 0
-
-
-def head_weight(model: nn.Module) -> mx.array | None:
-    """The float32 token table the tied head multiplies by (None if quantized)."""
-    for key, w in tree_flatten(model.parameters()):
-        if key.endswith("embed_tokens.weight") and w.ndim == 2 and w.dtype == mx.float32:
-            if not any(s in key for s in _TOWERS):
-                return w
-    return None
 
 
 def layer_weights(model: nn.Module) -> list[mx.array]:
