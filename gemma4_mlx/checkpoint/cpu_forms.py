@@ -21,12 +21,12 @@ while tall ones ([4096, 512]) ran alike either way, so one choice for the whole
 model was a near tie that could leave the wide products in their slow form.  Each
 shape with at least SHAPE_MIN_BYTES of weights (or the L3's size: a smaller group
 would be timed in cache) is also timed on its own, and keeps its own form where
-that is SHAPE_MARGIN faster than the model's: wide shapes led by 30-60 %, tall
-ones by 3-6 % either way from load to load, which changed nothing in decode.
-Smaller groups, the gathered experts and the tied head take the model's form (the
-head timed whole was a tie at [262144, 1024]; at [32768, 512] its 12 % lead alone
-moved e2b-small's decode by under 1 %).  A sharded model takes rank 0's forms on
-every rank.
+that is SHAPE_MARGIN faster than the model's: wide shapes led by 30-60 % in every
+load, while tall ones moved from load to load (by 3-6 % either way on e2b-small,
+which changed nothing in decode).  Smaller groups, the gathered experts and the
+tied head take the model's form (the head timed whole was a tie at [262144, 1024];
+at [32768, 512] its 12 % lead alone moved e2b-small's decode by under 1 %).  A
+sharded model takes rank 0's forms on every rank.
 
 Only once per process, only on the CPU, and only for checkpoints whose float32
 layer weights reach MIN_BYTES: below that they sit in cache and the choice costs
