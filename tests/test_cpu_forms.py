@@ -95,6 +95,13 @@ def test_forms_give_the_same_logits(loaded, monkeypatch):
 
 
 # -- the choice -----------------------------------------------------------------------
+def _shapes_apart_from(monkeypatch, floor: int, l3: int):
+    """A model of any size is timed, and its shapes apart from `floor` bytes (or an L3 of `l3`)."""
+    monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", floor)
+    monkeypatch.setattr(cpu_forms, "_l3_bytes", lambda: l3)
+
+
 def _big_enough(monkeypatch, times):
     monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
     monkeypatch.setattr(cpu_forms, "time_forms", lambda weights: dict(times))
@@ -133,9 +140,7 @@ def test_each_big_shape_keeps_its_own_one_row_form(undecided, monkeypatch, check
             return {"rows": 1.0, "columns": 2.0}
         return {"rows": 1.0, "columns": 0.5 if timed[-1] == {wide} else 0.91}  # a 9 % lead: a tie
 
-    monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_forms, "_l3_bytes", lambda: 0)
+    _shapes_apart_from(monkeypatch, 0, 0)
     monkeypatch.setattr(cpu_forms, "time_forms", time_forms)
     assert cpu_forms.choose_cpu_form(model) == {"rows": 1.0, "columns": 2.0}
     assert all(len(t) == 1 for t in timed[1:])
@@ -163,9 +168,7 @@ def test_small_shapes_are_not_timed_apart(undecided, monkeypatch, checkpoints, f
     """Below SHAPE_MIN_BYTES, or below the L3's size, a shape takes the model's form."""
     model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]
     timed = []
-    monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", floor)
-    monkeypatch.setattr(cpu_forms, "_l3_bytes", lambda: l3)
+    _shapes_apart_from(monkeypatch, floor, l3)
     monkeypatch.setattr(cpu_forms, "time_forms", lambda ws: timed.append(ws) or {"rows": 2.0, "columns": 1.0})
     cpu_forms.choose_cpu_form(model)
     assert len(timed) == 1 and ops.cpu_shape_forms() == {} and ops.cpu_form(1) == "columns"
@@ -183,9 +186,7 @@ def test_a_sharded_model_takes_rank_0s_forms(undecided, monkeypatch, checkpoints
         sent.append((word, tp))
         return ~word & ((1 << (1 + len(shapes))) - 1)  # every bit flipped
 
-    monkeypatch.setattr(cpu_forms, "MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_forms, "SHAPE_MIN_BYTES", 0)
-    monkeypatch.setattr(cpu_forms, "_l3_bytes", lambda: 0)
+    _shapes_apart_from(monkeypatch, 0, 0)
     monkeypatch.setattr(cpu_forms.parallel, "from_leader", from_leader)
 
     def time_forms(weights):  # this rank: rows for the model and every shape but the wide one
