@@ -101,6 +101,8 @@ def _receive(conn: socket.socket, state: dict, rank: int, peer: str) -> None:
             if not state["bye"]:
                 _die(rank, f"{peer} has been silent for {GRACE:.0f} s (a frozen machine or a dropped link)")
             return
+        except ConnectionResetError:
+            data = b""  # a killed peer's kernel may reset instead of closing: the same event
         except OSError as e:
             data = None if state["bye"] else _die(rank, f"the heartbeat link to {peer} broke ({e})")
         if not data:

@@ -211,6 +211,8 @@ def test_without_the_launcher_the_heartbeat_stops_the_other_rank(endless, tmp_pa
     assert said and "Traceback" not in err, err[-2000:]
     if fault == "frozen":
         assert said[-1].endswith("another rank has been silent for 3 s (a frozen machine or a dropped link); stopping")
+    else:
+        assert "lost the connection to another rank" in said[-1] or "another rank exited" in said[-1], said
     assert r0.returncode == 1 and elapsed < 15
 
 
