@@ -7,7 +7,8 @@ paged in one tensor at a time.  GGUF lists dims fastest-first (ne[0] = the conti
 input axis); `Tensor.shape` is the row-major (numpy) shape of the values.
 
 A bad file ends in one `ConvertError` line naming the file: the reader is hooked at
-its header reads (`_get`: a read past the end is a truncated header) and before it
+its header reads (`_get`: a read past the end is a truncated header), at each metadata
+value (`_get_field_parts`: at most MAX_VALUES of them, below) and before it
 cuts the tensor views (`_build_tensors`: unknown ggml type, a row length that is not a
 whole number of blocks, a misaligned offset, bytes past the end, each naming the
 tensor); any other exception of the reader (bad magic, version, value type, ...) is
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
 from .errors import ConvertError
 
@@ -53,12 +54,47 @@ class _Truncated(Exception):
 
 
 class _BadTensor(Exception):
-    """A tensor info the data cannot match (raised by the _Reader hook, message ready)."""
+    """A tensor info the data cannot match, or metadata past MAX_VALUES (raised by the
+    _Reader hooks, message ready)."""
+
+
+# The metadata values (array elements count one each) a file may declare.  gguf-py
+# parses every element into its own numpy views (~700 bytes and ~9 µs each here), so a
+# 4 MB file of one-byte elements would take 3 GB and 40 s, and 40 MB would exhaust the
+# memory.  A Gemma 4 file has ~1.3 M (262,144 tokens, their types and scores, the
+# merges); this allows three times that.
+MAX_VALUES = 1 << 22
 
 
 class _Reader(GGUFReader):
     """GGUFReader with bounds and tensor-info checks that name what is wrong.  Both hooks
     are reader internals (unchanged in gguf-py 0.17-0.19); the GGUF tests catch a change."""
+
+    def __init__(self, path):
+        self._values, self._depth, self._key = 0, 0, ""
+        super().__init__(path)
+
+    def _get_str(self, offset):
+        parts = super()._get_str(offset)
+        if self._depth == 0:  # a key (or a tensor name) rather than a value
+            self._key = bytes(parts[1][:120]).decode("utf-8", "replace")
+        return parts
+
+    def _get_field_parts(self, orig_offs, raw_type):
+        # The reader recurses into arrays here, once per element: an array counts its
+        # declared length at once (refused before its elements are parsed), elements not again.
+        self._values += self._depth == 0
+        if raw_type == GGUFValueType.ARRAY:
+            self._values += int(self._get(orig_offs + 4, np.uint64)[0])
+        if self._values > MAX_VALUES:
+            raise _BadTensor(
+                f"metadata key {self._key!r} takes the file past {MAX_VALUES} metadata values; refusing to parse more"
+            )
+        self._depth += 1
+        try:
+            return super()._get_field_parts(orig_offs, raw_type)
+        finally:
+            self._depth -= 1
 
     def _get(self, offset, dtype, count=1, override_order=None):
         if int(offset) + np.dtype(dtype).itemsize * int(count) > self.data.size:

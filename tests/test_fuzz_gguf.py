@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gemma4_mlx.convert import ConvertError
+from gemma4_mlx.convert import ConvertError, gguf_read
 from gemma4_mlx.convert.gguf_read import GGUFFile
 
 from helpers.fuzz import fuzz_settings, one_line
@@ -127,3 +127,39 @@ def test_hostile_alignment(tmp_path, alignment):
         assert one_line(str(e)) and str(f) in str(e)
         return
     assert all(t.nbytes <= f.stat().st_size for t in g.tensors.values())
+
+
+def _array_kv(key: str, n: int, body: bytes = b"") -> bytes:
+    """A uint8 array value declaring n elements (body: the bytes actually there)."""
+    k = key.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<IIQ", 9, 0, n) + body
+
+
+def test_an_array_past_the_metadata_cap_is_refused_before_its_elements(tmp_path):
+    """gguf-py builds numpy views per array element (~700 bytes each): a 4 MB file of
+    one-byte elements took 3 GB and 40 s before the cap.  Refused from its declared length."""
+    n = gguf_read.MAX_VALUES + 1
+    f = tmp_path / "amp.gguf"
+    f.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _array_kv("tokenizer.ggml.scores", n, bytes(n)))
+    rss, t0 = _rss(), time.perf_counter()
+    with pytest.raises(ConvertError) as e:
+        GGUFFile(f)
+    assert time.perf_counter() - t0 < 2 and _rss() - rss < 64 * 2**20
+    assert str(e.value) == (
+        f"{f}: metadata key 'tokenizer.ggml.scores' takes the file past {gguf_read.MAX_VALUES} metadata values;"
+        " refusing to parse more"
+    )
+
+
+def test_the_metadata_cap_counts_every_value_once(tmp_path, monkeypatch):
+    """Top-level values count one, arrays their declared length (elements not again): a
+    file with exactly the cap parses, one value fewer allowed is refused naming the key."""
+    md = metadata(**{"tokenizer.ggml.tokens": ["a", "b", "c"]})
+    f = tmp_path / "m.gguf"
+    write_gguf(f, md, [])
+    values = len(md) + sum(len(v) for v in md.values() if isinstance(v, list))
+    monkeypatch.setattr(gguf_read, "MAX_VALUES", values)
+    assert GGUFFile(f).metadata["tokenizer.ggml.tokens"] == ["a", "b", "c"]
+    monkeypatch.setattr(gguf_read, "MAX_VALUES", values - 1)
+    with pytest.raises(ConvertError, match=f"metadata key '{list(md)[-1]}' takes the file past {values - 1} "):
+        GGUFFile(f)  # the last key, an array of three
