@@ -318,6 +318,20 @@ def test_anthropic_messages(demo, an):
     assert n == r.usage.input_tokens + (r.usage.cache_read_input_tokens or 0)
 
 
+def test_anthropic_message_start_splits_cached_input(an):
+    """message_start's usage says what message_delta's does: a repeated prompt's
+    reused prefix as cache_read_input_tokens, the rest as input_tokens."""
+    msgs = [{"role": "user", "content": "Name three rivers of Europe, with one sentence on each."}]
+    usages = []
+    for _ in range(2):
+        with an.messages.stream(model=NAME, max_tokens=8, extra_body=GREEDY, messages=msgs) as s:
+            start = next(e for e in s if e.type == "message_start").message.usage
+            final = s.get_final_message().usage
+        usages.append((start.input_tokens, start.cache_read_input_tokens, final.cache_read_input_tokens))
+    (first_in, _, _), (second_in, second_start, second_final) = usages
+    assert second_start == second_final > 0 and second_in == first_in + usages[0][2] - second_start
+
+
 def test_a_final_assistant_message_is_continued(oa, an):
     """Anthropic's prefill (and llama.cpp's reading of OpenAI's): the reply continues
     the last assistant message, and holds only what follows it."""

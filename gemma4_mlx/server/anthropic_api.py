@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from gemma4_mlx.server.errors import APIError, error_body, malformed_is_400, text_field
+from gemma4_mlx.server.handle import Usage
 from gemma4_mlx.server.prompts import Conversation, check_roles, split_prefill
 from gemma4_mlx.server.results import collect, failure, new_id, opened, ttft, with_heartbeats
 from gemma4_mlx.server.schemas import CountTokensRequest, MessagesRequest
@@ -204,7 +205,10 @@ _BLOCKS = {
 async def _stream(server, handle, outs):
     message = {"id": new_id("msg_"), "type": "message", "role": "assistant", "model": server.model_name}
     message.update(content=[], stop_reason=None, stop_sequence=None)
-    message["usage"] = {"input_tokens": len(handle.request.ids), "output_tokens": 0}
+    # The split of the input into cached and not is recorded just before the first
+    # output, which `opened` waits for; a stream opened earlier (a prefill past
+    # OPEN_WAIT) counts it all as input here, and message_delta splits it.
+    message["usage"] = _usage(Usage(len(handle.request.ids), 0, handle.cached_tokens or 0))
     yield _event("message_start", {"message": message})
     blocks = _Blocks()
     async for out in outs:

@@ -224,7 +224,7 @@ class Engine:
                 log.error("request failed", exc_info=p.error)  # the client gets the API's error, not this
             self._end(p.job, error=p.error)
             return
-        run.usage.cached_tokens = p.job.cached
+        run.usage.cached_tokens = run.handle.cached_tokens = p.job.cached  # before its first output
         for n, tok in enumerate(p.tokens):
             if run.step(tok, None if p.logprobs is None else p.logprobs[n]):
                 if not p.done:

@@ -91,6 +91,7 @@ class RequestHandle:
     def __init__(self, request: Request, loop: asyncio.AbstractEventLoop):
         self.request, self._loop = request, loop
         self.first_token_at: float | None = None
+        self.cached_tokens: int | None = None  # the reused prefix, known once the engine took the prompt
         self._items: deque[Output] = deque()
         self._lock = threading.Lock()
         self._ready = asyncio.Event()
