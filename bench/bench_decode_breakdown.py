@@ -225,7 +225,7 @@ def main():
     log = Report(args.out)
     log(
         f"gemma4-mlx decode breakdown{' (--quick)' if args.quick else ''}: mlx {mx.__version__}, "
-        f"{mx.default_device()}, BLAS {gemma4_mlx._blas.loaded_from or 'MLX default'}, {os.cpu_count()} cores, "
+        f"{mx.default_device()}, BLAS {gemma4_mlx._blas.describe()}, {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.2f}; medians of {args.reps}"
     )
     for shape in args.shapes:

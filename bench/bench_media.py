@@ -258,7 +258,7 @@ def main():
     log(f"started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     log(
         f"mlx {mx.__version__}, mlx-vlm {mlx_vlm.__version__ if have_vlm else '-'}, device "
-        f"{mx.default_device()}, BLAS {gemma4_mlx._blas.loaded_from or 'MLX default'}"
+        f"{mx.default_device()}, BLAS {gemma4_mlx._blas.describe()}"
         f"{' (one for both: loaded before mlx.core)' if have_vlm else ''}, float32, {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), python {sys.version.split()[0]}"
     )

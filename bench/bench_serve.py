@@ -280,7 +280,7 @@ def main():
         args.concurrency, args.prompt_tokens, args.max_tokens = [1, 8], 32, 16
     log = Report(args.out)
     log(
-        f"backend {mx.default_device()}, BLAS {gemma4_mlx._blas.loaded_from or 'MLX default'} for both servers, "
+        f"backend {mx.default_device()}, BLAS {gemma4_mlx._blas.describe()} for both servers, "
         f"float32; load: {os.getloadavg()[0]:.2f} (1-min load average at start)"
     )
     log(

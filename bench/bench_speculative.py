@@ -733,7 +733,7 @@ def main():
     log(f"gemma4-mlx speculative decoding benchmark{' (--quick)' if args.quick else ''}")
     log(
         f"mlx {mx.__version__}, device {mx.default_device()}, BLAS "
-        f"{gemma4_mlx._blas.loaded_from or 'MLX default'}, float32 (target and drafter), "
+        f"{gemma4_mlx._blas.describe()}, float32 (target and drafter), "
         f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
         f"python {sys.version.split()[0]}"
     )

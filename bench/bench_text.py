@@ -300,7 +300,7 @@ def main():
 
     bw = gemv_bandwidth()
     print(
-        f"backend: {mx.default_device()}, BLAS: {gemma4_mlx._blas.loaded_from or 'MLX default'}, "
+        f"backend: {mx.default_device()}, BLAS: {gemma4_mlx._blas.describe()}, "
         f"float32 activations, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}, "
         f"load average {os.getloadavg()[0]:.2f} at start"
     )
