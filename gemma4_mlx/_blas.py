@@ -4,8 +4,8 @@ MLX's Linux CPU wheel links the reference BLAS (~1.5 GFLOP/s for float32 GEMM).
 Putting OpenBLAS' `libblas.so.3` into the global symbol scope *before* `mlx.core`
 is loaded makes MLX resolve `cblas_sgemm` & co. to it: ~60x faster, same results.
 Set GEMMA4_MLX_NO_OPENBLAS=1 to turn this off. macOS (Accelerate) is untouched.
-Ahead of OpenBLAS goes a small shim of ours (`_blas_shim`) that sends one-row
-products to OpenBLAS's GEMV, 2-3x faster than its GEMM there.
+Ahead of OpenBLAS goes a small `cblas_sgemm` of ours (`_blas_shim`): products of
+1-8 rows, a decode step's, run 1.5-3x faster than through OpenBLAS's GEMM.
 
 OpenBLAS picks its kernels from the CPU's family and model. On a CPU its build does
 not know (a VM that hides the model, a chip newer than the build) Debian's 0.3.21
@@ -30,8 +30,8 @@ CANDIDATES = (
 
 loaded_from = None  # path of the library we loaded, for diagnostics
 coretype_set = None  # the OPENBLAS_CORETYPE we chose, if we chose one
-gemv_shim = None  # the one-row GEMV shim loaded before it (`_blas_shim`), if any
-gemv_shim_off = None  # why not, when OpenBLAS was loaded without it
+shim = None  # our cblas_sgemm loaded before it (`_blas_shim`), if any
+shim_off = None  # why not, when OpenBLAS was loaded without it
 
 AVX512 = frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})
 AVX2 = frozenset({"avx2", "fma"})
@@ -68,13 +68,13 @@ def describe() -> str:
     """The BLAS MLX's float32 products run on, in one line (benchmark headers)."""
     if not loaded_from:
         return "MLX default (reference BLAS)"
-    if gemv_shim:
-        return f"{loaded_from}, one-row products through its sgemv ({os.path.basename(gemv_shim)})"
-    return f"{loaded_from}, sgemm only (no GEMV shim: {gemv_shim_off})"
+    if shim:
+        return f"{loaded_from}, 1-8 row products through our shim ({os.path.basename(shim)})"
+    return f"{loaded_from}, its sgemm for every product (no shim: {shim_off})"
 
 
 def preload_openblas() -> str | None:
-    global loaded_from, gemv_shim, gemv_shim_off
+    global loaded_from, shim, shim_off
     if loaded_from or not sys.platform.startswith("linux"):
         return loaded_from
     if os.environ.get("GEMMA4_MLX_NO_OPENBLAS", "") not in ("", "0"):
@@ -85,11 +85,11 @@ def preload_openblas() -> str | None:
     _choose_coretype()
     for path in CANDIDATES:
         if os.path.exists(path):
-            shim, why = _blas_shim.load(path)  # global first: its cblas_sgemm wins
+            ours, why = _blas_shim.load(path)  # global first: its cblas_sgemm wins
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
             except OSError:
                 continue
-            loaded_from, gemv_shim, gemv_shim_off = path, shim, why
+            loaded_from, shim, shim_off = path, ours, why
             return path
     return None

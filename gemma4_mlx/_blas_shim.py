@@ -1,18 +1,21 @@
-"""One-row float32 products through OpenBLAS's GEMV (Linux CPU; docs/text-decoder.md §6.4).
+"""Our `cblas_sgemm` ahead of OpenBLAS's, for the products of a decode step (Linux
+CPU; docs/text-decoder.md §6.4).
 
-MLX's CPU backend multiplies float32 matrices with `cblas_sgemm` only, the one-row
-products of a decode step included.  OpenBLAS streams a weight through sgemm with
-one row at 10-16 GB/s and through `cblas_sgemv` at 28-31 GB/s (2-core Zen 4,
-OpenBLAS 0.3.21 and 0.3.31 alike).  `_gemv_shim.c` defines a `cblas_sgemm` that sends
-products with one row or one column to sgemv and all others to OpenBLAS's sgemm;
-`_blas` puts it ahead of OpenBLAS in the global symbol scope, as it puts OpenBLAS
-ahead of MLX's reference BLAS.
+MLX's CPU backend multiplies float32 matrices with `cblas_sgemm` only.  OpenBLAS's
+GEMM streams a weight at 7-16 GB/s when the other operand has 1-8 rows (a decode
+step of 1-8 sequences, a verify block); the machine streams 28-31 GB/s.
+`_sgemm_shim.c` sends 1-8 rows times a big transposed weight (and a big weight times
+one column) to a kernel of ours that reads each weight row once for all rows, on
+OpenBLAS's thread count, and everything else to OpenBLAS's sgemm.  `_blas` puts it
+ahead of OpenBLAS in the global symbol scope, as it puts OpenBLAS ahead of MLX's
+reference BLAS.
 
-The shim is compiled once with the system C compiler ($CC, else cc) into the user's
-cache, named by a hash of its source; it is written under a temporary name and
-renamed, so processes starting together do not collide.  Without a compiler or a
-writable cache, or with GEMMA4_MLX_NO_GEMV_SHIM=1, products go to OpenBLAS's sgemm
-as before, and `load` says why.
+It is compiled once, with the system C compiler ($CC, else cc) for this CPU
+(-march=native), into the user's cache, named by a hash of the source, the flags
+and the CPU's flags; it is written under a temporary name and renamed, so processes
+starting together do not collide.  Without a compiler or a writable cache, or with
+GEMMA4_MLX_NO_BLAS_SHIM=1, products go to OpenBLAS's sgemm as before, and `load`
+says why.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import subprocess
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("_gemv_shim.c")
-OFF_SWITCH = "GEMMA4_MLX_NO_GEMV_SHIM"
+SOURCE = Path(__file__).with_name("_sgemm_shim.c")
+OFF_SWITCH = "GEMMA4_MLX_NO_BLAS_SHIM"
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]  # no -ffast-math: NaN and Inf propagate as in BLAS
+LIBS = ["-ldl", "-lpthread"]
 
 
 def cache_dir() -> Path:
@@ -33,22 +37,31 @@ def cache_dir() -> Path:
     return Path(base) / "gemma4-mlx"
 
 
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((ln for ln in f if ln.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
 def build(cc: str | None = None, folder: Path | None = None) -> tuple[Path | None, str | None]:
-    """The compiled shim, compiled now if this source has not been: (path, None), or
-    (None, why not)."""
+    """The compiled shim, compiled now if this source has not been for this CPU:
+    (path, None), or (None, why not)."""
     try:
         source = SOURCE.read_bytes()
     except OSError as e:
         return None, f"its source is missing ({e.strerror})"
     cc = cc or os.environ.get("CC") or "cc"
     folder = folder or cache_dir()
-    target = folder / f"gemv_shim-{hashlib.sha256(source + platform.machine().encode()).hexdigest()[:16]}.so"
+    key = hashlib.sha256(source + " ".join(FLAGS + LIBS).encode() + _cpu_flags()).hexdigest()[:16]
+    target = folder / f"sgemm_shim-{key}.so"
     if target.exists():
         return target, None
     tmp = folder / f".{target.name}.{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        cmd = [cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE), "-ldl"]
+        cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE), *LIBS]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode:
             why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -80,9 +93,9 @@ def load(blas_path: str) -> tuple[str | None, str | None]:
     try:
         blas = ctypes.CDLL(blas_path, mode=ctypes.RTLD_LOCAL)
         shim = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
-        shim.gemv_shim_bind.argtypes = [ctypes.c_void_p]
-        if not shim.gemv_shim_bind(blas._handle):
-            return None, f"{blas_path} lacks cblas_sgemm or cblas_sgemv"
+        shim.sgemm_shim_bind.argtypes = [ctypes.c_void_p]
+        if not shim.sgemm_shim_bind(blas._handle):
+            return None, f"{blas_path} lacks cblas_sgemm"
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # promoted: ahead of OpenBLAS, promoted next
     except (OSError, AttributeError) as e:
         return None, f"could not load {path} ({e})"

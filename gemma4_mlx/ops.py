@@ -108,10 +108,10 @@ def set_cpu_form(form: str, few: str | None = None, shapes: dict | None = None) 
     _cpu_form, _few_form, _shape_forms = form, few, {tuple(k): f for k, f in (shapes or {}).items()}
 
 
-def one_row_gemv() -> bool:
-    """One-row products go to the BLAS's GEMV in either form (`_blas_shim`: Linux's
-    OpenBLAS with our shim ahead of it), so there is no one-row form to choose."""
-    return cpu_branches() and _blas.gemv_shim is not None
+def shim_takes_one_row() -> bool:
+    """One row times a big weight reaches our kernel in either form (`_blas_shim`:
+    Linux's OpenBLAS with our cblas_sgemm ahead of it): no one-row form to choose."""
+    return cpu_branches() and _blas.shim is not None
 
 
 def _columns() -> bool:

@@ -1,9 +1,9 @@
-"""The one-row GEMV shim (gemma4_mlx/_blas_shim.py, _gemv_shim.c): every product
-with one row or one column gives what OpenBLAS's sgemv gives for it, bit for bit
-(the route), and what numpy gives up to rounding (the arithmetic), for every
-transpose, leading dimension, alpha and beta; products with more rows are OpenBLAS's
-sgemm, bit for bit; MLX's own products go through it; without a compiler it stays
-out of the way, saying why."""
+"""Our cblas_sgemm (gemma4_mlx/_blas_shim.py, _sgemm_shim.c): 1-8 rows times a big
+transposed weight, and a big weight times one column, go to our kernel and equal a
+float64 product up to float32 rounding for every row count, leading dimension,
+tail, thread share, alpha and beta (NaN in C with beta 0 must not leak); every other
+product is OpenBLAS's sgemm, bit for bit; MLX's products go through it; without a
+compiler it stays out of the way, saying why.  A counter in the shim tells the route."""
 
 from __future__ import annotations
 
@@ -29,16 +29,16 @@ def libs():
     if not _blas.loaded_from:
         pytest.skip("Debian's OpenBLAS is not installed")
     if shutil.which(os.environ.get("CC") or "cc"):
-        assert _blas.gemv_shim, _blas.gemv_shim_off  # a compiler is here: the shim must be in use
-    if not _blas.gemv_shim:
-        pytest.skip(f"no GEMV shim: {_blas.gemv_shim_off}")
-    shim, blas = ctypes.CDLL(_blas.gemv_shim), ctypes.CDLL(_blas.loaded_from)
+        assert _blas.shim, _blas.shim_off  # a compiler is here: the shim must be in use
+    if not _blas.shim:
+        pytest.skip(f"no BLAS shim: {_blas.shim_off}")
+    shim, blas = ctypes.CDLL(_blas.shim), ctypes.CDLL(_blas.loaded_from)
     shim.cblas_sgemm.argtypes = blas.cblas_sgemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
     return shim, blas.cblas_sgemm
 
 
 def routed(shim) -> int:
-    return ctypes.c_ulong.in_dll(shim, "gemv_shim_routed").value
+    return ctypes.c_ulong.in_dll(shim, "sgemm_shim_rows").value
 
 
 def gemm(fn, ta, tb, M, N, K, alpha, beta, seed, c_fill):
@@ -56,57 +56,120 @@ def gemm(fn, ta, tb, M, N, K, alpha, beta, seed, c_fill):
     return c, want
 
 
-@pytest.mark.parametrize("ta", [NO, T])
-@pytest.mark.parametrize("tb", [NO, T])
-@pytest.mark.parametrize("shape", [(1, 37, 19), (41, 1, 23), (1, 1, 7)])
+@pytest.mark.parametrize("shape,ta,tb", [((1, 1100, 1000), NO, T), ((1100, 1, 1000), NO, T), ((1100, 1, 1000), NO, NO)])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
-def test_one_row_or_column_goes_through_sgemv(libs, ta, tb, shape, alpha, beta):
+def test_one_row_or_column_of_a_big_weight_takes_our_kernel(libs, shape, ta, tb, alpha, beta):
+    """x @ W^T and W @ x (x as a row or as a column with stride 1: a leading
+    dimension of 1 is what [K, 1] has)."""
     shim, _ = libs
     M, N, K = shape
     before = routed(shim)
-    c_fill = np.nan if beta == 0 else 1.5  # gemm ignores C when beta is 0: NaN there must not leak
-    c, want = gemm(shim.cblas_sgemm, ta, tb, M, N, K, alpha, beta, M * 100 + N, c_fill)
+    rng = np.random.default_rng(M + N)
+    w = rng.standard_normal((max(M, N), K)).astype(np.float32)
+    x = rng.standard_normal(K).astype(np.float32)
+    fill = np.nan if beta == 0 else 1.5
+    c = np.full((M, N + 2) if M == 1 else (M, 3), fill, np.float32)  # C inside a wider buffer
+    out = c[0, :N] if M == 1 else c[:, 0]
+    want = alpha * (w.astype(np.float64) @ x) + (beta * out if beta else 0)
+    if M == 1:  # x [1, K] @ (W [N, K])^T
+        args = (x.ctypes.data, K, w.ctypes.data, K, beta, c.ctypes.data, N + 2)
+    else:  # W [M, K] @ x [K, 1] (x's leading dimension 1, or x^T [1, K] transposed), into a column of C
+        args = (w.ctypes.data, K, x.ctypes.data, 1 if tb == NO else K, beta, c.ctypes.data, 3)
+    shim.cblas_sgemm(ROW, ta, tb, M, N, K, alpha, *args)
     assert routed(shim) == before + 1
-    np.testing.assert_allclose(c[:, :N], want, rtol=1e-5, atol=1e-5)
-    past = c[:, N:]  # nothing written past C's columns
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=2e-6 * K)
+    rest = c[0, N:] if M == 1 else c[:, 1:]  # nothing written beside C
+    assert np.isnan(rest).all() if beta == 0 else (rest == 1.5).all()
+
+
+def _ours(ta, tb, M, N, K) -> bool:
+    """Whether our kernel takes gemm()'s product (its x as a column has stride N + 2)."""
+    return ta == NO and tb == T and (M <= 8 or N == 1) and (N if M <= 8 else M) * K >= 2**20
+
+
+OTHER_ONE_ROW = [
+    (ta, tb, shape)
+    for ta in (NO, T)
+    for tb in (NO, T)
+    for shape in ((1, 37, 19), (41, 1, 23), (1, 1100, 1000), (1100, 1, 1000))
+    if not _ours(ta, tb, *shape)
+]
+
+
+@pytest.mark.parametrize("ta,tb,shape", OTHER_ONE_ROW)
+def test_other_one_row_products_stay_with_sgemm(libs, ta, tb, shape):
+    """Small weights, and the layouts our kernel does not read."""
+    shim, sgemm = libs
+    M, N, K = shape
+    before = routed(shim)
+    ours, want = gemm(shim.cblas_sgemm, ta, tb, M, N, K, 0.5, 2.0, M * 100 + N, 1.5)
+    assert routed(shim) == before
+    theirs, _ = gemm(sgemm, ta, tb, M, N, K, 0.5, 2.0, M * 100 + N, 1.5)
+    assert np.array_equal(ours, theirs)
+    np.testing.assert_allclose(ours[:, :N], want, rtol=1e-5, atol=2e-6 * K)
+
+
+@pytest.mark.parametrize("R", range(1, 9))
+@pytest.mark.parametrize("N,K", [(1100, 1000), (17, 61703), (515, 2050)])  # from 2**20 floats
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
+def test_a_few_rows_times_a_big_transposed_weight_take_our_kernel(libs, R, N, K, alpha, beta):
+    """Every row count, shares of the weight's rows per thread that end mid-group
+    (N = 1100, 17, 515), K past the vectors' multiple of 8 or 16 (tails)."""
+    shim, _ = libs
+    before = routed(shim)
+    c_fill = np.nan if beta == 0 else 1.5
+    c, want = gemm(shim.cblas_sgemm, NO, T, R, N, K, alpha, beta, R * 7 + N, c_fill)
+    assert routed(shim) == before + 1
+    np.testing.assert_allclose(c[:, :N], want, rtol=1e-5, atol=2e-6 * K)
+    past = c[:, N:]
     assert np.isnan(past).all() if beta == 0 else (past == 1.5).all()
 
 
-@pytest.mark.parametrize("ta,tb", [(NO, NO), (NO, T), (T, NO), (T, T)])
-def test_more_rows_stay_with_sgemm(libs, ta, tb):
+@pytest.mark.parametrize(
+    "ta,tb,M,N,K",
+    [(NO, NO, 3, 5, 9), (NO, T, 3, 5, 9), (T, NO, 3, 5, 9), (T, T, 3, 5, 9)]  # small
+    + [(NO, NO, 4, 1100, 1000), (T, T, 4, 1100, 1000), (NO, T, 9, 1100, 1000)]  # big: another layout, 9 rows
+    + [(NO, T, 4, 1000, 1000)],  # below 2**20 floats
+)
+def test_the_rest_stays_with_sgemm(libs, ta, tb, M, N, K):
     shim, sgemm = libs
     before = routed(shim)
-    ours, want = gemm(shim.cblas_sgemm, ta, tb, 3, 5, 9, 0.5, 2.0, 1, 1.5)
+    ours, want = gemm(shim.cblas_sgemm, ta, tb, M, N, K, 0.5, 2.0, 1, 1.5)
     assert routed(shim) == before
-    theirs, _ = gemm(sgemm, ta, tb, 3, 5, 9, 0.5, 2.0, 1, 1.5)
+    theirs, _ = gemm(sgemm, ta, tb, M, N, K, 0.5, 2.0, 1, 1.5)
     assert np.array_equal(ours, theirs)
-    np.testing.assert_allclose(ours[:, :5], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours[:, :N], want, rtol=1e-5, atol=2e-6 * K)
 
 
 def test_mlx_products_go_through_it(libs):
-    """MLX's own one-row products (batched, and against a transposed weight) are routed."""
+    """MLX's own products of a big weight: one row and a few (a linear layer's
+    x @ W.T), and the weight times a column (W @ x); a small one stays with sgemm."""
     shim, _ = libs
     rng = np.random.default_rng(3)
-    w = rng.standard_normal((3, 64, 48)).astype(np.float32)
-    x = rng.standard_normal((48,)).astype(np.float32)
+    big = rng.standard_normal((2048, 512)).astype(np.float32)  # 2**20 floats
+    for rows in (1, 5):
+        xs = rng.standard_normal((rows, 512)).astype(np.float32)
+        before = routed(shim)
+        out = np.array(mx.array(xs) @ mx.array(big).T)
+        assert routed(shim) == before + 1
+        np.testing.assert_allclose(out, xs @ big.T, rtol=1e-5, atol=1e-3)
+    x = rng.standard_normal((512, 1)).astype(np.float32)
     before = routed(shim)
-    cols = np.array(mx.array(w) @ mx.array(x)[:, None])[..., 0]  # MLX may fold the batch into one product
-    assert routed(shim) > before
-    before = routed(shim)
-    rows = np.array(mx.array(x)[None] @ mx.array(w[0]).T)[0]
+    np.testing.assert_allclose(np.array(mx.array(big) @ mx.array(x)), big @ x, rtol=1e-5, atol=1e-3)
     assert routed(shim) == before + 1
-    np.testing.assert_allclose(cols, w @ x, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(rows, w[0] @ x, rtol=1e-5, atol=1e-5)
+    before = routed(shim)
+    np.array(mx.array(big[:100]) @ mx.array(x))
+    assert routed(shim) == before
 
 
 def test_without_a_compiler_it_says_why(tmp_path, monkeypatch):
     path, why = _blas_shim.build(cc=str(tmp_path / "no-cc"), folder=tmp_path / "c")
-    assert path is None and "could not compile _gemv_shim.c with" in why and str(tmp_path / "no-cc") in why
+    assert path is None and "could not compile _sgemm_shim.c with" in why and str(tmp_path / "no-cc") in why
     blocked = tmp_path / "file"
     blocked.write_text("")  # the cache "folder" is a file
     path, why = _blas_shim.build(folder=blocked / "c")
     assert path is None and str(blocked / "c") in why
-    assert not list(tmp_path.glob("**/.gemv_shim*"))  # no temporary left behind
+    assert not list(tmp_path.glob("**/.sgemm_shim*"))  # no temporary left behind
 
 
 @pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler")
@@ -119,9 +182,9 @@ def test_a_built_shim_is_reused(tmp_path):
 
 def test_the_switch_turns_it_off():
     code = "import gemma4_mlx, gemma4_mlx._blas as b; print(b.describe())"
-    env = {**os.environ, "GEMMA4_MLX_NO_GEMV_SHIM": "1"}
+    env = {**os.environ, "GEMMA4_MLX_NO_BLAS_SHIM": "1"}
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if _blas.loaded_from:
-        assert off.stdout.strip().endswith("sgemm only (no GEMV shim: GEMMA4_MLX_NO_GEMV_SHIM is set)"), off.stderr
+        assert off.stdout.strip().endswith("its sgemm for every product (no shim: GEMMA4_MLX_NO_BLAS_SHIM is set)")
     else:
         assert off.stdout.startswith("MLX default")
