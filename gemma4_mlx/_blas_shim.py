@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("_sgemm_shim.c")
@@ -47,7 +48,8 @@ def _cpu_flags() -> bytes:
 
 def build(cc: str | None = None, folder: Path | None = None) -> tuple[Path | None, str | None]:
     """The compiled shim, compiled now if this source has not been for this CPU:
-    (path, None), or (None, why not)."""
+    (path, None), or (None, why not).  A cached file that another user could have
+    written is refused."""
     try:
         source = SOURCE.read_bytes()
     except OSError as e:
@@ -57,21 +59,34 @@ def build(cc: str | None = None, folder: Path | None = None) -> tuple[Path | Non
     key = hashlib.sha256(source + " ".join(FLAGS + LIBS).encode() + _cpu_flags()).hexdigest()[:16]
     target = folder / f"sgemm_shim-{key}.so"
     if target.exists():
-        return target, None
-    tmp = folder / f".{target.name}.{os.getpid()}"
+        return (target, None) if _ours(target) else (None, f"{target} is not the user's own file; not loaded")
+    tmp = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        cmd = [cc, *FLAGS, "-o", str(tmp), str(SOURCE), *LIBS]
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
+        os.close(fd)
+        cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode:
-            why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-            return None, f"{cc} could not compile {SOURCE.name}: {why}"
+            lines = done.stderr.strip().splitlines()
+            why = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit {done.returncode}")
+            return None, f"{cc} could not compile {SOURCE.name}: {why.strip()}"
+        os.chmod(tmp, 0o755)
         os.replace(tmp, target)
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"could not compile {SOURCE.name} with {cc} into {folder} ({getattr(e, 'strerror', None) or e})"
     finally:
-        _remove(tmp)
+        if tmp:
+            _remove(Path(tmp))
     return target, None
+
+
+def _ours(path: Path) -> bool:
+    """The file and its folder belong to this user and nobody else may write them."""
+    try:
+        return all(p.stat().st_uid == os.getuid() and not p.stat().st_mode & 0o022 for p in (path, path.parent))
+    except OSError:
+        return False
 
 
 def _remove(path: Path) -> None:
@@ -84,15 +99,26 @@ def _remove(path: Path) -> None:
 def load(blas_path: str) -> tuple[str | None, str | None]:
     """Bind the shim to the OpenBLAS at `blas_path` and make it global, before that
     OpenBLAS is (the caller's next step): (shim path, None), or (None, why not).  An
-    unbound shim is never made global: its cblas_sgemm would have nothing to call."""
+    unbound shim is never made global: its cblas_sgemm would have nothing to call.
+    A cached shim that does not load (broken, another glibc) is built again, once."""
     if os.environ.get(OFF_SWITCH, "") not in ("", "0"):
         return None, f"{OFF_SWITCH} is set"
-    path, why = build()
-    if path is None:
+    for _ in range(2):
+        path, why = build()
+        if path is None:
+            return None, why
+        try:
+            shim = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
+            break
+        except OSError as e:
+            _remove(path)
+            why = f"could not load {path} ({e})"
+    else:
         return None, why
     try:
+        if not shim.sgemm_shim_kernels():
+            return None, "this CPU lacks AVX2 and FMA, which its kernels need"
         blas = ctypes.CDLL(blas_path, mode=ctypes.RTLD_LOCAL)
-        shim = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
         shim.sgemm_shim_bind.argtypes = [ctypes.c_void_p]
         if not shim.sgemm_shim_bind(blas._handle):
             return None, f"{blas_path} lacks cblas_sgemm"

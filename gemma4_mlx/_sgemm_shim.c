@@ -20,12 +20,20 @@
 #include <pthread.h>
 #include <stddef.h>
 
+/* The kernels need AVX2 and FMA (SSE alone ran 6 GB/s at 8 rows); a build without them
+ * only forwards, and _blas_shim.py does not load it (sgemm_shim_kernels). */
+#if defined(__AVX2__) && defined(__FMA__)
+#define ROWS_KERNELS 1
+#else
+#define ROWS_KERNELS 0
+#endif
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, CONJ_TRANS = 113 };
 enum { ROWS_MAX = 8, MAX_THREADS = 64 };
 /* Weights of fewer floats (4 MB) go to OpenBLAS: there starting threads costs more than
  * they save, and alone our kernel lost to OpenBLAS's on short rows ([1024, 256] x 8 rows:
  * 206 against 119 us; an MoE layer's experts). */
 #define ROWS_MIN_FLOATS (1 << 20)
+#define PER_THREAD_FLOATS (1 << 18) /* a thread costs ~20-50 us to start: give each at least 1 MB */
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
@@ -33,6 +41,9 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 static sgemm_fn real_sgemm;
 static int threads = 1;
 unsigned long sgemm_shim_rows; /* products our kernel took, for the tests */
+
+/* Whether this build has the kernels (AVX2 and FMA): without, it would only forward. */
+int sgemm_shim_kernels(void) { return ROWS_KERNELS; }
 
 int sgemm_shim_bind(void *blas) {
     int (*count)(void) = (int (*)(void))dlsym(blas, "openblas_get_num_threads");
@@ -46,13 +57,7 @@ int sgemm_shim_bind(void *blas) {
 
 /* Vector width and how many vector registers hold partial sums: AVX-512 has 32
  * registers of 16 floats (24 accumulators measured 10-20 % faster than 16 at 8 rows on
- * Zen 4), AVX2 16 of 8.  GCC's vector types: plain C, unaligned loads through memcpy.
- * Without AVX2 and FMA (SSE only: 6 GB/s at 8 rows) OpenBLAS keeps these products. */
-#if defined(__AVX2__) && defined(__FMA__)
-#define ROWS_KERNELS 1
-#else
-#define ROWS_KERNELS 0
-#endif
+ * Zen 4), AVX2 16 of 8.  GCC's vector types: plain C, unaligned loads through memcpy. */
 #ifdef __AVX512F__
 #define LANES 16
 #define ACCUMULATORS 24
@@ -140,7 +145,9 @@ static void *run_rows(void *job) {
 static inline int min_int(int a, int b) { return a < b ? a : b; }
 
 static void rows_product(rows_job all) {
+    size_t most = (size_t)all.j1 * all.K / PER_THREAD_FLOATS; /* threads the work pays for */
     int n = threads < 1 ? 1 : threads;
+    if (most < (size_t)n) n = most > 0 ? (int)most : 1;
     int per = ((all.j1 + n - 1) / n + 15) / 16 * 16;
     rows_job part[MAX_THREADS];
     pthread_t id[MAX_THREADS];
@@ -166,7 +173,7 @@ static void rows_product(rows_job all) {
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
     int a_t = ta == TRANS || ta == CONJ_TRANS, b_t = tb == TRANS || tb == CONJ_TRANS;
-    int ours = ROWS_KERNELS && order == ROW_MAJOR && M > 0 && N > 0 && K > 0 && !a_t;
+    int ours = ROWS_KERNELS && order == ROW_MAJOR && M > 0 && N > 0 && K > 0 && !a_t && alpha != 0.0f;
     if (ours && M <= ROWS_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
         __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});

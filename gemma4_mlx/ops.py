@@ -17,8 +17,6 @@ import os
 
 import mlx.core as mx
 
-from gemma4_mlx import _blas
-
 FORCE_GPU_BRANCHES = os.environ.get("GEMMA4_MLX_FORCE_GPU_BRANCHES", "") not in ("", "0")
 
 
@@ -106,12 +104,6 @@ def set_cpu_form(form: str, few: str | None = None, shapes: dict | None = None) 
     if few not in FEW_ROW_FORMS:
         raise ValueError(f"CPU few-row product form {few!r}: expected one of {', '.join(FEW_ROW_FORMS)}")
     _cpu_form, _few_form, _shape_forms = form, few, {tuple(k): f for k, f in (shapes or {}).items()}
-
-
-def shim_takes_one_row() -> bool:
-    """One row times a big weight reaches our kernel in either form (`_blas_shim`:
-    Linux's OpenBLAS with our cblas_sgemm ahead of it): no one-row form to choose."""
-    return cpu_branches() and _blas.shim is not None
 
 
 def _columns() -> bool:

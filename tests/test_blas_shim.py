@@ -28,7 +28,7 @@ P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 def libs():
     if not _blas.loaded_from:
         pytest.skip("Debian's OpenBLAS is not installed")
-    if shutil.which(os.environ.get("CC") or "cc"):
+    if shutil.which(os.environ.get("CC") or "cc") and "AVX2" not in str(_blas.shim_off):
         assert _blas.shim, _blas.shim_off  # a compiler is here: the shim must be in use
     if not _blas.shim:
         pytest.skip(f"no BLAS shim: {_blas.shim_off}")
@@ -141,6 +141,16 @@ def test_the_rest_stays_with_sgemm(libs, ta, tb, M, N, K):
     np.testing.assert_allclose(ours[:, :N], want, rtol=1e-5, atol=2e-6 * K)
 
 
+def test_alpha_0_stays_with_sgemm(libs):
+    """BLAS reads neither operand when alpha is 0 (0 * Inf would be NaN)."""
+    shim, sgemm = libs
+    before = routed(shim)
+    ours, _ = gemm(shim.cblas_sgemm, NO, T, 4, 1100, 1000, 0.0, 2.0, 5, 1.5)
+    assert routed(shim) == before
+    theirs, _ = gemm(sgemm, NO, T, 4, 1100, 1000, 0.0, 2.0, 5, 1.5)
+    assert np.array_equal(ours, theirs)
+
+
 def test_mlx_products_go_through_it(libs):
     """MLX's own products of a big weight: one row and a few (a linear layer's
     x @ W.T), and the weight times a column (W @ x); a small one stays with sgemm."""
@@ -173,11 +183,24 @@ def test_without_a_compiler_it_says_why(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler")
-def test_a_built_shim_is_reused(tmp_path):
-    first, why = _blas_shim.build(cc="cc", folder=tmp_path)
+def test_a_built_shim_is_reused_if_it_is_the_users_own(tmp_path):
+    folder = tmp_path / "cache"
+    first, why = _blas_shim.build(cc="cc", folder=folder)
     assert first is not None and first.exists(), why
-    again, _ = _blas_shim.build(cc=str(tmp_path / "no-cc"), folder=tmp_path)  # no compile needed
+    again, _ = _blas_shim.build(cc=str(tmp_path / "no-cc"), folder=folder)  # no compile needed
     assert again == first
+    first.chmod(0o777)  # anyone could have written it
+    path, why = _blas_shim.build(folder=folder)
+    assert path is None and why == f"{first} is not the user's own file; not loaded"
+
+
+@pytest.mark.skipif(not shutil.which("cc") or not _blas.loaded_from, reason="no C compiler or OpenBLAS")
+def test_a_cached_shim_that_does_not_load_is_built_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path, _ = _blas_shim.build()
+    path.write_bytes(b"not a shared object")
+    loaded, why = _blas_shim.load(_blas.loaded_from)
+    assert loaded == str(path) and why is None and path.read_bytes()[:4] == b"\x7fELF"
 
 
 def test_the_switch_turns_it_off():

@@ -35,10 +35,8 @@ def columns(request, monkeypatch):
 
 @pytest.fixture
 def undecided(monkeypatch):
-    """A process that has not timed the forms yet, without our BLAS shim (with it,
-    nothing is timed); the form restored afterwards."""
+    """A process that has not timed the forms yet; the form restored afterwards."""
     monkeypatch.setattr(cpu_forms, "_decided", None)
-    monkeypatch.setattr(ops._blas, "shim", None)
     monkeypatch.setattr(ops, "_shape_forms", {})
     monkeypatch.setattr(ops, "FIXED_CPU_FORM", None)
     monkeypatch.setattr(ops, "_cpu_form", "rows")
@@ -217,7 +215,7 @@ def test_forget_restores_the_default_forms(undecided, monkeypatch):
     assert (ops.cpu_form(1), ops.cpu_form(4)) == ("columns", "rows")
 
 
-def test_nothing_timed_when_small_fixed_gemv_or_on_gpu_branches(undecided, monkeypatch, checkpoints):
+def test_nothing_timed_when_small_fixed_or_on_gpu_branches(undecided, monkeypatch, checkpoints):
     model = gemma4_mlx.load(checkpoints["dense"].path, dtype="float32")[0]
     assert cpu_forms._decided is None and ops.cpu_form() == "rows"  # below MIN_BYTES
     _big_enough(monkeypatch, {"rows": 1.0, "columns": 0.5})
@@ -227,9 +225,6 @@ def test_nothing_timed_when_small_fixed_gemv_or_on_gpu_branches(undecided, monke
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
     assert cpu_forms.choose_cpu_form(model) is None and ops.cpu_form() == "rows"
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", False)
-    monkeypatch.setattr(ops._blas, "shim", "/cache/sgemm_shim.so")  # one row is GEMV in either form
-    assert cpu_forms.choose_cpu_form(model) is None and ops.cpu_form() == "rows"
-    monkeypatch.setattr(ops._blas, "shim", None)
     assert cpu_forms.choose_cpu_form(model) == {"rows": 1.0, "columns": 0.5}
     assert ops.cpu_form() == "columns" and ops.cpu_form(4) == "rows"
 

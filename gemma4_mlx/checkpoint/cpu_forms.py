@@ -28,8 +28,9 @@ tied head take the model's form (the head timed whole was a tie at [262144, 1024
 at [32768, 512] its 12 % lead alone moved e2b-small's decode by under 1 %).  A
 sharded model takes rank 0's forms on every rank.
 
-Not at all where one row reaches our kernel in either form (our `_blas_shim`,
-docs/text-decoder.md §6.4; `ops.shim_takes_one_row`): there is nothing to choose then.
+With our BLAS shim (`_blas_shim`, docs/text-decoder.md §6.4) both forms of one row
+times a big weight reach the same kernel (a tie, which goes to rows); the forms still
+differ for weights below its threshold, which OpenBLAS keeps.
 Only once per process, only on the CPU, and only for checkpoints whose float32
 layer weights reach MIN_BYTES: below that they sit in cache and the choice costs
 more than it can save (the test suite's tiny models, the embedded demo).  Ties go
@@ -70,11 +71,10 @@ def choose_cpu_form(model: nn.Module) -> dict | None:
     process); a few rows keep "rows" (module docstring).
 
     Returns {form: seconds per pass} as measured, or None when nothing was timed
-    (not the CPU, form fixed by the environment, one row reaching our kernel in
-    either form, too few weights, decided before).
+    (not the CPU, form fixed by the environment, too few weights, decided before).
     """
     global _decided
-    if _decided is not None or ops.FIXED_CPU_FORM or not ops.cpu_branches() or ops.shim_takes_one_row():
+    if _decided is not None or ops.FIXED_CPU_FORM or not ops.cpu_branches():
         return None
     sample = layer_weights(model)
     if sum(w.nbytes for w in sample) < MIN_BYTES:
