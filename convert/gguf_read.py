@@ -53,7 +53,7 @@ class _Truncated(Exception):
     """A header read past the end of the file (raised by the _Reader hook)."""
 
 
-class _BadTensor(Exception):
+class _Refused(Exception):
     """A tensor info the data cannot match, or metadata past MAX_VALUES (raised by the
     _Reader hooks, message ready)."""
 
@@ -87,7 +87,7 @@ class _Reader(GGUFReader):
         if raw_type == GGUFValueType.ARRAY:
             self._values += int(self._get(orig_offs + 4, np.uint64)[0])
         if self._values > MAX_VALUES:
-            raise _BadTensor(
+            raise _Refused(
                 f"metadata key {self._key!r} takes the file past {MAX_VALUES} metadata values; refusing to parse more"
             )
         self._depth += 1
@@ -120,15 +120,15 @@ def _check_tensor(name, shape, raw_type, offset, start, alignment, size) -> None
     try:
         ttype = GGMLQuantizationType(raw_type)
     except ValueError:
-        raise _BadTensor(f"tensor {name}: unknown ggml type {raw_type}") from None
+        raise _Refused(f"tensor {name}: unknown ggml type {raw_type}") from None
     per, nb = GGML_QUANT_SIZES[ttype]
     if shape and shape[-1] % per:
-        raise _BadTensor(f"tensor {name}: {ttype.name} needs a multiple of {per} elements per row, got shape {shape}")
+        raise _Refused(f"tensor {name}: {ttype.name} needs a multiple of {per} elements per row, got shape {shape}")
     if offset % alignment:
-        raise _BadTensor(f"tensor {name}: offset {offset} not aligned to {alignment}")
+        raise _Refused(f"tensor {name}: offset {offset} not aligned to {alignment}")
     end = start + offset + math.prod(int(d) for d in shape) // per * nb
     if end > size:
-        raise _BadTensor(f"file is truncated: tensor {name} needs bytes up to {end}, file has {size}")
+        raise _Refused(f"file is truncated: tensor {name} needs bytes up to {end}, file has {size}")
 
 
 def _open(path: Path) -> GGUFReader:
@@ -136,7 +136,7 @@ def _open(path: Path) -> GGUFReader:
         reader = _Reader(path)
     except OSError as e:
         raise ConvertError(f"{path}: cannot map GGUF file ({e})") from None
-    except (_Truncated, _BadTensor) as e:
+    except (_Truncated, _Refused) as e:
         raise ConvertError(f"{path}: {e}") from None
     except _READER_ERRORS as e:
         why = " ".join(str(e).split()) or type(e).__name__

@@ -21,6 +21,7 @@ import platform
 import sys
 
 from gemma4_mlx import _blas_shim
+from gemma4_mlx._blas_shim import cpu_flags
 
 CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
@@ -44,15 +45,6 @@ def coretype_for(flags: set[str]) -> str | None:
     if AVX2 <= flags:
         return "Haswell"
     return None  # older CPUs: OpenBLAS' own detection
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
-    try:
-        with open(cpuinfo) as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
 
 
 def _choose_coretype() -> None:

@@ -38,12 +38,14 @@ def cache_dir() -> Path:
     return Path(base) / "gemma4-mlx"
 
 
-def _cpu_flags() -> bytes:
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's flags as /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
-        with open("/proc/cpuinfo", "rb") as f:
-            return next((ln for ln in f if ln.startswith(b"flags")), b"")
+        with open(cpuinfo) as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
     except OSError:
-        return b""
+        return set()
+    return set(line.partition(":")[2].split())
 
 
 def build(cc: str | None = None, folder: Path | None = None) -> tuple[Path | None, str | None]:
@@ -56,7 +58,8 @@ def build(cc: str | None = None, folder: Path | None = None) -> tuple[Path | Non
         return None, f"its source is missing ({e.strerror})"
     cc = cc or os.environ.get("CC") or "cc"
     folder = folder or cache_dir()
-    key = hashlib.sha256(source + " ".join(FLAGS + LIBS).encode() + _cpu_flags()).hexdigest()[:16]
+    built_for = " ".join(FLAGS + LIBS + sorted(cpu_flags())).encode()
+    key = hashlib.sha256(source + built_for).hexdigest()[:16]
     target = folder / f"sgemm_shim-{key}.so"
     if target.exists():
         return (target, None) if _ours(target) else (None, f"{target} is not the user's own file; not loaded")
@@ -84,9 +87,10 @@ def build(cc: str | None = None, folder: Path | None = None) -> tuple[Path | Non
 def _ours(path: Path) -> bool:
     """The file and its folder belong to this user and nobody else may write them."""
     try:
-        return all(p.stat().st_uid == os.getuid() and not p.stat().st_mode & 0o022 for p in (path, path.parent))
+        stats = [p.stat() for p in (path, path.parent)]
     except OSError:
         return False
+    return all(st.st_uid == os.getuid() and not st.st_mode & 0o022 for st in stats)
 
 
 def _remove(path: Path) -> None:

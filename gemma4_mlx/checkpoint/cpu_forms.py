@@ -31,6 +31,7 @@ sharded model takes rank 0's forms on every rank.
 With our BLAS shim (`_blas_shim`, docs/text-decoder.md §6.4) both forms of one row
 times a big weight reach the same kernel (a tie, which goes to rows); the forms still
 differ for weights below its threshold, which OpenBLAS keeps.
+
 Only once per process, only on the CPU, and only for checkpoints whose float32
 layer weights reach MIN_BYTES: below that they sit in cache and the choice costs
 more than it can save (the test suite's tiny models, the embedded demo).  Ties go
