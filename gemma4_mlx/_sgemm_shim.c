@@ -9,7 +9,7 @@
  *   - 1-8 rows times a transposed weight (x @ W^T: what MLX programs write), or a
  *     weight times one column (W @ x), the weight at least ROWS_MIN_FLOATS: `rows_R`
  *     below, which reads each weight row once for all R rows, on as many threads as
- *     OpenBLAS uses (started for the call: nothing of ours outlives it);
+ *     OpenBLAS uses (a pool of ours, kept between calls: see "the pool");
  *   - everything else: OpenBLAS's cblas_sgemm, unchanged.
  * (OpenBLAS's own sgemv streamed 28-31 GB/s too, but its thread pool hung the
  * process after pexpect's forks in the test suite: 0.3.21, a call spinning for
@@ -17,8 +17,13 @@
  * sgemm_shim_bind() must succeed before the library is made global.
  */
 #include <dlfcn.h>
+#include <linux/futex.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 /* The kernels need AVX2 and FMA (SSE alone ran 6 GB/s at 8 rows); a build without them
  * only forwards, and _blas_shim.py does not load it (sgemm_shim_kernels). */
@@ -29,16 +34,18 @@
 #endif
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112, CONJ_TRANS = 113 };
 enum { ROWS_MAX = 8, MAX_THREADS = 64 };
-/* Weights of fewer floats (4 MB) go to OpenBLAS: there starting threads costs more than
- * they save, and alone our kernel lost to OpenBLAS's on short rows ([1024, 256] x 8 rows:
- * 206 against 119 us; an MoE layer's experts). */
-#define ROWS_MIN_FLOATS (1 << 20)
-#define PER_THREAD_FLOATS (1 << 18) /* a thread costs ~20-50 us to start: give each at least 1 MB */
+/* Weights of fewer floats (256 KB) go to OpenBLAS.  Above, two threads of ours beat it
+ * at every row count measured, 1.2-3.3x ([512, 256] to [4096, 1024], 1-8 rows, cold
+ * weights, Zen 4); alone our kernel lost to it on short rows at 8 rows. */
+#define ROWS_MIN_FLOATS (1 << 16)
+#define PER_THREAD_FLOATS (1 << 15) /* a share of under 128 KB is not worth a worker's wake-up */
+#define SPIN_NS 100000L               /* how long an idle worker (or the caller) spins before sleeping */
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
 
 static sgemm_fn real_sgemm;
+static void forget_pool(void);
 static int threads = 1;
 unsigned long sgemm_shim_rows; /* products our kernel took, for the tests */
 
@@ -50,7 +57,9 @@ int sgemm_shim_bind(void *blas) {
     real_sgemm = (sgemm_fn)dlsym(blas, "cblas_sgemm");
     threads = count ? count() : 1;
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    return real_sgemm != NULL;
+    static int registered;
+    if (!registered) registered = pthread_atfork(NULL, NULL, forget_pool) == 0;
+    return real_sgemm != NULL && registered;
 }
 
 /* ---- 1-8 rows: C[m, j] = alpha * sum_k X[m, k] W[j, k] + beta * C[m, j] ---------- */
@@ -134,38 +143,134 @@ static void (*const kernels[ROWS_MAX + 1])(const rows_job *) = {
     NULL, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8,
 };
 
-static void *run_rows(void *job) {
-    const rows_job *t = job;
-    kernels[t->R](t);
+/* ---- the pool: workers kept between calls -------------------------------------------
+ * Starting a thread costs 20-50 us, as long as the whole product of a 1 MB weight, so
+ * the workers stay: started at the first product that needs them, each waits on its own
+ * slot, spinning SPIN_NS, then sleeping on a futex.  One caller at a time owns the pool;
+ * another caller meanwhile runs its product on its own thread.  A forked child has none
+ * of its parent's threads (pexpect's forks in the test suite; OpenBLAS's own pool
+ * hung there): pthread_atfork forgets ours in the child, which starts its own. */
+typedef struct {
+    unsigned word, sleeping; /* word: a sequence number; sleeping: a waiter is in futex wait */
+} signal_t;
+
+typedef struct {
+    signal_t go, done; /* the caller bumps go with a share in `part`; the worker answers on done */
+    rows_job part;
+} slot_t;
+
+static slot_t slots[MAX_THREADS];
+static int workers;  /* started in this process */
+static int pool_owned; /* a caller is using the pool */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* Wait until s->word differs from old: spin up to SPIN_NS, then sleep on the futex. */
+static unsigned wait_change(signal_t *s, unsigned old) {
+    long until = 0;
+    for (int i = 0;; i++) {
+        unsigned v = __atomic_load_n(&s->word, __ATOMIC_ACQUIRE);
+        if (v != old) return v;
+        if ((i & 63) == 0) {
+            long t = now_ns();
+            if (!until) until = t + SPIN_NS;
+            else if (t > until) break;
+        }
+        cpu_relax();
+    }
+    for (;;) {
+        __atomic_store_n(&s->sleeping, 1, __ATOMIC_SEQ_CST);
+        unsigned v = __atomic_load_n(&s->word, __ATOMIC_SEQ_CST);
+        if (v != old) {
+            __atomic_store_n(&s->sleeping, 0, __ATOMIC_RELAXED); /* only the waiter clears its flag */
+            return v;
+        }
+        syscall(SYS_futex, &s->word, FUTEX_WAIT_PRIVATE, old, NULL, NULL, 0);
+    }
+}
+
+static void post(signal_t *s, unsigned v) {
+    __atomic_store_n(&s->word, v, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&s->sleeping, __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, &s->word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+static void *worker(void *arg) {
+    slot_t *slot = arg;
+    unsigned seen = 0;
+    for (;;) {
+        seen = wait_change(&slot->go, seen);
+        kernels[slot->part.R](&slot->part);
+        post(&slot->done, seen);
+    }
     return NULL;
 }
 
-/* The weight's rows split into one contiguous share per thread; this thread takes the
- * first (and any whose thread could not start). */
+/* Workers started in this process, for the tests. */
+int sgemm_shim_workers(void) { return __atomic_load_n(&workers, __ATOMIC_RELAXED); }
+
+static void forget_pool(void) { /* in a forked child: the workers are the parent's */
+    __builtin_memset(slots, 0, sizeof slots);
+    workers = 0;
+    pool_owned = 0;
+}
+
+static void start_pool(int want) {
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old); /* workers inherit: signals go to the process's own threads */
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    while (workers < want) {
+        pthread_t id;
+        if (pthread_create(&id, &attr, worker, &slots[workers + 1])) break;
+        workers++;
+    }
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
 static inline int min_int(int a, int b) { return a < b ? a : b; }
 
+/* The weight's rows split into one contiguous share per thread; the caller takes the
+ * first.  Without the pool (another caller has it), the caller takes them all. */
 static void rows_product(rows_job all) {
     size_t most = (size_t)all.j1 * all.K / PER_THREAD_FLOATS; /* threads the work pays for */
     int n = threads < 1 ? 1 : threads;
     if (most < (size_t)n) n = most > 0 ? (int)most : 1;
+    int expected = 0;
+    if (n == 1 || !__atomic_compare_exchange_n(&pool_owned, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
+        kernels[all.R](&all);
+        return;
+    }
+    if (workers < n - 1) start_pool(threads - 1);
+    if (n > workers + 1) n = workers + 1;
     int per = ((all.j1 + n - 1) / n + 15) / 16 * 16;
-    rows_job part[MAX_THREADS];
-    pthread_t id[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int i = 0; i < n; i++) {
-        part[i] = all;
-        part[i].j0 = min_int(i * per, all.j1);
-        part[i].j1 = min_int((i + 1) * per, all.j1);
-    }
-    for (int i = 1; i < n; i++)
-        if (part[i].j0 < part[i].j1) started[i] = pthread_create(&id[i], NULL, run_rows, &part[i]) == 0;
-    run_rows(&part[0]);
+    unsigned seq[MAX_THREADS];
     for (int i = 1; i < n; i++) {
-        if (started[i])
-            pthread_join(id[i], NULL);
-        else if (part[i].j0 < part[i].j1)
-            run_rows(&part[i]);
+        slot_t *s = &slots[i];
+        s->part = all;
+        s->part.j0 = min_int(i * per, all.j1);
+        s->part.j1 = min_int((i + 1) * per, all.j1);
+        seq[i] = __atomic_load_n(&s->go.word, __ATOMIC_RELAXED) + 1; /* only the owner writes go */
+        post(&s->go, seq[i]);
     }
+    rows_job mine = all;
+    mine.j1 = min_int(per, all.j1);
+    kernels[mine.R](&mine);
+    for (int i = 1; i < n; i++) wait_change(&slots[i].done, seq[i] - 1); /* done goes from seq - 1 to seq */
+    __atomic_store_n(&pool_owned, 0, __ATOMIC_RELEASE);
 }
 
 /* ---- the entry point MLX calls ---------------------------------------------------- */
@@ -173,13 +278,16 @@ static void rows_product(rows_job all) {
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
     int a_t = ta == TRANS || ta == CONJ_TRANS, b_t = tb == TRANS || tb == CONJ_TRANS;
-    int ours = ROWS_KERNELS && order == ROW_MAJOR && M > 0 && N > 0 && K > 0 && !a_t && alpha != 0.0f;
-    if (ours && M <= ROWS_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
+    int ours = ROWS_KERNELS && order == ROW_MAJOR && M > 0 && N > 0 && K > 0 && alpha != 0.0f;
+    /* One row handed over as a transposed column ([K, 1], lda 1: MLX does so for a row
+     * gathered per MoE pair) is the same contiguous row. */
+    int x_rows = !a_t || (M == 1 && lda == 1);
+    if (ours && x_rows && M <= ROWS_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
         __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
         return;
     }
-    if (ours && N == 1 && (b_t || ldb == 1) && (size_t)M * K >= ROWS_MIN_FLOATS) { /* W [M, K] @ x [K, 1] */
+    if (ours && !a_t && N == 1 && (b_t || ldb == 1) && (size_t)M * K >= ROWS_MIN_FLOATS) { /* W [M, K] @ x [K, 1] */
         __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){1, 0, M, K, 0, lda, 0, ldc, B, A, C, alpha, beta});
         return;

@@ -84,9 +84,28 @@ def test_one_row_or_column_of_a_big_weight_takes_our_kernel(libs, shape, ta, tb,
     assert np.isnan(rest).all() if beta == 0 else (rest == 1.5).all()
 
 
+@pytest.mark.parametrize("N,K", [(300, 230), (1100, 1000)])
+def test_one_row_handed_as_a_transposed_column_takes_our_kernel(libs, N, K):
+    """x^T stored [K, 1] with lda 1 is one contiguous row: MLX hands over an MoE pair's
+    gathered row so.  With lda > 1 (a real column of a wider matrix) it stays."""
+    shim, sgemm = libs
+    rng = np.random.default_rng(N)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    x = rng.standard_normal((K, 3)).astype(np.float32)
+    want = x[:, 0].astype(np.float64) @ w.T
+    for lda, route in ((1, 1), (3, 0)):
+        col = np.ascontiguousarray(x[:, 0]) if lda == 1 else x
+        c = np.full(N + 2, np.nan, np.float32)
+        before = routed(shim)
+        shim.cblas_sgemm(ROW, T, T, 1, N, K, 1.0, col.ctypes.data, lda, w.ctypes.data, K, 0.0, c.ctypes.data, N)
+        assert routed(shim) == before + route
+        np.testing.assert_allclose(c[:N], want, rtol=1e-5, atol=2e-6 * K)
+        assert np.isnan(c[N:]).all()
+
+
 def _ours(ta, tb, M, N, K) -> bool:
     """Whether our kernel takes gemm()'s product (its x as a column has stride N + 2)."""
-    return ta == NO and tb == T and (M <= 8 or N == 1) and (N if M <= 8 else M) * K >= 2**20
+    return ta == NO and tb == T and (M <= 8 or N == 1) and (N if M <= 8 else M) * K >= 2**16
 
 
 OTHER_ONE_ROW = [
@@ -112,7 +131,7 @@ def test_other_one_row_products_stay_with_sgemm(libs, ta, tb, shape):
 
 
 @pytest.mark.parametrize("R", range(1, 9))
-@pytest.mark.parametrize("N,K", [(1100, 1000), (17, 61703), (515, 2050)])  # from 2**20 floats
+@pytest.mark.parametrize("N,K", [(1100, 1000), (17, 61703), (515, 2050), (300, 230)])  # from 2**16 floats
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
 def test_a_few_rows_times_a_big_transposed_weight_take_our_kernel(libs, R, N, K, alpha, beta):
     """Every row count, shares of the weight's rows per thread that end mid-group
@@ -131,7 +150,7 @@ def test_a_few_rows_times_a_big_transposed_weight_take_our_kernel(libs, R, N, K,
     "ta,tb,M,N,K",
     [(NO, NO, 3, 5, 9), (NO, T, 3, 5, 9), (T, NO, 3, 5, 9), (T, T, 3, 5, 9)]  # small
     + [(NO, NO, 4, 1100, 1000), (T, T, 4, 1100, 1000), (NO, T, 9, 1100, 1000)]  # big: another layout, 9 rows
-    + [(NO, T, 4, 1000, 1000)],  # below 2**20 floats
+    + [(NO, T, 4, 255, 256)],  # below 2**16 floats
 )
 def test_the_rest_stays_with_sgemm(libs, ta, tb, M, N, K):
     shim, sgemm = libs
@@ -213,3 +232,100 @@ def test_the_switch_turns_it_off():
         assert off.stdout.strip().endswith("its sgemm for every product (no shim: GEMMA4_MLX_NO_BLAS_SHIM is set)")
     else:
         assert off.stdout.startswith("MLX default")
+
+
+# The pool (_sgemm_shim.c, "the pool"): its workers stay between products, sleep when
+# idle, are the parent's alone after a fork, and serve one caller at a time.  Each case
+# runs in its own process, so that a hang fails the case instead of the suite.
+POOL = r"""
+import ctypes, os, sys, threading, time
+import numpy as np
+from gemma4_mlx import _blas
+
+P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+shim = ctypes.CDLL(_blas.shim)
+shim.cblas_sgemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
+rng = np.random.default_rng(0)
+W = rng.standard_normal((1100, 512)).astype(np.float32)  # shares for two threads or more
+X = rng.standard_normal((3, 512)).astype(np.float32)
+WANT = X.astype(np.float64) @ W.T.astype(np.float64)
+
+
+def product():
+    c = np.full((3, 1100), np.nan, np.float32)
+    shim.cblas_sgemm(101, 111, 112, 3, 1100, 512, 1.0, X.ctypes.data, 512, W.ctypes.data, 512, 0.0,
+                     c.ctypes.data, 1100)
+    return bool(np.abs(c - WANT).max() < 1e-3)
+
+
+def workers():
+    return shim.sgemm_shim_workers()
+"""
+
+
+@pytest.fixture(scope="module")
+def pool_threads(libs):
+    blas = ctypes.CDLL(_blas.loaded_from)
+    n = blas.openblas_get_num_threads()
+    if n < 2:
+        pytest.skip("OpenBLAS runs one thread here: the shim starts no pool")
+    return n
+
+
+def run_pool(case: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", POOL + case], capture_output=True, text=True, timeout=120, cwd=os.getcwd()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_the_pool_stays_between_products_and_wakes_from_sleep(pool_threads):
+    """Idle past its spin (100 us), a worker sleeps on its futex; the next product must
+    wake it.  The same workers serve every product."""
+    out = run_pool("""
+results = []
+for pause in (0, 0.01, 0, 0.05, 0.002) * 4:
+    results.append(product())
+    time.sleep(pause)
+print(all(results), workers())
+""")
+    assert out == f"True {pool_threads - 1}"
+
+
+def test_a_forked_child_starts_its_own_pool(pool_threads):
+    """The parent's workers do not exist in a forked child: its first product must start
+    new ones instead of waiting for the parent's."""
+    out = run_pool("""
+assert product() and workers() > 0
+started = workers()
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if product() and product() and workers() == started else 1)
+for _ in range(600):
+    got, status = os.waitpid(pid, os.WNOHANG)
+    if got:
+        print("child", os.waitstatus_to_exitcode(status), "parent", product())
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    print("the child hung")
+""")
+    assert out == "child 0 parent True"
+
+
+def test_callers_on_several_threads_share_it(pool_threads):
+    """One caller owns the pool at a time; the others run their products alone."""
+    out = run_pool("""
+bad = []
+def caller():
+    bad.extend(i for i in range(150) if not product())
+threads = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(timeout=60)
+print("hung" if any(t.is_alive() for t in threads) else f"wrong {len(bad)}")
+""")
+    assert out == "wrong 0"
