@@ -38,6 +38,9 @@ enum { ROWS_MAX = 8, MAX_THREADS = 64 };
  * at every row count measured, 1.2-3.3x ([512, 256] to [4096, 1024], 1-8 rows, cold
  * weights, Zen 4); alone our kernel lost to it on short rows at 8 rows. */
 #define ROWS_MIN_FLOATS (1 << 16)
+/* x @ W as stored: at [513, 128] (2^16 floats) two threads of ours lost to OpenBLAS
+ * (0.83-1.0x), from [512, 256] they win 1.2-2x at 1-8 rows. */
+#define COLUMNS_MIN_FLOATS (1 << 17)
 #define PER_THREAD_FLOATS (1 << 15) /* a share of under 128 KB is not worth a worker's wake-up */
 #define SPIN_NS 100000L               /* how long an idle worker (or the caller) spins before sleeping */
 
@@ -83,12 +86,15 @@ static inline vec load_vec(const float *p) {
     return v;
 }
 
-typedef struct {
-    int R, j0, j1, K, ldx, ldw, ldc, cs; /* cs: C's stride from one output j to the next */
+typedef struct rows_job rows_job;
+typedef void (*kernel_fn)(const rows_job *);
+struct rows_job {
+    kernel_fn kernel; /* rows_R (W transposed) or columns_R (W as stored) */
+    int R, j0, j1, K, ldx, ldw, ldc, cs; /* outputs j0..j1; cs: C's stride from one j to the next */
     const float *X, *W;
     float *C;
     float alpha, beta;
-} rows_job;
+};
 
 static inline void store(const rows_job *t, int m, int j, float dot) {
     float *c = t->C + (size_t)m * t->ldc + (size_t)j * t->cs;
@@ -139,8 +145,56 @@ ROWS_KERNEL(6)
 ROWS_KERNEL(7)
 ROWS_KERNEL(8)
 
-static void (*const kernels[ROWS_MAX + 1])(const rows_job *) = {
+/* ---- 1-8 rows times a weight as stored: C[m, j] = alpha * sum_k X[m, k] W[k, j] + ... ----
+ * (attention's probabilities times V: V is [context, head_dim]).  B columns' worth of
+ * vectors at a time, each row of W read once for all R rows; every sum runs over k in
+ * order, lane by lane. */
+/* NV vectors of outputs from column j, for all R rows. */
+#define COLUMNS_BLOCK(R, NV)                                                                 \
+    {                                                                                        \
+        vec acc[NV][R];                                                                      \
+        __builtin_memset(acc, 0, sizeof acc);                                                \
+        for (int k = 0; k < t->K; k++) {                                                     \
+            const float *w = t->W + (size_t)k * t->ldw + j;                                  \
+            float x[R];                                                                      \
+            for (int m = 0; m < R; m++) x[m] = t->X[(size_t)m * t->ldx + k];                 \
+            for (int v = 0; v < NV; v++) {                                                   \
+                vec wv = load_vec(w + v * LANES);                                            \
+                for (int m = 0; m < R; m++) acc[v][m] += x[m] * wv;                          \
+            }                                                                                \
+        }                                                                                    \
+        for (int v = 0; v < NV; v++)                                                         \
+            for (int m = 0; m < R; m++)                                                      \
+                for (int l = 0; l < LANES; l++) store(t, m, j + v * LANES + l, acc[v][m][l]); \
+    }
+#define COLUMNS_KERNEL(R)                                                                    \
+    static void columns_##R(const rows_job *t) {                                             \
+        enum { NV = ACCUMULATORS / R > 8 ? 8 : ACCUMULATORS / R };                          \
+        int j = t->j0;                                                                       \
+        for (; j + NV * LANES <= t->j1; j += NV * LANES) COLUMNS_BLOCK(R, NV)                \
+        for (; j + LANES <= t->j1; j += LANES) COLUMNS_BLOCK(R, 1)                           \
+        for (; j < t->j1; j++)                                                               \
+            for (int m = 0; m < R; m++) {                                                    \
+                float dot = 0.0f;                                                            \
+                for (int k = 0; k < t->K; k++)                                               \
+                    dot += t->X[(size_t)m * t->ldx + k] * t->W[(size_t)k * t->ldw + j];      \
+                store(t, m, j, dot);                                                         \
+            }                                                                                \
+    }
+COLUMNS_KERNEL(1)
+COLUMNS_KERNEL(2)
+COLUMNS_KERNEL(3)
+COLUMNS_KERNEL(4)
+COLUMNS_KERNEL(5)
+COLUMNS_KERNEL(6)
+COLUMNS_KERNEL(7)
+COLUMNS_KERNEL(8)
+
+static const kernel_fn rows_kernels[ROWS_MAX + 1] = {
     NULL, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8,
+};
+static const kernel_fn columns_kernels[ROWS_MAX + 1] = {
+    NULL, columns_1, columns_2, columns_3, columns_4, columns_5, columns_6, columns_7, columns_8,
 };
 
 /* ---- the pool: workers kept between calls -------------------------------------------
@@ -210,7 +264,7 @@ static void *worker(void *arg) {
     unsigned seen = 0;
     for (;;) {
         seen = wait_change(&slot->go, seen);
-        kernels[slot->part.R](&slot->part);
+        slot->part.kernel(&slot->part);
         post(&slot->done, seen);
     }
     return NULL;
@@ -251,7 +305,7 @@ static void rows_product(rows_job all) {
     if (most < (size_t)n) n = most > 0 ? (int)most : 1;
     int expected = 0;
     if (n == 1 || !__atomic_compare_exchange_n(&pool_owned, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
-        kernels[all.R](&all);
+        all.kernel(&all);
         return;
     }
     if (workers < n - 1) start_pool(threads - 1);
@@ -268,7 +322,7 @@ static void rows_product(rows_job all) {
     }
     rows_job mine = all;
     mine.j1 = min_int(per, all.j1);
-    kernels[mine.R](&mine);
+    mine.kernel(&mine);
     for (int i = 1; i < n; i++) wait_change(&slots[i].done, seq[i] - 1); /* done goes from seq - 1 to seq */
     __atomic_store_n(&pool_owned, 0, __ATOMIC_RELEASE);
 }
@@ -284,12 +338,17 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
     int x_rows = !a_t || (M == 1 && lda == 1);
     if (ours && x_rows && M <= ROWS_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
         __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
-        rows_product((rows_job){M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
+        rows_product((rows_job){rows_kernels[M], M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
+        return;
+    }
+    if (ours && x_rows && M <= ROWS_MAX && !b_t && N >= LANES && (size_t)N * K >= COLUMNS_MIN_FLOATS) { /* x @ W [K, N] */
+        __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
+        rows_product((rows_job){columns_kernels[M], M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
         return;
     }
     if (ours && !a_t && N == 1 && (b_t || ldb == 1) && (size_t)M * K >= ROWS_MIN_FLOATS) { /* W [M, K] @ x [K, 1] */
         __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
-        rows_product((rows_job){1, 0, M, K, 0, lda, 0, ldc, B, A, C, alpha, beta});
+        rows_product((rows_job){rows_1, 1, 0, M, K, 0, lda, 0, ldc, B, A, C, alpha, beta});
         return;
     }
     real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);

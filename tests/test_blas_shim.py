@@ -105,6 +105,8 @@ def test_one_row_handed_as_a_transposed_column_takes_our_kernel(libs, N, K):
 
 def _ours(ta, tb, M, N, K) -> bool:
     """Whether our kernel takes gemm()'s product (its x as a column has stride N + 2)."""
+    if ta == NO and M <= 8 and tb == NO:  # x @ W as stored ([K, N]), N past a vector
+        return N >= 16 and N * K >= 2**17
     return ta == NO and tb == T and (M <= 8 or N == 1) and (N if M <= 8 else M) * K >= 2**16
 
 
@@ -146,11 +148,29 @@ def test_a_few_rows_times_a_big_transposed_weight_take_our_kernel(libs, R, N, K,
     assert np.isnan(past).all() if beta == 0 else (past == 1.5).all()
 
 
+@pytest.mark.parametrize("R", range(1, 9))
+@pytest.mark.parametrize("N,K", [(1100, 1000), (17, 8000), (300, 440)])  # from 2**17 floats
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
+def test_a_few_rows_times_a_big_weight_as_stored_take_our_kernel(libs, R, N, K, alpha, beta):
+    """x @ W with W [K, N] row-major (attention's probabilities times V): full column
+    blocks, single vectors and scalar columns at the end (N = 1100, 17, 300), shares
+    per thread."""
+    shim, _ = libs
+    before = routed(shim)
+    c_fill = np.nan if beta == 0 else 1.5
+    c, want = gemm(shim.cblas_sgemm, NO, NO, R, N, K, alpha, beta, R * 5 + N, c_fill)
+    assert routed(shim) == before + 1
+    np.testing.assert_allclose(c[:, :N], want, rtol=1e-5, atol=2e-6 * K)
+    past = c[:, N:]
+    assert np.isnan(past).all() if beta == 0 else (past == 1.5).all()
+
+
 @pytest.mark.parametrize(
     "ta,tb,M,N,K",
     [(NO, NO, 3, 5, 9), (NO, T, 3, 5, 9), (T, NO, 3, 5, 9), (T, T, 3, 5, 9)]  # small
-    + [(NO, NO, 4, 1100, 1000), (T, T, 4, 1100, 1000), (NO, T, 9, 1100, 1000)]  # big: another layout, 9 rows
-    + [(NO, T, 4, 255, 256)],  # below 2**16 floats
+    + [(T, NO, 4, 1100, 1000), (T, T, 4, 1100, 1000), (NO, T, 9, 1100, 1000), (NO, NO, 9, 1100, 1000)]  # 9 rows
+    + [(NO, T, 4, 255, 256), (NO, NO, 4, 255, 512)]  # below 2**16 floats (2**17 as stored)
+    + [(NO, NO, 4, 7, 20000)],  # x @ W as stored, narrower than a vector
 )
 def test_the_rest_stays_with_sgemm(libs, ta, tb, M, N, K):
     shim, sgemm = libs
@@ -184,6 +204,10 @@ def test_mlx_products_go_through_it(libs):
         out = np.array(mx.array(xs) @ mx.array(big).T)
         assert routed(shim) == before + 1
         np.testing.assert_allclose(out, xs @ big.T, rtol=1e-5, atol=1e-3)
+    v = rng.standard_normal((512, 256)).astype(np.float32)  # x @ W as stored (attention's p @ V)
+    before = routed(shim)
+    np.testing.assert_allclose(np.array(mx.array(xs) @ mx.array(v)), xs @ v, rtol=1e-5, atol=1e-3)
+    assert routed(shim) == before + 1
     x = rng.standard_normal((512, 1)).astype(np.float32)
     before = routed(shim)
     np.testing.assert_allclose(np.array(mx.array(big) @ mx.array(x)), big @ x, rtol=1e-5, atol=1e-3)
