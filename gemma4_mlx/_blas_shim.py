@@ -4,9 +4,10 @@ CPU; docs/text-decoder.md §6.4).
 MLX's CPU backend multiplies float32 matrices with `cblas_sgemm` only.  OpenBLAS's
 GEMM streams a weight at 7-16 GB/s when the other operand has 1-8 rows (a decode
 step of 1-8 sequences, a verify block); the machine streams 28-31 GB/s.
-`_sgemm_shim.c` sends 1-8 rows times a big transposed weight (and a big weight times
-one column) to a kernel of ours that reads each weight row once for all rows, on
-OpenBLAS's thread count, and everything else to OpenBLAS's sgemm.  `_blas` puts it
+`_sgemm_shim.c` sends 1-8 rows times a big weight (transposed, as a linear layer
+has it, or as stored, as attention's V is; and a big weight times one column) to
+kernels of ours that read the weight once for all rows, on a pool of worker threads
+of ours as large as OpenBLAS's, and everything else to OpenBLAS's sgemm.  `_blas` puts it
 ahead of OpenBLAS in the global symbol scope, as it puts OpenBLAS ahead of MLX's
 reference BLAS.
 
@@ -124,7 +125,10 @@ def load(blas_path: str) -> tuple[str | None, str | None]:
             return None, "this CPU lacks AVX2 and FMA, which its kernels need"
         blas = ctypes.CDLL(blas_path, mode=ctypes.RTLD_LOCAL)
         shim.sgemm_shim_bind.argtypes = [ctypes.c_void_p]
-        if not shim.sgemm_shim_bind(blas._handle):
+        bound = shim.sgemm_shim_bind(blas._handle)
+        if bound == -1:
+            return None, "pthread_atfork failed: its thread pool would not survive a fork"
+        if bound != 1:
             return None, f"{blas_path} lacks cblas_sgemm"
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # promoted: ahead of OpenBLAS, promoted next
     except (OSError, AttributeError) as e:

@@ -42,7 +42,9 @@ enum { ROWS_MAX = 8, MAX_THREADS = 64 };
  * (0.83-1.0x), from [512, 256] they win 1.2-2x at 1-8 rows. */
 #define COLUMNS_MIN_FLOATS (1 << 17)
 #define PER_THREAD_FLOATS (1 << 15) /* a share of under 128 KB is not worth a worker's wake-up */
-#define SPIN_NS 100000L               /* how long an idle worker (or the caller) spins before sleeping */
+#ifndef SPIN_NS /* the tests build one with 0: every wait then sleeps */
+#define SPIN_NS 100000LL /* how long an idle worker (or the caller) spins before sleeping */
+#endif
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
@@ -62,7 +64,7 @@ int sgemm_shim_bind(void *blas) {
     threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
     static int registered;
     if (!registered) registered = pthread_atfork(NULL, NULL, forget_pool) == 0;
-    return real_sgemm != NULL && registered;
+    return real_sgemm == NULL ? 0 : registered ? 1 : -1; /* -1: no fork handler, so no pool is safe */
 }
 
 /* ---- 1-8 rows: C[m, j] = alpha * sum_k X[m, k] W[j, k] + beta * C[m, j] ---------- */
@@ -208,8 +210,9 @@ typedef struct {
     unsigned word, sleeping; /* word: a sequence number; sleeping: a waiter is in futex wait */
 } signal_t;
 
-typedef struct {
-    signal_t go, done; /* the caller bumps go with a share in `part`; the worker answers on done */
+typedef struct { /* go and done on their own cache lines: a spinning waiter reads only its own */
+    signal_t go __attribute__((aligned(64)));   /* the caller bumps it with a share in `part` */
+    signal_t done __attribute__((aligned(64))); /* the worker answers */
     rows_job part;
 } slot_t;
 
@@ -223,20 +226,20 @@ static int pool_owned; /* a caller is using the pool */
 #define cpu_relax() ((void)0)
 #endif
 
-static long now_ns(void) {
+static long long now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1000000000L + t.tv_nsec;
+    return t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
 /* Wait until s->word differs from old: spin up to SPIN_NS, then sleep on the futex. */
 static unsigned wait_change(signal_t *s, unsigned old) {
-    long until = 0;
+    long long until = 0;
     for (int i = 0;; i++) {
         unsigned v = __atomic_load_n(&s->word, __ATOMIC_ACQUIRE);
         if (v != old) return v;
         if ((i & 63) == 0) {
-            long t = now_ns();
+            long long t = now_ns();
             if (!until) until = t + SPIN_NS;
             else if (t > until) break;
         }
@@ -288,8 +291,11 @@ static void start_pool(int want) {
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     while (workers < want) {
         pthread_t id;
-        if (pthread_create(&id, &attr, worker, &slots[workers + 1])) break;
-        workers++;
+        if (pthread_create(&id, &attr, worker, &slots[workers + 1])) {
+            __atomic_store_n(&threads, workers + 1, __ATOMIC_RELAXED); /* no retry on every product */
+            break;
+        }
+        __atomic_store_n(&workers, workers + 1, __ATOMIC_RELAXED);
     }
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -301,16 +307,18 @@ static inline int min_int(int a, int b) { return a < b ? a : b; }
  * first.  Without the pool (another caller has it), the caller takes them all. */
 static void rows_product(rows_job all) {
     size_t most = (size_t)all.j1 * all.K / PER_THREAD_FLOATS; /* threads the work pays for */
-    int n = threads < 1 ? 1 : threads;
+    const int pool = __atomic_load_n(&threads, __ATOMIC_RELAXED);
+    int n = pool < 1 ? 1 : pool;
     if (most < (size_t)n) n = most > 0 ? (int)most : 1;
     int expected = 0;
     if (n == 1 || !__atomic_compare_exchange_n(&pool_owned, &expected, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED)) {
         all.kernel(&all);
         return;
     }
-    if (workers < n - 1) start_pool(threads - 1);
+    if (workers < n - 1) start_pool(pool - 1);
     if (n > workers + 1) n = workers + 1;
     int per = ((all.j1 + n - 1) / n + 15) / 16 * 16;
+    n = min_int(n, (all.j1 + per - 1) / per); /* rounded shares may leave the last threads nothing */
     unsigned seq[MAX_THREADS];
     for (int i = 1; i < n; i++) {
         slot_t *s = &slots[i];
@@ -332,21 +340,22 @@ static void rows_product(rows_job all) {
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
     int a_t = ta == TRANS || ta == CONJ_TRANS, b_t = tb == TRANS || tb == CONJ_TRANS;
+    int a_n = ta == NO_TRANS, b_n = tb == NO_TRANS; /* any other value: OpenBLAS reports it */
     int ours = ROWS_KERNELS && order == ROW_MAJOR && M > 0 && N > 0 && K > 0 && alpha != 0.0f;
     /* One row handed over as a transposed column ([K, 1], lda 1: MLX does so for a row
      * gathered per MoE pair) is the same contiguous row. */
-    int x_rows = !a_t || (M == 1 && lda == 1);
+    int x_rows = a_n || (a_t && M == 1 && lda == 1);
     if (ours && x_rows && M <= ROWS_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
         __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){rows_kernels[M], M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
         return;
     }
-    if (ours && x_rows && M <= ROWS_MAX && !b_t && N >= LANES && (size_t)N * K >= COLUMNS_MIN_FLOATS) { /* x @ W [K, N] */
+    if (ours && x_rows && M <= ROWS_MAX && b_n && N >= LANES && (size_t)N * K >= COLUMNS_MIN_FLOATS) { /* x @ W [K, N] */
         __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){columns_kernels[M], M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
         return;
     }
-    if (ours && !a_t && N == 1 && (b_t || ldb == 1) && (size_t)M * K >= ROWS_MIN_FLOATS) { /* W [M, K] @ x [K, 1] */
+    if (ours && a_n && N == 1 && (b_t || (b_n && ldb == 1)) && (size_t)M * K >= ROWS_MIN_FLOATS) { /* W [M, K] @ x [K, 1] */
         __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){rows_1, 1, 0, M, K, 0, lda, 0, ldc, B, A, C, alpha, beta});
         return;

@@ -85,7 +85,7 @@ def test_one_row_or_column_of_a_big_weight_takes_our_kernel(libs, shape, ta, tb,
 
 
 @pytest.mark.parametrize("N,K", [(300, 230), (1100, 1000)])
-def test_one_row_handed_as_a_transposed_column_takes_our_kernel(libs, N, K):
+def test_one_row_handed_as_a_transposed_column_takes_our_kernels(libs, N, K):
     """x^T stored [K, 1] with lda 1 is one contiguous row: MLX hands over an MoE pair's
     gathered row so.  With lda > 1 (a real column of a wider matrix) it stays."""
     shim, sgemm = libs
@@ -93,14 +93,17 @@ def test_one_row_handed_as_a_transposed_column_takes_our_kernel(libs, N, K):
     w = rng.standard_normal((N, K)).astype(np.float32)
     x = rng.standard_normal((K, 3)).astype(np.float32)
     want = x[:, 0].astype(np.float64) @ w.T
+    stored = np.ascontiguousarray(w.T)  # the same weight as stored, [K, N]
     for lda, route in ((1, 1), (3, 0)):
         col = np.ascontiguousarray(x[:, 0]) if lda == 1 else x
-        c = np.full(N + 2, np.nan, np.float32)
-        before = routed(shim)
-        shim.cblas_sgemm(ROW, T, T, 1, N, K, 1.0, col.ctypes.data, lda, w.ctypes.data, K, 0.0, c.ctypes.data, N)
-        assert routed(shim) == before + route
-        np.testing.assert_allclose(c[:N], want, rtol=1e-5, atol=2e-6 * K)
-        assert np.isnan(c[N:]).all()
+        for tb, weight, ldb in ((T, w, K), (NO, stored, N)):
+            c = np.full(N + 2, np.nan, np.float32)
+            before = routed(shim)
+            shim.cblas_sgemm(ROW, T, tb, 1, N, K, 1.0, col.ctypes.data, lda, weight.ctypes.data, ldb, 0.0,
+                             c.ctypes.data, N)  # fmt: skip
+            assert routed(shim) == before + route * (tb == T or N * K >= 2**17)
+            np.testing.assert_allclose(c[:N], want, rtol=1e-5, atol=2e-6 * K)
+            assert np.isnan(c[N:]).all()
 
 
 def _ours(ta, tb, M, N, K) -> bool:
@@ -267,7 +270,9 @@ import numpy as np
 from gemma4_mlx import _blas
 
 P, I, F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-shim = ctypes.CDLL(_blas.shim)
+shim = ctypes.CDLL(sys.argv[1])  # the loaded shim, or one built to sleep at once
+shim.sgemm_shim_bind.argtypes = [P]
+assert shim.sgemm_shim_bind(ctypes.CDLL(_blas.loaded_from)._handle) == 1
 shim.cblas_sgemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
 rng = np.random.default_rng(0)
 W = rng.standard_normal((1100, 512)).astype(np.float32)  # shares for two threads or more
@@ -287,40 +292,52 @@ def workers():
 """
 
 
-@pytest.fixture(scope="module")
-def pool_threads(libs):
-    blas = ctypes.CDLL(_blas.loaded_from)
-    n = blas.openblas_get_num_threads()
+@pytest.fixture(scope="module", params=["spinning", "sleeping"])
+def pool(libs, request, tmp_path_factory):
+    """(the shim to load, OpenBLAS's thread count): the one in use, whose waits spin
+    first, and one built with SPIN_NS 0, whose every wait sleeps on the futex."""
+    n = ctypes.CDLL(_blas.loaded_from).openblas_get_num_threads()
     if n < 2:
         pytest.skip("OpenBLAS runs one thread here: the shim starts no pool")
-    return n
+    if request.param == "spinning":
+        return _blas.shim, n
+    path = tmp_path_factory.mktemp("spin0") / "shim.so"
+    cc = os.environ.get("CC") or "cc"
+    flags = [*_blas_shim.FLAGS, "-DSPIN_NS=0"]
+    subprocess.run([cc, *flags, "-o", str(path), str(_blas_shim.SOURCE), *_blas_shim.LIBS], check=True)
+    return str(path), n
 
 
-def run_pool(case: str) -> str:
+def run_pool(pool, case: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-c", POOL + case], capture_output=True, text=True, timeout=120, cwd=os.getcwd()
+        [sys.executable, "-c", POOL + case, pool[0]], capture_output=True, text=True, timeout=120, cwd=os.getcwd()
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip()
 
 
-def test_the_pool_stays_between_products_and_wakes_from_sleep(pool_threads):
+def test_the_pool_stays_between_products_and_wakes_from_sleep(pool):
     """Idle past its spin (100 us), a worker sleeps on its futex; the next product must
     wake it.  The same workers serve every product."""
-    out = run_pool("""
+    out = run_pool(
+        pool,
+        """
 results = []
 for pause in (0, 0.01, 0, 0.05, 0.002) * 4:
     results.append(product())
     time.sleep(pause)
 print(all(results), workers())
-""")
-    assert out == f"True {pool_threads - 1}"
+""",
+    )
+    assert out == f"True {pool[1] - 1}"
 
 
-def test_a_forked_child_starts_its_own_pool(pool_threads):
+def test_a_forked_child_starts_its_own_pool(pool):
     """The parent's workers do not exist in a forked child: its first product must start
     new ones instead of waiting for the parent's."""
-    out = run_pool("""
+    out = run_pool(
+        pool,
+        """
 assert product() and workers() > 0
 started = workers()
 pid = os.fork()
@@ -335,13 +352,16 @@ for _ in range(600):
 else:
     os.kill(pid, 9)
     print("the child hung")
-""")
+""",
+    )
     assert out == "child 0 parent True"
 
 
-def test_callers_on_several_threads_share_it(pool_threads):
+def test_callers_on_several_threads_share_it(pool):
     """One caller owns the pool at a time; the others run their products alone."""
-    out = run_pool("""
+    out = run_pool(
+        pool,
+        """
 bad = []
 def caller():
     bad.extend(i for i in range(150) if not product())
@@ -351,5 +371,6 @@ for t in threads:
 for t in threads:
     t.join(timeout=60)
 print("hung" if any(t.is_alive() for t in threads) else f"wrong {len(bad)}")
-""")
+""",
+    )
     assert out == "wrong 0"
