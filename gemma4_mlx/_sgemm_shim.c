@@ -8,8 +8,11 @@
  * OpenBLAS in the process's global symbol scope:
  *   - 1-8 rows times a transposed weight (x @ W^T: what MLX programs write), or a
  *     weight times one column (W @ x), the weight at least ROWS_MIN_FLOATS: `rows_R`
- *     below, which reads each weight row once for all R rows, on as many threads as
- *     OpenBLAS uses (a pool of ours, kept between calls: see "the pool");
+ *     below, which reads each weight row once for all R rows;
+ *   - 1-8 rows times a weight as stored (x @ W, W [K, N]: attention's probabilities
+ *     times V), at least COLUMNS_MIN_FLOATS: `columns_R`, which reads W's rows once;
+ *   - both on as many threads as OpenBLAS uses (a pool of ours, kept between calls:
+ *     see "the pool");
  *   - everything else: OpenBLAS's cblas_sgemm, unchanged.
  * (OpenBLAS's own sgemv streamed 28-31 GB/s too, but its thread pool hung the
  * process after pexpect's forks in the test suite: 0.3.21, a call spinning for
@@ -148,10 +151,9 @@ ROWS_KERNEL(7)
 ROWS_KERNEL(8)
 
 /* ---- 1-8 rows times a weight as stored: C[m, j] = alpha * sum_k X[m, k] W[k, j] + ... ----
- * (attention's probabilities times V: V is [context, head_dim]).  B columns' worth of
- * vectors at a time, each row of W read once for all R rows; every sum runs over k in
- * order, lane by lane. */
-/* NV vectors of outputs from column j, for all R rows. */
+ * (attention's probabilities times V: V is [context, head_dim]).  NV vectors of outputs
+ * at a time, from column j, for all R rows, each row of W read once for them; every sum
+ * runs over k in order, lane by lane. */
 #define COLUMNS_BLOCK(R, NV)                                                                 \
     {                                                                                        \
         vec acc[NV][R];                                                                      \
