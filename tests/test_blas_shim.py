@@ -135,33 +135,22 @@ def test_other_one_row_products_stay_with_sgemm(libs, ta, tb, shape):
     np.testing.assert_allclose(ours[:, :N], want, rtol=1e-5, atol=2e-6 * K)
 
 
-@pytest.mark.parametrize("R", range(1, 9))
-@pytest.mark.parametrize("N,K", [(1100, 1000), (17, 61703), (515, 2050), (300, 230)])  # from 2**16 floats
-@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
-def test_a_few_rows_times_a_big_transposed_weight_take_our_kernel(libs, R, N, K, alpha, beta):
-    """Every row count, shares of the weight's rows per thread that end mid-group
-    (N = 1100, 17, 515), K past the vectors' multiple of 8 or 16 (tails)."""
-    shim, _ = libs
-    before = routed(shim)
-    c_fill = np.nan if beta == 0 else 1.5
-    c, want = gemm(shim.cblas_sgemm, NO, T, R, N, K, alpha, beta, R * 7 + N, c_fill)
-    assert routed(shim) == before + 1
-    np.testing.assert_allclose(c[:, :N], want, rtol=1e-5, atol=2e-6 * K)
-    past = c[:, N:]
-    assert np.isnan(past).all() if beta == 0 else (past == 1.5).all()
+FEW_ROWS = [(T, N, K) for N, K in ((1100, 1000), (17, 61703), (515, 2050), (300, 230))]  # from 2**16 floats
+FEW_ROWS += [(NO, N, K) for N, K in ((1100, 1000), (17, 8000), (300, 440))]  # as stored: from 2**17 floats
 
 
 @pytest.mark.parametrize("R", range(1, 9))
-@pytest.mark.parametrize("N,K", [(1100, 1000), (17, 8000), (300, 440)])  # from 2**17 floats
+@pytest.mark.parametrize("tb,N,K", FEW_ROWS)
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
-def test_a_few_rows_times_a_big_weight_as_stored_take_our_kernel(libs, R, N, K, alpha, beta):
-    """x @ W with W [K, N] row-major (attention's probabilities times V): full column
-    blocks, single vectors and scalar columns at the end (N = 1100, 17, 300), shares
-    per thread."""
+def test_a_few_rows_times_a_big_weight_take_our_kernels(libs, R, tb, N, K, alpha, beta):
+    """Every row count, W transposed ([N, K]: a linear layer's x @ W^T) or as stored
+    ([K, N]: attention's probabilities times V); shares per thread that end mid-group
+    or mid-block, single vectors and scalar columns at the end (N = 1100, 17, 515,
+    300), K past the vectors' multiple of 8 or 16 (tails)."""
     shim, _ = libs
     before = routed(shim)
     c_fill = np.nan if beta == 0 else 1.5
-    c, want = gemm(shim.cblas_sgemm, NO, NO, R, N, K, alpha, beta, R * 5 + N, c_fill)
+    c, want = gemm(shim.cblas_sgemm, NO, tb, R, N, K, alpha, beta, R * 7 + N + tb, c_fill)
     assert routed(shim) == before + 1
     np.testing.assert_allclose(c[:, :N], want, rtol=1e-5, atol=2e-6 * K)
     past = c[:, N:]
