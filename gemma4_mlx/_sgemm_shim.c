@@ -106,6 +106,20 @@ static inline void store(const rows_job *t, int m, int j, float dot) {
     *c = t->beta == 0.0f ? t->alpha * dot : t->alpha * dot + t->beta * *c; /* beta 0: C is not read */
 }
 
+/* dot plus X[m, k] * w[k * step] for k0 <= k < K, one float at a time: the tails the
+ * vectors leave, in both kernels. */
+static inline float dot_on(const rows_job *t, int m, float dot, int k0, const float *w, size_t step) {
+    for (int k = k0; k < t->K; k++) dot += t->X[(size_t)m * t->ldx + k] * w[(size_t)k * step];
+    return dot;
+}
+
+/* Outputs j0..j1 one float each (those past the last vector): output j's weights start
+ * at W + j * per_j and step per_k from one k to the next. */
+static void scalar_outputs(const rows_job *t, int j0, size_t per_j, size_t per_k) {
+    for (int j = j0; j < t->j1; j++)
+        for (int m = 0; m < t->R; m++) store(t, m, j, dot_on(t, m, 0.0f, 0, t->W + j * per_j, per_k));
+}
+
 /* G weight rows at a time, each read once for all R rows: G * R vector accumulators. */
 #define ROWS_KERNEL(R)                                                                       \
     static void rows_##R(const rows_job *t) {                                                \
@@ -127,19 +141,11 @@ static inline void store(const rows_job *t, int m, int j, float dot) {
             for (int g = 0; g < G; g++)                                                      \
                 for (int m = 0; m < R; m++) {                                                \
                     float dot = 0.0f;                                                        \
-                    for (int l = 0; l < LANES; l++) dot += acc[g][m][l];                         \
-                    for (int kk = k; kk < K; kk++)                                           \
-                        dot += t->X[(size_t)m * t->ldx + kk] * t->W[(size_t)(j + g) * t->ldw + kk]; \
-                    store(t, m, j + g, dot);                                                 \
+                    for (int l = 0; l < LANES; l++) dot += acc[g][m][l];                     \
+                    store(t, m, j + g, dot_on(t, m, dot, k, t->W + (size_t)(j + g) * t->ldw, 1)); \
                 }                                                                            \
         }                                                                                    \
-        for (; j < t->j1; j++)                                                               \
-            for (int m = 0; m < R; m++) {                                                    \
-                float dot = 0.0f;                                                            \
-                for (int kk = 0; kk < K; kk++)                                               \
-                    dot += t->X[(size_t)m * t->ldx + kk] * t->W[(size_t)j * t->ldw + kk];    \
-                store(t, m, j, dot);                                                         \
-            }                                                                                \
+        scalar_outputs(t, j, t->ldw, 1);                                                     \
     }
 ROWS_KERNEL(1)
 ROWS_KERNEL(2)
@@ -177,13 +183,7 @@ ROWS_KERNEL(8)
         int j = t->j0;                                                                       \
         for (; j + NV * LANES <= t->j1; j += NV * LANES) COLUMNS_BLOCK(R, NV)                \
         for (; j + LANES <= t->j1; j += LANES) COLUMNS_BLOCK(R, 1)                           \
-        for (; j < t->j1; j++)                                                               \
-            for (int m = 0; m < R; m++) {                                                    \
-                float dot = 0.0f;                                                            \
-                for (int k = 0; k < t->K; k++)                                               \
-                    dot += t->X[(size_t)m * t->ldx + k] * t->W[(size_t)k * t->ldw + j];      \
-                store(t, m, j, dot);                                                         \
-            }                                                                                \
+        scalar_outputs(t, j, 1, t->ldw);                                                     \
     }
 COLUMNS_KERNEL(1)
 COLUMNS_KERNEL(2)
