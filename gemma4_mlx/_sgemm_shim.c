@@ -27,6 +27,9 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 /* The kernels need AVX2 and FMA (SSE alone ran 6 GB/s at 8 rows); a build without them
  * only forwards, and _blas_shim.py does not load it (sgemm_shim_kernels). */
@@ -72,14 +75,18 @@ int sgemm_shim_bind(void *blas) {
 
 /* ---- 1-8 rows: C[m, j] = alpha * sum_k X[m, k] W[j, k] + beta * C[m, j] ---------- */
 
-/* Vector width and how many vector registers hold partial sums: AVX-512 has 32
- * registers of 16 floats (24 accumulators measured 10-20 % faster than 16 at 8 rows on
- * Zen 4), AVX2 16 of 8.  GCC's vector types: plain C, unaligned loads through memcpy. */
+/* Vector width, registers, and how many of them hold partial sums: AVX-512 has 32
+ * registers of 16 floats, AVX2 16 of 8.  With the rows' x vectors kept in registers
+ * too (rows_R), 16 accumulators measured 1.3-2.7x faster than 24 at 2-8 rows on a
+ * weight in L2 (Zen 4): at 24, x could not stay in registers at 8 rows.  GCC's vector
+ * types: plain C, unaligned loads through memcpy. */
 #ifdef __AVX512F__
 #define LANES 16
-#define ACCUMULATORS 24
+#define REGISTERS 32
+#define ACCUMULATORS 16
 #else
 #define LANES 8
+#define REGISTERS 16
 #define ACCUMULATORS 8
 #endif
 /* Natural alignment: declared under-aligned, GCC kept AVX2 accumulators in memory (1 GB/s). */
@@ -120,32 +127,85 @@ static void scalar_outputs(const rows_job *t, int j0, size_t per_j, size_t per_k
         for (int m = 0; m < t->R; m++) store(t, m, j, dot_on(t, m, 0.0f, 0, t->W + j * per_j, per_k));
 }
 
-/* G weight rows at a time, each read once for all R rows: G * R vector accumulators. */
+/* The later K chunks of rows_R add alpha times their part to what the first stored. */
+static inline void add_partial(const rows_job *t, int m, int j, float dot, int first) {
+    if (first) store(t, m, j, dot);
+    else t->C[(size_t)m * t->ldc + (size_t)j * t->cs] += t->alpha * dot;
+}
+
+/* A vector's lanes summed as a tree: lane by lane, 15 dependent adds per output. */
+static inline float hsum(vec v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v);
+#elif defined(__AVX2__)
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+    return _mm_cvtss_f32(_mm_add_ss(a, _mm_movehdup_ps(a)));
+#else /* no kernels here (ROWS_KERNELS 0): only has to compile */
+    float sum = 0.0f;
+    for (int l = 0; l < LANES; l++) sum += v[l];
+    return sum;
+#endif
+}
+
+/* GCC otherwise reads a row's x vector again for every weight row (a memory operand of
+ * each FMA): 18 loads per 16 FMAs at 8 rows, where loads bound the kernel. */
+#if defined(__x86_64__) || defined(__i386__)
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#else
+#define IN_REGISTER(v) ((void)0)
+#endif
+/* At most 8 weight rows at a time: rows 4 KB apart (K = 1024, 2048, ...) share one L1
+ * set, and 12 of them (8 ways) halved a one-row product on a weight in L2. */
+#define GROUP_MAX 8
+/* The rows' x of one K chunk, packed: 16 KB, in L1 beside the weight's stream.  At
+ * 8 rows and K = 4096, x (128 KB) came from L2 for every group of weight rows. */
+#define CHUNK_BYTES 16384
+/* From 4 rows, the next group's weight is prefetched: each weight line now takes 4-8
+ * FMAs per row, and the reorder window holds too few lines in flight to cover memory's
+ * latency (8 rows: 13-20 -> 19-25 GB/s at K = 512-2048, cold, two threads). */
+#define PREFETCH_ROWS 4
+
+/* G weight rows at a time, each read once for all R rows: G * R vector accumulators.
+ * K runs in chunks of KC: the chunk of the R rows of x is packed vector by vector into
+ * xp, and each weight row's chunk streams past it. */
 #define ROWS_KERNEL(R)                                                                       \
     static void rows_##R(const rows_job *t) {                                                \
-        enum { G = ACCUMULATORS / R > 12 ? 12 : ACCUMULATORS / R };                         \
-        const int K = t->K;                                                                  \
-        int j = t->j0;                                                                       \
-        for (; j + G <= t->j1; j += G) {                                                     \
-            vec acc[G][R];                                                                    \
-            __builtin_memset(acc, 0, sizeof acc);                                            \
-            int k = 0;                                                                       \
-            for (; k + LANES <= K; k += LANES) {                                                     \
-                vec x[R];                                                                     \
-                for (int m = 0; m < R; m++) x[m] = load_vec(t->X + (size_t)m * t->ldx + k);     \
-                for (int g = 0; g < G; g++) {                                                \
-                    vec w = load_vec(t->W + (size_t)(j + g) * t->ldw + k);                       \
-                    for (int m = 0; m < R; m++) acc[g][m] += x[m] * w;                       \
+        enum { G = ACCUMULATORS / R > GROUP_MAX ? GROUP_MAX : ACCUMULATORS / R };           \
+        enum { KC = CHUNK_BYTES / (R * LANES * sizeof(float)) * LANES };                     \
+        float xp[R * KC] __attribute__((aligned(64)));                                        \
+        const int K = t->K, groups_end = t->j0 + (t->j1 - t->j0) / G * G;                   \
+        for (int k0 = 0; k0 < K; k0 += KC) {                                                 \
+            const int k1 = K - k0 <= KC ? K : k0 + KC, kv = k0 + (k1 - k0) / LANES * LANES; \
+            for (int k = k0; k < kv; k += LANES)                                              \
+                for (int m = 0; m < R; m++)                                                  \
+                    __builtin_memcpy(xp + (k - k0) * R + m * LANES, t->X + (size_t)m * t->ldx + k, sizeof(vec)); \
+            for (int j = t->j0; j < groups_end; j += G) {                                    \
+                const float *w = t->W + (size_t)j * t->ldw;                                  \
+                vec acc[G][R];                                                                \
+                __builtin_memset(acc, 0, sizeof acc);                                        \
+                for (int k = k0; k < kv; k += LANES) {                                       \
+                    vec x[R];                                                                 \
+                    for (int m = 0; m < R; m++) {                                            \
+                        x[m] = load_vec(xp + (k - k0) * R + m * LANES);                      \
+                        if (R * (G + 1) < REGISTERS) IN_REGISTER(x[m]);                      \
+                    }                                                                        \
+                    for (int g = 0; g < G; g++) {                                            \
+                        const float *wk = w + (size_t)g * t->ldw + k;                        \
+                        if (R >= PREFETCH_ROWS) __builtin_prefetch(wk + (size_t)G * t->ldw, 0, 0); \
+                        vec wv = load_vec(wk);                                               \
+                        for (int m = 0; m < R; m++) acc[g][m] += x[m] * wv;                  \
+                    }                                                                        \
                 }                                                                            \
+                for (int g = 0; g < G; g++)                                                  \
+                    for (int m = 0; m < R; m++) {                                            \
+                        float dot = hsum(acc[g][m]);                                         \
+                        if (k1 == K) dot = dot_on(t, m, dot, kv, w + (size_t)g * t->ldw, 1); \
+                        add_partial(t, m, j + g, dot, k0 == 0);                              \
+                    }                                                                        \
             }                                                                                \
-            for (int g = 0; g < G; g++)                                                      \
-                for (int m = 0; m < R; m++) {                                                \
-                    float dot = 0.0f;                                                        \
-                    for (int l = 0; l < LANES; l++) dot += acc[g][m][l];                     \
-                    store(t, m, j + g, dot_on(t, m, dot, k, t->W + (size_t)(j + g) * t->ldw, 1)); \
-                }                                                                            \
         }                                                                                    \
-        scalar_outputs(t, j, t->ldw, 1);                                                     \
+        scalar_outputs(t, groups_end, t->ldw, 1);                                            \
     }
 ROWS_KERNEL(1)
 ROWS_KERNEL(2)
