@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -58,7 +59,11 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
 static sgemm_fn real_sgemm;
 static void forget_pool(void);
 static int threads = 1;
-unsigned long sgemm_shim_rows; /* products our kernel took, for the tests */
+static unsigned long routed; /* products our kernels took */
+
+/* For the tests; a function, as a global variable would be interposed by another build
+ * of this library loaded ahead of it (the tests load two). */
+unsigned long sgemm_shim_routed(void) { return __atomic_load_n(&routed, __ATOMIC_RELAXED); }
 
 /* Whether this build has the kernels (AVX2 and FMA): without, it would only forward. */
 int sgemm_shim_kernels(void) { return ROWS_KERNELS; }
@@ -148,6 +153,22 @@ static inline float hsum(vec v) {
 #endif
 }
 
+/* Lanes lo..hi-1 from p[lo..hi), the others zero; p's other floats are not read. */
+static inline vec load_lanes(const float *p, int lo, int hi) {
+#if defined(__AVX512F__)
+    return (vec)_mm512_maskz_loadu_ps((__mmask16)((0xFFFFu << lo) & (0xFFFFu >> (LANES - hi))), p);
+#elif defined(__AVX2__)
+    __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(lanes, _mm256_set1_epi32(lo - 1)),
+                                  _mm256_cmpgt_epi32(_mm256_set1_epi32(hi), lanes));
+    return (vec)_mm256_maskload_ps(p, in);
+#else
+    vec v = {0};
+    for (int l = lo; l < hi; l++) v[l] = p[l];
+    return v;
+#endif
+}
+
 /* GCC otherwise reads a row's x vector again for every weight row (a memory operand of
  * each FMA): 18 loads per 16 FMAs at 8 rows, where loads bound the kernel. */
 #if defined(__x86_64__) || defined(__i386__)
@@ -165,44 +186,71 @@ static inline float hsum(vec v) {
  * FMAs per row, and the reorder window holds too few lines in flight to cover memory's
  * latency (8 rows: 13-20 -> 19-25 GB/s at K = 512-2048, cold, two threads). */
 #define PREFETCH_ROWS 4
+/* Up to 4 rows, a weight vector across two cache lines cost 20-30 % on a weight in L2
+ * (loads bound those steps); from 5, the FMAs bound them, and the masked first step
+ * cost more than the aligned loads saved (8 rows: 35 -> 31 GFMA/s). */
+#define ALIGNED_ROWS 4
+
+/* One vector step at k for the group's G weight rows from w: x from the packed chunk,
+ * each weight vector read by LOAD(address). */
+#define ROWS_STEP(R, G, k, LOAD)                                                             \
+    {                                                                                        \
+        vec x[R];                                                                             \
+        for (int m = 0; m < R; m++) {                                                        \
+            x[m] = load_vec(xp + ((k) - k0) * R + m * LANES);                                \
+            if (R * (G + 1) < REGISTERS) IN_REGISTER(x[m]);                                  \
+        }                                                                                    \
+        for (int g = 0; g < G; g++) {                                                        \
+            const float *wk = w + (size_t)g * t->ldw + (k);                                  \
+            if (R >= PREFETCH_ROWS) __builtin_prefetch(wk + (size_t)G * t->ldw, 0, 0);       \
+            vec wv = LOAD(wk);                                                               \
+            for (int m = 0; m < R; m++) acc[g][m] += x[m] * wv;                              \
+        }                                                                                    \
+    }
+#define MASKED_LOAD(p) load_lanes(p, lo, hi)
 
 /* G weight rows at a time, each read once for all R rows: G * R vector accumulators.
  * K runs in chunks of KC: the chunk of the R rows of x is packed vector by vector into
- * xp, and each weight row's chunk streams past it. */
+ * xp, and each weight row's chunk streams past it.  Up to ALIGNED_ROWS rows, the vector
+ * steps start where the weight rows' vectors are aligned, when the rows all start at
+ * the same offset (ldw a multiple of LANES; MLX's arrays start 8 bytes past 64).  The
+ * first step then starts below k = 0, and the last may end past K: their lanes outside
+ * 0..K-1 are masked (zero in xp, not read from W). */
 #define ROWS_KERNEL(R)                                                                       \
     static void rows_##R(const rows_job *t) {                                                \
         enum { G = ACCUMULATORS / R > GROUP_MAX ? GROUP_MAX : ACCUMULATORS / R };           \
         enum { KC = CHUNK_BYTES / (R * LANES * sizeof(float)) * LANES };                     \
         float xp[R * KC] __attribute__((aligned(64)));                                        \
         const int K = t->K, groups_end = t->j0 + (t->j1 - t->j0) / G * G;                   \
-        for (int k0 = 0; k0 < K; k0 += KC) {                                                 \
-            const int k1 = K - k0 <= KC ? K : k0 + KC, kv = k0 + (k1 - k0) / LANES * LANES; \
-            for (int k = k0; k < kv; k += LANES)                                              \
-                for (int m = 0; m < R; m++)                                                  \
-                    __builtin_memcpy(xp + (k - k0) * R + m * LANES, t->X + (size_t)m * t->ldx + k, sizeof(vec)); \
+        const uintptr_t first = (uintptr_t)(t->W + (size_t)t->j0 * t->ldw) / sizeof(float); \
+        const int lead = R > ALIGNED_ROWS || t->ldw % LANES ? 0 : (int)(-first % LANES);     \
+        const int origin = lead ? lead - LANES : 0;                                          \
+        for (int k0 = origin; k0 < K; k0 += KC) {                                            \
+            const int k1 = K - k0 <= KC ? K : k0 + KC;                                        \
+            for (int k = k0; k < k1; k += LANES)                                              \
+                for (int m = 0; m < R; m++) {                                                \
+                    const float *xm = t->X + (size_t)m * t->ldx;                             \
+                    float *to = xp + (k - k0) * R + m * LANES;                               \
+                    if (k >= 0 && k + LANES <= K) __builtin_memcpy(to, xm + k, sizeof(vec)); \
+                    else for (int l = 0; l < LANES; l++) to[l] = k + l < 0 || k + l >= K ? 0.0f : xm[k + l]; \
+                }                                                                            \
             for (int j = t->j0; j < groups_end; j += G) {                                    \
                 const float *w = t->W + (size_t)j * t->ldw;                                  \
                 vec acc[G][R];                                                                \
                 __builtin_memset(acc, 0, sizeof acc);                                        \
-                for (int k = k0; k < kv; k += LANES) {                                       \
-                    vec x[R];                                                                 \
-                    for (int m = 0; m < R; m++) {                                            \
-                        x[m] = load_vec(xp + (k - k0) * R + m * LANES);                      \
-                        if (R * (G + 1) < REGISTERS) IN_REGISTER(x[m]);                      \
-                    }                                                                        \
-                    for (int g = 0; g < G; g++) {                                            \
-                        const float *wk = w + (size_t)g * t->ldw + k;                        \
-                        if (R >= PREFETCH_ROWS) __builtin_prefetch(wk + (size_t)G * t->ldw, 0, 0); \
-                        vec wv = load_vec(wk);                                               \
-                        for (int m = 0; m < R; m++) acc[g][m] += x[m] * wv;                  \
-                    }                                                                        \
+                int k = k0;                                                                  \
+                if (k < 0) { /* the first chunk's first step */                             \
+                    const int lo = -k, hi = K - k < LANES ? K - k : LANES;                   \
+                    ROWS_STEP(R, G, k, MASKED_LOAD)                                          \
+                    k += LANES;                                                              \
+                }                                                                            \
+                for (; k + LANES <= k1; k += LANES) ROWS_STEP(R, G, k, load_vec)             \
+                if (k < k1) { /* the last chunk's last step */                              \
+                    const int lo = 0, hi = K - k;                                            \
+                    ROWS_STEP(R, G, k, MASKED_LOAD)                                          \
                 }                                                                            \
                 for (int g = 0; g < G; g++)                                                  \
-                    for (int m = 0; m < R; m++) {                                            \
-                        float dot = hsum(acc[g][m]);                                         \
-                        if (k1 == K) dot = dot_on(t, m, dot, kv, w + (size_t)g * t->ldw, 1); \
-                        add_partial(t, m, j + g, dot, k0 == 0);                              \
-                    }                                                                        \
+                    for (int m = 0; m < R; m++) add_partial(t, m, j + g, hsum(acc[g][m]), k0 == origin); \
             }                                                                                \
         }                                                                                    \
         scalar_outputs(t, groups_end, t->ldw, 1);                                            \
@@ -408,17 +456,17 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
      * gathered per MoE pair) is the same contiguous row. */
     int x_rows = a_n || (a_t && M == 1 && lda == 1);
     if (ours && x_rows && M <= ROWS_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
-        __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&routed, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){rows_kernels[M], M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
         return;
     }
     if (ours && x_rows && M <= ROWS_MAX && b_n && N >= LANES && (size_t)N * K >= COLUMNS_MIN_FLOATS) { /* x @ W [K, N] */
-        __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&routed, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){columns_kernels[M], M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
         return;
     }
     if (ours && a_n && N == 1 && (b_t || (b_n && ldb == 1)) && (size_t)M * K >= ROWS_MIN_FLOATS) { /* W [M, K] @ x [K, 1] */
-        __atomic_fetch_add(&sgemm_shim_rows, 1, __ATOMIC_RELAXED);
+        __atomic_fetch_add(&routed, 1, __ATOMIC_RELAXED);
         rows_product((rows_job){rows_1, 1, 0, M, K, 0, lda, 0, ldc, B, A, C, alpha, beta});
         return;
     }

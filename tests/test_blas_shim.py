@@ -39,8 +39,28 @@ def libs():
     return shim, blas.cblas_sgemm
 
 
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def kernels(libs, request, tmp_path_factory):
+    """(shim, OpenBLAS's sgemm): the shim in use, and on an AVX-512 CPU one built without
+    AVX-512, whose kernels take 8 lanes and AVX2's masked loads."""
+    if request.param == "native":
+        return libs
+    if "avx512f" not in _blas_shim.cpu_flags():
+        pytest.skip("the shim in use is the AVX2 build")
+    path = tmp_path_factory.mktemp("avx2") / "shim.so"
+    cc = os.environ.get("CC") or "cc"
+    subprocess.run([cc, *_blas_shim.FLAGS, "-mno-avx512f", "-o", str(path), str(_blas_shim.SOURCE), *_blas_shim.LIBS],
+                   check=True)  # fmt: skip
+    shim = ctypes.CDLL(str(path))
+    shim.sgemm_shim_bind.argtypes = [P]
+    assert shim.sgemm_shim_bind(ctypes.CDLL(_blas.loaded_from)._handle) == 1
+    shim.cblas_sgemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
+    return shim, libs[1]
+
+
 def routed(shim) -> int:
-    return ctypes.c_ulong.in_dll(shim, "sgemm_shim_rows").value
+    shim.sgemm_shim_routed.restype = ctypes.c_ulong
+    return shim.sgemm_shim_routed()
 
 
 def gemm(fn, ta, tb, M, N, K, alpha, beta, seed, c_fill):
@@ -142,12 +162,12 @@ FEW_ROWS += [(NO, N, K) for N, K in ((1100, 1000), (17, 8000), (300, 440))]  # a
 @pytest.mark.parametrize("R", range(1, 9))
 @pytest.mark.parametrize("tb,N,K", FEW_ROWS)
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
-def test_a_few_rows_times_a_big_weight_take_our_kernels(libs, R, tb, N, K, alpha, beta):
+def test_a_few_rows_times_a_big_weight_take_our_kernels(kernels, R, tb, N, K, alpha, beta):
     """Every row count, W transposed ([N, K]: a linear layer's x @ W^T) or as stored
     ([K, N]: attention's probabilities times V); shares per thread that end mid-group
     or mid-block, single vectors and scalar columns at the end (N = 1100, 17, 515,
-    300), K past the vectors' multiple of 8 or 16 (tails)."""
-    shim, _ = libs
+    300), K past the vectors' multiple of 8 or 16 (tails); AVX-512's and AVX2's kernels."""
+    shim, _ = kernels
     before = routed(shim)
     c_fill = np.nan if beta == 0 else 1.5
     c, want = gemm(shim.cblas_sgemm, NO, tb, R, N, K, alpha, beta, R * 7 + N + tb, c_fill)
@@ -155,6 +175,40 @@ def test_a_few_rows_times_a_big_weight_take_our_kernels(libs, R, tb, N, K, alpha
     np.testing.assert_allclose(c[:, :N], want, rtol=1e-5, atol=2e-6 * K)
     past = c[:, N:]
     assert np.isnan(past).all() if beta == 0 else (past == 1.5).all()
+
+
+def matrix_at(rng, N, K, ldw, offset):
+    """[N, K] with leading dimension ldw, starting `offset` floats past a 64-byte
+    boundary (MLX's arrays start 8 bytes past one); Inf before it and in the spare
+    columns, so a product that reads outside its rows is Inf or NaN."""
+    buf = np.full(N * ldw + 32, np.inf, np.float32)
+    start = (-buf.ctypes.data % 64) // 4 + offset
+    w = buf[start : start + N * ldw].reshape(N, ldw)
+    w[:, :K] = rng.standard_normal((N, K))
+    return w, buf
+
+
+@pytest.mark.parametrize("R", range(1, 9))
+@pytest.mark.parametrize("offset", [0, 1, 2, 7, 15])
+def test_weight_rows_at_any_offset_from_a_vector_boundary(kernels, R, offset):
+    """With ldw a multiple of 16 every weight row starts at the same offset, and up to
+    4 rows the kernel's vectors start at the aligned one: its first step begins below
+    k = 0, its last may end past K, both masked.  K past and below the vectors'
+    multiple; a K of 17 (first and last step one); shares that start mid-matrix."""
+    shim, _ = kernels
+    rng = np.random.default_rng(R * 16 + offset)
+    for N, K, ldw in ((1100, 1000, 1008), (515, 2050, 2064), (40, 4096, 4096), (5000, 17, 32)):
+        w, _buf = matrix_at(rng, N, K, ldw, offset)
+        x, _xbuf = matrix_at(rng, R, K, K + 16, 16)  # Inf around x's rows too: its masked lanes must be 0
+        for alpha, beta in ((1.0, 0.0), (0.5, 2.0)):
+            c = np.full((R, N), np.nan if beta == 0 else 1.5, np.float32)
+            want = alpha * (x[:, :K].astype(np.float64) @ w[:, :K].T.astype(np.float64)) + (beta * c if beta else 0)
+            before = routed(shim)
+            shim.cblas_sgemm(
+                ROW, NO, T, R, N, K, alpha, x.ctypes.data, K + 16, w.ctypes.data, ldw, beta, c.ctypes.data, N
+            )
+            assert routed(shim) == before + 1
+            np.testing.assert_allclose(c, want, rtol=1e-5, atol=2e-6 * K, err_msg=f"N={N} K={K} beta={beta}")
 
 
 @pytest.mark.parametrize(
