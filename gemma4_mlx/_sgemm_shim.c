@@ -138,7 +138,7 @@ static inline void add_partial(const rows_job *t, int m, int j, float dot, int f
     else t->C[(size_t)m * t->ldc + (size_t)j * t->cs] += t->alpha * dot;
 }
 
-/* A vector's lanes summed as a tree: lane by lane, 15 dependent adds per output. */
+/* A vector's lanes summed as a tree (summed lane by lane, an output waited on 15 dependent adds). */
 static inline float hsum(vec v) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)v);

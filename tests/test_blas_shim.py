@@ -194,21 +194,32 @@ def test_weight_rows_at_any_offset_from_a_vector_boundary(kernels, R, offset):
     """With ldw a multiple of 16 every weight row starts at the same offset, and up to
     4 rows the kernel's vectors start at the aligned one: its first step begins below
     k = 0, its last may end past K, both masked.  K past and below the vectors'
-    multiple; a K of 17 (first and last step one); shares that start mid-matrix."""
+    multiple; a K of 17 (first and last step one) and of 9 (below the lead); shares
+    that start mid-matrix; one row also as W @ x (a column of C)."""
     shim, _ = kernels
     rng = np.random.default_rng(R * 16 + offset)
-    for N, K, ldw in ((1100, 1000, 1008), (515, 2050, 2064), (40, 4096, 4096), (5000, 17, 32)):
+    for N, K, ldw in ((1100, 1000, 1008), (515, 2050, 2064), (40, 4096, 4096), (5000, 17, 32), (8000, 9, 16)):
         w, _buf = matrix_at(rng, N, K, ldw, offset)
         x, _xbuf = matrix_at(rng, R, K, K + 16, 16)  # Inf around x's rows too: its masked lanes must be 0
         for alpha, beta in ((1.0, 0.0), (0.5, 2.0)):
-            c = np.full((R, N), np.nan if beta == 0 else 1.5, np.float32)
-            want = alpha * (x[:, :K].astype(np.float64) @ w[:, :K].T.astype(np.float64)) + (beta * c if beta else 0)
+            fill = np.nan if beta == 0 else 1.5
+            c = np.full((R, N + 3), fill, np.float32)  # 3 spare columns: nothing may be written there
+            want = alpha * (x[:, :K].astype(np.float64) @ w[:, :K].T.astype(np.float64))
+            want += beta * c[:, :N] if beta else 0
             before = routed(shim)
             shim.cblas_sgemm(
-                ROW, NO, T, R, N, K, alpha, x.ctypes.data, K + 16, w.ctypes.data, ldw, beta, c.ctypes.data, N
+                ROW, NO, T, R, N, K, alpha, x.ctypes.data, K + 16, w.ctypes.data, ldw, beta, c.ctypes.data, N + 3
             )
             assert routed(shim) == before + 1
-            np.testing.assert_allclose(c, want, rtol=1e-5, atol=2e-6 * K, err_msg=f"N={N} K={K} beta={beta}")
+            np.testing.assert_allclose(c[:, :N], want, rtol=1e-5, atol=2e-6 * K, err_msg=f"N={N} K={K} beta={beta}")
+            assert np.isnan(c[:, N:]).all() if beta == 0 else (c[:, N:] == 1.5).all()
+            if R == 1:  # W [N, K] @ x [K, 1], into C's first column
+                col = np.full((N, 2), fill, np.float32)
+                shim.cblas_sgemm(
+                    ROW, NO, NO, N, 1, K, alpha, w.ctypes.data, ldw, x.ctypes.data, 1, beta, col.ctypes.data, 2
+                )
+                assert routed(shim) == before + 2
+                np.testing.assert_allclose(col[:, 0], want[0], rtol=1e-5, atol=2e-6 * K, err_msg=f"W @ x, K={K}")
 
 
 @pytest.mark.parametrize(
