@@ -182,10 +182,11 @@ static inline vec load_lanes(const float *p, int lo, int hi) {
 /* The rows' x of one K chunk, packed: 16 KB, in L1 beside the weight's stream.  At
  * 8 rows and K = 4096, x (128 KB) came from L2 for every group of weight rows. */
 #define CHUNK_BYTES 16384
-/* From 4 rows, the next group's weight is prefetched: each weight line now takes 4-8
- * FMAs per row, and the reorder window holds too few lines in flight to cover memory's
- * latency (8 rows: 13-20 -> 19-25 GB/s at K = 512-2048, cold, two threads). */
-#define PREFETCH_ROWS 4
+/* The next group's weight lines are prefetched into L2 (prefetcht2), one per weight
+ * vector read: out of cache, two threads, 1-8 rows went from 18-36 to 22-61 GB/s
+ * (bench_sgemm_shim.py, docs/text-decoder.md §6.4).  Into L1 with the non-temporal
+ * hint (prefetchnta) it helped only from 4 rows, and less. */
+#define PREFETCH_LOCALITY 1
 /* Up to 4 rows, a weight vector across two cache lines cost 20-30 % on a weight in L2
  * (loads bound those steps); from 5, the FMAs bound them, and the masked first step
  * cost more than the aligned loads saved (8 rows: 35 -> 31 GFMA/s). */
@@ -202,7 +203,7 @@ static inline vec load_lanes(const float *p, int lo, int hi) {
         }                                                                                    \
         for (int g = 0; g < G; g++) {                                                        \
             const float *wk = w + (size_t)g * t->ldw + (k);                                  \
-            if (R >= PREFETCH_ROWS) __builtin_prefetch(wk + (size_t)G * t->ldw, 0, 0);       \
+            __builtin_prefetch(wk + (size_t)G * t->ldw, 0, PREFETCH_LOCALITY);              \
             vec wv = LOAD(wk);                                                               \
             for (int m = 0; m < R; m++) acc[g][m] += x[m] * wv;                              \
         }                                                                                    \
