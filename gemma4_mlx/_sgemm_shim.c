@@ -82,7 +82,7 @@ int sgemm_shim_bind(void *blas) {
 
 /* Vector width, registers, and how many of them hold partial sums: AVX-512 has 32
  * registers of 16 floats, AVX2 16 of 8.  With the rows' x vectors kept in registers
- * too (rows_R), 16 accumulators measured 1.3-2.7x faster than 24 at 2-8 rows on a
+ * too (rows_R), 16 accumulators measured 1.1-2.4x faster than 24 at 2-8 rows on a
  * weight in L2 (Zen 4): at 24, x could not stay in registers at 8 rows.  GCC's vector
  * types: plain C, unaligned loads through memcpy. */
 #ifdef __AVX512F__
@@ -183,9 +183,10 @@ static inline vec load_lanes(const float *p, int lo, int hi) {
  * 8 rows and K = 4096, x (128 KB) came from L2 for every group of weight rows. */
 #define CHUNK_BYTES 16384
 /* The next group's weight lines are prefetched into L2 (prefetcht2), one per weight
- * vector read: out of cache, two threads, 1-8 rows went from 18-36 to 22-61 GB/s
- * (bench_sgemm_shim.py, docs/text-decoder.md §6.4).  Into L1 with the non-temporal
- * hint (prefetchnta) it helped only from 4 rows, and less. */
+ * vector read.  Out of cache, two threads, against the same prefetches into L1 with the
+ * non-temporal hint (prefetchnta) from 4 rows: 8 rows 10-27 -> 22-37 GB/s, 4 rows
+ * 15-34 -> 23-49, 1-2 rows mostly 34-52 -> 46-61 (bench_sgemm_shim.py,
+ * docs/text-decoder.md §6.4). */
 #define PREFETCH_LOCALITY 1
 /* Up to 4 rows, a weight vector across two cache lines cost 20-30 % on a weight in L2
  * (loads bound those steps); from 5, the FMAs bound them, and the masked first step
