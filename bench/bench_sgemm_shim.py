@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import subprocess
 import tempfile
 import time
 
@@ -56,8 +55,7 @@ def bind(path: str):
 
 def compile_other(source: str, folder: str, index: int) -> str:
     out = os.path.join(folder, f"{index}-{os.path.basename(source)}.so")
-    cc = os.environ.get("CC") or "cc"
-    subprocess.run([cc, *_blas_shim.FLAGS, "-o", out, source, *_blas_shim.LIBS], check=True)
+    _blas_shim.compile_to(out, source=source).check_returncode()
     return out
 
 

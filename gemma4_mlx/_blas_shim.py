@@ -69,8 +69,7 @@ def build(cc: str | None = None, folder: Path | None = None) -> tuple[Path | Non
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=folder)
         os.close(fd)
-        cmd = [cc, *FLAGS, "-o", tmp, str(SOURCE), *LIBS]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        done = compile_to(tmp, cc=cc)
         if done.returncode:
             lines = done.stderr.strip().splitlines()
             why = next((ln for ln in lines if "error" in ln), lines[-1] if lines else f"exit {done.returncode}")
@@ -83,6 +82,15 @@ def build(cc: str | None = None, folder: Path | None = None) -> tuple[Path | Non
         if tmp:
             _remove(Path(tmp))
     return target, None
+
+
+def compile_to(target, *extra: str, cc: str | None = None, source=SOURCE) -> subprocess.CompletedProcess:
+    """Compile `source` (the shim's, or a variant of it) with our flags plus `extra`
+    (e.g. "-DSPIN_NS=0", "-mno-avx512f") into `target`; the caller reads the result.
+    One command for `build`, the tests' variant builds and the benchmark's."""
+    cc = cc or os.environ.get("CC") or "cc"
+    cmd = [cc, *FLAGS, *extra, "-o", str(target), str(source), *LIBS]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
 def _ours(path: Path) -> bool:

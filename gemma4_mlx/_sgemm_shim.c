@@ -94,6 +94,9 @@ int sgemm_shim_bind(void *blas) {
 #define REGISTERS 16
 #define ACCUMULATORS 8
 #endif
+/* The kernels' vector width in floats, for the tests (which build an AVX2 variant too). */
+int sgemm_shim_lanes(void) { return LANES; }
+
 /* Natural alignment: declared under-aligned, GCC kept AVX2 accumulators in memory (1 GB/s). */
 typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
 
@@ -118,8 +121,8 @@ static inline void store(const rows_job *t, int m, int j, float dot) {
     *c = t->beta == 0.0f ? t->alpha * dot : t->alpha * dot + t->beta * *c; /* beta 0: C is not read */
 }
 
-/* dot plus X[m, k] * w[k * step] for k0 <= k < K, one float at a time: the tails the
- * vectors leave, in both kernels. */
+/* dot plus X[m, k] * w[k * step] for k0 <= k < K, one float at a time (scalar_outputs:
+ * outputs too few for a vector; the rows kernel masks its last step instead). */
 static inline float dot_on(const rows_job *t, int m, float dot, int k0, const float *w, size_t step) {
     for (int k = k0; k < t->K; k++) dot += t->X[(size_t)m * t->ldx + k] * w[(size_t)k * step];
     return dot;

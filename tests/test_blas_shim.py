@@ -48,10 +48,9 @@ def kernels(libs, request, tmp_path_factory):
     if "avx512f" not in _blas_shim.cpu_flags():
         pytest.skip("the shim in use is the AVX2 build")
     path = tmp_path_factory.mktemp("avx2") / "shim.so"
-    cc = os.environ.get("CC") or "cc"
-    subprocess.run([cc, *_blas_shim.FLAGS, "-mno-avx512f", "-o", str(path), str(_blas_shim.SOURCE), *_blas_shim.LIBS],
-                   check=True)  # fmt: skip
+    _blas_shim.compile_to(path, "-mno-avx512f").check_returncode()
     shim = ctypes.CDLL(str(path))
+    assert (shim.sgemm_shim_lanes(), ctypes.CDLL(_blas.shim).sgemm_shim_lanes()) == (8, 16)  # the variant it claims
     shim.sgemm_shim_bind.argtypes = [P]
     assert shim.sgemm_shim_bind(ctypes.CDLL(_blas.loaded_from)._handle) == 1
     shim.cblas_sgemm.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
@@ -356,9 +355,7 @@ def pool(libs, request, tmp_path_factory):
     if request.param == "spinning":
         return _blas.shim, n
     path = tmp_path_factory.mktemp("spin0") / "shim.so"
-    cc = os.environ.get("CC") or "cc"
-    flags = [*_blas_shim.FLAGS, "-DSPIN_NS=0"]
-    subprocess.run([cc, *flags, "-o", str(path), str(_blas_shim.SOURCE), *_blas_shim.LIBS], check=True)
+    _blas_shim.compile_to(path, "-DSPIN_NS=0").check_returncode()
     return str(path), n
 
 
