@@ -22,6 +22,11 @@ difference between the servers.
 
     make bench-serve      # or: python bench/bench_serve.py [--quick] [--rounds N] [--concurrency 1 4 8 16] [--out FILE]
 
+--spread S gives each request its own max_tokens, drawn from max_tokens x [1 - S, 1 + S]
+(the same draws for every server).  With equal lengths every client's next request
+arrives in the same round as the others' (the closed loop keeps the start-up burst
+going); with spread lengths they arrive apart, as a real load's do.
+
 --sampled sends Gemma's recommended sampling (temperature 1, top-k 64, top-p 0.95)
 with every request, to both servers, instead of greedy decoding.
 """
@@ -205,14 +210,15 @@ async def one(client, model: str, prompt: str, max_tokens: int, sampling: dict) 
     return first or time.perf_counter() - t0, usage or len(text.split()), text
 
 
-async def load(url: str, model: str, C: int, per_worker: int, prompts: list[str], max_tokens: int, sampling: dict):
-    queue = list(prompts[: C * per_worker])
+async def load(url: str, model: str, C: int, per_worker: int, jobs: list[tuple[str, int]], sampling: dict):
+    """jobs: (prompt, max_tokens) pairs, the same list for every server."""
+    queue = list(jobs[: C * per_worker])
     async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0, timeout=1800) as client:
 
         async def worker():
             out = []
             while queue:
-                out.append((*await one(client, model, queue.pop(), max_tokens, sampling), bool(out)))
+                out.append((*await one(client, model, *queue.pop(), sampling), bool(out)))
             return out
 
         t0 = time.perf_counter()
@@ -225,16 +231,16 @@ def percentile(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
-def run_server(kind, folder, name, drafter, args, prompts, log, solo=False) -> dict:
+def run_server(kind, folder, name, drafter, args, jobs, log, solo=False) -> dict:
     server = Server(kind, folder, drafter, max(args.concurrency), solo)
     model = "default_model" if kind == "mlx_lm" else str(folder)
     try:
         sampling = SAMPLED if args.sampled else GREEDY
-        asyncio.run(load(server.url, model, 1, 1, prompts[-1:], 4, sampling))  # warm-up
+        asyncio.run(load(server.url, model, 1, 1, [(jobs[-1][0], 4)], sampling))  # warm-up
         cells = {}
         for C in args.concurrency:
             before = server.gauges() if kind == "ours" else {}
-            wall, res = asyncio.run(load(server.url, model, C, args.requests, prompts, args.max_tokens, sampling))
+            wall, res = asyncio.run(load(server.url, model, C, args.requests, jobs, sampling))
             after = server.gauges() if kind == "ours" else {}
             ttft = [r[0] for r in res]
             steady = [r[0] for r in res if r[3]] or ttft  # each client's later requests: past the start burst
@@ -265,6 +271,13 @@ def main():
     ap.add_argument("--requests", type=int, default=2, help="requests per client")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument(
+        "--spread",
+        type=float,
+        default=0.0,
+        help="each request's max_tokens drawn from max_tokens x [1 - S, 1 + S] (seeded, the same for every server): "
+        "requests end at different rounds, so the later ones arrive spread out, not in bursts",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument(
         "--rounds",
@@ -278,6 +291,8 @@ def main():
     args = ap.parse_args()
     if args.quick:
         args.concurrency, args.prompt_tokens, args.max_tokens = [1, 8], 32, 16
+    if not 0 <= args.spread < 1:
+        ap.error(f"--spread {args.spread}: expected 0 <= S < 1")
     log = Report(args.out)
     log(
         f"backend {mx.default_device()}, BLAS {gemma4_mlx._blas.describe()} for both servers, "
@@ -285,7 +300,9 @@ def main():
     )
     log(
         f"closed loop: C clients x {args.requests} streamed /v1/completions each, prompts of "
-        f"{args.prompt_tokens} tokens (all different), max_tokens {args.max_tokens}, "
+        f"{args.prompt_tokens} tokens (all different), max_tokens {args.max_tokens}"
+        + (f" x [{1 - args.spread:g}, {1 + args.spread:g}] (--spread)" if args.spread else "")
+        + ", "
         f"{'sampled: temperature 1, top-k 64, top-p 0.95' if args.sampled else 'greedy'}\n"
     )
     log(
@@ -312,11 +329,14 @@ def main():
             ]
         else:
             prompts = [prompt_text(rng, args.prompt_tokens, vocab) for _ in range(n)]
+        spread = random.Random(1)
+        lengths = [round(args.max_tokens * (1 + args.spread * (2 * spread.random() - 1))) for _ in range(n)]
+        jobs = list(zip(prompts, [max(1, m) for m in lengths]))
         results: dict = {}
         for _ in range(args.rounds):  # interleaved: each round runs every server once
-            runs = {"mlx_lm": run_server("mlx_lm", folder, name, None, args, prompts, log)}
+            runs = {"mlx_lm": run_server("mlx_lm", folder, name, None, args, jobs, log)}
             for label, drafter in variants:
-                runs[label] = run_server("ours", folder, name, drafter, args, prompts, log, label == "ours-solo")
+                runs[label] = run_server("ours", folder, name, drafter, args, jobs, log, label == "ours-solo")
             for label, cells in runs.items():  # per server and C, the round with the best throughput
                 best = results.setdefault(label, {})
                 for C, c in cells.items():
