@@ -133,6 +133,12 @@ BENCH_SGEMM_ARGS ?=
 bench-sgemm: install-test
 	$(BIN)/python bench/bench_sgemm_shim.py $(BENCH_SGEMM_ARGS)
 
+# What one small op costs on this backend, and a thin model's decode step split into graph building and
+# evaluation (~1 min).
+.PHONY: bench-ops
+bench-ops: install-test
+	$(BIN)/python bench/bench_op_cost.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info bench/_work
 

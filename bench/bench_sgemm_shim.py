@@ -55,7 +55,9 @@ def bind(path: str):
 
 def compile_other(source: str, folder: str, index: int) -> str:
     out = os.path.join(folder, f"{index}-{os.path.basename(source)}.so")
-    _blas_shim.compile_to(out, source=source).check_returncode()
+    done = _blas_shim.compile_to(out, source=source)
+    if done.returncode:
+        raise SystemExit(f"{source}: could not compile it:\n{done.stderr[-2000:]}")
     return out
 
 
