@@ -65,6 +65,20 @@ def describe() -> str:
     return f"{loaded_from}, its sgemm for every product (no shim: {shim_off})"
 
 
+# The shim's idle workers spin 3 ms before sleeping (docs/text-decoder.md §6.4).  Where
+# processes share the cores (ranks launched on one machine), a spinning worker takes a
+# core another rank needs: its distributed tests ran 16-20 % slower than at 100 us.
+SHARED_CORES_SPIN_NS = 100_000
+
+
+def short_spin() -> None:
+    """The shim's idle workers spin SHARED_CORES_SPIN_NS (a distributed rank's setting)."""
+    if shim:
+        lib = ctypes.CDLL(shim)
+        lib.sgemm_shim_set_spin_ns.argtypes = [ctypes.c_longlong]
+        lib.sgemm_shim_set_spin_ns(SHARED_CORES_SPIN_NS)
+
+
 def preload_openblas() -> str | None:
     global loaded_from, shim, shim_off
     if loaded_from or not sys.platform.startswith("linux"):

@@ -50,13 +50,28 @@ enum { ROWS_MAX = 8, MAX_THREADS = 64 };
 #define COLUMNS_MIN_FLOATS (1 << 17)
 #define PER_THREAD_FLOATS (1 << 15) /* a share of under 128 KB is not worth a worker's wake-up */
 #ifndef SPIN_NS /* the tests build one with 0: every wait then sleeps */
-#define SPIN_NS 100000LL /* how long an idle worker (or the caller) spins before sleeping */
+/* How long an idle worker (or the caller) spins before sleeping.  A decode step's
+ * products come 0.1-1 ms apart (MLX's other ops between them); a worker asleep by then
+ * costs a futex wake per product.  In one-row generation 3 ms against 100 us measured
+ * moe-small's decode 1.25-1.35x faster, e2b-small's 1.0-1.1x (docs/text-decoder.md §6.4). */
+#define SPIN_NS 3000000LL
 #endif
+/* From this many multiply-adds OpenBLAS's GEMM runs on its own threads across the
+ * cores (its threshold: 65536 x GEMM_MULTITHREAD_THRESHOLD 4): our idle workers stop
+ * spinning then (`park`), or they would take a core from it for up to SPIN_NS
+ * (moe-small's prefill, per-expert GEMMs, lost 8-21 % with 3 ms and no park). */
+#define PARK_MIN_FMAS (1 << 18)
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
 
 static sgemm_fn real_sgemm;
+static unsigned park; /* bumped before each big product OpenBLAS takes: spinning waiters go to sleep */
+static unsigned long sleeps; /* waits that ended their spin and slept (for the tests) */
+static long long spin_ns = SPIN_NS; /* shorter where processes share the cores (`_blas.short_spin`) */
+
+void sgemm_shim_set_spin_ns(long long ns) { __atomic_store_n(&spin_ns, ns < 0 ? 0 : ns, __ATOMIC_RELAXED); }
+long long sgemm_shim_spin_ns(void) { return __atomic_load_n(&spin_ns, __ATOMIC_RELAXED); }
 static void forget_pool(void);
 static int threads = 1;
 static unsigned long routed; /* products our kernels took */
@@ -347,19 +362,23 @@ static long long now_ns(void) {
     return t.tv_sec * 1000000000LL + t.tv_nsec;
 }
 
-/* Wait until s->word differs from old: spin up to SPIN_NS, then sleep on the futex. */
+/* Wait until s->word differs from old: spin up to SPIN_NS (or until a big OpenBLAS
+ * product starts), then sleep on the futex. */
 static unsigned wait_change(signal_t *s, unsigned old) {
     long long until = 0;
+    unsigned parked = __atomic_load_n(&park, __ATOMIC_RELAXED);
     for (int i = 0;; i++) {
         unsigned v = __atomic_load_n(&s->word, __ATOMIC_ACQUIRE);
         if (v != old) return v;
+        if (__atomic_load_n(&park, __ATOMIC_RELAXED) != parked) break;
         if ((i & 63) == 0) {
             long long t = now_ns();
-            if (!until) until = t + SPIN_NS;
+            if (!until) until = t + __atomic_load_n(&spin_ns, __ATOMIC_RELAXED);
             else if (t > until) break;
         }
         cpu_relax();
     }
+    __atomic_fetch_add(&sleeps, 1, __ATOMIC_RELAXED);
     for (;;) {
         __atomic_store_n(&s->sleeping, 1, __ATOMIC_SEQ_CST);
         unsigned v = __atomic_load_n(&s->word, __ATOMIC_SEQ_CST);
@@ -388,8 +407,9 @@ static void *worker(void *arg) {
     return NULL;
 }
 
-/* Workers started in this process, for the tests. */
+/* Workers started in this process, and waits that went to sleep: for the tests. */
 int sgemm_shim_workers(void) { return __atomic_load_n(&workers, __ATOMIC_RELAXED); }
+unsigned long sgemm_shim_sleeps(void) { return __atomic_load_n(&sleeps, __ATOMIC_RELAXED); }
 
 static void forget_pool(void) { /* in a forked child: the workers are the parent's */
     __builtin_memset(slots, 0, sizeof slots);
@@ -475,5 +495,6 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
         rows_product((rows_job){rows_1, 1, 0, M, K, 0, lda, 0, ldc, B, A, C, alpha, beta});
         return;
     }
+    if ((double)M * N * K >= PARK_MIN_FMAS) __atomic_fetch_add(&park, 1, __ATOMIC_RELAXED);
     real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

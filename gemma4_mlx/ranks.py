@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 
-from gemma4_mlx import heartbeat
+from gemma4_mlx import _blas, heartbeat
 
 BACKENDS = ("any", "ring", "jaccl", "mpi")
 # How MLX's backends word a broken link (a peer exited, a cable was pulled).
@@ -41,6 +41,7 @@ def start(backend: str = "any"):
             "--distributed: this is the only process; start every rank with "
             "`mlx.launch --hostfile hosts.json -- gemma4-mlx ... --distributed` (or `-n 2` on one machine)"
         )
+    _blas.short_spin()  # ranks may share this machine's cores
     agree(mx.__version__, group, "MLX version")  # replicated maths must round alike everywhere
     seed_alike(group)
     on_termination(group)

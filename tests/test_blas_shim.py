@@ -374,7 +374,7 @@ def run_pool(pool, case: str) -> str:
 
 
 def test_the_pool_stays_between_products_and_wakes_from_sleep(pool):
-    """Idle past its spin (100 us), a worker sleeps on its futex; the next product must
+    """Idle past its spin (3 ms), a worker sleeps on its futex; the next product must
     wake it.  The same workers serve every product."""
     out = run_pool(
         pool,
@@ -431,3 +431,68 @@ print("hung" if any(t.is_alive() for t in threads) else f"wrong {len(bad)}")
 """,
     )
     assert out == "wrong 0"
+
+
+def test_a_big_openblas_product_sends_spinning_workers_to_sleep(libs, tmp_path):
+    """An idle worker spins (here: 10 s) until a product big enough for OpenBLAS's own
+    threads starts; then it sleeps at once instead of taking a core from them.  A small
+    OpenBLAS product (one thread) leaves it spinning.  A spin set to 0 at run time
+    (`sgemm_shim_set_spin_ns`) sends it to sleep after the next product."""
+    n = min(ctypes.CDLL(_blas.loaded_from).openblas_get_num_threads(), 64)
+    if n < 2:
+        pytest.skip("OpenBLAS runs one thread here: the shim starts no pool")
+    path = tmp_path / "shim.so"
+    compiled(path, "-DSPIN_NS=10000000000LL")
+    out = run_pool(
+        (str(path), n),
+        """
+shim.sgemm_shim_sleeps.restype = ctypes.c_ulong
+
+def openblas(M, N, K):  # M > 8 rows: never one of the shim's routes
+    a, b = np.ones((M, K), np.float32), np.ones((N, K), np.float32)
+    c = np.zeros((M, N), np.float32)
+    shim.cblas_sgemm(101, 111, 112, M, N, K, 1.0, a.ctypes.data, K, b.ctypes.data, K, 0.0, c.ctypes.data, N)
+    assert c[0, 0] == K
+
+def asleep_after(wait):
+    time.sleep(wait)
+    return shim.sgemm_shim_sleeps()
+
+assert product()
+spinning = asleep_after(0.05)
+openblas(16, 16, 16)  # 4,096 multiply-adds
+after_small = asleep_after(0.05)
+openblas(64, 512, 512)
+for _ in range(200):
+    if asleep_after(0.01) - after_small >= workers():
+        break
+parked = asleep_after(0) - after_small == workers()
+shim.sgemm_shim_set_spin_ns.argtypes = [ctypes.c_longlong]
+shim.sgemm_shim_set_spin_ns(0)  # as `_blas.short_spin` sets it, shorter: no spin at all
+before = asleep_after(0)
+assert product()
+for _ in range(200):
+    if asleep_after(0.01) - before >= workers():
+        break
+print(spinning, after_small, parked, asleep_after(0) - before >= workers())
+""",
+    )
+    assert out == "0 0 True True"
+
+
+def test_a_distributed_rank_spins_briefly():
+    """Ranks may share the cores: `_blas.short_spin` (called by `ranks.start`) sets the
+    shim's spin from its default to SHARED_CORES_SPIN_NS."""
+    code = """
+import ctypes
+from gemma4_mlx import _blas
+lib = ctypes.CDLL(_blas.shim)
+lib.sgemm_shim_spin_ns.restype = ctypes.c_longlong
+before = lib.sgemm_shim_spin_ns()
+_blas.short_spin()
+print(before, lib.sgemm_shim_spin_ns())
+"""
+    if not _blas.shim:
+        pytest.skip("no shim here")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["3000000", str(_blas.SHARED_CORES_SPIN_NS)], done.stderr[-2000:]
