@@ -351,13 +351,20 @@ def workers():
 """
 
 
+def pool_threads() -> int:
+    """The threads the shim's products use (OpenBLAS's count, at most the shim's
+    MAX_THREADS); skips where that is one: no pool is started."""
+    n = min(ctypes.CDLL(_blas.loaded_from).openblas_get_num_threads(), 64)
+    if n < 2:
+        pytest.skip("OpenBLAS runs one thread here: the shim starts no pool")
+    return n
+
+
 @pytest.fixture(scope="module", params=["spinning", "sleeping"])
 def pool(libs, request, tmp_path_factory):
     """(the shim to load, OpenBLAS's thread count): the one in use, whose waits spin
     first, and one built with SPIN_NS 0, whose every wait sleeps on the futex."""
-    n = min(ctypes.CDLL(_blas.loaded_from).openblas_get_num_threads(), 64)  # the shim's MAX_THREADS
-    if n < 2:
-        pytest.skip("OpenBLAS runs one thread here: the shim starts no pool")
+    n = pool_threads()
     if request.param == "spinning":
         return _blas.shim, n
     path = tmp_path_factory.mktemp("spin0") / "shim.so"
@@ -438,9 +445,7 @@ def test_a_big_openblas_product_sends_spinning_workers_to_sleep(libs, tmp_path):
     threads starts; then it sleeps at once instead of taking a core from them.  A small
     OpenBLAS product (one thread) leaves it spinning.  A spin set to 0 at run time
     (`sgemm_shim_set_spin_ns`) sends it to sleep after the next product."""
-    n = min(ctypes.CDLL(_blas.loaded_from).openblas_get_num_threads(), 64)
-    if n < 2:
-        pytest.skip("OpenBLAS runs one thread here: the shim starts no pool")
+    n = pool_threads()
     path = tmp_path / "shim.so"
     compiled(path, "-DSPIN_NS=10000000000LL")
     out = run_pool(
