@@ -151,7 +151,7 @@ def _quantized_attention(terms, v, mask):
         s = s.astype(hi)  # terms are summed in float32, as the softmax reads them
         scores = s if scores is None else scores + s
     scores = mx.where(mask[:, :, None], scores.reshape(B, kv, g, T, S), -mx.inf)
-    p = mx.softmax(scores, axis=-1, precise=True).astype(terms[0][0].dtype).reshape(B, kv, g * T, S)
+    p = ops.softmax(scores).astype(terms[0][0].dtype).reshape(B, kv, g * T, S)
     values, group, bits = v
     out = mx.quantized_matmul(p, *values, transpose=False, group_size=group, bits=bits)
     return out.reshape(B, nh, T, out.shape[-1])

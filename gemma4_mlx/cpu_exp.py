@@ -1,0 +1,142 @@
+"""exp, and what Gemma 4 builds on it, as plain arithmetic for MLX's CPU backend.
+
+MLX's CPU exp runs its polynomial one element at a time on x86 Linux builds (the
+wheel's SIMD width there is 1, and each element calls libm's floor and fma): about
+13 ns per element against 0.3 ns for a multiply.  Its softmax, tanh and sigmoid
+pay the same.  Prefill paid it twice: in the GeGLU of every MLP (a 1024-token
+chunk of an E2B-shaped layer: 56 ms beside 130 ms of products) and in the
+attention softmax (60-75 % of the CPU attention).  Decode pays it in the final
+logit softcap (4 ms per token at a 262144-word vocabulary).
+
+Here the same Cephes polynomial (2**f on [-1/2, 1/2], then the exponent written
+into the float's bits) is written as MLX arithmetic inside compiled functions:
+MLX's CPU compiler turns each into one loop the C++ compiler vectorises.  The bit
+step is a `view`, which ends a fused kernel, so an exp is three kernels: worth it
+from a few thousand elements (`ops` decides where it is used, docs/text-decoder.md
+§6.5).  Accuracy: within 2e-7 relative of float64 exp for float32 arguments in
+[-87, 88] (MLX's own exp: the same); exactly 0 below -87.7 and for -inf; NaN stays
+NaN.  Everything is computed in float32 and rounded once to the input's dtype.
+"""
+
+import mlx.core as mx
+
+LOG2E = 1.4426950408889634
+# Adding 1.5 * 2**23 to a float32 of magnitude below 2**22 rounds it to an integer
+# (round half to even); subtracting it again gives that integer as a float.
+_ROUND = 12582912.0
+# 2**f = 1 + f q(f) for f in [-1/2, 1/2] (Cephes' coefficients of q, constant
+# first).  Keeping f q(f) apart from the 1 gives exp(x) - 1 to full relative
+# precision near x = 0 as well (tanh needs it there).
+_EXP2M1_POLY = (
+    6.931472028550421e-1,
+    2.402264791363012e-1,
+    5.550332471162809e-2,
+    9.618437357674640e-3,
+    1.339887440266574e-3,
+    1.535336188319500e-4,
+)
+
+# How the kernels are cut.  GCC vectorises a compiled loop only if every select in
+# it comes after the arithmetic (a select feeding arithmetic leaves a branch it does
+# not convert: "control flow in loop"), and MLX fuses ops at most 11 deep.  So an
+# exp is three compiled functions, called apart so that MLX cannot fuse them:
+#   1. the caller's arithmetic, ending in the clamp of t = x log2(e) to >= -127
+#      (the polynomial is exact to 2e-7 for |f| <= 1/2; from t = -126.5 down the
+#      exponent field below is 0, so the result is exactly 0, exp(-inf) included;
+#      a NaN passes the comparison and stays NaN);
+#   2. `_exp2_parts`: t -> (p, bits) with 2**t = view(bits, float32) * p;
+#   3. the caller's arithmetic on view(bits) * p.
+# Callers keep t <= 127 (x <= 88): softmax and tanh pass arguments <= 0, GELU
+# caps its argument.
+
+
+def _clamp_low(t: mx.array) -> mx.array:
+    return mx.where(t < -127.0, -127.0, t)
+
+
+@mx.compile
+def _exp2_parts(t):
+    n = (t + _ROUND) - _ROUND
+    f = t - n
+    a = _EXP2M1_POLY
+    f2 = f * f  # Estrin's scheme: Horner's would be 12 ops deep
+    q = (a[0] + a[1] * f) + (a[2] + a[3] * f) * f2 + (a[4] + a[5] * f) * (f2 * f2)
+    return f * q, (n.astype(mx.int32) + 127) << 23
+
+
+def _exp2(t: mx.array) -> tuple[mx.array, mx.array]:
+    """2**t from a clamped float32 t (stage 1, done by the caller) as (scale, fq):
+    2**t = scale * (1 + fq) = scale + scale * fq, scale a power of two."""
+    fq, bits = _exp2_parts(t)
+    return mx.view(bits, mx.float32), fq
+
+
+@mx.compile
+def _exp_stage1(x):
+    return _clamp_low(x.astype(mx.float32) * LOG2E)
+
+
+@mx.compile
+def _exp_finish(scale, fq):
+    return scale + scale * fq
+
+
+def exp(x: mx.array) -> mx.array:
+    """exp(x) in float32, for x <= 88."""
+    return _exp_finish(*_exp2(_exp_stage1(x)))
+
+
+@mx.compile
+def _gelu_stage1(x):
+    # 0.5 x (1 + tanh(z)) == x / (1 + exp(-2z)), z = sqrt(2/pi) (x + 0.044715 x^3);
+    # -2z is capped at 80 so that exp never overflows.
+    xf = x.astype(mx.float32)
+    t = (-1.5957691216057308 * LOG2E) * (xf + 0.044715 * xf * xf * xf)
+    return _clamp_low(mx.where(t > 80 * LOG2E, 80 * LOG2E, t))
+
+
+@mx.compile
+def _gelu_finish(x, scale, fq):
+    return (x.astype(mx.float32) / (1 + (scale + scale * fq))).astype(x.dtype)
+
+
+@mx.compile
+def _geglu_finish(g, u, scale, fq):
+    return (g.astype(mx.float32) / (1 + (scale + scale * fq)) * u.astype(mx.float32)).astype(u.dtype)
+
+
+def gelu_tanh(x: mx.array) -> mx.array:
+    return _gelu_finish(x, *_exp2(_gelu_stage1(x)))
+
+
+def geglu(g: mx.array, u: mx.array) -> mx.array:
+    """gelu_tanh(g) * u, computed in float32, rounded once to u's dtype."""
+    return _geglu_finish(g, u, *_exp2(_gelu_stage1(g)))
+
+
+@mx.compile
+def _tanh_stage1(y):
+    return _clamp_low((-2 * LOG2E) * mx.abs(y.astype(mx.float32)))
+
+
+@mx.compile
+def _softcap_finish(x, cap, scale, fq):
+    # tanh|y| = (1 - e) / (1 + e) = -m / (2 + m) with m = e - 1, e = exp(-2|y|):
+    # m = (scale - 1) + scale * fq keeps its precision as y -> 0.  One select, last.
+    m = (scale - 1) + scale * fq
+    t = cap * (-m / (2 + m))
+    return mx.where(x < 0, -t, t)
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    """cap * tanh(x / cap), in float32."""
+    return _softcap_finish(x, cap, *_exp2(_tanh_stage1(x.astype(mx.float32) / cap)))
+
+
+def softmax(x: mx.array) -> mx.array:
+    """softmax over the last axis, in float32 (a row of -inf gives NaN, as MLX's).
+    The max is subtracted outside the compiled kernels: MLX's compiled kernels read a
+    broadcast operand element by element, its own subtract runs the rows as vectors."""
+    x = x.astype(mx.float32)
+    e = exp(x - x.max(axis=-1, keepdims=True))
+    return e * (1 / e.sum(axis=-1, keepdims=True))
