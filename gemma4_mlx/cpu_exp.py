@@ -133,6 +133,14 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return _softcap_finish(x, cap, *_exp2(_tanh_stage1(x.astype(mx.float32) / cap)))
 
 
+def logsumexp(x: mx.array) -> mx.array:
+    """log(sum(exp(x))) over the last axis (kept), in float32; a row of -inf gives -inf."""
+    x = x.astype(mx.float32)
+    m = x.max(axis=-1, keepdims=True)
+    m = mx.where(m == -mx.inf, 0.0, m)  # so that an all -inf row sums to 0, not NaN
+    return m + mx.log(exp(x - m).sum(axis=-1, keepdims=True))
+
+
 def softmax(x: mx.array) -> mx.array:
     """softmax over the last axis, in float32 (a row of -inf gives NaN, as MLX's).
     The max is subtracted outside the compiled kernels: MLX's compiled kernels read a

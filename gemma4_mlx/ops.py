@@ -217,6 +217,13 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return mx.tanh(x / cap) * cap
 
 
+def logsumexp(x: mx.array) -> mx.array:
+    """log(sum(exp(x))) over the last axis, kept, in float32 (or float64)."""
+    if x.dtype != mx.float64 and _cpu_exp(x):
+        return cpu_exp.logsumexp(x)
+    return mx.logsumexp(x.astype(wide(x.dtype)), axis=-1, keepdims=True)
+
+
 def softmax(x: mx.array) -> mx.array:
     """softmax over the last axis in float32 (or float64), max subtracted first."""
     if x.dtype != mx.float64 and _cpu_exp(x):

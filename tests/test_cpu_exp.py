@@ -106,25 +106,37 @@ def test_softmax_matches_float64_and_masks_exactly():
     assert np.isnan(f64(cpu_exp.softmax(mx.full((1, 5), -math.inf)))).all()  # as mx.softmax
 
 
+def test_logsumexp_matches_float64_with_masked_and_empty_rows():
+    x = mx.random.normal((3, 262144), key=mx.random.key(6)) * 6
+    x = mx.concatenate([x, mx.full((1, 262144), -math.inf)])
+    x = mx.where(mx.arange(262144) % 3 == 0, -math.inf, x)  # a grammar's mask
+    got = f64(cpu_exp.logsumexp(x))
+    x64 = f64(x)[:3]
+    m = x64.max(axis=-1, keepdims=True)
+    ref = m + np.log(np.exp(x64 - m).sum(axis=-1, keepdims=True))
+    # float32 sums of 175K terms: 3e-5-6e-5 off here, to the digit what mx.logsumexp gives
+    assert got.shape == (4, 1) and np.abs(got[:3] - ref).max() < 1e-4 and got[3, 0] == -math.inf
+
+
 def test_ops_take_these_kernels_from_the_threshold_on_the_cpu(monkeypatch):
     calls = []
-    for name in ("geglu", "gelu_tanh", "softcap", "softmax"):
+    for name in ("geglu", "gelu_tanh", "softcap", "softmax", "logsumexp"):
         real = getattr(cpu_exp, name)
         monkeypatch.setattr(cpu_exp, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     n = ops.CPU_EXP_MIN
     big, small = mx.ones((1, n)), mx.ones((1, n - 1))
     for x in (small, big):
-        ops.geglu(x, x), ops.gelu_tanh(x), ops.softcap(x, 30.0), ops.softmax(x)
-    assert calls == ["geglu", "gelu_tanh", "softcap", "softmax"]
+        ops.geglu(x, x), ops.gelu_tanh(x), ops.softcap(x, 30.0), ops.softmax(x), ops.logsumexp(x)
+    assert calls == ["geglu", "gelu_tanh", "softcap", "softmax", "logsumexp"]
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
     ops.geglu(big, big), ops.softmax(big)
-    assert len(calls) == 4
+    assert len(calls) == 5
     # and the results agree with MLX's own ops on either side
     x = mx.random.normal((2, n), key=mx.random.key(5)) * 4
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", False)
-    fast = [ops.geglu(x, x), ops.softcap(x, 30.0), ops.softmax(x)]
+    fast = [ops.geglu(x, x), ops.softcap(x, 30.0), ops.softmax(x), ops.logsumexp(x)]
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
-    slow = [ops.geglu(x, x), ops.softcap(x, 30.0), ops.softmax(x)]
+    slow = [ops.geglu(x, x), ops.softcap(x, 30.0), ops.softmax(x), ops.logsumexp(x)]
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(f64(a), f64(b), rtol=3e-6, atol=1e-7)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from gemma4_mlx import ops
 from gemma4_mlx.batching.thinking import ThinkingBudget
 from gemma4_mlx.constrain import ConstraintError
 from gemma4_mlx.runtime.generate import SamplingOptions, grammar_failure
@@ -114,7 +115,7 @@ def _row_logits(job: Job, logits: mx.array, drafts: list[int] | None) -> mx.arra
 
 def _top(logits: mx.array, toks: mx.array, n: int):
     lp = logits.astype(mx.float32)
-    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)
+    lp = lp - ops.logsumexp(lp)
     chosen = mx.take_along_axis(lp, toks[:, None], axis=-1)[:, 0]
     if not n:
         return chosen, None, None

@@ -21,6 +21,8 @@ import math
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
+from gemma4_mlx import ops
+
 _M = 0xFFFFFFFF
 
 
@@ -185,7 +187,7 @@ class PositionedSampler:
 def _normalised(logits: mx.array) -> mx.array:
     """Log-probabilities in float32."""
     x = logits.astype(mx.float32)
-    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+    return x - ops.logsumexp(x)
 
 
 def _best(lp: mx.array, k: int) -> tuple[mx.array, mx.array]:
