@@ -115,6 +115,33 @@ def geglu(g: mx.array, u: mx.array) -> mx.array:
 
 
 @mx.compile
+def _sigmoid_stage1(x):
+    # exp(-x): clamped on both sides (for x < -88 the result is then 1 / (1 + 2^127),
+    # ~6e-39, where the true value is below 5e-39).
+    t = (-LOG2E) * x.astype(mx.float32)
+    return mx.where(t > 127.0, 127.0, _clamp_low(t))
+
+
+@mx.compile
+def _sigmoid_finish(x, scale, fq):
+    return (1 / (1 + (scale + scale * fq))).astype(x.dtype)
+
+
+@mx.compile
+def _silu_finish(x, scale, fq):
+    return (x.astype(mx.float32) / (1 + (scale + scale * fq))).astype(x.dtype)
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    return _sigmoid_finish(x, *_exp2(_sigmoid_stage1(x)))
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x)."""
+    return _silu_finish(x, *_exp2(_sigmoid_stage1(x)))
+
+
+@mx.compile
 def _tanh_stage1(y):
     return _clamp_low((-2 * LOG2E) * mx.abs(y.astype(mx.float32)))
 
@@ -141,10 +168,17 @@ def logsumexp(x: mx.array) -> mx.array:
     return m + mx.log(exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def exp_rows(x: mx.array) -> tuple[mx.array, mx.array]:
+    """(exp(x - max), 1 / sum of that) over the last axis, in float32: softmax(x)
+    is their product, which a caller may take after a product with the rows."""
+    x = x.astype(mx.float32)
+    e = exp(x - x.max(axis=-1, keepdims=True))
+    return e, 1 / e.sum(axis=-1, keepdims=True)
+
+
 def softmax(x: mx.array) -> mx.array:
     """softmax over the last axis, in float32 (a row of -inf gives NaN, as MLX's).
     The max is subtracted outside the compiled kernels: MLX's compiled kernels read a
     broadcast operand element by element, its own subtract runs the rows as vectors."""
-    x = x.astype(mx.float32)
-    e = exp(x - x.max(axis=-1, keepdims=True))
-    return e * (1 / e.sum(axis=-1, keepdims=True))
+    e, inv = exp_rows(x)
+    return e * inv

@@ -209,6 +209,15 @@ def geglu(gate: mx.array, up: mx.array) -> mx.array:
     return cpu_exp.geglu(gate, up) if _cpu_exp(gate) else _geglu(gate, up)
 
 
+def sigmoid(x: mx.array) -> mx.array:
+    return cpu_exp.sigmoid(x) if _cpu_exp(x) else mx.sigmoid(x)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x) (swish)."""
+    return cpu_exp.silu(x) if _cpu_exp(x) else x * mx.sigmoid(x)
+
+
 def softcap(x: mx.array, cap: float) -> mx.array:
     """cap * tanh(x / cap), in float32 (or float64)."""
     if x.dtype != mx.float64 and _cpu_exp(x):
@@ -329,6 +338,48 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
     return float_attention([q], [k], v, mask)
 
 
+# Score elements per block of an unmasked attention on the CPU: 8 MB of float32
+# scores, and the softmax's intermediates of that size, at a time.  An E2B image of
+# 2,394 patches (12 heads): 2^16 953 ms a layer, 2^18 727, 2^20 677, 2^21 634, 2^22
+# 694, 2^24 1034; MLX's fused kernel (its CPU fallback) 1089.  Metal/CUDA run their
+# fused kernel per GPU_QUERY_BLOCK queries.
+UNMASKED_BLOCK_SCORES = 1 << 21
+GPU_QUERY_BLOCK = 1024
+
+
+def unmasked_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+    """softmax(q k^T) v with scale 1.0, every query seeing every key (an image's
+    patches): q [B, nh, T, d], k/v [B, kv, S, d].  Blocks of queries bound the score
+    matrix (a 1120-token image has 9,576 patches); each query's row is independent,
+    so the blocks change nothing.  On the CPU MLX's fused kernel is its unfused
+    fallback with MLX's exp (docs/text-decoder.md §6.5): this builds it from
+    products and `softmax`."""
+    T, S = q.shape[2], k.shape[2]
+    if not cpu_branches():
+        block = GPU_QUERY_BLOCK
+        return _blocks_of(T, block, lambda a, b, _: mx.fast.scaled_dot_product_attention(q[:, :, a:b], k, v, scale=1.0))
+    B, nh, _, d = q.shape
+    kv = k.shape[1]
+    g = nh // kv
+    block = max(1, UNMASKED_BLOCK_SCORES // (nh * S))
+
+    def one(a, b, wait):
+        qb = wait(q[:, :, a:b]).reshape(B, kv, g * (b - a), d)
+        return softmax_times((qb @ k.swapaxes(-1, -2)).astype(wide(q.dtype)), v).reshape(B, nh, b - a, v.shape[-1])
+
+    return _blocks_of(T, block, one)
+
+
+def _blocks_of(T: int, block: int, run) -> mx.array:
+    """run(a, b, wait) for query blocks [a, b) of `block`, chained (see `in_blocks`)."""
+    if T <= block:
+        return run(0, T, lambda x: x)
+    outs = []
+    for a in range(0, T, block):
+        outs.append(run(a, min(T, a + block), lambda x: after(x, outs)))
+    return mx.concatenate(outs, axis=2)
+
+
 def float_attention(qs: list, ks: list, v: mx.array, mask) -> mx.array:
     """The CPU's attention with scores summed over terms q_i k_i^T (one term, or two
     for split K = V keys, docs/kv-cache.md §7).  Long query runs go in blocks of 64
@@ -374,9 +425,18 @@ def _matmul_attention(qs: list, ks: list, v, mask):
         s = (q.reshape(B, kv, g * T, q.shape[-1]) @ k.swapaxes(-1, -2)).astype(wide(q.dtype))
         scores = s if scores is None else scores + s  # terms summed in float32
     scores = mx.where(mask[:, :, None], scores.reshape(B, kv, g, T, S), -mx.inf)  # mask: [B|1, 1, T, S]
-    p = softmax(scores).astype(v.dtype).reshape(B, kv, g * T, S)
-    out = p @ v
+    out = softmax_times(scores.reshape(B, kv, g * T, S), v)
     return out.reshape(B, nh, T, v.shape[-1])
+
+
+def softmax_times(scores: mx.array, v: mx.array) -> mx.array:
+    """softmax(scores) @ v over the last axis of float32 scores.  With cpu_exp and
+    float32 values, the rows are normalised after the product, on its smaller output
+    (one pass over the scores fewer); other dtypes round the probabilities first."""
+    if v.dtype == mx.float32 and _cpu_exp(scores):
+        e, inv = cpu_exp.exp_rows(scores)
+        return (e @ v) * inv
+    return softmax(scores).astype(v.dtype) @ v
 
 
 # Pairs per expert from which the CPU runs one GEMM per expert, by product form: in

@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 
 from gemma4_mlx import cpu_exp, ops
+from gemma4_mlx.checkpoint.load import load_model
 
+import test_audio
 import test_dtypes
 import test_multimodal
 import test_parity
 import test_speculative
 from helpers.mtp_pairs import PAIRS
+from test_audio import ckpt  # noqa: F401  (fixture)
 from test_multimodal import inputs  # noqa: F401  (fixture)
 
 EPS32 = 2.0**-24  # float32 unit roundoff
@@ -93,6 +96,20 @@ def test_geglu_rounds_once_to_the_inputs_dtype():
     assert np.abs(f64(wide) - gelu64(f64(g)) * f64(u)).max() < 1e-5
 
 
+def test_sigmoid_and_silu_match_float64():
+    x = mx.concatenate([mx.linspace(-100.0, 100.0, 400_001), mx.array([1e4, -1e4, math.inf, math.nan])])
+    x64 = f64(x)[:-4]
+    ref = 1 / (1 + np.exp(-x64))
+    sig, silu = f64(cpu_exp.sigmoid(x)), f64(cpu_exp.silu(x))
+    rel = np.abs(sig[:-4] - ref) / ref
+    assert rel[x64 > -80].max() < 3e-7 + 2 * 80 * EPS32 and np.abs(sig[:-4] - ref).max() < 1e-7
+    # below x = -88 the exponent's clamp leaves x / (1 + 2^127) where x e^x is smaller still
+    bound = (4e-7 + 2 * np.abs(x64) * EPS32) * np.abs(x64 * ref) + np.abs(x64) * 6e-39
+    assert (np.abs(silu[:-4] - x64 * ref) <= bound).all()
+    assert sig[-4] == 1.0 and sig[-3] < 1e-38 and sig[-2] == 1.0 and math.isnan(sig[-1])
+    assert silu[-4] == 1e4 and silu[-2] == math.inf
+
+
 def test_softmax_matches_float64_and_masks_exactly():
     s = mx.random.normal((4, 8, 3000), key=mx.random.key(3)) * 8
     masked = mx.where(mx.random.uniform(shape=s.shape, key=mx.random.key(4)) < 0.3, -math.inf, s)
@@ -120,23 +137,24 @@ def test_logsumexp_matches_float64_with_masked_and_empty_rows():
 
 def test_ops_take_these_kernels_from_the_threshold_on_the_cpu(monkeypatch):
     calls = []
-    for name in ("geglu", "gelu_tanh", "softcap", "softmax", "logsumexp"):
+    for name in ("geglu", "gelu_tanh", "softcap", "softmax", "logsumexp", "sigmoid", "silu"):
         real = getattr(cpu_exp, name)
         monkeypatch.setattr(cpu_exp, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     n = ops.CPU_EXP_MIN
     big, small = mx.ones((1, n)), mx.ones((1, n - 1))
     for x in (small, big):
         ops.geglu(x, x), ops.gelu_tanh(x), ops.softcap(x, 30.0), ops.softmax(x), ops.logsumexp(x)
-    assert calls == ["geglu", "gelu_tanh", "softcap", "softmax", "logsumexp"]
+        ops.sigmoid(x), ops.silu(x)
+    assert calls == ["geglu", "gelu_tanh", "softcap", "softmax", "logsumexp", "sigmoid", "silu"]
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
     ops.geglu(big, big), ops.softmax(big)
-    assert len(calls) == 5
+    assert len(calls) == 7
     # and the results agree with MLX's own ops on either side
     x = mx.random.normal((2, n), key=mx.random.key(5)) * 4
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", False)
-    fast = [ops.geglu(x, x), ops.softcap(x, 30.0), ops.softmax(x), ops.logsumexp(x)]
+    fast = [ops.geglu(x, x), ops.softcap(x, 30.0), ops.softmax(x), ops.logsumexp(x), ops.sigmoid(x), ops.silu(x)]
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", True)
-    slow = [ops.geglu(x, x), ops.softcap(x, 30.0), ops.softmax(x), ops.logsumexp(x)]
+    slow = [ops.geglu(x, x), ops.softcap(x, 30.0), ops.softmax(x), ops.logsumexp(x), ops.sigmoid(x), ops.silu(x)]
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(f64(a), f64(b), rtol=3e-6, atol=1e-7)
 
@@ -177,3 +195,7 @@ def case(request, tmp_path_factory):
 
 def test_multimodal_logits(everywhere, case, inputs):  # noqa: F811
     test_multimodal.test_logits_parity(case, inputs)
+
+
+def test_audio_tower(everywhere, ckpt):  # noqa: F811
+    test_audio.test_padded_batch_parity(ckpt, load_model(ckpt[1], dtype="float32")[0].audio)

@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size  # noqa: E402
 
 import gemma4_mlx.models.vision as V  # noqa: E402
+from gemma4_mlx import ops  # noqa: E402
 from gemma4_mlx.checkpoint.load import LoadError, load_model  # noqa: E402
 from gemma4_mlx.config import VisionConfig, parse_config  # noqa: E402
 from gemma4_mlx.media import image as P  # noqa: E402
@@ -114,10 +115,14 @@ def test_tower_parity(tower):
     assert max(err.values()) < TOL, err
 
 
-def test_tower_parity_long_image(tower):
-    """1,080 real patches: more than one attention query block (V.QUERY_BLOCK)."""
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu-branch", "gpu-branch"])
+def test_tower_parity_long_image(tower, monkeypatch, gpu):
+    """1,080 real patches: more than one attention query block, on either branch of
+    `ops.unmasked_attention` (the CPU's blocks shrunk to 100 queries here)."""
+    monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", gpu)
+    monkeypatch.setattr(ops, "UNMASKED_BLOCK_SCORES", 100 * tower.model.config.num_attention_heads * 1080)
     batch = ImageProcessor(image_budget=140, patch_size=4)(noise(200, 170, 3))
-    assert batch.num_soft_tokens == [120] and 1080 > V.QUERY_BLOCK
+    assert batch.num_soft_tokens == [120] and 1080 > ops.GPU_QUERY_BLOCK
     err = errors(tower, batch)
     print(tower.name, err)
     assert max(err.values()) < TOL, err

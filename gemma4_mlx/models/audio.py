@@ -27,7 +27,7 @@ from gemma4_mlx import ops
 from gemma4_mlx.config import AudioConfig
 from gemma4_mlx.models.layers import CLAMPS, ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
 
-_ACTS = {"silu": nn.silu, "swish": nn.silu, "relu": nn.relu, "gelu": nn.gelu, "gelu_pytorch_tanh": ops.gelu_tanh}
+_ACTS = {"silu": ops.silu, "swish": ops.silu, "relu": nn.relu, "gelu": nn.gelu, "gelu_pytorch_tanh": ops.gelu_tanh}
 NORM_EPS = 1e-6  # transformers builds the FFN and block norms with the default eps, not the config's
 
 
@@ -171,7 +171,7 @@ class LightConv1d(nn.Module):
 
     def __call__(self, x):
         a, g = mx.split(self.linear_start(self.pre_layer_norm(x)), 2, axis=-1)
-        y = self.depthwise_conv1d(a * mx.sigmoid(g))
+        y = self.depthwise_conv1d(a * ops.sigmoid(g))
         y = self.act(self.conv_norm(_clamp(y, self.clip)))
         return x + self.linear_end(y)
 
