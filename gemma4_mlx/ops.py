@@ -362,6 +362,9 @@ def unmasked_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     kv = k.shape[1]
     g = nh // kv
     block = max(1, UNMASKED_BLOCK_SCORES // (nh * S))
+    # Every block reads all of K and V: copied once here if they are views (the
+    # tower's are transposed), not once per block (9,576 patches: 42.7 -> 10.1 s a layer).
+    k, v = mx.contiguous(k), mx.contiguous(v)
 
     def one(a, b, wait):
         qb = wait(q[:, :, a:b]).reshape(B, kv, g * (b - a), d)
