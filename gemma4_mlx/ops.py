@@ -14,6 +14,7 @@ choice live here (docs/text-decoder.md §6.1):
 import functools
 import math
 import os
+import platform
 import sys
 
 import mlx.core as mx
@@ -188,39 +189,45 @@ def _geglu(g, u):
 
 
 # MLX's CPU exp (with the tanh, sigmoid and softmax built on it) runs one element
-# at a time on its Linux builds: ~13 ns an element, where `cpu_exp`'s compiled
-# arithmetic takes 1-3 ns but three kernels instead of one.  From this many
-# elements it wins (at 4096: GeGLU 131 -> 96 us, softmax 132 -> 116; at 1024 a
-# tie); MLX's macOS builds vectorise their own (docs/text-decoder.md §6.5).
-CPU_EXP_MIN = 4096
+# at a time on its x86 Linux builds: ~13 ns an element, where `cpu_exp`'s compiled
+# arithmetic takes 1-3 ns but three kernels instead of one (at 4096 elements GeGLU
+# 131 -> 96 us, a softmax 132 -> 116; at 1024 a tie).  Decided on the row (last
+# axis) length, so that a row goes through the same kernels whatever the batch or
+# chunk around it: batched, speculative and single decoding see the same rounding.
+# Measured on x86-64 Linux only (docs/text-decoder.md §6.5); MLX's macOS builds
+# vectorise their own exp.
+CPU_EXP_MIN_ROW = 512
+CPU_EXP_PLATFORM = sys.platform.startswith("linux") and platform.machine().lower() in ("x86_64", "amd64")
 
 
-def _cpu_exp(x: mx.array) -> bool:
-    return x.size >= CPU_EXP_MIN and cpu_branches() and sys.platform != "darwin"
+def _use_cpu_exp(x: mx.array) -> bool:
+    return (
+        CPU_EXP_PLATFORM and x.ndim > 0 and x.shape[-1] >= CPU_EXP_MIN_ROW and x.dtype != mx.float64 and cpu_branches()
+    )
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
     """tanh-approximate GELU (`gelu_pytorch_tanh`)."""
-    return cpu_exp.gelu_tanh(x) if _cpu_exp(x) else _gelu_tanh(x)
+    return cpu_exp.gelu_tanh(x) if _use_cpu_exp(x) else _gelu_tanh(x)
 
 
 def geglu(gate: mx.array, up: mx.array) -> mx.array:
     """gelu_tanh(gate) * up, fused."""
-    return cpu_exp.geglu(gate, up) if _cpu_exp(gate) else _geglu(gate, up)
+    return cpu_exp.geglu(gate, up) if _use_cpu_exp(gate) else _geglu(gate, up)
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    return cpu_exp.sigmoid(x) if _cpu_exp(x) else mx.sigmoid(x)
+    return cpu_exp.sigmoid(x) if _use_cpu_exp(x) else mx.sigmoid(x)
 
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x) (swish)."""
-    return cpu_exp.silu(x) if _cpu_exp(x) else x * mx.sigmoid(x)
+    return cpu_exp.silu(x) if _use_cpu_exp(x) else x * mx.sigmoid(x)
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
     """cap * tanh(x / cap), in float32 (or float64)."""
-    if x.dtype != mx.float64 and _cpu_exp(x):
+    if _use_cpu_exp(x):
         return cpu_exp.softcap(x, cap)
     x = x.astype(wide(x.dtype))
     return mx.tanh(x / cap) * cap
@@ -228,14 +235,14 @@ def softcap(x: mx.array, cap: float) -> mx.array:
 
 def logsumexp(x: mx.array) -> mx.array:
     """log(sum(exp(x))) over the last axis, kept, in float32 (or float64)."""
-    if x.dtype != mx.float64 and _cpu_exp(x):
+    if _use_cpu_exp(x):
         return cpu_exp.logsumexp(x)
     return mx.logsumexp(x.astype(wide(x.dtype)), axis=-1, keepdims=True)
 
 
 def softmax(x: mx.array) -> mx.array:
     """softmax over the last axis in float32 (or float64), max subtracted first."""
-    if x.dtype != mx.float64 and _cpu_exp(x):
+    if _use_cpu_exp(x):
         return cpu_exp.softmax(x)
     return mx.softmax(x.astype(wide(x.dtype)), axis=-1, precise=True)
 
@@ -338,51 +345,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask) -> mx.array:
     return float_attention([q], [k], v, mask)
 
 
-# Score elements per block of an unmasked attention on the CPU: 8 MB of float32
-# scores, and the softmax's intermediates of that size, at a time.  An E2B image of
-# 2,394 patches (12 heads): 2^16 953 ms a layer, 2^18 727, 2^20 677, 2^21 634, 2^22
-# 694, 2^24 1034; MLX's fused kernel (its CPU fallback) 1089.  Metal/CUDA run their
-# fused kernel per GPU_QUERY_BLOCK queries.
-UNMASKED_BLOCK_SCORES = 1 << 21
-GPU_QUERY_BLOCK = 1024
-
-
-def unmasked_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-    """softmax(q k^T) v with scale 1.0, every query seeing every key (an image's
-    patches): q [B, nh, T, d], k/v [B, kv, S, d].  Blocks of queries bound the score
-    matrix (a 1120-token image has 9,576 patches); each query's row is independent,
-    so the blocks change nothing.  On the CPU MLX's fused kernel is its unfused
-    fallback with MLX's exp (docs/text-decoder.md §6.5): this builds it from
-    products and `softmax`."""
-    T, S = q.shape[2], k.shape[2]
-    if not cpu_branches():
-        block = GPU_QUERY_BLOCK
-        return _blocks_of(T, block, lambda a, b, _: mx.fast.scaled_dot_product_attention(q[:, :, a:b], k, v, scale=1.0))
-    B, nh, _, d = q.shape
-    kv = k.shape[1]
-    g = nh // kv
-    block = max(1, UNMASKED_BLOCK_SCORES // (nh * S))
-    # Every block reads all of K and V: copied once here if they are views (the
-    # tower's are transposed), not once per block (9,576 patches: 42.7 -> 10.1 s a layer).
-    k, v = mx.contiguous(k), mx.contiguous(v)
-
-    def one(a, b, wait):
-        qb = wait(q[:, :, a:b]).reshape(B, kv, g * (b - a), d)
-        return softmax_times((qb @ k.swapaxes(-1, -2)).astype(wide(q.dtype)), v).reshape(B, nh, b - a, v.shape[-1])
-
-    return _blocks_of(T, block, one)
-
-
-def _blocks_of(T: int, block: int, run) -> mx.array:
-    """run(a, b, wait) for query blocks [a, b) of `block`, chained (see `in_blocks`)."""
-    if T <= block:
-        return run(0, T, lambda x: x)
-    outs = []
-    for a in range(0, T, block):
-        outs.append(run(a, min(T, a + block), lambda x: after(x, outs)))
-    return mx.concatenate(outs, axis=2)
-
-
 def float_attention(qs: list, ks: list, v: mx.array, mask) -> mx.array:
     """The CPU's attention with scores summed over terms q_i k_i^T (one term, or two
     for split K = V keys, docs/kv-cache.md §7).  Long query runs go in blocks of 64
@@ -436,7 +398,7 @@ def softmax_times(scores: mx.array, v: mx.array) -> mx.array:
     """softmax(scores) @ v over the last axis of float32 scores.  With cpu_exp and
     float32 values, the rows are normalised after the product, on its smaller output
     (one pass over the scores fewer); other dtypes round the probabilities first."""
-    if v.dtype == mx.float32 and _cpu_exp(scores):
+    if v.dtype == mx.float32 and _use_cpu_exp(scores):
         e, inv = cpu_exp.exp_rows(scores)
         return (e @ v) * inv
     return softmax(scores).astype(v.dtype) @ v

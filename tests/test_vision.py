@@ -28,7 +28,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.models.gemma4.image_processing_pil_gemma4 import get_aspect_ratio_preserving_size  # noqa: E402
 
 import gemma4_mlx.models.vision as V  # noqa: E402
-from gemma4_mlx import ops  # noqa: E402
+from gemma4_mlx import ops, ops_vision  # noqa: E402
 from gemma4_mlx.checkpoint.load import LoadError, load_model  # noqa: E402
 from gemma4_mlx.config import VisionConfig, parse_config  # noqa: E402
 from gemma4_mlx.media import image as P  # noqa: E402
@@ -118,12 +118,16 @@ def test_tower_parity(tower):
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu-branch", "gpu-branch"])
 def test_tower_parity_long_image(tower, monkeypatch, gpu):
     """1,080 real patches: more than one attention query block, on either branch of
-    `ops.unmasked_attention` (the CPU's blocks shrunk to 100 queries here)."""
+    `ops_vision.unmasked_attention` (the CPU's blocks shrunk to 100 queries here)."""
     monkeypatch.setattr(ops, "FORCE_GPU_BRANCHES", gpu)
-    monkeypatch.setattr(ops, "UNMASKED_BLOCK_SCORES", 100 * tower.model.config.num_attention_heads * 1080)
+    monkeypatch.setattr(ops_vision, "UNMASKED_BLOCK_SCORES", 100 * tower.model.config.num_attention_heads * 1080)
+    blocks, real = [], ops.softmax_times
+    monkeypatch.setattr(ops, "softmax_times", lambda *a: blocks.append(1) or real(*a))
     batch = ImageProcessor(image_budget=140, patch_size=4)(noise(200, 170, 3))
-    assert batch.num_soft_tokens == [120] and 1080 > ops.GPU_QUERY_BLOCK
+    assert batch.num_soft_tokens == [120] and 1080 > ops_vision.GPU_QUERY_BLOCK
     err = errors(tower, batch)
+    per_forward = 11 * tower.model.config.num_hidden_layers  # 1080 queries in blocks of 100, each layer
+    assert (len(blocks) == 0) if gpu else (len(blocks) > 0 and len(blocks) % per_forward == 0)
     print(tower.name, err)
     assert max(err.values()) < TOL, err
 

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from gemma4_mlx import ops
+from gemma4_mlx import ops, ops_vision
 from gemma4_mlx.config import VisionConfig
 from gemma4_mlx.models.layers import CLAMPS as _CLAMPS
 from gemma4_mlx.models.layers import ClippableLinear, Linear, MultimodalEmbedder, RMSNorm
@@ -71,7 +71,8 @@ class Attention(nn.Module):
         v = ops.rms_norm(self.v_proj(x).reshape(B, L, self.n_kv, self.head_dim), None, self.eps)
         q = apply_axial_rope(q, cos, sin).transpose(0, 2, 1, 3)
         k = apply_axial_rope(k, cos, sin).transpose(0, 2, 1, 3)
-        out = ops.unmasked_attention(q, k, v.transpose(0, 2, 1, 3))  # bidirectional, scale 1 (docs/multimodal.md §2.4)
+        # bidirectional, scale 1 (docs/multimodal.md §2.4)
+        out = ops_vision.unmasked_attention(q, k, v.transpose(0, 2, 1, 3))
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
