@@ -192,8 +192,9 @@ def _geglu(g, u):
 # at a time on its x86 Linux builds: ~13 ns an element, where `cpu_exp`'s compiled
 # arithmetic takes 1-3 ns but three kernels instead of one (at 4096 elements GeGLU
 # 131 -> 96 us, a softmax 132 -> 116; at 1024 a tie).  Decided on the row (last
-# axis) length, so that a row goes through the same kernels whatever the batch or
-# chunk around it: batched, speculative and single decoding see the same rounding.
+# axis) length, not the element count, so that the number of rows (batch, chunk,
+# verify block) does not change a row's kernels.  (An attention row's length counts
+# the batch's padding slots, so a short row batched with long ones may still cross.)
 # Measured on x86-64 Linux only (docs/text-decoder.md §6.5); MLX's macOS builds
 # vectorise their own exp.
 CPU_EXP_MIN_ROW = 512
