@@ -63,6 +63,10 @@ def _clamp_low(t: mx.array) -> mx.array:
     return mx.where(t < -127.0, -127.0, t)
 
 
+def _clamp(t: mx.array) -> mx.array:
+    return mx.where(t > 127.0, 127.0, _clamp_low(t))
+
+
 @_kernel
 def _exp2_parts(t):
     n = (t + _ROUND) - _ROUND
@@ -93,8 +97,7 @@ def _exp2_vjp(t, cotangents, outputs):
 
 @_kernel
 def _exp_stage1(x):
-    t = x.astype(mx.float32) * LOG2E
-    return mx.where(t > 127.0, 127.0, _clamp_low(t))
+    return _clamp(x.astype(mx.float32) * LOG2E)
 
 
 @_kernel
@@ -117,7 +120,8 @@ def _gelu_stage1(x):
 
 
 @_kernel
-def _gelu_finish(x, scale, fq):
+def _over_one_plus(x, scale, fq):
+    """x / (1 + 2**t) from 2**t's parts: GELU's and SiLU's last step."""
     return (x.astype(mx.float32) / (1 + (scale + scale * fq))).astype(x.dtype)
 
 
@@ -127,7 +131,7 @@ def _geglu_finish(g, u, scale, fq):
 
 
 def gelu_tanh(x: mx.array) -> mx.array:
-    return _gelu_finish(x, *_exp2(_gelu_stage1(x)))
+    return _over_one_plus(x, *_exp2(_gelu_stage1(x)))
 
 
 def geglu(g: mx.array, u: mx.array) -> mx.array:
@@ -139,18 +143,12 @@ def geglu(g: mx.array, u: mx.array) -> mx.array:
 def _sigmoid_stage1(x):
     # exp(-x), clamped on both sides: below x = -88 the result is then
     # 1 / (1 + 2^127) = 5.9e-39, where the true value is smaller still.
-    t = (-LOG2E) * x.astype(mx.float32)
-    return mx.where(t > 127.0, 127.0, _clamp_low(t))
+    return _clamp((-LOG2E) * x.astype(mx.float32))
 
 
 @_kernel
 def _sigmoid_finish(x, scale, fq):
     return (1 / (1 + (scale + scale * fq))).astype(x.dtype)
-
-
-@_kernel
-def _silu_finish(x, scale, fq):
-    return (x.astype(mx.float32) / (1 + (scale + scale * fq))).astype(x.dtype)
 
 
 def sigmoid(x: mx.array) -> mx.array:
@@ -159,7 +157,7 @@ def sigmoid(x: mx.array) -> mx.array:
 
 def silu(x: mx.array) -> mx.array:
     """x * sigmoid(x)."""
-    return _silu_finish(x, *_exp2(_sigmoid_stage1(x)))
+    return _over_one_plus(x, *_exp2(_sigmoid_stage1(x)))
 
 
 @_kernel

@@ -368,14 +368,18 @@ def in_blocks(T: int, mask, block) -> mx.array:
     previous block's output: MLX would otherwise evaluate the independent blocks side
     by side, holding every block's [heads, 64, S] scores at once (a prefill chunk's
     whole score tensor: 2 GiB for the 31B shape at 32K in float32)."""
+    return query_blocks(T, ATTENTION_BLOCK, lambda a, b, wait: block(a, b, *mask.key_range(a, b), wait))
+
+
+def query_blocks(T: int, size: int, run) -> mx.array:
+    """run(a, b, wait) for the query blocks [a, b) of `size` (one block when T <= size),
+    concatenated on axis 2; a block that passes its queries through `wait` waits for
+    the block before it (`after`)."""
+    if T <= size:
+        return run(0, T, lambda x: x)
     outs = []
-
-    def wait(q_block: mx.array) -> mx.array:
-        return after(q_block, outs)
-
-    for a in range(0, T, ATTENTION_BLOCK):
-        b = min(T, a + ATTENTION_BLOCK)
-        outs.append(block(a, b, *mask.key_range(a, b), wait))
+    for a in range(0, T, size):
+        outs.append(run(a, min(T, a + size), lambda x: after(x, outs)))
     return mx.concatenate(outs, axis=2)
 
 

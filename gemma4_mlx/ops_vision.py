@@ -29,7 +29,7 @@ def unmasked_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     T, S = q.shape[2], k.shape[2]
     if not ops.cpu_branches():
         sdpa = mx.fast.scaled_dot_product_attention
-        return _blocks_of(T, GPU_QUERY_BLOCK, lambda a, b, _: sdpa(q[:, :, a:b], k, v, scale=1.0))
+        return ops.query_blocks(T, GPU_QUERY_BLOCK, lambda a, b, _: sdpa(q[:, :, a:b], k, v, scale=1.0))
     B, nh, _, d = q.shape
     kv = k.shape[1]
     g = nh // kv
@@ -43,15 +43,4 @@ def unmasked_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         scores = (qb @ k.swapaxes(-1, -2)).astype(ops.wide(q.dtype))
         return ops.softmax_times(scores, v).reshape(B, nh, b - a, v.shape[-1])
 
-    return _blocks_of(T, block, one)
-
-
-def _blocks_of(T: int, block: int, run) -> mx.array:
-    """run(a, b, wait) for query blocks [a, b) of `block`; a block that passes its
-    queries through `wait` waits for the one before it (see `in_blocks`)."""
-    if T <= block:
-        return run(0, T, lambda x: x)
-    outs = []
-    for a in range(0, T, block):
-        outs.append(run(a, min(T, a + block), lambda x: ops.after(x, outs)))
-    return mx.concatenate(outs, axis=2)
+    return ops.query_blocks(T, block, one)
