@@ -17,7 +17,7 @@ from gemma4_mlx import ops, ops_quantized
 from gemma4_mlx.formats import registry
 from gemma4_mlx.models import fuse, parallel
 from gemma4_mlx.models.layers import Linear
-from gemma4_mlx.models.quantized import affine_biases, row_biases, scaled
+from gemma4_mlx.models.quantized import affine_biases, entry, row_biases, scaled
 
 
 class Router(nn.Module):
@@ -55,7 +55,7 @@ class ExpertLinear(nn.Module):
         return ops.gather_mm(x, self.weight.swapaxes(-1, -2), idx, sorted_indices)
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
-        return ops.linear(x, self.weight[expert])  # few rows: `w @ x.T` on the CPU (ops.linear)
+        return ops.linear(x, entry(self.weight, expert))
 
     def to_quantized(
         self, group_size: int | None = None, bits: int | None = None, mode: str = "affine"
@@ -122,10 +122,10 @@ class QuantizedExpertLinear(nn.Module):
         return scaled(y, self, x.dtype)
 
     def segment(self, x: mx.array, expert: int) -> mx.array:
-        scales = self["scales"][expert]
+        scales = entry(self["scales"], expert)
         biases = row_biases(self, expert, scales)
         y = ops_quantized.quantized_linear(
-            x, self["weight"][expert], scales, biases, self.group_size, self.bits, self.mode
+            x, entry(self["weight"], expert), scales, biases, self.group_size, self.bits, self.mode
         )
         return scaled(y, self, x.dtype)
 

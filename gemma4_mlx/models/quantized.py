@@ -35,11 +35,20 @@ def affine_biases(module: nn.Module, scales: mx.array | None = None) -> mx.array
     return module.get("biases")
 
 
+def entry(a: mx.array, i: int) -> mx.array:
+    """a[i] as a view.  MLX's integer index is a gather that copies: one of 26B-A4B's
+    experts (16 MB) took 1.05 ms to copy, a product of one row with it 0.29 ms."""
+    return a[i : i + 1].squeeze(0)
+
+
 def row_biases(module: nn.Module, rows, scales: mx.array) -> mx.array | None:
-    """Affine biases of the gathered `rows` (table rows, one expert) whose scales are
-    `scales`: derived from them, or the stored biases indexed the same way."""
+    """Affine biases of the gathered `rows` (table rows as an array of ids, or one
+    expert as an int) whose scales are `scales`: derived from them, or the stored
+    biases indexed the same way."""
     b = None if getattr(module, "derive_biases", False) else module.get("biases")
-    return affine_biases(module, scales) if b is None else b[rows]
+    if b is None:
+        return affine_biases(module, scales)
+    return entry(b, rows) if isinstance(rows, int) else b[rows]
 
 
 def scaled(y: mx.array, module: nn.Module, dtype: mx.Dtype) -> mx.array:
