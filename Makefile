@@ -126,7 +126,7 @@ BENCH_BATCH_ARGS ?=
 bench-batch: install-test
 	$(BIN)/python bench/bench_batch_decode.py $(BENCH_BATCH_ARGS)
 
-# Our cblas_sgemm vs OpenBLAS's on 1-8-row products, a weight in L2 (hot) and out of cache (cold),
+# Our cblas_sgemm vs OpenBLAS's on 1-32-row products (--rows), a weight in L2 (hot) and out of cache (cold),
 # MLX's 8-byte offset; BENCH_SGEMM_ARGS: e.g. --against /tmp/old_shim.c (another version, same process) (~3 min).
 .PHONY: bench-sgemm
 BENCH_SGEMM_ARGS ?=

@@ -1,4 +1,4 @@
-"""One 1-8-row product `x @ W.T` through our `cblas_sgemm` against OpenBLAS's, and
+"""One 1-32-row product `x @ W.T` through our `cblas_sgemm` against OpenBLAS's, and
 against another build of our shim (docs/text-decoder.md §6.4).
 
 Two settings, because they answer different questions:

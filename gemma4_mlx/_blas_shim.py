@@ -5,7 +5,8 @@ MLX's CPU backend multiplies float32 matrices with `cblas_sgemm` only.  OpenBLAS
 GEMM streams a weight at 7-16 GB/s when the other operand has 1-8 rows (a decode
 step of 1-8 sequences, a verify block); the machine streams 28-31 GB/s.
 `_sgemm_shim.c` sends 1-8 rows times a big weight (transposed, as a linear layer
-has it, or as stored, as attention's V is; and a big weight times one column) to
+has it, or as stored, as attention's V is; and a big weight times one column), and
+9-32 rows times a transposed one (in blocks of up to 8 over weight blocks in L2), to
 kernels of ours that read the weight once for all rows, on a pool of worker threads
 of ours as large as OpenBLAS's, and everything else to OpenBLAS's sgemm.  `_blas` puts it
 ahead of OpenBLAS in the global symbol scope, as it puts OpenBLAS ahead of MLX's

@@ -9,6 +9,8 @@
  *   - 1-8 rows times a transposed weight (x @ W^T: what MLX programs write), or a
  *     weight times one column (W @ x), the weight at least ROWS_MIN_FLOATS: `rows_R`
  *     below, which reads each weight row once for all R rows;
+ *   - 9-32 rows times a transposed weight (a batch of verify blocks, a short prompt):
+ *     `rows_many`, the rows in blocks of up to 8 over a weight block kept in L2;
  *   - 1-8 rows times a weight as stored (x @ W, W [K, N]: attention's probabilities
  *     times V), at least COLUMNS_MIN_FLOATS: `columns_R`, which reads W's rows once;
  *   - both on as many threads as OpenBLAS uses (a pool of ours, kept between calls:
@@ -130,6 +132,8 @@ struct rows_job {
     float *C;
     float alpha, beta;
 };
+
+static inline int min_int(int a, int b) { return a < b ? a : b; }
 
 static inline void store(const rows_job *t, int m, int j, float dot) {
     float *c = t->C + (size_t)m * t->ldc + (size_t)j * t->cs;
@@ -325,6 +329,39 @@ COLUMNS_KERNEL(8)
 static const kernel_fn rows_kernels[ROWS_MAX + 1] = {
     NULL, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8,
 };
+
+/* ---- 9-32 rows: blocks of at most 8 rows over a block of weight rows in L2 ---------
+ * OpenBLAS's GEMM is slow here too: W [4096, 1024] at 7-11 GB/s cold from 9 to 48
+ * rows (9 rows cost 1.8-2x 8 rows), 29-90 GFMA/s on a weight in L2.  Here the rows
+ * are split into blocks of at most ROWS_MAX, as even as they go (12 = 6 + 6), and the
+ * weight into blocks of WEIGHT_BLOCK_BYTES: the first row block reads a weight block
+ * from memory, the others find it in L2.  Two threads, against OpenBLAS: cold 1.5-4.8x
+ * at 9-16 rows, 1.1-1.9x at 24, 0.97-1.4x at 32 and 40, 0.95-1.07x at 48 (so up to 32);
+ * 92-107 GFMA/s in L2, near the two cores' peak (bench_sgemm_shim.py).  Weight blocks
+ * of 128 KB measured slower, 512 KB no better. */
+enum { MANY_MAX = 32, WEIGHT_BLOCK_BYTES = 256 * 1024 };
+
+static int group_rows(int R) { return ACCUMULATORS / R > GROUP_MAX ? GROUP_MAX : ACCUMULATORS / R; }
+
+static void rows_many(const rows_job *t) {
+    const int blocks = (t->R + ROWS_MAX - 1) / ROWS_MAX, per = (t->R + blocks - 1) / blocks;
+    const int last = t->R - (blocks - 1) * per;
+    int step = group_rows(per); /* a weight block's rows: a multiple of both row blocks' groups */
+    while (step % group_rows(last)) step += group_rows(per);
+    int rows = (int)(WEIGHT_BLOCK_BYTES / ((size_t)t->K * sizeof(float))) / step * step;
+    rows = rows < step ? step : rows;
+    for (int j = t->j0; j < t->j1; j += rows)
+        for (int m = 0; m < t->R; m += per) {
+            rows_job part = *t;
+            part.R = min_int(per, t->R - m);
+            part.X = t->X + (size_t)m * t->ldx;
+            part.C = t->C + (size_t)m * t->ldc;
+            part.j0 = j;
+            part.j1 = min_int(j + rows, t->j1);
+            rows_kernels[part.R](&part);
+        }
+}
+
 static const kernel_fn columns_kernels[ROWS_MAX + 1] = {
     NULL, columns_1, columns_2, columns_3, columns_4, columns_5, columns_6, columns_7, columns_8,
 };
@@ -436,7 +473,6 @@ static void start_pool(int want) {
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
-static inline int min_int(int a, int b) { return a < b ? a : b; }
 
 /* The weight's rows split into one contiguous share per thread; the caller takes the
  * first.  Without the pool (another caller has it), the caller takes them all. */
@@ -480,9 +516,10 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
     /* One row handed over as a transposed column ([K, 1], lda 1: MLX does so for a row
      * gathered per MoE pair) is the same contiguous row. */
     int x_rows = a_n || (a_t && M == 1 && lda == 1);
-    if (ours && x_rows && M <= ROWS_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
+    if (ours && x_rows && M <= MANY_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
         __atomic_fetch_add(&routed, 1, __ATOMIC_RELAXED);
-        rows_product((rows_job){rows_kernels[M], M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
+        kernel_fn kernel = M <= ROWS_MAX ? rows_kernels[M] : rows_many;
+        rows_product((rows_job){kernel, M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});
         return;
     }
     if (ours && x_rows && M <= ROWS_MAX && b_n && N >= LANES && (size_t)N * K >= COLUMNS_MIN_FLOATS) { /* x @ W [K, N] */

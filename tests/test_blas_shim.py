@@ -1,5 +1,6 @@
-"""Our cblas_sgemm (gemma4_mlx/_blas_shim.py, _sgemm_shim.c): 1-8 rows times a big
-transposed weight, and a big weight times one column, go to our kernel and equal a
+"""Our cblas_sgemm (gemma4_mlx/_blas_shim.py, _sgemm_shim.c): 1-32 rows times a big
+transposed weight (from 9 rows in blocks of up to 8 over weight blocks in L2), 1-8
+rows times a big weight as stored, and a big weight times one column, go to our kernel and equal a
 float64 product up to float32 rounding for every row count, leading dimension,
 tail, thread share, alpha and beta (NaN in C with beta 0 must not leak); every other
 product is OpenBLAS's sgemm, bit for bit; MLX's products go through it; without a
@@ -182,6 +183,26 @@ def test_a_few_rows_times_a_big_weight_take_our_kernels(kernels, R, tb, N, K, al
     assert np.isnan(past).all() if beta == 0 else (past == 1.5).all()
 
 
+MANY_ROWS = [9, 12, 13, 16, 17, 23, 25, 31, 32]  # even blocks (12 = 6 + 6), uneven (13 = 7 + 6, 25 = 7 x 3 + 4)
+
+
+@pytest.mark.parametrize("R", MANY_ROWS)
+@pytest.mark.parametrize("N,K", [(1100, 1000), (17, 61703), (515, 2050), (3000, 90)])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
+def test_9_to_32_rows_times_a_transposed_weight_take_our_kernels(kernels, R, N, K, alpha, beta):
+    """Rows in blocks of up to 8, the weight in blocks of rows that fit L2: blocks of
+    2 weight rows (K = 61703, 240 KB a row), blocks of many (K = 90) ending mid-share,
+    weights whose last block is short; every row's C written once, with alpha and beta."""
+    shim, _ = kernels
+    before = routed(shim)
+    c_fill = np.nan if beta == 0 else 1.5
+    c, want = gemm(shim.cblas_sgemm, NO, T, R, N, K, alpha, beta, R * 5 + N, c_fill)
+    assert routed(shim) == before + 1
+    np.testing.assert_allclose(c[:, :N], want, rtol=1e-5, atol=2e-6 * K)
+    past = c[:, N:]
+    assert np.isnan(past).all() if beta == 0 else (past == 1.5).all()
+
+
 def matrix_at(rng, N, K, ldw, offset):
     """[N, K] with leading dimension ldw, starting `offset` floats past a 64-byte
     boundary (MLX's arrays start 8 bytes past one); Inf before it and in the spare
@@ -230,7 +251,7 @@ def test_weight_rows_at_any_offset_from_a_vector_boundary(kernels, R, offset):
 @pytest.mark.parametrize(
     "ta,tb,M,N,K",
     [(NO, NO, 3, 5, 9), (NO, T, 3, 5, 9), (T, NO, 3, 5, 9), (T, T, 3, 5, 9)]  # small
-    + [(T, NO, 4, 1100, 1000), (T, T, 4, 1100, 1000), (NO, T, 9, 1100, 1000), (NO, NO, 9, 1100, 1000)]  # 9 rows
+    + [(T, NO, 4, 1100, 1000), (T, T, 4, 1100, 1000), (NO, T, 33, 1100, 1000), (NO, NO, 9, 1100, 1000)]  # too many
     + [(NO, T, 4, 255, 256), (NO, NO, 4, 255, 512)]  # below 2**16 floats (2**17 as stored)
     + [(NO, NO, 4, 7, 20000)],  # x @ W as stored, narrower than a vector
 )
