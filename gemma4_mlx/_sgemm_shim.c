@@ -335,10 +335,11 @@ static const kernel_fn rows_kernels[ROWS_MAX + 1] = {
  * rows (9 rows cost 1.8-2x 8 rows), 29-90 GFMA/s on a weight in L2.  Here the rows
  * are split into blocks of at most ROWS_MAX, as even as they go (12 = 6 + 6), and the
  * weight into blocks of WEIGHT_BLOCK_BYTES: the first row block reads a weight block
- * from memory, the others find it in L2.  Two threads, against OpenBLAS: cold 1.5-4.8x
- * at 9-16 rows, 1.1-1.9x at 24, 0.97-1.4x at 32 and 40, 0.95-1.07x at 48 (so up to 32);
- * 92-107 GFMA/s in L2, near the two cores' peak (bench_sgemm_shim.py).  Weight blocks
- * of 128 KB measured slower, 512 KB no better. */
+ * from memory, the others find it in L2.  Two threads, against OpenBLAS: cold 1.4-4.8x
+ * at 9-16 rows, 1.5-2.7x at 24, 1.0-1.6x at 32, 1.0-1.6x at 40-48; 88-107 GFMA/s in L2,
+ * near the two cores' peak (bench_sgemm_shim.py).  Up to 32: one shape was already
+ * even there (W [1024, 4096], 1.01-1.03x), and prefill's chunks are far larger.  Weight
+ * blocks of 128 KB measured slower, 512 KB no better. */
 enum { MANY_MAX = 32, WEIGHT_BLOCK_BYTES = 256 * 1024 };
 
 static int group_rows(int R) { return ACCUMULATORS / R > GROUP_MAX ? GROUP_MAX : ACCUMULATORS / R; }
