@@ -5,7 +5,7 @@ Putting OpenBLAS' `libblas.so.3` into the global symbol scope *before* `mlx.core
 is loaded makes MLX resolve `cblas_sgemm` & co. to it: ~60x faster, same results.
 Set GEMMA4_MLX_NO_OPENBLAS=1 to turn this off. macOS (Accelerate) is untouched.
 Ahead of OpenBLAS goes a small `cblas_sgemm` of ours (`_blas_shim`): products of
-1-32 rows, a decode step's or a verify block's, run 1.1-4x faster than through
+1-32 rows, a decode step's or a verify block's, run 1.0-4.8x faster than through
 OpenBLAS's GEMM.
 
 OpenBLAS picks its kernels from the CPU's family and model. On a CPU its build does

@@ -9,8 +9,9 @@
  *   - 1-8 rows times a transposed weight (x @ W^T: what MLX programs write), or a
  *     weight times one column (W @ x), the weight at least ROWS_MIN_FLOATS: `rows_R`
  *     below, which reads each weight row once for all R rows;
- *   - 9-32 rows times a transposed weight (a batch of verify blocks, a short prompt):
- *     `rows_many`, the rows in blocks of up to 8 over a weight block kept in L2;
+ *   - 9-32 rows times a transposed weight (a batch of verify blocks, a short prompt),
+ *     while the rows hold at most MANY_X_FLOATS: `rows_many`, the rows in blocks of up
+ *     to 8 over a weight block kept in L2;
  *   - 1-8 rows times a weight as stored (x @ W, W [K, N]: attention's probabilities
  *     times V), at least COLUMNS_MIN_FLOATS: `columns_R`, which reads W's rows once;
  *   - both on as many threads as OpenBLAS uses (a pool of ours, kept between calls:
@@ -341,6 +342,13 @@ static const kernel_fn rows_kernels[ROWS_MAX + 1] = {
  * even there (W [1024, 4096], 1.01-1.03x), and prefill's chunks are far larger.  Weight
  * blocks of 128 KB measured slower, 512 KB no better. */
 enum { MANY_MAX = 32, WEIGHT_BLOCK_BYTES = 256 * 1024 };
+/* Every weight block reads all the rows' x again (packed chunk by chunk): while x is
+ * small that is L2 traffic beside the weight's; once x outgrows L2 (M x K past 768 KB)
+ * it costs more than the weight.  Cold, two threads, against OpenBLAS: W [1536, 6144]
+ * won 1.6-2.6x at 16-32 rows (x up to 768 KB); W [2048, 9216] 1.46x at 16 rows (576 KB)
+ * but 0.73-0.92x at 24-32; W [1024, 21504] 0.62-0.84x at 16-32. So the rows go to
+ * OpenBLAS past MANY_X_FLOATS (blocking K too would lift this; not done). */
+#define MANY_X_FLOATS (3 << 16)
 
 static int group_rows(int R) { return ACCUMULATORS / R > GROUP_MAX ? GROUP_MAX : ACCUMULATORS / R; }
 
@@ -517,7 +525,8 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
     /* One row handed over as a transposed column ([K, 1], lda 1: MLX does so for a row
      * gathered per MoE pair) is the same contiguous row. */
     int x_rows = a_n || (a_t && M == 1 && lda == 1);
-    if (ours && x_rows && M <= MANY_MAX && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
+    int rows_ok = M <= ROWS_MAX || (M <= MANY_MAX && N > 1 && (size_t)M * K <= MANY_X_FLOATS);
+    if (ours && x_rows && rows_ok && b_t && (size_t)N * K >= ROWS_MIN_FLOATS) { /* x [M, K] @ (W [N, K])^T */
         __atomic_fetch_add(&routed, 1, __ATOMIC_RELAXED);
         kernel_fn kernel = M <= ROWS_MAX ? rows_kernels[M] : rows_many;
         rows_product((rows_job){kernel, M, 0, N, K, lda, ldb, ldc, 1, A, B, C, alpha, beta});

@@ -187,12 +187,13 @@ MANY_ROWS = [9, 12, 13, 16, 17, 23, 25, 31, 32]  # even blocks (12 = 6 + 6), une
 
 
 @pytest.mark.parametrize("R", MANY_ROWS)
-@pytest.mark.parametrize("N,K", [(1100, 1000), (17, 61703), (515, 2050), (3000, 90)])
+@pytest.mark.parametrize("N,K", [(1100, 1000), (40, 6000), (515, 2050), (3000, 90)])
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 2.0)])
 def test_9_to_32_rows_times_a_transposed_weight_take_our_kernels(kernels, R, N, K, alpha, beta):
     """Rows in blocks of up to 8, the weight in blocks of rows that fit L2: blocks of
-    2 weight rows (K = 61703, 240 KB a row), blocks of many (K = 90) ending mid-share,
-    weights whose last block is short; every row's C written once, with alpha and beta."""
+    12 weight rows where 256 KB holds 10 (K = 6000 at 9 rows: both row blocks' groups
+    must divide it), blocks of many (K = 90) ending mid-share, weights whose last
+    block is short; every row's C written once, with alpha and beta."""
     shim, _ = kernels
     before = routed(shim)
     c_fill = np.nan if beta == 0 else 1.5
@@ -214,7 +215,7 @@ def matrix_at(rng, N, K, ldw, offset):
     return w, buf
 
 
-@pytest.mark.parametrize("R", range(1, 9))
+@pytest.mark.parametrize("R", [*range(1, 10), 25])  # 9 and 25: a last block of 4 rows, aligned steps
 @pytest.mark.parametrize("offset", [0, 1, 2, 7, 15])
 def test_weight_rows_at_any_offset_from_a_vector_boundary(kernels, R, offset):
     """With ldw a multiple of 16 every weight row starts at the same offset, and up to
@@ -253,6 +254,7 @@ def test_weight_rows_at_any_offset_from_a_vector_boundary(kernels, R, offset):
     [(NO, NO, 3, 5, 9), (NO, T, 3, 5, 9), (T, NO, 3, 5, 9), (T, T, 3, 5, 9)]  # small
     + [(T, NO, 4, 1100, 1000), (T, T, 4, 1100, 1000), (NO, T, 33, 1100, 1000), (NO, NO, 9, 1100, 1000)]  # too many
     + [(NO, T, 4, 255, 256), (NO, NO, 4, 255, 512)]  # below 2**16 floats (2**17 as stored)
+    + [(NO, T, 16, 300, 12289), (NO, T, 32, 300, 6145)]  # 9-32 rows of over 3 * 2**16 floats
     + [(NO, NO, 4, 7, 20000)],  # x @ W as stored, narrower than a vector
 )
 def test_the_rest_stays_with_sgemm(libs, ta, tb, M, N, K):

@@ -123,7 +123,8 @@ class PatchEmbedder(nn.Module):
     def __call__(self, pixels: mx.array, positions: mx.array) -> mx.array:
         table = self.position_embedding_table
         x = (2 * (pixels - 0.5)).astype(table.dtype)  # in the pixels' float32, then the weight dtype
-        return self.input_proj(x) + table[0][positions[:, 0]] + table[1][positions[:, 1]]
+        # table[0, ids], not table[0][ids]: MLX's integer index copies the whole [P, H] half first
+        return self.input_proj(x) + table[0, positions[:, 0]] + table[1, positions[:, 1]]
 
 
 class VisionTower(nn.Module):
