@@ -202,6 +202,8 @@ static inline vec load_lanes(const float *p, int lo, int hi) {
 /* At most 8 weight rows at a time: rows 4 KB apart (K = 1024, 2048, ...) share one L1
  * set, and 12 of them (8 ways) halved a one-row product on a weight in L2. */
 #define GROUP_MAX 8
+/* Weight rows per group at R rows (rows_R's G; rows_many rounds its blocks to it). */
+#define GROUP_ROWS(R) (ACCUMULATORS / (R) > GROUP_MAX ? GROUP_MAX : ACCUMULATORS / (R))
 /* The rows' x of one K chunk, packed: 16 KB, in L1 beside the weight's stream.  At
  * 8 rows and K = 4096, x (128 KB) came from L2 for every group of weight rows. */
 #define CHUNK_BYTES 16384
@@ -243,7 +245,7 @@ static inline vec load_lanes(const float *p, int lo, int hi) {
  * 0..K-1 are masked (zero in xp, not read from W). */
 #define ROWS_KERNEL(R)                                                                       \
     static void rows_##R(const rows_job *t) {                                                \
-        enum { G = ACCUMULATORS / R > GROUP_MAX ? GROUP_MAX : ACCUMULATORS / R };           \
+        enum { G = GROUP_ROWS(R) };                                                          \
         enum { KC = CHUNK_BYTES / (R * LANES * sizeof(float)) * LANES };                     \
         float xp[R * KC] __attribute__((aligned(64)));                                        \
         const int K = t->K, groups_end = t->j0 + (t->j1 - t->j0) / G * G;                   \
@@ -350,13 +352,11 @@ enum { MANY_MAX = 32, WEIGHT_BLOCK_BYTES = 256 * 1024 };
  * OpenBLAS past MANY_X_FLOATS (blocking K too would lift this; not done). */
 #define MANY_X_FLOATS (3 << 16)
 
-static int group_rows(int R) { return ACCUMULATORS / R > GROUP_MAX ? GROUP_MAX : ACCUMULATORS / R; }
-
 static void rows_many(const rows_job *t) {
     const int blocks = (t->R + ROWS_MAX - 1) / ROWS_MAX, per = (t->R + blocks - 1) / blocks;
     const int last = t->R - (blocks - 1) * per;
-    int step = group_rows(per); /* a weight block's rows: a multiple of both row blocks' groups */
-    while (step % group_rows(last)) step += group_rows(per);
+    int step = GROUP_ROWS(per); /* a weight block's rows: a multiple of both row blocks' groups */
+    while (step % GROUP_ROWS(last)) step += GROUP_ROWS(per);
     int rows = (int)(WEIGHT_BLOCK_BYTES / ((size_t)t->K * sizeof(float))) / step * step;
     rows = rows < step ? step : rows;
     for (int j = t->j0; j < t->j1; j += rows)
@@ -481,7 +481,6 @@ static void start_pool(int want) {
     pthread_attr_destroy(&attr);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
-
 
 /* The weight's rows split into one contiguous share per thread; the caller takes the
  * first.  Without the pool (another caller has it), the caller takes them all. */

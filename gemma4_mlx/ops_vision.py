@@ -25,7 +25,7 @@ def unmasked_attention(q: mx.array, k: mx.array, v: mx.array) -> mx.array:
     matrix (a 1120-token image has 9,576 patches); each query's row is independent,
     so the blocks change nothing.  On the CPU MLX's fused kernel is its unfused
     fallback with MLX's exp (docs/text-decoder.md §6.5): this builds it from
-    products and `softmax`."""
+    products and `ops.softmax_times`."""
     T, S = q.shape[2], k.shape[2]
     if not ops.cpu_branches():
         sdpa = mx.fast.scaled_dot_product_attention
